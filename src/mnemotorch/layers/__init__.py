@@ -1,0 +1,28 @@
+"""Token mixers (the Mixer protocol) and their registry.
+
+>>> from mnemotorch.layers import get_mixer, list_mixers
+>>> "attention" in list_mixers()
+True
+>>> mixer = get_mixer("sliding_window", dim=64, num_heads=4, window=16)
+"""
+
+from .base import Mixer, MixerState
+from .registry import get_mixer, list_mixers, mixer_class, mixer_info, mixer_kwargs, register_mixer
+
+# Importing the modules registers their mixers.
+from . import attention  # noqa: F401,E402
+from .attention import CausalSelfAttention, KVState, SlidingWindowAttention  # noqa: E402
+
+__all__ = [
+    "CausalSelfAttention",
+    "KVState",
+    "Mixer",
+    "MixerState",
+    "SlidingWindowAttention",
+    "get_mixer",
+    "list_mixers",
+    "mixer_class",
+    "mixer_info",
+    "mixer_kwargs",
+    "register_mixer",
+]
