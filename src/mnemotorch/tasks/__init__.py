@@ -1,0 +1,35 @@
+"""Tasks that measure memory: text corpora, tokenizers, token streams and batch samplers.
+
+    text = load_text()                          # bundled Tiny Shakespeare
+    train_text, val_text = split_text(text)     # first 90% / last 10%
+    tok = build_tokenizer("bpe", train_text, vocab_size=1024)
+    batches = RandomWindowBatches(encode_corpus(train_text, tok), batch_size=32, seq_len=256)
+    input_ids, labels = next(batches)           # [32, 256] each, labels shifted by one
+"""
+
+from .corpus import BUNDLED_CORPORA, load_text, split_text
+from .data import IGNORE_INDEX, RandomWindowBatches, SequentialBatches, encode_corpus
+from .tokenizer import (
+    TOKENIZER_KINDS,
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+)
+
+__all__ = [
+    "BUNDLED_CORPORA",
+    "IGNORE_INDEX",
+    "TOKENIZER_KINDS",
+    "BPETokenizer",
+    "ByteTokenizer",
+    "RandomWindowBatches",
+    "SequentialBatches",
+    "Tokenizer",
+    "build_tokenizer",
+    "encode_corpus",
+    "load_text",
+    "load_tokenizer",
+    "split_text",
+]
