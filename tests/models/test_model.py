@@ -118,3 +118,9 @@ def test_truncated_checkpoint_raises(tmp_path: Path) -> None:
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(Exception):
         MnemoForCausalLM.from_pretrained(tmp_path)
+
+
+def test_no_mlp_blocks() -> None:
+    model = MnemoForCausalLM(tiny_config(intermediate_size=0))
+    assert all(layer.mlp is None for layer in model.model.layers)
+    assert model(torch.randint(0, 61, (1, 5))).logits.shape == (1, 5, 61)

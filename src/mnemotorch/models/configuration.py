@@ -69,7 +69,8 @@ class MnemoConfig(PretrainedConfig):
             such as ``["sliding_window", "attention"] * 3`` need no new code.
         mlp_ratio: SwiGLU hidden size is ``round_up(2/3 * mlp_ratio * hidden_size, 64)``
             unless ``intermediate_size`` is given.
-        intermediate_size: SwiGLU hidden size (overrides ``mlp_ratio``).
+        intermediate_size: SwiGLU hidden size (overrides ``mlp_ratio``); ``0`` builds blocks
+            without an MLP (mixer-only models, as in Zoology's MQAR recipe).
         rope_theta: RoPE base handed to mixers that take one.
         rms_norm_eps: RMSNorm epsilon.
         tie_word_embeddings: share the input embedding and the output head.
@@ -112,6 +113,8 @@ class MnemoConfig(PretrainedConfig):
             raise ValueError(f"MnemoConfig.hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})")
         if num_key_value_heads is not None and (num_key_value_heads <= 0 or num_attention_heads % num_key_value_heads):
             raise ValueError(f"MnemoConfig.num_key_value_heads must divide num_attention_heads ({num_attention_heads}), got {num_key_value_heads!r}")
+        if intermediate_size is not None and (not isinstance(intermediate_size, int) or intermediate_size < 0):
+            raise ValueError(f"MnemoConfig.intermediate_size must be an int >= 0 (0 = no MLP), got {intermediate_size!r}")
         if intermediate_size is None:
             intermediate_size = int(-(-int(2 * mlp_ratio * hidden_size / 3) // 64) * 64)
         self.vocab_size = vocab_size

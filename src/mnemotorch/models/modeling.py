@@ -57,13 +57,16 @@ class MnemoBlock(nn.Module):
         self.layer_idx = layer_idx
         self.mixer_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = build_mixer(config, config.layer_plan[layer_idx])
-        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        # intermediate_size == 0 drops the MLP (Zoology's MQAR models are mixer-only).
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.intermediate_size else None
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if config.intermediate_size else None
 
     def forward(self, x: Tensor, state: MixerState | None = None) -> tuple[Tensor, MixerState | None]:
         h, state = self.mixer(self.mixer_norm(x), state)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), state
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, state
 
 
 class MnemoPreTrainedModel(PreTrainedModel):
