@@ -1,0 +1,84 @@
+"""Block-sparse attention: one FlashAttention-style kernel driven by block lists.
+
+``block_sparse_attention(q, k, v, pattern)`` where ``pattern`` is a :class:`BlockSparsePattern`
+(built by ``sliding_window_pattern`` or ``build_pattern`` from any element predicate).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ..checks import check_backend, check_qkv
+from .pattern import BlockSparsePattern, build_pattern, causal_window_predicate, sliding_window_pattern
+from .reference import block_sparse_attention_reference
+
+SUPPORTED_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, and on the CPU only through the interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: BlockSparsePattern, scale: float | None = None, backend: str = "auto"
+) -> Tensor:
+    """Attention restricted to the pairs a block-sparse pattern allows.
+
+    Args:
+        q: ``[B, Lq, H, D]``.
+        k: ``[B, Lk, Hkv, D]`` with ``H % Hkv == 0`` (GQA).
+        v: ``[B, Lk, Hkv, D]`` (same head dim as q/k in the kernel).
+        pattern: block lists for ``(Lq, Lk)``; query ``i`` / key ``j`` are the pattern's positions.
+        scale: logit scale, default ``D ** -0.5``.
+        backend: ``"auto"`` (Triton on CUDA or under the interpreter, else the reference),
+            ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``[B, Lq, H, D]``; a query with no allowed key gets zeros.
+    """
+    check_qkv("block_sparse_attention", q, k, v)
+    check_backend("block_sparse_attention", backend)
+    if not isinstance(pattern, BlockSparsePattern):
+        raise TypeError(f"block_sparse_attention: pattern must be a BlockSparsePattern, got {type(pattern).__name__}")
+    if (pattern.q_len, pattern.k_len) != (q.shape[1], k.shape[1]):
+        raise ValueError(
+            f"block_sparse_attention: pattern is for (Lq, Lk) = ({pattern.q_len}, {pattern.k_len}) but q, k have ({q.shape[1]}, {k.shape[1]})"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    use_kernel = backend == "triton" or (backend == "auto" and triton_available(q.device))
+    if backend == "torch":
+        raise ValueError("block_sparse_attention: backend 'torch' does not exist; use 'auto', 'triton' or 'reference'")
+    if not use_kernel:
+        return block_sparse_attention_reference(q, k, v, pattern, scale)
+    if q.dtype not in SUPPORTED_KERNEL_DTYPES:
+        if backend == "triton":
+            raise TypeError(f"block_sparse_attention: the Triton kernel supports {SUPPORTED_KERNEL_DTYPES}, got {q.dtype}")
+        return block_sparse_attention_reference(q, k, v, pattern, scale)
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError("block_sparse_attention: the Triton kernel needs v's head dim equal to q's")
+    if not 16 <= q.shape[-1] <= 256:
+        raise ValueError(f"block_sparse_attention: the Triton kernel supports head dims 16..256, got {q.shape[-1]}")
+    if pattern.full_idx.device != q.device:
+        pattern = pattern.to(q.device)
+    from .triton import block_sparse_attention_triton
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return block_sparse_attention_triton(q, k, v, pattern, scale)
+
+
+__all__ = [
+    "BlockSparsePattern",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "build_pattern",
+    "causal_window_predicate",
+    "sliding_window_pattern",
+]

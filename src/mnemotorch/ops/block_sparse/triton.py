@@ -1,0 +1,400 @@
+"""Triton kernels of block-sparse attention (FlashAttention-2 style; forward and backward).
+
+One program handles one (query block, batch * head) pair in the forward and dQ kernels, and one
+(key block, batch * head) pair in the dK/dV kernel. They walk the pattern's block lists: *full*
+blocks without any mask work, then *partial* blocks with their element-mask tile.
+
+Scores live in the base-2 domain (``s * scale * log2(e)``) so the softmax uses ``exp2``; the
+forward saves ``lse2 = m + log2(l)`` per row (``+inf`` for rows with no allowed key, whose output
+is 0), from which the backward recomputes probabilities.
+
+Registered as ``torch.library.custom_op``s (``mnemotorch::block_sparse_attn_fwd`` / ``_bwd``) with
+an autograd formula, so ``torch.compile`` traces through them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_TILE, PART_CNT, TILES,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+    list_stride_f, list_stride_p,
+    qk_scale, Lq, Lk,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = qb * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Lq
+    q_ptr = Q + b.to(tl.int64) * sqb + h * sqh
+    k_ptr = K + b.to(tl.int64) * skb + hk * skh
+    v_ptr = V + b.to(tl.int64) * svb + hk * svh
+    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+
+    n_full = tl.load(FULL_CNT + qb)
+    for i in range(0, n_full):
+        kb = tl.load(FULL_IDX + qb * list_stride_f + i)
+        rows = kb * BN + offs_n
+        k = tl.load(k_ptr + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    n_part = tl.load(PART_CNT + qb)
+    for i in range(0, n_part):
+        kb = tl.load(PART_IDX + qb * list_stride_p + i)
+        t = tl.load(PART_TILE + qb * list_stride_p + i)
+        rows = kb * BN + offs_n
+        n_ok = rows < Lk
+        k = tl.load(k_ptr + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + offs_n[None, :]) != 0
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows that have seen no allowed key yet keep m = -inf; subtract 0 instead to avoid NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_ptr = O + b.to(tl.int64) * sob + h * soh
+    tl.store(o_ptr + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :], out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, sob, sot, soh, Lq, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = qb * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    base = b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :]
+    o = tl.load(O + base, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + base, mask=msk, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    T_FULL_IDX, T_FULL_CNT, T_PART_IDX, T_PART_TILE, T_PART_CNT, TILES,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdkb, sdkt, sdkh,
+    list_stride_f, list_stride_p,
+    qk_scale, sm_scale, Lq, Lk,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+):
+    # One program: key block kb of query head h; dK/dV are written per query head (summed over
+    # the GQA group outside the kernel).
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_n = kb * BN + tl.arange(0, BN)
+    offs_m0 = tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    n_ok = offs_n < Lk
+    k = tl.load(K + b.to(tl.int64) * skb + hk * skh + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk * svh + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    q_base = Q + b.to(tl.int64) * sqb + h * sqh
+    do_base = DO + b.to(tl.int64) * sdob + h * sdoh
+    stat_base = bh.to(tl.int64) * Lq
+
+    n_full = tl.load(T_FULL_CNT + kb)
+    for i in range(0, n_full):
+        qb = tl.load(T_FULL_IDX + kb * list_stride_f + i)
+        offs_m = qb * BM + offs_m0
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + stat_base + offs_m)
+        delta = tl.load(DELTA + stat_base + offs_m)
+        if IEEE:
+            st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        else:
+            st = tl.dot(k, tl.trans(q)) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if IEEE:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
+            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+        else:
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        if IEEE:
+            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
+        else:
+            dk += tl.dot(dst.to(q.dtype), q)
+
+    n_part = tl.load(T_PART_CNT + kb)
+    for i in range(0, n_part):
+        qb = tl.load(T_PART_IDX + kb * list_stride_p + i)
+        t = tl.load(T_PART_TILE + kb * list_stride_p + i)
+        offs_m = qb * BM + offs_m0
+        m_ok = offs_m < Lq
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
+        allowed_t = tl.load(TILES + t.to(tl.int64) * (BM * BN) + offs_m0[None, :] * BN + tl.arange(0, BN)[:, None]) != 0
+        if IEEE:
+            st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        else:
+            st = tl.dot(k, tl.trans(q)) * qk_scale
+        pt = tl.where(allowed_t, tl.math.exp2(st - lse[None, :]), 0.0)
+        if IEEE:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
+            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+        else:
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        if IEEE:
+            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
+        else:
+            dk += tl.dot(dst.to(q.dtype), q)
+
+    out_off = b.to(tl.int64) * sdkb + h * sdkh + offs_n[:, None].to(tl.int64) * sdkt + offs_d[None, :]
+    msk = n_ok[:, None] & d_ok[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=msk)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    FULL_IDX, FULL_CNT, PART_IDX, PART_TILE, PART_CNT, TILES,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
+    list_stride_f, list_stride_p,
+    qk_scale, sm_scale, Lq, Lk,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = qb * BM + tl.arange(0, BM)
+    offs_n0 = tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Lq
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+
+    n_full = tl.load(FULL_CNT + qb)
+    for i in range(0, n_full):
+        kb = tl.load(FULL_IDX + qb * list_stride_f + i)
+        rows = kb * BN + offs_n0
+        k = tl.load(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            dp = tl.dot(do, tl.trans(v))
+        p = tl.math.exp2(s - lse[:, None])
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+
+    n_part = tl.load(PART_CNT + qb)
+    for i in range(0, n_part):
+        kb = tl.load(PART_IDX + qb * list_stride_p + i)
+        t = tl.load(PART_TILE + qb * list_stride_p + i)
+        rows = kb * BN + offs_n0
+        n_ok = rows < Lk
+        k = tl.load(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + offs_n0[None, :]) != 0
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            dp = tl.dot(do, tl.trans(v))
+        p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+
+    tl.store(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _num_warps(bm: int, bn: int, d: int) -> int:
+    return 8 if bm * max(d, bn) >= 128 * 128 else 4
+
+
+def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block):
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(lq, q_block), b * h)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        full_idx.stride(0), part_idx.stride(0),
+        scale * LOG2E, lq, lk,
+        H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BM=q_block, BN=k_block,
+        IEEE=q.dtype == torch.float32, num_warps=_num_warps(q_block, k_block, d), num_stages=2,
+    )
+    return o, lse
+
+
+def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block):
+    (full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt) = lists
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    group = h // hkv
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    delta = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
+    bd = triton.next_power_of_2(d)
+    _bwd_preprocess[(triton.cdiv(lq, q_block), b * h)](o, do, delta, o.stride(0), o.stride(1), o.stride(2), lq, H=h, D=d, BLOCK_D=bd, BM=q_block)
+    # With GQA, dK/dV are produced per query head (in fp32) and summed over each group.
+    kv_dtype = k.dtype if group == 1 else torch.float32
+    dk = torch.empty(b, lk, h, d, device=q.device, dtype=kv_dtype)
+    dv = torch.empty(b, lk, h, d, device=q.device, dtype=kv_dtype)
+    ieee = q.dtype == torch.float32
+    nw = _num_warps(q_block, k_block, d)
+    _bwd_dkdv_kernel[(triton.cdiv(lk, k_block), b * h)](
+        q, k, v, do, lse, delta, dk, dv, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, tiles,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        t_full_idx.stride(0), t_part_idx.stride(0),
+        scale * LOG2E, scale, lq, lk,
+        H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=ieee, num_warps=nw, num_stages=2,
+    )
+    dq = torch.empty_like(q)
+    _bwd_dq_kernel[(triton.cdiv(lq, q_block), b * h)](
+        q, k, v, do, lse, delta, dq, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        full_idx.stride(0), part_idx.stride(0),
+        scale * LOG2E, scale, lq, lk,
+        H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=ieee, num_warps=nw, num_stages=2,
+    )
+    if group > 1:
+        dk = dk.view(b, lk, hkv, group, d).sum(3).to(k.dtype)
+        dv = dv.view(b, lk, hkv, group, d).sum(3).to(v.dtype)
+    return dq, dk, dv
+
+
+# The forward op also takes the transposed lists (unused there) so that autograd can save them
+# for the backward without any side channel.
+@torch.library.custom_op("mnemotorch::block_sparse_attn_fwd", mutates_args=())
+def block_sparse_attn_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    full_idx: Tensor, full_cnt: Tensor, part_idx: Tensor, part_tile: Tensor, part_cnt: Tensor, tiles: Tensor,
+    t_full_idx: Tensor, t_full_cnt: Tensor, t_part_idx: Tensor, t_part_tile: Tensor, t_part_cnt: Tensor,
+    scale: float, q_block: int, k_block: int,
+) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block)
+
+
+@block_sparse_attn_fwd.register_fake
+def _(q, k, v, *rest):
+    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("mnemotorch::block_sparse_attn_bwd", mutates_args=())
+def block_sparse_attn_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+    full_idx: Tensor, full_cnt: Tensor, part_idx: Tensor, part_tile: Tensor, part_cnt: Tensor, tiles: Tensor,
+    t_full_idx: Tensor, t_full_cnt: Tensor, t_part_idx: Tensor, t_part_tile: Tensor, t_part_cnt: Tensor,
+    scale: float, q_block: int, k_block: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    lists = (full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt)
+    return _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block)
+
+
+@block_sparse_attn_bwd.register_fake
+def _(do, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *lists, scale, q_block, k_block = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, *lists)
+    ctx.scale, ctx.q_block, ctx.k_block = scale, q_block, k_block
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, *lists = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attn_bwd(do, q, k, v, o, lse, *lists, ctx.scale, ctx.q_block, ctx.k_block)
+    return (dq, dk, dv) + (None,) * (len(lists) + 3)
+
+
+block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, pattern, scale: float) -> Tensor:
+    """Run the kernels on ``q [B, Lq, H, D]``, ``k/v [B, Lk, Hkv, D]`` (last dim contiguous)."""
+    p = pattern
+    tiles = p.tiles if p.tiles.dtype == torch.int8 else p.tiles.to(torch.int8)
+    out, _ = block_sparse_attn_fwd(
+        q, k, v, p.full_idx, p.full_cnt, p.part_idx, p.part_tile, p.part_cnt, tiles,
+        p.t_full_idx, p.t_full_cnt, p.t_part_idx, p.t_part_tile, p.t_part_cnt, float(scale), p.q_block, p.k_block,
+    )
+    return out
