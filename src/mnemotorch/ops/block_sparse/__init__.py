@@ -6,25 +6,45 @@
 
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import Tensor
 
 from ..checks import check_backend, check_qkv
 from .pattern import BlockSparsePattern, build_pattern, causal_window_predicate, sliding_window_pattern
+from .patterns_misc import (
+    document_pattern,
+    halo_pattern,
+    power_pattern,
+    predicate_pattern,
+    prefix_lm_pattern,
+    sink_window_pattern,
+)
+from .patterns_natten import (
+    PermutedPattern,
+    neighborhood_pattern,
+    neighborhood_pattern_1d,
+    neighborhood_pattern_2d,
+    neighborhood_pattern_3d,
+    neighborhood_predicate,
+    tile_permutation,
+)
 from .reference import block_sparse_attention_reference
 
 SUPPORTED_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_available(device: torch.device) -> bool:
-    """Triton kernels run on CUDA, and on the CPU only through the interpreter (TRITON_INTERPRET=1)."""
+    """Whether ``backend="auto"`` picks the kernel: on CUDA with Triton installed.
+
+    On the CPU the kernel runs only when asked for (``backend="triton"``) under Triton's
+    interpreter (``TRITON_INTERPRET=1``, as the tests do); ``auto`` uses the reference there.
+    """
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda"
 
 
 def block_sparse_attention(
@@ -81,4 +101,17 @@ __all__ = [
     "build_pattern",
     "causal_window_predicate",
     "sliding_window_pattern",
+    "PermutedPattern",
+    "document_pattern",
+    "halo_pattern",
+    "neighborhood_pattern",
+    "neighborhood_pattern_1d",
+    "neighborhood_pattern_2d",
+    "neighborhood_pattern_3d",
+    "neighborhood_predicate",
+    "power_pattern",
+    "predicate_pattern",
+    "prefix_lm_pattern",
+    "sink_window_pattern",
+    "tile_permutation",
 ]

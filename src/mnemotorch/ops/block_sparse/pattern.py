@@ -125,8 +125,9 @@ def build_pattern(
     """Classify the candidate tiles of every query block as empty, full or partial.
 
     Args:
-        predicate: element rule ``allowed(q_idx [n, 1], k_idx [1, m]) -> bool [n, m]``
-            (absolute query and key positions, int64).
+        predicate: element rule ``allowed(q_idx, k_idx) -> bool`` on broadcastable int64 tensors of
+            absolute query and key positions (it is called on ``[n, 1, BM, 1]`` and ``[n, C, 1, BN]``,
+            so it must use elementwise, broadcasting operations only).
         q_len, k_len: numbers of queries and keys.
         q_block, k_block: tile sizes (the kernel's BLOCK_M / BLOCK_N).
         candidates: key blocks worth testing for a query block; default all of them (O(L^2):
@@ -141,43 +142,60 @@ def build_pattern(
     nq, nk = -(-q_len // q_block), -(-k_len // k_block)
     if candidates is None:
         candidates = lambda qb: range(nk)  # noqa: E731
-    full: list[list[int]] = [[] for _ in range(nq)]
-    part: list[list[int]] = [[] for _ in range(nq)]
-    part_t: list[list[int]] = [[] for _ in range(nq)]
+    cand_lists = [sorted({int(c) for c in candidates(qb) if 0 <= int(c) < nk}) for qb in range(nq)]
+    cand, cand_cnt = _pad_lists(cand_lists)
+    cand = cand.long()
+    n_c = cand.shape[1]
+    ar_q = torch.arange(q_block, dtype=torch.int64)
+    ar_k = torch.arange(k_block, dtype=torch.int64)
+    # Evaluate the predicate on all candidate tiles at once, a chunk of query blocks at a time
+    # (the predicate only needs elementwise, broadcasting ops).
+    full_mask = torch.zeros(nq, n_c, dtype=torch.bool)
+    part_mask = torch.zeros(nq, n_c, dtype=torch.bool)
+    tile_chunks: list[Tensor] = []
+    chunk = max(1, (1 << 24) // max(1, n_c * q_block * k_block))
+    for q0 in range(0, nq, chunk):
+        qbs = torch.arange(q0, min(nq, q0 + chunk))
+        qi = (qbs[:, None, None, None] * q_block + ar_q[None, None, :, None])  # [n, 1, BM, 1]
+        kbs = cand[qbs]  # [n, C]
+        kj = (kbs[:, :, None, None].clamp(min=0) * k_block + ar_k[None, None, None, :])  # [n, C, 1, BN]
+        valid = (qi < q_len) & (kj < k_len) & (kbs >= 0)[:, :, None, None]
+        ok = predicate(qi, kj).to(torch.bool) & valid
+        n_ok = ok.flatten(2).sum(-1)
+        is_full = (ok == valid).flatten(2).all(-1) & valid.flatten(2).all(-1) & (n_ok > 0)
+        is_part = (n_ok > 0) & ~is_full
+        full_mask[qbs] = is_full
+        part_mask[qbs] = is_part
+        tile_chunks.append(ok[is_part])
+    tiles_all = torch.cat(tile_chunks) if tile_chunks else torch.zeros(0, q_block, k_block, dtype=torch.bool)
+    # Partial tiles are numbered in (query block, candidate) order.
+    tile_id = torch.full((nq, n_c), -1, dtype=torch.int64)
+    tile_id[part_mask] = torch.arange(int(part_mask.sum()))
+    full: list[list[int]] = []
+    part: list[list[int]] = []
+    part_t: list[list[int]] = []
     t_full: list[list[int]] = [[] for _ in range(nk)]
     t_part: list[list[int]] = [[] for _ in range(nk)]
     t_part_t: list[list[int]] = [[] for _ in range(nk)]
-    tiles: list[Tensor] = []
-    ar_q = torch.arange(q_block, dtype=torch.int64)
-    ar_k = torch.arange(k_block, dtype=torch.int64)
+    cand_l, full_l, part_l, tid_l = cand.tolist(), full_mask.tolist(), part_mask.tolist(), tile_id.tolist()
     for qb in range(nq):
-        qi = (qb * q_block + ar_q)[:, None]
-        q_valid = qi < q_len
-        for kb in sorted(set(int(c) for c in candidates(qb))):
-            if not 0 <= kb < nk:
-                continue
-            kj = (kb * k_block + ar_k)[None, :]
-            valid = q_valid & (kj < k_len)
-            ok = predicate(qi, kj).to(torch.bool) & valid
-            n_ok = int(ok.sum())
-            if n_ok == 0:
-                continue
-            if bool((ok == valid).all()) and bool(valid.all()):
-                full[qb].append(kb)
-                t_full[kb].append(qb)
-            else:
-                tiles.append(ok)
-                part[qb].append(kb)
-                part_t[qb].append(len(tiles) - 1)
-                t_part[kb].append(qb)
-                t_part_t[kb].append(len(tiles) - 1)
+        f = [cand_l[qb][c] for c in range(n_c) if full_l[qb][c]]
+        pc = [c for c in range(n_c) if part_l[qb][c]]
+        full.append(f)
+        part.append([cand_l[qb][c] for c in pc])
+        part_t.append([tid_l[qb][c] for c in pc])
+        for kb in f:
+            t_full[kb].append(qb)
+        for c in pc:
+            t_part[cand_l[qb][c]].append(qb)
+            t_part_t[cand_l[qb][c]].append(tid_l[qb][c])
     full_idx, full_cnt = _pad_lists(full)
     part_idx, part_cnt = _pad_lists(part)
     part_tile, _ = _pad_lists(part_t)
     t_full_idx, t_full_cnt = _pad_lists(t_full)
     t_part_idx, t_part_cnt = _pad_lists(t_part)
     t_part_tile, _ = _pad_lists(t_part_t)
-    tile_tensor = torch.stack(tiles) if tiles else torch.zeros(1, q_block, k_block, dtype=torch.bool)
+    tile_tensor = tiles_all if tiles_all.shape[0] else torch.zeros(1, q_block, k_block, dtype=torch.bool)
     pat = BlockSparsePattern(
         q_len, k_len, q_block, k_block, full_idx, full_cnt, part_idx, part_tile, part_cnt, tile_tensor,
         t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, predicate,

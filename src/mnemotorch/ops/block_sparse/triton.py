@@ -14,6 +14,8 @@ an autograd formula, so ``torch.compile`` traces through them.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -284,21 +286,48 @@ def _num_warps(bm: int, bn: int, d: int) -> int:
     return 8 if bm * max(d, bn) >= 128 * 128 else 4
 
 
+# On a GPU the launch parameters are autotuned once per (head dim, tile, precision); under the CPU
+# interpreter (tests) the plain kernels run with fixed parameters.
+_TUNE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+# MNEMO_AUTOTUNE=0 skips tuning (fixed launch parameters): faster first calls, e.g. in tests.
+_AUTOTUNE = os.environ.get("MNEMO_AUTOTUNE", "1") != "0"
+_TUNE_KEY = ["D", "BM", "BN", "IEEE", "GROUP"]
+_fwd_tuned = triton.autotune(_TUNE_CONFIGS, key=_TUNE_KEY)(_fwd_kernel)
+_dkdv_tuned = triton.autotune(_TUNE_CONFIGS, key=_TUNE_KEY)(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_TUNE_CONFIGS, key=_TUNE_KEY)(_bwd_dq_kernel)
+
+
+def _alloc(like: Tensor, shape=None, dtype=None) -> Tensor:
+    """Output buffers; NaN-filled when MNEMO_POISON=1 (tests) so unwritten elements fail."""
+    shape = like.shape if shape is None else shape
+    dtype = like.dtype if dtype is None else dtype
+    if os.environ.get("MNEMO_POISON") == "1":
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+def _launch(plain, tuned, grid, args, meta, device):
+    if device.type == "cuda" and _AUTOTUNE:
+        tuned[grid](*args, **meta)
+    else:
+        plain[grid](*args, **meta, num_warps=_num_warps(meta["BM"], meta["BN"], meta["D"]), num_stages=2)
+
+
 def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block):
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
-    o = torch.empty_like(q)
-    lse = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
+    o = _alloc(q)
+    lse = _alloc(q, (b, h, lq), torch.float32)
     grid = (triton.cdiv(lq, q_block), b * h)
-    _fwd_kernel[grid](
+    args = (
         q, k, v, o, lse, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         full_idx.stride(0), part_idx.stride(0),
         scale * LOG2E, lq, lk,
-        H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BM=q_block, BN=k_block,
-        IEEE=q.dtype == torch.float32, num_warps=_num_warps(q_block, k_block, d), num_stages=2,
     )
+    meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32)
+    _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, q.device)
     return o, lse
 
 
@@ -308,32 +337,31 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block):
     lk, hkv = k.shape[1], k.shape[2]
     group = h // hkv
     do = do.contiguous() if do.stride(-1) != 1 else do
-    delta = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
+    delta = _alloc(q, (b, h, lq), torch.float32)
     bd = triton.next_power_of_2(d)
     _bwd_preprocess[(triton.cdiv(lq, q_block), b * h)](o, do, delta, o.stride(0), o.stride(1), o.stride(2), lq, H=h, D=d, BLOCK_D=bd, BM=q_block)
     # With GQA, dK/dV are produced per query head (in fp32) and summed over each group.
     kv_dtype = k.dtype if group == 1 else torch.float32
-    dk = torch.empty(b, lk, h, d, device=q.device, dtype=kv_dtype)
-    dv = torch.empty(b, lk, h, d, device=q.device, dtype=kv_dtype)
-    ieee = q.dtype == torch.float32
-    nw = _num_warps(q_block, k_block, d)
-    _bwd_dkdv_kernel[(triton.cdiv(lk, k_block), b * h)](
+    dk = _alloc(q, (b, lk, h, d), kv_dtype)
+    dv = _alloc(q, (b, lk, h, d), kv_dtype)
+    meta = dict(H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32)
+    dkdv_args = (
         q, k, v, do, lse, delta, dk, dv, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         t_full_idx.stride(0), t_part_idx.stride(0),
         scale * LOG2E, scale, lq, lk,
-        H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=ieee, num_warps=nw, num_stages=2,
     )
-    dq = torch.empty_like(q)
-    _bwd_dq_kernel[(triton.cdiv(lq, q_block), b * h)](
+    _launch(_bwd_dkdv_kernel, _dkdv_tuned, (triton.cdiv(lk, k_block), b * h), dkdv_args, meta, q.device)
+    dq = _alloc(q)
+    dq_args = (
         q, k, v, do, lse, delta, dq, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         full_idx.stride(0), part_idx.stride(0),
         scale * LOG2E, scale, lq, lk,
-        H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=ieee, num_warps=nw, num_stages=2,
     )
+    _launch(_bwd_dq_kernel, _dq_tuned, (triton.cdiv(lq, q_block), b * h), dq_args, meta, q.device)
     if group > 1:
         dk = dk.view(b, lk, hkv, group, d).sum(3).to(k.dtype)
         dv = dv.view(b, lk, hkv, group, d).sum(3).to(v.dtype)
