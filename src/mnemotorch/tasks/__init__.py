@@ -33,3 +33,32 @@ __all__ = [
     "load_tokenizer",
     "split_text",
 ]
+
+# Synthetic memory tasks (MQAR, passkey / needle, SORT, copying, induction); see docs/tasks.md.
+from .synthetic import (  # noqa: E402
+    associative_recall,
+    evaluate_sort,
+    induction_heads,
+    make_needle_examples,
+    make_sort_examples,
+    make_task,
+    multiquery_ar,
+    needle_in_haystack,
+    selective_copying,
+    sequence_accuracy,
+    token_accuracy,
+)
+
+__all__ += [
+    "associative_recall",
+    "evaluate_sort",
+    "induction_heads",
+    "make_needle_examples",
+    "make_sort_examples",
+    "make_task",
+    "multiquery_ar",
+    "needle_in_haystack",
+    "selective_copying",
+    "sequence_accuracy",
+    "token_accuracy",
+]

@@ -1,0 +1,642 @@
+"""``mnemo experiment CONFIG``: sweeps of mixers x widths x learning rates x task settings.
+
+Every *cell* (one task setting, one mixer, one width, one learning rate) trains a fresh
+:class:`~mnemotorch.models.MnemoForCausalLM` for a fixed number of steps (AdamW, linear warm-up
+then cosine decay; bf16 autocast on CUDA) and measures accuracy on held-out examples. As in
+Zoology (Arora et al. 2023), the reported number of a (setting, mixer, width) group is its
+accuracy at the *best* learning rate. A cell that raises is recorded as failed, with its error,
+and the sweep goes on. Results are written after every cell to ``<out_dir>/<name>.json``; running
+again skips the cells already there (same cell id and same cell settings), so a sweep can be
+split over several runs (``time_budget_s``). A Markdown table (``<name>.md``) and two plots
+(``<name>_state_size.png``: accuracy vs. state size, ``<name>_seq_len.png``: accuracy vs.
+sequence length) are rewritten at the end of each run. ``quick=True`` merges the config's
+``quick:`` section over it and writes ``<name>-quick.*``, so toy runs never overwrite real ones.
+
+Config (YAML, TOML or JSON file, or a dict)::
+
+    experiment: mqar                      # output file stem
+    description: free text for the report
+    task: mqar                            # a name in mnemotorch.tasks.synthetic.TASKS
+    task_params: {vocab_size: 8192}       # shared by every setting
+    settings:                             # the task-setting axis; other keys are task params
+      - {seq_len: 64, num_kv_pairs: 4, batch_size: 256}    # batch_size/steps/eval_batch_size override train:
+      - {length: 512, eval: [{length: 1024}, {length: 2048}]}  # extra test sets (e.g. longer ones)
+    data: {num_train: 100000, num_test: 3000, seed: 0}     # test examples use seed + 1
+    model: {num_hidden_layers: 2, num_attention_heads: 1, intermediate_size: 0}   # other MnemoConfig fields
+    mixers:                               # name -> layer plan (a mixer spec, or a list of specs)
+      attention: attention
+      sliding_window: {type: sliding_window, window: 16}
+    widths: [64, 128]                     # hidden_size
+    learning_rates: [1.0e-4, 1.0e-3]
+    train: {steps: 1000, batch_size: 64, eval_batch_size: 256, warmup_fraction: 0.1,
+            weight_decay: 0.1, betas: [0.9, 0.98], min_lr_ratio: 0.0, grad_clip: 1.0,
+            seed: 0, device: auto, precision: auto, cpu_threads: null}   # precision: auto (bf16
+                                          # autocast on CUDA) | bf16 | fp32   # cpu_threads: torch threads on CPU (1 is
+                                          # fastest for toy models on a busy machine)
+    anchors: [{mixer: attention, accuracy: 1.0, source: Zoology}]   # published numbers, shown in the report
+    quick: {...}                          # overrides merged in by quick=True (mappings merge key
+                                          # by key; lists and 'mixers' are replaced)
+
+Accuracy is token accuracy over labelled positions (MQAR, copying) or exact match of the whole
+answer (needle / passkey), as the task says. State size is ``model.state_size(seq_len)``: elements
+of mixer state per sequence summed over layers (Zoology's accounting, see the Mixer protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DEFAULT_OUT_DIR", "load_experiment_config", "main_experiment", "plan_cells", "run_experiment"]
+
+#: Where results go unless ``out_dir`` says otherwise (relative to the working directory).
+DEFAULT_OUT_DIR = "docs/results"
+
+_TOP_KEYS = {
+    "experiment", "description", "task", "task_params", "settings", "data", "model", "mixers",
+    "widths", "learning_rates", "train", "anchors", "quick",
+}
+_REQUIRED = ("experiment", "task", "settings", "mixers", "widths", "learning_rates")
+_TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 1000,
+    "batch_size": 64,
+    "eval_batch_size": 256,
+    "warmup_fraction": 0.1,
+    "weight_decay": 0.1,
+    "betas": [0.9, 0.98],
+    "min_lr_ratio": 0.0,
+    "grad_clip": 1.0,
+    "seed": 0,
+    "device": "auto",
+    "precision": "auto",
+    "cpu_threads": None,
+}
+_PRECISIONS = ("auto", "bf16", "fp32")
+_DATA_DEFAULTS: dict[str, Any] = {"num_train": 10_000, "num_test": 1_000, "seed": 0}
+# Keys of a setting (or an eval entry) that are not task parameters.
+_SETTING_TRAIN_KEYS = {"steps", "batch_size", "eval_batch_size"}
+_SETTING_META_KEYS = {"label", "eval"}
+_EVAL_META_KEYS = {"label", "eval_batch_size", "num_test"}
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment config {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    elif suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        data = tomllib.loads(text)
+    elif suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"experiment config {str(path)!r}: expected a .yaml, .yml, .toml or .json file")
+    if not isinstance(data, dict):
+        raise ValueError(f"experiment config {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: dicts merge recursively, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_experiment_config(config: dict[str, Any] | str | os.PathLike[str], quick: bool = False) -> dict[str, Any]:
+    """Read and validate an experiment config; with ``quick`` merge its ``quick:`` section in.
+
+    Returns the resolved config: defaults filled in (``train``, ``data``, ``model``), ``quick``
+    replaced by a bool, and with ``quick`` the name suffixed ``-quick``.
+
+    Raises:
+        ValueError: unknown or missing keys, empty axes, malformed settings or mixers.
+    """
+    raw = copy.deepcopy(config) if isinstance(config, dict) else _read_config_file(Path(config))
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ValueError(f"experiment config: unknown key(s) {unknown}; allowed: {sorted(_TOP_KEYS)}")
+    quick_section = raw.pop("quick", None) or {}
+    if not isinstance(quick_section, dict):
+        raise ValueError(f"experiment config: 'quick' must be a mapping of overrides, got {type(quick_section).__name__}")
+    if quick:
+        bad = sorted(set(quick_section) - (_TOP_KEYS - {"quick"}))
+        if bad:
+            raise ValueError(f"experiment config: unknown key(s) {bad} in 'quick'")
+        # Mappings of settings (task_params, data, model, train) merge key by key; 'mixers' is the
+        # list of what to compare, so the quick section's replaces it (as lists are replaced).
+        raw = _deep_merge(raw, {k: v for k, v in quick_section.items() if k != "mixers"})
+        if "mixers" in quick_section:
+            raw["mixers"] = copy.deepcopy(quick_section["mixers"])
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"experiment config: missing required key(s) {missing}")
+    cfg: dict[str, Any] = {
+        "experiment": str(raw["experiment"]) + ("-quick" if quick else ""),
+        "description": str(raw.get("description", "")),
+        "task": raw["task"],
+        "task_params": dict(raw.get("task_params") or {}),
+        "settings": raw["settings"],
+        "data": _with_defaults(raw.get("data"), _DATA_DEFAULTS, "data"),
+        # MnemoConfig's own defaults apply to what the config leaves out (hidden_size and
+        # vocab_size come from the sweep and the task).
+        "model": dict(raw.get("model") or {}),
+        "mixers": raw["mixers"],
+        "widths": raw["widths"],
+        "learning_rates": raw["learning_rates"],
+        "train": _with_defaults(raw.get("train"), _TRAIN_DEFAULTS, "train"),
+        "anchors": raw.get("anchors") or [],
+        "quick": bool(quick),
+    }
+    from ..tasks.synthetic import TASKS
+
+    if cfg["task"] not in TASKS:
+        raise ValueError(f"experiment config: unknown task {cfg['task']!r}; tasks: {sorted(TASKS)}")
+    name = cfg["experiment"]
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise ValueError(f"experiment config: 'experiment' must be a plain file stem, got {name!r}")
+    if not isinstance(cfg["settings"], list) or not cfg["settings"] or not all(isinstance(s, dict) for s in cfg["settings"]):
+        raise ValueError("experiment config: 'settings' must be a non-empty list of mappings (task parameters)")
+    for i, s in enumerate(cfg["settings"]):
+        evals = s.get("eval", [])
+        if not isinstance(evals, list) or not all(isinstance(e, dict) for e in evals):
+            raise ValueError(f"experiment config: settings[{i}].eval must be a list of mappings (task-parameter overrides)")
+    if not isinstance(cfg["mixers"], dict) or not cfg["mixers"]:
+        raise ValueError("experiment config: 'mixers' must be a non-empty mapping name -> layer plan")
+    for key in ("widths", "learning_rates"):
+        values = cfg[key]
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"experiment config: '{key}' must be a non-empty list")
+    for w in cfg["widths"]:
+        if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
+            raise ValueError(f"experiment config: widths must be positive ints, got {w!r}")
+    cfg["learning_rates"] = [float(lr) for lr in cfg["learning_rates"]]
+    if not all(lr > 0 and math.isfinite(lr) for lr in cfg["learning_rates"]):
+        raise ValueError(f"experiment config: learning_rates must be positive, got {cfg['learning_rates']}")
+    if cfg["train"]["precision"] not in _PRECISIONS:
+        raise ValueError(f"experiment config: train.precision must be one of {list(_PRECISIONS)}, got {cfg['train']['precision']!r}")
+    reserved = sorted({"hidden_size", "vocab_size", "layer_plan"} & set(cfg["model"]))
+    if reserved:
+        raise ValueError(f"experiment config: model.{reserved[0]} is set by the sweep (widths / task / mixers), remove it from 'model'")
+    if not isinstance(cfg["anchors"], list):
+        raise ValueError("experiment config: 'anchors' must be a list of mappings")
+    return cfg
+
+
+def _with_defaults(section: Any, defaults: dict[str, Any], name: str) -> dict[str, Any]:
+    section = dict(section or {})
+    unknown = sorted(set(section) - set(defaults))
+    if unknown:
+        raise ValueError(f"experiment config: unknown key(s) {unknown} in '{name}'; allowed: {sorted(defaults)}")
+    return {**defaults, **section}
+
+
+# ----------------------------------------------------------------------------------------------
+# cells
+
+
+@dataclass
+class Cell:
+    """One point of the sweep."""
+
+    setting_index: int
+    setting_label: str
+    task_params: dict[str, Any]
+    evals: list[dict[str, Any]]
+    train: dict[str, Any]
+    mixer: str
+    layer_plan: Any
+    width: int
+    lr: float
+    fingerprint: str = ""
+    id: str = field(default="")
+
+
+def _setting_label(setting: dict[str, Any]) -> str:
+    if "label" in setting:
+        return str(setting["label"])
+    params = {k: v for k, v in setting.items() if k not in _SETTING_TRAIN_KEYS | _SETTING_META_KEYS}
+    return ",".join(f"{k}={v}" for k, v in params.items()) or "default"
+
+
+def _eval_label(entry: dict[str, Any]) -> str:
+    if "label" in entry:
+        return str(entry["label"])
+    params = {k: v for k, v in entry.items() if k not in _EVAL_META_KEYS}
+    return ",".join(f"{k}={v}" for k, v in params.items()) or "default"
+
+
+def plan_cells(cfg: dict[str, Any]) -> list[Cell]:
+    """The cells of a resolved config, in run order (setting, mixer, width, learning rate)."""
+    cells = []
+    for i, setting in enumerate(cfg["settings"]):
+        task_params = {**cfg["task_params"], **{k: v for k, v in setting.items() if k not in _SETTING_TRAIN_KEYS | _SETTING_META_KEYS}}
+        train = {**cfg["train"], **{k: v for k, v in setting.items() if k in _SETTING_TRAIN_KEYS}}
+        evals = [dict(e) for e in setting.get("eval", [])]
+        label = _setting_label(setting)
+        for mixer, plan in cfg["mixers"].items():
+            for width in cfg["widths"]:
+                for lr in cfg["learning_rates"]:
+                    cell = Cell(i, label, task_params, evals, train, str(mixer), plan, width, lr)
+                    cell.id = f"{label}|{mixer}|d={width}|lr={lr:.3g}"
+                    # Everything that changes the cell's result; resuming reruns a cell whose
+                    # fingerprint differs from the stored one. The device is deliberately left out.
+                    payload = {
+                        "task": cfg["task"], "task_params": task_params, "evals": evals, "data": cfg["data"],
+                        "model": cfg["model"], "layer_plan": plan, "width": width, "lr": lr,
+                        "train": {k: v for k, v in train.items() if k != "device"},
+                    }
+                    cell.fingerprint = hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+                    cells.append(cell)
+    ids = [c.id for c in cells]
+    dupes = sorted({x for x in ids if ids.count(x) > 1})
+    if dupes:
+        raise ValueError(f"experiment config: duplicate cells {dupes} (give settings distinct 'label's)")
+    return cells
+
+
+# ----------------------------------------------------------------------------------------------
+# training one cell
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _lr_lambda(steps: int, warmup: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _to_device(x: torch.Tensor, labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids [B, L], flat positions [M], targets [M])`` on ``device`` for a CPU batch.
+
+    The labelled positions are found on the CPU, so the GPU never waits on a boolean mask (a
+    data-dependent shape would synchronise every step); pinned copies go asynchronously.
+    """
+    flat = (labels != -100).flatten().nonzero().squeeze(1)
+    targets = labels.flatten().index_select(0, flat)
+    if device.type == "cuda":
+        x, flat, targets = (t.pin_memory().to(device, non_blocking=True) for t in (x, flat, targets))
+    return x.to(device), flat.to(device), targets.to(device)
+
+
+def _masked_logits(model: Any, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Logits ``[M, V]`` at the ``M`` labelled positions only (``flat`` indexes ``[B * L]``): a
+    Zoology model has V = 8192 and L up to 512, and the head over every position would dominate
+    memory and time."""
+    hidden = model.model(input_ids=x).last_hidden_state
+    return model.lm_head(hidden.flatten(0, 1).index_select(0, flat))
+
+
+@torch.no_grad()
+def _evaluate(model: Any, data: Any, batch_size: int, device: torch.device, amp: bool) -> dict[str, float]:
+    model.eval()
+    tok_right = tok_total = seq_right = seq_total = 0
+    for lo in range(0, data.input_ids.shape[0], batch_size):
+        y = data.labels[lo : lo + batch_size]
+        x, flat, targets = _to_device(data.input_ids[lo : lo + batch_size], y, device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = _masked_logits(model, x, flat).argmax(-1)
+        right = (pred == targets).cpu()
+        mask = y != -100
+        wrong = torch.zeros_like(mask)
+        wrong[mask] = ~right  # row-major order, as flat was taken
+        rows = mask.any(dim=1)
+        tok_right += int(right.sum())
+        tok_total += int(mask.sum())
+        seq_right += int((rows & ~wrong.any(dim=1)).sum())
+        seq_total += int(rows.sum())
+    model.train()
+    return {
+        "token_accuracy": tok_right / tok_total if tok_total else float("nan"),
+        "sequence_accuracy": seq_right / seq_total if seq_total else float("nan"),
+    }
+
+
+def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: list[tuple[str, Any, int]], device: torch.device) -> dict[str, Any]:
+    from ..models import MnemoConfig, MnemoForCausalLM
+
+    t = cell.train
+    torch.manual_seed(int(t["seed"]))
+    config = MnemoConfig(vocab_size=train_data.vocab_size, hidden_size=cell.width, layer_plan=cell.layer_plan, **cfg["model"])
+    model = MnemoForCausalLM(config).to(device)
+    amp = t["precision"] == "bf16" or (t["precision"] == "auto" and device.type == "cuda")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms: weight decay would pull them to 0
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": float(t["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cell.lr, betas=tuple(t["betas"]), fused=device.type == "cuda",
+    )
+    steps, batch_size = int(t["steps"]), int(t["batch_size"])
+    warmup = max(1, int(round(float(t["warmup_fraction"]) * steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup, float(t["min_lr_ratio"])))
+    n = train_data.input_ids.shape[0]
+    gen = torch.Generator().manual_seed(int(t["seed"]))
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    losses: list[float] = []
+    loss_sum = torch.zeros((), device=device)
+    start = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        if pos + batch_size > n:  # epochs: a fresh permutation once the current one is used up
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + batch_size] if batch_size <= n else torch.randint(0, n, (batch_size,), generator=gen)
+        pos += batch_size
+        x, flat, targets = _to_device(train_data.input_ids[idx], train_data.labels[idx], device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = _masked_logits(model, x, flat)
+        loss = F.cross_entropy(logits.float(), targets)
+        loss.backward()
+        if t["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(t["grad_clip"]))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        # Averaged over windows and read rarely: .item() every step would sync the GPU.
+        if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
+            window = (step % max(1, steps // 20)) + 1
+            losses.append(float(loss_sum) / window)
+            loss_sum.zero_()
+    train_seconds = time.perf_counter() - start
+    metric = tests[0][1].metric
+    results = []
+    for label, data, eval_bs in tests:
+        acc = _evaluate(model, data, eval_bs, device, amp)
+        results.append({
+            "label": label, "seq_len": data.seq_len, "state_size": int(model.state_size(data.seq_len)),
+            "accuracy": acc[metric], "token_accuracy": acc["token_accuracy"], "num_examples": int(data.input_ids.shape[0]),
+        })
+    main = results[0]
+    final_loss = losses[-1] if losses else float("nan")
+    return {
+        "status": "ok",
+        "precision": "bf16 autocast" if amp else "fp32",
+        "metric": metric,
+        "accuracy": main["accuracy"],
+        "token_accuracy": main["token_accuracy"],
+        "seq_len": main["seq_len"],
+        "state_size": main["state_size"],
+        "evals": results[1:],
+        "final_loss": final_loss,
+        "diverged": not math.isfinite(final_loss),
+        "loss_curve": losses,
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "batch_size": batch_size,
+        "train_seconds": round(train_seconds, 3),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the sweep
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device), "platform": platform.platform()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    # Write-then-rename: a run killed mid-write never leaves a truncated results file behind.
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def _finite_or_none(x: Any) -> Any:
+    return x if not isinstance(x, float) or math.isfinite(x) else None
+
+
+class _DataCache:
+    """Task data for the current setting (a setting's cells share their train and test sets)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.key: Any = None
+        self.value: Any = None
+
+    def get(self, cell: Cell) -> tuple[Any, list[tuple[str, Any, int]]]:
+        from ..tasks.synthetic import make_task
+
+        key = json.dumps([cell.task_params, cell.evals], sort_keys=True, default=str)
+        if key != self.key:
+            self.key, self.value = None, None  # free the previous setting's data first
+            d, task = self.cfg["data"], self.cfg["task"]
+            train = make_task(task, int(d["num_train"]), seed=int(d["seed"]), **cell.task_params)
+            test_seed = int(d["seed"]) + 1
+            tests = [("test", make_task(task, int(d["num_test"]), seed=test_seed, **cell.task_params), int(cell.train["eval_batch_size"]))]
+            for entry in cell.evals:
+                params = {**cell.task_params, **{k: v for k, v in entry.items() if k not in _EVAL_META_KEYS}}
+                n = int(entry.get("num_test", d["num_test"]))
+                bs = int(entry.get("eval_batch_size", cell.train["eval_batch_size"]))
+                tests.append((_eval_label(entry), make_task(task, n, seed=test_seed, **params), bs))
+            self.key, self.value = key, (train, tests)
+        return self.value
+
+
+def run_experiment(
+    config: dict[str, Any] | str | os.PathLike[str],
+    quick: bool = False,
+    out_dir: str | os.PathLike[str] = DEFAULT_OUT_DIR,
+    device: str | None = None,
+    time_budget_s: float | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+    only: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a sweep and write ``<out_dir>/<name>.json``, ``.md`` and the plots.
+
+    Args:
+        config: a config path (YAML/TOML/JSON) or dict; see the module docstring.
+        quick: merge the config's ``quick:`` section (toy sizes) and name the outputs ``<name>-quick``.
+        out_dir: output folder (created).
+        device: ``"cpu"``, ``"cuda"``, ...; default the config's ``train.device`` (``"auto"``:
+            CUDA when available).
+        time_budget_s: start no new cell after this many seconds (the results say
+            ``"complete": false``; run again to continue).
+        retry_failed: rerun cells recorded as failed (by default every recorded cell is skipped).
+        progress: show a tqdm bar over cells.
+        only: run only the cells whose id (``"<setting>|<mixer>|d=<width>|lr=<lr>"``) contains
+            every one of these substrings, e.g. ``["seq_len=256", "|attention|"]``; the report
+            still covers the whole sweep (other cells show as not run yet).
+
+    Returns:
+        The results dict written to the JSON file, with ``"ran"``, ``"skipped"`` (cell counts of
+        this run) added.
+    """
+    from . import report
+
+    cfg = load_experiment_config(config, quick=quick)
+    cells = plan_cells(cfg)
+    dev = _resolve_device(device if device is not None else cfg["train"]["device"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{cfg['experiment']}.json"
+    stored: dict[str, Any] = {}
+    if json_path.is_file():
+        try:
+            stored = json.loads(json_path.read_text(encoding="utf-8")).get("cells", {})
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"{str(json_path)!r} exists but is not a results file ({err}); move it away to start afresh") from None
+
+    def done(cell: Cell) -> bool:
+        rec = stored.get(cell.id)
+        if not rec or rec.get("fingerprint") != cell.fingerprint:
+            return False
+        return rec.get("status") == "ok" or not retry_failed
+
+    results: dict[str, Any] = {
+        "experiment": cfg["experiment"],
+        "description": cfg["description"],
+        "task": cfg["task"],
+        "quick": cfg["quick"],
+        "config": cfg,
+        "environment": _environment(dev),
+        "cells": stored,
+    }
+    todo = [c for c in cells if not done(c) and all(part in c.id for part in (only or ()))]
+    skipped = sum(done(c) for c in cells)
+    cache = _DataCache(cfg)
+    t0 = time.perf_counter()
+    ran = 0
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and cfg["train"]["cpu_threads"]:
+        torch.set_num_threads(int(cfg["train"]["cpu_threads"]))
+    try:
+        ran = _run_cells(todo, cfg, cache, dev, stored, results, json_path, t0, time_budget_s, progress)
+    finally:
+        torch.set_num_threads(threads)
+    current = [stored[c.id] for c in cells if c.id in stored and stored[c.id].get("fingerprint") == c.fingerprint]
+    results["complete"] = len(current) == len(cells)
+    results["best"] = report.best_cells(current)
+    _write_json(json_path, results)
+    report.write_report(results, cells, out)
+    results["ran"], results["skipped"] = ran, skipped
+    return results
+
+
+def _run_cells(todo: list[Cell], cfg: dict[str, Any], cache: _DataCache, dev: torch.device, stored: dict[str, Any],
+               results: dict[str, Any], json_path: Path, t0: float, time_budget_s: float | None, progress: bool) -> int:
+    from tqdm import tqdm
+
+    ran = 0
+    bar = tqdm(todo, desc=cfg["experiment"], unit="cell", disable=not progress, file=sys.stderr)
+    for cell in bar:
+        if time_budget_s is not None and time.perf_counter() - t0 >= time_budget_s:
+            break
+        bar.set_postfix_str(cell.id[-48:])
+        base = {
+            "id": cell.id, "fingerprint": cell.fingerprint, "setting": cell.setting_label,
+            "setting_index": cell.setting_index, "task_params": cell.task_params, "mixer": cell.mixer,
+            "layer_plan": cell.layer_plan, "width": cell.width, "lr": cell.lr, "device": str(dev),
+        }
+        start = time.perf_counter()
+        try:
+            train_data, tests = cache.get(cell)
+            record = {**base, **_train_and_eval(cell, cfg, train_data, tests, dev)}
+        except Exception as err:  # noqa: BLE001 -- a crashing cell must not stop the sweep
+            tb = traceback.format_exc().strip().splitlines()
+            record = {**base, "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": "\n".join(tb[-12:])}
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()  # an OOM in one cell must not starve the next
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        stored[cell.id] = {k: _finite_or_none(v) for k, v in record.items()}
+        ran += 1
+        results["complete"] = False
+        _write_json(json_path, results)
+    bar.close()
+    return ran
+
+
+def main_experiment(argv: Sequence[str] | None = None) -> int:
+    """``mnemo experiment CONFIG [--quick] [--out DIR] [--device D] [--time-budget S] [--retry-failed] [--only S]``.
+
+    Prints the Markdown report and a one-line summary; returns the exit status (0: the sweep ran,
+    whether or not some cells failed — failures are results, recorded in the report).
+    """
+    parser = argparse.ArgumentParser(
+        prog="mnemo experiment",
+        description="Run a sweep (mixers x widths x learning rates x task settings) and write JSON, Markdown and plots.",
+    )
+    parser.add_argument("config", help="experiment config (.yaml, .toml or .json), e.g. configs/mqar.yaml")
+    parser.add_argument("--quick", action="store_true", help="toy sizes from the config's 'quick:' section (CPU, minutes)")
+    parser.add_argument("--out", default=DEFAULT_OUT_DIR, help=f"output folder (default {DEFAULT_OUT_DIR})")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the config's train.device, auto)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no new cell after this long; run again to resume")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed")
+    parser.add_argument("--only", action="append", default=None, metavar="SUBSTRING",
+                        help="run only cells whose id contains this (repeatable: all must match), e.g. --only seq_len=256")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    results = run_experiment(
+        args.config, quick=args.quick, out_dir=args.out, device=args.device,
+        time_budget_s=args.time_budget, retry_failed=args.retry_failed, progress=not args.no_progress, only=args.only,
+    )
+    out = Path(args.out)
+    name = results["experiment"]
+    cells = results["cells"].values()
+    failed = sum(1 for c in cells if c.get("status") == "failed")
+    print((out / f"{name}.md").read_text(encoding="utf-8"))
+    print(
+        f"ran {results['ran']} cell(s), skipped {results['skipped']} already done, {failed} failed; "
+        f"{'complete' if results['complete'] else 'INCOMPLETE (run again to resume)'}\n"
+        f"wrote {out / (name + '.json')}, {out / (name + '.md')}, {out / (name + '_state_size.png')}, {out / (name + '_seq_len.png')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_experiment())

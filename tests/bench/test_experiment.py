@@ -1,0 +1,156 @@
+"""The experiment runner: the quick MQAR sweep end to end on CPU, failed cells, resume, configs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from mnemotorch.bench import load_experiment_config, main_experiment, plan_cells, run_experiment
+
+REPO = Path(__file__).resolve().parents[2]
+MQAR = REPO / "configs" / "mqar.yaml"
+PASSKEY = REPO / "configs" / "passkey.yaml"
+
+
+def tiny_config(**over) -> dict:
+    cfg = {
+        "experiment": "tiny",
+        "task": "mqar",
+        "task_params": {"vocab_size": 64},
+        "settings": [{"seq_len": 16, "num_kv_pairs": 2}],
+        "data": {"num_train": 64, "num_test": 32},
+        "model": {"num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 0},
+        "mixers": {"attention": "attention"},
+        "widths": [16],
+        "learning_rates": [1e-3],
+        "train": {"steps": 3, "batch_size": 8, "eval_batch_size": 32, "device": "cpu", "cpu_threads": 1},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_quick_mqar_runs_end_to_end_and_resumes(tmp_path, capsys):
+    start = time.perf_counter()
+    assert main_experiment([str(MQAR), "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    first = time.perf_counter() - start
+    for suffix in (".json", ".md", "_state_size.png", "_seq_len.png"):
+        path = tmp_path / f"mqar-quick{suffix}"
+        assert path.is_file() and path.stat().st_size > 0, path
+    results = json.loads((tmp_path / "mqar-quick.json").read_text())
+    cells = results["cells"]
+    assert len(cells) == 8 and all(c["status"] == "ok" for c in cells.values())
+    assert results["complete"] is True and len(results["best"]) == 4  # 2 settings x 2 mixers x 1 width
+    for c in cells.values():
+        assert 0.0 <= c["accuracy"] <= 1.0 and c["state_size"] > 0
+    # The Mixer accounting: attention's state grows with L, the window's does not.
+    by = {(c["mixer"], c["seq_len"]): c["state_size"] for c in cells.values()}
+    assert by[("attention", 64)] == 2 * by[("attention", 32)]
+    assert by[("sliding_window", 64)] == by[("sliding_window", 32)]
+    md = (tmp_path / "mqar-quick.md").read_text()
+    assert "## Summary" in md and "Published anchors" in md and "| attention | 32 |" in md
+    assert "ran 8 cell(s)" in capsys.readouterr().out
+
+    # Resume: every cell is already in the JSON, so nothing trains.
+    start = time.perf_counter()
+    again = run_experiment(MQAR, quick=True, out_dir=tmp_path, progress=False)
+    assert again["ran"] == 0 and again["skipped"] == 8
+    assert time.perf_counter() - start < max(5.0, first / 4)
+
+
+def test_failed_cell_is_recorded_and_the_sweep_continues(tmp_path):
+    cfg = tiny_config(mixers={"bogus": "no_such_mixer", "attention": "attention"})
+    results = run_experiment(cfg, out_dir=tmp_path, progress=False)
+    cells = {c["mixer"]: c for c in results["cells"].values()}
+    assert cells["bogus"]["status"] == "failed" and "unknown mixer 'no_such_mixer'" in cells["bogus"]["error"]
+    assert cells["attention"]["status"] == "ok"  # the cell after the failure still ran
+    md = (tmp_path / "tiny.md").read_text()
+    assert "## Failed cells" in md and "| bogus | 16 |" in md and "failed" in md
+    best = {b["mixer"]: b for b in results["best"]}
+    assert best["bogus"]["status"] == "failed" and best["attention"]["status"] == "ok"
+    # Failed cells are skipped on resume unless asked to retry.
+    assert run_experiment(cfg, out_dir=tmp_path, progress=False)["ran"] == 0
+    assert run_experiment(cfg, out_dir=tmp_path, progress=False, retry_failed=True)["ran"] == 1
+
+
+def test_resume_runs_only_new_or_changed_cells(tmp_path):
+    run_experiment(tiny_config(), out_dir=tmp_path, progress=False)
+    wider = run_experiment(tiny_config(learning_rates=[1e-3, 3e-3]), out_dir=tmp_path, progress=False)
+    assert wider["ran"] == 1 and wider["skipped"] == 1
+    assert len(wider["best"]) == 1 and set(wider["best"][0]["accuracy_by_lr"]) == {"0.001", "0.003"}
+    changed = tiny_config(learning_rates=[1e-3, 3e-3])
+    changed["train"] = {**changed["train"], "steps": 4}  # a different recipe invalidates the cells
+    assert run_experiment(changed, out_dir=tmp_path, progress=False)["ran"] == 2
+
+
+def test_only_runs_the_selected_cells(tmp_path):
+    cfg = tiny_config(mixers={"attention": "attention", "window": {"type": "sliding_window", "window": 4}})
+    first = run_experiment(cfg, out_dir=tmp_path, progress=False, only=["|window|"])
+    assert first["ran"] == 1 and first["complete"] is False
+    assert [c["mixer"] for c in first["cells"].values()] == ["window"]
+    rest = run_experiment(cfg, out_dir=tmp_path, progress=False)
+    assert rest["ran"] == 1 and rest["skipped"] == 1 and rest["complete"] is True
+
+
+def test_time_budget_stops_and_a_later_run_completes(tmp_path):
+    partial = run_experiment(tiny_config(), out_dir=tmp_path, progress=False, time_budget_s=0)
+    assert partial["ran"] == 0 and partial["complete"] is False
+    assert "1 not run yet" in (tmp_path / "tiny.md").read_text()
+    done = run_experiment(tiny_config(), out_dir=tmp_path, progress=False)
+    assert done["ran"] == 1 and done["complete"] is True
+
+
+def test_best_learning_rate_is_reported_per_group(tmp_path):
+    results = run_experiment(tiny_config(learning_rates=[1e-5, 3e-2], train={**tiny_config()["train"], "steps": 20}),
+                             out_dir=tmp_path, progress=False)
+    (best,) = results["best"]
+    accs = {c["lr"]: c["accuracy"] for c in results["cells"].values()}
+    assert best["accuracy"] == max(accs.values()) and accs[best["best_lr"]] == best["accuracy"]
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="unknown key"):
+        load_experiment_config(tiny_config(steps=3))
+    cfg = tiny_config()
+    del cfg["widths"]
+    with pytest.raises(ValueError, match="missing required key"):
+        load_experiment_config(cfg)
+    with pytest.raises(ValueError, match="widths must be positive ints"):
+        load_experiment_config(tiny_config(widths=[0]))
+    with pytest.raises(ValueError, match="unknown task"):
+        load_experiment_config(tiny_config(task="nope"))
+    with pytest.raises(ValueError, match="set by the sweep"):
+        load_experiment_config(tiny_config(model={"hidden_size": 8}))
+    with pytest.raises(FileNotFoundError):
+        load_experiment_config(tmp_path / "missing.yaml")
+    # A task-level error (V <= L) is a failed cell, not a crash of the sweep.
+    bad = run_experiment(tiny_config(task_params={"vocab_size": 16}), out_dir=tmp_path, progress=False)
+    (cell,) = bad["cells"].values()
+    assert cell["status"] == "failed" and "V > L" in cell["error"]
+
+
+def test_mqar_config_is_the_zoology_recipe():
+    cfg = load_experiment_config(MQAR)
+    assert cfg["task_params"]["vocab_size"] == 8192
+    assert [(s["seq_len"], s["num_kv_pairs"]) for s in cfg["settings"]] == [(64, 4), (128, 8), (256, 16), (512, 64)]
+    assert cfg["model"]["num_hidden_layers"] == 2 and cfg["model"]["intermediate_size"] == 0
+    assert cfg["widths"] == [64, 128, 256, 512] and len(cfg["learning_rates"]) == 4
+    assert set(cfg["mixers"]) == {"attention", "sliding_window"}
+    assert len(plan_cells(cfg)) == 4 * 2 * 4 * 4
+    quick = load_experiment_config(MQAR, quick=True)
+    assert quick["experiment"] == "mqar-quick" and quick["task_params"]["vocab_size"] == 128
+
+
+def test_passkey_config_parses_and_its_quick_mode_runs(tmp_path):
+    cfg = load_experiment_config(PASSKEY)
+    cells = plan_cells(cfg)
+    assert len(cells) == 1 * 2 * 2 * 2
+    lengths = [e["length"] for e in cells[0].evals]
+    assert cells[0].task_params["length"] == 512 and lengths == [1024, 2048, 4096, 8192, 16384]  # 2x-32x
+    results = run_experiment(PASSKEY, quick=True, out_dir=tmp_path, progress=False)
+    (cell,) = results["cells"].values()
+    assert cell["status"] == "ok" and cell["metric"] == "sequence_accuracy"
+    assert [e["seq_len"] for e in cell["evals"]] == [320]
+    assert (tmp_path / "passkey-quick_seq_len.png").is_file()
