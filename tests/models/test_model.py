@@ -124,3 +124,16 @@ def test_no_mlp_blocks() -> None:
     model = MnemoForCausalLM(tiny_config(intermediate_size=0))
     assert all(layer.mlp is None for layer in model.model.layers)
     assert model(torch.randint(0, 61, (1, 5))).logits.shape == (1, 5, 61)
+
+
+@pytest.mark.parametrize("name", list_mixers())
+def test_bf16_autocast_cpu(name) -> None:
+    """Mixed precision must work for every mixer (the GPU trainer uses bf16 autocast)."""
+    torch.manual_seed(0)
+    model = MnemoForCausalLM(tiny_config([{"type": name, **mixer_class(name).example_kwargs}] * 2))
+    ids = torch.randint(0, 61, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

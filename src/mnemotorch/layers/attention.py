@@ -57,7 +57,8 @@ class _QKVAttention(Mixer):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         positions = torch.arange(offset, offset + t, device=x.device)
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype=x.dtype)
+        # q.dtype, not x.dtype: under autocast the projections are bf16 while x stays fp32.
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype=q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # pragma: no cover
