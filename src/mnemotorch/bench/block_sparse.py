@@ -63,6 +63,7 @@ def measure(fwd: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: lis
 
     with torch.no_grad():
         t_f = median_ms(fwd)
+    fwd_bwd()  # warm-up: compilation/autotuning buffers stay out of the peak reading
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
