@@ -12,6 +12,7 @@ from .registry import get_mixer, list_mixers, mixer_class, mixer_info, mixer_kwa
 # Importing the modules registers their mixers.
 from . import attention  # noqa: F401,E402
 from . import linear_attention  # noqa: F401,E402
+from . import pattern_attention  # noqa: F401,E402
 from .attention import CausalSelfAttention, KVState, SlidingWindowAttention  # noqa: E402
 
 __all__ = [

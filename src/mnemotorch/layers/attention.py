@@ -64,6 +64,10 @@ class _QKVAttention(Mixer):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def _attend_at(self, q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int) -> Tensor:
+        """Attention with the absolute positions of the first query / key (for position-dependent patterns)."""
+        return self._attend(q, k, v)
+
     def _keep(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """What of the concatenated keys/values to carry to the next call."""
         return k, v
@@ -76,7 +80,7 @@ class _QKVAttention(Mixer):
         q, k, v = self._project(x, state.seen_tokens)
         k_all = torch.cat([state.k.to(k.dtype), k], dim=1)
         v_all = torch.cat([state.v.to(v.dtype), v], dim=1)
-        y = self._attend(q, k_all, v_all)
+        y = self._attend_at(q, k_all, v_all, state.seen_tokens, state.seen_tokens - state.k.shape[1])
         y = self.o_proj(y.reshape(x.shape[0], x.shape[1], self.num_heads * self.head_dim))
         k_keep, v_keep = self._keep(k_all, v_all)
         return y, KVState(seen_tokens=state.seen_tokens + x.shape[1], k=k_keep, v=v_keep)
