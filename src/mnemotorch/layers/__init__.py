@@ -28,3 +28,4 @@ __all__ = [
     "mixer_kwargs",
     "register_mixer",
 ]
+from . import based, short_conv  # noqa: F401,E402  (registers `based` and `short_conv`)
