@@ -2,6 +2,7 @@
 
     mnemo train CONFIG [--set key=value ...]      train (also under torchrun for DDP/FSDP2)
     mnemo eval CHECKPOINT [--data SOURCE]         validation loss / perplexity of a checkpoint
+    mnemo eval TASK MODEL [options]               books | passkey | sort | mqar (MODEL: checkpoint or hf:PATH)
     mnemo generate CHECKPOINT --prompt TEXT       sample text from a checkpoint
     mnemo list                                    registered token mixers
     mnemo demo [--steps N] [--mixers a,b]         train one small model per mixer, compare
@@ -111,15 +112,24 @@ def _load_checkpoint(path: str, device: str) -> tuple[Any, Any, dict[str, Any] |
 # ---------------------------------------------------------------------------------------------
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _eval_ppl(args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
+    """The original ``mnemo eval CHECKPOINT``: loss / perplexity on the validation split of the training corpus."""
     from .tasks import encode_corpus, load_text, split_text
     from .train import evaluate
 
-    model, tok, train_cfg, dev = _load_checkpoint(args.checkpoint, args.device)
+    if args.model.startswith("hf:"):
+        raise UsageError("task 'ppl' (validation split of the training corpus) needs one of our checkpoints; "
+                         "for a Hugging Face model use 'mnemo eval books hf:PATH --data FILE'")
+    model, tok, train_cfg, dev = _load_checkpoint(args.model, opts.get("device") or "auto")
     data_cfg = (train_cfg or {}).get("data", {})
-    source = args.data if args.data is not None else data_cfg.get("source")
+    data = opts.get("data")
+    if isinstance(data, list):
+        if len(data) > 1:
+            raise UsageError(f"task 'ppl' takes one --data source, got {len(data)}")
+        data = data[0]
+    source = data if data is not None else data_cfg.get("source")
     val_fraction = data_cfg.get("val_fraction", 0.1)
-    seq_len = args.seq_len or data_cfg.get("seq_len", 128)
+    seq_len = opts.get("seq_len") or data_cfg.get("seq_len", 128)
     try:
         text = load_text(source)
     except (FileNotFoundError, ValueError) as err:
@@ -127,14 +137,197 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _, val_text = split_text(text, val_fraction)
     tokens = encode_corpus(val_text, tok)
     t0 = time.perf_counter()
-    res = evaluate(model, tokens, args.batch_size, seq_len, args.batches, device=dev)
+    try:
+        res = evaluate(model, tokens, opts.get("batch_size") or 8, seq_len, opts.get("batches"), device=dev)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     dt = time.perf_counter() - t0
     name = source if source is not None else "tinyshakespeare (bundled)"
     _out(f"data: {name}, validation split ({val_fraction:.0%}), seq_len {seq_len}, {res['tokens']:,} tokens scored in {dt:.1f}s")
     _out(f"loss {res['loss']:.4f}  ppl {res['ppl']:.3f}")
-    if args.json:
-        _out(json.dumps({"loss": res["loss"], "ppl": res["ppl"], "tokens": res["tokens"], "seq_len": seq_len, "data": source}))
+    return {"loss": res["loss"], "ppl": res["ppl"], "tokens": res["tokens"], "seq_len": seq_len, "data": source}
+
+
+_EVAL_TASKS = ("ppl", "books", "passkey", "sort", "mqar")
+# Options a --config file may set (the parser's dests); the command line wins over the file.
+_EVAL_OPTION_KEYS = (
+    "device", "dtype", "seed", "batch_size", "data", "seq_len", "batches", "mode", "context", "stride", "chunk",
+    "tokens", "no_bos", "lengths", "depths", "trials", "kind", "haystack", "no_instruction", "plot", "num_examples",
+    "excerpt_words", "segment_words", "conditions", "min_distance", "max_distance", "settings", "vocab_size", "power_a",
+)
+
+
+def _split_list(value: Any, cast: Any, name: str) -> list[Any]:
+    """``"a,b"`` or ``[a, b]`` -> ``[cast(a), cast(b)]``."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return [cast(v.strip() if isinstance(v, str) else v) for v in items if not (isinstance(v, str) and not v.strip())]
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--{name.replace('_', '-')}: cannot read {value!r} ({err})") from err
+
+
+def _mqar_settings(value: Any) -> list[tuple[int, int]]:
+    out = []
+    for item in value if isinstance(value, (list, tuple)) else str(value).split(","):
+        try:
+            if isinstance(item, (list, tuple)):
+                seq_len, pairs = item
+            else:
+                seq_len, pairs = str(item).strip().split(":")
+            out.append((int(seq_len), int(pairs)))
+        except (TypeError, ValueError):
+            raise UsageError(f"--settings: expected SEQ_LEN:NUM_KV_PAIRS items such as 64:4,128:8, got {item!r}") from None
+    return out
+
+
+def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options from ``--config`` (if any) overridden by those given on the command line."""
+    opts: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"config {str(path)!r} does not exist")
+        try:
+            from .bench.experiment import _read_config_file
+
+            raw = _read_config_file(path)
+        except (ValueError, ImportError) as err:
+            raise UsageError(str(err)) from err
+        for key, value in raw.items():
+            dest = key.replace("-", "_")
+            if dest == "task":
+                opts["task"] = value
+            elif dest in _EVAL_OPTION_KEYS:
+                opts[dest] = value
+            else:
+                raise UsageError(f"config {str(path)!r}: unknown key {key!r}; allowed: task, {', '.join(_EVAL_OPTION_KEYS)}")
+    for key in _EVAL_OPTION_KEYS:
+        value = getattr(args, key, None)
+        if value is not None and value is not False:
+            opts[key] = value
+    return opts
+
+
+def _eval_target(args: argparse.Namespace, opts: dict[str, Any]) -> tuple[str, str]:
+    target = list(args.target)
+    if len(target) > 2:
+        raise UsageError(f"expected [TASK] MODEL, got {len(target)} arguments: {' '.join(target)}")
+    if len(target) == 2:
+        task, model = target
+    elif target[0] in _EVAL_TASKS and not Path(target[0]).exists():
+        raise UsageError(f"task {target[0]!r} needs a MODEL: a checkpoint directory, a run's out_dir or hf:PATH")
+    else:
+        task, model = opts.get("task", "ppl"), target[0]
+    if task not in _EVAL_TASKS:
+        raise UsageError(f"unknown task {task!r}; tasks: {', '.join(_EVAL_TASKS)}")
+    return task, model
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    opts = _eval_options(args)
+    opts["json_out"] = args.json_out
+    task, args.model = _eval_target(args, opts)
+    t0 = time.perf_counter()
+    if task == "ppl":
+        result: dict[str, Any] = _eval_ppl(args, opts)
+        report = {"task": task, "model": args.model, **result}
+        if args.json:
+            _out(json.dumps(result))
+    else:
+        from .bench import evaluate as ev
+
+        try:
+            em = ev.load_eval_model(args.model, opts.get("device") or "auto", opts.get("dtype"), need_tokenizer=task != "mqar")
+            result = _eval_task(ev, em, task, opts)
+        except ev.EvalError as err:
+            raise UsageError(str(err)) from err
+        for note in result.get("notes", []):
+            _out(f"note: {note}")
+        report = {"task": task, "model": args.model, "model_kind": em.kind, **result,
+                  "device": str(em.device), "torch": torch.__version__}
+        if args.json:
+            _out(json.dumps(report, default=str))
+    report["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        _out(f"wrote {out}")
     return 0
+
+
+def _eval_task(ev: Any, em: Any, task: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Run one of the memory-suite tasks and print its table; returns the JSON-ready result."""
+    seed = int(opts.get("seed", 0) or 0)
+    batch_size = opts.get("batch_size")
+    data = opts.get("data")
+    sources = _split_list(data, str, "data") if data is not None else None
+    _out(f"model: {em.source} ({em.kind}, {sum(p.numel() for p in em.model.parameters()):,} parameters, {em.device})")
+    if task == "books":
+        res = ev.evaluate_books(
+            em, sources, mode=opts.get("mode", "sliding"), context=opts.get("context"), stride=opts.get("stride"),
+            chunk=opts.get("chunk"), max_tokens=opts.get("tokens"), bos=not opts.get("no_bos", False), batch_size=batch_size or 8,
+        )
+        _out(_format_table(
+            ["document", "mode", "window", "tokens", "loss", "ppl", "bits/byte"],
+            [[r["document"], r["mode"], f"C={r['context']} S={r['stride']}" if r["mode"] == "sliding" else f"chunk {r['chunk']}",
+              r["tokens"], _num(r["loss"]), _num(r["ppl"], 3), _num(r["bpb"])] for r in res["rows"]],
+        ))
+        _out("sliding: each token scored once with up to C tokens of context (stride S); "
+             "stream: whole document, state carried across chunks")
+        return res
+    if task == "passkey":
+        res = ev.evaluate_passkey(
+            em, _split_list(opts.get("lengths", "512,1024,2048"), int, "lengths"),
+            _split_list(opts.get("depths", "0,0.25,0.5,0.75,1"), float, "depths"), int(opts.get("trials", 10)),
+            kind=opts.get("kind", "passkey"), haystack=_haystack_text(opts.get("haystack")), seed=seed,
+            instruction=not opts.get("no_instruction", False), batch_size=batch_size or 8,
+        )
+        headers = ["length \\ depth"] + [f"{d:g}" for d in res["depths"]] + ["mean"]
+        _out(_format_table(headers, [[n] + [round(a, 3) for a in row] + [round(sum(row) / len(row), 3)]
+                                     for n, row in zip(res["lengths"], res["grid"])]))
+        _out(f"accuracy of greedy decoding of the {res['settings']['kind']} over {res['settings']['trials']} trials per cell")
+        plot = opts.get("plot") or (str(Path(opts["json_out"]).with_suffix(".png")) if opts.get("json_out") else None)
+        if plot:
+            res["plot"] = str(ev.plot_passkey_heatmap(res, plot, title=f"{Path(em.source).name}: passkey accuracy"))
+            _out(f"wrote {res['plot']}")
+        return res
+    if task == "sort":
+        conditions = opts.get("conditions")
+        res = ev.evaluate_sort_task(
+            em, sources, num_examples=int(opts.get("num_examples", 10)), excerpt_words=int(opts.get("excerpt_words", 250)),
+            segment_words=int(opts.get("segment_words", 20)),
+            conditions=_split_list(conditions, str, "conditions") if conditions is not None else None,
+            min_distance=int(opts.get("min_distance", 0)), max_distance=opts.get("max_distance"), chunk=opts.get("chunk"), seed=seed,
+        )
+        _out(_format_table(["condition", "accuracy", "chance", "examples", "margin (nats)"],
+                           [[r["condition"], _num(r["accuracy"]), r["chance"], r["num_examples"], _num(r["logprob_margin"])]
+                            for r in res["rows"]]))
+        _out("margin: mean log p(right answer) - log p(wrong answer); a constant answer scores exactly the chance level")
+        return res
+    # mqar
+    res = ev.evaluate_mqar(
+        em, _mqar_settings(opts.get("settings", "64:4,128:8,256:16,512:64")), int(opts.get("num_examples", 1000)),
+        vocab_size=opts.get("vocab_size"), power_a=float(opts.get("power_a", 0.01)), seed=int(opts.get("seed", 1)),
+        batch_size=batch_size or 64,
+    )
+    _out(_format_table(["L", "N", "V", "token acc", "sequence acc", "state size"],
+                       [[r["seq_len"], r["num_kv_pairs"], r["vocab_size"], _num(r["token_accuracy"]), _num(r["sequence_accuracy"]),
+                         r.get("state_size", "n/a")] for r in res["rows"]]))
+    return res
+
+
+def _haystack_text(source: Any) -> str | None:
+    if source in (None, "synthetic"):
+        return None
+    from .tasks import load_text
+
+    try:
+        return load_text(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--haystack: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,14 +533,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint directory (or a run's out_dir)")
-    p.add_argument("--data", default=None, help="text source (default: the one the checkpoint was trained on)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: training seq_len)")
-    p.add_argument("--batches", type=int, default=None, help="at most this many batches (default: the whole split)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = sub.add_parser(
+        "eval", help="evaluate a model: validation ppl (default), books, passkey, sort, mqar",
+        description="mnemo eval [TASK] MODEL: TASK is ppl (default: loss on the training corpus' validation split), "
+                    "books (long-document perplexity, sliding window and whole-document streaming), passkey "
+                    "(accuracy per length x depth), sort (segment order, 50%% chance) or mqar. MODEL is one of our "
+                    "checkpoints (a checkpoint directory or a run's out_dir) or hf:PATH, a local Hugging Face "
+                    "causal LM directory (nothing is downloaded). Options of other tasks are ignored.",
+    )
+    p.add_argument("target", nargs="+", metavar="[TASK] MODEL", help=f"task ({', '.join(_EVAL_TASKS)}; default ppl) and model")
+    p.add_argument("--config", default=None, help="YAML/TOML/JSON file of option defaults (e.g. configs/sort.yaml)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="write the result as JSON to FILE")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (ppl/books 8, passkey 8, mqar 64)")
+    p.add_argument("--data", action="append", default=None, metavar="SOURCE",
+                   help="ppl: text source (default: the training corpus); books/sort: file or folder, repeatable "
+                        "(default: held-out books + WikiText-2 test / the Book-SORT books in ../shared/data)")
+    g = p.add_argument_group("ppl")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: training seq_len)")
+    g.add_argument("--batches", type=int, default=None, help="at most this many batches (default: the whole split)")
+    g = p.add_argument_group("books")
+    g.add_argument("--mode", default=None, choices=["sliding", "stream", "both"], help="default sliding")
+    g.add_argument("--context", type=int, default=None, help="sliding-window context C (default: training seq_len)")
+    g.add_argument("--stride", type=int, default=None, help="sliding-window stride S <= C (default C/2)")
+    g.add_argument("--chunk", type=int, default=None, help="stream / SORT-stream chunk size (default C)")
+    g.add_argument("--tokens", type=int, default=None, help="score exactly the first N tokens of each document")
+    g.add_argument("--no-bos", action="store_true", default=None, help="do not open documents with a BOS/EOS token")
+    g = p.add_argument_group("passkey")
+    g.add_argument("--lengths", default=None, help="comma-separated token lengths (default 512,1024,2048)")
+    g.add_argument("--depths", default=None, help="comma-separated depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    g.add_argument("--trials", type=int, default=None, help="examples per (length, depth) (default 10)")
+    g.add_argument("--kind", default=None, choices=["passkey", "number", "word"])
+    g.add_argument("--haystack", default=None, help="synthetic (default) or a text source, e.g. a held-out book")
+    g.add_argument("--no-instruction", action="store_true", default=None, help="omit the instruction sentence")
+    g.add_argument("--plot", default=None, metavar="PNG", help="heat-map file (default: the --json-out path with .png)")
+    g = p.add_argument_group("sort")
+    g.add_argument("--num-examples", type=int, default=None, help="sort: per document, even (default 10); mqar: per setting (1000)")
+    g.add_argument("--excerpt-words", type=int, default=None, help="default 250")
+    g.add_argument("--segment-words", type=int, default=None, help="default 20")
+    g.add_argument("--conditions", default=None, help="in_context,stream,no_context (default: in_context,stream; HF: in_context)")
+    g.add_argument("--min-distance", type=int, default=None)
+    g.add_argument("--max-distance", type=int, default=None)
+    g = p.add_argument_group("mqar")
+    g.add_argument("--settings", default=None, help="SEQ_LEN:NUM_KV_PAIRS list (default 64:4,128:8,256:16,512:64)")
+    g.add_argument("--vocab-size", type=int, default=None, help="MQAR V (default: the model's vocabulary)")
+    g.add_argument("--power-a", type=float, default=None)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
