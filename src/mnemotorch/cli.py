@@ -535,9 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval", help="evaluate a model: validation ppl (default), books, passkey, sort, mqar",
+        usage="mnemo eval [TASK] MODEL [options]",
         description="mnemo eval [TASK] MODEL: TASK is ppl (default: loss on the training corpus' validation split), "
                     "books (long-document perplexity, sliding window and whole-document streaming), passkey "
-                    "(accuracy per length x depth), sort (segment order, 50%% chance) or mqar. MODEL is one of our "
+                    "(accuracy per length x depth), sort (segment order, 50% chance) or mqar. MODEL is one of our "
                     "checkpoints (a checkpoint directory or a run's out_dir) or hf:PATH, a local Hugging Face "
                     "causal LM directory (nothing is downloaded). Options of other tasks are ignored.",
     )
