@@ -29,3 +29,4 @@ __all__ = [
     "register_mixer",
 ]
 from . import based, short_conv  # noqa: F401,E402  (registers `based` and `short_conv`)
+from . import hcam, relative  # noqa: F401,E402  (registers `hcam` and `relative`)
