@@ -1,0 +1,222 @@
+"""Titans neural long-term memory as a token mixer: ``titans_lmm``.
+
+Behrouz, Zhong & Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663): the
+long-term memory module (LMM) alone as a sequence layer. Per token (``h`` = head)::
+
+    q, k, v = SiLU(conv_K(x W_Q)), SiLU(conv_K(x W_K)), SiLU(conv_K(x W_V))   depthwise causal convs
+    q, k    = q / ‖q‖, k / ‖k‖                                                per head (§4.4)
+    θ_t, η_t, α_t = σ(x_t w_θ + b_θ), σ(x_t w_η + b_η), σ(x_t w_α + b_α)      per head
+    S_t = η_t S_{t−1} − θ_t ∇‖M_{c(t)}(k_t) − v_t‖²,   M_t = (1 − α_t) M_{t−1} + S_t
+    o_t = M_t(q_t)
+    y_t = W_O (RMSNorm(o_t) ⊙ SiLU(x_t W_G))                                 norm + gate (§4.4)
+
+``M`` is a per-head memory (``depth = 1``: a ``head_dim × head_dim`` matrix; ``depth ≥ 2``: an MLP
+with hidden width ``expansion · head_dim``), its initial weights learned parameters shared by all
+sequences, with gradients frozen at the chunk-start weights inside chunks of ``chunk_size`` tokens
+(absolute positions), exactly as :func:`mnemotorch.ops.memory.neural_memory`.
+
+State (:class:`TitansState`): the memory weights ``M_t``, the momentum ``S_t`` and the chunk-start
+weights, each flattened to ``[B, H, P]`` (P = weights per head), plus the last ``K − 1`` conv
+inputs ``[B, K−1, 3·dim]``; the position inside the current chunk is ``seen_tokens mod chunk_size``.
+Holding the chunk-start weights (instead of the chunk's tokens so far) is what makes a split
+inside a chunk exact with O(1) work per decoded token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.memory import ACTIVATIONS, MAX_DEPTH, MemoryState, accumulation_dtype, memory_hidden_shapes, neural_memory
+from .base import Mixer, MixerState
+from .registry import register_mixer
+from .short_conv import causal_depthwise_conv
+
+
+@dataclass
+class TitansState(MixerState):
+    """Memory weights, momentum and chunk-start weights ``[B, H, P]``; conv inputs ``[B, K−1, 3·dim]``."""
+
+    weights: Tensor
+    momentum: Tensor
+    chunk_start: Tensor
+    conv: Tensor
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+@register_mixer("titans_lmm")
+class TitansLMM(Mixer):
+    """Titans long-term memory module (LMM) as a token mixer (Behrouz et al., 2024).
+
+    Args:
+        dim, num_heads: model width and heads; keys, values and queries use ``head_dim = dim / H``.
+        depth: memory layers ``L_M`` in 1..4 (1 = linear matrix memory; default 2).
+        expansion: hidden width of an MLP memory in units of ``head_dim`` (default 4).
+        activation: σ inside the memory MLP: ``"silu"`` (default), ``"gelu"`` or ``"relu"``.
+        residual: memory ``M(x) = x + f(x)`` (default True).
+        layer_norm: memory ``M(x) = [x +] LN(f(x))`` (affine-free LayerNorm; default False).
+        chunk_size: tokens per chunk of frozen gradients (a model hyperparameter; default 64;
+            1 = exact online gradient descent). Any sequence length works (no padding).
+        conv_size: taps of the depthwise causal convs on q/k/v (default 4; 0 disables them).
+        output_gate: RMSNorm the memory read and gate it with ``SiLU(x W_G)`` before ``W_O`` (default True).
+        init_theta, init_eta, init_alpha: the gate values σ(b) the biases start at (0.1, 0.9, 0.01).
+
+    ``state_size``: ``3 · H · P + (K − 1) · 3 · dim`` (P = memory weights per head), whatever the length.
+    """
+
+    description = "Titans neural long-term memory (LMM): an MLP memory trained at test time by GD + momentum + decay; chunk-frozen gradients (Behrouz et al. 2024)"
+    example_kwargs = {"chunk_size": 4, "depth": 2, "expansion": 2, "conv_size": 3}
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        depth: int = 2,
+        expansion: int = 4,
+        activation: str = "silu",
+        residual: bool = True,
+        layer_norm: bool = False,
+        chunk_size: int = 64,
+        conv_size: int = 4,
+        output_gate: bool = True,
+        max_lr: float = 0.1,
+        init_theta: float = 0.01,
+        init_eta: float = 0.9,
+        init_alpha: float = 0.01,
+    ):
+        super().__init__(dim, num_heads)
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= MAX_DEPTH:
+            raise ValueError(f"depth must be an int in [1, {MAX_DEPTH}], got {depth!r}")
+        for name, value, low in (("expansion", expansion, 1), ("chunk_size", chunk_size, 1), ("conv_size", conv_size, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        for name, value in (("residual", residual), ("layer_norm", layer_norm), ("output_gate", output_gate)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not 0 < max_lr < math.inf:
+            raise ValueError(f"max_lr must be a finite float > 0, got {max_lr!r}")
+        for name, value, high in (("init_theta", init_theta, max_lr), ("init_eta", init_eta, 1), ("init_alpha", init_alpha, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < high:
+                raise ValueError(f"{name} must be a float in (0, {high}), got {value!r}")
+        self.depth, self.expansion, self.activation = depth, expansion, activation
+        self.residual, self.layer_norm, self.output_gate = residual, layer_norm, output_gate
+        self.chunk_size, self.conv_size = chunk_size, conv_size
+        self.max_lr = float(max_lr)
+        self.init_gates = (float(init_theta) / self.max_lr, float(init_eta), float(init_alpha))
+        d, h = self.head_dim, num_heads
+        self.memory_shapes = memory_hidden_shapes(d, d, depth, expansion * d)
+        self.params_per_head = sum(a * b for a, b in self.memory_shapes)
+
+        self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(3 * dim, conv_size)) if conv_size > 0 else None
+        self.gate_proj = nn.Linear(dim, 3 * h, bias=True)  # θ, η, α logits per head
+        self.memory_init = nn.ParameterList(nn.Parameter(torch.empty(h, a, b)) for a, b in self.memory_shapes)
+        if output_gate:
+            self.out_norm = nn.RMSNorm(d, eps=1e-6)
+            self.g_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.reset_mixer_parameters()
+
+    def reset_mixer_parameters(self) -> None:
+        """Initialise what generic ``nn.Linear`` initialisation gets wrong (called by the HF model too)."""
+        with torch.no_grad():
+            if self.conv_weight is not None:
+                bound = 1.0 / math.sqrt(self.conv_size)  # nn.Conv1d's default for a depthwise kernel
+                self.conv_weight.uniform_(-bound, bound)
+            theta, eta, alpha = self.init_gates
+            h = self.num_heads
+            self.gate_proj.bias[:h].fill_(_logit(theta))
+            self.gate_proj.bias[h : 2 * h].fill_(_logit(eta))
+            self.gate_proj.bias[2 * h :].fill_(_logit(alpha))
+            for w, (fan_in, _) in zip(self.memory_init, self.memory_shapes):
+                if self.depth == 1:
+                    w.zero_()  # a matrix memory starts empty (identity map if residual)
+                else:
+                    w.normal_(0.0, 1.0 / math.sqrt(fan_in))
+
+    # -- state ---------------------------------------------------------------------------------
+    def _initial_weights(self, batch_size: int, device, dtype) -> Tensor:
+        flat = torch.cat([w.flatten(1) for w in self.memory_init], dim=-1)  # [H, P]
+        return flat.to(device=device, dtype=dtype).unsqueeze(0).expand(batch_size, -1, -1)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TitansState:
+        device = device or self.o_proj.weight.device
+        acc = accumulation_dtype(dtype or self.o_proj.weight.dtype)
+        w = self._initial_weights(batch_size, device, acc)
+        return TitansState(
+            seen_tokens=0,
+            weights=w,
+            momentum=torch.zeros(batch_size, self.num_heads, self.params_per_head, device=device, dtype=acc),
+            chunk_start=w,
+            conv=torch.zeros(batch_size, max(self.conv_size - 1, 0), 3 * self.dim, device=device, dtype=dtype or self.o_proj.weight.dtype),
+        )
+
+    def state_size(self, seq_len: int) -> int:
+        return 3 * self.num_heads * self.params_per_head + max(self.conv_size - 1, 0) * 3 * self.dim
+
+    def _unflatten(self, flat: Tensor) -> tuple[Tensor, ...]:
+        sizes = [a * b for a, b in self.memory_shapes]
+        return tuple(p.unflatten(-1, shape) for p, shape in zip(flat.split(sizes, dim=-1), self.memory_shapes))
+
+    @staticmethod
+    def _flatten(ws: tuple[Tensor, ...]) -> Tensor:
+        return torch.cat([w.flatten(2) for w in ws], dim=-1)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
+        """``x [B, T, dim]`` -> ``(y [B, T, dim], state)``."""
+        self.check_input(x, state)
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        b, t, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        conv = state.conv
+        if self.conv_weight is not None:
+            qkv, conv = causal_depthwise_conv(qkv, self.conv_weight, state.conv)
+        q, k, v = F.silu(qkv).view(b, t, 3, h, d).unbind(2)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        # Gates in the accumulation dtype: a bf16 sigmoid rounds η or α onto 0 / 1 (log-space -inf).
+        gates = self.gate_proj(x).to(accumulation_dtype(x.dtype))
+        theta, eta, alpha = torch.sigmoid(gates).view(b, t, 3, h).unbind(2)
+        theta = self.max_lr * theta
+
+        memory = MemoryState(
+            self._unflatten(state.weights),
+            self._unflatten(state.momentum),
+            self._unflatten(state.chunk_start),
+            state.seen_tokens % self.chunk_size,
+        )
+        o, memory = neural_memory(
+            q, k, v, theta, eta, alpha, memory,
+            chunk_size=self.chunk_size, activation=self.activation, residual=self.residual, layer_norm=self.layer_norm,
+        )  # fmt: skip
+        if self.output_gate:
+            o = self.out_norm(o) * F.silu(self.g_proj(x)).view(b, t, h, d)
+        y = self.o_proj(o.reshape(b, t, h * d))
+        weights = self._flatten(memory.weights)
+        # The chunk-start weights are the current weights at a chunk boundary: share the tensor.
+        start = weights if memory.position == 0 else self._flatten(memory.chunk_start)
+        new_state = TitansState(
+            seen_tokens=state.seen_tokens + t,
+            weights=weights,
+            momentum=self._flatten(memory.momentum),
+            chunk_start=start,
+            conv=conv,
+        )
+        return y, new_state
+
+    def extra_repr(self) -> str:
+        return (
+            f"depth={self.depth}, expansion={self.expansion}, activation={self.activation!r}, residual={self.residual}, "
+            f"layer_norm={self.layer_norm}, chunk_size={self.chunk_size}, conv_size={self.conv_size}, output_gate={self.output_gate}"
+        )

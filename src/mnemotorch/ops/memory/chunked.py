@@ -1,0 +1,240 @@
+"""Titans neural memory, chunked "dual form": matmuls inside a chunk, a loop only across chunks.
+
+Same semantics as :func:`~mnemotorch.ops.memory.reference.neural_memory_reference` (gradients of a
+chunk's tokens at its start weights). Inside a chunk the gradients no longer depend on each other,
+so the momentum and decay recurrences are *linear* in them and collapse into ``c × c`` coefficient
+matrices, built in log space (``la = log(1 − α)``, ``le = log η``)::
+
+    A_ts = exp(Σ_{r=s+1..t} la_r)        (s ≤ t, else 0)        decay from token s to t
+    N_ts = θ_s exp(Σ_{r=s+1..t} le_r)    (s ≤ t, else 0)        momentum weight of ∇_s in S_t
+    G = A N,  β_t = exp(Σ_{r≤t} la_r),  m_t = exp(Σ_{r≤t} le_r),  f = A m
+    S_t = m_t S_0 − Σ_{s≤t} N_ts ∇_s,     M_t = β_t M_0 + f_t S_0 − Σ_{s≤t} G_ts ∇_s
+
+(``M_0, S_0``: weights and momentum entering the segment; ``∇_s``: the gradient at the chunk-start
+weights.) The segment sums are formed by a masked cumulative sum, not as differences of one
+cumulative sum, so no cancellation happens and saturated gates (η = 0, α = 1) give exact zeros.
+
+Per layer ``l`` of the memory, with ``X_{l−1}`` the layer's inputs and ``Δ_l = ∂ℓ/∂Z_l`` its
+pre-activation gradients, both for the chunk's keys at the chunk-start weights, the per-token
+gradient is the outer product ``X_{l−1}[s]ᵀ Δ_l[s]``; it is never materialised. The read with
+``M_t`` ("dual form", TTT-MLP style generalised with the coefficient matrices) is, layer by layer
+from ``X̂_0 = Q``::
+
+    Ẑ_l = β ⊙ (X̂_{l−1} W_l) + f ⊙ (X̂_{l−1} S_l) − (G ∘ X̂_{l−1} X_{l−1}ᵀ) Δ_l,   X̂_l = σ(Ẑ_l)
+
+and the state leaving the segment uses the last row ``g = G[c−1]``, ``n = N[c−1]``::
+
+    W_l' = β_c W_l + f_c S_l − (g ⊙ X_{l−1})ᵀ Δ_l,    S_l' = m_c S_l − (n ⊙ X_{l−1})ᵀ Δ_l
+
+A call may start or end inside a chunk: the first segment runs from the carried ``position`` to
+the chunk's end with the carried chunk-start weights, and a partial last chunk leaves its start
+weights and position in the returned state. Any ``T`` is accepted; there is no padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import DEFAULT_LN_EPS, MemoryState, accumulation_dtype, check_memory_args
+
+
+def _masks(c: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(strictly below the diagonal, on or below it)`` boolean ``[c, c]`` masks.
+
+    Built by comparing index vectors rather than with ``tril``: on a busy CPU every op that enters
+    an OpenMP region costs milliseconds, and these masks are rebuilt for every segment.
+    """
+    i = torch.arange(c, device=device)
+    return i.unsqueeze(-1) > i, i.unsqueeze(-1) >= i
+
+
+def segment_sum(x: Tensor) -> Tensor:
+    """``x [..., c] -> [..., c, c]`` with ``out[t, s] = Σ_{r=s+1..t} x_r`` for ``s ≤ t``, ``-inf`` above the diagonal."""
+    c = x.shape[-1]
+    below, causal = _masks(c, x.device)
+    out = x.unsqueeze(-1).expand(*x.shape, c).masked_fill(~below, 0.0).cumsum(-2)
+    return out.masked_fill(~causal, float("-inf"))
+
+
+def chunk_coefficients(theta: Tensor, log_retain: Tensor, log_eta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The coefficient matrices of one segment (gates ``[..., c]``).
+
+    Returns ``(G [..., c, c], N [..., c, c], β [..., c], m [..., c], f [..., c])``.
+    """
+    a = segment_sum(log_retain).exp()  # A
+    n = segment_sum(log_eta).exp() * theta.unsqueeze(-2)  # N_ts = θ_s exp(e_t − e_s)
+    beta = log_retain.cumsum(-1).exp()
+    m = log_eta.cumsum(-1).exp()
+    gf = a @ torch.cat([n, m.unsqueeze(-1)], -1)  # one matmul for G = A N and f = A m
+    return gf[..., :-1], n, beta, m, gf[..., -1]
+
+
+def _act(name: str, z: Tensor) -> Tensor:
+    if name == "silu":
+        return F.silu(z)
+    if name == "gelu":
+        return F.gelu(z)
+    return F.relu(z)
+
+
+def _act_grad(name: str, z: Tensor) -> Tensor:
+    """σ'(z), written out: the chunked path does not call autograd inside its forward."""
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(z / math.sqrt(2.0))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return (z > 0).to(z.dtype)
+
+
+def _layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    mu = z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((z - mu).pow(2).mean(-1, keepdim=True) + eps)
+    return (z - mu) * rstd, rstd
+
+
+def _segment(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    log_retain: Tensor,
+    log_eta: Tensor,
+    w0: Sequence[Tensor],
+    w: Sequence[Tensor],
+    s: Sequence[Tensor],
+    activation: str,
+    residual: bool,
+    layer_norm: bool,
+    ln_eps: float,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One segment (``c`` tokens of one chunk), all ``[B, H, c, ·]``: read outputs and the state after it."""
+    depth = len(w)
+    # 1) Gradients of every token at the chunk-start weights w0 (hand-written backward).
+    xs, zs = [k], []
+    h = k
+    for i, wl in enumerate(w0):
+        z = h @ wl
+        zs.append(z)
+        if i < depth - 1:
+            h = _act(activation, z)
+            xs.append(h)
+    out, rstd = _layer_norm(z, ln_eps) if layer_norm else (z, None)
+    pred = out + k if residual else out
+    d = 2 * (pred - v)  # ∂‖pred − v‖² / ∂pred
+    if layer_norm:  # backward of the affine-free LayerNorm
+        d = rstd * (d - d.mean(-1, keepdim=True) - out * (d * out).mean(-1, keepdim=True))
+    deltas = [d]
+    for i in range(depth - 1, 0, -1):
+        d = (d @ w0[i].transpose(-1, -2)) * _act_grad(activation, zs[i - 1])
+        deltas.append(d)
+    deltas.reverse()
+
+    # 2) Coefficient matrices of the gates (log space).
+    g_mat, n_mat, beta, m, f = chunk_coefficients(theta, log_retain, log_eta)
+
+    # 3) Read every token with its own M_t (dual form).
+    h = q
+    for i in range(depth):
+        dout = w[i].shape[-1]
+        hw = h @ torch.cat([w[i], s[i]], -1)  # X̂ W and X̂ S in one matmul
+        z = beta.unsqueeze(-1) * hw[..., :dout] + f.unsqueeze(-1) * hw[..., dout:] - (g_mat * (h @ xs[i].transpose(-1, -2))) @ deltas[i]
+        if i < depth - 1:
+            h = _act(activation, z)
+    y = _layer_norm(z, ln_eps)[0] if layer_norm else z
+    if residual:
+        y = y + q
+
+    # 4) State leaving the segment (last row of the coefficients).
+    g_last, n_last = g_mat[..., -1, :].unsqueeze(-1), n_mat[..., -1, :].unsqueeze(-1)
+    b_c, m_c, f_c = (x[..., -1, None, None] for x in (beta, m, f))
+    w_new, s_new = [], []
+    for i in range(depth):
+        din = w[i].shape[-2]
+        upd = torch.cat([g_last * xs[i], n_last * xs[i]], -1).transpose(-1, -2) @ deltas[i]  # [B, H, 2·d_in, d_out]
+        w_new.append(b_c * w[i] + f_c * s[i] - upd[..., :din, :])
+        s_new.append(m_c * s[i] - upd[..., din:, :])
+    return y, w_new, s_new
+
+
+def neural_memory_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    initial_state: MemoryState | Sequence[Tensor],
+    chunk_size: int = 64,
+    activation: str = "silu",
+    residual: bool = False,
+    layer_norm: bool = False,
+    ln_eps: float = DEFAULT_LN_EPS,
+    debug: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """Chunked dual-form Titans memory; arguments and returns as :func:`neural_memory_reference`.
+
+    ``debug=True`` checks the gates' ranges before and the state's finiteness after every chunk
+    (host syncs: slow), and names the gate that saturated when the state stops being finite.
+    """
+    fn = "neural_memory_chunked"
+    state = check_memory_args(fn, q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm)
+    acc = accumulation_dtype(q.dtype)
+    if debug:
+        _check_gates(fn, theta, eta, alpha)
+    w = [t.to(acc) for t in state.weights]
+    s = [t.to(acc) for t in state.momentum]
+    w0 = [t.to(acc) for t in state.chunk_start]
+    pos = state.position
+    qh, kh, vh = (x.to(acc).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    th = theta.to(acc).transpose(1, 2)  # [B, H, T]
+    la = torch.log1p(-alpha.to(acc)).transpose(1, 2)
+    le = torch.log(eta.to(acc)).transpose(1, 2)
+
+    total = q.shape[1]
+    outs, start, index = [], 0, 0
+    while start < total:
+        c = min(chunk_size - pos, total - start)
+        sl = slice(start, start + c)
+        y, w, s = _segment(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], th[..., sl], la[..., sl], le[..., sl], w0, w, s, activation, residual, layer_norm, ln_eps)
+        if debug:
+            _check_state(fn, w, s, theta, eta, alpha, start, start + c, index)
+        outs.append(y)
+        start, pos, index = start + c, (pos + c) % chunk_size, index + 1
+        if pos == 0:
+            w0 = w  # the next chunk's gradients are taken at the weights this one ended with
+    y = torch.cat(outs, 2) if outs else vh
+    return y.transpose(1, 2).to(q.dtype), MemoryState(tuple(w), tuple(s), tuple(w0), pos)
+
+
+def _check_gates(fn: str, theta: Tensor, eta: Tensor, alpha: Tensor) -> None:
+    problems = []
+    for name, g, ok, rule in (
+        ("theta", theta, lambda x: x >= 0, "θ >= 0"),
+        ("eta", eta, lambda x: (x > 0) & (x <= 1), "0 < η <= 1"),
+        ("alpha", alpha, lambda x: (x >= 0) & (x < 1), "0 <= α < 1"),
+    ):
+        bad = ~(torch.isfinite(g) & ok(g))
+        if bool(bad.any()):
+            idx = bad.nonzero()[0].tolist()
+            problems.append(f"{name} breaks {rule} at [b, t, h] = {idx} (value {g[tuple(idx)].item()!r})")
+    if problems:
+        raise ValueError(f"{fn}: " + "; ".join(problems))
+
+
+def _check_state(fn: str, w: list[Tensor], s: list[Tensor], theta: Tensor, eta: Tensor, alpha: Tensor, lo: int, hi: int, index: int) -> None:
+    if all(bool(torch.isfinite(t).all()) for t in (*w, *s)):
+        return
+    th, et, al = (g[:, lo:hi].float() for g in (theta, eta, alpha))
+    raise FloatingPointError(
+        f"{fn}: the memory state became non-finite in segment {index} (tokens {lo}..{hi - 1}). Gates there: "
+        f"theta max {th.max().item():.3g}, eta min {et.min().item():.3g}, alpha max {al.max().item():.3g}. "
+        "A step size θ too large for the key norms makes the test-time gradient descent diverge "
+        "(keep keys ℓ2-normalised and θ well below 1), and η close to 1 with α close to 0 lets the momentum "
+        "accumulate it; η -> 0 or α -> 1 saturate the log-space coefficients (their gradients become infinite)."
+    )
