@@ -31,4 +31,5 @@ __all__ = [
 from . import based, short_conv  # noqa: F401,E402  (registers `based` and `short_conv`)
 from . import hcam, relative  # noqa: F401,E402  (registers `hcam` and `relative`)
 from . import titans  # noqa: F401,E402  (registers `titans_lmm`)
+from . import routing  # noqa: F401,E402  (registers `routing`)
 from . import lla  # noqa: F401,E402  (registers `lla`)

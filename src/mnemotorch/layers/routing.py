@@ -1,0 +1,379 @@
+"""Routing attention: content-based sparse attention through online k-means (Roy et al., 2020).
+
+Each routing head clusters its (layer-normalised, scale-free) queries and keys with ``C`` centroids
+and lets a query attend only to keys of its own cluster, with the causal mask on original
+positions. Optional *local heads* in the same layer run causal sliding-window attention.
+
+Two assignment rules (``mode``):
+
+* ``"causal_exact"`` (default): every token goes to its nearest centroid (max dot product). The
+  assignment depends on the token alone, so clusters are variable-length segments (a document mask
+  on the cluster id plus the causal mask): no output ever depends on a later token, and decoding
+  one token at a time reproduces the parallel pass exactly (the streaming invariant).
+* ``"balanced_topw"``: the paper's balanced clusters -- each centroid takes its ``top_w`` best
+  tokens, sorted by position; a token may be in no cluster or several (duplicate outputs averaged,
+  tokens in no cluster output 0). Membership depends on the whole sequence, so in a causal model a
+  future token can change which past keys a query sees: **it leaks the future** (see
+  ``allow_future_leak``). It cannot stream.
+
+Centroids are a buffer, never a parameter: they change only when the training loop calls
+:meth:`RoutingAttention.update_centroids` (no backward hooks). A training step::
+
+    logits = model(input_ids)                      # training mode: each routing layer records
+    loss = lm_loss(logits) + routing_aux_loss(model)   #   its commitment loss and k-means stats
+    loss.backward(); optimizer.step(); optimizer.zero_grad()
+    update_routing_centroids(model)                # EMA k-means step on the recorded stats
+
+(``routing_aux_loss`` / ``update_routing_centroids`` are this module's helpers over every routing
+layer of a model; under DDP every rank must call ``update_routing_centroids``: it all-reduces the
+statistics so the centroids stay identical.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.rotary import apply_rotary, rotary_cos_sin
+from ..ops.routing import (
+    balanced_topw_assignment,
+    balanced_topw_attention,
+    causal_exact_attention,
+    commitment_loss,
+    kmeans_batch_stats,
+    kmeans_ema_step,
+    nearest_centroid,
+    scale_free_layer_norm,
+)
+from ..ops.sliding_window import sliding_window_attention
+from .base import Mixer, MixerState
+from .registry import register_mixer
+
+MODES = ("causal_exact", "balanced_topw")
+
+
+@dataclass
+class RoutingState(MixerState):
+    """Cache of a causal-exact routing layer.
+
+    ``k, v [B, T, H_route, D]``: rotated keys and values of every token seen (routing heads);
+    ``clusters [B, T, H_route]`` (int64): each cached key's cluster id; ``k_local, v_local
+    [B, min(T, W - 1), H_local, D]``: the local heads' sliding window. In the non-streaming modes
+    (``balanced_topw``, ``causal=False``) all tensors stay empty.
+    """
+
+    k: Tensor
+    v: Tensor
+    clusters: Tensor
+    k_local: Tensor
+    v_local: Tensor
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+@register_mixer("routing")
+class RoutingAttention(Mixer):
+    """Routing Transformer attention with online k-means centroids, optional local heads.
+
+    Args:
+        dim: model width; num_heads: heads (``local_heads`` of them local, the rest routing).
+        num_clusters: ``C``, centroids per routing head (paper: ``C = sqrt(n)``; released configs
+            ``n / 512``).
+        mode: ``"causal_exact"`` (default; nearest centroid, exact causality, streams) or
+            ``"balanced_topw"`` (the paper's balanced top-``w`` clusters; see ``allow_future_leak``).
+        top_w: ``w``, tokens each centroid takes in ``balanced_topw`` mode (paper: 512); unused in
+            ``causal_exact`` mode, where clusters have variable length.
+        shared_qk: queries double as keys (one projection), as the paper does for causal LMs, so
+            queries and keys fall in the same clusters and every query sees at least itself.
+        local_heads: heads that run causal sliding-window attention instead of routing (0 ..
+            ``num_heads - 1``); they come first in the head order.
+        local_window: ``W``, keys per query of the local heads, itself included.
+        causal: causal mask on original positions. ``causal=False`` (an encoder) cannot stream
+            and takes no local heads.
+        allow_future_leak: must be ``True`` to use ``balanced_topw`` with ``causal=True``. **The
+            leak:** balanced top-``w`` membership of a past key depends on every token of the
+            sequence, later ones included, so changing a token at position ``t`` can change the
+            outputs at positions ``< t`` (measured in lucidrains' routing-transformer: changing
+            tokens ``>= 200`` changed outputs before 200 by up to 0.86). A causal LM trained this
+            way sees information from the future, and its decoding cannot reproduce the parallel
+            pass. Use it only to reproduce the paper.
+        rope_theta: RoPE base applied to queries and keys inside the attention (``None``: no
+            positions). Routing uses the un-rotated vectors, so assignment is by content alone.
+        ema_decay: ``lambda`` of the k-means EMA (paper: 0.999).
+        commitment_beta: ``beta`` of the commitment loss (paper: 1e-4).
+        backend: for the routing heads in ``causal_exact`` mode: ``"auto"`` / ``"torch"`` (SDPA
+            with cluster masks over query chunks), ``"triton"`` (CUDA: whole sequences run the
+            sort-by-cluster block-sparse FlexAttention path, continuations SDPA; not yet verified
+            on a GPU) or ``"reference"`` (dense float64-ready logits). Local heads use
+            ``sliding_window_attention`` (``"auto"`` unless ``"reference"``).
+
+    Buffers: ``centroids [H_route, C, D]`` (kept at norm ``sqrt(D)``, the radius of the normalised
+    routing vectors), ``ema_sums [H_route, C, D]``, ``ema_counts [H_route, C]``. They are saved in
+    the state dict and change only through :meth:`update_centroids`. Keep the mixer in float32 for
+    training (bf16 through autocast): a bf16 EMA with decay 0.999 would round away every update.
+
+    ``state_size(T) = H_route (2 T D + T) + 2 H_local min(T, W - 1) D`` in ``causal_exact``
+    causal mode (keys, values and one cluster id per cached key), 0 in the non-streaming modes.
+    """
+
+    description = "Routing Transformer: k-means clustered attention, causal-exact or balanced top-w, local heads (Roy et al. 2020); KV + cluster-id state"
+    example_kwargs = {"num_clusters": 3, "local_heads": 1, "local_window": 8}
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_clusters: int = 16,
+        mode: str = "causal_exact",
+        top_w: int = 512,
+        shared_qk: bool = True,
+        local_heads: int = 0,
+        local_window: int = 256,
+        causal: bool = True,
+        allow_future_leak: bool = False,
+        rope_theta: float | None = 10000.0,
+        ema_decay: float = 0.999,
+        commitment_beta: float = 1e-4,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, num_heads)
+        self.num_clusters = _check_int("num_clusters", num_clusters, 1)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.top_w = _check_int("top_w", top_w, 1)
+        self.shared_qk = _check_bool("shared_qk", shared_qk)
+        self.causal = _check_bool("causal", causal)
+        self.allow_future_leak = _check_bool("allow_future_leak", allow_future_leak)
+        if mode == "balanced_topw" and causal and not allow_future_leak:
+            raise ValueError(
+                "mode='balanced_topw' with causal=True leaks the future (a past key's cluster membership depends on later "
+                "tokens); pass allow_future_leak=True to use it anyway, or use mode='causal_exact' (the default)"
+            )
+        if not isinstance(local_heads, int) or isinstance(local_heads, bool) or not 0 <= local_heads < num_heads:
+            raise ValueError(f"local_heads must be an int in 0 .. num_heads - 1 = {num_heads - 1} (one routing head at least), got {local_heads!r}")
+        self.local_heads = local_heads
+        self.route_heads = num_heads - local_heads
+        self.local_window = _check_int("local_window", local_window, 1)
+        if local_heads and not causal:
+            raise ValueError("local_heads > 0 needs causal=True (the local heads are causal sliding windows)")
+        if rope_theta is not None:
+            if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or rope_theta <= 0:
+                raise ValueError(f"rope_theta must be a positive number or None, got {rope_theta!r}")
+            if self.head_dim % 2:
+                raise ValueError(f"head_dim = dim / num_heads must be even for RoPE (or pass rope_theta=None), got {self.head_dim}")
+        self.rope_theta = None if rope_theta is None else float(rope_theta)
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be a number in [0, 1), got {ema_decay!r}")
+        self.ema_decay = float(ema_decay)
+        if isinstance(commitment_beta, bool) or not isinstance(commitment_beta, (int, float)) or commitment_beta < 0:
+            raise ValueError(f"commitment_beta must be a number >= 0, got {commitment_beta!r}")
+        self.commitment_beta = float(commitment_beta)
+        if backend not in ("auto", "torch", "triton", "reference"):
+            raise ValueError(f"backend must be one of ('auto', 'torch', 'triton', 'reference'), got {backend!r}")
+        self.backend = backend
+
+        d = self.head_dim
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = None if shared_qk else nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        centroids = torch.randn(self.route_heads, self.num_clusters, d)
+        centroids = centroids * (math.sqrt(d) / centroids.norm(dim=-1, keepdim=True))
+        self.register_buffer("centroids", centroids)
+        self.register_buffer("ema_sums", centroids.clone())
+        self.register_buffer("ema_counts", torch.ones(self.route_heads, self.num_clusters))
+        self._pending_sums: Tensor | None = None
+        self._pending_counts: Tensor | None = None
+        self._pending_loss: Tensor | None = None
+
+    # -- protocol ----------------------------------------------------------------------------
+    @property
+    def streamable(self) -> bool:
+        return self.mode == "causal_exact" and self.causal
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RoutingState:
+        dtype = dtype or self.q_proj.weight.dtype
+        device = device or self.q_proj.weight.device
+        d = self.head_dim
+        hr = self.route_heads if self.streamable else 0
+        hl = self.local_heads if self.streamable else 0
+        return RoutingState(
+            seen_tokens=0,
+            k=torch.zeros(batch_size, 0, hr, d, device=device, dtype=dtype),
+            v=torch.zeros(batch_size, 0, hr, d, device=device, dtype=dtype),
+            clusters=torch.zeros(batch_size, 0, hr, device=device, dtype=torch.int64),
+            k_local=torch.zeros(batch_size, 0, hl, d, device=device, dtype=dtype),
+            v_local=torch.zeros(batch_size, 0, hl, d, device=device, dtype=dtype),
+        )
+
+    def state_size(self, seq_len: int) -> int:
+        if not self.streamable:
+            return 0
+        d = self.head_dim
+        return self.route_heads * (2 * seq_len * d + seq_len) + 2 * self.local_heads * min(seq_len, self.local_window - 1) * d
+
+    def forward(self, x: Tensor, state: RoutingState | None = None) -> tuple[Tensor, RoutingState]:
+        """``x [B, T, dim]`` -> ``(y [B, T, dim], state)``."""
+        self.check_input(x, state)
+        if state is not None and not isinstance(state, RoutingState):
+            raise TypeError(f"RoutingAttention: state must be a RoutingState, got {type(state).__name__}")
+        if state is not None and state.seen_tokens > 0 and not self.streamable:
+            raise ValueError(
+                f"RoutingAttention(mode={self.mode!r}, causal={self.causal}) cannot continue a sequence: its clusters depend "
+                "on the whole sequence; call it on complete sequences (state=None), or use mode='causal_exact' with causal=True"
+            )
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        b, t, _ = x.shape
+        h, hl, d = self.num_heads, self.local_heads, self.head_dim
+        q = self.q_proj(x).view(b, t, h, d)
+        k = q if self.k_proj is None else self.k_proj(x).view(b, t, h, d)
+        v = self.v_proj(x).view(b, t, h, d)
+
+        # Routing by content: the un-rotated, layer-normalised (no scale, no bias) vectors.
+        rq = scale_free_layer_norm(q[:, :, hl:])
+        rk = rq if self.k_proj is None else scale_free_layer_norm(k[:, :, hl:])
+        cq = nearest_centroid(rq, self.centroids)
+        ck = cq if self.k_proj is None else nearest_centroid(rk, self.centroids)
+
+        if self.rope_theta is not None:
+            pos = torch.arange(state.seen_tokens, state.seen_tokens + t, device=x.device)
+            cos, sin = rotary_cos_sin(pos, d, self.rope_theta, dtype=q.dtype)
+            q = apply_rotary(q, cos, sin)
+            k = q if self.k_proj is None else apply_rotary(k, cos, sin)
+
+        if self.mode == "causal_exact":
+            if state.k.shape[1] == 0:  # a fresh sequence: no copy, and ck stays cq (shared clusters)
+                k_all, v_all, c_all = k[:, :, hl:], v[:, :, hl:], ck
+            else:
+                k_all = torch.cat([state.k.to(k.dtype), k[:, :, hl:]], dim=1)
+                v_all = torch.cat([state.v.to(v.dtype), v[:, :, hl:]], dim=1)
+                c_all = torch.cat([state.clusters.to(ck.device), ck], dim=1)
+            # "triton" means the whole-sequence kernel path; continuations of a sequence use SDPA
+            op_backend = "torch" if self.backend == "triton" and state.k.shape[1] > 0 else self.backend
+            y_route = causal_exact_attention(q[:, :, hl:], k_all, v_all, cq, c_all, causal=self.causal, backend=op_backend)
+        else:
+            mq = balanced_topw_assignment(rq, self.centroids, self.top_w)
+            mk = mq if self.k_proj is None else balanced_topw_assignment(rk, self.centroids, self.top_w)
+            y_route = balanced_topw_attention(q[:, :, hl:], k[:, :, hl:], v[:, :, hl:], mq, mk, causal=self.causal)
+            k_all = v_all = c_all = None
+
+        parts = [y_route]
+        k_loc = v_loc = None
+        if hl:
+            k_loc = torch.cat([state.k_local.to(k.dtype), k[:, :, :hl]], dim=1) if self.streamable else k[:, :, :hl]
+            v_loc = torch.cat([state.v_local.to(v.dtype), v[:, :, :hl]], dim=1) if self.streamable else v[:, :, :hl]
+            sw_backend = "reference" if self.backend == "reference" else "auto"
+            parts.insert(0, sliding_window_attention(q[:, :, :hl], k_loc, v_loc, self.local_window, backend=sw_backend))
+        y = self.o_proj(torch.cat(parts, dim=2).reshape(b, t, h * d))
+
+        if self.training:
+            self._record(rq, cq, rk, ck)
+
+        if self.streamable:
+            keep = self.local_window - 1
+            if hl:
+                k_loc, v_loc = (k_loc[:, k_loc.shape[1] - min(keep, k_loc.shape[1]) :], v_loc[:, v_loc.shape[1] - min(keep, v_loc.shape[1]) :])
+            else:
+                k_loc, v_loc = state.k_local, state.v_local
+            new_state = RoutingState(state.seen_tokens + t, k=k_all, v=v_all, clusters=c_all, k_local=k_loc, v_local=v_loc)
+        else:
+            empty = self.init_state(b, x.device, x.dtype)
+            empty.seen_tokens = state.seen_tokens + t
+            new_state = empty
+        return y, new_state
+
+    # -- online k-means: the explicit API a training loop calls -------------------------------
+    def _record(self, rq: Tensor, cq: Tensor, rk: Tensor, ck: Tensor) -> None:
+        """Accumulate this call's k-means statistics (no gradient) and commitment loss (with gradient)."""
+        pairs = [(rq, cq)] if self.k_proj is None else [(rq, cq), (rk, ck)]
+        for r, c in pairs:
+            sums, counts = kmeans_batch_stats(r, c, self.num_clusters)
+            self._pending_sums = sums if self._pending_sums is None else self._pending_sums + sums
+            self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
+        if torch.is_grad_enabled() and self.commitment_beta > 0:
+            loss = sum(commitment_loss(r, self.centroids, c, self.commitment_beta) for r, c in pairs) / len(pairs)
+            self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
+
+    def routing_aux_loss(self) -> Tensor:
+        """The commitment loss ``beta * mean ||r - sg(mu_c(r))||^2`` of the training-mode forward calls
+        since the last call of this method (summed over those calls), then forgets it.
+
+        Add it to the training loss before ``backward()``. Its gradient reaches the query/key
+        projections through the routing vectors, never the centroids. Returns a zero scalar if
+        nothing was recorded (eval mode, ``torch.no_grad()``, ``commitment_beta=0``).
+        """
+        loss = self._pending_loss
+        self._pending_loss = None
+        if loss is None:
+            return torch.zeros((), device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
+        return loss
+
+    @torch.no_grad()
+    def update_centroids(self, sync: bool = True) -> bool:
+        """One EMA k-means step (decay ``ema_decay``) on the statistics recorded by the training-mode
+        forward calls since the last update, then clears them (and any unclaimed aux loss).
+
+        Call it once per optimizer step, after ``optimizer.step()``. With ``sync`` and an initialised
+        ``torch.distributed`` process group the statistics are summed over ranks first (every rank
+        must call it). Returns whether an update happened (False when nothing was recorded).
+        """
+        sums, counts = self._pending_sums, self._pending_counts
+        self._pending_sums = self._pending_counts = self._pending_loss = None
+        if sums is None:
+            return False
+        if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(counts)
+        work = torch.float64 if self.ema_sums.dtype == torch.float64 else torch.float32
+        centroids, new_sums, new_counts = kmeans_ema_step(
+            self.ema_sums.to(work), self.ema_counts.to(work), sums.to(work), counts.to(work), self.ema_decay, math.sqrt(self.head_dim)
+        )
+        self.centroids.copy_(centroids)
+        self.ema_sums.copy_(new_sums)
+        self.ema_counts.copy_(new_counts)
+        return True
+
+    def extra_repr(self) -> str:
+        s = f"mode={self.mode!r}, num_clusters={self.num_clusters}, shared_qk={self.shared_qk}, route_heads={self.route_heads}"
+        if self.mode == "balanced_topw":
+            s += f", top_w={self.top_w}, allow_future_leak={self.allow_future_leak}"
+        if self.local_heads:
+            s += f", local_heads={self.local_heads}, local_window={self.local_window}"
+        return s + ("" if self.causal else ", causal=False")
+
+
+def routing_layers(model: nn.Module) -> list[RoutingAttention]:
+    """Every :class:`RoutingAttention` inside ``model`` (works through DDP/FSDP wrappers)."""
+    return [m for m in model.modules() if isinstance(m, RoutingAttention)]
+
+
+def routing_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of :meth:`RoutingAttention.routing_aux_loss` over the routing layers of ``model`` (0 if none)."""
+    layers = routing_layers(model)
+    if not layers:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return sum((m.routing_aux_loss() for m in layers[1:]), layers[0].routing_aux_loss())
+
+
+def update_routing_centroids(model: nn.Module, sync: bool = True) -> int:
+    """Call :meth:`RoutingAttention.update_centroids` on every routing layer; returns how many updated."""
+    return sum(int(m.update_centroids(sync=sync)) for m in routing_layers(model))
+
+
+__all__ = ["RoutingAttention", "RoutingState", "routing_aux_loss", "routing_layers", "update_routing_centroids"]
