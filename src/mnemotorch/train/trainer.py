@@ -8,6 +8,7 @@ exactly the one of the full-batch mean loss.
 
 from __future__ import annotations
 
+
 import contextlib
 import json
 import math
@@ -49,6 +50,7 @@ from .distributed import (
     wrap_model,
 )
 from .plots import plot_loss_curve
+from ..layers.routing import routing_aux_loss, routing_layers, update_routing_centroids
 
 __all__ = ["Trainer", "WarmupCosine", "evaluate", "build_optimizer", "autocast_dtype"]
 
@@ -409,6 +411,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=start_step, desc=out_dir.name or "train", unit="step",
                    disable=True if not (self.progress and info.is_main) else None, dynamic_ncols=True)
         wrapped.train()
+        has_routing = bool(routing_layers(wrapped))
         t_start = time.perf_counter()
         t_log = t_start
         steps_since_log = 0
@@ -426,11 +429,15 @@ class Trainer:
                         with _autocast(device, amp):
                             logits = _forward_logits(wrapped, xm)
                         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ym.reshape(-1))
-                        (loss / cfg.grad_accum).backward()
+                        # auxiliary losses of mixers (routing's commitment loss); the logged loss stays the LM loss
+                        total = loss + routing_aux_loss(wrapped) if has_routing else loss
+                        (total / cfg.grad_accum).backward()
                     loss_acc += loss.detach()
                 clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
                 optimizer.step()
+                if has_routing:  # online k-means step of routing centroids (explicit, no hooks)
+                    update_routing_centroids(wrapped)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
