@@ -406,6 +406,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _demo_spec(name: str) -> dict:
+    """The layer spec of mixer ``name`` in the demo: its ``demo_kwargs`` (settings that make sense
+    for 128-token byte sequences on a CPU, e.g. a PowerAttention block size smaller than the
+    sequence), else its defaults."""
+    from .layers import mixer_class
+
+    return {"type": name, **getattr(mixer_class(name), "demo_kwargs", {})}
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -431,7 +440,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for name in mixers:
         cfg_dict = {
             "model": {"hidden_size": args.dim, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-                      "layer_plan": [name] * args.layers},
+                      "layer_plan": [_demo_spec(name)] * args.layers},
             "data": {"tokenizer": "byte", "seq_len": args.seq_len},
             "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10)},
             "steps": args.steps, "batch_size": args.batch_size, "eval_interval": eval_interval,
@@ -600,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("demo", help="train a small model per mixer on Tiny Shakespeare and compare them")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--mixers", default=None, help="comma-separated subset (default: every registered mixer)")
     p.add_argument("--dim", type=int, default=128)

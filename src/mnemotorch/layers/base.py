@@ -59,6 +59,8 @@ class Mixer(nn.Module):
     #: small constructor arguments (besides dim, num_heads) for tests, `mnemo list` and the demo,
     #: e.g. a window shorter than the test sequences so the window actually bites.
     example_kwargs: dict = {}
+    #: constructor arguments for `mnemo demo` (128-token byte sequences on a CPU); {} = defaults.
+    demo_kwargs: dict = {}
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()

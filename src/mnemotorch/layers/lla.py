@@ -53,6 +53,8 @@ class LocalLinearAttention(_QKVAttention):
 
     description = "Local Linear Attention: per-query kernel-weighted local linear regression, intercept output (Zuo et al. 2025); KV state"
     example_kwargs = {"ridge": 0.5, "num_kv_heads": 2}
+    # the exact solve costs a DxD system per query; 8 CG steps with a larger ridge keep the CPU demo short
+    demo_kwargs = {"solver": "cg", "cg_iters": 8, "ridge": 10.0, "block_size": 128}
 
     def __init__(
         self,

@@ -116,6 +116,7 @@ class PowerAttention(_PatternAttention):
 
     description = "PowerAttention: window + power-of-two block distances + sink (Chen et al. 2025); full KV state"
     example_kwargs = {"block_size": 4, "window_blocks": 2, "sink_blocks": 1}
+    demo_kwargs = {"block_size": 16, "window_blocks": 2, "sink_blocks": 1}
 
     def __init__(self, dim: int, num_heads: int, block_size: int = 256, window_blocks: int = 5, sink_blocks: int = 1,
                  num_kv_heads: int | None = None, rope_theta: float = 10000.0, backend: str = "auto"):
@@ -149,6 +150,7 @@ class NeighborhoodAttention1D(_PatternAttention):
 
     description = "causal 1-D neighborhood attention, kernel k, dilation d (NATTEN semantics); (k-1)d KV state"
     example_kwargs = {"kernel_size": 4, "dilation": 2}
+    demo_kwargs = {"kernel_size": 16, "dilation": 4}
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 64, dilation: int = 1,
                  num_kv_heads: int | None = None, rope_theta: float = 10000.0, backend: str = "auto"):

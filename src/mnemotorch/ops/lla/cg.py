@@ -41,9 +41,12 @@ DEFAULT_CG_ITERS = 32
 DEFAULT_BLOCK_SIZE = 64
 
 
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den > 0``, else 0 -- without NaN in either branch (gradients included)."""
-    ok = den > 0
+def _safe_div(num: Tensor, den: Tensor, floor: Tensor | float = 0.0) -> Tensor:
+    """``num / den`` where ``den > floor``, else 0 -- without NaN in either branch (gradients included).
+
+    A converged system has ``den`` near the underflow range; dividing by it there overflows the
+    backward (d/dden = -num/den^2), so steps below ``floor`` are frozen instead."""
+    ok = den > floor
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
@@ -69,14 +72,16 @@ def conjugate_gradient(
     z = precond(r) if precond is not None else r
     p = z
     rz = (r * z).sum(-1, keepdim=True)
+    # Freeze a system once its residual is at rounding level relative to where it started.
+    floor = rz.detach() * torch.finfo(b.dtype).eps ** 2
     for _ in range(iters):
         ap = matvec(p)
-        alpha = _safe_div(rz, (p * ap).sum(-1, keepdim=True))
+        alpha = _safe_div(rz, (p * ap).sum(-1, keepdim=True), floor)
         x = x + alpha * p
         r = r - alpha * ap
         z = precond(r) if precond is not None else r
         rz_new = (r * z).sum(-1, keepdim=True)
-        p = z + _safe_div(rz_new, rz) * p
+        p = z + _safe_div(rz_new, rz, floor) * p
         rz = rz_new
     return x
 
