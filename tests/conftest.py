@@ -14,6 +14,13 @@ os.environ.setdefault("MNEMO_POISON", "1")
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (a failure found once is kept as a regression
+# test instead of making CI flaky); set HYPOTHESIS_PROFILE=explore to search randomly.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

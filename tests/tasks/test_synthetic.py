@@ -389,3 +389,15 @@ def test_dataset_and_registry():
         make_task("nope", 1)
     with pytest.raises(TypeError, match="task 'mqar'"):
         make_task("mqar", 1, seq_len=32, num_kv_pairs=2, bogus=1)
+
+
+def test_word_needle_value_never_inside_key() -> None:
+    """Regression (found by hypothesis): key 'noble-spider' with value 'spider' leaked the answer into the question."""
+    from mnemotorch.tasks.synthetic.needle import _HaystackBuilder
+    import numpy as np
+
+    builder = _HaystackBuilder(ByteTokenizer(), None, "word", True)
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        key, value = builder.draw_key_value(rng)
+        assert value not in key.split("-")

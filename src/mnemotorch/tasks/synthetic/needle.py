@@ -216,7 +216,10 @@ class _HaystackBuilder:
                     value = str(int(rng.integers(1_000_000, 10_000_000)))
                 else:
                     value = _NOUNS[rng.integers(len(_NOUNS))]
-            # The answer must be findable only through the needle.
+            # The answer must be findable only through the needle -- and never be spelled out by
+            # the key itself, which the question repeats ("... the magic word for noble-spider").
+            if key and _occurs(key, value):
+                continue
             if self.synthetic or not (_occurs(self.text, value) or (key and _occurs(self.text, key))):
                 return key, value
         raise ValueError(
