@@ -28,16 +28,26 @@ class KVState(MixerState):
 
 
 class _QKVAttention(Mixer):
-    """Shared projections, RoPE and KV bookkeeping of the softmax-attention mixers."""
+    """Shared projections, RoPE and KV bookkeeping of the attention-like mixers.
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, rope_theta: float = 10000.0, backend: str = "auto"):
+    ``rope=False`` leaves queries and keys unrotated (mixers with their own position handling,
+    e.g. relative attention, or LLA by default).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, num_kv_heads: int | None = None, rope_theta: float = 10000.0, backend: str = "auto",
+        rope: bool = True,
+    ):
         super().__init__(dim, num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+        if not isinstance(num_kv_heads, int) or isinstance(num_kv_heads, bool) or num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
             raise ValueError(f"num_kv_heads must be a positive divisor of num_heads ({num_heads}), got {num_kv_heads!r}")
-        if self.head_dim % 2:
+        if not isinstance(rope, bool):
+            raise TypeError(f"rope must be a bool, got {rope!r}")
+        if rope and self.head_dim % 2:
             raise ValueError(f"head_dim = dim / num_heads must be even for RoPE, got {self.head_dim}")
         self.num_kv_heads = num_kv_heads
+        self.rope = rope
         self.rope_theta = float(rope_theta)
         self.backend = backend
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=False)
@@ -56,6 +66,8 @@ class _QKVAttention(Mixer):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if not self.rope:
+            return q, k, v
         positions = torch.arange(offset, offset + t, device=x.device)
         # q.dtype, not x.dtype: under autocast the projections are bf16 while x stays fp32.
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype=q.dtype)

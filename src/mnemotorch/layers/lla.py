@@ -15,12 +15,11 @@ a ridge fit is unchanged by an orthogonal change of the covariates (rotate every
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..ops.lla import DEFAULT_BLOCK_SIZE, DEFAULT_CG_ITERS, DEFAULT_RIDGE, SOLVERS, local_linear_attention
 from ..ops.lla.reference import check_ridge, check_scale
 from .attention import _QKVAttention
-from .base import Mixer
 from .registry import register_mixer
 
 
@@ -71,15 +70,7 @@ class LocalLinearAttention(_QKVAttention):
         rope_theta: float = 10000.0,
         backend: str = "auto",
     ):
-        # _QKVAttention.__init__ insists on an even head_dim (for RoPE); LLA needs that only with rope=True.
-        Mixer.__init__(self, dim, num_heads)
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if not isinstance(num_kv_heads, int) or isinstance(num_kv_heads, bool) or num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_kv_heads must be a positive divisor of num_heads ({num_heads}), got {num_kv_heads!r}")
-        if not isinstance(rope, bool):
-            raise TypeError(f"rope must be a bool, got {rope!r}")
-        if rope and self.head_dim % 2:
-            raise ValueError(f"head_dim = dim / num_heads must be even for rope=True, got {self.head_dim}")
+        super().__init__(dim, num_heads, num_kv_heads=num_kv_heads, rope_theta=rope_theta, backend=backend, rope=rope)
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
         for name, value in (("cg_iters", cg_iters), ("block_size", block_size)):
@@ -95,23 +86,6 @@ class LocalLinearAttention(_QKVAttention):
         self.cg_iters = cg_iters
         self.block_size = block_size
         self.precondition = precondition
-        self.num_kv_heads = num_kv_heads
-        self.rope = rope
-        self.rope_theta = float(rope_theta)
-        self.backend = backend
-        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
-
-    def _project(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
-        if self.rope:
-            return super()._project(x, offset)
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        return q, k, v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return local_linear_attention(
