@@ -513,16 +513,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     extra = list(args.rest or [])
     if extra[:1] == ["--"]:
         extra = extra[1:]
-    if args.suite == "kernels":
-        from .bench.block_sparse import main as bench_main
+    from .bench import run_bench_suite
 
-        return bench_main(extra)
-    if args.suite == "hebbian":
-        from .bench.hebbian_capacity import format_table, hebbian_capacity
-
-        _out(format_table(hebbian_capacity()))
-        return 0
-    raise UsageError(f"unknown bench suite {args.suite!r}")
+    return run_bench_suite(args.suite, extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,8 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="CONFIG [--quick] [--out DIR] [--device] [--time-budget S] [--only K=V]")
     p.set_defaults(func=_cmd_experiment)
 
-    p = sub.add_parser("bench", help="benchmarks: 'kernels' (GPU: block-sparse vs SDPA/Flex), 'hebbian' (capacity)")
-    p.add_argument("suite", choices=["kernels", "hebbian"])
+    from .bench import BENCH_SUITES
+
+    p = sub.add_parser("bench", help="benchmarks: " + "; ".join(f"'{k}' ({v[1]})" for k, v in BENCH_SUITES.items()))
+    p.add_argument("suite", choices=sorted(BENCH_SUITES))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite, e.g. -- --quick --out results.json")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -14,6 +14,21 @@ from typing import Any
 
 __all__ = ["DEFAULT_OUT_DIR", "load_experiment_config", "main_experiment", "plan_cells", "run_experiment"]
 
+#: ``mnemo bench SUITE -- [options]``: suite name -> (``module:function`` taking ``argv`` and
+#: returning an exit code, one-line help). Each suite parses its own options.
+BENCH_SUITES: dict[str, tuple[str, str]] = {
+    "kernels": ("mnemotorch.bench.block_sparse:main", "GPU: block-sparse attention vs SDPA / FlexAttention"),
+    "hebbian": ("mnemotorch.bench.hebbian_capacity:main", "Hebbian / delta-rule associative-memory capacity (CPU)"),
+}
+
+
+def run_bench_suite(name: str, argv: list[str]) -> int:
+    """Run the benchmark suite ``name`` with its own command-line options ``argv``."""
+    if name not in BENCH_SUITES:
+        raise ValueError(f"unknown bench suite {name!r}; choose one of {sorted(BENCH_SUITES)}")
+    module, func = BENCH_SUITES[name][0].split(":")
+    return int(getattr(importlib.import_module(module), func)(argv) or 0)
+
 
 def __getattr__(name: str) -> Any:
     if name in __all__:

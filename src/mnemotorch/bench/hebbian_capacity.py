@@ -167,5 +167,21 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``mnemo bench hebbian [-- --json PATH]``: print the capacity table (and write the results)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="mnemo bench hebbian", description="Hebbian / delta-rule capacity")
+    parser.add_argument("--json", default=None, help="also write the raw results to this JSON file")
+    args = parser.parse_args(argv)
+    results = hebbian_capacity()
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    print(format_table(hebbian_capacity()))
+    raise SystemExit(main())
