@@ -154,3 +154,18 @@ def test_passkey_config_parses_and_its_quick_mode_runs(tmp_path):
     assert cell["status"] == "ok" and cell["metric"] == "sequence_accuracy"
     assert [e["seq_len"] for e in cell["evals"]] == [320]
     assert (tmp_path / "passkey-quick_seq_len.png").is_file()
+
+
+def test_report_only_rewrites_the_report_from_stored_results(tmp_path):
+    cfg = tiny_config()
+    first = run_experiment(cfg, out_dir=tmp_path, progress=False)
+    path = tmp_path / f"{first['experiment']}.json"
+    stored = json.loads(path.read_text())
+    stored["environment"] = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130"}  # as copied back from a GPU
+    path.write_text(json.dumps(stored))
+    (tmp_path / f"{first['experiment']}.md").unlink()
+    again = run_experiment(cfg, out_dir=tmp_path, progress=False, report_only=True)
+    assert again["ran"] == 0 and again["environment"]["device"] == "NVIDIA H100 80GB HBM3"
+    assert "NVIDIA H100" in (tmp_path / f"{first['experiment']}.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no results file"):
+        run_experiment(cfg, out_dir=tmp_path / "empty", progress=False, report_only=True)

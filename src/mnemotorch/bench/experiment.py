@@ -494,6 +494,7 @@ def run_experiment(
     retry_failed: bool = False,
     progress: bool = True,
     only: Sequence[str] | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a sweep and write ``<out_dir>/<name>.json``, ``.md`` and the plots.
 
@@ -510,6 +511,8 @@ def run_experiment(
         only: run only the cells whose id (``"<setting>|<mixer>|d=<width>|lr=<lr>"``) contains
             every one of these substrings, e.g. ``["seq_len=256", "|attention|"]``; the report
             still covers the whole sweep (other cells show as not run yet).
+        report_only: run nothing; rewrite the Markdown report and plots from the stored JSON
+            (keeping its recorded environment — e.g. after copying results back from a GPU machine).
 
     Returns:
         The results dict written to the JSON file, with ``"ran"``, ``"skipped"`` (cell counts of
@@ -524,11 +527,15 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{cfg['experiment']}.json"
     stored: dict[str, Any] = {}
+    stored_env: dict[str, Any] | None = None
     if json_path.is_file():
         try:
-            stored = json.loads(json_path.read_text(encoding="utf-8")).get("cells", {})
+            previous = json.loads(json_path.read_text(encoding="utf-8"))
+            stored, stored_env = previous.get("cells", {}), previous.get("environment")
         except (json.JSONDecodeError, AttributeError) as err:
             raise ValueError(f"{str(json_path)!r} exists but is not a results file ({err}); move it away to start afresh") from None
+    elif report_only:
+        raise FileNotFoundError(f"report_only: no results file {str(json_path)!r} to report on")
 
     def done(cell: Cell) -> bool:
         rec = stored.get(cell.id)
@@ -542,10 +549,10 @@ def run_experiment(
         "task": cfg["task"],
         "quick": cfg["quick"],
         "config": cfg,
-        "environment": _environment(dev),
+        "environment": stored_env if report_only and stored_env else _environment(dev),
         "cells": stored,
     }
-    todo = [c for c in cells if not done(c) and all(part in c.id for part in (only or ()))]
+    todo = [] if report_only else [c for c in cells if not done(c) and all(part in c.id for part in (only or ()))]
     skipped = sum(done(c) for c in cells)
     cache = _DataCache(cfg)
     t0 = time.perf_counter()
@@ -601,7 +608,7 @@ def _run_cells(todo: list[Cell], cfg: dict[str, Any], cache: _DataCache, dev: to
 
 
 def main_experiment(argv: Sequence[str] | None = None) -> int:
-    """``mnemo experiment CONFIG [--quick] [--out DIR] [--device D] [--time-budget S] [--retry-failed] [--only S]``.
+    """``mnemo experiment CONFIG [--quick] [--out DIR] [--device D] [--time-budget S] [--retry-failed] [--only S] [--report-only]``.
 
     Prints the Markdown report and a one-line summary; returns the exit status (0: the sweep ran,
     whether or not some cells failed — failures are results, recorded in the report).
@@ -620,10 +627,13 @@ def main_experiment(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=None, metavar="SUBSTRING",
                         help="run only cells whose id contains this (repeatable: all must match), e.g. --only seq_len=256")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite the Markdown report and plots from the stored JSON")
     args = parser.parse_args(argv)
     results = run_experiment(
         args.config, quick=args.quick, out_dir=args.out, device=args.device,
         time_budget_s=args.time_budget, retry_failed=args.retry_failed, progress=not args.no_progress, only=args.only,
+        report_only=args.report_only,
     )
     out = Path(args.out)
     name = results["experiment"]
