@@ -25,6 +25,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; exact fp32 products (no TF32) when ``IEEE``."""
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+# Tiling. A program owns one pattern block (queries in the forward and dQ kernels, keys in the
+# dK/dV kernel) and walks its block list. Each listed block is consumed in sub-slices of SUB rows
+# (SUB divides the block), so the loop body works on [block, SUB] tiles: smaller operand tiles and
+# score tiles keep registers free and let the pipeliner keep more loads in flight (num_stages),
+# and the loop runs flat over (list entry, slice) so the pipeliner sees one loop.
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
     FULL_IDX, FULL_CNT, PART_IDX, PART_TILE, PART_CNT, TILES,
@@ -32,15 +49,16 @@ def _fwd_kernel(
     list_stride_f, list_stride_p,
     qk_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    NS = BN // SUB
     offs_m = qb * BM + tl.arange(0, BM)
-    offs_n = tl.arange(0, BN)
+    offs_s = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Lq
@@ -53,38 +71,30 @@ def _fwd_kernel(
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
 
     n_full = tl.load(FULL_CNT + qb)
-    for i in range(0, n_full):
-        kb = tl.load(FULL_IDX + qb * list_stride_f + i)
-        rows = kb * BN + offs_n
+    for it in range(0, n_full * NS):
+        kb = tl.load(FULL_IDX + qb * list_stride_f + it // NS)
+        rows = kb * BN + (it % NS) * SUB + offs_s
         k = tl.load(k_ptr + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         v = tl.load(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
     n_part = tl.load(PART_CNT + qb)
-    for i in range(0, n_part):
-        kb = tl.load(PART_IDX + qb * list_stride_p + i)
-        t = tl.load(PART_TILE + qb * list_stride_p + i)
-        rows = kb * BN + offs_n
+    for it in range(0, n_part * NS):
+        kb = tl.load(PART_IDX + qb * list_stride_p + it // NS)
+        t = tl.load(PART_TILE + qb * list_stride_p + it // NS)
+        cols = (it % NS) * SUB + offs_s
+        rows = kb * BN + cols
         n_ok = rows < Lk
         k = tl.load(k_ptr + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + offs_n[None, :]) != 0
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+        allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + cols[None, :]) != 0
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows that have seen no allowed key yet keep m = -inf; subtract 0 instead to avoid NaN
@@ -92,10 +102,7 @@ def _fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -129,17 +136,18 @@ def _bwd_dkdv_kernel(
     list_stride_f, list_stride_p,
     qk_scale, sm_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # One program: key block kb of query head h; dK/dV are written per query head (summed over
-    # the GQA group outside the kernel).
+    # One program: key block kb of query head h, walking the query blocks that see it in slices
+    # of SUB queries; dK/dV are written per query head (summed over the GQA group outside).
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    NS = BM // SUB
     offs_n = kb * BN + tl.arange(0, BN)
-    offs_m0 = tl.arange(0, BM)
+    offs_s = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = offs_n < Lk
@@ -152,57 +160,34 @@ def _bwd_dkdv_kernel(
     stat_base = bh.to(tl.int64) * Lq
 
     n_full = tl.load(T_FULL_CNT + kb)
-    for i in range(0, n_full):
-        qb = tl.load(T_FULL_IDX + kb * list_stride_f + i)
-        offs_m = qb * BM + offs_m0
+    for it in range(0, n_full * NS):
+        qb = tl.load(T_FULL_IDX + kb * list_stride_f + it // NS)
+        offs_m = qb * BM + (it % NS) * SUB + offs_s
         q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         lse = tl.load(LSE + stat_base + offs_m)
         delta = tl.load(DELTA + stat_base + offs_m)
-        if IEEE:
-            st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
-        else:
-            st = tl.dot(k, tl.trans(q)) * qk_scale
-        pt = tl.math.exp2(st - lse[None, :])
-        if IEEE:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-        else:
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
-        dst = pt * (dpt - delta[None, :])
-        if IEEE:
-            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
-        else:
-            dk += tl.dot(dst.to(q.dtype), q)
+        pt = tl.math.exp2(_mm(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])
+        dv += _mm(pt.to(do.dtype), do, IEEE)
+        dst = pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
+        dk += _mm(dst.to(q.dtype), q, IEEE)
 
     n_part = tl.load(T_PART_CNT + kb)
-    for i in range(0, n_part):
-        qb = tl.load(T_PART_IDX + kb * list_stride_p + i)
-        t = tl.load(T_PART_TILE + kb * list_stride_p + i)
-        offs_m = qb * BM + offs_m0
+    for it in range(0, n_part * NS):
+        qb = tl.load(T_PART_IDX + kb * list_stride_p + it // NS)
+        t = tl.load(T_PART_TILE + kb * list_stride_p + it // NS)
+        rows_in_tile = (it % NS) * SUB + offs_s
+        offs_m = qb * BM + rows_in_tile
         m_ok = offs_m < Lq
         q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
-        allowed_t = tl.load(TILES + t.to(tl.int64) * (BM * BN) + offs_m0[None, :] * BN + tl.arange(0, BN)[:, None]) != 0
-        if IEEE:
-            st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
-        else:
-            st = tl.dot(k, tl.trans(q)) * qk_scale
-        pt = tl.where(allowed_t, tl.math.exp2(st - lse[None, :]), 0.0)
-        if IEEE:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-        else:
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
-        dst = pt * (dpt - delta[None, :])
-        if IEEE:
-            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
-        else:
-            dk += tl.dot(dst.to(q.dtype), q)
+        allowed_t = tl.load(TILES + t.to(tl.int64) * (BM * BN) + rows_in_tile[None, :] * BN + tl.arange(0, BN)[:, None]) != 0
+        pt = tl.where(allowed_t, tl.math.exp2(_mm(k, tl.trans(q), IEEE) * qk_scale - lse[None, :]), 0.0)
+        dv += _mm(pt.to(do.dtype), do, IEEE)
+        dst = pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
+        dk += _mm(dst.to(q.dtype), q, IEEE)
 
     out_off = b.to(tl.int64) * sdkb + h * sdkh + offs_n[:, None].to(tl.int64) * sdkt + offs_d[None, :]
     msk = n_ok[:, None] & d_ok[None, :]
@@ -218,15 +203,16 @@ def _bwd_dq_kernel(
     list_stride_f, list_stride_p,
     qk_scale, sm_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    NS = BN // SUB
     offs_m = qb * BM + tl.arange(0, BM)
-    offs_n0 = tl.arange(0, BN)
+    offs_s = tl.arange(0, SUB)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Lq
@@ -239,62 +225,71 @@ def _bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * svb + hk * svh
 
     n_full = tl.load(FULL_CNT + qb)
-    for i in range(0, n_full):
-        kb = tl.load(FULL_IDX + qb * list_stride_f + i)
-        rows = kb * BN + offs_n0
+    for it in range(0, n_full * NS):
+        kb = tl.load(FULL_IDX + qb * list_stride_f + it // NS)
+        rows = kb * BN + (it % NS) * SUB + offs_s
         k = tl.load(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         v = tl.load(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            dp = tl.dot(do, tl.trans(v))
-        p = tl.math.exp2(s - lse[:, None])
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        p = tl.math.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, IEEE)
 
     n_part = tl.load(PART_CNT + qb)
-    for i in range(0, n_part):
-        kb = tl.load(PART_IDX + qb * list_stride_p + i)
-        t = tl.load(PART_TILE + qb * list_stride_p + i)
-        rows = kb * BN + offs_n0
+    for it in range(0, n_part * NS):
+        kb = tl.load(PART_IDX + qb * list_stride_p + it // NS)
+        t = tl.load(PART_TILE + qb * list_stride_p + it // NS)
+        cols = (it % NS) * SUB + offs_s
+        rows = kb * BN + cols
         n_ok = rows < Lk
         k = tl.load(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + offs_n0[None, :]) != 0
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            dp = tl.dot(do, tl.trans(v))
-        p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + cols[None, :]) != 0
+        p = tl.where(allowed, tl.math.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse[:, None]), 0.0)
+        ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, IEEE)
 
     tl.store(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def _num_warps(bm: int, bn: int, d: int) -> int:
-    return 8 if bm * max(d, bn) >= 128 * 128 else 4
+def _num_warps(rows: int, d: int) -> int:
+    return 8 if rows * d >= 128 * 128 else 4
 
 
-# On a GPU the launch parameters are autotuned once per (head dim, tile, precision); under the CPU
-# interpreter (tests) the plain kernels run with fixed parameters.
-_TUNE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-# MNEMO_AUTOTUNE=0 skips tuning (fixed launch parameters): faster first calls, e.g. in tests.
+#: Slice size of the fixed (non-autotuned) launch; tests lower it to exercise slicing.
+FIXED_SUB = 64
+# On a GPU the launch parameters (slice size, warps, stages) are autotuned once per (head dim,
+# pattern blocks, precision); under the CPU interpreter (tests) the plain kernels run with fixed
+# parameters. MNEMO_AUTOTUNE=0 skips tuning on the GPU too (faster first calls, e.g. in tests).
 _AUTOTUNE = os.environ.get("MNEMO_AUTOTUNE", "1") != "0"
 _TUNE_KEY = ["D", "BM", "BN", "IEEE", "GROUP"]
-_fwd_tuned = triton.autotune(_TUNE_CONFIGS, key=_TUNE_KEY)(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_TUNE_CONFIGS, key=_TUNE_KEY)(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_TUNE_CONFIGS, key=_TUNE_KEY)(_bwd_dq_kernel)
+_TUNED: dict = {}
+
+
+def _sub_choices(block: int) -> list[int]:
+    return [s for s in (32, 64, 128) if s <= block and block % s == 0] or [block]
+
+
+def _tuned(kernel, block: int):
+    """The autotuned ``kernel`` for one (slice dimension size ``block``) — one tuner per block size."""
+    key = (id(kernel), block)
+    if key not in _TUNED:
+        configs = [
+            triton.Config({"SUB": sub}, num_warps=w, num_stages=st)
+            for sub in _sub_choices(block) for w in (4, 8) for st in (2, 3)
+        ]
+        _TUNED[key] = triton.autotune(configs, key=_TUNE_KEY)(kernel)
+    return _TUNED[key]
+
+
+def _launch(kernel, sliced: int, rows: int, grid, args, meta, device):
+    """Launch ``kernel``; ``sliced`` is the block size cut into SUB slices, ``rows`` the program's own block."""
+    if device.type == "cuda" and _AUTOTUNE:
+        _tuned(kernel, sliced)[grid](*args, **meta)
+    else:
+        sub = min(FIXED_SUB, sliced)
+        while sliced % sub:
+            sub //= 2
+        kernel[grid](*args, **meta, SUB=sub, num_warps=_num_warps(rows, meta["D"]), num_stages=2)
 
 
 def _alloc(like: Tensor, shape=None, dtype=None) -> Tensor:
@@ -304,13 +299,6 @@ def _alloc(like: Tensor, shape=None, dtype=None) -> Tensor:
     if os.environ.get("MNEMO_POISON") == "1":
         return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
     return torch.empty(shape, device=like.device, dtype=dtype)
-
-
-def _launch(plain, tuned, grid, args, meta, device):
-    if device.type == "cuda" and _AUTOTUNE:
-        tuned[grid](*args, **meta)
-    else:
-        plain[grid](*args, **meta, num_warps=_num_warps(meta["BM"], meta["BN"], meta["D"]), num_stages=2)
 
 
 def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block):
@@ -327,7 +315,7 @@ def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
         scale * LOG2E, lq, lk,
     )
     meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32)
-    _launch(_fwd_kernel, _fwd_tuned, grid, args, meta, q.device)
+    _launch(_fwd_kernel, k_block, q_block, grid, args, meta, q.device)
     return o, lse
 
 
@@ -352,7 +340,7 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block):
         t_full_idx.stride(0), t_part_idx.stride(0),
         scale * LOG2E, scale, lq, lk,
     )
-    _launch(_bwd_dkdv_kernel, _dkdv_tuned, (triton.cdiv(lk, k_block), b * h), dkdv_args, meta, q.device)
+    _launch(_bwd_dkdv_kernel, q_block, k_block, (triton.cdiv(lk, k_block), b * h), dkdv_args, meta, q.device)
     dq = _alloc(q)
     dq_args = (
         q, k, v, do, lse, delta, dq, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
@@ -361,7 +349,7 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block):
         full_idx.stride(0), part_idx.stride(0),
         scale * LOG2E, scale, lq, lk,
     )
-    _launch(_bwd_dq_kernel, _dq_tuned, (triton.cdiv(lq, q_block), b * h), dq_args, meta, q.device)
+    _launch(_bwd_dq_kernel, k_block, q_block, (triton.cdiv(lq, q_block), b * h), dq_args, meta, q.device)
     if group > 1:
         dk = dk.view(b, lk, hkv, group, d).sum(3).to(k.dtype)
         dv = dv.view(b, lk, hkv, group, d).sum(3).to(v.dtype)
