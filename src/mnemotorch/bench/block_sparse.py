@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             print(_line(row), f"[{row['seconds']:.0f}s]", flush=True)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    from mnemotorch.ops.block_sparse.triton import tuned_configs
+
+    report["tuned_configs"] = tuned_configs()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     return 0
