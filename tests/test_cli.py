@@ -65,6 +65,16 @@ def test_train_eval_generate(tmp_path, capsys):
     assert capsys.readouterr().out == text  # seeded sampling is reproducible
     assert main(["generate", str(out_dir), "--prompt", "A", "--max-new-tokens", "5", "--temperature", "0"]) == 0
 
+    # Validation perplexity vs training tokens, from the run's metrics.
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_ppl" in r]
+    assert val and all(r["tokens_seen"] == r["step"] * 4 * 32 for r in val)  # batch 4 x 32 tokens
+    assert main(["plot", str(out_dir), str(out_dir), "--out", str(tmp_path / "ppl.png")]) == 0
+    assert (tmp_path / "ppl.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "nothing-here")]) != 0
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     missing = tmp_path / "no_such_run"

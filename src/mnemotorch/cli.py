@@ -508,6 +508,24 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return int(main_experiment(list(args.rest or [])) or 0)
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    """Validation perplexity vs training tokens for one or more run directories."""
+    from .train import plot_perplexity_vs_tokens
+
+    runs = {}
+    for run in args.runs:
+        path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
+        if not path.is_file():
+            raise UsageError(f"no metrics.jsonl in {run!r} (give a run directory of `mnemo train` or the file)")
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not any("val_ppl" in r for r in rows):
+            raise UsageError(f"{str(path)!r} has no validation rows (val_ppl) to plot")
+        runs[Path(run).name if Path(run).is_dir() else Path(run).parent.name] = rows
+    out = plot_perplexity_vs_tokens(runs, args.out, title=args.title)
+    _out(f"wrote {out}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Speed/quality micro-benchmarks; each suite has its own options after ``--``."""
     extra = list(args.rest or [])
@@ -621,6 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="run a memory-task sweep (mixers x widths x learning rates x settings)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="CONFIG [--quick] [--out DIR] [--device] [--time-budget S] [--only K=V]")
     p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("plot", help="plot validation perplexity vs training tokens of one or more runs")
+    p.add_argument("runs", nargs="+", help="run directories of `mnemo train` (or their metrics.jsonl)")
+    p.add_argument("--out", default="perplexity.png", help="output image (default perplexity.png)")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=_cmd_plot)
 
     from .bench import BENCH_SUITES
 

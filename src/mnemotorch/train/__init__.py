@@ -18,7 +18,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import DataConfig, OptimConfig, TrainConfig, config_from_dict, load_config
-from .plots import plot_curves, plot_loss_curve
+from .plots import plot_curves, plot_loss_curve, plot_perplexity_vs_tokens
 from .trainer import Trainer, WarmupCosine, autocast_dtype, build_optimizer, evaluate
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "load_trainer_state",
     "plot_curves",
     "plot_loss_curve",
+    "plot_perplexity_vs_tokens",
     "save_checkpoint",
     "verify_checkpoint",
 ]

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["plot_loss_curve", "plot_curves"]
+__all__ = ["plot_loss_curve", "plot_curves", "plot_perplexity_vs_tokens"]
 
 
 def _figure() -> tuple[Any, Any]:
@@ -52,9 +52,11 @@ def plot_loss_curve(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
 
 
 def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike[str], *,
-                title: str | None = None, xlabel: str = "step", ylabel: str = "validation loss") -> Path:
+                title: str | None = None, xlabel: str = "step", ylabel: str = "validation loss", logy: bool = False) -> Path:
     """One line per named curve of ``(x, y)`` points (e.g. the validation loss of each mixer)."""
     fig, ax = _figure()
+    if logy:
+        ax.set_yscale("log")
     for name, points in curves.items():
         if points:
             ax.plot(*zip(*points), "o-", label=name, linewidth=1.5, markersize=3)
@@ -68,4 +70,21 @@ def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str |
     fig.tight_layout()
     out = Path(path)
     _save(fig, out)
+    return out
+
+
+def plot_perplexity_vs_tokens(runs: Mapping[str, Iterable[Mapping[str, Any]]], path: str | os.PathLike[str], *,
+                              title: str | None = None) -> Path:
+    """Validation perplexity against training tokens, one line per run (``metrics.jsonl`` rows).
+
+    Rows without ``tokens_seen`` (runs older than that field) are placed by ``step`` and the axis says so.
+    """
+    curves: dict[str, list[tuple[float, float]]] = {}
+    by_tokens = True
+    for name, rows in runs.items():
+        val = [r for r in rows if "val_ppl" in r]
+        by_tokens = by_tokens and all("tokens_seen" in r for r in val)
+        curves[name] = [(r.get("tokens_seen", r["step"]), r["val_ppl"]) for r in val]
+    out = plot_curves(curves, path, title=title, xlabel="training tokens" if by_tokens else "step",
+                      ylabel="validation perplexity", logy=True)
     return out

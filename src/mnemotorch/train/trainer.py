@@ -378,7 +378,7 @@ class Trainer:
             res = evaluate(wrapped, val_tokens, cfg.batch_size, cfg.data.seq_len, cfg.eval_batches, device=device,
                            amp_dtype=amp, dist_info=info, micro_batch_size=micro)
             last_eval = res
-            metrics.log({"step": step, "val_loss": res["loss"], "val_ppl": res["ppl"]})
+            metrics.log({"step": step, "tokens_seen": step * tokens_per_step, "val_loss": res["loss"], "val_ppl": res["ppl"]})
             self._say(f"step {step}: val loss {res['loss']:.4f}, ppl {res['ppl']:.2f}")
             if info.is_main:
                 try:
