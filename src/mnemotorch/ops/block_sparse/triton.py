@@ -34,6 +34,35 @@ def _mm(a, b, IEEE: tl.constexpr):
     return c
 
 
+@triton.jit
+def _ld_full(ptrs, d_ok, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile whose rows all exist. With ``EVEN_D`` (BLOCK_D == D) no mask at
+    all: a mask along the contiguous head dim would stop the compiler from vectorising the load."""
+    if EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = _ld_full(ptrs, d_ok, EVEN_D)
+    return x
+
+
+@triton.jit
+def _ld_rows(ptrs, row_ok, d_ok, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, rows masked by ``row_ok`` (zeros there)."""
+    if EVEN_D:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        x = _ld_rows(ptrs, row_ok, d_ok, EVEN_D)
+    return x
+
+
+@triton.jit
+def _st_rows(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
+    if EVEN_D:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None] & d_ok[None, :])
+
+
 # Tiling. A program owns one pattern block (queries in the forward and dQ kernels, keys in the
 # dK/dV kernel) and walks its block list. Each listed block is consumed in sub-slices of SUB rows
 # (SUB divides the block), so the loop body works on [block, SUB] tiles: smaller operand tiles and
@@ -49,7 +78,7 @@ def _fwd_kernel(
     list_stride_f, list_stride_p,
     qk_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -65,7 +94,7 @@ def _fwd_kernel(
     q_ptr = Q + b.to(tl.int64) * sqb + h * sqh
     k_ptr = K + b.to(tl.int64) * skb + hk * skh
     v_ptr = V + b.to(tl.int64) * svb + hk * svh
-    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _ld_rows(q_ptr + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
@@ -74,8 +103,8 @@ def _fwd_kernel(
     for it in range(0, n_full * NS):
         kb = tl.load(FULL_IDX + qb * list_stride_f + it // NS)
         rows = kb * BN + (it % NS) * SUB + offs_s
-        k = tl.load(k_ptr + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        k = _ld_full(k_ptr + rows[:, None].to(tl.int64) * skt + offs_d[None, :], d_ok, EVEN_D)
+        v = _ld_full(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], d_ok, EVEN_D)
         s = _mm(q, tl.trans(k), IEEE) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -91,8 +120,8 @@ def _fwd_kernel(
         cols = (it % NS) * SUB + offs_s
         rows = kb * BN + cols
         n_ok = rows < Lk
-        k = tl.load(k_ptr + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _ld_rows(k_ptr + rows[:, None].to(tl.int64) * skt + offs_d[None, :], n_ok, d_ok, EVEN_D)
+        v = _ld_rows(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], n_ok, d_ok, EVEN_D)
         allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + cols[None, :]) != 0
         s = _mm(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(allowed, s, float("-inf"))
@@ -109,7 +138,7 @@ def _fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptr = O + b.to(tl.int64) * sob + h * soh
-    tl.store(o_ptr + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :], out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _st_rows(o_ptr + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :], out.to(O.dtype.element_ty), m_ok, d_ok, EVEN_D)
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
 
 
@@ -136,7 +165,7 @@ def _bwd_dkdv_kernel(
     list_stride_f, list_stride_p,
     qk_scale, sm_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     # One program: key block kb of query head h, walking the query blocks that see it in slices
     # of SUB queries; dK/dV are written per query head (summed over the GQA group outside).
@@ -151,8 +180,8 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = offs_n < Lk
-    k = tl.load(K + b.to(tl.int64) * skb + hk * skh + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hk * svh + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    k = _ld_rows(K + b.to(tl.int64) * skb + hk * skh + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], n_ok, d_ok, EVEN_D)
+    v = _ld_rows(V + b.to(tl.int64) * svb + hk * svh + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], n_ok, d_ok, EVEN_D)
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     q_base = Q + b.to(tl.int64) * sqb + h * sqh
@@ -163,8 +192,8 @@ def _bwd_dkdv_kernel(
     for it in range(0, n_full * NS):
         qb = tl.load(T_FULL_IDX + kb * list_stride_f + it // NS)
         offs_m = qb * BM + (it % NS) * SUB + offs_s
-        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        q = _ld_full(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], d_ok, EVEN_D)
+        do = _ld_full(do_base + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], d_ok, EVEN_D)
         lse = tl.load(LSE + stat_base + offs_m)
         delta = tl.load(DELTA + stat_base + offs_m)
         pt = tl.math.exp2(_mm(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])
@@ -179,8 +208,8 @@ def _bwd_dkdv_kernel(
         rows_in_tile = (it % NS) * SUB + offs_s
         offs_m = qb * BM + rows_in_tile
         m_ok = offs_m < Lq
-        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q = _ld_rows(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
+        do = _ld_rows(do_base + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], m_ok, d_ok, EVEN_D)
         lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
         allowed_t = tl.load(TILES + t.to(tl.int64) * (BM * BN) + rows_in_tile[None, :] * BN + tl.arange(0, BN)[:, None]) != 0
@@ -190,9 +219,8 @@ def _bwd_dkdv_kernel(
         dk += _mm(dst.to(q.dtype), q, IEEE)
 
     out_off = b.to(tl.int64) * sdkb + h * sdkh + offs_n[:, None].to(tl.int64) * sdkt + offs_d[None, :]
-    msk = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=msk)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=msk)
+    _st_rows(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), n_ok, d_ok, EVEN_D)
+    _st_rows(DV + out_off, dv.to(DV.dtype.element_ty), n_ok, d_ok, EVEN_D)
 
 
 @triton.jit
@@ -203,7 +231,7 @@ def _bwd_dq_kernel(
     list_stride_f, list_stride_p,
     qk_scale, sm_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -216,8 +244,8 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Lq
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _ld_rows(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
+    do = _ld_rows(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], m_ok, d_ok, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
@@ -228,8 +256,8 @@ def _bwd_dq_kernel(
     for it in range(0, n_full * NS):
         kb = tl.load(FULL_IDX + qb * list_stride_f + it // NS)
         rows = kb * BN + (it % NS) * SUB + offs_s
-        k = tl.load(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        k = _ld_full(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], d_ok, EVEN_D)
+        v = _ld_full(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], d_ok, EVEN_D)
         p = tl.math.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
         ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, IEEE)
@@ -241,14 +269,14 @@ def _bwd_dq_kernel(
         cols = (it % NS) * SUB + offs_s
         rows = kb * BN + cols
         n_ok = rows < Lk
-        k = tl.load(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _ld_rows(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], n_ok, d_ok, EVEN_D)
+        v = _ld_rows(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], n_ok, d_ok, EVEN_D)
         allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + cols[None, :]) != 0
         p = tl.where(allowed, tl.math.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse[:, None]), 0.0)
         ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, IEEE)
 
-    tl.store(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _st_rows(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), m_ok, d_ok, EVEN_D)
 
 
 def _num_warps(rows: int, d: int) -> int:
@@ -272,15 +300,16 @@ def _sub_choices(block: int) -> list[int]:
 def _tuned(kernel, block: int):
     """The autotuned ``kernel`` for one size of the sliced block (one tuner per size).
 
-    Four configs per kernel: every tuned config is a separate compilation, and an H100 run with
+    Six configs per kernel: every tuned config is a separate compilation, and an H100 run with
     twelve took minutes before the first result, so the space is kept to the choices that matter
-    (slice 32 or 64; 4 warps with 3 stages or 8 warps with 2).
+    (slice 32 or 64; 4 warps with 3 stages, 8 warps with 2 or 3 — a plain Triton FlashAttention
+    forward on the H100 was fastest with 8 warps and 3–4 stages, ../shared/peers).
     """
     key = (id(kernel), block)
     if key not in _TUNED:
         configs = [
             triton.Config({"SUB": sub}, num_warps=w, num_stages=st)
-            for sub in _sub_choices(block) for (w, st) in ((4, 3), (8, 2))
+            for sub in _sub_choices(block) for (w, st) in ((4, 3), (8, 2), (8, 3))
         ]
         _TUNED[key] = triton.autotune(configs, key=_TUNE_KEY)(kernel)
     return _TUNED[key]
@@ -329,7 +358,7 @@ def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
         full_idx.stride(0), part_idx.stride(0),
         scale * LOG2E, lq, lk,
     )
-    meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32)
+    meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32, EVEN_D=triton.next_power_of_2(d) == d)
     _launch(_fwd_kernel, k_block, q_block, grid, args, meta, q.device)
     return o, lse
 
@@ -347,7 +376,7 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block):
     kv_dtype = k.dtype if group == 1 else torch.float32
     dk = _alloc(q, (b, lk, h, d), kv_dtype)
     dv = _alloc(q, (b, lk, h, d), kv_dtype)
-    meta = dict(H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32)
+    meta = dict(H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32, EVEN_D=triton.next_power_of_2(d) == d)
     dkdv_args = (
         q, k, v, do, lse, delta, dk, dv, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
