@@ -154,7 +154,40 @@ _EVAL_OPTION_KEYS = (
     "device", "dtype", "seed", "batch_size", "data", "seq_len", "batches", "mode", "context", "stride", "chunk",
     "tokens", "no_bos", "lengths", "depths", "trials", "kind", "haystack", "no_instruction", "plot", "num_examples",
     "excerpt_words", "segment_words", "conditions", "min_distance", "max_distance", "settings", "vocab_size", "power_a",
+    "memory", "memory_arg",
 )
+
+
+def _memory_context(em: Any, opts: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """``--memory em-llm|infllm|none`` (+ ``--memory-arg key=value``): the context manager that applies
+    the training-free memory of :mod:`mnemotorch.longctx` to a Hugging Face model, and its record."""
+    import contextlib
+    import dataclasses
+
+    name = opts.get("memory")
+    if not name or str(name).lower() == "none":
+        if opts.get("memory_arg"):
+            raise UsageError("--memory-arg needs --memory em-llm or infllm")
+        return contextlib.nullcontext(), None
+    overrides: dict[str, Any] = {}
+    for item in opts.get("memory_arg") or []:
+        key, sep, value = str(item).partition("=")
+        if not sep:
+            raise UsageError(f"--memory-arg: expected key=value, got {item!r}")
+        try:
+            overrides[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip().replace("-", "_")] = value
+    if em.kind != "hf":
+        raise UsageError(f"--memory {name}: applies to Hugging Face decoders (hf:PATH), not to {em.kind} models")
+    from .longctx import make_memory
+
+    try:
+        mem = make_memory(str(name), em.model, **overrides)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--memory {name}: {err}") from err
+    record = {"name": type(mem).__name__, **{f.name: getattr(mem, f.name) for f in dataclasses.fields(mem)}}
+    return mem(em.model), record
 
 
 def _split_list(value: Any, cast: Any, name: str) -> list[Any]:
@@ -240,7 +273,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         try:
             em = ev.load_eval_model(args.model, opts.get("device") or "auto", opts.get("dtype"), need_tokenizer=task != "mqar")
-            result = _eval_task(ev, em, task, opts)
+            memory, memory_record = _memory_context(em, opts)
+            if memory_record is not None:
+                _out(f"memory: {memory_record['name']} (" + ", ".join(f"{k}={v}" for k, v in memory_record.items() if k != "name") + ")")
+            with memory:
+                result = _eval_task(ev, em, task, opts)
+            result["memory"] = memory_record
         except ev.EvalError as err:
             raise UsageError(str(err)) from err
         for note in result.get("notes", []):
@@ -570,6 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", default=None, metavar="FILE", help="write the result as JSON to FILE")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (ppl/books 8, passkey 8, mqar 64)")
+    p.add_argument("--memory", default=None, choices=["none", "em-llm", "infllm"],
+                   help="hf:PATH models: apply a training-free episodic memory (mnemotorch.longctx) during the evaluation")
+    p.add_argument("--memory-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="override a memory setting, e.g. n_local=512 (repeatable; values read as JSON when they parse)")
     p.add_argument("--data", action="append", default=None, metavar="SOURCE",
                    help="ppl: text source (default: the training corpus); books/sort: file or folder, repeatable "
                         "(default: held-out books + WikiText-2 test / the Book-SORT books in ../shared/data)")

@@ -257,6 +257,23 @@ def test_hf_model_from_a_local_path(files, tmp_path, capsys):
     assert "stream" in capsys.readouterr().out
 
 
+def test_eval_with_a_training_free_memory(files, tmp_path, capsys):
+    """``--memory`` wraps the evaluation in mnemotorch.longctx; with the local window covering the
+    whole prompt (n_local >= length) the memory changes nothing, so the results equal the plain run."""
+    common = ["eval", "passkey", f"hf:{files['llama']}", "--lengths", "160", "--depths", "0,1", "--trials", "2", "--no-instruction"]
+    plain, mem = tmp_path / "plain.json", tmp_path / "mem.json"
+    assert main(common + ["--json-out", str(plain)]) == 0
+    assert main(common + ["--memory", "infllm", "--memory-arg", "n_local=256", "--memory-arg", "n_init=4",
+                          "--json-out", str(mem)]) == 0
+    a, b = json.loads(plain.read_text()), json.loads(mem.read_text())
+    assert a["memory"] is None and b["memory"]["name"] == "InfLLM" and b["memory"]["n_local"] == 256
+    assert a["grid"] == b["grid"] and a["examples"] == b["examples"]  # the decoded answers too
+    assert main(["eval", "passkey", str(files["ck"]), "--memory", "em-llm", "--lengths", "160"]) == 2
+    assert "Hugging Face decoders" in capsys.readouterr().err
+    assert main(common + ["--memory", "infllm", "--memory-arg", "n_local"]) == 2
+    assert "key=value" in capsys.readouterr().err
+
+
 def test_old_form_still_works(files, tmp_path, capsys):
     out = tmp_path / "ppl.json"
     assert main(["eval", str(files["ck"]), "--batches", "2", "--seq-len", "32", "--json", "--json-out", str(out)]) == 0
