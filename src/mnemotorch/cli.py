@@ -459,11 +459,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .layers import list_mixers
     from .train import Trainer, config_from_dict, plot_curves
 
+    from .layers import mixer_class
+
     registered = list_mixers()
-    mixers = [m.strip() for m in args.mixers.split(",") if m.strip()] if args.mixers else registered
+    default = [m for m in registered if getattr(mixer_class(m), "demo_default", True)]
+    mixers = [m.strip() for m in args.mixers.split(",") if m.strip()] if args.mixers else default
     unknown = [m for m in mixers if m not in registered]
     if unknown:
         raise UsageError(f"unknown mixer(s) {unknown}; registered: {', '.join(registered)}")
+    if not args.mixers and len(default) < len(registered):
+        _out(f"not in the default demo (slow reference paths on a CPU; add with --mixers): "
+             f"{', '.join(m for m in registered if m not in default)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -33,3 +33,4 @@ from . import hcam, relative  # noqa: F401,E402  (registers `hcam` and `relative
 from . import titans  # noqa: F401,E402  (registers `titans_lmm`)
 from . import routing  # noqa: F401,E402  (registers `routing`)
 from . import lla  # noqa: F401,E402  (registers `lla`)
+from . import miras  # noqa: F401,E402  (registers `moneta`, `yaad`, `memora`, `delta_net`, `gated_delta_net`)

@@ -61,6 +61,9 @@ class Mixer(nn.Module):
     example_kwargs: dict = {}
     #: constructor arguments for `mnemo demo` (128-token byte sequences on a CPU); {} = defaults.
     demo_kwargs: dict = {}
+    #: whether `mnemo demo` without --mixers trains this mixer; False for mixers whose reference-speed
+    #: CPU path would dominate the demo's time (they still run with ``--mixers NAME``).
+    demo_default: bool = True
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()

@@ -18,6 +18,21 @@ from torch import Tensor
 
 from ..checks import check_backend
 from .chunked import chunk_coefficients, neural_memory_chunked, segment_sum
+from .miras import (
+    ALGORITHMS,
+    BIASES,
+    INSTANCES,
+    RETENTIONS,
+    MirasConfig,
+    error_signal,
+    miras_chunked,
+    miras_instance,
+    miras_memory,
+    miras_reference,
+    miras_wy,
+    retention_map,
+    wy_supported,
+)
 from .reference import (
     ACTIVATIONS,
     DEFAULT_LN_EPS,
@@ -33,6 +48,19 @@ from .reference import (
 MODES = ("chunked", "recurrent")
 
 __all__ = [
+    "ALGORITHMS",
+    "BIASES",
+    "INSTANCES",
+    "RETENTIONS",
+    "MirasConfig",
+    "error_signal",
+    "miras_chunked",
+    "miras_instance",
+    "miras_memory",
+    "miras_reference",
+    "miras_wy",
+    "retention_map",
+    "wy_supported",
     "ACTIVATIONS",
     "DEFAULT_LN_EPS",
     "MAX_DEPTH",
