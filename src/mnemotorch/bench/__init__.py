@@ -19,6 +19,7 @@ __all__ = ["DEFAULT_OUT_DIR", "load_experiment_config", "main_experiment", "plan
 BENCH_SUITES: dict[str, tuple[str, str]] = {
     "kernels": ("mnemotorch.bench.block_sparse:main", "GPU: block-sparse attention vs SDPA / FlexAttention"),
     "hebbian": ("mnemotorch.bench.hebbian_capacity:main", "Hebbian / delta-rule associative-memory capacity (CPU)"),
+    "linear": ("mnemotorch.bench.linear_attention:main", "GPU: linear attention / BASED kernels vs fla and SDPA; batched decode"),
 }
 
 

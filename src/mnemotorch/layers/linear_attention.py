@@ -45,6 +45,13 @@ class HebbianState(MixerState):
     M: Tensor
 
 
+def _kernels():
+    """The Triton module, imported on first CUDA use (CPU-only installs never import triton here)."""
+    from ..ops.linear import triton as kernels
+
+    return kernels
+
+
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
@@ -74,6 +81,11 @@ class LinearAttention(Mixer):
         eps: ε of the denominator.
 
     Calls with ``T > 1`` use the chunked form; a one-token call (decoding) uses the recurrent step.
+    On CUDA tensors both run as Triton kernels (:mod:`mnemotorch.ops.linear.triton`: the feature
+    map, BASED's Taylor map included, is applied inside the kernel; chunk length 64 unless
+    ``chunk_size`` is 16/32/64/128) whenever the kernels support the settings (``taylor`` with
+    ``feature_dim ≤ 16``, other maps with ``feature_dim ≤ 128``, head size ≤ 256, fp32/bf16/fp16);
+    otherwise, and always on the CPU, the reference path runs.
     State: ``S [B, H, Dφ, Dv]`` and ``z [B, H, Dφ]``: ``H · (Dφ · Dv + Dφ)`` elements, whatever the length.
     """
 
@@ -129,16 +141,33 @@ class LinearAttention(Mixer):
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
         b, t, _ = x.shape
-        phi = feature_map(self.feature)
-        q = phi(self.q_proj(x).view(b, t, self.num_heads, self.feature_dim))
-        k = phi(self.k_proj(x).view(b, t, self.num_heads, self.feature_dim))
+        q = self.q_proj(x).view(b, t, self.num_heads, self.feature_dim)
+        k = self.k_proj(x).view(b, t, self.num_heads, self.feature_dim)
         v = self.v_proj(x).view(b, t, self.num_heads, self.head_dim)
+        if x.is_cuda and t > 0 and _kernels().kernel_support("linear_attention", q, k, v, self.feature) is None:
+            y, (s, z) = self._kernel_forward(q, k, v, state)
+            y = self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim))
+            return y, LinearAttentionState(seen_tokens=state.seen_tokens + t, S=s, z=z)
+        phi = feature_map(self.feature)
+        q, k = phi(q), phi(k)
         if t == 1:
             y, (s, z) = linear_attention_recurrent(q, k, v, (state.S, state.z), self.normalize, self.eps)
         else:
             y, (s, z) = linear_attention_chunked(q, k, v, (state.S, state.z), self.normalize, self.eps, chunk_size=self.chunk_size)
         y = self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim))
         return y, LinearAttentionState(seen_tokens=state.seen_tokens + t, S=s, z=z)
+
+    def _kernel_forward(self, q: Tensor, k: Tensor, v: Tensor, state: LinearAttentionState) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The Triton path (raw q/k; φ inside the kernel): decode-step kernel for one token without autograd, else chunked."""
+        ops = _kernels()
+        init = (state.S.float(), state.z.float())
+        if q.shape[1] == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            y, st = ops.linear_attention_step_triton(q[:, 0], k[:, 0], v[:, 0], init, self.feature, self.normalize, self.eps)
+            y = y.unsqueeze(1)
+        else:
+            y, st = ops.linear_attention_triton(q, k, v, self.feature, self.normalize, init, self.eps, ops.kernel_chunk(self.chunk_size))
+        acc = state.S.dtype  # the state keeps the dtype init_state gave it (fp32 for fp32/half models)
+        return y, (st[0].to(acc), st[1].to(acc))
 
     def extra_repr(self) -> str:
         return f"feature={self.feature!r}, feature_dim={self.feature_dim}, expanded_dim={self.expanded_dim}, normalize={self.normalize}, chunk_size={self.chunk_size}"

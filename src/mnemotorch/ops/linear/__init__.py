@@ -1,14 +1,17 @@
 """Causal linear attention and Hebbian / delta-rule memory: ``linear_attention``, ``hebbian_memory``.
 
-Only the reference backend exists so far (pure PyTorch, float64-ready); the Triton chunked kernels
-arrive later and will be selected by ``backend="auto"`` on CUDA. See ``reference.py`` for the
-equations and ``docs/mixers/linear_attention.md`` / ``docs/mixers/hebbian.md`` for the semantics.
+``linear_attention`` has two backends: the reference (pure PyTorch, float64-ready: ``reference.py``,
+the specification) and the Triton kernels (``triton.py``: chunked forward/backward with the feature
+map -- BASED's Taylor map included -- computed in the kernel, and a one-token decode step), which
+``backend="auto"`` selects for CUDA tensors the kernels support. ``hebbian_memory`` runs the
+reference. See ``docs/mixers/linear_attention.md`` / ``docs/mixers/hebbian.md`` for the semantics.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ..checks import check_backend
@@ -66,7 +69,11 @@ def linear_attention(
         mode: ``"chunked"`` (training), ``"parallel"`` (quadratic) or ``"recurrent"`` (token loop).
         chunk_size: tokens per chunk in ``"chunked"`` mode (any ``T``; the last chunk may be partial).
         eps: ε of the denominator (default 1e-6; sums accumulate in float32 or higher).
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"`` (the Triton kernels for CUDA tensors they support, else the reference),
+            ``"reference"`` or ``"triton"`` (kernels only: features by name -- ``taylor`` with
+            ``Dk ≤ 16``, the others with ``Dk ≤ 128`` --, ``Dv ≤ 256``, float16/bfloat16/float32;
+            modes ``"chunked"`` and ``"recurrent"`` (the decode-step kernel, forward only); the
+            kernel's chunk length is ``chunk_size`` if 16/32/64/128, else 64).
 
     Returns:
         ``(y [B, T, H, Dv], (S_T [B, H, Dφ, Dv], z_T [B, H, Dφ]))``; ``y`` has the dtype of ``q``,
@@ -74,12 +81,28 @@ def linear_attention(
     """
     fn = "linear_attention"
     check_linear_qkv(fn, q, k, v)
-    _check_reference_only(fn, backend)
+    check_backend(fn, backend)
+    if backend == "torch":
+        raise NotImplementedError(f"{fn}: backend 'torch' is not implemented; use 'auto', 'reference' or 'triton'")
     if mode not in MODES:
         raise ValueError(f"{fn}: mode must be one of {MODES}, got {mode!r}")
     if not isinstance(normalize, bool):
         raise TypeError(f"{fn}: normalize must be a bool, got {normalize!r}")
     check_eps(fn, eps)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be an int >= 1, got {chunk_size!r}")
+    if backend == "triton" or (backend == "auto" and q.device.type == "cuda" and mode != "parallel"):
+        from .triton import KERNEL_DTYPES, kernel_support
+
+        reason = kernel_support(fn, q, k, v, feature)
+        if reason is None and mode == "recurrent" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            reason = f"{fn}: the decode-step kernel (mode 'recurrent', backend 'triton') is forward-only; use mode 'chunked' for gradients"
+        if reason is None and mode == "parallel":
+            reason = f"{fn}: backend 'triton' runs modes 'chunked' and 'recurrent'; mode 'parallel' is reference-only"
+        if reason is None:
+            return _linear_attention_kernel(q, k, v, feature, normalize, initial_state, mode, chunk_size, eps)
+        if backend == "triton":
+            raise (NotImplementedError if q.dtype not in KERNEL_DTYPES else ValueError)(reason)
     phi = feature if callable(feature) else feature_map(feature)
     fq, fk = phi(q), phi(k)
     if mode == "chunked":
@@ -87,6 +110,22 @@ def linear_attention(
     if mode == "parallel":
         return linear_attention_parallel(fq, fk, v, initial_state, normalize, eps)
     return linear_attention_recurrent(fq, fk, v, initial_state, normalize, eps)
+
+
+def _linear_attention_kernel(q, k, v, feature, normalize, initial_state, mode, chunk_size, eps):
+    from .triton import linear_attention_step_triton, linear_attention_triton
+
+    if mode == "chunked":
+        return linear_attention_triton(q, k, v, feature, normalize, initial_state, eps, chunk_size)
+    b, t, h, _ = q.shape
+    if initial_state is None:
+        fd = feature_dim(feature, q.shape[-1])
+        initial_state = (q.new_zeros(b, h, fd, v.shape[-1], dtype=torch.float32), q.new_zeros(b, h, fd, dtype=torch.float32))
+    state, ys = initial_state, []
+    for i in range(t):  # one decode-step launch per token
+        y, state = linear_attention_step_triton(q[:, i], k[:, i], v[:, i], state, feature, normalize, eps)
+        ys.append(y)
+    return (torch.stack(ys, 1) if ys else v.new_zeros(v.shape)), tuple(state)
 
 
 def hebbian_memory(
@@ -133,6 +172,18 @@ def hebbian_memory(
     return y, s.transpose(-1, -2).contiguous()
 
 
+_KERNEL_NAMES = ("linear_attention_triton", "linear_attention_step_triton", "kernel_support")
+
+
+def __getattr__(name: str):
+    # The Triton entry points load on first use, so importing the package does not import triton.
+    if name in _KERNEL_NAMES:
+        from . import triton as _kernels
+
+        return getattr(_kernels, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_EPS",
     "FEATURE_MAPS",
@@ -149,6 +200,8 @@ __all__ = [
     "linear_attention_chunked",
     "linear_attention_parallel",
     "linear_attention_recurrent",
+    "linear_attention_step_triton",
+    "linear_attention_triton",
     "relu",
     "taylor",
 ]

@@ -1,0 +1,185 @@
+"""The linear-attention Triton kernels against the float64 reference (Triton interpreter on CPU).
+
+Outputs, final states and the gradients of every input (q, k, v, S0, z0) are compared with
+:func:`linear_attention_chunked` run in float64 on the same (rounded) inputs, at the tolerances
+of ARCHITECTURE.md: 1e-5 relative for float32, 5e-3 (outputs) / 1e-2 (gradients) for half inputs.
+Kernel outputs are NaN-poisoned (MNEMO_POISON=1, tests/conftest.py), so unwritten elements fail.
+bfloat16 runs only on the GPU (tests/gpu/test_linear_gpu.py): Triton's interpreter computes
+bf16 ``tl.dot`` wrongly (a plain 16×16 bf16 product comes out 100% off with triton 3.9), so
+float16 stands in for the half-precision path here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mnemotorch.ops.linear import feature_dim, feature_map, linear_attention, linear_attention_chunked, linear_attention_recurrent
+from mnemotorch.ops.linear.triton import linear_attention_step_triton, linear_attention_triton
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
+    pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+EPS = 1e-3  # as tests/ops/test_linear.py: keeps dy/dq away from pure cancellation at T = 1
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make(b, t, h, dk, dv, feature, with_state, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, dk, generator=g) * 0.7
+    k = torch.randn(b, t, h, dk, generator=g) * 0.7
+    v = torch.randn(b, t, h, dv, generator=g)
+    state = None
+    if with_state:
+        fd = feature_dim(feature, dk)
+        state = (torch.randn(b, h, fd, dv, generator=g), torch.rand(b, h, fd, generator=g) + 0.5)
+    return q, k, v, state
+
+
+def compare(feature, normalize, with_state, b=1, t=37, h=2, dk=8, dv=16, dtype=torch.float32, chunk=16, group=1, seed=0):
+    """Kernel vs float64 reference: rel. errors of (y, S_T, z_T, dq, dk, dv[, dS0, dz0])."""
+    q, k, v, state = make(b, t, h, dk, dv, feature, with_state, seed)
+    ins = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    st = tuple(s.clone().requires_grad_() for s in state) if with_state else None
+    y, (s_t, z_t) = linear_attention_triton(*ins, feature=feature, normalize=normalize, initial_state=st, eps=EPS, chunk_size=chunk, group=group)
+    g = torch.Generator().manual_seed(seed + 100)
+    gy, gs, gz = (torch.randn(x.shape, generator=g) for x in (y, s_t, z_t))
+    # a loss touching every output and both final states, so every gradient path is exercised
+    loss = (y.float() * gy).sum() + (s_t * gs).sum() + (z_t * gz).sum()
+    leaves = ins + (list(st) if with_state else [])
+    grads = torch.autograd.grad(loss, leaves)
+
+    rq, rk, rv = (x.detach().double().requires_grad_() for x in ins)
+    rst = tuple(s.detach().double().requires_grad_() for s in state) if with_state else None
+    phi = feature_map(feature)
+    ry, (rs, rz) = linear_attention_chunked(phi(rq), phi(rk), rv, rst, normalize, EPS, chunk_size=8)
+    rloss = (ry * gy.double()).sum() + (rs * gs.double()).sum() + (rz * gz.double()).sum()
+    rgrads = torch.autograd.grad(rloss, [rq, rk, rv] + (list(rst) if with_state else []))
+    assert y.dtype == dtype and s_t.dtype == z_t.dtype == torch.float32
+    for x in (y, s_t, z_t, *grads):
+        assert torch.isfinite(x).all()
+    return [rel(y, ry), rel(s_t, rs), rel(z_t, rz)] + [rel(a, r) for a, r in zip(grads, rgrads)]
+
+
+NAMES = ["y", "S_T", "z_T", "dq", "dk", "dv", "dS0", "dz0"]
+
+FP32_CASES = [
+    # feature, normalize, initial state, T, Dk, Dv, chunk, group
+    ("elu_plus_one", True, True, 37, 8, 16, 16, 2),
+    ("elu_plus_one", True, False, 128, 32, 32, 64, 1),  # the default chunk of 64
+    ("relu", False, False, 50, 32, 8, 16, 1),  # Dk != Dv
+    ("relu", True, True, 33, 8, 16, 16, 3),
+    ("identity", False, True, 40, 16, 24, 32, 1),  # Dv not a power of two
+    ("taylor", True, True, 37, 16, 16, 16, 2),  # BASED: d = 16 -> 273 features
+    ("taylor", False, False, 20, 4, 24, 16, 1),  # d padded to 16 inside the kernel
+]
+
+
+@pytest.mark.parametrize("feature,normalize,with_state,t,dk,dv,chunk,group", FP32_CASES)
+def test_kernel_fp32_matches_reference(feature, normalize, with_state, t, dk, dv, chunk, group) -> None:
+    errs = compare(feature, normalize, with_state, t=t, dk=dk, dv=dv, chunk=chunk, group=group)
+    for name, e in zip(NAMES, errs):
+        assert e <= 1e-5, f"{name}: {e:.2e}"
+
+
+@pytest.mark.parametrize("feature", ["elu_plus_one", "taylor"])
+def test_kernel_fp16_matches_reference(feature) -> None:
+    errs = compare(feature, True, True, t=40, dk=16, dv=16, dtype=torch.float16, group=2)
+    assert errs[0] <= 5e-3, f"y: {errs[0]:.2e}"
+    for name, e in zip(NAMES[1:], errs[1:]):
+        assert e <= 1e-2, f"{name}: {e:.2e}"
+
+
+def test_state_carries_across_calls() -> None:
+    """Two kernel calls with the state carried equal one call (the streaming invariant at the op level)."""
+    q, k, v, _ = make(2, 45, 2, 16, 16, "taylor", False)
+    full, (s, z) = linear_attention_triton(q, k, v, "taylor", chunk_size=16)
+    y1, st = linear_attention_triton(q[:, :19], k[:, :19], v[:, :19], "taylor", chunk_size=16)
+    y2, (s2, z2) = linear_attention_triton(q[:, 19:], k[:, 19:], v[:, 19:], "taylor", initial_state=st, chunk_size=16)
+    assert rel(torch.cat([y1, y2], 1), full) <= 1e-5 and rel(s2, s) <= 1e-5 and rel(z2, z) <= 1e-5
+
+
+@pytest.mark.parametrize("feature,dk", [("elu_plus_one", 16), ("taylor", 16), ("taylor", 5)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_decode_step_matches_recurrent_reference(feature, dk, inplace) -> None:
+    b, h, dv, steps = 3, 2, 24, 3
+    q, k, v, state = make(b, steps, h, dk, dv, feature, True, seed=4)
+    s, z = state[0].clone(), state[1].clone()
+    phi = feature_map(feature)
+    ry, (rs, rz) = linear_attention_recurrent(phi(q.double()), phi(k.double()), v.double(), (s.double(), z.double()), eps=EPS)
+    st = (s, z)
+    for i in range(steps):
+        y, st = linear_attention_step_triton(q[:, i], k[:, i], v[:, i], st, feature, eps=EPS, inplace=inplace)
+        assert rel(y, ry[:, i]) <= 1e-5
+    assert rel(st[0], rs) <= 1e-5 and rel(st[1], rz) <= 1e-5
+    assert (st[0] is s) == inplace  # in place: the caller's buffers hold the new state
+
+
+def test_op_dispatch_triton_backend() -> None:
+    q, k, v, state = make(1, 24, 2, 8, 8, "elu_plus_one", True)
+    ref, (rs, rz) = linear_attention(q.double(), k.double(), v.double(), initial_state=tuple(x.double() for x in state), eps=EPS)
+    for mode in ("chunked", "recurrent"):
+        y, (s, z) = linear_attention(q, k, v, initial_state=state, eps=EPS, mode=mode, backend="triton", chunk_size=16)
+        assert rel(y, ref) <= 1e-5 and rel(s, rs) <= 1e-5 and rel(z, rz) <= 1e-5, mode
+
+
+def test_relu_all_zero_features_give_zero_output() -> None:
+    """relu features can vanish; the denominator is then ε and the output 0/ε = 0, not NaN."""
+    q, k, v, _ = make(1, 20, 1, 16, 16, "relu", False)
+    y, _ = linear_attention_triton(-q.abs() - 0.1, k, v, "relu", chunk_size=16)
+    assert torch.isfinite(y).all() and y.abs().max() == 0
+
+
+def test_mixer_kernel_path_matches_reference_path() -> None:
+    """The mixers' Triton path (taken on CUDA) equals their reference path, streamed token by token."""
+    from mnemotorch.layers import get_mixer
+
+    torch.manual_seed(0)
+    for name, kw in (("based", {"feature_dim": 4}), ("linear_attention", {"feature": "elu_plus_one"})):
+        m = get_mixer(name, dim=32, num_heads=2, **kw)
+        x = torch.randn(2, 20, 32)
+        ref, ref_state = m(x)
+        q = m.q_proj(x).view(2, 20, 2, m.feature_dim)
+        k = m.k_proj(x).view(2, 20, 2, m.feature_dim)
+        v = m.v_proj(x).view(2, 20, 2, m.head_dim)
+        y, (s, z) = m._kernel_forward(q, k, v, m.init_state(2))
+        assert rel(m.o_proj(y.reshape(2, 20, 32)), ref) <= 1e-5 and rel(s, ref_state.S) <= 1e-5, name
+        with torch.no_grad():  # the decode-step kernel
+            st = m.init_state(2)
+            for i in range(3):
+                y1, (s1, z1) = m._kernel_forward(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], st)
+                st = type(st)(seen_tokens=i + 1, S=s1, z=z1)
+            y_ref, st_ref = m(x[:, :3])
+            assert rel(m.o_proj(y1.reshape(2, 1, 32)), y_ref[:, 2:3]) <= 1e-5 and rel(s1, st_ref.S) <= 1e-5, name
+
+
+def test_bad_input_clear_errors() -> None:
+    q, k, v, _ = make(1, 8, 1, 32, 16, "taylor", False)
+    with pytest.raises(ValueError, match="Taylor q/k feature dims d in 1..16"):
+        linear_attention_triton(q, k, v, "taylor")
+    with pytest.raises(ValueError, match="Taylor q/k feature dims"):
+        linear_attention(q, k, v, feature="taylor", backend="triton")
+    big = torch.randn(1, 8, 1, 256)
+    with pytest.raises(ValueError, match="q/k head dims 1..128"):
+        linear_attention_triton(big, big, v, "elu_plus_one")
+    with pytest.raises(ValueError, match="value head dims"):
+        linear_attention_triton(q, k, torch.randn(1, 8, 1, 512), "relu")
+    with pytest.raises(NotImplementedError, match="float16, bfloat16 and float32"):
+        linear_attention_triton(q.double(), k.double(), v.double(), "relu")
+    with pytest.raises(ValueError, match="feature maps"):
+        linear_attention(q, k, v, feature=torch.relu, backend="triton")
+    with pytest.raises(ValueError, match="parallel"):
+        linear_attention(q, k, v, mode="parallel", backend="triton")
+    with pytest.raises(ValueError, match="forward-only"):
+        linear_attention(q.requires_grad_(), k, v, mode="recurrent", backend="triton")
+    with pytest.raises(ValueError, match=r"S0 must have shape \[1, 1, 32, 16\]"):
+        linear_attention_triton(q, k, v, "relu", initial_state=(torch.zeros(1, 1, 31, 16), torch.zeros(1, 1, 32)))
+    with pytest.raises(ValueError, match=r"\[B, H, D\]"):
+        linear_attention_step_triton(q, k, v, (torch.zeros(1), torch.zeros(1)), "relu")
+    with pytest.raises(TypeError, match="inplace=True needs a contiguous float32 state"):
+        linear_attention_step_triton(q[:, 0], k[:, 0], v[:, 0], (torch.zeros(1, 1, 32, 16, dtype=torch.float64), torch.zeros(1, 1, 32)), "relu", inplace=True)
