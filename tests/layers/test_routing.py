@@ -491,3 +491,15 @@ def test_flex_block_lists_cover_the_rule(t: int, shared: bool, causal: bool) -> 
     assert (partial | full).float().mean() < 1.0
     if t == 700 and shared:
         assert full.any()
+
+
+def test_pending_kmeans_stats_follow_the_module() -> None:
+    """Statistics recorded before ``.to()`` move with the module (on a GPU: CPU -> CUDA), so the
+    next training forward can add to them."""
+    m = get_mixer("routing", dim=24, num_heads=3, num_clusters=2).train()
+    m(torch.randn(2, 12, 24))
+    assert m._pending_sums is not None and m._pending_sums.dtype == torch.float32
+    m.double()
+    assert m._pending_sums.dtype == torch.float64
+    m(torch.randn(2, 12, 24, dtype=torch.float64))
+    assert m._pending_sums.dtype == torch.float64

@@ -297,6 +297,16 @@ class RoutingAttention(Mixer):
             new_state = empty
         return y, new_state
 
+    def _apply(self, fn, recurse=True):
+        # Statistics recorded but not yet applied follow the module to its new device / dtype
+        # (.to(), .cuda(), .double()); otherwise the next training forward would add tensors on
+        # two devices.
+        out = super()._apply(fn, recurse)
+        for name in ("_pending_sums", "_pending_counts"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        return out
+
     # -- online k-means: the explicit API a training loop calls -------------------------------
     def _record(self, rq: Tensor, cq: Tensor, rk: Tensor, ck: Tensor) -> None:
         """Accumulate this call's k-means statistics (no gradient) and commitment loss (with gradient)."""
