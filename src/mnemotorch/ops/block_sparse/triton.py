@@ -41,7 +41,7 @@ def _ld_full(ptrs, d_ok, EVEN_D: tl.constexpr):
     if EVEN_D:
         x = tl.load(ptrs)
     else:
-        x = _ld_full(ptrs, d_ok, EVEN_D)
+        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
     return x
 
 
@@ -51,7 +51,7 @@ def _ld_rows(ptrs, row_ok, d_ok, EVEN_D: tl.constexpr):
     if EVEN_D:
         x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
-        x = _ld_rows(ptrs, row_ok, d_ok, EVEN_D)
+        x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     return x
 
 
