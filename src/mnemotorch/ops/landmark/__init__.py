@@ -1,10 +1,16 @@
-"""Landmark attention (Mohtashami & Jaggi, 2023): the grouped softmax used in training.
+"""Landmark attention (Mohtashami & Jaggi, 2023, arXiv:2305.16300).
 
-Only the float64 specification exists so far (``reference.py``): the paper's grouped-softmax
-formula and the equivalent flat softmax over shifted logits. The ``landmark`` mixer, the block-gated
-Triton kernel and top-k block retrieval at inference come later (issue 7).
+* ``reference.py``: the grouped softmax of training, and the equivalent flat softmax over shifted
+  logits (float64 specification);
+* ``attention.py``: :func:`landmark_attention`, the grouped softmax on the block-gated Triton
+  kernel (CUDA) or the reference;
+* ``retrieval.py``: inference-time top-k block retrieval through the landmark keys, a per-query
+  reference and the store-based implementation the ``landmark`` mixer uses;
+* ``data.py``: the data transform inserting a landmark token every ``block_len`` tokens.
 """
 
+from .attention import landmark_attention
+from .data import check_landmarks, insert_landmarks, landmark_labels, landmark_positions, remove_landmarks, with_landmarks_length
 from .reference import (
     flat_softmax_weights,
     grouped_softmax_weights,
@@ -12,11 +18,22 @@ from .reference import (
     landmark_mask,
     shifted_logits,
 )
+from .retrieval import GRANULARITIES, landmark_retrieval_reference, retrieve_and_attend
 
 __all__ = [
+    "GRANULARITIES",
+    "check_landmarks",
     "flat_softmax_weights",
     "grouped_softmax_weights",
+    "insert_landmarks",
+    "landmark_attention",
     "landmark_grouped_attention_reference",
+    "landmark_labels",
     "landmark_mask",
+    "landmark_positions",
+    "landmark_retrieval_reference",
+    "remove_landmarks",
+    "retrieve_and_attend",
     "shifted_logits",
+    "with_landmarks_length",
 ]
