@@ -33,6 +33,7 @@ from . import hcam, relative  # noqa: F401,E402  (registers `hcam` and `relative
 from . import titans  # noqa: F401,E402  (registers `titans_lmm`)
 from . import routing  # noqa: F401,E402  (registers `routing`)
 from . import lla  # noqa: F401,E402  (registers `lla`)
+from . import titans_variants  # noqa: F401,E402  (registers `titans_mac`, `titans_mag`, `titans_mal`)
 from . import miras  # noqa: F401,E402  (registers `moneta`, `yaad`, `memora`, `delta_net`, `gated_delta_net`)
-from .vision import HaloAttention, NeighborhoodAttention2D  # noqa: F401,E402  (2-D modules, not registered mixers)
 from . import landmark  # noqa: F401,E402  (registers `landmark`)
+from .vision import HaloAttention, NeighborhoodAttention2D  # noqa: F401,E402  (2-D modules, not registered mixers)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.memory import ACTIVATIONS, MAX_DEPTH, MemoryState, accumulation_dtype, memory_hidden_shapes, neural_memory
+from ..ops.memory import ACTIVATIONS, MAX_DEPTH, MemoryState, accumulation_dtype, memory_forward, memory_hidden_shapes, neural_memory
 from .base import Mixer, MixerState
 from .registry import register_mixer
 from .short_conv import causal_depthwise_conv
@@ -170,6 +170,26 @@ class TitansLMM(Mixer):
     @staticmethod
     def _flatten(ws: tuple[Tensor, ...]) -> Tensor:
         return torch.cat([w.flatten(2) for w in ws], dim=-1)
+
+    # -- pieces reused by the Titans variants (layers/titans_variants.py) ----------------------
+    def project_queries(self, x: Tensor, conv: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Memory queries of another token stream: ``x [B, T, dim]`` -> ``(q [B, T, H, D], conv)``.
+
+        The same ``W_Q``, conv taps, SiLU and ℓ2 norm as :meth:`forward`'s queries, with the conv
+        window ``conv [B, K−1, dim]`` of *that* stream carried separately (MAC reads the memory with
+        queries of the segment while the memory itself is written with the attention output).
+        """
+        b, t, _ = x.shape
+        q = F.linear(x, self.qkv_proj.weight[: self.dim])
+        if self.conv_weight is not None:
+            q, conv = causal_depthwise_conv(q, self.conv_weight[: self.dim], conv)
+        return F.normalize(F.silu(q).view(b, t, self.num_heads, self.head_dim), dim=-1), conv
+
+    def read(self, flat_weights: Tensor, q: Tensor) -> Tensor:
+        """``M*(q)``: the memory with weights ``[B, H, P]`` applied to ``q [B, T, H, D]``, no update."""
+        weights = self._unflatten(flat_weights.to(accumulation_dtype(q.dtype)))
+        out = memory_forward(weights, q.to(weights[0].dtype).transpose(1, 2), self.activation, self.residual, self.layer_norm)
+        return out.transpose(1, 2).to(q.dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
