@@ -4,6 +4,8 @@
   boundary refinement, two-stage retrieval, host-memory KV with a bounded device cache.
 * :class:`InfLLM` — InfLLM (Xiao et al., 2024): the same machinery with fixed-size blocks.
 * :func:`detect_retrieval_heads`, :func:`mask_heads` — retrieval heads (Wu et al., 2024).
+* :class:`TCAAttention` — context-adaptive per-head sparse attention (You et al., 2025).
+* ``pipeline("mnemo-longctx", ...)`` — prefill a context once, answer several questions.
 
 Each memory is a dataclass used as a context manager: ``with memory(model): model.generate(...)``.
 See docs/longctx.md.
@@ -24,11 +26,14 @@ from .segmentation import (
     token_surprise,
 )
 from .store import EventStore, select_events
+from .pipeline import LongContextPipeline  # registers pipeline("mnemo-longctx")
+from .tca import TCAAttention, TCABudgets, log_gaussian_configs, retain_counts, tca_attention, tca_attention_reference
 
 __all__ = [
     "EpisodicMemory",
     "EventStore",
     "InfLLM",
+    "LongContextPipeline",
     "EpisodicMemoryError",
     "RetrievalHeads",
     "SUPPORTED_MODEL_TYPES",
@@ -48,6 +53,12 @@ __all__ = [
     "refine_boundaries",
     "retrieval_scores",
     "select_events",
+    "TCAAttention",
+    "TCABudgets",
+    "log_gaussian_configs",
+    "retain_counts",
+    "tca_attention",
+    "tca_attention_reference",
     "similarity_graph",
     "surprise_boundaries_reference",
     "token_surprise",

@@ -161,6 +161,7 @@ class EpisodicMemory:
                 heads.append((int(item[0]), int(item[1])))
             self.retrieval_heads = heads
         self._model: nn.Module | None = None
+        self._mnemo = False
         self._states: list[_SeqState] = []
         self._chunk: dict[str, Any] | None = None
         self.retrievals: list[int] = []
@@ -191,15 +192,47 @@ class EpisodicMemory:
 
     # ------------------------------------------------------------------ checks
 
+    def _check_mnemo(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        """Our own ``MnemoForCausalLM``: supported when every layer is the ``attention`` mixer with RoPE."""
+        from ..layers.attention import CausalSelfAttention
+
+        base = model.model
+        layers = list(getattr(base, "layers", []))
+        bad = []
+        for i, layer in enumerate(layers):
+            mixer = getattr(layer, "mixer", None)
+            if type(mixer) is not CausalSelfAttention or not mixer.rope:
+                name = model.config.layer_plan[i].get("type", type(mixer).__name__) if i < len(model.config.layer_plan) else type(mixer).__name__
+                bad.append(f"{i} ({name})")
+        if not layers or bad:
+            raise EpisodicMemoryError(
+                f"{type(self).__name__} supports MnemoForCausalLM only when every layer is the 'attention' mixer "
+                f"(softmax attention with RoPE); unsupported layers: {', '.join(bad) or 'none found'}")
+        n_layers, n_heads = len(layers), int(model.config.num_attention_heads)
+        self._check_indices(n_layers, n_heads)
+        return base, [layer.mixer for layer in layers]
+
+    def _check_indices(self, n_layers: int, n_heads: int) -> None:
+        for i in self.refine_layers or []:
+            if not isinstance(i, int) or not 0 <= i < n_layers:
+                raise EpisodicMemoryError(f"refine_layers entry {i!r} is not a layer index of this {n_layers}-layer model")
+        for layer, head in self.retrieval_heads or []:
+            if layer >= n_layers or head >= n_heads:
+                raise EpisodicMemoryError(f"retrieval head ({layer}, {head}) is outside the model ({n_layers} layers x {n_heads} heads)")
+
     def _check_model(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
         base = getattr(model, "model", None)
+        self._mnemo = model_type == "mnemo"
+        if self._mnemo and base is not None and hasattr(model, "lm_head"):
+            return self._check_mnemo(model)
         if model_type not in SUPPORTED_MODEL_TYPES or base is None or not hasattr(model, "lm_head"):
             raise EpisodicMemoryError(
                 f"{type(self).__name__} supports causal LMs with RoPE of model_type {supported} "
-                f"(…ForCausalLM with .model and .lm_head); got {type(model).__name__} with model_type={model_type!r}")
+                f"(…ForCausalLM with .model and .lm_head), and our MnemoForCausalLM with only 'attention' layers; "
+                f"got {type(model).__name__} with model_type={model_type!r}")
         if not isinstance(getattr(base, "rotary_emb", None), nn.Module):
             raise EpisodicMemoryError(f"{type(model).__name__} has no rotary embedding (model.model.rotary_emb): "
                                f"the memory needs RoPE; supported: {supported}")
@@ -222,13 +255,7 @@ class EpisodicMemory:
             if window is not None and self.n_local > int(window):
                 raise EpisodicMemoryError(f"layer {i} uses sliding-window attention of {window} tokens; n_local ({self.n_local}) "
                                    f"must not exceed it")
-        n_layers, n_heads = len(attns), int(config.num_attention_heads)
-        for i in self.refine_layers or []:
-            if not isinstance(i, int) or not 0 <= i < n_layers:
-                raise EpisodicMemoryError(f"refine_layers entry {i!r} is not a layer index of this {n_layers}-layer model")
-        for layer, head in self.retrieval_heads or []:
-            if layer >= n_layers or head >= n_heads:
-                raise EpisodicMemoryError(f"retrieval head ({layer}, {head}) is outside the model ({n_layers} layers x {n_heads} heads)")
+        self._check_indices(len(attns), int(config.num_attention_heads))
         return base, attns
 
     # ------------------------------------------------------------------ install / uninstall
@@ -256,7 +283,7 @@ class EpisodicMemory:
         self._states = []
         for i, attn in enumerate(attns):
             self._saved.append((attn, attn.__dict__.get("forward")))
-            attn.forward = self._attention_forward(attn, i)
+            attn.forward = self._mixer_forward(attn, i) if self._mnemo else self._attention_forward(attn, i)
         original = model.forward
         self._saved.append((model, model.__dict__.get("forward")))
 
@@ -288,7 +315,7 @@ class EpisodicMemory:
 
     def _new_states(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         cfg = self._model.config
-        hkv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        hkv = int(getattr(self._attns[0], "num_kv_heads", None) or getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         d = int(self._attns[0].head_dim)
         storage = torch.device("cpu") if (self.offload and device.type != "cpu") else device
         cache = self.cache_tokens if self.cache_tokens is not None else 2 * self.n_mem
@@ -410,6 +437,39 @@ class EpisodicMemory:
             return self._attention(attn, layer, hidden_states, position_embeddings, kwargs), None
         return forward
 
+    def _mixer_forward(self, mixer: nn.Module, layer: int) -> Any:
+        """MnemoForCausalLM: the ``attention`` mixer's ``forward(x, state) -> (y, state)``, episodic.
+
+        The returned state only counts tokens (what ``MnemoCache.get_seq_length`` reads); the keys
+        and values live in the memory, as with the Hugging Face cache.
+        """
+        from ..layers.base import MixerState
+        from ..ops.rotary import rotary_cos_sin
+
+        def forward(x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+            chunk = self._chunk
+            if chunk is None:
+                raise EpisodicMemoryError("the episodic attention runs only inside the causal LM's forward "
+                                          "(call the MnemoForCausalLM, not model.model)")
+            seen = 0 if state is None else int(state.seen_tokens)
+            c = x.shape[1]
+            positions = torch.arange(chunk["start"], chunk["start"] + c, device=x.device)
+            cos, sin = rotary_cos_sin(positions, mixer.head_dim, mixer.rope_theta, dtype=x.dtype)
+            y = self._attention(mixer, layer, x, (cos[None], sin[None]), {})
+            return y, MixerState(seen_tokens=seen + c)
+
+        return forward
+
+    def _memory_rotation(self, attn: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[1, 1, D]`` of position ``n_local``: where every memory token sits for a query."""
+        mpos = torch.full((1, 1), self.n_local, device=hidden.device, dtype=torch.long)
+        if self._mnemo:
+            from ..ops.rotary import rotary_cos_sin
+
+            cos, sin = rotary_cos_sin(mpos[0], attn.head_dim, attn.rope_theta, dtype=hidden.dtype)
+            return cos[None], sin[None]
+        return self._base.rotary_emb(hidden, mpos)
+
     def _attention(self, attn: nn.Module, layer: int, hidden: Tensor, position_embeddings: Any, kwargs: dict) -> Tensor:
         chunk = self._chunk
         if chunk is None:
@@ -428,8 +488,7 @@ class EpisodicMemory:
         cos, sin = position_embeddings
         cos1, sin1 = cos.unsqueeze(1), sin.unsqueeze(1)
         q_loc, k_rot = rotate(q, cos1, sin1), rotate(k, cos1, sin1)
-        mpos = torch.full((1, 1), self.n_local, device=hidden.device, dtype=torch.long)
-        mcos, msin = self._base.rotary_emb(hidden, mpos)
+        mcos, msin = self._memory_rotation(attn, hidden)
         q_mem = rotate(q, mcos.unsqueeze(1).to(q.dtype), msin.unsqueeze(1).to(q.dtype))
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:
@@ -464,7 +523,7 @@ class EpisodicMemory:
         q_pos = torch.arange(start, start + c, device=k.device)
         out, received = episodic_attention(
             q_loc, q_mem, mem_k, mem_v, ls.init_k.shape[1], work_k, work_kr, work_v, q_pos, work_pos,
-            self.n_local, float(attn.scaling), heads)
+            self.n_local, float(getattr(attn, "scaling", attn.head_dim ** -0.5)), heads)
         # Stored state is detached: the memory is for inference and must not keep autograd graphs alive.
         ls.work_k, ls.work_kr, ls.work_v = work_k.detach(), work_kr.detach(), work_v.detach()
         ls.work_s = torch.cat([ls.work_s, torch.zeros(hkv, c, dtype=ls.work_s.dtype, device=k.device)], 1) + received.detach().to(ls.work_s.dtype)
@@ -543,6 +602,49 @@ class EpisodicMemory:
             drop = st.pend_start - st.flag_base
             del st.flags[:drop]
             st.flag_base = st.pend_start
+
+    # ------------------------------------------------------------------ snapshot (one context, several questions)
+
+    _LAYER_TENSORS = ("init_k", "init_v", "pend_k", "pend_v", "pend_s", "work_k", "work_kr", "work_v", "work_s")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The memory's state now, cheaply: tensors are never modified in place (every update makes
+        a new tensor) and events are only appended, so references and lengths suffice.
+        :meth:`restore` returns to it (how the ``mnemo-longctx`` pipeline answers each question
+        from the same prefilled context)."""
+        seqs = []
+        for st in self._states:
+            layers = [({n: getattr(ls, n) for n in self._LAYER_TENSORS}, deque(ls.queue), len(ls.store), ls.store.repr_keys)
+                      for ls in st.layers]
+            hist = st.threshold.history if st.threshold is not None else None
+            seqs.append({"scalars": (st.seen, st.work_start, st.init_len, st.pend_start, st.flag_base),
+                         "lists": (list(st.flags), list(st.surprises), list(st.events)),
+                         "last_logprobs": st.last_logprobs, "history": hist, "layers": layers})
+        return {"states": list(self._states), "seqs": seqs, "retrievals": list(self.retrievals), "log": len(self.log)}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Return to a :meth:`snapshot` taken on this memory (events added since are dropped)."""
+        if len(snap["states"]) != len(self._states) or any(a is not b for a, b in zip(snap["states"], self._states)):
+            raise EpisodicMemoryError("this snapshot belongs to another sequence of the memory (a new sequence was started since)")
+        for st, saved in zip(self._states, snap["seqs"]):
+            st.seen, st.work_start, st.init_len, st.pend_start, st.flag_base = saved["scalars"]
+            st.flags, st.surprises, st.events = (list(x) for x in saved["lists"])
+            st.last_logprobs = saved["last_logprobs"]
+            if st.threshold is not None:
+                st.threshold.history = saved["history"]
+            for ls, (tensors, queue, n_events, repr_keys) in zip(st.layers, saved["layers"]):
+                for name, t in tensors.items():
+                    setattr(ls, name, t)
+                ls.queue = deque(queue)
+                store = ls.store
+                for i in [j for j in store._cache if j >= n_events]:
+                    a, b = store.ranges[i]
+                    del store._cache[i]
+                    store._cached -= b - a
+                del store.ranges[n_events:], store.keys[n_events:], store.values[n_events:]
+                store.repr_keys = repr_keys
+        self.retrievals = list(snap["retrievals"])
+        del self.log[snap["log"]:]
 
     # ------------------------------------------------------------------ introspection
 
