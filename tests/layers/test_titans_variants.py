@@ -100,7 +100,7 @@ class LMMRef:
         q, k, v = F.silu(self.conv(self.hist, m.conv_weight)).view(b, 3, h, d).unbind(1)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         g = torch.sigmoid(x @ m.gate_proj.weight.T + m.gate_proj.bias)
-        theta, eta, alpha = (m.max_lr * g[:, :h], g[:, h : 2 * h], g[:, 2 * h :])
+        theta, eta, alpha = (m.max_lr * g[:, :h], m.max_momentum * g[:, h : 2 * h], g[:, 2 * h :])
         if self.t % m.chunk_size == 0:
             self.W0 = [w.clone() for w in self.W]  # a chunk begins: gradients at these weights
         with torch.enable_grad():
@@ -108,6 +108,9 @@ class LMMRef:
             loss = (memory_apply(w0, k) - v).pow(2).sum()  # rows (b, h) are independent
             grads = torch.autograd.grad(loss, w0)
         c = lambda a: a[:, :, None, None]  # noqa: E731
+        if m.max_grad_norm is not None:  # clip each token's gradient (all layers, per row and head) to norm τ
+            norm = torch.stack([gr.pow(2).sum((-2, -1)) for gr in grads]).sum(0).sqrt()
+            grads = [gr * c(torch.clamp(m.max_grad_norm / norm, max=1.0)) for gr in grads]
         self.S = [c(eta) * s - c(theta) * gr for s, gr in zip(self.S, grads)]
         self.W = [(1 - c(alpha)) * w + s for w, s in zip(self.W, self.S)]
         o = memory_apply(self.W, q)  # read with M_t: the token's own write included

@@ -293,3 +293,97 @@ def test_bad_arguments_are_rejected() -> None:
         get_mixer("titans_lmm", dim=16, num_heads=2, depth=5)
     with pytest.raises(ValueError, match="init_theta"):
         get_mixer("titans_lmm", dim=16, num_heads=2, max_lr=0.1, init_theta=0.2)
+
+
+# -- stability bound: per-token clipping of the surprise gradient (max_grad_norm) ---------------
+
+
+@pytest.mark.parametrize("depth,residual,layer_norm", [(1, False, False), (2, True, False), (3, False, True)])
+@pytest.mark.parametrize("tau", [0.3, 2.0])
+def test_clipped_chunked_equals_reference_and_streams(depth, residual, layer_norm, tau) -> None:
+    """Clipping is part of the specification: token loop = dual form, whole = split inside a chunk."""
+    q, k, v, th, et, al = make_inputs(t=13, seed=31, theta_max=0.3)
+    v = 3 * v  # larger errors, so that some tokens are clipped and some are not
+    st = make_state(2, 2, 4, 4, depth, momentum=True)
+    kw = dict(chunk_size=4, residual=residual, layer_norm=layer_norm, max_grad_norm=tau)
+    y_ref, s_ref = neural_memory_reference(q, k, v, th, et, al, st, **kw)
+    y, s = neural_memory_chunked(q, k, v, th, et, al, st, **kw)
+    assert rel(y, y_ref) <= 1e-10
+    assert_states_close(s, s_ref, 1e-10)
+    y_off, _ = neural_memory_chunked(q, k, v, th, et, al, st, **{**kw, "max_grad_norm": None})
+    assert rel(y_off, y) > 1e-3  # the clip bites at these sizes
+    y1, s1 = neural_memory(q[:, :6], k[:, :6], v[:, :6], th[:, :6], et[:, :6], al[:, :6], st, **kw)
+    y2, s2 = neural_memory(q[:, 6:], k[:, 6:], v[:, 6:], th[:, 6:], et[:, 6:], al[:, 6:], s1, **kw)
+    assert rel(torch.cat([y1, y2], 1), y) <= 1e-10
+    assert_states_close(s2, s, 1e-10)
+
+
+def test_clipping_with_a_large_bound_is_the_paper_update() -> None:
+    q, k, v, th, et, al = make_inputs(t=9, seed=33)
+    st = make_state(2, 2, 4, 4, 2)
+    y0, _ = neural_memory(q, k, v, th, et, al, st, chunk_size=4)
+    y1, _ = neural_memory(q, k, v, th, et, al, st, chunk_size=4, max_grad_norm=1e6)
+    assert torch.equal(y0, y1)
+
+
+def test_clipping_bounds_the_momentum_where_the_paper_update_diverges() -> None:
+    """θ = 0.5, η = 0.99, chunks of 16: the unclipped depth-2 memory blows up within the sequence;
+    clipped, every token's step is at most θτ, so ‖S_t‖ ≤ θτ / (1 − η) per head (a hard bound)."""
+    b, t, h, d = 1, 128, 2, 8
+    q, k, v, _, _, _ = make_inputs(b=b, t=t, h=h, dk=d, dv=d, seed=35)
+    v = 4 * v
+    th, et, al = (torch.full((b, t, h), x, dtype=F64) for x in (0.5, 0.99, 0.001))
+    st = make_state(b, h, d, d, 2, hidden=16, momentum=False)
+    _, s_off = neural_memory(q, k, v, th, et, al, st, chunk_size=16, residual=True)
+    norm = lambda ws: torch.stack([w.pow(2).sum((-2, -1)) for w in ws]).sum(0).sqrt()  # noqa: E731  [B, H]
+    assert not (norm(s_off.weights) < 1e6).all()  # diverged (or non-finite)
+    tau = 1.0
+    y, s_on = neural_memory(q, k, v, th, et, al, st, chunk_size=16, residual=True, max_grad_norm=tau)
+    assert torch.isfinite(y).all()
+    assert (norm(s_on.momentum) <= 0.5 * tau / (1 - 0.99) + 1e-9).all()
+    assert (norm(s_on.weights) <= norm(st.weights) + t * 0.5 * tau / (1 - 0.99)).all()
+
+
+def test_clipping_gradients_agree_and_bad_bound_is_rejected() -> None:
+    q, k, v, th, et, al = make_inputs(b=1, t=10, seed=37, theta_max=0.3)
+    v = 3 * v
+    st = make_state(1, 2, 4, 4, 2)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, th, et, al, *st.weights)]
+    cot = torch.randn(1, 10, 2, 4, dtype=F64)
+    grads = []
+    for impl in (neural_memory_reference, neural_memory_chunked):
+        y, out = impl(*leaves[:6], list(leaves[6:]), 4, "silu", True, False, max_grad_norm=0.5)
+        grads.append(torch.autograd.grad((y * cot).sum() + sum(w.sum() for w in out.weights), leaves))
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert torch.isfinite(a).all() and rel(b, a) <= 1e-10, i
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            neural_memory(q, k, v, th, et, al, list(st.weights), max_grad_norm=bad)
+    for kw in (dict(max_momentum=0.0), dict(max_momentum=1.5), dict(max_grad_norm=-1.0), dict(max_momentum=0.5, init_eta=0.6)):
+        with pytest.raises(ValueError, match=next(iter(kw)) if "init_eta" not in kw else "init_eta"):
+            get_mixer("titans_lmm", dim=16, num_heads=2, **kw)
+
+
+def test_mixer_bounds_momentum_gate() -> None:
+    """η_t = max_momentum · σ(·): even with the η logits pushed to +∞, η stays at the bound."""
+    m = get_mixer("titans_lmm", dim=16, num_heads=2, max_momentum=0.8, chunk_size=4).double()
+    assert abs(m.gate_proj.bias[2:4].sigmoid().mean().item() * 0.8 - 0.72) < 1e-6  # starts at 0.9 · bound (set in float32)
+    seen = {}
+
+    import mnemotorch.layers.titans as titans_mod
+
+    orig = titans_mod.neural_memory
+
+    def spy(q, k, v, theta, eta, alpha, *a, **kw):
+        seen["eta"], seen["clip"] = eta, kw.get("max_grad_norm")
+        return orig(q, k, v, theta, eta, alpha, *a, **kw)
+
+    with torch.no_grad():
+        m.gate_proj.bias[2:4].fill_(50.0)
+    try:
+        titans_mod.neural_memory = spy
+        m(torch.randn(1, 5, 16, dtype=F64))
+    finally:
+        titans_mod.neural_memory = orig
+    assert seen["eta"].max().item() <= 0.8 and seen["eta"].max().item() > 0.8 - 1e-12
+    assert seen["clip"] == 1.0  # the default bound is on

@@ -23,7 +23,9 @@ HCAM is exactly ordinary causal softmax attention (without positions, since RoPE
 
 Computation: the weighted sum over chunks equals one softmax over the keys of the kept chunks with
 shifted logits ``q.k_j/sqrt(D) - LSE_{chunk(j)} + g_{i,chunk(j)}`` (the block-gated form also used by
-landmark attention), which is what :func:`hcam_attention` evaluates: O(Tq * Tk) memory.
+landmark attention), which is what :func:`hcam_attention` evaluates: densely in PyTorch (the reference, O(Tq * Tk) memory)
+or, on CUDA, with the block-gated Triton kernel of ``ops.block_sparse.gated`` (chunks = key blocks,
+level-1 logits as its ``gate_bias``, ``lse_gate="none"``), which never builds a ``Tq x Tk`` tensor.
 """
 
 from __future__ import annotations
@@ -47,29 +49,25 @@ def chunk_summaries(k: Tensor, chunk_size: int, start_chunk: int = 0) -> Tensor:
     return part.reshape(b, n, chunk_size, hkv, d).mean(dim=2)
 
 
-def hcam_attention(
+def hcam_gate_logits(
     q: Tensor,
     k: Tensor,
-    v: Tensor,
     summaries: Tensor,
     chunk_size: int,
     top_k: int,
     local_chunk: bool = True,
-    rope_theta: float | None = 10000.0,
     scale: float | None = None,
 ) -> Tensor:
-    """Causal HCAM read-out for the last ``Tq`` of ``Tk`` positions (keys start at position 0).
+    """HCAM's level 1: the gate logit of every (query, chunk), ``-inf`` for chunks a query does not read.
 
     Args:
-        q: ``[B, Tq, H, D]`` un-rotated queries; query ``i`` sits at absolute position ``Tk - Tq + i``.
-        k: ``[B, Tk, Hkv, D]`` un-rotated keys of every position ``0 .. Tk - 1``; v: ``[B, Tk, Hkv, Dv]``.
-        summaries: ``[B, Tk // C, Hkv, D]``, the mean key of each complete chunk (:func:`chunk_summaries`).
-        chunk_size: ``C``; top_k: chunks kept per query and head; local_chunk: see the module docstring.
-        rope_theta: RoPE base for the attention inside chunks (``None``: no positions).
-        scale: logit scale for both levels, default ``D ** -0.5``.
+        q: ``[B, Tq, H, D]`` un-rotated queries at absolute positions ``Tk - Tq ..``.
+        k: ``[B, Tk, Hkv, D]`` un-rotated keys; summaries: ``[B, Tk // C, Hkv, D]``.
+        chunk_size, top_k, local_chunk, scale: as :func:`hcam_attention`.
 
     Returns:
-        ``[B, Tq, H, Dv]``.
+        ``[B, H, Tq, ceil(Tk / C)]`` in float32 for half inputs, else the input dtype: the summary
+        logits of the kept complete chunks and (``local_chunk``) of the query's own partial chunk.
     """
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
@@ -79,15 +77,10 @@ def hcam_attention(
     dev = q.device
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     qpos = torch.arange(tk - tq, tk, device=dev)  # [Tq]
-    kpos = torch.arange(tk, device=dev)  # [Tk]
-    kchunk = kpos // chunk_size
     qchunk = qpos // chunk_size
-
     rep = h // hkv
-    k_h = k.repeat_interleave(rep, dim=2)
-    v_h = v.repeat_interleave(rep, dim=2)
 
-    # Level 1: summary logits over complete chunks; top_k of the eligible ones, earlier chunk first on ties.
+    # Summary logits over complete chunks; top_k of the eligible ones, earlier chunk first on ties.
     neg_inf = torch.tensor(float("-inf"), dtype=work, device=dev)
     gate = torch.full((b, h, tq, n_all), float("-inf"), dtype=work, device=dev)
     if n_done > 0:
@@ -102,6 +95,7 @@ def hcam_attention(
     # The current partial chunk cC .. i (when i does not complete its chunk), outside the competition.
     partial = (qpos + 1) % chunk_size != 0  # [Tq]
     if local_chunk and bool(partial.any()):
+        k_h = k.repeat_interleave(rep, dim=2)
         pad = n_all * chunk_size - tk
         kc = torch.nn.functional.pad(k_h, (0, 0, 0, 0, 0, pad)).reshape(b, n_all, chunk_size, h, d)
         count = torch.arange(1, chunk_size + 1, device=dev, dtype=kc.dtype)
@@ -110,15 +104,82 @@ def hcam_attention(
         g_local = (q * local_sum).sum(-1).transpose(1, 2).to(work) * scale  # [B, H, Tq]
         is_cur = torch.arange(n_all, device=dev)[None, :] == qchunk[:, None]  # [Tq, n_all]
         gate = torch.where(is_cur & partial[:, None], g_local[..., None], gate)
+    return gate
+
+
+def _kernel_ok(q: Tensor, v: Tensor, chunk_size: int) -> bool:
+    """Whether the block-gated Triton kernel takes these shapes (see ``ops.block_sparse.gated``)."""
+    from ..ops.block_sparse.gated import MAX_KERNEL_BLOCK, SUPPORTED_KERNEL_DTYPES
+
+    d = q.shape[-1]
+    return q.dtype in SUPPORTED_KERNEL_DTYPES and v.shape[-1] == d and 16 <= d <= 128 and chunk_size <= MAX_KERNEL_BLOCK
+
+
+def hcam_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    summaries: Tensor,
+    chunk_size: int,
+    top_k: int,
+    local_chunk: bool = True,
+    rope_theta: float | None = 10000.0,
+    scale: float | None = None,
+    backend: str = "reference",
+) -> Tensor:
+    """Causal HCAM read-out for the last ``Tq`` of ``Tk`` positions (keys start at position 0).
+
+    Args:
+        q: ``[B, Tq, H, D]`` un-rotated queries; query ``i`` sits at absolute position ``Tk - Tq + i``.
+        k: ``[B, Tk, Hkv, D]`` un-rotated keys of every position ``0 .. Tk - 1``; v: ``[B, Tk, Hkv, Dv]``.
+        summaries: ``[B, Tk // C, Hkv, D]``, the mean key of each complete chunk (:func:`chunk_summaries`).
+        chunk_size: ``C``; top_k: chunks kept per query and head; local_chunk: see the module docstring.
+        rope_theta: RoPE base for the attention inside chunks (``None``: no positions).
+        scale: logit scale for both levels, default ``D ** -0.5``.
+        backend: ``"reference"`` (default; dense PyTorch, O(Tq·Tk) memory, any dtype), ``"triton"``
+            (the block-gated kernel of ``ops.block_sparse.gated``: chunks = key blocks, the level-1
+            logits as ``gate_bias``, ``lse_gate="none"``; on CPU through the Triton interpreter) or
+            ``"auto"`` (the kernel for CUDA tensors it supports: fp32/fp16/bf16, ``16 <= D <= 128``,
+            ``Dv == D``, ``C <= 128``; else the reference).
+
+    Returns:
+        ``[B, Tq, H, Dv]``.
+    """
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"hcam_attention: backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    b, tq, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    n_all = -(-tk // chunk_size)
+    dev = q.device
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qpos = torch.arange(tk - tq, tk, device=dev)  # [Tq]
+    kpos = torch.arange(tk, device=dev)  # [Tk]
+    kchunk = kpos // chunk_size
+
+    # Level 1: which chunks each query reads, and with which logit.
+    gate = hcam_gate_logits(q, k, summaries, chunk_size, top_k, local_chunk, scale)  # [B, H, Tq, NB]
 
     # Level 2: attention inside chunks (RoPE at absolute positions), normalised per chunk, then gated.
     if rope_theta is not None:
         cos_q, sin_q = rotary_cos_sin(qpos, d, rope_theta, dtype=q.dtype)
         cos_k, sin_k = rotary_cos_sin(kpos, d, rope_theta, dtype=q.dtype)
-        q_r, k_r = apply_rotary(q, cos_q, sin_q), apply_rotary(k_h, cos_k, sin_k)
+        q_r, k_r = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
     else:
-        q_r, k_r = q, k_h
+        q_r, k_r = q, k
+    if backend == "triton" or (backend == "auto" and q.is_cuda and _kernel_ok(q, v, chunk_size)):
+        from ..ops.block_sparse.gated import block_gated_attention
+
+        # The gated op's formula with lse_gate="none" is exactly the sum below: softmax inside each
+        # chunk, chunks mixed by softmax of the gate logits (-inf = not read); GQA by the kernel.
+        return block_gated_attention(
+            q_r, k_r, v, chunk_size, gate_bias=gate.permute(0, 2, 1, 3), lse_gate="none", causal=True, scale=scale, backend="triton"
+        )
+
+    rep = h // hkv
+    k_r, v_h = k_r.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     s = torch.einsum("bihd,bjhd->bhij", q_r, k_r).to(work) * scale  # [B, H, Tq, Tk]
+    neg_inf = torch.tensor(float("-inf"), dtype=work, device=dev)
     gate_k = gate[..., kchunk]  # [B, H, Tq, Tk]
     allowed = torch.isfinite(gate_k) & (kpos[None, :] <= qpos[:, None])
     # A large finite fill keeps logsumexp's backward finite for chunks with no allowed key.
@@ -159,6 +220,8 @@ class HierarchicalChunkAttention(Mixer):
         local_chunk: let each query also attend inside its own partial chunk (see module docstring).
         num_kv_heads: key/value heads (GQA; default ``num_heads``).
         rope_theta: RoPE base for attention inside chunks; ``None`` for no positions.
+        backend: ``"auto"`` (the block-gated Triton kernel on CUDA when the shapes allow it, else the
+            PyTorch reference), ``"triton"`` (always the kernel; CPU interpreter in tests) or ``"reference"``.
 
     The state keeps every key and value (HCAM forgets nothing; it reads sparsely) plus one summary
     per complete chunk: ``state_size(T) = (2 T + T // C) * Hkv * D``.
@@ -176,8 +239,12 @@ class HierarchicalChunkAttention(Mixer):
         local_chunk: bool = True,
         num_kv_heads: int | None = None,
         rope_theta: float | None = 10000.0,
+        backend: str = "auto",
     ):
         super().__init__(dim, num_heads)
+        if backend not in ("auto", "reference", "triton"):
+            raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+        self.backend = backend
         self.chunk_size = _check_int("chunk_size", chunk_size, 1)
         self.top_k = _check_int("top_k", top_k, 1)
         if not isinstance(local_chunk, bool):
@@ -217,7 +284,7 @@ class HierarchicalChunkAttention(Mixer):
         done = state.summaries.shape[1]
         # A chunk's summary is computed once, when it completes, from exactly the keys the full pass uses.
         summaries = torch.cat([state.summaries.to(k.dtype), chunk_summaries(k_all, self.chunk_size, done)], dim=1)
-        y = hcam_attention(q, k_all, v_all, summaries, self.chunk_size, self.top_k, self.local_chunk, self.rope_theta)
+        y = hcam_attention(q, k_all, v_all, summaries, self.chunk_size, self.top_k, self.local_chunk, self.rope_theta, backend=self.backend)
         y = self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim))
         return y, HCAMState(seen_tokens=state.seen_tokens + t, k=k_all, v=v_all, summaries=summaries)
 

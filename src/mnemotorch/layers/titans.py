@@ -47,6 +47,13 @@ class TitansState(MixerState):
     conv: Tensor
 
 
+# Stability bounds (defaults; docs/mixers/titans.md, "Stability of the test-time learner"). The
+# paper's gates are unbounded in (0, 1) and its gradients unclipped: max_momentum=1.0 and
+# max_grad_norm=None give exactly that.
+MAX_MOMENTUM = 0.9
+MAX_GRAD_NORM = 1.0
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
@@ -66,7 +73,14 @@ class TitansLMM(Mixer):
             1 = exact online gradient descent). Any sequence length works (no padding).
         conv_size: taps of the depthwise causal convs on q/k/v (default 4; 0 disables them).
         output_gate: RMSNorm the memory read and gate it with ``SiLU(x W_G)`` before ``W_O`` (default True).
-        init_theta, init_eta, init_alpha: the gate values σ(b) the biases start at (0.1, 0.9, 0.01).
+        max_lr: θ's upper bound, ``θ_t = max_lr · σ(·)`` (default 0.1).
+        max_momentum: η's upper bound, ``η_t = max_momentum · σ(·)`` (default 0.9; 1.0 = the paper's
+            unbounded gate). Caps the momentum's amplification ``1 / (1 − η)`` of stale gradients.
+        max_grad_norm: clip each token's surprise gradient to this norm (over all memory layers, per
+            head) before it enters the momentum (default 1.0; ``None`` = the paper's unclipped
+            update). What keeps an MLP memory from diverging in training (docs: "Stability").
+        init_theta, init_eta, init_alpha: the gate values the biases start at (0.01,
+            ``0.9 · max_momentum``, 0.01).
 
     ``state_size``: ``3 · H · P + (K − 1) · 3 · dim`` (P = memory weights per head), whatever the length.
     """
@@ -87,8 +101,10 @@ class TitansLMM(Mixer):
         conv_size: int = 4,
         output_gate: bool = True,
         max_lr: float = 0.1,
+        max_momentum: float = MAX_MOMENTUM,
+        max_grad_norm: float | None = MAX_GRAD_NORM,
         init_theta: float = 0.01,
-        init_eta: float = 0.9,
+        init_eta: float | None = None,
         init_alpha: float = 0.01,
     ):
         super().__init__(dim, num_heads)
@@ -104,14 +120,26 @@ class TitansLMM(Mixer):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
         if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not 0 < max_lr < math.inf:
             raise ValueError(f"max_lr must be a finite float > 0, got {max_lr!r}")
-        for name, value, high in (("init_theta", init_theta, max_lr), ("init_eta", init_eta, 1), ("init_alpha", init_alpha, 1)):
+        if isinstance(max_momentum, bool) or not isinstance(max_momentum, (int, float)) or not 0 < max_momentum <= 1:
+            raise ValueError(f"max_momentum must be a float in (0, 1] (1 = the paper's unbounded η), got {max_momentum!r}")
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not 0 < max_grad_norm < math.inf
+        ):
+            raise ValueError(f"max_grad_norm must be None (no clipping) or a finite float > 0, got {max_grad_norm!r}")
+        if init_eta is None:  # 0.9 of the bound: 0.9 with the paper's unbounded η
+            init_eta = 0.9 * max_momentum
+        for name, value, high in (("init_theta", init_theta, max_lr), ("init_eta", init_eta, max_momentum), ("init_alpha", init_alpha, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < high:
-                raise ValueError(f"{name} must be a float in (0, {high}), got {value!r}")
+                bound = {"init_theta": "max_lr", "init_eta": "max_momentum"}.get(name)
+                raise ValueError(f"{name} must be a float in (0, {high})" + (f" (below {bound})" if bound else "") + f", got {value!r}")
         self.depth, self.expansion, self.activation = depth, expansion, activation
         self.residual, self.layer_norm, self.output_gate = residual, layer_norm, output_gate
         self.chunk_size, self.conv_size = chunk_size, conv_size
         self.max_lr = float(max_lr)
-        self.init_gates = (float(init_theta) / self.max_lr, float(init_eta), float(init_alpha))
+        self.max_momentum = float(max_momentum)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        # The biases hold σ⁻¹ of the *unscaled* gate: θ = max_lr·σ(·), η = max_momentum·σ(·).
+        self.init_gates = (float(init_theta) / self.max_lr, float(init_eta) / self.max_momentum, float(init_alpha))
         d, h = self.head_dim, num_heads
         self.memory_shapes = memory_hidden_shapes(d, d, depth, expansion * d)
         self.params_per_head = sum(a * b for a, b in self.memory_shapes)
@@ -208,7 +236,7 @@ class TitansLMM(Mixer):
         # Gates in the accumulation dtype: a bf16 sigmoid rounds η or α onto 0 / 1 (log-space -inf).
         gates = self.gate_proj(x).to(accumulation_dtype(x.dtype))
         theta, eta, alpha = torch.sigmoid(gates).view(b, t, 3, h).unbind(2)
-        theta = self.max_lr * theta
+        theta, eta = self.max_lr * theta, self.max_momentum * eta
 
         memory = MemoryState(
             self._unflatten(state.weights),
@@ -219,6 +247,7 @@ class TitansLMM(Mixer):
         o, memory = neural_memory(
             q, k, v, theta, eta, alpha, memory,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual, layer_norm=self.layer_norm,
+            max_grad_norm=self.max_grad_norm,
         )  # fmt: skip
         if self.output_gate:
             o = self.out_norm(o) * F.silu(self.g_proj(x)).view(b, t, h, d)
@@ -238,5 +267,6 @@ class TitansLMM(Mixer):
     def extra_repr(self) -> str:
         return (
             f"depth={self.depth}, expansion={self.expansion}, activation={self.activation!r}, residual={self.residual}, "
-            f"layer_norm={self.layer_norm}, chunk_size={self.chunk_size}, conv_size={self.conv_size}, output_gate={self.output_gate}"
+            f"layer_norm={self.layer_norm}, chunk_size={self.chunk_size}, conv_size={self.conv_size}, output_gate={self.output_gate}, "
+            f"max_lr={self.max_lr}, max_momentum={self.max_momentum}, max_grad_norm={self.max_grad_norm}"
         )

@@ -33,7 +33,7 @@ from ..ops.rotary import apply_rotary, rotary_cos_sin
 from .attention import CausalSelfAttention, KVState, SlidingWindowAttention
 from .base import Mixer, MixerState
 from .registry import register_mixer
-from .titans import TitansLMM, TitansState
+from .titans import MAX_GRAD_NORM, MAX_MOMENTUM, TitansLMM, TitansState
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -96,11 +96,13 @@ class _TitansHybrid(Mixer):
     """Shared parts: the LMM, the persistent tokens, and the ``⊗`` combination."""
 
     def _build_common(self, num_persistent: int, depth: int, expansion: int, activation: str, chunk_size: int,
-                      conv_size: int, max_lr: float, output_gate: bool) -> None:
+                      conv_size: int, max_lr: float, output_gate: bool, max_momentum: float = MAX_MOMENTUM,
+                      max_grad_norm: float | None = MAX_GRAD_NORM) -> None:
         self.num_persistent = _check_int("num_persistent", num_persistent, 0)
         self.memory = TitansLMM(
             self.dim, self.num_heads, depth=depth, expansion=expansion, activation=activation,
             chunk_size=chunk_size, conv_size=conv_size, output_gate=output_gate, max_lr=max_lr,
+            max_momentum=max_momentum, max_grad_norm=max_grad_norm,
             init_theta=min(0.01, 0.1 * max_lr) if isinstance(max_lr, (int, float)) and max_lr > 0 else 0.01,
         )  # fmt: skip  (θ starts at the LMM's 0.01, or at max_lr / 10 for a smaller max_lr)
         self.persistent = nn.Parameter(torch.empty(num_persistent, self.dim)) if num_persistent else None
@@ -170,7 +172,7 @@ class TitansMAG(_TitansHybrid):
         dim, num_heads: model width and heads (``head_dim`` even, for RoPE).
         window: ``W``, tokens each query sees (itself included) besides the persistent ones.
         num_persistent: ``N_p`` learned tokens prefixed to every sequence (0 disables them).
-        depth, expansion, activation, chunk_size, conv_size, max_lr: the LMM's (see ``titans_lmm``).
+        depth, expansion, activation, chunk_size, conv_size, max_lr, max_momentum, max_grad_norm: the LMM's (see ``titans_lmm``).
         rope_theta: RoPE base of the attention. backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     ``state_size(T) = 3HP + 3(K−1)·dim + 2·min(T, W−1)·dim``: bounded.
@@ -178,14 +180,16 @@ class TitansMAG(_TitansHybrid):
 
     description = "Titans MAG: sliding-window attention (+ persistent tokens) gated by the neural long-term memory (Behrouz et al. 2024)"
     example_kwargs = {"window": 8, "num_persistent": 2, "chunk_size": 4, "depth": 2, "expansion": 2, "conv_size": 3}
-    demo_kwargs = {"window": 32, "num_persistent": 4, "chunk_size": 16, "depth": 1}  # depth 2 can diverge at the demo lr (docs)
+    demo_kwargs = {"window": 32, "num_persistent": 4, "chunk_size": 16, "depth": 2, "expansion": 2}
 
     def __init__(self, dim: int, num_heads: int, window: int = 64, num_persistent: int = 4, depth: int = 2, expansion: int = 4,
                  activation: str = "silu", chunk_size: int = 64, conv_size: int = 4, max_lr: float = 0.1,
+                 max_momentum: float = MAX_MOMENTUM, max_grad_norm: float | None = MAX_GRAD_NORM,
                  rope_theta: float = 10000.0, backend: str = "auto"):
         super().__init__(dim, num_heads)
         self.attn = SlidingWindowAttention(dim, num_heads, window=window, rope_theta=rope_theta, backend=backend)
-        self._build_common(num_persistent, depth, expansion, activation, chunk_size, conv_size, max_lr, output_gate=False)
+        self._build_common(num_persistent, depth, expansion, activation, chunk_size, conv_size, max_lr, output_gate=False,
+                           max_momentum=max_momentum, max_grad_norm=max_grad_norm)
         self._build_gate()
         self.reset_mixer_parameters()
 
@@ -258,20 +262,22 @@ class TitansMAL(_TitansHybrid):
 
     Args:
         dim, num_heads, window, num_persistent, depth, expansion, activation, chunk_size, conv_size,
-        max_lr, rope_theta, backend: as for ``titans_mag``.
+        max_lr, max_momentum, max_grad_norm, rope_theta, backend: as for ``titans_mag``.
 
     ``state_size(T) = 3HP + 3(K−1)·dim + 2·min(N_p + T, W−1)·dim``: bounded.
     """
 
     description = "Titans MAL: the neural long-term memory layer (+ persistent tokens) followed by sliding-window attention (Behrouz et al. 2024)"
     example_kwargs = {"window": 8, "num_persistent": 2, "chunk_size": 4, "depth": 2, "expansion": 2, "conv_size": 3}
-    demo_kwargs = {"window": 32, "num_persistent": 4, "chunk_size": 16, "depth": 1}  # depth 2 can diverge at the demo lr (docs)
+    demo_kwargs = {"window": 32, "num_persistent": 4, "chunk_size": 16, "depth": 2, "expansion": 2}
 
     def __init__(self, dim: int, num_heads: int, window: int = 64, num_persistent: int = 4, depth: int = 2, expansion: int = 4,
                  activation: str = "silu", chunk_size: int = 64, conv_size: int = 4, max_lr: float = 0.1,
+                 max_momentum: float = MAX_MOMENTUM, max_grad_norm: float | None = MAX_GRAD_NORM,
                  rope_theta: float = 10000.0, backend: str = "auto"):
         super().__init__(dim, num_heads)
-        self._build_common(num_persistent, depth, expansion, activation, chunk_size, conv_size, max_lr, output_gate=True)
+        self._build_common(num_persistent, depth, expansion, activation, chunk_size, conv_size, max_lr, output_gate=True,
+                           max_momentum=max_momentum, max_grad_norm=max_grad_norm)
         self.attn = SlidingWindowAttention(dim, num_heads, window=window, rope_theta=rope_theta, backend=backend)
         self.reset_mixer_parameters()
 
@@ -345,7 +351,7 @@ class TitansMAC(_TitansHybrid):
         dim, num_heads: model width and heads (``head_dim`` even, for RoPE).
         segment_size: ``C``, tokens per attention segment (the attention's context is ``N_p + 2C``).
         num_persistent: ``N_p`` learned tokens prefixed to every segment (0 disables them).
-        depth, expansion, activation, chunk_size, conv_size, max_lr: the LMM's (see ``titans_lmm``);
+        depth, expansion, activation, chunk_size, conv_size, max_lr, max_momentum, max_grad_norm: the LMM's (see ``titans_lmm``);
             ``chunk_size`` (frozen gradients) is independent of ``segment_size``.
         rope_theta: RoPE base of the attention.
 
@@ -354,16 +360,18 @@ class TitansMAC(_TitansHybrid):
 
     description = "Titans MAC: segment attention over [persistent tokens | long-term memory read | segment], memory written with the attention output (Behrouz et al. 2024)"
     example_kwargs = {"segment_size": 8, "num_persistent": 2, "chunk_size": 4, "depth": 2, "expansion": 2, "conv_size": 3}
-    demo_kwargs = {"segment_size": 32, "num_persistent": 4, "chunk_size": 4, "depth": 1, "max_lr": 0.05}  # the memory can diverge at the demo lr (docs)
+    demo_kwargs = {"segment_size": 32, "num_persistent": 4, "chunk_size": 16, "depth": 2, "expansion": 2}  # stable with the default bounds (docs)
 
     def __init__(self, dim: int, num_heads: int, segment_size: int = 64, num_persistent: int = 4, depth: int = 2, expansion: int = 4,
                  activation: str = "silu", chunk_size: int = 64, conv_size: int = 4, max_lr: float = 0.1,
+                 max_momentum: float = MAX_MOMENTUM, max_grad_norm: float | None = MAX_GRAD_NORM,
                  rope_theta: float = 10000.0):
         super().__init__(dim, num_heads)
         self.segment_size = _check_int("segment_size", segment_size, 1)
         # Only the projections and RoPE of the attention module are used; the mask is MAC's own.
         self.attn = CausalSelfAttention(dim, num_heads, rope_theta=rope_theta)
-        self._build_common(num_persistent, depth, expansion, activation, chunk_size, conv_size, max_lr, output_gate=False)
+        self._build_common(num_persistent, depth, expansion, activation, chunk_size, conv_size, max_lr, output_gate=False,
+                           max_momentum=max_momentum, max_grad_norm=max_grad_norm)
         self._build_gate()
         self.reset_mixer_parameters()
 

@@ -36,6 +36,7 @@ from .miras import (
 from .reference import (
     ACTIVATIONS,
     DEFAULT_LN_EPS,
+    clip_scale,
     MAX_DEPTH,
     MemoryState,
     accumulation_dtype,
@@ -68,6 +69,7 @@ __all__ = [
     "MemoryState",
     "accumulation_dtype",
     "chunk_coefficients",
+    "clip_scale",
     "memory_forward",
     "memory_hidden_shapes",
     "neural_memory",
@@ -93,6 +95,7 @@ def neural_memory(
     mode: str = "chunked",
     debug: bool = False,
     backend: str = "auto",
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Titans neural memory: write ``(k_t, v_t)`` by test-time gradient descent, read ``M_t(q_t)``.
 
@@ -114,6 +117,10 @@ def neural_memory(
         mode: ``"chunked"`` (dual form, the training path) or ``"recurrent"`` (the token loop).
         debug: check gate ranges and the state's finiteness chunk by chunk (chunked mode; syncs).
         backend: ``"auto"`` or ``"reference"`` (only PyTorch implementations exist so far).
+        max_grad_norm: ``τ`` or ``None`` (default: the paper's update). Clips every token's surprise
+            gradient to norm ``τ`` before it enters the momentum, ``∇_t ← ∇_t · min(1, τ / ‖∇_t‖)``,
+            the norm taken over all memory layers per batch row and head (a stability bound;
+            ``docs/mixers/titans.md``, "Stability").
 
     Returns:
         ``(y [B, T, H, Dv], MemoryState)``; ``y`` in the dtype of ``q``, the state in float32 for
@@ -132,5 +139,5 @@ def neural_memory(
     device_type = q.device.type if isinstance(q, Tensor) else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):
         if mode == "recurrent":
-            return neural_memory_reference(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps)
-        return neural_memory_chunked(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, debug)
+            return neural_memory_reference(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, max_grad_norm)
+        return neural_memory_chunked(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, debug, max_grad_norm)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import DEFAULT_LN_EPS, MemoryState, accumulation_dtype, check_memory_args
+from .reference import DEFAULT_LN_EPS, MemoryState, accumulation_dtype, check_max_grad_norm, check_memory_args, clip_scale
 
 
 def _masks(c: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -112,6 +112,7 @@ def _segment(
     residual: bool,
     layer_norm: bool,
     ln_eps: float,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One segment (``c`` tokens of one chunk), all ``[B, H, c, ·]``: read outputs and the state after it."""
     depth = len(w)
@@ -134,6 +135,11 @@ def _segment(
         d = (d @ w0[i].transpose(-1, -2)) * _act_grad(activation, zs[i - 1])
         deltas.append(d)
     deltas.reverse()
+    if max_grad_norm is not None:
+        # ‖∇_s‖² = Σ_l ‖X_{l−1}[s]‖² ‖Δ_l[s]‖² (Frobenius norm of each outer product), so the clip
+        # needs no materialised gradient; it scales ∇_s, i.e. the step θ_s it enters N and G with.
+        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(xs, deltas))
+        theta = theta * clip_scale(sq, max_grad_norm)
 
     # 2) Coefficient matrices of the gates (log space).
     g_mat, n_mat, beta, m, f = chunk_coefficients(theta, log_retain, log_eta)
@@ -176,6 +182,7 @@ def neural_memory_chunked(
     layer_norm: bool = False,
     ln_eps: float = DEFAULT_LN_EPS,
     debug: bool = False,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Chunked dual-form Titans memory; arguments and returns as :func:`neural_memory_reference`.
 
@@ -184,6 +191,7 @@ def neural_memory_chunked(
     """
     fn = "neural_memory_chunked"
     state = check_memory_args(fn, q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm)
+    max_grad_norm = check_max_grad_norm(fn, max_grad_norm)
     acc = accumulation_dtype(q.dtype)
     if debug:
         _check_gates(fn, theta, eta, alpha)
@@ -201,7 +209,7 @@ def neural_memory_chunked(
     while start < total:
         c = min(chunk_size - pos, total - start)
         sl = slice(start, start + c)
-        y, w, s = _segment(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], th[..., sl], la[..., sl], le[..., sl], w0, w, s, activation, residual, layer_norm, ln_eps)
+        y, w, s = _segment(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], th[..., sl], la[..., sl], le[..., sl], w0, w, s, activation, residual, layer_norm, ln_eps, max_grad_norm)
         if debug:
             _check_state(fn, w, s, theta, eta, alpha, start, start + c, index)
         outs.append(y)

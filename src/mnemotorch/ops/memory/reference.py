@@ -195,6 +195,7 @@ def neural_memory_reference(
     residual: bool = False,
     layer_norm: bool = False,
     ln_eps: float = DEFAULT_LN_EPS,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """The Titans memory update and read, one token at a time (see the module docstring).
 
@@ -207,12 +208,16 @@ def neural_memory_reference(
             tensor per layer; zero momentum, at a chunk start).
         chunk_size: ``C``; gradients inside a chunk are taken at its start weights.
         activation, residual, layer_norm, ln_eps: the memory architecture (:func:`memory_forward`).
+        max_grad_norm: ``τ``, optional per-token clipping of the surprise gradient (see
+            :func:`clip_scale`): ``∇_t ← ∇_t · min(1, τ / ‖∇_t‖)`` with the norm over all memory
+            layers, per batch row and head. ``None`` (default) = the paper's unclipped update.
 
     Returns:
         ``(y [B, T, H, Dv], final MemoryState)``; ``y_t = M_t(q_t)``.
     """
     fn = "neural_memory_reference"
     state = check_memory_args(fn, q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm)
+    max_grad_norm = check_max_grad_norm(fn, max_grad_norm)
     acc = accumulation_dtype(q.dtype)
     cast = lambda ts: tuple(t.to(acc) for t in ts)  # noqa: E731
     w, s, w0, pos = cast(state.weights), cast(state.momentum), cast(state.chunk_start), state.position
@@ -229,12 +234,33 @@ def neural_memory_reference(
         if pos == 0:
             w0 = w  # a chunk begins: its gradients are all taken at these weights
         g = grad(w0, kf[:, :, i : i + 1], vf[:, :, i : i + 1])
+        if max_grad_norm is not None:
+            sq = sum(g_l.pow(2).sum((-2, -1)) for g_l in g)  # ‖∇_t‖² over all layers, [B, H]
+            scale = clip_scale(sq, max_grad_norm)[..., None, None]
+            g = tuple(scale * g_l for g_l in g)
         s = tuple(et[:, :, i] * s_l - th[:, :, i] * g_l for s_l, g_l in zip(s, g))
         w = tuple((1 - al[:, :, i]) * w_l + s_l for w_l, s_l in zip(w, s))
         outs.append(memory_forward(w, qf[:, :, i : i + 1], activation, residual, layer_norm, ln_eps))
         pos = (pos + 1) % chunk_size
     y = torch.cat(outs, 2) if outs else vf
     return y.transpose(1, 2).to(q.dtype), MemoryState(w, s, w if pos == 0 else w0, pos)
+
+
+def clip_scale(sq_norm: Tensor, max_norm: float) -> Tensor:
+    """``min(1, τ / ‖∇‖)`` from the squared norm ``‖∇‖²``: the factor that clips a gradient to norm ``τ``.
+
+    Written as ``τ · rsqrt(max(‖∇‖², τ²))`` so that a zero gradient gives a finite derivative (the
+    ``sqrt`` of a zero norm would give ``0 · ∞ = NaN`` in the backward).
+    """
+    return max_norm * torch.rsqrt(torch.clamp(sq_norm, min=max_norm * max_norm))
+
+
+def check_max_grad_norm(fn: str, max_grad_norm: object) -> float | None:
+    if max_grad_norm is None:
+        return None
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+        raise ValueError(f"{fn}: max_grad_norm must be None (no clipping) or a finite float > 0, got {max_grad_norm!r}")
+    return float(max_grad_norm)
 
 
 def check_ln_eps(fn: str, ln_eps: object) -> float:
