@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -165,6 +167,50 @@ def test_hcam_bad_arguments() -> None:
     _, state = get_mixer("attention", dim=16, num_heads=2)(torch.randn(1, 3, 16))
     with pytest.raises(TypeError, match="HCAMState"):
         mixer(torch.randn(1, 3, 16), state)
+    with pytest.raises(ValueError, match="backend"):
+        HierarchicalChunkAttention(16, 2, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        hcam_attention(*hcam_inputs(t=4)[:2], hcam_inputs(t=4)[2], chunk_summaries(hcam_inputs(t=4)[1], 2), 2, 1, backend="fast")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+@pytest.mark.parametrize("local_chunk", [True, False])
+def test_hcam_mixer_kernel_path_equals_reference_path(local_chunk: bool) -> None:
+    """The mixer on the block-gated kernel (interpreter, fp32) = its PyTorch path: outputs, every
+    parameter's gradient, and a streamed second call (queries after a cached prefix)."""
+    torch.manual_seed(11)
+    kw = dict(dim=32, num_heads=2, num_kv_heads=1, chunk_size=4, top_k=2, local_chunk=local_chunk)
+    ref_mixer = get_mixer("hcam", backend="reference", **kw)
+    ker_mixer = get_mixer("hcam", backend="triton", **kw)
+    ker_mixer.load_state_dict(ref_mixer.state_dict())
+    x = torch.randn(1, 14, 32)
+    go = torch.randn(1, 14, 32)
+    outs, grads = [], []
+    for mixer in (ref_mixer, ker_mixer):
+        y1, st = mixer(x[:, :9])
+        y2, _ = mixer(x[:, 9:], st)  # 5 queries over 14 keys: a split inside a chunk
+        y = torch.cat([y1, y2], 1)
+        outs.append(y)
+        grads.append(torch.autograd.grad(y, list(mixer.parameters()), go))
+    assert torch.isfinite(outs[1]).all()
+    assert rel(outs[1], outs[0]) <= 1e-5
+    for (name, _), a, r in zip(ref_mixer.named_parameters(), grads[1], grads[0]):
+        assert rel(a, r) <= 1e-5, name
+    # the float64 loop agrees with the reference path, so the kernel path is tied to the paper's definition
+    full, _ = ref_mixer.double()(x.double())
+    assert rel(outs[0].double(), full) <= 1e-5
+
+
+def test_hcam_auto_backend_uses_the_reference_on_cpu(monkeypatch) -> None:
+    import mnemotorch.ops.block_sparse.gated as gated
+
+    def boom(*a, **k):
+        raise AssertionError("the kernel must not run for CPU tensors with backend='auto'")
+
+    monkeypatch.setattr(gated, "block_gated_attention", boom)
+    mixer = get_mixer("hcam", dim=32, num_heads=2, chunk_size=4, top_k=2)
+    y, _ = mixer(torch.randn(1, 9, 32))
+    assert torch.isfinite(y).all()
 
 
 # ---------------------------------------------------------------------------- relative attention
@@ -201,7 +247,7 @@ def test_relative_bad_arguments() -> None:
     with pytest.raises(ValueError, match="share_heads"):
         RelativeAttention(16, 2, share_heads=1)
     with pytest.raises(ValueError, match="backend"):
-        RelativeAttention(16, 2, backend="triton")
+        RelativeAttention(16, 2, backend="cuda")  # "triton" is a backend now (the fused kernel)
     with pytest.raises(ValueError, match="num_kv_heads"):
         RelativeAttention(16, 4, num_kv_heads=3)
     assert RelativeAttention(12, 4).head_dim == 3  # no RoPE: odd head sizes are fine

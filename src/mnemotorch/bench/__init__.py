@@ -20,6 +20,7 @@ BENCH_SUITES: dict[str, tuple[str, str]] = {
     "kernels": ("mnemotorch.bench.block_sparse:main", "GPU: block-sparse attention vs SDPA / FlexAttention"),
     "hebbian": ("mnemotorch.bench.hebbian_capacity:main", "Hebbian / delta-rule associative-memory capacity (CPU)"),
     "linear": ("mnemotorch.bench.linear_attention:main", "GPU: linear attention / BASED kernels vs fla and SDPA; batched decode"),
+    "relative": ("mnemotorch.bench.relative:main", "GPU: fused relative-attention kernel vs the naive skew and dense SDPA (speed, peak memory)"),
 }
 
 

@@ -4,8 +4,10 @@ Multi-head causal softmax attention whose logits add a learned relative-position
 RoPE: ``logits[i, j] = (q_i . k_j + q_i . E[min(i - j, R)]) / sqrt(D)`` for ``j <= i``. ``E`` is a
 learned table with one row per distance ``0 .. R`` (``R = max_distance``; farther keys share row
 ``R``, Shaw et al.'s clipping), one table per head by default (``share_heads=True``: one table for all
-heads). The whole-sequence call computes the relative logits by the paper's skewing procedure; a call
-after a cache gathers them by distance from absolute positions. The state is the KV cache.
+heads). On CUDA the fused Triton kernel computes the attention with the ``E`` band loaded per tile
+(``O(L D)`` extra memory); on the CPU the whole-sequence call computes the relative logits by the
+paper's skewing procedure and a call after a cache gathers them by distance from absolute positions.
+The state is the KV cache.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class RelativeAttention(_QKVAttention):
         max_distance: ``R``; distances ``0 .. R`` have their own embedding, longer ones use row ``R``.
         share_heads: one ``[R + 1, D]`` table for all heads instead of one per head.
         num_kv_heads: key/value heads (GQA; default ``num_heads``).
-        backend: ``"auto"`` or ``"reference"`` (both plain PyTorch for now; see ``ops.relative``).
+        backend: ``"auto"`` (the Triton kernel on CUDA, plain PyTorch on the CPU), ``"triton"`` or
+            ``"reference"``; see ``ops.relative``.
 
     State: ``KVState`` with all keys and values, ``state_size(T) = 2 * T * Hkv * D``.
     """
@@ -44,8 +47,8 @@ class RelativeAttention(_QKVAttention):
         num_kv_heads: int | None = None,
         backend: str = "auto",
     ):
-        if backend not in ("auto", "torch", "reference"):
-            raise ValueError(f"backend must be one of ('auto', 'torch', 'reference'), got {backend!r}")
+        if backend not in ("auto", "torch", "reference", "triton"):
+            raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}")
         # relative embeddings replace RoPE
         super().__init__(dim, num_heads, num_kv_heads=num_kv_heads, backend=backend, rope=False)
         if not isinstance(max_distance, int) or isinstance(max_distance, bool) or max_distance < 0:
@@ -59,7 +62,8 @@ class RelativeAttention(_QKVAttention):
         nn.init.normal_(self.rel_emb, std=0.02)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        # Tq == Tk (no cache): skewing; Tq < Tk: gather by distance -- same logits, so streaming is exact.
+        # CUDA: the fused kernel (any Tq <= Tk). Reference: Tq == Tk (no cache) skewing, Tq < Tk gather
+        # by distance -- the same logits either way, so streaming is exact.
         return relative_attention(q, k, v, self.rel_emb, backend=self.backend)
 
     def state_size(self, seq_len: int) -> int:

@@ -5,11 +5,18 @@ Backends:
 * ``"reference"``, ``"torch"``, ``"auto"`` -- plain PyTorch (``reference.py``): the skewing
   procedure when the queries are the whole sequence (``Tq == Tk``), the clipped-distance gather
   after a cache (``Tq < Tk``). ``O(L D + L^2)`` memory, never ``L^2 D``.
-* ``"triton"`` -- not written yet (a fused kernel that loads the ``E_r`` band per tile: issue 7).
+* ``"triton"`` -- the fused FlashAttention-style kernel (``triton.py``): loads only the ``E`` band
+  each (query tile, key tile) needs and skews it in registers, so the extra memory is ``O(L D)``,
+  never ``L^2`` or ``L^2 D``; forward and backward (dQ, dK, dV, dE). float32/float16/bfloat16, head
+  dim 16..256, ``v``'s head dim equal to ``q``'s. Runs on CPU tensors only under Triton's interpreter.
+
+``"auto"`` picks the kernel for CUDA tensors of a supported dtype and head dim, the reference
+otherwise (the CPU, float64).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..checks import check_backend, check_qkv
@@ -35,6 +42,32 @@ def check_rel_emb(fn: str, q: Tensor, rel_emb: Tensor) -> None:
         raise ValueError(f"{fn}: rel_emb is on {rel_emb.device} but q is on {q.device}")
 
 
+#: dtypes the Triton kernel accepts (float64 stays on the reference).
+SUPPORTED_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether ``backend="auto"`` picks the kernel: on CUDA with Triton installed."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+        return False
+    return True
+
+
+def _kernel_refusal(q: Tensor, v: Tensor) -> Exception | None:
+    """The error explaining why the kernel cannot run on these inputs (``None``: it can)."""
+    if q.dtype not in SUPPORTED_KERNEL_DTYPES:
+        return TypeError(f"relative_attention: the Triton kernel supports dtypes {SUPPORTED_KERNEL_DTYPES}, got {q.dtype}")
+    if v.shape[-1] != q.shape[-1]:
+        return ValueError(f"relative_attention: the Triton kernel needs v's head dim equal to q's, got {v.shape[-1]} and {q.shape[-1]}")
+    if not 1 <= q.shape[-1] <= 256:
+        return ValueError(f"relative_attention: the Triton kernel supports head dims up to 256, got {q.shape[-1]}")
+    return None
+
+
 def relative_attention(
     q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor, scale: float | None = None, backend: str = "auto"
 ) -> Tensor:
@@ -46,8 +79,9 @@ def relative_attention(
         rel_emb: ``[Hr, R + 1, D]``, ``Hr`` in ``{1, H}``: row ``d`` is the embedding of distance
             ``i - j = d``; distances beyond ``R`` use row ``R``.
         scale: logit scale applied to ``q.k + q.e``, default ``D ** -0.5``.
-        backend: ``"auto"``, ``"torch"`` or ``"reference"`` (all plain PyTorch for now); ``"triton"``
-            raises ``NotImplementedError``.
+        backend: ``"auto"`` (the Triton kernel on CUDA for float32/16 and bfloat16, else plain
+            PyTorch), ``"triton"`` (the kernel; on CPU tensors only under ``TRITON_INTERPRET=1``),
+            ``"torch"`` or ``"reference"`` (plain PyTorch: skewing or distance gather).
 
     Returns:
         ``[B, Tq, H, Dv]``.
@@ -55,14 +89,23 @@ def relative_attention(
     check_qkv("relative_attention", q, k, v)
     check_backend("relative_attention", backend)
     check_rel_emb("relative_attention", q, rel_emb)
-    if backend == "triton":
-        raise NotImplementedError("relative_attention has no Triton backend yet; use backend='auto'")
     rel_emb = rel_emb.to(q.dtype)
+    use_kernel = backend == "triton" or (backend == "auto" and triton_available(q.device))
+    use_kernel = use_kernel and q.shape[1] > 0  # nothing to launch for an empty query block
+    if use_kernel:
+        refusal = _kernel_refusal(q, v)
+        if refusal is None:
+            from .triton import relative_attention_triton
+
+            return relative_attention_triton(q, k, v, rel_emb, q.shape[-1] ** -0.5 if scale is None else float(scale))
+        if backend == "triton":
+            raise refusal
     form = "skew" if q.shape[1] == k.shape[1] else "gather"
     return relative_attention_reference(q, k, v, rel_emb, scale, form=form)
 
 
 __all__ = [
+    "SUPPORTED_KERNEL_DTYPES",
     "relative_attention",
     "relative_attention_reference",
     "relative_distance_index",
