@@ -12,7 +12,11 @@ import torch
 from mnemotorch.ops.linear import feature_dim, feature_map, linear_attention_chunked
 from mnemotorch.ops.linear.triton import linear_attention_step_triton, linear_attention_triton
 
-pytestmark = pytest.mark.gpu
+# Known failure (H100, torch 2.11, Triton 3.6, 2026-11-25): test_bf16_realistic[elu_plus_one-64-64] gave a
+# relative output error of 0.55 with fixed launch parameters, and the autotuned kernels hit an illegal
+# memory access at T = 4096 (scripts/diag_linear.py). The kernels are opt-in (MNEMO_LINEAR_KERNELS=1)
+# until this file passes; xfail (not strict) so a fix shows up as XPASS.
+pytestmark = [pytest.mark.gpu, pytest.mark.xfail(reason="linear-attention kernels fail on the H100 (see above)", strict=False)]
 
 
 def rel(a, b) -> float:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.linear import (
+    kernels_enabled,
     DEFAULT_EPS,
     RULES,
     accumulation_dtype,
@@ -81,7 +82,8 @@ class LinearAttention(Mixer):
         eps: ε of the denominator.
 
     Calls with ``T > 1`` use the chunked form; a one-token call (decoding) uses the recurrent step.
-    On CUDA tensors both run as Triton kernels (:mod:`mnemotorch.ops.linear.triton`: the feature
+    With ``MNEMO_LINEAR_KERNELS=1`` (opt-in: the kernels failed on an H100, see
+    :mod:`mnemotorch.ops.linear`), on CUDA tensors both run as Triton kernels (:mod:`mnemotorch.ops.linear.triton`: the feature
     map, BASED's Taylor map included, is applied inside the kernel; chunk length 64 unless
     ``chunk_size`` is 16/32/64/128) whenever the kernels support the settings (``taylor`` with
     ``feature_dim ≤ 16``, other maps with ``feature_dim ≤ 128``, head size ≤ 256, fp32/bf16/fp16);
@@ -144,7 +146,7 @@ class LinearAttention(Mixer):
         q = self.q_proj(x).view(b, t, self.num_heads, self.feature_dim)
         k = self.k_proj(x).view(b, t, self.num_heads, self.feature_dim)
         v = self.v_proj(x).view(b, t, self.num_heads, self.head_dim)
-        if x.is_cuda and t > 0 and _kernels().kernel_support("linear_attention", q, k, v, self.feature) is None:
+        if x.is_cuda and t > 0 and kernels_enabled() and _kernels().kernel_support("linear_attention", q, k, v, self.feature) is None:
             y, (s, z) = self._kernel_forward(q, k, v, state)
             y = self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim))
             return y, LinearAttentionState(seen_tokens=state.seen_tokens + t, S=s, z=z)
