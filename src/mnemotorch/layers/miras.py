@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..ops.memory import MAX_DEPTH, MemoryState, accumulation_dtype, memory_hidden_shapes, miras_instance, miras_memory, retention_map
 from .base import Mixer, MixerState
 from .registry import register_mixer
-from .short_conv import causal_depthwise_conv
+from .short_conv import conv_silu_qkv
 
 
 @dataclass
@@ -150,12 +150,7 @@ class _MirasMixer(Mixer):
             state = self.init_state(x.shape[0], x.device, x.dtype)
         b, t, _ = x.shape
         h, d = self.num_heads, self.head_dim
-        qkv = self.qkv_proj(x)
-        conv = state.conv
-        if self.conv_weight is not None:
-            qkv, conv = causal_depthwise_conv(qkv, self.conv_weight, state.conv)
-        q, k, v = F.silu(qkv).view(b, t, 3, h, d).unbind(2)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v, conv = conv_silu_qkv(self.qkv_proj(x), self.conv_weight, state.conv, h, d)
         gates = self._gates(x)
 
         p = self._unflatten(state.weights)

@@ -70,6 +70,27 @@ def causal_depthwise_conv(u: Tensor, weight: Tensor, past: Tensor | None = None,
     return c, ext[:, ext.shape[1] - (k - 1) :].clone()
 
 
+def conv_silu_qkv(
+    qkv: Tensor, weight: Tensor | None, past: Tensor | None, num_heads: int, head_dim: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The Titans / DeltaNet input path shared by the memory mixers: depthwise causal conv over the
+    fused projections (skipped when ``weight`` is None), SiLU, split into heads, ℓ2-normalised q, k.
+
+    Args:
+        qkv: ``[B, T, 3·H·D]`` fused q/k/v projections.
+        weight, past: conv taps ``[3·H·D, K]`` and the carried window ``[B, K−1, 3·H·D]``.
+
+    Returns:
+        ``q, k, v [B, T, H, D]`` and the new conv window (``past`` when there is no conv).
+    """
+    b, t, _ = qkv.shape
+    conv = past
+    if weight is not None:
+        qkv, conv = causal_depthwise_conv(qkv, weight, past)
+    q, k, v = F.silu(qkv).view(b, t, 3, num_heads, head_dim).unbind(2)
+    return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, conv
+
+
 @register_mixer("short_conv")
 class ShortConv(Mixer):
     """Gated causal depthwise short convolution (BASED / H3 gated convolution).

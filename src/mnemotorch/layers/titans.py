@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..ops.memory import ACTIVATIONS, MAX_DEPTH, MemoryState, accumulation_dtype, memory_forward, memory_hidden_shapes, neural_memory
 from .base import Mixer, MixerState
 from .registry import register_mixer
-from .short_conv import causal_depthwise_conv
+from .short_conv import causal_depthwise_conv, conv_silu_qkv
 
 
 @dataclass
@@ -227,12 +227,7 @@ class TitansLMM(Mixer):
             state = self.init_state(x.shape[0], x.device, x.dtype)
         b, t, _ = x.shape
         h, d = self.num_heads, self.head_dim
-        qkv = self.qkv_proj(x)
-        conv = state.conv
-        if self.conv_weight is not None:
-            qkv, conv = causal_depthwise_conv(qkv, self.conv_weight, state.conv)
-        q, k, v = F.silu(qkv).view(b, t, 3, h, d).unbind(2)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v, conv = conv_silu_qkv(self.qkv_proj(x), self.conv_weight, state.conv, h, d)
         # Gates in the accumulation dtype: a bf16 sigmoid rounds η or α onto 0 / 1 (log-space -inf).
         gates = self.gate_proj(x).to(accumulation_dtype(x.dtype))
         theta, eta, alpha = torch.sigmoid(gates).view(b, t, 3, h).unbind(2)
