@@ -404,6 +404,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_llama(args: argparse.Namespace) -> int:
+    from .models.export import ExportError, save_as_llama
+
+    model, tok, train_cfg, _ = _load_checkpoint(args.checkpoint, "cpu")
+    max_pos = args.max_positions
+    if max_pos is None:
+        max_pos = int(((train_cfg or {}).get("data") or {}).get("seq_len") or 0) or None
+        if max_pos is None:
+            raise UsageError("--max-positions is needed: the checkpoint has no training config with data.seq_len")
+    try:
+        path = save_as_llama(model, tok, args.out, max_pos)
+    except ExportError as err:
+        raise UsageError(str(err)) from err
+    _out(f"wrote LlamaForCausalLM ({sum(p.numel() for p in model.parameters()):,} parameters, "
+         f"max_position_embeddings={max_pos}) to {path}; evaluate it with --model hf:{path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # mnemo list
 # ---------------------------------------------------------------------------------------------
@@ -661,6 +679,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("export-llama", help="save an attention-only checkpoint as a Hugging Face LlamaForCausalLM")
+    p.add_argument("checkpoint", help="checkpoint directory (or a run's out_dir)")
+    p.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--max-positions", type=int, default=None,
+                   help="max_position_embeddings (default: the training seq_len)")
+    p.set_defaults(func=_cmd_export_llama)
 
     p = sub.add_parser("list", help="list registered token mixers")
     p.add_argument("--seq-len", type=int, default=_REF_SEQ_LEN, help="sequence length for the state size column")

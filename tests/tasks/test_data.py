@@ -167,3 +167,61 @@ def test_sequential_batches_ranks_concatenate_to_single_process(drop_last: bool)
         assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
     with pytest.raises(ValueError, match="divisible by world_size"):
         SequentialBatches(TOKENS, batch_size=5, seq_len=10, world_size=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# NeedleMixBatches
+# ---------------------------------------------------------------------------------------------
+
+def _needle_mix(fraction, rank=0, world_size=1, seed=0):
+    from mnemotorch.tasks import ByteTokenizer, NeedleMixBatches
+
+    tokens = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0))
+    text = "It was the best of times. It was the worst of times. " * 60
+    base = RandomWindowBatches(tokens, 8, 400, seed=seed, rank=rank, world_size=world_size)
+    return NeedleMixBatches(base, ByteTokenizer(), [None, text], fraction, seed=seed)
+
+
+def test_needle_mix_replaces_a_fraction_of_rows_with_needles():
+    from mnemotorch.tasks import ByteTokenizer
+
+    tok = ByteTokenizer()
+    mix = _needle_mix(0.5)
+    n_needle = 0
+    for step in range(20):
+        x, y = mix.get_batch(step)
+        assert x.shape == y.shape == (8, 400) and torch.equal(x[:, 1:], y[:, :-1])
+        for row in range(8):
+            text = tok.decode(x[row].tolist() + y[row, -1:].tolist())
+            if "The pass key is" in text:
+                n_needle += 1
+                assert "What is the pass key? The pass key is" in text
+    assert 50 <= n_needle <= 110  # 160 rows at p = 0.5
+    assert torch.equal(_needle_mix(0.0).get_batch(3)[0], _needle_mix(0.0).base.get_batch(3)[0])
+
+
+def test_needle_mix_is_a_pure_function_of_step_and_shards_like_the_base():
+    full = _needle_mix(0.5)
+    halves = [_needle_mix(0.5, rank=r, world_size=2) for r in range(2)]
+    for step in (0, 5):
+        x, _ = full.get_batch(step)
+        assert torch.equal(torch.cat([h.get_batch(step)[0] for h in halves]), x)
+        assert torch.equal(_needle_mix(0.5).get_batch(step)[0], x)
+    it = _needle_mix(0.5)
+    next(it), next(it)
+    state = it.state_dict()
+    again = _needle_mix(0.5)
+    again.load_state_dict(state)
+    assert torch.equal(next(again)[0], next(it)[0])
+
+
+def test_needle_mix_rejects_bad_arguments():
+    from mnemotorch.tasks import ByteTokenizer, NeedleMixBatches
+
+    base = RandomWindowBatches(torch.randint(0, 256, (500,)), 2, 100)
+    with pytest.raises(ValueError, match="fraction"):
+        NeedleMixBatches(base, ByteTokenizer(), [None], 1.5)
+    with pytest.raises(ValueError, match="kinds"):
+        NeedleMixBatches(base, ByteTokenizer(), [None], 0.5, kinds=["haystack"])
+    with pytest.raises(ValueError, match="haystacks"):
+        NeedleMixBatches(base, ByteTokenizer(), [], 0.5)

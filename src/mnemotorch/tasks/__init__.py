@@ -8,7 +8,7 @@
 """
 
 from .corpus import BUNDLED_CORPORA, load_text, split_text
-from .data import IGNORE_INDEX, RandomWindowBatches, SequentialBatches, encode_corpus
+from .data import IGNORE_INDEX, NeedleMixBatches, RandomWindowBatches, SequentialBatches, encode_corpus
 from .tokenizer import (
     TOKENIZER_KINDS,
     BPETokenizer,
@@ -21,6 +21,7 @@ from .tokenizer import (
 __all__ = [
     "BUNDLED_CORPORA",
     "IGNORE_INDEX",
+    "NeedleMixBatches",
     "TOKENIZER_KINDS",
     "BPETokenizer",
     "ByteTokenizer",

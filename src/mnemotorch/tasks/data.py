@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .tokenizer import Tokenizer
 
-__all__ = ["IGNORE_INDEX", "RandomWindowBatches", "SequentialBatches", "encode_corpus"]
+__all__ = ["IGNORE_INDEX", "NeedleMixBatches", "RandomWindowBatches", "SequentialBatches", "encode_corpus"]
 
 #: Label of positions that carry no target (padding); the default ``ignore_index`` of
 #: ``torch.nn.functional.cross_entropy`` and the Hugging Face convention.
@@ -297,3 +297,110 @@ class SequentialBatches:
             f"seq_len={self.seq_len}, num_batches={self.num_batches}, rank={self.rank}, "
             f"world_size={self.world_size}, drop_last={self.drop_last})"
         )
+
+
+class NeedleMixBatches:
+    """Language-model batches with a fraction of rows replaced by needle-retrieval sequences.
+
+    A model that is to be evaluated on long-context retrieval must first retrieve reliably
+    *within* its training length; plain book text rarely asks it to. This sampler wraps a
+    :class:`RandomWindowBatches` and, per row, with probability ``fraction`` replaces the window
+    by a needle example (:func:`~mnemotorch.tasks.synthetic.make_needle_examples`: instruction,
+    haystack with the needle at a uniform depth, question, answer) of exactly ``seq_len + 1``
+    tokens, trained with the ordinary next-token loss on all of its tokens.
+
+    Which rows are replaced, their kind, haystack, depth and needle are a pure function of
+    ``(seed, step, row)`` drawn for the *global* batch, so the stream keeps the properties of the
+    wrapped sampler (exact resume, DDP == single process); ``state_dict`` is the wrapped one's.
+
+    Args:
+        base: the book-text sampler (its ``seq_len`` and batch sizes are used).
+        tokenizer: encodes the needle text (``" "`` must be one token).
+        haystacks: texts to cut haystacks from; ``None`` stands for the synthetic filler.
+        fraction: probability that a row is a needle example, in ``[0, 1]``.
+        kinds: needle kinds drawn uniformly (``"passkey"``, ``"number"``, ``"word"``).
+        seed: needle stream seed.
+    """
+
+    def __init__(
+        self,
+        base: RandomWindowBatches,
+        tokenizer: Tokenizer,
+        haystacks: list[str | None],
+        fraction: float,
+        kinds: tuple[str, ...] | list[str] = ("passkey",),
+        seed: int = 0,
+    ) -> None:
+        from .synthetic.needle import NEEDLE_KINDS
+
+        if not isinstance(base, RandomWindowBatches):
+            raise TypeError(f"base must be a RandomWindowBatches, got {type(base).__name__}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+        kinds = tuple(kinds)
+        if not kinds or any(k not in NEEDLE_KINDS for k in kinds):
+            raise ValueError(f"kinds must be a non-empty list of {list(NEEDLE_KINDS)}, got {list(kinds)}")
+        if not haystacks:
+            raise ValueError("haystacks must list at least one text (or None for the synthetic filler)")
+        self.base = base
+        self.tokenizer = tokenizer
+        self.haystacks = list(haystacks)
+        self.fraction = float(fraction)
+        self.kinds = kinds
+        self.seed = int(seed)
+        self._builders: dict[tuple[str, int], Any] = {}
+
+    @property
+    def step(self) -> int:
+        return self.base.step
+
+    def _builder(self, kind: str, h: int) -> Any:
+        from .synthetic.needle import _HaystackBuilder
+
+        if (kind, h) not in self._builders:
+            self._builders[(kind, h)] = _HaystackBuilder(self.tokenizer, self.haystacks[h], kind, instruction=True)
+        return self._builders[(kind, h)]
+
+    def get_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """Batch ``step`` of this rank: ``(input_ids, labels)``, ``LongTensor [b, seq_len]`` each."""
+        import numpy as np
+
+        x, y = self.base.get_batch(step)
+        if self.fraction == 0.0:
+            return x, y
+        g = torch.Generator(device="cpu")
+        g.manual_seed((self.seed * _SEED_STRIDE + step + 7919) % _SEED_MOD)
+        n = self.base.batch_size
+        replace = torch.rand(n, generator=g) < self.fraction
+        kind_idx = torch.randint(0, len(self.kinds), (n,), generator=g)
+        hay_idx = torch.randint(0, len(self.haystacks), (n,), generator=g)
+        row_seeds = torch.randint(0, 2**62, (n,), generator=g)
+        b = self.base.local_batch_size
+        lo = self.base.rank * b
+        x, y = x.clone(), y.clone()
+        for r in range(b):
+            i = lo + r
+            if not bool(replace[i]):
+                continue
+            rng = np.random.default_rng(int(row_seeds[i]))
+            builder = self._builder(self.kinds[int(kind_idx[i])], int(hay_idx[i]))
+            ids = builder.build(self.base.seq_len + 1, float(rng.random()), rng).input_ids.to(x.device)
+            x[r], y[r] = ids[:-1], ids[1:]
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        batch = self.get_batch(self.base.step)
+        self.base.step += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.base.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"NeedleMixBatches({self.base!r}, fraction={self.fraction}, kinds={list(self.kinds)}, haystacks={len(self.haystacks)})"

@@ -48,6 +48,13 @@ class DataConfig:
     vocab_size: int = 1024
     val_fraction: float = 0.1
     seq_len: int = 128
+    #: fraction of training rows replaced by needle-retrieval sequences (``NeedleMixBatches``);
+    #: 0 = plain text. Validation stays plain text.
+    needle_fraction: float = 0.0
+    #: needle kinds mixed in (``"passkey"``, ``"number"``, ``"word"``).
+    needle_kinds: list[str] = field(default_factory=lambda: ["passkey"])
+    #: haystacks of the needle rows: ``"text"`` (the training text), ``"synthetic"`` (filler) or ``"both"``.
+    needle_haystack: Literal["text", "synthetic", "both"] = "both"
 
 
 @dataclass
@@ -129,6 +136,13 @@ class TrainConfig:
             raise ValueError(f"num_threads must be > 0 or None, got {self.num_threads}")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        if not 0.0 <= self.data.needle_fraction <= 1.0:
+            raise ValueError(f"data.needle_fraction must be in [0, 1], got {self.data.needle_fraction}")
+        from ..tasks.synthetic.needle import NEEDLE_KINDS
+
+        bad = [k for k in self.data.needle_kinds if k not in NEEDLE_KINDS]
+        if bad or not self.data.needle_kinds:
+            raise ValueError(f"data.needle_kinds must be a non-empty list of {list(NEEDLE_KINDS)}, got {self.data.needle_kinds}")
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}")
         for name in ("lr", "weight_decay", "grad_clip"):

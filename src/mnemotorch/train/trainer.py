@@ -336,6 +336,11 @@ class Trainer:
         )
         batches = RandomWindowBatches(train_tokens, cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
                                       rank=info.rank, world_size=info.world_size)
+        if cfg.data.needle_fraction > 0:
+            from ..tasks import NeedleMixBatches
+
+            haystacks = {"text": [train_text], "synthetic": [None], "both": [None, train_text]}[cfg.data.needle_haystack]
+            batches = NeedleMixBatches(batches, tok, haystacks, cfg.data.needle_fraction, cfg.data.needle_kinds, seed=cfg.seed)
         start_step = 0
         if state is not None:
             load_full_optimizer_state_dict(wrapped, optimizer, state["optimizer"], info)

@@ -192,6 +192,7 @@ class _HaystackBuilder:
                 raise ValueError("haystack text is empty (no sentence to fill the context with)")
             self.text = haystack
         self._ids: dict[int, list[int]] = {}
+        self._words: frozenset[str] | None = None
         pad = _encode(tokenizer, " ")
         if len(pad) != 1:
             raise ValueError(f"the tokenizer must encode ' ' as one token (used to reach the exact length), got {pad!r}")
@@ -205,6 +206,15 @@ class _HaystackBuilder:
         if key not in self._ids:
             self._ids[key] = _encode(self.tokenizer, self.units[key])
         return self._ids[key]
+
+    def _in_text(self, token: str) -> bool:
+        """``_occurs(self.text, token)``, with a word set for single words: a regex scan of a whole
+        book per drawn value is what made building training batches slow."""
+        if re.fullmatch(r"\w+", token):
+            if self._words is None:
+                self._words = frozenset(re.findall(r"\w+", self.text.lower()))
+            return token.lower() in self._words
+        return _occurs(self.text, token)
 
     def draw_key_value(self, rng: np.random.Generator) -> tuple[str, str]:
         for _ in range(_MAX_VALUE_TRIES):
@@ -220,7 +230,7 @@ class _HaystackBuilder:
             # the key itself, which the question repeats ("... the magic word for noble-spider").
             if key and _occurs(key, value):
                 continue
-            if self.synthetic or not (_occurs(self.text, value) or (key and _occurs(self.text, key))):
+            if self.synthetic or not (self._in_text(value) or (key and self._in_text(key))):
                 return key, value
         raise ValueError(
             f"could not draw a {self.kind} value absent from the haystack text in {_MAX_VALUE_TRIES} tries"
