@@ -17,12 +17,16 @@ for phase in ${PHASES:-train eval}; do
   case "$phase" in
     train)
       # Steps that fit TRAIN_SECONDS at the throughput of a 60-step probe (the cosine schedule must end).
+      # (set PROBE=1; an H200 ran the config's 2,500 steps at ~760K tokens/s, well inside the limit).
+      STEPS=$(python3 -c "import yaml; print(yaml.safe_load(open('configs/longctx_eval_model.yaml'))['steps'])")
+      if [ "${PROBE:-0}" = 1 ]; then
       python3 -m mnemotorch.cli train configs/longctx_eval_model.yaml --no-progress --set data.source="$MNEMO_DATA_DIR/gutenberg" \
           out_dir=/tmp/longctx_probe resume=none steps=60 log_interval=20 eval_interval=0 save_interval=0 ${TRAIN_SET:-} > "$OUT/probe.log" 2>&1
       STEPS=$(python3 -c "import json; r=[json.loads(l) for l in open('/tmp/longctx_probe/metrics.jsonl')]; tps=[x['tokens_per_s'] for x in r if 'tokens_per_s' in x][-1]; print(max(200, min(${MAX_STEPS:-4000}, int(tps * ${TRAIN_SECONDS:-330} / 32768 / 100) * 100)))")
+      fi
       echo "== train ($RUN): $STEPS steps =="
       timeout ${TRAIN_TIMEOUT:-420} python3 -m mnemotorch.cli train configs/longctx_eval_model.yaml --no-progress \
-          --set data.source="$MNEMO_DATA_DIR/gutenberg" out_dir="$RUN" steps=$STEPS ${TRAIN_SET:-} 2>&1 | tee "$OUT/train.log"
+          --set data.source="$MNEMO_DATA_DIR/gutenberg" out_dir="$RUN" resume=none steps=$STEPS ${TRAIN_SET:-} 2>&1 | tee "$OUT/train.log"
       cp "$RUN/metrics.jsonl" "$OUT/" 2>/dev/null
       python3 -m mnemotorch.cli export-llama "$RUN" "$RUN/hf" 2>&1 | tail -2
       echo "== plain passkey at the training length =="
@@ -31,8 +35,10 @@ for phase in ${PHASES:-train eval}; do
       ;;
     eval)
       echo "== evaluations =="
-      timeout ${EVAL_TIMEOUT:-560} python3 scripts/longctx_eval.py --model "hf:$RUN/hf" --out "$OUT/longctx.json" \
-          --budget ${EVAL_BUDGET:-480} ${EVAL_ARGS:-} 2>&1 | tee "$OUT/eval.log"
+      # The JSON lives in the run directory (resumed by a later call on the same warm machine).
+      timeout ${EVAL_TIMEOUT:-560} python3 scripts/longctx_eval.py --model "hf:$RUN/hf" --out "$RUN/longctx.json" \
+          --budget ${EVAL_BUDGET:-480} ${EVAL_ARGS:-} 2>&1 | tee -a "$OUT/eval.log"
+      cp "$RUN/longctx.json" "$OUT/"
       ;;
   esac
 done

@@ -190,12 +190,19 @@ def test_needle_mix_replaces_a_fraction_of_rows_with_needles():
     n_needle = 0
     for step in range(20):
         x, y = mix.get_batch(step)
-        assert x.shape == y.shape == (8, 400) and torch.equal(x[:, 1:], y[:, :-1])
+        assert x.shape == y.shape == (8, 400)
         for row in range(8):
             text = tok.decode(x[row].tolist() + y[row, -1:].tolist())
             if "The pass key is" in text:
                 n_needle += 1
                 assert "What is the pass key? The pass key is" in text
+                # loss="answer": only the answer's tokens are labelled, and they are the next inputs.
+                lab = (y[row] != -100).nonzero().flatten()
+                assert 1 <= len(lab) <= 6 and lab[-1] == 399
+                assert torch.equal(y[row, lab[:-1]], x[row, lab[:-1] + 1])
+                assert tok.decode(y[row, lab].tolist()).strip().isdigit()
+            else:
+                assert torch.equal(x[row, 1:], y[row, :-1])
     assert 50 <= n_needle <= 110  # 160 rows at p = 0.5
     assert torch.equal(_needle_mix(0.0).get_batch(3)[0], _needle_mix(0.0).base.get_batch(3)[0])
 

@@ -320,6 +320,9 @@ class NeedleMixBatches:
         fraction: probability that a row is a needle example, in ``[0, 1]``.
         kinds: needle kinds drawn uniformly (``"passkey"``, ``"number"``, ``"word"``).
         seed: needle stream seed.
+        loss: ``"answer"`` (default): a needle row's labels are its answer tokens only (``-100``
+            elsewhere), so the haystack -- cut from the training text -- adds no extra epochs of
+            language modelling on that text; ``"all"``: next-token labels on every token.
     """
 
     def __init__(
@@ -330,9 +333,13 @@ class NeedleMixBatches:
         fraction: float,
         kinds: tuple[str, ...] | list[str] = ("passkey",),
         seed: int = 0,
+        loss: str = "answer",
     ) -> None:
         from .synthetic.needle import NEEDLE_KINDS
 
+        if loss not in ("answer", "all"):
+            raise ValueError(f"loss must be 'answer' or 'all', got {loss!r}")
+        self.loss = loss
         if not isinstance(base, RandomWindowBatches):
             raise TypeError(f"base must be a RandomWindowBatches, got {type(base).__name__}")
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
@@ -384,8 +391,10 @@ class NeedleMixBatches:
                 continue
             rng = np.random.default_rng(int(row_seeds[i]))
             builder = self._builder(self.kinds[int(kind_idx[i])], int(hay_idx[i]))
-            ids = builder.build(self.base.seq_len + 1, float(rng.random()), rng).input_ids.to(x.device)
-            x[r], y[r] = ids[:-1], ids[1:]
+            ex = builder.build(self.base.seq_len + 1, float(rng.random()), rng)
+            ids = ex.input_ids.to(x.device)
+            # ex.labels[t] is the answer token predicted at position t (-100 elsewhere).
+            x[r], y[r] = ids[:-1], (ids[1:] if self.loss == "all" else ex.labels[:-1].to(x.device))
         return x, y
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:

@@ -55,6 +55,8 @@ class DataConfig:
     needle_kinds: list[str] = field(default_factory=lambda: ["passkey"])
     #: haystacks of the needle rows: ``"text"`` (the training text), ``"synthetic"`` (filler) or ``"both"``.
     needle_haystack: Literal["text", "synthetic", "both"] = "both"
+    #: labels of needle rows: ``"answer"`` (answer tokens only) or ``"all"`` (every next token).
+    needle_loss: Literal["answer", "all"] = "answer"
 
 
 @dataclass
@@ -212,6 +214,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif origin is dict or tp is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp) or (Any,)
+            return [v if item is Any else _coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     else:  # pragma: no cover - only the annotations above are used
         raise TypeError(f"{key}: unsupported annotation {tp!r}")
     raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")

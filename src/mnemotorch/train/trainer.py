@@ -340,7 +340,8 @@ class Trainer:
             from ..tasks import NeedleMixBatches
 
             haystacks = {"text": [train_text], "synthetic": [None], "both": [None, train_text]}[cfg.data.needle_haystack]
-            batches = NeedleMixBatches(batches, tok, haystacks, cfg.data.needle_fraction, cfg.data.needle_kinds, seed=cfg.seed)
+            batches = NeedleMixBatches(batches, tok, haystacks, cfg.data.needle_fraction, cfg.data.needle_kinds,
+                                       seed=cfg.seed, loss=cfg.data.needle_loss)
         start_step = 0
         if state is not None:
             load_full_optimizer_state_dict(wrapped, optimizer, state["optimizer"], info)
