@@ -173,13 +173,13 @@ def test_sequential_batches_ranks_concatenate_to_single_process(drop_last: bool)
 # NeedleMixBatches
 # ---------------------------------------------------------------------------------------------
 
-def _needle_mix(fraction, rank=0, world_size=1, seed=0):
+def _needle_mix(fraction, rank=0, world_size=1, seed=0, loss="answer"):
     from mnemotorch.tasks import ByteTokenizer, NeedleMixBatches
 
     tokens = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0))
     text = "It was the best of times. It was the worst of times. " * 60
     base = RandomWindowBatches(tokens, 8, 400, seed=seed, rank=rank, world_size=world_size)
-    return NeedleMixBatches(base, ByteTokenizer(), [None, text], fraction, seed=seed)
+    return NeedleMixBatches(base, ByteTokenizer(), [None, text], fraction, seed=seed, loss=loss)
 
 
 def test_needle_mix_replaces_a_fraction_of_rows_with_needles():
@@ -204,6 +204,21 @@ def test_needle_mix_replaces_a_fraction_of_rows_with_needles():
             else:
                 assert torch.equal(x[row, 1:], y[row, :-1])
     assert 50 <= n_needle <= 110  # 160 rows at p = 0.5
+
+
+def test_needle_mix_needle_loss_labels_the_needle_question_and_answer():
+    from mnemotorch.tasks import ByteTokenizer
+
+    tok = ByteTokenizer()
+    x, y = _needle_mix(1.0, loss="needle").get_batch(0)
+    for row in range(8):
+        lab = (y[row] != -100).nonzero().flatten()
+        assert torch.equal(y[row, lab], x[row, lab + 1] if lab[-1] < 399 else torch.cat([x[row, lab[:-1] + 1], y[row, -1:]]))
+        labelled = tok.decode(y[row, lab].tolist())
+        assert "The pass key is" in labelled and "What is the pass key?" in labelled
+        assert "It was the" not in labelled and "grass is green" not in labelled  # no haystack
+    x_all, y_all = _needle_mix(1.0, loss="all").get_batch(0)
+    assert torch.equal(x_all, x) and torch.equal(x_all[:, 1:], y_all[:, :-1])
     assert torch.equal(_needle_mix(0.0).get_batch(3)[0], _needle_mix(0.0).base.get_batch(3)[0])
 
 

@@ -320,9 +320,11 @@ class NeedleMixBatches:
         fraction: probability that a row is a needle example, in ``[0, 1]``.
         kinds: needle kinds drawn uniformly (``"passkey"``, ``"number"``, ``"word"``).
         seed: needle stream seed.
-        loss: ``"answer"`` (default): a needle row's labels are its answer tokens only (``-100``
-            elsewhere), so the haystack -- cut from the training text -- adds no extra epochs of
-            language modelling on that text; ``"all"``: next-token labels on every token.
+        loss: which next-token labels a needle row keeps (``-100`` elsewhere): ``"needle"``
+            (default) the needle sentence, the question and the answer -- the needle repeats its
+            value ("... is 12345. Remember it. 12345 is ..."), so it also trains copying -- but
+            not the haystack, which adds no extra epochs of the training text; ``"answer"`` the
+            answer tokens only; ``"all"`` every token.
     """
 
     def __init__(
@@ -333,12 +335,12 @@ class NeedleMixBatches:
         fraction: float,
         kinds: tuple[str, ...] | list[str] = ("passkey",),
         seed: int = 0,
-        loss: str = "answer",
+        loss: str = "needle",
     ) -> None:
         from .synthetic.needle import NEEDLE_KINDS
 
-        if loss not in ("answer", "all"):
-            raise ValueError(f"loss must be 'answer' or 'all', got {loss!r}")
+        if loss not in ("needle", "answer", "all"):
+            raise ValueError(f"loss must be 'needle', 'answer' or 'all', got {loss!r}")
         self.loss = loss
         if not isinstance(base, RandomWindowBatches):
             raise TypeError(f"base must be a RandomWindowBatches, got {type(base).__name__}")
@@ -393,8 +395,17 @@ class NeedleMixBatches:
             builder = self._builder(self.kinds[int(kind_idx[i])], int(hay_idx[i]))
             ex = builder.build(self.base.seq_len + 1, float(rng.random()), rng)
             ids = ex.input_ids.to(x.device)
-            # ex.labels[t] is the answer token predicted at position t (-100 elsewhere).
-            x[r], y[r] = ids[:-1], (ids[1:] if self.loss == "all" else ex.labels[:-1].to(x.device))
+            x[r] = ids[:-1]
+            if self.loss == "all":
+                y[r] = ids[1:]
+            elif self.loss == "answer":
+                y[r] = ex.labels[:-1].to(x.device)  # ex.labels[t]: the answer token predicted at position t
+            else:
+                keep = torch.zeros(self.base.seq_len + 1, dtype=torch.bool)
+                keep[ex.needle_span[0]:ex.needle_span[1]] = True  # tokens to predict: the needle ...
+                keep[ex.haystack_span[1]:] = True  # ... and the question and answer after the haystack
+                target = torch.where(keep, ex.input_ids, torch.full_like(ex.input_ids, IGNORE_INDEX))
+                y[r] = target[1:].to(x.device)
         return x, y
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:

@@ -55,8 +55,8 @@ class DataConfig:
     needle_kinds: list[str] = field(default_factory=lambda: ["passkey"])
     #: haystacks of the needle rows: ``"text"`` (the training text), ``"synthetic"`` (filler) or ``"both"``.
     needle_haystack: Literal["text", "synthetic", "both"] = "both"
-    #: labels of needle rows: ``"answer"`` (answer tokens only) or ``"all"`` (every next token).
-    needle_loss: Literal["answer", "all"] = "answer"
+    #: labels of needle rows: ``"needle"`` (needle, question, answer), ``"answer"`` or ``"all"``.
+    needle_loss: Literal["needle", "answer", "all"] = "needle"
 
 
 @dataclass
