@@ -34,7 +34,12 @@ for phase in ${PHASES:-train eval}; do
           --json-out "$OUT/passkey_1k.json" 2>&1 | tail -12
       ;;
     eval)
-      echo "== evaluations =="
+      if [ -n "${DEADLINE:-}" ]; then  # epoch seconds by which the command must be done
+        left=$(( DEADLINE - $(date +%s) - 15 ))
+        EVAL_TIMEOUT=$(( left < ${EVAL_TIMEOUT:-560} ? left : ${EVAL_TIMEOUT:-560} ))
+        EVAL_BUDGET=$(( EVAL_TIMEOUT - 90 > 0 ? EVAL_TIMEOUT - 90 : 1 ))
+      fi
+      echo "== evaluations (timeout ${EVAL_TIMEOUT:-560}s, budget ${EVAL_BUDGET:-480}s) =="
       # The JSON lives in the run directory (resumed by a later call on the same warm machine).
       timeout ${EVAL_TIMEOUT:-560} python3 scripts/longctx_eval.py --model "hf:$RUN/hf" --out "$RUN/longctx.json" \
           --budget ${EVAL_BUDGET:-480} ${EVAL_ARGS:-} 2>&1 | tee -a "$OUT/eval.log"

@@ -207,6 +207,7 @@ class BPETokenizer:
         text_or_texts: str | Iterable[str],
         vocab_size: int = 1024,
         show_progress: bool = False,
+        split_digits: bool = False,
     ) -> BPETokenizer:
         """Train a byte-level BPE on a text or an iterable of texts (documents).
 
@@ -218,6 +219,8 @@ class BPETokenizer:
             vocab_size: the largest vocabulary wanted, counting the 256 byte tokens and EOS;
                 at least 257. A small corpus may end with fewer merges than asked for.
             show_progress: show the ``tokenizers`` progress bar.
+            split_digits: every digit is its own token (as in Llama's tokenizer), so a number
+                is spelled the same way wherever it occurs -- what copying numbers needs.
         """
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -236,7 +239,12 @@ class BPETokenizer:
 
         tokenizer = HFTokenizer(models.BPE())
         # add_prefix_space=False: adding a space would break decode(encode(text)) == text.
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if split_digits:
+            # Digits first (isolated), then the byte-level split of each piece.
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            tokenizer.pre_tokenizer = byte_level
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
@@ -337,14 +345,15 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> ByteTokenizer | BPEToke
 
 
 def build_tokenizer(
-    kind: str, text: str | None = None, vocab_size: int = 1024
+    kind: str, text: str | None = None, vocab_size: int = 1024, split_digits: bool = False
 ) -> ByteTokenizer | BPETokenizer:
-    """Make a tokenizer of ``kind``: ``"byte"`` (``text`` and ``vocab_size`` unused) or
-    ``"bpe"`` (trained on ``text`` to ``vocab_size`` tokens)."""
+    """Make a tokenizer of ``kind``: ``"byte"`` (``text``, ``vocab_size`` and ``split_digits``
+    unused) or ``"bpe"`` (trained on ``text`` to ``vocab_size`` tokens; ``split_digits`` as in
+    :meth:`BPETokenizer.train`)."""
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
         if text is None:
             raise ValueError("kind='bpe' needs text to train on; got text=None")
-        return BPETokenizer.train(text, vocab_size=vocab_size)
+        return BPETokenizer.train(text, vocab_size=vocab_size, split_digits=split_digits)
     raise ValueError(f"kind must be one of {list(TOKENIZER_KINDS)}, got {kind!r}")

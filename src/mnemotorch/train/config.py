@@ -46,6 +46,8 @@ class DataConfig:
     tokenizer: Literal["byte", "bpe"] = "byte"
     #: vocabulary size of a trained BPE tokenizer (ignored by the byte tokenizer).
     vocab_size: int = 1024
+    #: BPE: every digit its own token (``BPETokenizer.train(split_digits=True)``).
+    split_digits: bool = False
     val_fraction: float = 0.1
     seq_len: int = 128
     #: fraction of training rows replaced by needle-retrieval sequences (``NeedleMixBatches``);

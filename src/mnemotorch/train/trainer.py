@@ -311,7 +311,8 @@ class Trainer:
         if ckpt is not None:
             tok = load_checkpoint_tokenizer(ckpt)
         else:
-            tok = build_tokenizer(cfg.data.tokenizer, text=train_text, vocab_size=cfg.data.vocab_size)
+            tok = build_tokenizer(cfg.data.tokenizer, text=train_text, vocab_size=cfg.data.vocab_size,
+                                  split_digits=cfg.data.split_digits)
         self.tokenizer = tok
         train_tokens = encode_corpus(train_text, tok)
         val_tokens = encode_corpus(val_text, tok)
