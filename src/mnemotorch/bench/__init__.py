@@ -18,9 +18,11 @@ __all__ = ["DEFAULT_OUT_DIR", "load_experiment_config", "main_experiment", "plan
 #: returning an exit code, one-line help). Each suite parses its own options.
 BENCH_SUITES: dict[str, tuple[str, str]] = {
     "kernels": ("mnemotorch.bench.block_sparse:main", "GPU: block-sparse attention vs SDPA / FlexAttention"),
+    "memory": ("mnemotorch.bench.neural_memory:main", "GPU: Titans neural memory (LMM) vs titans-pytorch; MAG model tokens/s; decode latency vs context"),
     "hebbian": ("mnemotorch.bench.hebbian_capacity:main", "Hebbian / delta-rule associative-memory capacity (CPU)"),
     "linear": ("mnemotorch.bench.linear_attention:main", "GPU: linear attention / BASED kernels vs fla and SDPA; batched decode"),
     "relative": ("mnemotorch.bench.relative:main", "GPU: fused relative-attention kernel vs the naive skew and dense SDPA (speed, peak memory)"),
+    "routed": ("mnemotorch.bench.routed:main", "GPU: routing attention vs routing-transformer and SDPA; landmark long-context inference memory"),
 }
 
 

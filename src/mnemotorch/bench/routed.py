@@ -1,0 +1,592 @@
+"""Content-routed attention benchmarks (issue #7): routing attention and landmark retrieval (GPU).
+
+Two cases, each run in this process on the same inputs for every implementation:
+
+* ``routing`` -- our ``routing`` mixer (causal-exact nearest-centroid routing, shared Q/K, causal,
+  ``C = L / window`` clusters so a cluster holds ``window`` tokens on average) as a whole layer with
+  its projections, against lucidrains' ``routing_transformer.routing_transformer.SelfAttention``
+  (routing heads only, ``window_size=window``, ``causal=True``, ``shared_qk=True``: the call of
+  ``shared/peers/peers_gpu2.py``; an optional peer, skipped with a note when it is not importable)
+  and against dense causal SDPA with the same q/k/v/o projections (our ``attention`` mixer), so
+  projections are included on all sides. Ours runs with each backend of its attention:
+  ``flex`` (``backend="triton"``: sort by cluster, block-sparse FlexAttention; CUDA only) and
+  ``sdpa_masks`` (``backend="torch"``: SDPA with cluster masks over query chunks, dense compute;
+  only up to ``--sdpa-masks-max-len``). Reported per length: the median of device-event timings
+  after warm-up for the forward (under ``torch.no_grad``, the project's convention; the peer numbers
+  of the spec were taken with grad enabled) and the forward + backward (gradients of the input and
+  every parameter), the peak memory above the inputs during forward + backward, the ratios
+  ``peer / ours`` (``speedup_*_vs_PEER`` > 1: ours is faster), the cluster sizes and the fraction
+  of causal 128 x 128 tiles the flex path visits, and the relative difference between our two
+  backends' outputs. All modules stay in training mode (both routing layers compute their k-means
+  statistics and commitment losses; neither loss is back-propagated, as in ``peers_gpu2.py``).
+  Centroids are random, as in a freshly initialised model: a trained model's clusters are less
+  balanced.
+* ``landmark`` -- our ``landmark`` mixer at inference in retrieval mode (top-k blocks through the
+  landmark keys, complete KV blocks held in CPU memory) on contexts of ``factor x train_len``
+  positions (landmarks included), fed in chunks of ``--landmark-chunk`` positions with the state
+  carried, then ``--landmark-decode-tokens`` single-token steps. Recorded per length: the GPU peak
+  memory above the module's weights (prefill and decode; it should stay nearly flat as the context
+  grows), a trace of allocated memory over the prefill, the state's bytes on the GPU and in the CPU
+  store, prefill seconds and ms per position, decode ms per token; the same for the exact mode
+  (grouped softmax over every block, KV cache on the GPU) where it fits. Random weights: this
+  measures cost, not retrieval quality.
+
+``--device cpu --quick`` runs both cases at tiny sizes (wall-clock timings, no memory readings): a
+smoke test of the harness, not a measurement.
+
+Usage: ``mnemo bench routed -- --out routed.json`` or ``python -m mnemotorch.bench.routed --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .block_sparse import device_info, measure
+
+CASES = ("routing", "landmark")
+ROUTING_BACKENDS = {"flex": "triton", "sdpa_masks": "torch"}
+PEERS = ("routing_transformer", "sdpa")
+GRANULARITIES = ("block", "token")
+
+#: Peer numbers of shared/specs/sparse-attention.md (H100, bf16, B = 1, dim 1024, 16 heads, window 512,
+#: incl. projections; fwd measured with grad enabled). Only comparable to a run of the same shape.
+SPEC_PEER_MS = {
+    8192: {"routing_transformer": {"fwd_ms": 3.34, "fwd_bwd_ms": 5.86, "peak_gib": 0.87}},
+    16384: {"routing_transformer": {"fwd_ms": 5.50, "fwd_bwd_ms": 8.90, "peak_gib": 1.67}},
+}
+
+# Sizes when an option is not given: (full run, --quick on CUDA, --quick on CPU).
+_DEFAULTS = {
+    "lengths": ("8192,16384,65536", "4096", "128"),
+    "dim": (1024, 1024, 32),
+    "heads": (16, 16, 2),
+    "window": (512, 512, 32),
+    "landmark_train_len": (512, 512, 16),
+    "landmark_factors": ("16,32", "4,8", "2,4"),
+    "landmark_block_len": (50, 50, 3),
+    "landmark_top_k": (4, 4, 2),
+    "landmark_decode_tokens": (32, 8, 3),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# timing and memory (CUDA: block_sparse's device-event helpers; CPU: wall clock, no memory)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cpu_median_ms(fn: Callable[[], object], warmup: int = 1, rep: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _measure(fwd: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: list[torch.Tensor], device: torch.device) -> dict:
+    """Median fwd / fwd+bwd ms and peak extra GiB of one fwd+bwd; the first call's seconds (compilation)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        fwd()
+    _sync(device)
+    first = time.perf_counter() - t0
+    if device.type == "cuda":
+        out = measure(fwd, grad_out, params)
+    else:
+        def fwd_bwd():
+            torch.autograd.grad(fwd(), params, grad_out)
+
+        with torch.no_grad():
+            t_f = _cpu_median_ms(fwd)
+        out = {"fwd_ms": t_f, "fwd_bwd_ms": _cpu_median_ms(fwd_bwd), "peak_extra_gib": None}
+    out["first_call_s"] = first
+    return out
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _guard(fn: Callable[[], dict], device: torch.device) -> dict:
+    """Run one implementation; an OOM or a failure is recorded, never raised (the others still run)."""
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        _free(device)
+        return {"error": "oom"}
+    except Exception as exc:  # noqa: BLE001 - a failing implementation must not stop the benchmark
+        _free(device)
+        return {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+
+
+def _routing_stats(m, x: torch.Tensor) -> dict:
+    """Cluster sizes of the routing heads on ``x`` and the causal 128 x 128 tiles the flex path visits."""
+    from mnemotorch.ops.routing import nearest_centroid, scale_free_layer_norm
+    from mnemotorch.ops.routing.flex import BLOCK, sorted_block_lists
+
+    with torch.no_grad():
+        b, t, _ = x.shape
+        q = m.q_proj(x).view(b, t, m.num_heads, m.head_dim)[:, :, m.local_heads :]
+        c = nearest_centroid(scale_free_layer_norm(q), m.centroids)  # [B, T, H_route]
+        sizes = torch.zeros(b, c.shape[2], m.num_clusters, device=x.device).scatter_add_(
+            2, c.permute(0, 2, 1), torch.ones(b, c.shape[2], t, device=x.device)
+        )
+        lists = sorted_block_lists(c, c, causal=True)
+        n = -(-t // BLOCK)
+        causal_tiles = b * c.shape[2] * n * (n + 1) / 2
+        visited = (lists["kv_num"].sum() + lists["full_num"].sum()).item()
+    return {
+        "cluster_size_mean": t / m.num_clusters,
+        "cluster_size_max": sizes.max().item(),
+        "cluster_size_min": sizes.min().item(),
+        "empty_clusters_fraction": (sizes == 0).float().mean().item(),
+        "flex_tiles_visited_fraction_of_causal": visited / causal_tiles,
+        "flex_full_tiles_fraction_of_visited": lists["full_num"].sum().item() / max(visited, 1),
+    }
+
+
+def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device, dtype: torch.dtype, batch: int = 1,
+                 backends: tuple[str, ...] = ("flex", "sdpa_masks"), peers: tuple[str, ...] = PEERS,
+                 sdpa_masks_max_len: int = 16384) -> dict:
+    """One length: our routing layer (each backend) vs routing-transformer's SelfAttention vs dense SDPA."""
+    from mnemotorch.layers import get_mixer
+
+    C = L // window
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, L, dim, generator=g).to(device, dtype).requires_grad_()
+    go = torch.randn(batch, L, dim, generator=g).to(device, dtype)
+    row: dict = {"case": "routing", "L": L, "B": batch, "dim": dim, "heads": heads, "window": window, "num_clusters": C,
+                 "dtype": _dtype_name(dtype), "results": {}}
+    res = row["results"]
+
+    torch.manual_seed(0)
+    ours = get_mixer("routing", dim=dim, num_heads=heads, num_clusters=C, mode="causal_exact", shared_qk=True, causal=True,
+                     local_heads=0).to(device, dtype)
+    row["config_ours"] = {"mixer": "routing", "mode": ours.mode, "shared_qk": ours.shared_qk, "num_clusters": C,
+                          "local_heads": 0, "rope_theta": ours.rope_theta, "training": ours.training}
+    row["routing_stats"] = _guard(lambda: _routing_stats(ours, x.detach()), device)
+    ours_params = [x, *[p for p in ours.parameters() if p.requires_grad]]
+    outputs: dict[str, torch.Tensor] = {}
+    for name in backends:
+        key = f"ours_{name}"
+        if name == "flex" and device.type != "cuda":
+            res[key] = {"skipped": "the flex path (backend='triton') needs CUDA"}
+            continue
+        if name == "sdpa_masks" and L > sdpa_masks_max_len:
+            res[key] = {"skipped": f"dense masked SDPA skipped above --sdpa-masks-max-len {sdpa_masks_max_len}"}
+            continue
+        ours.backend = ROUTING_BACKENDS[name]
+
+        def fwd():
+            y, _ = ours(x)
+            ours.routing_aux_loss()  # drop the recorded commitment loss (the peer's aux loss is not back-propagated either)
+            return y
+
+        res[key] = _guard(lambda: _measure(fwd, go, ours_params, device), device)
+        if "fwd_ms" in res[key]:
+            with torch.no_grad():
+                outputs[name] = fwd().detach()
+        _free(device)
+    if len(outputs) == 2:
+        row["rel_diff_flex_vs_sdpa_masks"] = _rel(outputs["flex"], outputs["sdpa_masks"])
+    outputs.clear()
+    del ours, ours_params
+    _free(device)
+
+    if "routing_transformer" in peers:
+        try:
+            from routing_transformer.routing_transformer import SelfAttention
+        except Exception as exc:  # noqa: BLE001 - an optional peer
+            res["routing_transformer"] = {
+                "skipped": f"routing_transformer is not importable ({type(exc).__name__}: {str(exc)[:200]}); install the wheels "
+                "of shared/peers/wheels into a folder on PYTHONPATH (shared/peers/README.md)"
+            }
+        else:
+            def run_peer() -> dict:
+                # the call of shared/peers/peers_gpu2.py (routing heads only, shared QK, causal)
+                m = SelfAttention(dim=dim, depth=1, max_seq_len=L, heads=heads, local_attn_heads=0, window_size=window,
+                                  causal=True, shared_qk=True).to(device).to(dtype)
+                params = [x, *[p for p in m.parameters() if p.requires_grad]]
+                return _measure(lambda: m(x)[0], go, params, device)
+
+            res["routing_transformer"] = _guard(run_peer, device)
+            _free(device)
+    if "sdpa" in peers:
+        def run_dense() -> dict:
+            torch.manual_seed(0)
+            m = get_mixer("attention", dim=dim, num_heads=heads).to(device, dtype)
+            params = [x, *[p for p in m.parameters() if p.requires_grad]]
+            return _measure(lambda: m(x)[0], go, params, device)
+
+        res["sdpa_dense"] = _guard(run_dense, device)
+        _free(device)
+
+    for name, ours_r in res.items():
+        if not name.startswith("ours_") or "fwd_ms" not in ours_r:
+            continue
+        for peer, r in res.items():
+            if peer.startswith("ours_") or "fwd_ms" not in r:
+                continue
+            ours_r[f"speedup_fwd_vs_{peer}"] = r["fwd_ms"] / ours_r["fwd_ms"]
+            ours_r[f"speedup_fwd_bwd_vs_{peer}"] = r["fwd_bwd_ms"] / ours_r["fwd_bwd_ms"]
+            if r.get("peak_extra_gib") is not None and ours_r.get("peak_extra_gib") is not None:
+                ours_r[f"memory_ratio_vs_{peer}"] = r["peak_extra_gib"] / max(ours_r["peak_extra_gib"], 1e-9)
+    if (dim, heads, window, batch, dtype) == (1024, 16, 512, 1, torch.bfloat16) and L in SPEC_PEER_MS and device.type == "cuda":
+        row["spec_peer_ms"] = SPEC_PEER_MS[L]
+    del x, go
+    _free(device)
+    return row
+
+
+def _routing_line(row: dict) -> str:
+    parts = []
+    for name, r in row["results"].items():
+        if "fwd_ms" in r:
+            pk = "" if r.get("peak_extra_gib") is None else f" peak {r['peak_extra_gib']:.3f} GiB"
+            sp = "".join(f" x{r[k]:.2f} vs {k[len('speedup_fwd_bwd_vs_'):]}" for k in r if k.startswith("speedup_fwd_bwd_vs_"))
+            parts.append(f"{name} {r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms{pk}{sp}")
+        else:
+            parts.append(f"{name}: {r.get('error') or r.get('skipped')}")
+    return f"routing L={row['L']} C={row['num_clusters']}: " + " | ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# landmark
+
+
+def _state_bytes(state) -> dict:
+    out: dict[str, int] = {}
+    for t in state.tensors().values():
+        kind = "gpu" if t.device.type == "cuda" else t.device.type
+        out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
+    return out
+
+
+def landmark_run(L: int, mode: str, granularity: str | None, dim: int, heads: int, block_len: int, top_k: int, chunk: int,
+                 decode_tokens: int, device: torch.device, dtype: torch.dtype, x_ctx: torch.Tensor, x_dec: torch.Tensor,
+                 trace_points: int = 16) -> dict:
+    """Chunked prefill of ``x_ctx`` (CPU) then single-token decoding of ``x_dec``; GPU memory above the weights."""
+    from mnemotorch.layers import get_mixer
+
+    torch.manual_seed(0)
+    kw = {"mode": mode, "top_k": top_k, "offload_device": "cpu"}
+    if granularity is not None:
+        kw["granularity"] = granularity
+    m = get_mixer("landmark", dim=dim, num_heads=heads, block_len=block_len, **kw).to(device, dtype).eval()
+    cuda = device.type == "cuda"
+    step = block_len + 1
+    with torch.no_grad():
+        # warm-up on a fresh state: a few blocks and one decode step (kernel compilation, first allocations)
+        st = None
+        warm = min(L, 3 * step + 2)
+        for s in range(0, warm, chunk):
+            _, st = m(x_ctx[:, s : min(s + chunk, warm)].to(device), st)
+        m(x_dec[:, :1].to(device), st)
+        del st
+        _free(device)
+        _sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        every = max(1, -(-L // chunk) // trace_points)
+        trace = []
+        st = None
+        t0 = time.perf_counter()
+        for i, s in enumerate(range(0, L, chunk)):
+            y, st = m(x_ctx[:, s : s + chunk].to(device), st)
+            if cuda and (i % every == 0 or s + chunk >= L):
+                trace.append([min(s + chunk, L), round((torch.cuda.memory_allocated() - base) / 2**20, 3)])
+        del y
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        peak_prefill = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+        state_bytes = _state_bytes(st)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(decode_tokens):
+            xi = x_dec[:, i : i + 1].to(device)
+            t1 = time.perf_counter()
+            y, st = m(xi, st)
+            _sync(device)
+            times.append((time.perf_counter() - t1) * 1e3)
+        peak_decode = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+    times.sort()
+    out = {
+        "mode": mode, "granularity": granularity, "top_k": top_k if mode == "retrieval" else None,
+        "prefill_s": prefill_s, "prefill_ms_per_position": prefill_s * 1e3 / L,
+        "decode_ms_per_token_median": times[len(times) // 2] if times else None,
+        "decode_ms_per_token_mean": sum(times) / len(times) if times else None,
+        "gpu_peak_extra_mib_prefill": peak_prefill, "gpu_peak_extra_mib_decode": peak_decode,
+        "state_mib_gpu": state_bytes.get("gpu", 0) / 2**20, "state_mib_cpu": state_bytes.get("cpu", 0) / 2**20,
+        "gpu_allocated_trace_mib": trace,
+    }
+    del m, st
+    _free(device)
+    return out
+
+
+def landmark_case(L: int, train_len: int, variants: list[tuple[str, str | None]], dim: int, heads: int, block_len: int, top_k: int,
+                  chunk: int, decode_tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """One context length: every variant (``("retrieval", granularity)`` or ``("exact", None)``) on the same inputs."""
+    g = torch.Generator().manual_seed(0)
+    x_ctx = torch.randn(1, L, dim, generator=g).to(dtype)  # held in CPU memory, moved chunk by chunk
+    x_dec = torch.randn(1, max(decode_tokens, 1), dim, generator=g).to(dtype)
+    row: dict = {"case": "landmark", "L": L, "train_len": train_len, "factor": L / train_len, "dim": dim, "heads": heads,
+                 "block_len": block_len, "blocks": L // (block_len + 1), "chunk": chunk, "decode_tokens": decode_tokens,
+                 "dtype": _dtype_name(dtype), "offload_device": "cpu", "results": {}}
+    for mode, gran in variants:
+        name = mode if gran is None else f"{mode}_{gran}"
+        row["results"][name] = _guard(
+            lambda: landmark_run(L, mode, gran, dim, heads, block_len, top_k, chunk, decode_tokens, device, dtype, x_ctx, x_dec), device
+        )
+    exact = row["results"].get("exact", {})
+    for name, r in row["results"].items():
+        if name == "exact" or "prefill_s" not in r or "prefill_s" not in exact:
+            continue
+        if r["gpu_peak_extra_mib_prefill"] is not None and exact["gpu_peak_extra_mib_prefill"] is not None:
+            r["memory_ratio_exact_vs_this"] = exact["gpu_peak_extra_mib_prefill"] / max(r["gpu_peak_extra_mib_prefill"], 1e-9)
+        r["prefill_speedup_vs_exact"] = exact["prefill_s"] / r["prefill_s"]
+        if r["decode_ms_per_token_median"] and exact["decode_ms_per_token_median"]:
+            r["decode_speedup_vs_exact"] = exact["decode_ms_per_token_median"] / r["decode_ms_per_token_median"]
+    return row
+
+
+def _landmark_summary(rows: list[dict]) -> dict:
+    """Per variant: peak GPU memory per length and its growth from the shortest to the longest context."""
+    out: dict = {}
+    for row in rows:
+        for name, r in row.get("results", {}).items():
+            if "prefill_s" in r:
+                out.setdefault(name, {"L": [], "gpu_peak_extra_mib_prefill": [], "prefill_ms_per_position": []})
+                out[name]["L"].append(row["L"])
+                out[name]["gpu_peak_extra_mib_prefill"].append(r["gpu_peak_extra_mib_prefill"])
+                out[name]["prefill_ms_per_position"].append(r["prefill_ms_per_position"])
+    for s in out.values():
+        pk = s["gpu_peak_extra_mib_prefill"]
+        if len(pk) > 1 and pk[0] is not None and pk[-1] is not None:
+            s["peak_growth"] = pk[-1] / max(pk[0], 1e-9)
+            s["length_growth"] = s["L"][-1] / s["L"][0]
+    return out
+
+
+def _landmark_line(row: dict) -> str:
+    parts = []
+    for name, r in row["results"].items():
+        if "prefill_s" in r:
+            pk = "" if r["gpu_peak_extra_mib_prefill"] is None else f" peak {r['gpu_peak_extra_mib_prefill']:.1f} MiB"
+            dec = r["decode_ms_per_token_median"]
+            parts.append(f"{name} prefill {r['prefill_s']:.2f} s ({r['prefill_ms_per_position']:.3f} ms/pos)"
+                         + (f" decode {dec:.2f} ms/tok" if dec is not None else "") + pk)
+        else:
+            parts.append(f"{name}: {r.get('error') or r.get('skipped')}")
+    return f"landmark L={row['L']} ({row['factor']:g}x{row['train_len']}): " + " | ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _int_list(ap: argparse.ArgumentParser, value: str, name: str, minimum: int = 1) -> list[int]:
+    try:
+        out = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"{name}: expected a comma-separated list of integers, got {value!r}")
+    if not out:
+        ap.error(f"{name}: empty list")
+    bad = [v for v in out if v < minimum]
+    if bad:
+        ap.error(f"{name}: values must be >= {minimum}, got {bad}")
+    return out
+
+
+def _choice_list(ap: argparse.ArgumentParser, value: str, name: str, allowed) -> list[str]:
+    out = [v.strip() for v in str(value).split(",") if v.strip()]
+    bad = [v for v in out if v not in allowed]
+    if bad:
+        ap.error(f"{name}: unknown value(s) {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mnemo bench routed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="routed_bench.json", help="JSON results file (rewritten after every case)")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma list of: " + ", ".join(CASES))
+    ap.add_argument("--quick", action="store_true", help="small sizes (tiny on --device cpu): a smoke run")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of the harness (use with --quick)")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--time-budget", type=float, default=None, help="start no new case (length) after this many seconds")
+    ap.add_argument("--dim", type=int, default=None, help="model width of both cases (default 1024)")
+    ap.add_argument("--heads", type=int, default=None, help="heads of both cases (default 16)")
+    g = ap.add_argument_group("routing")
+    g.add_argument("--lengths", default=None, help="sequence lengths, multiples of --window (default 8192,16384,65536)")
+    g.add_argument("--window", type=int, default=None, help="tokens per cluster: C = L / window clusters (default 512)")
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--routing-backends", default="flex,sdpa_masks", help="ours: flex (FlexAttention, CUDA) and/or sdpa_masks")
+    g.add_argument("--peers", default=",".join(PEERS), help="comma list of: routing_transformer, sdpa (dense causal SDPA layer); "
+                   "'none' for ours only")
+    g.add_argument("--sdpa-masks-max-len", type=int, default=16384, help="skip ours_sdpa_masks (dense compute) above this length")
+    g = ap.add_argument_group("landmark")
+    g.add_argument("--landmark-train-len", type=int, default=None, help="training length the contexts are multiples of (default 512)")
+    g.add_argument("--landmark-factors", default=None, help="context = factor x train length (default 16,32)")
+    g.add_argument("--landmark-block-len", type=int, default=None, help="ordinary tokens per block (default 50, the paper's)")
+    g.add_argument("--landmark-top-k", type=int, default=None, help="blocks retrieved per query / query block and head (default 4)")
+    g.add_argument("--landmark-granularities", default="block,token", help="retrieval granularities to run: block, token")
+    g.add_argument("--landmark-chunk", type=int, default=None, help="prefill chunk in positions (default: the training length)")
+    g.add_argument("--landmark-decode-tokens", type=int, default=None, help="single-token steps after the prefill (default 32)")
+    g.add_argument("--landmark-exact-max-len", type=int, default=None, help="run the exact mode only up to this length (default: all)")
+    g.add_argument("--no-landmark-exact", action="store_true", help="skip the exact-mode baseline")
+    return ap
+
+
+def _resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """Options with the size defaults of the run (full / quick CUDA / quick CPU) filled in and checked."""
+    which = 0 if not args.quick else (1 if args.device == "cuda" else 2)
+    o = {k: (getattr(args, k) if getattr(args, k) is not None else v[which]) for k, v in _DEFAULTS.items()}
+    o["cases"] = _choice_list(ap, args.cases, "--cases", CASES)
+    if not o["cases"]:
+        ap.error("--cases: empty list")
+    o["lengths"] = _int_list(ap, o["lengths"], "--lengths")
+    o["landmark_factors"] = _int_list(ap, o["landmark_factors"], "--landmark-factors")
+    for name in ("dim", "heads", "window", "landmark_train_len", "landmark_block_len", "landmark_top_k"):
+        if o[name] < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {o[name]}")
+    if o["landmark_decode_tokens"] < 0:
+        ap.error(f"--landmark-decode-tokens must be >= 0, got {o['landmark_decode_tokens']}")
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
+    if o["dim"] % o["heads"] or (o["dim"] // o["heads"]) % 2:
+        ap.error(f"--dim ({o['dim']}) must be a multiple of --heads ({o['heads']}) with an even head dim (RoPE)")
+    if "routing" in o["cases"]:
+        bad = [L for L in o["lengths"] if L % o["window"]]
+        if bad:
+            ap.error(f"--lengths: {bad} not a multiple of --window {o['window']} (the clusters are L / window; the peer requires it too)")
+    o["routing_backends"] = _choice_list(ap, args.routing_backends, "--routing-backends", tuple(ROUTING_BACKENDS))
+    o["peers"] = [] if args.peers.strip() == "none" else _choice_list(ap, args.peers, "--peers", PEERS)
+    o["granularities"] = _choice_list(ap, args.landmark_granularities, "--landmark-granularities", GRANULARITIES)
+    o["chunk"] = args.landmark_chunk if args.landmark_chunk is not None else o["landmark_train_len"]
+    if o["chunk"] < 1:
+        ap.error(f"--landmark-chunk must be >= 1, got {o['chunk']}")
+    if args.time_budget is not None and args.time_budget < 0:
+        ap.error(f"--time-budget must be >= 0, got {args.time_budget}")
+    o["dtype"] = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    return o
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mnemo bench routed -- [--cases routing,landmark] [--quick] [--device cpu] [--out F] ...``."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    o = _resolve(ap, args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("mnemo bench routed: error: no CUDA device; use --device cpu --quick for a CPU smoke run of the harness", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = o["dtype"]
+    t_start = time.perf_counter()
+    env = device_info()
+    env["bench_device"] = device.type
+    notes = []
+    if device.type == "cpu":
+        notes.append("CPU run: wall-clock timings of a smoke test, no memory readings; not a measurement")
+    settings = {k: v for k, v in o.items() if k != "dtype"}
+    settings.update(dtype=_dtype_name(dtype), batch=args.batch, quick=args.quick, device=device.type,
+                    sdpa_masks_max_len=args.sdpa_masks_max_len, landmark_exact=not args.no_landmark_exact,
+                    landmark_exact_max_len=args.landmark_exact_max_len, time_budget=args.time_budget)
+    report: dict = {"suite": "routed", "env": env, "argv": list(argv or []), "settings": settings, "notes": notes,
+                    "routing": [], "landmark": [], "stopped_early": False}
+    out = Path(args.out)
+    if out.parent != Path(""):
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        report["elapsed_s"] = time.perf_counter() - t_start
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    def over_budget() -> bool:
+        if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+            if not report["stopped_early"]:
+                print("time budget reached; remaining cases not run", flush=True)
+            report["stopped_early"] = True
+        return report["stopped_early"]
+
+    if "routing" in o["cases"]:
+        peers = tuple(o["peers"])
+        if "routing_transformer" in peers:
+            try:
+                import routing_transformer  # noqa: F401
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"peer routing_transformer skipped: not importable ({type(exc).__name__}); "
+                             "see shared/peers/README.md for its wheels")
+        for L in o["lengths"]:
+            if over_budget():
+                break
+            t0 = time.perf_counter()
+            try:
+                row = routing_case(L, o["dim"], o["heads"], o["window"], device, dtype, args.batch, tuple(o["routing_backends"]),
+                                   peers, args.sdpa_masks_max_len)
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                row = {"case": "routing", "L": L, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            row["seconds"] = time.perf_counter() - t0
+            report["routing"].append(row)
+            print(_routing_line(row) if "results" in row else row, f"[{row['seconds']:.0f}s]", flush=True)
+            save()
+
+    if "landmark" in o["cases"]:
+        train_len = o["landmark_train_len"]
+        for factor in o["landmark_factors"]:
+            if over_budget():
+                break
+            L = factor * train_len
+            variants: list[tuple[str, str | None]] = [("retrieval", gr) for gr in o["granularities"]]
+            if not args.no_landmark_exact and (args.landmark_exact_max_len is None or L <= args.landmark_exact_max_len):
+                variants.append(("exact", None))
+            t0 = time.perf_counter()
+            try:
+                row = landmark_case(L, train_len, variants, o["dim"], o["heads"], o["landmark_block_len"], o["landmark_top_k"],
+                                    o["chunk"], o["landmark_decode_tokens"], device, dtype)
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                row = {"case": "landmark", "L": L, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            row["seconds"] = time.perf_counter() - t0
+            report["landmark"].append(row)
+            print(_landmark_line(row) if "results" in row else row, f"[{row['seconds']:.0f}s]", flush=True)
+            report["landmark_summary"] = _landmark_summary(report["landmark"])
+            save()
+    save()
+    print(f"wrote {out} ({report['elapsed_s']:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
