@@ -1,0 +1,180 @@
+"""`mnemo bench memory` (bench/neural_memory.py) on the CPU at tiny sizes: the JSON it writes, a missing
+titans-pytorch reported as skipped, a peer's ratios, the profiler breakdown, and clear argument errors."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from mnemotorch.bench import BENCH_SUITES, run_bench_suite
+from mnemotorch.bench import neural_memory as nm
+
+FAST = ["--device", "cpu", "--quick", "--warmup", "0", "--rep", "1"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One quick run of every case (and the profile) with titans-pytorch made unimportable."""
+    out = tmp_path_factory.mktemp("memory_bench") / "memory.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "titans_pytorch", None)  # import fails, find_spec says "not installed"
+        assert nm.main([*FAST, "--profile", "--profile-top", "5", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_suite_registered() -> None:
+    assert BENCH_SUITES["memory"][0] == "mnemotorch.bench.neural_memory:main"
+    assert "titans-pytorch" in BENCH_SUITES["memory"][1]
+
+
+def test_report_top_level(report) -> None:
+    assert report["suite"] == "memory"
+    assert report["cases"] == ["lmm", "mag_model", "decode"]
+    for key in ("torch", "triton", "python", "device_type", "titans_pytorch"):
+        assert key in report["env"]
+    assert report["env"]["device_type"] == "cpu"
+    assert report["spec"]["titans_pytorch_fwd_bwd_ms"] == 62.0 and report["spec"]["target_ours_fwd_bwd_ms"] == 12.0
+    assert set(report["configs"]["ours"]) == {"matched", "default"}
+    assert report["configs"]["titans_pytorch_default"]["depth"] == 2
+    assert report["settings"]["tf32"] is False and report["total_seconds"] > 0
+
+
+def test_lmm_rows(report) -> None:
+    (row,) = report["lmm"]
+    assert {k: row[k] for k in ("case", "L", "dim", "heads", "head_dim", "chunk_size", "B", "dtype", "chunks")} == {
+        "case": "lmm", "L": 64, "dim": 32, "heads": 2, "head_dim": 16, "chunk_size": 16, "B": 1, "dtype": "bfloat16", "chunks": 4}
+    for name in ("ours_matched", "ours_default"):
+        r = row["results"][name]
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_extra_gib"] is None  # no allocator stats on the CPU
+        assert r["fwd_tflops"] > 0 and r["flops_fwd"]["total"] == r["flops_fwd"]["memory"] + r["flops_fwd"]["projections"]
+        assert r["fwd_bwd_ms_per_chunk"] == pytest.approx(r["fwd_bwd_ms"] / 4)
+    matched = row["results"]["ours_matched"]["config"]
+    # the peer's default memory: 2-layer MLP, hidden 4 d_head, GELU, x + LN(f(x)), no clipping
+    assert (matched["depth"], matched["hidden"], matched["activation"], matched["residual"], matched["layer_norm"]) == (2, 64, "gelu", True, True)
+    assert matched["max_grad_norm"] is None and matched["memory_shapes"] == [[16, 64], [64, 16]]
+    default = row["results"]["ours_default"]["config"]
+    assert default["activation"] == "silu" and default["layer_norm"] is False
+
+
+def test_missing_peer_is_skipped(report) -> None:
+    peer = report["lmm"][0]["results"]["titans_pytorch"]
+    assert peer == {"skipped": "titans_pytorch not installed"}
+    assert report["env"]["titans_pytorch"] is None
+    assert "speedup_fwd_bwd_vs_titans_pytorch" not in report["lmm"][0]["results"]["ours_matched"]
+
+
+def test_code_path_recorded(report) -> None:
+    path = report["code_path"]
+    assert "neural_memory_chunked" in path["memory_function"]
+    assert path["calls"]["neural_memory_chunked"] == 1 and path["calls"]["neural_memory_reference"] == 0
+    assert path["segments_per_forward"] == 4  # the profiled forward: L = 64, chunks of 16
+    assert path["torch_compile"] is False and isinstance(path["triton_module"], bool)
+
+
+def test_mag_model_rows(report) -> None:
+    plans = [r["plan"] for r in report["mag_model"]]
+    assert plans == ["titans_mag", "sliding_window"]
+    mag = report["mag_model"][0]
+    assert mag["layer_spec"] == {"type": "titans_mag", "window": 16, "chunk_size": 16}
+    assert mag["step_ms"] > 0 and mag["tokens_per_s"] == pytest.approx(64 / (mag["step_ms"] * 1e-3))
+    assert mag["autocast"] == "bfloat16" and mag["parameters"] > 0
+
+
+def test_decode_rows(report) -> None:
+    assert [r["plan"] for r in report["decode"]] == ["titans_lmm", "titans_mag"]
+    for row in report["decode"]:
+        assert [c["context"] for c in row["contexts"]] == [16, 48]
+        for c in row["contexts"]:
+            assert c["step_ms_median"] > 0 and c["prefill_ms"] > 0 and c["tokens_per_s"] > 0
+        # a bounded state: the same number of elements whatever the context
+        if row["plan"] == "titans_lmm":
+            assert row["contexts"][0]["state_elements"] == row["contexts"][1]["state_elements"]
+        assert row["latency_ratio_longest_vs_shortest_context"] > 0
+
+
+class _FakeNeuralMemory(nn.Module):
+    """Stands in for titans_pytorch.NeuralMemory: same constructor and call convention."""
+
+    def __init__(self, dim, chunk_size=1, heads=1, dim_head=None):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim, bias=False)
+        self.memory_model = nn.Linear(dim_head, dim_head, bias=False)
+        self.chunk_size, self.heads = chunk_size, heads
+
+    def forward(self, x):
+        return self.lin(x), None
+
+
+def test_peer_runs_on_same_inputs_with_ratios(tmp_path, monkeypatch) -> None:
+    fake = types.ModuleType("titans_pytorch")
+    fake.__spec__ = importlib.machinery.ModuleSpec("titans_pytorch", None)
+    fake.NeuralMemory = _FakeNeuralMemory
+    fake.__version__ = "fake"
+    monkeypatch.setitem(sys.modules, "titans_pytorch", fake)
+    monkeypatch.setattr(nm, "_installed_version", lambda name: None)  # ignore a real titans-pytorch install
+    out = tmp_path / "m.json"
+    assert nm.main([*FAST, "--cases", "lmm", "--configs", "matched", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["lmm"][0]
+    peer, ours = row["results"]["titans_pytorch"], row["results"]["ours_matched"]
+    assert peer["fwd_ms"] > 0 and peer["version"] == "fake" and peer["config"]["heads"] == 2 and peer["config"]["chunk_size"] == 16
+    assert ours["speedup_fwd_bwd_vs_titans_pytorch"] == pytest.approx(peer["fwd_bwd_ms"] / ours["fwd_bwd_ms"])
+    assert ours["speedup_fwd_vs_titans_pytorch"] == pytest.approx(peer["fwd_ms"] / ours["fwd_ms"])
+
+
+def test_peers_none_and_load_peer_reason(tmp_path) -> None:
+    assert nm.load_peer("no_such_peer_package_xyz") == (None, "no_such_peer_package_xyz not installed")
+    out = tmp_path / "m.json"
+    assert nm.main([*FAST, "--cases", "lmm", "--configs", "default", "--peers", "none", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["lmm"][0]["results"]) == {"ours_default"}
+
+
+def test_profile_counts_ops_per_chunk(report) -> None:
+    row = report["profile"]
+    assert (row["L"], row["chunks"], row["config"]) == (64, 4, "matched")
+    for phase in ("fwd", "fwd_bwd"):
+        r = row[phase]
+        assert r["aten_kernel_ops"] > 0 and r["aten_kernel_ops_per_chunk"] == pytest.approx(r["aten_kernel_ops"] / 4)
+        assert len(r["top_ops"]) == 5 and all("self_cpu_ms" in t for t in r["top_ops"])
+        assert "cuda_kernels" not in r  # CPU run: only the op-count estimate
+    assert row["fwd_bwd"]["aten_kernel_ops"] > row["fwd"]["aten_kernel_ops"]
+
+
+def test_flops_count() -> None:
+    # one chunk of c = 2, one head, one 1x1 layer, dim 1: 2c²(c+1) + 2c(1+2) + 2c²·2 + 2·2·c
+    f = nm.lmm_flops_fwd(2, 1, 1, 2, [(1, 1)])
+    assert f["memory"] == 2 * 4 * 3 + 2 * 2 * 3 + 2 * 4 * 2 + 2 * 2 * 2
+    assert f["projections"] == 2 * 2 * 1 * (3 + 3 + 2)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cases", "lmm,foo"], "unknown case 'foo'; choose from lmm, mag_model, decode"),
+        (["--peers", "fla"], "unknown peer 'fla'; choose from titans_pytorch (or 'none')"),
+        (["--lengths", "4096,-1"], "expected a comma list of positive integers, got '4096,-1'"),
+        (["--dim", "abc"], "expected a positive integer, got 'abc'"),
+        (["--dim", "100", "--heads", "16"], "--dim (100) must be divisible by --heads (16)"),
+        (["--mag-hidden", "48", "--mag-heads", "16"], "even head dim"),
+        (["--configs", "fast"], "unknown config 'fast'; choose from matched, default"),
+        (["--device", "tpu"], "invalid choice: 'tpu'"),
+        (["--warmup", "-1"], "--warmup must be >= 0"),
+    ],
+)
+def test_bad_arguments_fail_clearly(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as err:
+        nm.main(["--device", "cpu", *argv])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_missing_is_reported(capsys, tmp_path) -> None:
+    assert run_bench_suite("memory", ["--out", str(tmp_path / "x.json")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
