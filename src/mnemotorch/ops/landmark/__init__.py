@@ -5,7 +5,8 @@
 * ``attention.py``: :func:`landmark_attention`, the grouped softmax on the block-gated Triton
   kernel (CUDA) or the reference;
 * ``retrieval.py``: inference-time top-k block retrieval through the landmark keys, a per-query
-  reference and the store-based implementation the ``landmark`` mixer uses;
+  reference and the store-based implementation the ``landmark`` mixer uses (:class:`BlockStore`:
+  the growable, optionally pinned block store);
 * ``data.py``: the data transform inserting a landmark token every ``block_len`` tokens.
 """
 
@@ -18,10 +19,11 @@ from .reference import (
     landmark_mask,
     shifted_logits,
 )
-from .retrieval import GRANULARITIES, landmark_retrieval_reference, retrieve_and_attend
+from .retrieval import GRANULARITIES, BlockStore, landmark_retrieval_reference, retrieve_and_attend
 
 __all__ = [
     "GRANULARITIES",
+    "BlockStore",
     "check_landmarks",
     "flat_softmax_weights",
     "grouped_softmax_weights",
