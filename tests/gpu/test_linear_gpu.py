@@ -12,18 +12,22 @@ import torch
 from mnemotorch.ops.linear import feature_dim, feature_map, linear_attention_chunked
 from mnemotorch.ops.linear.triton import linear_attention_step_triton, linear_attention_triton
 
-# Known failure (H100, torch 2.11, Triton 3.6, 2026-11-25): test_bf16_realistic[elu_plus_one-64-64] gave a
-# relative output error of 0.55 with fixed launch parameters, and the autotuned kernels hit an illegal
-# memory access at T = 4096 (scripts/diag_linear.py). The kernels are opt-in (MNEMO_LINEAR_KERNELS=1)
-# until this file passes; xfail (not strict) so a fix shows up as XPASS.
-pytestmark = [pytest.mark.gpu, pytest.mark.xfail(reason="linear-attention kernels fail on the H100 (see above)", strict=False)]
+# History (H100, torch 2.11, Triton 3.6, 2026-11-25): the previous kernels gave a relative bf16 output
+# error of 0.55 (elu+1, D = 64) with fixed launch parameters and an illegal memory access when
+# autotuned (T = 4096). The kernels have since been restructured (one-dimensional grids, no loop-carried
+# state in the output kernel, no register transposes or reshapes, TF32 state products, an in-place
+# decode step without a cross-program race; see the module docstring of ops/linear/triton.py), and
+# pass on the CPU with GPU-like rounding and reversed program order, but have not run on a GPU yet:
+# xfail (not strict) until `scripts/diag_linear.py` and this file pass there, so a fix shows up as
+# XPASS. The kernels stay opt-in (MNEMO_LINEAR_KERNELS=1) until then.
+pytestmark = [pytest.mark.gpu, pytest.mark.xfail(reason="linear-attention kernels not yet confirmed on a GPU (see above)", strict=False)]
 
 
 def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def run(feature, normalize, t, dk, dv, dtype, with_state=True, b=1, h=4, scale=0.5):
+def run(feature, normalize, t, dk, dv, dtype, with_state=True, b=2, h=4, scale=0.5):
     torch.manual_seed(0)
     dev = "cuda"
     q = (torch.randn(b, t, h, dk, device=dev) * scale).to(dtype).requires_grad_()
@@ -63,15 +67,24 @@ def test_fp32_ieee(feature, dk, dv) -> None:
     assert max(outs) <= 1e-5 and max(grads) <= 1e-5, (outs, grads)
 
 
-def test_fp16() -> None:
-    outs, grads = run("taylor", True, 2048, 16, 64, torch.float16)
+@pytest.mark.parametrize("feature,dk,dv", [("taylor", 16, 64), ("elu_plus_one", 64, 64)])
+def test_fp16(feature, dk, dv) -> None:
+    outs, grads = run(feature, True, 2048, dk, dv, torch.float16)
+    assert outs[0] <= 5e-3 and max(outs[1:]) <= 5e-3 and max(grads) <= 1e-2, (outs, grads)
+
+
+def test_large_batch_heads_grid() -> None:
+    """B·H = 70000 programs per chunk: more than a grid's y/z dimension allows (65535); the kernels use
+    one-dimensional grids."""
+    outs, grads = run("elu_plus_one", True, 64, 16, 16, torch.bfloat16, b=700, h=100)
     assert outs[0] <= 5e-3 and max(grads) <= 1e-2, (outs, grads)
 
 
-@pytest.mark.parametrize("feature,dk", [("taylor", 16), ("elu_plus_one", 128)])
-def test_decode_step_batch128(feature, dk) -> None:
+@pytest.mark.parametrize("feature,dk,dv", [("taylor", 16, 64), ("elu_plus_one", 128, 64), ("elu_plus_one", 64, 128)])
+def test_decode_step_batch128(feature, dk, dv) -> None:
+    """Dv = 128 spans two value tiles: in place, z must be read before it is overwritten."""
     torch.manual_seed(1)
-    b, h, dv = 128, 4, 64
+    b, h = 128, 4
     fd = feature_dim(feature, dk)
     s, z = torch.randn(b, h, fd, dv, device="cuda"), torch.rand(b, h, fd, device="cuda") + 1.0
     q, k = (torch.randn(b, 1, h, dk, device="cuda", dtype=torch.bfloat16) * 0.5 for _ in range(2))
@@ -83,7 +96,7 @@ def test_decode_step_batch128(feature, dk) -> None:
     before = torch.cuda.memory_allocated()
     y3, _ = linear_attention_step_triton(q[:, 0], k[:, 0], v[:, 0], (s, z), feature, inplace=True)
     assert torch.cuda.memory_allocated() - before <= y3.numel() * y3.element_size() + 4096  # no new state buffers
-    assert rel(s, rs) <= 1e-5
+    assert rel(y3, ry[:, 0]) <= 5e-3 and rel(s, rs) <= 1e-5 and rel(z, rz) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["based", "linear_attention"])

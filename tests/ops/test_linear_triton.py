@@ -3,10 +3,17 @@
 Outputs, final states and the gradients of every input (q, k, v, S0, z0) are compared with
 :func:`linear_attention_chunked` run in float64 on the same (rounded) inputs, at the tolerances
 of ARCHITECTURE.md: 1e-5 relative for float32, 5e-3 (outputs) / 1e-2 (gradients) for half inputs.
-Kernel outputs are NaN-poisoned (MNEMO_POISON=1, tests/conftest.py), so unwritten elements fail.
-bfloat16 runs only on the GPU (tests/gpu/test_linear_gpu.py): Triton's interpreter computes
-bf16 ``tl.dot`` wrongly (a plain 16×16 bf16 product comes out 100% off with triton 3.9), so
-float16 stands in for the half-precision path here.
+Kernel buffers are NaN-poisoned (MNEMO_POISON=1, tests/conftest.py), so unwritten elements fail.
+
+The interpreter hides what only a GPU does; two fixtures bring some of it back:
+
+* ``gpu_numerics``: Triton's interpreter multiplies the raw bit patterns of bfloat16 ``tl.dot``
+  operands, truncates fp32 -> bf16 casts and computes "tf32" products in full fp32; the fixture
+  makes it compute like the GPU (bf16 values, round-to-nearest-even casts, TF32-rounded
+  operands), so bfloat16 runs here too, with the GPU's rounding;
+* ``reversed_programs``: the interpreter runs a launch's programs one after the other in grid
+  order; the fixture runs them in reverse, so a program that reads what another program of the
+  same launch writes (no ordering on a GPU) gives a different answer here.
 """
 
 from __future__ import annotations
@@ -21,6 +28,71 @@ from mnemotorch.ops.linear.triton import linear_attention_step_triton, linear_at
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
     pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+import numpy as np  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton._C.libtriton import ir  # noqa: E402
+from triton.runtime import interpreter as interp  # noqa: E402
+
+
+def _tf32(x: np.ndarray) -> np.ndarray:
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def _bf16_bits_to_f32(h) -> np.ndarray:
+    return (np.ascontiguousarray(h.data).astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    xs = np.ascontiguousarray(x, dtype=np.float32)
+    bits = xs.view(np.uint32).astype(np.uint64)
+    out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    out[np.isnan(xs)] = 0x7FC0
+    return out
+
+
+@pytest.fixture
+def gpu_numerics(monkeypatch):
+    """Interpreter products and casts as on the GPU (see the module docstring)."""
+    builder = interp.InterpreterBuilder
+    orig_dot, orig_cast, orig_fp2fp = builder.create_dot, builder.cast_impl, builder.create_fp_to_fp
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
+            ad = _bf16_bits_to_f32(a) if a.dtype.scalar == tl.bfloat16 else a.data
+            bd = _bf16_bits_to_f32(b) if b.dtype.scalar == tl.bfloat16 else b.data
+            return interp.TensorHandle(np.matmul(ad, bd, dtype=d.data.dtype) + d.data, d.dtype.scalar)
+        if a.dtype.scalar == b.dtype.scalar == tl.float32 and input_precision == ir.INPUT_PRECISION.TF32:
+            return interp.TensorHandle(np.matmul(_tf32(a.data), _tf32(b.data), dtype=d.data.dtype) + d.data, d.dtype.scalar)
+        return orig_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interp.TensorHandle(_f32_to_bf16_bits(src.data), dst_type.scalar)
+        return orig_cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return cast_impl(self, src, dst_type)
+        return orig_fp2fp(self, src, dst_type, rounding_mode)
+
+    monkeypatch.setattr(builder, "create_dot", create_dot)
+    monkeypatch.setattr(builder, "cast_impl", cast_impl)
+    monkeypatch.setattr(builder, "create_fp_to_fp", create_fp_to_fp)
+    monkeypatch.setattr(builder, "create_fp_trunc", lambda self, src, dst_type: cast_impl(self, src, dst_type))
+
+
+@pytest.fixture
+def reversed_programs(monkeypatch):
+    """Run every launch's programs in reverse grid order."""
+    orig = interp.InterpreterBuilder.set_grid_idx
+
+    def set_grid_idx(self, x, y, z):
+        nx, ny, nz = self.grid_dim
+        return orig(self, nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "set_grid_idx", set_grid_idx)
 
 EPS = 1e-3  # as tests/ops/test_linear.py: keeps dy/dq away from pure cancellation at T = 1
 
@@ -41,12 +113,12 @@ def make(b, t, h, dk, dv, feature, with_state, seed=0):
     return q, k, v, state
 
 
-def compare(feature, normalize, with_state, b=1, t=37, h=2, dk=8, dv=16, dtype=torch.float32, chunk=16, group=1, seed=0):
+def compare(feature, normalize, with_state, b=1, t=37, h=2, dk=8, dv=16, dtype=torch.float32, chunk=16, seed=0):
     """Kernel vs float64 reference: rel. errors of (y, S_T, z_T, dq, dk, dv[, dS0, dz0])."""
     q, k, v, state = make(b, t, h, dk, dv, feature, with_state, seed)
     ins = [x.to(dtype).requires_grad_() for x in (q, k, v)]
     st = tuple(s.clone().requires_grad_() for s in state) if with_state else None
-    y, (s_t, z_t) = linear_attention_triton(*ins, feature=feature, normalize=normalize, initial_state=st, eps=EPS, chunk_size=chunk, group=group)
+    y, (s_t, z_t) = linear_attention_triton(*ins, feature=feature, normalize=normalize, initial_state=st, eps=EPS, chunk_size=chunk)
     g = torch.Generator().manual_seed(seed + 100)
     gy, gs, gz = (torch.randn(x.shape, generator=g) for x in (y, s_t, z_t))
     # a loss touching every output and both final states, so every gradient path is exercised
@@ -69,30 +141,74 @@ def compare(feature, normalize, with_state, b=1, t=37, h=2, dk=8, dv=16, dtype=t
 NAMES = ["y", "S_T", "z_T", "dq", "dk", "dv", "dS0", "dz0"]
 
 FP32_CASES = [
-    # feature, normalize, initial state, T, Dk, Dv, chunk, group
-    ("elu_plus_one", True, True, 37, 8, 16, 16, 2),
-    ("elu_plus_one", True, False, 128, 32, 32, 64, 1),  # the default chunk of 64
-    ("relu", False, False, 50, 32, 8, 16, 1),  # Dk != Dv
-    ("relu", True, True, 33, 8, 16, 16, 3),
-    ("identity", False, True, 40, 16, 24, 32, 1),  # Dv not a power of two
-    ("taylor", True, True, 37, 16, 16, 16, 2),  # BASED: d = 16 -> 273 features
-    ("taylor", False, False, 20, 4, 24, 16, 1),  # d padded to 16 inside the kernel
+    # feature, normalize, initial state, B, T, Dk, Dv, chunk
+    ("elu_plus_one", True, True, 1, 37, 8, 16, 16),
+    ("elu_plus_one", True, False, 1, 128, 32, 32, 64),  # the default chunk of 64
+    ("relu", False, False, 2, 50, 32, 8, 16),  # Dk != Dv, two sequences
+    ("relu", True, True, 1, 33, 8, 16, 16),
+    ("identity", False, True, 1, 40, 16, 24, 32),  # Dv not a power of two
+    ("elu_plus_one", True, True, 1, 20, 96, 40, 16),  # Dk > 64: two state tiles along Dk, both partial
+    ("taylor", True, True, 1, 37, 16, 16, 16),  # BASED: d = 16 -> 273 features
+    ("taylor", False, False, 2, 20, 4, 24, 16),  # d padded to 16 inside the kernel
 ]
 
 
-@pytest.mark.parametrize("feature,normalize,with_state,t,dk,dv,chunk,group", FP32_CASES)
-def test_kernel_fp32_matches_reference(feature, normalize, with_state, t, dk, dv, chunk, group) -> None:
-    errs = compare(feature, normalize, with_state, t=t, dk=dk, dv=dv, chunk=chunk, group=group)
+@pytest.mark.parametrize("feature,normalize,with_state,b,t,dk,dv,chunk", FP32_CASES)
+def test_kernel_fp32_matches_reference(feature, normalize, with_state, b, t, dk, dv, chunk) -> None:
+    errs = compare(feature, normalize, with_state, b=b, t=t, dk=dk, dv=dv, chunk=chunk)
     for name, e in zip(NAMES, errs):
         assert e <= 1e-5, f"{name}: {e:.2e}"
 
 
-@pytest.mark.parametrize("feature", ["elu_plus_one", "taylor"])
-def test_kernel_fp16_matches_reference(feature) -> None:
-    errs = compare(feature, True, True, t=40, dk=16, dv=16, dtype=torch.float16, group=2)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("feature,dk,dv,t,chunk", [("elu_plus_one", 16, 16, 40, 16), ("taylor", 16, 16, 40, 16), ("identity", 64, 64, 150, 64)])
+def test_kernel_half_matches_reference(gpu_numerics, dtype, feature, dk, dv, t, chunk) -> None:
+    """Half-precision inputs with the GPU's rounding (the ``gpu_numerics`` fixture)."""
+    errs = compare(feature, feature != "identity", True, t=t, dk=dk, dv=dv, dtype=dtype, chunk=chunk)
     assert errs[0] <= 5e-3, f"y: {errs[0]:.2e}"
     for name, e in zip(NAMES[1:], errs[1:]):
         assert e <= 1e-2, f"{name}: {e:.2e}"
+
+
+def test_gpu_numerics_fixture_computes_bf16_products(gpu_numerics) -> None:
+    """The fixture's bf16 ``tl.dot`` is the product of the values (the plain interpreter's is not)."""
+    q, k, v, _ = make(1, 16, 1, 16, 16, "identity", False)
+    y, _ = linear_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), "identity", normalize=False, chunk_size=16)
+    ref, _ = linear_attention_chunked(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), normalize=False)
+    assert rel(y, ref) <= 5e-3
+
+
+@pytest.mark.parametrize("feature,dk", [("elu_plus_one", 96), ("taylor", 16)])
+def test_kernels_independent_of_program_order(reversed_programs, feature, dk) -> None:
+    """Every launch gives the same answer with its programs run in reverse order: no program reads
+    what another program of the same launch writes (several state tiles, value tiles and chunks)."""
+    errs = compare(feature, True, True, b=2, t=45, dk=dk, dv=40, chunk=16)
+    for name, e in zip(NAMES, errs):
+        assert e <= 1e-5, f"{name}: {e:.2e}"
+    b, h, dv = 2, 2, 100  # two value tiles of the decode step
+    q, k, v, state = make(b, 2, h, dk, dv, feature, True, seed=7)
+    phi = feature_map(feature)
+    ry, (rs, rz) = linear_attention_recurrent(phi(q.double()), phi(k.double()), v.double(), tuple(x.double() for x in state), eps=EPS)
+    s, z = state[0].clone(), state[1].clone()
+    for i in range(2):
+        y, _ = linear_attention_step_triton(q[:, i], k[:, i], v[:, i], (s, z), feature, eps=EPS, inplace=True)
+        assert rel(y, ry[:, i]) <= 1e-5
+    assert rel(s, rs) <= 1e-5 and rel(z, rz) <= 1e-5
+
+
+def test_poisoned_buffers() -> None:
+    """The tests run with NaN-filled kernel buffers (so an element no program writes is a NaN)."""
+    from mnemotorch.ops.linear.triton import _alloc
+
+    assert os.environ.get("MNEMO_POISON") == "1"
+    assert torch.isnan(_alloc((3,), torch.zeros(1), torch.float32)).all()
+
+
+def test_mixed_input_dtypes_are_promoted() -> None:
+    q, k, v, _ = make(1, 20, 2, 8, 8, "elu_plus_one", False)
+    y, (s, z) = linear_attention_triton(q.half(), k.half(), v, "elu_plus_one", eps=EPS, chunk_size=16)
+    ref, (rs, rz) = linear_attention_chunked(feature_map("elu_plus_one")(q.half().double()), feature_map("elu_plus_one")(k.half().double()), v.double(), eps=EPS)
+    assert y.dtype == torch.float32 and rel(y, ref) <= 1e-5 and rel(s, rs) <= 1e-5
 
 
 def test_state_carries_across_calls() -> None:
@@ -104,10 +220,11 @@ def test_state_carries_across_calls() -> None:
     assert rel(torch.cat([y1, y2], 1), full) <= 1e-5 and rel(s2, s) <= 1e-5 and rel(z2, z) <= 1e-5
 
 
-@pytest.mark.parametrize("feature,dk", [("elu_plus_one", 16), ("taylor", 16), ("taylor", 5)])
+@pytest.mark.parametrize("feature,dk,dv", [("elu_plus_one", 16, 24), ("elu_plus_one", 16, 100), ("taylor", 16, 24), ("taylor", 5, 100)])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_decode_step_matches_recurrent_reference(feature, dk, inplace) -> None:
-    b, h, dv, steps = 3, 2, 24, 3
+def test_decode_step_matches_recurrent_reference(feature, dk, dv, inplace) -> None:
+    """Dv = 100 spans two value tiles: in place, z must be read before it is overwritten."""
+    b, h, steps = 3, 2, 3
     q, k, v, state = make(b, steps, h, dk, dv, feature, True, seed=4)
     s, z = state[0].clone(), state[1].clone()
     phi = feature_map(feature)
