@@ -82,8 +82,7 @@ class LinearAttention(Mixer):
         eps: ε of the denominator.
 
     Calls with ``T > 1`` use the chunked form; a one-token call (decoding) uses the recurrent step.
-    With ``MNEMO_LINEAR_KERNELS=1`` (opt-in: the kernels failed on an H100, see
-    :mod:`mnemotorch.ops.linear`), on CUDA tensors both run as Triton kernels (:mod:`mnemotorch.ops.linear.triton`: the feature
+    On CUDA tensors (unless ``MNEMO_LINEAR_KERNELS=0``, see :mod:`mnemotorch.ops.linear`) both run as Triton kernels (:mod:`mnemotorch.ops.linear.triton`: the feature
     map, BASED's Taylor map included, is applied inside the kernel; chunk length 64 unless
     ``chunk_size`` is 16/32/64/128) whenever the kernels support the settings (``taylor`` with
     ``feature_dim ≤ 16``, other maps with ``feature_dim ≤ 128``, head size ≤ 256, fp32/bf16/fp16);

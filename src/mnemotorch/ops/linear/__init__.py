@@ -3,10 +3,11 @@
 ``linear_attention`` has two backends: the reference (pure PyTorch, float64-ready: ``reference.py``,
 the specification) and the Triton kernels (``triton.py``: chunked forward/backward with the feature
 map -- BASED's Taylor map included -- computed in the kernel, and a one-token decode step), which
-``backend="triton"`` selects. ``backend="auto"`` uses the reference everywhere for now: on an H100
-(2026-11-25) the kernels gave wrong bf16 results (elu+1, D = 64: relative error 0.55) and an
-illegal memory access under autotuning, so they are opt-in (``backend="triton"``, or
-``MNEMO_LINEAR_KERNELS=1`` to let ``"auto"`` and the mixers pick them) until they pass on a GPU.
+``backend="triton"`` selects; ``backend="auto"`` picks them for chunked calls on CUDA tensors. The
+first kernels failed on an H100 (2026-11-25: bf16 relative error 0.55, an illegal memory access
+under autotuning); the rewritten ones pass ``scripts/diag_linear.py`` and ``tests/gpu/test_linear_gpu.py``
+on an H200 (sm_90, Triton 3.6, 2026-11-26; ``docs/results/linear_attention.md``).
+``MNEMO_LINEAR_KERNELS=0`` keeps ``"auto"`` and the mixers on the reference path.
 ``hebbian_memory`` runs the reference. See ``docs/mixers/linear_attention.md`` / ``docs/mixers/hebbian.md`` for the semantics.
 """
 
@@ -44,9 +45,9 @@ MODES = ("chunked", "parallel", "recurrent")
 
 
 def kernels_enabled() -> bool:
-    """Whether ``backend="auto"`` (and the mixers on CUDA) may use the Triton kernels: only with
-    ``MNEMO_LINEAR_KERNELS=1`` until they pass on a GPU (see the module docstring)."""
-    return os.environ.get("MNEMO_LINEAR_KERNELS") == "1"
+    """Whether ``backend="auto"`` (and the mixers on CUDA) may use the Triton kernels: yes unless
+    ``MNEMO_LINEAR_KERNELS=0`` (a switch for comparing against the reference path)."""
+    return os.environ.get("MNEMO_LINEAR_KERNELS", "1") != "0"
 
 def _check_reference_only(fn: str, backend: str) -> None:
     check_backend(fn, backend)
