@@ -157,3 +157,25 @@ def test_example_configs_load(name):
 def test_round_trip_through_dict():
     cfg = load_config(None, ["steps=5", "optim.lr=0.01"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_lm_loss_row_normalization_weighs_rows_equally():
+    import torch
+
+    import torch.nn.functional as F
+
+    from mnemotorch.train.trainer import lm_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[1, :5] = -100  # a sparsely labelled row (one target)
+    labels[2] = -100  # no target at all: skipped
+    tok = lm_loss(logits, labels, "token")
+    assert torch.allclose(tok, F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1)))
+    per = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), reduction="none").view(3, 6)
+    row0 = per[0].mean()
+    row1 = per[1, 5]
+    assert torch.allclose(lm_loss(logits, labels, "row"), (row0 + row1) / 2)
+    with pytest.raises(ValueError, match="normalization"):
+        lm_loss(logits, labels, "sequence")

@@ -89,6 +89,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     #: number of optimizer steps.
     steps: int = 200
+    #: training loss: ``"token"`` = mean over labelled tokens; ``"row"`` = mean over rows of each
+    #: row's token mean (``mnemotorch.train.trainer.lm_loss``), for batches mixing text rows with
+    #: sparsely labelled rows such as answer-only needle rows.
+    loss_normalization: Literal["token", "row"] = "token"
     #: sequences per optimizer step, summed over gradient-accumulation micro-steps and ranks.
     batch_size: int = 16
     grad_accum: int = 1

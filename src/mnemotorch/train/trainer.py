@@ -219,6 +219,25 @@ class _Metrics:
             fh.write(json.dumps(row) + "\n")
 
 
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, normalization: str = "token") -> torch.Tensor:
+    """Next-token cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` (``-100`` = no target).
+
+    ``"token"``: the mean over all labelled tokens of the batch (the usual LM loss). ``"row"``: the
+    mean over rows of each row's mean over its labelled tokens, so that a row with few targets (a
+    needle-retrieval row labelled on its answer only) weighs as much as a row of text; rows without
+    targets are skipped.
+    """
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    if normalization == "token":
+        return F.cross_entropy(flat_logits, labels.reshape(-1))
+    if normalization != "row":
+        raise ValueError(f"normalization must be 'token' or 'row', got {normalization!r}")
+    per_token = F.cross_entropy(flat_logits, labels.reshape(-1), reduction="none").view(labels.shape)
+    counts = (labels != -100).sum(-1)
+    rows = counts > 0
+    return (per_token.sum(-1)[rows] / counts[rows]).mean()
+
 class Trainer:
     """Train a ``MnemoForCausalLM`` as described by a :class:`TrainConfig`.
 
@@ -435,7 +454,7 @@ class Trainer:
                     with no_sync(wrapped, info, skip=i < cfg.grad_accum - 1):
                         with _autocast(device, amp):
                             logits = _forward_logits(wrapped, xm)
-                        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ym.reshape(-1))
+                        loss = lm_loss(logits, ym, cfg.loss_normalization)
                         # auxiliary losses of mixers (routing's commitment loss); the logged loss stays the LM loss
                         total = loss + routing_aux_loss(wrapped) if has_routing else loss
                         (total / cfg.grad_accum).backward()
