@@ -57,6 +57,7 @@ def hcam_gate_logits(
     top_k: int,
     local_chunk: bool = True,
     scale: float | None = None,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """HCAM's level 1: the gate logit of every (query, chunk), ``-inf`` for chunks a query does not read.
 
@@ -64,6 +65,10 @@ def hcam_gate_logits(
         q: ``[B, Tq, H, D]`` un-rotated queries at absolute positions ``Tk - Tq ..``.
         k: ``[B, Tk, Hkv, D]`` un-rotated keys; summaries: ``[B, Tk // C, Hkv, D]``.
         chunk_size, top_k, local_chunk, scale: as :func:`hcam_attention`.
+        keep: optional ``bool [B, H, Tq, Tk // C]``: the complete chunks each query reads, instead of
+            the top-k of the summary logits (e.g. ``torch.isfinite(gate[..., :Tk // C])`` of a gate
+            computed in another precision, to compare two paths under one selection: near-ties of
+            the top-k otherwise flip between bf16 and float64 logits).
 
     Returns:
         ``[B, H, Tq, ceil(Tk / C)]`` in float32 for half inputs, else the input dtype: the summary
@@ -87,9 +92,14 @@ def hcam_gate_logits(
         g = torch.einsum("bihd,bchd->bhic", q, summaries.repeat_interleave(rep, dim=2)).to(work) * scale
         eligible = (torch.arange(n_done, device=dev)[None, :] + 1) * chunk_size - 1 <= qpos[:, None]  # [Tq, n_done]
         g = torch.where(eligible, g, neg_inf)
-        kk = min(top_k, n_done)
-        order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :kk]
-        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True) & eligible
+        if keep is None:
+            kk = min(top_k, n_done)
+            order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :kk]
+            keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True) & eligible
+        else:
+            if keep.shape != g.shape or keep.dtype != torch.bool:
+                raise ValueError(f"keep must be a bool tensor of shape {tuple(g.shape)}, got {keep.dtype} {tuple(keep.shape)}")
+            keep = keep & eligible
         gate[..., :n_done] = torch.where(keep, g, neg_inf)
 
     # The current partial chunk cC .. i (when i does not complete its chunk), outside the competition.
@@ -126,6 +136,7 @@ def hcam_attention(
     rope_theta: float | None = 10000.0,
     scale: float | None = None,
     backend: str = "reference",
+    keep: Tensor | None = None,
 ) -> Tensor:
     """Causal HCAM read-out for the last ``Tq`` of ``Tk`` positions (keys start at position 0).
 
@@ -141,6 +152,7 @@ def hcam_attention(
             logits as ``gate_bias``, ``lse_gate="none"``; on CPU through the Triton interpreter) or
             ``"auto"`` (the kernel for CUDA tensors it supports: fp32/fp16/bf16, ``16 <= D <= 128``,
             ``Dv == D``, ``C <= 128``; else the reference).
+        keep: optional precomputed top-k choice (see :func:`hcam_gate_logits`).
 
     Returns:
         ``[B, Tq, H, Dv]``.
@@ -158,7 +170,7 @@ def hcam_attention(
     kchunk = kpos // chunk_size
 
     # Level 1: which chunks each query reads, and with which logit.
-    gate = hcam_gate_logits(q, k, summaries, chunk_size, top_k, local_chunk, scale)  # [B, H, Tq, NB]
+    gate = hcam_gate_logits(q, k, summaries, chunk_size, top_k, local_chunk, scale, keep)  # [B, H, Tq, NB]
 
     # Level 2: attention inside chunks (RoPE at absolute positions), normalised per chunk, then gated.
     if rope_theta is not None:
