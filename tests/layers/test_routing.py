@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from mnemotorch.layers import get_mixer
 from mnemotorch.layers.routing import RoutingAttention, routing_aux_loss, update_routing_centroids
@@ -503,3 +505,63 @@ def test_pending_kmeans_stats_follow_the_module() -> None:
     assert m._pending_sums.dtype == torch.float64
     m(torch.randn(2, 12, 24, dtype=torch.float64))
     assert m._pending_sums.dtype == torch.float64
+
+
+# ------------------------------------------------------------- memory: nothing O(L^2) allocated
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any aten op allocates (outputs that do not alias an input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes, self.where = 0, ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for o in tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs and o.untyped_storage().nbytes() > self.nbytes:
+                self.nbytes, self.where = o.untyped_storage().nbytes(), f"{func} -> {list(o.shape)} {o.dtype}"
+        return out
+
+
+def test_routing_layer_allocates_no_quadratic_tensor(monkeypatch) -> None:
+    """The GPU (FlexAttention) path's glue -- assignment, sort, tile lists, BlockMask, gathers, scatter
+    back, commitment loss, k-means statistics -- forward and backward at L = 4096, 32 clusters: no
+    tensor beyond a few [L, dim] activations. The unchunked centroid scores allocated the
+    [B, L, H, C, D] product (32 x [L, dim] here; 32 GiB at L = 64K on the GPU benchmark)."""
+    import mnemotorch.ops.routing as routing_ops
+    from mnemotorch.ops.routing import flex
+
+    # FlexAttention has no CPU backward: force the flex path with an O(L * H * D) stand-in kernel
+    monkeypatch.setattr(routing_ops, "flex_supported", lambda q: True)
+    monkeypatch.setattr(flex, "_flex", lambda: (lambda qs, ks, vs, block_mask=None, scale=None: vs + 0.0 * (qs + ks)))
+    L, dim = 4096, 256
+    torch.manual_seed(0)
+    m = get_mixer("routing", dim=dim, num_heads=4, num_clusters=32, backend="triton").train()
+    x = torch.randn(1, L, dim, requires_grad=True)
+    big = _LargestAllocation()
+    with big:
+        y, _ = m(x)
+        torch.autograd.grad(y.sum() + m.routing_aux_loss(), [x, *m.parameters()])
+    assert big.nbytes <= 4 * L * dim * x.element_size(), f"largest allocation {big.nbytes / 2**20:.1f} MiB: {big.where}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_routing_scores_chunking_is_bit_identical(monkeypatch, dtype: torch.dtype) -> None:
+    """Chunked centroid scores / nearest centroids equal the one-shot product-and-sum bit for bit
+    (any chunk size), ties included (duplicate centroids: the lower index wins)."""
+    from mnemotorch.ops.routing import centroid_scores, reference
+
+    g = torch.Generator().manual_seed(0)
+    b, t, h, c, d = 2, 301, 3, 5, 16
+    x = torch.nn.functional.layer_norm(torch.randn(b, t, h, d, generator=g), (d,)).to(dtype)
+    mu = torch.randn(h, c, d, generator=g)
+    mu[:, 3] = mu[:, 1]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    one_shot = (x.to(work)[..., None, :] * mu.to(work)).sum(-1)
+    for limit in (1 << 40, 7 * c * h * d, 1):  # unchunked, 7 tokens per chunk, one token per chunk
+        monkeypatch.setattr(reference, "SCORE_CHUNK_ELEMENTS_CPU", limit)
+        assert torch.equal(centroid_scores(x, mu), one_shot)
+        ids = nearest_centroid(x, mu)
+        assert ids.shape == (b, t, h) and torch.equal(ids, one_shot.argmax(-1))
+    assert nearest_centroid(x[:, :0], mu).shape == (b, 0, h)

@@ -153,5 +153,8 @@ def causal_exact_attention_flex(
 
     qs, ks, vs = sort_heads(q, qperm), sort_heads(k, kperm), sort_heads(v, kperm)
     out = _flex()(qs, ks, vs, block_mask=block_mask, scale=scale)  # [B, H, T, Dv], sorted queries
-    out = torch.zeros_like(out).scatter(2, qperm[..., None].expand(-1, -1, -1, out.shape[-1]), out)
+    # back to the original order: qperm is a permutation, so every row of the (uninitialised) target
+    # is written exactly once; in place, so no zero fill and no second [B, H, T, Dv] buffer (the
+    # out-of-place ``zeros_like(out).scatter`` allocated and filled both)
+    out = torch.empty_like(out).scatter_(2, qperm[..., None].expand(-1, -1, -1, out.shape[-1]), out)
     return out.permute(0, 2, 1, 3)

@@ -39,22 +39,61 @@ def scale_free_layer_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
+#: Most elements of the ``[n, H, C, D]`` product that :func:`centroid_scores` and
+#: :func:`nearest_centroid` hold at once: 2^25 (128 MiB in float32) on accelerators, where a chunk
+#: must be large enough to hide its 3-4 kernel launches, 2^20 (4 MiB) on the CPU, where a chunk that
+#: stays in cache is several times faster than a large one. Unchunked, a whole sequence's product has
+#: ``B * T * H * C * D`` elements, and with ``C = T / window`` that grows as ``T^2``: it was the routing
+#: layer's whole memory peak (32 GiB at T = 64K, 16 heads, D = 64, C = 128). Chunks split only the
+#: token dims; every score is still the same elementwise product summed over ``D``, so the results are
+#: bit-identical to the unchunked computation.
+SCORE_CHUNK_ELEMENTS = 1 << 25
+SCORE_CHUNK_ELEMENTS_CPU = 1 << 20
+
+
+def _token_step(x: Tensor, centroids: Tensor) -> int:
+    """Tokens per chunk so that a chunk's ``[n, H, C, D]`` product stays within the bound above."""
+    limit = SCORE_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else SCORE_CHUNK_ELEMENTS
+    return max(1, limit // max(1, centroids.numel()))
+
+
 def centroid_scores(x: Tensor, centroids: Tensor) -> Tensor:
     """``x [B, T, H, D]`` and ``centroids [H, C, D]`` -> ``x . mu`` as ``[B, T, H, C]`` (float32 at least).
 
     Written as an elementwise product and a sum over ``D`` rather than a matmul so that the score of
     a token does not depend on how many other tokens share the call (bit-identical in any chunking).
+    Long inputs are computed in token chunks (``SCORE_CHUNK_ELEMENTS``), so the ``[..., H, C, D]``
+    product is never materialised for the whole sequence.
     """
     work = _work_dtype(x.dtype)
-    return (x.to(work)[..., None, :] * centroids.to(work)).sum(-1)
+    mu = centroids.to(work)
+    flat = x.reshape(-1, *x.shape[-2:])  # [N, H, D]
+    step = _token_step(x, centroids)
+    if flat.shape[0] <= step:
+        return (x.to(work)[..., None, :] * mu).sum(-1)
+    parts = [(flat[s : s + step].to(work)[..., None, :] * mu).sum(-1) for s in range(0, flat.shape[0], step)]
+    return torch.cat(parts).reshape(*x.shape[:-1], centroids.shape[1])
 
 
+@torch.no_grad()
 def nearest_centroid(x: Tensor, centroids: Tensor) -> Tensor:
     """Cluster id ``argmax_c x . mu_c`` of every token and head: ``[B, T, H]`` int64.
 
-    Exact ties go to the lower centroid index (``argmax`` returns the first maximum).
+    Exact ties go to the lower centroid index (``argmax`` returns the first maximum). The scores
+    (:func:`centroid_scores`) are reduced to ids chunk by chunk: neither the ``[..., H, C, D]``
+    product nor the ``[..., H, C]`` scores of the whole input are kept, and no autograd graph is
+    built (ids have no gradient; centroids get none through the assignment).
     """
-    return centroid_scores(x, centroids).argmax(dim=-1)
+    x = x.detach()
+    flat = x.reshape(-1, *x.shape[-2:])  # [N, H, D]
+    step = _token_step(x, centroids)
+    if flat.shape[0] <= step:
+        return centroid_scores(x, centroids).argmax(dim=-1)
+    mu = centroids.detach().to(_work_dtype(x.dtype))  # converted once, not per chunk
+    out = torch.empty(flat.shape[:2], dtype=torch.int64, device=x.device)
+    for s in range(0, flat.shape[0], step):
+        out[s : s + step] = centroid_scores(flat[s : s + step], mu).argmax(dim=-1)
+    return out.reshape(x.shape[:-1])
 
 
 def balanced_topw_assignment(x: Tensor, centroids: Tensor, w: int) -> Tensor:
