@@ -39,6 +39,19 @@ def device_info() -> dict:
     return info
 
 
+def wall_median_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
+    """Median wall-clock time of ``fn`` in ms (CPU runs, where there are no device events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def median_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
     """Median wall time of ``fn`` on the device, in ms (CUDA events around each call).
 

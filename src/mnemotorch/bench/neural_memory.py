@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .block_sparse import device_info, median_ms
+from .block_sparse import device_info, median_ms, wall_median_ms
 
 CASES = ("lmm", "mag_model", "decode")
 PEERS = ("titans_pytorch",)
@@ -103,15 +103,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 5, rep
     """Median time of ``fn`` in ms: CUDA events on a GPU (``block_sparse.median_ms``), wall clock on the CPU."""
     if device.type == "cuda":
         return median_ms(fn, warmup, rep)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return wall_median_ms(fn, warmup, rep)
 
 
 def _peak_start(device: torch.device) -> int:

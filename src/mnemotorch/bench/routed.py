@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from .block_sparse import device_info, measure
+from .block_sparse import device_info, measure, wall_median_ms
 
 CASES = ("routing", "landmark")
 ROUTING_BACKENDS = {"flex": "triton", "sdpa_masks": "torch"}
@@ -86,18 +86,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _cpu_median_ms(fn: Callable[[], object], warmup: int = 1, rep: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def _measure(fwd: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: list[torch.Tensor], device: torch.device) -> dict:
     """Median fwd / fwd+bwd ms and peak extra GiB of one fwd+bwd; the first call's seconds (compilation)."""
     t0 = time.perf_counter()
@@ -112,8 +100,8 @@ def _measure(fwd: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: li
             torch.autograd.grad(fwd(), params, grad_out)
 
         with torch.no_grad():
-            t_f = _cpu_median_ms(fwd)
-        out = {"fwd_ms": t_f, "fwd_bwd_ms": _cpu_median_ms(fwd_bwd), "peak_extra_gib": None}
+            t_f = wall_median_ms(fwd, 1, 3)
+        out = {"fwd_ms": t_f, "fwd_bwd_ms": wall_median_ms(fwd_bwd, 1, 3), "peak_extra_gib": None}
     out["first_call_s"] = first
     return out
 

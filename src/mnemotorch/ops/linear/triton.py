@@ -95,6 +95,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..block_sparse.triton import _mm  # a @ b, fp32 accumulation, IEEE products when asked
+
 #: feature name -> id used by the kernels
 FEATURE_IDS = {"identity": 0, "elu_plus_one": 1, "relu": 2, "taylor": 3}
 TAYLOR = 3
@@ -112,16 +114,6 @@ TFP = 1 + TBD + TBD * TBD  # rows of a padded internal Taylor state
 # ---------------------------------------------------------------------------------------------
 # Small jitted helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-    """``a @ b`` (operands of one dtype) with fp32 accumulation; IEEE fp32 products when ``IEEE``."""
-    if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
 
 
 @triton.jit

@@ -49,20 +49,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..block_sparse.triton import _mm  # a @ b, fp32 accumulation, IEEE products when asked
+
 LOG2E = 1.4426950408889634
 
 #: dtypes the kernels accept (fp32 accumulation; fp64 goes to the reference).
 SUPPORTED_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; exact fp32 products (no TF32) when ``IEEE``."""
-    if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
 
 
 @triton.jit
