@@ -40,6 +40,20 @@ def test_full_window_equals_plain_model_fp64(kind, cls, tiny):
     assert mem.events == [[], []]
 
 
+@pytest.mark.parametrize("keep", [0, 1, 16, 30, 69, 70, 200])
+def test_logits_to_keep_across_execution_blocks(keep, tiny):
+    # Regression: keep == t (the sliding-window perplexity scores a whole first window) used to drop
+    # the first execution block's logits (7,936 of 8,192 on the GPU run).
+    model = tiny("llama")
+    ids = torch.randint(0, 257, (1, 70), generator=torch.Generator().manual_seed(3))
+    ref = model(ids).logits
+    with small(n_local=80, block=16)(model):
+        out = model(ids, logits_to_keep=keep).logits
+    want = ref if keep == 0 else ref[:, -keep:]
+    assert out.shape == want.shape
+    assert rel(out, want) <= 1e-12
+
+
 def test_full_window_equals_plain_model_fp32_and_generate(tiny):
     model = tiny("llama", dtype=torch.float32)
     ids = torch.randint(0, 257, (1, 50), generator=torch.Generator().manual_seed(2))

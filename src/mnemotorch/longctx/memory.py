@@ -378,11 +378,10 @@ class EpisodicMemory:
             if kw.get("cache_position") is not None:  # transformers < 5.2x still passes it
                 kw["cache_position"] = expected[lo:hi]
             kw[cache_key] = cache
-            last = hi == t
-            if keep == 0 or keep > t - lo:
-                kw["logits_to_keep"] = 0
-            else:
-                kw["logits_to_keep"] = keep if last else 1
+            # Positions of this block among the last ``keep`` (all when keep == 0); a block with none
+            # still runs (its keys enter the memory) but computes the head at one position only.
+            wanted = hi - lo if keep == 0 else max(0, hi - max(lo, t - keep))
+            kw["logits_to_keep"] = 0 if wanted == hi - lo else max(wanted, 1)
             self._chunk = {"ids": kw["input_ids"], "start": past + lo}
             try:
                 out = original(**kw)
@@ -391,10 +390,8 @@ class EpisodicMemory:
             self._end_chunk(hi - lo)
             if cache is None and use_cache is not False:
                 cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            if keep == 0 or keep > t - lo:
-                logits.append(out.logits)
-            elif last:
-                logits.append(out.logits)
+            if wanted:
+                logits.append(out.logits[:, -wanted:])
         full = torch.cat(logits, 1) if len(logits) > 1 else logits[0]
         if keep and full.shape[1] > keep:
             full = full[:, -keep:]
