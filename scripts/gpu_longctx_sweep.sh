@@ -46,3 +46,23 @@ for spec in sys.argv[1:]:
     print(name, row.get("passkey_1k_mean"), row.get("val_ppl", [None])[-1:], row.get("error", ""))
 json.dump(out, open(os.path.join(os.environ["OUT"], "sweep.json"), "w"), indent=1)
 PY
+# EVAL_BEST=1: go on, in the same call, to the full evaluation (scripts/gpu_longctx.sh PHASES=eval) of
+# the best variant that reached >= 0.95 at 1K (ties: lowest held-out ppl); DEADLINE (epoch seconds)
+# bounds it. The run directory stays on a warm machine, so a later call can resume the evaluation.
+if [ "${EVAL_BEST:-0}" = 1 ]; then
+  best=$(python3 - <<'PY'
+import json, os
+rows = json.load(open(os.path.join(os.environ["OUT"], "sweep.json")))
+ok = [(-r["passkey_1k_mean"], (r.get("val_ppl") or [(0, 1e30)])[-1][1], n) for n, r in rows.items()
+      if r.get("passkey_1k_mean", 0) >= 0.95]
+print(min(ok)[2] if ok else "")
+PY
+)
+  if [ -n "$best" ]; then
+    echo "== evaluating sweep_$best =="
+    cp "runs/sweep_$best/metrics.jsonl" "$OUT/metrics_$best.jsonl" 2>/dev/null
+    PHASES=eval RUN="runs/sweep_$best" bash scripts/gpu_longctx.sh
+  else
+    echo "== no variant reached 0.95 at 1K =="
+  fi
+fi
