@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_backend, check_qkv
+from .bias import RelativeBias, relative_bias_1d, relative_bias_grid
 from .pattern import BlockSparsePattern, build_pattern, causal_window_predicate, sliding_window_pattern
 from .patterns_misc import (
     document_pattern,
@@ -48,7 +49,13 @@ def triton_available(device: torch.device) -> bool:
 
 
 def block_sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, pattern: BlockSparsePattern, scale: float | None = None, backend: str = "auto"
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: BlockSparsePattern,
+    scale: float | None = None,
+    backend: str = "auto",
+    bias: RelativeBias | None = None,
 ) -> Tensor:
     """Attention restricted to the pairs a block-sparse pattern allows.
 
@@ -60,6 +67,10 @@ def block_sparse_attention(
         scale: logit scale, default ``D ** -0.5``.
         backend: ``"auto"`` (Triton on CUDA or under the interpreter, else the reference),
             ``"triton"`` or ``"reference"``.
+        bias: optional additive relative-position bias (:class:`RelativeBias`, built by
+            :func:`relative_bias_1d` / :func:`relative_bias_grid`): ``scale * q . k + bias`` is the
+            logit. Looked up per tile in the kernel from small tables, whose gradients the
+            backward accumulates.
 
     Returns:
         ``[B, Lq, H, D]``; a query with no allowed key gets zeros.
@@ -72,16 +83,20 @@ def block_sparse_attention(
         raise ValueError(
             f"block_sparse_attention: pattern is for (Lq, Lk) = ({pattern.q_len}, {pattern.k_len}) but q, k have ({q.shape[1]}, {k.shape[1]})"
         )
+    if bias is not None:
+        if not isinstance(bias, RelativeBias):
+            raise TypeError(f"block_sparse_attention: bias must be a RelativeBias or None, got {type(bias).__name__}")
+        bias.check("block_sparse_attention", q.shape[0], q.shape[1], k.shape[1], q.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     use_kernel = backend == "triton" or (backend == "auto" and triton_available(q.device))
     if backend == "torch":
         raise ValueError("block_sparse_attention: backend 'torch' does not exist; use 'auto', 'triton' or 'reference'")
     if not use_kernel:
-        return block_sparse_attention_reference(q, k, v, pattern, scale)
+        return block_sparse_attention_reference(q, k, v, pattern, scale, bias)
     if q.dtype not in SUPPORTED_KERNEL_DTYPES:
         if backend == "triton":
             raise TypeError(f"block_sparse_attention: the Triton kernel supports {SUPPORTED_KERNEL_DTYPES}, got {q.dtype}")
-        return block_sparse_attention_reference(q, k, v, pattern, scale)
+        return block_sparse_attention_reference(q, k, v, pattern, scale, bias)
     if v.shape[-1] != q.shape[-1]:
         raise ValueError("block_sparse_attention: the Triton kernel needs v's head dim equal to q's")
     if not 16 <= q.shape[-1] <= 256:
@@ -91,11 +106,14 @@ def block_sparse_attention(
     from .triton import block_sparse_attention_triton
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return block_sparse_attention_triton(q, k, v, pattern, scale)
+    return block_sparse_attention_triton(q, k, v, pattern, scale, bias)
 
 
 __all__ = [
     "BlockSparsePattern",
+    "RelativeBias",
+    "relative_bias_1d",
+    "relative_bias_grid",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "build_pattern",

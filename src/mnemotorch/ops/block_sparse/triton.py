@@ -15,6 +15,7 @@ an autograd formula, so ``torch.compile`` traces through them.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -63,6 +64,26 @@ def _st_rows(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
         tl.store(ptrs, x, mask=row_ok[:, None] & d_ok[None, :])
 
 
+# Relative-position bias (ops/block_sparse/bias.py): up to two table terms, each read at
+# clamp(k_coord - q_coord, 0, R - 1) from a table [B|1, Lq|1, H|1, R] (strides 0 on broadcast axes).
+# NB (constexpr) = number of terms; NB = 0 compiles every bias line away.
+
+
+@triton.jit
+def _bias2(T, sb, si, sh, R, b, h, trow, qc, kc):
+    """Bias of a tile in the base-2 domain; ``trow`` (table row = query), ``qc``, ``kc`` broadcast to the tile."""
+    idx = tl.minimum(tl.maximum(kc - qc, 0), R - 1)
+    val = tl.load(T + b.to(tl.int64) * sb + h * sh + trow.to(tl.int64) * si + idx)
+    return val.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _bias_grad(DT, sb, si, sh, R, b, h, trow, qc, kc, ds, ok):
+    """Accumulate dLoss/dlogit of a tile into the (fp32) table gradient; colliding indices add up."""
+    idx = tl.minimum(tl.maximum(kc - qc, 0), R - 1)
+    tl.atomic_add(DT + b.to(tl.int64) * sb + h * sh + trow.to(tl.int64) * si + idx, ds, mask=ok, sem="relaxed")
+
+
 # Tiling. A program owns one pattern block (queries in the forward and dQ kernels, keys in the
 # dK/dV kernel) and walks its block list. Each listed block is consumed in sub-slices of SUB rows
 # (SUB divides the block), so the loop body works on [block, SUB] tiles: smaller operand tiles and
@@ -74,11 +95,13 @@ def _st_rows(ptrs, x, row_ok, d_ok, EVEN_D: tl.constexpr):
 def _fwd_kernel(
     Q, K, V, O, LSE,
     FULL_IDX, FULL_CNT, PART_IDX, PART_TILE, PART_CNT, TILES,
+    QC, KC, T0, T1, sb0, si0, sh0, R0, sb1, si1, sh1, R1,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
     list_stride_f, list_stride_p,
     qk_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+    NB: tl.constexpr = 0,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -95,6 +118,13 @@ def _fwd_kernel(
     k_ptr = K + b.to(tl.int64) * skb + hk * skh
     v_ptr = V + b.to(tl.int64) * svb + hk * svh
     q = _ld_rows(q_ptr + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
+    qrow = tl.minimum(offs_m, Lq - 1)  # table row / coordinate index (rows past the end: masked later)
+    qc0 = qrow
+    qc1 = qrow
+    if NB >= 1:
+        qc0 = tl.load(QC + qrow)
+    if NB >= 2:
+        qc1 = tl.load(QC + Lq + qrow)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
@@ -106,6 +136,10 @@ def _fwd_kernel(
         k = _ld_full(k_ptr + rows[:, None].to(tl.int64) * skt + offs_d[None, :], d_ok, EVEN_D)
         v = _ld_full(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], d_ok, EVEN_D)
         s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        if NB >= 1:
+            s += _bias2(T0, sb0, si0, sh0, R0, b, h, qrow[:, None], qc0[:, None], tl.load(KC + rows)[None, :])
+        if NB >= 2:
+            s += _bias2(T1, sb1, si1, sh1, R1, b, h, qrow[:, None], qc1[:, None], tl.load(KC + Lk + rows)[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -124,6 +158,11 @@ def _fwd_kernel(
         v = _ld_rows(v_ptr + rows[:, None].to(tl.int64) * svt + offs_d[None, :], n_ok, d_ok, EVEN_D)
         allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + cols[None, :]) != 0
         s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        if NB >= 1:
+            krow = tl.minimum(rows, Lk - 1)
+            s += _bias2(T0, sb0, si0, sh0, R0, b, h, qrow[:, None], qc0[:, None], tl.load(KC + krow)[None, :])
+            if NB >= 2:
+                s += _bias2(T1, sb1, si1, sh1, R1, b, h, qrow[:, None], qc1[:, None], tl.load(KC + Lk + krow)[None, :])
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows that have seen no allowed key yet keep m = -inf; subtract 0 instead to avoid NaN
@@ -161,11 +200,13 @@ def _bwd_preprocess(O, DO, DELTA, sob, sot, soh, Lq, H: tl.constexpr, D: tl.cons
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     T_FULL_IDX, T_FULL_CNT, T_PART_IDX, T_PART_TILE, T_PART_CNT, TILES,
+    QC, KC, T0, T1, sb0, si0, sh0, R0, sb1, si1, sh1, R1,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdkb, sdkt, sdkh,
     list_stride_f, list_stride_p,
     qk_scale, sm_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+    NB: tl.constexpr = 0,
 ):
     # One program: key block kb of query head h, walking the query blocks that see it in slices
     # of SUB queries; dK/dV are written per query head (summed over the GQA group outside).
@@ -182,6 +223,13 @@ def _bwd_dkdv_kernel(
     n_ok = offs_n < Lk
     k = _ld_rows(K + b.to(tl.int64) * skb + hk * skh + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], n_ok, d_ok, EVEN_D)
     v = _ld_rows(V + b.to(tl.int64) * svb + hk * svh + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], n_ok, d_ok, EVEN_D)
+    krow = tl.minimum(offs_n, Lk - 1)
+    kc0 = krow
+    kc1 = krow
+    if NB >= 1:
+        kc0 = tl.load(KC + krow)
+    if NB >= 2:
+        kc1 = tl.load(KC + Lk + krow)
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     q_base = Q + b.to(tl.int64) * sqb + h * sqh
@@ -196,7 +244,12 @@ def _bwd_dkdv_kernel(
         do = _ld_full(do_base + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], d_ok, EVEN_D)
         lse = tl.load(LSE + stat_base + offs_m)
         delta = tl.load(DELTA + stat_base + offs_m)
-        pt = tl.math.exp2(_mm(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])
+        st = _mm(k, tl.trans(q), IEEE) * qk_scale
+        if NB >= 1:
+            st += _bias2(T0, sb0, si0, sh0, R0, b, h, offs_m[None, :], tl.load(QC + offs_m)[None, :], kc0[:, None])
+        if NB >= 2:
+            st += _bias2(T1, sb1, si1, sh1, R1, b, h, offs_m[None, :], tl.load(QC + Lq + offs_m)[None, :], kc1[:, None])
+        pt = tl.math.exp2(st - lse[None, :])
         dv += _mm(pt.to(do.dtype), do, IEEE)
         dst = pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
         dk += _mm(dst.to(q.dtype), q, IEEE)
@@ -213,7 +266,13 @@ def _bwd_dkdv_kernel(
         lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
         allowed_t = tl.load(TILES + t.to(tl.int64) * (BM * BN) + rows_in_tile[None, :] * BN + tl.arange(0, BN)[:, None]) != 0
-        pt = tl.where(allowed_t, tl.math.exp2(_mm(k, tl.trans(q), IEEE) * qk_scale - lse[None, :]), 0.0)
+        st = _mm(k, tl.trans(q), IEEE) * qk_scale
+        if NB >= 1:
+            qrow = tl.minimum(offs_m, Lq - 1)
+            st += _bias2(T0, sb0, si0, sh0, R0, b, h, qrow[None, :], tl.load(QC + qrow)[None, :], kc0[:, None])
+            if NB >= 2:
+                st += _bias2(T1, sb1, si1, sh1, R1, b, h, qrow[None, :], tl.load(QC + Lq + qrow)[None, :], kc1[:, None])
+        pt = tl.where(allowed_t, tl.math.exp2(st - lse[None, :]), 0.0)
         dv += _mm(pt.to(do.dtype), do, IEEE)
         dst = pt * (_mm(v, tl.trans(do), IEEE) - delta[None, :])
         dk += _mm(dst.to(q.dtype), q, IEEE)
@@ -227,11 +286,13 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     FULL_IDX, FULL_CNT, PART_IDX, PART_TILE, PART_CNT, TILES,
+    QC, KC, T0, T1, sb0, si0, sh0, R0, sb1, si1, sh1, R1, DT0, DT1,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
     list_stride_f, list_stride_p,
     qk_scale, sm_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+    NB: tl.constexpr = 0,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -248,6 +309,13 @@ def _bwd_dq_kernel(
     do = _ld_rows(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], m_ok, d_ok, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    qrow = tl.minimum(offs_m, Lq - 1)
+    qc0 = qrow
+    qc1 = qrow
+    if NB >= 1:
+        qc0 = tl.load(QC + qrow)
+    if NB >= 2:
+        qc1 = tl.load(QC + Lq + qrow)
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     k_base = K + b.to(tl.int64) * skb + hk * skh
     v_base = V + b.to(tl.int64) * svb + hk * svh
@@ -258,9 +326,20 @@ def _bwd_dq_kernel(
         rows = kb * BN + (it % NS) * SUB + offs_s
         k = _ld_full(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], d_ok, EVEN_D)
         v = _ld_full(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], d_ok, EVEN_D)
-        p = tl.math.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        if NB >= 1:
+            kc0 = tl.load(KC + rows)
+            s += _bias2(T0, sb0, si0, sh0, R0, b, h, qrow[:, None], qc0[:, None], kc0[None, :])
+        if NB >= 2:
+            kc1 = tl.load(KC + Lk + rows)
+            s += _bias2(T1, sb1, si1, sh1, R1, b, h, qrow[:, None], qc1[:, None], kc1[None, :])
+        p = tl.math.exp2(s - lse[:, None])
         ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, IEEE)
+        if NB >= 1:  # every (query, key) pair is visited once here: the table gradient is dS
+            _bias_grad(DT0, sb0, si0, sh0, R0, b, h, qrow[:, None], qc0[:, None], kc0[None, :], ds, m_ok[:, None])
+        if NB >= 2:
+            _bias_grad(DT1, sb1, si1, sh1, R1, b, h, qrow[:, None], qc1[:, None], kc1[None, :], ds, m_ok[:, None])
 
     n_part = tl.load(PART_CNT + qb)
     for it in range(0, n_part * NS):
@@ -272,9 +351,21 @@ def _bwd_dq_kernel(
         k = _ld_rows(k_base + rows[:, None].to(tl.int64) * skt + offs_d[None, :], n_ok, d_ok, EVEN_D)
         v = _ld_rows(v_base + rows[:, None].to(tl.int64) * svt + offs_d[None, :], n_ok, d_ok, EVEN_D)
         allowed = tl.load(TILES + t.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + cols[None, :]) != 0
-        p = tl.where(allowed, tl.math.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse[:, None]), 0.0)
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        if NB >= 1:
+            krow = tl.minimum(rows, Lk - 1)
+            kc0 = tl.load(KC + krow)
+            s += _bias2(T0, sb0, si0, sh0, R0, b, h, qrow[:, None], qc0[:, None], kc0[None, :])
+            if NB >= 2:
+                kc1 = tl.load(KC + Lk + krow)
+                s += _bias2(T1, sb1, si1, sh1, R1, b, h, qrow[:, None], qc1[:, None], kc1[None, :])
+        p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
         ds = p * (_mm(do, tl.trans(v), IEEE) - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, IEEE)
+        if NB >= 1:
+            _bias_grad(DT0, sb0, si0, sh0, R0, b, h, qrow[:, None], qc0[:, None], kc0[None, :], ds, allowed)
+            if NB >= 2:
+                _bias_grad(DT1, sb1, si1, sh1, R1, b, h, qrow[:, None], qc1[:, None], kc1[None, :], ds, allowed)
 
     _st_rows(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), m_ok, d_ok, EVEN_D)
 
@@ -286,11 +377,30 @@ def _num_warps(rows: int, d: int) -> int:
 #: Slice size of the fixed (non-autotuned) launch; tests lower it to exercise slicing.
 FIXED_SUB = 64
 # On a GPU the launch parameters (slice size, warps, stages) are autotuned once per (head dim,
-# pattern blocks, precision); under the CPU interpreter (tests) the plain kernels run with fixed
-# parameters. MNEMO_AUTOTUNE=0 skips tuning on the GPU too (faster first calls, e.g. in tests).
-_AUTOTUNE = os.environ.get("MNEMO_AUTOTUNE", "1") != "0"
-_TUNE_KEY = ["D", "BM", "BN", "IEEE", "GROUP"]
+# pattern blocks, precision, GQA group, bias terms); under the CPU interpreter (tests) the plain
+# kernels run with fixed parameters. MNEMO_AUTOTUNE picks the search space on the GPU:
+#   "1" / "full" (default) -- 6 configs per kernel and sliced block size;
+#   "small"                -- 2 configs (for benchmarks whose budget compile time would eat);
+#   "0" / "off"            -- no tuning: the fixed launch (fastest first calls, e.g. in tests).
+AUTOTUNE_MODES = ("full", "small", "off")
+_AUTOTUNE_ALIASES = {"1": "full", "0": "off"}
+_AUTOTUNE_MODE = _AUTOTUNE_ALIASES.get(os.environ.get("MNEMO_AUTOTUNE", "1"), os.environ.get("MNEMO_AUTOTUNE", "1"))
+if _AUTOTUNE_MODE not in AUTOTUNE_MODES:
+    raise ValueError(f"MNEMO_AUTOTUNE must be one of 1, 0, {', '.join(AUTOTUNE_MODES)}; got {os.environ.get('MNEMO_AUTOTUNE')!r}")
+_AUTOTUNE = _AUTOTUNE_MODE != "off"
+_TUNE_KEY = ["D", "BM", "BN", "IEEE", "GROUP", "NB"]
 _TUNED: dict = {}
+
+
+def set_autotune(mode: str) -> None:
+    """Choose the GPU launch-parameter search: ``"full"`` (6 configs per kernel), ``"small"``
+    (2 configs) or ``"off"`` (fixed launch). Forgets the choices made so far in this process."""
+    global _AUTOTUNE_MODE, _AUTOTUNE
+    mode = _AUTOTUNE_ALIASES.get(str(mode), str(mode))
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"set_autotune: mode must be one of {AUTOTUNE_MODES}, got {mode!r}")
+    _AUTOTUNE_MODE, _AUTOTUNE = mode, mode != "off"
+    _TUNED.clear()
 
 
 def _sub_choices(block: int) -> list[int]:
@@ -300,18 +410,24 @@ def _sub_choices(block: int) -> list[int]:
 def _tuned(kernel, block: int):
     """The autotuned ``kernel`` for one size of the sliced block (one tuner per size).
 
-    Six configs per kernel: every tuned config is a separate compilation, and an H100 run with
-    twelve took minutes before the first result, so the space is kept to the choices that matter
-    (slice 32 or 64; 4 warps with 3 stages, 8 warps with 2 or 3 — a plain Triton FlashAttention
-    forward on the H100 was fastest with 8 warps and 3–4 stages, ../shared/peers).
+    Six configs per kernel ("full"): every tuned config is a separate compilation, and an H100 run
+    with twelve took minutes before the first result, so the space is kept to the choices that
+    matter (slice 32 or 64; 4 warps with 3 stages, 8 warps with 2 or 3 -- a plain Triton
+    FlashAttention forward on the H100 was fastest with 8 warps and 3-4 stages, ../shared/peers).
+    "small" keeps two of them: the largest slice with 8 warps / 3 stages and the smallest with
+    4 warps / 3 stages. The dQ kernel accumulates the bias-table gradient with atomics, so its
+    tuner zeroes those buffers between trial runs.
     """
-    key = (id(kernel), block)
+    key = (id(kernel), block, _AUTOTUNE_MODE)
     if key not in _TUNED:
-        configs = [
-            triton.Config({"SUB": sub}, num_warps=w, num_stages=st)
-            for sub in _sub_choices(block) for (w, st) in ((4, 3), (8, 2), (8, 3))
-        ]
-        _TUNED[key] = triton.autotune(configs, key=_TUNE_KEY)(kernel)
+        subs = _sub_choices(block)
+        if _AUTOTUNE_MODE == "small":
+            space = [(subs[-1], 8, 3), (subs[0], 4, 3)] if len(subs) > 1 else [(subs[0], 8, 3), (subs[0], 4, 3)]
+        else:
+            space = [(sub, w, st) for sub in subs for (w, st) in ((4, 3), (8, 2), (8, 3))]
+        configs = [triton.Config({"SUB": sub}, num_warps=w, num_stages=st) for sub, w, st in space]
+        reset = ["DT0", "DT1"] if kernel is _bwd_dq_kernel else None
+        _TUNED[key] = triton.autotune(configs, key=_TUNE_KEY, reset_to_zero=reset)(kernel)
     return _TUNED[key]
 
 
@@ -319,9 +435,9 @@ def tuned_configs() -> dict[str, str]:
     """The launch configs the autotuner chose so far in this process (for benchmark records)."""
     names = {id(_fwd_kernel): "fwd", id(_bwd_dkdv_kernel): "bwd_dkdv", id(_bwd_dq_kernel): "bwd_dq"}
     out = {}
-    for (kid, block), tuner in _TUNED.items():
+    for (kid, block, mode), tuner in _TUNED.items():
         for key, cfg in getattr(tuner, "cache", {}).items():
-            out[f"{names.get(kid, kid)}[slice of {block}] {key}"] = str(cfg)
+            out[f"{names.get(kid, kid)}[slice of {block}, {mode}] {key}"] = str(cfg)
     return out
 
 
@@ -345,25 +461,58 @@ def _alloc(like: Tensor, shape=None, dtype=None) -> Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 
-def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block):
+_DUMMIES: dict = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A one-element buffer standing in for absent bias operands (never read; cached per device)."""
+    key = (str(device), dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(1, device=device, dtype=dtype)
+    return _DUMMIES[key]
+
+
+def _bias_operands(q: Tensor, bias) -> tuple[tuple, int]:
+    """Kernel arguments ``(QC, KC, T0, T1, sb0, si0, sh0, R0, sb1, si1, sh1, R1)`` and the term count.
+
+    ``bias``: ``None`` or ``(q_coords, k_coords, tables)`` with tables contiguous ``[B|1, Lq|1, H|1, R]``.
+    Without a bias the pointers are a dummy buffer no kernel reads (NB = 0 compiles the reads away).
+    """
+    if bias is None:
+        dummy = _dummy(q.device, torch.int32)
+        return (dummy, dummy, dummy, dummy, 0, 0, 0, 1, 0, 0, 0, 1), 0
+    qc, kc, tables = bias
+    per_term = []
+    for t in tables:
+        per_term.append((t, *(t.stride(a) if t.shape[a] > 1 else 0 for a in range(3)), t.shape[3]))
+    if len(per_term) == 1:
+        per_term.append((per_term[0][0], 0, 0, 0, 1))
+    (t0, *s0), (t1, *s1) = per_term
+    return (qc, kc, t0, t1, *s0, *s1), len(tables)
+
+
+def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block, bias=None):
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     o = _alloc(q)
     lse = _alloc(q, (b, h, lq), torch.float32)
     grid = (triton.cdiv(lq, q_block), b * h)
+    bias_args, nb = _bias_operands(q, bias)
     args = (
-        q, k, v, o, lse, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
+        q, k, v, o, lse, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, *bias_args,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         full_idx.stride(0), part_idx.stride(0),
         scale * LOG2E, lq, lk,
     )
-    meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32, EVEN_D=triton.next_power_of_2(d) == d)
+    meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32,
+                EVEN_D=triton.next_power_of_2(d) == d, NB=nb)
     _launch(_fwd_kernel, k_block, q_block, grid, args, meta, q.device)
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block):
+def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None):
+    """dQ, dK, dV (and, with ``bias``, the fp32 gradients of the bias tables, same shapes)."""
     (full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt) = lists
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -376,9 +525,11 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block):
     kv_dtype = k.dtype if group == 1 else torch.float32
     dk = _alloc(q, (b, lk, h, d), kv_dtype)
     dv = _alloc(q, (b, lk, h, d), kv_dtype)
-    meta = dict(H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32, EVEN_D=triton.next_power_of_2(d) == d)
+    bias_args, nb = _bias_operands(q, bias)
+    meta = dict(H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32,
+                EVEN_D=triton.next_power_of_2(d) == d, NB=nb)
     dkdv_args = (
-        q, k, v, do, lse, delta, dk, dv, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, tiles,
+        q, k, v, do, lse, delta, dk, dv, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, tiles, *bias_args,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         t_full_idx.stride(0), t_part_idx.stride(0),
@@ -386,8 +537,15 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block):
     )
     _launch(_bwd_dkdv_kernel, q_block, k_block, (triton.cdiv(lk, k_block), b * h), dkdv_args, meta, q.device)
     dq = _alloc(q)
+    # Table gradients are accumulated (atomics): zero-initialised fp32, never poisoned. Without a
+    # bias, a dummy that nothing reads (the dQ tuner zeroes DT0/DT1 between trials).
+    if bias is None:
+        dts = [_dummy(q.device, torch.float32)] * 2
+    else:
+        dts = [torch.zeros(t.shape, device=q.device, dtype=torch.float32) for t in bias[2]]
+        dts = dts + [dts[0]] * (2 - len(dts))
     dq_args = (
-        q, k, v, do, lse, delta, dq, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
+        q, k, v, do, lse, delta, dq, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, *bias_args, dts[0], dts[1],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         full_idx.stride(0), part_idx.stride(0),
@@ -397,7 +555,9 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block):
     if group > 1:
         dk = dk.view(b, lk, hkv, group, d).sum(3).to(k.dtype)
         dv = dv.view(b, lk, hkv, group, d).sum(3).to(v.dtype)
-    return dq, dk, dv
+    if bias is None:
+        return dq, dk, dv
+    return dq, dk, dv, dts[: len(bias[2])]
 
 
 # The forward op also takes the transposed lists (unused there) so that autograd can save them
@@ -449,12 +609,88 @@ def _backward(ctx, do, dlse):
 block_sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, pattern, scale: float) -> Tensor:
-    """Run the kernels on ``q [B, Lq, H, D]``, ``k/v [B, Lk, Hkv, D]`` (last dim contiguous)."""
+# The same kernels with an additive relative-position bias (NB = 1 or 2 table terms): separate
+# ops so that the bias-free ops keep their schema.
+@torch.library.custom_op("mnemotorch::block_sparse_attn_bias_fwd", mutates_args=())
+def block_sparse_attn_bias_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    full_idx: Tensor, full_cnt: Tensor, part_idx: Tensor, part_tile: Tensor, part_cnt: Tensor, tiles: Tensor,
+    t_full_idx: Tensor, t_full_cnt: Tensor, t_part_idx: Tensor, t_part_tile: Tensor, t_part_cnt: Tensor,
+    q_coords: Tensor, k_coords: Tensor, table0: Tensor, table1: Optional[Tensor],
+    scale: float, q_block: int, k_block: int,
+) -> tuple[Tensor, Tensor]:
+    tables = [table0] if table1 is None else [table0, table1]
+    return _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block, (q_coords, k_coords, tables))
+
+
+@block_sparse_attn_bias_fwd.register_fake
+def _(q, k, v, *rest):
+    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("mnemotorch::block_sparse_attn_bias_bwd", mutates_args=())
+def block_sparse_attn_bias_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+    full_idx: Tensor, full_cnt: Tensor, part_idx: Tensor, part_tile: Tensor, part_cnt: Tensor, tiles: Tensor,
+    t_full_idx: Tensor, t_full_cnt: Tensor, t_part_idx: Tensor, t_part_tile: Tensor, t_part_cnt: Tensor,
+    q_coords: Tensor, k_coords: Tensor, table0: Tensor, table1: Optional[Tensor],
+    scale: float, q_block: int, k_block: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dQ, dK, dV and the fp32 gradients of ``table0`` / ``table1`` (an empty tensor without ``table1``)."""
+    lists = (full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt)
+    tables = [table0] if table1 is None else [table0, table1]
+    dq, dk, dv, dts = _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, (q_coords, k_coords, tables))
+    dt1 = dts[1] if table1 is not None else table0.new_zeros(0, dtype=torch.float32)
+    return dq, dk, dv, dts[0], dt1
+
+
+@block_sparse_attn_bias_bwd.register_fake
+def _(do, q, k, v, o, lse, *rest):
+    table0, table1 = rest[13], rest[14]
+    dt1 = table0.new_empty(0, dtype=torch.float32) if table1 is None else table1.new_empty(table1.shape, dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), table0.new_empty(table0.shape, dtype=torch.float32), dt1)
+
+
+def _bias_setup_context(ctx, inputs, output):
+    q, k, v, *rest = inputs
+    lists, (qc, kc, t0, t1), (scale, q_block, k_block) = rest[:11], rest[11:15], rest[15:]
+    o, lse = output
+    ctx.has_t1 = t1 is not None
+    ctx.save_for_backward(q, k, v, o, lse, *lists, qc, kc, t0, t1 if t1 is not None else t0)
+    ctx.scale, ctx.q_block, ctx.k_block = scale, q_block, k_block
+
+
+def _bias_backward(ctx, do, dlse):
+    q, k, v, o, lse, *rest = ctx.saved_tensors
+    lists, (qc, kc, t0, t1) = rest[:11], rest[11:]
+    t1 = t1 if ctx.has_t1 else None
+    dq, dk, dv, dt0, dt1 = block_sparse_attn_bias_bwd(do, q, k, v, o, lse, *lists, qc, kc, t0, t1, ctx.scale, ctx.q_block, ctx.k_block)
+    return (dq, dk, dv) + (None,) * 13 + (dt0.to(t0.dtype), dt1.to(t1.dtype) if t1 is not None else None, None, None, None)
+
+
+block_sparse_attn_bias_fwd.register_autograd(_bias_backward, setup_context=_bias_setup_context)
+
+
+def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, pattern, scale: float, bias=None) -> Tensor:
+    """Run the kernels on ``q [B, Lq, H, D]``, ``k/v [B, Lk, Hkv, D]`` (last dim contiguous).
+
+    ``bias``: an optional :class:`~mnemotorch.ops.block_sparse.RelativeBias` (coordinates on
+    ``q``'s device; checked by the caller).
+    """
     p = pattern
     tiles = p.tiles if p.tiles.dtype == torch.int8 else p.tiles.to(torch.int8)
-    out, _ = block_sparse_attn_fwd(
-        q, k, v, p.full_idx, p.full_cnt, p.part_idx, p.part_tile, p.part_cnt, tiles,
-        p.t_full_idx, p.t_full_cnt, p.t_part_idx, p.t_part_tile, p.t_part_cnt, float(scale), p.q_block, p.k_block,
-    )
+    lists = (p.full_idx, p.full_cnt, p.part_idx, p.part_tile, p.part_cnt, tiles,
+             p.t_full_idx, p.t_full_cnt, p.t_part_idx, p.t_part_tile, p.t_part_cnt)
+    if bias is None:
+        out, _ = block_sparse_attn_fwd(q, k, v, *lists, float(scale), p.q_block, p.k_block)
+        return out
+    tables = []
+    for t in bias.canonical_tables():
+        if t.dtype == torch.float64:  # the kernels read fp32/bf16/fp16 tables (accumulating in fp32)
+            t = t.float()
+        tables.append(t.contiguous())
+    qc = bias.q_coords.to(q.device, torch.int32).contiguous()
+    kc = bias.k_coords.to(q.device, torch.int32).contiguous()
+    t1 = tables[1] if len(tables) > 1 else None
+    out, _ = block_sparse_attn_bias_fwd(q, k, v, *lists, qc, kc, tables[0], t1, float(scale), p.q_block, p.k_block)
     return out
