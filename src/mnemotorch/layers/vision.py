@@ -9,12 +9,15 @@ vision backbones, not causal sequence mixers with a streaming state.
   Hassani et al. 2023 "Neighborhood Attention Transformer", 2022 "Dilated Neighborhood
   Attention Transformer"). The attention core runs through the block-sparse kernel
   (:func:`mnemotorch.ops.block_sparse.block_sparse_attention`) on tokens permuted into spatial
-  tiles, or through a gather path in plain PyTorch (``O(HW * kh * kw)``) that also supports
-  NATTEN's relative positional bias (the kernel has no additive bias yet).
+  tiles, with NATTEN's relative positional bias as the kernel's additive bias (one joint table,
+  looked up per tile), or through a gather path in plain PyTorch (``O(HW * kh * kw)``).
 * :class:`HaloAttention` -- HaloNet blocked local attention (Vaswani et al. 2021, "Scaling Local
   Self-Attention for Parameter Efficient Visual Backbones"): every ``b x b`` query block attends
   one shared ``(b + 2h) x (b + 2h)`` window, with separate row and column relative-position
-  logits. Blocked (unfold-style) computation in plain PyTorch, ``O(HW * (b + 2h)^2)``.
+  logits. On CUDA (masked padding) it runs through the block-sparse kernel on tokens permuted
+  block by block, the relative logits ``q . rel_h[dy]`` / ``q . rel_w[dx]`` being the kernel's
+  per-query bias tables; elsewhere a blocked (unfold-style) computation in plain PyTorch,
+  ``O(HW * (b + 2h)^2)``.
 
 Float64 dense-masked references (:func:`na2d_reference`, :func:`halo_attention_reference`) are
 the specifications the fast paths are tested against. The rules are written out in
@@ -33,9 +36,12 @@ from torch import Tensor, nn
 from ..ops.block_sparse import (
     SUPPORTED_KERNEL_DTYPES,
     PermutedPattern,
+    RelativeBias,
     block_sparse_attention,
+    halo_pattern,
     neighborhood_pattern_2d,
     neighborhood_predicate,
+    relative_bias_grid,
     triton_available,
 )
 
@@ -50,6 +56,7 @@ __all__ = [
 ]
 
 NA2D_BACKENDS = ("auto", "block_sparse", "triton", "gather")
+HALO_BACKENDS = ("auto", "blocked", "block_sparse", "triton")
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,12 +268,38 @@ def _na2d_pattern(shape, ks, ds, ss, cs, tile_shape, device: torch.device) -> Pe
     return pp
 
 
-def _na2d_block_sparse(q: Tensor, k: Tensor, v: Tensor, ks, ds, ss, cs, scale: float, tile_shape, backend: str) -> Tensor:
+_COORD_CACHE: dict[tuple, RelativeBias] = {}
+
+
+def _grid_bias(tables, shape, perm: Tensor, dilation, joint: bool, key: tuple, device: torch.device) -> RelativeBias:
+    """:func:`relative_bias_grid` with its coordinates built once per layout and kept on ``device``."""
+    key = (*key, joint, tuple(t is None for t in tables) if not joint else None, str(device))
+    cached = _COORD_CACHE.get(key)
+    if cached is None:
+        if len(_COORD_CACHE) > 64:
+            _COORD_CACHE.clear()
+        cached = relative_bias_grid(tables, shape, perm=perm, dilation=dilation, joint=joint).to(device)
+        _COORD_CACHE[key] = cached
+    used = (tables,) if joint else tuple(t for t in tables if t is not None)
+    if joint:
+        n_axes = len(shape)
+        used = (tables.reshape(*tables.shape[: tables.dim() - n_axes], -1),)
+    return RelativeBias(used, cached.q_coords, cached.k_coords)
+
+
+def _na2d_block_sparse(
+    q: Tensor, k: Tensor, v: Tensor, ks, ds, ss, cs, scale: float, tile_shape, backend: str, rpb: Tensor | None = None
+) -> Tensor:
     b, h, w, nh, d = q.shape
     pp = _na2d_pattern((h, w), ks, ds, ss, cs, tile_shape, q.device)
     # tokens tile by tile, so a query block is a spatial tile whose neighbourhood covers few key tiles
     qp, kp, vp = (pp.permute(t.reshape(b, h * w, nh, d)) for t in (q, k, v))
-    out = block_sparse_attention(qp, kp, vp, pp.pattern, scale=scale, backend=backend)
+    bias = None
+    if rpb is not None:
+        # NAT's rpb[head, dy + kh - 1, dx + kw - 1] (group coordinates) as one joint table
+        key = ("na2d", (h, w), ks, ds, ss, cs, tuple(tile_shape))
+        bias = _grid_bias(rpb, (h, w), pp.perm, ds, True, key, q.device)
+    out = block_sparse_attention(qp, kp, vp, pp.pattern, scale=scale, backend=backend, bias=bias)
     return pp.unpermute(out).reshape(b, h, w, nh, d)
 
 
@@ -303,10 +336,10 @@ def na2d(
             :func:`~mnemotorch.ops.block_sparse.neighborhood_pattern`). Checks: kernel <= axis,
             kernel * dilation <= axis, stride <= kernel.
         rpb: optional relative positional bias ``[heads, 2*kh-1, 2*kw-1]`` (see
-            :func:`na2d_reference`); only the gather path supports it.
+            :func:`na2d_reference`); every path supports it (the kernel as its additive bias).
         scale: logit scale, default ``D ** -0.5``.
-        backend: ``"auto"`` (the Triton kernel on CUDA when there is no ``rpb`` and the kernel
-            supports the dtype and head dim, else ``"gather"``), ``"block_sparse"`` (the
+        backend: ``"auto"`` (the Triton kernel on CUDA when the kernel supports the dtype and
+            head dim, else ``"gather"``), ``"block_sparse"`` (the
             block-sparse op with its own ``auto`` dispatch: Triton on CUDA, its dense reference
             elsewhere), ``"triton"`` (the kernel, also under ``TRITON_INTERPRET=1``), or
             ``"gather"`` (plain PyTorch, ``O(HW * kh * kw)``).
@@ -327,13 +360,11 @@ def na2d(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if rpb is not None:
         _check_rpb(fn, rpb, q.shape[3], ks, ss)
-        if backend in ("block_sparse", "triton"):
-            raise ValueError(f"{fn}: backend {backend!r} has no additive bias; use backend='gather' (or 'auto') with rpb")
     if backend == "auto":
-        backend = "triton" if rpb is None and _kernel_ok(q) else "gather"
+        backend = "triton" if _kernel_ok(q) else "gather"
     if backend == "gather":
         return _na2d_gather(q, k, v, ks, ds, ss, cs, rpb, scale)
-    return _na2d_block_sparse(q, k, v, ks, ds, ss, cs, scale, tile, "triton" if backend == "triton" else "auto")
+    return _na2d_block_sparse(q, k, v, ks, ds, ss, cs, scale, tile, "triton" if backend == "triton" else "auto", rpb)
 
 
 class NeighborhoodAttention2D(nn.Module):
@@ -348,7 +379,9 @@ class NeighborhoodAttention2D(nn.Module):
         kernel_size, dilation, stride, causal: NATTEN's per-axis knobs (int / bool or pairs).
         qkv_bias: bias in the q/k/v projection.
         rel_pos_bias: learn NAT's relative positional bias ``[heads, 2kh-1, 2kw-1]`` (needs
-            stride 1; runs on the gather path since the kernel has no additive bias).
+            stride 1; with ``backend="auto"`` it runs in the kernel on CUDA, as its additive
+            bias; the module still accepts it only with ``"auto"`` or ``"gather"``, while the
+            functional :func:`na2d` takes it on every backend).
         backend, tile_shape: see :func:`na2d`.
     """
 
@@ -385,7 +418,9 @@ class NeighborhoodAttention2D(nn.Module):
         if backend not in NA2D_BACKENDS:
             raise ValueError(f"{fn}: backend must be one of {NA2D_BACKENDS}, got {backend!r}")
         if rel_pos_bias and backend in ("block_sparse", "triton"):
-            raise ValueError(f"{fn}: backend {backend!r} has no additive bias; use 'gather' or 'auto' with rel_pos_bias")
+            # kept from before the kernel had a bias (tests/layers/test_vision.py expects it);
+            # backend="auto" runs the bias in the kernel on CUDA
+            raise ValueError(f"{fn}: backend {backend!r} with rel_pos_bias is not offered by the module; use 'auto' or 'gather'")
         self.tile_shape = _check_tile(fn, tile_shape)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -452,8 +487,9 @@ def halo_attention(
     rel_w: Tensor | None = None,
     mask_padding: bool = True,
     scale: float | None = None,
+    backend: str = "auto",
 ) -> Tensor:
-    """HaloNet blocked local attention, computed block by block (the paper's algorithm).
+    """HaloNet blocked local attention (the paper's algorithm, or the block-sparse kernel).
 
     The map is cut into ``b x b`` query blocks; block ``(R, C)`` attends the keys of the
     ``(b + 2h) x (b + 2h)`` window of image rows ``R*b - h .. R*b + b + h - 1`` (columns alike).
@@ -468,6 +504,13 @@ def halo_attention(
             attended as zero keys and values (False: zero padding as timm's ``HaloAttn``; their
             logit is then the relative term alone).
         scale: default ``D ** -0.5``.
+        backend: ``"auto"`` (the kernel on CUDA when ``mask_padding`` and the kernel supports the
+            dtype and head dim, else ``"blocked"``), ``"blocked"`` (block by block in plain
+            PyTorch), ``"block_sparse"`` (the block-sparse op over :func:`halo_pattern` with its
+            own dispatch: Triton on CUDA, its dense reference elsewhere) or ``"triton"`` (the
+            kernel, also under ``TRITON_INTERPRET=1``). The block-sparse paths need
+            ``mask_padding=True``: padded keys do not exist in the pattern. They add the relative
+            logits as the kernel's per-query bias tables ``scale * q . rel[r]`` (``O(HW * (b+h))``).
 
     Returns:
         ``[B, H, W, heads, D]``. Time and memory ``O(H * W * (b + 2h)^2)``.
@@ -476,6 +519,14 @@ def halo_attention(
     b, h = _check_halo(fn, q, k, v, block_size, halo_size, rel_h, rel_w)
     if not isinstance(mask_padding, bool):
         raise ValueError(f"{fn}: mask_padding must be a bool, got {mask_padding!r}")
+    if backend not in HALO_BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {HALO_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if mask_padding and _kernel_ok(q) else "blocked"
+    if backend != "blocked":
+        if not mask_padding:
+            raise ValueError(f"{fn}: backend {backend!r} needs mask_padding=True (zero-padded keys are not in the pattern); use 'blocked'")
+        return _halo_block_sparse(q, k, v, b, h, rel_h, rel_w, scale, "triton" if backend == "triton" else "auto")
     bsz, hh, ww, nh, d = q.shape
     nbh, nbw, win = hh // b, ww // b, b + 2 * h
     scale = d**-0.5 if scale is None else float(scale)
@@ -510,6 +561,36 @@ def halo_attention(
     p = torch.softmax(s, dim=-1)  # a query always sees its own block
     out = torch.einsum("bijhxyk,bijhkd->bijhxyd", p, vw)  # [B, nbh, nbw, heads, b, b, D]
     return out.permute(0, 1, 4, 2, 5, 3, 6).reshape(bsz, hh, ww, nh, d)
+
+
+_HALO_CACHE: dict[tuple, PermutedPattern] = {}
+
+
+def _halo_block_sparse(q: Tensor, k: Tensor, v: Tensor, b: int, h: int, rel_h, rel_w, scale, backend: str) -> Tensor:
+    """HaloNet through the block-sparse op: tokens ordered block by block (one ``b x b`` block is one
+    kernel tile when ``b*b`` is a power of two >= 16), relative logits as per-query bias tables."""
+    bsz, hh, ww, nh, d = q.shape
+    scale = d**-0.5 if scale is None else float(scale)
+    key = (hh, ww, b, h, str(q.device))
+    pp = _HALO_CACHE.get(key)
+    if pp is None:
+        if len(_HALO_CACHE) > 64:
+            _HALO_CACHE.clear()
+        pp = halo_pattern(hh, ww, b, h, permute=True)
+        pp = PermutedPattern(pp.pattern.to(q.device), pp.perm.to(q.device), pp.inv_perm.to(q.device))
+        _HALO_CACHE[key] = pp
+    qp, kp, vp = (pp.permute(t.reshape(bsz, hh * ww, nh, d)) for t in (q, k, v))
+    bias = None
+    if rel_h is not None or rel_w is not None:
+        # logit term scale * q_i . rel[key coord - query coord + b + h - 1]: per query, a table over
+        # the 2(b+h)-1 offsets (at least fp32: it is small and feeds the softmax directly)
+        tdt = torch.promote_types(q.dtype, torch.float32)
+        tables = tuple(
+            None if rel is None else torch.einsum("blhd,rd->blhr", qp.to(tdt), rel.to(tdt)) * scale for rel in (rel_h, rel_w)
+        )
+        bias = _grid_bias(tables, (hh, ww), pp.perm, 1, False, ("halo", hh, ww, b, h), q.device)
+    out = block_sparse_attention(qp, kp, vp, pp.pattern, scale=scale, backend=backend, bias=bias)
+    return pp.unpermute(out).reshape(bsz, hh, ww, nh, d)
 
 
 def halo_attention_reference(
@@ -584,6 +665,9 @@ class HaloAttention(nn.Module):
         rel_pos: learn the relative-position tables (True, as the paper).
         mask_padding: exclude window positions outside the image (True), or attend them as
             zero-padded keys/values like timm (False). See :func:`halo_attention`.
+        backend: ``"auto"`` (the block-sparse kernel on CUDA with ``mask_padding``, else
+            ``"blocked"``), ``"blocked"``, ``"block_sparse"`` or ``"triton"``; see
+            :func:`halo_attention`.
     """
 
     def __init__(
@@ -595,6 +679,7 @@ class HaloAttention(nn.Module):
         qkv_bias: bool = False,
         rel_pos: bool = True,
         mask_padding: bool = True,
+        backend: str = "auto",
     ):
         super().__init__()
         fn = "HaloAttention"
@@ -608,6 +693,11 @@ class HaloAttention(nn.Module):
         for name, val in (("rel_pos", rel_pos), ("mask_padding", mask_padding), ("qkv_bias", qkv_bias)):
             if not isinstance(val, bool):
                 raise ValueError(f"{fn}: {name} must be a bool, got {val!r}")
+        if backend not in HALO_BACKENDS:
+            raise ValueError(f"{fn}: backend must be one of {HALO_BACKENDS}, got {backend!r}")
+        if backend in ("block_sparse", "triton") and not mask_padding:
+            raise ValueError(f"{fn}: backend {backend!r} needs mask_padding=True; use 'blocked' or 'auto'")
+        self.backend = backend
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.block_size, self.halo_size, self.mask_padding = block_size, halo_size, mask_padding
         self.scale = self.head_dim**-0.5
@@ -625,12 +715,15 @@ class HaloAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, block_size={self.block_size}, halo_size={self.halo_size}, "
-            f"rel_pos={self.rel_h is not None}, mask_padding={self.mask_padding}"
+            f"rel_pos={self.rel_h is not None}, mask_padding={self.mask_padding}, backend={self.backend!r}"
         )
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, backend: str | None = None) -> Tensor:
         """The attention core on ``q, k, v [B, H, W, heads, D]`` (with this layer's tables)."""
-        return halo_attention(q, k, v, self.block_size, self.halo_size, self.rel_h, self.rel_w, self.mask_padding, self.scale)
+        return halo_attention(
+            q, k, v, self.block_size, self.halo_size, self.rel_h, self.rel_w, self.mask_padding, self.scale,
+            self.backend if backend is None else backend,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, H, W, C] -> [B, H, W, C]``."""
