@@ -53,6 +53,7 @@ from .base import Mixer, MixerState
 from .registry import register_mixer
 
 MODES = ("causal_exact", "balanced_topw")
+BACKENDS = ("auto", "torch", "block_sparse", "flex", "triton", "reference")
 
 
 @dataclass
@@ -114,10 +115,14 @@ class RoutingAttention(Mixer):
             positions). Routing uses the un-rotated vectors, so assignment is by content alone.
         ema_decay: ``lambda`` of the k-means EMA (paper: 0.999).
         commitment_beta: ``beta`` of the commitment loss (paper: 1e-4).
-        backend: for the routing heads in ``causal_exact`` mode: ``"auto"`` / ``"torch"`` (SDPA
-            with cluster masks over query chunks), ``"triton"`` (CUDA: whole sequences run the
-            sort-by-cluster block-sparse FlexAttention path, continuations SDPA; not yet verified
-            on a GPU) or ``"reference"`` (dense float64-ready logits). Local heads use
+        backend: for the routing heads in ``causal_exact`` mode: ``"auto"`` (on CUDA the
+            block-sparse kernel path for calls of at least ``AUTO_MIN_QUERIES`` tokens, else SDPA
+            with cluster masks; see ``mnemotorch.ops.routing.causal_exact_attention``),
+            ``"block_sparse"`` (always the kernel path: sort by cluster, pack every head's clusters
+            into one sequence, the project's block-sparse Triton kernel), ``"torch"`` (SDPA with
+            cluster masks over query chunks), ``"flex"`` (former name ``"triton"``; CUDA: whole
+            sequences run the sort-by-cluster FlexAttention path, continuations SDPA) or
+            ``"reference"`` (dense float64-ready logits). Local heads use
             ``sliding_window_attention`` (``"auto"`` unless ``"reference"``).
 
     Buffers: ``centroids [H_route, C, D]`` (kept at norm ``sqrt(D)``, the radius of the normalised
@@ -182,8 +187,8 @@ class RoutingAttention(Mixer):
         if isinstance(commitment_beta, bool) or not isinstance(commitment_beta, (int, float)) or commitment_beta < 0:
             raise ValueError(f"commitment_beta must be a number >= 0, got {commitment_beta!r}")
         self.commitment_beta = float(commitment_beta)
-        if backend not in ("auto", "torch", "triton", "reference"):
-            raise ValueError(f"backend must be one of ('auto', 'torch', 'triton', 'reference'), got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
 
         d = self.head_dim
@@ -257,15 +262,18 @@ class RoutingAttention(Mixer):
             k = q if self.k_proj is None else apply_rotary(k, cos, sin)
 
         if self.mode == "causal_exact":
-            if state.k.shape[1] == 0:  # a fresh sequence: no copy, and ck stays cq (shared clusters)
-                k_all, v_all, c_all = k[:, :, hl:], v[:, :, hl:], ck
+            q_route = q[:, :, hl:]
+            if state.k.shape[1] == 0:
+                # a fresh sequence: no copy; ck stays cq (shared clusters) and, with shared Q/K, the keys
+                # are the very tensor of the queries, so the kernel paths sort and pack them once
+                k_all, v_all, c_all = (q_route if self.k_proj is None else k[:, :, hl:]), v[:, :, hl:], ck
             else:
                 k_all = torch.cat([state.k.to(k.dtype), k[:, :, hl:]], dim=1)
                 v_all = torch.cat([state.v.to(v.dtype), v[:, :, hl:]], dim=1)
                 c_all = torch.cat([state.clusters.to(ck.device), ck], dim=1)
-            # "triton" means the whole-sequence kernel path; continuations of a sequence use SDPA
-            op_backend = "torch" if self.backend == "triton" and state.k.shape[1] > 0 else self.backend
-            y_route = causal_exact_attention(q[:, :, hl:], k_all, v_all, cq, c_all, causal=self.causal, backend=op_backend)
+            # "flex" runs whole sequences only; continuations of a sequence use SDPA
+            op_backend = "torch" if self.backend in ("flex", "triton") and state.k.shape[1] > 0 else self.backend
+            y_route = causal_exact_attention(q_route, k_all, v_all, cq, c_all, causal=self.causal, backend=op_backend)
         else:
             mq = balanced_topw_assignment(rq, self.centroids, self.top_w)
             mk = mq if self.k_proj is None else balanced_topw_assignment(rk, self.centroids, self.top_w)

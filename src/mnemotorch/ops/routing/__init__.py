@@ -2,10 +2,13 @@
 
 * ``causal_exact_attention(q, k, v, q_cluster, k_cluster)`` -- attention inside clusters (a
   document mask on the cluster ids, plus the causal mask on original positions). Backends:
-  ``"reference"`` (dense float64-ready logits), ``"torch"`` (SDPA with cluster masks over query
-  chunks) and ``"triton"`` (whole sequences on CUDA: sort by cluster, then block-sparse
-  FlexAttention, whose kernels are Triton; ``flex.py``); ``"auto"`` is ``"torch"`` for now (see
-  ``AUTO_USES_FLEX``).
+  ``"reference"`` (dense float64-ready logits; the oracle), ``"torch"`` (SDPA with cluster masks
+  over query chunks), ``"block_sparse"`` (sort by cluster, pack the clusters of every batch row and
+  head into one sequence, run the project's block-sparse Triton kernel; ``block_sparse.py``) and
+  ``"flex"`` (sort by cluster, block-sparse FlexAttention on whole sequences; ``flex.py``;
+  ``"triton"`` is its former name and still selects it). ``"auto"`` is decided once per call, at
+  this boundary: ``"block_sparse"`` on CUDA when the kernel supports the inputs and there are at
+  least ``AUTO_MIN_QUERIES`` queries, else ``"torch"`` (see ``AUTO_USES_BLOCK_SPARSE``).
 * ``balanced_topw_attention(q, k, v, q_members, k_members)`` -- the paper's balanced clusters
   (gather, dense attention per cluster, scatter-mean over duplicates).
 * assignment: ``nearest_centroid``, ``balanced_topw_assignment``; routing vectors:
@@ -20,14 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checks import check_backend, check_qkv
+from ..checks import check_qkv
+from .block_sparse import block_sparse_supported, causal_exact_attention_block_sparse, routed_layout
 from .flex import causal_exact_attention_flex, flex_supported
-
-#: Whether ``backend="auto"`` takes the FlexAttention path on CUDA. Off until the GPU tests
-#: (``pytest -m gpu tests/layers/test_routing.py``) have passed on an H100; its block lists are
-#: checked on the CPU against the element rule (coverage, full tiles) and its outputs there match
-#: the reference through FlexAttention's CPU implementation.
-AUTO_USES_FLEX = False
 from .reference import (
     balanced_topw_assignment,
     balanced_topw_attention,
@@ -41,6 +39,19 @@ from .reference import (
     nearest_centroid,
     scale_free_layer_norm,
 )
+
+#: Backends of :func:`causal_exact_attention` (``"triton"``: the former name of ``"flex"``).
+BACKENDS = ("auto", "reference", "torch", "block_sparse", "flex", "triton")
+#: The dispatch decision of ``backend="auto"``: on CUDA, the block-sparse kernel path (issue #7: the
+#: Flex path took 7.2 / 8.1 / 69 ms for the benchmark layer at 8K / 16K / 64K on an H200, and the
+#: masked-SDPA path is dense). Its lists, outputs and gradients are tested against brute force and
+#: the float64 reference under the Triton interpreter (``tests/test_routing_block_sparse.py``); the
+#: same checks at GPU sizes are ``tests/gpu/test_routing_gpu.py`` (``pytest -m gpu``), which must pass
+#: on a GPU before this default is trusted. ``False`` sends ``"auto"`` to ``"torch"`` everywhere.
+AUTO_USES_BLOCK_SPARSE = True
+#: Fewer queries than this (decoding, short continuations) go to ``"torch"`` under ``"auto"``:
+#: sorting and packing the whole cache would cost more than the masked SDPA over a few queries.
+AUTO_MIN_QUERIES = 128
 
 
 def causal_exact_attention(
@@ -61,39 +72,61 @@ def causal_exact_attention(
         q_cluster: ``[B, Tq, H]`` integer cluster ids of the queries; k_cluster: ``[B, Tk, H]``.
         causal: causal mask on original positions.
         scale: logit scale, default ``D ** -0.5``.
-        backend: ``"reference"``, ``"torch"``, ``"triton"`` (CUDA, ``Tq == Tk``, head dim a power of
-            two in 16..256) or ``"auto"`` (``"triton"`` where it applies, else ``"torch"``). Pass the
-            same tensor as ``q_cluster`` and ``k_cluster`` when queries and keys share clusters: the
-            Triton path then also skips tiles above the diagonal.
+        backend: ``"reference"``, ``"torch"``, ``"block_sparse"`` (CUDA, or the CPU under
+            ``TRITON_INTERPRET=1``; float16/bfloat16/float32, head dim 16..256, ``Dv == D``; any
+            ``Tq <= Tk``), ``"flex"`` (= ``"triton"``; CUDA, ``Tq == Tk``, head dim a power of two in
+            16..256) or ``"auto"`` (``"block_sparse"`` on CUDA where it applies and ``Tq >=
+            AUTO_MIN_QUERIES``, else ``"torch"``). Pass the same tensor as ``q_cluster`` and
+            ``k_cluster`` when queries and keys share clusters (and the same tensor as ``q`` and
+            ``k`` with shared Q/K): the kernel paths then pack queries and keys once and skip tiles
+            above the diagonal.
 
     Returns:
         ``[B, Tq, H, Dv]``; a query with no visible key outputs 0.
     """
     fn = "causal_exact_attention"
     check_qkv(fn, q, k, v)
-    check_backend(fn, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {BACKENDS}, got {backend!r}")
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"{fn}: q and k must have the same number of heads, got {q.shape[2]} and {k.shape[2]}")
     for name, c, t in (("q_cluster", q_cluster, q), ("k_cluster", k_cluster, k)):
         if not isinstance(c, Tensor) or c.shape != t.shape[:3] or c.dtype.is_floating_point or c.dtype == torch.bool:
             raise ValueError(f"{fn}: {name} must be an integer tensor of shape {list(t.shape[:3])}, got {getattr(c, 'shape', c)!r}")
+    if backend == "auto":
+        use_kernel = AUTO_USES_BLOCK_SPARSE and q.is_cuda and q.shape[1] >= AUTO_MIN_QUERIES and block_sparse_supported(q, v)
+        backend = "block_sparse" if use_kernel else "torch"
     if backend == "reference":
         return causal_exact_attention_reference(q, k, v, q_cluster, k_cluster, causal, scale)
-    whole = q.shape[1] == k.shape[1] and v.shape[-1] == q.shape[-1]
-    if backend == "triton" and not (whole and flex_supported(q)):
-        raise ValueError(
-            f"{fn}: backend='triton' needs CUDA tensors, Tq == Tk, v's head dim equal to q's and a head dim that is a power "
-            f"of two in 16..256; got device {q.device}, Tq={q.shape[1]}, Tk={k.shape[1]}, D={q.shape[-1]}, Dv={v.shape[-1]}"
-        )
-    if backend == "triton" or (AUTO_USES_FLEX and backend == "auto" and whole and q.shape[1] >= 128 and flex_supported(q)):
+    if backend == "block_sparse":
+        if not block_sparse_supported(q, v, interpreter=True):
+            raise ValueError(
+                f"{fn}: backend='block_sparse' needs CUDA tensors (or CPU ones under TRITON_INTERPRET=1), dtype float16, "
+                f"bfloat16 or float32, a head dim in 16..256 and v's head dim equal to q's; got device {q.device}, "
+                f"dtype {q.dtype}, D={q.shape[-1]}, Dv={v.shape[-1]}"
+            )
+        return causal_exact_attention_block_sparse(q, k, v, q_cluster, k_cluster, causal, scale)
+    if backend in ("flex", "triton"):
+        whole = q.shape[1] == k.shape[1] and v.shape[-1] == q.shape[-1]
+        if not (whole and flex_supported(q)):
+            raise ValueError(
+                f"{fn}: backend={backend!r} (FlexAttention) needs CUDA tensors, Tq == Tk, v's head dim equal to q's and a head "
+                f"dim that is a power of two in 16..256; got device {q.device}, Tq={q.shape[1]}, Tk={k.shape[1]}, "
+                f"D={q.shape[-1]}, Dv={v.shape[-1]}"
+            )
         return causal_exact_attention_flex(q, k, v, q_cluster, k_cluster, causal, scale)
     return causal_exact_attention_torch(q, k, v, q_cluster, k_cluster, causal, scale)
 
 
 __all__ = [
+    "AUTO_MIN_QUERIES",
+    "AUTO_USES_BLOCK_SPARSE",
+    "BACKENDS",
     "balanced_topw_assignment",
     "balanced_topw_attention",
+    "block_sparse_supported",
     "causal_exact_attention",
+    "causal_exact_attention_block_sparse",
     "causal_exact_attention_flex",
     "causal_exact_attention_reference",
     "causal_exact_attention_torch",
@@ -103,5 +136,6 @@ __all__ = [
     "kmeans_ema_step",
     "kmeans_ema_update",
     "nearest_centroid",
+    "routed_layout",
     "scale_free_layer_norm",
 ]
