@@ -58,8 +58,8 @@ def test_routing_rows(report) -> None:
     assert row["num_clusters"] == row["L"] // row["window"]
     assert row["config_ours"]["mode"] == "causal_exact" and row["config_ours"]["shared_qk"] is True
     res = row["results"]
-    assert set(res) == {"ours_flex", "ours_sdpa_masks", "routing_transformer", "sdpa_dense"}
-    assert "needs CUDA" in res["ours_flex"]["skipped"]
+    assert set(res) == {"ours_block_sparse", "ours_flex", "ours_sdpa_masks", "routing_transformer", "sdpa_dense"}
+    assert "needs CUDA" in res["ours_flex"]["skipped"] and "needs CUDA" in res["ours_block_sparse"]["skipped"]
     assert "not importable" in res["routing_transformer"]["skipped"]  # skipped, not crashed
     ours = res["ours_sdpa_masks"]
     for key in ("fwd_ms", "fwd_bwd_ms", "peak_extra_gib", "first_call_s", "speedup_fwd_vs_sdpa_dense", "speedup_fwd_bwd_vs_sdpa_dense"):
@@ -69,6 +69,7 @@ def test_routing_rows(report) -> None:
     stats = row["routing_stats"]
     assert stats["cluster_size_mean"] == row["L"] / row["num_clusters"]
     assert 0 < stats["flex_tiles_visited_fraction_of_causal"] <= 1
+    assert stats["block_sparse_packed_rows_per_token"] >= 1 and stats["block_sparse_tiles"]["partial"] > 0
 
 
 def test_landmark_rows(report) -> None:

@@ -9,15 +9,17 @@ Two cases, each run in this process on the same inputs for every implementation:
   ``shared/peers/peers_gpu2.py``; an optional peer, skipped with a note when it is not importable)
   and against dense causal SDPA with the same q/k/v/o projections (our ``attention`` mixer), so
   projections are included on all sides. Ours runs with each backend of its attention:
-  ``flex`` (``backend="triton"``: sort by cluster, block-sparse FlexAttention; CUDA only) and
+  ``block_sparse`` (``backend="block_sparse"``, the default on CUDA: sort by cluster, pack every
+  head's clusters into one sequence, the project's block-sparse Triton kernel; CUDA only),
+  ``flex`` (``backend="flex"``: sort by cluster, block-sparse FlexAttention; CUDA only) and
   ``sdpa_masks`` (``backend="torch"``: SDPA with cluster masks over query chunks, dense compute;
   only up to ``--sdpa-masks-max-len``). Reported per length: the median of device-event timings
   after warm-up for the forward (under ``torch.no_grad``, the project's convention; the peer numbers
   of the spec were taken with grad enabled) and the forward + backward (gradients of the input and
   every parameter), the peak memory above the inputs during forward + backward, the ratios
   ``peer / ours`` (``speedup_*_vs_PEER`` > 1: ours is faster), the cluster sizes and the fraction
-  of causal 128 x 128 tiles the flex path visits, and the relative difference between our two
-  backends' outputs. All modules stay in training mode (both routing layers compute their k-means
+  of causal 128 x 128 tiles the flex path visits, the packed length and tiles of the block-sparse
+  path, and the relative differences between our backends' outputs. All modules stay in training mode (both routing layers compute their k-means
   statistics and commitment losses; neither loss is back-propagated, as in ``peers_gpu2.py``).
   Centroids are random, as in a freshly initialised model: a trained model's clusters are less
   balanced.
@@ -52,7 +54,9 @@ import torch
 from .block_sparse import device_info, measure, wall_median_ms
 
 CASES = ("routing", "landmark")
-ROUTING_BACKENDS = {"flex": "triton", "sdpa_masks": "torch"}
+ROUTING_BACKENDS = {"block_sparse": "block_sparse", "flex": "flex", "sdpa_masks": "torch"}
+#: Ours that need CUDA (``--device cpu`` records them as skipped).
+CUDA_ONLY_BACKENDS = ("block_sparse", "flex")
 PEERS = ("routing_transformer", "sdpa")
 GRANULARITIES = ("block", "token")
 
@@ -137,8 +141,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _routing_stats(m, x: torch.Tensor) -> dict:
-    """Cluster sizes of the routing heads on ``x`` and the causal 128 x 128 tiles the flex path visits."""
-    from mnemotorch.ops.routing import nearest_centroid, scale_free_layer_norm
+    """Cluster sizes of the routing heads on ``x``, the causal 128 x 128 tiles the flex path visits, and
+    the packed rows and tiles of the block-sparse path."""
+    from mnemotorch.ops.routing import nearest_centroid, routed_layout, scale_free_layer_norm
     from mnemotorch.ops.routing.flex import BLOCK, sorted_block_lists
 
     with torch.no_grad():
@@ -152,6 +157,10 @@ def _routing_stats(m, x: torch.Tensor) -> dict:
         n = -(-t // BLOCK)
         causal_tiles = b * c.shape[2] * n * (n + 1) / 2
         visited = (lists["kv_num"].sum() + lists["full_num"].sum()).item()
+        lay = routed_layout(c, c, causal=True)
+        p = lay.pattern
+        bs_full, bs_part = int(p.full_cnt.sum()), int(p.part_cnt.sum())
+        causal_pairs = b * c.shape[2] * t * (t + 1) / 2
     return {
         "cluster_size_mean": t / m.num_clusters,
         "cluster_size_max": sizes.max().item(),
@@ -159,11 +168,15 @@ def _routing_stats(m, x: torch.Tensor) -> dict:
         "empty_clusters_fraction": (sizes == 0).float().mean().item(),
         "flex_tiles_visited_fraction_of_causal": visited / causal_tiles,
         "flex_full_tiles_fraction_of_visited": lists["full_num"].sum().item() / max(visited, 1),
+        "block_sparse_packed_rows_per_token": lay.q_len / (b * c.shape[2] * t),
+        "block_sparse_tiles": {"q_block": p.q_block, "k_block": p.k_block, "full": bs_full, "partial": bs_part,
+                               "list_widths": [p.full_idx.shape[1], p.part_idx.shape[1], p.t_full_idx.shape[1], p.t_part_idx.shape[1]]},
+        "block_sparse_computed_pairs_fraction_of_causal": (bs_full + bs_part) * p.q_block * p.k_block / causal_pairs,
     }
 
 
 def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device, dtype: torch.dtype, batch: int = 1,
-                 backends: tuple[str, ...] = ("flex", "sdpa_masks"), peers: tuple[str, ...] = PEERS,
+                 backends: tuple[str, ...] = tuple(ROUTING_BACKENDS), peers: tuple[str, ...] = PEERS,
                  sdpa_masks_max_len: int = 16384) -> dict:
     """One length: our routing layer (each backend) vs routing-transformer's SelfAttention vs dense SDPA."""
     from mnemotorch.layers import get_mixer
@@ -186,8 +199,8 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
     outputs: dict[str, torch.Tensor] = {}
     for name in backends:
         key = f"ours_{name}"
-        if name == "flex" and device.type != "cuda":
-            res[key] = {"skipped": "the flex path (backend='triton') needs CUDA"}
+        if name in CUDA_ONLY_BACKENDS and device.type != "cuda":
+            res[key] = {"skipped": f"the {name} path (backend={ROUTING_BACKENDS[name]!r}) needs CUDA"}
             continue
         if name == "sdpa_masks" and L > sdpa_masks_max_len:
             res[key] = {"skipped": f"dense masked SDPA skipped above --sdpa-masks-max-len {sdpa_masks_max_len}"}
@@ -204,8 +217,10 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
             with torch.no_grad():
                 outputs[name] = fwd().detach()
         _free(device)
-    if len(outputs) == 2:
-        row["rel_diff_flex_vs_sdpa_masks"] = _rel(outputs["flex"], outputs["sdpa_masks"])
+    names = [n for n in ROUTING_BACKENDS if n in outputs]
+    for i, a in enumerate(names):
+        for other in names[i + 1 :]:
+            row[f"rel_diff_{a}_vs_{other}"] = _rel(outputs[a], outputs[other])
     outputs.clear()
     del ours, ours_params
     _free(device)
@@ -439,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lengths", default=None, help="sequence lengths, multiples of --window (default 8192,16384,65536)")
     g.add_argument("--window", type=int, default=None, help="tokens per cluster: C = L / window clusters (default 512)")
     g.add_argument("--batch", type=int, default=1)
-    g.add_argument("--routing-backends", default="flex,sdpa_masks", help="ours: flex (FlexAttention, CUDA) and/or sdpa_masks")
+    g.add_argument("--routing-backends", default=",".join(ROUTING_BACKENDS),
+                   help="ours: block_sparse (our kernel, CUDA), flex (FlexAttention, CUDA) and/or sdpa_masks")
     g.add_argument("--peers", default=",".join(PEERS), help="comma list of: routing_transformer, sdpa (dense causal SDPA layer); "
                    "'none' for ours only")
     g.add_argument("--sdpa-masks-max-len", type=int, default=16384, help="skip ours_sdpa_masks (dense compute) above this length")
