@@ -1,0 +1,138 @@
+"""Causal-exact routing attention on the block-sparse kernel (``ops/routing/block_sparse.py``), on a GPU.
+
+Run on the GPU machine:
+``MNEMO_GPU_TESTS=1 python -m pytest -q -p no:cacheprovider tests/gpu/test_routing_gpu.py``
+(``MNEMO_AUTOTUNE=0`` skips autotuning for a faster first run). Timings:
+``python -m mnemotorch.cli bench routed -- --cases routing``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnemotorch.layers import get_mixer
+from mnemotorch.ops.routing import causal_exact_attention, routed_layout
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (5e-3, 1e-2)}  # (outputs, gradients): ARCHITECTURE.md
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def ids(b, tq, tk, h, c, shared, seed=0):
+    """Random ids with a long run (full tiles), a one-token cluster and (separate) ids no key has."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ck = torch.randint(0, c, (b, tk, h), device="cuda", generator=g)
+    ck[0, : min(tk, 700), 0] = c
+    ck[-1, tk // 3, h - 1] = c + 1
+    if shared:
+        return ck, ck
+    return torch.randint(0, c + 3, (b, tq, h), device="cuda", generator=g), ck
+
+
+CASES = [  # (B, Tq, Tk, H, D, C, shared clusters and Q/K, causal)
+    (1, 2048, 2048, 4, 64, 8, True, True),  # the causal-LM case
+    (2, 1000, 1000, 3, 64, 5, True, True),  # lengths off the tile grid
+    (1, 1024, 1024, 2, 128, 4, False, True),  # separate Q/K
+    (1, 512, 3000, 2, 64, 6, False, True),  # queries after a cache
+    (1, 1024, 1024, 2, 64, 4, True, False),  # an encoder
+    (1, 777, 777, 2, 48, 3, True, True),  # head dim not a power of two
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("b,tq,tk,h,d,c,shared,causal", CASES)
+def test_block_sparse_matches_reference(b, tq, tk, h, d, c, shared, causal, dtype) -> None:
+    """Outputs and the gradients of q, k, v against the float64 reference on the same (rounded) inputs."""
+    cq, ck = ids(b, tq, tk, h, c, shared, seed=tq + d)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    shapes = [(b, tq, h, d)] + ([] if shared else [(b, tk, h, d)]) + [(b, tk, h, d)]
+    leaves = [torch.randn(s, device="cuda", dtype=torch.float64, generator=g).to(dtype) for s in shapes]
+    w = torch.randn(b, tq, h, d, device="cuda", dtype=torch.float64, generator=g).to(dtype)
+
+    def run(backend, work):
+        xs = [t.to(work).requires_grad_() for t in leaves]
+        q, v = xs[0], xs[-1]
+        k = q if shared else xs[1]
+        y = causal_exact_attention(q, k, v, cq, ck, causal, backend=backend)
+        return y, torch.autograd.grad((y * w.to(work)).sum(), xs)
+
+    y_ref, g_ref = run("reference", torch.float64)
+    y, g_got = run("block_sparse", dtype)
+    tol_o, tol_g = TOL[dtype]
+    assert torch.isfinite(y).all() and rel(y, y_ref) <= tol_o
+    for name, a, r in zip("qv" if shared else "qkv", g_got, g_ref):
+        assert torch.isfinite(a).all() and rel(a, r) <= tol_g, f"d{name}"
+
+
+@pytest.mark.parametrize("shared,causal", [(True, True), (False, True), (True, False)])
+def test_layout_on_cuda_equals_cpu(shared: bool, causal: bool) -> None:
+    """The device-side list construction (sort, searchsorted, cummax, repeat_interleave) gives the CPU's lists."""
+    cq, ck = ids(2, 3000, 3000, 4, 16, shared)
+    lay = routed_layout(cq, ck, causal)
+    cq_cpu = cq.cpu()
+    cpu = routed_layout(cq_cpu, cq_cpu if shared else ck.cpu(), causal)
+    for name in ("full_idx", "full_cnt", "part_idx", "part_tile", "part_cnt", "tiles", "t_full_idx", "t_full_cnt",
+                 "t_part_idx", "t_part_tile", "t_part_cnt"):
+        assert torch.equal(getattr(lay.pattern, name).cpu(), getattr(cpu.pattern, name)), name
+    assert torch.equal(lay.q_rows.cpu(), cpu.q_rows) and torch.equal(lay.k_rows.cpu(), cpu.k_rows)
+
+
+def test_auto_dispatch_on_cuda(monkeypatch) -> None:
+    """The mixer's default backend takes the kernel path for whole sequences and chunks of >= 128 tokens,
+    masked SDPA for decoding steps; every split gives the outputs of one call."""
+    import mnemotorch.ops.routing as routing_ops
+
+    calls = []
+    real = routing_ops.causal_exact_attention_block_sparse
+    monkeypatch.setattr(routing_ops, "causal_exact_attention_block_sparse", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+    torch.manual_seed(0)
+    m = get_mixer("routing", dim=256, num_heads=4, num_clusters=6, local_heads=1, local_window=64).cuda()
+    ref = get_mixer("routing", dim=256, num_heads=4, num_clusters=6, local_heads=1, local_window=64, backend="reference").cuda()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 1500, 256, device="cuda")
+    y, _ = m(x)
+    assert calls == [1500] and rel(y, ref(x)[0]) <= 1e-5
+    state, outs = None, []
+    for piece in torch.split(x, [700, 1, 799], dim=1):
+        o, state = m(piece, state)
+        outs.append(o)
+    assert calls == [1500, 700, 799]  # the one-token step went to masked SDPA
+    assert rel(torch.cat(outs, 1), y) <= 1e-5
+
+
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_mixer_bf16_against_flex_and_masked_sdpa(shared_qk: bool) -> None:
+    """The benchmark's layer (bf16) at 8K tokens: the three GPU backends agree, and fwd + bwd are finite."""
+    torch.manual_seed(0)
+    m = get_mixer("routing", dim=1024, num_heads=16, num_clusters=16, shared_qk=shared_qk).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 8192, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    outs = {}
+    for backend in ("block_sparse", "flex", "torch"):
+        m.backend = backend
+        y, _ = m(x)
+        (gx,) = torch.autograd.grad(y.float().pow(2).mean(), [x])
+        m.routing_aux_loss()
+        assert torch.isfinite(y).all() and torch.isfinite(gx).all(), backend
+        outs[backend] = (y.detach(), gx)
+    for other in ("flex", "torch"):
+        assert rel(outs["block_sparse"][0], outs[other][0]) <= 1e-2, other
+        assert rel(outs["block_sparse"][1], outs[other][1]) <= 2e-2, other
+
+
+def test_long_sequence_against_masked_sdpa() -> None:
+    """L = 65536, 16 heads, 128 clusters (the benchmark's 64K shape, attention only, bf16): finite,
+    equal to the masked-SDPA path, and the layout's lists stay O(L/B * nnz)."""
+    b, t, h, d, c = 1, 65536, 16, 64, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, v = (torch.randn(b, t, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    cl = torch.randint(0, c, (b, t, h), device="cuda", generator=g)
+    y = causal_exact_attention(q, q, v, cl, cl, backend="block_sparse")
+    y_ref = causal_exact_attention(q.float(), q.float(), v.float(), cl, cl, backend="torch")
+    assert torch.isfinite(y).all() and rel(y, y_ref) <= 5e-3
+    p = routed_layout(cl, cl, True).pattern
+    assert p.full_idx.numel() + p.t_full_idx.numel() + p.tiles.numel() < b * t * h  # O(L), not O(L^2)
