@@ -136,3 +136,27 @@ def test_long_sequence_against_masked_sdpa() -> None:
     assert torch.isfinite(y).all() and rel(y, y_ref) <= 5e-3
     p = routed_layout(cl, cl, True).pattern
     assert p.full_idx.numel() + p.t_full_idx.numel() + p.tiles.numel() < b * t * h  # O(L), not O(L^2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nearest_centroid_kernel_on_cuda(dtype) -> None:
+    """The assignment kernel at the benchmark's 64K shape: equal to the reference except within fp32
+    rounding of a tie, and independent of how the tokens are chunked."""
+    from mnemotorch.ops.routing import centroid_scores, nearest_centroid
+
+    b, t, h, c, d = 1, 65536, 16, 128, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.nn.functional.layer_norm(torch.randn(b, t, h, d, device="cuda", generator=g), (d,)).to(dtype)
+    mu = torch.randn(h, c, d, device="cuda", generator=g)
+    mu = mu * (d**0.5 / mu.norm(dim=-1, keepdim=True))
+    ids = nearest_centroid(x, mu)  # auto: the kernel on CUDA
+    ref = nearest_centroid(x, mu, backend="reference")
+    diff = ids != ref
+    if diff.any():
+        s = centroid_scores(x[:, :4096], mu).double()  # a slice, to bound memory: ties are checked there
+        picked = s.gather(-1, ids[:, :4096, :, None]).squeeze(-1)
+        best = s.gather(-1, ref[:, :4096, :, None]).squeeze(-1)
+        assert ((best - picked).abs() <= 1e-4 * best.abs().clamp_min(1.0)).all()
+    assert diff.float().mean().item() < 1e-4
+    pieces = torch.cat([nearest_centroid(x[:, s : s + n], mu) for s, n in ((0, 1000), (1000, 1), (1001, t - 1001))], 1)
+    assert torch.equal(pieces, ids)
