@@ -255,8 +255,10 @@ def test_bad_arguments():
         local_linear_attention(q, k, v, solver="inverse")
     with pytest.raises(ValueError, match="backend"):
         local_linear_attention(q, k, v, backend="cuda")
-    with pytest.raises(NotImplementedError, match="triton"):
-        local_linear_attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="solver='cg'"):
+        local_linear_attention(q, k, v, backend="triton")  # the kernels are the CG path
+    with pytest.raises(NotImplementedError, match="float16, bfloat16 and float32"):
+        local_linear_attention(q, k, v, solver="cg", backend="triton")  # float64 is reference-only
     with pytest.raises(ValueError, match="cg_iters"):
         lla_cg(q, k, v, cg_iters=0)
     with pytest.raises(ValueError, match="block_size"):

@@ -44,7 +44,9 @@ class LocalLinearAttention(_QKVAttention):
         num_kv_heads: key/value heads (GQA; default ``num_heads``).
         rope: rotate queries and keys with RoPE (default off: the paper uses none).
         rope_theta: RoPE base when ``rope=True``.
-        backend: ``"auto"`` or ``"reference"`` (plain PyTorch; the Triton CG kernel comes later).
+        backend: ``"auto"`` (the Triton CG kernels for ``solver="cg"`` on CUDA, else plain PyTorch;
+            ``MNEMO_LLA_KERNELS=0`` keeps it on plain PyTorch), ``"reference"`` (plain PyTorch) or
+            ``"triton"`` (the kernels; ``solver="cg"`` only).
 
     State: ``KVState`` with all keys and values, ``state_size(T) = 2 · T · Hkv · head_dim``. A later
     call's queries see the cached keys exactly as in one call on the whole sequence.
@@ -78,8 +80,10 @@ class LocalLinearAttention(_QKVAttention):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not isinstance(precondition, bool):
             raise TypeError(f"precondition must be a bool, got {precondition!r}")
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"backend must be one of ['auto', 'reference'], got {backend!r}")
+        if backend not in ("auto", "reference", "triton"):
+            raise ValueError(f"backend must be one of ['auto', 'reference', 'triton'], got {backend!r}")
+        if backend == "triton" and solver != "cg":
+            raise ValueError(f"backend 'triton' runs solver='cg' (the kernels are the blockwise conjugate gradient), got solver={solver!r}")
         self.ridge = check_ridge("lla", ridge)
         self.scale = None if scale is None else check_scale("lla", scale, self.head_dim)
         self.solver = solver
