@@ -1,15 +1,36 @@
-"""Speed benchmark of the block-sparse attention kernel against SDPA and FlexAttention (GPU).
+"""Speed benchmark of the block-sparse attention kernel against SDPA and FlexAttention.
 
 Each case runs every implementation in this process on the same inputs (same values; each in its
 native layout), reports the median of device-event timings after warm-up for the forward and the
-forward+backward, the peak memory, the effective TFLOP/s on computed blocks and on allowed pairs,
-and the ratio against each peer. Usage: ``python -m mnemotorch.bench.block_sparse --out results.json``.
+forward+backward, the peak memory (after a warm-up call), the effective TFLOP/s on computed blocks
+and on allowed pairs, and the ratio against each peer.
+
+Cases (``--cases``, run in this order so that a time budget still covers every kind):
+
+* ``swa``   causal sliding window, every (L, W, D) of ``--lengths x --windows x --dims`` (issue:
+  W in {1024, 4096}, L in {16K, 64K}, D in {64, 128}, H = 16), vs FlexAttention (compiled, compiled
+  mask build) and dense causal SDPA. The first (W, D) at every L runs first, the rest after the
+  other kinds.
+* ``na1d``  1-D neighborhood attention, L = 32K, kernel 2048, D = 128, H = 1, vs dense SDPA and Flex.
+* ``na2d``  2-D neighborhood attention, 128 x 128 tokens, kernel 13 x 13, D = 64, H = 16, ours on
+  8 x 8 token tiles vs Flex on row-major tokens (and dense SDPA).
+* ``power`` PowerAttention (256-token blocks, 5 window blocks, 1 sink block) at ``--power-lengths``
+  (64K, 128K) vs dense causal SDPA.
+* ``bias``  (not in the default list) the 1-D relative-position bias hook: sliding window 16K,
+  W = 1024, D = 128 with a per-head table vs the same without the bias and Flex with a ``score_mod``.
+
+``--tiny`` runs every selected case at tiny sizes, also on the CPU (kernels under Triton's
+interpreter, wall-clock timings, FlexAttention forward-only and uncompiled there, since it has no
+CPU backward): a smoke test of the whole harness. ``--autotune small`` (default) keeps kernel
+compilation inside the budget. Usage: ``mnemo bench kernels -- --out results.json`` (GPU) or
+``mnemo bench kernels -- --tiny --out tiny.json`` (any machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -55,7 +76,7 @@ def wall_median_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> 
 def median_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
     """Median wall time of ``fn`` on the device, in ms (CUDA events around each call).
 
-    Slow cases (> 50 ms a call, e.g. dense attention at 128K) take 2 warm-ups and 5 timed calls.
+    Slow cases (> 50 ms a call, e.g. dense attention at 128K) take 1 warm-up and 5 timed calls.
     """
     fn()
     torch.cuda.synchronize()
@@ -79,108 +100,249 @@ def median_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float
     return times[len(times) // 2]
 
 
-def measure(fwd: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: list[torch.Tensor]) -> dict:
+#: (warm-up, timed) calls on the CPU, where the kernels run in Triton's interpreter (smoke runs)
+CPU_REPS = (0, 1)
+
+
+def measure(fwd: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: list[torch.Tensor], backward: bool = True) -> dict:
+    """Forward and forward+backward medians (ms) and the extra peak memory of one forward+backward.
+
+    The first call of each (compilation, autotuning) is timed separately (``first_*_s``) and kept
+    out of the medians and of the peak reading. ``backward=False`` times the forward only. On a
+    CPU the times are wall clock (``CPU_REPS``) and the peak is not measured (``None``).
+    """
+    cuda = grad_out.device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     def fwd_bwd():
         out = fwd()
         torch.autograd.grad(out, params, grad_out)
 
+    def timed(fn):
+        return median_ms(fn) if cuda else wall_median_ms(fn, *CPU_REPS)
+
+    res: dict = {}
     with torch.no_grad():
-        t_f = median_ms(fwd)
-    fwd_bwd()  # warm-up: compilation/autotuning buffers stay out of the peak reading
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    t_fb = median_ms(fwd_bwd)
-    return {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "peak_extra_gib": peak}
-
-
-def sliding_window_case(L: int, W: int, D: int, H: int = 16, B: int = 1, dtype=torch.bfloat16, peers=("sdpa", "flex"),
-                        blocks: tuple[tuple[int, int], ...] = ((128, 64),)) -> dict:
-    from mnemotorch.ops.block_sparse import block_sparse_attention, sliding_window_pattern
-
-    dev = "cuda"
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, L, H, D, device=dev, dtype=dtype) for _ in range(3))
-    g = torch.randn(B, L, H, D, device=dev, dtype=dtype)
+        t0 = time.perf_counter()
+        fwd()
+        sync()
+        res["first_fwd_s"] = time.perf_counter() - t0
+        res["fwd_ms"] = timed(fwd)
+    if not backward:
+        res.update(fwd_bwd_ms=None, peak_extra_gib=None)
+        return res
     t0 = time.perf_counter()
-    pattern = sliding_window_pattern(L, W, q_block=blocks[0][0], k_block=blocks[0][1], device=dev)
-    build_s = time.perf_counter() - t0
-    row = {"case": "sliding_window", "L": L, "W": W, "D": D, "H": H, "B": B, "dtype": str(dtype).replace("torch.", ""),
-           "pattern_build_s": build_s, "computed_pairs": pattern.computed_pairs(), "allowed_pairs": pattern.allowed_pairs()}
-    res = {}
-    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    res["ours"] = measure(lambda: block_sparse_attention(qs, ks, vs, pattern), g, [qs, ks, vs])
-    res["ours"]["blocks"] = list(blocks[0])
-    print(f"  ours L={L} W={W} D={D} blocks {blocks[0]}: {res['ours']} (build {build_s:.1f}s)", flush=True)
-    for qb_, kb_ in blocks[1:]:  # other pattern tile sizes, ours only
-        alt = sliding_window_pattern(L, W, q_block=qb_, k_block=kb_, device=dev)
-        name = f"ours_{qb_}x{kb_}"
-        res[name] = measure(lambda: block_sparse_attention(qs, ks, vs, alt), g, [qs, ks, vs])
-        res[name]["blocks"] = [qb_, kb_]
-        print(f"  {name}: {res[name]}", flush=True)
-    # BHLD layout for the peers (their native layout), same values
-    qt, kt, vt = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-    gt = g.transpose(1, 2).contiguous()
-    if "sdpa" in peers:
-        res["sdpa_dense_causal"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), gt, [qt, kt, vt])
-        print(f"  sdpa: {res['sdpa_dense_causal']}", flush=True)
-    if "flex" in peers:
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    fwd_bwd()  # warm-up: compilation/autotuning buffers stay out of the peak reading
+    sync()
+    res["first_fwd_bwd_s"] = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        res["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    else:
+        res["peak_extra_gib"] = None
+    res["fwd_bwd_ms"] = timed(fwd_bwd)
+    return res
 
-            def swa(b, h, qi, ki):
-                return (qi >= ki) & (qi - ki < W)
 
-            bm = create_block_mask(swa, B=None, H=None, Q_LEN=L, KV_LEN=L, device=dev, _compile=True)
-            flex = torch.compile(flex_attention)
-            print("  flex: block mask built", flush=True)
-            res["flex"] = measure(lambda: flex(qt, kt, vt, block_mask=bm), gt, [qt, kt, vt])
-            print(f"  flex: {res['flex']}", flush=True)
-            # correctness against Flex on the same inputs
-            with torch.no_grad():
-                ours = block_sparse_attention(q, k, v, pattern).float()
-                theirs = flex(qt, kt, vt, block_mask=bm).transpose(1, 2).float()
-            row["rel_diff_vs_flex"] = ((ours - theirs).norm() / theirs.norm()).item()
-        except Exception as exc:  # a peer failing must not stop the benchmark
-            res["flex"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
+# ---------------------------------------------------------------------------------------------
+# run-wide settings
+
+
+class Run:
+    """Settings shared by the cases: device, peers, Flex compilation, budget, SDPA results cache."""
+
+    def __init__(self, device: str, peers=("sdpa", "flex"), flex_compile: bool = True, budget: float | None = None,
+                 alternatives: bool = False, dtype=torch.bfloat16):
+        self.device = device
+        self.peers = tuple(peers)
+        self.flex_compile = flex_compile
+        self.budget = budget
+        self.alternatives = alternatives
+        self.dtype = dtype
+        self.t_start = time.perf_counter()
+        self.sdpa_cache: dict = {}
+        self._flex = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.elapsed() > self.budget
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    def flex_fn(self):
+        """``flex_attention`` (compiled with static shapes on CUDA; eager otherwise)."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if not self.flex_compile:
+            return flex_attention
+        if self._flex is None:
+            # every (shape, mask) is one compilation of the same function: lift dynamo's recompile
+            # limit (8) so that later cases do not fall back to eager flex (L x L memory)
+            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
+            self._flex = torch.compile(flex_attention, dynamic=False)
+        return self._flex
+
+    def block_mask(self, mask_mod, L: int):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if self.flex_compile:
+            return create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=self.device, _compile=True)
+        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=self.device)
+
+
+def _inputs(run: Run, B: int, L: int, H: int, D: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, go = (torch.randn(B, L, H, D, generator=g).to(run.device, run.dtype) for _ in range(4))
+    return q, k, v, go
+
+
+def _peer_layout(q, k, v, g, grad: bool = True):
+    """BHLD tensors for the peers (their native layout), same values, leaves requiring grad."""
+    qt, kt, vt = (t.transpose(1, 2).contiguous().requires_grad_(grad) for t in (q, k, v))
+    return qt, kt, vt, g.transpose(1, 2).contiguous()
+
+
+def _guarded(res: dict, name: str, fn: Callable[[], dict]) -> None:
+    """Run one measurement; a failing implementation (or OOM) becomes an ``error`` entry."""
+    try:
+        res[name] = fn()
+        print(f"  {name}: {_fmt(res[name])}", flush=True)
+    except Exception as exc:  # a peer failing must not stop the benchmark
+        res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        print(f"  {name}: {res[name]['error']}", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _fmt(r: dict) -> str:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    return f"fwd {f(r.get('fwd_ms'))} ms, fwd+bwd {f(r.get('fwd_bwd_ms'))} ms, peak {f(r.get('peak_extra_gib'))} GiB"
+
+
+def _sdpa(run: Run, res: dict, name: str, causal: bool, q, k, v, g) -> None:
+    """Dense SDPA, measured once per (causal, shape) in a run and reused by later cases."""
+    key = (causal, tuple(q.shape), str(q.dtype))
+    if key in run.sdpa_cache:
+        res[name] = dict(run.sdpa_cache[key], reused=True)
+        return
+    qt, kt, vt, gt = _peer_layout(q, k, v, g)
+    _guarded(res, name, lambda: measure(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), gt, [qt, kt, vt]))
+    if "fwd_ms" in res[name]:
+        run.sdpa_cache[key] = res[name]
+
+
+def _flex(run: Run, res: dict, name: str, mask_mod, L: int, q, k, v, g, score_mod=None, extra_params=()) -> torch.Tensor | None:
+    """FlexAttention on BHLD tensors (compiled mask build and kernel on CUDA), recorded under ``name``.
+
+    Returns its output ``[B, L, H, D]`` on the same values (for the agreement check), computed like
+    the timed forward calls so that no recompilation is needed, or ``None`` on failure.
+    """
+    qt, kt, vt, gt = _peer_layout(q, k, v, g, grad=run.cuda)  # no CPU backward: inputs must not require grad there
+    try:
+        t0 = time.perf_counter()
+        bm = run.block_mask(mask_mod, L)
+        build_s = time.perf_counter() - t0
+        flex = run.flex_fn()
+    except Exception as exc:
+        res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        print(f"  {name}: {res[name]['error']}", flush=True)
+        return None
+    # FlexAttention has no backward on the CPU: forward only there
+    _guarded(res, name, lambda: measure(lambda: flex(qt, kt, vt, score_mod=score_mod, block_mask=bm), gt,
+                                        [qt, kt, vt, *extra_params], backward=run.cuda))
+    res[name]["mask_build_s"] = build_s
+    if "fwd_ms" not in res[name]:
+        return None
+    with torch.no_grad():
+        return flex(qt, kt, vt, score_mod=score_mod, block_mask=bm).transpose(1, 2)
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _rate_and_ratios(row: dict, res: dict, computed_pairs: int, allowed_pairs: int, B: int, H: int, D: int) -> dict:
+    """TFLOP/s (forward: 4 D flops per pair; forward+backward: 3.5x that) and speed-ups vs each peer."""
     flops_computed = 4 * B * H * D * computed_pairs
     flops_allowed = 4 * B * H * D * allowed_pairs
     for name, r in res.items():
-        if "fwd_ms" in r:
-            r["fwd_tflops_computed"] = flops_computed / (r["fwd_ms"] * 1e-3) / 1e12 if name.startswith("ours") else None
+        if r.get("fwd_ms"):
+            ours = name.startswith("ours")
+            fb = r.get("fwd_bwd_ms")
+            r["fwd_tflops_computed"] = flops_computed / (r["fwd_ms"] * 1e-3) / 1e12 if ours else None
+            r["fwd_bwd_tflops_computed"] = 3.5 * flops_computed / (fb * 1e-3) / 1e12 if ours and fb else None
             r["fwd_tflops_allowed"] = flops_allowed / (r["fwd_ms"] * 1e-3) / 1e12
-            r["fwd_bwd_tflops_allowed"] = 3.5 * flops_allowed / (r["fwd_bwd_ms"] * 1e-3) / 1e12
-    if "fwd_ms" in res.get("ours", {}):
+            r["fwd_bwd_tflops_allowed"] = 3.5 * flops_allowed / (fb * 1e-3) / 1e12 if fb else None
+    ours = res.get("ours", {})
+    if ours.get("fwd_ms"):
         for name, r in res.items():
-            if not name.startswith("ours") and "fwd_ms" in r:
-                row[f"speedup_fwd_vs_{name}"] = r["fwd_ms"] / res["ours"]["fwd_ms"]
-                row[f"speedup_fwd_bwd_vs_{name}"] = r["fwd_bwd_ms"] / res["ours"]["fwd_bwd_ms"]
+            if not name.startswith("ours") and r.get("fwd_ms"):
+                row[f"speedup_fwd_vs_{name}"] = r["fwd_ms"] / ours["fwd_ms"]
+                if r.get("fwd_bwd_ms") and ours.get("fwd_bwd_ms"):
+                    row[f"speedup_fwd_bwd_vs_{name}"] = r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
     row["results"] = res
     return row
 
 
-def _flex(res: dict, name: str, mask_mod, L: int, qt, kt, vt, gt) -> None:
-    """FlexAttention (compiled, compiled block-mask build) on BHLD tensors, recorded under ``name``."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
-        bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device="cuda", _compile=True)
-        flex = torch.compile(flex_attention)
-        res[name] = measure(lambda: flex(qt, kt, vt, block_mask=bm), gt, [qt, kt, vt])
-        print(f"  {name}: {res[name]}", flush=True)
-    except Exception as exc:  # a peer failing must not stop the benchmark
-        res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+# ---------------------------------------------------------------------------------------------
+# cases
+
+
+def sliding_window_case(L: int, W: int, D: int, H: int = 16, B: int = 1, dtype=torch.bfloat16, peers=("sdpa", "flex"),
+                        blocks: tuple[tuple[int, int], ...] = ((128, 64),), run: Run | None = None) -> dict:
+    """Causal sliding window ``i - W < j <= i``: ours vs Flex (compiled mask build) vs dense causal SDPA."""
+    from mnemotorch.ops.block_sparse import block_sparse_attention, sliding_window_pattern
+
+    run = run or Run("cuda", peers, dtype=dtype)
+    q, k, v, g = _inputs(run, B, L, H, D)
+    t0 = time.perf_counter()
+    pattern = sliding_window_pattern(L, W, q_block=blocks[0][0], k_block=blocks[0][1], device=run.device)
+    build_s = time.perf_counter() - t0
+    row = {"case": "sliding_window", "L": L, "W": W, "D": D, "H": H, "B": B, "dtype": _dtype_name(run.dtype),
+           "pattern_build_s": build_s, "computed_pairs": pattern.computed_pairs(), "allowed_pairs": pattern.allowed_pairs()}
+    res: dict = {}
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    _guarded(res, "ours", lambda: measure(lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton"), g, [qs, ks, vs]))
+    res["ours"]["blocks"] = list(blocks[0])
+    for qb_, kb_ in blocks[1:]:  # other pattern tile sizes, ours only
+        alt = sliding_window_pattern(L, W, q_block=qb_, k_block=kb_, device=run.device)
+        name = f"ours_{qb_}x{kb_}"
+        _guarded(res, name, lambda alt=alt: measure(lambda: block_sparse_attention(qs, ks, vs, alt, backend="triton"), g, [qs, ks, vs]))
+        res[name]["blocks"] = [qb_, kb_]
+    if "sdpa" in run.peers:
+        _sdpa(run, res, "sdpa_dense_causal", True, q, k, v, g)
+    if "flex" in run.peers:
+        def swa(b, h, qi, ki):
+            return (qi >= ki) & (qi - ki < W)
+
+        theirs = _flex(run, res, "flex", swa, L, q, k, v, g)
+        if theirs is not None:
+            with torch.no_grad():
+                row["rel_diff_vs_flex"] = _rel_diff(block_sparse_attention(q, k, v, pattern, backend="triton"), theirs)
+    return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
 
 
 def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, B: int = 1, dtype=torch.bfloat16,
-                      tile_shape=None, peers=("sdpa", "flex"), q_block=None, k_block=None, alternatives=()) -> dict:
+                      tile_shape=None, peers=("sdpa", "flex"), q_block=None, k_block=None, alternatives=(),
+                      run: Run | None = None) -> dict:
     """NATTEN-semantics neighborhood attention (non-causal, dilation 1) in 1-D or 2-D.
 
     Ours runs on tokens permuted into tiles (2-D) and the timing includes the permutation of q/k/v and
@@ -190,45 +352,40 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
     """
     from mnemotorch.ops.block_sparse import block_sparse_attention, neighborhood_pattern
 
+    run = run or Run("cuda", peers, dtype=dtype)
     L = 1
     for n in shape:
         L *= n
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=dtype) for _ in range(3))
-    g = torch.randn(B, L, H, D, device="cuda", dtype=dtype)
+    q, k, v, g = _inputs(run, B, L, H, D)
     t0 = time.perf_counter()
-    pp = neighborhood_pattern(tuple(shape), kernel_size, tile_shape=tile_shape, q_block=q_block, k_block=k_block, device="cuda")
+    pp = neighborhood_pattern(tuple(shape), kernel_size, tile_shape=tile_shape, q_block=q_block, k_block=k_block, device=run.device)
+    pp = type(pp)(pp.pattern, pp.perm.to(run.device), pp.inv_perm.to(run.device))
     build_s = time.perf_counter() - t0
     pat = pp.pattern
     row = {"case": f"neighborhood_{len(shape)}d", "shape": list(shape), "kernel_size": kernel_size, "L": L, "D": D, "H": H, "B": B,
-           "tile_shape": list(tile_shape) if tile_shape else None, "dtype": str(dtype).replace("torch.", ""),
+           "tile_shape": list(tile_shape) if tile_shape else None, "dtype": _dtype_name(run.dtype),
            "pattern_build_s": build_s, "computed_pairs": pat.computed_pairs(), "allowed_pairs": pat.allowed_pairs()}
     res: dict = {}
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
 
     def ours():
-        out = block_sparse_attention(pp.permute(qs), pp.permute(ks), pp.permute(vs), pat)
-        return pp.unpermute(out)
+        return pp.unpermute(block_sparse_attention(pp.permute(qs), pp.permute(ks), pp.permute(vs), pat, backend="triton"))
 
-    res["ours"] = measure(ours, g, [qs, ks, vs])
+    _guarded(res, "ours", lambda: measure(ours, g, [qs, ks, vs]))
     res["ours"]["blocks"] = [pat.q_block, pat.k_block]
-    print(f"  ours {row['case']} {shape} k={kernel_size}: {res['ours']} (build {build_s:.1f}s)", flush=True)
     for alt_tile, alt_q, alt_k in alternatives:
-        alt = neighborhood_pattern(tuple(shape), kernel_size, tile_shape=alt_tile, q_block=alt_q, k_block=alt_k, device="cuda")
+        alt = neighborhood_pattern(tuple(shape), kernel_size, tile_shape=alt_tile, q_block=alt_q, k_block=alt_k, device=run.device)
+        alt = type(alt)(alt.pattern, alt.perm.to(run.device), alt.inv_perm.to(run.device))
         name = f"ours_tile{'x'.join(map(str, alt_tile or ()))}_{alt.pattern.q_block}x{alt.pattern.k_block}"
 
         def ours_alt(alt=alt):
-            return alt.unpermute(block_sparse_attention(alt.permute(qs), alt.permute(ks), alt.permute(vs), alt.pattern))
+            return alt.unpermute(block_sparse_attention(alt.permute(qs), alt.permute(ks), alt.permute(vs), alt.pattern, backend="triton"))
 
-        res[name] = measure(ours_alt, g, [qs, ks, vs])
+        _guarded(res, name, lambda: measure(ours_alt, g, [qs, ks, vs]))
         res[name]["computed_pairs"] = alt.pattern.computed_pairs()
-        print(f"  {name}: {res[name]}", flush=True)
-    qt, kt, vt = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-    gt = g.transpose(1, 2).contiguous()
-    if "sdpa" in peers:
-        res["sdpa_dense"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt), gt, [qt, kt, vt])
-        print(f"  sdpa dense: {res['sdpa_dense']}", flush=True)
-    if "flex" in peers:
+    if "sdpa" in run.peers:
+        _sdpa(run, res, "sdpa_dense", False, q, k, v, g)
+    if "flex" in run.peers:
         K = kernel_size
         if len(shape) == 1:
             def mask_mod(b, h, qi, ki):
@@ -242,150 +399,292 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
                 sy = torch.clamp(qy - K // 2, 0, R - K)
                 sx = torch.clamp(qx - K // 2, 0, C - K)
                 return (ky >= sy) & (ky < sy + K) & (kx >= sx) & (kx < sx + K)
-        _flex(res, "flex_row_major", mask_mod, L, qt, kt, vt, gt)
+        theirs = _flex(run, res, "flex_row_major", mask_mod, L, q, k, v, g)
+        if theirs is not None:
+            with torch.no_grad():
+                mine = pp.unpermute(block_sparse_attention(pp.permute(q), pp.permute(k), pp.permute(v), pat, backend="triton"))
+                row["rel_diff_vs_flex"] = _rel_diff(mine, theirs)
     return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
 
 
 def power_case(L: int, D: int = 128, H: int = 16, B: int = 1, dtype=torch.bfloat16, block_size: int = 256,
-               window_blocks: int = 5, sink_blocks: int = 1, peers=("sdpa",)) -> dict:
+               window_blocks: int = 5, sink_blocks: int = 1, peers=("sdpa",), run: Run | None = None) -> dict:
     """PowerAttention (paper setting: 256-token blocks, 5 window blocks, 1 sink block) vs dense causal SDPA."""
     from mnemotorch.ops.block_sparse import block_sparse_attention, power_pattern
 
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=dtype) for _ in range(3))
-    g = torch.randn(B, L, H, D, device="cuda", dtype=dtype)
+    run = run or Run("cuda", peers, dtype=dtype)
+    q, k, v, g = _inputs(run, B, L, H, D)
     t0 = time.perf_counter()
-    pat = power_pattern(L, block_size, window_blocks, sink_blocks, device="cuda")
+    pat = power_pattern(L, block_size, window_blocks, sink_blocks, device=run.device)
     build_s = time.perf_counter() - t0
     row = {"case": "power", "L": L, "D": D, "H": H, "B": B, "block_size": block_size, "window_blocks": window_blocks,
-           "sink_blocks": sink_blocks, "dtype": str(dtype).replace("torch.", ""), "pattern_build_s": build_s,
+           "sink_blocks": sink_blocks, "dtype": _dtype_name(run.dtype), "pattern_build_s": build_s,
            "computed_pairs": pat.computed_pairs(), "allowed_pairs": pat.allowed_pairs()}
     res: dict = {}
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    res["ours"] = measure(lambda: block_sparse_attention(qs, ks, vs, pat), g, [qs, ks, vs])
-    print(f"  ours power L={L}: {res['ours']} (build {build_s:.1f}s)", flush=True)
-    if "sdpa" in peers:
-        qt, kt, vt = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-        gt = g.transpose(1, 2).contiguous()
-        res["sdpa_dense_causal"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), gt, [qt, kt, vt])
-        print(f"  sdpa dense causal: {res['sdpa_dense_causal']}", flush=True)
+    _guarded(res, "ours", lambda: measure(lambda: block_sparse_attention(qs, ks, vs, pat, backend="triton"), g, [qs, ks, vs]))
+    if "sdpa" in run.peers:
+        _sdpa(run, res, "sdpa_dense_causal", True, q, k, v, g)
     return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
 
 
-def correctness_case(L: int, W: int, D: int, H: int = 4, HKV: int = 2, dtype=torch.bfloat16) -> dict:
-    """Kernel vs float64 reference on the GPU, outputs and gradients, NaN-poisoned grads."""
-    from mnemotorch.ops.block_sparse import block_sparse_attention, block_sparse_attention_reference, sliding_window_pattern
+def bias_case(L: int, W: int, D: int, H: int = 16, B: int = 1, run: Run | None = None) -> dict:
+    """Sliding window with a learned per-head relative-position table ``[H, W]`` (distances 0 .. W-1):
+    ours with the bias (table gradient included) vs ours without it vs Flex with a ``score_mod``."""
+    from mnemotorch.ops.block_sparse import block_sparse_attention, relative_bias_1d, sliding_window_pattern
 
-    torch.manual_seed(1)
-    pat = sliding_window_pattern(L, W, device="cuda")
-    q = torch.randn(2, L, H, D, device="cuda", dtype=dtype, requires_grad=True)
-    k = torch.randn(2, L, HKV, D, device="cuda", dtype=dtype, requires_grad=True)
-    v = torch.randn(2, L, HKV, D, device="cuda", dtype=dtype, requires_grad=True)
-    out = block_sparse_attention(q, k, v, pat, backend="triton")
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = block_sparse_attention_reference(qd, kd, vd, pat)
-    rgrads = torch.autograd.grad(ref, (qd, kd, vd), g.double())
+    run = run or Run("cuda")
+    q, k, v, g = _inputs(run, B, L, H, D)
+    pattern = sliding_window_pattern(L, W, device=run.device)
+    table = (0.1 * torch.randn(H, W, generator=torch.Generator().manual_seed(5))).to(run.device).requires_grad_()
+    row = {"case": "sliding_window_bias", "L": L, "W": W, "D": D, "H": H, "B": B, "dtype": _dtype_name(run.dtype),
+           "table": [H, W], "computed_pairs": pattern.computed_pairs(), "allowed_pairs": pattern.allowed_pairs()}
+    res: dict = {}
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    bias = relative_bias_1d(table, L, min_offset=-(W - 1)).to(run.device)
+    _guarded(res, "ours", lambda: measure(lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton", bias=bias), g, [qs, ks, vs, table]))
+    _guarded(res, "ours_no_bias", lambda: measure(lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton"), g, [qs, ks, vs]))
+    if "flex" in run.peers:
+        def swa(b, h, qi, ki):
+            return (qi >= ki) & (qi - ki < W)
+
+        def score_mod(score, b, h, qi, ki):
+            return score + table[h, torch.clamp(ki - qi + W - 1, 0, W - 1)]
+
+        theirs = _flex(run, res, "flex_score_mod", swa, L, q, k, v, g, score_mod=score_mod, extra_params=(table,))
+        if theirs is not None:
+            with torch.no_grad():
+                row["rel_diff_vs_flex"] = _rel_diff(block_sparse_attention(q, k, v, pattern, backend="triton", bias=bias), theirs)
+    return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
+
+
+def correctness_case(L: int, W: int, D: int, H: int = 4, HKV: int = 2, dtype=torch.bfloat16, device: str = "cuda",
+                     with_bias: bool = False) -> dict:
+    """Kernel vs float64 reference, outputs and gradients (with a per-head bias table when asked)."""
+    from mnemotorch.ops.block_sparse import (
+        block_sparse_attention,
+        block_sparse_attention_reference,
+        relative_bias_1d,
+        sliding_window_pattern,
+    )
+
+    gen = torch.Generator().manual_seed(1)
+    pat = sliding_window_pattern(L, W, device=device)
+    leaves = [torch.randn(2, L, H, D, generator=gen), torch.randn(2, L, HKV, D, generator=gen), torch.randn(2, L, HKV, D, generator=gen)]
+    if with_bias:
+        leaves.append(torch.randn(H, W, generator=gen))
+    ins = [t.to(device, dtype).requires_grad_() for t in leaves]
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+
+    def bias(t):
+        return relative_bias_1d(t[0], L, min_offset=-(W - 1)) if t else None
+
+    out = block_sparse_attention(*ins[:3], pat, backend="triton", bias=bias(ins[3:]))
+    g = torch.randn(out.shape, generator=gen).to(device, dtype)
+    grads = torch.autograd.grad(out, ins, g)
+    ref = block_sparse_attention_reference(*ins64[:3], pat, bias=bias(ins64[3:]))
+    rgrads = torch.autograd.grad(ref, ins64, g.double())
 
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
 
-    return {"L": L, "W": W, "D": D, "dtype": str(dtype).replace("torch.", ""), "out": rel(out, ref),
-            "dq": rel(grads[0], rgrads[0]), "dk": rel(grads[1], rgrads[1]), "dv": rel(grads[2], rgrads[2]),
-            "nan": bool(any(torch.isnan(t).any() for t in (out, *grads)))}
+    row = {"L": L, "W": W, "D": D, "H": H, "HKV": HKV, "dtype": _dtype_name(dtype), "bias": with_bias, "out": rel(out, ref),
+           "dq": rel(grads[0], rgrads[0]), "dk": rel(grads[1], rgrads[1]), "dv": rel(grads[2], rgrads[2]),
+           "nan": bool(any(torch.isnan(t).any() for t in (out, *grads)))}
+    if with_bias:
+        row["dtable"] = rel(grads[3], rgrads[3])
+    return row
 
 
 def _line(row: dict) -> str:
     r = row["results"]
-    o = r["ours"]
-    line = f"{row['case']} L={row['L']} D={row['D']}" + (f" W={row['W']}" if "W" in row else "") + \
-        f": ours {o['fwd_ms']:.3f}/{o['fwd_bwd_ms']:.3f} ms ({o['fwd_tflops_computed']:.0f} TF/s computed, peak {o['peak_extra_gib']:.2f} GiB)"
+    o = r.get("ours", {})
+
+    def f(x, p=3):
+        return "-" if x is None else f"{x:.{p}f}"
+
+    line = f"{row['case']} L={row['L']} D={row['D']}" + (f" W={row['W']}" if "W" in row else "")
+    if "fwd_ms" in o:
+        line += f": ours {f(o['fwd_ms'])}/{f(o.get('fwd_bwd_ms'))} ms ({f(o.get('fwd_tflops_computed'), 0)}/" \
+                f"{f(o.get('fwd_bwd_tflops_computed'), 0)} TF/s computed, peak {f(o.get('peak_extra_gib'), 2)} GiB)"
     for peer, x in r.items():
         if peer == "ours":
             continue
         if "fwd_ms" in x and not peer.startswith("ours"):
-            line += f" | {peer} {x['fwd_ms']:.3f}/{x['fwd_bwd_ms']:.3f} ms peak {x['peak_extra_gib']:.2f} " \
-                    f"x{row[f'speedup_fwd_vs_{peer}']:.2f}/x{row[f'speedup_fwd_bwd_vs_{peer}']:.2f}"
+            sf, sfb = row.get(f"speedup_fwd_vs_{peer}"), row.get(f"speedup_fwd_bwd_vs_{peer}")
+            line += f" | {peer} {f(x['fwd_ms'])}/{f(x.get('fwd_bwd_ms'))} ms peak {f(x.get('peak_extra_gib'), 2)} x{f(sf, 2)}/x{f(sfb, 2)}"
         elif "fwd_ms" in x:
-            line += f" | {peer} {x['fwd_ms']:.3f}/{x['fwd_bwd_ms']:.3f} ms"
+            line += f" | {peer} {f(x['fwd_ms'])}/{f(x.get('fwd_bwd_ms'))} ms"
         else:
             line += f" | {peer} {x}"
     return line
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``mnemo bench kernels -- [--cases swa,na1d,na2d,power] [--quick] [--out F] ...`` (CUDA only)."""
-    ap = argparse.ArgumentParser(prog="mnemo bench kernels", description=__doc__)
-    ap.add_argument("--out", default="block_sparse_bench.json")
-    ap.add_argument("--quick", action="store_true", help="one small sliding-window case")
-    ap.add_argument("--cases", default="swa,na1d,na2d,power", help="comma list of swa, na1d, na2d, power")
+# ---------------------------------------------------------------------------------------------
+# the command
+
+#: sizes of ``--tiny`` (every case end to end in seconds, also under Triton's CPU interpreter)
+TINY = {
+    "swa": {"lengths": [128, 256], "windows": [32, 64], "dims": [32, 16], "H": 2},
+    "na1d": {"shape": (256,), "kernel": 32, "D": 32, "H": 1, "alternatives": ((None, 64, 64),)},
+    "na2d": {"shape": (16, 16), "kernel": 5, "D": 32, "H": 2, "tile": (8, 8), "alternatives": (((8, 16), 128, 64),)},
+    "power": {"lengths": [256, 512], "block_size": 16, "D": 32, "H": 2},
+    "bias": {"L": 128, "W": 32, "D": 32, "H": 2},
+    "correctness": [(100, 30, 32, torch.float32, False), (100, 30, 32, torch.float32, True)],
+}
+#: kernel-vs-float64 checks after the speed cases: (L, W, D, dtype, with a bias table)
+FULL_CORRECTNESS = [(1000, 300, 64, torch.float32, False), (1000, 300, 64, torch.bfloat16, False),
+                    (2048, 512, 128, torch.bfloat16, False), (2048, 512, 128, torch.bfloat16, True)]
+CASE_KINDS = ("swa", "na1d", "na2d", "power", "bias")
+
+
+def _jobs(args, run: Run, blocks) -> list[tuple[str, Callable[[], dict]]]:
+    """The selected cases in run order: the first sliding-window (W, D) at every L, then na1d, na2d,
+    power, the other sliding-window cases, bias."""
+    kinds = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for c in kinds:
+        if c not in CASE_KINDS:
+            raise SystemExit(f"--cases: unknown case {c!r}; choose from {','.join(CASE_KINDS)}")
+    tiny = args.tiny
+    if args.quick:
+        return [("swa", lambda: sliding_window_case(4096, 1024, 64, blocks=blocks, run=run))]
+    first: list = []
+    rest: list = []
+    if "swa" in kinds:
+        if tiny:
+            Ls, Ws, Ds, H = TINY["swa"]["lengths"], TINY["swa"]["windows"], TINY["swa"]["dims"], TINY["swa"]["H"]
+        else:
+            Ls, Ws, Ds = (list(map(int, x.split(","))) for x in (args.lengths, args.windows, args.dims))
+            H = 16
+        for D in Ds:
+            for W in Ws:
+                for L in Ls:
+                    job = ("swa", lambda L=L, W=W, D=D: sliding_window_case(L, W, D, H=H, blocks=blocks, run=run))
+                    (first if (W, D) == (Ws[0], Ds[0]) else rest).append(job)
+    if "na1d" in kinds:  # the issue's case: L = 32K, kernel 2048, D = 128, H = 1
+        c = TINY["na1d"] if tiny else {"shape": (32768,), "kernel": 2048, "D": 128, "H": 1, "alternatives": ((None, 128, 128),)}
+        alts = c["alternatives"] if run.alternatives else ()
+        first.append(("na1d", lambda c=c, alts=alts: neighborhood_case(c["shape"], c["kernel"], c["D"], c["H"], alternatives=alts, run=run)))
+    if "na2d" in kinds:  # 128 x 128 tokens, kernel 13 x 13, D = 64, H = 16; tiles of 8 x 8 tokens
+        c = TINY["na2d"] if tiny else {"shape": (128, 128), "kernel": 13, "D": 64, "H": 16, "tile": (8, 8),
+                                       "alternatives": (((16, 8), 128, 64), ((8, 16), 128, 64))}
+        alts = c["alternatives"] if run.alternatives else ()
+        first.append(("na2d", lambda c=c, alts=alts: neighborhood_case(c["shape"], c["kernel"], c["D"], c["H"], tile_shape=c["tile"],
+                                                                       q_block=64, k_block=64, alternatives=alts, run=run)))
+    if "power" in kinds:
+        if tiny:
+            c = TINY["power"]
+            for L in c["lengths"]:
+                first.append(("power", lambda L=L, c=c: power_case(L, c["D"], c["H"], block_size=c["block_size"], run=run)))
+        else:
+            for L in map(int, args.power_lengths.split(",")):
+                first.append(("power", lambda L=L: power_case(L, run=run)))
+    jobs = first + rest
+    if "bias" in kinds:
+        c = TINY["bias"] if tiny else {"L": 16384, "W": 1024, "D": 128, "H": 16}
+        jobs.append(("bias", lambda c=c: bias_case(c["L"], c["W"], c["D"], c["H"], run=run)))
+    return jobs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``mnemo bench kernels``."""
+    ap = argparse.ArgumentParser(prog="mnemo bench kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="block_sparse_bench.json", help="JSON report, rewritten after every case")
+    ap.add_argument("--quick", action="store_true", help="one small sliding-window case (GPU)")
+    ap.add_argument("--tiny", action="store_true", help="every selected case at tiny sizes (smoke test; runs on the CPU too)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda when available (cpu needs --tiny)")
+    ap.add_argument("--cases", default="swa,na1d,na2d,power", help="comma list of " + ", ".join(CASE_KINDS))
     ap.add_argument("--lengths", default="16384,65536", help="sliding window: sequence lengths")
-    ap.add_argument("--windows", default="1024,4096", help="sliding window: window sizes")
-    ap.add_argument("--dims", default="64,128", help="sliding window: head dims")
+    ap.add_argument("--windows", default="1024,4096", help="sliding window: window sizes (the first runs early)")
+    ap.add_argument("--dims", default="128,64", help="sliding window: head dims (the first runs early)")
     ap.add_argument("--blocks", default="128x64", help="sliding window: pattern tiles QxK; extra entries are timed for ours only")
     ap.add_argument("--power-lengths", default="65536,131072")
-    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--alternatives", action="store_true", help="also time other tile shapes of the neighborhood cases (ours only)")
+    ap.add_argument("--skip-correctness", action="store_true", help="no kernel-vs-float64 checks (they run after the speed cases)")
     ap.add_argument("--correctness-dtypes", default="float32,bfloat16", help="dtypes of the kernel-vs-float64 checks")
     ap.add_argument("--peers", default="sdpa,flex")
-    ap.add_argument("--time-budget", type=float, default=None, help="start no new case after this many seconds")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("block_sparse benchmark needs a CUDA device", file=sys.stderr)
+    ap.add_argument("--flex-compile", default="auto", choices=("auto", "on", "off"), help="auto: compiled on CUDA, eager on the CPU")
+    ap.add_argument("--autotune", default="small", choices=("full", "small", "off"),
+                    help="kernel launch-parameter search on the GPU: full (6 configs per kernel), small (2), off (fixed)")
+    ap.add_argument("--time-budget", type=float, default=None, help="start no new case (or check) after this many seconds")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mnemo bench kernels -- [--cases swa,na1d,na2d,power,bias] [--tiny|--quick] [--out F] ...``."""
+    args = build_parser().parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device", file=sys.stderr)
         return 2
+    if device == "cpu":
+        if not args.tiny:
+            print("block_sparse benchmark: full sizes need a CUDA device; use --tiny for a CPU smoke run", file=sys.stderr)
+            return 2
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            # The kernels run in Triton's interpreter, which must be switched on before triton is
+            # imported (importing mnemotorch already did): rerun this command in a fresh process.
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            cmd = [sys.executable, "-m", "mnemotorch.bench.block_sparse", *(argv if argv is not None else sys.argv[1:])]
+            return subprocess.run(cmd, env=env).returncode
+    from mnemotorch.ops.block_sparse import triton as bs_triton
+
+    bs_triton.set_autotune(args.autotune)
     torch.backends.cuda.matmul.allow_tf32 = False
-    t_start = time.perf_counter()
-    report = {"env": device_info(), "argv": list(argv or []), "correctness": [], "speed": []}
-    checks = () if args.skip_correctness else ((1000, 300, 64, torch.float32), (1000, 300, 64, torch.bfloat16), (2048, 512, 128, torch.bfloat16))
-    checks = tuple(c for c in checks if str(c[3]).replace("torch.", "") in args.correctness_dtypes.split(","))
-    for (L, W, D, dtype) in checks:
-        t0 = time.perf_counter()
-        c = correctness_case(L, W, D, dtype=dtype)
-        c["seconds"] = time.perf_counter() - t0
-        report["correctness"].append(c)
-        print("correctness", c, flush=True)
-    peers = tuple(args.peers.split(","))
+    flex_compile = device == "cuda" if args.flex_compile == "auto" else args.flex_compile == "on"
+    # bf16 on the GPU; fp32 on the CPU (the interpreter's bf16 is unreliable and the CPU is slow at it)
+    run = Run(device, tuple(p for p in args.peers.split(",") if p), flex_compile, args.time_budget, args.alternatives,
+              dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    report = {"env": device_info(), "argv": list(argv or []), "device": device, "autotune": args.autotune,
+              "flex_compiled": flex_compile, "time_budget_s": args.time_budget, "correctness": [], "speed": [], "skipped": []}
+    if device == "cpu":
+        report["note"] = "CPU smoke run: kernels in Triton's interpreter, wall-clock times, FlexAttention forward only"
+
+    def save():
+        report["elapsed_s"] = run.elapsed()
+        report["tuned_configs"] = bs_triton.tuned_configs()
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
     blocks = tuple(tuple(int(x) for x in b.split("x")) for b in args.blocks.split(","))
-    kinds = args.cases.split(",")
-    jobs: list = []
-    if args.quick:
-        jobs.append(lambda: sliding_window_case(4096, 1024, 64, peers=peers, blocks=blocks))
-    else:
-        if "swa" in kinds:
-            for L in map(int, args.lengths.split(",")):
-                for W in map(int, args.windows.split(",")):
-                    for D in map(int, args.dims.split(",")):
-                        jobs.append(lambda L=L, W=W, D=D: sliding_window_case(L, W, D, peers=peers, blocks=blocks))
-        if "na1d" in kinds:  # the issue's case: L = 32K, kernel 2048, D = 128, H = 1
-            jobs.append(lambda: neighborhood_case((32768,), 2048, 128, 1, peers=peers, alternatives=((None, 128, 128),)))
-        if "na2d" in kinds:  # 128 x 128 tokens, kernel 13 x 13, D = 64, H = 16; tiles of 8 x 8 tokens
-            jobs.append(lambda: neighborhood_case((128, 128), 13, 64, 16, tile_shape=(8, 8), q_block=64, k_block=64, peers=peers,
-                                                  alternatives=(((16, 8), 128, 64), ((8, 16), 128, 64))))
-        if "power" in kinds:
-            for L in map(int, args.power_lengths.split(",")):
-                jobs.append(lambda L=L: power_case(L, peers=tuple(p for p in peers if p == "sdpa")))
-    for job in jobs:
-        if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
-            report["stopped_early"] = True
-            print("time budget reached; remaining cases not run", flush=True)
-            break
+    for kind, job in _jobs(args, run, blocks):
+        if run.over_budget():
+            report["skipped"].append(kind)
+            continue
         t0 = time.perf_counter()
         try:
             row = job()
         except Exception as exc:  # record and go on
-            row = {"case": "error", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            row = {"case": kind, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             print(row, flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         row["seconds"] = time.perf_counter() - t0
         report["speed"].append(row)
         if "results" in row:
-            print(_line(row), f"[{row['seconds']:.0f}s]", flush=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    from mnemotorch.ops.block_sparse.triton import tuned_configs
-
-    report["tuned_configs"] = tuned_configs()
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+            print(_line(row), f"[{row['seconds']:.0f}s, total {run.elapsed():.0f}s]", flush=True)
+        save()
+    if not args.skip_correctness:
+        checks = TINY["correctness"] if args.tiny else FULL_CORRECTNESS
+        dtypes = args.correctness_dtypes.split(",")
+        checks = [c for c in checks if _dtype_name(c[3]) in dtypes]
+        for (L, W, D, dtype, with_bias) in checks:
+            if run.over_budget():
+                report["skipped"].append(f"correctness L={L} {_dtype_name(dtype)} bias={with_bias}")
+                continue
+            t0 = time.perf_counter()
+            try:
+                c = correctness_case(L, W, D, dtype=dtype, device=device, with_bias=with_bias)
+            except Exception as exc:
+                c = {"L": L, "dtype": _dtype_name(dtype), "bias": with_bias, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            c["seconds"] = time.perf_counter() - t0
+            report["correctness"].append(c)
+            print("correctness", c, flush=True)
+            save()
+    if report["skipped"]:
+        print(f"time budget reached; not run: {report['skipped']}", flush=True)
+    save()
+    print(f"wrote {args.out} ({run.elapsed():.0f}s)", flush=True)
     return 0
 
 
