@@ -111,6 +111,24 @@ def test_block_lists_match_brute_force(b, tq, tk, h, c, shared, causal, q_block,
         assert p.tiles.shape[0] == q_block // k_block  # the diagonal tiles, shared by every query tile
 
 
+@needs_interpreter
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]], ids=["shared", "encoder", "cache"])
+def test_triton_layout_equals_torch_layout(case) -> None:
+    """The fused kernels of ``triton.py`` (the CUDA default) build exactly the torch builder's tensors."""
+    b, tq, tk, h, c, shared, causal, q_block, k_block = case
+    cq, ck = clusters(b, tq, tk, h, c, shared, seed=tq + tk + c)
+    if shared and tq == tk:
+        cq = ck
+    a = routed_layout(cq, ck, causal, q_block, k_block, impl="torch")
+    z = routed_layout(cq, ck, causal, q_block, k_block, impl="triton")
+    for name in ("full_idx", "full_cnt", "part_idx", "part_tile", "part_cnt", "tiles", "t_full_idx", "t_full_cnt",
+                 "t_part_idx", "t_part_tile", "t_part_cnt", "q_len", "k_len"):
+        assert torch.equal(torch.as_tensor(getattr(a.pattern, name)), torch.as_tensor(getattr(z.pattern, name))), name
+    for name in ("q_rows", "k_rows", "row_lo", "row_hi"):
+        assert torch.equal(getattr(a, name), getattr(z, name)), name
+    assert (z.k_rows is z.q_rows) == z.shared
+
+
 def test_layout_sizes_and_single_packing() -> None:
     """Shared clusters: one packing (queries are keys); segments padded to the query tile."""
     cq = torch.tensor([[[0], [1], [0], [2], [2], [1], [0]]])  # [1, 7, 1]: clusters of 3, 2, 2 tokens
@@ -229,6 +247,8 @@ def test_dispatch_and_argument_checks(monkeypatch) -> None:
         get_mixer("routing", dim=32, num_heads=2, backend="kernel")
     with pytest.raises(ValueError, match="multiple"):
         routed_layout(c, c, True, 48, 32)
+    with pytest.raises(ValueError, match="impl"):
+        routed_layout(c, c, True, impl="cuda")
 
 
 def test_layout_is_deterministic_across_calls() -> None:

@@ -165,7 +165,12 @@ def _ranges(start: Tensor, count: Tensor, width: int) -> tuple[Tensor, Tensor]:
 
 
 def routed_layout(
-    q_cluster: Tensor, k_cluster: Tensor, causal: bool = True, q_block: int = Q_BLOCK, k_block: int = K_BLOCK
+    q_cluster: Tensor,
+    k_cluster: Tensor,
+    causal: bool = True,
+    q_block: int = Q_BLOCK,
+    k_block: int = K_BLOCK,
+    impl: str = "auto",
 ) -> RoutedLayout:
     """Packed layout and block lists of causal-exact routing attention (see the module docstring).
 
@@ -176,11 +181,26 @@ def routed_layout(
             queries and keys share clusters (then one packing serves both).
         causal: key visible only at positions ``<=`` the query's.
         q_block, k_block: kernel tiles (``q_block`` a multiple of ``k_block``).
+        impl: ``"torch"`` (vectorised torch ops: the specification, ~100 small launches),
+            ``"triton"`` (a few fused kernels, ``triton.py``: CUDA, or the CPU under
+            ``TRITON_INTERPRET=1``) or ``"auto"`` (``"triton"`` on CUDA). Both give the same tensors.
 
     Cost: O(B H T log T) for the sort, O(N / BM * nnz) for the lists; no ``T x T`` tensor.
     """
     if q_block % k_block:
         raise ValueError(f"routed_layout: q_block ({q_block}) must be a multiple of k_block ({k_block})")
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"routed_layout: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if q_cluster.shape[1] == 0:
+        raise ValueError("routed_layout: no queries")
+    if impl == "triton" or (impl == "auto" and q_cluster.is_cuda):
+        from .triton import routed_layout_triton
+
+        return routed_layout_triton(q_cluster, k_cluster, causal, q_block, k_block)
+    return _routed_layout_torch(q_cluster, k_cluster, causal, q_block, k_block)
+
+
+def _routed_layout_torch(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_block: int, k_block: int) -> RoutedLayout:
     b, tq, h = q_cluster.shape
     tk = k_cluster.shape[1]
     dev = q_cluster.device
@@ -266,20 +286,27 @@ def routed_layout(
         else:
             tiles = torch.zeros(1, bm, bn, dtype=torch.int8, device=dev)
 
-    def predicate(qi: Tensor, kj: Tensor) -> Tensor:
-        i = qi.clamp(0, nq - 1).to(row_lo.device)
-        j = kj.to(row_lo.device)
-        return ((j >= row_lo[i]) & (j < row_hi[i])).to(qi.device)
-
     pattern = BlockSparsePattern(
         nq, nk, bm, bn,
         full_idx, n_full.to(torch.int32), part_idx, part_tile, n_part.to(torch.int32), tiles,
         t_full_idx, t_n_full.to(torch.int32), t_part_idx, t_part_tile, t_n_part.to(torch.int32),
-        predicate,
+        interval_predicate(row_lo, row_hi),
     )
     q_rows = _to_token_order(qdest, qperm, b, h)
     k_rows = q_rows if shared else _to_token_order(kdest, kperm, b, h)
     return RoutedLayout(pattern, q_rows, k_rows, row_lo, row_hi, shared)
+
+
+def interval_predicate(row_lo: Tensor, row_hi: Tensor):
+    """The element rule of a layout: key ``j`` visible to packed query row ``i`` iff ``lo_i <= j < hi_i``."""
+    n = row_lo.shape[0]
+
+    def allowed(qi: Tensor, kj: Tensor) -> Tensor:
+        i = qi.clamp(0, n - 1).to(row_lo.device)
+        j = kj.to(row_lo.device)
+        return ((j >= row_lo[i]) & (j < row_hi[i])).to(qi.device)
+
+    return allowed
 
 
 def _pack(x: Tensor, rows: Tensor, n: int) -> Tensor:

@@ -85,4 +85,383 @@ def nearest_centroid_triton(x: Tensor, centroids: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["nearest_centroid_triton"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the packed layout of the block-sparse path (ops/routing/block_sparse.py), in a few launches
+#
+# The torch builder there (``_routed_layout_torch``) is the specification: these kernels compute the
+# same tensors. Per side (queries, keys): ``torch.sort(..., stable=True)`` of the cluster ids of every
+# (batch row, head) group, then
+#   _segments_kernel  one program per group: scan the sorted ids for segment starts and padding;
+#                     local packed row of every token, padded group length, longest segment;
+#   (host sync: packed lengths, longest segment)
+#   _rows_kernel      per token: its packed row (global), the token-order row map, the query rows'
+#                     key intervals [lo, hi) (shared: the segment start and row + 1; separate: binary
+#                     searches in the keys' sorted ids) and those of the padding rows after it;
+# then _qblock_kernel (per query tile: tile ranges, counts, lists, generic mask tiles) and
+# _kblock_kernel (per key tile: the transposed lists by binary search over the per-tile arrays).
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _segments_kernel(SC, s_b, s_h, s_t, DEST, LOSTART, STATS, n, G, H, ALIGN, BLOCK: tl.constexpr):
+    g = tl.program_id(0)
+    b = g // H
+    h = g % H
+    base = SC + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    out = g.to(tl.int64) * n
+    carry_first = tl.full([BLOCK], -1, tl.int64)
+    carry_extra = tl.zeros([BLOCK], tl.int64)
+    maxseg = tl.zeros([BLOCK], tl.int64)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK).to(tl.int64)
+        ok = i < n
+        c = tl.load(base + i * s_t, mask=ok, other=0)
+        cp = tl.load(base + (i - 1) * s_t, mask=ok & (i > 0), other=0)
+        cn = tl.load(base + (i + 1) * s_t, mask=(i + 1) < n, other=0)
+        new = (i == 0) | (c != cp)
+        last = ok & (((i + 1) == n) | (c != cn))
+        first = tl.associative_scan(tl.where(new & ok, i, -1), 0, _max_combine)
+        first = tl.maximum(first, carry_first)
+        rank = i - first
+        pad = tl.where(last, (ALIGN - (rank + 1) % ALIGN) % ALIGN, 0)
+        incl = tl.cumsum(pad, 0)
+        dest = i + carry_extra + incl - pad
+        tl.store(DEST + out + i, dest, mask=ok)
+        tl.store(LOSTART + out + i, dest - rank, mask=ok)
+        maxseg = tl.maximum(maxseg, tl.where(last, rank + 1 + pad, 0))
+        carry_first = tl.zeros([BLOCK], tl.int64) + tl.max(tl.where(ok, first, -1), 0)
+        carry_extra = carry_extra + tl.sum(pad, 0)
+    tl.store(STATS + g, n + tl.max(carry_extra, 0))
+    tl.store(STATS + G + g, tl.max(maxseg, 0))
+
+
+@triton.jit
+def _group_offset(TOTALS, g, GB: tl.constexpr):
+    """Packed start of group ``g``: the sum of the padded lengths of the groups before it."""
+    acc = tl.zeros([GB], tl.int64)
+    for s in range(0, g, GB):
+        j = s + tl.arange(0, GB)
+        acc += tl.load(TOTALS + j, mask=j < g, other=0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _lower_bound(KSC, KPERM, kbase_c, kbase_p, s_t, p_t, n_k, target, lo0, NSTEPS, BLOCK: tl.constexpr):
+    """First sorted key index j in [0, n_k) with ``ksc[j] * n_k + kperm[j] >= target`` (per lane)."""
+    lo = lo0
+    hi = tl.zeros([BLOCK], tl.int64) + n_k
+    for _ in range(NSTEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        safe = tl.minimum(mid, n_k - 1)
+        km = tl.load(KSC + kbase_c + safe * s_t, mask=active, other=0).to(tl.int64) * n_k
+        km += tl.load(KPERM + kbase_p + safe * p_t, mask=active, other=0)
+        right = active & (km < target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (km >= target), mid, hi)
+    return lo
+
+
+@triton.jit
+def _rows_kernel(
+    SC, PERM, s_b, s_h, s_t, p_b, p_h, p_t, DEST, LOSTART, STATS, ROWMAP, ROW_LO, ROW_HI,
+    KSC, KPERM, ks_b, ks_h, ks_t, kp_b, kp_h, kp_t, KLOSTART, KSTATS,
+    n, n_k, first_pos, G, H, ALIGN, NSTEPS,
+    ROWS: tl.constexpr, CANONICAL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, GB: tl.constexpr, PB: tl.constexpr,
+):
+    g = tl.program_id(0)
+    b = g // H
+    h = g % H
+    i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = i < n
+    cbase = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    pbase = b.to(tl.int64) * p_b + h.to(tl.int64) * p_h
+    off = _group_offset(STATS, g, GB)
+    dest = tl.load(DEST + g.to(tl.int64) * n + i, mask=ok, other=0)
+    d = off + dest
+    perm = tl.load(PERM + pbase + i * p_t, mask=ok, other=0)
+    tl.store(ROWMAP + ((b.to(tl.int64) * n + perm) * H + h), d, mask=ok)
+    if ROWS:
+        lostart = tl.load(LOSTART + g.to(tl.int64) * n + i, mask=ok, other=0)
+        c = tl.load(SC + cbase + i * s_t, mask=ok, other=0).to(tl.int64)
+        cn = tl.load(SC + cbase + (i + 1) * s_t, mask=(i + 1) < n, other=0).to(tl.int64)
+        last = ok & (((i + 1) == n) | (c != cn))
+        rank = dest - lostart
+        pad = tl.where(last, (ALIGN - (rank + 1) % ALIGN) % ALIGN, 0)
+        if CANONICAL:
+            lo = off + lostart
+            hi = d + 1
+        else:
+            kcb = b.to(tl.int64) * ks_b + h.to(tl.int64) * ks_h
+            kpb = b.to(tl.int64) * kp_b + h.to(tl.int64) * kp_h
+            zero = tl.zeros([BLOCK], tl.int64)
+            lo_rel = _lower_bound(KSC, KPERM, kcb, kpb, ks_t, kp_t, n_k, c * n_k, zero, NSTEPS, BLOCK)
+            if CAUSAL:  # keys at positions <= the query's: first key > (c, pos)
+                hi_rel = _lower_bound(KSC, KPERM, kcb, kpb, ks_t, kp_t, n_k, c * n_k + first_pos + perm + 1, lo_rel, NSTEPS, BLOCK)
+            else:
+                hi_rel = _lower_bound(KSC, KPERM, kcb, kpb, ks_t, kp_t, n_k, (c + 1) * n_k, lo_rel, NSTEPS, BLOCK)
+            koff = _group_offset(KSTATS, g, GB)
+            kend = koff + tl.load(KSTATS + g)
+            kstart = tl.load(KLOSTART + g.to(tl.int64) * n_k + tl.minimum(lo_rel, n_k - 1), mask=ok, other=0)
+            lo = tl.where(lo_rel < n_k, koff + kstart, kend)
+            hi = lo + (hi_rel - lo_rel)
+        tl.store(ROW_LO + d, lo, mask=ok)
+        tl.store(ROW_HI + d, hi, mask=ok)
+        # padding rows after a segment's last token: same interval (shared + causal: their own prefix)
+        pp = tl.arange(0, PB)
+        for p0 in range(1, ALIGN, PB):
+            p = p0 + pp
+            m = last[:, None] & (p[None, :] <= pad[:, None])
+            rows = d[:, None] + p[None, :]
+            tl.store(ROW_LO + rows, lo[:, None] + 0 * p[None, :], mask=m)
+            if CANONICAL:
+                tl.store(ROW_HI + rows, rows + 1, mask=m)
+            else:
+                tl.store(ROW_HI + rows, hi[:, None] + 0 * p[None, :], mask=m)
+
+
+@triton.jit
+def _qblock_kernel(
+    ROW_LO, ROW_HI, KB_START, F_END, P_END, FULL_CNT, PART_CNT, STATS,
+    FULL_IDX, PART_IDX, PART_TILE, TILE_BASE, TILES,
+    W_F, W_P,
+    BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+    LISTS: tl.constexpr, CANONICAL: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    q0 = qb.to(tl.int64) * BM
+    lo = tl.load(ROW_LO + q0)
+    kb_start = lo // BN
+    f_end = tl.load(ROW_HI + q0) // BN
+    p_end = (tl.load(ROW_HI + q0 + BM - 1) + BN - 1) // BN
+    n_full = f_end - kb_start
+    n_part = p_end - f_end
+    if not LISTS:
+        tl.store(KB_START + qb, kb_start)
+        tl.store(F_END + qb, f_end)
+        tl.store(P_END + qb, p_end)
+        tl.store(FULL_CNT + qb, n_full.to(tl.int32))
+        tl.store(PART_CNT + qb, n_part.to(tl.int32))
+        if not CANONICAL:
+            tl.atomic_max(STATS + 0, n_full)
+            tl.atomic_max(STATS + 1, n_part)
+    else:
+        w = tl.arange(0, BW)
+        for w0 in range(0, W_F, BW):
+            j = w0 + w
+            tl.store(FULL_IDX + qb.to(tl.int64) * W_F + j, tl.where(j < n_full, kb_start + j, -1).to(tl.int32), mask=j < W_F)
+        if CANONICAL:
+            tile0 = n_part * 0
+        else:
+            tile0 = tl.load(TILE_BASE + qb)
+        for w0 in range(0, W_P, BW):
+            j = w0 + w
+            valid = j < n_part
+            tl.store(PART_IDX + qb.to(tl.int64) * W_P + j, tl.where(valid, f_end + j, -1).to(tl.int32), mask=j < W_P)
+            tl.store(PART_TILE + qb.to(tl.int64) * W_P + j, tl.where(valid, tile0 + j, -1).to(tl.int32), mask=j < W_P)
+        if not CANONICAL:
+            # the mask tile of each partial key tile: column < hi of the row (lo <= every column here)
+            r = tl.arange(0, BM)
+            cols = tl.arange(0, BN)
+            hi_rows = tl.load(ROW_HI + q0 + r)
+            for j in range(0, n_part):
+                kb = f_end + j
+                tile = ((kb * BN + cols[None, :]) < hi_rows[:, None]).to(tl.int8)
+                tl.store(TILES + (tile0 + j) * (BM * BN) + r[:, None] * BN + cols[None, :], tile)
+
+
+@triton.jit
+def _upper_bound_blocks(ARR, n, target, NSTEPS, BLOCK: tl.constexpr):
+    """First index j in [0, n) with ``arr[j] > target`` (``arr`` non-decreasing), per lane."""
+    lo = tl.zeros([BLOCK], tl.int64)
+    hi = tl.zeros([BLOCK], tl.int64) + n
+    for _ in range(NSTEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(ARR + tl.minimum(mid, n - 1), mask=active, other=0)
+        right = active & (v <= target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (v > target), mid, hi)
+    return lo
+
+
+@triton.jit
+def _kblock_kernel(
+    KB_START, F_END, P_END, STATS, T_FULL_CNT, T_PART_CNT, T_FULL_IDX, T_PART_IDX, T_PART_TILE, TILE_BASE,
+    n_qb, n_kb, NSTEPS, W_TF, W_TP,
+    RATIO: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, LISTS: tl.constexpr, CANONICAL: tl.constexpr,
+):
+    kb = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK).to(tl.int64)
+    ok = kb < n_kb
+    tf_lo = _upper_bound_blocks(F_END, n_qb, kb, NSTEPS, BK)
+    tf_hi = _upper_bound_blocks(KB_START, n_qb, kb, NSTEPS, BK)
+    tp_lo = _upper_bound_blocks(P_END, n_qb, kb, NSTEPS, BK)
+    t_full = tl.maximum(tf_hi - tf_lo, 0)
+    t_part = tl.maximum(tf_lo - tp_lo, 0)
+    if not LISTS:
+        tl.store(T_FULL_CNT + kb, t_full.to(tl.int32), mask=ok)
+        tl.store(T_PART_CNT + kb, t_part.to(tl.int32), mask=ok)
+        if not CANONICAL:
+            tl.atomic_max(STATS + 2, tl.max(tl.where(ok, t_full, 0), 0))
+            tl.atomic_max(STATS + 3, tl.max(tl.where(ok, t_part, 0), 0))
+    else:
+        w = tl.arange(0, BW)
+        for w0 in range(0, W_TF, BW):
+            j = w0 + w
+            val = tl.where(j[None, :] < t_full[:, None], tf_lo[:, None] + j[None, :], -1).to(tl.int32)
+            tl.store(T_FULL_IDX + kb[:, None] * W_TF + j[None, :], val, mask=ok[:, None] & (j[None, :] < W_TF))
+        for w0 in range(0, W_TP, BW):
+            j = w0 + w
+            valid = j[None, :] < t_part[:, None]
+            qb = tp_lo[:, None] + j[None, :]
+            if CANONICAL:
+                tile = kb[:, None] - qb * RATIO
+            else:
+                qs = tl.minimum(qb, n_qb - 1)
+                tile = tl.load(TILE_BASE + qs, mask=valid & ok[:, None], other=0) + kb[:, None] - tl.load(F_END + qs, mask=valid & ok[:, None], other=0)
+            m = ok[:, None] & (j[None, :] < W_TP)
+            tl.store(T_PART_IDX + kb[:, None] * W_TP + j[None, :], tl.where(valid, qb, -1).to(tl.int32), mask=m)
+            tl.store(T_PART_TILE + kb[:, None] * W_TP + j[None, :], tl.where(valid, tile, -1).to(tl.int32), mask=m)
+
+
+#: Tokens per program of the scan and row kernels; key tiles per program of the transposed lists;
+#: list entries written per step.
+_SCAN_BLOCK = 1024
+_ROW_BLOCK = 256
+_KB_BLOCK = 64
+_LIST_BLOCK = 32
+_PAD_BLOCK = 16
+_TILE_CACHE: dict = {}
+
+
+def _block(n: int, most: int) -> int:
+    """A power-of-two block of at most ``most`` lanes, no larger than ``n`` needs (at least 16)."""
+    return max(16, min(most, triton.next_power_of_2(n)))
+
+
+def _diagonal_tiles(bm: int, bn: int, device: torch.device) -> Tensor:
+    """The ``bm / bn`` causal diagonal mask tiles (``column + d * bn <= row``), cached per device."""
+    key = (bm, bn, str(device))
+    if key not in _TILE_CACHE:
+        r = torch.arange(bm, device=device)[:, None]
+        c = torch.arange(bn, device=device)[None, :]
+        _TILE_CACHE[key] = torch.stack([(d * bn + c <= r) for d in range(bm // bn)]).view(torch.int8)
+    return _TILE_CACHE[key]
+
+
+def _sorted_ids(cluster: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, T, H]`` ids -> (sorted ids, positions) ``[B, H, T]``, by (cluster, position) (stable sort)."""
+    return torch.sort(cluster.permute(0, 2, 1), dim=-1, stable=True)
+
+
+def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_block: int, k_block: int):
+    """The kernels' version of :func:`~mnemotorch.ops.routing.block_sparse.routed_layout` (same tensors).
+
+    Launches: one sort per side, one scan per side, one host sync (packed lengths), one row kernel per
+    side, two per-tile kernels for the lists (twice, with a second sync for the list widths and a
+    cumulative sum for the tile numbering, unless clusters are shared and causal).
+    """
+    from ..block_sparse import BlockSparsePattern
+    from .block_sparse import RoutedLayout, interval_predicate
+
+    b, tq, h = q_cluster.shape
+    tk = k_cluster.shape[1]
+    dev = q_cluster.device
+    bm, bn = q_block, k_block
+    g = b * h
+    shared = q_cluster is k_cluster and tq == tk
+    canonical = shared and causal
+    i64 = torch.int64
+
+    stats = torch.empty(4 * g, dtype=i64, device=dev)  # q totals, q longest, k totals, k longest
+    q_stats, k_stats = stats[: 2 * g], stats[2 * g :]
+    ksc, kperm = _sorted_ids(k_cluster)
+    kdest = torch.empty(g, tk, dtype=i64, device=dev)
+    klo = torch.empty(g, tk, dtype=i64, device=dev)
+    _segments_kernel[(g,)](ksc, *ksc.stride(), kdest, klo, k_stats, tk, g, h, bm if shared else bn, BLOCK=_block(tk, _SCAN_BLOCK))
+    if shared:
+        qsc, qperm, qdest, qlo, q_stats = ksc, kperm, kdest, klo, k_stats
+    else:
+        qsc, qperm = _sorted_ids(q_cluster)
+        qdest = torch.empty(g, tq, dtype=i64, device=dev)
+        qlo = torch.empty(g, tq, dtype=i64, device=dev)
+        _segments_kernel[(g,)](qsc, *qsc.stride(), qdest, qlo, q_stats, tq, g, h, bm, BLOCK=_block(tq, _SCAN_BLOCK))
+    host = stats.tolist()  # host sync 1
+    q_host = host[2 * g :] if shared else host[: 2 * g]
+    nq, nk = sum(q_host[:g]), sum(host[2 * g : 3 * g])
+    max_seg = max(host[3 * g :])
+    if not shared:
+        nk = max(nk, nq)  # block_sparse_attention wants k_len >= q_len: trailing key tiles nobody visits
+
+    row_lo = torch.empty(nq, dtype=i64, device=dev)
+    row_hi = torch.empty(nq, dtype=i64, device=dev)
+    q_rows = torch.empty(b * tq * h, dtype=i64, device=dev)
+    gb = max(16, min(1024, triton.next_power_of_2(g)))
+    rb = _block(tq, _ROW_BLOCK)
+    _rows_kernel[(g, triton.cdiv(tq, rb))](
+        qsc, qperm, *qsc.stride(), *qperm.stride(), qdest, qlo, q_stats, q_rows, row_lo, row_hi,
+        ksc, kperm, *ksc.stride(), *kperm.stride(), klo, k_stats,
+        tq, tk, tk - tq, g, h, bm, tk.bit_length(),
+        ROWS=True, CANONICAL=canonical, CAUSAL=causal, BLOCK=rb, GB=gb, PB=_PAD_BLOCK,
+    )
+    if shared:
+        k_rows = q_rows
+    else:
+        k_rows = torch.empty(b * tk * h, dtype=i64, device=dev)
+        rb = _block(tk, _ROW_BLOCK)
+        _rows_kernel[(g, triton.cdiv(tk, rb))](
+            ksc, kperm, *ksc.stride(), *kperm.stride(), kdest, klo, k_stats, k_rows, row_lo, row_hi,
+            ksc, kperm, *ksc.stride(), *kperm.stride(), klo, k_stats,
+            tk, tk, 0, g, h, bn, 1,
+            ROWS=False, CANONICAL=False, CAUSAL=causal, BLOCK=rb, GB=gb, PB=_PAD_BLOCK,
+        )
+
+    n_qb, n_kb = nq // bm, nk // bn
+    kb_start, f_end, p_end = (torch.empty(n_qb, dtype=i64, device=dev) for _ in range(3))
+    full_cnt, part_cnt = (torch.empty(n_qb, dtype=torch.int32, device=dev) for _ in range(2))
+    t_full_cnt, t_part_cnt = (torch.empty(n_kb, dtype=torch.int32, device=dev) for _ in range(2))
+    widths = torch.zeros(4, dtype=i64, device=dev) if not canonical else stats  # atomics (generic only)
+    steps_q = n_qb.bit_length()
+    dummy32 = t_full_cnt
+    qargs = (row_lo, row_hi, kb_start, f_end, p_end, full_cnt, part_cnt, widths)
+    _qblock_kernel[(n_qb,)](*qargs, dummy32, dummy32, dummy32, kb_start, dummy32, 1, 1,
+                            BM=bm, BN=bn, BW=_LIST_BLOCK, LISTS=False, CANONICAL=canonical)
+    kgrid = (triton.cdiv(n_kb, _KB_BLOCK),)
+    _kblock_kernel[kgrid](kb_start, f_end, p_end, widths, t_full_cnt, t_part_cnt, dummy32, dummy32, dummy32, kb_start,
+                          n_qb, n_kb, steps_q, 1, 1, RATIO=bm // bn, BK=_KB_BLOCK, BW=_LIST_BLOCK, LISTS=False, CANONICAL=canonical)
+    if canonical:
+        w_f, w_p, w_tf, w_tp, n_tiles = (max_seg - bm) // bn, bm // bn, max_seg // bm - 1, 1, 0
+        tile_base = kb_start  # unused
+        tiles = _diagonal_tiles(bm, bn, dev)
+    else:
+        cs = torch.cumsum(part_cnt, 0, dtype=i64)
+        tile_base = cs - part_cnt
+        w_f, w_p, w_tf, w_tp, n_tiles = torch.cat([widths, cs[-1:]]).tolist()  # host sync 2
+        tiles = torch.empty(max(n_tiles, 1), bm, bn, dtype=torch.int8, device=dev)
+        if not n_tiles:
+            tiles.zero_()
+    w_f, w_p, w_tf, w_tp = (max(1, int(w)) for w in (w_f, w_p, w_tf, w_tp))
+    full_idx = torch.empty(n_qb, w_f, dtype=torch.int32, device=dev)
+    part_idx = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
+    part_tile = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
+    t_full_idx = torch.empty(n_kb, w_tf, dtype=torch.int32, device=dev)
+    t_part_idx = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
+    t_part_tile = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
+    _qblock_kernel[(n_qb,)](*qargs, full_idx, part_idx, part_tile, tile_base, tiles, w_f, w_p,
+                            BM=bm, BN=bn, BW=_LIST_BLOCK, LISTS=True, CANONICAL=canonical)
+    _kblock_kernel[kgrid](kb_start, f_end, p_end, widths, t_full_cnt, t_part_cnt, t_full_idx, t_part_idx, t_part_tile, tile_base,
+                          n_qb, n_kb, steps_q, w_tf, w_tp, RATIO=bm // bn, BK=_KB_BLOCK, BW=_LIST_BLOCK, LISTS=True, CANONICAL=canonical)
+    pattern = BlockSparsePattern(
+        nq, nk, bm, bn, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
+        t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, interval_predicate(row_lo, row_hi),
+    )
+    return RoutedLayout(pattern, q_rows, k_rows, row_lo, row_hi, shared)
+
+
+__all__ = ["nearest_centroid_triton", "routed_layout_triton"]
