@@ -167,7 +167,15 @@ class Run:
         self.dtype = dtype
         self.t_start = time.perf_counter()
         self.sdpa_cache: dict = {}
+        self.patterns: dict = {}
         self._flex = None
+
+    def pattern(self, key: tuple, build: Callable):
+        """A pattern built once per run (e.g. one sliding window for both head dims): ``(pattern, build seconds)``."""
+        if key not in self.patterns:
+            t0 = time.perf_counter()
+            self.patterns[key] = (build(), time.perf_counter() - t0)
+        return self.patterns[key]
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
@@ -313,9 +321,8 @@ def sliding_window_case(L: int, W: int, D: int, H: int = 16, B: int = 1, dtype=t
 
     run = run or Run("cuda", peers, dtype=dtype)
     q, k, v, g = _inputs(run, B, L, H, D)
-    t0 = time.perf_counter()
-    pattern = sliding_window_pattern(L, W, q_block=blocks[0][0], k_block=blocks[0][1], device=run.device)
-    build_s = time.perf_counter() - t0
+    pattern, build_s = run.pattern(("swa", L, W, *blocks[0]), lambda: sliding_window_pattern(
+        L, W, q_block=blocks[0][0], k_block=blocks[0][1], device=run.device))
     row = {"case": "sliding_window", "L": L, "W": W, "D": D, "H": H, "B": B, "dtype": _dtype_name(run.dtype),
            "pattern_build_s": build_s, "computed_pairs": pattern.computed_pairs(), "allowed_pairs": pattern.allowed_pairs()}
     res: dict = {}
@@ -323,7 +330,7 @@ def sliding_window_case(L: int, W: int, D: int, H: int = 16, B: int = 1, dtype=t
     _guarded(res, "ours", lambda: measure(lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton"), g, [qs, ks, vs]))
     res["ours"]["blocks"] = list(blocks[0])
     for qb_, kb_ in blocks[1:]:  # other pattern tile sizes, ours only
-        alt = sliding_window_pattern(L, W, q_block=qb_, k_block=kb_, device=run.device)
+        alt, _ = run.pattern(("swa", L, W, qb_, kb_), lambda: sliding_window_pattern(L, W, q_block=qb_, k_block=kb_, device=run.device))
         name = f"ours_{qb_}x{kb_}"
         _guarded(res, name, lambda alt=alt: measure(lambda: block_sparse_attention(qs, ks, vs, alt, backend="triton"), g, [qs, ks, vs]))
         res[name]["blocks"] = [qb_, kb_]
@@ -435,7 +442,7 @@ def bias_case(L: int, W: int, D: int, H: int = 16, B: int = 1, run: Run | None =
 
     run = run or Run("cuda")
     q, k, v, g = _inputs(run, B, L, H, D)
-    pattern = sliding_window_pattern(L, W, device=run.device)
+    pattern, _ = run.pattern(("swa", L, W, 128, 64), lambda: sliding_window_pattern(L, W, device=run.device))
     table = (0.1 * torch.randn(H, W, generator=torch.Generator().manual_seed(5))).to(run.device).requires_grad_()
     row = {"case": "sliding_window_bias", "L": L, "W": W, "D": D, "H": H, "B": B, "dtype": _dtype_name(run.dtype),
            "table": [H, W], "computed_pairs": pattern.computed_pairs(), "allowed_pairs": pattern.allowed_pairs()}
