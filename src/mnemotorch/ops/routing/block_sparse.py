@@ -22,8 +22,9 @@ key segments start on key-tile boundaries, so for query tile ``qb`` (rows ``q0 .
 * the transposed lists (per key tile, the query tiles visiting it) are contiguous ranges too, found
   by ``searchsorted`` on the three non-decreasing per-tile arrays.
 
-Everything is built with a fixed number of vectorised torch ops in O(N / BM * nnz) time and memory
-(no ``L x L`` tensor, no Python loop over heads or tiles). With shared clusters and ``Tq == Tk``
+Everything is built in O(N / BM * nnz) time and memory (no ``L x L`` tensor, no Python loop over heads
+or tiles): here with vectorised torch ops (the specification, and the CPU path), on CUDA by the few
+fused kernels of ``triton.py`` (``routed_layout(..., impl=...)``; tested equal). With shared clusters and ``Tq == Tk``
 (shared Q/K, the causal-LM case), queries and keys share one packing, ``hi_i = i + 1``, and the
 partial tiles are the ``BM / BN`` diagonal tiles of a causal mask: the same few mask tiles serve every
 query tile, so no per-tile mask is stored. Otherwise the partial tiles' masks are computed on the
@@ -33,8 +34,8 @@ The kernel then runs once over the packed sequence (one "head", the lists shared
 and the outputs are gathered back to ``[B, Tq, H, D]``. Packing and unpacking are row copies with
 index tensors (``index_copy`` / ``index_select``), whose backward is the opposite copy.
 
-Host synchronisations: one (packed lengths and the largest segment) with shared clusters; two
-(plus the list widths and the number of partial tiles) otherwise.
+Host synchronisations: one (packed lengths and the largest segment) with shared clusters and the
+causal mask; two (plus the list widths and the number of partial tiles) otherwise.
 """
 
 from __future__ import annotations
