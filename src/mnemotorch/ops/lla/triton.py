@@ -106,11 +106,60 @@ def _ld1(base, rows, n_rows, other):
     return tl.load(base + rows, mask=rows < n_rows, other=other)
 
 
+# Products with an fp32 operand (weights, CG vectors, gradient coefficients) need about fp32
+# accuracy: LLA's intercept extrapolates from the local fit, and the interpreter's emulation of
+# the GPU's TF32 (10-bit mantissa, possibly truncated) gave bf16 output errors of 5e-3..9e-3 at
+# T = 256, D = 64 (against ~1.6e-3 from rounding the output to bf16 alone). So:
+#   SPLIT (bfloat16 inputs): the fp32 operand is split into bf16 hi + lo parts and multiplied as two
+#     bf16 products with the (exactly bf16) other operand -- ~16-bit operands at the cost of one
+#     TF32 product; both-fp32 products take three;
+#   PREC32 otherwise: "ieee" for float32 inputs, "tf32x3" for float16 inputs (fp16 hi/lo parts
+#     would underflow: the CG vectors shrink with the residual).
+# PREC is the precision of the products of two input-dtype operands (q kᵀ, g vᵀ: exact products
+# with fp32 accumulation for half inputs): "ieee" for float32, the default "tf32" otherwise.
+
+
+@triton.jit
+def _dot32(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
+    """``a @ b`` for fp32 ``a`` and ``b`` in the input dtype."""
+    if SPLIT:
+        hi = a.to(tl.bfloat16)
+        lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
+        c = tl.dot(lo, b, acc=tl.dot(hi, b))
+    else:
+        c = tl.dot(a, b.to(tl.float32), input_precision=PREC32)
+    return c
+
+
+@triton.jit
+def _dot23(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
+    """``a @ b`` for ``a`` in the input dtype and fp32 ``b``."""
+    if SPLIT:
+        hi = b.to(tl.bfloat16)
+        lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
+        c = tl.dot(a, lo, acc=tl.dot(a, hi))
+    else:
+        c = tl.dot(a.to(tl.float32), b, input_precision=PREC32)
+    return c
+
+
+@triton.jit
+def _dot33(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
+    """``a @ b`` for fp32 ``a`` and ``b``."""
+    if SPLIT:
+        ah = a.to(tl.bfloat16)
+        al = (a - ah.to(tl.float32)).to(tl.bfloat16)
+        bh = b.to(tl.bfloat16)
+        bl = (b - bh.to(tl.float32)).to(tl.bfloat16)
+        c = tl.dot(al, bh, acc=tl.dot(ah, bl, acc=tl.dot(ah, bh)))
+    else:
+        c = tl.dot(a, b, input_precision=PREC32)
+    return c
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward kernels. Layouts: q [B, Tq, H, D], k/v [B, Tk, Hkv, D/Dv] (strided, last dim contiguous);
-# row scalars [B·H, Tq] fp32; row vectors [B·H, Tq, D] fp32 contiguous. PREC is the tl.dot input
-# precision: "ieee" for float32 inputs, "tf32" for half inputs (half x half products are exact
-# with fp32 accumulation; fp32 operands run as TF32).
+# row scalars [B·H, Tq] fp32; row vectors [B·H, Tq, D] fp32 contiguous.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -120,7 +169,8 @@ def _lla_stats(
     sqb, sqt, sqh, skb, skt, skh,
     Tq, Tk, offset, qk_scale2, ridge,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PRECOND: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECOND: tl.constexpr,
+    PREC: tl.constexpr, PREC32: tl.constexpr, SPLIT: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -146,10 +196,9 @@ def _lla_stats(
         alpha = tl.math.exp2(m2 - m_new)
         w = tl.math.exp2(s - m_new[:, None])
         om = om * alpha + tl.sum(w, 1)
-        kf = k.to(tl.float32)
-        mut = mut * alpha[:, None] + tl.dot(w, kf, input_precision=PREC)
+        mut = mut * alpha[:, None] + _dot32(w, k, PREC32, SPLIT)
         if PRECOND:
-            k2 = k2 * alpha[:, None] + tl.dot(w, kf * kf, input_precision=PREC)
+            k2 = k2 * alpha[:, None] + _dot32(w, k * k, PREC32, SPLIT)
         m2 = m_new
     qf = q.to(tl.float32)
     row_base = bh.to(tl.int64) * Tq
@@ -167,13 +216,15 @@ def _lla_cg(
     sqb, sqt, sqh, skb, skt, skh,
     Tq, Tk, offset, qk_scale2, ridge, iters, eps2,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PRECOND: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PRECOND: tl.constexpr,
+    PREC: tl.constexpr, PREC32: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """``iters`` CG steps on ``Σ_i x_i = RHS_i`` from ``x = 0`` for one block of query rows.
 
     ``Σ_i p = C K − (μ_iᵀp) q_i + λ ω_i p`` with ``C_ij = w_ij (k_j − q_i)ᵀp`` (the row sums of C
     are ``μ_iᵀp``, so the key loop has no reduction). Registers hold q, r, p (and 1/diag); x is
-    accumulated in the program's own rows of X and μ is re-read each iteration.
+    accumulated in the program's own rows of X and μ is re-read each iteration. The products of
+    the key loop are written out (not through _dot32) to keep the interpreter fast.
     """
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -202,16 +253,27 @@ def _lla_cg(
     hi = tl.minimum(Tk, offset + (qb + 1) * BM)
     for _ in range(iters):
         qp = tl.sum(q.to(tl.float32) * p, 1)
+        if SPLIT:
+            p_hi = p.to(tl.bfloat16)
+            p_lo = (p - p_hi.to(tl.float32)).to(tl.bfloat16)
         acc = tl.full([BM, BD], 0.0, tl.float32)
         for start in range(0, hi, BN):
             kpos = start + tl.arange(0, BN)
             k = tl.load(k_base + kpos[:, None].to(tl.int64) * skt + dcol[None, :], mask=(kpos[:, None] < Tk) & (dcol[None, :] < D), other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
+            kt = tl.trans(k)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale2
             ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < Tk)
             w = tl.math.exp2(tl.where(ok, s - m2[:, None], float("-inf")))
-            kf = k.to(tl.float32)
-            c = w * (tl.dot(p, tl.trans(kf), input_precision=PREC) - qp[:, None])
-            acc += tl.dot(c, kf, input_precision=PREC)
+            # c_ij = w_ij (k_j − q_i)ᵀp_i
+            if SPLIT:
+                c = w * (tl.dot(p_lo, kt, acc=tl.dot(p_hi, kt)) - qp[:, None])
+                c_hi = c.to(tl.bfloat16)
+                c_lo = (c - c_hi.to(tl.float32)).to(tl.bfloat16)
+                acc = tl.dot(c_lo, k, acc=tl.dot(c_hi, k, acc=acc))
+            else:
+                kf = k.to(tl.float32)
+                c = w * (tl.dot(p, tl.trans(kf), input_precision=PREC32) - qp[:, None])
+                acc = tl.dot(c, kf, acc=acc, input_precision=PREC32)
         mup = tl.sum(tl.load(MU + voff, mask=vmask, other=0.0) * p, 1)
         ap = acc - mup[:, None] * q.to(tl.float32) + ridge_om[:, None] * p
         pap = tl.sum(p * ap, 1)
@@ -236,7 +298,7 @@ def _lla_out(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
     Tq, Tk, offset, qk_scale2,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr, SPLIT: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -263,11 +325,12 @@ def _lla_out(
         kpos = start + tl.arange(0, BN)
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * skt + dcol[None, :], mask=(kpos[:, None] < Tk) & (dcol[None, :] < D), other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * svt + vcol[None, :], mask=(kpos[:, None] < Tk) & (vcol[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
+        kt = tl.trans(k)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale2
         ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < Tk)
         w = tl.math.exp2(tl.where(ok, s - m2[:, None], float("-inf")))
-        c = w * (beta[:, None] - tl.dot(rho, tl.trans(k.to(tl.float32)), input_precision=PREC))
-        acc += tl.dot(c, v.to(tl.float32), input_precision=PREC)
+        c = w * (beta[:, None] - _dot32(rho, kt, PREC32, SPLIT))
+        acc += _dot32(c, v, PREC32, SPLIT)
     pad = tl.where(rows < Tq, delta, 1.0)
     o = acc / pad[:, None]
     _st2(O + b.to(tl.int64) * sob + h * soh, o.to(O.dtype.element_ty), rows, vcol, Tq, DV, sot)
@@ -275,7 +338,7 @@ def _lla_out(
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward kernels (see the module docstring for the formulas). dO has o's layout.
+# Backward kernels (see the module docstring for the formulas). dO has o's layout and dtype.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -285,7 +348,7 @@ def _lla_bwd_stats(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgb, sgt, sgh,
     Tq, Tk, offset, qk_scale2,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """``GS_i = Σ_j w_ij g_iᵀv_j`` and ``GH_i = Σ_j w_ij (g_iᵀv_j) k_j``."""
     qb = tl.program_id(0)
@@ -314,7 +377,7 @@ def _lla_bwd_stats(
         w = tl.math.exp2(tl.where(ok, s - m2[:, None], float("-inf")))
         e = w * tl.dot(g, tl.trans(v), input_precision=PREC)
         gs += tl.sum(e, 1)
-        gh += tl.dot(e, k.to(tl.float32), input_precision=PREC)
+        gh += _dot32(e, k, PREC32, SPLIT)
     tl.store(GS + row_base + rows, gs, mask=rows < Tq)
     _st2(GH + row_base * D, gh, rows, dcol, Tq, D, D)
 
@@ -325,7 +388,7 @@ def _lla_bwd_dq(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgb, sgt, sgh, sdb, sdt, sdh,
     Tq, Tk, offset, qk_scale2, tau,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """``dq_i = τ Σ_j G_ij w_ij k_j + DQR_i`` (DQR: the per-query part, computed in torch)."""
     qb = tl.program_id(0)
@@ -354,14 +417,13 @@ def _lla_bwd_dq(
         kpos = start + tl.arange(0, BN)
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * skt + dcol[None, :], mask=(kpos[:, None] < Tk) & (dcol[None, :] < D), other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * svt + vcol[None, :], mask=(kpos[:, None] < Tk) & (vcol[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
+        kt = tl.trans(k)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale2
         ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < Tk)
         w = tl.math.exp2(tl.where(ok, s - m2[:, None], float("-inf")))
-        kf = k.to(tl.float32)
-        kt = tl.trans(kf)
-        z = tl.dot(g, tl.trans(v), input_precision=PREC) * dinv[:, None] + gamma[:, None] + tl.dot(u, kt, input_precision=PREC)
-        gw = w * ((beta[:, None] - tl.dot(rho, kt, input_precision=PREC)) * z - lur[:, None])
-        acc += tl.dot(gw, kf, input_precision=PREC)
+        z = tl.dot(g, tl.trans(v), input_precision=PREC) * dinv[:, None] + gamma[:, None] + _dot32(u, kt, PREC32, SPLIT)
+        gw = w * ((beta[:, None] - _dot32(rho, kt, PREC32, SPLIT)) * z - lur[:, None])
+        acc += _dot32(gw, k, PREC32, SPLIT)
     dq = tau * acc + _ld2(DQR + row_base * D, rows, dcol, Tq, D, D)
     _st2(DQ + b.to(tl.int64) * sdb + h * sdh, dq.to(DQ.dtype.element_ty), rows, dcol, Tq, D, sdt)
 
@@ -372,7 +434,7 @@ def _lla_bwd_dkdv(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sgb, sgt, sgh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
     Tq, Tk, offset, qk_scale2, tau,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BN: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
+    BN: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, PREC32: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One block of ``BN`` keys of one query head; loops over the query blocks that see them.
     Tiles are ``[keys, queries]`` (the transposes of the query-side kernels')."""
@@ -385,7 +447,6 @@ def _lla_bwd_dkdv(
     vcol = tl.arange(0, BDV)
     k = _ld2(K + b.to(tl.int64) * skb + (h // GROUP) * skh, kpos, dcol, Tk, D, skt)
     v = _ld2(V + b.to(tl.int64) * svb + (h // GROUP) * svh, kpos, vcol, Tk, DV, svt)
-    kf = k.to(tl.float32)
     q_base = Q + b.to(tl.int64) * sqb + h * sqh
     g_base = DO + b.to(tl.int64) * sgb + h * sgh
     row_base = bh.to(tl.int64) * Tq
@@ -411,12 +472,11 @@ def _lla_bwd_dkdv(
         s = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2
         ok = (kpos[:, None] <= qpos[None, :]) & r_ok[None, :]
         w = tl.math.exp2(tl.where(ok, s - m2[None, :], float("-inf")))
-        e1 = w * (beta[None, :] - tl.dot(kf, tl.trans(rho), input_precision=PREC))
-        z = tl.dot(v, tl.trans(g), input_precision=PREC) * dinv[None, :] + gamma[None, :] + tl.dot(kf, tl.trans(u), input_precision=PREC)
+        e1 = w * (beta[None, :] - _dot23(k, tl.trans(rho), PREC32, SPLIT))
+        z = tl.dot(v, tl.trans(g), input_precision=PREC) * dinv[None, :] + gamma[None, :] + _dot23(k, tl.trans(u), PREC32, SPLIT)
         gw = e1 * z - lur[None, :] * w
-        dk += tau * tl.dot(gw, q.to(tl.float32), input_precision=PREC) + tl.dot(e1, u, input_precision=PREC)
-        dk -= tl.dot(w * z, rho, input_precision=PREC)
-        dv += tl.dot(e1 * dinv[None, :], g.to(tl.float32), input_precision=PREC)
+        dk += tau * _dot32(gw, q, PREC32, SPLIT) + _dot33(e1, u, PREC32, SPLIT) - _dot33(w * z, rho, PREC32, SPLIT)
+        dv += _dot32(e1 * dinv[None, :], g, PREC32, SPLIT)
     _st2(DK + b.to(tl.int64) * sdkb + h * sdkh, dk.to(DK.dtype.element_ty), kpos, dcol, Tk, D, sdkt)
     _st2(DV_ + b.to(tl.int64) * sdvb + h * sdvh, dv.to(DV_.dtype.element_ty), kpos, vcol, Tk, DV, sdvt)
 
@@ -427,9 +487,10 @@ def _lla_bwd_dkdv(
 
 # MNEMO_AUTOTUNE=0 skips tuning on CUDA (fixed launch parameters, see _fixed).
 _AUTOTUNE = os.environ.get("MNEMO_AUTOTUNE", "1") != "0"
-#: tiles (program rows, streamed tile) under TRITON_INTERPRET=1: small, and unequal, so the CPU
-#: tests cover several tiles per program, partial tiles and blocks that straddle the diagonal
-INTERPRET_TILES = (64, 32)
+#: tiles (program rows, streamed tile) under TRITON_INTERPRET=1: every operation costs the
+#: interpreter about a millisecond whatever the tile size, so few large tiles keep the CPU tests
+#: fast; tests/ops/test_lla_triton.py also runs (32, 16) (unequal tiles straddling the diagonal)
+INTERPRET_TILES = (64, 64)
 
 
 def _cfgs(*rows_cols_warps_stages):
@@ -440,7 +501,7 @@ def _cfgs(*rows_cols_warps_stages):
 # query tile in registers across its loops, so its row block stays at 64 or below.
 _Q_CFGS = _cfgs((64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2))
 _KV_CFGS = _cfgs((32, 64, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2))
-_KEY = ["D", "BD", "GROUP", "PREC"]
+_KEY = ["D", "BD", "GROUP", "PREC", "PREC32", "SPLIT"]
 _TUNED = {
     "_lla_stats": triton.autotune(_Q_CFGS, key=_KEY + ["PRECOND"])(_lla_stats),
     "_lla_cg": triton.autotune(_Q_CFGS, key=_KEY + ["PRECOND"])(_lla_cg),
@@ -475,7 +536,7 @@ def _launch(kernel, rows: int, bh: int, args, meta, device, width: int) -> None:
     if device.type == "cuda" and _AUTOTUNE:
         _TUNED[kernel.__name__][lambda m: (triton.cdiv(rows, m[own]), bh)](*args, **meta)
     else:
-        fixed = _fixed(kernel, width, meta["PREC"])
+        fixed = _fixed(kernel, width, meta["PREC32"])
         kernel[(triton.cdiv(rows, fixed[own]), bh)](*args, **meta, **fixed)
 
 
@@ -504,10 +565,19 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _common(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int, int, str]:
+def _precision(dtype: torch.dtype) -> dict:
+    """The products' precision constexprs for an input dtype (see the note above ``_dot32``)."""
+    if dtype == torch.float32:
+        return dict(PREC="ieee", PREC32="ieee", SPLIT=False)
+    if dtype == torch.bfloat16:
+        return dict(PREC="tf32", PREC32="tf32", SPLIT=True)
+    return dict(PREC="tf32", PREC32="tf32x3", SPLIT=False)
+
+
+def _common(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int, int, dict]:
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    return b, tq, tk, h, d, h // hkv, "ieee" if q.dtype == torch.float32 else "tf32"
+    return b, tq, tk, h, d, h // hkv, _precision(q.dtype)
 
 
 def _solve(q, k, m2, omega, mu, rhs, diag, ridge, scale, iters, precondition):
@@ -516,7 +586,7 @@ def _solve(q, k, m2, omega, mu, rhs, diag, ridge, scale, iters, precondition):
     x = _alloc(rhs.shape, q, torch.float32)
     args = (q, k, m2, omega, mu, rhs, diag if precondition else _dummy(q), x, *_strides(q), *_strides(k),
             tq, tk, tk - tq, scale * LOG2E, ridge, iters, EPS2)
-    meta = dict(H=h, GROUP=group, D=d, BD=_bd(d), PRECOND=precondition, PREC=prec)
+    meta = dict(H=h, GROUP=group, D=d, BD=_bd(d), PRECOND=precondition, **prec)
     _launch(_lla_cg, tq, b * h, args, meta, q.device, d)
     return x
 
@@ -529,7 +599,7 @@ def _fwd_impl(q, k, v, ridge, scale, iters, precondition):
     mu = _alloc((*rows, d), q, torch.float32)
     diag = _alloc((*rows, d), q, torch.float32) if precondition else q.new_empty(0, dtype=torch.float32)
     width = max(d, dv)
-    meta = dict(H=h, GROUP=group, D=d, BD=_bd(d), PRECOND=precondition, PREC=prec)
+    meta = dict(H=h, GROUP=group, D=d, BD=_bd(d), PRECOND=precondition, **prec)
     args = (q, k, m2, omega, mu, diag if precondition else _dummy(q), *_strides(q), *_strides(k),
             tq, tk, tk - tq, scale * LOG2E, ridge)
     _launch(_lla_stats, tq, b * h, args, meta, q.device, d)
@@ -537,7 +607,7 @@ def _fwd_impl(q, k, v, ridge, scale, iters, precondition):
     o = _alloc((b, tq, h, dv), q, q.dtype)
     args = (q, k, v, m2, omega, mu, rho, o, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             tq, tk, tk - tq, scale * LOG2E)
-    meta = dict(H=h, GROUP=group, D=d, DV=dv, BD=_bd(d), BDV=_bd(dv), PREC=prec)
+    meta = dict(H=h, GROUP=group, D=d, DV=dv, BD=_bd(d), BDV=_bd(dv), **prec)
     _launch(_lla_out, tq, b * h, args, meta, q.device, width)
     return o, m2, omega, delta, mu, rho, diag
 
@@ -551,7 +621,7 @@ def _bwd_impl(do, q, k, v, m2, omega, delta, mu, rho, diag, ridge, scale, iters,
     rows = (b * h, tq)
     gs = _alloc(rows, q, torch.float32)
     gh = _alloc((*rows, d), q, torch.float32)
-    meta = dict(H=h, GROUP=group, D=d, DV=dv, BD=_bd(d), BDV=_bd(dv), PREC=prec)
+    meta = dict(H=h, GROUP=group, D=d, DV=dv, BD=_bd(d), BDV=_bd(dv), **prec)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     _launch(_lla_bwd_stats, tq, b * h, (q, k, v, do, m2, gs, gh, *common, tq, tk, tk - tq, scale * LOG2E), meta, q.device, width)
 
