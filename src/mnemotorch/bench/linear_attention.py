@@ -9,7 +9,11 @@ forward+backward, peak extra memory of the forward+backward):
 * ``based``: our Taylor linear attention (Dqk = 16, Dv = 64, normalised) vs fla's
   ``fused_chunk_based`` (``fla.ops.based``), and dense causal SDPA at D = 64;
 * ``decode``: batched decoding (batch 128, H = 16) with the one-token step kernel, tokens/s at
-  several context lengths (the state does not grow, so neither does the time) and the state bytes.
+  several context lengths (the state does not grow, so neither does the time) and the state bytes;
+* ``lla``: Local Linear Attention through its Triton CG kernels (D = 64, λ = 1, ``--lla-iters``
+  CG iterations, 32 by default, in the forward and again in the backward's adjoint solve) vs dense
+  causal SDPA at D = 64, with the ratio LLA / SDPA and, once per run, the relative error of the
+  kernels against the float64 solve path at L = 1024 (B = 1, H = 4, bf16 inputs).
 
 fla is optional: without it, its rows are skipped. ``--quick`` runs one small length.
 Usage: ``python -m mnemotorch.bench.linear_attention --out linear.json`` or
@@ -159,6 +163,36 @@ def decode_case(context: int, batch: int = 128, H: int = 16, feature: str = "tay
             "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
 
 
+def lla_accuracy(L: int = 1024, H: int = 4, D: int = 64, cg_iters: int = 32, ridge: float = 1.0) -> dict:
+    """Relative error of the kernels' output against the float64 solve path on the same bf16 inputs."""
+    from mnemotorch.ops.lla import lla_reference
+    from mnemotorch.ops.lla.triton import lla_cg_triton
+
+    q, k, v = (x.detach() for x in _inputs(L, H, D, D))
+    with torch.no_grad():
+        out = lla_cg_triton(q, k, v, ridge, None, cg_iters)
+        ref = lla_reference(q.double(), k.double(), v.double(), ridge)
+    return {"L": L, "H": H, "D": D, "cg_iters": cg_iters, "ridge": ridge, "dtype": "bfloat16", "rel_err_vs_solve": _rel(out, ref)}
+
+
+def lla_case(L: int, H: int = 16, D: int = 64, cg_iters: int = 32, ridge: float = 1.0, sdpa: bool = True) -> dict:
+    """LLA through the Triton CG kernels vs dense causal SDPA (same B, H, L, D; bf16)."""
+    from mnemotorch.ops.lla.triton import lla_cg_triton
+
+    q, k, v = _inputs(L, H, D, D)
+    row: dict = {"case": "lla", "L": L, "H": H, "D": D, "cg_iters": cg_iters, "ridge": ridge, "results": {}}
+    res = row["results"]
+    res["ours"] = _measure(lambda: lla_cg_triton(q, k, v, ridge, None, cg_iters), [q, k, v])
+    if sdpa:
+        qs, ks, vs = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        res["sdpa_dense_causal_D64"] = sd = _measure(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), [qs, ks, vs])
+        ours = res["ours"]
+        if "fwd_ms" in ours and "fwd_ms" in sd:
+            row["lla_over_sdpa_fwd"] = ours["fwd_ms"] / sd["fwd_ms"]
+            row["lla_over_sdpa_fwd_bwd"] = ours["fwd_bwd_ms"] / sd["fwd_bwd_ms"]
+    return row
+
+
 def _fmt(r: dict) -> str:
     if "fwd_ms" in r:
         return f"{r['fwd_ms']:.3f}/{r['fwd_bwd_ms']:.3f} ms ({r['peak_extra_gib']:.2f} GiB)"
@@ -171,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one length (4K), fewer decode contexts")
     ap.add_argument("--lengths", default="4096,16384,65536")
     ap.add_argument("--contexts", default="1024,16384,131072,1048576", help="decode context lengths")
-    ap.add_argument("--skip", default="", help="comma list of cases to skip: linear,based,decode")
+    ap.add_argument("--skip", default="", help="comma list of cases to skip: linear,based,decode,lla")
+    ap.add_argument("--lla-lengths", default="4096,16384", help="lengths of the lla case (--quick: 4096)")
+    ap.add_argument("--lla-iters", default="32", help="comma list of CG iteration counts of the lla case")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("linear_attention benchmark needs a CUDA device", file=sys.stderr)
@@ -182,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [4096] if args.quick else [int(x) for x in args.lengths.split(",")]
     contexts = [1024, 65536] if args.quick else [int(x) for x in args.contexts.split(",")]
     skip = set(filter(None, args.skip.split(",")))
+    lla_lengths = [4096] if args.quick else [int(x) for x in args.lla_lengths.split(",")]
+    lla_iters = [int(x) for x in args.lla_iters.split(",")]
     report: dict = {"env": device_info(), "speed": [], "decode": []}
 
     def save():
@@ -204,6 +242,22 @@ def main(argv: list[str] | None = None) -> int:
             report["speed"].append(row)
             print(f"based Dqk=16 Dv=64 L={L}: " + " | ".join(f"{k} {_fmt(v)}" for k, v in row["results"].items()), flush=True)
             save()
+    if "lla" not in skip:
+        try:
+            report["lla_accuracy"] = [lla_accuracy(cg_iters=it) for it in lla_iters]
+        except Exception as exc:
+            report["lla_accuracy"] = [{"error": f"{type(exc).__name__}: {str(exc)[:300]}"}]
+        print("lla accuracy", report["lla_accuracy"], flush=True)
+        save()
+        for L in lla_lengths:
+            for it in lla_iters:
+                t0 = time.perf_counter()
+                row = lla_case(L, cg_iters=it)
+                row["seconds"] = time.perf_counter() - t0
+                report["speed"].append(row)
+                ratio = f" | LLA/SDPA fwd {row['lla_over_sdpa_fwd']:.1f}x fwd+bwd {row['lla_over_sdpa_fwd_bwd']:.1f}x" if "lla_over_sdpa_fwd" in row else ""
+                print(f"lla D=64 L={L} cg_iters={it}: " + " | ".join(f"{k} {_fmt(v)}" for k, v in row["results"].items()) + ratio, flush=True)
+                save()
     for row in report["speed"]:
         ours = row["results"]["ours"]
         for name, r in row["results"].items():

@@ -499,7 +499,7 @@ def _cfgs(*rows_cols_warps_stages):
 
 # Four candidates per kernel (each is a compilation per key). The CG kernel keeps x, r, p and the
 # query tile in registers across its loops, so its row block stays at 64 or below.
-_Q_CFGS = _cfgs((64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2))
+_Q_CFGS = _cfgs((64, 64, 4, 2), (64, 32, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2))
 _KV_CFGS = _cfgs((32, 64, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2))
 _KEY = ["D", "BD", "GROUP", "PREC", "PREC32", "SPLIT"]
 _TUNED = {
@@ -524,7 +524,9 @@ def _fixed(kernel, width: int, prec: str) -> dict:
         if kernel is _lla_bwd_dkdv:
             return dict(BN=own, BM=stream, num_warps=4, num_stages=1)
         return dict(BM=own, BN=stream, num_warps=4, num_stages=1)
-    heavy = prec == "ieee" or width > 64
+    # The CG kernel keeps q, r, p (and p's bf16 halves) in registers besides the tile temporaries:
+    # 8 warps from D = 64 on; IEEE products run on the CUDA cores and need the registers too.
+    heavy = prec == "ieee" or width >= 64
     if kernel is _lla_bwd_dkdv:
         return dict(BN=64, BM=32, num_warps=8 if heavy else 4, num_stages=2)
     return dict(BM=64, BN=32 if width > 64 else 64, num_warps=8 if heavy else 4, num_stages=2)
