@@ -22,8 +22,9 @@ the causal key tiles (no program reads what another program of its launch writes
 
        Σ_i p = Σ_j c_ij (k_j − q_i) + λ ω_i p,    c_ij = w_ij (k_jᵀp − q_iᵀp)
 
-   (``C K − (Σ_j c_ij) q_i``: three products per tile -- ``q kᵀ`` for the weights, ``p kᵀ``, ``C K``).
-   Centring inside ``c_ij`` avoids the cancellation of the ``μ̃ q ᵀ`` expansion of ``cg.py``.
+   computed as ``C K − (μ_iᵀp) q_i + λ ω_i p`` (the row sums of ``C`` are ``μ_iᵀp``): three products
+   per tile -- ``q kᵀ`` for the weights, ``p kᵀ``, ``C K`` -- and no reduction in the key loop.
+   Centring inside ``c_ij`` avoids the cancellation of the ``μ̃ qᵀ`` expansion of ``cg.py``.
    Steps whose denominators fell below ``rᵀz(0) · ε_fp32²`` are frozen, as in ``cg.py``.
 3. ``_lla_out``: ``δ_i``, ``β_i = 1 + ρ_iᵀq_i`` and ``o_i = Σ_j w_ij (β_i − ρ_iᵀk_j) v_j / δ_i``.
 
@@ -52,19 +53,20 @@ the unrolled CG (``cg.py``) once CG has converged, and differs from it by the CG
 Extra memory: O(T·D) fp32 -- nothing quadratic in T is stored.
 
 **Precision.** Sums, statistics and every CG quantity are fp32. ``q kᵀ`` (the weights) and
-``g vᵀ`` use the input dtype on the tensor cores (exact products, fp32 accumulation); every
-product that involves a CG vector (``p, ρ, u``), a weight tile or a gradient coefficient runs with
-fp32 operands (TF32 on the GPU). float32 inputs use IEEE fp32 products everywhere.
+``g vᵀ`` use the input dtype on the tensor cores (exact products, fp32 accumulation). Every
+product with an fp32 operand (a CG vector ``p, ρ, u``, a weight tile, a gradient coefficient) is
+computed to about fp32 accuracy: for bfloat16 inputs the fp32 operand is split into bf16 high and
+low halves (two bf16 products), for float16 inputs ``tf32x3``, for float32 inputs IEEE. Plain TF32
+was not enough (see the note above ``_dot32``).
 
 Registered as ``torch.library.custom_op``s ``mnemotorch::lla_cg_fwd`` / ``mnemotorch::lla_cg_bwd``
 with an autograd formula. On CUDA the launch parameters are autotuned (``MNEMO_AUTOTUNE=0`` gives
-fixed ones); under ``TRITON_INTERPRET=1`` (the CPU tests) fixed small tiles are used. Buffers are
+fixed ones); under ``TRITON_INTERPRET=1`` (the CPU tests) fixed tiles are used. Buffers are
 NaN-filled when ``MNEMO_POISON=1`` (the tests set it) so an element no program writes shows up.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -222,9 +224,9 @@ def _lla_cg(
     """``iters`` CG steps on ``Σ_i x_i = RHS_i`` from ``x = 0`` for one block of query rows.
 
     ``Σ_i p = C K − (μ_iᵀp) q_i + λ ω_i p`` with ``C_ij = w_ij (k_j − q_i)ᵀp`` (the row sums of C
-    are ``μ_iᵀp``, so the key loop has no reduction). Registers hold q, r, p (and 1/diag); x is
-    accumulated in the program's own rows of X and μ is re-read each iteration. The products of
-    the key loop are written out (not through _dot32) to keep the interpreter fast.
+    are ``μ_iᵀp``, so the key loop has no reduction). Registers hold q, x, r, p (and 1/diag); μ is
+    re-read each iteration. The products of the key loop are written out (not through _dot32) to
+    keep the interpreter fast.
     """
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -246,7 +248,7 @@ def _lla_cg(
         z = r * dinv
     else:
         z = r
-    tl.store(X + voff, tl.full([BM, BD], 0.0, tl.float32), mask=vmask)
+    x = tl.full([BM, BD], 0.0, tl.float32)
     p = z
     rz = tl.sum(r * z, 1)
     floor = rz * eps2
@@ -279,7 +281,7 @@ def _lla_cg(
         pap = tl.sum(p * ap, 1)
         ok_a = pap > floor
         alpha = tl.where(ok_a, rz / tl.where(ok_a, pap, 1.0), 0.0)
-        tl.store(X + voff, tl.load(X + voff, mask=vmask, other=0.0) + alpha[:, None] * p, mask=vmask)
+        x += alpha[:, None] * p
         r -= alpha[:, None] * ap
         if PRECOND:
             z = r * dinv
@@ -290,6 +292,7 @@ def _lla_cg(
         beta = tl.where(ok_b, rz_new / tl.where(ok_b, rz, 1.0), 0.0)
         p = z + beta[:, None] * p
         rz = rz_new
+    tl.store(X + voff, x, mask=vmask)
 
 
 @triton.jit
