@@ -73,7 +73,11 @@ def nearest_centroid_triton(x: Tensor, centroids: Tensor) -> Tensor:
     xf = x.reshape(n, h, d) if x.stride(-1) == 1 else x.contiguous().view(n, h, d)
     if xf.stride(-1) != 1:
         xf = xf.contiguous()
-    mu = centroids.detach().to(torch.float32).contiguous()
+    mu = centroids.detach()  # converted to fp32 in registers (a bf16 module keeps bf16 centroids)
+    if mu.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        mu = mu.to(torch.float32)
+    if not mu.is_contiguous():
+        mu = mu.contiguous()
     grid = (triton.cdiv(n, BLOCK_T), h)
     block_d = max(16, triton.next_power_of_2(d))
     _nearest_centroid_kernel[grid](
@@ -270,7 +274,7 @@ def _qblock_kernel(
             r = tl.arange(0, BM)
             cols = tl.arange(0, BN)
             hi_rows = tl.load(ROW_HI + q0 + r)
-            for j in range(0, n_part):
+            for j in range(0, n_part.to(tl.int32)):
                 kb = f_end + j
                 tile = ((kb * BN + cols[None, :]) < hi_rows[:, None]).to(tl.int8)
                 tl.store(TILES + (tile0 + j) * (BM * BN) + r[:, None] * BN + cols[None, :], tile)
