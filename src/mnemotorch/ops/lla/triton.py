@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import check_lla_qkv, check_ridge, check_scale
 
 LOG2E = 1.4426950408889634
 #: kernel limits (checked at the public boundary)
@@ -752,8 +753,6 @@ def lla_cg_triton(
     Returns:
         ``[B, Tq, H, Dv]`` in the dtype of ``q`` (computed in float32).
     """
-    from .reference import check_lla_qkv, check_ridge, check_scale
-
     fn = "lla_cg_triton"
     check_lla_qkv(fn, q, k, v)
     ridge = check_ridge(fn, ridge)
