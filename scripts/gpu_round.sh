@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call for a session's new kernels (run on the lent GPU machine, repo root), each step
+# under its own time limit so the call ends inside the 600 s per-call limit:
+#   1. the new GPU tests (TESTS, default: routing, LLA, block-sparse bias), fixed launches;
+#   2. `mnemo bench routed --cases routing` (routing-transformer from .peers/routing when carried);
+#   3. the LLA case of `mnemo bench linear`;
+#   4. `mnemo bench kernels` neighbourhood / power / sliding-window cases (KERNEL_CASES).
+# STEPS selects (default "tests routed lla kernels"). At most 8 files land in $OUT (logs + JSON).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT"
+SITE=""
+if ls .peers/routing/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .peers/routing/*.whl && SITE=/tmp/site
+fi
+export PYTHONPATH="$ROOT/src${SITE:+:$SITE}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+python3 -c "import json, torch, transformers, triton; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__, 'transformers': transformers.__version__}))" | tee "$OUT/env.json"
+STEPS="${STEPS:-tests routed lla kernels}"
+for step in $STEPS; do
+  case "$step" in
+    tests)
+      echo "== GPU tests =="
+      MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -rfEx \
+          ${TESTS:-tests/gpu/test_routing_gpu.py tests/gpu/test_lla_gpu.py tests/gpu/test_block_sparse_bias_gpu.py} 2>&1 \
+          | tail -40 > "$OUT/pytest_gpu.log"; tail -15 "$OUT/pytest_gpu.log" ;;
+    routed)
+      echo "== routed bench =="
+      timeout ${ROUTED_TIMEOUT:-140} python3 -m mnemotorch.cli bench routed -- --cases routing --out "$OUT/bench_routed.json" \
+          --time-budget ${ROUTED_BUDGET:-100} ${ROUTED_ARGS:-} 2>&1 | grep -v -i warn | tail -12 ;;
+    lla)
+      echo "== LLA bench =="
+      timeout ${LLA_TIMEOUT:-90} python3 -m mnemotorch.cli bench linear -- --skip linear,based,decode --out "$OUT/bench_lla.json" \
+          ${LLA_ARGS:-} 2>&1 | grep -v -i warn | tail -8 ;;
+    kernels)
+      echo "== block-sparse bench =="
+      timeout ${KERNELS_TIMEOUT:-160} python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \
+          --cases ${KERNEL_CASES:-na1d,na2d,power,swa} --time-budget ${KERNELS_BUDGET:-120} ${KERNELS_ARGS:-} 2>&1 | grep -v -i warn | tail -20 ;;
+  esac
+done
