@@ -29,70 +29,7 @@ from mnemotorch.ops.linear.triton import linear_attention_step_triton, linear_at
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
     pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 
-import numpy as np  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton._C.libtriton import ir  # noqa: E402
-from triton.runtime import interpreter as interp  # noqa: E402
-
-
-def _tf32(x: np.ndarray) -> np.ndarray:
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
-
-
-def _bf16_bits_to_f32(h) -> np.ndarray:
-    return (np.ascontiguousarray(h.data).astype(np.uint32) << 16).view(np.float32)
-
-
-def _f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    xs = np.ascontiguousarray(x, dtype=np.float32)
-    bits = xs.view(np.uint32).astype(np.uint64)
-    out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    out[np.isnan(xs)] = 0x7FC0
-    return out
-
-
-@pytest.fixture
-def gpu_numerics(monkeypatch):
-    """Interpreter products and casts as on the GPU (see the module docstring)."""
-    builder = interp.InterpreterBuilder
-    orig_dot, orig_cast, orig_fp2fp = builder.create_dot, builder.cast_impl, builder.create_fp_to_fp
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
-            ad = _bf16_bits_to_f32(a) if a.dtype.scalar == tl.bfloat16 else a.data
-            bd = _bf16_bits_to_f32(b) if b.dtype.scalar == tl.bfloat16 else b.data
-            return interp.TensorHandle(np.matmul(ad, bd, dtype=d.data.dtype) + d.data, d.dtype.scalar)
-        if a.dtype.scalar == b.dtype.scalar == tl.float32 and input_precision == ir.INPUT_PRECISION.TF32:
-            return interp.TensorHandle(np.matmul(_tf32(a.data), _tf32(b.data), dtype=d.data.dtype) + d.data, d.dtype.scalar)
-        return orig_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            return interp.TensorHandle(_f32_to_bf16_bits(src.data), dst_type.scalar)
-        return orig_cast(self, src, dst_type)
-
-    def create_fp_to_fp(self, src, dst_type, rounding_mode):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            return cast_impl(self, src, dst_type)
-        return orig_fp2fp(self, src, dst_type, rounding_mode)
-
-    monkeypatch.setattr(builder, "create_dot", create_dot)
-    monkeypatch.setattr(builder, "cast_impl", cast_impl)
-    monkeypatch.setattr(builder, "create_fp_to_fp", create_fp_to_fp)
-    monkeypatch.setattr(builder, "create_fp_trunc", lambda self, src, dst_type: cast_impl(self, src, dst_type))
-
-
-@pytest.fixture
-def reversed_programs(monkeypatch):
-    """Run every launch's programs in reverse grid order."""
-    orig = interp.InterpreterBuilder.set_grid_idx
-
-    def set_grid_idx(self, x, y, z):
-        nx, ny, nz = self.grid_dim
-        return orig(self, nx - 1 - x, ny - 1 - y, nz - 1 - z)
-
-    monkeypatch.setattr(interp.InterpreterBuilder, "set_grid_idx", set_grid_idx)
+from interpreter_numerics import gpu_numerics, reversed_programs  # noqa: E402,F401 (pytest fixtures)
 
 EPS = 1e-3  # as tests/ops/test_linear.py: keeps dy/dq away from pure cancellation at T = 1
 
