@@ -48,6 +48,13 @@ CASES = [  # (B, Tq, Tk, H, D, C, shared clusters and Q/K, causal)
 # (1) and (2): bf16 dq at 1.56e-2 vs the 1e-2 tolerance (shared Q/K: dq is the sum of the q and k
 # gradients); (3): fp32 with separate Q/K at D = 128, error not captured (the run was cut by its time
 # limit). Until they pass, "auto" does not choose this path (ops/routing AUTO_USES_BLOCK_SPARSE).
+# On the CPU, with the interpreter's GPU-rounding emulation (tests/ops/interpreter_numerics.py), the
+# block-sparse kernel alone gives the same bf16 error whenever q and k hold the same values (dq 1.4e-2,
+# dk 1.3e-2 at unit-variance q; 2.5e-3 for independent q and k, or for q scaled by 0.5): the q.q
+# diagonal logit (|q|^2 / sqrt(D) ~ 8) makes the softmax peaked, and the backward's cancellations then
+# amplify bf16 rounding -- a property of shared-QK inputs rather than of the routing path, so (1) and
+# (2) want a peer baseline (Flex / SDPA in bf16 on the same inputs) instead of the fixed 1e-2. Case (3)
+# passes in that emulation (5e-7): a GPU-only failure, not understood yet.
 _FAILED_ON_H100 = {((1, 2048, 2048, 4, 64, 8, True, True), torch.bfloat16), ((2, 1000, 1000, 3, 64, 5, True, True), torch.bfloat16),
                    ((1, 1024, 1024, 2, 128, 4, False, True), torch.float32)}
 
