@@ -379,9 +379,8 @@ class NeighborhoodAttention2D(nn.Module):
         kernel_size, dilation, stride, causal: NATTEN's per-axis knobs (int / bool or pairs).
         qkv_bias: bias in the q/k/v projection.
         rel_pos_bias: learn NAT's relative positional bias ``[heads, 2kh-1, 2kw-1]`` (needs
-            stride 1; with ``backend="auto"`` it runs in the kernel on CUDA, as its additive
-            bias; the module still accepts it only with ``"auto"`` or ``"gather"``, while the
-            functional :func:`na2d` takes it on every backend).
+            stride 1; on the kernel backends it is the kernel's additive bias, looked up per tile,
+            with its gradient accumulated in the backward).
         backend, tile_shape: see :func:`na2d`.
     """
 
@@ -417,10 +416,6 @@ class NeighborhoodAttention2D(nn.Module):
             raise ValueError(f"{fn}: rel_pos_bias needs stride 1, got stride {self.stride}")
         if backend not in NA2D_BACKENDS:
             raise ValueError(f"{fn}: backend must be one of {NA2D_BACKENDS}, got {backend!r}")
-        if rel_pos_bias and backend in ("block_sparse", "triton"):
-            # kept from before the kernel had a bias (tests/layers/test_vision.py expects it);
-            # backend="auto" runs the bias in the kernel on CUDA
-            raise ValueError(f"{fn}: backend {backend!r} with rel_pos_bias is not offered by the module; use 'auto' or 'gather'")
         self.tile_shape = _check_tile(fn, tile_shape)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.scale = self.head_dim**-0.5
