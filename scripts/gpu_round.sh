@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# One device call for a session's new kernels (run on the lent GPU machine, repo root), each step
-# under its own time limit so the call ends inside the 600 s per-call limit:
-#   1. the new GPU tests (TESTS, default: routing, LLA, block-sparse bias), fixed launches;
-#   2. `mnemo bench routed --cases routing` (routing-transformer from .peers/routing when carried);
-#   3. the LLA case of `mnemo bench linear`;
-#   4. `mnemo bench kernels` neighbourhood / power / sliding-window cases (KERNEL_CASES).
-# STEPS selects (default "tests routed lla kernels"). At most 8 files land in $OUT (logs + JSON).
+# One device call that checks GPU work (run on the lent GPU machine, repo root), each step under
+# its own time limit so the call ends inside the 600 s per-call limit. Steps (STEPS, in order given):
+#   tests   -- GPU tests (TESTS, default: routing, LLA, block-sparse bias), fixed launches;
+#   swa     -- `mnemo bench kernels` sliding window vs FlexAttention / SDPA (SWA_* knobs);
+#   linear  -- `mnemo bench linear` linear / BASED / decode vs fla (fla from .whl/ when carried);
+#   routed  -- `mnemo bench routed --cases routing` (routing-transformer from .peers/routing when carried);
+#   lla     -- the LLA case of `mnemo bench linear`;
+#   kernels -- `mnemo bench kernels` neighbourhood / power / sliding-window cases (KERNEL_CASES).
+# Default "tests routed lla kernels"; scripts/gpu_session.sh is "tests swa linear" over every GPU test.
+# At most 8 files land in $OUT (logs + JSON).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 SITE=""
-if ls .peers/routing/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .peers/routing/*.whl && SITE=/tmp/site
+wheels=$(ls .peers/routing/*.whl .whl/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels && SITE=/tmp/site
 fi
 export PYTHONPATH="$ROOT/src${SITE:+:$SITE}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 python3 -c "import json, torch, transformers, triton; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__, 'transformers': transformers.__version__}))" | tee "$OUT/env.json"
@@ -25,6 +29,15 @@ for step in $STEPS; do
       MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -rfEx \
           ${TESTS:-tests/gpu/test_routing_gpu.py tests/gpu/test_lla_gpu.py tests/gpu/test_block_sparse_bias_gpu.py} 2>&1 \
           | tail -40 > "$OUT/pytest_gpu.log"; tail -15 "$OUT/pytest_gpu.log" ;;
+    swa)
+      echo "== block-sparse kernel bench (sliding window) =="
+      timeout ${SWA_TIMEOUT:-170} python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \
+          --cases ${SWA_CASES:-swa} --lengths ${SWA_LENGTHS:-16384,65536} --windows 1024 --dims 128 --time-budget ${SWA_BUDGET:-120} \
+          2>&1 | grep -v -i warn ;;
+    linear)
+      echo "== linear-attention bench =="
+      timeout ${LIN_TIMEOUT:-150} python3 -m mnemotorch.cli bench linear -- --out "$OUT/bench_linear.json" ${LIN_ARGS:-} 2>&1 \
+          | grep -v -i warn | tail -30 ;;
     routed)
       echo "== routed bench =="
       timeout ${ROUTED_TIMEOUT:-140} python3 -m mnemotorch.cli bench routed -- --cases routing --out "$OUT/bench_routed.json" \

@@ -572,9 +572,12 @@ def block_sparse_attn_fwd(
     return _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block)
 
 
-@block_sparse_attn_fwd.register_fake
-def _(q, k, v, *rest):
+def _fwd_fake(q, k, v, *rest):
+    """Output ``[B, Lq, H, Dv]`` and log-sum-exp ``[B, H, Lq]`` (fp32), with or without a bias."""
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+
+block_sparse_attn_fwd.register_fake(_fwd_fake)
 
 
 @torch.library.custom_op("mnemotorch::block_sparse_attn_bwd", mutates_args=())
@@ -623,9 +626,7 @@ def block_sparse_attn_bias_fwd(
     return _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block, (q_coords, k_coords, tables))
 
 
-@block_sparse_attn_bias_fwd.register_fake
-def _(q, k, v, *rest):
-    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+block_sparse_attn_bias_fwd.register_fake(_fwd_fake)
 
 
 @torch.library.custom_op("mnemotorch::block_sparse_attn_bias_bwd", mutates_args=())
