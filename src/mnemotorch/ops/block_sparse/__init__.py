@@ -102,11 +102,22 @@ def block_sparse_attention(
     if not 16 <= q.shape[-1] <= 256:
         raise ValueError(f"block_sparse_attention: the Triton kernel supports head dims 16..256, got {q.shape[-1]}")
     if pattern.full_idx.device != q.device:
-        pattern = pattern.to(q.device)
-    from .triton import block_sparse_attention_triton
+        pattern = pattern.on_device(q.device)
+    global _triton_impl
+    if _triton_impl is None:
+        from .triton import block_sparse_attention_triton as _triton_impl
+    # The kernels take any strides but a unit last one: no copy for q[:, :, h0:h1], transposes of
+    # [B, H, L, D] tensors and the like.
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    return _triton_impl(q, k, v, pattern, scale, bias)
 
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return block_sparse_attention_triton(q, k, v, pattern, scale, bias)
+
+_triton_impl = None
 
 
 __all__ = [

@@ -18,7 +18,7 @@ expressed by building one pattern per row and stacking; see ``stack_patterns``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Iterable
 
 import torch
@@ -74,8 +74,26 @@ class BlockSparsePattern:
         return self.t_full_cnt.shape[0]
 
     def to(self, device: torch.device | str) -> "BlockSparsePattern":
-        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        moved = {f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), Tensor) else getattr(self, f.name))
+                 for f in fields(self)}
         return BlockSparsePattern(**moved)
+
+    def on_device(self, device: torch.device | str) -> "BlockSparsePattern":
+        """``self.to(device)``, made once and kept on this pattern (for a pattern built on one
+        device and used on another call after call, e.g. a module's CPU-built pattern with CUDA
+        inputs: one host-to-device copy of the lists instead of one per call). The copy is redone
+        when a field has been replaced since; patterns are not meant to be edited in place."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        cache = self.__dict__.setdefault("_on_device", {})
+        src = tuple(getattr(self, f.name) for f in fields(self))
+        hit = cache.get(device)
+        if hit is not None and len(hit[0]) == len(src) and all(a is b for a, b in zip(hit[0], src)):
+            return hit[1]
+        moved = self.to(device)
+        cache[device] = (src, moved)
+        return moved
 
     def computed_pairs(self) -> int:
         """(query, key) pairs inside visited blocks: what a kernel computes (FLOP accounting)."""

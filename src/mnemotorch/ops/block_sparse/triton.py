@@ -182,7 +182,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DELTA, sob, sot, soh, Lq, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr):
+def _bwd_preprocess(O, DO, DELTA, sob, sot, soh, sdob, sdot, sdoh, Lq, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -190,9 +190,9 @@ def _bwd_preprocess(O, DO, DELTA, sob, sot, soh, Lq, H: tl.constexpr, D: tl.cons
     offs_m = qb * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BLOCK_D)
     msk = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
-    base = b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :]
-    o = tl.load(O + base, mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + base, mask=msk, other=0.0).to(tl.float32)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(O + b.to(tl.int64) * sob + h * soh + rows * sot + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + rows * sdot + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
@@ -401,6 +401,7 @@ def set_autotune(mode: str) -> None:
         raise ValueError(f"set_autotune: mode must be one of {AUTOTUNE_MODES}, got {mode!r}")
     _AUTOTUNE_MODE, _AUTOTUNE = mode, mode != "off"
     _TUNED.clear()
+    _CHOSEN.clear()
 
 
 def _sub_choices(block: int) -> list[int]:
@@ -441,32 +442,57 @@ def tuned_configs() -> dict[str, str]:
     return out
 
 
+#: Launch parameters the autotuner chose, per (kernel, sliced block, mode, tuning key, argument
+#: dtypes): after the first (tuning) call every launch goes straight to the JIT function, skipping
+#: the autotuner's per-call work (argument dicts, key building) on the host.
+_CHOSEN: dict = {}
+
+
+def _cdiv(a: int, b: int) -> int:
+    # plain Python: triton.cdiv / next_power_of_2 are constexpr_function wrappers (several us a call)
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _launch(kernel, sliced: int, rows: int, grid, args, meta, device):
     """Launch ``kernel``; ``sliced`` is the block size cut into SUB slices, ``rows`` the program's own block."""
     if device.type == "cuda" and _AUTOTUNE:
-        _tuned(kernel, sliced)[grid](*args, **meta)
+        key = (id(kernel), sliced, _AUTOTUNE_MODE, *(meta[k] for k in _TUNE_KEY), *(a.dtype for a in args if isinstance(a, Tensor)))
+        cfg = _CHOSEN.get(key)
+        if cfg is None:
+            tuner = _tuned(kernel, sliced)
+            tuner[grid](*args, **meta)
+            best = tuner.best_config
+            _CHOSEN[key] = (best.kwargs["SUB"], best.num_warps, best.num_stages)
+            return
+        sub, warps, stages = cfg
     else:
         sub = min(FIXED_SUB, sliced)
         while sliced % sub:
             sub //= 2
-        kernel[grid](*args, **meta, SUB=sub, num_warps=_num_warps(rows, meta["D"]), num_stages=2)
+        warps, stages = _num_warps(rows, meta["D"]), 2
+    kernel[grid](*args, **meta, SUB=sub, num_warps=warps, num_stages=stages)
 
 
 def _alloc(like: Tensor, shape=None, dtype=None) -> Tensor:
     """Output buffers; NaN-filled when MNEMO_POISON=1 (tests) so unwritten elements fail."""
     shape = like.shape if shape is None else shape
     dtype = like.dtype if dtype is None else dtype
-    if os.environ.get("MNEMO_POISON") == "1":
+    if _POISON_ENV in os.environ and os.environ[_POISON_ENV] == "1":
         return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 
+_POISON_ENV = "MNEMO_POISON"
 _DUMMIES: dict = {}
 
 
 def _dummy(device: torch.device, dtype: torch.dtype) -> Tensor:
     """A one-element buffer standing in for absent bias operands (never read; cached per device)."""
-    key = (str(device), dtype)
+    key = (device, dtype)
     if key not in _DUMMIES:
         _DUMMIES[key] = torch.zeros(1, device=device, dtype=dtype)
     return _DUMMIES[key]
@@ -496,7 +522,7 @@ def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
     lk, hkv = k.shape[1], k.shape[2]
     o = _alloc(q)
     lse = _alloc(q, (b, h, lq), torch.float32)
-    grid = (triton.cdiv(lq, q_block), b * h)
+    grid = (_cdiv(lq, q_block), b * h)
     bias_args, nb = _bias_operands(q, bias)
     args = (
         q, k, v, o, lse, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, *bias_args,
@@ -505,8 +531,8 @@ def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
         full_idx.stride(0), part_idx.stride(0),
         scale * LOG2E, lq, lk,
     )
-    meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32,
-                EVEN_D=triton.next_power_of_2(d) == d, NB=nb)
+    bd = _pow2(d)
+    meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32, EVEN_D=bd == d, NB=nb)
     _launch(_fwd_kernel, k_block, q_block, grid, args, meta, q.device)
     return o, lse
 
@@ -519,15 +545,15 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None):
     group = h // hkv
     do = do.contiguous() if do.stride(-1) != 1 else do
     delta = _alloc(q, (b, h, lq), torch.float32)
-    bd = triton.next_power_of_2(d)
-    _bwd_preprocess[(triton.cdiv(lq, q_block), b * h)](o, do, delta, o.stride(0), o.stride(1), o.stride(2), lq, H=h, D=d, BLOCK_D=bd, BM=q_block)
+    bd = _pow2(d)
+    _bwd_preprocess[(_cdiv(lq, q_block), b * h)](o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                                                 lq, H=h, D=d, BLOCK_D=bd, BM=q_block)
     # With GQA, dK/dV are produced per query head (in fp32) and summed over each group.
     kv_dtype = k.dtype if group == 1 else torch.float32
     dk = _alloc(q, (b, lk, h, d), kv_dtype)
     dv = _alloc(q, (b, lk, h, d), kv_dtype)
     bias_args, nb = _bias_operands(q, bias)
-    meta = dict(H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32,
-                EVEN_D=triton.next_power_of_2(d) == d, NB=nb)
+    meta = dict(H=h, GROUP=group, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32, EVEN_D=bd == d, NB=nb)
     dkdv_args = (
         q, k, v, do, lse, delta, dk, dv, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, tiles, *bias_args,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -535,7 +561,7 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None):
         t_full_idx.stride(0), t_part_idx.stride(0),
         scale * LOG2E, scale, lq, lk,
     )
-    _launch(_bwd_dkdv_kernel, q_block, k_block, (triton.cdiv(lk, k_block), b * h), dkdv_args, meta, q.device)
+    _launch(_bwd_dkdv_kernel, q_block, k_block, (_cdiv(lk, k_block), b * h), dkdv_args, meta, q.device)
     dq = _alloc(q)
     # Table gradients are accumulated (atomics): zero-initialised fp32, never poisoned. Without a
     # bias, a dummy that nothing reads (the dQ tuner zeroes DT0/DT1 between trials).
@@ -551,7 +577,7 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None):
         full_idx.stride(0), part_idx.stride(0),
         scale * LOG2E, scale, lq, lk,
     )
-    _launch(_bwd_dq_kernel, k_block, q_block, (triton.cdiv(lq, q_block), b * h), dq_args, meta, q.device)
+    _launch(_bwd_dq_kernel, k_block, q_block, (_cdiv(lq, q_block), b * h), dq_args, meta, q.device)
     if group > 1:
         dk = dk.view(b, lk, hkv, group, d).sum(3).to(k.dtype)
         dv = dv.view(b, lk, hkv, group, d).sum(3).to(v.dtype)
@@ -672,18 +698,80 @@ def _bias_backward(ctx, do, dlse):
 block_sparse_attn_bias_fwd.register_autograd(_bias_backward, setup_context=_bias_setup_context)
 
 
+# Eager calls skip the custom ops: the same kernels through a plain autograd.Function. A call
+# through ``torch.library.custom_op`` with autograd costs on the order of 0.1 ms of Python per
+# forward+backward on the host (schema default filling, dispatcher round trips, the generic
+# autograd wrapper), more than the kernels take at small and medium sizes. Whenever something
+# traces or transforms the call (torch.compile / export, a dispatch mode such as FakeTensorMode or
+# make_fx, functorch transforms, tensor subclasses) the custom ops run instead, so those still see
+# one opaque op with its fake kernel and autograd formula.
+
+
+def _eager_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in (q, k, v))
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Forward and backward kernels for eager mode (returns the output only; lse stays internal,
+    so autograd never materialises a zero gradient for it)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, t0, t1, lists, coords, scale, q_block, k_block):
+        bias = None if t0 is None else (coords[0], coords[1], [t0] if t1 is None else [t0, t1])
+        o, lse = _fwd_impl(q, k, v, *lists[:6], scale, q_block, k_block, bias)
+        ctx.save_for_backward(q, k, v, o, lse, t0, t1)
+        ctx.lists, ctx.coords, ctx.scale, ctx.q_block, ctx.k_block = lists, coords, scale, q_block, k_block
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse, t0, t1 = ctx.saved_tensors
+        none = (None,) * 7
+        if t0 is None:
+            dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, ctx.lists, ctx.scale, ctx.q_block, ctx.k_block)
+            return (dq, dk, dv) + none
+        tables = [t0] if t1 is None else [t0, t1]
+        dq, dk, dv, dts = _bwd_impl(do, q, k, v, o, lse, ctx.lists, ctx.scale, ctx.q_block, ctx.k_block, (*ctx.coords, tables))
+        dt1 = dts[1].to(t1.dtype) if t1 is not None else None
+        return (dq, dk, dv, dts[0].to(t0.dtype), dt1) + none[2:]
+
+
+def kernel_lists(pattern) -> tuple:
+    """The pattern's 11 list tensors as the kernels take them, without any copy: the bool tiles
+    are reinterpreted as int8 (same bytes), and only a non-contiguous tile tensor is made contiguous
+    (the kernels index tiles as ``[n, q_block, k_block]`` row-major)."""
+    p = pattern
+    tiles = p.tiles
+    if tiles.dtype == torch.bool:
+        tiles = tiles.view(torch.int8)
+    elif tiles.dtype != torch.int8:
+        tiles = tiles.to(torch.int8)
+    if not tiles.is_contiguous():
+        tiles = tiles.contiguous()
+    return (p.full_idx, p.full_cnt, p.part_idx, p.part_tile, p.part_cnt, tiles,
+            p.t_full_idx, p.t_full_cnt, p.t_part_idx, p.t_part_tile, p.t_part_cnt)
+
+
 def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, pattern, scale: float, bias=None) -> Tensor:
-    """Run the kernels on ``q [B, Lq, H, D]``, ``k/v [B, Lk, Hkv, D]`` (last dim contiguous).
+    """Run the kernels on ``q [B, Lq, H, D]``, ``k/v [B, Lk, Hkv, D]`` (last dim contiguous; other
+    strides are passed to the kernels as they are).
 
     ``bias``: an optional :class:`~mnemotorch.ops.block_sparse.RelativeBias` (coordinates on
     ``q``'s device; checked by the caller).
     """
     p = pattern
-    tiles = p.tiles if p.tiles.dtype == torch.int8 else p.tiles.to(torch.int8)
-    lists = (p.full_idx, p.full_cnt, p.part_idx, p.part_tile, p.part_cnt, tiles,
-             p.t_full_idx, p.t_full_cnt, p.t_part_idx, p.t_part_tile, p.t_part_cnt)
+    lists = kernel_lists(p)
+    scale = float(scale)
+    eager = _eager_ok(q, k, v)
     if bias is None:
-        out, _ = block_sparse_attn_fwd(q, k, v, *lists, float(scale), p.q_block, p.k_block)
+        if eager:
+            if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+                return _fwd_impl(q, k, v, *lists[:6], scale, p.q_block, p.k_block)[0]
+            return _EagerAttention.apply(q, k, v, None, None, lists, None, scale, p.q_block, p.k_block)
+        out, _ = block_sparse_attn_fwd(q, k, v, *lists, scale, p.q_block, p.k_block)
         return out
     tables = []
     for t in bias.canonical_tables():
@@ -693,5 +781,7 @@ def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, pattern, scal
     qc = bias.q_coords.to(q.device, torch.int32).contiguous()
     kc = bias.k_coords.to(q.device, torch.int32).contiguous()
     t1 = tables[1] if len(tables) > 1 else None
-    out, _ = block_sparse_attn_bias_fwd(q, k, v, *lists, qc, kc, tables[0], t1, float(scale), p.q_block, p.k_block)
+    if eager:
+        return _EagerAttention.apply(q, k, v, tables[0], t1, lists, (qc, kc), scale, p.q_block, p.k_block)
+    out, _ = block_sparse_attn_bias_fwd(q, k, v, *lists, qc, kc, tables[0], t1, scale, p.q_block, p.k_block)
     return out
