@@ -353,7 +353,8 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
     """NATTEN-semantics neighborhood attention (non-causal, dilation 1) in 1-D or 2-D.
 
     Ours runs on tokens permuted into tiles (2-D) and the timing includes the permutation of q/k/v and
-    the inverse permutation of the output, as a module on row-major tokens pays it. Flex runs on
+    the inverse permutation of the output, as a module on row-major tokens pays it; without tiles
+    (``tile_shape=None``, e.g. 1-D) the permutation is the identity and is skipped. Flex runs on
     row-major tokens with the same mask; SDPA is dense (non-causal) attention over all tokens.
     ``alternatives``: other ``(tile_shape, q_block, k_block)`` timed for ours only.
     """
@@ -376,6 +377,8 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
 
     def ours():
+        if tile_shape is None:  # row-major tokens (identity permutation): nothing to permute
+            return block_sparse_attention(qs, ks, vs, pat, backend="triton")
         return pp.unpermute(block_sparse_attention(pp.permute(qs), pp.permute(ks), pp.permute(vs), pat, backend="triton"))
 
     _guarded(res, "ours", lambda: measure(ours, g, [qs, ks, vs]))
@@ -385,7 +388,9 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
         alt = type(alt)(alt.pattern, alt.perm.to(run.device), alt.inv_perm.to(run.device))
         name = f"ours_tile{'x'.join(map(str, alt_tile or ()))}_{alt.pattern.q_block}x{alt.pattern.k_block}"
 
-        def ours_alt(alt=alt):
+        def ours_alt(alt=alt, alt_tile=alt_tile):
+            if alt_tile is None:
+                return block_sparse_attention(qs, ks, vs, alt.pattern, backend="triton")
             return alt.unpermute(block_sparse_attention(alt.permute(qs), alt.permute(ks), alt.permute(vs), alt.pattern, backend="triton"))
 
         _guarded(res, name, lambda: measure(ours_alt, g, [qs, ks, vs]))
