@@ -124,9 +124,13 @@ def test_triton_layout_equals_torch_layout(case) -> None:
     for name in ("full_idx", "full_cnt", "part_idx", "part_tile", "part_cnt", "tiles", "t_full_idx", "t_full_cnt",
                  "t_part_idx", "t_part_tile", "t_part_cnt", "q_len", "k_len"):
         assert torch.equal(torch.as_tensor(getattr(a.pattern, name)), torch.as_tensor(getattr(z.pattern, name))), name
-    for name in ("q_rows", "k_rows", "row_lo", "row_hi"):
+    for name in ("q_rows", "k_rows", "row_lo", "row_hi", "q_src", "k_src"):
         assert torch.equal(getattr(a, name), getattr(z, name)), name
     assert (z.k_rows is z.q_rows) == z.shared
+    # the packing kernels' gather maps invert the token -> row maps; every other row is padding (-1)
+    for rows, src in ((z.q_rows, z.q_src), (z.k_rows, z.k_src)):
+        assert torch.equal(src[rows], torch.arange(rows.numel()))
+        assert int((src >= 0).sum()) == rows.numel() and bool((src >= -1).all())
 
 
 def test_layout_sizes_and_single_packing() -> None:

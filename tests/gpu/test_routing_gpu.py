@@ -55,8 +55,14 @@ CASES = [  # (B, Tq, Tk, H, D, C, shared clusters and Q/K, causal)
 # amplify bf16 rounding -- a property of shared-QK inputs rather than of the routing path, so (1) and
 # (2) want a peer baseline (Flex / SDPA in bf16 on the same inputs) instead of the fixed 1e-2. Case (3)
 # passes in that emulation (5e-7): a GPU-only failure, not understood yet.
-_FAILED_ON_H100 = {((1, 2048, 2048, 4, 64, 8, True, True), torch.bfloat16), ((2, 1000, 1000, 3, 64, 5, True, True), torch.bfloat16),
-                   ((1, 1024, 1024, 2, 128, 4, False, True), torch.float32)}
+# 2026-11-26 follow-up: (1) and (2) now compare bf16 gradients with shared Q/K against a bf16 peer baseline
+# (the same function through the dense masked-SDPA path in bf16, against the same float64 reference):
+# ours must be within PEER_FACTOR of the peer's error. (3) is un-xfailed so the next run records its error;
+# every dot of the block-sparse kernels is IEEE fp32 for fp32 inputs (input_precision="ieee", no TF32), and
+# the first run's log shows no number for it (the run was cut by its time limit while this case was
+# compiling / autotuning its fp32 D=128 kernels), so a time-out is as likely as a numerical failure.
+_FAILED_ON_H100: set = set()
+PEER_FACTOR = 1.5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -81,9 +87,18 @@ def test_block_sparse_matches_reference(b, tq, tk, h, d, c, shared, causal, dtyp
     y_ref, g_ref = run("reference", torch.float64)
     y, g_got = run("block_sparse", dtype)
     tol_o, tol_g = TOL[dtype]
-    assert torch.isfinite(y).all() and rel(y, y_ref) <= tol_o
-    for name, a, r in zip("qv" if shared else "qkv", g_got, g_ref):
-        assert torch.isfinite(a).all() and rel(a, r) <= tol_g, f"d{name}"
+    err = rel(y, y_ref)
+    assert torch.isfinite(y).all() and err <= tol_o, f"output error {err:.3e} > {tol_o}"
+    peer = None
+    if dtype == torch.bfloat16 and shared:
+        # q == k in value: the diagonal logit |q|^2 / sqrt(D) makes the softmax peaked and the backward's
+        # cancellations amplify bf16 rounding in any implementation; the criterion is a bf16 peer's error
+        _, peer = run("torch", dtype)
+    for i, (name, a, r) in enumerate(zip("qv" if shared else "qkv", g_got, g_ref)):
+        err = rel(a, r)
+        bound = tol_g if peer is None else PEER_FACTOR * rel(peer[i], r)
+        assert torch.isfinite(a).all() and err <= bound, f"d{name}: error {err:.3e} > bound {bound:.3e}" + (
+            "" if peer is None else f" ({PEER_FACTOR} x the masked-SDPA bf16 peer's {rel(peer[i], r):.3e})")
 
 
 @pytest.mark.parametrize("shared,causal", [(True, True), (False, True), (True, False)])

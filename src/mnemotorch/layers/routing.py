@@ -46,6 +46,8 @@ from ..ops.routing import (
     kmeans_batch_stats,
     kmeans_ema_step,
     nearest_centroid,
+    route_assign,
+    route_assign_supported,
     scale_free_layer_norm,
 )
 from ..ops.sliding_window import sliding_window_attention
@@ -53,6 +55,10 @@ from .base import Mixer, MixerState
 from .registry import register_mixer
 
 MODES = ("causal_exact", "balanced_topw")
+#: The fused routing glue of causal-exact mode (``ops.routing.route_assign``: layer norm, nearest centroid
+#: and commitment loss in one kernel; the k-means statistics computed when ``update_centroids`` runs):
+#: ``"auto"`` on CUDA, ``"on"`` wherever the kernel runs (tests: the CPU interpreter), ``"off"`` never.
+FUSED_GLUE = "auto"
 BACKENDS = ("auto", "torch", "block_sparse", "flex", "triton", "reference")
 
 
@@ -204,6 +210,10 @@ class RoutingAttention(Mixer):
         self._pending_sums: Tensor | None = None
         self._pending_counts: Tensor | None = None
         self._pending_loss: Tensor | None = None
+        # (raw routing vectors, ids) of fused-path training calls whose k-means statistics are not
+        # computed yet (computed by the next such call or by update_centroids; see _record_fused)
+        self._pending_raw: list | None = None
+        self._rope_cache: tuple | None = None
 
     # -- protocol ----------------------------------------------------------------------------
     @property
@@ -250,14 +260,21 @@ class RoutingAttention(Mixer):
         v = self.v_proj(x).view(b, t, h, d)
 
         # Routing by content: the un-rotated, layer-normalised (no scale, no bias) vectors.
-        rq = scale_free_layer_norm(q[:, :, hl:])
-        rk = rq if self.k_proj is None else scale_free_layer_norm(k[:, :, hl:])
-        cq = nearest_centroid(rq, self.centroids)
-        ck = cq if self.k_proj is None else nearest_centroid(rk, self.centroids)
+        fused = self._fused(q)
+        if fused:
+            # one kernel per side: layer norm in registers, nearest centroid, commitment distances
+            beta = self.commitment_beta if (self.training and torch.is_grad_enabled() and self.commitment_beta > 0) else None
+            raw_q, raw_k = q[:, :, hl:], (None if self.k_proj is None else k[:, :, hl:])
+            cq, loss_q = route_assign(raw_q, self.centroids, beta)
+            ck, loss_k = (cq, None) if raw_k is None else route_assign(raw_k, self.centroids, beta)
+        else:
+            rq = scale_free_layer_norm(q[:, :, hl:])
+            rk = rq if self.k_proj is None else scale_free_layer_norm(k[:, :, hl:])
+            cq = nearest_centroid(rq, self.centroids)
+            ck = cq if self.k_proj is None else nearest_centroid(rk, self.centroids)
 
         if self.rope_theta is not None:
-            pos = torch.arange(state.seen_tokens, state.seen_tokens + t, device=x.device)
-            cos, sin = rotary_cos_sin(pos, d, self.rope_theta, dtype=q.dtype)
+            cos, sin = self._rope_tables(state.seen_tokens, t, x.device, q.dtype)
             q = apply_rotary(q, cos, sin)
             k = q if self.k_proj is None else apply_rotary(k, cos, sin)
 
@@ -287,10 +304,13 @@ class RoutingAttention(Mixer):
             v_loc = torch.cat([state.v_local.to(v.dtype), v[:, :, :hl]], dim=1) if self.streamable else v[:, :, :hl]
             sw_backend = "reference" if self.backend == "reference" else "auto"
             parts.insert(0, sliding_window_attention(q[:, :, :hl], k_loc, v_loc, self.local_window, backend=sw_backend))
-        y = self.o_proj(torch.cat(parts, dim=2).reshape(b, t, h * d))
+        y = self.o_proj((parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).reshape(b, t, h * d))
 
         if self.training:
-            self._record(rq, cq, rk, ck)
+            if fused:
+                self._record_fused(raw_q, cq, raw_k, ck, loss_q, loss_k)
+            else:
+                self._record(rq, cq, rk, ck)
 
         if self.streamable:
             keep = self.local_window - 1
@@ -305,10 +325,27 @@ class RoutingAttention(Mixer):
             new_state = empty
         return y, new_state
 
+    def _fused(self, q: Tensor) -> bool:
+        """Whether this call takes the fused routing glue (see ``FUSED_GLUE``)."""
+        if self.mode != "causal_exact" or FUSED_GLUE == "off" or not route_assign_supported(q):
+            return False
+        return FUSED_GLUE == "on" or q.is_cuda
+
+    def _rope_tables(self, start: int, t: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """RoPE tables of positions ``start .. start + t - 1``; the last ones are kept (repeated calls of one
+        shape, as in training, skip the ~10 small launches of building them)."""
+        key = (start, t, str(device), dtype, self.rope_theta, self.head_dim)
+        if self._rope_cache is None or self._rope_cache[0] != key:
+            pos = torch.arange(start, start + t, device=device)
+            self._rope_cache = (key, *rotary_cos_sin(pos, self.head_dim, self.rope_theta, dtype=dtype))
+        return self._rope_cache[1], self._rope_cache[2]
+
     def _apply(self, fn, recurse=True):
         # Statistics recorded but not yet applied follow the module to its new device / dtype
         # (.to(), .cuda(), .double()); otherwise the next training forward would add tensors on
         # two devices.
+        self._flush_raw()
+        self._rope_cache = None
         out = super()._apply(fn, recurse)
         for name in ("_pending_sums", "_pending_counts"):
             if getattr(self, name, None) is not None:
@@ -326,6 +363,30 @@ class RoutingAttention(Mixer):
         if torch.is_grad_enabled() and self.commitment_beta > 0:
             loss = sum(commitment_loss(r, self.centroids, c, self.commitment_beta) for r, c in pairs) / len(pairs)
             self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
+
+    def _record_fused(self, raw_q: Tensor, cq: Tensor, raw_k: Tensor | None, ck: Tensor, loss_q, loss_k) -> None:
+        """The fused path's record: the commitment loss (computed by the assignment kernel) now; the
+        k-means statistics of this call later, from the raw vectors and ids kept here (by the next
+        training call, or by :meth:`update_centroids`: one call's tensors are held at most, and they
+        are the projection's output that the backward keeps anyway). The statistics equal those of
+        :meth:`_record` (the same layer norm and ``kmeans_batch_stats``)."""
+        self._flush_raw()
+        pairs = [(raw_q, cq)] if raw_k is None else [(raw_q, cq), (raw_k, ck)]
+        self._pending_raw = [(r.detach(), c) for r, c in pairs]
+        if loss_q is not None:
+            loss = loss_q if loss_k is None else (loss_q + loss_k) / 2
+            self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
+
+    def _flush_raw(self) -> None:
+        raw = getattr(self, "_pending_raw", None)
+        if not raw:
+            return
+        self._pending_raw = None
+        with torch.no_grad():
+            for r, c in raw:
+                sums, counts = kmeans_batch_stats(scale_free_layer_norm(r), c, self.num_clusters)
+                self._pending_sums = sums if self._pending_sums is None else self._pending_sums + sums
+                self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
 
     def routing_aux_loss(self) -> Tensor:
         """The commitment loss ``beta * mean ||r - sg(mu_c(r))||^2`` of the training-mode forward calls
@@ -350,6 +411,7 @@ class RoutingAttention(Mixer):
         ``torch.distributed`` process group the statistics are summed over ranks first (every rank
         must call it). Returns whether an update happened (False when nothing was recorded).
         """
+        self._flush_raw()
         sums, counts = self._pending_sums, self._pending_counts
         self._pending_sums = self._pending_counts = self._pending_loss = None
         if sums is None:

@@ -87,6 +87,62 @@ def nearest_centroid(x: Tensor, centroids: Tensor, backend: str = "auto") -> Ten
     return nearest_centroid_reference(x, centroids)
 
 
+class _FusedCommitment(torch.autograd.Function):
+    """``beta * mean ||LN(x) - sg(mu_c)||^2`` from the fused kernel's per-token squared distances; the
+    backward recomputes the layer norm (it runs only when the loss is back-propagated)."""
+
+    @staticmethod
+    def forward(ctx, x, centroids, ids, sq, beta):
+        ctx.save_for_backward(x, centroids, ids)
+        ctx.beta = beta
+        return (sq.mean() * beta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mu, ids = ctx.saved_tensors
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_()
+            loss = commitment_loss(scale_free_layer_norm(xr), mu, ids, ctx.beta)
+            (gx,) = torch.autograd.grad(loss, xr, g)
+        return gx, None, None, None, None
+
+
+def route_assign_supported(x: Tensor) -> bool:
+    """Whether :func:`route_assign` can run ``x`` on its kernel: CUDA (or CPU under ``TRITON_INTERPRET=1``),
+    ``[B, T, H, D <= 256]`` in float16 / bfloat16 / float32."""
+    import os
+
+    on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return on_device and x.ndim == 4 and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] <= 256
+
+
+def route_assign(x: Tensor, centroids: Tensor, beta: float | None = None, eps: float = 1e-5) -> tuple[Tensor, Tensor | None]:
+    """``nearest_centroid(scale_free_layer_norm(x), centroids)`` and the commitment loss, in one kernel launch.
+
+    Args:
+        x: ``[B, T, H, D]`` raw (not normalised) routing vectors, any strides with a unit last stride
+            (e.g. the routing heads' slice of a projection); float16 / bfloat16 / float32.
+        centroids: ``[H, C, D]``.
+        beta: if given, also return ``commitment_loss(scale_free_layer_norm(x), centroids, ids, beta)``
+            (a scalar with gradient to ``x``; computed in fp32 from the kernel's per-token distances).
+
+    Returns:
+        ``(ids int64 [B, T, H], loss or None)``. The normalised vectors are formed in registers only
+        (rounded to ``x``'s dtype, as ``F.layer_norm`` would return them), so the ids equal
+        ``nearest_centroid(scale_free_layer_norm(x), centroids, backend="triton")`` except where the
+        two layer norms round a vector differently next to a tie.
+    """
+    if not route_assign_supported(x):
+        raise ValueError(f"route_assign: needs x [B, T, H, D<=256] float16/bfloat16/float32 on CUDA (or the interpreter), got {list(x.shape)} {x.dtype} {x.device}")
+    from .triton import route_assign_triton
+
+    want = beta is not None
+    ids, sq = route_assign_triton(x, centroids, eps, loss=want)
+    if not want:
+        return ids, None
+    return ids, _FusedCommitment.apply(x, centroids, ids, sq, float(beta))
+
+
 def causal_exact_attention(
     q: Tensor,
     k: Tensor,
@@ -170,6 +226,8 @@ __all__ = [
     "kmeans_ema_update",
     "nearest_centroid",
     "nearest_centroid_reference",
+    "route_assign",
+    "route_assign_supported",
     "routed_layout",
     "scale_free_layer_norm",
 ]

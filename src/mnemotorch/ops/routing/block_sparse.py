@@ -85,6 +85,9 @@ class RoutedLayout:
             rows included: they repeat their segment's last real row, or, when shared and causal, see
             their own prefix; their outputs are discarded).
         shared: queries and keys share one packing (shared clusters, ``Tq == Tk``).
+        q_src, k_src: ``int64 [q_len]`` / ``[k_len]`` the token (index into ``q_rows`` / ``k_rows``) of
+            every packed row, -1 for padding rows (the same tensor when shared): the row kernels'
+            gather map (packing is a gather over rows, so every packed row is written once).
     """
 
     pattern: BlockSparsePattern
@@ -93,6 +96,8 @@ class RoutedLayout:
     row_lo: Tensor
     row_hi: Tensor
     shared: bool
+    q_src: Tensor | None = None
+    k_src: Tensor | None = None
 
     @property
     def q_len(self) -> int:
@@ -295,7 +300,14 @@ def _routed_layout_torch(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
     )
     q_rows = _to_token_order(qdest, qperm, b, h)
     k_rows = q_rows if shared else _to_token_order(kdest, kperm, b, h)
-    return RoutedLayout(pattern, q_rows, k_rows, row_lo, row_hi, shared)
+    q_src = _sources(q_rows, nq)
+    k_src = q_src if shared else _sources(k_rows, nk)
+    return RoutedLayout(pattern, q_rows, k_rows, row_lo, row_hi, shared, q_src, k_src)
+
+
+def _sources(rows: Tensor, n: int) -> Tensor:
+    """The inverse of a token -> packed row map: ``int64 [n]``, -1 where no token lands (padding)."""
+    return torch.full((n,), -1, dtype=torch.int64, device=rows.device).index_copy_(0, rows, torch.arange(rows.numel(), device=rows.device))
 
 
 def interval_predicate(row_lo: Tensor, row_hi: Tensor):
@@ -349,6 +361,22 @@ def causal_exact_attention_block_sparse(
     if tq == 0:
         return q.new_zeros(b, 0, h, dv)
     layout = routed_layout(q_cluster, k_cluster, causal, q_block, k_block)
+    if backend == "triton" and layout.q_src is not None and dv == q.shape[-1]:
+        # row kernels (triton.py): one launch packs q (and v when they share the packing), one gathers
+        # the output back; their backwards are the opposite gathers (padding rows get zero gradient)
+        from .triton import PackRows, UnpackRows
+
+        nq, nk, d = layout.q_len, layout.k_len, q.shape[-1]
+        if k is q and layout.shared:
+            qp, vp = PackRows.apply(layout.q_src, layout.q_rows, nq, q, v)
+            kp = qp
+        elif layout.shared:
+            qp, kp, vp = (*PackRows.apply(layout.q_src, layout.q_rows, nq, q, k), PackRows.apply(layout.k_src, layout.k_rows, nk, v)[0])
+        else:
+            (qp,) = PackRows.apply(layout.q_src, layout.q_rows, nq, q)
+            kp, vp = PackRows.apply(layout.k_src, layout.k_rows, nk, k, v)
+        out = block_sparse_attention(qp.view(1, nq, 1, d), kp.view(1, nk, 1, d), vp.view(1, nk, 1, d), layout.pattern, scale, backend=backend)
+        return UnpackRows.apply(layout.q_src, layout.q_rows, out.view(nq, dv), (b, tq, h, dv))
     qp = _pack(q, layout.q_rows, layout.q_len)
     kp = qp if (k is q and layout.shared) else _pack(k, layout.k_rows, layout.k_len)
     vp = _pack(v, layout.k_rows, layout.k_len)

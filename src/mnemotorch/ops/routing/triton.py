@@ -91,6 +91,198 @@ def nearest_centroid_triton(x: Tensor, centroids: Tensor) -> Tensor:
 
 
 
+@triton.jit
+def _route_assign_kernel(
+    X, MU, OUT, SQ,
+    sxb, sxt, sxh, smh, smc, son, soh, ssn, ssh,
+    N, T, C, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, LOSS: tl.constexpr,
+):
+    """Scale-free layer norm of each raw vector (fp32, rounded to the input dtype as the unfused path's
+    ``F.layer_norm`` output is), nearest centroid, and (``LOSS``) the squared distance to it."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_t = pid * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < N
+    d_ok = offs_d < D
+    tb = offs_t.to(tl.int64) // T
+    tt = offs_t.to(tl.int64) % T
+    ptr = X + tb[:, None] * sxb + tt[:, None] * sxt + h * sxh + offs_d[None, :]
+    x = tl.load(ptr, mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / D
+    xc = tl.where(d_ok[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, 1) / D
+    r = xc * (1.0 / tl.sqrt_rn(var + eps))[:, None]
+    r = r.to(X.dtype.element_ty).to(tl.float32)
+    best = tl.full([BT], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BT], tl.int64)
+    for c0 in range(0, C, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        c_ok = offs_c < C
+        mu = tl.load(MU + h * smh + offs_c[:, None] * smc + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(r, tl.trans(mu.to(tl.float32)), input_precision="ieee")
+        s = tl.where(c_ok[None, :], s, float("-inf"))
+        m, idx = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+        better = m > best
+        best_idx = tl.where(better, c0 + idx.to(tl.int64), best_idx)
+        best = tl.where(better, m, best)
+    tl.store(OUT + offs_t.to(tl.int64) * son + h * soh, best_idx, mask=t_ok)
+    if LOSS:
+        mu_b = tl.load(MU + h * smh + best_idx[:, None] * smc + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        diff = tl.where(d_ok[None, :], r - mu_b.to(tl.float32), 0.0)
+        tl.store(SQ + offs_t.to(tl.int64) * ssn + h * ssh, tl.sum(diff * diff, 1), mask=t_ok)
+
+
+def route_assign_triton(x: Tensor, centroids: Tensor, eps: float = 1e-5, loss: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Fused ``nearest_centroid(scale_free_layer_norm(x), centroids)`` on the raw vectors ``x [B, T, H, D]``
+    (any strides with a unit last stride; e.g. a head slice of a projection), one launch.
+
+    Returns ``ids int64 [B, T, H]`` and, with ``loss``, ``sq fp32 [B * T, H]``: ``||r - mu_c(r)||^2`` of every
+    token and head (the commitment loss is ``beta * sq.mean()``), else ``None``. No gradient.
+    """
+    b, t, h, d = x.shape
+    if centroids.shape[0] != h or centroids.shape[2] != d:
+        raise ValueError(f"route_assign_triton: centroids must be [H={h}, C, D={d}], got {list(centroids.shape)}")
+    out = torch.empty(b, t, h, dtype=torch.int64, device=x.device)
+    n = b * t
+    sq = torch.empty(n, h, dtype=torch.float32, device=x.device) if loss else None
+    if n == 0:
+        return out, sq
+    x = x.detach()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    mu = centroids.detach()
+    if mu.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        mu = mu.to(torch.float32)
+    if not mu.is_contiguous():
+        mu = mu.contiguous()
+    sq_arg = sq if sq is not None else out
+    grid = (triton.cdiv(n, BLOCK_T), h)
+    _route_assign_kernel[grid](
+        x, mu, out.view(n, h), sq_arg,
+        x.stride(0), x.stride(1), x.stride(2), mu.stride(0), mu.stride(1), h, 1, h, 1,
+        n, t, mu.shape[1], float(eps), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BT=BLOCK_T, BC=BLOCK_C, LOSS=loss,
+        num_warps=4, num_stages=2,
+    )
+    return out, sq
+
+
+# ---------------------------------------------------------------------------------------------
+# packing tokens into the packed order and back (the block-sparse path's gathers), row kernels
+#
+# ``src [n_rows]``: the token (``(b * T + t) * H + h``) of every packed row, -1 for padding rows;
+# ``rows [B * T * H]``: the packed row of every token. Packing is a gather over packed rows (padding
+# rows get zeros), unpacking a gather over tokens; each is the other's backward.
+
+
+@triton.jit
+def _pack_kernel(
+    SRC, X, Y, OX, OY, n_rows, T, H, sxb, sxt, sxh, syb, syt, syh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr, TWO: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
+    ok = rows < n_rows
+    s = tl.load(SRC + rows, mask=ok, other=-1)
+    valid = s >= 0
+    tok = tl.where(valid, s, 0)
+    hh = tok % H
+    bt = tok // H
+    tt = bt % T
+    bb = bt // T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    lm = valid[:, None] & d_ok[None, :]
+    sm = ok[:, None] & d_ok[None, :]
+    x = tl.load(X + bb[:, None] * sxb + tt[:, None] * sxt + hh[:, None] * sxh + offs_d[None, :], mask=lm, other=0.0)
+    tl.store(OX + rows[:, None] * D + offs_d[None, :], x, mask=sm)
+    if TWO:
+        y = tl.load(Y + bb[:, None] * syb + tt[:, None] * syt + hh[:, None] * syh + offs_d[None, :], mask=lm, other=0.0)
+        tl.store(OY + rows[:, None] * D + offs_d[None, :], y, mask=sm)
+
+
+@triton.jit
+def _unpack_kernel(
+    ROWS, P, Q, OX, OY, n_tok,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr, TWO: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
+    ok = tok < n_tok
+    r = tl.load(ROWS + tok, mask=ok, other=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = ok[:, None] & (offs_d < D)[None, :]
+    x = tl.load(P + r[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+    tl.store(OX + tok[:, None] * D + offs_d[None, :], x, mask=m)
+    if TWO:
+        y = tl.load(Q + r[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+        tl.store(OY + tok[:, None] * D + offs_d[None, :], y, mask=m)
+
+
+_PACK_ROWS = 64
+
+
+def _pack_launch(src: Tensor, xs: list[Tensor], n_rows: int) -> list[Tensor]:
+    """Packed copies ``[n_rows, D]`` of one or two ``[B, T, H, D]`` tensors (unit last stride)."""
+    outs = [x.new_empty(n_rows, x.shape[-1]) for x in xs]
+    x0 = xs[0]
+    y, oy = (xs[1], outs[1]) if len(xs) > 1 else (x0, outs[0])
+    _, t, h, d = x0.shape
+    _pack_kernel[(triton.cdiv(n_rows, _PACK_ROWS),)](
+        src, x0, y, outs[0], oy, n_rows, t, h, *x0.stride()[:3], *y.stride()[:3],
+        D=d, BLOCK_D=triton.next_power_of_2(d), BR=_PACK_ROWS, TWO=len(xs) > 1, num_warps=4,
+    )
+    return outs
+
+
+def _unpack_launch(rows: Tensor, ps: list[Tensor], shape: tuple[int, ...]) -> list[Tensor]:
+    """Per token, its packed row of one or two ``[n_rows, D]`` tensors, as contiguous ``shape`` tensors."""
+    outs = [p.new_empty(shape) for p in ps]
+    n_tok = rows.numel()
+    d = shape[-1]
+    q, oy = (ps[1], outs[1]) if len(ps) > 1 else (ps[0], outs[0])
+    _unpack_kernel[(triton.cdiv(n_tok, _PACK_ROWS),)](
+        rows, ps[0], q, outs[0], oy, n_tok, D=d, BLOCK_D=triton.next_power_of_2(d), BR=_PACK_ROWS, TWO=len(ps) > 1, num_warps=4,
+    )
+    return outs
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class PackRows(torch.autograd.Function):
+    """``pack(src, rows, n_rows, *xs)``: one or two ``[B, T, H, D]`` tensors -> ``[n_rows, D]`` packed copies."""
+
+    @staticmethod
+    def forward(ctx, src, rows, n_rows, *xs):
+        ctx.save_for_backward(rows)
+        ctx.shapes = [tuple(x.shape) for x in xs]
+        return tuple(_pack_launch(src, [_unit(x) for x in xs], n_rows))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (rows,) = ctx.saved_tensors
+        gs = [g.contiguous() for g in grads]
+        outs = _unpack_launch(rows, gs, ctx.shapes[0]) if len(set(ctx.shapes)) == 1 else [
+            _unpack_launch(rows, [g], s)[0] for g, s in zip(gs, ctx.shapes)
+        ]
+        return (None, None, None, *outs)
+
+
+class UnpackRows(torch.autograd.Function):
+    """``unpack(src, rows, p, shape)``: the packed ``[n_rows, D]`` output -> ``[B, T, H, D]`` token order."""
+
+    @staticmethod
+    def forward(ctx, src, rows, p, shape):
+        ctx.save_for_backward(src)
+        ctx.n_rows = p.shape[0]
+        return _unpack_launch(rows, [p.contiguous()], tuple(shape))[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        (src,) = ctx.saved_tensors
+        return None, None, _pack_launch(src, [_unit(g)], ctx.n_rows)[0], None
+
+
 # ---------------------------------------------------------------------------------------------
 # the packed layout of the block-sparse path (ops/routing/block_sparse.py), in a few launches
 #
@@ -174,7 +366,7 @@ def _lower_bound(KSC, KPERM, kbase_c, kbase_p, s_t, p_t, n_k, target, lo0, NSTEP
 
 @triton.jit
 def _rows_kernel(
-    SC, PERM, s_b, s_h, s_t, p_b, p_h, p_t, DEST, LOSTART, STATS, ROWMAP, ROW_LO, ROW_HI,
+    SC, PERM, s_b, s_h, s_t, p_b, p_h, p_t, DEST, LOSTART, STATS, ROWMAP, SRC, ROW_LO, ROW_HI,
     KSC, KPERM, ks_b, ks_h, ks_t, kp_b, kp_h, kp_t, KLOSTART, KSTATS,
     n, n_k, first_pos, G, H, ALIGN, NSTEPS,
     ROWS: tl.constexpr, CANONICAL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, GB: tl.constexpr, PB: tl.constexpr,
@@ -190,7 +382,9 @@ def _rows_kernel(
     dest = tl.load(DEST + g.to(tl.int64) * n + i, mask=ok, other=0)
     d = off + dest
     perm = tl.load(PERM + pbase + i * p_t, mask=ok, other=0)
-    tl.store(ROWMAP + ((b.to(tl.int64) * n + perm) * H + h), d, mask=ok)
+    tok = (b.to(tl.int64) * n + perm) * H + h
+    tl.store(ROWMAP + tok, d, mask=ok)
+    tl.store(SRC + d, tok, mask=ok)
     if ROWS:
         lostart = tl.load(LOSTART + g.to(tl.int64) * n + i, mask=ok, other=0)
         c = tl.load(SC + cbase + i * s_t, mask=ok, other=0).to(tl.int64)
@@ -224,6 +418,7 @@ def _rows_kernel(
             m = last[:, None] & (p[None, :] <= pad[:, None])
             rows = d[:, None] + p[None, :]
             tl.store(ROW_LO + rows, lo[:, None] + 0 * p[None, :], mask=m)
+            tl.store(SRC + rows, -1 + 0 * rows, mask=m)
             if CANONICAL:
                 tl.store(ROW_HI + rows, rows + 1, mask=m)
             else:
@@ -406,21 +601,23 @@ def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
     row_lo = torch.empty(nq, dtype=i64, device=dev)
     row_hi = torch.empty(nq, dtype=i64, device=dev)
     q_rows = torch.empty(b * tq * h, dtype=i64, device=dev)
+    q_src = torch.empty(nq, dtype=i64, device=dev)  # every row written: tokens and the padding after them
     gb = max(16, min(1024, triton.next_power_of_2(g)))
     rb = _block(tq, _ROW_BLOCK)
     _rows_kernel[(g, triton.cdiv(tq, rb))](
-        qsc, qperm, *qsc.stride(), *qperm.stride(), qdest, qlo, q_stats, q_rows, row_lo, row_hi,
+        qsc, qperm, *qsc.stride(), *qperm.stride(), qdest, qlo, q_stats, q_rows, q_src, row_lo, row_hi,
         ksc, kperm, *ksc.stride(), *kperm.stride(), klo, k_stats,
         tq, tk, tk - tq, g, h, bm, tk.bit_length(),
         ROWS=True, CANONICAL=canonical, CAUSAL=causal, BLOCK=rb, GB=gb, PB=_PAD_BLOCK,
     )
     if shared:
-        k_rows = q_rows
+        k_rows, k_src = q_rows, q_src
     else:
         k_rows = torch.empty(b * tk * h, dtype=i64, device=dev)
+        k_src = torch.full((nk,), -1, dtype=i64, device=dev)  # the keys' padding rows are not visited below
         rb = _block(tk, _ROW_BLOCK)
         _rows_kernel[(g, triton.cdiv(tk, rb))](
-            ksc, kperm, *ksc.stride(), *kperm.stride(), kdest, klo, k_stats, k_rows, row_lo, row_hi,
+            ksc, kperm, *ksc.stride(), *kperm.stride(), kdest, klo, k_stats, k_rows, k_src, row_lo, row_hi,
             ksc, kperm, *ksc.stride(), *kperm.stride(), klo, k_stats,
             tk, tk, 0, g, h, bn, 1,
             ROWS=False, CANONICAL=False, CAUSAL=causal, BLOCK=rb, GB=gb, PB=_PAD_BLOCK,
@@ -465,7 +662,7 @@ def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
         nq, nk, bm, bn, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
         t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, interval_predicate(row_lo, row_hi),
     )
-    return RoutedLayout(pattern, q_rows, k_rows, row_lo, row_hi, shared)
+    return RoutedLayout(pattern, q_rows, k_rows, row_lo, row_hi, shared, q_src, k_src)
 
 
-__all__ = ["nearest_centroid_triton", "routed_layout_triton"]
+__all__ = ["PackRows", "UnpackRows", "nearest_centroid_triton", "route_assign_triton", "routed_layout_triton"]

@@ -1,0 +1,103 @@
+"""The routing layer's fused glue (Triton interpreter on the CPU).
+
+* ``route_assign``: layer norm + nearest centroid + commitment distances in one kernel, on strided
+  (head-sliced) raw vectors, against ``scale_free_layer_norm`` -> ``nearest_centroid`` ->
+  ``commitment_loss`` (ids, loss value, loss gradient).
+* The mixer with the fused glue (``FUSED_GLUE="on"``) against the same weights without it: outputs,
+  gradients of the input and every parameter, the commitment loss and its gradient, and the centroids
+  after ``update_centroids`` (whose k-means statistics the fused path computes late).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import mnemotorch.layers.routing as routing_layer
+from mnemotorch.layers import get_mixer
+from mnemotorch.ops.routing import commitment_loss, nearest_centroid, route_assign, scale_free_layer_norm
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [16, 24])
+def test_route_assign_matches_the_unfused_ops(dtype: torch.dtype, d: int) -> None:
+    g = torch.Generator().manual_seed(d)
+    b, t, h_all, hl, c = 2, 70, 4, 1, 5
+    proj = (torch.randn(b, t, h_all, d, generator=g) * 3 + 1).to(dtype)
+    x = proj[:, :, hl:]  # the routing heads' slice: not contiguous
+    mu = torch.randn(h_all - hl, c, d, generator=g)
+    mu = (mu * (d**0.5 / mu.norm(dim=-1, keepdim=True))).to(dtype)
+    r = scale_free_layer_norm(x)
+    ids_ref = nearest_centroid(r, mu, backend="reference")
+    xg = x.detach().clone().requires_grad_()
+    ids, loss = route_assign(xg, mu, beta=1e-2)
+    assert ids.shape == ids_ref.shape and ids.dtype == torch.int64
+    assert (ids != ids_ref).float().mean().item() <= 0.01  # only where the two layer norms round differently at a tie
+    ids_alone, none = route_assign(x, mu)
+    assert none is None and torch.equal(ids_alone, ids)
+    xr = x.detach().clone().requires_grad_()
+    want = commitment_loss(scale_free_layer_norm(xr.float()), mu.float(), ids, 1e-2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(loss.item() - want.item()) <= tol * abs(want.item())
+    (gx,) = torch.autograd.grad(loss, xg)
+    (gr,) = torch.autograd.grad(commitment_loss(scale_free_layer_norm(xr), mu, ids, 1e-2), xr)
+    assert rel(gx, gr) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_fused_mixer_equals_unfused(monkeypatch, shared_qk: bool) -> None:
+    torch.manual_seed(0)
+    kw = dict(dim=64, num_heads=4, num_clusters=3, local_heads=1, local_window=16, shared_qk=shared_qk, backend="block_sparse")
+    a = get_mixer("routing", **kw).train()
+    z = get_mixer("routing", **kw).train()
+    z.load_state_dict(a.state_dict())
+    x = torch.randn(2, 90, 64)
+
+    def step(m, mode):
+        monkeypatch.setattr(routing_layer, "FUSED_GLUE", mode)
+        xs = x.clone().requires_grad_()
+        y, _ = m(xs)
+        assert (m._pending_raw is not None) == (mode == "on") and (m._pending_sums is None) == (mode == "on")  # the path taken
+        aux = m.routing_aux_loss()
+        params = [xs, *m.parameters()]
+        gy = torch.autograd.grad((y * y).sum(), params, retain_graph=True)
+        ga = torch.autograd.grad(aux, [xs], allow_unused=True)[0]
+        # a second training call before the update: the fused path folds the first call's statistics
+        m(x)
+        m.routing_aux_loss()
+        assert m.update_centroids()
+        return y, aux, gy, ga
+
+    y0, aux0, g0, ga0 = step(a, "off")
+    y1, aux1, g1, ga1 = step(z, "on")
+    assert z._pending_raw is None and a._pending_raw is None
+    assert rel(y1, y0) <= 1e-5
+    assert abs(aux1.item() - aux0.item()) <= 1e-5 * abs(aux0.item())
+    for p, q in zip(g1, g0):
+        assert rel(p, q) <= 1e-5
+    assert ga0 is not None and rel(ga1, ga0) <= 1e-5
+    for name in ("centroids", "ema_sums", "ema_counts"):
+        assert torch.allclose(getattr(z, name), getattr(a, name), rtol=1e-6, atol=1e-6), name
+
+
+def test_fused_mixer_streams(monkeypatch) -> None:
+    """Eval-mode continuation through the fused glue gives the one-call outputs (streaming invariant)."""
+    monkeypatch.setattr(routing_layer, "FUSED_GLUE", "on")
+    torch.manual_seed(1)
+    m = get_mixer("routing", dim=64, num_heads=4, num_clusters=4, backend="block_sparse").eval()
+    x = torch.randn(1, 80, 64)
+    with torch.no_grad():
+        y, _ = m(x)
+        state, outs = None, []
+        for piece in torch.split(x, [50, 1, 29], dim=1):
+            o, state = m(piece, state)
+            outs.append(o)
+    assert rel(torch.cat(outs, 1), y) <= 1e-5
