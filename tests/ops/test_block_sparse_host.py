@@ -116,5 +116,8 @@ def test_eager_path_equals_the_custom_ops(monkeypatch, with_bias) -> None:
     monkeypatch.setattr(bs_triton, "_eager_ok", lambda *a: False)
     via_op = run()
     assert calls
-    for a, b in zip(eager, via_op):
-        assert torch.equal(a, b)
+    for n, (a, b) in enumerate(zip(eager, via_op)):
+        if n < 4:
+            assert torch.equal(a, b), "out dq dk dv"[3 * n: 3 * n + 3]
+        else:  # the table gradient is accumulated with atomics: summation order may differ on a GPU
+            assert rel(a, b) <= 1e-6
