@@ -15,7 +15,7 @@ cd "$ROOT"
 OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 SITE=""
-wheels=$(ls .peers/routing/*.whl .whl/*.whl 2>/dev/null)
+wheels=$(ls .peers/routing/*.whl .whl/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')   # one copy of a wheel found in both folders
 if [ -n "$wheels" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels && SITE=/tmp/site
 fi
