@@ -98,3 +98,14 @@ def test_sliced_tiles_match_reference(monkeypatch, q_block, k_block) -> None:
     assert rel(out, ref) <= 1e-5
     for name, g, r in zip("qkv", grads, rgrads):
         assert rel(g, r) <= 1e-5, f"d{name}"
+
+
+def test_fixed_launch_fits_fp32_d128_in_shared_memory() -> None:
+    """The fixed launch of fp32 at head dim 128 (padded too) uses <= 32-row slices: 64-row slices
+    needed 237,568 B of shared memory on the H100 (limit 232,448), an OutOfResources there."""
+    from mnemotorch.ops.block_sparse.triton import fixed_launch
+
+    assert fixed_launch(64, 128, 128, True)[0] <= 32
+    assert fixed_launch(64, 128, 96, True, block_d=128)[0] <= 32
+    assert fixed_launch(64, 128, 128, False)[0] == 64      # bf16 keeps the larger slice
+    assert fixed_launch(64, 128, 64, True)[0] == 64

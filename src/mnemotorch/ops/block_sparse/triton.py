@@ -470,11 +470,23 @@ def _launch(kernel, sliced: int, rows: int, grid, args, meta, device):
             return
         sub, warps, stages = cfg
     else:
-        sub = min(FIXED_SUB, sliced)
-        while sliced % sub:
-            sub //= 2
-        warps, stages = _num_warps(rows, meta["D"]), 2
+        sub, warps, stages = fixed_launch(sliced, rows, meta["D"], meta["IEEE"], meta["BLOCK_D"])
     kernel[grid](*args, **meta, SUB=sub, num_warps=warps, num_stages=stages)
+
+
+def fixed_launch(sliced: int, rows: int, d: int, ieee: bool, block_d: int | None = None) -> tuple[int, int, int]:
+    """(SUB, num_warps, num_stages) of the fixed (non-autotuned) launch.
+
+    fp32 operands (``ieee``) at a padded head dim (``block_d``) >= 128 take slices of at most 32 rows: with 64-row slices
+    the dK/dV kernel's tiles plus two pipeline stages need 237,568 bytes of shared memory, over
+    the H100's 232,448 (an OutOfResources seen on the H100 with MNEMO_AUTOTUNE=0, fp32, D = 128).
+    """
+    sub = min(FIXED_SUB, sliced)
+    if ieee and (block_d or d) >= 128:
+        sub = min(sub, 32)
+    while sliced % sub:
+        sub //= 2
+    return sub, _num_warps(rows, d), 2
 
 
 def _alloc(like: Tensor, shape=None, dtype=None) -> Tensor:
