@@ -2,7 +2,7 @@
 # One device call that checks GPU work (run on the lent GPU machine, repo root), each step under
 # its own time limit so the call ends inside the 600 s per-call limit. Steps (STEPS, in order given):
 #   tests   -- GPU tests (TESTS, default: routing, LLA, block-sparse bias), fixed launches;
-#   swa     -- `mnemo bench kernels` sliding window vs FlexAttention / SDPA (SWA_* knobs);
+#   swa     -- `mnemo bench kernels` sliding window vs FlexAttention / SDPA (SWA_LENGTHS, SWA_WINDOWS, SWA_DIMS, SWA_ARGS, ...);
 #   linear  -- `mnemo bench linear` linear / BASED / decode vs fla (fla from .whl/ when carried);
 #   routed  -- `mnemo bench routed --cases routing` (routing-transformer from .peers/routing when carried);
 #   lla     -- the LLA case of `mnemo bench linear`;
@@ -25,14 +25,21 @@ STEPS="${STEPS:-tests routed lla kernels}"
 for step in $STEPS; do
   case "$step" in
     tests)
+      # One pytest process per file, side by side: Triton compilation (most of a GPU test's time) is
+      # CPU work and the host has 16 cores. SIGINT at the limit, so pytest still prints its summary.
       echo "== GPU tests =="
-      MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -rfEx \
-          ${TESTS:-tests/gpu/test_routing_gpu.py tests/gpu/test_lla_gpu.py tests/gpu/test_block_sparse_bias_gpu.py} 2>&1 \
-          | tail -40 > "$OUT/pytest_gpu.log"; tail -15 "$OUT/pytest_gpu.log" ;;
+      mkdir -p /tmp/gpu_tests; rm -f /tmp/gpu_tests/*.log
+      for f in ${TESTS:-tests/gpu/test_routing_gpu.py tests/gpu/test_lla_gpu.py tests/gpu/test_block_sparse_bias_gpu.py}; do
+          ( MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 10 ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -rfEx $f \
+              > /tmp/gpu_tests/$(basename $f .py).log 2>&1 ) &
+      done
+      wait
+      for l in /tmp/gpu_tests/*.log; do echo "-- $(basename $l .log)"; grep -E "passed|failed|error|FAILED|ERROR|XFAIL|XPASS|Interrupt|Error" $l | tail -25; done \
+          | cut -c1-400 > "$OUT/pytest_gpu.log"; cat "$OUT/pytest_gpu.log" ;;
     swa)
       echo "== block-sparse kernel bench (sliding window) =="
       timeout ${SWA_TIMEOUT:-170} python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \
-          --cases ${SWA_CASES:-swa} --lengths ${SWA_LENGTHS:-16384,65536} --windows 1024 --dims 128 --time-budget ${SWA_BUDGET:-120} \
+          --cases ${SWA_CASES:-swa} --lengths ${SWA_LENGTHS:-16384,65536} --windows ${SWA_WINDOWS:-1024} --dims ${SWA_DIMS:-128} ${SWA_ARGS:-} --time-budget ${SWA_BUDGET:-120} \
           2>&1 | grep -v -i warn ;;
     linear)
       echo "== linear-attention bench =="
