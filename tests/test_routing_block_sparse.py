@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 from mnemotorch.layers import get_mixer
 from mnemotorch.ops.routing import causal_exact_attention, routed_layout
-from mnemotorch.ops.routing.block_sparse import causal_exact_attention_block_sparse
+from mnemotorch.ops.routing.block_sparse import causal_exact_attention_block_sparse, static_layout_sizes
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
@@ -73,13 +73,28 @@ CASES = [  # (B, Tq, Tk, H, C, shared clusters, causal, q_block, k_block)
 ]
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["exact_sizes", "static_sizes"])
 @pytest.mark.parametrize("b,tq,tk,h,c,shared,causal,q_block,k_block", CASES)
-def test_block_lists_match_brute_force(b, tq, tk, h, c, shared, causal, q_block, k_block) -> None:
+def test_block_lists_match_brute_force(b, tq, tk, h, c, shared, causal, q_block, k_block, static) -> None:
+    """``static``: sizes from the shapes and ``num_clusters`` (ids reach ``c + 2``), padding query tiles
+    and rows past the packed length; every check below holds on them too (they visit nothing)."""
     cq, ck = clusters(b, tq, tk, h, c, shared, seed=tq + tk + c)
     if shared and tq == tk:
         cq = ck  # one tensor: the shared packing
-    lay = routed_layout(cq, ck, causal, q_block, k_block)
+    lay = routed_layout(cq, ck, causal, q_block, k_block, num_clusters=c + 3 if static else None)
     p = lay.pattern
+    if static:
+        sizes = static_layout_sizes(b, tq, tk, h, c + 3, lay.shared, causal, q_block, k_block)
+        assert (p.q_len, p.k_len) == (sizes.q_len, sizes.k_len)
+        exact = routed_layout(cq, ck, causal, q_block, k_block).pattern
+        # the real query tiles have the exact layout's lists; the padding ones are empty
+        n = exact.num_q_blocks
+        assert torch.equal(p.full_cnt[:n], exact.full_cnt) and torch.equal(p.part_cnt[:n], exact.part_cnt)
+        assert not p.full_cnt[n:].any() and not p.part_cnt[n:].any()
+        assert (p.full_idx.shape[1], p.part_idx.shape[1], p.t_full_idx.shape[1], p.t_part_idx.shape[1]) == (
+            sizes.w_full, sizes.w_part, sizes.w_t_full, sizes.w_t_part)
+        if not (lay.shared and causal):  # (shared and causal: the diagonal tiles, shared by every query tile)
+            assert int(p.part_cnt.sum()) <= sizes.n_tiles <= p.tiles.shape[0]
     assert lay.shared == (cq is ck and tq == tk)
     assert p.q_len % q_block == 0 and p.k_len % k_block == 0 and p.k_len >= p.q_len
     assert lay.q_rows.unique().numel() == b * tq * h and lay.k_rows.unique().numel() == b * tk * h  # injective
@@ -112,18 +127,26 @@ def test_block_lists_match_brute_force(b, tq, tk, h, c, shared, causal, q_block,
 
 
 @needs_interpreter
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]], ids=["shared", "encoder", "cache"])
-def test_triton_layout_equals_torch_layout(case) -> None:
-    """The fused kernels of ``triton.py`` (the CUDA default) build exactly the torch builder's tensors."""
+@pytest.mark.parametrize("num_clusters", [None, "c+3", 300], ids=["exact_sizes", "counting_sort", "torch_sort"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], CASES[4]], ids=["shared", "encoder", "cache", "separate"])
+def test_triton_layout_equals_torch_layout(case, num_clusters) -> None:
+    """The fused kernels of ``triton.py`` (the CUDA default) build exactly the torch builder's tensors:
+    with exact sizes (read back) and with static ones (``num_clusters``: the counting sort, or above
+    ``_COUNT_SORT_MAX_C`` clusters torch.sort; the mask tiles past the real ones are not compared)."""
     b, tq, tk, h, c, shared, causal, q_block, k_block = case
     cq, ck = clusters(b, tq, tk, h, c, shared, seed=tq + tk + c)
     if shared and tq == tk:
         cq = ck
-    a = routed_layout(cq, ck, causal, q_block, k_block, impl="torch")
-    z = routed_layout(cq, ck, causal, q_block, k_block, impl="triton")
-    for name in ("full_idx", "full_cnt", "part_idx", "part_tile", "part_cnt", "tiles", "t_full_idx", "t_full_cnt",
+    nc = c + 3 if num_clusters == "c+3" else num_clusters
+    a = routed_layout(cq, ck, causal, q_block, k_block, impl="torch", num_clusters=nc)
+    z = routed_layout(cq, ck, causal, q_block, k_block, impl="triton", num_clusters=nc)
+    for name in ("full_idx", "full_cnt", "part_idx", "part_tile", "part_cnt", "t_full_idx", "t_full_cnt",
                  "t_part_idx", "t_part_tile", "t_part_cnt", "q_len", "k_len"):
         assert torch.equal(torch.as_tensor(getattr(a.pattern, name)), torch.as_tensor(getattr(z.pattern, name))), name
+    n_tiles = a.pattern.tiles.shape[0] if (a.shared and causal) else int(a.pattern.part_cnt.sum())
+    assert torch.equal(a.pattern.tiles[:n_tiles], z.pattern.tiles[:n_tiles])
+    if nc is None:
+        assert a.pattern.tiles.shape == z.pattern.tiles.shape
     for name in ("q_rows", "k_rows", "row_lo", "row_hi", "q_src", "k_src"):
         assert torch.equal(getattr(a, name), getattr(z, name)), name
     assert (z.k_rows is z.q_rows) == z.shared
@@ -131,6 +154,23 @@ def test_triton_layout_equals_torch_layout(case) -> None:
     for rows, src in ((z.q_rows, z.q_src), (z.k_rows, z.k_src)):
         assert torch.equal(src[rows], torch.arange(rows.numel()))
         assert int((src >= 0).sum()) == rows.numel() and bool((src >= -1).all())
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_static_sizes_are_reached(impl: str) -> None:
+    """The static bounds are tight: segments of 1 + 16 a tokens (a = 6, 0, 0, 0) pad to the most tiles the
+    bound allows (4 + (100 - 4) // 16 = 10 per group), and one cluster holding every token of a group
+    reaches the widest lists (head 1: 7 of its 10 tiles); the layout is still exact."""
+    t, c, bm, bn = 100, 4, 16, 16
+    ids = torch.tensor([0] * 97 + [1, 2, 3])[torch.randperm(t, generator=torch.Generator().manual_seed(0))]
+    cl = torch.stack([ids, torch.zeros(t, dtype=torch.int64)], dim=-1)[None]  # [1, T, 2]: head 1 one cluster
+    lay = routed_layout(cl, cl, True, bm, bn, impl=impl, num_clusters=c)
+    sizes = static_layout_sizes(1, t, t, 2, c, True, True, bm, bn)
+    assert lay.q_len == sizes.q_len == 2 * 10 * bm
+    assert int((lay.row_lo < lay.k_len).sum()) == (10 + 7) * bm  # real rows (the tail's interval is [N_k, N_k))
+    p = lay.pattern
+    assert int(p.full_cnt.max()) == sizes.w_full and int(p.t_full_cnt.max()) == sizes.w_t_full
+    assert torch.equal(p.dense_mask()[lay.q_rows][:, lay.k_rows], brute_force(cl, cl, True))
 
 
 def test_layout_sizes_and_single_packing() -> None:

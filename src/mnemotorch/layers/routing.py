@@ -290,7 +290,10 @@ class RoutingAttention(Mixer):
                 c_all = torch.cat([state.clusters.to(ck.device), ck], dim=1)
             # "flex" runs whole sequences only; continuations of a sequence use SDPA
             op_backend = "torch" if self.backend in ("flex", "triton") and state.k.shape[1] > 0 else self.backend
-            y_route = causal_exact_attention(q_route, k_all, v_all, cq, c_all, causal=self.causal, backend=op_backend)
+            # ids are argmaxes over the C centroids: the kernel path sizes its layout statically (no host sync)
+            y_route = causal_exact_attention(
+                q_route, k_all, v_all, cq, c_all, causal=self.causal, backend=op_backend, num_clusters=self.num_clusters
+            )
         else:
             mq = balanced_topw_assignment(rq, self.centroids, self.top_w)
             mk = mq if self.k_proj is None else balanced_topw_assignment(rk, self.centroids, self.top_w)

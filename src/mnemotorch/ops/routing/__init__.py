@@ -152,6 +152,7 @@ def causal_exact_attention(
     causal: bool = True,
     scale: float | None = None,
     backend: str = "auto",
+    num_clusters: int | None = None,
 ) -> Tensor:
     """Attention restricted to keys of the query's own cluster (and, if ``causal``, not after it).
 
@@ -169,6 +170,9 @@ def causal_exact_attention(
             ``k_cluster`` when queries and keys share clusters (and the same tensor as ``q`` and
             ``k`` with shared Q/K): the kernel paths then pack queries and keys once and skip tiles
             above the diagonal.
+        num_clusters: ``C`` when every id is in ``[0, C)`` (a contract, not checked): the block-sparse
+            path then sizes its layout from the shapes alone, with no host synchronisation (CUDA-graph
+            capturable; see ``block_sparse.routed_layout``). Other backends ignore it.
 
     Returns:
         ``[B, Tq, H, Dv]``; a query with no visible key outputs 0.
@@ -194,7 +198,7 @@ def causal_exact_attention(
                 f"bfloat16 or float32, a head dim in 16..256 and v's head dim equal to q's; got device {q.device}, "
                 f"dtype {q.dtype}, D={q.shape[-1]}, Dv={v.shape[-1]}"
             )
-        return causal_exact_attention_block_sparse(q, k, v, q_cluster, k_cluster, causal, scale)
+        return causal_exact_attention_block_sparse(q, k, v, q_cluster, k_cluster, causal, scale, num_clusters=num_clusters)
     if backend in ("flex", "triton"):
         whole = q.shape[1] == k.shape[1] and v.shape[-1] == q.shape[-1]
         if not (whole and flex_supported(q)):

@@ -34,8 +34,14 @@ The kernel then runs once over the packed sequence (one "head", the lists shared
 and the outputs are gathered back to ``[B, Tq, H, D]``. Packing and unpacking are row copies with
 index tensors (``index_copy`` / ``index_select``), whose backward is the opposite copy.
 
-Host synchronisations: one (packed lengths and the largest segment) with shared clusters and the
-causal mask; two (plus the list widths and the number of partial tiles) otherwise.
+Host synchronisations: none when the number of clusters ``C`` is given (``num_clusters``; the layer
+always passes it): every size is then a static bound computed from the shapes alone
+(:func:`static_layout_sizes`), and the rows, tiles and list entries past the real ones are padding
+that the kernels skip (padding query tiles have empty lists, padding rows the empty interval
+``[N_k, N_k)``). Nothing on the path reads a device value on the host, so the layer's forward and
+backward can be captured in a CUDA graph. Without ``num_clusters`` the sizes are the exact ones, read
+back from the device: one synchronisation (packed lengths, longest segment) with shared clusters and
+the causal mask, two (plus the list widths and the number of partial tiles) otherwise.
 """
 
 from __future__ import annotations
@@ -114,6 +120,65 @@ def _group_major(cluster: Tensor) -> Tensor:
     return cluster.permute(0, 2, 1).to(torch.int64).contiguous().view(b * h, t)
 
 
+def _packed_bound(groups: int, t: int, num_clusters: int, align: int) -> int:
+    """Largest packed length of ``groups`` groups of ``t`` tokens in at most ``num_clusters`` clusters, every
+    segment padded to a multiple of ``align``: a group of ``S`` non-empty segments takes at most
+    ``S + floor((t - S) / align)`` tiles (non-decreasing in ``S``, so ``S = min(C, t)`` is the worst)."""
+    s = min(num_clusters, t)
+    return groups * align * (s + (t - s) // align)
+
+
+@dataclass(frozen=True)
+class LayoutSizes:
+    """Static sizes of a layout (:func:`static_layout_sizes`): packed lengths, list widths, mask tiles."""
+
+    q_len: int
+    k_len: int
+    w_full: int
+    w_part: int
+    w_t_full: int
+    w_t_part: int
+    n_tiles: int
+
+
+def static_layout_sizes(
+    b: int, tq: int, tk: int, h: int, num_clusters: int, shared: bool, causal: bool, q_block: int = Q_BLOCK, k_block: int = K_BLOCK
+) -> LayoutSizes:
+    """Upper bounds of every size of :func:`routed_layout`, from the shapes alone (no device value).
+
+    With ids in ``[0, num_clusters)`` (at most ``C`` segments per group):
+
+    * packed lengths: :func:`_packed_bound` per side (``k_len >= q_len``, as the kernel wants);
+    * a segment holds at most ``T`` tokens, so it spans at most ``ceil(T / align) * align / BN`` key
+      tiles and ``ceil(Tq / BM)`` query tiles: the widths of the forward and transposed lists
+      (shared and causal: ``(S - BM) / BN`` full and ``BM / BN`` diagonal tiles, ``S / BM - 1`` and 1
+      transposed, ``S`` the longest padded segment);
+    * partial mask tiles (generic layouts): ``hi`` is non-decreasing over the packed rows, so the
+      partial ranges ``[hi_{q0} / BN, ceil(hi_{q1-1} / BN))`` of successive query tiles overlap in at
+      most one key tile: at most ``n_q_tiles + n_k_tiles`` of them.
+    """
+    bm, bn, g = q_block, k_block, b * h
+    canonical = shared and causal
+    if shared:
+        nq = nk = _packed_bound(g, tk, num_clusters, bm)
+        k_align = bm
+    else:
+        nq = _packed_bound(g, tq, num_clusters, bm)
+        nk = max(_packed_bound(g, tk, num_clusters, bn), nq)
+        k_align = bn
+    if canonical:
+        max_seg = -(-tk // bm) * bm
+        w = ((max_seg - bm) // bn, bm // bn, max_seg // bm - 1, 1)
+        n_tiles = 0
+    else:
+        k_tiles = -(-tk // k_align) * k_align // bn
+        q_tiles = -(-tq // bm)
+        w = (k_tiles, k_tiles, q_tiles, q_tiles)
+        n_tiles = min(nq // bm * k_tiles, nq // bm + nk // bn)
+    w = tuple(max(1, int(x)) for x in w)
+    return LayoutSizes(nq, nk, *w, n_tiles)
+
+
 def _sort(cluster_g: Tensor, mult: int, first_pos: int) -> tuple[Tensor, Tensor]:
     """Sort ``[G, n]`` ids by (cluster, position): composite keys ``cluster * mult + position`` and the
     permutation (sorted index -> original index). Positions are ``first_pos + t``, below ``mult``."""
@@ -177,6 +242,7 @@ def routed_layout(
     q_block: int = Q_BLOCK,
     k_block: int = K_BLOCK,
     impl: str = "auto",
+    num_clusters: int | None = None,
 ) -> RoutedLayout:
     """Packed layout and block lists of causal-exact routing attention (see the module docstring).
 
@@ -189,7 +255,13 @@ def routed_layout(
         q_block, k_block: kernel tiles (``q_block`` a multiple of ``k_block``).
         impl: ``"torch"`` (vectorised torch ops: the specification, ~100 small launches),
             ``"triton"`` (a few fused kernels, ``triton.py``: CUDA, or the CPU under
-            ``TRITON_INTERPRET=1``) or ``"auto"`` (``"triton"`` on CUDA). Both give the same tensors.
+            ``TRITON_INTERPRET=1``) or ``"auto"`` (``"triton"`` on CUDA). Both give the same tensors
+            (the mask tiles past the real ones aside: zeros here, unwritten by the kernels).
+        num_clusters: ``C``, if every id is in ``[0, C)`` (the layer's case): sizes are then the static
+            bounds of :func:`static_layout_sizes` and nothing is read back from the device (no host
+            synchronisation; the kernels also replace the sort by a counting sort for ``C <= 256``).
+            Ids outside ``[0, C)`` then break the layout: this is a contract, not checked (a check would
+            be a synchronisation). ``None``: exact sizes, read back from the device.
 
     Cost: O(B H T log T) for the sort, O(N / BM * nnz) for the lists; no ``T x T`` tensor.
     """
@@ -199,34 +271,46 @@ def routed_layout(
         raise ValueError(f"routed_layout: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if q_cluster.shape[1] == 0:
         raise ValueError("routed_layout: no queries")
+    if num_clusters is not None and (not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1):
+        raise ValueError(f"routed_layout: num_clusters must be an int >= 1 or None, got {num_clusters!r}")
     if impl == "triton" or (impl == "auto" and q_cluster.is_cuda):
         from .triton import routed_layout_triton
 
-        return routed_layout_triton(q_cluster, k_cluster, causal, q_block, k_block)
-    return _routed_layout_torch(q_cluster, k_cluster, causal, q_block, k_block)
+        return routed_layout_triton(q_cluster, k_cluster, causal, q_block, k_block, num_clusters)
+    return _routed_layout_torch(q_cluster, k_cluster, causal, q_block, k_block, num_clusters)
 
 
-def _routed_layout_torch(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_block: int, k_block: int) -> RoutedLayout:
+def _routed_layout_torch(
+    q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_block: int, k_block: int, num_clusters: int | None = None
+) -> RoutedLayout:
     b, tq, h = q_cluster.shape
     tk = k_cluster.shape[1]
     dev = q_cluster.device
     bm, bn = q_block, k_block
     shared = q_cluster is k_cluster and tq == tk
+    static = None if num_clusters is None else static_layout_sizes(b, tq, tk, h, num_clusters, shared, causal, bm, bn)
     kc = _group_major(k_cluster)
     skey, kperm = _sort(kc, tk, 0)
     if shared:
         kdest, kstart, kend, total, max_seg = _segments(skey, tk, bm)
-        nq = nk = int(total)  # host sync 1
-        max_seg = int(max_seg)
+        q_total = total
+        if static is None:
+            nq = nk = int(total)  # host sync 1
+            max_seg = int(max_seg)
+        else:
+            nq, nk = static.q_len, static.k_len
         qdest, qperm, sq = kdest, kperm, skey
     else:
         kdest, kstart, kend, k_total, _ = _segments(skey, tk, bn)
         qc = _group_major(q_cluster)
         sq, qperm = _sort(qc, tk, tk - tq)
         qdest, _, _, q_total, _ = _segments(sq, tk, bm)
-        nq, nk = torch.stack([q_total, k_total]).tolist()  # host sync 1
-        # block_sparse_attention wants k_len >= q_len: trailing key tiles that no query visits
-        nk = max(nk, nq)
+        if static is None:
+            nq, nk = torch.stack([q_total, k_total]).tolist()  # host sync 1
+            # block_sparse_attention wants k_len >= q_len: trailing key tiles that no query visits
+            nk = max(nk, nq)
+        else:
+            nq, nk = static.q_len, static.k_len
 
     if shared and causal:
         # hi_i = i + 1 on every packed row; lo = the segment start (padding rows are in their segment)
@@ -242,6 +326,12 @@ def _routed_layout_torch(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
         lo = k_ext.gather(1, lo_rel)
         hi = lo + (hi_rel - lo_rel)
         row_lo, row_hi = _fill_rows(nq, qdest, lo, hi)
+    if static is not None:
+        # the rows past the packed length (static sizes): the empty interval [nk, nk), so lo and hi stay
+        # non-decreasing and the padding query tiles visit nothing
+        tail = torch.arange(nq, device=dev) >= q_total
+        row_lo = torch.where(tail, nk, row_lo)
+        row_hi = torch.where(tail, nk, row_hi)
 
     n_qb, n_kb = nq // bm, nk // bn
     lo_b = row_lo[0::bm]
@@ -256,7 +346,9 @@ def _routed_layout_torch(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
     t_n_part = (tf_lo - tp_lo).clamp(min=0)
 
     canonical = shared and causal
-    if canonical:
+    if static is not None:
+        w_f, w_p, w_tf, w_tp, n_tiles = static.w_full, static.w_part, static.w_t_full, static.w_t_part, static.n_tiles
+    elif canonical:
         # widths from the longest segment: query tile j of a segment has j * BM / BN full tiles and
         # BM / BN diagonal ones; a key tile is full for the later query tiles of its segment
         w_f, w_p, w_tf, w_tp, n_tiles = (max_seg - bm) // bn, bm // bn, max_seg // bm - 1, 1, 0
@@ -285,10 +377,14 @@ def _routed_layout_torch(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
         qb_t = (tp_lo[:, None] + ar_tp).clamp(max=max(n_qb - 1, 0))
         t_part_tile = torch.where(t_part_valid, tile_base[qb_t] + (kbs[:, None] - f_end[qb_t]), -1).to(torch.int32)
         if n_tiles:
-            tile_qb = torch.repeat_interleave(torch.arange(n_qb, device=dev), n_part, output_size=n_tiles)
-            kb_t = f_end[tile_qb] + torch.arange(n_tiles, device=dev) - tile_base[tile_qb]
+            # the query tile of every tile id (ids past the real ones: none, their tiles all False)
+            ids = torch.arange(n_tiles, device=dev)
+            tile_qb = torch.searchsorted(tile_base + n_part, ids, right=True)
+            real = tile_qb < n_qb
+            tile_qb = tile_qb.clamp(max=n_qb - 1)
+            kb_t = f_end[tile_qb] + ids - tile_base[tile_qb]
             cols = kb_t[:, None, None] * bn + torch.arange(bn, device=dev)[None, None, :]
-            tiles = (cols < row_hi.view(n_qb, bm)[tile_qb][:, :, None]).view(torch.int8)
+            tiles = ((cols < row_hi.view(n_qb, bm)[tile_qb][:, :, None]) & real[:, None, None]).view(torch.int8)
         else:
             tiles = torch.zeros(1, bm, bn, dtype=torch.int8, device=dev)
 
@@ -340,6 +436,7 @@ def causal_exact_attention_block_sparse(
     q_block: int = Q_BLOCK,
     k_block: int = K_BLOCK,
     backend: str = "triton",
+    num_clusters: int | None = None,
 ) -> Tensor:
     """Same contract as :func:`mnemotorch.ops.routing.causal_exact_attention`, on the block-sparse kernel.
 
@@ -352,6 +449,8 @@ def causal_exact_attention_block_sparse(
         q_block, k_block: kernel tiles (tests use small ones).
         backend: ``"triton"`` (the kernel; CUDA, or CPU under ``TRITON_INTERPRET=1``) or
             ``"reference"`` (the block-sparse op's dense reference over the packed rows: tests only).
+        num_clusters: ``C`` when every id is in ``[0, C)``: static sizes, no host synchronisation
+            (see :func:`routed_layout`).
 
     Returns:
         ``[B, Tq, H, D]``; a query with no visible key outputs 0.
@@ -360,7 +459,7 @@ def causal_exact_attention_block_sparse(
     dv = v.shape[-1]
     if tq == 0:
         return q.new_zeros(b, 0, h, dv)
-    layout = routed_layout(q_cluster, k_cluster, causal, q_block, k_block)
+    layout = routed_layout(q_cluster, k_cluster, causal, q_block, k_block, num_clusters=num_clusters)
     if backend == "triton" and layout.q_src is not None and dv == q.shape[-1]:
         # row kernels (triton.py): one launch packs q (and v when they share the packing), one gathers
         # the output back; their backwards are the opposite gathers (padding rows get zero gradient)
@@ -386,9 +485,11 @@ def causal_exact_attention_block_sparse(
 
 __all__ = [
     "K_BLOCK",
+    "LayoutSizes",
     "Q_BLOCK",
     "RoutedLayout",
     "block_sparse_supported",
     "causal_exact_attention_block_sparse",
     "routed_layout",
+    "static_layout_sizes",
 ]

@@ -368,7 +368,7 @@ def _lower_bound(KSC, KPERM, kbase_c, kbase_p, s_t, p_t, n_k, target, lo0, NSTEP
 def _rows_kernel(
     SC, PERM, s_b, s_h, s_t, p_b, p_h, p_t, DEST, LOSTART, STATS, ROWMAP, SRC, ROW_LO, ROW_HI,
     KSC, KPERM, ks_b, ks_h, ks_t, kp_b, kp_h, kp_t, KLOSTART, KSTATS,
-    n, n_k, first_pos, G, H, ALIGN, NSTEPS,
+    n, n_k, first_pos, G, H, ALIGN, NSTEPS, N_ROWS,
     ROWS: tl.constexpr, CANONICAL: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, GB: tl.constexpr, PB: tl.constexpr,
 ):
     g = tl.program_id(0)
@@ -381,6 +381,7 @@ def _rows_kernel(
     off = _group_offset(STATS, g, GB)
     dest = tl.load(DEST + g.to(tl.int64) * n + i, mask=ok, other=0)
     d = off + dest
+    ok = ok & (d < N_ROWS)  # static sizes: only ids outside [0, C) could exceed them (a broken contract)
     perm = tl.load(PERM + pbase + i * p_t, mask=ok, other=0)
     tok = (b.to(tl.int64) * n + perm) * H + h
     tl.store(ROWMAP + tok, d, mask=ok)
@@ -415,7 +416,7 @@ def _rows_kernel(
         pp = tl.arange(0, PB)
         for p0 in range(1, ALIGN, PB):
             p = p0 + pp
-            m = last[:, None] & (p[None, :] <= pad[:, None])
+            m = last[:, None] & (p[None, :] <= pad[:, None]) & ((d[:, None] + p[None, :]) < N_ROWS)
             rows = d[:, None] + p[None, :]
             tl.store(ROW_LO + rows, lo[:, None] + 0 * p[None, :], mask=m)
             tl.store(SRC + rows, -1 + 0 * rows, mask=m)
@@ -431,7 +432,7 @@ def _qblock_kernel(
     FULL_IDX, PART_IDX, PART_TILE, TILE_BASE, TILES,
     W_F, W_P,
     BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-    LISTS: tl.constexpr, CANONICAL: tl.constexpr,
+    LISTS: tl.constexpr, CANONICAL: tl.constexpr, COUNTS: tl.constexpr, WIDTHS: tl.constexpr,
 ):
     qb = tl.program_id(0)
     q0 = qb.to(tl.int64) * BM
@@ -441,16 +442,16 @@ def _qblock_kernel(
     p_end = (tl.load(ROW_HI + q0 + BM - 1) + BN - 1) // BN
     n_full = f_end - kb_start
     n_part = p_end - f_end
-    if not LISTS:
+    if COUNTS:
         tl.store(KB_START + qb, kb_start)
         tl.store(F_END + qb, f_end)
         tl.store(P_END + qb, p_end)
         tl.store(FULL_CNT + qb, n_full.to(tl.int32))
         tl.store(PART_CNT + qb, n_part.to(tl.int32))
-        if not CANONICAL:
+        if WIDTHS:
             tl.atomic_max(STATS + 0, n_full)
             tl.atomic_max(STATS + 1, n_part)
-    else:
+    if LISTS:
         w = tl.arange(0, BW)
         for w0 in range(0, W_F, BW):
             j = w0 + w
@@ -495,6 +496,7 @@ def _kblock_kernel(
     KB_START, F_END, P_END, STATS, T_FULL_CNT, T_PART_CNT, T_FULL_IDX, T_PART_IDX, T_PART_TILE, TILE_BASE,
     n_qb, n_kb, NSTEPS, W_TF, W_TP,
     RATIO: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, LISTS: tl.constexpr, CANONICAL: tl.constexpr,
+    COUNTS: tl.constexpr, WIDTHS: tl.constexpr,
 ):
     kb = tl.program_id(0).to(tl.int64) * BK + tl.arange(0, BK).to(tl.int64)
     ok = kb < n_kb
@@ -503,13 +505,13 @@ def _kblock_kernel(
     tp_lo = _upper_bound_blocks(P_END, n_qb, kb, NSTEPS, BK)
     t_full = tl.maximum(tf_hi - tf_lo, 0)
     t_part = tl.maximum(tf_lo - tp_lo, 0)
-    if not LISTS:
+    if COUNTS:
         tl.store(T_FULL_CNT + kb, t_full.to(tl.int32), mask=ok)
         tl.store(T_PART_CNT + kb, t_part.to(tl.int32), mask=ok)
-        if not CANONICAL:
+        if WIDTHS:
             tl.atomic_max(STATS + 2, tl.max(tl.where(ok, t_full, 0), 0))
             tl.atomic_max(STATS + 3, tl.max(tl.where(ok, t_part, 0), 0))
-    else:
+    if LISTS:
         w = tl.arange(0, BW)
         for w0 in range(0, W_TF, BW):
             j = w0 + w
@@ -559,15 +561,126 @@ def _sorted_ids(cluster: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sort(cluster.permute(0, 2, 1), dim=-1, stable=True)
 
 
-def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_block: int, k_block: int):
+# Counting sort of the ids of every group (ids in [0, C), C <= _COUNT_SORT_MAX_C), fused with the
+# segment scan (it replaces torch.sort -- several cub launches -- and _segments_kernel):
+#   _count_kernel    per (group, chunk of CH tokens): the chunk's histogram over the C ids;
+#   _offsets_kernel  per group: cluster sizes, their padded packed starts, the group's padded length
+#                    and longest padded segment (STATS, as _segments_kernel writes it), and per
+#                    (chunk, cluster) where the chunk's first token of the cluster goes: its sorted
+#                    index (OFFS) and its local packed row (POFFS);
+#   _place_kernel    per (group, chunk): the rank of every token among the chunk's tokens of its
+#                    cluster (a cumulative sum over a [CH, C] one-hot), hence its sorted index; writes
+#                    the sorted ids and positions and, at the sorted index, DEST and LOSTART.
+# Chunks are visited in position order and ranks inside a chunk follow positions: a stable sort.
+_COUNT_SORT_MAX_C = 256
+
+
+@triton.jit
+def _count_kernel(IDS, s_b, s_t, s_h, HIST, n, H, NCH, CB: tl.constexpr, CH: tl.constexpr):
+    g = tl.program_id(0)
+    j = tl.program_id(1)
+    b = g // H
+    h = g % H
+    t = j.to(tl.int64) * CH + tl.arange(0, CH).to(tl.int64)
+    c = tl.load(IDS + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + t * s_t, mask=t < n, other=-1)
+    onehot = (c[:, None] == tl.arange(0, CB)[None, :]).to(tl.int32)
+    tl.store(HIST + (g.to(tl.int64) * NCH + j) * CB + tl.arange(0, CB), tl.sum(onehot, 0))
+
+
+@triton.jit
+def _offsets_kernel(HIST, OFFS, POFFS, STATS, G, NCH, ALIGN, CB: tl.constexpr, JB: tl.constexpr):
+    g = tl.program_id(0)
+    cb = tl.arange(0, CB)
+    base = g.to(tl.int64) * NCH
+    tot = tl.zeros([CB], tl.int64)
+    for j0 in range(0, NCH, JB):
+        jj = j0 + tl.arange(0, JB)
+        hist = tl.load(HIST + (base + jj[:, None]) * CB + cb[None, :], mask=jj[:, None] < NCH, other=0)
+        tot += tl.sum(hist.to(tl.int64), 0)
+    padded = (tot + ALIGN - 1) // ALIGN * ALIGN
+    ustart = tl.cumsum(tot, 0) - tot
+    pstart = tl.cumsum(padded, 0) - padded
+    tl.store(STATS + g, tl.sum(padded, 0))
+    tl.store(STATS + G + g, tl.max(padded, 0))
+    carry = tl.zeros([CB], tl.int64)
+    for j0 in range(0, NCH, JB):
+        jj = j0 + tl.arange(0, JB)
+        m = jj[:, None] < NCH
+        hist = tl.load(HIST + (base + jj[:, None]) * CB + cb[None, :], mask=m, other=0).to(tl.int64)
+        excl = tl.cumsum(hist, 0) - hist + carry[None, :]
+        tl.store(OFFS + (base + jj[:, None]) * CB + cb[None, :], ustart[None, :] + excl, mask=m)
+        tl.store(POFFS + (base + jj[:, None]) * CB + cb[None, :], pstart[None, :] + excl, mask=m)
+        carry += tl.sum(hist, 0)
+
+
+@triton.jit
+def _place_kernel(IDS, s_b, s_t, s_h, OFFS, POFFS, SC, PERM, DEST, LOSTART, n, H, NCH, CB: tl.constexpr, CH: tl.constexpr):
+    g = tl.program_id(0)
+    j = tl.program_id(1)
+    b = g // H
+    h = g % H
+    t = j.to(tl.int64) * CH + tl.arange(0, CH).to(tl.int64)
+    ok = t < n
+    c = tl.load(IDS + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + t * s_t, mask=ok, other=-1)
+    onehot = (c[:, None] == tl.arange(0, CB)[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1
+    cs = tl.where(ok, c, 0)
+    row = (g.to(tl.int64) * NCH + j) * CB
+    sidx = tl.load(OFFS + row + cs, mask=ok, other=0) + rank
+    dest = tl.load(POFFS + row + cs, mask=ok, other=0) + rank
+    lostart = tl.load(POFFS + g.to(tl.int64) * NCH * CB + cs, mask=ok, other=0)
+    out = g.to(tl.int64) * n + sidx
+    tl.store(SC + out, c, mask=ok)
+    tl.store(PERM + out, t, mask=ok)
+    tl.store(DEST + out, dest, mask=ok)
+    tl.store(LOSTART + out, lostart, mask=ok)
+
+
+def _sort_and_scan(cluster: Tensor, num_clusters: int | None, align: int, stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sorted ids and positions (``[B, H, T]``), ``DEST`` and ``LOSTART`` (``[G, T]``, in sorted order) of one
+    side, and its per-group stats written into ``stats`` ([G] padded lengths, [G] longest padded segment).
+
+    Counting sort (three small launches) when ``num_clusters <= _COUNT_SORT_MAX_C``, else ``torch.sort``
+    and the scan kernel."""
+    b, t, h = cluster.shape
+    g = b * h
+    dev = cluster.device
+    i64 = torch.int64
+    dest = torch.empty(g, t, dtype=i64, device=dev)
+    lostart = torch.empty(g, t, dtype=i64, device=dev)
+    if num_clusters is None or num_clusters > _COUNT_SORT_MAX_C:
+        sc, perm = _sorted_ids(cluster)
+        _segments_kernel[(g,)](sc, *sc.stride(), dest, lostart, stats, t, g, h, align, BLOCK=_block(t, _SCAN_BLOCK))
+        return sc, perm, dest, lostart
+    cb = max(16, triton.next_power_of_2(num_clusters))
+    ch = max(16, min(1024, 16384 // cb, triton.next_power_of_2(t)))
+    nch = triton.cdiv(t, ch)
+    hist = torch.empty(g, nch, cb, dtype=torch.int32, device=dev)
+    offs = torch.empty(g, nch, cb, dtype=i64, device=dev)
+    poffs = torch.empty(g, nch, cb, dtype=i64, device=dev)
+    sc = torch.empty(b, h, t, dtype=cluster.dtype if cluster.dtype == i64 else i64, device=dev)
+    perm = torch.empty(b, h, t, dtype=i64, device=dev)
+    sb, st, sh = cluster.stride()
+    _count_kernel[(g, nch)](cluster, sb, st, sh, hist, t, h, nch, CB=cb, CH=ch, num_warps=4)
+    _offsets_kernel[(g,)](hist, offs, poffs, stats, g, nch, align, CB=cb, JB=16, num_warps=4)
+    _place_kernel[(g, nch)](cluster, sb, st, sh, offs, poffs, sc, perm, dest, lostart, t, h, nch, CB=cb, CH=ch, num_warps=4)
+    return sc, perm, dest, lostart
+
+
+def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_block: int, k_block: int, num_clusters: int | None = None):
     """The kernels' version of :func:`~mnemotorch.ops.routing.block_sparse.routed_layout` (same tensors).
 
-    Launches: one sort per side, one scan per side, one host sync (packed lengths), one row kernel per
-    side, two per-tile kernels for the lists (twice, with a second sync for the list widths and a
-    cumulative sum for the tile numbering, unless clusters are shared and causal).
+    With ``num_clusters`` (static sizes, no host synchronisation): per side a counting sort fused with the
+    segment scan (3 launches; ``torch.sort`` and the scan kernel above ``_COUNT_SORT_MAX_C`` clusters),
+    two fills (the padding tail's rows), one row kernel per side, then one launch per list direction
+    (shared and causal), or three and a cumulative sum (generic: counts, tile numbering, lists).
+
+    Without it: one sort and one scan per side, a host sync (packed lengths), one row kernel per side,
+    two per-tile kernels for the lists (twice, with a second sync for the list widths and a cumulative
+    sum for the tile numbering, unless clusters are shared and causal).
     """
     from ..block_sparse import BlockSparsePattern
-    from .block_sparse import RoutedLayout, interval_predicate
+    from .block_sparse import RoutedLayout, interval_predicate, static_layout_sizes
 
     b, tq, h = q_cluster.shape
     tk = k_cluster.shape[1]
@@ -577,37 +690,39 @@ def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
     shared = q_cluster is k_cluster and tq == tk
     canonical = shared and causal
     i64 = torch.int64
+    static = None if num_clusters is None else static_layout_sizes(b, tq, tk, h, num_clusters, shared, causal, bm, bn)
 
     stats = torch.empty(4 * g, dtype=i64, device=dev)  # q totals, q longest, k totals, k longest
     q_stats, k_stats = stats[: 2 * g], stats[2 * g :]
-    ksc, kperm = _sorted_ids(k_cluster)
-    kdest = torch.empty(g, tk, dtype=i64, device=dev)
-    klo = torch.empty(g, tk, dtype=i64, device=dev)
-    _segments_kernel[(g,)](ksc, *ksc.stride(), kdest, klo, k_stats, tk, g, h, bm if shared else bn, BLOCK=_block(tk, _SCAN_BLOCK))
+    ksc, kperm, kdest, klo = _sort_and_scan(k_cluster, num_clusters, bm if shared else bn, k_stats)
     if shared:
         qsc, qperm, qdest, qlo, q_stats = ksc, kperm, kdest, klo, k_stats
     else:
-        qsc, qperm = _sorted_ids(q_cluster)
-        qdest = torch.empty(g, tq, dtype=i64, device=dev)
-        qlo = torch.empty(g, tq, dtype=i64, device=dev)
-        _segments_kernel[(g,)](qsc, *qsc.stride(), qdest, qlo, q_stats, tq, g, h, bm, BLOCK=_block(tq, _SCAN_BLOCK))
-    host = stats.tolist()  # host sync 1
-    q_host = host[2 * g :] if shared else host[: 2 * g]
-    nq, nk = sum(q_host[:g]), sum(host[2 * g : 3 * g])
-    max_seg = max(host[3 * g :])
-    if not shared:
-        nk = max(nk, nq)  # block_sparse_attention wants k_len >= q_len: trailing key tiles nobody visits
+        qsc, qperm, qdest, qlo = _sort_and_scan(q_cluster, num_clusters, bm, q_stats)
+    if static is None:
+        host = stats.tolist()  # host sync 1
+        q_host = host[2 * g :] if shared else host[: 2 * g]
+        nq, nk = sum(q_host[:g]), sum(host[2 * g : 3 * g])
+        max_seg = max(host[3 * g :])
+        if not shared:
+            nk = max(nk, nq)  # block_sparse_attention wants k_len >= q_len: trailing key tiles nobody visits
+        row_lo = torch.empty(nq, dtype=i64, device=dev)
+        row_hi = torch.empty(nq, dtype=i64, device=dev)
+        q_src = torch.empty(nq, dtype=i64, device=dev)  # every row written: tokens and the padding after them
+    else:
+        nq, nk = static.q_len, static.k_len
+        # rows past the packed length (unknown on the host): source -1, the empty interval [nk, nk)
+        lohi = torch.full((2, nq), nk, dtype=i64, device=dev)
+        row_lo, row_hi = lohi[0], lohi[1]
+        q_src = torch.full((nq,), -1, dtype=i64, device=dev)
 
-    row_lo = torch.empty(nq, dtype=i64, device=dev)
-    row_hi = torch.empty(nq, dtype=i64, device=dev)
     q_rows = torch.empty(b * tq * h, dtype=i64, device=dev)
-    q_src = torch.empty(nq, dtype=i64, device=dev)  # every row written: tokens and the padding after them
     gb = max(16, min(1024, triton.next_power_of_2(g)))
     rb = _block(tq, _ROW_BLOCK)
     _rows_kernel[(g, triton.cdiv(tq, rb))](
         qsc, qperm, *qsc.stride(), *qperm.stride(), qdest, qlo, q_stats, q_rows, q_src, row_lo, row_hi,
         ksc, kperm, *ksc.stride(), *kperm.stride(), klo, k_stats,
-        tq, tk, tk - tq, g, h, bm, tk.bit_length(),
+        tq, tk, tk - tq, g, h, bm, tk.bit_length(), nq,
         ROWS=True, CANONICAL=canonical, CAUSAL=causal, BLOCK=rb, GB=gb, PB=_PAD_BLOCK,
     )
     if shared:
@@ -619,7 +734,7 @@ def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
         _rows_kernel[(g, triton.cdiv(tk, rb))](
             ksc, kperm, *ksc.stride(), *kperm.stride(), kdest, klo, k_stats, k_rows, k_src, row_lo, row_hi,
             ksc, kperm, *ksc.stride(), *kperm.stride(), klo, k_stats,
-            tk, tk, 0, g, h, bn, 1,
+            tk, tk, 0, g, h, bn, 1, nk,
             ROWS=False, CANONICAL=False, CAUSAL=causal, BLOCK=rb, GB=gb, PB=_PAD_BLOCK,
         )
 
@@ -627,37 +742,65 @@ def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
     kb_start, f_end, p_end = (torch.empty(n_qb, dtype=i64, device=dev) for _ in range(3))
     full_cnt, part_cnt = (torch.empty(n_qb, dtype=torch.int32, device=dev) for _ in range(2))
     t_full_cnt, t_part_cnt = (torch.empty(n_kb, dtype=torch.int32, device=dev) for _ in range(2))
-    widths = torch.zeros(4, dtype=i64, device=dev) if not canonical else stats  # atomics (generic only)
     steps_q = n_qb.bit_length()
-    dummy32 = t_full_cnt
-    qargs = (row_lo, row_hi, kb_start, f_end, p_end, full_cnt, part_cnt, widths)
-    _qblock_kernel[(n_qb,)](*qargs, dummy32, dummy32, dummy32, kb_start, dummy32, 1, 1,
-                            BM=bm, BN=bn, BW=_LIST_BLOCK, LISTS=False, CANONICAL=canonical)
     kgrid = (triton.cdiv(n_kb, _KB_BLOCK),)
-    _kblock_kernel[kgrid](kb_start, f_end, p_end, widths, t_full_cnt, t_part_cnt, dummy32, dummy32, dummy32, kb_start,
-                          n_qb, n_kb, steps_q, 1, 1, RATIO=bm // bn, BK=_KB_BLOCK, BW=_LIST_BLOCK, LISTS=False, CANONICAL=canonical)
-    if canonical:
-        w_f, w_p, w_tf, w_tp, n_tiles = (max_seg - bm) // bn, bm // bn, max_seg // bm - 1, 1, 0
-        tile_base = kb_start  # unused
-        tiles = _diagonal_tiles(bm, bn, dev)
+    qkw = dict(BM=bm, BN=bn, BW=_LIST_BLOCK, CANONICAL=canonical)
+    kkw = dict(RATIO=bm // bn, BK=_KB_BLOCK, BW=_LIST_BLOCK, CANONICAL=canonical)
+    qargs = (row_lo, row_hi, kb_start, f_end, p_end, full_cnt, part_cnt)
+
+    if static is not None:
+        w_f, w_p, w_tf, w_tp, n_tiles = static.w_full, static.w_part, static.w_t_full, static.w_t_part, static.n_tiles
+        full_idx = torch.empty(n_qb, w_f, dtype=torch.int32, device=dev)
+        part_idx = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
+        part_tile = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
+        t_full_idx = torch.empty(n_kb, w_tf, dtype=torch.int32, device=dev)
+        t_part_idx = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
+        t_part_tile = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
+        if canonical:
+            tiles = _diagonal_tiles(bm, bn, dev)
+            tile_base = kb_start  # unused
+            # one launch per direction: counts and lists together (widths are known)
+            _qblock_kernel[(n_qb,)](*qargs, stats, full_idx, part_idx, part_tile, tile_base, tiles, w_f, w_p,
+                                    LISTS=True, COUNTS=True, WIDTHS=False, **qkw)
+        else:
+            # counts, the tile numbering (a cumulative sum), then the lists and mask tiles
+            tiles = torch.empty(max(n_tiles, 1), bm, bn, dtype=torch.int8, device=dev)
+            _qblock_kernel[(n_qb,)](*qargs, stats, full_idx, part_idx, part_tile, kb_start, tiles, 1, 1,
+                                    LISTS=False, COUNTS=True, WIDTHS=False, **qkw)
+            tile_base = torch.cumsum(part_cnt, 0, dtype=i64) - part_cnt
+            _qblock_kernel[(n_qb,)](*qargs, stats, full_idx, part_idx, part_tile, tile_base, tiles, w_f, w_p,
+                                    LISTS=True, COUNTS=False, WIDTHS=False, **qkw)
+        _kblock_kernel[kgrid](kb_start, f_end, p_end, stats, t_full_cnt, t_part_cnt, t_full_idx, t_part_idx, t_part_tile, tile_base,
+                              n_qb, n_kb, steps_q, w_tf, w_tp, LISTS=True, COUNTS=True, WIDTHS=False, **kkw)
     else:
-        cs = torch.cumsum(part_cnt, 0, dtype=i64)
-        tile_base = cs - part_cnt
-        w_f, w_p, w_tf, w_tp, n_tiles = torch.cat([widths, cs[-1:]]).tolist()  # host sync 2
-        tiles = torch.empty(max(n_tiles, 1), bm, bn, dtype=torch.int8, device=dev)
-        if not n_tiles:
-            tiles.zero_()
-    w_f, w_p, w_tf, w_tp = (max(1, int(w)) for w in (w_f, w_p, w_tf, w_tp))
-    full_idx = torch.empty(n_qb, w_f, dtype=torch.int32, device=dev)
-    part_idx = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
-    part_tile = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
-    t_full_idx = torch.empty(n_kb, w_tf, dtype=torch.int32, device=dev)
-    t_part_idx = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
-    t_part_tile = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
-    _qblock_kernel[(n_qb,)](*qargs, full_idx, part_idx, part_tile, tile_base, tiles, w_f, w_p,
-                            BM=bm, BN=bn, BW=_LIST_BLOCK, LISTS=True, CANONICAL=canonical)
-    _kblock_kernel[kgrid](kb_start, f_end, p_end, widths, t_full_cnt, t_part_cnt, t_full_idx, t_part_idx, t_part_tile, tile_base,
-                          n_qb, n_kb, steps_q, w_tf, w_tp, RATIO=bm // bn, BK=_KB_BLOCK, BW=_LIST_BLOCK, LISTS=True, CANONICAL=canonical)
+        widths = torch.zeros(4, dtype=i64, device=dev) if not canonical else stats  # atomics (generic only)
+        dummy32 = t_full_cnt
+        _qblock_kernel[(n_qb,)](*qargs, widths, dummy32, dummy32, dummy32, kb_start, dummy32, 1, 1,
+                                LISTS=False, COUNTS=True, WIDTHS=not canonical, **qkw)
+        _kblock_kernel[kgrid](kb_start, f_end, p_end, widths, t_full_cnt, t_part_cnt, dummy32, dummy32, dummy32, kb_start,
+                              n_qb, n_kb, steps_q, 1, 1, LISTS=False, COUNTS=True, WIDTHS=not canonical, **kkw)
+        if canonical:
+            w_f, w_p, w_tf, w_tp, n_tiles = (max_seg - bm) // bn, bm // bn, max_seg // bm - 1, 1, 0
+            tile_base = kb_start  # unused
+            tiles = _diagonal_tiles(bm, bn, dev)
+        else:
+            cs = torch.cumsum(part_cnt, 0, dtype=i64)
+            tile_base = cs - part_cnt
+            w_f, w_p, w_tf, w_tp, n_tiles = torch.cat([widths, cs[-1:]]).tolist()  # host sync 2
+            tiles = torch.empty(max(n_tiles, 1), bm, bn, dtype=torch.int8, device=dev)
+            if not n_tiles:
+                tiles.zero_()
+        w_f, w_p, w_tf, w_tp = (max(1, int(w)) for w in (w_f, w_p, w_tf, w_tp))
+        full_idx = torch.empty(n_qb, w_f, dtype=torch.int32, device=dev)
+        part_idx = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
+        part_tile = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
+        t_full_idx = torch.empty(n_kb, w_tf, dtype=torch.int32, device=dev)
+        t_part_idx = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
+        t_part_tile = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
+        _qblock_kernel[(n_qb,)](*qargs, widths, full_idx, part_idx, part_tile, tile_base, tiles, w_f, w_p,
+                                LISTS=True, COUNTS=False, WIDTHS=False, **qkw)
+        _kblock_kernel[kgrid](kb_start, f_end, p_end, widths, t_full_cnt, t_part_cnt, t_full_idx, t_part_idx, t_part_tile, tile_base,
+                              n_qb, n_kb, steps_q, w_tf, w_tp, LISTS=True, COUNTS=False, WIDTHS=False, **kkw)
     pattern = BlockSparsePattern(
         nq, nk, bm, bn, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles,
         t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt, interval_predicate(row_lo, row_hi),
