@@ -21,11 +21,11 @@ def rel(a, b):
 
 
 # bf16 failed on the H100 (2026-11-25): output relative error 3.5e-2 against the float64 reference
-# at the same rounded inputs (tolerance 5e-3); fp32 passed. Suspected cause: the top-k chunk choice is
-# made from bf16 logits in the kernel path and float64 logits in the reference, so picks near ties
-# differ. The test now passes the kernel path's selection (`keep`) to the reference; the xfail stays
-# (not strict) until a GPU run confirms it, so the fix shows as XPASS.
-_BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.xfail(reason="bf16 top-k selection differs from float64 (see above)", strict=False))
+# (tolerance 5e-3): the top-k chunk choice was made from bf16 logits in the kernel path and float64
+# logits in the reference, so picks near ties differed. The test passes the kernel path's selection
+# (`keep`) to the reference; all three bf16 cases then passed on the H100 (2026-11-26, XPASS), so the
+# xfail is gone.
+_BF16 = pytest.param(torch.bfloat16, id="bf16")
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), _BF16])
