@@ -30,11 +30,11 @@ for step in $STEPS; do
       echo "== GPU tests =="
       mkdir -p /tmp/gpu_tests; rm -f /tmp/gpu_tests/*.log
       for f in ${TESTS:-tests/gpu/test_routing_gpu.py tests/gpu/test_lla_gpu.py tests/gpu/test_block_sparse_bias_gpu.py}; do
-          ( MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 10 ${TEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -rfEx $f \
+          ( MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 30 ${TEST_TIMEOUT:-170} python3 -m pytest -v -p no:cacheprovider -rfEx $f \
               > /tmp/gpu_tests/$(basename $f .py).log 2>&1 ) &
       done
       wait
-      for l in /tmp/gpu_tests/*.log; do echo "-- $(basename $l .log)"; grep -E "passed|failed|error|FAILED|ERROR|XFAIL|XPASS|Interrupt|Error" $l | tail -25; done \
+      for l in /tmp/gpu_tests/*.log; do echo "-- $(basename $l .log)"; grep -E "passed|failed|error|PASSED|FAILED|ERROR|XFAIL|XPASS|Interrupt|Error" $l | sed "s#^tests/gpu/##" | tail -40; done \
           | cut -c1-400 > "$OUT/pytest_gpu.log"; cat "$OUT/pytest_gpu.log" ;;
     swa)
       echo "== block-sparse kernel bench (sliding window) =="
