@@ -74,6 +74,7 @@ def test_code_path_recorded(report) -> None:
     assert "neural_memory_chunked" in path["memory_function"]
     assert path["calls"]["neural_memory_chunked"] == 1 and path["calls"]["neural_memory_reference"] == 0
     assert path["segments_per_forward"] == 4  # the profiled forward: L = 64, chunks of 16
+    assert path["calls"]["full_chunk_steps"] == 4 and path["calls"]["partial_segments"] == 0
     assert path["torch_compile"] is False and isinstance(path["triton_module"], bool)
 
 
@@ -132,6 +133,46 @@ def test_peers_none_and_load_peer_reason(tmp_path) -> None:
     out = tmp_path / "m.json"
     assert nm.main([*FAST, "--cases", "lmm", "--configs", "default", "--peers", "none", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["lmm"][0]["results"]) == {"ours_default"}
+
+
+def test_compile_flag_times_compiled_beside_eager(tmp_path) -> None:
+    """--compile: ours_<config>_compiled next to the eager row, first calls (compilation) apart from the medians."""
+    from mnemotorch.ops.memory import chunked
+
+    torch._dynamo.reset()
+    chunked._COMPILED_STEPS.clear()
+    out = tmp_path / "m.json"
+    argv = [*FAST, "--cases", "lmm", "--configs", "matched", "--peers", "none", "--lengths", "32,48", "--compile",
+            "--compile-backend", "aot_eager", "--profile", "--profile-top", "3", "--out", str(out)]
+    try:
+        assert nm.main(argv) == 0
+    finally:
+        torch._dynamo.reset()
+        chunked._COMPILED_STEPS.clear()
+    report = json.loads(out.read_text())
+    assert report["settings"]["compile_memory"] == {"backend": "aot_eager", "mode": None}
+    first, second = (row["results"] for row in report["lmm"])
+    for res in (first, second):
+        assert set(res) == {"ours_matched", "ours_matched_compiled"}
+        eager, comp = res["ours_matched"], res["ours_matched_compiled"]
+        assert eager["compile_memory"] is False and "first_fwd_s" not in eager
+        assert comp["compile_memory"] == {"backend": "aot_eager", "mode": None}
+        assert comp["first_fwd_s"] > 0 and comp["first_fwd_bwd_s"] > 0 and comp["fwd_ms"] > 0
+        assert comp["speedup_fwd_bwd_vs_eager"] == pytest.approx(eager["fwd_bwd_ms"] / comp["fwd_bwd_ms"])
+    # the profile (first job) compiled the step; the chunk step's shapes do not depend on L
+    assert first["ours_matched_compiled"]["compiled_in_this_row"] is False
+    assert second["ours_matched_compiled"]["compiled_in_this_row"] is False
+    assert report["profile"]["code_path"]["torch_compile"] is False
+    prof = report["profile_compiled"]
+    assert prof["code_path"]["torch_compile"] == {"backend": "aot_eager", "mode": None}
+    assert prof["code_path"]["calls"]["full_chunk_steps"] == 2 and prof["code_path"]["calls"]["partial_segments"] == 0
+    assert prof["first_fwd_s"] > 0 and prof["first_fwd_bwd_s"] > 0 and prof["fwd_bwd"]["aten_kernel_ops"] > 0
+
+
+def test_compile_only_needs_compile(capsys) -> None:
+    with pytest.raises(SystemExit) as err:
+        nm.main([*FAST, "--cases", "lmm", "--compile-only"])
+    assert err.value.code == 2 and "--compile-only needs --compile" in capsys.readouterr().err
 
 
 def test_profile_counts_ops_per_chunk(report) -> None:

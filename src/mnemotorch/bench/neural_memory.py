@@ -17,6 +17,15 @@ Three cases (``--cases``, comma list):
 * ``decode`` -- per-token latency of ``titans_lmm`` / ``titans_mag`` models after prefilling
   contexts of several lengths (a bounded state: the latency should not grow with the context).
 
+``--compile`` also runs each configuration with the memory's per-chunk step ``torch.compile``'d
+(``TitansLMM(compile_memory=...)``, ``ours_<config>_compiled``; ``--compile-mode``, ``--compile-backend``,
+``--compile-only``): the first forward and first forward + backward (the compilations) are timed
+apart from the medians (``first_fwd_s``, ``first_fwd_bwd_s``), and the speedup over the eager layer
+is recorded. The compiled step is cached per process and its shapes do not depend on ``L``: only
+the first row of a configuration (``compiled_in_this_row``) pays the compilation. Example on the GPU::
+
+    mnemo bench memory -- --cases lmm --configs matched --lengths 4096,16384 --compile --warmup 2 --rep 5
+
 ``--profile`` adds a ``torch.profiler`` breakdown of our layer's forward + backward at the first
 length: the top ops, ops (and CUDA kernels) per chunk, kernel time vs wall time.
 
@@ -210,31 +219,47 @@ def peer_config_record(mem) -> dict:
     return rec
 
 
+def code_path_compile_record(comp) -> dict | bool:
+    """``compile_memory`` as JSON: the normalised ``torch.compile`` options, or False (eager)."""
+    from mnemotorch.ops.memory import compile_options
+
+    opts = compile_options(comp)
+    return {k: (v if isinstance(v, (str, type(None), dict)) else repr(v)) for k, v in opts.items()} if opts else False
+
+
 def code_path(layer, x: torch.Tensor) -> dict:
     """Which implementation our layer's forward runs: counts calls of the chunked and the recurrent
     memory functions and of the per-segment step during one forward (wrapped for this call only)."""
     import mnemotorch.ops.memory as mem_ops
     from mnemotorch.ops.memory import chunked
 
-    calls = {"neural_memory_chunked": 0, "neural_memory_reference": 0, "segments": 0}
-    originals = (mem_ops.neural_memory_chunked, mem_ops.neural_memory_reference, chunked._segment)
+    calls = {"neural_memory_chunked": 0, "neural_memory_reference": 0, "segments": 0, "partial_segments": 0, "full_chunk_steps": 0}
+    originals = (mem_ops.neural_memory_chunked, mem_ops.neural_memory_reference, chunked._segment, chunked._full_chunk_stepper)
 
-    def counting(name, fn):
+    def counting(name, fn, also=None):
         def wrapper(*a, **k):
             calls[name] += 1
+            if also:
+                calls[also] += 1
             return fn(*a, **k)
         return wrapper
 
+    def counting_stepper(*a, **k):  # the full-chunk step (eager or compiled) that the loop calls
+        return counting("full_chunk_steps", originals[3](*a, **k), "segments")
+
     mem_ops.neural_memory_chunked = counting("neural_memory_chunked", originals[0])
     mem_ops.neural_memory_reference = counting("neural_memory_reference", originals[1])
-    chunked._segment = counting("segments", originals[2])
+    chunked._segment = counting("partial_segments", originals[2], "segments")
+    chunked._full_chunk_stepper = counting_stepper
     try:
         with torch.no_grad():
             layer(x)
     finally:
-        mem_ops.neural_memory_chunked, mem_ops.neural_memory_reference, chunked._segment = originals
+        mem_ops.neural_memory_chunked, mem_ops.neural_memory_reference, chunked._segment, chunked._full_chunk_stepper = originals
+    compiled = chunked.compile_options(getattr(layer, "compile_memory", False))
     if calls["neural_memory_chunked"]:
-        path = "mnemotorch.ops.memory.chunked.neural_memory_chunked (dual form, plain PyTorch ops, a Python loop over chunks)"
+        path = ("mnemotorch.ops.memory.chunked.neural_memory_chunked (dual form, a Python loop over chunks; "
+                + ("each full chunk's step torch.compile'd, partial segments eager)" if compiled else "plain PyTorch ops)"))
     elif calls["neural_memory_reference"]:
         path = "mnemotorch.ops.memory.reference.neural_memory_reference (token loop)"
     else:
@@ -245,7 +270,8 @@ def code_path(layer, x: torch.Tensor) -> dict:
         "segments_per_forward": calls["segments"],
         # a GPU-specific path would live in ops/memory/triton.py (ARCHITECTURE.md); neural_memory has no backend for it yet
         "triton_module": importlib.util.find_spec("mnemotorch.ops.memory.triton") is not None,
-        "torch_compile": False,  # nothing in layers/titans.py or ops/memory compiles; this benchmark runs eager
+        # the full-chunk step through torch.compile(fullgraph=True, dynamic=False, **these options), or False (eager)
+        "torch_compile": code_path_compile_record(getattr(layer, "compile_memory", False)),
         "autocast_inside_memory": False,  # neural_memory disables autocast; the recurrence runs in float32 for half inputs
     }
 
@@ -269,28 +295,69 @@ def lmm_flops_fwd(L: int, dim: int, heads: int, chunk_size: int, shapes: list[tu
     return {"memory": memory, "projections": projections, "total": memory + projections}
 
 
+def first_calls(layer, x: torch.Tensor, inputs: list[torch.Tensor], grad_out: torch.Tensor, device: torch.device) -> dict:
+    """Wall seconds of the first forward (no grad) and the first forward + backward: with ``compile_memory``
+    these compile the inference and the training graph of the chunk step (kept out of the medians)."""
+    out = {}
+    for name, grad in (("first_fwd_s", False), ("first_fwd_bwd_s", True)):
+        _sync(device)
+        t0 = time.perf_counter()
+        if grad:
+            torch.autograd.grad(layer(x)[0], inputs, grad_out, allow_unused=True)
+        else:
+            with torch.no_grad():
+                layer(x)
+        _sync(device)
+        out[name] = time.perf_counter() - t0
+    return out
+
+
 def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], peers: tuple[str, ...], device: torch.device,
-             dtype: torch.dtype, batch: int = 1, warmup: int = 5, rep: int = 20) -> dict:
-    """Our ``titans_lmm`` layer (each configuration) and titans-pytorch on the same ``x [B, L, dim]`` and output gradient."""
+             dtype: torch.dtype, batch: int = 1, warmup: int = 5, rep: int = 20, compile_memory: bool | str | dict | None = None,
+             eager: bool = True) -> dict:
+    """Our ``titans_lmm`` layer (each configuration) and titans-pytorch on the same ``x [B, L, dim]`` and output gradient.
+
+    ``compile_memory`` (not None/False): each configuration also runs with the memory's chunk step
+    ``torch.compile``'d (``ours_<config>_compiled``), its first calls (the compilation) timed apart from
+    the medians; ``eager=False`` skips the eager runs.
+    """
     g = torch.Generator(device="cpu").manual_seed(0)
     x0 = torch.randn(batch, L, dim, generator=g).to(device=device, dtype=dtype)
     go = torch.randn(batch, L, dim, generator=g).to(device=device, dtype=dtype)
     row: dict = {"case": "lmm", "L": L, "dim": dim, "heads": heads, "head_dim": dim // heads, "chunk_size": chunk_size, "B": batch,
                  "dtype": str(dtype).replace("torch.", ""), "chunks": math.ceil(L / chunk_size), "results": {}}
     res = row["results"]
+    variants = ([(False, "")] if eager else []) + ([(compile_memory, "_compiled")] if compile_memory not in (None, False) else [])
     for config in configs:
-        torch.manual_seed(0)
-        layer = build_ours(dim, heads, chunk_size, config, device, dtype)
-        x = x0.clone().requires_grad_()
-        inputs = [x, *layer.parameters()]
-        r = _guard(lambda: measure_layer(lambda: layer(x)[0], inputs, go, device, warmup, rep), device)
-        r["config"] = our_config_record(layer)
-        flops = lmm_flops_fwd(L, dim, heads, chunk_size, layer.memory_shapes, batch)
-        r["flops_fwd"] = flops
-        if "fwd_ms" in r:  # the memory's matmuls run in float32 (tf32 per --tf32), the projections in the layer dtype
-            r["fwd_tflops"] = flops["total"] / (r["fwd_ms"] * 1e-3) / 1e12
-        res[f"ours_{config}"] = r
-        del layer, x, inputs
+        for comp, suffix in variants:
+            torch.manual_seed(0)
+            layer = build_ours(dim, heads, chunk_size, config, device, dtype)
+            layer.compile_memory = comp
+            x = x0.clone().requires_grad_()
+            inputs = [x, *layer.parameters()]
+
+            def run(layer=layer, x=x, inputs=inputs, comp=comp):
+                from mnemotorch.ops.memory import chunked
+
+                cached = len(chunked._COMPILED_STEPS)
+                first = first_calls(layer, x, inputs, go, device) if comp else {}
+                if comp:  # the chunk step's shapes do not depend on L: a later length reuses the graphs
+                    first["compiled_in_this_row"] = len(chunked._COMPILED_STEPS) > cached
+                return {**measure_layer(lambda: layer(x)[0], inputs, go, device, warmup, rep), **first}
+
+            r = _guard(run, device)
+            r["config"] = our_config_record(layer)
+            r["compile_memory"] = code_path_compile_record(comp)
+            flops = lmm_flops_fwd(L, dim, heads, chunk_size, layer.memory_shapes, batch)
+            r["flops_fwd"] = flops
+            if "fwd_ms" in r:  # the memory's matmuls run in float32 (tf32 per --tf32), the projections in the layer dtype
+                r["fwd_tflops"] = flops["total"] / (r["fwd_ms"] * 1e-3) / 1e12
+            res[f"ours_{config}{suffix}"] = r
+            del layer, x, inputs
+        e, c = res.get(f"ours_{config}", {}), res.get(f"ours_{config}_compiled", {})
+        if "fwd_ms" in e and "fwd_ms" in c:
+            c["speedup_fwd_vs_eager"] = e["fwd_ms"] / c["fwd_ms"]
+            c["speedup_fwd_bwd_vs_eager"] = e["fwd_bwd_ms"] / c["fwd_bwd_ms"]
     if "titans_pytorch" in peers:
         cls, info = load_peer()
         if cls is None:
@@ -384,10 +451,15 @@ def profile_layer(layer, x: torch.Tensor, grad_out: torch.Tensor, device: torch.
     def fwd_bwd():
         torch.autograd.grad(layer(x)[0], params, grad_out, allow_unused=True)
 
-    fwd_bwd()
-    _sync(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out: dict = {"chunks": chunks}
+    for name, warm in (("first_fwd_s", fwd), ("first_fwd_bwd_s", fwd_bwd)):
+        # warm-up of both graphs, timed (with a compiled memory: the compilations, kept out of the profile)
+        _sync(device)
+        t0 = time.perf_counter()
+        warm()
+        _sync(device)
+        out[name] = time.perf_counter() - t0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for phase, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         t0 = time.perf_counter()
         with profile(activities=activities) as prof:
@@ -429,14 +501,16 @@ def profile_layer(layer, x: torch.Tensor, grad_out: torch.Tensor, device: torch.
     return out
 
 
-def profile_case(L: int, dim: int, heads: int, chunk_size: int, config: str, device: torch.device, dtype: torch.dtype, top: int = 15) -> dict:
+def profile_case(L: int, dim: int, heads: int, chunk_size: int, config: str, device: torch.device, dtype: torch.dtype, top: int = 15,
+                 compile_memory: bool | str | dict | None = None) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     torch.manual_seed(0)
     layer = build_ours(dim, heads, chunk_size, config, device, dtype)
+    layer.compile_memory = compile_memory or False
     x = torch.randn(1, L, dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
     go = torch.randn(1, L, dim, generator=g).to(device=device, dtype=dtype)
     row = {"case": "profile", "L": L, "dim": dim, "heads": heads, "chunk_size": chunk_size, "config": config,
-           "dtype": str(dtype).replace("torch.", ""), "code_path": code_path(layer, x.detach())}
+           "dtype": str(dtype).replace("torch.", ""), "compile_memory": code_path_compile_record(compile_memory), "code_path": code_path(layer, x.detach())}
     row.update(profile_layer(layer, x, go, device, math.ceil(L / chunk_size), top))
     return row
 
@@ -592,7 +666,9 @@ def _line(row: dict) -> str:
             if "fwd_ms" in r:
                 peak = f" peak {r['peak_extra_gib']:.2f} GiB" if r["peak_extra_gib"] is not None else ""
                 sp = f" x{r['speedup_fwd_bwd_vs_titans_pytorch']:.2f} fwd+bwd vs peer" if "speedup_fwd_bwd_vs_titans_pytorch" in r else ""
-                parts.append(f"{name} {r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms{peak}{sp}")
+                cp = (f" (first calls {r['first_fwd_s']:.1f}/{r['first_fwd_bwd_s']:.1f} s, x{r['speedup_fwd_bwd_vs_eager']:.2f} fwd+bwd vs eager)"
+                      if "speedup_fwd_bwd_vs_eager" in r else f" (first calls {r['first_fwd_s']:.1f}/{r['first_fwd_bwd_s']:.1f} s)" if "first_fwd_s" in r else "")
+                parts.append(f"{name} {r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms{peak}{sp}{cp}")
             else:
                 parts.append(f"{name} {r.get('skipped') or r.get('error')}")
         return f"lmm L={row['L']} dim={row['dim']} H={row['heads']} C={row['chunk_size']} {row['dtype']}: " + " | ".join(parts)
@@ -606,8 +682,8 @@ def _line(row: dict) -> str:
     if row.get("case") == "profile":
         f, fb = row["fwd"], row["fwd_bwd"]
         extra = f", {fb['cuda_kernels_per_chunk']:.0f} CUDA kernels/chunk, kernels busy {fb['kernel_busy_fraction']:.0%}" if "cuda_kernels" in fb else ""
-        return (f"profile L={row['L']} dim={row['dim']}: kernel-launching ops per chunk fwd {f['aten_kernel_ops_per_chunk']:.0f}, "
-                f"fwd+bwd {fb['aten_kernel_ops_per_chunk']:.0f}{extra}")
+        return (f"profile{' (compiled memory)' if row.get('compile_memory') else ''} L={row['L']} dim={row['dim']}: kernel-launching ops per chunk fwd {f['aten_kernel_ops_per_chunk']:.0f}, "
+                f"fwd+bwd {fb['aten_kernel_ops_per_chunk']:.0f}{extra}; first calls {row.get('first_fwd_s', 0):.1f}/{row.get('first_fwd_bwd_s', 0):.1f} s")
     return str(row)
 
 
@@ -633,7 +709,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--chunk-size", type=_positive_int, default=None, help="memory chunk size, every case (default 64)")
     g.add_argument("--batch", type=_positive_int, default=1, help="batch of the lmm and mag_model cases (default 1)")
     g.add_argument("--configs", type=_names(tuple(OUR_CONFIGS), "config"), default=None, help="our configurations: matched,default")
-    g.add_argument("--profile", action="store_true", help="torch.profiler breakdown of our layer (matched) at the first length")
+    g.add_argument("--compile", action="store_true", help="also time our layers with the memory's chunk step torch.compile'd "
+                   "(ours_<config>_compiled; compilation = the first calls, recorded apart from the medians)")
+    g.add_argument("--compile-mode", default="default", help="torch.compile mode of --compile: default (inductor's default; "
+                   "the default), max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs), max-autotune")
+    g.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile (default inductor; aot_eager for CPU tests)")
+    g.add_argument("--compile-only", action="store_true", help="with --compile: skip the eager runs of our layers")
+    g.add_argument("--profile", action="store_true", help="torch.profiler breakdown of our layer (matched) at the first length "
+                   "(with --compile: of the compiled layer too)")
     g.add_argument("--profile-top", type=_positive_int, default=15, help="top ops listed by the profile")
     g = ap.add_argument_group("mag_model / decode")
     g.add_argument("--mag-length", type=_positive_int, default=None, help="training sequence length (default 4096)")
@@ -672,6 +755,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = args.tf32
     cases = args.cases
     peers = tuple(args.peers)
+    if args.compile_only and not args.compile:
+        ap.error("--compile-only needs --compile")
+    compile_memory = ({"backend": args.compile_backend, "mode": None if args.compile_mode == "default" else args.compile_mode}
+                      if args.compile else None)
 
     env = device_info()
     env["device_type"] = device.type
@@ -680,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "suite": "memory", "env": env, "argv": list(argv or []), "quick": args.quick, "cases": cases, "peers": list(peers),
         "settings": {**opt, "batch": args.batch, "dtype": args.dtype, "warmup": warmup, "rep": rep, "tf32": args.tf32,
-                     "cpu_threads": args.threads if device.type == "cpu" else None},
+                     "cpu_threads": args.threads if device.type == "cpu" else None,
+                     "compile_memory": code_path_compile_record(compile_memory), "compile_only": args.compile_only},
         "spec": dict(SPEC), "configs": {"ours": {k: dict(v) for k, v in OUR_CONFIGS.items()}, "titans_pytorch_default": dict(PEER_DEFAULT_MEMORY)},
         "lmm": [], "mag_model": [], "decode": [],
     }
@@ -693,9 +781,12 @@ def main(argv: list[str] | None = None) -> int:
     C = opt["chunk_size"]
     if "lmm" in cases:
         if args.profile:
-            jobs.append(("profile", lambda: profile_case(opt["lengths"][0], opt["dim"], opt["heads"], C, "matched", device, dtype, args.profile_top)))
+            for comp in ([None] if not args.compile_only else []) + ([compile_memory] if compile_memory else []):
+                jobs.append(("profile", lambda comp=comp: profile_case(opt["lengths"][0], opt["dim"], opt["heads"], C, "matched", device, dtype,
+                                                                      args.profile_top, comp)))
         for L in opt["lengths"]:
-            jobs.append(("lmm", lambda L=L: lmm_case(L, opt["dim"], opt["heads"], C, opt["configs"], peers, device, dtype, args.batch, warmup, rep)))
+            jobs.append(("lmm", lambda L=L: lmm_case(L, opt["dim"], opt["heads"], C, opt["configs"], peers, device, dtype, args.batch, warmup, rep,
+                                                     compile_memory, not args.compile_only)))
     if "mag_model" in cases:
         for plan in ["titans_mag", *[p for p in opt["mag_baselines"] if p != "titans_mag"]]:
             jobs.append(("mag_model", lambda plan=plan: mag_model_case(plan, opt["mag_length"], opt["mag_hidden"], opt["mag_heads"], opt["mag_layers"],
@@ -724,9 +815,12 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"case": kind, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             row["seconds"] = time.perf_counter() - t0
             if kind == "profile":
-                report["profile"] = row
-                if "code_path" in row:
-                    report["code_path"] = row["code_path"]
+                if row.get("compile_memory"):
+                    report["profile_compiled"] = row
+                else:
+                    report["profile"] = row
+                    if "code_path" in row:
+                        report["code_path"] = row["code_path"]
             else:
                 report[kind].append(row)
             print(_line(row) if "error" not in row else row, f"[{row['seconds']:.1f}s]", flush=True)

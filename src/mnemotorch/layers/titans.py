@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.memory import ACTIVATIONS, MAX_DEPTH, MemoryState, accumulation_dtype, memory_forward, memory_hidden_shapes, neural_memory
+from ..ops.memory import ACTIVATIONS, MAX_DEPTH, MemoryState, accumulation_dtype, compile_options, memory_forward, memory_hidden_shapes, neural_memory
 from .base import Mixer, MixerState
 from .registry import register_mixer
 from .short_conv import causal_depthwise_conv, conv_silu_qkv
@@ -81,6 +81,12 @@ class TitansLMM(Mixer):
             update). What keeps an MLP memory from diverging in training (docs: "Stability").
         init_theta, init_eta, init_alpha: the gate values the biases start at (0.01,
             ``0.9 · max_momentum``, 0.01).
+        compile_memory: run the memory's per-chunk step through ``torch.compile`` (fullgraph,
+            static shapes; inductor fuses the elementwise work around the matmuls, forward and
+            backward): ``False`` (default; eager, the reference), ``True`` (inductor, default mode), a
+            ``torch.compile`` mode string or a dict of ``backend``/``mode``/``options``. Same
+            semantics; the first call per shape pays the compilation. An attribute: may be set after
+            construction (``layer.compile_memory = True``).
 
     ``state_size``: ``3 · H · P + (K − 1) · 3 · dim`` (P = memory weights per head), whatever the length.
     """
@@ -106,6 +112,7 @@ class TitansLMM(Mixer):
         init_theta: float = 0.01,
         init_eta: float | None = None,
         init_alpha: float = 0.01,
+        compile_memory: bool | str | dict = False,
     ):
         super().__init__(dim, num_heads)
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= MAX_DEPTH:
@@ -132,6 +139,8 @@ class TitansLMM(Mixer):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < high:
                 bound = {"init_theta": "max_lr", "init_eta": "max_momentum"}.get(name)
                 raise ValueError(f"{name} must be a float in (0, {high})" + (f" (below {bound})" if bound else "") + f", got {value!r}")
+        compile_options(compile_memory)  # validates
+        self.compile_memory = compile_memory
         self.depth, self.expansion, self.activation = depth, expansion, activation
         self.residual, self.layer_norm, self.output_gate = residual, layer_norm, output_gate
         self.chunk_size, self.conv_size = chunk_size, conv_size
@@ -242,7 +251,7 @@ class TitansLMM(Mixer):
         o, memory = neural_memory(
             q, k, v, theta, eta, alpha, memory,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual, layer_norm=self.layer_norm,
-            max_grad_norm=self.max_grad_norm,
+            max_grad_norm=self.max_grad_norm, compile=self.compile_memory,
         )  # fmt: skip
         if self.output_gate:
             o = self.out_norm(o) * F.silu(self.g_proj(x)).view(b, t, h, d)
@@ -264,4 +273,5 @@ class TitansLMM(Mixer):
             f"depth={self.depth}, expansion={self.expansion}, activation={self.activation!r}, residual={self.residual}, "
             f"layer_norm={self.layer_norm}, chunk_size={self.chunk_size}, conv_size={self.conv_size}, output_gate={self.output_gate}, "
             f"max_lr={self.max_lr}, max_momentum={self.max_momentum}, max_grad_norm={self.max_grad_norm}"
+            + (f", compile_memory={self.compile_memory!r}" if self.compile_memory else "")
         )

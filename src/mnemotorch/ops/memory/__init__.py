@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_backend
-from .chunked import chunk_coefficients, neural_memory_chunked, segment_sum
+from .chunked import chunk_coefficients, compile_options, neural_memory_chunked, segment_sum
 from .miras import (
     ALGORITHMS,
     BIASES,
@@ -70,6 +70,7 @@ __all__ = [
     "accumulation_dtype",
     "chunk_coefficients",
     "clip_scale",
+    "compile_options",
     "memory_forward",
     "memory_hidden_shapes",
     "neural_memory",
@@ -96,6 +97,7 @@ def neural_memory(
     debug: bool = False,
     backend: str = "auto",
     max_grad_norm: float | None = None,
+    compile: bool | str | dict = False,
 ) -> tuple[Tensor, MemoryState]:
     """Titans neural memory: write ``(k_t, v_t)`` by test-time gradient descent, read ``M_t(q_t)``.
 
@@ -121,6 +123,11 @@ def neural_memory(
             gradient to norm ``τ`` before it enters the momentum, ``∇_t ← ∇_t · min(1, τ / ‖∇_t‖)``,
             the norm taken over all memory layers per batch row and head (a stability bound;
             ``docs/mixers/titans.md``, "Stability").
+        compile: chunked mode only: run each full chunk's step through ``torch.compile(fullgraph=True,
+            dynamic=False)`` (inductor fuses the elementwise work around the matmuls, forward and
+            backward). ``False`` (default) = eager, the reference; ``True`` = inductor's default mode;
+            a mode string or a dict of ``backend``/``mode``/``options``. See
+            :func:`~mnemotorch.ops.memory.chunked.neural_memory_chunked`.
 
     Returns:
         ``(y [B, T, H, Dv], MemoryState)``; ``y`` in the dtype of ``q``, the state in float32 for
@@ -140,4 +147,4 @@ def neural_memory(
     with torch.autocast(device_type=device_type, enabled=False):
         if mode == "recurrent":
             return neural_memory_reference(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, max_grad_norm)
-        return neural_memory_chunked(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, debug, max_grad_norm)
+        return neural_memory_chunked(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, debug, max_grad_norm, compile)

@@ -98,25 +98,11 @@ def _layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return (z - mu) * rstd, rstd
 
 
-def _segment(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    theta: Tensor,
-    log_retain: Tensor,
-    log_eta: Tensor,
-    w0: Sequence[Tensor],
-    w: Sequence[Tensor],
-    s: Sequence[Tensor],
-    activation: str,
-    residual: bool,
-    layer_norm: bool,
-    ln_eps: float,
-    max_grad_norm: float | None = None,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """One segment (``c`` tokens of one chunk), all ``[B, H, c, ·]``: read outputs and the state after it."""
-    depth = len(w)
-    # 1) Gradients of every token at the chunk-start weights w0 (hand-written backward).
+def _key_pass(
+    k: Tensor, v: Tensor, w0: Sequence[Tensor], activation: str, residual: bool, layer_norm: bool, ln_eps: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Layer inputs ``X_{l−1}`` and pre-activation gradients ``Δ_l`` of a segment's keys at ``w0`` (hand-written backward)."""
+    depth = len(w0)
     xs, zs = [k], []
     h = k
     for i, wl in enumerate(w0):
@@ -135,16 +121,44 @@ def _segment(
         d = (d @ w0[i].transpose(-1, -2)) * _act_grad(activation, zs[i - 1])
         deltas.append(d)
     deltas.reverse()
+    return xs, deltas
+
+
+def _chunk_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_mat: Tensor,
+    n_mat: Tensor,
+    beta: Tensor,
+    m: Tensor,
+    f: Tensor,
+    w0: Sequence[Tensor],
+    w: Sequence[Tensor],
+    s: Sequence[Tensor],
+    activation: str,
+    residual: bool,
+    layer_norm: bool,
+    ln_eps: float,
+    max_grad_norm: float | None,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One segment given its coefficient matrices (:func:`chunk_coefficients`): read outputs and the state after it.
+
+    A pure function of tensors (the configuration arguments are Python constants), so that
+    ``torch.compile(fullgraph=True)`` captures it whole, forward and backward.
+    """
+    depth = len(w)
+    # 1) Gradients of every token at the chunk-start weights w0.
+    xs, deltas = _key_pass(k, v, w0, activation, residual, layer_norm, ln_eps)
     if max_grad_norm is not None:
         # ‖∇_s‖² = Σ_l ‖X_{l−1}[s]‖² ‖Δ_l[s]‖² (Frobenius norm of each outer product), so the clip
-        # needs no materialised gradient; it scales ∇_s, i.e. the step θ_s it enters N and G with.
+        # needs no materialised gradient. It scales ∇_s, i.e. the step θ_s, which enters N (and
+        # G = A N) only as a factor of column s: scaling those columns is scaling θ_s.
         sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(xs, deltas))
-        theta = theta * clip_scale(sq, max_grad_norm)
+        scale = clip_scale(sq, max_grad_norm).unsqueeze(-2)  # [..., 1, c]
+        g_mat, n_mat = g_mat * scale, n_mat * scale
 
-    # 2) Coefficient matrices of the gates (log space).
-    g_mat, n_mat, beta, m, f = chunk_coefficients(theta, log_retain, log_eta)
-
-    # 3) Read every token with its own M_t (dual form).
+    # 2) Read every token with its own M_t (dual form).
     h = q
     for i in range(depth):
         dout = w[i].shape[-1]
@@ -156,7 +170,7 @@ def _segment(
     if residual:
         y = y + q
 
-    # 4) State leaving the segment (last row of the coefficients).
+    # 3) State leaving the segment (last row of the coefficients).
     g_last, n_last = g_mat[..., -1, :].unsqueeze(-1), n_mat[..., -1, :].unsqueeze(-1)
     b_c, m_c, f_c = (x[..., -1, None, None] for x in (beta, m, f))
     w_new, s_new = [], []
@@ -166,6 +180,82 @@ def _segment(
         w_new.append(b_c * w[i] + f_c * s[i] - upd[..., :din, :])
         s_new.append(m_c * s[i] - upd[..., din:, :])
     return y, w_new, s_new
+
+
+def _segment(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    log_retain: Tensor,
+    log_eta: Tensor,
+    w0: Sequence[Tensor],
+    w: Sequence[Tensor],
+    s: Sequence[Tensor],
+    activation: str,
+    residual: bool,
+    layer_norm: bool,
+    ln_eps: float,
+    max_grad_norm: float | None = None,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One segment (``c`` tokens of one chunk), all ``[B, H, c, ·]``: read outputs and the state after it.
+
+    Builds the segment's coefficient matrices and runs :func:`_chunk_step`; always eager. Used for
+    the partial segments of a call (the rest of a chunk begun earlier, a chunk the call ends inside).
+    """
+    g_mat, n_mat, beta, m, f = chunk_coefficients(theta, log_retain, log_eta)
+    return _chunk_step(q, k, v, g_mat, n_mat, beta, m, f, w0, w, s, activation, residual, layer_norm, ln_eps, max_grad_norm)
+
+
+def _make_full_chunk_step(activation: str, residual: bool, layer_norm: bool, ln_eps: float, max_grad_norm: float | None):
+    """The step of a full chunk entered at its start (``w0 = w``), the configuration bound as constants."""
+
+    def full_chunk_step(q, k, v, g_mat, n_mat, beta, m, f, w, s):
+        return _chunk_step(q, k, v, g_mat, n_mat, beta, m, f, w, w, s, activation, residual, layer_norm, ln_eps, max_grad_norm)
+
+    return full_chunk_step
+
+
+#: torch.compile'd full-chunk steps, one per (compile options, memory configuration).
+_COMPILED_STEPS: dict[tuple, object] = {}
+#: What ``compile=True`` means: inductor's default mode (no autotuning sweep, no CUDA graphs).
+DEFAULT_COMPILE_OPTIONS: dict = {"backend": "inductor", "mode": None}
+
+
+def compile_options(compile: bool | str | dict | None) -> dict | None:
+    """Normalise the ``compile`` argument of :func:`neural_memory_chunked` to ``torch.compile`` kwargs (or None)."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return dict(DEFAULT_COMPILE_OPTIONS)
+    if isinstance(compile, str):
+        return {**DEFAULT_COMPILE_OPTIONS, "mode": None if compile == "default" else compile}
+    if isinstance(compile, dict):
+        bad = sorted(set(compile) - {"backend", "mode", "options"})
+        if bad:
+            raise ValueError(f"compile: unknown torch.compile option(s) {bad}; allowed: backend, mode, options "
+                             "(fullgraph=True and dynamic=False are fixed)")
+        return {**DEFAULT_COMPILE_OPTIONS, **compile}
+    raise TypeError(f"compile must be a bool, a torch.compile mode string or a dict of torch.compile options, got {compile!r}")
+
+
+def _full_chunk_stepper(compile: dict | None, activation: str, residual: bool, layer_norm: bool, ln_eps: float, max_grad_norm: float | None):
+    """The callable that runs each full chunk: eager, or its ``torch.compile``'d form (cached)."""
+    step = _make_full_chunk_step(activation, residual, layer_norm, ln_eps, max_grad_norm)
+    if compile is None:
+        return step
+    key = (repr(sorted(compile.items(), key=lambda kv: kv[0])), activation, residual, layer_norm, ln_eps, max_grad_norm)
+    fn = _COMPILED_STEPS.get(key)
+    if fn is None:
+        fn = torch.compile(step, fullgraph=True, dynamic=False, **compile)
+        _COMPILED_STEPS[key] = fn
+    return fn
+
+
+def _chunk_major(x: Tensor, n: int, c: int) -> Tensor:
+    """``[B, n·c, H, ...] -> [n, B, H, c, ...]`` contiguous: each chunk one contiguous block for the matmuls."""
+    x = x.unflatten(1, (n, c))
+    return x.permute(1, 0, 3, 2, *range(4, x.ndim)).contiguous()
 
 
 def neural_memory_chunked(
@@ -183,8 +273,26 @@ def neural_memory_chunked(
     ln_eps: float = DEFAULT_LN_EPS,
     debug: bool = False,
     max_grad_norm: float | None = None,
+    compile: bool | str | dict = False,
 ) -> tuple[Tensor, MemoryState]:
     """Chunked dual-form Titans memory; arguments and returns as :func:`neural_memory_reference`.
+
+    A call is cut into segments: the rest of a chunk begun by an earlier call (if ``position > 0``),
+    the full chunks, and a partial last chunk. The gate coefficients (``G, N, β, m, f``) of all full
+    chunks are built in one batched computation before the loop over chunks; q/k/v are laid out
+    chunk-major once, so each chunk's operands are contiguous.
+
+    ``compile``: run each *full* chunk's step (key gradients, clip, dual-form read, state update)
+    through ``torch.compile(fullgraph=True, dynamic=False)``, so that inductor fuses the elementwise,
+    LayerNorm and activation work around the matmuls, forward and backward (AOTAutograd). All full
+    chunks share one shape, so one compilation serves every chunk of every call with the same shapes,
+    dtype, grad mode and configuration (each new combination compiles again; dynamo's
+    ``recompile_limit`` bounds how many it keeps). The partial first/last segments (at most two per
+    call) run eagerly: compiling each odd length would recompile for every decoding position.
+    ``False`` (default): eager, the reference the compiled path is tested against. ``True``: inductor,
+    default mode. A string: that ``torch.compile`` mode (``"max-autotune-no-cudagraphs"``,
+    ``"reduce-overhead"`` for CUDA graphs; ``"default"``). A dict: ``torch.compile``'s ``backend`` /
+    ``mode`` / ``options`` (tests use ``{"backend": "aot_eager"}``). Same semantics either way.
 
     ``debug=True`` checks the gates' ranges before and the state's finiteness after every chunk
     (host syncs: slow), and names the gate that saturated when the state stops being finite.
@@ -192,32 +300,69 @@ def neural_memory_chunked(
     fn = "neural_memory_chunked"
     state = check_memory_args(fn, q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm)
     max_grad_norm = check_max_grad_norm(fn, max_grad_norm)
+    opts = compile_options(compile)
     acc = accumulation_dtype(q.dtype)
     if debug:
         _check_gates(fn, theta, eta, alpha)
     w = [t.to(acc) for t in state.weights]
     s = [t.to(acc) for t in state.momentum]
-    w0 = [t.to(acc) for t in state.chunk_start]
     pos = state.position
-    qh, kh, vh = (x.to(acc).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    th = theta.to(acc).transpose(1, 2)  # [B, H, T]
-    la = torch.log1p(-alpha.to(acc)).transpose(1, 2)
-    le = torch.log(eta.to(acc)).transpose(1, 2)
+    # At a chunk boundary the chunk-start weights are the current weights (as in the reference).
+    w0 = [t.to(acc) for t in state.chunk_start] if pos else w
+    cfg = (activation, residual, layer_norm, ln_eps, max_grad_norm)
+    th = theta.to(acc)  # [B, T, H]
+    la = torch.log1p(-alpha.to(acc))
+    le = torch.log(eta.to(acc))
+
+    def bhtd(x: Tensor, lo: int, hi: int) -> Tensor:  # [B, T, H, ...] -> [B, H, hi-lo, ...]
+        return x[:, lo:hi].to(acc).transpose(1, 2)
+
+    def partial(lo: int, hi: int, w0, w, s):
+        gates = (bhtd(g, lo, hi) for g in (th, la, le))
+        return _segment(bhtd(q, lo, hi), bhtd(k, lo, hi), bhtd(v, lo, hi), *gates, w0, w, s, *cfg)
 
     total = q.shape[1]
     outs, start, index = [], 0, 0
-    while start < total:
-        c = min(chunk_size - pos, total - start)
-        sl = slice(start, start + c)
-        y, w, s = _segment(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], th[..., sl], la[..., sl], le[..., sl], w0, w, s, activation, residual, layer_norm, ln_eps, max_grad_norm)
+    if pos and total:  # the rest of a chunk an earlier call began, with its carried start weights
+        c = min(chunk_size - pos, total)
+        y, w, s = partial(0, c, w0, w, s)
         if debug:
-            _check_state(fn, w, s, theta, eta, alpha, start, start + c, index)
-        outs.append(y)
-        start, pos, index = start + c, (pos + c) % chunk_size, index + 1
+            _check_state(fn, w, s, theta, eta, alpha, 0, c, index)
+        outs.append(y.transpose(1, 2))
+        start, pos, index = c, (pos + c) % chunk_size, 1
         if pos == 0:
-            w0 = w  # the next chunk's gradients are taken at the weights this one ended with
-    y = torch.cat(outs, 2) if outs else vh
-    return y.transpose(1, 2).to(q.dtype), MemoryState(tuple(w), tuple(s), tuple(w0), pos)
+            w0 = w
+    n_full = (total - start) // chunk_size
+    if n_full:
+        end = start + n_full * chunk_size
+        cm = lambda x: _chunk_major(x[:, start:end].to(acc), n_full, chunk_size)  # noqa: E731
+        qc, kc, vc = cm(q), cm(k), cm(v)  # [n, B, H, C, D]
+        coefs = chunk_coefficients(cm(th), cm(la), cm(le))  # [n, B, H, C, C] and [n, B, H, C]: every chunk at once
+        step = _full_chunk_stepper(opts, *cfg)
+        if opts is not None and torch.is_grad_enabled() and any(x.requires_grad for x in (qc, kc, vc, *coefs, *w, *s)):
+            # Every chunk after the first gets a state that requires grad; give the first one the same
+            # signature (a detached alias: its gradient is computed and dropped) so one graph serves all.
+            w = [x if x.requires_grad else x.detach().requires_grad_() for x in w]
+            s = [x if x.requires_grad else x.detach().requires_grad_() for x in s]
+        ys = []
+        for i in range(n_full):
+            y, w, s = step(qc[i], kc[i], vc[i], *(x[i] for x in coefs), w, s)
+            if debug:
+                lo = start + i * chunk_size
+                _check_state(fn, w, s, theta, eta, alpha, lo, lo + chunk_size, index)
+            ys.append(y)
+            index += 1
+        w0 = w
+        outs.append(torch.stack(ys, 0).permute(1, 0, 3, 2, 4).flatten(1, 2))  # [B, n·C, H, Dv]
+        start = end
+    if start < total:  # a partial last chunk, entered at its start; its start weights stay in the state
+        y, w_new, s = partial(start, total, w, w, s)
+        if debug:
+            _check_state(fn, w_new, s, theta, eta, alpha, start, total, index)
+        outs.append(y.transpose(1, 2))
+        w0, w, pos = w, w_new, total - start
+    y = torch.cat(outs, 1) if len(outs) > 1 else outs[0] if outs else v.to(acc)
+    return y.to(q.dtype), MemoryState(tuple(w), tuple(s), tuple(w0), pos)
 
 
 def _check_gates(fn: str, theta: Tensor, eta: Tensor, alpha: Tensor) -> None:
