@@ -60,7 +60,7 @@ def test_kernels_get_the_callers_memory_no_copies(monkeypatch) -> None:
     assert kernel is bs_triton._fwd_kernel
     assert args[0].data_ptr() == q.data_ptr() and args[0].stride() == q.stride()
     assert args[1].data_ptr() == kv.data_ptr() and args[1].stride() == kv.stride()
-    tiles = args[10]
+    tiles = args[11]  # q k v o lse o_lo, then the 6 list tensors
     assert pat.tiles.dtype == torch.bool
     assert tiles.dtype == torch.int8 and tiles.data_ptr() == pat.tiles.data_ptr(), "the tiles were copied"
 

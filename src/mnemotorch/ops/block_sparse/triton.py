@@ -7,6 +7,10 @@ blocks without any mask work, then *partial* blocks with their element-mask tile
 Scores live in the base-2 domain (``s * scale * log2(e)``) so the softmax uses ``exp2``; the
 forward saves ``lse2 = m + log2(l)`` per row (``+inf`` for rows with no allowed key, whose output
 is 0), from which the backward recomputes probabilities.
+With 16-bit inputs the forward also writes the output's rounding residual (``o_lo``, when a
+backward will run), so that the backward's ``Delta = rowsum(dO * O)`` uses the fp32 output: from
+the rounded output, Delta's error is amplified when a row's softmax is peaked (shared Q/K), see
+``_bwd_preprocess``.
 
 Registered as ``torch.library.custom_op``s (``mnemotorch::block_sparse_attn_fwd`` / ``_bwd``) with
 an autograd formula, so ``torch.compile`` traces through them.
@@ -93,7 +97,7 @@ def _bias_grad(DT, sb, si, sh, R, b, h, trow, qc, kc, ds, ok):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, OLO,
     FULL_IDX, FULL_CNT, PART_IDX, PART_TILE, PART_CNT, TILES,
     QC, KC, T0, T1, sb0, si0, sh0, R0, sb1, si1, sh1, R1,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
@@ -101,7 +105,7 @@ def _fwd_kernel(
     qk_scale, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
-    NB: tl.constexpr = 0,
+    NB: tl.constexpr = 0, STORE_LO: tl.constexpr = False,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -176,13 +180,22 @@ def _fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_ptr = O + b.to(tl.int64) * sob + h * soh
-    _st_rows(o_ptr + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :], out.to(O.dtype.element_ty), m_ok, d_ok, EVEN_D)
+    o_off = b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :]
+    o_lp = out.to(O.dtype.element_ty)
+    _st_rows(O + o_off, o_lp, m_ok, d_ok, EVEN_D)
+    if STORE_LO:  # the rounding residual of a 16-bit output (same layout as O), for the backward's Delta
+        _st_rows(OLO + o_off, (out - o_lp.to(tl.float32)).to(OLO.dtype.element_ty), m_ok, d_ok, EVEN_D)
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DELTA, sob, sot, soh, sdob, sdot, sdoh, Lq, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr):
+def _bwd_preprocess(O, OLO, DO, DELTA, sob, sot, soh, sdob, sdot, sdoh, Lq, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
+                    HAS_LO: tl.constexpr = False):
+    # Delta = rowsum(dO * O) with O the forward's fp32 output: a 16-bit output is completed by its
+    # rounding residual (OLO, same strides as O). Delta must equal rowsum(P * dP) of the P the
+    # backward recomputes; from the rounded O its error |dO| |O| 2^-9 is not small next to
+    # dP - Delta when the softmax is peaked (q == k: the diagonal logit |q|^2 / sqrt(D) dominates
+    # and dP_ii - Delta_i -> 0), which made bf16 dQ (+ dK) 7x worse than an fp32-internal peer.
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -191,7 +204,10 @@ def _bwd_preprocess(O, DO, DELTA, sob, sot, soh, sdob, sdot, sdoh, Lq, H: tl.con
     offs_d = tl.arange(0, BLOCK_D)
     msk = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
     rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(O + b.to(tl.int64) * sob + h * soh + rows * sot + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    o_off = b.to(tl.int64) * sob + h * soh + rows * sot + offs_d[None, :]
+    o = tl.load(O + o_off, mask=msk, other=0.0).to(tl.float32)
+    if HAS_LO:
+        o += tl.load(OLO + o_off, mask=msk, other=0.0).to(tl.float32)
     do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + rows * sdot + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
@@ -529,28 +545,35 @@ def _bias_operands(q: Tensor, bias) -> tuple[tuple, int]:
     return (qc, kc, t0, t1, *s0, *s1), len(tables)
 
 
-def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block, bias=None):
+def _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block, bias=None, need_lo=False):
+    """``(o, lse, o_lo)``: with ``need_lo`` (for a backward) and a 16-bit ``q``, ``o_lo`` is the rounding
+    residual of ``o`` (``o + o_lo`` = the kernel's fp32 output to ~2^-17), else ``None``."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     o = _alloc(q)
     lse = _alloc(q, (b, h, lq), torch.float32)
+    store_lo = need_lo and q.dtype != torch.float32
+    o_lo = _alloc(q) if store_lo else None  # same shape and strides as o
     grid = (_cdiv(lq, q_block), b * h)
     bias_args, nb = _bias_operands(q, bias)
     args = (
-        q, k, v, o, lse, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, *bias_args,
+        q, k, v, o, lse, o_lo if store_lo else lse, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, *bias_args,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         full_idx.stride(0), part_idx.stride(0),
         scale * LOG2E, lq, lk,
     )
     bd = _pow2(d)
-    meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32, EVEN_D=bd == d, NB=nb)
+    meta = dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=q_block, BN=k_block, IEEE=q.dtype == torch.float32, EVEN_D=bd == d, NB=nb,
+                STORE_LO=store_lo)
     _launch(_fwd_kernel, k_block, q_block, grid, args, meta, q.device)
-    return o, lse
+    return o, lse, o_lo
 
 
-def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None):
-    """dQ, dK, dV (and, with ``bias``, the fp32 gradients of the bias tables, same shapes)."""
+def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None, o_lo=None):
+    """dQ, dK, dV (and, with ``bias``, the fp32 gradients of the bias tables, same shapes).
+
+    ``o_lo``: the forward's rounding residual of a 16-bit ``o`` (``None`` or empty: none)."""
     (full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt) = lists
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -558,8 +581,11 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None):
     do = do.contiguous() if do.stride(-1) != 1 else do
     delta = _alloc(q, (b, h, lq), torch.float32)
     bd = _pow2(d)
-    _bwd_preprocess[(_cdiv(lq, q_block), b * h)](o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                                                 lq, H=h, D=d, BLOCK_D=bd, BM=q_block)
+    has_lo = o_lo is not None and o_lo.numel() > 0
+    if has_lo and o_lo.stride() != o.stride():
+        raise ValueError(f"block_sparse backward: o_lo must have o's strides, got {o_lo.stride()} and {o.stride()}")
+    _bwd_preprocess[(_cdiv(lq, q_block), b * h)](o, o_lo if has_lo else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+                                                 do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=bd, BM=q_block, HAS_LO=has_lo)
     # With GQA, dK/dV are produced per query head (in fp32) and summed over each group.
     kv_dtype = k.dtype if group == 1 else torch.float32
     dk = _alloc(q, (b, lk, h, d), kv_dtype)
@@ -606,13 +632,20 @@ def block_sparse_attn_fwd(
     full_idx: Tensor, full_cnt: Tensor, part_idx: Tensor, part_tile: Tensor, part_cnt: Tensor, tiles: Tensor,
     t_full_idx: Tensor, t_full_cnt: Tensor, t_part_idx: Tensor, t_part_tile: Tensor, t_part_cnt: Tensor,
     scale: float, q_block: int, k_block: int,
-) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block)
+) -> tuple[Tensor, Tensor, Tensor]:
+    o, lse, o_lo = _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block, need_lo=True)
+    return o, lse, _lo_or_empty(q, o_lo)
+
+
+def _lo_or_empty(q, o_lo):
+    return q.new_empty(0) if o_lo is None else o_lo
 
 
 def _fwd_fake(q, k, v, *rest):
-    """Output ``[B, Lq, H, Dv]`` and log-sum-exp ``[B, H, Lq]`` (fp32), with or without a bias."""
-    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+    """Output ``[B, Lq, H, Dv]``, log-sum-exp ``[B, H, Lq]`` (fp32) and the output's rounding residual
+    (like the output for 16-bit inputs, empty for fp32), with or without a bias."""
+    lo = torch.empty_like(q) if q.dtype != torch.float32 else q.new_empty(0)
+    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32), lo
 
 
 block_sparse_attn_fwd.register_fake(_fwd_fake)
@@ -620,13 +653,13 @@ block_sparse_attn_fwd.register_fake(_fwd_fake)
 
 @torch.library.custom_op("mnemotorch::block_sparse_attn_bwd", mutates_args=())
 def block_sparse_attn_bwd(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor,
     full_idx: Tensor, full_cnt: Tensor, part_idx: Tensor, part_tile: Tensor, part_cnt: Tensor, tiles: Tensor,
     t_full_idx: Tensor, t_full_cnt: Tensor, t_part_idx: Tensor, t_part_tile: Tensor, t_part_cnt: Tensor,
     scale: float, q_block: int, k_block: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     lists = (full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt)
-    return _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block)
+    return _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, o_lo=o_lo)
 
 
 @block_sparse_attn_bwd.register_fake
@@ -636,14 +669,14 @@ def _(do, q, k, v, *rest):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, *lists, scale, q_block, k_block = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, *lists)
+    o, lse, o_lo = output
+    ctx.save_for_backward(q, k, v, o, lse, o_lo, *lists)
     ctx.scale, ctx.q_block, ctx.k_block = scale, q_block, k_block
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, *lists = ctx.saved_tensors
-    dq, dk, dv = block_sparse_attn_bwd(do, q, k, v, o, lse, *lists, ctx.scale, ctx.q_block, ctx.k_block)
+def _backward(ctx, do, dlse, dlo):
+    q, k, v, o, lse, o_lo, *lists = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attn_bwd(do, q, k, v, o, lse, o_lo, *lists, ctx.scale, ctx.q_block, ctx.k_block)
     return (dq, dk, dv) + (None,) * (len(lists) + 3)
 
 
@@ -659,9 +692,11 @@ def block_sparse_attn_bias_fwd(
     t_full_idx: Tensor, t_full_cnt: Tensor, t_part_idx: Tensor, t_part_tile: Tensor, t_part_cnt: Tensor,
     q_coords: Tensor, k_coords: Tensor, table0: Tensor, table1: Optional[Tensor],
     scale: float, q_block: int, k_block: int,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     tables = [table0] if table1 is None else [table0, table1]
-    return _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block, (q_coords, k_coords, tables))
+    o, lse, o_lo = _fwd_impl(q, k, v, full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, scale, q_block, k_block,
+                             (q_coords, k_coords, tables), need_lo=True)
+    return o, lse, _lo_or_empty(q, o_lo)
 
 
 block_sparse_attn_bias_fwd.register_fake(_fwd_fake)
@@ -669,7 +704,7 @@ block_sparse_attn_bias_fwd.register_fake(_fwd_fake)
 
 @torch.library.custom_op("mnemotorch::block_sparse_attn_bias_bwd", mutates_args=())
 def block_sparse_attn_bias_bwd(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor,
     full_idx: Tensor, full_cnt: Tensor, part_idx: Tensor, part_tile: Tensor, part_cnt: Tensor, tiles: Tensor,
     t_full_idx: Tensor, t_full_cnt: Tensor, t_part_idx: Tensor, t_part_tile: Tensor, t_part_cnt: Tensor,
     q_coords: Tensor, k_coords: Tensor, table0: Tensor, table1: Optional[Tensor],
@@ -678,13 +713,13 @@ def block_sparse_attn_bias_bwd(
     """dQ, dK, dV and the fp32 gradients of ``table0`` / ``table1`` (an empty tensor without ``table1``)."""
     lists = (full_idx, full_cnt, part_idx, part_tile, part_cnt, tiles, t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt)
     tables = [table0] if table1 is None else [table0, table1]
-    dq, dk, dv, dts = _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, (q_coords, k_coords, tables))
+    dq, dk, dv, dts = _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, (q_coords, k_coords, tables), o_lo=o_lo)
     dt1 = dts[1] if table1 is not None else table0.new_zeros(0, dtype=torch.float32)
     return dq, dk, dv, dts[0], dt1
 
 
 @block_sparse_attn_bias_bwd.register_fake
-def _(do, q, k, v, o, lse, *rest):
+def _(do, q, k, v, o, lse, o_lo, *rest):
     table0, table1 = rest[13], rest[14]
     dt1 = table0.new_empty(0, dtype=torch.float32) if table1 is None else table1.new_empty(table1.shape, dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), table0.new_empty(table0.shape, dtype=torch.float32), dt1)
@@ -693,17 +728,17 @@ def _(do, q, k, v, o, lse, *rest):
 def _bias_setup_context(ctx, inputs, output):
     q, k, v, *rest = inputs
     lists, (qc, kc, t0, t1), (scale, q_block, k_block) = rest[:11], rest[11:15], rest[15:]
-    o, lse = output
+    o, lse, o_lo = output
     ctx.has_t1 = t1 is not None
-    ctx.save_for_backward(q, k, v, o, lse, *lists, qc, kc, t0, t1 if t1 is not None else t0)
+    ctx.save_for_backward(q, k, v, o, lse, o_lo, *lists, qc, kc, t0, t1 if t1 is not None else t0)
     ctx.scale, ctx.q_block, ctx.k_block = scale, q_block, k_block
 
 
-def _bias_backward(ctx, do, dlse):
-    q, k, v, o, lse, *rest = ctx.saved_tensors
+def _bias_backward(ctx, do, dlse, dlo):
+    q, k, v, o, lse, o_lo, *rest = ctx.saved_tensors
     lists, (qc, kc, t0, t1) = rest[:11], rest[11:]
     t1 = t1 if ctx.has_t1 else None
-    dq, dk, dv, dt0, dt1 = block_sparse_attn_bias_bwd(do, q, k, v, o, lse, *lists, qc, kc, t0, t1, ctx.scale, ctx.q_block, ctx.k_block)
+    dq, dk, dv, dt0, dt1 = block_sparse_attn_bias_bwd(do, q, k, v, o, lse, o_lo, *lists, qc, kc, t0, t1, ctx.scale, ctx.q_block, ctx.k_block)
     return (dq, dk, dv) + (None,) * 13 + (dt0.to(t0.dtype), dt1.to(t1.dtype) if t1 is not None else None, None, None, None)
 
 
@@ -732,21 +767,21 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, t0, t1, lists, coords, scale, q_block, k_block):
         bias = None if t0 is None else (coords[0], coords[1], [t0] if t1 is None else [t0, t1])
-        o, lse = _fwd_impl(q, k, v, *lists[:6], scale, q_block, k_block, bias)
-        ctx.save_for_backward(q, k, v, o, lse, t0, t1)
+        o, lse, o_lo = _fwd_impl(q, k, v, *lists[:6], scale, q_block, k_block, bias, need_lo=True)
+        ctx.save_for_backward(q, k, v, o, lse, t0, t1, o_lo)
         ctx.lists, ctx.coords, ctx.scale, ctx.q_block, ctx.k_block = lists, coords, scale, q_block, k_block
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        q, k, v, o, lse, t0, t1 = ctx.saved_tensors
+        q, k, v, o, lse, t0, t1, o_lo = ctx.saved_tensors
         none = (None,) * 7
         if t0 is None:
-            dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, ctx.lists, ctx.scale, ctx.q_block, ctx.k_block)
+            dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, ctx.lists, ctx.scale, ctx.q_block, ctx.k_block, o_lo=o_lo)
             return (dq, dk, dv) + none
         tables = [t0] if t1 is None else [t0, t1]
-        dq, dk, dv, dts = _bwd_impl(do, q, k, v, o, lse, ctx.lists, ctx.scale, ctx.q_block, ctx.k_block, (*ctx.coords, tables))
+        dq, dk, dv, dts = _bwd_impl(do, q, k, v, o, lse, ctx.lists, ctx.scale, ctx.q_block, ctx.k_block, (*ctx.coords, tables), o_lo=o_lo)
         dt1 = dts[1].to(t1.dtype) if t1 is not None else None
         return (dq, dk, dv, dts[0].to(t0.dtype), dt1) + none[2:]
 
@@ -783,8 +818,7 @@ def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, pattern, scal
             if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
                 return _fwd_impl(q, k, v, *lists[:6], scale, p.q_block, p.k_block)[0]
             return _EagerAttention.apply(q, k, v, None, None, lists, None, scale, p.q_block, p.k_block)
-        out, _ = block_sparse_attn_fwd(q, k, v, *lists, scale, p.q_block, p.k_block)
-        return out
+        return block_sparse_attn_fwd(q, k, v, *lists, scale, p.q_block, p.k_block)[0]
     tables = []
     for t in bias.canonical_tables():
         if t.dtype == torch.float64:  # the kernels read fp32/bf16/fp16 tables (accumulating in fp32)
@@ -795,5 +829,4 @@ def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, pattern, scal
     t1 = tables[1] if len(tables) > 1 else None
     if eager:
         return _EagerAttention.apply(q, k, v, tables[0], t1, lists, (qc, kc), scale, p.q_block, p.k_block)
-    out, _ = block_sparse_attn_bias_fwd(q, k, v, *lists, qc, kc, tables[0], t1, scale, p.q_block, p.k_block)
-    return out
+    return block_sparse_attn_bias_fwd(q, k, v, *lists, qc, kc, tables[0], t1, scale, p.q_block, p.k_block)[0]
