@@ -194,13 +194,18 @@ class HebbianMemory(Mixer):
         normalize_keys: ℓ2-normalise keys *and* queries per head (default True). This is what
             makes η ≤ 1 stable for the delta rule, and it bounds Hebb's cross-talk ``k_iᵀ q``
             by 1 (retrieval is then ``v_j`` + interference, as in the capacity analysis).
-        chunk_size: chunk length of the Hebb path (the delta rule runs token by token for now).
+        chunk_size: chunk length of both rules' chunked forms. Hebb runs as chunked linear
+            attention; the delta rule runs exactly in DeltaNet's chunkwise WY form (Yang et al.,
+            2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length"):
+            per chunk, one unit-triangular solve gives the pseudo-values and the reads and the state
+            update are matmuls, so only the loop over chunks is sequential
+            (:func:`mnemotorch.ops.linear.hebbian_memory`).
 
     State: ``M [B, H, Dv, Dk]``: ``H · head_dim²`` elements, whatever the length.
     """
 
     description = "Hebbian / delta-rule associative memory, y = M q; matrix state (Schlag et al. 2021)"
-    example_kwargs = {"rule": "delta", "lr": 0.5}
+    example_kwargs = {"rule": "delta", "lr": 0.5, "chunk_size": 8}  # several chunks and a partial one in the shared tests
 
     def __init__(self, dim: int, num_heads: int, rule: str = "hebb", lr: float = 1.0, normalize_keys: bool = True, chunk_size: int = 64):
         super().__init__(dim, num_heads)
@@ -245,4 +250,4 @@ class HebbianMemory(Mixer):
         return y, HebbianState(seen_tokens=state.seen_tokens + t, M=m)
 
     def extra_repr(self) -> str:
-        return f"rule={self.rule!r}, lr={self.lr}, normalize_keys={self.normalize_keys}"
+        return f"rule={self.rule!r}, lr={self.lr}, normalize_keys={self.normalize_keys}, chunk_size={self.chunk_size}"

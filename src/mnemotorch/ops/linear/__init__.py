@@ -8,7 +8,8 @@ first kernels failed on an H100 (2026-11-25: bf16 relative error 0.55, an illega
 under autotuning); the rewritten ones pass ``scripts/diag_linear.py`` and ``tests/gpu/test_linear_gpu.py``
 on an H200 (sm_90, Triton 3.6, 2026-11-26; ``docs/results/linear_attention.md``).
 ``MNEMO_LINEAR_KERNELS=0`` keeps ``"auto"`` and the mixers on the reference path.
-``hebbian_memory`` runs the reference. See ``docs/mixers/linear_attention.md`` / ``docs/mixers/hebbian.md`` for the semantics.
+``hebbian_memory`` runs in PyTorch: Hebb in the chunked linear-attention form, the delta rule in
+DeltaNet's chunkwise WY form (shared with Miras), both tested against the token loop of ``reference.py``. See ``docs/mixers/linear_attention.md`` / ``docs/mixers/hebbian.md`` for the semantics.
 """
 
 from __future__ import annotations
@@ -158,21 +159,33 @@ def hebbian_memory(
         lr: η, a float > 0 or a per-token tensor ``[B, T, H]``. The delta rule is stable when
             ``η ‖k_t‖² ≤ 2``: ℓ2-normalise keys and keep η ≤ 1 to never overshoot.
         initial_state: ``M0 [B, H, Dv, Dk]`` or ``None``.
-        chunk_size: chunk length of the Hebb path (Hebb is unnormalised linear attention with
-            φ = identity and values scaled by η, so it runs in the chunked form).
+        chunk_size: tokens per chunk, any ``T`` (the last chunk may be partial). Hebb is
+            unnormalised linear attention with φ = identity and values scaled by η, so it runs in
+            the chunked form of :func:`linear_attention_chunked`; the delta rule runs in DeltaNet's
+            chunkwise WY form (below). ``chunk_size=1`` is the token recurrence.
         backend: ``"auto"`` or ``"reference"``.
 
     Returns:
-        ``(y [B, T, H, Dv], M_T [B, H, Dv, Dk])``.
+        ``(y [B, T, H, Dv], M_T [B, H, Dv, Dk])``; ``y`` in the dtype of ``q``, ``M_T`` in the
+        accumulation dtype (float32 for half inputs).
 
-    The delta rule runs as the token loop of :func:`hebbian_memory_reference` for now (its chunked
-    WY form is the fast path of a later issue).
+    The delta rule is computed exactly, chunk by chunk (Yang et al., 2024, "Parallelizing Linear
+    Transformers with the Delta Rule over Sequence Length"): inside a chunk of ``C`` tokens entering
+    with ``M_c``, every state is ``M_c`` plus a sum of rank-one writes ``u_s k_sᵀ`` whose pseudo-values
+    solve the unit lower-triangular system ``(I + tril₋₁(diag(η) K Kᵀ)) U = diag(η) (V − K M_cᵀ)``
+    (the UT transform), so the chunk's reads ``Y = Q M_cᵀ + tril(Q Kᵀ) U`` and the next state
+    ``M_{c+1} = M_c + Uᵀ K`` are matmuls; only the loop over chunks is sequential. The code is
+    :func:`mnemotorch.ops.memory.miras.wy_delta_rule`, shared with Miras' ``mode="wy"``; the token
+    loop :func:`hebbian_memory_reference` is the specification it is tested against. Autocast is
+    off inside (the solve and the state stay in the accumulation dtype).
     """
     fn = "hebbian_memory"
     check_hebbian_args(fn, k, v, q, rule, lr, initial_state)
     _check_reference_only(fn, backend)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be an int >= 1, got {chunk_size!r}")
     if rule == "delta":
-        return hebbian_memory_reference(k, v, q, rule, lr, initial_state)
+        return _delta_rule_chunked(k, v, q, lr, initial_state, chunk_size)
     scaled = v * (lr.to(device=v.device, dtype=v.dtype).unsqueeze(-1) if isinstance(lr, Tensor) else float(lr))
     state = None
     if initial_state is not None:
@@ -181,6 +194,26 @@ def hebbian_memory(
         state = (m0.transpose(-1, -2), m0.new_zeros(m0.shape[:2] + m0.shape[-1:]))
     y, (s, _) = linear_attention_chunked(q, k, scaled, state, normalize=False, chunk_size=chunk_size)
     return y, s.transpose(-1, -2).contiguous()
+
+
+def _delta_rule_chunked(k: Tensor, v: Tensor, q: Tensor, lr: float | Tensor, initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """The delta rule through the shared WY blocks, in the row convention ``W = Mᵀ [Dk, Dv]``."""
+    from ..memory.miras import wy_delta_rule
+
+    acc = accumulation_dtype(q.dtype)
+    b, t, h, dk = k.shape
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qh, kh, vh = (x.to(acc).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+        if isinstance(lr, Tensor):
+            eta = lr.to(device=k.device, dtype=acc).transpose(1, 2)
+        else:
+            eta = torch.full((b, h, t), float(lr), dtype=acc, device=k.device)
+        if initial_state is None:
+            w0 = k.new_zeros(b, h, dk, v.shape[-1], dtype=acc)
+        else:
+            w0 = initial_state.to(device=k.device, dtype=acc).transpose(-1, -2)
+        y, w = wy_delta_rule(qh, kh, vh, eta, w0, chunk_size)
+    return y.transpose(1, 2).to(q.dtype), w.transpose(-1, -2).contiguous()
 
 
 _KERNEL_NAMES = ("linear_attention_triton", "linear_attention_step_triton", "kernel_support")

@@ -25,6 +25,10 @@ with (key, value) pairs and read with queries, ``y_t = M_t q_t``:
 * delta: ``M_t = M_{t-1} - η (M_{t-1} k_t - v_t) k_tᵀ``  (move the memory's answer for ``k_t``
   towards ``v_t``; with ``‖k_t‖ = 1`` and η = 1 the old association for ``k_t`` is overwritten).
 
+:func:`hebbian_memory_reference` is their token loop. ``hebbian_memory`` runs Hebb in the chunked
+linear-attention form and the delta rule in DeltaNet's chunkwise WY form
+(:func:`mnemotorch.ops.memory.miras.wy_delta_rule`); both are tested against this loop.
+
 Precision: sums are accumulated in float32 for half-precision inputs and in the input dtype
 otherwise (float32 / float64); returned states stay in that accumulation dtype, outputs are cast
 back to the input dtype. ε defaults to 1e-6, which only matters when a denominator is tiny.

@@ -477,6 +477,91 @@ def wy_supported(config: MirasConfig, depth: int, chunk_size: int) -> bool:
     )
 
 
+def wy_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    w0: Tensor,
+    block_size: int,
+    log_retain: Tensor | None = None,
+    retain_first: bool = False,
+    dot_bias: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The exact (gated) delta rule in blocks: DeltaNet's chunkwise algorithm (Yang et al., 2024).
+
+    The one implementation of the WY / UT-transform form, shared by :func:`miras_wy` and
+    :func:`mnemotorch.ops.linear.hebbian_memory` (``rule="delta"``). Row-vector convention, the
+    memory is ``W [Dk, Dv]`` and reads ``y_t = q_t W_t`` (token ``t``'s own write included)::
+
+        W_t = α_t W_{t−1} + k_tᵀ η_t (v_t − k_t W̄_t)        (dot_bias: W_t = α_t W_{t−1} + η_t k_tᵀ v_t)
+
+    with ``W̄_t = W_{t−1}``, or ``α_t W_{t−1}`` if ``retain_first`` (Gated DeltaNet's order);
+    ``log_retain=None`` means α ≡ 1 (DeltaNet: no decay terms are formed). See :func:`miras_wy`
+    for the block equations. All blocks' triangular solves and intra-block products run at once
+    (the last block is zero-padded: a zero key, η and log α write nothing); the loop over blocks
+    only carries ``W``: ``U_c = Ũ_c − K̃_c W_c`` and ``W_{c+1} = γ_L W_c + (D_L ⊙ K_c)ᵀ U_c``, with
+    ``Ũ = (I + A)⁻¹ (η ⊙ V)`` and ``K̃ = (I + A)⁻¹ (η λ ⊙ K)`` from one solve.
+
+    Args:
+        q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]``; eta: ``[B, H, T]`` (η_t); w0: ``[B, H, Dk, Dv]``;
+        block_size: ``L``, tokens per block (any ``T``; exact for every ``L``, only rounding differs);
+        log_retain: ``[B, H, T]`` log α_t, or ``None``. All tensors in one (accumulation) dtype.
+
+    Returns:
+        ``(y [B, H, T, Dv], W_T [B, H, Dk, Dv])``.
+    """
+    b, h, t, dk = k.shape
+    if t == 0:
+        return v, w0
+    n_len = min(block_size, t)  # a block longer than the sequence would only add padding
+    n_blk = -(-t // n_len)
+    pad = n_blk * n_len - t
+    blocks = lambda x: F.pad(x, (0, 0, 0, pad)).view(b, h, n_blk, n_len, x.shape[-1])  # noqa: E731
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)  # [B, H, N, L, D]
+    eb = F.pad(eta, (0, pad)).view(b, h, n_blk, n_len)
+    causal = torch.ones(n_len, n_len, dtype=torch.bool, device=k.device).tril()
+    scores = qb @ kb.transpose(-1, -2)  # [B, H, N, L, L]
+    if log_retain is None:
+        gamma = decay_last = None
+        reads = scores.masked_fill(~causal, 0.0)
+        dbar, lam = None, None
+    else:
+        lb = F.pad(log_retain, (0, pad)).view(b, h, n_blk, n_len)
+        seg = segment_sum(lb)  # Σ_{s<r≤t} log α_r, −inf above the diagonal
+        decay, cum = seg.exp(), lb.cumsum(-1)
+        gamma, decay_last = cum.exp(), decay[..., -1, :]
+        reads = decay * scores
+        if retain_first:
+            lam, dbar = gamma, decay
+        else:  # gradient at W_{t−1}: one α fewer on both terms
+            lam, dbar = (cum - lb).exp(), (seg - lb.unsqueeze(-1)).exp()
+    ev = eb.unsqueeze(-1) * vb
+    if dot_bias:
+        u_v, u_k = ev, None
+    else:
+        kk = kb @ kb.transpose(-1, -2)
+        a = eb.unsqueeze(-1) * (kk if dbar is None else dbar * kk)
+        a = a.masked_fill(~causal.tril(-1), 0.0) + torch.eye(n_len, dtype=a.dtype, device=a.device)
+        ek = eb.unsqueeze(-1) * (kb if lam is None else lam.unsqueeze(-1) * kb)
+        solved = torch.linalg.solve_triangular(a, torch.cat([ev, ek], -1), upper=False, unitriangular=True)
+        u_v, u_k = solved[..., : vb.shape[-1]], solved[..., vb.shape[-1] :]
+    k_out = kb if decay_last is None else decay_last.unsqueeze(-1) * kb  # [B, H, N, L, Dk]
+    w, states, us = w0, [], []
+    for c in range(n_blk):
+        u = u_v[:, :, c] if u_k is None else u_v[:, :, c] - u_k[:, :, c] @ w
+        states.append(w)
+        us.append(u)
+        w_kept = w if gamma is None else gamma[:, :, c, -1, None, None] * w
+        w = w_kept + k_out[:, :, c].transpose(-1, -2) @ u
+    w_in, u_all = torch.stack(states, 2), torch.stack(us, 2)  # [B, H, N, Dk, Dv], [B, H, N, L, Dv]
+    carried = qb @ w_in
+    if gamma is not None:
+        carried = gamma.unsqueeze(-1) * carried
+    y = (carried + reads @ u_all).reshape(b, h, n_blk * n_len, -1)[:, :, :t]
+    return y, w
+
+
 def miras_wy(
     q: Tensor,
     k: Tensor,
@@ -500,7 +585,8 @@ def miras_wy(
     with the gradient point ``W̄_t = α_t W_{t−1}`` (retain_first: ``λ_t = γ_t``, ``D̄ = D``) or
     ``W_{t−1}`` (``λ_t = γ_{t−1}``, ``D̄_ts = γ_{t−1}/γ_s``). The dot bias has ``U = η ⊙ V``. Reads:
     ``Y = γ ⊙ (Q W_0) + (D ∘ Q Kᵀ) U``; the block leaves ``W_L = γ_L W_0 + (D_L ⊙ K)ᵀ U``.
-    Exact for any block size (only rounding differs).
+    Exact for any block size (only rounding differs). The blocks run in :func:`wy_delta_rule`,
+    which ``hebbian_memory(rule="delta")`` shares.
     """
     fn = "miras_wy"
     state = check_miras_args(fn, q, k, v, lr, retain, initial_state, config, None, None, chunk_size)
@@ -512,33 +598,11 @@ def miras_wy(
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"{fn}: block_size must be an int >= 1, got {block_size!r}")
     acc = accumulation_dtype(q.dtype)
-    w = state.weights[0].to(acc)
     qh, kh, vh = (x.to(acc).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    eta = lr.to(acc).transpose(1, 2)
-    la = torch.log(retain.to(acc)).transpose(1, 2)
-    outs = []
-    for start in range(0, q.shape[1], block_size):
-        sl = slice(start, start + block_size)
-        qb, kb, vb, eb, lb = qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], eta[..., sl], la[..., sl]
-        seg = segment_sum(lb)  # [B, H, L, L]: Σ_{s<r≤t} log α_r, −inf above the diagonal
-        decay = seg.exp()
-        gamma = lb.cumsum(-1).exp()
-        if config.bias == "dot":
-            u = eb.unsqueeze(-1) * vb
-        else:
-            if config.retain_first:
-                lam, dbar = gamma, decay
-            else:  # gradient at W_{t−1}: one α fewer on both terms
-                lam, dbar = (lb.cumsum(-1) - lb).exp(), (seg - lb.unsqueeze(-1)).exp()
-            n = lb.shape[-1]
-            strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
-            a = (eb.unsqueeze(-1) * dbar * (kb @ kb.transpose(-1, -2))).masked_fill(~strict, 0.0)
-            eye = torch.eye(n, dtype=acc, device=q.device)
-            rhs = eb.unsqueeze(-1) * (vb - lam.unsqueeze(-1) * (kb @ w))
-            u = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
-        outs.append(gamma.unsqueeze(-1) * (qb @ w) + (decay * (qb @ kb.transpose(-1, -2))) @ u)
-        w = gamma[..., -1, None, None] * w + (decay[..., -1, :].unsqueeze(-1) * kb).transpose(-1, -2) @ u
-    y = torch.cat(outs, 2) if outs else vh
+    y, w = wy_delta_rule(
+        qh, kh, vh, lr.to(acc).transpose(1, 2), state.weights[0].to(acc), block_size,
+        log_retain=torch.log(retain.to(acc)).transpose(1, 2), retain_first=config.retain_first, dot_bias=config.bias == "dot",
+    )  # fmt: skip
     # Plain GD never touches the momentum slot: hand it back as it came (zeros from a list of weights).
     return y.transpose(1, 2).to(q.dtype), MemoryState((w,), (state.momentum[0].to(acc),), (w,), 0)
 
