@@ -8,18 +8,12 @@
 #   lla     -- the LLA case of `mnemo bench linear`;
 #   kernels -- `mnemo bench kernels` neighbourhood / power / sliding-window cases (KERNEL_CASES).
 # Default "tests routed lla kernels"; scripts/gpu_session.sh is "tests swa linear" over every GPU test.
-# At most 8 files land in $OUT (logs + JSON).
+# At most 8 files land in $OUT (logs + JSON). STEPS ending in "save_cache" also bring back the compile
+# caches (scripts/gpu_env.sh says how to carry them into the next call).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-OUT="${OUT:-$ROOT/gpu_out}"
-mkdir -p "$OUT"
-SITE=""
-wheels=$(ls .peers/routing/*.whl .whl/*.whl 2>/dev/null | awk -F/ '!seen[$NF]++')   # one copy of a wheel found in both folders
-if [ -n "$wheels" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels && SITE=/tmp/site
-fi
-export PYTHONPATH="$ROOT/src${SITE:+:$SITE}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+source "$ROOT/scripts/gpu_env.sh"   # wheels, PYTHONPATH, carried compile caches
 python3 -c "import json, torch, transformers, triton; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__, 'transformers': transformers.__version__}))" | tee "$OUT/env.json"
 STEPS="${STEPS:-tests routed lla kernels}"
 for step in $STEPS; do
@@ -53,6 +47,8 @@ for step in $STEPS; do
       echo "== LLA bench =="
       timeout ${LLA_TIMEOUT:-90} python3 -m mnemotorch.cli bench linear -- --skip linear,based,decode --out "$OUT/bench_lla.json" \
           ${LLA_ARGS:-} 2>&1 | grep -v -i warn | tail -8 ;;
+    save_cache)
+      save_compile_cache ;;
     kernels)
       echo "== block-sparse bench =="
       timeout ${KERNELS_TIMEOUT:-160} python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \
