@@ -23,20 +23,7 @@ from collections import defaultdict
 
 import torch
 
-
-def _median_ms(fn, warmup=3, rep=10):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+from mnemotorch.bench.block_sparse import median_ms
 
 
 def _kernel_table(fn, calls=3, top=14):
@@ -80,7 +67,7 @@ def _fwd_bwd(fwd, params):
 def _profile(name, fwd, params, report):
     try:
         f, fb = _fwd_bwd(fwd, params)
-        r = {"fwd_ms": _median_ms(f), "fwd_bwd_ms": _median_ms(fb), "fwd": _kernel_table(f), "fwd_bwd": _kernel_table(fb)}
+        r = {"fwd_ms": median_ms(f), "fwd_bwd_ms": median_ms(fb), "fwd": _kernel_table(f), "fwd_bwd": _kernel_table(fb)}
     except Exception as exc:  # noqa: BLE001
         r = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     report[name] = r

@@ -31,21 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-
-def _median_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+from .block_sparse import median_ms
 
 
 def _measure(fwd: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> dict:
@@ -58,7 +44,7 @@ def _measure(fwd: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> dic
 
     try:
         with torch.no_grad():
-            t_f = _median_ms(fwd)
+            t_f = median_ms(fwd)
         fwd_bwd()  # warm-up (autotuning buffers stay out of the peak)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -66,7 +52,7 @@ def _measure(fwd: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> dic
         fwd_bwd()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        return {"fwd_ms": t_f, "fwd_bwd_ms": _median_ms(fwd_bwd), "peak_extra_gib": peak}
+        return {"fwd_ms": t_f, "fwd_bwd_ms": median_ms(fwd_bwd), "peak_extra_gib": peak}
     except Exception as exc:  # a failing implementation must not stop the benchmark
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
@@ -156,7 +142,7 @@ def decode_case(context: int, batch: int = 128, H: int = 16, feature: str = "tay
     def step():
         return linear_attention_step_triton(xq, xk, xv, (s, z), feature, inplace=True)[0]
 
-    ms = _median_ms(lambda: [step() for _ in range(steps)], warmup=2, rep=10) / steps
+    ms = median_ms(lambda: [step() for _ in range(steps)], warmup=2, rep=10) / steps
     return {"case": "decode", "context": context, "batch": batch, "H": H, "feature": feature, "Dqk": dk, "Dv": dv,
             "ms_per_step": ms, "tokens_per_s": batch / (ms * 1e-3),
             "state_mib": (s.numel() + z.numel()) * 4 / 2**20,

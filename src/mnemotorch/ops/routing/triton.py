@@ -28,6 +28,25 @@ BLOCK_C = 32
 
 
 @triton.jit
+def _argmax_centroid(x, MU, h, smh, smc, offs_d, d_ok, C, BT: tl.constexpr, BC: tl.constexpr):
+    """Index of the highest-scoring centroid ``x · μ_c`` per row of ``x [BT, BLOCK_D]`` (fp32, IEEE
+    products), walking the centroids BC at a time; ties go to the lowest index."""
+    best = tl.full([BT], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BT], tl.int64)
+    for c0 in range(0, C, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        c_ok = offs_c < C
+        mu = tl.load(MU + h * smh + offs_c[:, None] * smc + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(x, tl.trans(mu.to(tl.float32)), input_precision="ieee")
+        s = tl.where(c_ok[None, :], s, float("-inf"))
+        m, idx = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+        better = m > best  # strict: an equal score in a later step keeps the earlier (lower) index
+        best_idx = tl.where(better, c0 + idx.to(tl.int64), best_idx)
+        best = tl.where(better, m, best)
+    return best_idx
+
+
+@triton.jit
 def _nearest_centroid_kernel(
     X, MU, OUT,
     sxn, sxh, smh, smc, son, soh,
@@ -41,18 +60,7 @@ def _nearest_centroid_kernel(
     d_ok = offs_d < D
     x = tl.load(X + offs_t[:, None].to(tl.int64) * sxn + h * sxh + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
     x = x.to(tl.float32)
-    best = tl.full([BT], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BT], tl.int64)
-    for c0 in range(0, C, BC):
-        offs_c = c0 + tl.arange(0, BC)
-        c_ok = offs_c < C
-        mu = tl.load(MU + h * smh + offs_c[:, None] * smc + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(x, tl.trans(mu.to(tl.float32)), input_precision="ieee")
-        s = tl.where(c_ok[None, :], s, float("-inf"))
-        m, idx = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-        better = m > best  # strict: an equal score in a later step keeps the earlier (lower) index
-        best_idx = tl.where(better, c0 + idx.to(tl.int64), best_idx)
-        best = tl.where(better, m, best)
+    best_idx = _argmax_centroid(x, MU, h, smh, smc, offs_d, d_ok, C, BT, BC)
     tl.store(OUT + offs_t.to(tl.int64) * son + h * soh, best_idx, mask=t_ok)
 
 
@@ -114,18 +122,7 @@ def _route_assign_kernel(
     var = tl.sum(xc * xc, 1) / D
     r = xc * (1.0 / tl.sqrt_rn(var + eps))[:, None]
     r = r.to(X.dtype.element_ty).to(tl.float32)
-    best = tl.full([BT], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BT], tl.int64)
-    for c0 in range(0, C, BC):
-        offs_c = c0 + tl.arange(0, BC)
-        c_ok = offs_c < C
-        mu = tl.load(MU + h * smh + offs_c[:, None] * smc + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(r, tl.trans(mu.to(tl.float32)), input_precision="ieee")
-        s = tl.where(c_ok[None, :], s, float("-inf"))
-        m, idx = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-        better = m > best
-        best_idx = tl.where(better, c0 + idx.to(tl.int64), best_idx)
-        best = tl.where(better, m, best)
+    best_idx = _argmax_centroid(r, MU, h, smh, smc, offs_d, d_ok, C, BT, BC)
     tl.store(OUT + offs_t.to(tl.int64) * son + h * soh, best_idx, mask=t_ok)
     if LOSS:
         mu_b = tl.load(MU + h * smh + best_idx[:, None] * smc + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
