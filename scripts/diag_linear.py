@@ -27,6 +27,8 @@ tuning trial announced, and the phase goes on with the next case in a fresh proc
 
     CUDA_LAUNCH_BLOCKING=1 PYTHONPATH=src python scripts/diag_linear.py
     # options: --phases fixed,autotuned  --tuned-dtypes bfloat16  --lengths 64,1000,4096  --serial
+    PYTHONPATH=src python scripts/diag_linear.py --sweep-case linear   # launch-parameter sweep (also: based)
+    PYTHONPATH=src python scripts/diag_linear.py --e2e --lengths 16384,65536   # fwd, fwd+bwd vs fla
 
 Writes ``$OUT/diag_linear.json`` when ``OUT`` is set (or ``--json PATH``). Exit status 0 when
 every check passes, 1 otherwise.
@@ -451,6 +453,224 @@ def print_phase(phase, cases, data):
             print(f"    {name:16s} {cfg}")
 
 
+# ---------------------------------------------------------------------------------------------
+# --sweep: launch-parameter sweep and end-to-end timings at benchmark sizes (GPU only)
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_CASES = {  # name: feature, Dk, Dv, normalize (bf16, B = 1, H = 16: the issue's benchmark rows)
+    "linear": ("identity", 128, 128, False),
+    "based": ("taylor", 16, 64, True),
+}
+
+
+def _c(*rows, bk=False):
+    keys = ("BK", "BV", "num_warps", "num_stages") if bk else ("BV", "num_warps", "num_stages")
+    return [dict(zip(keys, r)) for r in rows]
+
+
+SWEEP_CONFIGS = {
+    "_la_fwd_states": _c((64, 32, 4, 3), (64, 32, 4, 4), (64, 32, 4, 5), (64, 64, 4, 4), (32, 64, 4, 4), (64, 32, 2, 4),
+                         (32, 32, 4, 4), (128, 32, 4, 4), (64, 32, 8, 4), bk=True),
+    "_la_fwd_out": _c((64, 4, 1), (64, 4, 2), (32, 4, 1), (64, 2, 1), (32, 2, 1), (64, 8, 1)),
+    "_la_bwd_states": None,  # same candidates as _la_fwd_states
+    "_la_bwd_grads": _c((32, 8, 1), (64, 8, 1), (16, 8, 1)),  # 4 warps faulted (H100, Triton 3.6)
+    "_la_bwd_dqk": _c((64, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 1), (32, 32, 4, 1), (64, 32, 4, 2), (64, 16, 4, 1), (32, 64, 4, 1), bk=True),
+    "_la_bwd_dv": _c((64, 4, 1), (32, 4, 1), (64, 8, 1), (128, 8, 1), (64, 4, 2), (32, 2, 1)),
+    "_tl_fwd_states": _c((64, 4, 3), (64, 4, 4), (64, 4, 5), (32, 4, 4), (64, 2, 4), (64, 8, 4), (16, 4, 4)),
+    "_tl_fwd_out": _c((64, 4, 2), (64, 8, 2), (32, 4, 2), (64, 4, 1), (64, 2, 2), (32, 2, 2)),
+    "_tl_bwd_states": None,
+    "_tl_bwd_grads": _c((64, 8, 1), (64, 4, 1), (64, 4, 2), (32, 4, 2), (32, 8, 1), (64, 8, 2), (16, 4, 1)),
+}
+SWEEP_CONFIGS["_la_bwd_states"] = SWEEP_CONFIGS["_la_fwd_states"]
+SWEEP_CONFIGS["_tl_bwd_states"] = SWEEP_CONFIGS["_tl_fwd_states"]
+
+
+def _cuda_ms(fn, warmup=3, rep=15):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(rep):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+def _out_path(args, stem):
+    if os.environ.get("OUT"):
+        return os.path.join(os.environ["OUT"], stem)
+    return os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else ".", stem)
+
+
+def sweep_case(args):
+    """Per-kernel times of one benchmark case over SWEEP_CONFIGS (MNEMO_AUTOTUNE=0; ``K._OVERRIDE``
+    sets one kernel's launch parameters, the others keep their fixed ones); writes
+    ``sweep_<case>.json`` with every time and the best parameters per kernel."""
+    import torch
+    import mnemotorch.ops.linear.triton as K
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    name = args.sweep_case
+    feature, dk, dv, normalize = SWEEP_CASES[name]
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "case": name, "L": args.sweep_length, "kernels": {}, "best": {}}
+    path = _out_path(args, f"sweep_{name}.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+    eps, C, L = 1e-6, 64, args.sweep_length
+    fid = K.FEATURE_IDS[feature]
+    torch.manual_seed(0)
+    scale = 0.5 if feature == "taylor" else dk**-0.5
+    q, k, v, dy = ((torch.randn(1, L, 16, d, device="cuda") * sc).bfloat16() for d, sc in ((dk, scale), (dk, scale), (dv, 1.0), (dv, 1.0)))
+    hs, hz, _, _ = K._states_fwd(k, v, None, None, fid, C, True, normalize)
+    y, den = K._out_fwd(q, k, v, hs, hz, fid, normalize, eps, C)
+    rd, gd = K._row_stats(dy, y, den, eps, normalize)
+    hr, hrz, _, _ = K._states_bwd(q, dy, rd, gd, None, None, fid, normalize, C, False, hs.dtype)
+    pre = "_tl" if feature == "taylor" else "_la"
+    grads = lambda: K._grads_chunks(q, k, v, dy, rd, gd, hs, hz, hr, hrz, fid, normalize, C)  # noqa: E731
+    stages = [
+        (f"{pre}_fwd_states", None, lambda: K._states_fwd(k, v, None, None, fid, C, True, normalize)),
+        (f"{pre}_fwd_out", None, lambda: K._out_fwd(q, k, v, hs, hz, fid, normalize, eps, C)),
+        (f"{pre}_bwd_states", None, lambda: K._states_bwd(q, dy, rd, gd, None, None, fid, normalize, C, False, hs.dtype)),
+    ]
+    if feature == "taylor":
+        stages.append(("_tl_bwd_grads", None, grads))
+    else:  # one launch (split off), or dq+dk then dv (split on; each swept with the other fixed)
+        stages += [("_la_bwd_grads", False, grads), ("_la_bwd_dqk", True, grads), ("_la_bwd_dv", True, grads)]
+    for kname, split, fn in stages:
+        if split is not None:
+            K._SPLIT_GRADS = split
+        rows = []
+        for cfg in [None] + SWEEP_CONFIGS[kname]:
+            if cfg is not None:
+                K._OVERRIDE[kname] = cfg
+            try:
+                rows.append({"cfg": cfg or "fixed", "ms": round(_cuda_ms(fn), 4)})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"cfg": cfg or "fixed", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                if "illegal" in str(e) or "CUDA error" in str(e):
+                    report["kernels"][kname] = rows
+                    save()
+                    raise
+            K._OVERRIDE.pop(kname, None)
+        report["kernels"][kname] = rows
+        ok = [r for r in rows if "ms" in r]
+        if ok:
+            best = min(ok, key=lambda r: r["ms"])
+            report["best"][kname] = dict(_fixed_of(K, kname, dk, dv)) if best["cfg"] == "fixed" else best["cfg"]
+            report["best_ms_" + kname] = best["ms"]
+        print(f"{name}{'' if split is None else (' split' if split else ' fused')} {kname:16s} " +
+              "  ".join(f"{'fixed' if isinstance(r['cfg'], str) else tuple(r['cfg'].values())}:{r.get('ms', 'ERR')}" for r in rows), flush=True)
+        save()
+    K._SPLIT_GRADS = True
+    if normalize:
+        report["kernels"]["_row_stats"] = [{"cfg": "fixed", "ms": round(_cuda_ms(lambda: K._row_stats(dy, y, den, eps, True)), 4)}]
+        print(f"{name} _row_stats {report['kernels']['_row_stats']}", flush=True)
+    if feature != "taylor":  # which gradient form is faster with the best parameters of each
+        fused = report.get("best_ms__la_bwd_grads", 1e9)
+        K._OVERRIDE.update({n: report["best"][n] for n in ("_la_bwd_dqk", "_la_bwd_dv") if n in report["best"]})
+        K._SPLIT_GRADS = True
+        split = _cuda_ms(grads)
+        K._OVERRIDE.clear()
+        report["split_best_ms"], report["fused_best_ms"] = round(split, 4), fused
+        report["best"]["_split_grads"] = split < fused
+        print(f"{name} grads: split (best) {split:.4f} ms, fused (best) {fused} ms", flush=True)
+    save()
+    return 0
+
+
+def _fixed_of(K, kname, dk, dv):
+    return K._fixed(kname, dk, dv, False)
+
+
+def e2e_main(args):
+    """End-to-end fwd / fwd+bwd times (as mnemotorch.bench.linear_attention) of the fixed launches,
+    of the best swept parameters (``sweep_<case>.json`` when present) and of fla, at ``--lengths``."""
+    import torch
+    import mnemotorch.ops.linear.triton as K
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "e2e": []}
+    path = _out_path(args, "e2e_linear.json")
+    best = {}
+    for name in SWEEP_CASES:
+        try:
+            best[name] = json.load(open(_out_path(args, f"sweep_{name}.json")))["best"]
+        except (OSError, KeyError, ValueError):
+            best[name] = None
+    report["best"] = best
+    for L in args.lengths:
+        for name, (feature, dk, dv, normalize) in SWEEP_CASES.items():
+            torch.manual_seed(0)
+            scale = 0.5 if feature == "taylor" else dk**-0.25
+            q, k, v = ((torch.randn(1, L, 16, d, device="cuda") * sc).bfloat16().requires_grad_() for d, sc in ((dk, scale), (dk, scale), (dv, 1.0)))
+            row = {"case": name, "L": L}
+            if feature == "taylor":
+                params = [q, k, v]
+                ours = lambda: K.linear_attention_triton(q, k, v, "taylor", True)[0]  # noqa: E731
+            else:
+                qs = (q * dk**-0.5).detach().requires_grad_()
+                params = [qs, k, v]
+                ours = lambda: K.linear_attention_triton(qs, k, v, "identity", False)[0]  # noqa: E731
+            peers = [("ours", ours, params, None)]
+            if best[name]:
+                peers.append(("ours_best", ours, params, best[name]))
+            try:
+                if feature == "taylor":
+                    from fla.ops.based import fused_chunk_based
+
+                    peers.append(("fla", lambda: fused_chunk_based(q, k, v, use_norm=True), [q, k, v], None))
+                else:
+                    from fla.ops.linear_attn import chunk_linear_attn
+
+                    peers.append(("fla", lambda: chunk_linear_attn(q, k, v, normalize=False)[0], [q, k, v], None))
+            except ImportError:
+                pass
+            outs = {}
+            for pname, fwd, prm, over in peers:
+                K._OVERRIDE.clear()
+                K._SPLIT_GRADS = True
+                if over:
+                    K._SPLIT_GRADS = bool(over.get("_split_grads", True))
+                    K._OVERRIDE.update({kn: c for kn, c in over.items() if kn.startswith("_") and isinstance(c, dict)})
+                try:
+                    with torch.no_grad():
+                        outs[pname] = fwd().float()
+                        tf = _cuda_ms(fwd)
+                    g = torch.randn_like(outs[pname])
+                    tfb = _cuda_ms(lambda: torch.autograd.grad(fwd(), prm, g))
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    torch.autograd.grad(fwd(), prm, g)
+                    torch.cuda.synchronize()
+                    row[pname] = {"fwd_ms": round(tf, 4), "fwd_bwd_ms": round(tfb, 4), "peak_extra_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)}
+                except Exception as e:  # noqa: BLE001
+                    row[pname] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    if "illegal" in str(e) or "CUDA error" in str(e):
+                        report["e2e"].append(row)
+                        json.dump(report, open(path, "w"), indent=1)
+                        raise
+            K._OVERRIDE.clear()
+            if "fla" in outs and "ours" in outs:
+                row["rel_diff_vs_fla"] = float((outs["ours"] - outs["fla"]).norm() / outs["fla"].norm())
+            report["e2e"].append(row)
+            print("e2e", json.dumps(row), flush=True)
+            json.dump(report, open(path, "w"), indent=1)
+            del q, k, v, outs
+            torch.cuda.empty_cache()
+    print(f"wrote {path}")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phases", default="fixed,autotuned")
@@ -461,12 +681,20 @@ def main():
     ap.add_argument("--verbose", action="store_true", help="print every stage and tuning trial as it starts")
     ap.add_argument("--quiet-children", action="store_true")
     ap.add_argument("--device", default="cuda", help="'cpu' dry-runs this script through Triton's interpreter (float32 cases; use small --lengths)")
+    ap.add_argument("--sweep-case", default=None, choices=sorted(SWEEP_CASES),
+                    help="GPU: launch-parameter sweep of one benchmark case's kernels at --sweep-length ($OUT/sweep_<case>.json)")
+    ap.add_argument("--sweep-length", type=int, default=16384)
+    ap.add_argument("--e2e", action="store_true", help="GPU: end-to-end fwd / fwd+bwd times at --lengths (fixed launches, the "
+                    "best swept ones, fla) ($OUT/e2e_linear.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--results", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cases", default="", help=argparse.SUPPRESS)
     ap.add_argument("--first-stage", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    if args.sweep_case or args.e2e:
+        os.environ["MNEMO_AUTOTUNE"] = "0"  # before the kernels module is imported
+        return sweep_case(args) if args.sweep_case else e2e_main(args)
     if args.child:
         args.cases = [int(x) for x in args.cases.split(",") if x]
         child_main(args)

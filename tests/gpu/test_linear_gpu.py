@@ -58,6 +58,18 @@ def test_bf16_realistic(feature, dk, dv) -> None:
     assert max(grads) <= 1e-2, f"grads {grads}"
 
 
+@pytest.mark.parametrize("feature,dk,dv", [("identity", 128, 128), ("elu_plus_one", 128, 64)])
+@pytest.mark.parametrize("split", [False, True], ids=["one_launch", "two_launches"])
+def test_bf16_gradient_launch_forms(monkeypatch, feature, dk, dv, split) -> None:
+    """Both forms of the elementwise maps' gradient kernels (dq, dk, dv in one launch; dq + dk in
+    column blocks, then dv) at a realistic size."""
+    import mnemotorch.ops.linear.triton as K
+
+    monkeypatch.setattr(K, "_SPLIT_GRADS", split)
+    outs, grads = run(feature, feature != "identity", 4096, dk, dv, torch.bfloat16)
+    assert outs[0] <= 5e-3 and max(grads) <= 1e-2, (outs, grads)
+
+
 @pytest.mark.parametrize("feature,dk,dv", [("elu_plus_one", 64, 64), ("taylor", 16, 64), ("relu", 128, 32)])
 def test_fp32_ieee(feature, dk, dv) -> None:
     outs, grads = run(feature, True, 1000, dk, dv, torch.float32)

@@ -133,6 +133,35 @@ def test_kernels_independent_of_program_order(reversed_programs, feature, dk) ->
     assert rel(s, rs) <= 1e-5 and rel(z, rz) <= 1e-5
 
 
+@pytest.mark.parametrize("feature,normalize,dk,dv", [("identity", False, 40, 24), ("elu_plus_one", True, 24, 40)])
+def test_gradients_in_one_launch_match_two(monkeypatch, feature, normalize, dk, dv) -> None:
+    """The elementwise maps' gradients in one launch (dq, dk, dv together) and in two (dq + dk in
+    column blocks, then dv) both match the reference."""
+    import mnemotorch.ops.linear.triton as K
+
+    for split in (False, True):
+        monkeypatch.setattr(K, "_SPLIT_GRADS", split)
+        errs = compare(feature, normalize, True, b=2, t=45, dk=dk, dv=dv, chunk=16)
+        for name, e in zip(NAMES, errs):
+            assert e <= 1e-5, f"split={split} {name}: {e:.2e}"
+
+
+@pytest.mark.parametrize("feature", ["identity", "taylor"])
+def test_backward_reuses_forward_states(monkeypatch, feature) -> None:
+    """The forward's chunk states are saved for the backward, not recomputed: one forward state pass
+    per forward+backward."""
+    import mnemotorch.ops.linear.triton as K
+
+    calls = []
+    orig = K._states_fwd
+    monkeypatch.setattr(K, "_states_fwd", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    q, k, v, _ = make(1, 33, 2, 8, 16, feature, False)
+    ins = [x.requires_grad_() for x in (q, k, v)]
+    y, _ = linear_attention_triton(*ins, feature=feature, normalize=feature == "taylor", chunk_size=16)
+    torch.autograd.grad(y.sum(), ins)
+    assert len(calls) == 1
+
+
 def test_poisoned_buffers() -> None:
     """The tests run with NaN-filled kernel buffers (so an element no program writes is a NaN)."""
     from mnemotorch.ops.linear.triton import _alloc

@@ -17,11 +17,15 @@ Every launch is free of dependencies between its programs (a GPU runs them in no
 order; Triton's CPU interpreter runs them one after the other, so a dependency would pass the CPU
 tests and fail on the GPU):
 
-* forward, two launches: (1) ``*_fwd_states``: one program per (b·h, state tile) walks the
-  chunks in order, keeps the running state in registers and writes the state *entering* every
-  chunk to an fp32 buffer ``HS [B·H, NT, Dφ, Dv]`` (and the final state); (2) ``*_fwd_out``: one
+* forward, two launches: (1) ``*_fwd_states``: one program per (b·h, slice of the state) walks the
+  chunks in order, keeps its slice of the running state in registers and writes the state
+  *entering* every chunk to ``HS [B·H, NT, Dφ, Dv]`` (and the final state); (2) ``*_fwd_out``: one
   program per (b·h, chunk, value tile), no loop: the intra-chunk masked product plus the
   inter-chunk term ``Q_n S_n`` read from ``HS``.
+  The scan is sequential in the chunks, so its parallelism is in the state slices: state tiles
+  ``[BK, BV]`` for the elementwise maps (grid B·H × Dk/BK × Dv/BV, as fla's ``chunk_fwd_h``), and for
+  Taylor one group of feature rows per program (the constant + linear rows, then one group per first
+  index ``i`` of the ``x_i x_j`` rows: grid B·H × (1 + d) × Dv/BV), each computing only its features.
 * backward, with ``r_t = 1/(den_t + ε)``, ``gn_t = r_t dy_t`` and ``gd_t = -r_t (dy_t · y_t)``
   (``gn = dy``, ``gd = 0`` when not normalised) -- normalised linear attention is unnormalised
   linear attention of the value ``[v, 1]`` --::
@@ -31,18 +35,22 @@ tests and fail on the GPU):
       R_s = dS_T + Σ_{t≥s} φ(q_t) gn_tᵀ,   ρ_s = dz_T + Σ_{t≥s} φ(q_t) gd_t,
       dS_0 = R_1,   dz_0 = ρ_1.
 
-  Five launches: the forward states again (recomputed, not saved: only q, k, v, y and the fp32
-  denominators are kept), ``*_bwd_states`` (one program per (b·h, state tile) walking the chunks
-  in reverse and writing ``R, ρ`` entering every chunk from the right), then three per-chunk
-  launches: ``*_bwd_dq`` and ``*_bwd_dk`` (one program per (b·h, chunk), looping over the value
-  tiles because ``dφ(q)``/``dφ(k)`` sum over them) and ``*_bwd_dv`` (one program per (b·h, chunk,
-  value tile)). Intra-chunk parts: ``dP = tril(gn Vᵀ + gd 1ᵀ)``, ``dφQ = dP φK + gn Sᵀ + gd zᵀ``,
+  The forward's chunk states ``HS``/``HZ`` are kept for the backward (outputs of the forward op,
+  saved by autograd; not recomputed). Then ``_row_stats_kernel`` (normalised only: ``r`` and
+  ``gd`` per token), ``*_bwd_states`` (the reverse scan, split like the forward's, writing
+  ``R, ρ`` entering every chunk from the right to ``HR``/``HRZ``) and the per-chunk gradients,
+  looping over the value tiles: Taylor, one program per (b·h, chunk) computes dq, dk and dv
+  together (they share the tiles of gn, V and the states); elementwise maps, by default two
+  launches, dq + dk per (b·h, chunk, block of 64 columns of Dk) and dv per (b·h, chunk) (one
+  launch for all three with ``MNEMO_LINEAR_SPLIT_GRADS=0``: at Dk = 128 it holds two ``[C, 128]``
+  fp32 accumulators and was no faster on an H100 than the three kernels it replaced).
+  Intra-chunk parts: ``dP = tril(gn Vᵀ + gd 1ᵀ)``, ``dφQ = dP φK + gn Sᵀ + gd zᵀ``,
   ``dφK = dPᵀ φQ + V Rᵀ + ρ``, ``dV = tril(φQ φKᵀ)ᵀ gn + φK R``, then the chain rule through φ.
 
-Operand tiles are loaded from memory in the orientation each product needs (``k`` as
-``[Dk, C]`` for ``φ(K)ᵀ V`` and so on): no ``tl.trans`` and no ``tl.reshape`` of register tensors.
-Grids are one-dimensional (no 65535 limit on B·H), global offsets are computed in int64 (B·T·H·D
-may exceed 2³¹), and every tile load and store that can reach past its tensor is masked.
+Tiles are mostly loaded in the orientation each product needs (``k`` as ``[Dk, C]`` for
+``φ(K)ᵀ V`` and so on); ``tl.trans`` is used for loaded state tiles and for ``dPᵀ``. Grids are
+one-dimensional (no 65535 limit on B·H), global offsets are computed in int64 (B·T·H·D may exceed
+2³¹), and every tile load and store that can reach past its tensor is masked.
 
 **Feature maps in the kernel.** q and k are read raw; ``identity``, ``elu_plus_one`` (``elu(x)+1``,
 derivative 1 for ``x > 0`` else ``exp(x)``) and ``relu`` are applied on the fly after each load
@@ -55,24 +63,26 @@ numbers for d = 16) are never written to memory:
 * intra-chunk, the kernel needs only ``φ(q)·φ(k) = κ(s) = 1 + c₁² s + c₂² s²`` with ``s = q·k``,
   i.e. one ``[C, d] × [d, C]`` product and an elementwise polynomial;
   its gradient is ``∂κ/∂s = c₁² + 2c₂² s``, so ``dq = (dP ⊙ κ'(s)) k`` and ``dk = (dP ⊙ κ'(s))ᵀ q``;
-* inter-chunk, the state is kept in three parts, ``S⁽⁰⁾ [Dv]``, ``S⁽¹⁾ [d, Dv]`` and
-  ``S⁽²⁾ [d², Dv]``, and ``φ(q)ᵀ S = S⁽⁰⁾ + c₁ qᵀS⁽¹⁾ + c₂ vec(q⊗q)ᵀ S⁽²⁾``; the ``[C, d²]`` tile
-  ``vec(q⊗q)`` is the product of two gathers of the q rows (columns ``i`` and ``j`` of entry
-  ``i·d + j``), fed straight to a ``[C, d²] × [d², Dv]`` product; the state update
-  ``S⁽²⁾ += vec(k⊗k)ᵀ V`` likewise;
-* backward through the second-order part: for ``M = ∂L/∂vec(x⊗x)`` (``[C, d²]``),
-  ``∂L/∂x_i = c₂ Σ_j (M_ij + M_ji) x_j``, computed as two products with 0/1 selection matrices.
+* inter-chunk, the state rows are taken in groups of ``d``: the linear rows (features ``c₁ x_j``)
+  and, for each ``i``, the quadratic rows ``c₂ x_i x_j``: group ``g``'s features are the ``[C, d]``
+  tile of x scaled per token by ``w_g`` (``c₁``, or ``c₂ x_i``), so every product with a state is a
+  ``[C, d] × [d, Dv]`` (or ``[C, Dv] × [Dv, d]``) product and no ``[C, d²]`` tile exists;
+* backward through the quadratic group ``i``: for ``G = ∂L/∂(c₂ x_i x_j)`` (``[C, d]``),
+  ``∂L/∂x_j += G_j c₂ x_i`` and ``∂L/∂x_i += c₂ Σ_j G_j x_j``.
 
 In memory the state rows keep the reference's order ``[1, x (d rows), vec(x⊗x) (d² rows)]``;
 inside the kernels ``d`` is padded to 16 with zeros (zero inputs give zero features).
 
-**Precision.** Sums, states and denominators are fp32. float32 inputs use IEEE fp32 products
-everywhere (``input_precision="ieee"``). For half-precision inputs the intra-chunk scores
-``φ(Q) φ(K)ᵀ`` and the product of the scores with ``V`` run on the tensor cores in the input dtype;
-every product that involves a state, a gradient or ``φ(K)`` entering the state runs with fp32
-operands (TF32): rounding those to bf16 about doubles the error of ``dq`` (bf16, T = 4096: 8e-3
-against 4.5e-3 of the 1e-2 budget; the large common parts of ``S gn`` and ``z gd`` cancel), and a
-long-context state can exceed fp16's range.
+**Precision.** Sums and denominators are fp32. float32 inputs use IEEE fp32 products everywhere
+(``input_precision="ieee"``). The per-chunk states ``HS``/``HR`` are stored in bf16 for bf16 inputs
+with an elementwise map (as fla stores them; ~2e-3 relative error, inside ARCHITECTURE.md's bf16
+tolerances) and in fp32 otherwise (Taylor: its normalised ``dq`` cancels large terms of ``S gn``
+and ``z gd``; fp16: a long-context state can exceed its range); the running state of a scan and
+the returned final states are fp32. For half-precision inputs the intra-chunk scores
+``φ(Q) φ(K)ᵀ`` and the product of the scores with ``V`` run on the tensor cores in the input
+dtype; products whose operands are exact in the input dtype (identity features, ``gn = dy``, a bf16
+state) run there too (exact products, fp32 sums); every other product that involves a state, a
+gradient or ``φ(K)`` entering the state runs with fp32 operands (TF32).
 The normaliser is ``den + ε`` with ``den`` accumulated in fp32 (``ε`` = 1e-6 by default: it only
 matters when ``den`` underflows, e.g. ``relu`` features that are all zero, where the output
 becomes ``0/ε = 0``).
@@ -174,10 +184,22 @@ def _feat_t(base, rows, cols, n_rows, n_cols, stride, FEATURE: tl.constexpr):
     return tl.where(m, _phi(x, FEATURE), 0.0)
 
 
+
+@triton.jit
+def _mmh(a, b, HALF: tl.constexpr, IEEE: tl.constexpr):
+    """``a @ b`` in the operands' own half dtype when ``HALF`` (operands that are exact there: the
+    products are exact, fp32 accumulation), else with fp32 operands (:func:`_mm32`)."""
+    if HALF:
+        return _mm(a, b, IEEE)
+    else:
+        return _mm32(a, b, IEEE)
+
+
 # ---------------------------------------------------------------------------------------------
 # Elementwise feature maps (identity, elu+1, relu): Dφ = Dk
 # Layouts: q, k [B, T, H, Dk], v, y [B, T, H, Dv] contiguous (row stride H·D); per-token fp32
-# statistics (den, 1/(den+ε), gd) [B, T, H]; chunk states HS/HR [B·H, NT, Dk, Dv], HZ/HRZ [B·H, NT, Dk].
+# statistics (den, 1/(den+ε), gd) [B, T, H]; chunk states HS/HR [B·H, NT, Dk, Dv] (bf16 for bf16
+# inputs, else fp32), HZ/HRZ [B·H, NT, Dk] fp32.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -186,9 +208,13 @@ def _la_fwd_states(
     K, V, S0, Z0, HS, HZ, ST, ZT,
     T, NT, H, Dk, Dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
-    HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, IEEE: tl.constexpr,
+    HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_Z: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # One program: state tile [BK, BV] of one (b, h); walks all chunks in order.
+    # One program: state tile [BK, BV] of one (b, h); walks all chunks in order (grid B·H × NK × NV:
+    # the scan is sequential in the chunks, so the parallelism is in the tiles of the state).
+    # STORE_Z (normalised only): also z per chunk and z_T. Without it the loop body is loads feeding
+    # one product, which the compiler pipelines (a reduction of the loaded tile in the loop stops
+    # that); z_T is then summed outside (_feature_sum).
     pid = tl.program_id(0)
     nk = tl.cdiv(Dk, BK)
     nv = tl.cdiv(Dv, BV)
@@ -205,27 +231,36 @@ def _la_fwd_states(
     bh64 = bh.to(tl.int64)
     if HAS_S0:
         s = tl.load(S0 + bh64 * Dk * Dv + kv, mask=kv_ok, other=0.0).to(tl.float32)
-        z = tl.load(Z0 + bh64 * Dk + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     else:
         s = tl.zeros([BK, BV], tl.float32)
-        z = tl.zeros([BK], tl.float32)
+    if STORE_Z:
+        if HAS_S0:
+            z = tl.load(Z0 + bh64 * Dk + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        else:
+            z = tl.zeros([BK], tl.float32)
     k_base = K + (b.to(tl.int64) * T * H + h) * Dk
     v_base = V + (b.to(tl.int64) * T * H + h) * Dv
     rows0 = tl.arange(0, C)
     for n in range(0, NT):
         slot = bh64 * NT + n
-        tl.store(HS + slot * Dk * Dv + kv, s, mask=kv_ok)
-        if iv == 0:  # one value tile writes z
-            tl.store(HZ + slot * Dk + offs_k, z, mask=k_ok)
+        tl.store(HS + slot * Dk * Dv + kv, s.to(HS.dtype.element_ty), mask=kv_ok)
         rows = n * C + rows0
-        fkt = _feat_t(k_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # φ(K)ᵀ [BK, C]
         vv = _ld(v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV]
-        s += _mm32(fkt, vv, IEEE)
-        z += tl.sum(fkt, 1)
+        if STORE_Z:
+            if iv == 0:  # one value tile writes z
+                tl.store(HZ + slot * Dk + offs_k, z, mask=k_ok)
+            fkt = _feat_t(k_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # φ(K)ᵀ [BK, C] fp32
+            s += _mm32(fkt, vv, IEEE)
+            z += tl.sum(fkt, 1)
+        elif FEATURE == 0 and not IEEE:  # identity, half inputs: exact products in the input dtype
+            s += _mm(_ldt(k_base, rows, offs_k, T, Dk, H * Dk), vv, IEEE)
+        else:
+            s += _mm32(_feat_t(k_base, rows, offs_k, T, Dk, H * Dk, FEATURE), vv, IEEE)
     if STORE_FINAL:
         tl.store(ST + bh64 * Dk * Dv + kv, s, mask=kv_ok)
-        if iv == 0:
-            tl.store(ZT + bh64 * Dk + offs_k, z, mask=k_ok)
+        if STORE_Z:
+            if iv == 0:
+                tl.store(ZT + bh64 * Dk + offs_k, z, mask=k_ok)
 
 
 @triton.jit
@@ -233,7 +268,7 @@ def _la_fwd_out(
     Q, K, V, HS, HZ, Y, DEN,
     T, NT, H, Dk, Dv, eps,
     C: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
-    NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
+    NORMALIZE: tl.constexpr, STATE_HALF: tl.constexpr, IEEE: tl.constexpr,
 ):
     # One program: one chunk and one value tile of one (b, h).
     pid = tl.program_id(0)
@@ -251,14 +286,18 @@ def _la_fwd_out(
     slot = bh.to(tl.int64) * NT + n
     qk_base = (b.to(tl.int64) * T * H + h) * Dk
     v_base = (b.to(tl.int64) * T * H + h) * Dv
-    fq = _feat(Q + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [C, BDK]
+    fq = _feat(Q + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [C, BDK] fp32
     fkt = _feat_t(K + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [BDK, C]
     vv = _ld(V + v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV]
-    s = _ld(HS + slot * Dk * Dv, offs_k, offs_v, Dk, Dv, Dv)  # S_n [BDK, BV]
+    s = _ld(HS + slot * Dk * Dv, offs_k, offs_v, Dk, Dv, Dv)  # S_n [BDK, BV] in the state dtype
     dt = vv.dtype
     a = _mm(fq.to(dt), fkt.to(dt), IEEE)
     a = tl.where(rows0[:, None] >= rows0[None, :], a, 0.0)
-    num = _mm32(fq, s, IEEE) + _mm(a.to(dt), vv, IEEE)
+    if STATE_HALF and FEATURE == 0:  # identity features of half inputs and a bf16 state: exact products
+        num = _mm(fq.to(s.dtype), s, IEEE)
+    else:
+        num = _mm32(fq, s, IEEE)
+    num += _mm(a.to(dt), vv, IEEE)
     if NORMALIZE:
         z = tl.load(HZ + slot * Dk + offs_k, mask=offs_k < Dk, other=0.0)
         den = tl.sum(a, 1) + tl.sum(fq * z[None, :], 1)
@@ -306,18 +345,22 @@ def _la_bwd_states(
     for i in range(0, NT):
         n = NT - 1 - i
         slot = bh64 * NT + n
-        tl.store(HR + slot * Dk * Dv + kv, r, mask=kv_ok)
+        tl.store(HR + slot * Dk * Dv + kv, r.to(HR.dtype.element_ty), mask=kv_ok)
         if iv == 0:
             tl.store(HRZ + slot * Dk + offs_k, rz, mask=k_ok)
         rows = n * C + rows0
-        fqt = _feat_t(q_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # φ(Q)ᵀ [BK, C]
-        gn = _ld(do_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32)  # [C, BV]
         if NORMALIZE:
             t_ok = rows < T
             st = (b.to(tl.int64) * T + rows) * H + h
-            gn = gn * tl.load(RDEN + st, mask=t_ok, other=0.0)[:, None]
+            fqt = _feat_t(q_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # φ(Q)ᵀ [BK, C]
+            gn = _ld(do_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32) * tl.load(RDEN + st, mask=t_ok, other=0.0)[:, None]
             rz += tl.sum(fqt * tl.load(GD + st, mask=t_ok, other=0.0)[None, :], 1)
-        r += _mm32(fqt, gn, IEEE)
+            r += _mm32(fqt, gn, IEEE)
+        elif FEATURE == 0 and not IEEE:  # gn = dy and identity features: exact in the input dtype
+            r += _mm(_ldt(q_base, rows, offs_k, T, Dk, H * Dk), _ld(do_base, rows, offs_v, T, Dv, H * Dv), IEEE)
+        else:
+            fqt = _feat_t(q_base, rows, offs_k, T, Dk, H * Dk, FEATURE)
+            r += _mm32(fqt, _ld(do_base, rows, offs_v, T, Dv, H * Dv), IEEE)
     if STORE_D0:
         tl.store(DS0 + bh64 * Dk * Dv + kv, r, mask=kv_ok)
         if iv == 0:
@@ -325,20 +368,28 @@ def _la_bwd_states(
 
 
 @triton.jit
-def _la_bwd_dq(
-    Q, K, V, DO, RDEN, GD, HS, HZ, DQ,
+def _la_bwd_grads(
+    Q, K, V, DO, RDEN, GD, HS, HZ, HR, HRZ, DQ, DK, DV,
     T, NT, H, Dk, Dv,
-    C: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
-    NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
+    C: tl.constexpr, BDK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
+    NORMALIZE: tl.constexpr, STATE_HALF: tl.constexpr, DO_DQK: tl.constexpr, DO_DV: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # One program: dq of one chunk of one (b, h): dφQ = tril(gn Vᵀ + gd) φK + gn Sᵀ + gd zᵀ.
+    # One program: one chunk of one (b, h) (and one block of BK columns of dq / dk), every value
+    # tile in a loop (dφQ and dφK sum over them):
+    #   dP = tril(gn Vᵀ + gd), dφQ = dP φK + gn Sᵀ + gd zᵀ, dφK = dPᵀ φQ + V Rᵀ + ρ,
+    #   dV = tril(φQ φKᵀ)ᵀ gn + φK R (stored per value tile).
+    # DO_DQK / DO_DV select the parts: both in one launch (BK = BDK, grid B·H·NT), or dq/dk in
+    # column blocks (grid B·H·NT·Dk/BK, dP recomputed per block) and dv in a second launch.
     pid = tl.program_id(0)
-    n = pid % NT
-    bh = pid // NT
+    nkb = tl.cdiv(Dk, BK)
+    ik = pid % nkb
+    n = (pid // nkb) % NT
+    bh = pid // (nkb * NT)
     b = bh // H
     h = bh % H
     offs_k = tl.arange(0, BDK)
-    k_ok = offs_k < Dk
+    offs_kb = ik * BK + tl.arange(0, BK)
+    kb_ok = offs_kb < Dk
     rows0 = tl.arange(0, C)
     rows = n * C + rows0
     t_ok = rows < T
@@ -346,170 +397,89 @@ def _la_bwd_dq(
     qk_base = (b.to(tl.int64) * T * H + h) * Dk
     v_base = (b.to(tl.int64) * T * H + h) * Dv
     st = (b.to(tl.int64) * T + rows) * H + h
-    if NORMALIZE:
-        rd = tl.load(RDEN + st, mask=t_ok, other=0.0)
-    dp = tl.zeros([C, C], tl.float32)
-    dfq = tl.zeros([C, BDK], tl.float32)
-    for iv in range(0, tl.cdiv(Dv, BV)):
-        offs_v = iv * BV + tl.arange(0, BV)
-        gn = _ld(DO + v_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32)  # [C, BV]
-        if NORMALIZE:
-            gn = gn * rd[:, None]
-        vt = _ldt(V + v_base, rows, offs_v, T, Dv, H * Dv)  # Vᵀ [BV, C]
-        stt = _ldt(HS + slot * Dk * Dv, offs_k, offs_v, Dk, Dv, Dv)  # S_nᵀ [BV, BDK]
-        dp += _mm32(gn, vt, IEEE)
-        dfq += _mm32(gn, stt, IEEE)
-    if NORMALIZE:
-        gdv = tl.load(GD + st, mask=t_ok, other=0.0)
-        z = tl.load(HZ + slot * Dk + offs_k, mask=k_ok, other=0.0)
-        dp += gdv[:, None]
-        dfq += gdv[:, None] * z[None, :]
-    dp = tl.where(rows0[:, None] >= rows0[None, :], dp, 0.0)
-    fk = _feat(K + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [C, BDK]
-    dfq += _mm32(dp, fk, IEEE)
-    if FEATURE != 0:
-        dfq = dfq * _dphi(_ld(Q + qk_base, rows, offs_k, T, Dk, H * Dk).to(tl.float32), FEATURE)
-    tl.store(DQ + qk_base + rows[:, None].to(tl.int64) * (H * Dk) + offs_k[None, :], dfq.to(DQ.dtype.element_ty),
-             mask=t_ok[:, None] & k_ok[None, :])
-
-
-@triton.jit
-def _la_bwd_dk(
-    Q, K, V, DO, RDEN, GD, HR, HRZ, DK,
-    T, NT, H, Dk, Dv,
-    C: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
-    NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
-):
-    # One program: dk of one chunk of one (b, h): dφK = tril(gn Vᵀ + gd)ᵀ φQ + V Rᵀ + ρ.
-    # dPᵀ is built directly ([key s, query t]) instead of transposing dP.
-    pid = tl.program_id(0)
-    n = pid % NT
-    bh = pid // NT
-    b = bh // H
-    h = bh % H
-    offs_k = tl.arange(0, BDK)
-    k_ok = offs_k < Dk
-    rows0 = tl.arange(0, C)
-    rows = n * C + rows0
-    t_ok = rows < T
-    slot = bh.to(tl.int64) * NT + n
-    qk_base = (b.to(tl.int64) * T * H + h) * Dk
-    v_base = (b.to(tl.int64) * T * H + h) * Dv
-    st = (b.to(tl.int64) * T + rows) * H + h
-    if NORMALIZE:
-        rd = tl.load(RDEN + st, mask=t_ok, other=0.0)
-    dpt = tl.zeros([C, C], tl.float32)
-    dfk = tl.zeros([C, BDK], tl.float32)
-    for iv in range(0, tl.cdiv(Dv, BV)):
-        offs_v = iv * BV + tl.arange(0, BV)
-        vv = _ld(V + v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV]
-        gnt = _ldt(DO + v_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32)  # gnᵀ [BV, C]
-        if NORMALIZE:
-            gnt = gnt * rd[None, :]
-        rt = _ldt(HR + slot * Dk * Dv, offs_k, offs_v, Dk, Dv, Dv)  # R_nᵀ [BV, BDK]
-        dpt += _mm32(vv, gnt, IEEE)
-        dfk += _mm32(vv, rt, IEEE)
-    if NORMALIZE:
-        dpt += tl.load(GD + st, mask=t_ok, other=0.0)[None, :]
-    dpt = tl.where(rows0[None, :] >= rows0[:, None], dpt, 0.0)
-    dfk += tl.load(HRZ + slot * Dk + offs_k, mask=k_ok, other=0.0)[None, :]
-    fq = _feat(Q + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [C, BDK]
-    dfk += _mm32(dpt, fq, IEEE)
-    if FEATURE != 0:
-        dfk = dfk * _dphi(_ld(K + qk_base, rows, offs_k, T, Dk, H * Dk).to(tl.float32), FEATURE)
-    tl.store(DK + qk_base + rows[:, None].to(tl.int64) * (H * Dk) + offs_k[None, :], dfk.to(DK.dtype.element_ty),
-             mask=t_ok[:, None] & k_ok[None, :])
-
-
-@triton.jit
-def _la_bwd_dv(
-    Q, K, DO, RDEN, HR, DV,
-    T, NT, H, Dk, Dv,
-    C: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
-    NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
-):
-    # One program: one chunk and one value tile of dv: dV = tril(φQ φKᵀ)ᵀ gn + φK R.
-    pid = tl.program_id(0)
-    nv = tl.cdiv(Dv, BV)
-    iv = pid % nv
-    n = (pid // nv) % NT
-    bh = pid // (nv * NT)
-    b = bh // H
-    h = bh % H
-    offs_k = tl.arange(0, BDK)
-    offs_v = iv * BV + tl.arange(0, BV)
-    rows0 = tl.arange(0, C)
-    rows = n * C + rows0
-    t_ok = rows < T
-    slot = bh.to(tl.int64) * NT + n
-    qk_base = (b.to(tl.int64) * T * H + h) * Dk
-    v_base = (b.to(tl.int64) * T * H + h) * Dv
-    fk = _feat(K + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [C, BDK]
-    fqt = _feat_t(Q + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [BDK, C]
+    # products with gn are exact in the input dtype when gn = dy (not normalised), φ = identity and
+    # the states are stored in that dtype
+    HALF: tl.constexpr = STATE_HALF and FEATURE == 0 and not NORMALIZE
     dt = Q.dtype.element_ty
-    at = _mm(fk.to(dt), fqt.to(dt), IEEE)  # the forward's scores, transposed: [key s, query t]
-    at = tl.where(rows0[None, :] >= rows0[:, None], at, 0.0)
-    gn = _ld(DO + v_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32)  # [C, BV]
     if NORMALIZE:
-        gn = gn * tl.load(RDEN + (b.to(tl.int64) * T + rows) * H + h, mask=t_ok, other=0.0)[:, None]
-    r = _ld(HR + slot * Dk * Dv, offs_k, offs_v, Dk, Dv, Dv)  # R_n [BDK, BV]
-    dv = _mm32(at, gn, IEEE) + _mm32(fk, r, IEEE)
-    tl.store(DV + v_base + rows[:, None].to(tl.int64) * (H * Dv) + offs_v[None, :], dv.to(DV.dtype.element_ty),
-             mask=t_ok[:, None] & (offs_v[None, :] < Dv))
+        rd = tl.load(RDEN + st, mask=t_ok, other=0.0)
+    if DO_DV:
+        if HALF:
+            fk = _ld(K + qk_base, rows, offs_k, T, Dk, H * Dk)  # [C, BDK], input dtype
+        else:
+            fk = _feat(K + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [C, BDK] fp32
+        fqt = _feat_t(Q + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [BDK, C]
+        at = _mm(fk.to(dt), fqt.to(dt), IEEE)  # the forward's scores, transposed: [key s, query t]
+        at = tl.where(rows0[None, :] >= rows0[:, None], at, 0.0)
+    if DO_DQK:
+        dp = tl.zeros([C, C], tl.float32)
+        dfq = tl.zeros([C, BK], tl.float32)
+        dfk = tl.zeros([C, BK], tl.float32)
+    for iv in range(0, tl.cdiv(Dv, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        gn = _ld(DO + v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV]
+        if NORMALIZE:
+            gn = gn.to(tl.float32) * rd[:, None]
+        if DO_DV:
+            if DO_DQK:  # Rᵀ is shared with dφK = V Rᵀ
+                rt = _ldt(HR + slot * Dk * Dv, offs_k, offs_v, Dk, Dv, Dv)  # R_nᵀ [BV, BDK]
+                dv = _mm32(at, gn, IEEE) + _mmh(fk, tl.trans(rt), HALF, IEEE)
+            else:
+                dv = _mm32(at, gn, IEEE) + _mmh(fk, _ld(HR + slot * Dk * Dv, offs_k, offs_v, Dk, Dv, Dv), HALF, IEEE)
+            tl.store(DV + v_base + rows[:, None].to(tl.int64) * (H * Dv) + offs_v[None, :], dv.to(DV.dtype.element_ty),
+                     mask=t_ok[:, None] & (offs_v[None, :] < Dv))
+        if DO_DQK:
+            if DO_DV:
+                rtb = rt  # BK = BDK
+            else:
+                rtb = _ldt(HR + slot * Dk * Dv, offs_kb, offs_v, Dk, Dv, Dv)  # [BV, BK]
+            vv = _ld(V + v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV]
+            vt = _ldt(V + v_base, rows, offs_v, T, Dv, H * Dv)  # Vᵀ [BV, C]
+            stt = _ldt(HS + slot * Dk * Dv, offs_kb, offs_v, Dk, Dv, Dv)  # S_nᵀ [BV, BK]
+            dp += _mmh(gn, vt, HALF, IEEE)
+            dfq += _mmh(gn, stt, HALF, IEEE)
+            dfk += _mmh(vv, rtb, HALF, IEEE)
+    if DO_DQK:
+        if NORMALIZE:
+            gdv = tl.load(GD + st, mask=t_ok, other=0.0)
+            z = tl.load(HZ + slot * Dk + offs_kb, mask=kb_ok, other=0.0)
+            dp += gdv[:, None]
+            dfq += gdv[:, None] * z[None, :]
+        dfk += tl.load(HRZ + slot * Dk + offs_kb, mask=kb_ok, other=0.0)[None, :]
+        dp = tl.where(rows0[:, None] >= rows0[None, :], dp, 0.0)
+        dfq += _mm32(dp, _feat(K + qk_base, rows, offs_kb, T, Dk, H * Dk, FEATURE), IEEE)
+        dfk += _mm32(tl.trans(dp), _feat(Q + qk_base, rows, offs_kb, T, Dk, H * Dk, FEATURE), IEEE)
+        if FEATURE != 0:
+            dfq = dfq * _dphi(_ld(Q + qk_base, rows, offs_kb, T, Dk, H * Dk).to(tl.float32), FEATURE)
+            dfk = dfk * _dphi(_ld(K + qk_base, rows, offs_kb, T, Dk, H * Dk).to(tl.float32), FEATURE)
+        out = rows[:, None].to(tl.int64) * (H * Dk) + offs_kb[None, :]
+        tl.store(DQ + qk_base + out, dfq.to(DQ.dtype.element_ty), mask=t_ok[:, None] & kb_ok[None, :])
+        tl.store(DK + qk_base + out, dfk.to(DK.dtype.element_ty), mask=t_ok[:, None] & kb_ok[None, :])
+
+
+@triton.jit
+def _row_stats_kernel(DY, Y, DEN, RDEN, GD, N, Dv, eps, BR: tl.constexpr, BDV: tl.constexpr):
+    """Per token (row of ``[B·T·H, Dv]``): ``rden = 1/(den+ε)``, ``gd = -(dy·y) rden`` (fp32)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BDV)
+    r_ok = rows < N
+    m = r_ok[:, None] & (cols[None, :] < Dv)
+    off = rows[:, None] * Dv + cols[None, :]
+    dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
+    y = tl.load(Y + off, mask=m, other=0.0).to(tl.float32)
+    rd = 1.0 / (tl.load(DEN + rows, mask=r_ok, other=0.0) + eps)
+    tl.store(RDEN + rows, rd, mask=r_ok)
+    tl.store(GD + rows, -tl.sum(dy * y, 1) * rd, mask=r_ok)
 
 
 # ---------------------------------------------------------------------------------------------
 # BASED's 2nd-order Taylor map, features on the fly. Internal state rows (padded, TFP = 1+BD+BD²):
-# [0] the constant feature, [1, 1+BD) the linear ones, [1+BD, TFP) the quadratic ones (i*BD + j).
-# External states ([B, H, 1+d+d², Dv]) use the reference's rows 0, 1+i, 1+d+i*d+j.
+# [0] the constant feature, [1, 1+BD) the linear ones, [1+BD, TFP) the quadratic ones (1+BD+i*BD+j).
+# The state kernels split these rows in groups g = 0..d (grid B·H × (1+d) × NV): group 0 holds the
+# constant and linear rows, group g ≥ 1 the quadratic rows i = g-1 (x_i x_j, j < BD); the
+# features of group g are x_j·w_g with the per-token weight w_0 = c₁, w_g = c₂ x_{g-1}, so every
+# group's rows start at 1 + g·BD (internal) and 1 + g·d (external, the reference's row order).
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _x2(base, rows, T, d, stride, BD: tl.constexpr):
-    """vec(x⊗x) of the rows, ``[C, BD*BD]`` fp32 (entry ``i*BD + j`` = x_i x_j), zeros outside:
-    the product of two gathers of the row (columns ``i`` and ``j``), no reshape."""
-    p = tl.arange(0, BD * BD)
-    i = p // BD
-    j = p % BD
-    m = (rows[:, None] < T) & (i[None, :] < d) & (j[None, :] < d)
-    ptr = base + rows[:, None].to(tl.int64) * stride
-    xa = tl.load(ptr + i[None, :], mask=m, other=0.0).to(tl.float32)
-    xb = tl.load(ptr + j[None, :], mask=m, other=0.0).to(tl.float32)
-    return xa * xb
-
-
-@triton.jit
-def _x2t(base, rows, T, d, stride, BD: tl.constexpr):
-    """The transposed ``[BD*BD, C]`` tile of :func:`_x2`."""
-    p = tl.arange(0, BD * BD)
-    i = p // BD
-    j = p % BD
-    m = (i[:, None] < d) & (j[:, None] < d) & (rows[None, :] < T)
-    ptr = base + rows[None, :].to(tl.int64) * stride
-    xa = tl.load(ptr + i[:, None], mask=m, other=0.0).to(tl.float32)
-    xb = tl.load(ptr + j[:, None], mask=m, other=0.0).to(tl.float32)
-    return xa * xb
-
-
-@triton.jit
-def _x2_bwd(g2, base, rows, T, d, stride, BD: tl.constexpr, IEEE: tl.constexpr):
-    """``g2 = ∂L/∂vec(x⊗x)`` ``[C, BD*BD]`` -> ``∂L/∂x`` ``[C, BD]``: ``out_i = Σ_j (g2_ij + g2_ji) x_j``.
-
-    With ``xa[p] = x_{p//BD}``, ``xb[p] = x_{p%BD}``: ``out = (g2 ⊙ xb) Eaᵀ + (g2 ⊙ xa) Ebᵀ`` for the
-    0/1 selection matrices ``Ea[i, p] = [p//BD = i]``, ``Eb[i, p] = [p%BD = i]`` (products of the
-    precision of the other gradient products: IEEE for float32 inputs, TF32 otherwise)."""
-    p = tl.arange(0, BD * BD)
-    i = p // BD
-    j = p % BD
-    m = (rows[:, None] < T) & (i[None, :] < d) & (j[None, :] < d)
-    ptr = base + rows[:, None].to(tl.int64) * stride
-    xa = tl.load(ptr + i[None, :], mask=m, other=0.0).to(tl.float32)
-    xb = tl.load(ptr + j[None, :], mask=m, other=0.0).to(tl.float32)
-    c = tl.arange(0, BD)
-    ea = tl.where(i[:, None] == c[None, :], 1.0, 0.0)  # Eaᵀ [BD*BD, BD]
-    eb = tl.where(j[:, None] == c[None, :], 1.0, 0.0)  # Ebᵀ
-    return _mm(g2 * xb, ea, IEEE) + _mm(g2 * xa, eb, IEEE)
 
 
 @triton.jit
@@ -523,54 +493,46 @@ def _taylor_ext_rows(d, BD: tl.constexpr):
 
 
 @triton.jit
-def _taylor_load_ext(S, Z, bh, d, Dv, offs_v, BD: tl.constexpr):
-    r1, m1, r2, m2 = _taylor_ext_rows(d, BD)
+def _tl_w(base, rows, T, g, stride, c1, c2):
+    """Per-token weight of group ``g``'s features ``[C]``: ``c₁`` for g = 0, ``c₂ x_{g-1}`` else."""
+    xc = tl.load(base + rows.to(tl.int64) * stride + tl.maximum(g - 1, 0), mask=rows < T, other=0.0).to(tl.float32)
+    return tl.where(g == 0, c1, c2 * xc)
+
+
+@triton.jit
+def _tl_group_load(S, Z, bh, g, d, Dv, offs_v, BD: tl.constexpr):
+    """Group ``g``'s rows ``[BD, BV]`` / ``[BD]`` and the constant row of an external state (fp32)."""
     F = 1 + d + d * d
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < d
     v_ok = offs_v < Dv
+    erow = 1 + g * d + offs_d
     sb = S + bh.to(tl.int64) * F * Dv
     zb = Z + bh.to(tl.int64) * F
+    s = tl.load(sb + erow[:, None] * Dv + offs_v[None, :], mask=d_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+    z = tl.load(zb + erow, mask=d_ok, other=0.0).to(tl.float32)
     s0 = tl.load(sb + offs_v, mask=v_ok, other=0.0).to(tl.float32)
-    s1 = tl.load(sb + r1[:, None] * Dv + offs_v[None, :], mask=m1[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-    s2 = tl.load(sb + r2[:, None] * Dv + offs_v[None, :], mask=m2[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
     z0 = tl.load(zb).to(tl.float32)
-    z1 = tl.load(zb + r1, mask=m1, other=0.0).to(tl.float32)
-    z2 = tl.load(zb + r2, mask=m2, other=0.0).to(tl.float32)
-    return s0, s1, s2, z0, z1, z2
+    return s, z, s0, z0
 
 
 @triton.jit
-def _taylor_store_ext(S, Z, bh, d, Dv, offs_v, s0, s1, s2, z0, z1, z2, STORE_Z, BD: tl.constexpr):
-    """Store a state in the reference's row order (``z`` too when ``STORE_Z``)."""
-    r1, m1, r2, m2 = _taylor_ext_rows(d, BD)
+def _tl_group_store(S, Z, bh, g, d, Dv, offs_v, s, z, s0, z0, STORE_Z, BD: tl.constexpr):
+    """Store group ``g``'s rows (and, for g = 0, the constant row) in the external row order; ``z`` too when ``STORE_Z``."""
     F = 1 + d + d * d
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < d
     v_ok = offs_v < Dv
+    erow = 1 + g * d + offs_d
     sb = S + bh.to(tl.int64) * F * Dv
     zb = Z + bh.to(tl.int64) * F
-    tl.store(sb + offs_v, s0, mask=v_ok)
-    tl.store(sb + r1[:, None] * Dv + offs_v[None, :], s1, mask=m1[:, None] & v_ok[None, :])
-    tl.store(sb + r2[:, None] * Dv + offs_v[None, :], s2, mask=m2[:, None] & v_ok[None, :])
+    tl.store(sb + erow[:, None] * Dv + offs_v[None, :], s, mask=d_ok[:, None] & v_ok[None, :])
     if STORE_Z:
-        tl.store(zb, z0)
-        tl.store(zb + r1, z1, mask=m1)
-        tl.store(zb + r2, z2, mask=m2)
-
-
-@triton.jit
-def _taylor_store_int(HS, HZ, slot, Dv, offs_v, s0, s1, s2, z0, z1, z2, STORE_Z, BD: tl.constexpr):
-    """Store a state into the padded internal slot ``slot`` (int64) of ``HS [.., TFP, Dv]`` / ``HZ [.., TFP]``."""
-    FP: tl.constexpr = 1 + BD + BD * BD
-    i1 = tl.arange(0, BD)
-    i2 = tl.arange(0, BD * BD)
-    v_ok = offs_v < Dv
-    hb = HS + slot * FP * Dv
-    zb = HZ + slot * FP
-    tl.store(hb + offs_v, s0, mask=v_ok)
-    tl.store(hb + (1 + i1[:, None]) * Dv + offs_v[None, :], s1, mask=v_ok[None, :])
-    tl.store(hb + (1 + BD + i2[:, None]) * Dv + offs_v[None, :], s2, mask=v_ok[None, :])
-    if STORE_Z:
-        tl.store(zb, z0)
-        tl.store(zb + 1 + i1, z1)
-        tl.store(zb + 1 + BD + i2, z2)
+        tl.store(zb + erow, z, mask=d_ok)
+    if g == 0:
+        tl.store(sb + offs_v, s0, mask=v_ok)
+        if STORE_Z:
+            tl.store(zb, z0)
 
 
 @triton.jit
@@ -580,41 +542,50 @@ def _tl_fwd_states(
     C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # One program: the rows of group g (see above) x one value tile of one (b, h); walks the chunks.
+    FP: tl.constexpr = 1 + BD + BD * BD
     pid = tl.program_id(0)
     nv = tl.cdiv(Dv, BV)
-    bh = pid // nv
+    G = 1 + d
     iv = pid % nv
+    g = (pid // nv) % G
+    bh = pid // (nv * G)
     b = bh // H
     h = bh % H
     offs_v = iv * BV + tl.arange(0, BV)
+    v_ok = offs_v < Dv
     offs_d = tl.arange(0, BD)
+    irow = 1 + g * BD + offs_d
     if HAS_S0:
-        s0, s1, s2, z0, z1, z2 = _taylor_load_ext(S0, Z0, bh, d, Dv, offs_v, BD)
+        s, z, s0, z0 = _tl_group_load(S0, Z0, bh, g, d, Dv, offs_v, BD)
     else:
+        s = tl.zeros([BD, BV], tl.float32)
+        z = tl.zeros([BD], tl.float32)
         s0 = tl.zeros([BV], tl.float32)
-        s1 = tl.zeros([BD, BV], tl.float32)
-        s2 = tl.zeros([BD * BD, BV], tl.float32)
         z0 = tl.sum(tl.zeros([BD], tl.float32), 0)
-        z1 = tl.zeros([BD], tl.float32)
-        z2 = tl.zeros([BD * BD], tl.float32)
     k_base = K + (b.to(tl.int64) * T * H + h) * d
     v_base = V + (b.to(tl.int64) * T * H + h) * Dv
     rows0 = tl.arange(0, C)
     bh64 = bh.to(tl.int64)
     for n in range(0, NT):
-        _taylor_store_int(HS, HZ, bh64 * NT + n, Dv, offs_v, s0, s1, s2, z0, z1, z2, iv == 0, BD)
+        slot = bh64 * NT + n
+        hb = HS + slot * FP * Dv
+        tl.store(hb + irow[:, None] * Dv + offs_v[None, :], s, mask=v_ok[None, :])
+        if iv == 0:
+            tl.store(HZ + slot * FP + irow, z)
+        if g == 0:
+            tl.store(hb + offs_v, s0, mask=v_ok)
+            if iv == 0:
+                tl.store(HZ + slot * FP, z0)
         rows = n * C + rows0
-        k1t = _ldt(k_base, rows, offs_d, T, d, H * d).to(tl.float32) * c1  # [BD, C]
-        k2t = _x2t(k_base, rows, T, d, H * d, BD) * c2  # [BD*BD, C]
+        feat = _ldt(k_base, rows, offs_d, T, d, H * d).to(tl.float32) * _tl_w(k_base, rows, T, g, H * d, c1, c2)[None, :]  # [BD, C]
         vv = _ld(v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV]
+        s += _mm32(feat, vv, IEEE)
+        z += tl.sum(feat, 1)
         s0 += tl.sum(vv.to(tl.float32), 0)
-        s1 += _mm32(k1t, vv, IEEE)
-        s2 += _mm32(k2t, vv, IEEE)
         z0 += tl.sum(tl.where(rows < T, 1.0, 0.0), 0)
-        z1 += tl.sum(k1t, 1)
-        z2 += tl.sum(k2t, 1)
     if STORE_FINAL:
-        _taylor_store_ext(ST, ZT, bh, d, Dv, offs_v, s0, s1, s2, z0, z1, z2, iv == 0, BD)
+        _tl_group_store(ST, ZT, bh, g, d, Dv, offs_v, s, z, s0, z0, iv == 0, BD)
 
 
 @triton.jit
@@ -624,6 +595,8 @@ def _tl_fwd_out(
     C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # One program: one chunk and one value tile of one (b, h). Inter-chunk term
+    # φ(Q) S = S⁽⁰⁾ + c₁ Q S⁽¹⁾ + Σ_i (c₂ q_i ⊙ Q) S⁽²⁾_i: one [C, BD] x [BD, BV] product per i.
     FP: tl.constexpr = 1 + BD + BD * BD
     pid = tl.program_id(0)
     nv = tl.cdiv(Dv, BV)
@@ -634,32 +607,34 @@ def _tl_fwd_out(
     h = bh % H
     offs_v = iv * BV + tl.arange(0, BV)
     offs_d = tl.arange(0, BD)
-    i2 = tl.arange(0, BD * BD)
     rows0 = tl.arange(0, C)
     rows = n * C + rows0
     t_ok = rows < T
     slot = bh.to(tl.int64) * NT + n
     qk_base = (b.to(tl.int64) * T * H + h) * d
     v_base = (b.to(tl.int64) * T * H + h) * Dv
-    xq = _ld(Q + qk_base, rows, offs_d, T, d, H * d)  # [C, BD] raw
+    q_base = Q + qk_base
+    xq = _ld(q_base, rows, offs_d, T, d, H * d)  # [C, BD] raw
     xkt = _ldt(K + qk_base, rows, offs_d, T, d, H * d)  # [BD, C] raw
     vv = _ld(V + v_base, rows, offs_v, T, Dv, H * Dv)
     dt = vv.dtype
-    hb = HS + slot * FP * Dv
-    s0 = tl.load(hb + offs_v, mask=offs_v < Dv, other=0.0)
-    s1 = _ld(hb + Dv, offs_d, offs_v, BD, Dv, Dv)  # [BD, BV]
-    s2 = _ld(hb + (1 + BD) * Dv, i2, offs_v, BD * BD, Dv, Dv)  # [BD*BD, BV]
     sc = _mm(xq.to(dt), xkt.to(dt), IEEE)
     a = tl.where(rows0[:, None] >= rows0[None, :], 1.0 + sc * (c1 * c1) + sc * sc * (c2 * c2), 0.0)
-    q1 = xq.to(tl.float32) * c1
-    q2 = _x2(Q + qk_base, rows, T, d, H * d, BD) * c2  # [C, BD*BD]
-    num = s0[None, :] + _mm32(q1, s1, IEEE) + _mm32(q2, s2, IEEE) + _mm(a.to(dt), vv, IEEE)
+    num = _mm(a.to(dt), vv, IEEE)
+    hb = HS + slot * FP * Dv
+    zb = HZ + slot * FP
+    xq32 = xq.to(tl.float32)
+    s0 = tl.load(hb + offs_v, mask=offs_v < Dv, other=0.0)
+    num += s0[None, :] + _mm32(xq32 * c1, _ld(hb + Dv, offs_d, offs_v, BD, Dv, Dv), IEEE)
     if NORMALIZE:
-        zb = HZ + slot * FP
-        z0 = tl.load(zb)
-        z1 = tl.load(zb + 1 + offs_d)
-        z2 = tl.load(zb + 1 + BD + i2)
-        den = tl.sum(a, 1) + z0 + tl.sum(q1 * z1[None, :], 1) + tl.sum(q2 * z2[None, :], 1)
+        den = tl.sum(a, 1) + tl.load(zb) + tl.sum(xq32 * c1 * tl.load(zb + 1 + offs_d)[None, :], 1)
+    for i in range(0, d):
+        q2 = xq32 * _tl_w(q_base, rows, T, i + 1, H * d, c1, c2)[:, None]  # features (i, ·) [C, BD]
+        row2 = 1 + (i + 1) * BD
+        num += _mm32(q2, _ld(hb + row2 * Dv, offs_d, offs_v, BD, Dv, Dv), IEEE)
+        if NORMALIZE:
+            den += tl.sum(q2 * tl.load(zb + row2 + offs_d)[None, :], 1)
+    if NORMALIZE:
         num = num / (den + eps)[:, None]
         if iv == 0:
             tl.store(DEN + (b.to(tl.int64) * T + rows) * H + h, den, mask=t_ok)
@@ -674,56 +649,78 @@ def _tl_bwd_states(
     C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_D: tl.constexpr, STORE_D0: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # The reverse scan of R = Σ φ(q) gnᵀ (and ρ = Σ φ(q) gd), grouped like _tl_fwd_states.
+    FP: tl.constexpr = 1 + BD + BD * BD
     pid = tl.program_id(0)
     nv = tl.cdiv(Dv, BV)
-    bh = pid // nv
+    G = 1 + d
     iv = pid % nv
+    g = (pid // nv) % G
+    bh = pid // (nv * G)
     b = bh // H
     h = bh % H
     offs_v = iv * BV + tl.arange(0, BV)
+    v_ok = offs_v < Dv
     offs_d = tl.arange(0, BD)
+    irow = 1 + g * BD + offs_d
     if HAS_D:
-        r0, r1, r2, u0, u1, u2 = _taylor_load_ext(DST, DZT, bh, d, Dv, offs_v, BD)
+        r, u, r0, u0 = _tl_group_load(DST, DZT, bh, g, d, Dv, offs_v, BD)
     else:
+        r = tl.zeros([BD, BV], tl.float32)
+        u = tl.zeros([BD], tl.float32)
         r0 = tl.zeros([BV], tl.float32)
-        r1 = tl.zeros([BD, BV], tl.float32)
-        r2 = tl.zeros([BD * BD, BV], tl.float32)
         u0 = tl.sum(tl.zeros([BD], tl.float32), 0)
-        u1 = tl.zeros([BD], tl.float32)
-        u2 = tl.zeros([BD * BD], tl.float32)
     q_base = Q + (b.to(tl.int64) * T * H + h) * d
     do_base = DO + (b.to(tl.int64) * T * H + h) * Dv
     rows0 = tl.arange(0, C)
     bh64 = bh.to(tl.int64)
     for i in range(0, NT):
         n = NT - 1 - i
-        _taylor_store_int(HR, HRZ, bh64 * NT + n, Dv, offs_v, r0, r1, r2, u0, u1, u2, iv == 0, BD)
+        slot = bh64 * NT + n
+        rb = HR + slot * FP * Dv
+        tl.store(rb + irow[:, None] * Dv + offs_v[None, :], r, mask=v_ok[None, :])
+        if iv == 0:
+            tl.store(HRZ + slot * FP + irow, u)
+        if g == 0:
+            tl.store(rb + offs_v, r0, mask=v_ok)
+            if iv == 0:
+                tl.store(HRZ + slot * FP, u0)
         rows = n * C + rows0
-        q1t = _ldt(q_base, rows, offs_d, T, d, H * d).to(tl.float32) * c1  # [BD, C]
-        q2t = _x2t(q_base, rows, T, d, H * d, BD) * c2  # [BD*BD, C]
+        feat = _ldt(q_base, rows, offs_d, T, d, H * d).to(tl.float32) * _tl_w(q_base, rows, T, g, H * d, c1, c2)[None, :]  # [BD, C]
         gn = _ld(do_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32)
         if NORMALIZE:
             t_ok = rows < T
             st = (b.to(tl.int64) * T + rows) * H + h
             gn = gn * tl.load(RDEN + st, mask=t_ok, other=0.0)[:, None]
             gdv = tl.load(GD + st, mask=t_ok, other=0.0)
+            u += tl.sum(feat * gdv[None, :], 1)
             u0 += tl.sum(gdv, 0)
-            u1 += tl.sum(q1t * gdv[None, :], 1)
-            u2 += tl.sum(q2t * gdv[None, :], 1)
+        r += _mm32(feat, gn, IEEE)
         r0 += tl.sum(gn, 0)
-        r1 += _mm32(q1t, gn, IEEE)
-        r2 += _mm32(q2t, gn, IEEE)
     if STORE_D0:
-        _taylor_store_ext(DS0, DZ0, bh, d, Dv, offs_v, r0, r1, r2, u0, u1, u2, iv == 0, BD)
+        _tl_group_store(DS0, DZ0, bh, g, d, Dv, offs_v, r, u, r0, u0, iv == 0, BD)
 
 
 @triton.jit
-def _tl_bwd_dq(
-    Q, K, V, DO, RDEN, GD, HS, HZ, DQ,
+def _tl_chain(acc, g2, w, x32, i, c2, BD: tl.constexpr):
+    """Add the gradient through the features ``c₂ x_i x_j`` (j < BD) to ``acc [C, BD]``, given
+    ``g2 = ∂L/∂features [C, BD]`` and ``w = c₂ x_i``: ``∂/∂x_j += g2_j w``, ``∂/∂x_i += c₂ Σ_j g2_j x_j``."""
+    col = tl.arange(0, BD)
+    return acc + g2 * w[:, None] + tl.where(col[None, :] == i, (c2 * tl.sum(g2 * x32, 1))[:, None], 0.0)
+
+
+@triton.jit
+def _tl_bwd_grads(
+    Q, K, V, DO, RDEN, GD, HS, HZ, HR, HRZ, DQ, DK, DV,
     T, NT, H, d, Dv, c1, c2,
     C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # One program: dq, dk, dv of one chunk of one (b, h), the value tiles in a loop. Through the
+    # states: ∂L/∂φ(q) = gn Sᵀ + gd zᵀ, ∂L/∂φ(k) = V Rᵀ + ρ, dV += φ(K) R, taken group by group
+    # (constant, linear, then one [C, BD] slice of quadratic features per i) and chained back to
+    # q, k at once (_tl_chain); inside the chunk, dV += tril(κ(K Qᵀ)) gn and, after the loop,
+    # dq += (dP ⊙ κ'(s)) K, dk += (dP ⊙ κ'(s))ᵀ Q with dP = tril(gn Vᵀ + gd).
     FP: tl.constexpr = 1 + BD + BD * BD
     pid = tl.program_id(0)
     n = pid % NT
@@ -731,7 +728,6 @@ def _tl_bwd_dq(
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BD)
-    i2 = tl.arange(0, BD * BD)
     rows0 = tl.arange(0, C)
     rows = n * C + rows0
     t_ok = rows < T
@@ -739,131 +735,65 @@ def _tl_bwd_dq(
     qk_base = (b.to(tl.int64) * T * H + h) * d
     v_base = (b.to(tl.int64) * T * H + h) * Dv
     st = (b.to(tl.int64) * T + rows) * H + h
+    q_base = Q + qk_base
+    k_base = K + qk_base
     hb = HS + slot * FP * Dv
+    rb = HR + slot * FP * Dv
+    xq = _ld(q_base, rows, offs_d, T, d, H * d)  # [C, BD] raw, input dtype
+    xk = _ld(k_base, rows, offs_d, T, d, H * d)
+    xq32 = xq.to(tl.float32)
+    xk32 = xk.to(tl.float32)
+    sct = _mm(xk, _ldt(q_base, rows, offs_d, T, d, H * d), IEEE)  # [key s, query t]
+    at = tl.where(rows0[None, :] >= rows0[:, None], 1.0 + sct * (c1 * c1) + sct * sct * (c2 * c2), 0.0)
     if NORMALIZE:
         rd = tl.load(RDEN + st, mask=t_ok, other=0.0)
     dp = tl.zeros([C, C], tl.float32)
-    g1 = tl.zeros([C, BD], tl.float32)  # ∂L/∂(c₁ q) through the state
-    g2 = tl.zeros([C, BD * BD], tl.float32)  # ∂L/∂(c₂ vec(q⊗q)) through the state
+    dq = tl.zeros([C, BD], tl.float32)
+    dk = tl.zeros([C, BD], tl.float32)
     for iv in range(0, tl.cdiv(Dv, BV)):
         offs_v = iv * BV + tl.arange(0, BV)
-        gn = _ld(DO + v_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32)
+        v_ok = offs_v < Dv
+        gn = _ld(DO + v_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32)  # [C, BV]
         if NORMALIZE:
             gn = gn * rd[:, None]
-        vt = _ldt(V + v_base, rows, offs_v, T, Dv, H * Dv)  # [BV, C]
-        s1t = _ldt(hb + Dv, offs_d, offs_v, BD, Dv, Dv)  # [BV, BD]
-        s2t = _ldt(hb + (1 + BD) * Dv, i2, offs_v, BD * BD, Dv, Dv)  # [BV, BD*BD]
-        dp += _mm32(gn, vt, IEEE)
-        g1 += _mm32(gn, s1t, IEEE)
-        g2 += _mm32(gn, s2t, IEEE)
+        vv = _ld(V + v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV]
+        dp += _mm32(gn, _ldt(V + v_base, rows, offs_v, T, Dv, H * Dv), IEEE)
+        r1t = _ldt(rb + Dv, offs_d, offs_v, BD, Dv, Dv)  # R⁽¹⁾ᵀ [BV, BD]
+        dq += c1 * _mm32(gn, _ldt(hb + Dv, offs_d, offs_v, BD, Dv, Dv), IEEE)
+        dk += c1 * _mm32(vv, r1t, IEEE)
+        dv = tl.load(rb + offs_v, mask=v_ok, other=0.0)[None, :] + _mm32(at, gn, IEEE) + _mm32(xk32 * c1, tl.trans(r1t), IEEE)
+        for i in range(0, d):
+            row2 = (1 + (i + 1) * BD) * Dv
+            wq = _tl_w(q_base, rows, T, i + 1, H * d, c1, c2)  # c₂ q_i [C]
+            wk = _tl_w(k_base, rows, T, i + 1, H * d, c1, c2)
+            r2t = _ldt(rb + row2, offs_d, offs_v, BD, Dv, Dv)  # R⁽²⁾_iᵀ [BV, BD]
+            dq = _tl_chain(dq, _mm32(gn, _ldt(hb + row2, offs_d, offs_v, BD, Dv, Dv), IEEE), wq, xq32, i, c2, BD)
+            dk = _tl_chain(dk, _mm32(vv, r2t, IEEE), wk, xk32, i, c2, BD)
+            dv += _mm32(xk32 * wk[:, None], tl.trans(r2t), IEEE)
+        tl.store(DV + v_base + rows[:, None].to(tl.int64) * (H * Dv) + offs_v[None, :], dv.to(DV.dtype.element_ty),
+                 mask=t_ok[:, None] & v_ok[None, :])
+    # the normaliser's and ρ's parts (no value dimension)
+    hz = HZ + slot * FP
+    hrz = HRZ + slot * FP
     if NORMALIZE:
         gdv = tl.load(GD + st, mask=t_ok, other=0.0)
         dp += gdv[:, None]
-        g1 += gdv[:, None] * tl.load(HZ + slot * FP + 1 + offs_d)[None, :]
-        g2 += gdv[:, None] * tl.load(HZ + slot * FP + 1 + BD + i2)[None, :]
-    xq = _ld(Q + qk_base, rows, offs_d, T, d, H * d)
-    xkt = _ldt(K + qk_base, rows, offs_d, T, d, H * d)
-    sc = _mm(xq, xkt, IEEE)
-    ds = tl.where(rows0[:, None] >= rows0[None, :], dp * (c1 * c1 + 2.0 * (c2 * c2) * sc), 0.0)
-    xk = _ld(K + qk_base, rows, offs_d, T, d, H * d)
-    dq = c1 * g1 + c2 * _x2_bwd(g2, Q + qk_base, rows, T, d, H * d, BD, IEEE) + _mm32(ds, xk, IEEE)
-    tl.store(DQ + qk_base + rows[:, None].to(tl.int64) * (H * d) + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=t_ok[:, None] & (offs_d[None, :] < d))
-
-
-@triton.jit
-def _tl_bwd_dk(
-    Q, K, V, DO, RDEN, GD, HR, HRZ, DK,
-    T, NT, H, d, Dv, c1, c2,
-    C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
-):
-    FP: tl.constexpr = 1 + BD + BD * BD
-    pid = tl.program_id(0)
-    n = pid % NT
-    bh = pid // NT
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BD)
-    i2 = tl.arange(0, BD * BD)
-    rows0 = tl.arange(0, C)
-    rows = n * C + rows0
-    t_ok = rows < T
-    slot = bh.to(tl.int64) * NT + n
-    qk_base = (b.to(tl.int64) * T * H + h) * d
-    v_base = (b.to(tl.int64) * T * H + h) * Dv
-    st = (b.to(tl.int64) * T + rows) * H + h
-    rb = HR + slot * FP * Dv
-    if NORMALIZE:
-        rd = tl.load(RDEN + st, mask=t_ok, other=0.0)
-    dpt = tl.zeros([C, C], tl.float32)  # dPᵀ [key s, query t]
-    h1 = tl.zeros([C, BD], tl.float32)
-    h2 = tl.zeros([C, BD * BD], tl.float32)
-    for iv in range(0, tl.cdiv(Dv, BV)):
-        offs_v = iv * BV + tl.arange(0, BV)
-        vv = _ld(V + v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV]
-        gnt = _ldt(DO + v_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32)  # [BV, C]
+        dq += c1 * gdv[:, None] * tl.load(hz + 1 + offs_d)[None, :]
+    dk += c1 * tl.load(hrz + 1 + offs_d)[None, :]
+    zero = tl.zeros([C, BD], tl.float32)
+    for i in range(0, d):
+        row2 = 1 + (i + 1) * BD
         if NORMALIZE:
-            gnt = gnt * rd[None, :]
-        r1t = _ldt(rb + Dv, offs_d, offs_v, BD, Dv, Dv)  # [BV, BD]
-        r2t = _ldt(rb + (1 + BD) * Dv, i2, offs_v, BD * BD, Dv, Dv)  # [BV, BD*BD]
-        dpt += _mm32(vv, gnt, IEEE)
-        h1 += _mm32(vv, r1t, IEEE)
-        h2 += _mm32(vv, r2t, IEEE)
-    if NORMALIZE:
-        dpt += tl.load(GD + st, mask=t_ok, other=0.0)[None, :]
-    h1 += tl.load(HRZ + slot * FP + 1 + offs_d)[None, :]
-    h2 += tl.load(HRZ + slot * FP + 1 + BD + i2)[None, :]
-    xk = _ld(K + qk_base, rows, offs_d, T, d, H * d)
-    xqt = _ldt(Q + qk_base, rows, offs_d, T, d, H * d)
-    sct = _mm(xk, xqt, IEEE)  # [s, t]
-    dst = tl.where(rows0[None, :] >= rows0[:, None], dpt * (c1 * c1 + 2.0 * (c2 * c2) * sct), 0.0)
-    xq = _ld(Q + qk_base, rows, offs_d, T, d, H * d)
-    dk = c1 * h1 + c2 * _x2_bwd(h2, K + qk_base, rows, T, d, H * d, BD, IEEE) + _mm32(dst, xq, IEEE)
-    tl.store(DK + qk_base + rows[:, None].to(tl.int64) * (H * d) + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=t_ok[:, None] & (offs_d[None, :] < d))
-
-
-@triton.jit
-def _tl_bwd_dv(
-    Q, K, DO, RDEN, HR, DV,
-    T, NT, H, d, Dv, c1, c2,
-    C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
-):
-    FP: tl.constexpr = 1 + BD + BD * BD
-    pid = tl.program_id(0)
-    nv = tl.cdiv(Dv, BV)
-    iv = pid % nv
-    n = (pid // nv) % NT
-    bh = pid // (nv * NT)
-    b = bh // H
-    h = bh % H
-    offs_v = iv * BV + tl.arange(0, BV)
-    offs_d = tl.arange(0, BD)
-    i2 = tl.arange(0, BD * BD)
-    rows0 = tl.arange(0, C)
-    rows = n * C + rows0
-    t_ok = rows < T
-    slot = bh.to(tl.int64) * NT + n
-    qk_base = (b.to(tl.int64) * T * H + h) * d
-    v_base = (b.to(tl.int64) * T * H + h) * Dv
-    xk = _ld(K + qk_base, rows, offs_d, T, d, H * d)  # [C, BD] raw
-    xqt = _ldt(Q + qk_base, rows, offs_d, T, d, H * d)  # [BD, C] raw
-    sct = _mm(xk, xqt, IEEE)
-    at = tl.where(rows0[None, :] >= rows0[:, None], 1.0 + sct * (c1 * c1) + sct * sct * (c2 * c2), 0.0)
-    gn = _ld(DO + v_base, rows, offs_v, T, Dv, H * Dv).to(tl.float32)
-    if NORMALIZE:
-        gn = gn * tl.load(RDEN + (b.to(tl.int64) * T + rows) * H + h, mask=t_ok, other=0.0)[:, None]
-    rb = HR + slot * FP * Dv
-    r0 = tl.load(rb + offs_v, mask=offs_v < Dv, other=0.0)
-    r1 = _ld(rb + Dv, offs_d, offs_v, BD, Dv, Dv)  # [BD, BV]
-    r2 = _ld(rb + (1 + BD) * Dv, i2, offs_v, BD * BD, Dv, Dv)  # [BD*BD, BV]
-    k1 = xk.to(tl.float32) * c1
-    k2 = _x2(K + qk_base, rows, T, d, H * d, BD) * c2
-    dv = r0[None, :] + _mm32(at, gn, IEEE) + _mm32(k1, r1, IEEE) + _mm32(k2, r2, IEEE)
-    tl.store(DV + v_base + rows[:, None].to(tl.int64) * (H * Dv) + offs_v[None, :], dv.to(DV.dtype.element_ty),
-             mask=t_ok[:, None] & (offs_v[None, :] < Dv))
+            dq = _tl_chain(dq, gdv[:, None] * tl.load(hz + row2 + offs_d)[None, :], _tl_w(q_base, rows, T, i + 1, H * d, c1, c2), xq32, i, c2, BD)
+        dk = _tl_chain(dk, zero + tl.load(hrz + row2 + offs_d)[None, :], _tl_w(k_base, rows, T, i + 1, H * d, c1, c2), xk32, i, c2, BD)
+    sc = _mm(xq, _ldt(k_base, rows, offs_d, T, d, H * d), IEEE)  # [query t, key s]
+    ds = tl.where(rows0[:, None] >= rows0[None, :], dp * (c1 * c1 + 2.0 * (c2 * c2) * sc), 0.0)
+    dq += _mm32(ds, xk32, IEEE)
+    dk += _mm32(tl.trans(ds), xq32, IEEE)
+    out = rows[:, None].to(tl.int64) * (H * d) + offs_d[None, :]
+    o_ok = t_ok[:, None] & (offs_d[None, :] < d)
+    tl.store(DQ + qk_base + out, dq.to(DQ.dtype.element_ty), mask=o_ok)
+    tl.store(DK + qk_base + out, dk.to(DK.dtype.element_ty), mask=o_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -956,60 +886,96 @@ def _tl_step(
 
 # MNEMO_AUTOTUNE=0 skips tuning on CUDA (fixed launch parameters, see _fixed).
 _AUTOTUNE = os.environ.get("MNEMO_AUTOTUNE", "1") != "0"
+#: per-kernel launch parameters that replace the fixed ones (diagnostics and sweeps only:
+#: ``scripts/diag_linear.py --sweep``); ``{kernel name: {"BV": .., "num_warps": .., ...}}``
+_OVERRIDE: dict[str, dict] = {}
 
 
-def _cfgs(*bv_warps_stages):
-    return [triton.Config({"BV": bv}, num_warps=w, num_stages=st) for bv, w, st in bv_warps_stages]
+def _cfgs(*params):
+    """``triton.Config``s from ``(BV, num_warps, num_stages[, BK])`` tuples."""
+    out = []
+    for p in params:
+        kw = {"BV": p[0]} if len(p) == 3 else {"BV": p[0], "BK": p[3]}
+        out.append(triton.Config(kw, num_warps=p[1], num_stages=p[2]))
+    return out
 
 
-# Four candidates per kernel (tuning compiles each once per key). Every constexpr that changes the
-# generated code is part of the key (the autotuner adds the tensor dtypes itself), so a config
-# tuned for one variant is never reused for another.
-_LOOP = _cfgs((32, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 1))  # kernels with a loop over chunks / value tiles
-_FLAT = _cfgs((32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1))  # one tile, no loop
-_TLOOP = _cfgs((16, 4, 2), (32, 8, 2), (32, 8, 1), (64, 8, 2))
-_TFLAT = _cfgs((16, 4, 1), (32, 4, 1), (32, 8, 1), (64, 8, 1))
+# A handful of candidates per kernel (tuning compiles each once per key), the fixed choice among
+# them. Every constexpr that changes the generated code is part of the key (the autotuner adds the
+# tensor dtypes itself), so a config tuned for one variant is never reused for another.
+# (_la_bwd_grads with both parts and Dk = 128 faulted on an H100 with 4 warps: 8 only.)
+_SCAN = _cfgs((32, 4, 3, 64), (32, 4, 4, 64), (64, 4, 3, 64), (32, 2, 4, 64), (32, 4, 4, 32))  # sequential chunk scans
+_OUT = _cfgs((64, 4, 1), (64, 4, 2), (32, 4, 2), (64, 8, 2))  # one tile, no loop
+_GRADS = _cfgs((32, 8, 1), (64, 8, 1), (16, 8, 1))
+_DQK = _cfgs((32, 4, 1, 64), (64, 4, 1, 64), (32, 8, 1, 64), (32, 4, 2, 32))
+_DV = _cfgs((64, 4, 1), (32, 4, 1), (64, 8, 1))
+_TSCAN = _cfgs((64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 2, 3))
+_TOUT = _cfgs((64, 4, 2), (32, 4, 2), (64, 8, 1))
+_TGRADS = _cfgs((64, 8, 1), (64, 4, 2), (32, 4, 2))
 _LA_KEY = ["Dk", "Dv", "C", "FEATURE", "IEEE"]
 _TL_KEY = ["d", "Dv", "C", "IEEE"]
+_GKEY = _LA_KEY + ["BDK", "NORMALIZE", "STATE_HALF", "DO_DQK", "DO_DV"]
 _TUNED = {
-    "_la_fwd_states": triton.autotune(_LOOP, key=_LA_KEY + ["BK", "HAS_S0", "STORE_FINAL"])(_la_fwd_states),
-    "_la_fwd_out": triton.autotune(_FLAT, key=_LA_KEY + ["BDK", "NORMALIZE"])(_la_fwd_out),
-    "_la_bwd_states": triton.autotune(_LOOP, key=_LA_KEY + ["BK", "NORMALIZE", "HAS_DST", "HAS_DZT", "STORE_D0"])(_la_bwd_states),
-    "_la_bwd_dq": triton.autotune(_LOOP, key=_LA_KEY + ["BDK", "NORMALIZE"])(_la_bwd_dq),
-    "_la_bwd_dk": triton.autotune(_LOOP, key=_LA_KEY + ["BDK", "NORMALIZE"])(_la_bwd_dk),
-    "_la_bwd_dv": triton.autotune(_FLAT, key=_LA_KEY + ["BDK", "NORMALIZE"])(_la_bwd_dv),
-    "_tl_fwd_states": triton.autotune(_TLOOP, key=_TL_KEY + ["HAS_S0", "STORE_FINAL"])(_tl_fwd_states),
-    "_tl_fwd_out": triton.autotune(_TFLAT, key=_TL_KEY + ["NORMALIZE"])(_tl_fwd_out),
-    "_tl_bwd_states": triton.autotune(_TLOOP, key=_TL_KEY + ["NORMALIZE", "HAS_D", "STORE_D0"])(_tl_bwd_states),
-    "_tl_bwd_dq": triton.autotune(_TLOOP, key=_TL_KEY + ["NORMALIZE"])(_tl_bwd_dq),
-    "_tl_bwd_dk": triton.autotune(_TLOOP, key=_TL_KEY + ["NORMALIZE"])(_tl_bwd_dk),
-    "_tl_bwd_dv": triton.autotune(_TFLAT, key=_TL_KEY + ["NORMALIZE"])(_tl_bwd_dv),
+    "_la_fwd_states": triton.autotune(_SCAN, key=_LA_KEY + ["HAS_S0", "STORE_FINAL", "STORE_Z"])(_la_fwd_states),
+    "_la_fwd_out": triton.autotune(_OUT, key=_LA_KEY + ["BDK", "NORMALIZE", "STATE_HALF"])(_la_fwd_out),
+    "_la_bwd_states": triton.autotune(_SCAN, key=_LA_KEY + ["NORMALIZE", "HAS_DST", "HAS_DZT", "STORE_D0"])(_la_bwd_states),
+    "_la_bwd_grads": triton.autotune(_GRADS, key=_GKEY)(_la_bwd_grads),  # dq, dk, dv in one launch (BK = BDK given)
+    "_la_bwd_dqk": triton.autotune(_DQK, key=_GKEY)(_la_bwd_grads),  # dq, dk in column blocks
+    "_la_bwd_dv": triton.autotune(_DV, key=_GKEY)(_la_bwd_grads),  # dv alone (BK = BDK given)
+    "_tl_fwd_states": triton.autotune(_TSCAN, key=_TL_KEY + ["HAS_S0", "STORE_FINAL"])(_tl_fwd_states),
+    "_tl_fwd_out": triton.autotune(_TOUT, key=_TL_KEY + ["NORMALIZE"])(_tl_fwd_out),
+    "_tl_bwd_states": triton.autotune(_TSCAN, key=_TL_KEY + ["NORMALIZE", "HAS_D", "STORE_D0"])(_tl_bwd_states),
+    "_tl_bwd_grads": triton.autotune(_TGRADS, key=_TL_KEY + ["NORMALIZE"])(_tl_bwd_grads),
 }
+#: elementwise maps: dq / dk / dv in one launch (False) or dq+dk in column blocks, then dv (True).
+#: MNEMO_LINEAR_SPLIT_GRADS=0/1 overrides (the results are the same).
+_SPLIT_GRADS = os.environ.get("MNEMO_LINEAR_SPLIT_GRADS", "1") == "1"
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _fixed(kernel, dv: int, width: int, ieee: bool) -> dict:
+def _fixed(name: str, dk: int, dv: int, ieee: bool, chunk: int = DEFAULT_CHUNK) -> dict:
     """Launch parameters without tuning: small tiles under the interpreter (so the CPU tests cover
-    several value tiles), sizes that suit the GPU otherwise (``width``: Dk, or 273 for Taylor;
-    float32's IEEE products run on the CUDA cores and need the registers of 8 warps)."""
-    if _interpreted():
-        return dict(BV=16, num_warps=4, num_stages=1)
-    bv = min(64 if width <= 128 else 32, max(16, triton.next_power_of_2(dv)))
-    heavy = ieee or width > 64 or kernel in (_la_bwd_dq, _la_bwd_dk, _tl_bwd_dq, _tl_bwd_dk)
-    return dict(BV=bv, num_warps=8 if heavy else 4, num_stages=1)
+    several state and value tiles), sizes that suit an H100 otherwise (``dk``: the q/k width)."""
+    if name in _OVERRIDE:
+        return dict(_OVERRIDE[name])
+    blocked = name in ("_la_fwd_states", "_la_bwd_states", "_la_bwd_dqk")
+    if _interpreted():  # (Taylor: 32, which still gives two value tiles at the tests' Dv = 40)
+        return dict(BV=32 if name.startswith("_tl") else 16, num_warps=4, num_stages=1, **({"BK": 16} if blocked else {}))
+    p2v = max(16, triton.next_power_of_2(dv))
+    big = chunk > 64
+    if name in ("_la_fwd_states", "_la_bwd_states"):  # B·H·(Dk/BK)·(Dv/BV) programs, each walking every chunk
+        return dict(BK=min(64, _bdk(dk)), BV=min(32, p2v), num_warps=4, num_stages=3)
+    if name == "_la_fwd_out":
+        return dict(BV=min(64, p2v), num_warps=8 if ieee or big else 4, num_stages=1)
+    if name == "_la_bwd_grads":
+        return dict(BV=min(32, p2v), num_warps=8, num_stages=1)
+    if name == "_la_bwd_dqk":
+        return dict(BK=min(64, _bdk(dk)), BV=min(32, p2v), num_warps=8 if ieee or big or dk > 64 else 4, num_stages=1)
+    if name == "_la_bwd_dv":
+        return dict(BV=min(64, p2v), num_warps=8 if ieee or big or dk > 64 else 4, num_stages=1)
+    if name in ("_tl_fwd_states", "_tl_bwd_states"):  # B·H·(1+d)·(Dv/BV) programs
+        return dict(BV=min(64, p2v), num_warps=4, num_stages=3)
+    if name == "_tl_fwd_out":
+        return dict(BV=min(64, p2v), num_warps=8 if ieee else 4, num_stages=2)
+    if name == "_tl_bwd_grads":
+        return dict(BV=min(64, p2v), num_warps=8, num_stages=1)
+    raise KeyError(name)
 
 
-def _launch(kernel, grid, args, meta, device, dv: int, width: int) -> None:
-    """Autotuned on CUDA (unless MNEMO_AUTOTUNE=0); fixed parameters otherwise. ``grid`` maps the
-    launch parameters to the 1-D grid."""
-    if device.type == "cuda" and _AUTOTUNE:
-        _TUNED[kernel.__name__][lambda m: (grid(m["BV"]),)](*args, **meta)
+def _launch(kernel, grid, args, meta, device, dk: int, dv: int, name: str | None = None) -> None:
+    """Autotuned on CUDA (unless MNEMO_AUTOTUNE=0 or an override is set); fixed parameters
+    otherwise. ``grid`` maps the launch parameters (a dict with ``BV`` and, for the column-blocked
+    kernels, ``BK``) to the size of the 1-D grid; ``name`` selects the parameter set (default: the
+    kernel's name)."""
+    name = name or kernel.__name__
+    if device.type == "cuda" and _AUTOTUNE and name not in _OVERRIDE:
+        _TUNED[name][lambda m: (grid(m),)](*args, **meta)
     else:
-        fixed = _fixed(kernel, dv, width, meta["IEEE"])
-        kernel[(grid(fixed["BV"]),)](*args, **meta, **fixed)
+        fixed = _fixed(name, dk, dv, meta["IEEE"], meta["C"])
+        kernel[(grid(fixed),)](*args, **meta, **fixed)
 
 
 def _poison() -> bool:
@@ -1042,23 +1008,45 @@ def _fdim(feature: int, dk: int) -> int:
     return 1 + dk + dk * dk if feature == TAYLOR else dk
 
 
+def _state_rows(feature: int, dk: int) -> int:
+    """Rows of the per-chunk state buffers (Taylor: the padded internal layout)."""
+    return TFP if feature == TAYLOR else dk
+
+
+def _state_dtype(feature: int, dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-chunk states HS / HR: bf16 for bf16 inputs with an elementwise feature map
+    (as fla keeps them; the rounding adds ~2e-3 relative error, inside ARCHITECTURE.md's bf16
+    tolerances), fp32 otherwise (Taylor: its normalised dq cancels large terms; fp16: range)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and feature != TAYLOR else torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward / backward implementations
 # ---------------------------------------------------------------------------------------------
 
 
-def _states_fwd(k, v, s0, z0, feature, chunk, store_final):
+def _feature_sum(k, feature):
+    """``Σ_t φ(k_t)`` in fp32, ``[B, H, Dk]`` (elementwise maps)."""
+    if feature == 0:
+        return k.sum(1, dtype=torch.float32)
+    kf = k.float()
+    return (torch.nn.functional.elu(kf) + 1.0 if feature == 1 else torch.relu(kf)).sum(1)
+
+
+def _states_fwd(k, v, s0, z0, feature, chunk, store_final, normalize=True):
     """The forward state pass: ``(HS, HZ, S_T, z_T)``; HS/HZ hold the state entering every chunk
-    (``[B·H, NT, Dφ or 273, Dv]``, ``[B·H, NT, ·]``); S_T, z_T are None unless ``store_final``."""
+    (``[B·H, NT, Dφ or 273, Dv]`` in :func:`_state_dtype`, ``[B·H, NT, ·]`` fp32; HZ empty for an
+    elementwise map without ``normalize``); S_T, z_T are None unless ``store_final``."""
     b, t, h, dk = k.shape
     dv = v.shape[-1]
     nt = triton.cdiv(t, chunk)
     ieee = k.dtype == torch.float32
     has_s0 = s0 is not None
     fd = _fdim(feature, dk)
-    rows = TFP if feature == TAYLOR else dk
-    hs = _alloc((b * h, nt, rows, dv), k, torch.float32)
-    hz = _alloc((b * h, nt, rows), k, torch.float32)
+    rows = _state_rows(feature, dk)
+    store_z = feature == TAYLOR or normalize  # z per chunk is needed by a normalised output only
+    hs = _alloc((b * h, nt, rows, dv), k, _state_dtype(feature, k.dtype))
+    hz = _alloc((b * h, nt, rows), k, torch.float32) if store_z else k.new_empty(0, dtype=torch.float32)
     st = _alloc((b, h, fd, dv), k, torch.float32) if store_final else None
     zt = _alloc((b, h, fd), k, torch.float32) if store_final else None
     dummy = _dummy(k)
@@ -1068,12 +1056,13 @@ def _states_fwd(k, v, s0, z0, feature, chunk, store_final):
         c1, c2 = _taylor_consts(dk)
         args = (k, v, s0a, z0a, hs, hz, sta, zta, t, nt, h, dk, dv, c1, c2)
         meta = dict(C=chunk, BD=TBD, HAS_S0=has_s0, STORE_FINAL=store_final, IEEE=ieee)
-        _launch(_tl_fwd_states, lambda bv: b * h * triton.cdiv(dv, bv), args, meta, k.device, dv, TFP)
+        _launch(_tl_fwd_states, lambda m: b * h * (1 + dk) * triton.cdiv(dv, m["BV"]), args, meta, k.device, dk, dv)
     else:
-        bk = min(64, _bdk(dk))
-        args = (k, v, s0a, z0a, hs, hz, sta, zta, t, nt, h, dk, dv)
-        meta = dict(C=chunk, BK=bk, FEATURE=feature, HAS_S0=has_s0, STORE_FINAL=store_final, IEEE=ieee)
-        _launch(_la_fwd_states, lambda bv: b * h * triton.cdiv(dk, bk) * triton.cdiv(dv, bv), args, meta, k.device, dv, dk)
+        args = (k, v, s0a, z0a, hs, hz if store_z else dummy, sta, zta, t, nt, h, dk, dv)
+        meta = dict(C=chunk, FEATURE=feature, HAS_S0=has_s0, STORE_FINAL=store_final, STORE_Z=store_z, IEEE=ieee)
+        _launch(_la_fwd_states, lambda m: b * h * triton.cdiv(dk, m["BK"]) * triton.cdiv(dv, m["BV"]), args, meta, k.device, dk, dv)
+        if store_final and not store_z:
+            zt.copy_(_feature_sum(k, feature) + (z0 if has_s0 else 0.0))
     return hs, hz, st, zt
 
 
@@ -1086,33 +1075,34 @@ def _out_fwd(q, k, v, hs, hz, feature, normalize, eps, chunk):
     den = _alloc((b, t, h), q, torch.float32) if normalize else q.new_empty(0, dtype=torch.float32)
     den_arg = den if normalize else _dummy(q)
     ieee = q.dtype == torch.float32
-    grid = lambda bv: b * h * nt * triton.cdiv(dv, bv)  # noqa: E731
+    grid = lambda m: b * h * nt * triton.cdiv(dv, m["BV"])  # noqa: E731
     if feature == TAYLOR:
         c1, c2 = _taylor_consts(dk)
         args = (q, k, v, hs, hz, y, den_arg, t, nt, h, dk, dv, c1, c2, eps)
-        _launch(_tl_fwd_out, grid, args, dict(C=chunk, BD=TBD, NORMALIZE=normalize, IEEE=ieee), q.device, dv, TFP)
+        _launch(_tl_fwd_out, grid, args, dict(C=chunk, BD=TBD, NORMALIZE=normalize, IEEE=ieee), q.device, dk, dv)
     else:
-        args = (q, k, v, hs, hz, y, den_arg, t, nt, h, dk, dv, eps)
-        meta = dict(C=chunk, BDK=_bdk(dk), FEATURE=feature, NORMALIZE=normalize, IEEE=ieee)
-        _launch(_la_fwd_out, grid, args, meta, q.device, dv, dk)
+        args = (q, k, v, hs, hz if hz.numel() else _dummy(q), y, den_arg, t, nt, h, dk, dv, eps)
+        meta = dict(C=chunk, BDK=_bdk(dk), FEATURE=feature, NORMALIZE=normalize, STATE_HALF=hs.dtype != torch.float32, IEEE=ieee)
+        _launch(_la_fwd_out, grid, args, meta, q.device, dk, dv)
     return y, den
 
 
 def _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk):
-    hs, hz, st, zt = _states_fwd(k, v, s0, z0, feature, chunk, True)
+    hs, hz, st, zt = _states_fwd(k, v, s0, z0, feature, chunk, True, normalize)
     y, den = _out_fwd(q, k, v, hs, hz, feature, normalize, eps, chunk)
-    return y, st, zt, den
+    return y, st, zt, den, hs, hz
 
 
-def _states_bwd(q, dy, rden, gd, dst, dzt, feature, normalize, chunk, need_d0):
-    """The reverse state pass: ``(HR, HRZ, dS0, dz0)`` (dS0, dz0 None unless ``need_d0``)."""
+def _states_bwd(q, dy, rden, gd, dst, dzt, feature, normalize, chunk, need_d0, state_dtype=None):
+    """The reverse state pass: ``(HR, HRZ, dS0, dz0)`` (dS0, dz0 None unless ``need_d0``); HR in
+    ``state_dtype`` (default :func:`_state_dtype`)."""
     b, t, h, dk = q.shape
     dv = dy.shape[-1]
     nt = triton.cdiv(t, chunk)
     ieee = q.dtype == torch.float32
     fd = _fdim(feature, dk)
-    rows = TFP if feature == TAYLOR else dk
-    hr = _alloc((b * h, nt, rows, dv), q, torch.float32)
+    rows = _state_rows(feature, dk)
+    hr = _alloc((b * h, nt, rows, dv), q, state_dtype or _state_dtype(feature, q.dtype))
     hrz = _alloc((b * h, nt, rows), q, torch.float32)
     ds0 = _alloc((b, h, fd, dv), q, torch.float32) if need_d0 else None
     dz0 = _alloc((b, h, fd), q, torch.float32) if need_d0 else None
@@ -1126,18 +1116,17 @@ def _states_bwd(q, dy, rden, gd, dst, dzt, feature, normalize, chunk, need_d0):
             dzt = dzt if dzt is not None else torch.zeros(b, h, fd, device=q.device)
         args = (q, dy, rden, gd, dst if has_d else dummy, dzt if has_d else dummy, hr, hrz, ds0a, dz0a, t, nt, h, dk, dv, c1, c2)
         meta = dict(C=chunk, BD=TBD, NORMALIZE=normalize, HAS_D=has_d, STORE_D0=need_d0, IEEE=ieee)
-        _launch(_tl_bwd_states, lambda bv: b * h * triton.cdiv(dv, bv), args, meta, q.device, dv, TFP)
+        _launch(_tl_bwd_states, lambda m: b * h * (1 + dk) * triton.cdiv(dv, m["BV"]), args, meta, q.device, dk, dv)
     else:
-        bk = min(64, _bdk(dk))
         has_dst, has_dzt = dst is not None, dzt is not None
         args = (q, dy, rden, gd, dst if has_dst else dummy, dzt if has_dzt else dummy, hr, hrz, ds0a, dz0a, t, nt, h, dk, dv)
-        meta = dict(C=chunk, BK=bk, FEATURE=feature, NORMALIZE=normalize, HAS_DST=has_dst, HAS_DZT=has_dzt, STORE_D0=need_d0, IEEE=ieee)
-        _launch(_la_bwd_states, lambda bv: b * h * triton.cdiv(dk, bk) * triton.cdiv(dv, bv), args, meta, q.device, dv, dk)
+        meta = dict(C=chunk, FEATURE=feature, NORMALIZE=normalize, HAS_DST=has_dst, HAS_DZT=has_dzt, STORE_D0=need_d0, IEEE=ieee)
+        _launch(_la_bwd_states, lambda m: b * h * triton.cdiv(dk, m["BK"]) * triton.cdiv(dv, m["BV"]), args, meta, q.device, dk, dv)
     return hr, hrz, ds0, dz0
 
 
 def _grads_chunks(q, k, v, dy, rden, gd, hs, hz, hr, hrz, feature, normalize, chunk):
-    """The per-chunk gradient launches: ``(dq, dk, dv)``."""
+    """The per-chunk gradient launch: ``(dq, dk, dv)``, one program per (b·h, chunk)."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     nt = triton.cdiv(t, chunk)
@@ -1145,40 +1134,48 @@ def _grads_chunks(q, k, v, dy, rden, gd, hs, hz, hr, hrz, feature, normalize, ch
     dq = _alloc(q.shape, q, q.dtype)
     dk_ = _alloc(k.shape, q, k.dtype)
     dv_ = _alloc(v.shape, q, v.dtype)
-    per_chunk = lambda bv: b * h * nt  # noqa: E731
-    per_tile = lambda bv: b * h * nt * triton.cdiv(dv, bv)  # noqa: E731
+    grid = lambda m: b * h * nt  # noqa: E731
     if feature == TAYLOR:
         c1, c2 = _taylor_consts(dk)
         meta = dict(C=chunk, BD=TBD, NORMALIZE=normalize, IEEE=ieee)
-        tail = (t, nt, h, dk, dv, c1, c2)
-        _launch(_tl_bwd_dq, per_chunk, (q, k, v, dy, rden, gd, hs, hz, dq) + tail, meta, q.device, dv, TFP)
-        _launch(_tl_bwd_dk, per_chunk, (q, k, v, dy, rden, gd, hr, hrz, dk_) + tail, meta, q.device, dv, TFP)
-        _launch(_tl_bwd_dv, per_tile, (q, k, dy, rden, hr, dv_) + tail, meta, q.device, dv, TFP)
+        args = (q, k, v, dy, rden, gd, hs, hz, hr, hrz, dq, dk_, dv_, t, nt, h, dk, dv, c1, c2)
+        _launch(_tl_bwd_grads, grid, args, meta, q.device, dk, dv)
     else:
-        meta = dict(C=chunk, BDK=_bdk(dk), FEATURE=feature, NORMALIZE=normalize, IEEE=ieee)
-        tail = (t, nt, h, dk, dv)
-        _launch(_la_bwd_dq, per_chunk, (q, k, v, dy, rden, gd, hs, hz, dq) + tail, meta, q.device, dv, dk)
-        _launch(_la_bwd_dk, per_chunk, (q, k, v, dy, rden, gd, hr, hrz, dk_) + tail, meta, q.device, dv, dk)
-        _launch(_la_bwd_dv, per_tile, (q, k, dy, rden, hr, dv_) + tail, meta, q.device, dv, dk)
+        if hr.dtype != hs.dtype:
+            hr = hr.to(hs.dtype)
+        hz_arg = hz if hz.numel() else _dummy(q)
+        args = (q, k, v, dy, rden, gd, hs, hz_arg, hr, hrz, dq, dk_, dv_, t, nt, h, dk, dv)
+        bdk = _bdk(dk)
+        meta = dict(C=chunk, BDK=bdk, FEATURE=feature, NORMALIZE=normalize, STATE_HALF=hs.dtype != torch.float32, IEEE=ieee)
+        if _SPLIT_GRADS:
+            _launch(_la_bwd_grads, lambda m: b * h * nt * triton.cdiv(dk, m["BK"]), args, dict(meta, DO_DQK=True, DO_DV=False),
+                    q.device, dk, dv, "_la_bwd_dqk")
+            _launch(_la_bwd_grads, grid, args, dict(meta, BK=bdk, DO_DQK=False, DO_DV=True), q.device, dk, dv, "_la_bwd_dv")
+        else:
+            _launch(_la_bwd_grads, grid, args, dict(meta, BK=bdk, DO_DQK=True, DO_DV=True), q.device, dk, dv)
     return dq, dk_, dv_
 
 
 def _row_stats(dy, y, den, eps, normalize):
-    """``(1/(den+ε), gd = -(dy·y)/(den+ε))`` per token, fp32 ``[B, T, H]`` (dummies if not normalised)."""
+    """``(1/(den+ε), gd = -(dy·y)/(den+ε))`` per token, fp32 ``[B, T, H]`` (dummies if not normalised), one launch."""
     if not normalize:
         d = _dummy(dy)
         return d, d
-    rden = 1.0 / (den + eps)
-    return rden, -(dy.float() * y.float()).sum(-1) * rden
+    b, t, h, dv = dy.shape
+    rden = _alloc((b, t, h), dy, torch.float32)
+    gd = _alloc((b, t, h), dy, torch.float32)
+    n = b * t * h
+    br = 16 if _interpreted() else 32
+    _row_stats_kernel[(triton.cdiv(n, br),)](dy, y.contiguous(), den, rden, gd, n, dv, eps, BR=br, BDV=max(16, triton.next_power_of_2(dv)), num_warps=4)
+    return rden, gd
 
 
-def _bwd_impl(dy, q, k, v, y, den, s0, z0, dst, dzt, feature, normalize, eps, chunk, need_d0):
+def _bwd_impl(dy, q, k, v, y, den, hs, hz, dst, dzt, feature, normalize, eps, chunk, need_d0):
     dy = dy.contiguous()
     rden, gd = _row_stats(dy, y, den, eps, normalize)
-    hs, hz, _, _ = _states_fwd(k, v, s0, z0, feature, chunk, False)
     dst = dst.contiguous() if dst is not None else None
     dzt = dzt.contiguous() if dzt is not None else None
-    hr, hrz, ds0, dz0 = _states_bwd(q, dy, rden, gd, dst, dzt, feature, normalize, chunk, need_d0)
+    hr, hrz, ds0, dz0 = _states_bwd(q, dy, rden, gd, dst, dzt, feature, normalize, chunk, need_d0, hs.dtype)
     dq, dk, dv = _grads_chunks(q, k, v, dy, rden, gd, hs, hz, hr, hrz, feature, normalize, chunk)
     if not need_d0:
         ds0, dz0 = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
@@ -1194,8 +1191,9 @@ def _bwd_impl(dy, q, k, v, y, den, s0, z0, dst, dzt, feature, normalize, eps, ch
 def linear_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, s0: Optional[Tensor], z0: Optional[Tensor],
     feature: int, normalize: bool, eps: float, chunk: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y [B, T, H, Dv], S_T [B, H, Dφ, Dv] fp32, z_T [B, H, Dφ] fp32, den [B, T, H] fp32 or empty)``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y [B, T, H, Dv], S_T [B, H, Dφ, Dv] fp32, z_T [B, H, Dφ] fp32, den [B, T, H] fp32 or empty,
+    HS, HZ)``: HS / HZ are the states entering every chunk, kept for the backward (not recomputed)."""
     return _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk)
 
 
@@ -1204,22 +1202,27 @@ def _(q, k, v, s0, z0, feature, normalize, eps, chunk):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     fd = _fdim(feature, dk)
+    nt = -(-t // chunk)
+    rows = _state_rows(feature, dk)
     den = q.new_empty((b, t, h) if normalize else (0,), dtype=torch.float32)
-    return q.new_empty(b, t, h, dv), q.new_empty(b, h, fd, dv, dtype=torch.float32), q.new_empty(b, h, fd, dtype=torch.float32), den
+    hs = q.new_empty(b * h, nt, rows, dv, dtype=_state_dtype(feature, q.dtype))
+    hz = q.new_empty((b * h, nt, rows) if feature == TAYLOR or normalize else (0,), dtype=torch.float32)
+    return (q.new_empty(b, t, h, dv), q.new_empty(b, h, fd, dv, dtype=torch.float32), q.new_empty(b, h, fd, dtype=torch.float32),
+            den, hs, hz)
 
 
 @torch.library.custom_op("mnemotorch::linear_attn_bwd", mutates_args=())
 def linear_attn_bwd(
-    dy: Tensor, q: Tensor, k: Tensor, v: Tensor, y: Tensor, den: Tensor,
-    s0: Optional[Tensor], z0: Optional[Tensor], dst: Optional[Tensor], dzt: Optional[Tensor],
+    dy: Tensor, q: Tensor, k: Tensor, v: Tensor, y: Tensor, den: Tensor, hs: Tensor, hz: Tensor,
+    dst: Optional[Tensor], dzt: Optional[Tensor],
     feature: int, normalize: bool, eps: float, chunk: int, need_d0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dS0 or empty, dz0 or empty)``."""
-    return _bwd_impl(dy, q, k, v, y, den, s0, z0, dst, dzt, feature, normalize, eps, chunk, need_d0)
+    return _bwd_impl(dy, q, k, v, y, den, hs, hz, dst, dzt, feature, normalize, eps, chunk, need_d0)
 
 
 @linear_attn_bwd.register_fake
-def _(dy, q, k, v, y, den, s0, z0, dst, dzt, feature, normalize, eps, chunk, need_d0):
+def _(dy, q, k, v, y, den, hs, hz, dst, dzt, feature, normalize, eps, chunk, need_d0):
     b, t, h, dk = q.shape
     fd = _fdim(feature, dk)
     ds0 = q.new_empty((b, h, fd, v.shape[-1]) if need_d0 else (0,), dtype=torch.float32)
@@ -1229,18 +1232,20 @@ def _(dy, q, k, v, y, den, s0, z0, dst, dzt, feature, normalize, eps, chunk, nee
 
 def _setup_context(ctx, inputs, output):
     q, k, v, s0, z0, feature, normalize, eps, chunk = inputs
-    y, _, _, den = output
-    ctx.save_for_backward(q, k, v, y, den, s0, z0)
+    y, _, _, den, hs, hz = output
+    ctx.save_for_backward(q, k, v, y, den, hs, hz)
+    ctx.mark_non_differentiable(den, hs, hz)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs (HS is large)
     ctx.args = (feature, normalize, eps, chunk)
     ctx.has_s0 = s0 is not None
 
 
-def _backward(ctx, dy, dst, dzt, dden):
-    q, k, v, y, den, s0, z0 = ctx.saved_tensors
+def _backward(ctx, dy, dst, dzt, dden, dhs, dhz):
+    q, k, v, y, den, hs, hz = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(y)
     need_d0 = ctx.has_s0 and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    dq, dk, dv, ds0, dz0 = linear_attn_bwd(dy, q, k, v, y, den, s0, z0, dst, dzt, *ctx.args, need_d0)
+    dq, dk, dv, ds0, dz0 = linear_attn_bwd(dy, q, k, v, y, den, hs, hz, dst, dzt, *ctx.args, need_d0)
     return dq, dk, dv, (ds0 if need_d0 else None), (dz0 if need_d0 else None), None, None, None, None
 
 
@@ -1393,9 +1398,9 @@ def linear_attention_triton(
     # The kernels index q, k, v as contiguous [B, T, H, D] tensors of one dtype.
     q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
     chunk = kernel_chunk(chunk_size)
-    if fid == TAYLOR:  # [128, 256] fp32 feature tiles would need more shared memory than an H100 has
+    if fid == TAYLOR:  # the Taylor kernels' launch parameters are sized for C ≤ 64
         chunk = min(chunk, 64)
-    y, st, zt, _ = linear_attn_fwd(q, k, v, s0, z0, fid, bool(normalize), float(eps), chunk)
+    y, st, zt = linear_attn_fwd(q, k, v, s0, z0, fid, bool(normalize), float(eps), chunk)[:3]
     return y, (st, zt)
 
 
