@@ -6,7 +6,9 @@
 #   linear  -- `mnemo bench linear` linear / BASED / decode vs fla (fla from .whl/ when carried);
 #   routed  -- `mnemo bench routed --cases routing` (routing-transformer from .peers/routing when carried);
 #   lla     -- the LLA case of `mnemo bench linear`;
-#   kernels -- `mnemo bench kernels` neighbourhood / power / sliding-window cases (KERNEL_CASES).
+#   kernels -- `mnemo bench kernels` neighbourhood / power / sliding-window cases (KERNEL_CASES);
+#   e2e     -- scripts/diag_linear.py --e2e (linear / BASED vs fla, E2E_LENGTHS);
+#   sweep   -- scripts/diag_linear.py --sweep-case for SWEEP_CASES (per-kernel launch parameters).
 # Default "tests routed lla kernels"; scripts/gpu_session.sh is "tests swa linear" over every GPU test.
 # At most 8 files land in $OUT (logs + JSON). STEPS ending in "save_cache" also bring back the compile
 # caches (scripts/gpu_env.sh says how to carry them into the next call).
@@ -24,7 +26,7 @@ for step in $STEPS; do
       echo "== GPU tests =="
       mkdir -p /tmp/gpu_tests; rm -f /tmp/gpu_tests/*.log
       for f in ${TESTS:-tests/gpu/test_routing_gpu.py tests/gpu/test_lla_gpu.py tests/gpu/test_block_sparse_bias_gpu.py}; do
-          ( MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 30 ${TEST_TIMEOUT:-170} python3 -m pytest -v -p no:cacheprovider -rfEx $f \
+          ( MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 30 ${TEST_TIMEOUT:-170} python3 -m pytest -v -p no:cacheprovider -rfEx ${PYTEST_ARGS:-} $f \
               > /tmp/gpu_tests/$(basename $f .py).log 2>&1 ) &
       done
       wait
@@ -49,6 +51,14 @@ for step in $STEPS; do
           ${LLA_ARGS:-} 2>&1 | grep -v -i warn | tail -8 ;;
     save_cache)
       save_compile_cache ;;
+    e2e)
+      echo "== linear / BASED end to end vs fla (fixed launches; swept ones when sweep_*.json exist) =="
+      timeout ${E2E_TIMEOUT:-120} python3 scripts/diag_linear.py --e2e --lengths ${E2E_LENGTHS:-16384,65536} 2>&1 | grep -v -i warn | tail -12 ;;
+    sweep)
+      for c in ${SWEEP_CASES:-linear based}; do
+        echo "== launch sweep: $c =="
+        timeout ${SWEEP_TIMEOUT:-120} python3 scripts/diag_linear.py --sweep-case $c 2>&1 | grep -v -i warn | tail -14
+      done ;;
     kernels)
       echo "== block-sparse bench =="
       timeout ${KERNELS_TIMEOUT:-160} python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \
