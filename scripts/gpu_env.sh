@@ -4,8 +4,8 @@
 # - restores the Triton / inductor compile caches carried in .gpucache/compile_cache.tgz, so kernels
 #   compiled in an earlier call (same source, same Triton) are not compiled again: on a fresh machine
 #   compilation was most of a GPU test file's time;
-# - defines save_compile_cache: packs the caches into $OUT/compile_cache.tgz (when under 15 MB) for the
-#   next call. Back here, copy it from the call's files_at folder to .gpucache/compile_cache.tgz and
+# - defines save_compile_cache: packs the caches into $OUT/compile_cache.tgz.NN (15 MB parts) for the
+#   next call. Back here, copy them from the call's files_at folder into .gpucache/ and
 #   name .gpucache in the next call's carry (the folder is git-ignored).
 ROOT="${ROOT:-$(pwd)}"
 OUT="${OUT:-$ROOT/gpu_out}"
@@ -19,19 +19,23 @@ export PYTHONPATH="$ROOT/src${SITE:+:$SITE}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export MNEMO_COMPILE_CACHE=/tmp/mnemo_compile_cache
 export TRITON_CACHE_DIR="$MNEMO_COMPILE_CACHE/triton" TORCHINDUCTOR_CACHE_DIR="$MNEMO_COMPILE_CACHE/inductor"
 mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
-if [ -f "$ROOT/.gpucache/compile_cache.tgz" ]; then
-    tar xzf "$ROOT/.gpucache/compile_cache.tgz" -C "$MNEMO_COMPILE_CACHE" && echo "compile cache restored: $(du -sh "$MNEMO_COMPILE_CACHE" | cut -f1)"
+parts=$(ls "$ROOT"/.gpucache/compile_cache.tgz* 2>/dev/null | sort)
+if [ -n "$parts" ]; then
+    cat $parts | tar xzf - -C "$MNEMO_COMPILE_CACHE" && echo "compile cache restored: $(du -sh "$MNEMO_COMPILE_CACHE" | cut -f1)"
 fi
 
 save_compile_cache() {
-    local tgz="$OUT/compile_cache.tgz"
+    # At most 8 files of 16 MiB come back from a call: the archive travels in 15 MB parts (3 at most;
+    # Triton kernels only when the whole cache needs more). Back here:
+    #   rm -f .gpucache/compile_cache.tgz*; cp FILES_AT/compile_cache.tgz.* .gpucache/
+    local tgz=/tmp/compile_cache.tgz
     tar czf "$tgz" -C "$MNEMO_COMPILE_CACHE" . 2>/dev/null
-    local size=$(stat -c %s "$tgz" 2>/dev/null || echo 0)
-    if [ "$size" -gt 15000000 ]; then
-        # keep the Triton kernels only (the larger inductor cache is cheaper to rebuild)
+    if [ "$(stat -c %s "$tgz")" -gt 45000000 ]; then
         tar czf "$tgz" -C "$MNEMO_COMPILE_CACHE" triton 2>/dev/null
-        size=$(stat -c %s "$tgz")
     fi
-    [ "$size" -gt 15000000 ] && { rm -f "$tgz"; echo "compile cache too large to bring back"; return 0; }
-    echo "compile cache saved: $tgz ($size bytes)"
+    local size=$(stat -c %s "$tgz")
+    [ "$size" -gt 45000000 ] && { echo "compile cache too large to bring back ($size bytes)"; return 0; }
+    rm -f "$OUT"/compile_cache.tgz.*
+    split -b 15000000 -d -a 2 "$tgz" "$OUT/compile_cache.tgz."
+    echo "compile cache saved: $size bytes in $(ls "$OUT"/compile_cache.tgz.* | wc -l) part(s)"
 }

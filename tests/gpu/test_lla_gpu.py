@@ -59,17 +59,20 @@ def test_bf16_within_1e2_of_solve(t) -> None:
     assert max(errs) <= 1e-2, f"(o, dq, dk, dv) {errs}"
 
 
-@pytest.mark.xfail(reason="failed on the first H100 run (2026-11-26, Triton 3.6); the error was not captured (the run was "
-                   "cut by its time limit). The plain-PyTorch CG in fp32 reaches 3.6e-6 at this shape on CPU, so the kernels' fp32 "
-                   "path (or its gradients) is the suspect; "
-                   "the bf16 checks at T = 64 / 1024 / 4096 and the fp16/bf16 shape checks passed in the same run", strict=False)
 def test_fp32_matches_solve_and_cg_path() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     q, k, v = make(2, 1024, 1024, 2, 2, 64, 64, torch.float32, seed=5)
     errs = compare(q, k, v)
     assert max(errs) <= 1e-5, f"(o, dq, dk, dv) {errs}"
     with torch.no_grad():
-        assert rel(lla_cg_triton(q, k, v, 1.0, None, 8), lla_cg(q, k, v, 1.0, None, 8)) <= 1e-4
+        # 8 CG iterations do not converge here, so two fp32 runs that sum in different orders drift
+        # apart (1.3e-4 on an H100, 2026-11-26). Judge the kernel against the float64 CG with the same
+        # iteration count, next to the plain-PyTorch CG in fp32: the kernel must be no less accurate.
+        exact = lla_cg(q.double(), k.double(), v.double(), 1.0, None, 8)
+        err_kernel = rel(lla_cg_triton(q, k, v, 1.0, None, 8).double(), exact)
+        err_torch = rel(lla_cg(q, k, v, 1.0, None, 8).double(), exact)
+        print(f"fp32 CG(8) vs float64 CG(8): kernel {err_kernel:.2e}, torch fp32 {err_torch:.2e}")
+        assert err_kernel <= max(2 * err_torch, 1e-5), (err_kernel, err_torch)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Callable
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     lla_lengths = [4096] if args.quick else [int(x) for x in args.lla_lengths.split(",")]
     lla_iters = [int(x) for x in args.lla_iters.split(",")]
-    report: dict = {"env": device_info(), "speed": [], "decode": []}
+    report: dict = {"env": device_info(), "speed": [], "decode": [],
+                    "launches": "fixed (MNEMO_AUTOTUNE=0)" if os.environ.get("MNEMO_AUTOTUNE") == "0" else "autotuned"}
 
     def save():
         with open(args.out, "w") as f:

@@ -946,22 +946,28 @@ def _fixed(name: str, dk: int, dv: int, ieee: bool, chunk: int = DEFAULT_CHUNK) 
         return dict(BV=32 if name.startswith("_tl") else 16, num_warps=4, num_stages=1, **({"BK": 16} if blocked else {}))
     p2v = max(16, triton.next_power_of_2(dv))
     big = chunk > 64
+    # 16-bit inputs: the best of scripts/diag_linear.py --sweep-case linear|based on an H100 (Triton 3.6,
+    # B = 1, H = 16, L = 16K; docs/results/sweep_{linear,based}_h100.json). fp32 (ieee) and chunks > 64 keep the
+    # earlier, register-lighter launches (more stages or fewer warps there spill or exceed shared memory).
+    lean = not ieee and not big
     if name in ("_la_fwd_states", "_la_bwd_states"):  # B·H·(Dk/BK)·(Dv/BV) programs, each walking every chunk
-        return dict(BK=min(64, _bdk(dk)), BV=min(32, p2v), num_warps=4, num_stages=3)
+        return dict(BK=min(64, _bdk(dk)), BV=min(32, p2v), num_warps=4, num_stages=5 if lean else 3)
     if name == "_la_fwd_out":
-        return dict(BV=min(64, p2v), num_warps=8 if ieee or big else 4, num_stages=1)
+        return dict(BV=min(64, p2v), num_warps=8 if ieee or big else 4, num_stages=2 if lean else 1)
     if name == "_la_bwd_grads":
         return dict(BV=min(32, p2v), num_warps=8, num_stages=1)
     if name == "_la_bwd_dqk":
+        if lean:
+            return dict(BK=min(64, _bdk(dk)), BV=min(32, p2v), num_warps=4, num_stages=2)
         return dict(BK=min(64, _bdk(dk)), BV=min(32, p2v), num_warps=8 if ieee or big or dk > 64 else 4, num_stages=1)
     if name == "_la_bwd_dv":
-        return dict(BV=min(64, p2v), num_warps=8 if ieee or big or dk > 64 else 4, num_stages=1)
+        return dict(BV=min(64, p2v), num_warps=4 if lean else 8, num_stages=1)
     if name in ("_tl_fwd_states", "_tl_bwd_states"):  # B·H·(1+d)·(Dv/BV) programs
-        return dict(BV=min(64, p2v), num_warps=4, num_stages=3)
+        return dict(BV=min(64, p2v), num_warps=2 if lean else 4, num_stages=4 if lean else 3)
     if name == "_tl_fwd_out":
-        return dict(BV=min(64, p2v), num_warps=8 if ieee else 4, num_stages=2)
+        return dict(BV=min(64, p2v), num_warps=8 if ieee else (2 if lean else 4), num_stages=2)
     if name == "_tl_bwd_grads":
-        return dict(BV=min(64, p2v), num_warps=8, num_stages=1)
+        return dict(BV=min(64, p2v), num_warps=4 if lean else 8, num_stages=2 if lean else 1)
     raise KeyError(name)
 
 
