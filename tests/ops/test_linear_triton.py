@@ -97,18 +97,6 @@ def test_kernel_fp32_matches_reference(feature, normalize, with_state, b, t, dk,
         assert e <= 1e-5, f"{name}: {e:.2e}"
 
 
-@pytest.mark.parametrize("segments", ["1", "3"], ids=["one_pass", "three_segments"])
-@pytest.mark.parametrize("feature,normalize", [("elu_plus_one", True), ("identity", False)])
-def test_segmented_state_scans_match_reference(monkeypatch, segments, feature, normalize) -> None:
-    """The plain state scans in one sequential pass and cut into segments (two passes, carries from
-    the segment sums; the default under the interpreter is 2-chunk segments): both equal the
-    reference, initial and final states and their gradients included (7 chunks: uneven segments)."""
-    monkeypatch.setenv("MNEMO_LINEAR_SEGMENTS", segments)
-    errs = compare(feature, normalize, True, b=2, t=100, dk=16, dv=24, chunk=16)
-    for name, e in zip(NAMES, errs):
-        assert e <= 1e-5, f"{name}: {e:.2e}"
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("feature,dk,dv,t,chunk", [("elu_plus_one", 16, 16, 40, 16), ("taylor", 16, 16, 40, 16), ("identity", 64, 64, 150, 64)])
 def test_kernel_half_matches_reference(gpu_numerics, dtype, feature, dk, dv, t, chunk) -> None:

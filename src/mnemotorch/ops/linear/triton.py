@@ -206,27 +206,21 @@ def _mmh(a, b, HALF: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def _la_fwd_states(
     K, V, S0, Z0, HS, HZ, ST, ZT,
-    T, NT, H, Dk, Dv, NSEG, G,
+    T, NT, H, Dk, Dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
-    HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_Z: tl.constexpr, STORE_STATES: tl.constexpr,
-    IEEE: tl.constexpr,
+    HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_Z: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # One program: state tile [BK, BV] of one (b, h) over one segment of G chunks, walked in order
-    # (grid B·H × NSEG × NK × NV). The scan is sequential in the chunks; with few (b, h) tiles it is
-    # latency-bound, so long sequences are cut into NSEG segments scanned side by side in two passes
-    # (_states_fwd): pass 1 (STORE_STATES off) sums each segment from zero into ST, the carries are
-    # prefix sums of those totals, pass 2 starts each segment from its carry (S0) and stores the
-    # states. S0/Z0/ST/ZT are indexed [B·H, NSEG, ·] (NSEG = 1: the plain [B, H, ·] layout).
+    # One program: state tile [BK, BV] of one (b, h); walks all chunks in order (grid B·H × NK × NV:
+    # the scan is sequential in the chunks, so the parallelism is in the tiles of the state).
     # STORE_Z (normalised only): also z per chunk and z_T. Without it the loop body is loads feeding
     # one product, which the compiler pipelines (a reduction of the loaded tile in the loop stops
     # that); z_T is then summed outside (_feature_sum).
     pid = tl.program_id(0)
     nk = tl.cdiv(Dk, BK)
     nv = tl.cdiv(Dv, BV)
-    iv = pid % nv
+    bh = pid // (nk * nv)
     ik = (pid // nv) % nk
-    seg = (pid // (nk * nv)) % NSEG
-    bh = pid // (nk * nv * NSEG)
+    iv = pid % nv
     b = bh // H
     h = bh % H
     offs_k = ik * BK + tl.arange(0, BK)
@@ -235,27 +229,25 @@ def _la_fwd_states(
     kv_ok = k_ok[:, None] & (offs_v[None, :] < Dv)
     kv = offs_k[:, None] * Dv + offs_v[None, :]
     bh64 = bh.to(tl.int64)
-    sg64 = bh64 * NSEG + seg
     if HAS_S0:
-        s = tl.load(S0 + sg64 * Dk * Dv + kv, mask=kv_ok, other=0.0).to(tl.float32)
+        s = tl.load(S0 + bh64 * Dk * Dv + kv, mask=kv_ok, other=0.0).to(tl.float32)
     else:
         s = tl.zeros([BK, BV], tl.float32)
     if STORE_Z:
         if HAS_S0:
-            z = tl.load(Z0 + sg64 * Dk + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            z = tl.load(Z0 + bh64 * Dk + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         else:
             z = tl.zeros([BK], tl.float32)
     k_base = K + (b.to(tl.int64) * T * H + h) * Dk
     v_base = V + (b.to(tl.int64) * T * H + h) * Dv
     rows0 = tl.arange(0, C)
-    for n in range(seg * G, tl.minimum(seg * G + G, NT)):
+    for n in range(0, NT):
         slot = bh64 * NT + n
-        if STORE_STATES:
-            tl.store(HS + slot * Dk * Dv + kv, s.to(HS.dtype.element_ty), mask=kv_ok)
+        tl.store(HS + slot * Dk * Dv + kv, s.to(HS.dtype.element_ty), mask=kv_ok)
         rows = n * C + rows0
         vv = _ld(v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV]
         if STORE_Z:
-            if STORE_STATES and iv == 0:  # one value tile writes z
+            if iv == 0:  # one value tile writes z
                 tl.store(HZ + slot * Dk + offs_k, z, mask=k_ok)
             fkt = _feat_t(k_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # φ(K)ᵀ [BK, C] fp32
             s += _mm32(fkt, vv, IEEE)
@@ -265,10 +257,10 @@ def _la_fwd_states(
         else:
             s += _mm32(_feat_t(k_base, rows, offs_k, T, Dk, H * Dk, FEATURE), vv, IEEE)
     if STORE_FINAL:
-        tl.store(ST + sg64 * Dk * Dv + kv, s, mask=kv_ok)
+        tl.store(ST + bh64 * Dk * Dv + kv, s, mask=kv_ok)
         if STORE_Z:
             if iv == 0:
-                tl.store(ZT + sg64 * Dk + offs_k, z, mask=k_ok)
+                tl.store(ZT + bh64 * Dk + offs_k, z, mask=k_ok)
 
 
 @triton.jit
@@ -319,22 +311,18 @@ def _la_fwd_out(
 @triton.jit
 def _la_bwd_states(
     Q, DO, RDEN, GD, DST, DZT, HR, HRZ, DS0, DZ0,
-    T, NT, H, Dk, Dv, NSEG, G,
+    T, NT, H, Dk, Dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
-    NORMALIZE: tl.constexpr, HAS_DST: tl.constexpr, HAS_DZT: tl.constexpr, STORE_D0: tl.constexpr,
-    STORE_STATES: tl.constexpr, IEEE: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_DST: tl.constexpr, HAS_DZT: tl.constexpr, STORE_D0: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # One program: tile [BK, BV] of R (and ρ) of one (b, h) over one segment of G chunks, walked in
-    # reverse; writes the gradient reaching the state after chunk n from the later tokens. Segments
-    # as in _la_fwd_states (pass 1: segment totals into DS0/DZ0; pass 2: start from the carry in
-    # DST/DZT); DST/DZT/DS0/DZ0 are indexed [B·H, NSEG, ·].
+    # One program: tile [BK, BV] of R (and ρ) of one (b, h); walks the chunks in reverse and writes
+    # the gradient reaching the state after chunk n from the later tokens (and dS_T).
     pid = tl.program_id(0)
     nk = tl.cdiv(Dk, BK)
     nv = tl.cdiv(Dv, BV)
-    iv = pid % nv
+    bh = pid // (nk * nv)
     ik = (pid // nv) % nk
-    seg = (pid // (nk * nv)) % NSEG
-    bh = pid // (nk * nv * NSEG)
+    iv = pid % nv
     b = bh // H
     h = bh % H
     offs_k = ik * BK + tl.arange(0, BK)
@@ -343,26 +331,23 @@ def _la_bwd_states(
     kv_ok = k_ok[:, None] & (offs_v[None, :] < Dv)
     kv = offs_k[:, None] * Dv + offs_v[None, :]
     bh64 = bh.to(tl.int64)
-    sg64 = bh64 * NSEG + seg
     if HAS_DST:
-        r = tl.load(DST + sg64 * Dk * Dv + kv, mask=kv_ok, other=0.0).to(tl.float32)
+        r = tl.load(DST + bh64 * Dk * Dv + kv, mask=kv_ok, other=0.0).to(tl.float32)
     else:
         r = tl.zeros([BK, BV], tl.float32)
     if HAS_DZT:
-        rz = tl.load(DZT + sg64 * Dk + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        rz = tl.load(DZT + bh64 * Dk + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     else:
         rz = tl.zeros([BK], tl.float32)
     q_base = Q + (b.to(tl.int64) * T * H + h) * Dk
     do_base = DO + (b.to(tl.int64) * T * H + h) * Dv
     rows0 = tl.arange(0, C)
-    last = tl.minimum(seg * G + G, NT) - 1
-    for i in range(0, tl.minimum(G, NT - seg * G)):
-        n = last - i
+    for i in range(0, NT):
+        n = NT - 1 - i
         slot = bh64 * NT + n
-        if STORE_STATES:
-            tl.store(HR + slot * Dk * Dv + kv, r.to(HR.dtype.element_ty), mask=kv_ok)
-            if iv == 0:
-                tl.store(HRZ + slot * Dk + offs_k, rz, mask=k_ok)
+        tl.store(HR + slot * Dk * Dv + kv, r.to(HR.dtype.element_ty), mask=kv_ok)
+        if iv == 0:
+            tl.store(HRZ + slot * Dk + offs_k, rz, mask=k_ok)
         rows = n * C + rows0
         if NORMALIZE:
             t_ok = rows < T
@@ -377,9 +362,9 @@ def _la_bwd_states(
             fqt = _feat_t(q_base, rows, offs_k, T, Dk, H * Dk, FEATURE)
             r += _mm32(fqt, _ld(do_base, rows, offs_v, T, Dv, H * Dv), IEEE)
     if STORE_D0:
-        tl.store(DS0 + sg64 * Dk * Dv + kv, r, mask=kv_ok)
+        tl.store(DS0 + bh64 * Dk * Dv + kv, r, mask=kv_ok)
         if iv == 0:
-            tl.store(DZ0 + sg64 * Dk + offs_k, rz, mask=k_ok)
+            tl.store(DZ0 + bh64 * Dk + offs_k, rz, mask=k_ok)
 
 
 @triton.jit
@@ -931,9 +916,9 @@ _LA_KEY = ["Dk", "Dv", "C", "FEATURE", "IEEE"]
 _TL_KEY = ["d", "Dv", "C", "IEEE"]
 _GKEY = _LA_KEY + ["BDK", "NORMALIZE", "STATE_HALF", "DO_DQK", "DO_DV"]
 _TUNED = {
-    "_la_fwd_states": triton.autotune(_SCAN, key=_LA_KEY + ["HAS_S0", "STORE_FINAL", "STORE_Z", "STORE_STATES"])(_la_fwd_states),
+    "_la_fwd_states": triton.autotune(_SCAN, key=_LA_KEY + ["HAS_S0", "STORE_FINAL", "STORE_Z"])(_la_fwd_states),
     "_la_fwd_out": triton.autotune(_OUT, key=_LA_KEY + ["BDK", "NORMALIZE", "STATE_HALF"])(_la_fwd_out),
-    "_la_bwd_states": triton.autotune(_SCAN, key=_LA_KEY + ["NORMALIZE", "HAS_DST", "HAS_DZT", "STORE_D0", "STORE_STATES"])(_la_bwd_states),
+    "_la_bwd_states": triton.autotune(_SCAN, key=_LA_KEY + ["NORMALIZE", "HAS_DST", "HAS_DZT", "STORE_D0"])(_la_bwd_states),
     "_la_bwd_grads": triton.autotune(_GRADS, key=_GKEY)(_la_bwd_grads),  # dq, dk, dv in one launch (BK = BDK given)
     "_la_bwd_dqk": triton.autotune(_DQK, key=_GKEY)(_la_bwd_grads),  # dq, dk in column blocks
     "_la_bwd_dv": triton.autotune(_DV, key=_GKEY)(_la_bwd_grads),  # dv alone (BK = BDK given)
@@ -997,33 +982,6 @@ def _launch(kernel, grid, args, meta, device, dk: int, dv: int, name: str | None
     else:
         fixed = _fixed(name, dk, dv, meta["IEEE"], meta["C"])
         kernel[(grid(fixed),)](*args, **meta, **fixed)
-
-
-_SM_COUNT: dict = {}
-
-
-def _segments(programs: int, nt: int, device: torch.device) -> tuple[int, int]:
-    """``(NSEG, G)``: how many segments the plain state scans split the ``nt`` chunks into (G chunks
-    each; NSEG = 1: one sequential pass). A scan is latency-bound when its ``programs`` (state tiles
-    × batch·heads) leave the GPU mostly idle: then segments (at least 16 chunks each) until about three
-    programs per SM are busy -- what the shared memory of the pipelined loop leaves room for on an
-    H100. Under the interpreter, segments of 2 chunks so the CPU tests cover the two-pass form.
-    MNEMO_LINEAR_SEGMENTS=n forces n (1: off)."""
-    forced = os.environ.get("MNEMO_LINEAR_SEGMENTS")
-    if forced:
-        want = int(forced)
-    elif _interpreted():
-        want = triton.cdiv(nt, 2)
-    elif device.type != "cuda":
-        want = 1
-    else:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        want = min(max(1, (3 * _SM_COUNT[idx]) // max(1, programs)), max(1, nt // 16))
-    want = max(1, min(want, nt))
-    g = triton.cdiv(nt, want)
-    return triton.cdiv(nt, g), g
 
 
 def _poison() -> bool:
@@ -1106,33 +1064,9 @@ def _states_fwd(k, v, s0, z0, feature, chunk, store_final, normalize=True):
         meta = dict(C=chunk, BD=TBD, HAS_S0=has_s0, STORE_FINAL=store_final, IEEE=ieee)
         _launch(_tl_fwd_states, lambda m: b * h * (1 + dk) * triton.cdiv(dv, m["BV"]), args, meta, k.device, dk, dv)
     else:
-        tiles = lambda m: b * h * triton.cdiv(dk, m["BK"]) * triton.cdiv(dv, m["BV"])  # noqa: E731
-        nseg, g = _segments(tiles(_fixed("_la_fwd_states", dk, dv, ieee, chunk)), nt, k.device)
-        meta = dict(C=chunk, FEATURE=feature, STORE_Z=store_z, IEEE=ieee)
-        hza = hz if store_z else dummy
-        if nseg == 1:
-            args = (k, v, s0a, z0a, hs, hza, sta, zta, t, nt, h, dk, dv, 1, nt)
-            _launch(_la_fwd_states, tiles, args, dict(meta, HAS_S0=has_s0, STORE_FINAL=store_final, STORE_STATES=True), k.device, dk, dv)
-        else:
-            # pass 1: each segment's sum from zero; the carries (exclusive prefix sums + S0); pass 2
-            tot = torch.empty(b * h, nseg, dk, dv, device=k.device, dtype=torch.float32)
-            ztot = torch.empty(b * h, nseg, dk, device=k.device, dtype=torch.float32) if store_z else dummy
-            args = (k, v, dummy, dummy, dummy, dummy, tot, ztot, t, nt, h, dk, dv, nseg, g)
-            _launch(_la_fwd_states, lambda m: tiles(m) * nseg, args, dict(meta, HAS_S0=False, STORE_FINAL=True, STORE_STATES=False),
-                    k.device, dk, dv)
-            carry = tot.cumsum(1) - tot
-            zcarry = ztot.cumsum(1) - ztot if store_z else dummy
-            if has_s0:
-                carry += s0.reshape(b * h, 1, dk, dv)
-                if store_z:
-                    zcarry += z0.reshape(b * h, 1, dk)
-            args = (k, v, carry, zcarry, hs, hza, dummy, dummy, t, nt, h, dk, dv, nseg, g)
-            _launch(_la_fwd_states, lambda m: tiles(m) * nseg, args, dict(meta, HAS_S0=True, STORE_FINAL=False, STORE_STATES=True),
-                    k.device, dk, dv)
-            if store_final:
-                st.copy_((carry[:, -1] + tot[:, -1]).reshape(b, h, dk, dv))
-                if store_z:
-                    zt.copy_((zcarry[:, -1] + ztot[:, -1]).reshape(b, h, dk))
+        args = (k, v, s0a, z0a, hs, hz if store_z else dummy, sta, zta, t, nt, h, dk, dv)
+        meta = dict(C=chunk, FEATURE=feature, HAS_S0=has_s0, STORE_FINAL=store_final, STORE_Z=store_z, IEEE=ieee)
+        _launch(_la_fwd_states, lambda m: b * h * triton.cdiv(dk, m["BK"]) * triton.cdiv(dv, m["BV"]), args, meta, k.device, dk, dv)
         if store_final and not store_z:
             zt.copy_(_feature_sum(k, feature) + (z0 if has_s0 else 0.0))
     return hs, hz, st, zt
@@ -1191,32 +1125,9 @@ def _states_bwd(q, dy, rden, gd, dst, dzt, feature, normalize, chunk, need_d0, s
         _launch(_tl_bwd_states, lambda m: b * h * (1 + dk) * triton.cdiv(dv, m["BV"]), args, meta, q.device, dk, dv)
     else:
         has_dst, has_dzt = dst is not None, dzt is not None
-        tiles = lambda m: b * h * triton.cdiv(dk, m["BK"]) * triton.cdiv(dv, m["BV"])  # noqa: E731
-        nseg, g = _segments(tiles(_fixed("_la_bwd_states", dk, dv, ieee, chunk)), nt, q.device)
-        meta = dict(C=chunk, FEATURE=feature, NORMALIZE=normalize, IEEE=ieee)
-        if nseg == 1:
-            args = (q, dy, rden, gd, dst if has_dst else dummy, dzt if has_dzt else dummy, hr, hrz, ds0a, dz0a, t, nt, h, dk, dv, 1, nt)
-            meta.update(HAS_DST=has_dst, HAS_DZT=has_dzt, STORE_D0=need_d0, STORE_STATES=True)
-            _launch(_la_bwd_states, tiles, args, meta, q.device, dk, dv)
-        else:
-            # pass 1: each segment's sum from zero; carries = the later segments' sums (+ dS_T); pass 2
-            tot = torch.empty(b * h, nseg, dk, dv, device=q.device, dtype=torch.float32)
-            ztot = torch.empty(b * h, nseg, dk, device=q.device, dtype=torch.float32)
-            args = (q, dy, rden, gd, dummy, dummy, dummy, dummy, tot, ztot, t, nt, h, dk, dv, nseg, g)
-            _launch(_la_bwd_states, lambda m: tiles(m) * nseg, args,
-                    dict(meta, HAS_DST=False, HAS_DZT=False, STORE_D0=True, STORE_STATES=False), q.device, dk, dv)
-            carry = tot.flip(1).cumsum(1).flip(1) - tot
-            zcarry = ztot.flip(1).cumsum(1).flip(1) - ztot
-            if has_dst:
-                carry += dst.reshape(b * h, 1, dk, dv)
-            if has_dzt:
-                zcarry += dzt.reshape(b * h, 1, dk)
-            args = (q, dy, rden, gd, carry, zcarry, hr, hrz, dummy, dummy, t, nt, h, dk, dv, nseg, g)
-            _launch(_la_bwd_states, lambda m: tiles(m) * nseg, args,
-                    dict(meta, HAS_DST=True, HAS_DZT=normalize or has_dzt, STORE_D0=False, STORE_STATES=True), q.device, dk, dv)
-            if need_d0:
-                ds0.copy_((carry[:, 0] + tot[:, 0]).reshape(b, h, dk, dv))
-                dz0.copy_((zcarry[:, 0] + ztot[:, 0]).reshape(b, h, dk))
+        args = (q, dy, rden, gd, dst if has_dst else dummy, dzt if has_dzt else dummy, hr, hrz, ds0a, dz0a, t, nt, h, dk, dv)
+        meta = dict(C=chunk, FEATURE=feature, NORMALIZE=normalize, HAS_DST=has_dst, HAS_DZT=has_dzt, STORE_D0=need_d0, IEEE=ieee)
+        _launch(_la_bwd_states, lambda m: b * h * triton.cdiv(dk, m["BK"]) * triton.cdiv(dv, m["BV"]), args, meta, q.device, dk, dv)
     return hr, hrz, ds0, dz0
 
 
