@@ -191,45 +191,71 @@ def test_nearest_centroid_kernel_on_cuda(dtype) -> None:
     assert torch.equal(pieces, ids)
 
 
+def live_accumulators(leaves: dict) -> list:
+    """Hooks on the ``AccumulateGrad`` node each leaf has *now*; the returned list collects the names of
+    those that run in a later backward. Nodes that nothing else holds die here with their hook, so a name
+    appears only if a node from before survived (an autograd graph still referenced somewhere)."""
+    fired: list = []
+    for name, t in leaves.items():
+        node = t.view_as(t).grad_fn.next_functions[0][0]
+        node.register_prehook(lambda grads, name=name: fired.append(name))
+    return fired
+
+
+# First H100 run of the capture test (2026-11-26, torch 2.11): both cases failed inside the captured
+# backward with cudaErrorStreamCaptureImplicit ("operation would make the legacy stream depend on a
+# capturing blocking stream"). Cause: the test itself. Its sync-checked eager call ran on the default
+# (legacy) stream and its output ``y_eager`` was kept with its autograd graph, which keeps the
+# AccumulateGrad nodes of x and of every parameter alive; a node runs its backward on the stream that
+# was current when it was created, so the captured backward reused them and accumulated the gradients
+# on the legacy stream (torch warns: "The AccumulateGrad node's stream does not match ..."). The second
+# case's ``Offset increment outside graph capture`` came after: the aborted capture had left the default
+# CUDA generator in capture mode, and its next torch.randn failed. Now every eager call runs on a side
+# stream and returns a detached output, the step claims the aux loss (the layer's one graph reference
+# between calls), the inputs come from a private generator, and the test checks that no AccumulateGrad
+# node outlives its step (the same check on the CPU: tests/test_routing_graph_capture.py).
 @pytest.mark.parametrize("shared_qk", [True, False], ids=["shared_qk", "separate_qk"])
 def test_mixer_block_sparse_has_no_host_sync_and_captures_in_a_cuda_graph(shared_qk: bool) -> None:
-    """The layer's forward + backward on the block-sparse path (static layout sizes) under
-    ``torch.cuda.set_sync_debug_mode("error")`` (any host sync raises), then captured once in a CUDA
-    graph and replayed: the replay's output and gradients equal the eager call's."""
-    torch.manual_seed(0)
+    """The layer's training forward + backward (aux loss included) on the block-sparse path (static
+    layout sizes) under ``torch.cuda.set_sync_debug_mode("error")`` (any host sync raises), then
+    captured once in a CUDA graph and replayed: the replay's output and gradients equal the eager
+    call's. Training mode draws no random numbers (checked on the CPU), so no RNG state enters the graph."""
+    torch.manual_seed(0)  # the module's initialisation (on the CPU)
     m = get_mixer("routing", dim=512, num_heads=8, num_clusters=8, shared_qk=shared_qk, backend="block_sparse").cuda().bfloat16().train()
-    x = torch.randn(1, 2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(1, 2048, 512, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)  # not the default generator, which a capture registers
+    x = torch.randn(1, 2048, 512, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    gy = torch.randn(1, 2048, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
 
     def step():
         # the previous call's k-means statistics (folded by the next training call) are not this test's path
         m._pending_raw = m._pending_loss = None
         y, _ = m(x)
-        (y * gy).sum().backward()
-        return y
+        ((y * gy).sum() + m.routing_aux_loss()).backward()
+        return y.detach()  # no graph outlives the step (see the note above)
 
+    # Every eager call runs on a side stream, as the CUDA-graph docs' warm-up does.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):  # compile and autotune (the tuner's benchmarks sync) outside the checks
             step()
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y_eager = step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    x.grad = None
-    m.zero_grad(set_to_none=True)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        y_eager = step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     grads_eager = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
     x.grad = None
     m.zero_grad(set_to_none=True)
-    graph = torch.cuda.graph
+    stale = live_accumulators({"x": x, **dict(m.named_parameters())})
     g = torch.cuda.CUDAGraph()
-    with graph(g):
+    with torch.cuda.graph(g):
         y_graph = step()
+    assert not stale, f"AccumulateGrad nodes from an eager call were reused by the capture: {sorted(set(stale))}"
     g.replay()
     torch.cuda.synchronize()
     assert rel(y_graph, y_eager) == 0.0
