@@ -545,7 +545,10 @@ def sweep_case(args):
         stages.append(("_tl_bwd_grads", None, grads))
     else:  # one launch (split off), or dq+dk then dv (split on; each swept with the other fixed)
         stages += [("_la_bwd_grads", False, grads), ("_la_bwd_dqk", True, grads), ("_la_bwd_dv", True, grads)]
+    only = set(filter(None, args.sweep_kernels.split(",")))
     for kname, split, fn in stages:
+        if only and kname not in only:
+            continue
         if split is not None:
             K._SPLIT_GRADS = split
         rows = []
@@ -574,7 +577,7 @@ def sweep_case(args):
     if normalize:
         report["kernels"]["_row_stats"] = [{"cfg": "fixed", "ms": round(_cuda_ms(lambda: K._row_stats(dy, y, den, eps, True)), 4)}]
         print(f"{name} _row_stats {report['kernels']['_row_stats']}", flush=True)
-    if feature != "taylor":  # which gradient form is faster with the best parameters of each
+    if feature != "taylor" and not only:  # which gradient form is faster with the best parameters of each
         fused = report.get("best_ms__la_bwd_grads", 1e9)
         K._OVERRIDE.update({n: report["best"][n] for n in ("_la_bwd_dqk", "_la_bwd_dv") if n in report["best"]})
         K._SPLIT_GRADS = True
@@ -684,6 +687,7 @@ def main():
     ap.add_argument("--sweep-case", default=None, choices=sorted(SWEEP_CASES),
                     help="GPU: launch-parameter sweep of one benchmark case's kernels at --sweep-length ($OUT/sweep_<case>.json)")
     ap.add_argument("--sweep-length", type=int, default=16384)
+    ap.add_argument("--sweep-kernels", default="", help="comma list of kernel names to sweep (default: all of the case), e.g. _la_fwd_states,_la_fwd_out")
     ap.add_argument("--e2e", action="store_true", help="GPU: end-to-end fwd / fwd+bwd times at --lengths (fixed launches, the "
                     "best swept ones, fla) ($OUT/e2e_linear.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
