@@ -100,6 +100,181 @@ def median_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float
     return times[len(times) // 2]
 
 
+class GraphCaptureError(RuntimeError):
+    """A step could not be captured in a CUDA graph. ``str(err)`` reads ``"not capturable: <reason>"``;
+    ``err.reason`` is the reason alone (the failing call's error first, then what ending the capture said)."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"not capturable: {reason}")
+        self.reason = reason
+
+
+def _tensors_of(obj) -> list[torch.Tensor]:
+    """The tensors in ``obj`` (a tensor, or lists / tuples / dicts of them, nested)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors_of(item)]
+    return []
+
+
+def _error_chain(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` and the exceptions it was raised while handling, oldest first, one line each.
+
+    A call that is not permitted during a capture (a host sync, say) raises inside the ``with``
+    block, and ``torch.cuda.graph``'s exit then fails to end the invalidated capture: the second
+    error is the one raised, the first (the cause worth reporting) is its ``__context__``."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        lines = str(e).strip().splitlines()
+        parts.append(f"{type(e).__name__}: {lines[0][:limit] if lines else ''}".rstrip(": "))
+        e = e.__cause__ or e.__context__
+    return "; then ".join(reversed(parts))
+
+
+def _abandon_capture(graph, pool, stream, device: int) -> list[str]:
+    """Undo what a failed capture left behind, so that later work in this process is not affected.
+
+    ``CUDAGraph.capture_end`` stops routing allocations to the graph's pool only after
+    ``cudaStreamEndCapture`` succeeded; when the capture was invalidated it raises first, leaving the
+    pool registered as "being captured into" (the caching allocator then defers frees and skips its
+    event processing for as long as any capture is registered). This ends that registration and
+    drops the pool (``releasePool``, which ``graph.reset()`` does not do for a capture that never
+    ended), then resets the graph (which also drops the generators' capture states). Returns notes on
+    steps that failed (best effort: private torch functions, whose names changed between releases)."""
+    notes = []
+    try:
+        with torch.cuda.stream(stream):  # only if the failure came before capture_end (which ends it, even when invalid)
+            if torch.cuda.is_current_stream_capturing():
+                graph.capture_end()
+    except Exception as exc:  # noqa: BLE001 - best effort
+        notes.append(f"capture_end: {type(exc).__name__}")
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    ended = False
+    if end is not None:
+        try:
+            end(device, pool)
+            ended = True  # it was still registered: capture_end never got that far
+        except Exception as exc:  # noqa: BLE001
+            if "not currently recording" not in str(exc):  # else capture_end had ended it: nothing to do
+                notes.append(f"endAllocateToPool: {type(exc).__name__}")
+    else:
+        notes.append("no endAllocateToPool in this torch")
+    if ended and release is not None:
+        try:
+            release(device, pool)
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"releasePool: {type(exc).__name__}")
+    try:
+        graph.reset()
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"reset: {type(exc).__name__}")
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"synchronize: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+    return notes
+
+
+def capture_graph(step: Callable[[], object], warmup: int = 3):
+    """Warm ``step`` up on a side stream, then capture one call of it in a CUDA graph.
+
+    Returns ``(graph, static_out)``: ``graph.replay()`` reruns the captured work and rewrites
+    ``static_out`` (what the captured call returned) in place. The capture allocates from a fresh
+    pool of its own (``torch.cuda.graph_pool_handle()``, shared with no other graph), released by
+    ``graph.reset()`` once ``static_out`` is gone. Raises :class:`GraphCaptureError` if the capture
+    fails (after undoing what the failed capture left in the allocator, see ``_abandon_capture``) or
+    if there is no CUDA device; a ``ValueError`` if a warm-up call returns a tensor with autograd
+    history. See :func:`graph_ms` for what ``step`` must do.
+    """
+    if not torch.cuda.is_available():
+        raise GraphCaptureError("CUDA graphs need a CUDA device (torch.cuda.is_available() is False)")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            out = step()
+            if any(t.grad_fn is not None for t in _tensors_of(out)):
+                raise ValueError("graph_ms: step returned a tensor with autograd history; return detached tensors or "
+                                 "gradients (torch.autograd.grad), so that no autograd graph outlives a call")
+            del out
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    pool = torch.cuda.graph_pool_handle()
+    static_out = None
+    try:
+        # The outer stream context restores the caller's stream even when torch.cuda.graph's exit
+        # raises (it ends the capture before it restores the stream).
+        with torch.cuda.stream(side), torch.cuda.graph(graph, pool=pool, stream=side):
+            static_out = step()
+    except Exception as exc:  # noqa: BLE001 - every capture failure becomes one clear error
+        static_out = None
+        reason = _error_chain(exc)
+        notes = _abandon_capture(graph, pool, side, torch.cuda.current_device())
+        if notes:
+            reason += f" [cleanup after the failed capture: {', '.join(notes)}]"
+        raise GraphCaptureError(reason) from exc
+    return graph, static_out
+
+
+def graph_ms(step: Callable[[], object], warmup: int = 3, rep: int = 20) -> float:
+    """Median device time of one CUDA-graph replay of ``step``, in ms: what ``step`` costs without the
+    host's launch overhead (compare :func:`median_ms`, which times eager calls and so charges it).
+
+    ``step`` is warmed up ``warmup`` times on a side stream, captured once in a CUDA graph (a private
+    memory pool), replayed once untimed (instantiation, upload), then replayed ``rep`` times, each
+    between two CUDA events and followed by a synchronize (as :func:`median_ms` times its calls).
+    The graph and its pool are released before returning. Raises :class:`GraphCaptureError`
+    (``"not capturable: <reason>"``) if the capture fails; the caller can report it and go on.
+
+    What ``step`` must do (the rules of PyTorch's CUDA-graph notes):
+
+    * read only static tensors made before the call (inputs, parameters, upstream gradients), the same
+      ones on every call; a replay reads them where they are, so new values go in with ``copy_``;
+    * no host sync (``.item()``, ``.cpu()``, ``nonzero``, data-dependent shapes, ``synchronize``) and no
+      CPU-to-GPU copy of host data: those fail the capture or bake one call's values into the graph;
+    * forward + backward: compute the gradients with ``torch.autograd.grad(out, inputs, grad_out)`` and
+      **return** them (with anything else to keep, detached). They are allocated in the graph's pool,
+      and every replay rewrites the same tensors, so nothing accumulates and nothing needs zeroing;
+      ``.grad`` is never touched. (The other pattern, ``.backward()`` into ``.grad``, only works if
+      every ``.grad`` is ``None`` when the capture starts; a ``.grad`` that exists then is accumulated
+      into on every replay.) Forward only: run it under ``torch.no_grad()`` and return the output;
+    * return nothing that holds an autograd graph (checked on the warm-up calls: ``ValueError``), and
+      keep none alive between calls (a module that stores a loss with its graph must drop it inside
+      the step). A surviving graph keeps the leaves' ``AccumulateGrad`` nodes, which run on the stream
+      that was current when they were made, and the captured backward then fails
+      (``cudaErrorStreamCaptureImplicit``) when that was the default stream;
+    * leave per-call state as it found it (a module that carries statistics from one call to the next
+      should have that state reset at the start of the step), so that replays repeat the same work.
+    """
+    graph, static_out = capture_graph(step, warmup)
+    try:
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(max(rep, 1)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    finally:
+        del static_out
+        graph.reset()
+        torch.cuda.empty_cache()
+    times.sort()
+    return times[len(times) // 2]
+
+
 #: (warm-up, timed) calls on the CPU, where the kernels run in Triton's interpreter (smoke runs)
 CPU_REPS = (0, 1)
 

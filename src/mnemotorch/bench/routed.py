@@ -33,10 +33,21 @@ Two cases, each run in this process on the same inputs for every implementation:
   (grouped softmax over every block, KV cache on the GPU) where it fits. Random weights: this
   measures cost, not retrieval quality.
 
+``--cuda-graph`` (routing case, CUDA only; a no-op with a note on the CPU): after the eager timings of
+a length, every implementation that ran is timed again as CUDA-graph replays of one captured call
+(``bench.block_sparse.graph_ms``: warm-up on a side stream, capture in a private memory pool, the
+gradients returned by ``torch.autograd.grad`` as static outputs), under ``<name>_graphed``, or recorded
+as ``not_capturable`` with the reason (a host sync in the captured call, say). This separates the
+device work from the host's Python and launch overhead, which the eager timings charge. Each result
+says its ``timing`` (``TIMING_MODES``, also in the report), and ``cuda_graph_summary`` sets
+routing-transformer's eager time beside ours eager and graphed. The ratios ``speedup_*_vs_PEER`` then
+pair every timing of ours with every peer timing, whatever the modes.
+
 ``--device cpu --quick`` runs both cases at tiny sizes (wall-clock timings, no memory readings): a
 smoke test of the harness, not a measurement.
 
-Usage: ``mnemo bench routed -- --out routed.json`` or ``python -m mnemotorch.bench.routed --quick``.
+Usage: ``mnemo bench routed -- --out routed.json`` (add ``--cases routing --cuda-graph`` for the graphed
+timings) or ``python -m mnemotorch.bench.routed --quick``.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ from typing import Callable
 
 import torch
 
-from .block_sparse import device_info, measure, wall_median_ms
+from .block_sparse import GraphCaptureError, device_info, graph_ms, measure, wall_median_ms
 
 CASES = ("routing", "landmark")
 ROUTING_BACKENDS = {"block_sparse": "block_sparse", "flex": "flex", "sdpa_masks": "torch"}
@@ -59,6 +70,13 @@ ROUTING_BACKENDS = {"block_sparse": "block_sparse", "flex": "flex", "sdpa_masks"
 CUDA_ONLY_BACKENDS = ("block_sparse", "flex")
 PEERS = ("routing_transformer", "sdpa")
 GRANULARITIES = ("block", "token")
+#: ``--cuda-graph``: how each number of a routing row was taken (the ``timing`` of each result).
+TIMING_MODES = {
+    "eager": "median of per-call device-event timings with a synchronize after each call: the host's Python and "
+             "kernel-launch overhead is charged (bench.block_sparse.median_ms)",
+    "cuda_graph": "median of CUDA-graph replays of one captured call (bench.block_sparse.graph_ms): the same device work "
+                  "without the host's per-kernel launch overhead; inputs, parameters and gradients in static buffers",
+}
 
 #: Peer numbers of shared/specs/sparse-attention.md (H100, bf16, B = 1, dim 1024, 16 heads, window 512,
 #: incl. projections; fwd measured with grad enabled). Only comparable to a run of the same shape.
@@ -175,12 +193,131 @@ def _routing_stats(m, x: torch.Tensor) -> dict:
     }
 
 
+def _clear_routing_records(m) -> None:
+    """Drop what our routing layer carries from one training call to the next (the k-means statistics
+    waiting to be folded, the unclaimed commitment loss), as ``update_centroids`` would after an
+    optimizer step: every captured / replayed step then starts from the same state and does the same
+    work, and no tensor of an earlier call (a loss with its autograd graph, or memory freed since) is
+    read by the graph. The same reset as the CUDA-graph test of tests/gpu/test_routing_gpu.py."""
+    m._pending_raw = m._pending_sums = m._pending_counts = m._pending_loss = None
+
+
+def _graphed(call: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: list[torch.Tensor],
+             skip_fwd_bwd: str | None = None) -> dict:
+    """Forward and forward + backward ms of CUDA-graph replays of ``call`` (``graph_ms``).
+
+    ``call()`` returns the layer's output from the static input; the forward step runs it under
+    ``torch.no_grad()``, the forward + backward step returns ``torch.autograd.grad(call(), params,
+    grad_out)`` (gradients in the graph's pool, rewritten by every replay; ``.grad`` untouched). A
+    failed capture is recorded as ``not_capturable`` (its reason), never raised; if the forward does
+    not capture, the forward + backward is not tried (it would fail on the same call), nor when
+    ``skip_fwd_bwd`` (the reason of an earlier failure) is given."""
+
+    def fwd_step():
+        with torch.no_grad():
+            return call()
+
+    def fwd_bwd_step():
+        return torch.autograd.grad(call(), params, grad_out)
+
+    out: dict = {"timing": "cuda_graph"}
+    try:
+        out["fwd_ms"] = graph_ms(fwd_step)
+    except GraphCaptureError as exc:
+        out["not_capturable"] = f"forward: {exc.reason}"
+        return out
+    if skip_fwd_bwd is not None:
+        out["fwd_bwd_ms"] = None
+        out["not_capturable"] = skip_fwd_bwd
+        out["not_retried"] = "its forward + backward capture failed at a shorter length"
+    else:
+        try:
+            out["fwd_bwd_ms"] = graph_ms(fwd_bwd_step)
+        except GraphCaptureError as exc:
+            out["fwd_bwd_ms"] = None
+            out["not_capturable"] = f"forward + backward: {exc.reason}"
+    out["peak_extra_gib"] = None  # not measured for replays (the graph's pool holds the whole step)
+    return out
+
+
+def _graph_phase(L: int, res: dict, jobs: list[tuple[str, Callable[[str | None], dict]]], device: torch.device,
+                 graph_failures: dict[str, str]) -> None:
+    """Run the CUDA-graph timings ``jobs`` in order: ``(name, fn)``, ``fn(skip_fwd_bwd)`` gives the result
+    stored under ``name + "_graphed"`` (``_graphed``'s).
+
+    A capture that failed at an earlier length (``graph_failures``, keys ``name:fwd`` and
+    ``name:fwd_bwd``) is not tried again (a failed capture is the one event here that could disturb
+    what runs after it); its reason is repeated."""
+    for name, fn in jobs:
+        key = f"{name}_graphed"
+        if f"{name}:fwd" in graph_failures:
+            res[key] = {"timing": "cuda_graph", "not_capturable": graph_failures[f"{name}:fwd"],
+                        "not_retried": "its forward capture failed at a shorter length"}
+            continue
+        r = _guard(lambda: fn(graph_failures.get(f"{name}:fwd_bwd")), device)
+        r.setdefault("timing", "cuda_graph")
+        if "not_capturable" in r and "not_retried" not in r:
+            phase = "fwd" if r.get("fwd_ms") is None else "fwd_bwd"
+            graph_failures[f"{name}:{phase}"] = f"(L={L}) {r['not_capturable']}"
+        res[key] = r
+        _free(device)
+
+
+def _graph_summary(res: dict) -> dict:
+    """Per metric: routing-transformer's eager time beside each of our backends eager and graphed, and
+    the ratios ``routing_transformer eager / ours`` (> 1: ours is faster)."""
+    ref = res.get("routing_transformer", {})
+    ref_g = res.get("routing_transformer_graphed", {})
+    out: dict = {"reference": "routing_transformer, eager"}
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        m: dict = {"routing_transformer_eager": ref.get(metric), "routing_transformer_graphed": ref_g.get(metric)}
+        for name, r in res.items():
+            if not name.startswith("ours_") or name.endswith("_graphed") or r.get(metric) is None:
+                continue
+            eager, graphed = r.get(metric), res.get(f"{name}_graphed", {}).get(metric)
+            m[name] = {"eager": eager, "graphed": graphed}
+            if ref.get(metric) is not None:
+                m[name]["speedup_eager"] = ref[metric] / eager
+                m[name]["speedup_graphed"] = None if graphed is None else ref[metric] / graphed
+        out[metric] = m
+    return out
+
+
+def _graph_summary_lines(row: dict) -> list[str]:
+    s = row.get("cuda_graph_summary")
+    if not s:
+        return []
+    lines = []
+    for metric, label in (("fwd_bwd_ms", "fwd+bwd"), ("fwd_ms", "fwd")):
+        m = s[metric]
+        rt = m["routing_transformer_eager"]
+        parts = ["routing_transformer eager " + ("n/a" if rt is None else f"{rt:.2f} ms")]
+        if m["routing_transformer_graphed"] is not None:
+            parts[0] += f" (graphed {m['routing_transformer_graphed']:.2f} ms)"
+        for name, v in m.items():
+            if not name.startswith("ours_"):
+                continue
+            e = f"eager {v['eager']:.2f} ms" + (f" x{v['speedup_eager']:.2f}" if "speedup_eager" in v else "")
+            g = "graphed n/a" if v["graphed"] is None else f"graphed {v['graphed']:.2f} ms" + (
+                f" x{v['speedup_graphed']:.2f}" if v.get("speedup_graphed") is not None else "")
+            parts.append(f"{name} {e} | {g}")
+        lines.append(f"  L={row['L']} {label} (x: routing_transformer eager / ours): " + " || ".join(parts))
+    return lines
+
+
 def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device, dtype: torch.dtype, batch: int = 1,
                  backends: tuple[str, ...] = tuple(ROUTING_BACKENDS), peers: tuple[str, ...] = PEERS,
-                 sdpa_masks_max_len: int = 16384) -> dict:
-    """One length: our routing layer (each backend) vs routing-transformer's SelfAttention vs dense SDPA."""
+                 sdpa_masks_max_len: int = 16384, cuda_graph: bool = False, graph_failures: dict[str, str] | None = None) -> dict:
+    """One length: our routing layer (each backend) vs routing-transformer's SelfAttention vs dense SDPA.
+
+    ``cuda_graph`` (CUDA only; the caller checks): after all the eager timings of the length, each
+    implementation that ran is timed again as CUDA-graph replays (``<name>_graphed``, or
+    ``not_capturable`` with the reason); ``graph_failures`` (name -> reason) carries failed captures
+    over to the next lengths, where they are not retried. Every result then says its ``timing``
+    (``TIMING_MODES``) and the row has a ``cuda_graph_summary``."""
     from mnemotorch.layers import get_mixer
 
+    graph_failures = {} if graph_failures is None else graph_failures
     C = L // window
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, L, dim, generator=g).to(device, dtype).requires_grad_()
@@ -197,6 +334,8 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
     row["routing_stats"] = _guard(lambda: _routing_stats(ours, x.detach()), device)
     ours_params = [x, *[p for p in ours.parameters() if p.requires_grad]]
     outputs: dict[str, torch.Tensor] = {}
+    # (name, fn) of the CUDA-graph timings, run after every eager timing of this length
+    graph_jobs: dict[str, Callable[[str | None], dict]] = {}
     for name in backends:
         key = f"ours_{name}"
         if name in CUDA_ONLY_BACKENDS and device.type != "cuda":
@@ -216,13 +355,34 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
         if "fwd_ms" in res[key]:
             with torch.no_grad():
                 outputs[name] = fwd().detach()
+            if cuda_graph:
+                def ours_graphed(skip_fwd_bwd: str | None, backend=ROUTING_BACKENDS[name]) -> dict:
+                    ours.backend = backend
+
+                    def call():
+                        # one training call's whole work, as the eager timing does it: the previous call's
+                        # k-means statistics are folded at the start of a call, here at the end of this one
+                        _clear_routing_records(ours)
+                        y, _ = ours(x)
+                        ours.routing_aux_loss()
+                        ours._flush_raw()
+                        return y
+
+                    try:
+                        return _graphed(call, go, ours_params, skip_fwd_bwd)
+                    finally:
+                        _clear_routing_records(ours)
+
+                graph_jobs[key] = ours_graphed
         _free(device)
     names = [n for n in ROUTING_BACKENDS if n in outputs]
     for i, a in enumerate(names):
         for other in names[i + 1 :]:
             row[f"rel_diff_{a}_vs_{other}"] = _rel(outputs[a], outputs[other])
     outputs.clear()
-    del ours, ours_params
+    _clear_routing_records(ours)
+    if not cuda_graph:
+        del ours, ours_params
     _free(device)
 
     if "routing_transformer" in peers:
@@ -239,7 +399,10 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
                 m = SelfAttention(dim=dim, depth=1, max_seq_len=L, heads=heads, local_attn_heads=0, window_size=window,
                                   causal=True, shared_qk=True).to(device).to(dtype)
                 params = [x, *[p for p in m.parameters() if p.requires_grad]]
-                return _measure(lambda: m(x)[0], go, params, device)
+                r = _measure(lambda: m(x)[0], go, params, device)
+                if cuda_graph:
+                    graph_jobs["routing_transformer"] = lambda skip: _graphed(lambda: m(x)[0], go, params, skip)
+                return r
 
             res["routing_transformer"] = _guard(run_peer, device)
             _free(device)
@@ -248,21 +411,40 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
             torch.manual_seed(0)
             m = get_mixer("attention", dim=dim, num_heads=heads).to(device, dtype)
             params = [x, *[p for p in m.parameters() if p.requires_grad]]
-            return _measure(lambda: m(x)[0], go, params, device)
+            r = _measure(lambda: m(x)[0], go, params, device)
+            if cuda_graph:
+                graph_jobs["sdpa_dense"] = lambda skip: _graphed(lambda: m(x)[0], go, params, skip)
+            return r
 
         res["sdpa_dense"] = _guard(run_dense, device)
         _free(device)
 
+    if cuda_graph:
+        for r in res.values():
+            if "fwd_ms" in r:
+                r["timing"] = "eager"
+        # the captures least likely to fail first: a failed capture is the one thing that could disturb what follows
+        first = [n for n in ("ours_block_sparse", "sdpa_dense") if n in graph_jobs]
+        order = first + [n for n in graph_jobs if n not in first and n != "routing_transformer"]
+        order += [n for n in ("routing_transformer",) if n in graph_jobs]
+        _graph_phase(L, res, [(n, graph_jobs[n]) for n in order], device, graph_failures)
+        graph_jobs.clear()
+        del ours, ours_params
+        _free(device)
+
     for name, ours_r in res.items():
-        if not name.startswith("ours_") or "fwd_ms" not in ours_r:
+        if not name.startswith("ours_") or ours_r.get("fwd_ms") is None:
             continue
         for peer, r in res.items():
-            if peer.startswith("ours_") or "fwd_ms" not in r:
+            if peer.startswith("ours_") or r.get("fwd_ms") is None:
                 continue
             ours_r[f"speedup_fwd_vs_{peer}"] = r["fwd_ms"] / ours_r["fwd_ms"]
-            ours_r[f"speedup_fwd_bwd_vs_{peer}"] = r["fwd_bwd_ms"] / ours_r["fwd_bwd_ms"]
+            if r.get("fwd_bwd_ms") is not None and ours_r.get("fwd_bwd_ms") is not None:
+                ours_r[f"speedup_fwd_bwd_vs_{peer}"] = r["fwd_bwd_ms"] / ours_r["fwd_bwd_ms"]
             if r.get("peak_extra_gib") is not None and ours_r.get("peak_extra_gib") is not None:
                 ours_r[f"memory_ratio_vs_{peer}"] = r["peak_extra_gib"] / max(ours_r["peak_extra_gib"], 1e-9)
+    if cuda_graph:
+        row["cuda_graph_summary"] = _graph_summary(res)
     if (dim, heads, window, batch, dtype) == (1024, 16, 512, 1, torch.bfloat16) and L in SPEC_PEER_MS and device.type == "cuda":
         row["spec_peer_ms"] = SPEC_PEER_MS[L]
     del x, go
@@ -273,13 +455,17 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
 def _routing_line(row: dict) -> str:
     parts = []
     for name, r in row["results"].items():
-        if "fwd_ms" in r:
+        if r.get("fwd_ms") is not None:
             pk = "" if r.get("peak_extra_gib") is None else f" peak {r['peak_extra_gib']:.3f} GiB"
             sp = "".join(f" x{r[k]:.2f} vs {k[len('speedup_fwd_bwd_vs_'):]}" for k in r if k.startswith("speedup_fwd_bwd_vs_"))
-            parts.append(f"{name} {r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms{pk}{sp}")
+            fb = "n/a" if r.get("fwd_bwd_ms") is None else f"{r['fwd_bwd_ms']:.2f}"
+            nc = f" (not capturable: {r['not_capturable']})" if "not_capturable" in r else ""
+            parts.append(f"{name} {r['fwd_ms']:.2f}/{fb} ms{pk}{sp}{nc}")
+        elif "not_capturable" in r:
+            parts.append(f"{name}: not capturable: {r['not_capturable']}")
         else:
             parts.append(f"{name}: {r.get('error') or r.get('skipped')}")
-    return f"routing L={row['L']} C={row['num_clusters']}: " + " | ".join(parts)
+    return "\n".join([f"routing L={row['L']} C={row['num_clusters']}: " + " | ".join(parts), *_graph_summary_lines(row)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peers", default=",".join(PEERS), help="comma list of: routing_transformer, sdpa (dense causal SDPA layer); "
                    "'none' for ours only")
     g.add_argument("--sdpa-masks-max-len", type=int, default=16384, help="skip ours_sdpa_masks (dense compute) above this length")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA only: also time every implementation that ran as CUDA-graph replays of one captured call "
+                   "(<name>_graphed: no host launch overhead; 'not_capturable' with the reason if its capture fails), "
+                   "beside the eager timings; each result records its 'timing'. Ignored on --device cpu")
     g = ap.add_argument_group("landmark")
     g.add_argument("--landmark-train-len", type=int, default=None, help="training length the contexts are multiples of (default 512)")
     g.add_argument("--landmark-factors", default=None, help="context = factor x train length (default 16,32)")
@@ -525,11 +715,20 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         notes.append("CPU run: wall-clock timings of a smoke test, no memory readings; not a measurement")
     settings = {k: v for k, v in o.items() if k != "dtype"}
+    cuda_graph = args.cuda_graph and device.type == "cuda"
+    if args.cuda_graph and not cuda_graph:
+        msg = "--cuda-graph ignored: CUDA graphs need CUDA (this is a --device cpu run); eager timings only"
+        notes.append(msg)
+        print(msg, flush=True)
+    elif cuda_graph and "routing" not in o["cases"]:
+        notes.append("--cuda-graph applies to the routing case only")
     settings.update(dtype=_dtype_name(dtype), batch=args.batch, quick=args.quick, device=device.type,
                     sdpa_masks_max_len=args.sdpa_masks_max_len, landmark_exact=not args.no_landmark_exact,
-                    landmark_exact_max_len=args.landmark_exact_max_len, time_budget=args.time_budget)
+                    landmark_exact_max_len=args.landmark_exact_max_len, time_budget=args.time_budget, cuda_graph=cuda_graph)
     report: dict = {"suite": "routed", "env": env, "argv": list(argv or []), "settings": settings, "notes": notes,
                     "routing": [], "landmark": [], "stopped_early": False}
+    if cuda_graph:
+        report["timing_modes"] = TIMING_MODES
     out = Path(args.out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -553,13 +752,14 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"peer routing_transformer skipped: not importable ({type(exc).__name__}); "
                              "see shared/peers/README.md for its wheels")
+        graph_failures: dict[str, str] = {}  # failed captures, not retried at the next lengths
         for L in o["lengths"]:
             if over_budget():
                 break
             t0 = time.perf_counter()
             try:
                 row = routing_case(L, o["dim"], o["heads"], o["window"], device, dtype, args.batch, tuple(o["routing_backends"]),
-                                   peers, args.sdpa_masks_max_len)
+                                   peers, args.sdpa_masks_max_len, cuda_graph=cuda_graph, graph_failures=graph_failures)
             except Exception as exc:  # noqa: BLE001 - record and go on
                 row = {"case": "routing", "L": L, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             row["seconds"] = time.perf_counter() - t0
