@@ -470,8 +470,10 @@ def _c(*rows, bk=False):
 
 SWEEP_CONFIGS = {
     "_la_fwd_states": _c((64, 32, 4, 3), (64, 32, 4, 4), (64, 32, 4, 5), (64, 64, 4, 4), (32, 64, 4, 4), (64, 32, 2, 4),
-                         (32, 32, 4, 4), (128, 32, 4, 4), (64, 32, 8, 4), bk=True),
-    "_la_fwd_out": _c((64, 4, 1), (64, 4, 2), (32, 4, 1), (64, 2, 1), (32, 2, 1), (64, 8, 1)),
+                         (32, 32, 4, 4), (128, 32, 4, 4), (64, 32, 8, 4), (64, 64, 4, 5), (64, 64, 8, 3), (128, 64, 8, 3),
+                         bk=True),  # wider tiles re-read k and v fewer times (long sequences: bandwidth), but fewer programs
+    "_la_fwd_out": _c((64, 4, 1), (64, 4, 2), (32, 4, 1), (64, 2, 1), (32, 2, 1), (64, 8, 1),
+                      (128, 8, 1), (128, 8, 2), (128, 4, 2)),  # BV = Dv: q and k read once, not once per value tile
     "_la_bwd_states": None,  # same candidates as _la_fwd_states
     "_la_bwd_grads": _c((32, 8, 1), (64, 8, 1), (16, 8, 1)),  # 4 warps faulted (H100, Triton 3.6)
     "_la_bwd_dqk": _c((64, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 1), (32, 32, 4, 1), (64, 32, 4, 2), (64, 16, 4, 1), (32, 64, 4, 1), bk=True),
