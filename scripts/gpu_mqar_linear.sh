@@ -6,7 +6,8 @@
 # several `mnemo experiment` processes side by side on the one GPU: these models are tiny and
 # launch-bound, and the delta rule's token loop (~0.2-0.3 s per step on any device) would alone take
 # longer than the time limit if its cells ran one after another. Each cell of a mixer named in
-# MQAR_SOLO gets its own process; the other mixers share MQAR_GROUPS processes. Every process stops
+# MQAR_SOLO gets its own process; the other mixers share MQAR_GROUPS processes (default 4: with the
+# config's 4 non-solo mixers, one process each, so each runs 4 cells one after another). Every process stops
 # by DEADLINE seconds after the start (`timeout`; no process starts a new cell within MQAR_CELL_GUARD
 # seconds of it); then the per-process results are merged, the report and plots are regenerated
 # (`mnemo experiment --report-only`) and docs/results/mqar_linear_summary.md is filled in.
@@ -32,7 +33,7 @@ RES="${RES:-/tmp/mnemo_mqar_linear}"
 DEADLINE="${DEADLINE:-520}"       # seconds after START by which every worker has ended (merge, report, tar: ~15 s more)
 CELL_GUARD="${MQAR_CELL_GUARD:-45}"
 SOLO="${MQAR_SOLO:-hebbian_delta}"
-NGROUPS="${MQAR_GROUPS:-2}"
+NGROUPS="${MQAR_GROUPS:-4}"
 QUICK="${MQAR_QUICK:-0}"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export MNEMO_AUTOTUNE="${MNEMO_AUTOTUNE:-0}"   # fixed Triton launch parameters: no tuning time per process
@@ -203,8 +204,12 @@ log "workers done"
 # library and driver versions, wall time. One process, so that it all takes a few seconds.
 timeout 30 python3 - "$CONFIG" "$QUICK" "$RES" "$NAME" "$RESUME" "$START" > "$RES/logs/report.log" 2>&1 <<'PY' || log "merge/report failed (see report.log)"
 import glob, json, subprocess, sys, time
-from mnemotorch.bench import run_experiment
+from mnemotorch.bench import load_experiment_config, plan_cells, run_experiment
 config, quick, res, name, resume, start = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])
+# Records of another version of the config (same cell id, other fingerprint: e.g. the layer plans
+# or the step count changed) are dropped, so the merged file and the page's cell counts describe
+# this config only; they stay in git history.
+current = {c.id: c.fingerprint for c in plan_cells(load_experiment_config(config, quick=quick))}
 ours = sorted(glob.glob(f"{res}/workers/*/{name}.json"))
 cells, env = {}, None
 for p in ([resume] if resume else []) + ours:          # this run's records last: they win
@@ -216,9 +221,12 @@ for p in ([resume] if resume else []) + ours:          # this run's records last
     cells.update(d.get("cells", {}))
     if p != resume or env is None:
         env = d.get("environment") or env
+stale = sorted(k for k, c in cells.items() if current.get(k) != c.get("fingerprint"))
+cells = {k: c for k, c in cells.items() if k not in stale}
 path = f"{res}/final/{name}.json"
 json.dump({"experiment": name, "cells": cells, "environment": env or {}}, open(path, "w"), indent=1)
-print(f"merged {len(cells)} cell records from {len(ours)} worker file(s)" + (f" and {resume}" if resume else ""))
+print(f"merged {len(cells)} cell records from {len(ours)} worker file(s)" + (f" and {resume}" if resume else "")
+      + (f"; dropped {len(stale)} of another config version" if stale else ""))
 run_experiment(config, quick=quick, out_dir=f"{res}/final", report_only=True, progress=False)
 d = json.load(open(path))
 def sh(cmd):

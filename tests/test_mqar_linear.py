@@ -21,12 +21,27 @@ SUMMARY = REPO / "docs" / "results" / "mqar_linear_summary.md"
 MIXERS = {"attention", "sliding_window", "based", "linear_attention", "hebbian"}
 
 
+def memory_layer(plan):
+    """The spec of the mixer a plan is about: the plan itself, or the last layer of a
+    ``[short_conv, mixer]`` plan (Zoology's conv layer, then the mixer)."""
+    spec = plan[-1] if isinstance(plan, list) else plan
+    return {"type": spec} if isinstance(spec, str) else spec
+
+
 def test_config_is_the_issue_grid():
     cfg = load_experiment_config(CONFIG)
-    types = {name: plan if isinstance(plan, str) else plan["type"] for name, plan in cfg["mixers"].items()}
+    types = {name: memory_layer(plan)["type"] for name, plan in cfg["mixers"].items()}
     assert set(types.values()) == MIXERS
-    hebbian = next(plan for plan in cfg["mixers"].values() if isinstance(plan, dict) and plan["type"] == "hebbian")
+    hebbian = next(memory_layer(plan) for plan in cfg["mixers"].values() if memory_layer(plan)["type"] == "hebbian")
     assert hebbian["rule"] == "delta"
+    # As in Zoology's MQAR configs: every sub-quadratic mixer after a kernel-3 short conv layer
+    # (Zoology's Hybrid alternates its configs over the 2 layers); attention alone, with RoPE.
+    for name, plan in cfg["mixers"].items():
+        if types[name] == "attention":
+            assert memory_layer(plan) == {"type": "attention"}
+        else:
+            assert isinstance(plan, list) and len(plan) == 2, name
+            assert plan[0] == {"type": "short_conv", "kernel_size": 3}, name
     # Zoology's recipe: 2 layers, no MLP, L = 256 with >= 16 key-value pairs, V = 8192.
     assert cfg["model"]["num_hidden_layers"] == 2 and cfg["model"]["intermediate_size"] == 0
     assert [(s["seq_len"], s["num_kv_pairs"] >= 16) for s in cfg["settings"]] == [(256, True)]
@@ -73,7 +88,8 @@ def test_tiny_cell_of_each_mixer_runs_and_fills_the_summary(tmp_path):
     size = {(c["mixer"], c["width"]): c["state_size"] for c in cells}
     for mixer in raw["mixers"]:
         assert 0 < size[(mixer, 8)] < size[(mixer, 16)], mixer  # the state grows with the width
-    assert size[("hebbian_delta", 16)] == 2 * 16 * 16  # H * d^2 per layer, two layers
+    # The conv layer's (K - 1) * 2d inputs, then the delta rule's H * d^2 matrix.
+    assert size[("hebbian_delta", 16)] == 2 * 2 * 16 + 16 * 16
     md = (tmp_path / "mqar_linear_tiny.md").read_text(encoding="utf-8")
     assert "Published anchors" in md and "DeltaNet" in md and (tmp_path / "mqar_linear_tiny_state_size.png").is_file()
 
@@ -89,6 +105,6 @@ def test_tiny_cell_of_each_mixer_runs_and_fills_the_summary(tmp_path):
     filled = page.read_text(encoding="utf-8")
     best = {(e["mixer"], e["width"]): e for e in json.loads((tmp_path / "mqar_linear_tiny.json").read_text())["best"]}
     e = best[("hebbian_delta", 16)]
-    assert f"| hebbian_delta | 16 | 512 | **{e['accuracy']:.3f}** |" in filled
+    assert f"| hebbian_delta | 16 | 320 | **{e['accuracy']:.3f}** |" in filled
     assert "DeltaNet: 0.79 @ 9k, 0.96 @ 34k" in filled and "pending" not in filled
     assert filled.split("<!-- mqar_linear:table:begin -->")[0] == SUMMARY.read_text(encoding="utf-8").split("<!-- mqar_linear:table:begin -->")[0]
