@@ -7,9 +7,9 @@
   head into one sequence, run the project's block-sparse Triton kernel; ``block_sparse.py``) and
   ``"flex"`` (sort by cluster, block-sparse FlexAttention on whole sequences; ``flex.py``;
   ``"triton"`` is its former name and still selects it). ``"auto"`` is decided once per call, at
-  this boundary: ``"torch"``, or -- with ``AUTO_USES_BLOCK_SPARSE = True`` (off until its GPU
-  reference checks all pass) -- ``"block_sparse"`` on CUDA when the kernel supports the inputs and
-  there are at least ``AUTO_MIN_QUERIES`` queries.
+  this boundary: ``"block_sparse"`` on CUDA when the kernel supports the inputs and there are at least
+  ``AUTO_MIN_QUERIES`` queries (``AUTO_USES_BLOCK_SPARSE = False`` turns that off), ``"torch"``
+  otherwise.
 * ``balanced_topw_attention(q, k, v, q_members, k_members)`` -- the paper's balanced clusters
   (gather, dense attention per cluster, scatter-mean over duplicates).
 * assignment: ``nearest_centroid`` (one Triton kernel on CUDA, ``triton.py``; the chunked
@@ -50,10 +50,12 @@ BACKENDS = ("auto", "reference", "torch", "block_sparse", "flex", "triton")
 #: the float64 reference under the Triton interpreter (``tests/test_routing_block_sparse.py``); the
 #: same checks at GPU sizes are ``tests/gpu/test_routing_gpu.py`` (``pytest -m gpu``). On the first
 #: H100 run (2026-11-26) the benchmark layer matched Flex and masked SDPA (1.7e-3 / 2.2e-3 in bf16) and
-#: was the fastest path (4.5 / 5.5 / 15.5 ms fwd+bwd at 8K / 16K / 64K), but three of the twelve
-#: reference checks failed (bf16 dq 1.6e-2 > 1e-2 with shared Q/K; fp32 with separate Q/K at D = 128),
-#: so "auto" stays on the masked-SDPA path until they pass; ``backend="block_sparse"`` opts in.
-AUTO_USES_BLOCK_SPARSE = False
+#: was the fastest path, but bf16 dq with shared Q/K failed (1.7e-2 against a bf16 peer's 2.4e-3: the
+#: backward's Delta came from the bf16-rounded output) and fp32 at D = 128 ran out of shared memory.
+#: Both were fixed; on the H100 (2026-11-26, later session) the reference checks at D = 64 / 128
+#: (shared and separate Q/K, a cache offset, an encoder; fp32 and bf16: 10 cases), the mixer's bf16
+#: checks against Flex and masked SDPA and the 32K check passed, so "auto" takes this path.
+AUTO_USES_BLOCK_SPARSE = True
 #: Fewer queries than this (decoding, short continuations) go to ``"torch"`` under ``"auto"``:
 #: sorting and packing the whole cache would cost more than the masked SDPA over a few queries.
 AUTO_MIN_QUERIES = 128
