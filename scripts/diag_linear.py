@@ -28,7 +28,7 @@ tuning trial announced, and the phase goes on with the next case in a fresh proc
     CUDA_LAUNCH_BLOCKING=1 PYTHONPATH=src python scripts/diag_linear.py
     # options: --phases fixed,autotuned  --tuned-dtypes bfloat16  --lengths 64,1000,4096  --serial
     PYTHONPATH=src python scripts/diag_linear.py --sweep-case linear   # launch-parameter sweep (also: based)
-    PYTHONPATH=src python scripts/diag_linear.py --e2e --lengths 16384,65536   # fwd, fwd+bwd vs fla
+    PYTHONPATH=src python scripts/diag_linear.py --e2e --lengths 16384,65536 --chunks 64,128   # fwd, fwd+bwd vs fla
 
 Writes ``$OUT/diag_linear.json`` when ``OUT`` is set (or ``--json PATH``). Exit status 0 when
 every check passes, 1 otherwise.
@@ -618,14 +618,17 @@ def e2e_main(args):
             scale = 0.5 if feature == "taylor" else dk**-0.25
             q, k, v = ((torch.randn(1, L, 16, d, device="cuda") * sc).bfloat16().requires_grad_() for d, sc in ((dk, scale), (dk, scale), (dv, 1.0)))
             row = {"case": name, "L": L}
-            if feature == "taylor":
-                params = [q, k, v]
-                ours = lambda: K.linear_attention_triton(q, k, v, "taylor", True)[0]  # noqa: E731
-            else:
-                qs = (q * dk**-0.5).detach().requires_grad_()
-                params = [qs, k, v]
-                ours = lambda: K.linear_attention_triton(qs, k, v, "identity", False)[0]  # noqa: E731
-            peers = [("ours", ours, params, None)]
+            peers = []
+            for chunk in args.chunks:
+                if feature == "taylor":
+                    params = [q, k, v]
+                    ours = lambda c=chunk: K.linear_attention_triton(q, k, v, "taylor", True, chunk_size=c)[0]  # noqa: E731
+                else:
+                    qs = (q * dk**-0.5).detach().requires_grad_()
+                    params = [qs, k, v]
+                    ours = lambda c=chunk, qs=qs: K.linear_attention_triton(qs, k, v, "identity", False, chunk_size=c)[0]  # noqa: E731
+                peers.append(("ours" if chunk == K.DEFAULT_CHUNK else f"ours_chunk{chunk}", ours, params, None))
+            ours, params = peers[0][1], peers[0][2]
             if best[name]:
                 peers.append(("ours_best", ours, params, best[name]))
             try:
@@ -690,6 +693,7 @@ def main():
                     help="GPU: launch-parameter sweep of one benchmark case's kernels at --sweep-length ($OUT/sweep_<case>.json)")
     ap.add_argument("--sweep-length", type=int, default=16384)
     ap.add_argument("--sweep-kernels", default="", help="comma list of kernel names to sweep (default: all of the case), e.g. _la_fwd_states,_la_fwd_out")
+    ap.add_argument("--chunks", default="64", help="--e2e: chunk sizes of ours to time (e.g. 64,128: fewer chunk states to write and read at long L)")
     ap.add_argument("--e2e", action="store_true", help="GPU: end-to-end fwd / fwd+bwd times at --lengths (fixed launches, the "
                     "best swept ones, fla) ($OUT/e2e_linear.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -698,6 +702,7 @@ def main():
     ap.add_argument("--first-stage", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    args.chunks = [int(x) for x in args.chunks.split(",") if x]
     if args.sweep_case or args.e2e:
         os.environ["MNEMO_AUTOTUNE"] = "0"  # before the kernels module is imported
         return sweep_case(args) if args.sweep_case else e2e_main(args)
