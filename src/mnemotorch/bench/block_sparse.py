@@ -19,6 +19,17 @@ Cases (``--cases``, run in this order so that a time budget still covers every k
 * ``bias``  (not in the default list) the 1-D relative-position bias hook: sliding window 16K,
   W = 1024, D = 128 with a per-head table vs the same without the bias and Flex with a ``score_mod``.
 
+``--cuda-graph`` (CUDA only; a no-op with a printed note on the CPU): after the eager timings of a case,
+every implementation that ran (ours and its alternatives, SDPA, Flex) is timed again, forward and
+forward+backward, as CUDA-graph replays of one captured call (:func:`graph_ms` via
+:func:`measure_graphed`), recorded under ``<name>_graphed``; each result says its ``timing``
+(``"eager"`` / ``"cuda_graph"``, ``TIMING_MODES`` in the report). A capture that fails is recorded as
+``not_capturable: <reason>`` and is not tried again in the later cases of that kind (other sizes). The
+replays leave out the host's Python and launch overhead, which the eager timings charge, so the fair
+comparison of the device work is ``speedup_*_graphed_vs_<peer>_graphed`` (graphed ours vs graphed
+peer); ``speedup_*_graphed_vs_<peer>`` sets graphed ours against the peer's eager time, and
+``cuda_graph_summary`` (also printed) has all of them per case.
+
 ``--tiny`` runs every selected case at tiny sizes, also on the CPU (kernels under Triton's
 interpreter, wall-clock timings, FlexAttention forward-only and uncompiled there, since it has no
 CPU backward): a smoke test of the whole harness. ``--autotune small`` (default) keeps kernel
@@ -35,7 +46,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -275,6 +286,66 @@ def graph_ms(step: Callable[[], object], warmup: int = 3, rep: int = 20) -> floa
     return times[len(times) // 2]
 
 
+#: How each number of a ``--cuda-graph`` run was taken (the ``timing`` field of each result; the
+#: kernel bench and ``mnemo bench routed`` both record it).
+TIMING_MODES = {
+    "eager": "median of per-call device-event timings with a synchronize after each call: the host's Python and "
+             "kernel-launch overhead is charged (bench.block_sparse.median_ms)",
+    "cuda_graph": "median of CUDA-graph replays of one captured call (bench.block_sparse.graph_ms): the same device work "
+                  "without the host's per-kernel launch overhead; inputs, parameters and gradients in static buffers",
+}
+#: an eager call slower than this (ms) gets fewer graph replays (as :func:`median_ms` does for eager calls)
+GRAPH_SLOW_MS = 50.0
+
+
+def measure_graphed(call: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: list[torch.Tensor],
+                    skip_fwd_bwd: str | None = None, *, backward: bool = True, slow: bool = False,
+                    timer: Callable[..., float] | None = None,
+                    not_retried: str = "its forward + backward capture failed at a shorter length") -> dict:
+    """Forward and forward + backward ms of CUDA-graph replays of ``call`` (:func:`graph_ms`): the
+    graphed counterpart of :func:`measure`, shared by the kernel and routed benches.
+
+    ``call()`` computes the output from static inputs; the forward step runs it under
+    ``torch.no_grad()``, the forward + backward step returns ``torch.autograd.grad(call(), params,
+    grad_out)`` (gradients in the graph's pool, rewritten by every replay; ``.grad`` untouched). A
+    failed capture is recorded as ``not_capturable`` (its reason), never raised; if the forward does
+    not capture, the forward + backward is not tried (it would fail on the same call), nor when
+    ``skip_fwd_bwd`` (the reason of an earlier failure, then recorded with ``not_retried``) is given,
+    nor with ``backward=False`` (``fwd_bwd_ms`` is ``None``). ``slow``: 1 warm-up and 5 timed replays
+    instead of 3 and 20. ``timer`` replaces :func:`graph_ms` (looked up when called, so tests can
+    patch it). The peak memory is not measured for replays (``peak_extra_gib`` is ``None``)."""
+    timer = graph_ms if timer is None else timer
+    reps = {"warmup": 1, "rep": 5} if slow else {}
+
+    def fwd_step():
+        with torch.no_grad():
+            return call()
+
+    def fwd_bwd_step():
+        return torch.autograd.grad(call(), params, grad_out)
+
+    out: dict = {"timing": "cuda_graph"}
+    try:
+        out["fwd_ms"] = timer(fwd_step, **reps)
+    except GraphCaptureError as exc:
+        out["not_capturable"] = f"forward: {exc.reason}"
+        return out
+    if not backward:
+        out["fwd_bwd_ms"] = None
+    elif skip_fwd_bwd is not None:
+        out["fwd_bwd_ms"] = None
+        out["not_capturable"] = skip_fwd_bwd
+        out["not_retried"] = not_retried
+    else:
+        try:
+            out["fwd_bwd_ms"] = timer(fwd_bwd_step, **reps)
+        except GraphCaptureError as exc:
+            out["fwd_bwd_ms"] = None
+            out["not_capturable"] = f"forward + backward: {exc.reason}"
+    out["peak_extra_gib"] = None  # not measured for replays (the graph's pool holds the whole step)
+    return out
+
+
 #: (warm-up, timed) calls on the CPU, where the kernels run in Triton's interpreter (smoke runs)
 CPU_REPS = (0, 1)
 
@@ -333,7 +404,7 @@ class Run:
     """Settings shared by the cases: device, peers, Flex compilation, budget, SDPA results cache."""
 
     def __init__(self, device: str, peers=("sdpa", "flex"), flex_compile: bool = True, budget: float | None = None,
-                 alternatives: bool = False, dtype=torch.bfloat16):
+                 alternatives: bool = False, dtype=torch.bfloat16, cuda_graph: bool = False):
         self.device = device
         self.peers = tuple(peers)
         self.flex_compile = flex_compile
@@ -344,6 +415,13 @@ class Run:
         self.sdpa_cache: dict = {}
         self.patterns: dict = {}
         self._flex = None
+        #: ``--cuda-graph`` (CUDA only): the implementations of the current case queued for graph
+        #: timing (``_GraphJob``), failed captures by ``(case, name, "fwd" | "fwd_bwd")`` (not retried
+        #: in later cases of the kind), and graphed SDPA results reused like ``sdpa_cache``
+        self.cuda_graph = cuda_graph
+        self.graph_jobs: list[_GraphJob] = []
+        self.graph_failures: dict[tuple[str, str, str], str] = {}
+        self.graph_cache: dict = {}
 
     def pattern(self, key: tuple, build: Callable):
         """A pattern built once per run (e.g. one sliding window for both head dims): ``(pattern, build seconds)``."""
@@ -416,14 +494,152 @@ def _fmt(r: dict) -> str:
     return f"fwd {f(r.get('fwd_ms'))} ms, fwd+bwd {f(r.get('fwd_bwd_ms'))} ms, peak {f(r.get('peak_extra_gib'))} GiB"
 
 
+class _GraphJob(NamedTuple):
+    """One implementation of a case to time again as CUDA-graph replays (``call is None``: an SDPA
+    result reused from an earlier case, whose graphed result is taken from ``Run.graph_cache``)."""
+
+    name: str
+    call: Callable[[], torch.Tensor] | None
+    grad_out: torch.Tensor | None
+    params: list[torch.Tensor] | None
+    backward: bool = True
+    cache_key: tuple | None = None
+
+
+def _measured(run: Run, res: dict, name: str, fwd: Callable[[], torch.Tensor], grad_out: torch.Tensor,
+              params: list[torch.Tensor], backward: bool = True, cache_key: tuple | None = None) -> None:
+    """:func:`measure` of one implementation under :func:`_guarded`; with ``run.cuda_graph`` an
+    implementation that ran is also queued for the graph timings at the end of the case."""
+    _guarded(res, name, lambda: measure(fwd, grad_out, params, backward=backward))
+    if run.cuda_graph and "fwd_ms" in res[name]:
+        run.graph_jobs.append(_GraphJob(name, fwd, grad_out, params, backward, cache_key))
+
+
+def _fmt_graphed(r: dict) -> str:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    if "error" in r:
+        return r["error"]
+    text = f"fwd {f(r.get('fwd_ms'))} ms, fwd+bwd {f(r.get('fwd_bwd_ms'))} ms (CUDA-graph replays)" if "fwd_ms" in r else ""
+    if "not_capturable" in r:
+        text += ("; " if text else "") + f"not capturable: {r['not_capturable']}"
+    return text
+
+
+def _graph_one(run: Run, row: dict, res: dict, job: _GraphJob) -> dict:
+    """The graphed result of one queued implementation (never raises)."""
+    case = row["case"]
+    fail = (case, job.name)
+    if fail + ("fwd",) in run.graph_failures:
+        return {"timing": "cuda_graph", "not_capturable": run.graph_failures[fail + ("fwd",)],
+                "not_retried": f"its forward capture failed in an earlier {case} case"}
+    if job.call is None:  # defensive: the eager result was reused but no graphed result was kept
+        return {"timing": "cuda_graph", "error": "reused eager result without a graphed result to reuse"}
+    eager = res.get(job.name, {})
+    slow = max(eager.get("fwd_ms") or 0.0, eager.get("fwd_bwd_ms") or 0.0) > GRAPH_SLOW_MS
+    try:
+        r = measure_graphed(job.call, job.grad_out, job.params, run.graph_failures.get(fail + ("fwd_bwd",)),
+                            backward=job.backward, slow=slow,
+                            not_retried=f"its forward + backward capture failed in an earlier {case} case")
+    except Exception as exc:  # noqa: BLE001 - e.g. OOM in a warm-up call: recorded, the others still run
+        r = {"timing": "cuda_graph", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if "not_capturable" in r and "not_retried" not in r:
+        phase = "fwd" if r.get("fwd_ms") is None else "fwd_bwd"
+        run.graph_failures[fail + (phase,)] = f"({case} L={row.get('L')}) {r['not_capturable']}"
+    return r
+
+
+def _graph_phase(run: Run, row: dict, res: dict) -> None:
+    """``--cuda-graph``, at the end of a case (after every eager timing, so that a failed capture cannot
+    disturb them): mark the eager results' ``timing`` and time every queued implementation as graph
+    replays, stored under ``<name>_graphed``; ours first, then SDPA, then the rest (the captures
+    least likely to fail first). Without ``run.cuda_graph`` it only drops the queue."""
+    jobs, run.graph_jobs = run.graph_jobs, []
+    if not run.cuda_graph:
+        return
+    for r in res.values():
+        if "fwd_ms" in r:
+            r.setdefault("timing", "eager")
+
+    def rank(job: _GraphJob) -> int:
+        return 0 if job.name.startswith("ours") else 1 if job.name.startswith("sdpa") else 2
+
+    for job in sorted(jobs, key=rank):
+        key = f"{job.name}_graphed"
+        if job.cache_key is not None and job.cache_key in run.graph_cache:
+            res[key] = dict(run.graph_cache[job.cache_key], reused=True)
+        else:
+            res[key] = _graph_one(run, row, res, job)
+            if job.cache_key is not None:
+                run.graph_cache[job.cache_key] = res[key]
+        print(f"  {key}: {_fmt_graphed(res[key])}", flush=True)
+    row["cuda_graph_summary"] = _graph_summary(res)
+
+
+def _graph_summary(res: dict) -> dict:
+    """Per metric, every implementation's eager and graphed time; for the peers the ratios ``peer / ours``
+    (> 1: ours is faster): ``speedup_eager`` (both eager), ``speedup_graphed`` (both graphed: the device
+    work alone) and ``speedup_ours_graphed_vs_eager`` (ours graphed, the peer eager); for ours and its
+    alternatives ``host_ms`` (eager - graphed: what the host's launch overhead added)."""
+    out: dict = {"reference": "ours", "ratios": "peer / ours (> 1: ours is faster)"}
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        ours_e, ours_g = res.get("ours", {}).get(metric), res.get("ours_graphed", {}).get(metric)
+        m: dict = {}
+        for name, r in res.items():
+            if name.endswith("_graphed") or r.get(metric) is None:
+                continue
+            e, g = r[metric], res.get(f"{name}_graphed", {}).get(metric)
+            d: dict = {"eager": e, "graphed": g}
+            if name.startswith("ours"):
+                d["host_ms"] = None if g is None else e - g
+            else:
+                d["speedup_eager"] = e / ours_e if ours_e else None
+                d["speedup_graphed"] = g / ours_g if g and ours_g else None
+                d["speedup_ours_graphed_vs_eager"] = e / ours_g if ours_g else None
+            m[name] = d
+        out[metric] = m
+    return out
+
+
+def _graph_summary_lines(row: dict) -> list[str]:
+    """The printed form of ``cuda_graph_summary`` (one line per metric) and of each capture that failed."""
+    s = row.get("cuda_graph_summary")
+    if not s:
+        return []
+
+    def f(x, p=3):
+        return "n/a" if x is None else f"{x:.{p}f}"
+
+    lines = []
+    for metric, label in (("fwd_bwd_ms", "fwd+bwd"), ("fwd_ms", "fwd")):
+        parts = []
+        for name, d in s[metric].items():
+            if name.startswith("ours"):
+                parts.append(f"{name} eager {f(d['eager'])} ms, graphed {f(d['graphed'])} ms")
+            else:
+                parts.append(f"{name} eager {f(d['eager'])} ms x{f(d['speedup_eager'], 2)}, graphed {f(d['graphed'])} ms "
+                             f"x{f(d['speedup_graphed'], 2)} (ours graphed vs its eager x{f(d['speedup_ours_graphed_vs_eager'], 2)})")
+        lines.append(f"  L={row.get('L')} {label}, CUDA graphs (x: peer / ours): " + " || ".join(parts))
+    for name, r in row["results"].items():
+        if name.endswith("_graphed") and ("not_capturable" in r or "error" in r):
+            lines.append(f"  {name}: {_fmt_graphed(r)}")
+    return lines
+
+
 def _sdpa(run: Run, res: dict, name: str, causal: bool, q, k, v, g) -> None:
     """Dense SDPA, measured once per (causal, shape) in a run and reused by later cases."""
     key = (causal, tuple(q.shape), str(q.dtype))
     if key in run.sdpa_cache:
         res[name] = dict(run.sdpa_cache[key], reused=True)
+        if run.cuda_graph:
+            run.graph_jobs.append(_GraphJob(name, None, None, None, cache_key=("sdpa", *key)))
         return
     qt, kt, vt, gt = _peer_layout(q, k, v, g)
-    _guarded(res, name, lambda: measure(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), gt, [qt, kt, vt]))
+    _measured(run, res, name, lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), gt, [qt, kt, vt],
+              cache_key=("sdpa", *key))
     if "fwd_ms" in res[name]:
         run.sdpa_cache[key] = res[name]
 
@@ -445,8 +661,8 @@ def _flex(run: Run, res: dict, name: str, mask_mod, L: int, q, k, v, g, score_mo
         print(f"  {name}: {res[name]['error']}", flush=True)
         return None
     # FlexAttention has no backward on the CPU: forward only there
-    _guarded(res, name, lambda: measure(lambda: flex(qt, kt, vt, score_mod=score_mod, block_mask=bm), gt,
-                                        [qt, kt, vt, *extra_params], backward=run.cuda))
+    _measured(run, res, name, lambda: flex(qt, kt, vt, score_mod=score_mod, block_mask=bm), gt, [qt, kt, vt, *extra_params],
+              backward=run.cuda)
     res[name]["mask_build_s"] = build_s
     if "fwd_ms" not in res[name]:
         return None
@@ -470,13 +686,19 @@ def _rate_and_ratios(row: dict, res: dict, computed_pairs: int, allowed_pairs: i
             r["fwd_bwd_tflops_computed"] = 3.5 * flops_computed / (fb * 1e-3) / 1e12 if ours and fb else None
             r["fwd_tflops_allowed"] = flops_allowed / (r["fwd_ms"] * 1e-3) / 1e12
             r["fwd_bwd_tflops_allowed"] = 3.5 * flops_allowed / (fb * 1e-3) / 1e12 if fb else None
-    ours = res.get("ours", {})
-    if ours.get("fwd_ms"):
+    # peer / ours: ours eager vs each eager peer (``speedup_*_vs_PEER``); with --cuda-graph also ours graphed
+    # vs each peer, graphed (``speedup_*_graphed_vs_PEER_graphed``: the device work alone) and eager
+    # (``speedup_*_graphed_vs_PEER``)
+    for ours_name, suffix in (("ours", ""), ("ours_graphed", "_graphed")):
+        ours = res.get(ours_name, {})
+        if not ours.get("fwd_ms"):
+            continue
         for name, r in res.items():
-            if not name.startswith("ours") and r.get("fwd_ms"):
-                row[f"speedup_fwd_vs_{name}"] = r["fwd_ms"] / ours["fwd_ms"]
-                if r.get("fwd_bwd_ms") and ours.get("fwd_bwd_ms"):
-                    row[f"speedup_fwd_bwd_vs_{name}"] = r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+            if name.startswith("ours") or not r.get("fwd_ms") or (not suffix and name.endswith("_graphed")):
+                continue
+            row[f"speedup_fwd{suffix}_vs_{name}"] = r["fwd_ms"] / ours["fwd_ms"]
+            if r.get("fwd_bwd_ms") and ours.get("fwd_bwd_ms"):
+                row[f"speedup_fwd_bwd{suffix}_vs_{name}"] = r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
     row["results"] = res
     return row
 
@@ -502,12 +724,12 @@ def sliding_window_case(L: int, W: int, D: int, H: int = 16, B: int = 1, dtype=t
            "pattern_build_s": build_s, "computed_pairs": pattern.computed_pairs(), "allowed_pairs": pattern.allowed_pairs()}
     res: dict = {}
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    _guarded(res, "ours", lambda: measure(lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton"), g, [qs, ks, vs]))
+    _measured(run, res, "ours", lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton"), g, [qs, ks, vs])
     res["ours"]["blocks"] = list(blocks[0])
     for qb_, kb_ in blocks[1:]:  # other pattern tile sizes, ours only
         alt, _ = run.pattern(("swa", L, W, qb_, kb_), lambda: sliding_window_pattern(L, W, q_block=qb_, k_block=kb_, device=run.device))
         name = f"ours_{qb_}x{kb_}"
-        _guarded(res, name, lambda alt=alt: measure(lambda: block_sparse_attention(qs, ks, vs, alt, backend="triton"), g, [qs, ks, vs]))
+        _measured(run, res, name, lambda alt=alt: block_sparse_attention(qs, ks, vs, alt, backend="triton"), g, [qs, ks, vs])
         res[name]["blocks"] = [qb_, kb_]
     if "sdpa" in run.peers:
         _sdpa(run, res, "sdpa_dense_causal", True, q, k, v, g)
@@ -519,6 +741,7 @@ def sliding_window_case(L: int, W: int, D: int, H: int = 16, B: int = 1, dtype=t
         if theirs is not None:
             with torch.no_grad():
                 row["rel_diff_vs_flex"] = _rel_diff(block_sparse_attention(q, k, v, pattern, backend="triton"), theirs)
+    _graph_phase(run, row, res)
     return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
 
 
@@ -556,7 +779,7 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
             return block_sparse_attention(qs, ks, vs, pat, backend="triton")
         return pp.unpermute(block_sparse_attention(pp.permute(qs), pp.permute(ks), pp.permute(vs), pat, backend="triton"))
 
-    _guarded(res, "ours", lambda: measure(ours, g, [qs, ks, vs]))
+    _measured(run, res, "ours", ours, g, [qs, ks, vs])
     res["ours"]["blocks"] = [pat.q_block, pat.k_block]
     for alt_tile, alt_q, alt_k in alternatives:
         alt = neighborhood_pattern(tuple(shape), kernel_size, tile_shape=alt_tile, q_block=alt_q, k_block=alt_k, device=run.device)
@@ -568,7 +791,7 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
                 return block_sparse_attention(qs, ks, vs, alt.pattern, backend="triton")
             return alt.unpermute(block_sparse_attention(alt.permute(qs), alt.permute(ks), alt.permute(vs), alt.pattern, backend="triton"))
 
-        _guarded(res, name, lambda: measure(ours_alt, g, [qs, ks, vs]))
+        _measured(run, res, name, ours_alt, g, [qs, ks, vs])
         res[name]["computed_pairs"] = alt.pattern.computed_pairs()
     if "sdpa" in run.peers:
         _sdpa(run, res, "sdpa_dense", False, q, k, v, g)
@@ -591,6 +814,7 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
             with torch.no_grad():
                 mine = pp.unpermute(block_sparse_attention(pp.permute(q), pp.permute(k), pp.permute(v), pat, backend="triton"))
                 row["rel_diff_vs_flex"] = _rel_diff(mine, theirs)
+    _graph_phase(run, row, res)
     return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
 
 
@@ -609,9 +833,10 @@ def power_case(L: int, D: int = 128, H: int = 16, B: int = 1, dtype=torch.bfloat
            "computed_pairs": pat.computed_pairs(), "allowed_pairs": pat.allowed_pairs()}
     res: dict = {}
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    _guarded(res, "ours", lambda: measure(lambda: block_sparse_attention(qs, ks, vs, pat, backend="triton"), g, [qs, ks, vs]))
+    _measured(run, res, "ours", lambda: block_sparse_attention(qs, ks, vs, pat, backend="triton"), g, [qs, ks, vs])
     if "sdpa" in run.peers:
         _sdpa(run, res, "sdpa_dense_causal", True, q, k, v, g)
+    _graph_phase(run, row, res)
     return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
 
 
@@ -629,8 +854,8 @@ def bias_case(L: int, W: int, D: int, H: int = 16, B: int = 1, run: Run | None =
     res: dict = {}
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
     bias = relative_bias_1d(table, L, min_offset=-(W - 1)).to(run.device)
-    _guarded(res, "ours", lambda: measure(lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton", bias=bias), g, [qs, ks, vs, table]))
-    _guarded(res, "ours_no_bias", lambda: measure(lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton"), g, [qs, ks, vs]))
+    _measured(run, res, "ours", lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton", bias=bias), g, [qs, ks, vs, table])
+    _measured(run, res, "ours_no_bias", lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton"), g, [qs, ks, vs])
     if "flex" in run.peers:
         def swa(b, h, qi, ki):
             return (qi >= ki) & (qi - ki < W)
@@ -642,6 +867,7 @@ def bias_case(L: int, W: int, D: int, H: int = 16, B: int = 1, run: Run | None =
         if theirs is not None:
             with torch.no_grad():
                 row["rel_diff_vs_flex"] = _rel_diff(block_sparse_attention(q, k, v, pattern, backend="triton", bias=bias), theirs)
+    _graph_phase(run, row, res)
     return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
 
 
@@ -695,7 +921,7 @@ def _line(row: dict) -> str:
         line += f": ours {f(o['fwd_ms'])}/{f(o.get('fwd_bwd_ms'))} ms ({f(o.get('fwd_tflops_computed'), 0)}/" \
                 f"{f(o.get('fwd_bwd_tflops_computed'), 0)} TF/s computed, peak {f(o.get('peak_extra_gib'), 2)} GiB)"
     for peer, x in r.items():
-        if peer == "ours":
+        if peer == "ours" or peer.endswith("_graphed"):  # graphed results: the summary lines below
             continue
         if "fwd_ms" in x and not peer.startswith("ours"):
             sf, sfb = row.get(f"speedup_fwd_vs_{peer}"), row.get(f"speedup_fwd_bwd_vs_{peer}")
@@ -704,7 +930,7 @@ def _line(row: dict) -> str:
             line += f" | {peer} {f(x['fwd_ms'])}/{f(x.get('fwd_bwd_ms'))} ms"
         else:
             line += f" | {peer} {x}"
-    return line
+    return "\n".join([line, *_graph_summary_lines(row)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,6 +1020,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--autotune", default="small", choices=("full", "small", "off"),
                     help="kernel launch-parameter search on the GPU: full (6 configs per kernel), small (2), off (fixed)")
     ap.add_argument("--time-budget", type=float, default=None, help="start no new case (or check) after this many seconds")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="CUDA only: also time every implementation that ran, fwd and fwd+bwd, as CUDA-graph replays of one "
+                    "captured call (<name>_graphed: no host launch overhead; 'not_capturable' with the reason if its capture "
+                    "fails), beside the eager timings; each result records its 'timing'. A no-op with a note on the CPU")
     return ap
 
 
@@ -820,12 +1050,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     flex_compile = device == "cuda" if args.flex_compile == "auto" else args.flex_compile == "on"
     # bf16 on the GPU; fp32 on the CPU (the interpreter's bf16 is unreliable and the CPU is slow at it)
+    cuda_graph = args.cuda_graph and device == "cuda"
     run = Run(device, tuple(p for p in args.peers.split(",") if p), flex_compile, args.time_budget, args.alternatives,
-              dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+              dtype=torch.bfloat16 if device == "cuda" else torch.float32, cuda_graph=cuda_graph)
     report = {"env": device_info(), "argv": list(argv or []), "device": device, "autotune": args.autotune,
-              "flex_compiled": flex_compile, "time_budget_s": args.time_budget, "correctness": [], "speed": [], "skipped": []}
+              "flex_compiled": flex_compile, "time_budget_s": args.time_budget, "cuda_graph": cuda_graph,
+              "correctness": [], "speed": [], "skipped": []}
     if device == "cpu":
         report["note"] = "CPU smoke run: kernels in Triton's interpreter, wall-clock times, FlexAttention forward only"
+    if args.cuda_graph and not cuda_graph:
+        report["cuda_graph_note"] = "--cuda-graph ignored: CUDA graphs need CUDA (this is a CPU run); eager timings only"
+        print(report["cuda_graph_note"], flush=True)
+    if cuda_graph:
+        report["timing_modes"] = TIMING_MODES
 
     def save():
         report["elapsed_s"] = run.elapsed()
@@ -839,6 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
             report["skipped"].append(kind)
             continue
         t0 = time.perf_counter()
+        run.graph_jobs.clear()  # nothing queued by a case that raised carries over
         try:
             row = job()
         except Exception as exc:  # record and go on

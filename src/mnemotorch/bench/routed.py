@@ -62,7 +62,7 @@ from typing import Callable
 
 import torch
 
-from .block_sparse import GraphCaptureError, device_info, graph_ms, measure, wall_median_ms
+from .block_sparse import TIMING_MODES, device_info, graph_ms, measure, measure_graphed, wall_median_ms
 
 CASES = ("routing", "landmark")
 ROUTING_BACKENDS = {"block_sparse": "block_sparse", "flex": "flex", "sdpa_masks": "torch"}
@@ -70,14 +70,6 @@ ROUTING_BACKENDS = {"block_sparse": "block_sparse", "flex": "flex", "sdpa_masks"
 CUDA_ONLY_BACKENDS = ("block_sparse", "flex")
 PEERS = ("routing_transformer", "sdpa")
 GRANULARITIES = ("block", "token")
-#: ``--cuda-graph``: how each number of a routing row was taken (the ``timing`` of each result).
-TIMING_MODES = {
-    "eager": "median of per-call device-event timings with a synchronize after each call: the host's Python and "
-             "kernel-launch overhead is charged (bench.block_sparse.median_ms)",
-    "cuda_graph": "median of CUDA-graph replays of one captured call (bench.block_sparse.graph_ms): the same device work "
-                  "without the host's per-kernel launch overhead; inputs, parameters and gradients in static buffers",
-}
-
 #: Peer numbers of shared/specs/sparse-attention.md (H100, bf16, B = 1, dim 1024, 16 heads, window 512,
 #: incl. projections; fwd measured with grad enabled). Only comparable to a run of the same shape.
 SPEC_PEER_MS = {
@@ -204,40 +196,9 @@ def _clear_routing_records(m) -> None:
 
 def _graphed(call: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: list[torch.Tensor],
              skip_fwd_bwd: str | None = None) -> dict:
-    """Forward and forward + backward ms of CUDA-graph replays of ``call`` (``graph_ms``).
-
-    ``call()`` returns the layer's output from the static input; the forward step runs it under
-    ``torch.no_grad()``, the forward + backward step returns ``torch.autograd.grad(call(), params,
-    grad_out)`` (gradients in the graph's pool, rewritten by every replay; ``.grad`` untouched). A
-    failed capture is recorded as ``not_capturable`` (its reason), never raised; if the forward does
-    not capture, the forward + backward is not tried (it would fail on the same call), nor when
-    ``skip_fwd_bwd`` (the reason of an earlier failure) is given."""
-
-    def fwd_step():
-        with torch.no_grad():
-            return call()
-
-    def fwd_bwd_step():
-        return torch.autograd.grad(call(), params, grad_out)
-
-    out: dict = {"timing": "cuda_graph"}
-    try:
-        out["fwd_ms"] = graph_ms(fwd_step)
-    except GraphCaptureError as exc:
-        out["not_capturable"] = f"forward: {exc.reason}"
-        return out
-    if skip_fwd_bwd is not None:
-        out["fwd_bwd_ms"] = None
-        out["not_capturable"] = skip_fwd_bwd
-        out["not_retried"] = "its forward + backward capture failed at a shorter length"
-    else:
-        try:
-            out["fwd_bwd_ms"] = graph_ms(fwd_bwd_step)
-        except GraphCaptureError as exc:
-            out["fwd_bwd_ms"] = None
-            out["not_capturable"] = f"forward + backward: {exc.reason}"
-    out["peak_extra_gib"] = None  # not measured for replays (the graph's pool holds the whole step)
-    return out
+    """Forward and forward + backward ms of CUDA-graph replays of ``call``: ``bench.block_sparse.measure_graphed``
+    (see there) timed with this module's ``graph_ms`` (which the CPU tests replace by a stand-in)."""
+    return measure_graphed(call, grad_out, params, skip_fwd_bwd, timer=graph_ms)
 
 
 def _graph_phase(L: int, res: dict, jobs: list[tuple[str, Callable[[str | None], dict]]], device: torch.device,
