@@ -169,3 +169,33 @@ def test_report_only_rewrites_the_report_from_stored_results(tmp_path):
     assert "NVIDIA H100" in (tmp_path / f"{first['experiment']}.md").read_text()
     with pytest.raises(FileNotFoundError, match="no results file"):
         run_experiment(cfg, out_dir=tmp_path / "empty", progress=False, report_only=True)
+
+
+def test_routing_cells_train_the_centroids(tmp_path, monkeypatch):
+    """A routing mixer in a sweep gets what `mnemo train` gives it: the commitment loss in each
+    backward and one online k-means step of its centroids after each optimiser step."""
+    import mnemotorch.layers.routing as routing
+
+    calls = {"aux": 0, "update": 0}
+    aux, update = routing.routing_aux_loss, routing.update_routing_centroids
+
+    def counted_aux(model):
+        calls["aux"] += 1
+        return aux(model)
+
+    def counted_update(model, sync=True):
+        calls["update"] += 1
+        return update(model, sync=sync)
+
+    monkeypatch.setattr(routing, "routing_aux_loss", counted_aux)
+    monkeypatch.setattr(routing, "update_routing_centroids", counted_update)
+    cfg = tiny_config(mixers={"routing": {"type": "routing", "num_clusters": 2}})
+    path = tmp_path / "tiny.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    result = run_experiment(path, out_dir=tmp_path, progress=False)
+    assert result["ran"] == 1
+    cell = next(iter(json.loads((tmp_path / "tiny.json").read_text())["cells"].values()))
+    assert cell["status"] == "ok", cell
+    assert calls == {"aux": 3, "update": 3}

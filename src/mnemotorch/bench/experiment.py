@@ -352,6 +352,7 @@ def _evaluate(model: Any, data: Any, batch_size: int, device: torch.device, amp:
 
 
 def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: list[tuple[str, Any, int]], device: torch.device) -> dict[str, Any]:
+    from ..layers.routing import routing_aux_loss, routing_layers, update_routing_centroids
     from ..models import MnemoConfig, MnemoForCausalLM
 
     t = cell.train
@@ -376,6 +377,7 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
     model.train()
+    has_routing = bool(routing_layers(model))
     for step in range(steps):
         if pos + batch_size > n:  # epochs: a fresh permutation once the current one is used up
             order, pos = torch.randperm(n, generator=gen), 0
@@ -385,10 +387,14 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = _masked_logits(model, x, flat)
         loss = F.cross_entropy(logits.float(), targets)
-        loss.backward()
+        # routing layers: their commitment loss joins the backward and their centroids take one
+        # online k-means step after the optimiser's, as in mnemotorch.train (the logged loss stays the task's)
+        (loss + routing_aux_loss(model) if has_routing else loss).backward()
         if t["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(t["grad_clip"]))
         optimizer.step()
+        if has_routing:
+            update_routing_centroids(model)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
