@@ -487,21 +487,11 @@ SWEEP_CONFIGS["_la_bwd_states"] = SWEEP_CONFIGS["_la_fwd_states"]
 SWEEP_CONFIGS["_tl_bwd_states"] = SWEEP_CONFIGS["_tl_fwd_states"]
 
 
-def _cuda_ms(fn, warmup=3, rep=15):
-    import torch
+def _cuda_ms(fn):
+    """Median CUDA-event time of ``fn`` in ms: the benchmarks' own timer (mnemotorch.bench.block_sparse.median_ms)."""
+    from mnemotorch.bench.block_sparse import median_ms
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+    return median_ms(fn)
 
 
 def _out_path(args, stem):
