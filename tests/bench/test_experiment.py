@@ -199,3 +199,60 @@ def test_routing_cells_train_the_centroids(tmp_path, monkeypatch):
     cell = next(iter(json.loads((tmp_path / "tiny.json").read_text())["cells"].values()))
     assert cell["status"] == "ok", cell
     assert calls == {"aux": 3, "update": 3}
+
+
+def test_test_mode_switches_landmark_layers_after_training(tmp_path, monkeypatch):
+    """A spec's test_mode (landmark: trained exact, scored in retrieval mode, as in the paper) is
+    applied to the layers built from that spec after the last training step and before scoring,
+    and the cell's JSON records it; other layers and cells are untouched."""
+    from mnemotorch.layers.landmark import LandmarkAttention
+
+    seen = []
+    forward = LandmarkAttention.forward
+
+    def recording_forward(self, *args, **kwargs):
+        seen.append((self.training, self.mode, self.top_k))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LandmarkAttention, "forward", recording_forward)
+    landmark = {"type": "landmark", "block_len": 3, "mode": "exact", "test_mode": {"mode": "retrieval", "top_k": 2}}
+    cfg = tiny_config(
+        model={"num_hidden_layers": 2, "num_attention_heads": 1, "intermediate_size": 0},
+        mixers={"landmark": landmark, "hybrid": [landmark, "attention"], "attention": "attention"},
+    )
+    cells = {c.mixer: c for c in plan_cells(load_experiment_config(cfg))}
+    assert cells["landmark"].layer_plan == {"type": "landmark", "block_len": 3, "mode": "exact"}
+    assert cells["hybrid"].test_mode == [{"mode": "retrieval", "top_k": 2}, None]
+    assert cells["attention"].test_mode is None
+    result = run_experiment(cfg, out_dir=tmp_path, progress=False)
+    assert result["ran"] == 3
+    stored = json.loads((tmp_path / "tiny.json").read_text())["cells"]
+    by_mixer = {c["mixer"]: c for c in stored.values()}
+    assert all(c["status"] == "ok" for c in by_mixer.values()), by_mixer
+    assert by_mixer["landmark"]["test_mode"] == [{"mode": "retrieval", "top_k": 2}]
+    assert by_mixer["landmark"]["test_mode_layers"] == [
+        {"layer": i, "type": "landmark", "mode": "retrieval", "top_k": 2} for i in (0, 1)
+    ]
+    assert by_mixer["hybrid"]["test_mode_layers"] == [{"layer": 0, "type": "landmark", "mode": "retrieval", "top_k": 2}]
+    assert "test_mode" not in by_mixer["attention"] and "test_mode_layers" not in by_mixer["attention"]
+    # 3 training steps (exact) then scoring (retrieval, top-2) for each landmark layer: 2 + 1 of them
+    training = [s for s in seen if s[0]]
+    scoring = [s for s in seen if not s[0]]
+    assert len(training) == 3 * 3 and set(training) == {(True, "exact", 4)}
+    assert scoring and set(scoring) == {(False, "retrieval", 2)}
+
+
+def test_test_mode_errors(tmp_path):
+    with pytest.raises(ValueError, match="mixers.attention: mixer 'attention' has no set_mode"):
+        load_experiment_config(tiny_config(mixers={"attention": {"type": "attention", "test_mode": {"mode": "retrieval"}}}))
+    with pytest.raises(ValueError, match=r"mixers.mix\[1\]: mixer 'sliding_window' has no set_mode"):
+        load_experiment_config(tiny_config(mixers={"mix": ["attention", {"type": "sliding_window", "window": 4, "test_mode": {"mode": "x"}}]}))
+    with pytest.raises(ValueError, match="must be a mapping with a 'mode' key"):
+        load_experiment_config(tiny_config(mixers={"lm": {"type": "landmark", "test_mode": "retrieval"}}))
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['k'\]"):
+        load_experiment_config(tiny_config(mixers={"lm": {"type": "landmark", "test_mode": {"mode": "retrieval", "k": 2}}}))
+    # a bad value fails the cell before training, not after it
+    bad = run_experiment(tiny_config(mixers={"lm": {"type": "landmark", "block_len": 3, "test_mode": {"mode": "nope"}}}),
+                         out_dir=tmp_path, progress=False)
+    (cell,) = bad["cells"].values()
+    assert cell["status"] == "failed" and "mode must be one of" in cell["error"] and "loss_curve" not in cell

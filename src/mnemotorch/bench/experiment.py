@@ -26,6 +26,11 @@ Config (YAML, TOML or JSON file, or a dict)::
     mixers:                               # name -> layer plan (a mixer spec, or a list of specs)
       attention: attention
       sliding_window: {type: sliding_window, window: 16}
+      landmark: {type: landmark, mode: exact, test_mode: {mode: retrieval, top_k: 4}}
+                                          # test_mode (optional, per spec): after training and before
+                                          # scoring, the layers built from that spec switch mode with
+                                          # their mixer's set_mode(**test_mode) (mixers without set_mode
+                                          # are rejected); not passed to the constructor
     widths: [64, 128]                     # hidden_size
     learning_rates: [1.0e-4, 1.0e-3]
     train: {steps: 1000, batch_size: 64, eval_batch_size: 256, warmup_fraction: 0.1,
@@ -193,6 +198,8 @@ def load_experiment_config(config: dict[str, Any] | str | os.PathLike[str], quic
             raise ValueError(f"experiment config: settings[{i}].eval must be a list of mappings (task-parameter overrides)")
     if not isinstance(cfg["mixers"], dict) or not cfg["mixers"]:
         raise ValueError("experiment config: 'mixers' must be a non-empty mapping name -> layer plan")
+    for mixer, plan in cfg["mixers"].items():
+        _split_test_mode(str(mixer), plan)  # validates the test_mode entries
     for key in ("widths", "learning_rates"):
         values = cfg[key]
         if not isinstance(values, list) or not values:
@@ -221,6 +228,71 @@ def _with_defaults(section: Any, defaults: dict[str, Any], name: str) -> dict[st
     return {**defaults, **section}
 
 
+def _split_test_mode(mixer: str, plan: Any) -> tuple[Any, list[dict[str, Any] | None] | None]:
+    """``(plan without test_mode entries, test modes)`` of one mixer's layer plan.
+
+    The test modes are one per plan entry (one for a single spec, which every layer repeats), each a
+    mapping of :meth:`set_mode` arguments or ``None``; ``None`` overall when no spec has a test mode.
+
+    Raises:
+        ValueError: a test_mode that is not a mapping with a ``mode``, names arguments the mixer's
+            ``set_mode`` does not take, or belongs to a mixer without ``set_mode``.
+    """
+    import inspect
+
+    from ..layers import list_mixers, mixer_class
+
+    specs = plan if isinstance(plan, list) else [plan]
+    stripped: list[Any] = []
+    modes: list[dict[str, Any] | None] = []
+    for j, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "test_mode" not in spec:
+            stripped.append(spec)
+            modes.append(None)
+            continue
+        where = f"experiment config: mixers.{mixer}" + (f"[{j}]" if isinstance(plan, list) else "")
+        spec = dict(spec)
+        test_mode = spec.pop("test_mode")
+        name = spec.get("type")
+        if name not in list_mixers():
+            raise ValueError(f"{where}: test_mode needs a registered mixer 'type', got {name!r}")
+        setter = getattr(mixer_class(name), "set_mode", None)
+        if not callable(setter):
+            raise ValueError(
+                f"{where}: mixer {name!r} has no set_mode method, so it cannot switch mode for the test "
+                f"(test_mode is supported by: {', '.join(n for n in list_mixers() if callable(getattr(mixer_class(n), 'set_mode', None)))})"
+            )
+        if not isinstance(test_mode, dict) or "mode" not in test_mode:
+            raise ValueError(f"{where}: test_mode must be a mapping with a 'mode' key (arguments of {name}.set_mode), got {test_mode!r}")
+        allowed = list(inspect.signature(setter).parameters)[1:]  # past self
+        unknown = sorted(set(test_mode) - set(allowed))
+        if unknown:
+            raise ValueError(f"{where}: test_mode has unknown argument(s) {unknown}; {name}.set_mode takes {allowed}")
+        stripped.append(spec)
+        modes.append(dict(test_mode))
+    if all(m is None for m in modes):
+        return plan, None
+    return (stripped if isinstance(plan, list) else stripped[0]), modes
+
+
+def _apply_test_mode(model: Any, test_mode: list[dict[str, Any] | None] | None, dry_run: bool = False) -> list[dict[str, Any]]:
+    """Switch the layers that have a test mode (``test_mode`` from :func:`_split_test_mode`); returns
+    ``[{"layer": i, "type": ..., **mode}, ...]``. ``dry_run`` switches copies of the mixers, so bad
+    values fail before training rather than after it."""
+    if not test_mode:
+        return []
+    layers = model.model.layers
+    applied = []
+    for i, layer in enumerate(layers):
+        mode = test_mode[0] if len(test_mode) == 1 else test_mode[i]
+        if mode is None:
+            continue
+        mixer = copy.deepcopy(layer.mixer) if dry_run else layer.mixer
+        mixer.set_mode(**mode)
+        applied.append({"layer": i, "type": model.config.layer_plan[i]["type"], **mode})
+    return applied
+
+
 # ----------------------------------------------------------------------------------------------
 # cells
 
@@ -238,6 +310,7 @@ class Cell:
     layer_plan: Any
     width: int
     lr: float
+    test_mode: list[dict[str, Any] | None] | None = None  # per plan entry, applied after training
     fingerprint: str = ""
     id: str = field(default="")
 
@@ -264,10 +337,11 @@ def plan_cells(cfg: dict[str, Any]) -> list[Cell]:
         train = {**cfg["train"], **{k: v for k, v in setting.items() if k in _SETTING_TRAIN_KEYS}}
         evals = [dict(e) for e in setting.get("eval", [])]
         label = _setting_label(setting)
-        for mixer, plan in cfg["mixers"].items():
+        for mixer, full_plan in cfg["mixers"].items():
+            plan, test_mode = _split_test_mode(str(mixer), full_plan)
             for width in cfg["widths"]:
                 for lr in cfg["learning_rates"]:
-                    cell = Cell(i, label, task_params, evals, train, str(mixer), plan, width, lr)
+                    cell = Cell(i, label, task_params, evals, train, str(mixer), plan, width, lr, test_mode)
                     cell.id = f"{label}|{mixer}|d={width}|lr={lr:.3g}"
                     # Everything that changes the cell's result; resuming reruns a cell whose
                     # fingerprint differs from the stored one. The device is deliberately left out.
@@ -276,6 +350,8 @@ def plan_cells(cfg: dict[str, Any]) -> list[Cell]:
                         "model": cfg["model"], "layer_plan": plan, "width": width, "lr": lr,
                         "train": {k: v for k, v in train.items() if k != "device"},
                     }
+                    if test_mode is not None:  # only then: cells without one keep their old fingerprints
+                        payload["test_mode"] = test_mode
                     cell.fingerprint = hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
                     cells.append(cell)
     ids = [c.id for c in cells]
@@ -359,6 +435,7 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
     torch.manual_seed(int(t["seed"]))
     config = MnemoConfig(vocab_size=train_data.vocab_size, hidden_size=cell.width, layer_plan=cell.layer_plan, **cfg["model"])
     model = MnemoForCausalLM(config).to(device)
+    _apply_test_mode(model, cell.test_mode, dry_run=True)  # a bad test mode fails now, not after training
     amp = t["precision"] == "bf16" or (t["precision"] == "auto" and device.type == "cuda")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms: weight decay would pull them to 0
@@ -404,6 +481,8 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
             losses.append(float(loss_sum) / window)
             loss_sum.zero_()
     train_seconds = time.perf_counter() - start
+    # e.g. landmark attention: trained with the exact grouped softmax, scored in retrieval mode
+    test_modes = _apply_test_mode(model, cell.test_mode)
     metric = tests[0][1].metric
     results = []
     for label, data, eval_bs in tests:
@@ -430,6 +509,7 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
         "steps": steps,
         "batch_size": batch_size,
         "train_seconds": round(train_seconds, 3),
+        **({"test_mode_layers": test_modes} if test_modes else {}),
     }
 
 
@@ -594,6 +674,8 @@ def _run_cells(todo: list[Cell], cfg: dict[str, Any], cache: _DataCache, dev: to
             "setting_index": cell.setting_index, "task_params": cell.task_params, "mixer": cell.mixer,
             "layer_plan": cell.layer_plan, "width": cell.width, "lr": cell.lr, "device": str(dev),
         }
+        if cell.test_mode is not None:
+            base["test_mode"] = cell.test_mode
         start = time.perf_counter()
         try:
             train_data, tests = cache.get(cell)
