@@ -56,11 +56,11 @@ TOP_KEYS = {"experiment", "description", "train", "arms", "eval", "anchors", "qu
 EVAL_DEFAULTS: dict[str, Any] = {"contexts": None, "stride_fraction": 0.5, "batch_size": 4, "max_tokens": None, "data": None}
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in (over or {}).items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
-    return out
+def deep_merge(base: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
+    """The experiment runner's merge (dicts merge recursively, anything else replaces); ``None`` adds nothing."""
+    from mnemotorch.bench.experiment import _deep_merge
+
+    return _deep_merge(base, over or {})
 
 
 def _shared(text: Any) -> Any:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Mixer, MixerState
-from .registry import get_mixer, list_mixers, mixer_kwargs, register_mixer
+from .registry import get_mixer, mixer_kwargs, parse_mixer_spec, register_mixer
 
 #: settings the decoder fills in for mixers that accept them (models.modeling.build_mixer); the
 #: composite accepts them too and hands them on to the sub-mixers that take them.
@@ -70,14 +70,7 @@ class HybridState(MixerState):
 
 def _normalize_spec(i: int, spec: Any) -> tuple[str, dict[str, Any]]:
     """``"name"`` or ``{"type": name, **kwargs}`` -> ``(name, kwargs)``, with errors naming ``mixers[i]``."""
-    if isinstance(spec, str):
-        spec = {"type": spec}
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"hybrid: mixers[{i}] must be a mixer name or a dict with a 'type' key, got {spec!r}")
-    name = spec["type"]
-    if name not in list_mixers():
-        raise ValueError(f"hybrid: mixers[{i}]: unknown mixer {name!r}; registered mixers: {', '.join(list_mixers())}")
-    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    name, kwargs = parse_mixer_spec(spec, f"hybrid: mixers[{i}]")
     fixed = sorted({"dim", "num_heads"} & set(kwargs))
     if fixed:
         raise ValueError(f"hybrid: mixers[{i}] ({name!r}) must not set {fixed}: the composite passes its own dim and num_heads")

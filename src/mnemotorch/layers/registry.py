@@ -54,6 +54,21 @@ def get_mixer(name: str, **kwargs: Any) -> Mixer:
     return cls(**kwargs)
 
 
+def parse_mixer_spec(spec: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """A mixer spec -- a registered name or ``{"type": name, **kwargs}`` -- as ``(name, kwargs)``.
+
+    ``where`` names the spec in errors (``"layer_plan[2]"``, ``"hybrid: mixers[0]"``).
+    """
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"{where} must be a mixer name or a dict with a 'type' key, got {spec!r}")
+    name = spec["type"]
+    if name not in list_mixers():
+        raise ValueError(f"{where}: unknown mixer {name!r}; registered mixers: {', '.join(list_mixers())}")
+    return name, {k: v for k, v in spec.items() if k != "type"}
+
+
 def mixer_info(name: str) -> dict[str, Any]:
     """Short description of a registered mixer (for ``mnemo list`` and the docs)."""
     cls = mixer_class(name)

@@ -28,7 +28,8 @@ def normalize_layer_plan(layer_plan: Any, num_hidden_layers: int) -> list[dict[s
     Accepts ``None`` (all ``"attention"``), a single mixer spec (repeated for every layer) or a
     list with one spec per layer; a spec is a mixer name or a dict with a ``"type"`` key.
     """
-    from ..layers import list_mixers, mixer_kwargs
+    from ..layers import mixer_kwargs
+    from ..layers.registry import parse_mixer_spec
 
     if layer_plan is None:
         layer_plan = ["attention"] * num_hidden_layers
@@ -40,18 +41,12 @@ def normalize_layer_plan(layer_plan: Any, num_hidden_layers: int) -> list[dict[s
         raise ValueError(f"layer_plan has {len(layer_plan)} entries but num_hidden_layers is {num_hidden_layers}")
     plan = []
     for i, spec in enumerate(layer_plan):
-        if isinstance(spec, str):
-            spec = {"type": spec}
-        if not isinstance(spec, dict) or "type" not in spec:
-            raise ValueError(f"layer_plan[{i}] must be a mixer name or a dict with a 'type' key, got {spec!r}")
-        name = spec["type"]
-        if name not in list_mixers():
-            raise ValueError(f"layer_plan[{i}]: unknown mixer {name!r}; registered mixers: {', '.join(list_mixers())}")
+        name, kwargs = parse_mixer_spec(spec, f"layer_plan[{i}]")
         allowed = set(mixer_kwargs(name)) - {"dim", "num_heads"}
-        unknown = sorted(set(spec) - {"type"} - allowed)
+        unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise ValueError(f"layer_plan[{i}] ({name!r}): unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
-        plan.append(dict(spec))
+        plan.append({"type": spec} if isinstance(spec, str) else dict(spec))
     return plan
 
 

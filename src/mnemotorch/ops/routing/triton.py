@@ -664,6 +664,13 @@ def _sort_and_scan(cluster: Tensor, num_clusters: int | None, align: int, stats:
     return sc, perm, dest, lostart
 
 
+def _list_buffers(n_qb: int, n_kb: int, w_f: int, w_p: int, w_tf: int, w_tp: int, dev: torch.device) -> tuple[Tensor, ...]:
+    """int32 ``(full_idx, part_idx, part_tile)`` ``[n_qb, w]`` and their transposes ``[n_kb, w]`` for the layout kernels to fill."""
+    q = (torch.empty(n_qb, w, dtype=torch.int32, device=dev) for w in (w_f, w_p, w_p))
+    k = (torch.empty(n_kb, w, dtype=torch.int32, device=dev) for w in (w_tf, w_tp, w_tp))
+    return (*q, *k)
+
+
 def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_block: int, k_block: int, num_clusters: int | None = None):
     """The kernels' version of :func:`~mnemotorch.ops.routing.block_sparse.routed_layout` (same tensors).
 
@@ -747,12 +754,7 @@ def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
 
     if static is not None:
         w_f, w_p, w_tf, w_tp, n_tiles = static.w_full, static.w_part, static.w_t_full, static.w_t_part, static.n_tiles
-        full_idx = torch.empty(n_qb, w_f, dtype=torch.int32, device=dev)
-        part_idx = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
-        part_tile = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
-        t_full_idx = torch.empty(n_kb, w_tf, dtype=torch.int32, device=dev)
-        t_part_idx = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
-        t_part_tile = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
+        full_idx, part_idx, part_tile, t_full_idx, t_part_idx, t_part_tile = _list_buffers(n_qb, n_kb, w_f, w_p, w_tf, w_tp, dev)
         if canonical:
             tiles = _diagonal_tiles(bm, bn, dev)
             tile_base = kb_start  # unused
@@ -788,12 +790,7 @@ def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
             if not n_tiles:
                 tiles.zero_()
         w_f, w_p, w_tf, w_tp = (max(1, int(w)) for w in (w_f, w_p, w_tf, w_tp))
-        full_idx = torch.empty(n_qb, w_f, dtype=torch.int32, device=dev)
-        part_idx = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
-        part_tile = torch.empty(n_qb, w_p, dtype=torch.int32, device=dev)
-        t_full_idx = torch.empty(n_kb, w_tf, dtype=torch.int32, device=dev)
-        t_part_idx = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
-        t_part_tile = torch.empty(n_kb, w_tp, dtype=torch.int32, device=dev)
+        full_idx, part_idx, part_tile, t_full_idx, t_part_idx, t_part_tile = _list_buffers(n_qb, n_kb, w_f, w_p, w_tf, w_tp, dev)
         _qblock_kernel[(n_qb,)](*qargs, widths, full_idx, part_idx, part_tile, tile_base, tiles, w_f, w_p,
                                 LISTS=True, COUNTS=False, WIDTHS=False, **qkw)
         _kblock_kernel[kgrid](kb_start, f_end, p_end, widths, t_full_cnt, t_part_cnt, t_full_idx, t_part_idx, t_part_tile, tile_base,
