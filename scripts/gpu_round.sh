@@ -7,7 +7,7 @@
 #   routed  -- `mnemo bench routed --cases routing` (routing-transformer from .peers/routing when carried);
 #   lla     -- the LLA case of `mnemo bench linear`;
 #   kernels -- `mnemo bench kernels` neighbourhood / power / sliding-window cases (KERNEL_CASES);
-#   e2e     -- scripts/diag_linear.py --e2e (linear / BASED vs fla, E2E_LENGTHS);
+#   e2e     -- scripts/diag_linear.py --e2e (linear / BASED vs fla, E2E_LENGTHS, E2E_ARGS e.g. "--chunks 64,128");
 #   sweep   -- scripts/diag_linear.py --sweep-case for SWEEP_CASES (per-kernel launch parameters).
 # Default "tests routed lla kernels"; scripts/gpu_session.sh is "tests swa linear" over every GPU test.
 # At most 8 files land in $OUT (logs + JSON). STEPS ending in "save_cache" also bring back the compile
@@ -53,7 +53,7 @@ for step in $STEPS; do
       save_compile_cache ;;
     e2e)
       echo "== linear / BASED end to end vs fla (fixed launches; swept ones when sweep_*.json exist) =="
-      timeout ${E2E_TIMEOUT:-120} python3 scripts/diag_linear.py --e2e --lengths ${E2E_LENGTHS:-16384,65536} 2>&1 | grep -v -i warn | tail -12 ;;
+      timeout ${E2E_TIMEOUT:-120} python3 scripts/diag_linear.py --e2e --lengths ${E2E_LENGTHS:-16384,65536} ${E2E_ARGS:-} 2>&1 | grep -v -i warn | tail -12 ;;
     sweep)
       for c in ${SWEEP_CASES:-linear based}; do
         echo "== launch sweep: $c =="
