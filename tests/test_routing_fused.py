@@ -1,11 +1,13 @@
 """The routing layer's fused glue (Triton interpreter on the CPU).
 
-* ``route_assign``: layer norm + nearest centroid + commitment distances in one kernel, on strided
-  (head-sliced) raw vectors, against ``scale_free_layer_norm`` -> ``nearest_centroid`` ->
-  ``commitment_loss`` (ids, loss value, loss gradient).
+* ``route_assign``: layer norm + nearest centroid + commitment distances + k-means statistics in one
+  kernel, on strided (head-sliced) raw vectors, against ``scale_free_layer_norm`` -> ``nearest_centroid``
+  -> ``commitment_loss`` / ``kmeans_batch_stats`` (ids, loss value, loss gradient through the one-kernel
+  backward, sums and counts).
+* ``rotary_fused``: RoPE in one launch against ``apply_rotary`` (values, gradient against float64).
 * The mixer with the fused glue (``FUSED_GLUE="on"``) against the same weights without it: outputs,
   gradients of the input and every parameter, the commitment loss and its gradient, and the centroids
-  after ``update_centroids`` (whose k-means statistics the fused path computes late).
+  after ``update_centroids`` (whose k-means statistics the fused path adds inside its kernel).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import torch
 
 import mnemotorch.layers.routing as routing_layer
 from mnemotorch.layers import get_mixer
-from mnemotorch.ops.routing import commitment_loss, nearest_centroid, route_assign, scale_free_layer_norm
+from mnemotorch.ops.rotary import apply_rotary, rotary_cos_sin
+from mnemotorch.ops.routing import (
+    commitment_loss,
+    kmeans_batch_stats,
+    nearest_centroid,
+    rotary_fused,
+    route_assign,
+    scale_free_layer_norm,
+)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
 
@@ -47,9 +57,49 @@ def test_route_assign_matches_the_unfused_ops(dtype: torch.dtype, d: int) -> Non
     want = commitment_loss(scale_free_layer_norm(xr.float()), mu.float(), ids, 1e-2)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert abs(loss.item() - want.item()) <= tol * abs(want.item())
-    (gx,) = torch.autograd.grad(loss, xg)
+    (gx,) = torch.autograd.grad(loss, xg, retain_graph=True)
     (gr,) = torch.autograd.grad(commitment_loss(scale_free_layer_norm(xr), mu, ids, 1e-2), xr)
     assert rel(gx, gr) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    # and against float64 (the kernel's backward runs in fp32 whatever the input dtype)
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(commitment_loss(scale_free_layer_norm(x64), mu.double(), ids, 1e-2), x64)
+    assert rel(gx, g64) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    # the scalar that scales the gradient is read on the device: a non-unit one
+    (gx3,) = torch.autograd.grad(loss, xg, torch.tensor(3.0, dtype=loss.dtype))
+    assert rel(gx3, 3 * gx.double()) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+    # k-means statistics added in place into buffers that already hold some
+    sums0 = torch.randn(h_all - hl, c, d, generator=g)
+    counts0 = torch.randint(0, 5, (h_all - hl, c), generator=g).float()  # whole: the difference below is exact
+    sums, counts = sums0.clone(), counts0.clone()
+    ids_s, _ = route_assign(x, mu, stats=(sums, counts))
+    assert torch.equal(ids_s, ids)
+    want_sums, want_counts = kmeans_batch_stats(scale_free_layer_norm(x), ids, c)
+    assert torch.equal(counts - counts0, want_counts)
+    # bf16: the interpreter rounds the kernel's fp32 -> bf16 conversions toward zero (the GPU: to nearest), so
+    # the normalised vectors may differ from F.layer_norm's by an ulp (2^-8 relative)
+    assert rel(sums - sums0, want_sums) <= (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [16, 24])
+def test_rotary_fused_matches_apply_rotary(dtype: torch.dtype, d: int) -> None:
+    g = torch.Generator().manual_seed(d)
+    b, t, h_all, start = 2, 37, 3, 11
+    proj = torch.randn(b, t, h_all + 1, d, generator=g).to(dtype)
+    x = proj[:, :, 1:]  # a head slice: not contiguous
+    cos, sin = rotary_cos_sin(torch.arange(start, start + t), d, 10000.0, dtype=dtype)
+    y = rotary_fused(x, cos, sin)
+    want = apply_rotary(x, cos, sin)
+    # bf16: the same roundings as apply_rotary, bit-identical on the GPU (tests/gpu/test_routing_gpu.py); the
+    # interpreter rounds the kernel's fp32 -> bf16 conversions toward zero (each rounding up to an ulp off)
+    assert rel(y, want) <= (1e-6 if dtype == torch.float32 else 8e-3)
+    xg = x.detach().clone().requires_grad_()
+    gy = torch.randn(b, t, h_all, d, generator=g).to(dtype)
+    (gx,) = torch.autograd.grad(rotary_fused(xg, cos, sin), xg, gy)
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(apply_rotary(x64, cos.double(), sin.double()), x64, gy.double())
+    assert gx.dtype == dtype and rel(gx, g64) <= (1e-6 if dtype == torch.float32 else 5e-3)
 
 
 @pytest.mark.parametrize("shared_qk", [True, False])
@@ -60,17 +110,34 @@ def test_fused_mixer_equals_unfused(monkeypatch, shared_qk: bool) -> None:
     z = get_mixer("routing", **kw).train()
     z.load_state_dict(a.state_dict())
     x = torch.randn(2, 90, 64)
+    calls = {"route_assign": 0, "rotary_fused": 0}
+
+    def spy(name):
+        fn = getattr(routing_layer, name)
+
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(routing_layer, name, wrapped)
+
+    spy("route_assign")
+    spy("rotary_fused")
 
     def step(m, mode):
         monkeypatch.setattr(routing_layer, "FUSED_GLUE", mode)
+        before = dict(calls)
         xs = x.clone().requires_grad_()
         y, _ = m(xs)
-        assert (m._pending_raw is not None) == (mode == "on") and (m._pending_sums is None) == (mode == "on")  # the path taken
+        fused_calls = 1 if shared_qk else 2
+        assert calls["route_assign"] - before["route_assign"] == (fused_calls if mode == "on" else 0)  # the path taken
+        assert calls["rotary_fused"] - before["rotary_fused"] == (fused_calls if mode == "on" else 0)
+        assert m._pending_sums is not None and m._pending_raw is None  # the statistics are there after the forward
         aux = m.routing_aux_loss()
         params = [xs, *m.parameters()]
         gy = torch.autograd.grad((y * y).sum(), params, retain_graph=True)
         ga = torch.autograd.grad(aux, [xs], allow_unused=True)[0]
-        # a second training call before the update: the fused path folds the first call's statistics
+        # a second training call before the update: its statistics add to the first call's
         m(x)
         m.routing_aux_loss()
         assert m.update_centroids()

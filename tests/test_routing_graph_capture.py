@@ -142,16 +142,17 @@ def test_the_guards_catch_their_hazards(monkeypatch) -> None:
         x.new_zeros(2) + torch.zeros_like(x[:2])
         torch.as_tensor(x)
 
-    # planted in the layer's backward (the commitment loss's, recomputed there): an index without device=
-    import mnemotorch.ops.routing as routing_ops
+    # planted in the layer's backward (the commitment loss's one-kernel backward): a tensor without device=
+    import mnemotorch.ops.routing.triton as routing_kernels
 
-    def commitment_loss(r, centroids, ids, beta):
-        h = r.shape[-2]
-        picked = centroids.detach().to(r.dtype)[torch.arange(h)[None, :], ids.reshape(-1, h)]
-        return beta * (r.reshape(-1, h, r.shape[-1]) - picked).pow(2).sum(-1).mean()
+    real_grad = routing_kernels.route_commit_grad_triton
+
+    def route_commit_grad_triton(x, centroids, ids, g, coef, eps=1e-5):
+        scale = torch.ones(1)  # the hazard
+        return real_grad(x, centroids, ids, g * scale.to(g.device)[0], coef, eps)
 
     monkeypatch.setattr(routing_layer, "FUSED_GLUE", "on")
-    monkeypatch.setattr(routing_ops, "commitment_loss", commitment_loss)
+    monkeypatch.setattr(routing_kernels, "route_commit_grad_triton", route_commit_grad_triton)
     m = _mixer(True)
     xi = torch.randn(1, 40, 64, requires_grad=True)
     _step(m, xi)

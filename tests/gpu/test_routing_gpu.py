@@ -262,3 +262,43 @@ def test_mixer_block_sparse_has_no_host_sync_and_captures_in_a_cuda_graph(shared
     assert rel(y_graph, y_eager) == 0.0
     for a, b in zip([x.grad] + [p.grad for p in m.parameters()], grads_eager):
         assert rel(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_glue_kernels_on_cuda(dtype) -> None:
+    """The layer's fused glue at the benchmark's 8K shape (16 heads, D = 64, C = 16): RoPE in one launch
+    bit-identical to ``apply_rotary`` in bf16 (the interpreter cannot show it: it truncates fp32 -> bf16),
+    its backward against float64; ``route_assign``'s in-kernel k-means statistics against
+    ``kmeans_batch_stats`` and its one-kernel commitment backward against float64."""
+    from mnemotorch.ops.rotary import apply_rotary, rotary_cos_sin
+    from mnemotorch.ops.routing import commitment_loss, kmeans_batch_stats, rotary_fused, route_assign, scale_free_layer_norm
+
+    b, t, h, d, c = 1, 8192, 16, 64, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(b, t, h, d, device="cuda", generator=g) * 3 + 1).to(dtype)
+    cos, sin = rotary_cos_sin(torch.arange(t, device="cuda"), d, 10000.0, dtype=dtype)
+    y = rotary_fused(x, cos, sin)
+    want = apply_rotary(x, cos, sin)
+    if dtype == torch.bfloat16:
+        assert torch.equal(y, want)
+    else:
+        assert rel(y, want) <= 1e-6
+    gy = torch.randn(b, t, h, d, device="cuda", generator=g).to(dtype)
+    xg = x.detach().clone().requires_grad_()
+    (gx,) = torch.autograd.grad(rotary_fused(xg, cos, sin), xg, gy)
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(apply_rotary(x64, cos.double(), sin.double()), x64, gy.double())
+    assert rel(gx, g64) <= (1e-6 if dtype == torch.float32 else 5e-3)
+
+    mu = torch.randn(h, c, d, device="cuda", generator=g)
+    mu = (mu * (d**0.5 / mu.norm(dim=-1, keepdim=True))).to(dtype)
+    sums = torch.zeros(h, c, d, device="cuda")
+    counts = torch.zeros(h, c, device="cuda")
+    xg = x.detach().clone().requires_grad_()
+    ids, loss = route_assign(xg, mu, beta=1e-2, stats=(sums, counts))
+    want_sums, want_counts = kmeans_batch_stats(scale_free_layer_norm(x), ids, c)
+    assert torch.equal(counts, want_counts)
+    assert rel(sums, want_sums) <= (1e-5 if dtype == torch.float32 else 2e-3)
+    (gx,) = torch.autograd.grad(loss, xg)
+    (g64,) = torch.autograd.grad(commitment_loss(scale_free_layer_norm(x64), mu.double(), ids, 1e-2), x64)
+    assert rel(gx, g64) <= (1e-5 if dtype == torch.float32 else 1e-2)

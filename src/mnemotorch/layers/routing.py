@@ -46,6 +46,7 @@ from ..ops.routing import (
     kmeans_batch_stats,
     kmeans_ema_step,
     nearest_centroid,
+    rotary_fused,
     route_assign,
     route_assign_supported,
     scale_free_layer_norm,
@@ -55,9 +56,10 @@ from .base import Mixer, MixerState
 from .registry import register_mixer
 
 MODES = ("causal_exact", "balanced_topw")
-#: The fused routing glue of causal-exact mode (``ops.routing.route_assign``: layer norm, nearest centroid
-#: and commitment loss in one kernel; the k-means statistics computed when ``update_centroids`` runs):
-#: ``"auto"`` on CUDA, ``"on"`` wherever the kernel runs (tests: the CPU interpreter), ``"off"`` never.
+#: The fused routing glue of causal-exact mode: ``ops.routing.route_assign`` (layer norm, nearest centroid,
+#: commitment distances and the k-means statistics in one kernel; the commitment loss's backward in one
+#: more) and ``ops.routing.rotary_fused`` (RoPE in one launch each way): ``"auto"`` on CUDA, ``"on"``
+#: wherever the kernels run (tests: the CPU interpreter), ``"off"`` never.
 FUSED_GLUE = "auto"
 BACKENDS = ("auto", "torch", "block_sparse", "flex", "triton", "reference")
 
@@ -210,8 +212,8 @@ class RoutingAttention(Mixer):
         self._pending_sums: Tensor | None = None
         self._pending_counts: Tensor | None = None
         self._pending_loss: Tensor | None = None
-        # (raw routing vectors, ids) of fused-path training calls whose k-means statistics are not
-        # computed yet (computed by the next such call or by update_centroids; see _record_fused)
+        # unused since the fused glue computes the k-means statistics in its kernel; kept (always None)
+        # for callers that reset it (the benchmark, tests)
         self._pending_raw: list | None = None
         self._rope_cache: tuple | None = None
 
@@ -262,11 +264,13 @@ class RoutingAttention(Mixer):
         # Routing by content: the un-rotated, layer-normalised (no scale, no bias) vectors.
         fused = self._fused(q)
         if fused:
-            # one kernel per side: layer norm in registers, nearest centroid, commitment distances
+            # one kernel per side: layer norm in registers, nearest centroid, commitment distances and (training)
+            # the k-means statistics, added into the pending ones
             beta = self.commitment_beta if (self.training and torch.is_grad_enabled() and self.commitment_beta > 0) else None
+            stats = self._stats_buffers(q.device) if self.training else None
             raw_q, raw_k = q[:, :, hl:], (None if self.k_proj is None else k[:, :, hl:])
-            cq, loss_q = route_assign(raw_q, self.centroids, beta)
-            ck, loss_k = (cq, None) if raw_k is None else route_assign(raw_k, self.centroids, beta)
+            cq, loss_q = route_assign(raw_q, self.centroids, beta, stats=stats)
+            ck, loss_k = (cq, None) if raw_k is None else route_assign(raw_k, self.centroids, beta, stats=stats)
         else:
             rq = scale_free_layer_norm(q[:, :, hl:])
             rk = rq if self.k_proj is None else scale_free_layer_norm(k[:, :, hl:])
@@ -275,8 +279,9 @@ class RoutingAttention(Mixer):
 
         if self.rope_theta is not None:
             cos, sin = self._rope_tables(state.seen_tokens, t, x.device, q.dtype)
-            q = apply_rotary(q, cos, sin)
-            k = q if self.k_proj is None else apply_rotary(k, cos, sin)
+            rotate = rotary_fused if fused else apply_rotary
+            q = rotate(q, cos, sin)
+            k = q if self.k_proj is None else rotate(k, cos, sin)
 
         if self.mode == "causal_exact":
             q_route = q[:, :, hl:]
@@ -311,7 +316,7 @@ class RoutingAttention(Mixer):
 
         if self.training:
             if fused:
-                self._record_fused(raw_q, cq, raw_k, ck, loss_q, loss_k)
+                self._record_fused(loss_q, loss_k)
             else:
                 self._record(rq, cq, rk, ck)
 
@@ -367,29 +372,36 @@ class RoutingAttention(Mixer):
             loss = sum(commitment_loss(r, self.centroids, c, self.commitment_beta) for r, c in pairs) / len(pairs)
             self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
 
-    def _record_fused(self, raw_q: Tensor, cq: Tensor, raw_k: Tensor | None, ck: Tensor, loss_q, loss_k) -> None:
-        """The fused path's record: the commitment loss (computed by the assignment kernel) now; the
-        k-means statistics of this call later, from the raw vectors and ids kept here (by the next
-        training call, or by :meth:`update_centroids`: one call's tensors are held at most, and they
-        are the projection's output that the backward keeps anyway). The statistics equal those of
-        :meth:`_record` (the same layer norm and ``kmeans_batch_stats``)."""
-        self._flush_raw()
-        pairs = [(raw_q, cq)] if raw_k is None else [(raw_q, cq), (raw_k, ck)]
-        self._pending_raw = [(r.detach(), c) for r, c in pairs]
+    def _stats_buffers(self, device) -> tuple[Tensor, Tensor]:
+        """The pending k-means ``(sums [H_route, C, D], counts [H_route, C])`` (float32) that the fused kernel
+        adds a training call's statistics into, in place; made (one zero-filled buffer, two contiguous
+        views) when there are none or the ones there cannot take the kernel's atomics (moved or cast)."""
+        sums, counts = self._pending_sums, self._pending_counts
+        ok = (
+            sums is not None and counts is not None and sums.dtype == counts.dtype == torch.float32
+            and sums.device == counts.device == torch.device(device) and sums.is_contiguous() and counts.is_contiguous()
+        )
+        if not ok:
+            h, c, d = self.route_heads, self.num_clusters, self.head_dim
+            buf = torch.zeros(h * c * (d + 1), dtype=torch.float32, device=device)
+            new_sums, new_counts = buf[: h * c * d].view(h, c, d), buf[h * c * d :].view(h, c)
+            if sums is not None:
+                new_sums += sums.to(new_sums)
+                new_counts += counts.to(new_counts)
+            self._pending_sums, self._pending_counts = new_sums, new_counts
+        return self._pending_sums, self._pending_counts
+
+    def _record_fused(self, loss_q, loss_k) -> None:
+        """The fused path's record: its kernel already added the k-means statistics (``_stats_buffers``);
+        here the commitment loss (computed by the same kernel)."""
         if loss_q is not None:
             loss = loss_q if loss_k is None else (loss_q + loss_k) / 2
             self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
 
     def _flush_raw(self) -> None:
-        raw = getattr(self, "_pending_raw", None)
-        if not raw:
-            return
+        """A no-op kept for callers of the former deferred k-means statistics (``mnemo bench routed`` calls it
+        after each step): the fused kernel now adds them during the forward, so nothing waits to be folded."""
         self._pending_raw = None
-        with torch.no_grad():
-            for r, c in raw:
-                sums, counts = kmeans_batch_stats(scale_free_layer_norm(r), c, self.num_clusters)
-                self._pending_sums = sums if self._pending_sums is None else self._pending_sums + sums
-                self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
 
     def routing_aux_loss(self) -> Tensor:
         """The commitment loss ``beta * mean ||r - sg(mu_c(r))||^2`` of the training-mode forward calls

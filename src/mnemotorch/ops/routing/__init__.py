@@ -90,23 +90,22 @@ def nearest_centroid(x: Tensor, centroids: Tensor, backend: str = "auto") -> Ten
 
 
 class _FusedCommitment(torch.autograd.Function):
-    """``beta * mean ||LN(x) - sg(mu_c)||^2`` from the fused kernel's per-token squared distances; the
-    backward recomputes the layer norm (it runs only when the loss is back-propagated)."""
+    """``beta * mean ||LN(x) - sg(mu_c)||^2`` from the fused kernel's per-token scaled squared distances
+    (``sq = beta / (B T H) * ||r - mu_c||^2``); the backward is one kernel (``route_commit_grad_triton``:
+    the layer norm recomputed in registers, its backward in fp32)."""
 
     @staticmethod
-    def forward(ctx, x, centroids, ids, sq, beta):
+    def forward(ctx, x, centroids, ids, sq, coef, eps):
         ctx.save_for_backward(x, centroids, ids)
-        ctx.beta = beta
-        return (sq.mean() * beta).to(x.dtype)
+        ctx.coef, ctx.eps = coef, eps
+        return sq.sum().to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
+        from .triton import route_commit_grad_triton
+
         x, mu, ids = ctx.saved_tensors
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_()
-            loss = commitment_loss(scale_free_layer_norm(xr), mu, ids, ctx.beta)
-            (gx,) = torch.autograd.grad(loss, xr, g)
-        return gx, None, None, None, None
+        return route_commit_grad_triton(x, mu, ids, g, ctx.coef, ctx.eps), None, None, None, None, None
 
 
 def route_assign_supported(x: Tensor) -> bool:
@@ -118,7 +117,9 @@ def route_assign_supported(x: Tensor) -> bool:
     return on_device and x.ndim == 4 and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] <= 256
 
 
-def route_assign(x: Tensor, centroids: Tensor, beta: float | None = None, eps: float = 1e-5) -> tuple[Tensor, Tensor | None]:
+def route_assign(
+    x: Tensor, centroids: Tensor, beta: float | None = None, eps: float = 1e-5, stats: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor | None]:
     """``nearest_centroid(scale_free_layer_norm(x), centroids)`` and the commitment loss, in one kernel launch.
 
     Args:
@@ -126,7 +127,11 @@ def route_assign(x: Tensor, centroids: Tensor, beta: float | None = None, eps: f
             (e.g. the routing heads' slice of a projection); float16 / bfloat16 / float32.
         centroids: ``[H, C, D]``.
         beta: if given, also return ``commitment_loss(scale_free_layer_norm(x), centroids, ids, beta)``
-            (a scalar with gradient to ``x``; computed in fp32 from the kernel's per-token distances).
+            (a scalar in ``x``'s dtype with gradient to ``x``; summed in fp32 from the kernel's per-token
+            distances; its backward is one kernel too).
+        stats: ``(sums, counts)``, float32 ``[H, C, D]`` (unit last stride) and ``[H, C]``: if given, the
+            kernel adds this call's ``kmeans_batch_stats(scale_free_layer_norm(x), ids, C)`` into them in
+            place (fp32 atomics: the order of the additions, hence the last bits, may vary between runs).
 
     Returns:
         ``(ids int64 [B, T, H], loss or None)``. The normalised vectors are formed in registers only
@@ -139,10 +144,19 @@ def route_assign(x: Tensor, centroids: Tensor, beta: float | None = None, eps: f
     from .triton import route_assign_triton
 
     want = beta is not None
-    ids, sq = route_assign_triton(x, centroids, eps, loss=want)
+    coef = float(beta) / max(1, x.shape[0] * x.shape[1] * x.shape[2]) if want else 1.0
+    ids, sq = route_assign_triton(x, centroids, eps, loss=want, loss_coef=coef, stats=stats)
     if not want:
         return ids, None
-    return ids, _FusedCommitment.apply(x, centroids, ids, sq, float(beta))
+    return ids, _FusedCommitment.apply(x, centroids, ids, sq, coef, float(eps))
+
+
+def rotary_fused(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``mnemotorch.ops.rotary.apply_rotary(x, cos, sin)`` in one Triton launch (and one in the backward), for
+    the inputs :func:`route_assign_supported` accepts (with an even ``D``); see ``triton.rotary_triton``."""
+    from .triton import rotary_triton
+
+    return rotary_triton(x, cos, sin)
 
 
 def causal_exact_attention(
@@ -232,6 +246,7 @@ __all__ = [
     "kmeans_ema_update",
     "nearest_centroid",
     "nearest_centroid_reference",
+    "rotary_fused",
     "route_assign",
     "route_assign_supported",
     "routed_layout",

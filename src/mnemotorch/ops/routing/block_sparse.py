@@ -467,13 +467,13 @@ def causal_exact_attention_block_sparse(
 
         nq, nk, d = layout.q_len, layout.k_len, q.shape[-1]
         if k is q and layout.shared:
-            qp, vp = PackRows.apply(layout.q_src, layout.q_rows, nq, q, v)
-            kp = qp
+            # kp: a view of qp, so that the query and key gradients are summed by the unpacking gather
+            qp, kp, vp = PackRows.apply(layout.q_src, layout.q_rows, nq, True, q, v)
         elif layout.shared:
-            qp, kp, vp = (*PackRows.apply(layout.q_src, layout.q_rows, nq, q, k), PackRows.apply(layout.k_src, layout.k_rows, nk, v)[0])
+            qp, kp, vp = (*PackRows.apply(layout.q_src, layout.q_rows, nq, False, q, k), PackRows.apply(layout.k_src, layout.k_rows, nk, False, v)[0])
         else:
-            (qp,) = PackRows.apply(layout.q_src, layout.q_rows, nq, q)
-            kp, vp = PackRows.apply(layout.k_src, layout.k_rows, nk, k, v)
+            (qp,) = PackRows.apply(layout.q_src, layout.q_rows, nq, False, q)
+            kp, vp = PackRows.apply(layout.k_src, layout.k_rows, nk, False, k, v)
         out = block_sparse_attention(qp.view(1, nq, 1, d), kp.view(1, nk, 1, d), vp.view(1, nk, 1, d), layout.pattern, scale, backend=backend)
         return UnpackRows.apply(layout.q_src, layout.q_rows, out.view(nq, dv), (b, tq, h, dv))
     qp = _pack(q, layout.q_rows, layout.q_len)

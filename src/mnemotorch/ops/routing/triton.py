@@ -1,4 +1,4 @@
-"""Triton kernels of routing attention: nearest-centroid assignment.
+"""Triton kernels of routing attention: assignment, the layer's fused glue, packing, the packed layout.
 
 ``nearest_centroid_triton(x, centroids)`` -- ``argmax_c x . mu_c`` per token and head in one launch.
 The reference (``reference.nearest_centroid``) forms the ``[n, H, C, D]`` elementwise product in
@@ -7,12 +7,19 @@ token chunks and sums it over ``D``: at the benchmark's 64K tokens, 16 heads, 12
 tens of milliseconds on an H200). The kernel reads every routing vector once and keeps the scores
 in registers.
 
-Scores are fp32 dot products with exact fp32 products (``input_precision="ieee"``, no TF32), and
-every token is computed by the same instruction sequence whatever the number of tokens in the call
-(fixed launch parameters, no autotuning), so a token's cluster does not depend on the chunk it
-arrives in -- the property the streaming invariant needs. Exact ties go to the lower centroid index,
-as ``torch.argmax`` does. The reduction order over ``D`` differs from the reference's, so the two
-may disagree on scores within a few fp32 ulps of a tie.
+Scores are fp32 products summed in fp32 (no TF32), one centroid at a time, and every token is computed
+by the same instruction sequence whatever the number of tokens in the call (fixed launch parameters, no
+autotuning), so a token's cluster does not depend on the chunk it arrives in -- the property the
+streaming invariant needs. Exact ties go to the lower centroid index, as ``torch.argmax`` does. The
+reduction order over ``D`` differs from the reference's, so the two may disagree on scores within a few
+fp32 ulps of a tie. (Until 2026-11-27 the scores were an IEEE fp32 ``tl.dot``; its FMA lowering used 255
+registers and spilled on sm_90 -- ``ptxas -v`` -- which is where the 0.10 ms of ``_route_assign_kernel``
+in the 8K profile went, for 17 MB of input.)
+
+The routing layer's fused glue (``FUSED_GLUE``): ``route_assign_triton`` (layer norm, nearest centroid,
+commitment distances and the k-means statistics in one launch), ``route_commit_grad_triton`` (the
+commitment loss's backward in one launch) and ``rotary_triton`` (RoPE, one launch each way). Then the
+block-sparse path's row packing (``PackRows`` / ``UnpackRows``) and packed layout (``routed_layout_triton``).
 """
 
 from __future__ import annotations
@@ -29,20 +36,20 @@ BLOCK_C = 32
 
 @triton.jit
 def _argmax_centroid(x, MU, h, smh, smc, offs_d, d_ok, C, BT: tl.constexpr, BC: tl.constexpr):
-    """Index of the highest-scoring centroid ``x · μ_c`` per row of ``x [BT, BLOCK_D]`` (fp32, IEEE
-    products), walking the centroids BC at a time; ties go to the lowest index."""
+    """Index of the highest-scoring centroid ``x · μ_c`` per row of ``x [BT, BLOCK_D]`` (fp32 products and
+    sums), one centroid at a time in index order; ties go to the lowest index.
+
+    Not ``tl.dot``: an IEEE fp32 dot has no tensor-core form, and its FMA lowering holds replicated operand
+    tiles (255 registers and spills for ``BT = 64``, ``D = 64`` on sm_90); a multiply and a row sum per
+    centroid keep ``x`` in its load layout. (``BC`` is unused, kept for the launch signature.)"""
     best = tl.full([BT], float("-inf"), tl.float32)
     best_idx = tl.zeros([BT], tl.int64)
-    for c0 in range(0, C, BC):
-        offs_c = c0 + tl.arange(0, BC)
-        c_ok = offs_c < C
-        mu = tl.load(MU + h * smh + offs_c[:, None] * smc + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(x, tl.trans(mu.to(tl.float32)), input_precision="ieee")
-        s = tl.where(c_ok[None, :], s, float("-inf"))
-        m, idx = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-        better = m > best  # strict: an equal score in a later step keeps the earlier (lower) index
-        best_idx = tl.where(better, c0 + idx.to(tl.int64), best_idx)
-        best = tl.where(better, m, best)
+    for c in range(0, C):
+        mu = tl.load(MU + h * smh + c * smc + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        s = tl.sum(x * mu[None, :], 1)
+        better = s > best  # strict: an equal score later keeps the earlier (lower) index
+        best_idx = tl.where(better, c, best_idx)
+        best = tl.where(better, s, best)
     return best_idx
 
 
@@ -101,12 +108,15 @@ def nearest_centroid_triton(x: Tensor, centroids: Tensor) -> Tensor:
 
 @triton.jit
 def _route_assign_kernel(
-    X, MU, OUT, SQ,
-    sxb, sxt, sxh, smh, smc, son, soh, ssn, ssh,
-    N, T, C, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, LOSS: tl.constexpr,
+    X, MU, OUT, SQ, SUMS, CNTS,
+    sxb, sxt, sxh, smh, smc, son, soh, ssn, ssh, s_sh, s_sc, s_ch, s_cc,
+    N, T, C, eps, loss_coef, D: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    LOSS: tl.constexpr, STATS: tl.constexpr,
 ):
     """Scale-free layer norm of each raw vector (fp32, rounded to the input dtype as the unfused path's
-    ``F.layer_norm`` output is), nearest centroid, and (``LOSS``) the squared distance to it."""
+    ``F.layer_norm`` output is), nearest centroid, (``LOSS``) ``loss_coef`` times the squared distance to
+    it, and (``STATS``) the k-means sums and counts of the program's tokens added into ``SUMS [H, C, D]``
+    and ``CNTS [H, C]`` (fp32 atomics, one per centroid and dim per program)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     offs_t = pid * BT + tl.arange(0, BT)
@@ -127,19 +137,48 @@ def _route_assign_kernel(
     if LOSS:
         mu_b = tl.load(MU + h * smh + best_idx[:, None] * smc + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         diff = tl.where(d_ok[None, :], r - mu_b.to(tl.float32), 0.0)
-        tl.store(SQ + offs_t.to(tl.int64) * ssn + h * ssh, tl.sum(diff * diff, 1), mask=t_ok)
+        tl.store(SQ + offs_t.to(tl.int64) * ssn + h * ssh, tl.sum(diff * diff, 1) * loss_coef, mask=t_ok)
+    if STATS:
+        # per centroid, the sum of its tokens' vectors: a one-hot [BC, BT] times r [BT, D] on the tensor cores
+        # (fp16 operands, fp32 accumulation; the products 0 or 1 times a piece of r are exact). r is split
+        # into two fp16 pieces, r = hi + lo up to 2^-22 |r| (|r| <= sqrt(D) is far inside fp16's range).
+        # (fp16, not bf16: the interpreter's bf16 dot of values converted in registers is wrong.)
+        tok_c = tl.where(t_ok, best_idx, -1).to(tl.int32)
+        r_hi = r.to(tl.float16)
+        r_lo = (r - r_hi.to(tl.float32)).to(tl.float16)
+        for c0 in range(0, C, BC):
+            offs_c = c0 + tl.arange(0, BC)
+            onehot = tl.where(offs_c[:, None] == tok_c[None, :], 1.0, 0.0)
+            oh16 = onehot.to(tl.float16)
+            part = tl.dot(oh16, r_hi, out_dtype=tl.float32)
+            part = tl.dot(oh16, r_lo, part, out_dtype=tl.float32)
+            cnt = tl.sum(onehot, 1)
+            c_ok = (offs_c < C) & (cnt > 0)
+            tl.atomic_add(SUMS + h * s_sh + offs_c[:, None] * s_sc + offs_d[None, :], part, mask=c_ok[:, None] & d_ok[None, :], sem="relaxed")
+            tl.atomic_add(CNTS + h * s_ch + offs_c * s_cc, cnt, mask=c_ok, sem="relaxed")
 
 
-def route_assign_triton(x: Tensor, centroids: Tensor, eps: float = 1e-5, loss: bool = False) -> tuple[Tensor, Tensor | None]:
+def route_assign_triton(
+    x: Tensor, centroids: Tensor, eps: float = 1e-5, loss: bool = False, loss_coef: float = 1.0, stats: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Fused ``nearest_centroid(scale_free_layer_norm(x), centroids)`` on the raw vectors ``x [B, T, H, D]``
     (any strides with a unit last stride; e.g. a head slice of a projection), one launch.
 
-    Returns ``ids int64 [B, T, H]`` and, with ``loss``, ``sq fp32 [B * T, H]``: ``||r - mu_c(r)||^2`` of every
-    token and head (the commitment loss is ``beta * sq.mean()``), else ``None``. No gradient.
+    Returns ``ids int64 [B, T, H]`` and, with ``loss``, ``sq fp32 [B * T, H]``: ``loss_coef * ||r - mu_c(r)||^2``
+    of every token and head (the commitment loss is ``sq.sum()`` with ``loss_coef = beta / (B T H)``), else
+    ``None``. With ``stats = (sums fp32 [H, C, D], counts fp32 [H, C])`` (unit last stride for ``sums``) the
+    call's k-means statistics (``kmeans_batch_stats`` of the normalised vectors) are added into them in place.
+    No gradient.
     """
     b, t, h, d = x.shape
     if centroids.shape[0] != h or centroids.shape[2] != d:
         raise ValueError(f"route_assign_triton: centroids must be [H={h}, C, D={d}], got {list(centroids.shape)}")
+    c = centroids.shape[1]
+    if stats is not None:
+        sums, counts = stats
+        if sums.shape != (h, c, d) or counts.shape != (h, c) or sums.dtype != torch.float32 or counts.dtype != torch.float32 or sums.stride(-1) != 1:
+            raise ValueError(f"route_assign_triton: stats must be fp32 sums [H, C, D] (unit last stride) and counts [H, C], got "
+                             f"{list(sums.shape)} {sums.dtype} and {list(counts.shape)} {counts.dtype}")
     out = torch.empty(b, t, h, dtype=torch.int64, device=x.device)
     n = b * t
     sq = torch.empty(n, h, dtype=torch.float32, device=x.device) if loss else None
@@ -154,14 +193,171 @@ def route_assign_triton(x: Tensor, centroids: Tensor, eps: float = 1e-5, loss: b
     if not mu.is_contiguous():
         mu = mu.contiguous()
     sq_arg = sq if sq is not None else out
+    sums, counts = stats if stats is not None else (out, out)
     grid = (triton.cdiv(n, BLOCK_T), h)
     _route_assign_kernel[grid](
-        x, mu, out.view(n, h), sq_arg,
+        x, mu, out.view(n, h), sq_arg, sums, counts,
         x.stride(0), x.stride(1), x.stride(2), mu.stride(0), mu.stride(1), h, 1, h, 1,
-        n, t, mu.shape[1], float(eps), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BT=BLOCK_T, BC=BLOCK_C, LOSS=loss,
-        num_warps=4, num_stages=2,
+        sums.stride(0), sums.stride(1) if sums.ndim > 1 else 0, counts.stride(0), counts.stride(1) if counts.ndim > 1 else 0,
+        n, t, c, float(eps), float(loss_coef), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BT=BLOCK_T,
+        BC=max(16, min(BLOCK_C, triton.next_power_of_2(c))),
+        LOSS=loss, STATS=stats is not None, num_warps=4, num_stages=2,
     )
     return out, sq
+
+
+@triton.jit
+def _route_commit_bwd_kernel(
+    X, MU, IDS, G, GX,
+    sxb, sxt, sxh, smh, smc, sin_, sih,
+    N, T, H, eps, coef, D: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr,
+):
+    """Gradient of ``coef * sum ||LN(x) - sg(mu_c)||^2`` (``coef = beta / (B T H)``) times the scalar ``G``
+    with respect to the raw vectors: ``dL/dr = 2 coef G (r - mu_c)`` through the scale-free layer norm's
+    backward ``rstd * (g - mean(g) - xhat * mean(g * xhat))``, all in fp32 (``r`` rounded as the forward's)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_t = pid * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < N
+    d_ok = offs_d < D
+    m = t_ok[:, None] & d_ok[None, :]
+    tb = offs_t.to(tl.int64) // T
+    tt = offs_t.to(tl.int64) % T
+    x = tl.load(X + tb[:, None] * sxb + tt[:, None] * sxt + h * sxh + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / D
+    xc = tl.where(d_ok[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, 1) / D
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    xhat = xc * rstd[:, None]
+    r = xhat.to(X.dtype.element_ty).to(tl.float32)
+    ids = tl.load(IDS + offs_t.to(tl.int64) * sin_ + h * sih, mask=t_ok, other=0)
+    mu_b = tl.load(MU + h * smh + ids[:, None] * smc + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G).to(tl.float32) * (2.0 * coef)
+    gr = tl.where(d_ok[None, :], g * (r - mu_b), 0.0)
+    m1 = tl.sum(gr, 1) / D
+    m2 = tl.sum(gr * xhat, 1) / D
+    gx = rstd[:, None] * (gr - m1[:, None] - xhat * m2[:, None])
+    rows = offs_t.to(tl.int64) * H + h
+    tl.store(GX + rows[:, None] * D + offs_d[None, :], gx.to(GX.dtype.element_ty), mask=m)
+
+
+def route_commit_grad_triton(x: Tensor, centroids: Tensor, ids: Tensor, g: Tensor, coef: float, eps: float = 1e-5) -> Tensor:
+    """``d/dx [g * coef * sum ||scale_free_layer_norm(x) - sg(centroids[ids])||^2]`` for ``x [B, T, H, D]`` (unit
+    last stride), ``ids [B, T, H]`` and the device scalar ``g`` (read on the device: no host sync), one launch.
+    Returns a contiguous ``[B, T, H, D]`` tensor in ``x``'s dtype."""
+    b, t, h, d = x.shape
+    gx = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device)
+    n = b * t
+    if n == 0:
+        return gx
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    mu = centroids.detach()
+    if mu.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        mu = mu.to(torch.float32)
+    if not mu.is_contiguous():
+        mu = mu.contiguous()
+    ids2 = ids.reshape(n, h)
+    _route_commit_bwd_kernel[(triton.cdiv(n, BLOCK_T), h)](
+        x, mu, ids2, g.reshape(()), gx,
+        x.stride(0), x.stride(1), x.stride(2), mu.stride(0), mu.stride(1), ids2.stride(0), ids2.stride(1),
+        n, t, h, float(eps), float(coef), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BT=BLOCK_T,
+        num_warps=4, num_stages=2,
+    )
+    return gx
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary position embedding of the routing layer's fused glue: one launch forward, one backward
+#
+# ``mnemotorch.ops.rotary.apply_rotary`` is five elementwise launches over [B, T, H, D] (neg, cat, two
+# broadcast multiplies, add) and about seven in its backward. These kernels read the vectors once and
+# write them once. The forward rounds as apply_rotary does (each product to the input dtype, then the
+# sum), so for 16-bit inputs the results are bit-identical to it; the backward (the inverse rotation of
+# the gradient) rounds once.
+
+
+@triton.jit
+def _rotary_kernel(
+    X, COS, SIN, Y, sxb, sxt, sxh, sct, T, H,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BT: tl.constexpr, INVERSE: tl.constexpr,
+):
+    # one program: BT positions of one (batch row, head); the tables' rows are shared by the heads (L2)
+    tt = tl.program_id(0) * BT + tl.arange(0, BT)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, BLOCK_HALF)
+    m = (tt < T)[:, None] & (offs < HALF)[None, :]
+    xp = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + tt[:, None].to(tl.int64) * sxt + offs[None, :]
+    x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
+    cp = tt[:, None].to(tl.int64) * sct + offs[None, :]
+    c1 = tl.load(COS + cp, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + cp + HALF, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + cp, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + cp + HALF, mask=m, other=0.0).to(tl.float32)
+    dt = Y.dtype.element_ty
+    if INVERSE:
+        # the transpose of the rotation: dx1 = g1 cos1 + g2 sin2, dx2 = g2 cos2 - g1 sin1
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        # apply_rotary's roundings: x * cos and rotate_half(x) * sin rounded, then their sum
+        y1 = (x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)
+        y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    # Y: contiguous [B, T, H, 2 * HALF]
+    yp = Y + ((b.to(tl.int64) * T + tt[:, None].to(tl.int64)) * H + h) * (2 * HALF) + offs[None, :]
+    tl.store(yp, y1.to(dt), mask=m)
+    tl.store(yp + HALF, y2.to(dt), mask=m)
+
+
+_ROTARY_TOKENS = 64
+
+
+def _rotary_launch(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    b, t, h, d = x.shape
+    y = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    half = d // 2
+    _rotary_kernel[(triton.cdiv(t, _ROTARY_TOKENS), b * h)](
+        x, cos, sin, y, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), t, h,
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BT=_ROTARY_TOKENS, INVERSE=inverse, num_warps=4,
+    )
+    return y
+
+
+class Rotary(torch.autograd.Function):
+    """``Rotary.apply(x, cos, sin)``: ``apply_rotary(x, cos, sin)`` in one launch (backward: one launch).
+    ``x [B, T, H, D]`` (unit last stride), tables ``cos, sin [T, D]`` in ``x``'s dtype, unit last stride, no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotary_launch(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rotary_launch(g, cos, sin, inverse=True), None, None
+
+
+def rotary_triton(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``mnemotorch.ops.rotary.apply_rotary(x, cos, sin)`` as one Triton launch (and one in the backward):
+    ``x [B, T, H, D]`` (float16 / bfloat16 / float32, ``D`` even, unit last stride), ``cos, sin [T, D]``.
+    The forward is bit-identical to ``apply_rotary`` for 16-bit inputs (float32: up to a contracted
+    multiply-add)."""
+    if x.ndim != 4 or x.shape[-1] % 2 or cos.shape != (x.shape[1], x.shape[-1]) or sin.shape != cos.shape:
+        raise ValueError(f"rotary_triton: needs x [B, T, H, D even] and cos, sin [T, D], got {list(x.shape)}, {list(cos.shape)}, {list(sin.shape)}")
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return Rotary.apply(x, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +395,8 @@ def _pack_kernel(
 
 @triton.jit
 def _unpack_kernel(
-    ROWS, P, Q, OX, OY, n_tok,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr, TWO: tl.constexpr,
+    ROWS, P, PA, Q, OX, OY, n_tok,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BR: tl.constexpr, TWO: tl.constexpr, ADD: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
     ok = tok < n_tok
@@ -208,6 +404,8 @@ def _unpack_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m = ok[:, None] & (offs_d < D)[None, :]
     x = tl.load(P + r[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+    if ADD:  # a second packed tensor summed into the first (shared Q/K: the query and key gradients)
+        x = (x.to(tl.float32) + tl.load(PA + r[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)).to(OX.dtype.element_ty)
     tl.store(OX + tok[:, None] * D + offs_d[None, :], x, mask=m)
     if TWO:
         y = tl.load(Q + r[:, None] * D + offs_d[None, :], mask=m, other=0.0)
@@ -230,14 +428,16 @@ def _pack_launch(src: Tensor, xs: list[Tensor], n_rows: int) -> list[Tensor]:
     return outs
 
 
-def _unpack_launch(rows: Tensor, ps: list[Tensor], shape: tuple[int, ...]) -> list[Tensor]:
-    """Per token, its packed row of one or two ``[n_rows, D]`` tensors, as contiguous ``shape`` tensors."""
+def _unpack_launch(rows: Tensor, ps: list[Tensor], shape: tuple[int, ...], add: Tensor | None = None) -> list[Tensor]:
+    """Per token, its packed row of one or two ``[n_rows, D]`` tensors, as contiguous ``shape`` tensors;
+    ``add`` (``[n_rows, D]``): summed into the first one's rows."""
     outs = [p.new_empty(shape) for p in ps]
     n_tok = rows.numel()
     d = shape[-1]
     q, oy = (ps[1], outs[1]) if len(ps) > 1 else (ps[0], outs[0])
     _unpack_kernel[(triton.cdiv(n_tok, _PACK_ROWS),)](
-        rows, ps[0], q, outs[0], oy, n_tok, D=d, BLOCK_D=triton.next_power_of_2(d), BR=_PACK_ROWS, TWO=len(ps) > 1, num_warps=4,
+        rows, ps[0], ps[0] if add is None else add, q, outs[0], oy, n_tok,
+        D=d, BLOCK_D=triton.next_power_of_2(d), BR=_PACK_ROWS, TWO=len(ps) > 1, ADD=add is not None, num_warps=4,
     )
     return outs
 
@@ -247,22 +447,35 @@ def _unit(x: Tensor) -> Tensor:
 
 
 class PackRows(torch.autograd.Function):
-    """``pack(src, rows, n_rows, *xs)``: one or two ``[B, T, H, D]`` tensors -> ``[n_rows, D]`` packed copies."""
+    """``pack(src, rows, n_rows, alias, *xs)``: one or two ``[B, T, H, D]`` tensors -> ``[n_rows, D]`` packed copies.
+
+    ``alias=True`` (shared Q/K: the packed queries are the keys too) also returns, second, a view of the first
+    copy to pass as the keys: its gradient then reaches the backward separately and the unpacking gather
+    sums the two (one pass) instead of autograd adding two packed gradients first."""
 
     @staticmethod
-    def forward(ctx, src, rows, n_rows, *xs):
+    def forward(ctx, src, rows, n_rows, alias, *xs):
         ctx.save_for_backward(rows)
         ctx.shapes = [tuple(x.shape) for x in xs]
-        return tuple(_pack_launch(src, [_unit(x) for x in xs], n_rows))
+        ctx.alias = alias
+        outs = _pack_launch(src, [_unit(x) for x in xs], n_rows)
+        if alias:
+            outs.insert(1, outs[0].view(outs[0].shape))
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         (rows,) = ctx.saved_tensors
+        add = None
+        if ctx.alias:
+            add = _unit(grads[1]).contiguous()
+            grads = (grads[0], *grads[2:])
         gs = [g.contiguous() for g in grads]
-        outs = _unpack_launch(rows, gs, ctx.shapes[0]) if len(set(ctx.shapes)) == 1 else [
-            _unpack_launch(rows, [g], s)[0] for g, s in zip(gs, ctx.shapes)
-        ]
-        return (None, None, None, *outs)
+        if len(set(ctx.shapes)) == 1:
+            outs = _unpack_launch(rows, gs, ctx.shapes[0], add)
+        else:
+            outs = [_unpack_launch(rows, [g], s, add if i == 0 else None)[0] for i, (g, s) in enumerate(zip(gs, ctx.shapes))]
+        return (None, None, None, None, *outs)
 
 
 class UnpackRows(torch.autograd.Function):
@@ -802,4 +1015,13 @@ def routed_layout_triton(q_cluster: Tensor, k_cluster: Tensor, causal: bool, q_b
     return RoutedLayout(pattern, q_rows, k_rows, row_lo, row_hi, shared, q_src, k_src)
 
 
-__all__ = ["PackRows", "UnpackRows", "nearest_centroid_triton", "route_assign_triton", "routed_layout_triton"]
+__all__ = [
+    "PackRows",
+    "Rotary",
+    "UnpackRows",
+    "nearest_centroid_triton",
+    "rotary_triton",
+    "route_assign_triton",
+    "route_commit_grad_triton",
+    "routed_layout_triton",
+]
