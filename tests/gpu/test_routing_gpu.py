@@ -266,9 +266,9 @@ def test_mixer_block_sparse_has_no_host_sync_and_captures_in_a_cuda_graph(shared
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_glue_kernels_on_cuda(dtype) -> None:
-    """The layer's fused glue at the benchmark's 8K shape (16 heads, D = 64, C = 16): RoPE in one launch
-    bit-identical to ``apply_rotary`` in bf16 (the interpreter cannot show it: it truncates fp32 -> bf16),
-    its backward against float64; ``route_assign``'s in-kernel k-means statistics against
+    """The layer's fused glue at the benchmark's 8K shape (16 heads, D = 64, C = 16): RoPE in one launch,
+    forward and backward against float64 (one rounding to the input dtype; the interpreter cannot show the
+    GPU's: it truncates fp32 -> bf16); ``route_assign``'s in-kernel k-means statistics against
     ``kmeans_batch_stats`` and its one-kernel commitment backward against float64."""
     from mnemotorch.ops.rotary import apply_rotary, rotary_cos_sin
     from mnemotorch.ops.routing import commitment_loss, kmeans_batch_stats, rotary_fused, route_assign, scale_free_layer_norm
@@ -279,10 +279,12 @@ def test_fused_glue_kernels_on_cuda(dtype) -> None:
     cos, sin = rotary_cos_sin(torch.arange(t, device="cuda"), d, 10000.0, dtype=dtype)
     y = rotary_fused(x, cos, sin)
     want = apply_rotary(x, cos, sin)
-    if dtype == torch.bfloat16:
-        assert torch.equal(y, want)
-    else:
-        assert rel(y, want) <= 1e-6
+    want64 = apply_rotary(x.double(), cos.double(), sin.double())
+    # bf16: one round-to-nearest of the fp32 result, so within 2^-9 of float64 per element; apply_rotary
+    # rounds three times (an earlier kernel that copied its roundings still differed in the last bit on
+    # ~23% of the elements on an H100, so bit identity is not asked for)
+    assert rel(y, want64) <= (1e-6 if dtype == torch.float32 else 2.5e-3)
+    assert rel(y, want) <= (1e-6 if dtype == torch.float32 else 5e-3)
     gy = torch.randn(b, t, h, d, device="cuda", generator=g).to(dtype)
     xg = x.detach().clone().requires_grad_()
     (gx,) = torch.autograd.grad(rotary_fused(xg, cos, sin), xg, gy)

@@ -273,9 +273,10 @@ def route_commit_grad_triton(x: Tensor, centroids: Tensor, ids: Tensor, g: Tenso
 #
 # ``mnemotorch.ops.rotary.apply_rotary`` is five elementwise launches over [B, T, H, D] (neg, cat, two
 # broadcast multiplies, add) and about seven in its backward. These kernels read the vectors once and
-# write them once. The forward rounds as apply_rotary does (each product to the input dtype, then the
-# sum), so for 16-bit inputs the results are bit-identical to it; the backward (the inverse rotation of
-# the gradient) rounds once.
+# write them once. Both directions compute in fp32 and round once to the input dtype. (An earlier version
+# repeated apply_rotary's intermediate roundings to be bit-identical to it in bf16; on an H100 it still
+# differed in the last bit for ~23% of the elements, so it was dropped: the kernel is checked against
+# float64 instead, tests/gpu/test_routing_gpu.py.)
 
 
 @triton.jit
@@ -304,9 +305,9 @@ def _rotary_kernel(
         y1 = x1 * c1 + x2 * s2
         y2 = x2 * c2 - x1 * s1
     else:
-        # apply_rotary's roundings: x * cos and rotate_half(x) * sin rounded, then their sum
-        y1 = (x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)
-        y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+        # x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
     # Y: contiguous [B, T, H, 2 * HALF]
     yp = Y + ((b.to(tl.int64) * T + tt[:, None].to(tl.int64)) * H + h) * (2 * HALF) + offs[None, :]
     tl.store(yp, y1.to(dt), mask=m)
@@ -349,8 +350,8 @@ class Rotary(torch.autograd.Function):
 def rotary_triton(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``mnemotorch.ops.rotary.apply_rotary(x, cos, sin)`` as one Triton launch (and one in the backward):
     ``x [B, T, H, D]`` (float16 / bfloat16 / float32, ``D`` even, unit last stride), ``cos, sin [T, D]``.
-    The forward is bit-identical to ``apply_rotary`` for 16-bit inputs (float32: up to a contracted
-    multiply-add)."""
+    Computes in fp32 and rounds once to ``x``'s dtype (``apply_rotary`` rounds each product and the sum, so in
+    16-bit the two differ in the last bit for some elements)."""
     if x.ndim != 4 or x.shape[-1] % 2 or cos.shape != (x.shape[1], x.shape[-1]) or sin.shape != cos.shape:
         raise ValueError(f"rotary_triton: needs x [B, T, H, D even] and cos, sin [T, D], got {list(x.shape)}, {list(cos.shape)}, {list(sin.shape)}")
     cos = cos.to(x.dtype)
