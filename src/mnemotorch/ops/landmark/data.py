@@ -83,6 +83,8 @@ def check_landmarks(ids: Tensor, block_len: int, landmark_id: int, offset: int =
     """Raise ``ValueError`` unless ``ids [..., T]`` (absolute positions from ``offset``) holds
     ``landmark_id`` exactly at the landmark positions: the layout the ``landmark`` mixer assumes."""
     _check("check_landmarks", block_len, landmark_id)
+    if ids.shape[-1] == 0:
+        return  # nothing to check (and no row shape to fold the batch into)
     is_lm = landmark_positions(ids.shape[-1], block_len, offset, device=ids.device)
     found = ids == landmark_id
     missing = is_lm & ~found.reshape(-1, ids.shape[-1]).all(0)
