@@ -1,7 +1,8 @@
 """configs/passkey_routed.yaml (issue #7: passkey at 4x-32x the training length for landmark and HCAM
-beside attention): the grid is the one promised, every model has the same parameters, and the quick
-mode's models build, train a step and score the longer test lengths on CPU (landmark in the mode it
-is tested in)."""
+beside attention): the grid is the one promised, every model has the same parameters but the
+landmark models' one extra embedding row (their landmark token), and the quick mode's models build,
+train a step and score the longer test lengths on CPU (landmark with its landmark tokens, in the
+mode it is tested in)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from mnemotorch.bench import load_experiment_config, plan_cells
 from mnemotorch.layers.landmark import LandmarkAttention, set_landmark_mode
 from mnemotorch.models import MnemoConfig, MnemoForCausalLM
+from mnemotorch.ops.landmark import check_landmarks, insert_landmarks
 from mnemotorch.tasks import ByteTokenizer
 from mnemotorch.tasks.synthetic import make_task
 
@@ -32,9 +34,18 @@ def cells_by_mixer(cfg):
     return out
 
 
-def build(cfg, plan, width):
-    config = MnemoConfig(vocab_size=ByteTokenizer().vocab_size, hidden_size=width, layer_plan=plan, **cfg["model"])
+def build(cfg, cell, width):
+    """The model the runner builds for ``cell``: landmark tokens get their own id past the bytes."""
+    vocab = ByteTokenizer().vocab_size + (1 if cell.landmark_tokens else 0)
+    config = MnemoConfig(vocab_size=vocab, hidden_size=width, layer_plan=cell.layer_plan, **cfg["model"])
     return MnemoForCausalLM(config)
+
+
+def model_input(cell, ids):
+    """What the runner feeds the cell's model: a landmark token after every block_len bytes, if asked."""
+    if not cell.landmark_tokens:
+        return ids
+    return insert_landmarks(ids, cell.landmark_tokens["block_len"], ByteTokenizer().vocab_size)
 
 
 def test_config_is_the_issue_grid():
@@ -57,6 +68,10 @@ def test_config_is_the_issue_grid():
     for cell, k in ((paper, test_mode["top_k"]), (topk, topk.layer_plan["top_k"])):
         assert cell.layer_plan["offload_device"] is None and k < 512 // (cell.layer_plan["block_len"] + 1)
     assert [c.mixer for c in cells.values() if c.test_mode] == ["landmark"]
+    # both landmark models read dedicated landmark tokens, laid out with their own block length
+    assert {c.mixer: c.landmark_tokens for c in cells.values() if c.landmark_tokens} == {
+        name: {"block_len": cells[name].layer_plan["block_len"]} for name in ("landmark", "landmark_topk")
+    }
     assert len(plan_cells(cfg)) == len(cfg["mixers"]) * len(cfg["widths"]) * len(cfg["learning_rates"])
     quick = load_experiment_config(CONFIG, quick=True)
     assert quick["experiment"] == "passkey_routed-quick" and set(quick["mixers"]) == set(cfg["mixers"])
@@ -64,12 +79,16 @@ def test_config_is_the_issue_grid():
 
 
 def test_every_model_has_the_same_parameters():
+    """Same projections everywhere; the landmark models' vocabulary has one more token (the
+    landmark), i.e. one more row of the tied embedding: + width parameters."""
     cfg = load_experiment_config(CONFIG)
     (width,) = cfg["widths"]
-    plans = {name: cell.layer_plan for name, cell in cells_by_mixer(cfg).items()}
-    counts = {name: sum(p.numel() for p in build(cfg, plan, width).parameters()) for name, plan in plans.items()}
-    assert len(set(counts.values())) == 1, counts
-    assert counts["attention"] == 459_520
+    cells = cells_by_mixer(cfg)
+    counts = {name: sum(p.numel() for p in build(cfg, cell, width).parameters()) for name, cell in cells.items()}
+    plain = {n: c for n, c in counts.items() if not cells[n].landmark_tokens}
+    with_tokens = {n: c for n, c in counts.items() if cells[n].landmark_tokens}
+    assert set(plain.values()) == {459_520}, counts
+    assert set(with_tokens) == {"landmark", "landmark_topk"} and set(with_tokens.values()) == {459_520 + width} == {459_648}, counts
 
 
 def test_quick_models_build_train_and_score_longer_inputs():
@@ -81,9 +100,12 @@ def test_quick_models_build_train_and_score_longer_inputs():
     (width,) = cfg["widths"]
     for name, cell in cells_by_mixer(cfg).items():
         torch.manual_seed(0)
-        model = build(cfg, cell.layer_plan, width)
-        logits = model(input_ids=train.input_ids).logits
-        assert logits.shape == (*train.input_ids.shape, model.config.vocab_size), name
+        model = build(cfg, cell, width)
+        x = model_input(cell, train.input_ids)
+        if cell.landmark_tokens:
+            check_landmarks(x, cell.layer_plan["block_len"], ByteTokenizer().vocab_size)
+        logits = model(input_ids=x).logits
+        assert logits.shape == (*x.shape, model.config.vocab_size), name
         logits.float().logsumexp(-1).mean().backward()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad), name
         model.eval()
@@ -92,5 +114,24 @@ def test_quick_models_build_train_and_score_longer_inputs():
             assert set_landmark_mode(model, **test_mode) == cfg["model"]["num_hidden_layers"], name
         assert all(m.mode == "retrieval" for m in model.modules() if isinstance(m, LandmarkAttention)), name  # both tested top-k
         with torch.no_grad():
-            out = model(input_ids=longest.input_ids).logits
+            out = model(input_ids=model_input(cell, longest.input_ids)).logits
         assert torch.isfinite(out).all(), name
+
+
+def test_quick_landmark_cells_run_with_landmark_tokens(tmp_path):
+    """The runner on the quick config's landmark cells: trained and scored with a landmark token
+    (id 257) after every block_len bytes, recorded in the cell JSON."""
+    from mnemotorch.bench import run_experiment
+
+    results = run_experiment(CONFIG, quick=True, out_dir=tmp_path, progress=False, only=["|landmark"])
+    cells = {c["mixer"]: c for c in results["cells"].values()}
+    assert set(cells) == {"landmark", "landmark_topk"} and results["ran"] == 2
+    cfg = load_experiment_config(CONFIG, quick=True)
+    (setting,) = cfg["settings"]
+    for name, cell in cells.items():
+        block_len = cfg["mixers"][name]["block_len"]
+        assert cell["status"] == "ok", cell
+        assert cell["landmark_tokens"] == {"block_len": block_len, "landmark_id": 257} and cell["vocab_size"] == 258
+        lengths = [setting["length"]] + [e["length"] for e in setting["eval"]]
+        assert [cell["input_len"]] + [e["input_len"] for e in cell["evals"]] == [n + n // block_len for n in lengths]
+        assert [cell["seq_len"]] + [e["seq_len"] for e in cell["evals"]] == lengths

@@ -256,3 +256,91 @@ def test_test_mode_errors(tmp_path):
                          out_dir=tmp_path, progress=False)
     (cell,) = bad["cells"].values()
     assert cell["status"] == "failed" and "mode must be one of" in cell["error"] and "loss_curve" not in cell
+
+
+LANDMARK_TOKENS = {"type": "landmark", "block_len": 3, "mode": "exact", "landmark_tokens": True,
+                   "test_mode": {"mode": "retrieval", "top_k": 2}}
+
+
+def test_landmark_tokens_in_every_batch_score_the_same_positions(tmp_path, monkeypatch):
+    """landmark_tokens: true puts a dedicated token (id = the task's vocab_size) at every position
+    p % (l + 1) == l of every training and test batch; without the landmarks each batch is the one
+    the attention cell gets (same inputs, same labels), so loss and scores cover the same original
+    positions. The cell JSON and the fingerprint record the option; the vocab grows by one."""
+    import torch
+
+    from mnemotorch.bench import experiment
+    from mnemotorch.ops.landmark import check_landmarks, landmark_positions, remove_landmarks
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    to_device = experiment._to_device
+
+    def recording_to_device(x, labels, device):
+        batches.append((x.clone(), labels.clone()))
+        return to_device(x, labels, device)
+
+    monkeypatch.setattr(experiment, "_to_device", recording_to_device)
+    cfg = tiny_config(
+        settings=[{"seq_len": 16, "num_kv_pairs": 2, "eval": [{"seq_len": 32, "num_kv_pairs": 2}]}],
+        mixers={"attention": "attention", "landmark": LANDMARK_TOKENS},
+    )
+    seen = {}
+    for mixer in ("attention", "landmark"):
+        batches.clear()
+        assert run_experiment(cfg, out_dir=tmp_path, progress=False, only=[f"|{mixer}|"])["ran"] == 1
+        seen[mixer] = list(batches)
+    assert len(seen["landmark"]) == len(seen["attention"]) == 3 + 1 + 1  # 3 steps, then test at 16 and 32
+    for (x, y), (x0, y0) in zip(seen["landmark"], seen["attention"]):
+        check_landmarks(x, 3, 64)  # the layout the mixer reads, and no stray landmark token
+        assert x.shape[1] == x0.shape[1] + x0.shape[1] // 3
+        assert (y[:, landmark_positions(x.shape[1], 3)] == -100).all()
+        assert remove_landmarks(x, 3, dim=1).equal(x0) and remove_landmarks(y, 3, dim=1).equal(y0)
+
+    cells = {c["mixer"]: c for c in json.loads((tmp_path / "tiny.json").read_text())["cells"].values()}
+    lm, att = cells["landmark"], cells["attention"]
+    assert lm["status"] == att["status"] == "ok", (lm, att)
+    assert lm["landmark_tokens"] == {"block_len": 3, "landmark_id": 64} and lm["vocab_size"] == 65 and att["vocab_size"] == 64
+    assert "landmark_tokens" not in att and "input_len" not in att
+    assert lm["params"] == att["params"] + 16  # one more row of the tied embedding (width 16)
+    assert (lm["seq_len"], lm["input_len"]) == (16, 21) and [(e["seq_len"], e["input_len"]) for e in lm["evals"]] == [(32, 42)]
+    assert lm["test_mode_layers"] == [{"layer": 0, "type": "landmark", "mode": "retrieval", "top_k": 2}]
+    # the option is in the fingerprint (results without it are not reused); other cells keep theirs
+    without = dict(LANDMARK_TOKENS)
+    del without["landmark_tokens"]
+    a = {c.mixer: c for c in plan_cells(load_experiment_config(cfg))}
+    b = {c.mixer: c for c in plan_cells(load_experiment_config({**cfg, "mixers": {"attention": "attention", "landmark": without}}))}
+    assert a["landmark"].landmark_tokens == {"block_len": 3} and b["landmark"].landmark_tokens is None
+    assert a["landmark"].layer_plan == b["landmark"].layer_plan == {"type": "landmark", "block_len": 3, "mode": "exact"}
+    assert a["landmark"].fingerprint != b["landmark"].fingerprint and a["attention"].fingerprint == b["attention"].fingerprint
+    off = {c.mixer: c for c in plan_cells(load_experiment_config({**cfg, "mixers": {"landmark": {**without, "landmark_tokens": False}}}))}
+    assert off["landmark"].fingerprint == b["landmark"].fingerprint  # false is the default
+
+
+def test_landmark_tokens_errors(tmp_path):
+    def load(plan):
+        return load_experiment_config(tiny_config(mixers={"m": plan}))
+
+    with pytest.raises(ValueError, match=r"mixers.m: landmark_tokens: true .* mixer 'attention' has no such layout .*for: landmark"):
+        load({"type": "attention", "landmark_tokens": True})
+    with pytest.raises(ValueError, match=r"mixers.m\[0\]: .* mixer 'hybrid' has no such layout"):
+        load([{"type": "hybrid", "mixers": ["short_conv", {"type": "landmark", "block_len": 3}], "landmark_tokens": True}, "attention"])
+    with pytest.raises(ValueError, match="landmark_tokens must be true or false, got 'yes'"):
+        load({"type": "landmark", "landmark_tokens": "yes"})
+    with pytest.raises(ValueError, match=r"mixers.m\[1\]: another layer of this plan sets landmark_tokens: true"):
+        load([LANDMARK_TOKENS, {"type": "landmark", "block_len": 3}])
+    with pytest.raises(ValueError, match=r"mixers.m\[1\]: another layer"):
+        load([LANDMARK_TOKENS, "landmark"])
+    with pytest.raises(ValueError, match=r"must share one block_len .* got \[3, 4\]"):
+        load([LANDMARK_TOKENS, {**LANDMARK_TOKENS, "block_len": 4}])
+    # without block_len the mixer's own default (the paper's 50) gives the layout
+    (cell,) = plan_cells(load({"type": "landmark", "landmark_tokens": True}))
+    assert cell.landmark_tokens == {"block_len": 50}
+    # mixed plans are fine when every landmark layer agrees; other layers just see the tokens
+    (cell,) = plan_cells(load([LANDMARK_TOKENS, "attention"]))
+    assert cell.landmark_tokens == {"block_len": 3} and cell.layer_plan[1] == "attention"
+    # a landmark hidden in a composite mixer with another layout fails the cell before training
+    plan = [LANDMARK_TOKENS, {"type": "hybrid", "mixers": ["short_conv", {"type": "landmark", "block_len": 4}]}]
+    bad = run_experiment(tiny_config(mixers={"m": plan}, model={"num_hidden_layers": 2, "num_attention_heads": 1, "intermediate_size": 0}),
+                         out_dir=tmp_path, progress=False)
+    (cell,) = bad["cells"].values()
+    assert cell["status"] == "failed" and "landmark layers have block_len [3, 4]" in cell["error"] and "loss_curve" not in cell

@@ -31,6 +31,11 @@ Config (YAML, TOML or JSON file, or a dict)::
                                           # scoring, the layers built from that spec switch mode with
                                           # their mixer's set_mode(**test_mode) (mixers without set_mode
                                           # are rejected); not passed to the constructor
+      landmark_tokens: {type: landmark, block_len: 50, landmark_tokens: true}
+                                          # landmark_tokens (optional, landmark specs only): insert a
+                                          # dedicated landmark token after every block_len ordinary
+                                          # tokens of every batch, in training and at every test
+                                          # length (see below); not passed to the constructor
     widths: [64, 128]                     # hidden_size
     learning_rates: [1.0e-4, 1.0e-3]
     train: {steps: 1000, batch_size: 64, eval_batch_size: 256, warmup_fraction: 0.1,
@@ -45,6 +50,23 @@ Config (YAML, TOML or JSON file, or a dict)::
 Accuracy is token accuracy over labelled positions (MQAR, copying) or exact match of the whole
 answer (needle / passkey), as the task says. State size is ``model.state_size(seq_len)``: elements
 of mixer state per sequence summed over layers (Zoology's accounting, see the Mixer protocol).
+
+Landmark tokens (``landmark_tokens: true``; Mohtashami & Jaggi 2023). The ``landmark`` mixer reads
+its layout from absolute positions: position ``p`` is a landmark iff ``p % (l + 1) == l``, with
+``l`` its ``block_len`` (the paper's 50). With the option, the runner gives the model a dedicated
+landmark token (id = the task's ``vocab_size``, so it collides with no task token and the model's
+vocabulary grows by one) and inserts it after every ``l`` tokens of every batch
+(:func:`~mnemotorch.ops.landmark.insert_landmarks`), in training and at every test length. Labels
+move with their tokens (:func:`~mnemotorch.ops.landmark.labels_with_landmarks`): the label of
+original token ``t`` sits at ``t + t // l`` and landmarks carry none, so the loss and the scores
+cover exactly the same original positions as for the other models (the token before a landmark
+still predicts the next ordinary token). A task of ``L`` tokens becomes ``L + L // l`` positions;
+a cell's ``seq_len`` stays the task's ``L``, its ``state_size`` is taken at the longer input
+(``input_len`` in the cell JSON). Every landmark layer of such a plan must set the option and share
+one ``block_len``; on any other mixer it is an error. Without it the task's tokens go in unchanged
+and every ``(l + 1)``-th ordinary token serves as the landmark slot. The cell JSON records
+``landmark_tokens`` (block length, token id) and ``vocab_size``; the option is part of the cell
+fingerprint, so results from before it are not reused.
 """
 
 from __future__ import annotations
@@ -199,7 +221,8 @@ def load_experiment_config(config: dict[str, Any] | str | os.PathLike[str], quic
     if not isinstance(cfg["mixers"], dict) or not cfg["mixers"]:
         raise ValueError("experiment config: 'mixers' must be a non-empty mapping name -> layer plan")
     for mixer, plan in cfg["mixers"].items():
-        _split_test_mode(str(mixer), plan)  # validates the test_mode entries
+        # validates the landmark_tokens and test_mode entries
+        _split_test_mode(str(mixer), _split_landmark_tokens(str(mixer), plan)[0])
     for key in ("widths", "learning_rates"):
         values = cfg[key]
         if not isinstance(values, list) or not values:
@@ -226,6 +249,68 @@ def _with_defaults(section: Any, defaults: dict[str, Any], name: str) -> dict[st
     if unknown:
         raise ValueError(f"experiment config: unknown key(s) {unknown} in '{name}'; allowed: {sorted(defaults)}")
     return {**defaults, **section}
+
+
+def _split_landmark_tokens(mixer: str, plan: Any) -> tuple[Any, int | None]:
+    """``(plan without landmark_tokens entries, l)`` of one mixer's layer plan: ``l`` is the
+    ``block_len`` of its landmark layers when they ask for landmark tokens, else ``None``.
+
+    Raises:
+        ValueError: ``landmark_tokens`` that is not a bool or is set on a mixer without the landmark
+            layout; in a plan with landmark tokens, a landmark layer that does not set it (the tokens
+            are in the input every layer sees) or landmark layers with different ``block_len``.
+    """
+    from ..layers import list_mixers, mixer_class, mixer_kwargs
+    from ..layers.landmark import LandmarkAttention
+
+    def where(j: int) -> str:
+        return f"experiment config: mixers.{mixer}" + (f"[{j}]" if isinstance(plan, list) else "")
+
+    def is_landmark(name: Any) -> bool:
+        return isinstance(name, str) and name in list_mixers() and issubclass(mixer_class(name), LandmarkAttention)
+
+    specs = plan if isinstance(plan, list) else [plan]
+    stripped: list[Any] = []
+    flags: list[bool] = []
+    for j, spec in enumerate(specs):
+        flag = False
+        if isinstance(spec, dict) and "landmark_tokens" in spec:
+            spec = dict(spec)
+            flag = spec.pop("landmark_tokens")
+            if not isinstance(flag, bool):
+                raise ValueError(f"{where(j)}: landmark_tokens must be true or false, got {flag!r}")
+            if flag and not is_landmark(spec.get("type")):
+                landmark_mixers = ", ".join(n for n in list_mixers() if is_landmark(n))
+                raise ValueError(
+                    f"{where(j)}: landmark_tokens: true inserts the landmark tokens whose layout a landmark "
+                    f"mixer reads (position p is a landmark iff p % (block_len + 1) == block_len); mixer "
+                    f"{spec.get('type')!r} has no such layout (landmark_tokens is for: {landmark_mixers})"
+                )
+        stripped.append(spec)
+        flags.append(flag)
+    out = stripped if isinstance(plan, list) else stripped[0]
+    if not any(flags):
+        return out, None
+    block_lens = set()
+    for j, (spec, flag) in enumerate(zip(stripped, flags)):
+        name = spec if isinstance(spec, str) else spec.get("type") if isinstance(spec, dict) else None
+        if not is_landmark(name):
+            continue
+        if not flag:
+            raise ValueError(
+                f"{where(j)}: another layer of this plan sets landmark_tokens: true, so the landmark tokens "
+                f"are in the input every layer sees; this landmark layer must set it too"
+            )
+        block_len = spec.get("block_len", mixer_kwargs(name)["block_len"])
+        if isinstance(block_len, bool) or not isinstance(block_len, int) or block_len < 1:
+            raise ValueError(f"{where(j)}: block_len must be an int >= 1, got {block_len!r}")
+        block_lens.add(block_len)
+    if len(block_lens) != 1:
+        raise ValueError(
+            f"experiment config: mixers.{mixer}: the landmark layers of a plan with landmark_tokens must share "
+            f"one block_len (the tokens have one layout), got {sorted(block_lens)}"
+        )
+    return out, block_lens.pop()
 
 
 def _split_test_mode(mixer: str, plan: Any) -> tuple[Any, list[dict[str, Any] | None] | None]:
@@ -311,6 +396,7 @@ class Cell:
     width: int
     lr: float
     test_mode: list[dict[str, Any] | None] | None = None  # per plan entry, applied after training
+    landmark_tokens: dict[str, int] | None = None  # {"block_len": l}: a landmark token after every l tokens
     fingerprint: str = ""
     id: str = field(default="")
 
@@ -338,10 +424,12 @@ def plan_cells(cfg: dict[str, Any]) -> list[Cell]:
         evals = [dict(e) for e in setting.get("eval", [])]
         label = _setting_label(setting)
         for mixer, full_plan in cfg["mixers"].items():
-            plan, test_mode = _split_test_mode(str(mixer), full_plan)
+            plan, block_len = _split_landmark_tokens(str(mixer), full_plan)
+            plan, test_mode = _split_test_mode(str(mixer), plan)
+            landmark_tokens = None if block_len is None else {"block_len": block_len}
             for width in cfg["widths"]:
                 for lr in cfg["learning_rates"]:
-                    cell = Cell(i, label, task_params, evals, train, str(mixer), plan, width, lr, test_mode)
+                    cell = Cell(i, label, task_params, evals, train, str(mixer), plan, width, lr, test_mode, landmark_tokens)
                     cell.id = f"{label}|{mixer}|d={width}|lr={lr:.3g}"
                     # Everything that changes the cell's result; resuming reruns a cell whose
                     # fingerprint differs from the stored one. The device is deliberately left out.
@@ -352,6 +440,8 @@ def plan_cells(cfg: dict[str, Any]) -> list[Cell]:
                     }
                     if test_mode is not None:  # only then: cells without one keep their old fingerprints
                         payload["test_mode"] = test_mode
+                    if landmark_tokens is not None:  # likewise (the token id is the task's vocab_size)
+                        payload["landmark_tokens"] = landmark_tokens
                     cell.fingerprint = hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
                     cells.append(cell)
     ids = [c.id for c in cells]
@@ -394,6 +484,18 @@ def _to_device(x: torch.Tensor, labels: torch.Tensor, device: torch.device) -> t
     return x.to(device), flat.to(device), targets.to(device)
 
 
+def _with_landmarks(x: torch.Tensor, labels: torch.Tensor, landmark: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CPU batch ``(input_ids, aligned labels)`` with a landmark token after every ``l`` tokens
+    (``landmark = (l, token id)``; ``None``: unchanged); each label moves with its token, so the same
+    original positions are scored in the same order, and landmarks carry no label."""
+    if landmark is None:
+        return x, labels
+    from ..ops.landmark import insert_landmarks, labels_with_landmarks
+
+    block_len, landmark_id = landmark
+    return insert_landmarks(x, block_len, landmark_id), labels_with_landmarks(labels, block_len)
+
+
 def _masked_logits(model: Any, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """Logits ``[M, V]`` at the ``M`` labelled positions only (``flat`` indexes ``[B * L]``): a
     Zoology model has V = 8192 and L up to 512, and the head over every position would dominate
@@ -403,12 +505,13 @@ def _masked_logits(model: Any, x: torch.Tensor, flat: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def _evaluate(model: Any, data: Any, batch_size: int, device: torch.device, amp: bool) -> dict[str, float]:
+def _evaluate(model: Any, data: Any, batch_size: int, device: torch.device, amp: bool,
+              landmark: tuple[int, int] | None = None) -> dict[str, float]:
     model.eval()
     tok_right = tok_total = seq_right = seq_total = 0
     for lo in range(0, data.input_ids.shape[0], batch_size):
-        y = data.labels[lo : lo + batch_size]
-        x, flat, targets = _to_device(data.input_ids[lo : lo + batch_size], y, device)
+        ids, y = _with_landmarks(data.input_ids[lo : lo + batch_size], data.labels[lo : lo + batch_size], landmark)
+        x, flat, targets = _to_device(ids, y, device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             pred = _masked_logits(model, x, flat).argmax(-1)
         right = (pred == targets).cpu()
@@ -433,8 +536,22 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
 
     t = cell.train
     torch.manual_seed(int(t["seed"]))
-    config = MnemoConfig(vocab_size=train_data.vocab_size, hidden_size=cell.width, layer_plan=cell.layer_plan, **cfg["model"])
+    vocab_size, landmark = train_data.vocab_size, None
+    if cell.landmark_tokens is not None:
+        # a dedicated token: the first id past the task's vocabulary (the model's grows by one)
+        landmark = (int(cell.landmark_tokens["block_len"]), int(train_data.vocab_size))
+        vocab_size += 1
+        top = max(int(d.input_ids.max()) for d in [train_data] + [data for _, data, _ in tests])
+        if top >= landmark[1]:
+            raise ValueError(f"landmark_tokens: the task's data holds token id {top} >= its vocab_size {landmark[1]}, the landmark token's id")
+    config = MnemoConfig(vocab_size=vocab_size, hidden_size=cell.width, layer_plan=cell.layer_plan, **cfg["model"])
     model = MnemoForCausalLM(config).to(device)
+    if landmark is not None:
+        from ..layers.landmark import LandmarkAttention
+
+        found = sorted({m.block_len for m in model.modules() if isinstance(m, LandmarkAttention)})
+        if found != [landmark[0]]:  # the tokens' layout must be the one every landmark layer reads
+            raise ValueError(f"landmark_tokens: tokens inserted every {landmark[0]} tokens, but the model's landmark layers have block_len {found}")
     _apply_test_mode(model, cell.test_mode, dry_run=True)  # a bad test mode fails now, not after training
     amp = t["precision"] == "bf16" or (t["precision"] == "auto" and device.type == "cuda")
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -460,7 +577,12 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos : pos + batch_size] if batch_size <= n else torch.randint(0, n, (batch_size,), generator=gen)
         pos += batch_size
-        x, flat, targets = _to_device(train_data.input_ids[idx], train_data.labels[idx], device)
+        ids, y = _with_landmarks(train_data.input_ids[idx], train_data.labels[idx], landmark)
+        if landmark is not None and step == 0:
+            from ..ops.landmark import check_landmarks
+
+            check_landmarks(ids, *landmark)  # the layout the landmark layers read (by construction)
+        x, flat, targets = _to_device(ids, y, device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = _masked_logits(model, x, flat)
         loss = F.cross_entropy(logits.float(), targets)
@@ -486,10 +608,13 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
     metric = tests[0][1].metric
     results = []
     for label, data, eval_bs in tests:
-        acc = _evaluate(model, data, eval_bs, device, amp)
+        acc = _evaluate(model, data, eval_bs, device, amp, landmark)
+        # seq_len: the task's tokens (the comparison's axis); the model reads input_len positions
+        input_len = data.seq_len if landmark is None else data.seq_len + data.seq_len // landmark[0]
         results.append({
-            "label": label, "seq_len": data.seq_len, "state_size": int(model.state_size(data.seq_len)),
+            "label": label, "seq_len": data.seq_len, "state_size": int(model.state_size(input_len)),
             "accuracy": acc[metric], "token_accuracy": acc["token_accuracy"], "num_examples": int(data.input_ids.shape[0]),
+            **({"input_len": input_len} if landmark is not None else {}),
         })
     main = results[0]
     final_loss = losses[-1] if losses else float("nan")
@@ -501,11 +626,14 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
         "token_accuracy": main["token_accuracy"],
         "seq_len": main["seq_len"],
         "state_size": main["state_size"],
+        **({"input_len": main["input_len"]} if landmark is not None else {}),
         "evals": results[1:],
         "final_loss": final_loss,
         "diverged": not math.isfinite(final_loss),
         "loss_curve": losses,
         "params": sum(p.numel() for p in model.parameters()),
+        "vocab_size": vocab_size,
+        **({"landmark_tokens": {"block_len": landmark[0], "landmark_id": landmark[1]}} if landmark is not None else {}),
         "steps": steps,
         "batch_size": batch_size,
         "train_seconds": round(train_seconds, 3),
@@ -676,6 +804,8 @@ def _run_cells(todo: list[Cell], cfg: dict[str, Any], cache: _DataCache, dev: to
         }
         if cell.test_mode is not None:
             base["test_mode"] = cell.test_mode
+        if cell.landmark_tokens is not None:
+            base["landmark_tokens"] = cell.landmark_tokens  # the cell's record adds the token id
         start = time.perf_counter()
         try:
             train_data, tests = cache.get(cell)

@@ -7,11 +7,21 @@
 * ``retrieval.py``: inference-time top-k block retrieval through the landmark keys, a per-query
   reference and the store-based implementation the ``landmark`` mixer uses (:class:`BlockStore`:
   the growable, optionally pinned block store);
-* ``data.py``: the data transform inserting a landmark token every ``block_len`` tokens.
+* ``data.py``: the data transform inserting a landmark token every ``block_len`` tokens (and moving
+  aligned labels along with their tokens).
 """
 
 from .attention import landmark_attention
-from .data import check_landmarks, insert_landmarks, landmark_labels, landmark_positions, remove_landmarks, with_landmarks_length
+from .data import (
+    check_landmarks,
+    insert_landmarks,
+    labels_with_landmarks,
+    landmark_index,
+    landmark_labels,
+    landmark_positions,
+    remove_landmarks,
+    with_landmarks_length,
+)
 from .reference import (
     flat_softmax_weights,
     grouped_softmax_weights,
@@ -28,8 +38,10 @@ __all__ = [
     "flat_softmax_weights",
     "grouped_softmax_weights",
     "insert_landmarks",
+    "labels_with_landmarks",
     "landmark_attention",
     "landmark_grouped_attention_reference",
+    "landmark_index",
     "landmark_labels",
     "landmark_mask",
     "landmark_positions",

@@ -36,6 +36,22 @@ def with_landmarks_length(length: int, block_len: int) -> int:
     return length + length // block_len
 
 
+def landmark_index(length: int, block_len: int, device=None) -> Tensor:
+    """``[length]`` long: where ordinary token ``t`` (``0 <= t < length``) sits after
+    :func:`insert_landmarks`, i.e. ``t + t // block_len`` (one landmark closes each earlier full block)."""
+    _check("landmark_index", block_len)
+    t = torch.arange(length, device=device)
+    return t + torch.div(t, block_len, rounding_mode="floor")
+
+
+def _spread(x: Tensor, block_len: int, fill: int) -> Tensor:
+    """``x [..., T]`` at the ordinary positions of the landmark layout, ``fill`` at the landmarks."""
+    out_len = with_landmarks_length(x.shape[-1], block_len)
+    out = torch.full((*x.shape[:-1], out_len), fill, dtype=x.dtype, device=x.device)
+    out[..., landmark_index(x.shape[-1], block_len, device=x.device)] = x
+    return out
+
+
 def insert_landmarks(ids: Tensor, block_len: int, landmark_id: int) -> Tensor:
     """Insert ``landmark_id`` after every ``block_len`` tokens of ``ids [..., T]`` -> ``[..., T + T // block_len]``.
 
@@ -44,18 +60,31 @@ def insert_landmarks(ids: Tensor, block_len: int, landmark_id: int) -> Tensor:
     _check("insert_landmarks", block_len, landmark_id)
     if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.ndim < 1:
         raise TypeError(f"insert_landmarks: ids must be an integer tensor [..., T], got {getattr(ids, 'dtype', type(ids).__name__)}")
-    t = ids.shape[-1]
-    out_len = with_landmarks_length(t, block_len)
-    is_lm = landmark_positions(out_len, block_len, device=ids.device)
-    out = torch.full((*ids.shape[:-1], out_len), landmark_id, dtype=ids.dtype, device=ids.device)
-    out[..., ~is_lm] = ids
-    return out
+    return _spread(ids, block_len, landmark_id)
+
+
+def labels_with_landmarks(labels: Tensor, block_len: int, ignore_index: int = -100) -> Tensor:
+    """Aligned labels of the ordinary tokens ``[..., T]`` laid out as :func:`insert_landmarks` lays out the ids.
+
+    Each label moves with its token: ``labels[..., t]`` (what the model should predict from token
+    ``t``) goes to position ``t + t // block_len`` (:func:`landmark_index`), and every landmark
+    position gets ``ignore_index``. So a loss or a score over the result covers exactly the original
+    labelled tokens, in the same row-major order; the token before a landmark still predicts the
+    next *ordinary* token (its label is unchanged), and landmarks are never scored.
+    :func:`remove_landmarks` (``dim=-1``) maps the result back to ``labels``.
+    """
+    _check("labels_with_landmarks", block_len)
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.ndim < 1:
+        raise TypeError(f"labels_with_landmarks: labels must be an integer tensor [..., T], got {getattr(labels, 'dtype', type(labels).__name__)}")
+    return _spread(labels, block_len, ignore_index)
 
 
 def check_landmarks(ids: Tensor, block_len: int, landmark_id: int, offset: int = 0) -> None:
     """Raise ``ValueError`` unless ``ids [..., T]`` (absolute positions from ``offset``) holds
     ``landmark_id`` exactly at the landmark positions: the layout the ``landmark`` mixer assumes."""
     _check("check_landmarks", block_len, landmark_id)
+    if ids.shape[-1] == 0:
+        return  # nothing to check (and no row shape to fold the batch into)
     is_lm = landmark_positions(ids.shape[-1], block_len, offset, device=ids.device)
     found = ids == landmark_id
     missing = is_lm & ~found.reshape(-1, ids.shape[-1]).all(0)
