@@ -219,3 +219,143 @@ def test_cuda_missing_is_reported(capsys, tmp_path) -> None:
     assert run_bench_suite("memory", ["--out", str(tmp_path / "x.json")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+# --cuda-graph: CUDA-graph replay timings beside the eager ones (CUDA only; a no-op on the CPU)
+
+
+def test_cuda_graph_flag_is_a_noop_on_the_cpu(tmp_path, capsys) -> None:
+    out = tmp_path / "m.json"
+    assert nm.main([*FAST, "--cases", "lmm", "--configs", "matched", "--peers", "none", "--cuda-graph", "--out", str(out)]) == 0
+    assert "--cuda-graph ignored: CUDA graphs need CUDA" in capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["cuda_graph"] is False and "timing_modes" not in rep
+    assert rep["cuda_graph_note"].startswith("--cuda-graph ignored")
+    (row,) = rep["lmm"]
+    assert set(row["results"]) == {"ours_matched"} and "timing" not in row["results"]["ours_matched"]
+    assert "cuda_graph_summary" not in row
+
+
+#: set by the graph_ms stand-in while it calls a step "as a capture would"
+_CAPTURING = [False]
+FWD_MS, FWD_BWD_MS = 0.25, 1.0
+
+
+def _fake_graph_ms(calls: list):
+    """A stand-in for graph_ms on the CPU: two warm-up calls (checking that the step returns no autograd
+    history), then one call as a capture would see it: a ``Tensor.item`` raises there, which becomes a
+    GraphCaptureError. Forward steps (a tensor returned) take FWD_MS, forward + backward steps FWD_BWD_MS."""
+    from mnemotorch.bench.block_sparse import GraphCaptureError, _tensors_of
+
+    def fake(step, warmup=3, rep=20):
+        calls.append((warmup, rep))
+        for _ in range(2):
+            out = step()
+            assert all(t.grad_fn is None for t in _tensors_of(out)), "a step returned a tensor with autograd history"
+        _CAPTURING[0] = True
+        try:
+            out = step()
+        except RuntimeError as exc:
+            raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            _CAPTURING[0] = False
+        return FWD_MS if isinstance(out, torch.Tensor) else FWD_BWD_MS
+
+    return fake
+
+
+class _SyncInBackward(torch.autograd.Function):
+    """Identity whose backward reads a value on the host (a capturable forward, a backward that is not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g.abs().sum().item() < 0:
+            raise AssertionError
+        return g
+
+
+class _SyncingPeer(_FakeNeuralMemory):
+    """A peer with parameters its forward does not use (as titans-pytorch's memory model) and a host sync in its backward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unused = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return _SyncInBackward.apply(self.lin(x)), None
+
+
+def test_cuda_graph_phase_on_the_cpu(monkeypatch) -> None:
+    """The --cuda-graph plumbing of lmm_case, run on the CPU with a stand-in for graph_ms: graphed results of
+    ours (eager and compiled) and of the peer beside the eager ones, their timing modes, the peer's unused
+    parameter left out of the differentiated inputs, its backward's host sync recorded as not_capturable
+    and not retried at the next length, the ratios against the peer's eager and graphed times, the summary."""
+    from mnemotorch.ops.memory import chunked
+
+    fake = types.ModuleType("titans_pytorch")
+    fake.__spec__ = importlib.machinery.ModuleSpec("titans_pytorch", None)
+    fake.NeuralMemory = _SyncingPeer
+    fake.__version__ = "fake"
+    monkeypatch.setitem(sys.modules, "titans_pytorch", fake)
+    monkeypatch.setattr(nm, "_installed_version", lambda name: None)
+    calls: list = []
+    monkeypatch.setattr(nm, "graph_ms", _fake_graph_ms(calls))
+    plain_item = torch.Tensor.item
+
+    def item(self):
+        if _CAPTURING[0]:
+            raise RuntimeError("operation not permitted when stream is capturing (Tensor.item)")
+        return plain_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    torch._dynamo.reset()
+    chunked._COMPILED_STEPS.clear()
+    failures: dict = {}
+    try:
+        # the compiled variant through dynamo's "eager" backend: the plumbing, not a compilation
+        rows = [nm.lmm_case(L, 32, 2, 16, ["matched"], ("titans_pytorch",), torch.device("cpu"), torch.float32, warmup=0, rep=1,
+                            compile_memory={"backend": "eager", "mode": None}, cuda_graph=True, graph_failures=failures)
+                for L in (32, 48)]
+    finally:
+        torch._dynamo.reset()
+        chunked._COMPILED_STEPS.clear()
+    n_params = len(list(nm.build_ours(32, 2, 16, "matched", torch.device("cpu"), torch.float32).parameters()))
+    for i, row in enumerate(rows):
+        res = row["results"]
+        assert set(res) == {"ours_matched", "ours_matched_compiled", "titans_pytorch",
+                            "ours_matched_graphed", "ours_matched_compiled_graphed", "titans_pytorch_graphed"}
+        for name in ("ours_matched", "ours_matched_compiled", "titans_pytorch"):
+            assert res[name]["timing"] == "eager" and res[f"{name}_graphed"]["timing"] == "cuda_graph"
+        for name in ("ours_matched_graphed", "ours_matched_compiled_graphed"):
+            g = res[name]
+            assert (g["fwd_ms"], g["fwd_bwd_ms"], g["peak_extra_gib"]) == (FWD_MS, FWD_BWD_MS, None)
+            assert g["grad_inputs"] == 1 + n_params and "inputs_without_grad" not in g and "not_capturable" not in g
+            assert g["speedup_fwd_bwd_vs_titans_pytorch"] == pytest.approx(res["titans_pytorch"]["fwd_bwd_ms"] / FWD_BWD_MS)
+            assert g["speedup_fwd_vs_titans_pytorch_graphed"] == 1.0  # the peer's forward captured
+            assert "speedup_fwd_bwd_vs_titans_pytorch_graphed" not in g  # its forward + backward did not
+            assert g["fwd_bwd_ms_per_chunk"] == pytest.approx(FWD_BWD_MS / row["chunks"])
+            slow = max(res[name[: -len("_graphed")]]["fwd_ms"], res[name[: -len("_graphed")]]["fwd_bwd_ms"]) > nm.GRAPH_SLOW_MS
+            assert g["replays"] == ({"warmup": 1, "rep": 5} if slow else {"warmup": 3, "rep": 20})
+        peer_g = res["titans_pytorch_graphed"]
+        assert peer_g["fwd_ms"] == FWD_MS and peer_g["fwd_bwd_ms"] is None
+        assert peer_g["inputs_without_grad"] == ["unused", "memory_model.weight"] and peer_g["grad_inputs"] == 2  # x, lin.weight
+        assert ("not_retried" in peer_g) == (i == 1)
+        reason = peer_g["not_capturable"]
+        assert (reason.startswith("(L=32) forward + backward: RuntimeError: operation not permitted") if i else
+                reason.startswith("forward + backward: RuntimeError: operation not permitted"))
+        s = row["cuda_graph_summary"]
+        e, p = res["ours_matched"]["fwd_bwd_ms"], res["titans_pytorch"]["fwd_bwd_ms"]
+        assert s["fwd_bwd_ms"]["ours_matched"] == pytest.approx(
+            {"eager": e, "graphed": FWD_BWD_MS, "host_ms": e - FWD_BWD_MS, "speedup_eager": p / e, "speedup_graphed": p / FWD_BWD_MS})
+        assert s["fwd_bwd_ms"]["titans_pytorch_graphed"] is None and s["fwd_ms"]["titans_pytorch_graphed"] == FWD_MS
+        assert s["fwd_ms"]["ours_matched_compiled"]["speedup_graphed_vs_graphed"] == 1.0
+        line = nm._line(row)
+        assert f"L={row['L']} fwd+bwd, CUDA graphs (x: titans_pytorch eager / ours)" in line
+        assert "titans_pytorch_graphed: not capturable: " in line and f"ours_matched_graphed {FWD_MS:.2f}/{FWD_BWD_MS:.2f} ms" in line
+    assert set(failures) == {"titans_pytorch:fwd_bwd"}
+    # ours twice per length (fwd, fwd+bwd) x 2 variants, the peer's forward at both lengths and its backward once
+    assert len(calls) == 2 * (4 + 1) + 1

@@ -26,6 +26,18 @@ the first row of a configuration (``compiled_in_this_row``) pays the compilation
 
     mnemo bench memory -- --cases lmm --configs matched --lengths 4096,16384 --compile --warmup 2 --rep 5
 
+``--cuda-graph`` (lmm case, CUDA only; a no-op with a note on the CPU): after the eager timings of a
+length, each of ours that ran (eager and ``--compile``'d) and titans-pytorch are timed again, forward
+and forward + backward, as CUDA-graph replays of one captured call (``bench.block_sparse.graph_ms``
+via ``measure_graphed``: warm-up on a side stream, capture in a private pool, the gradients of the
+inputs the backward reaches returned by ``torch.autograd.grad``), under ``<name>_graphed``, or
+recorded as ``not_capturable`` with the reason (not retried at the later lengths). The replays leave
+out the host's Python and per-kernel launch overhead, which the eager timings charge: for our
+launch-bound chunk loop they give the device time of the same work. Each result says its ``timing``
+(``TIMING_MODES``, also in the report); ``speedup_*_vs_titans_pytorch`` sets every timing of ours
+against the peer's eager one (``..._vs_titans_pytorch_graphed``: against its graphed one), and
+``cuda_graph_summary`` (also printed) lists eager, graphed and ``host_ms`` per result of ours.
+
 ``--profile`` adds a ``torch.profiler`` breakdown of our layer's forward + backward at the first
 length: the top ops, ops (and CUDA kernels) per chunk, kernel time vs wall time.
 
@@ -48,7 +60,7 @@ from typing import Callable
 
 import torch
 
-from .block_sparse import device_info, median_ms, wall_median_ms
+from .block_sparse import GRAPH_SLOW_MS, TIMING_MODES, device_info, graph_ms, measure_graphed, median_ms, wall_median_ms
 
 CASES = ("lmm", "mag_model", "decode")
 PEERS = ("titans_pytorch",)
@@ -143,15 +155,21 @@ def _guard(fn: Callable[[], dict], device: torch.device) -> dict:
 
 
 def measure_layer(fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad_out: torch.Tensor, device: torch.device,
-                  warmup: int, rep: int) -> dict:
-    """Forward (no grad) and forward + backward (gradients of ``inputs``) median ms; peak extra GiB of one fwd+bwd."""
+                  warmup: int, rep: int, used: list[bool] | None = None) -> dict:
+    """Forward (no grad) and forward + backward (gradients of ``inputs``) median ms; peak extra GiB of one fwd+bwd.
+
+    ``used`` (a list): filled with one flag per input, whether the backward reached it (a peer may hold
+    parameters its forward does not use; the CUDA-graph timing differentiates only the used ones)."""
 
     def fwd_bwd():
-        torch.autograd.grad(fwd(), inputs, grad_out, allow_unused=True)
+        return torch.autograd.grad(fwd(), inputs, grad_out, allow_unused=True)
 
     with torch.no_grad():
         t_f = time_ms(fwd, device, warmup, rep)
-    fwd_bwd()  # warm-up: autotuning / allocator growth stay out of the peak reading
+    grads = fwd_bwd()  # warm-up: autotuning / allocator growth stay out of the peak reading
+    if used is not None:
+        used[:] = [g is not None for g in grads]
+    del grads
     base = _peak_start(device)
     fwd_bwd()
     peak = _peak_gib(device, base)
@@ -312,21 +330,148 @@ def first_calls(layer, x: torch.Tensor, inputs: list[torch.Tensor], grad_out: to
     return out
 
 
+def _graphed(call: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: list[torch.Tensor], skip_fwd_bwd: str | None,
+             slow: bool) -> dict:
+    """Forward and forward + backward ms of CUDA-graph replays of ``call``: ``bench.block_sparse.measure_graphed``
+    (see there) timed with this module's ``graph_ms`` (which the CPU tests replace by a stand-in)."""
+    return measure_graphed(call, grad_out, params, skip_fwd_bwd, slow=slow, timer=graph_ms,
+                           not_retried="its forward + backward capture failed at a shorter length")
+
+
+def _graph_phase(L: int, res: dict, jobs: list[tuple[str, Callable[[], torch.Tensor], list[torch.Tensor], list[str]]],
+                 grad_out: torch.Tensor, device: torch.device, graph_failures: dict[str, str]) -> None:
+    """``--cuda-graph``, after every eager timing of the row (so that a failed capture cannot disturb them):
+    each job ``(name, call, params, unused)`` is timed as CUDA-graph replays of one captured call and stored
+    under ``<name>_graphed``. ``params``: the inputs the backward reaches (``unused``: the names of those
+    left out). A capture that failed at an earlier length (``graph_failures``, keys ``name:fwd`` /
+    ``name:fwd_bwd``) is not tried again; its reason is repeated."""
+    for r in res.values():
+        if "fwd_ms" in r:
+            r.setdefault("timing", "eager")
+    for name, call, params, unused in jobs:
+        key = f"{name}_graphed"
+        if f"{name}:fwd" in graph_failures:
+            res[key] = {"timing": "cuda_graph", "not_capturable": graph_failures[f"{name}:fwd"],
+                        "not_retried": "its forward capture failed at a shorter length"}
+            continue
+        eager = res.get(name, {})
+        slow = max(eager.get("fwd_ms") or 0.0, eager.get("fwd_bwd_ms") or 0.0) > GRAPH_SLOW_MS
+        r = _guard(lambda: _graphed(call, grad_out, params, graph_failures.get(f"{name}:fwd_bwd"), slow), device)
+        r.setdefault("timing", "cuda_graph")
+        r["replays"] = {"warmup": 1, "rep": 5} if slow else {"warmup": 3, "rep": 20}
+        r["grad_inputs"] = len(params)
+        if unused:
+            r["inputs_without_grad"] = unused  # never reached by the backward (the eager timing's allow_unused)
+        if "not_capturable" in r and "not_retried" not in r:
+            phase = "fwd" if r.get("fwd_ms") is None else "fwd_bwd"
+            graph_failures[f"{name}:{phase}"] = f"(L={L}) {r['not_capturable']}"
+        res[key] = r
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _graph_summary(res: dict) -> dict:
+    """Per metric: titans-pytorch's eager (and graphed) time beside each of ours eager and graphed, with
+    ``host_ms`` (eager − graphed: what the host's Python and launch overhead adds) and the ratios
+    ``titans-pytorch / ours`` (> 1: ours is faster): ``speedup_eager`` (both eager), ``speedup_graphed``
+    (ours graphed vs the peer eager) and ``speedup_graphed_vs_graphed`` (both graphed)."""
+    peer, peer_g = res.get("titans_pytorch", {}), res.get("titans_pytorch_graphed", {})
+    out: dict = {"reference": "titans_pytorch, eager", "ratios": "titans_pytorch / ours (> 1: ours is faster)"}
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        p, pg = peer.get(metric), peer_g.get(metric)
+        m: dict = {"titans_pytorch_eager": p, "titans_pytorch_graphed": pg}
+        for name, r in res.items():
+            if not name.startswith("ours_") or name.endswith("_graphed") or r.get(metric) is None:
+                continue
+            e, g = r[metric], res.get(f"{name}_graphed", {}).get(metric)
+            d = {"eager": e, "graphed": g, "host_ms": None if g is None else e - g}
+            if p is not None:
+                d["speedup_eager"] = p / e
+                d["speedup_graphed"] = None if g is None else p / g
+            if pg is not None and g is not None:
+                d["speedup_graphed_vs_graphed"] = pg / g
+            m[name] = d
+        out[metric] = m
+    return out
+
+
+def _graph_summary_lines(row: dict) -> list[str]:
+    """The printed form of ``cuda_graph_summary`` (one line per metric) and of each capture that failed."""
+    s = row.get("cuda_graph_summary")
+    if not s:
+        return []
+
+    def f(x, p=2):
+        return "n/a" if x is None else f"{x:.{p}f}"
+
+    lines = []
+    for metric, label in (("fwd_bwd_ms", "fwd+bwd"), ("fwd_ms", "fwd")):
+        m = s[metric]
+        parts = [f"titans_pytorch eager {f(m['titans_pytorch_eager'])} ms, graphed {f(m['titans_pytorch_graphed'])} ms"]
+        for name, d in m.items():
+            if not name.startswith("ours_"):
+                continue
+            e = f"eager {f(d['eager'])} ms" + (f" x{f(d['speedup_eager'])}" if "speedup_eager" in d else "")
+            g = f"graphed {f(d['graphed'])} ms" + (f" x{f(d['speedup_graphed'])}" if d.get("speedup_graphed") is not None else "")
+            g += f", x{f(d['speedup_graphed_vs_graphed'])} vs its graphed" if "speedup_graphed_vs_graphed" in d else ""
+            g += f" (host {f(d['host_ms'])} ms)" if d["host_ms"] is not None else ""
+            parts.append(f"{name} {e} | {g}")
+        lines.append(f"  L={row['L']} {label}, CUDA graphs (x: titans_pytorch eager / ours): " + " || ".join(parts))
+    for name, r in row["results"].items():
+        if name.endswith("_graphed") and ("not_capturable" in r or "error" in r):
+            lines.append(f"  {name}: " + (f"not capturable: {r['not_capturable']}" if "not_capturable" in r else r["error"]))
+    return lines
+
+
+def _ratios(res: dict, chunks: int) -> None:
+    """``speedup_*_vs_<peer>`` of every result of ours (eager, compiled, graphed) against titans-pytorch's
+    eager timing and, with ``--cuda-graph``, its graphed one (``..._vs_titans_pytorch_graphed``): peer / ours."""
+    for peer_name in ("titans_pytorch", "titans_pytorch_graphed"):
+        peer = res.get(peer_name, {})
+        if peer.get("fwd_ms") is None:
+            continue
+        for name, ours in res.items():
+            if not name.startswith("ours") or ours.get("fwd_ms") is None:
+                continue
+            ours[f"speedup_fwd_vs_{peer_name}"] = peer["fwd_ms"] / ours["fwd_ms"]
+            if peer.get("fwd_bwd_ms") is not None and ours.get("fwd_bwd_ms") is not None:
+                ours[f"speedup_fwd_bwd_vs_{peer_name}"] = peer["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+            if ours.get("peak_extra_gib") is not None and peer.get("peak_extra_gib") is not None:
+                ours[f"memory_ratio_vs_{peer_name}"] = peer["peak_extra_gib"] / max(ours["peak_extra_gib"], 1e-9)
+    for name, ours in res.items():
+        if name.startswith("ours") and ours.get("fwd_bwd_ms") is not None:
+            ours["fwd_bwd_ms_per_chunk"] = ours["fwd_bwd_ms"] / chunks
+
+
 def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], peers: tuple[str, ...], device: torch.device,
              dtype: torch.dtype, batch: int = 1, warmup: int = 5, rep: int = 20, compile_memory: bool | str | dict | None = None,
-             eager: bool = True) -> dict:
+             eager: bool = True, cuda_graph: bool = False, graph_failures: dict[str, str] | None = None) -> dict:
     """Our ``titans_lmm`` layer (each configuration) and titans-pytorch on the same ``x [B, L, dim]`` and output gradient.
 
     ``compile_memory`` (not None/False): each configuration also runs with the memory's chunk step
     ``torch.compile``'d (``ours_<config>_compiled``), its first calls (the compilation) timed apart from
     the medians; ``eager=False`` skips the eager runs.
+
+    ``cuda_graph`` (CUDA only; the caller checks): after every eager timing of the row, each of ours
+    that ran (eager and compiled) and titans-pytorch are timed again, forward and forward + backward, as
+    CUDA-graph replays of one captured call (``<name>_graphed``, or ``not_capturable`` with the reason;
+    ``graph_failures`` carries failed captures to the next lengths, where they are not retried). Every
+    result then says its ``timing`` (``TIMING_MODES``) and the row has a ``cuda_graph_summary``.
     """
+    graph_failures = {} if graph_failures is None else graph_failures
     g = torch.Generator(device="cpu").manual_seed(0)
     x0 = torch.randn(batch, L, dim, generator=g).to(device=device, dtype=dtype)
     go = torch.randn(batch, L, dim, generator=g).to(device=device, dtype=dtype)
     row: dict = {"case": "lmm", "L": L, "dim": dim, "heads": heads, "head_dim": dim // heads, "chunk_size": chunk_size, "B": batch,
                  "dtype": str(dtype).replace("torch.", ""), "chunks": math.ceil(L / chunk_size), "results": {}}
     res = row["results"]
+    # (name, call, inputs the backward reaches, names of those it does not) of the CUDA-graph timings
+    graph_jobs: list[tuple[str, Callable[[], torch.Tensor], list[torch.Tensor], list[str]]] = []
+
+    def graph_job(name: str, call: Callable[[], torch.Tensor], names: list[str], inputs: list[torch.Tensor], used: list[bool]) -> None:
+        if cuda_graph and "fwd_ms" in res[name] and len(used) == len(inputs):
+            graph_jobs.append((name, call, [t for t, u in zip(inputs, used) if u], [n for n, u in zip(names, used) if not u]))
+
     variants = ([(False, "")] if eager else []) + ([(compile_memory, "_compiled")] if compile_memory not in (None, False) else [])
     for config in configs:
         for comp, suffix in variants:
@@ -335,16 +480,18 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
             layer.compile_memory = comp
             x = x0.clone().requires_grad_()
             inputs = [x, *layer.parameters()]
+            used: list[bool] = []
 
-            def run(layer=layer, x=x, inputs=inputs, comp=comp):
+            def run(layer=layer, x=x, inputs=inputs, comp=comp, used=used):
                 from mnemotorch.ops.memory import chunked
 
                 cached = len(chunked._COMPILED_STEPS)
                 first = first_calls(layer, x, inputs, go, device) if comp else {}
                 if comp:  # the chunk step's shapes do not depend on L: a later length reuses the graphs
                     first["compiled_in_this_row"] = len(chunked._COMPILED_STEPS) > cached
-                return {**measure_layer(lambda: layer(x)[0], inputs, go, device, warmup, rep), **first}
+                return {**measure_layer(lambda: layer(x)[0], inputs, go, device, warmup, rep, used), **first}
 
+            name = f"ours_{config}{suffix}"
             r = _guard(run, device)
             r["config"] = our_config_record(layer)
             r["compile_memory"] = code_path_compile_record(comp)
@@ -352,7 +499,8 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
             r["flops_fwd"] = flops
             if "fwd_ms" in r:  # the memory's matmuls run in float32 (tf32 per --tf32), the projections in the layer dtype
                 r["fwd_tflops"] = flops["total"] / (r["fwd_ms"] * 1e-3) / 1e12
-            res[f"ours_{config}{suffix}"] = r
+            res[name] = r
+            graph_job(name, lambda layer=layer, x=x: layer(x)[0], ["x", *(n for n, _ in layer.named_parameters())], inputs, used)
             del layer, x, inputs
         e, c = res.get(f"ours_{config}", {}), res.get(f"ours_{config}_compiled", {})
         if "fwd_ms" in e and "fwd_ms" in c:
@@ -363,30 +511,37 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
         if cls is None:
             res["titans_pytorch"] = {"skipped": info}
         else:
+            peer_used: list[bool] = []
+            peer_job: list = []
+
             def run_peer():
                 torch.manual_seed(0)
                 mem = cls(dim=dim, chunk_size=chunk_size, heads=heads, dim_head=dim // heads).to(device).to(dtype)
                 xp = x0.clone().requires_grad_()
-                r = measure_layer(lambda: mem(xp)[0], [xp, *mem.parameters()], go, device, warmup, rep)
+                inputs = [xp, *mem.parameters()]
+                peer_job[:] = [lambda: mem(xp)[0], ["x", *(n for n, _ in mem.named_parameters())], inputs]
+                r = measure_layer(lambda: mem(xp)[0], inputs, go, device, warmup, rep, peer_used)
                 r["config"] = peer_config_record(mem)
                 r["version"] = info
                 return r
 
             res["titans_pytorch"] = _guard(run_peer, device)
-    peer = res.get("titans_pytorch", {})
-    for name, ours in res.items():
-        if name.startswith("ours") and "fwd_ms" in ours and "fwd_ms" in peer:
-            ours["speedup_fwd_vs_titans_pytorch"] = peer["fwd_ms"] / ours["fwd_ms"]
-            ours["speedup_fwd_bwd_vs_titans_pytorch"] = peer["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
-            if ours["peak_extra_gib"] is not None and peer["peak_extra_gib"] is not None:
-                ours["memory_ratio_vs_titans_pytorch"] = peer["peak_extra_gib"] / max(ours["peak_extra_gib"], 1e-9)
-        if name.startswith("ours") and "fwd_bwd_ms" in ours:
-            ours["fwd_bwd_ms_per_chunk"] = ours["fwd_bwd_ms"] / row["chunks"]
+            if peer_job:
+                graph_job("titans_pytorch", *peer_job, peer_used)
+    if cuda_graph:
+        # ours first (eager, then compiled), the peer last: a failed capture is what could disturb what follows
+        _graph_phase(L, res, graph_jobs, go, device, graph_failures)
+        graph_jobs.clear()
+        row["cuda_graph_summary"] = _graph_summary(res)
+    _ratios(res, row["chunks"])
     if (L, dim, heads, chunk_size) == (SPEC["L"], SPEC["dim"], SPEC["heads"], SPEC["chunk_size"]):
         row["spec"] = dict(SPEC)
         ours = res.get("ours_matched", {})
         if "fwd_bwd_ms" in ours:
             row["meets_target"] = ours["fwd_bwd_ms"] <= SPEC["target_ours_fwd_bwd_ms"]
+        if cuda_graph:  # the device work alone, per result of ours that has a forward + backward
+            row["meets_target_by_result"] = {n: r["fwd_bwd_ms"] <= SPEC["target_ours_fwd_bwd_ms"] for n, r in res.items()
+                                             if n.startswith("ours_") and r.get("fwd_bwd_ms") is not None}
     return row
 
 
@@ -663,15 +818,20 @@ def _line(row: dict) -> str:
     if row.get("case") == "lmm":
         parts = []
         for name, r in row["results"].items():
-            if "fwd_ms" in r:
-                peak = f" peak {r['peak_extra_gib']:.2f} GiB" if r["peak_extra_gib"] is not None else ""
+            if r.get("fwd_ms") is not None:
+                peak = f" peak {r['peak_extra_gib']:.2f} GiB" if r.get("peak_extra_gib") is not None else ""
                 sp = f" x{r['speedup_fwd_bwd_vs_titans_pytorch']:.2f} fwd+bwd vs peer" if "speedup_fwd_bwd_vs_titans_pytorch" in r else ""
                 cp = (f" (first calls {r['first_fwd_s']:.1f}/{r['first_fwd_bwd_s']:.1f} s, x{r['speedup_fwd_bwd_vs_eager']:.2f} fwd+bwd vs eager)"
                       if "speedup_fwd_bwd_vs_eager" in r else f" (first calls {r['first_fwd_s']:.1f}/{r['first_fwd_bwd_s']:.1f} s)" if "first_fwd_s" in r else "")
-                parts.append(f"{name} {r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms{peak}{sp}{cp}")
+                fb = "n/a" if r.get("fwd_bwd_ms") is None else f"{r['fwd_bwd_ms']:.2f}"
+                nc = f" (not capturable: {r['not_capturable']})" if "not_capturable" in r else ""
+                parts.append(f"{name} {r['fwd_ms']:.2f}/{fb} ms{peak}{sp}{cp}{nc}")
+            elif "not_capturable" in r:
+                parts.append(f"{name} not capturable: {r['not_capturable']}")
             else:
                 parts.append(f"{name} {r.get('skipped') or r.get('error')}")
-        return f"lmm L={row['L']} dim={row['dim']} H={row['heads']} C={row['chunk_size']} {row['dtype']}: " + " | ".join(parts)
+        return "\n".join([f"lmm L={row['L']} dim={row['dim']} H={row['heads']} C={row['chunk_size']} {row['dtype']}: " + " | ".join(parts),
+                          *_graph_summary_lines(row)])
     if row.get("case") == "mag_model":
         if "step_ms" in row:
             return f"model {row['plan']} L={row['L']} hidden={row['hidden']} x{row['layers']}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s"
@@ -715,6 +875,11 @@ def main(argv: list[str] | None = None) -> int:
                    "the default), max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs), max-autotune")
     g.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile (default inductor; aot_eager for CPU tests)")
     g.add_argument("--compile-only", action="store_true", help="with --compile: skip the eager runs of our layers")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA only: also time each of ours that ran (eager and --compile'd) and titans-pytorch, forward and "
+                   "forward + backward, as CUDA-graph replays of one captured call (<name>_graphed: the device work without "
+                   "the host's launch overhead; 'not_capturable' with the reason if its capture fails), beside the eager "
+                   "timings; each result records its 'timing'. Ignored (with a note) on --device cpu")
     g.add_argument("--profile", action="store_true", help="torch.profiler breakdown of our layer (matched) at the first length "
                    "(with --compile: of the compiled layer too)")
     g.add_argument("--profile-top", type=_positive_int, default=15, help="top ops listed by the profile")
@@ -760,6 +925,15 @@ def main(argv: list[str] | None = None) -> int:
     compile_memory = ({"backend": args.compile_backend, "mode": None if args.compile_mode == "default" else args.compile_mode}
                       if args.compile else None)
 
+    cuda_graph = args.cuda_graph and device.type == "cuda"
+    graph_note = None
+    if args.cuda_graph and not cuda_graph:
+        graph_note = "--cuda-graph ignored: CUDA graphs need CUDA (this is a --device cpu run); eager timings only"
+    elif cuda_graph and "lmm" not in args.cases:
+        graph_note = "--cuda-graph applies to the lmm case only"
+    if graph_note:
+        print(graph_note, flush=True)
+
     env = device_info()
     env["device_type"] = device.type
     cls, info = load_peer()
@@ -768,10 +942,15 @@ def main(argv: list[str] | None = None) -> int:
         "suite": "memory", "env": env, "argv": list(argv or []), "quick": args.quick, "cases": cases, "peers": list(peers),
         "settings": {**opt, "batch": args.batch, "dtype": args.dtype, "warmup": warmup, "rep": rep, "tf32": args.tf32,
                      "cpu_threads": args.threads if device.type == "cpu" else None,
-                     "compile_memory": code_path_compile_record(compile_memory), "compile_only": args.compile_only},
+                     "compile_memory": code_path_compile_record(compile_memory), "compile_only": args.compile_only,
+                     "cuda_graph": cuda_graph},
         "spec": dict(SPEC), "configs": {"ours": {k: dict(v) for k, v in OUR_CONFIGS.items()}, "titans_pytorch_default": dict(PEER_DEFAULT_MEMORY)},
         "lmm": [], "mag_model": [], "decode": [],
     }
+    if graph_note:
+        report["cuda_graph_note"] = graph_note
+    if cuda_graph:
+        report["timing_modes"] = TIMING_MODES
 
     def save() -> None:
         with open(args.out, "w") as f:
@@ -784,9 +963,10 @@ def main(argv: list[str] | None = None) -> int:
             for comp in ([None] if not args.compile_only else []) + ([compile_memory] if compile_memory else []):
                 jobs.append(("profile", lambda comp=comp: profile_case(opt["lengths"][0], opt["dim"], opt["heads"], C, "matched", device, dtype,
                                                                       args.profile_top, comp)))
+        graph_failures: dict[str, str] = {}  # failed captures, not retried at the later lengths
         for L in opt["lengths"]:
             jobs.append(("lmm", lambda L=L: lmm_case(L, opt["dim"], opt["heads"], C, opt["configs"], peers, device, dtype, args.batch, warmup, rep,
-                                                     compile_memory, not args.compile_only)))
+                                                     compile_memory, not args.compile_only, cuda_graph, graph_failures)))
     if "mag_model" in cases:
         for plan in ["titans_mag", *[p for p in opt["mag_baselines"] if p != "titans_mag"]]:
             jobs.append(("mag_model", lambda plan=plan: mag_model_case(plan, opt["mag_length"], opt["mag_hidden"], opt["mag_heads"], opt["mag_layers"],
