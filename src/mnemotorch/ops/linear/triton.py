@@ -26,6 +26,13 @@ tests and fail on the GPU):
   ``[BK, BV]`` for the elementwise maps (grid B·H × Dk/BK × Dv/BV, as fla's ``chunk_fwd_h``), and for
   Taylor one group of feature rows per program (the constant + linear rows, then one group per first
   index ``i`` of the ``x_i x_j`` rows: grid B·H × (1 + d) × Dv/BV), each computing only its features.
+* forward, one launch (elementwise maps, ``MNEMO_LINEAR_FWD=fused``, see :func:`forward_path`):
+  ``_la_fwd_fused``, one program per (b·h, value tile) keeps the whole-Dk state tile ``[Dk, BV]``
+  (and ``z``) in registers and walks the chunks in order, computing each chunk's outputs from the
+  state entering it (the same products as ``_la_fwd_out``) before adding the chunk to the state: no
+  chunk state is written (at L = 64K, D = 128, bf16 the two-pass form writes and reads back 537 MB
+  of them), at the price of B·H·Dv/BV programs only and q, k read (and ``φ(Q)φ(K)ᵀ`` computed) once
+  per value tile. The backward then recomputes the chunk states with ``*_fwd_states``.
 * backward, with ``r_t = 1/(den_t + ε)``, ``gn_t = r_t dy_t`` and ``gd_t = -r_t (dy_t · y_t)``
   (``gn = dy``, ``gd = 0`` when not normalised) -- normalised linear attention is unnormalised
   linear attention of the value ``[v, 1]`` --::
@@ -35,8 +42,9 @@ tests and fail on the GPU):
       R_s = dS_T + Σ_{t≥s} φ(q_t) gn_tᵀ,   ρ_s = dz_T + Σ_{t≥s} φ(q_t) gd_t,
       dS_0 = R_1,   dz_0 = ρ_1.
 
-  The forward's chunk states ``HS``/``HZ`` are kept for the backward (outputs of the forward op,
-  saved by autograd; not recomputed). Then ``_row_stats_kernel`` (normalised only: ``r`` and
+  The two-pass forward's chunk states ``HS``/``HZ`` are kept for the backward (outputs of the forward op,
+  saved by autograd; not recomputed; after the one-pass forward, which keeps none, the backward
+  runs ``*_fwd_states`` once to recompute them). Then ``_row_stats_kernel`` (normalised only: ``r`` and
   ``gd`` per token), ``*_bwd_states`` (the reverse scan, split like the forward's, writing
   ``R, ρ`` entering every chunk from the right to ``HR``/``HRZ``) and the per-chunk gradients,
   looping over the value tiles: Taylor, one program per (b·h, chunk) computes dq, dk and dv
