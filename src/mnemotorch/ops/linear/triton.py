@@ -1542,6 +1542,9 @@ def linear_attention_triton(
         chunk_size: 16, 32, 64 or 128 (other values run with 64, see :func:`kernel_chunk`; Taylor
             runs with at most 64).
 
+    The forward form of the elementwise maps (two launches, or one that writes no chunk states and
+    leaves their recomputation to the backward) follows ``MNEMO_LINEAR_FWD``, see :func:`forward_path`.
+
     Returns:
         ``(y [B, T, H, Dv] in the inputs' dtype, (S_T [B, H, Dφ, Dv], z_T [B, H, Dφ]) in float32)``.
     """
