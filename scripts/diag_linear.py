@@ -18,7 +18,9 @@ of ARCHITECTURE.md):
 * ``states_bwd``  -- ``_states_bwd`` fed reference row statistics: R, ρ per chunk, dS0, dz0;
 * ``grads``       -- the dq / dk / dv kernels fed reference chunk states: dq, dk, dv;
 * ``e2e``         -- ``linear_attention_triton`` with autograd: y, S_T, z_T, dq, dk, dv, dS0, dz0;
-* ``decode``      -- ``linear_attention_step_triton`` (out of place and in place), 3 tokens.
+* ``decode``      -- ``linear_attention_step_triton`` (out of place and in place), 3 tokens;
+* ``fused_fwd``   -- ``_fused_fwd`` (the one-pass forward, elementwise maps): y, den, S_T, z_T;
+* ``e2e_fused``   -- ``e2e`` with ``MNEMO_LINEAR_FWD=fused`` (the backward recomputes the chunk states).
 
 So a wrong kernel shows up by name, not only as a wrong gradient. Buffers are NaN-poisoned
 (``MNEMO_POISON=1``): an element no program writes is reported as ``nan``. A CUDA fault (illegal
@@ -29,6 +31,7 @@ tuning trial announced, and the phase goes on with the next case in a fresh proc
     # options: --phases fixed,autotuned  --tuned-dtypes bfloat16  --lengths 64,1000,4096  --serial
     PYTHONPATH=src python scripts/diag_linear.py --sweep-case linear   # launch-parameter sweep (also: based)
     PYTHONPATH=src python scripts/diag_linear.py --e2e --lengths 16384,65536 --chunks 64,128   # fwd, fwd+bwd vs fla
+    PYTHONPATH=src python scripts/diag_linear.py --sweep-case linear --sweep-kernels _la_fwd_fused   # the one-pass forward alone
 
 Writes ``$OUT/diag_linear.json`` when ``OUT`` is set (or ``--json PATH``). Exit status 0 when
 every check passes, 1 otherwise.
@@ -53,7 +56,7 @@ FEATURES = [  # feature, Dk, Dv, normalize
 ]
 DTYPES = ["float32", "bfloat16"]
 B, H, CHUNK, EPS = 2, 4, 64, 1e-6
-STAGES = ("states_fwd", "out_fwd", "states_bwd", "grads", "e2e", "decode")
+STAGES = ("states_fwd", "out_fwd", "states_bwd", "grads", "e2e", "decode", "fused_fwd", "e2e_fused")
 FATAL = ("illegal memory access", "unspecified launch failure", "misaligned address", "illegal instruction",
          "CUDA error", "cudaError", "device-side assert")
 
@@ -294,6 +297,28 @@ def run_case(c, rec, dev="cuda", first_stage=0):
         names = ["y", "S_T", "z_T", "dq", "dk", "dv", "dS0", "dz0"]
         return dict(zip(names, zip([y, st, zt, *g], [ref[n] for n in names])))
 
+    def fused_fwd():
+        if feature == "taylor":  # BASED keeps its two-pass kernels
+            return {}
+        y, den, st, zt = K._fused_fwd(q, k, v, s0, z0, fid, normalize, EPS, CHUNK)
+        res = {"y": (y, ref["y"]), "S_T": (st, ref["S_T"]), "z_T": (zt, ref["z_T"])}
+        if normalize:
+            res["den"] = (den, ref["den"])
+        return res
+
+    def e2e_fused():
+        if feature == "taylor":
+            return {}
+        old = os.environ.get("MNEMO_LINEAR_FWD")
+        os.environ["MNEMO_LINEAR_FWD"] = "fused"
+        try:
+            return e2e()
+        finally:
+            if old is None:
+                os.environ.pop("MNEMO_LINEAR_FWD")
+            else:
+                os.environ["MNEMO_LINEAR_FWD"] = old
+
     def decode():
         phi = feature_map(feature)
         n = 3
@@ -311,7 +336,7 @@ def run_case(c, rec, dev="cuda", first_stage=0):
         return {"y": (torch.stack(ys, 1), ry), "S": (st[0], rs), "z": (st[1], rz),
                 "y_inplace": (torch.stack(ys_ip, 1), ry), "S_inplace": (s_ip, rs), "z_inplace": (z_ip, rz)}
 
-    fns = dict(states_fwd=states_fwd, out_fwd=out_fwd, states_bwd=states_bwd, grads=grads, e2e=e2e, decode=decode)
+    fns = dict(states_fwd=states_fwd, out_fwd=out_fwd, states_bwd=states_bwd, grads=grads, e2e=e2e, decode=decode, fused_fwd=fused_fwd, e2e_fused=e2e_fused)
     for name in STAGES[first_stage:]:
         stage(name, fns[name])
     rec.event(event="case", case=c["id"], results=out)
@@ -435,7 +460,7 @@ def print_phase(phase, cases, data):
         errs = [k for k in res if k.endswith("/_error")]
         status = "PASS" if not bad and not errs and "_crashed" not in res else "FAIL"
         print(f"{case_name(c)}  {status}")
-        for stage in ("states_fwd", "out_fwd", "states_bwd", "grads", "e2e", "decode"):
+        for stage in STAGES:
             items = [(k.split("/", 1)[1], m) for k, m in res.items() if k.startswith(stage + "/") and isinstance(m, dict)]
             if items:
                 cells = "  ".join(f"{q}={fmt(m.get('rel_rms'))}{'' if m.get('ok') else '!'}" + (f"(nan {m['nonfinite']})" if m.get("nonfinite") else "")
@@ -474,6 +499,10 @@ SWEEP_CONFIGS = {
                          bk=True),  # wider tiles re-read k and v fewer times (long sequences: bandwidth), but fewer programs
     "_la_fwd_out": _c((64, 4, 1), (64, 4, 2), (32, 4, 1), (64, 2, 1), (32, 2, 1), (64, 8, 1),
                       (128, 8, 1), (128, 8, 2), (128, 4, 2)),  # BV = Dv: q and k read once, not once per value tile
+    "_la_fwd_fused": _c((32, 4, 3), (32, 4, 2), (32, 4, 4), (32, 8, 2), (32, 8, 3), (16, 4, 2), (16, 4, 3), (16, 4, 4),
+                        (16, 8, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3), (64, 8, 4)),
+    # B·H·Dv/BV programs only (64 at BV = 32 for the benchmark row): BV = 16 doubles them but reads q and k
+    # twice as often; more stages hide the loads of the next chunk behind this chunk's products
     "_la_bwd_states": None,  # same candidates as _la_fwd_states
     "_la_bwd_grads": _c((32, 8, 1), (64, 8, 1), (16, 8, 1)),  # 4 warps faulted (H100, Triton 3.6)
     "_la_bwd_dqk": _c((64, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 1), (32, 32, 4, 1), (64, 32, 4, 2), (64, 16, 4, 1), (32, 64, 4, 1), bk=True),
@@ -531,6 +560,10 @@ def sweep_case(args):
     stages = [
         (f"{pre}_fwd_states", None, lambda: K._states_fwd(k, v, None, None, fid, C, True, normalize)),
         (f"{pre}_fwd_out", None, lambda: K._out_fwd(q, k, v, hs, hz, fid, normalize, eps, C)),
+    ]
+    if feature != "taylor":  # the one-pass forward (compare with _fwd_states + _fwd_out)
+        stages.append(("_la_fwd_fused", None, lambda: K._fused_fwd(q, k, v, None, None, fid, normalize, eps, C)))
+    stages += [
         (f"{pre}_bwd_states", None, lambda: K._states_bwd(q, dy, rd, gd, None, None, fid, normalize, C, False, hs.dtype)),
     ]
     if feature == "taylor":
@@ -593,7 +626,8 @@ def e2e_main(args):
     import mnemotorch.ops.linear.triton as K
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "e2e": []}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "e2e": [],
+              "auto_fwd_path": K.forward_path(K.FEATURE_IDS["identity"], 128)}  # what MNEMO_LINEAR_FWD=auto picks
     path = _out_path(args, "e2e_linear.json")
     best = {}
     for name in SWEEP_CASES:
@@ -617,28 +651,38 @@ def e2e_main(args):
                     qs = (q * dk**-0.5).detach().requires_grad_()
                     params = [qs, k, v]
                     ours = lambda c=chunk, qs=qs: K.linear_attention_triton(qs, k, v, "identity", False, chunk_size=c)[0]  # noqa: E731
-                peers.append(("ours" if chunk == K.DEFAULT_CHUNK else f"ours_chunk{chunk}", ours, params, None))
+                sfx = "" if chunk == K.DEFAULT_CHUNK else f"_chunk{chunk}"
+                # the forward form (MNEMO_LINEAR_FWD) of each entry: "ours" is the two-pass form, "ours_fused"
+                # the one-pass one (elementwise maps only; its backward recomputes the chunk states)
+                peers.append((f"ours{sfx}", ours, params, None, "two_pass"))
+                if feature != "taylor":
+                    peers.append((f"ours_fused{sfx}", ours, params, None, "fused"))
             ours, params = peers[0][1], peers[0][2]
             if best[name]:
-                peers.append(("ours_best", ours, params, best[name]))
+                peers.append(("ours_best", ours, params, best[name], "two_pass"))
+                if feature != "taylor" and "_la_fwd_fused" in best[name]:
+                    peers.append(("ours_fused_best", ours, params, best[name], "fused"))
             try:
                 if feature == "taylor":
                     from fla.ops.based import fused_chunk_based
 
-                    peers.append(("fla", lambda: fused_chunk_based(q, k, v, use_norm=True), [q, k, v], None))
+                    peers.append(("fla", lambda: fused_chunk_based(q, k, v, use_norm=True), [q, k, v], None, None))
                 else:
                     from fla.ops.linear_attn import chunk_linear_attn
 
-                    peers.append(("fla", lambda: chunk_linear_attn(q, k, v, normalize=False)[0], [q, k, v], None))
+                    peers.append(("fla", lambda: chunk_linear_attn(q, k, v, normalize=False)[0], [q, k, v], None, None))
             except ImportError:
                 pass
             outs = {}
-            for pname, fwd, prm, over in peers:
+            fwd_env = os.environ.get("MNEMO_LINEAR_FWD")
+            for pname, fwd, prm, over, fwd_path in peers:
                 K._OVERRIDE.clear()
                 K._SPLIT_GRADS = True
                 if over:
                     K._SPLIT_GRADS = bool(over.get("_split_grads", True))
                     K._OVERRIDE.update({kn: c for kn, c in over.items() if kn.startswith("_") and isinstance(c, dict)})
+                if fwd_path:
+                    os.environ["MNEMO_LINEAR_FWD"] = fwd_path
                 try:
                     with torch.no_grad():
                         outs[pname] = fwd().float()
@@ -658,8 +702,16 @@ def e2e_main(args):
                         json.dump(report, open(path, "w"), indent=1)
                         raise
             K._OVERRIDE.clear()
+            if fwd_env is None:
+                os.environ.pop("MNEMO_LINEAR_FWD", None)
+            else:
+                os.environ["MNEMO_LINEAR_FWD"] = fwd_env
             if "fla" in outs and "ours" in outs:
                 row["rel_diff_vs_fla"] = float((outs["ours"] - outs["fla"]).norm() / outs["fla"].norm())
+            if "ours_fused" in outs and "ours" in outs:
+                row["rel_diff_fused_vs_ours"] = float((outs["ours_fused"] - outs["ours"]).norm() / outs["ours"].norm())
+                if "fla" in outs:
+                    row["rel_diff_fused_vs_fla"] = float((outs["ours_fused"] - outs["fla"]).norm() / outs["fla"].norm())
             report["e2e"].append(row)
             print("e2e", json.dumps(row), flush=True)
             json.dump(report, open(path, "w"), indent=1)
@@ -685,7 +737,7 @@ def main():
     ap.add_argument("--sweep-kernels", default="", help="comma list of kernel names to sweep (default: all of the case), e.g. _la_fwd_states,_la_fwd_out")
     ap.add_argument("--chunks", default="64", help="--e2e: chunk sizes of ours to time (e.g. 64,128: fewer chunk states to write and read at long L)")
     ap.add_argument("--e2e", action="store_true", help="GPU: end-to-end fwd / fwd+bwd times at --lengths (fixed launches, the "
-                    "best swept ones, fla) ($OUT/e2e_linear.json)")
+                    "best swept ones, fla; the elementwise case also with the one-pass forward: ours_fused) ($OUT/e2e_linear.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--results", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cases", default="", help=argparse.SUPPRESS)

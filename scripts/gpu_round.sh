@@ -8,7 +8,8 @@
 #   lla     -- the LLA case of `mnemo bench linear`;
 #   kernels -- `mnemo bench kernels` neighbourhood / power / sliding-window cases (KERNEL_CASES);
 #   e2e     -- scripts/diag_linear.py --e2e (linear / BASED vs fla, E2E_LENGTHS, E2E_ARGS e.g. "--chunks 64,128");
-#   sweep   -- scripts/diag_linear.py --sweep-case for SWEEP_CASES (per-kernel launch parameters).
+#   sweep   -- scripts/diag_linear.py --sweep-case for SWEEP_CASES (per-kernel launch parameters; SWEEP_ARGS e.g.
+#              "--sweep-kernels _la_fwd_fused --sweep-length 65536").
 # Default "tests routed lla kernels"; scripts/gpu_session.sh is "tests swa linear" over every GPU test.
 # At most 8 files land in $OUT (logs + JSON). STEPS ending in "save_cache" also bring back the compile
 # caches (scripts/gpu_env.sh says how to carry them into the next call).
@@ -57,7 +58,7 @@ for step in $STEPS; do
     sweep)
       for c in ${SWEEP_CASES:-linear based}; do
         echo "== launch sweep: $c =="
-        timeout ${SWEEP_TIMEOUT:-120} python3 scripts/diag_linear.py --sweep-case $c 2>&1 | grep -v -i warn | tail -14
+        timeout ${SWEEP_TIMEOUT:-120} python3 scripts/diag_linear.py --sweep-case $c ${SWEEP_ARGS:-} 2>&1 | grep -v -i warn | tail -14
       done ;;
     kernels)
       echo "== block-sparse bench =="

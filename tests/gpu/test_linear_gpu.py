@@ -124,3 +124,48 @@ def test_mixer_cuda_bf16_autocast_streaming(name) -> None:
     assert rel(torch.cat(outs, 1).float(), full.float()) <= 1e-2
     ref, _ = m.double().cpu()(x.double().cpu())
     assert rel(full.float().cpu(), ref) <= 1e-2
+
+
+def _paths(monkeypatch, feature, normalize, t, dk, dv, dtype, b=2, h=4, scale=0.5):
+    """The two forward forms (MNEMO_LINEAR_FWD = two_pass / fused) on the same inputs, each against
+    the float64 reference: ``{path: (outs, grads, (y, S_T, z_T, *grads))}``."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    q0 = (torch.randn(b, t, h, dk, device=dev) * scale).to(dtype)
+    k0 = (torch.randn(b, t, h, dk, device=dev) * scale).to(dtype)
+    v0 = torch.randn(b, t, h, dv, device=dev).to(dtype)
+    s00, z00 = torch.randn(b, h, dk, dv, device=dev), torch.rand(b, h, dk, device=dev) + 0.5
+    gy, gs, gz = torch.randn(b, t, h, dv, device=dev), torch.randn(b, h, dk, dv, device=dev), torch.randn(b, h, dk, device=dev)
+    rl = [x.double().requires_grad_() for x in (q0, k0, v0, s00, z00)]
+    phi = feature_map(feature)
+    ry, (rs, rz) = linear_attention_chunked(phi(rl[0]), phi(rl[1]), rl[2], (rl[3], rl[4]), normalize, 1e-6)
+    rgrads = torch.autograd.grad((ry * gy.double()).sum() + (rs * gs.double()).sum() + (rz * gz.double()).sum(), rl)
+    ref = [x.detach() for x in (ry, rs, rz)]
+    del ry, rs, rz, rl
+    res = {}
+    for path in ("two_pass", "fused"):
+        monkeypatch.setenv("MNEMO_LINEAR_FWD", path)
+        leaves = [x.clone().requires_grad_() for x in (q0, k0, v0, s00, z00)]
+        y, (s, z) = linear_attention_triton(leaves[0], leaves[1], leaves[2], feature, normalize, (leaves[3], leaves[4]), eps=1e-6)
+        grads = torch.autograd.grad((y.float() * gy).sum() + (s * gs).sum() + (z * gz).sum(), leaves)
+        for x in (y, s, z, *grads):
+            assert torch.isfinite(x).all(), path
+        res[path] = ([rel(a, r) for a, r in zip((y, s, z), ref)], [rel(a, r) for a, r in zip(grads, rgrads)],
+                     [x.detach() for x in (y, s, z, *grads)])
+    return res
+
+
+@pytest.mark.parametrize("t", [4096, 16384])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("feature,normalize", [("identity", False), ("elu_plus_one", True)])
+def test_fused_forward_realistic(monkeypatch, feature, normalize, dtype, t) -> None:
+    """The one-pass forward (_la_fwd_fused) at D = 128 against the two-pass forward and the float64
+    reference: outputs, final states and the gradients through the op (whose backward recomputes
+    the chunk states after the one-pass forward); ARCHITECTURE.md's tolerances."""
+    res = _paths(monkeypatch, feature, normalize, t, 128, 128, dtype)
+    tol_out, tol_grad = (1e-5, 1e-5) if dtype == torch.float32 else (5e-3, 1e-2)
+    for path, (outs, grads, _) in res.items():
+        assert max(outs) <= tol_out and max(grads) <= tol_grad, (path, outs, grads)
+    # the two forms compute the same products: they agree far inside the tolerance
+    diff = [rel(a, b) for a, b in zip(res["fused"][2], res["two_pass"][2])]
+    assert max(diff) <= tol_out, diff

@@ -266,3 +266,96 @@ def test_bad_input_clear_errors() -> None:
         linear_attention_step_triton(q, k, v, (torch.zeros(1), torch.zeros(1)), "relu")
     with pytest.raises(TypeError, match="inplace=True needs a contiguous float32 state"):
         linear_attention_step_triton(q[:, 0], k[:, 0], v[:, 0], (torch.zeros(1, 1, 32, 16, dtype=torch.float64), torch.zeros(1, 1, 32)), "relu", inplace=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-pass forward (_la_fwd_fused, MNEMO_LINEAR_FWD=fused): no chunk states in the forward,
+# the backward recomputes them. Dv = 40 spans three value tiles of the interpreter's BV = 16 (the
+# last one partial); T = 37 ends inside a chunk.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fused_forward(monkeypatch):
+    """Selects the one-pass forward and counts its launches and the forward state passes."""
+    import mnemotorch.ops.linear.triton as K
+
+    calls = {"fused": 0, "states": 0}
+    orig_fused, orig_states = K._fused_fwd, K._states_fwd
+    monkeypatch.setattr(K, "_fused_fwd", lambda *a, **kw: calls.__setitem__("fused", calls["fused"] + 1) or orig_fused(*a, **kw))
+    monkeypatch.setattr(K, "_states_fwd", lambda *a, **kw: calls.__setitem__("states", calls["states"] + 1) or orig_states(*a, **kw))
+    monkeypatch.setenv("MNEMO_LINEAR_FWD", "fused")
+    return calls
+
+
+FUSED_FP32_CASES = [  # feature, Dk, normalize, initial state (identity is not normalised: φ(q)ᵀz may cancel)
+    (f, dk, n, s) for f, dk in (("identity", 16), ("elu_plus_one", 8), ("relu", 24)) for n in (False, True) for s in (False, True)
+    if not (f == "identity" and n)
+]
+
+
+@pytest.mark.parametrize("feature,dk,normalize,with_state", FUSED_FP32_CASES)
+def test_fused_forward_fp32_matches_reference(fused_forward, feature, dk, normalize, with_state) -> None:
+    """Outputs, final states and every gradient through the op (the backward recomputing the chunk
+    states) at the fp32 tolerance, for each elementwise map, with/without normaliser and S0."""
+    errs = compare(feature, normalize, with_state, t=37, dk=dk, dv=40, chunk=16)
+    for name, e in zip(NAMES, errs):
+        assert e <= 1e-5, f"{name}: {e:.2e}"
+    # one fused forward; the only forward state pass is the backward's recomputation
+    assert fused_forward == {"fused": 1, "states": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("feature,normalize,dk,dv,t,chunk", [("identity", False, 64, 40, 150, 64), ("elu_plus_one", True, 16, 40, 40, 16)])
+def test_fused_forward_half_matches_reference(gpu_numerics, fused_forward, dtype, feature, normalize, dk, dv, t, chunk) -> None:
+    """Half inputs with the GPU's rounding: identity features take the raw-tile products (and, in
+    bf16, the bf16 state product the two-pass form uses); tolerances as test_kernel_half_matches_reference."""
+    errs = compare(feature, normalize, True, t=t, dk=dk, dv=dv, dtype=dtype, chunk=chunk)
+    assert errs[0] <= 5e-3, f"y: {errs[0]:.2e}"
+    for name, e in zip(NAMES[1:], errs[1:]):
+        assert e <= 1e-2, f"{name}: {e:.2e}"
+    assert fused_forward["fused"] == 1
+
+
+def test_fused_forward_independent_of_program_order(reversed_programs, fused_forward) -> None:
+    """Two sequences × two heads × three value tiles run in reverse order: the same answer."""
+    errs = compare("elu_plus_one", True, True, b=2, t=45, dk=24, dv=40, chunk=16)
+    for name, e in zip(NAMES, errs):
+        assert e <= 1e-5, f"{name}: {e:.2e}"
+
+
+@pytest.mark.parametrize("feature", ["identity", "elu_plus_one"])
+def test_fused_forward_equals_two_pass(monkeypatch, feature) -> None:
+    """The one-pass and two-pass forwards compute the same products (to fp32 rounding), normalised
+    identity features included."""
+    q, k, v, state = make(2, 45, 2, 24, 40, feature, True, seed=3)
+    out = {}
+    for path in ("two_pass", "fused"):
+        monkeypatch.setenv("MNEMO_LINEAR_FWD", path)
+        out[path] = linear_attention_triton(q, k, v, feature, True, state, eps=EPS, chunk_size=16)
+    (y1, (s1, z1)), (y2, (s2, z2)) = out["two_pass"], out["fused"]
+    assert rel(y2, y1) <= 1e-6 and rel(s2, s1) <= 1e-6 and rel(z2, z1) <= 1e-6
+
+
+def test_fused_forward_without_grad_writes_no_states(fused_forward) -> None:
+    """Inference: one launch, no state pass; two calls with the state carried equal one call."""
+    q, k, v, _ = make(1, 45, 2, 16, 24, "elu_plus_one", False)
+    with torch.no_grad():
+        full, (s, z) = linear_attention_triton(q, k, v, "elu_plus_one", chunk_size=16)
+        y1, st = linear_attention_triton(q[:, :19], k[:, :19], v[:, :19], "elu_plus_one", chunk_size=16)
+        y2, (s2, z2) = linear_attention_triton(q[:, 19:], k[:, 19:], v[:, 19:], "elu_plus_one", initial_state=st, chunk_size=16)
+    assert fused_forward == {"fused": 3, "states": 0}
+    assert rel(torch.cat([y1, y2], 1), full) <= 1e-5 and rel(s2, s) <= 1e-5 and rel(z2, z) <= 1e-5
+
+
+def test_forward_path_selection(monkeypatch) -> None:
+    from mnemotorch.ops.linear.triton import FEATURE_IDS, forward_path
+
+    monkeypatch.delenv("MNEMO_LINEAR_FWD", raising=False)
+    assert forward_path(FEATURE_IDS["identity"], 128) == "two_pass"  # auto: two-pass until measured
+    monkeypatch.setenv("MNEMO_LINEAR_FWD", "fused")
+    assert forward_path(FEATURE_IDS["relu"], 128) == "fused"
+    assert forward_path(FEATURE_IDS["taylor"], 16) == "two_pass"  # BASED has its own kernels
+    monkeypatch.setenv("MNEMO_LINEAR_FWD", "one_pass")
+    with pytest.raises(ValueError, match="MNEMO_LINEAR_FWD"):
+        forward_path(FEATURE_IDS["relu"], 16)

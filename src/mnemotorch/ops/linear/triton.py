@@ -26,6 +26,13 @@ tests and fail on the GPU):
   ``[BK, BV]`` for the elementwise maps (grid B·H × Dk/BK × Dv/BV, as fla's ``chunk_fwd_h``), and for
   Taylor one group of feature rows per program (the constant + linear rows, then one group per first
   index ``i`` of the ``x_i x_j`` rows: grid B·H × (1 + d) × Dv/BV), each computing only its features.
+* forward, one launch (elementwise maps, ``MNEMO_LINEAR_FWD=fused``, see :func:`forward_path`):
+  ``_la_fwd_fused``, one program per (b·h, value tile) keeps the whole-Dk state tile ``[Dk, BV]``
+  (and ``z``) in registers and walks the chunks in order, computing each chunk's outputs from the
+  state entering it (the same products as ``_la_fwd_out``) before adding the chunk to the state: no
+  chunk state is written (at L = 64K, D = 128, bf16 the two-pass form writes and reads back 537 MB
+  of them), at the price of B·H·Dv/BV programs only and q, k read (and ``φ(Q)φ(K)ᵀ`` computed) once
+  per value tile. The backward then recomputes the chunk states with ``*_fwd_states``.
 * backward, with ``r_t = 1/(den_t + ε)``, ``gn_t = r_t dy_t`` and ``gd_t = -r_t (dy_t · y_t)``
   (``gn = dy``, ``gd = 0`` when not normalised) -- normalised linear attention is unnormalised
   linear attention of the value ``[v, 1]`` --::
@@ -35,8 +42,9 @@ tests and fail on the GPU):
       R_s = dS_T + Σ_{t≥s} φ(q_t) gn_tᵀ,   ρ_s = dz_T + Σ_{t≥s} φ(q_t) gd_t,
       dS_0 = R_1,   dz_0 = ρ_1.
 
-  The forward's chunk states ``HS``/``HZ`` are kept for the backward (outputs of the forward op,
-  saved by autograd; not recomputed). Then ``_row_stats_kernel`` (normalised only: ``r`` and
+  The two-pass forward's chunk states ``HS``/``HZ`` are kept for the backward (outputs of the forward op,
+  saved by autograd; not recomputed; after the one-pass forward, which keeps none, the backward
+  runs ``*_fwd_states`` once to recompute them). Then ``_row_stats_kernel`` (normalised only: ``r`` and
   ``gd`` per token), ``*_bwd_states`` (the reverse scan, split like the forward's, writing
   ``R, ρ`` entering every chunk from the right to ``HR``/``HRZ``) and the per-chunk gradients,
   looping over the value tiles: Taylor, one program per (b·h, chunk) computes dq, dk and dv
@@ -306,6 +314,93 @@ def _la_fwd_out(
             tl.store(DEN + (b.to(tl.int64) * T + rows) * H + h, den, mask=t_ok)
     tl.store(Y + v_base + rows[:, None].to(tl.int64) * (H * Dv) + offs_v[None, :], num.to(Y.dtype.element_ty),
              mask=t_ok[:, None] & (offs_v[None, :] < Dv))
+
+
+@triton.jit
+def _la_fwd_fused(
+    Q, K, V, S0, Z0, Y, DEN, ST, ZT,
+    T, NT, H, Dk, Dv, eps,
+    C: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
+    NORMALIZE: tl.constexpr, STATE_HALF: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # The one-pass forward: one program per (b, h, value tile) holds the full-Dk state S [BDK, BV]
+    # (and z [BDK] when normalised) in fp32 registers and walks the chunks in order; per chunk it
+    # computes exactly what _la_fwd_out computes from S_n (same products, same rounding of S for the
+    # inter-chunk product: bf16 when the two-pass form would store S in bf16), stores y, then adds
+    # φ(K_n)ᵀ V_n as _la_fwd_states does. No chunk state ever reaches memory. Grid B·H × Dv/BV: q and
+    # k are read once per value tile (and the [C, C] scores recomputed per value tile).
+    pid = tl.program_id(0)
+    nv = tl.cdiv(Dv, BV)
+    bh = pid // nv
+    iv = pid % nv
+    b = bh // H
+    h = bh % H
+    offs_k = tl.arange(0, BDK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    k_ok = offs_k < Dk
+    v_ok = offs_v < Dv
+    kv_ok = k_ok[:, None] & v_ok[None, :]
+    kv = offs_k[:, None] * Dv + offs_v[None, :]
+    bh64 = bh.to(tl.int64)
+    if HAS_S0:
+        s = tl.load(S0 + bh64 * Dk * Dv + kv, mask=kv_ok, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros([BDK, BV], tl.float32)
+    if NORMALIZE:
+        if HAS_S0:
+            z = tl.load(Z0 + bh64 * Dk + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        else:
+            z = tl.zeros([BDK], tl.float32)
+    qk_base = (b.to(tl.int64) * T * H + h) * Dk
+    v_base = (b.to(tl.int64) * T * H + h) * Dv
+    dt = Y.dtype.element_ty
+    rows0 = tl.arange(0, C)
+    causal = rows0[:, None] >= rows0[None, :]
+    for n in range(0, NT):
+        rows = n * C + rows0
+        vv = _ld(V + v_base, rows, offs_v, T, Dv, H * Dv)  # [C, BV] input dtype
+        if FEATURE == 0 and not IEEE:
+            # identity features of half inputs: raw tiles straight into the products (exact in the
+            # input dtype; loads that feed only products, which the compiler pipelines)
+            fq = _ld(Q + qk_base, rows, offs_k, T, Dk, H * Dk)  # [C, BDK]
+            fkt = _ldt(K + qk_base, rows, offs_k, T, Dk, H * Dk)  # [BDK, C]
+            a = _mm(fq, fkt, IEEE)
+        else:
+            fq = _feat(Q + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [C, BDK] fp32
+            fkt = _feat_t(K + qk_base, rows, offs_k, T, Dk, H * Dk, FEATURE)  # [BDK, C] fp32
+            a = _mm(fq.to(dt), fkt.to(dt), IEEE)
+        a = tl.where(causal, a, 0.0)
+        # inter-chunk term Q_n S_n, with S_n rounded as the two-pass form stores it
+        if STATE_HALF:
+            sh = s.to(tl.bfloat16)
+            if FEATURE == 0:
+                num = _mm(fq.to(tl.bfloat16), sh, IEEE)
+            else:
+                num = _mm32(fq, sh, IEEE)
+        else:
+            num = _mm32(fq, s, IEEE)
+        num += _mm(a.to(dt), vv, IEEE)
+        if NORMALIZE:
+            fq32 = fq.to(tl.float32)
+            den = tl.sum(a, 1) + tl.sum(fq32 * z[None, :], 1)
+            num = num / (den + eps)[:, None]
+            t_ok = rows < T
+            if iv == 0:
+                tl.store(DEN + (b.to(tl.int64) * T + rows) * H + h, den, mask=t_ok)
+            z += tl.sum(fkt.to(tl.float32), 1)
+        tl.store(Y + v_base + rows[:, None].to(tl.int64) * (H * Dv) + offs_v[None, :], num.to(Y.dtype.element_ty),
+                 mask=(rows[:, None] < T) & v_ok[None, :])
+        # S_{n+1} = S_n + φ(K_n)ᵀ V_n, as _la_fwd_states
+        if FEATURE == 0 and not IEEE:
+            s += _mm(fkt, vv, IEEE)
+        else:
+            s += _mm32(fkt, vv, IEEE)
+    if STORE_FINAL:
+        tl.store(ST + bh64 * Dk * Dv + kv, s, mask=kv_ok)
+        if NORMALIZE:
+            if iv == 0:
+                tl.store(ZT + bh64 * Dk + offs_k, z, mask=k_ok)
 
 
 @triton.jit
@@ -907,6 +1002,8 @@ def _cfgs(*params):
 _SCAN = _cfgs((32, 4, 3, 64), (32, 4, 4, 64), (64, 4, 3, 64), (32, 2, 4, 64), (32, 4, 4, 32))  # sequential chunk scans
 _OUT = _cfgs((64, 4, 1), (64, 4, 2), (32, 4, 2), (64, 8, 2))  # one tile, no loop
 _GRADS = _cfgs((32, 8, 1), (64, 8, 1), (16, 8, 1))
+# one-pass forward: B·H·Dv/BV programs only, each walking every chunk, so the loads must pipeline
+_FUSED = _cfgs((32, 4, 3), (32, 4, 2), (16, 4, 3), (16, 4, 4), (32, 8, 3), (64, 8, 2), (64, 4, 2), (32, 8, 1))  # (32, 8, 1) fits every variant
 _DQK = _cfgs((32, 4, 1, 64), (64, 4, 1, 64), (32, 8, 1, 64), (32, 4, 2, 32))
 _DV = _cfgs((64, 4, 1), (32, 4, 1), (64, 8, 1))
 _TSCAN = _cfgs((64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 2, 3))
@@ -918,6 +1015,7 @@ _GKEY = _LA_KEY + ["BDK", "NORMALIZE", "STATE_HALF", "DO_DQK", "DO_DV"]
 _TUNED = {
     "_la_fwd_states": triton.autotune(_SCAN, key=_LA_KEY + ["HAS_S0", "STORE_FINAL", "STORE_Z"])(_la_fwd_states),
     "_la_fwd_out": triton.autotune(_OUT, key=_LA_KEY + ["BDK", "NORMALIZE", "STATE_HALF"])(_la_fwd_out),
+    "_la_fwd_fused": triton.autotune(_FUSED, key=_LA_KEY + ["BDK", "NORMALIZE", "STATE_HALF", "HAS_S0", "STORE_FINAL"])(_la_fwd_fused),
     "_la_bwd_states": triton.autotune(_SCAN, key=_LA_KEY + ["NORMALIZE", "HAS_DST", "HAS_DZT", "STORE_D0"])(_la_bwd_states),
     "_la_bwd_grads": triton.autotune(_GRADS, key=_GKEY)(_la_bwd_grads),  # dq, dk, dv in one launch (BK = BDK given)
     "_la_bwd_dqk": triton.autotune(_DQK, key=_GKEY)(_la_bwd_grads),  # dq, dk in column blocks
@@ -936,9 +1034,10 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _fixed(name: str, dk: int, dv: int, ieee: bool, chunk: int = DEFAULT_CHUNK) -> dict:
+def _fixed(name: str, dk: int, dv: int, ieee: bool, chunk: int = DEFAULT_CHUNK, meta: dict | None = None) -> dict:
     """Launch parameters without tuning: small tiles under the interpreter (so the CPU tests cover
-    several state and value tiles), sizes that suit an H100 otherwise (``dk``: the q/k width)."""
+    several state and value tiles), sizes that suit an H100 otherwise (``dk``: the q/k width;
+    ``meta``: the launch's constexprs, where a kernel's parameters depend on its variant)."""
     if name in _OVERRIDE:
         return dict(_OVERRIDE[name])
     blocked = name in ("_la_fwd_states", "_la_bwd_states", "_la_bwd_dqk")
@@ -954,6 +1053,19 @@ def _fixed(name: str, dk: int, dv: int, ieee: bool, chunk: int = DEFAULT_CHUNK) 
         return dict(BK=min(64, _bdk(dk)), BV=min(32, p2v), num_warps=4, num_stages=5 if lean else 3)
     if name == "_la_fwd_out":
         return dict(BV=min(64, p2v), num_warps=8 if ieee or big else 4, num_stages=2 if lean else 1)
+    if name == "_la_fwd_fused":  # B·H·(Dv/BV) programs, each walking every chunk (not yet swept on a GPU)
+        # Compiled offline for sm_90a (Triton 3.6 and 3.9; Dk = 128, BV = 32): identity features of half
+        # inputs without the normaliser (the benchmark row) take 4 warps, 3 stages: ~155 registers, no
+        # spills, 116 KB of shared memory. φ in fp32 (other maps, or the normaliser's φ(q)·z) needs
+        # more registers: 8 warps. Shared memory grows with the stages and C: at C = 128 a normalised
+        # or non-identity variant fits one stage only (2 stages: 264 KB on Triton 3.6, over the
+        # H100's 227 KB); fp32 (IEEE products, not the speed target) keeps one stage.
+        plain = meta is None or (meta.get("FEATURE") == 0 and not meta.get("NORMALIZE"))
+        if ieee:
+            return dict(BV=min(32, p2v), num_warps=8, num_stages=1)
+        if big:
+            return dict(BV=min(32, p2v), num_warps=8, num_stages=2 if plain else 1)
+        return dict(BV=min(32, p2v), num_warps=4 if plain else 8, num_stages=3)
     if name == "_la_bwd_grads":
         return dict(BV=min(32, p2v), num_warps=8, num_stages=1)
     if name == "_la_bwd_dqk":
@@ -980,7 +1092,7 @@ def _launch(kernel, grid, args, meta, device, dk: int, dv: int, name: str | None
     if device.type == "cuda" and _AUTOTUNE and name not in _OVERRIDE:
         _TUNED[name][lambda m: (grid(m),)](*args, **meta)
     else:
-        fixed = _fixed(name, dk, dv, meta["IEEE"], meta["C"])
+        fixed = _fixed(name, dk, dv, meta["IEEE"], meta["C"], meta)
         kernel[(grid(fixed),)](*args, **meta, **fixed)
 
 
@@ -1093,7 +1205,33 @@ def _out_fwd(q, k, v, hs, hz, feature, normalize, eps, chunk):
     return y, den
 
 
-def _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk):
+def _fused_fwd(q, k, v, s0, z0, feature, normalize, eps, chunk, store_final=True):
+    """The one-pass forward (``_la_fwd_fused``, elementwise maps): ``(y, den, S_T, z_T)``, no chunk
+    states (den empty unless normalised; S_T, z_T None unless ``store_final``)."""
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    nt = triton.cdiv(t, chunk)
+    ieee = q.dtype == torch.float32
+    has_s0 = s0 is not None
+    y = _alloc((b, t, h, dv), q, q.dtype)
+    den = _alloc((b, t, h), q, torch.float32) if normalize else q.new_empty(0, dtype=torch.float32)
+    st = _alloc((b, h, dk, dv), q, torch.float32) if store_final else None
+    zt = _alloc((b, h, dk), q, torch.float32) if store_final else None
+    dummy = _dummy(q)
+    args = (q, k, v, s0 if has_s0 else dummy, z0 if has_s0 else dummy, y, den if normalize else dummy,
+            st if store_final else dummy, zt if store_final else dummy, t, nt, h, dk, dv, eps)
+    meta = dict(C=chunk, BDK=_bdk(dk), FEATURE=feature, NORMALIZE=normalize, STATE_HALF=_state_dtype(feature, q.dtype) != torch.float32,
+                HAS_S0=has_s0, STORE_FINAL=store_final, IEEE=ieee)
+    _launch(_la_fwd_fused, lambda m: b * h * triton.cdiv(dv, m["BV"]), args, meta, q.device, dk, dv)
+    if store_final and not normalize:  # z is not carried by the kernel without the normaliser
+        zt.copy_(_feature_sum(k, feature) + (z0 if has_s0 else 0.0))
+    return y, den, st, zt
+
+
+def _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk, fused=False):
+    if fused:  # no chunk states: the backward recomputes them (_bwd_impl)
+        y, den, st, zt = _fused_fwd(q, k, v, s0, z0, feature, normalize, eps, chunk)
+        return y, st, zt, den, q.new_empty(0, dtype=_state_dtype(feature, q.dtype)), q.new_empty(0, dtype=torch.float32)
     hs, hz, st, zt = _states_fwd(k, v, s0, z0, feature, chunk, True, normalize)
     y, den = _out_fwd(q, k, v, hs, hz, feature, normalize, eps, chunk)
     return y, st, zt, den, hs, hz
@@ -1176,8 +1314,10 @@ def _row_stats(dy, y, den, eps, normalize):
     return rden, gd
 
 
-def _bwd_impl(dy, q, k, v, y, den, hs, hz, dst, dzt, feature, normalize, eps, chunk, need_d0):
+def _bwd_impl(dy, q, k, v, y, den, hs, hz, s0, z0, dst, dzt, feature, normalize, eps, chunk, need_d0):
     dy = dy.contiguous()
+    if hs.numel() == 0:  # the one-pass forward kept no chunk states: one forward state pass here
+        hs, hz, _, _ = _states_fwd(k, v, s0, z0, feature, chunk, False, normalize)
     rden, gd = _row_stats(dy, y, den, eps, normalize)
     dst = dst.contiguous() if dst is not None else None
     dzt = dzt.contiguous() if dzt is not None else None
@@ -1196,23 +1336,28 @@ def _bwd_impl(dy, q, k, v, y, den, hs, hz, dst, dzt, feature, normalize, eps, ch
 @torch.library.custom_op("mnemotorch::linear_attn_fwd", mutates_args=())
 def linear_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, s0: Optional[Tensor], z0: Optional[Tensor],
-    feature: int, normalize: bool, eps: float, chunk: int,
+    feature: int, normalize: bool, eps: float, chunk: int, fused: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y [B, T, H, Dv], S_T [B, H, Dφ, Dv] fp32, z_T [B, H, Dφ] fp32, den [B, T, H] fp32 or empty,
-    HS, HZ)``: HS / HZ are the states entering every chunk, kept for the backward (not recomputed)."""
-    return _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk)
+    HS, HZ)``: HS / HZ are the states entering every chunk, kept for the backward (not recomputed);
+    with ``fused`` (the one-pass forward, elementwise maps) both are empty and the backward
+    recomputes them."""
+    return _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk, fused)
 
 
 @linear_attn_fwd.register_fake
-def _(q, k, v, s0, z0, feature, normalize, eps, chunk):
+def _(q, k, v, s0, z0, feature, normalize, eps, chunk, fused=False):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     fd = _fdim(feature, dk)
     nt = -(-t // chunk)
     rows = _state_rows(feature, dk)
     den = q.new_empty((b, t, h) if normalize else (0,), dtype=torch.float32)
-    hs = q.new_empty(b * h, nt, rows, dv, dtype=_state_dtype(feature, q.dtype))
-    hz = q.new_empty((b * h, nt, rows) if feature == TAYLOR or normalize else (0,), dtype=torch.float32)
+    if fused:
+        hs, hz = q.new_empty(0, dtype=_state_dtype(feature, q.dtype)), q.new_empty(0, dtype=torch.float32)
+    else:
+        hs = q.new_empty(b * h, nt, rows, dv, dtype=_state_dtype(feature, q.dtype))
+        hz = q.new_empty((b * h, nt, rows) if feature == TAYLOR or normalize else (0,), dtype=torch.float32)
     return (q.new_empty(b, t, h, dv), q.new_empty(b, h, fd, dv, dtype=torch.float32), q.new_empty(b, h, fd, dtype=torch.float32),
             den, hs, hz)
 
@@ -1220,15 +1365,16 @@ def _(q, k, v, s0, z0, feature, normalize, eps, chunk):
 @torch.library.custom_op("mnemotorch::linear_attn_bwd", mutates_args=())
 def linear_attn_bwd(
     dy: Tensor, q: Tensor, k: Tensor, v: Tensor, y: Tensor, den: Tensor, hs: Tensor, hz: Tensor,
-    dst: Optional[Tensor], dzt: Optional[Tensor],
+    s0: Optional[Tensor], z0: Optional[Tensor], dst: Optional[Tensor], dzt: Optional[Tensor],
     feature: int, normalize: bool, eps: float, chunk: int, need_d0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dS0 or empty, dz0 or empty)``."""
-    return _bwd_impl(dy, q, k, v, y, den, hs, hz, dst, dzt, feature, normalize, eps, chunk, need_d0)
+    """``(dq, dk, dv, dS0 or empty, dz0 or empty)``; an empty ``hs`` (the one-pass forward) makes it
+    recompute the chunk states from ``k``, ``v`` and the initial state ``s0``, ``z0``."""
+    return _bwd_impl(dy, q, k, v, y, den, hs, hz, s0, z0, dst, dzt, feature, normalize, eps, chunk, need_d0)
 
 
 @linear_attn_bwd.register_fake
-def _(dy, q, k, v, y, den, hs, hz, dst, dzt, feature, normalize, eps, chunk, need_d0):
+def _(dy, q, k, v, y, den, hs, hz, s0, z0, dst, dzt, feature, normalize, eps, chunk, need_d0):
     b, t, h, dk = q.shape
     fd = _fdim(feature, dk)
     ds0 = q.new_empty((b, h, fd, v.shape[-1]) if need_d0 else (0,), dtype=torch.float32)
@@ -1237,9 +1383,11 @@ def _(dy, q, k, v, y, den, hs, hz, dst, dzt, feature, normalize, eps, chunk, nee
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, s0, z0, feature, normalize, eps, chunk = inputs
+    q, k, v, s0, z0, feature, normalize, eps, chunk = inputs[:9]
+    fused = inputs[9] if len(inputs) > 9 else False
     y, _, _, den, hs, hz = output
-    ctx.save_for_backward(q, k, v, y, den, hs, hz)
+    # the one-pass forward keeps no chunk states: the backward recomputes them from k, v and S0, z0
+    ctx.save_for_backward(q, k, v, y, den, hs, hz, s0 if fused else None, z0 if fused else None)
     ctx.mark_non_differentiable(den, hs, hz)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs (HS is large)
     ctx.args = (feature, normalize, eps, chunk)
@@ -1247,12 +1395,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dst, dzt, dden, dhs, dhz):
-    q, k, v, y, den, hs, hz = ctx.saved_tensors
+    q, k, v, y, den, hs, hz, s0, z0 = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(y)
     need_d0 = ctx.has_s0 and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    dq, dk, dv, ds0, dz0 = linear_attn_bwd(dy, q, k, v, y, den, hs, hz, dst, dzt, *ctx.args, need_d0)
-    return dq, dk, dv, (ds0 if need_d0 else None), (dz0 if need_d0 else None), None, None, None, None
+    dq, dk, dv, ds0, dz0 = linear_attn_bwd(dy, q, k, v, y, den, hs, hz, s0, z0, dst, dzt, *ctx.args, need_d0)
+    return dq, dk, dv, (ds0 if need_d0 else None), (dz0 if need_d0 else None), None, None, None, None, None
 
 
 linear_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -1303,6 +1451,27 @@ def _(q, k, v, s, z, feature, normalize, eps):
 # ---------------------------------------------------------------------------------------------
 # Public entry points (argument checks name the argument and the allowed values)
 # ---------------------------------------------------------------------------------------------
+
+
+#: the forward forms of the elementwise maps (``MNEMO_LINEAR_FWD``, read at every call)
+FWD_PATHS = ("two_pass", "fused", "auto")
+FUSED_MAX_DK = 128  # the one-pass forward holds the whole Dk of the state in one tile
+
+
+def forward_path(feature: int, dk: int) -> str:
+    """``"two_pass"`` (``_la_fwd_states`` writes every chunk's state, ``_la_fwd_out`` reads them) or
+    ``"fused"`` (``_la_fwd_fused``: one pass, no chunk states; the backward then recomputes them)
+    for an elementwise map (Taylor always runs two-pass). ``MNEMO_LINEAR_FWD`` = ``two_pass`` |
+    ``fused`` | ``auto`` (default), read at call time; ``auto`` is ``two_pass`` until the one-pass
+    form is measured faster on a GPU (issue #6)."""
+    want = os.environ.get("MNEMO_LINEAR_FWD", "auto")
+    if want not in FWD_PATHS:
+        raise ValueError(f"MNEMO_LINEAR_FWD must be one of {FWD_PATHS}, got {want!r}")
+    if feature == TAYLOR or dk > FUSED_MAX_DK:
+        return "two_pass"
+    if want == "auto":
+        return "two_pass"
+    return want
 
 
 def kernel_chunk(chunk_size: int) -> int:
@@ -1373,6 +1542,9 @@ def linear_attention_triton(
         chunk_size: 16, 32, 64 or 128 (other values run with 64, see :func:`kernel_chunk`; Taylor
             runs with at most 64).
 
+    The forward form of the elementwise maps (two launches, or one that writes no chunk states and
+    leaves their recomputation to the backward) follows ``MNEMO_LINEAR_FWD``, see :func:`forward_path`.
+
     Returns:
         ``(y [B, T, H, Dv] in the inputs' dtype, (S_T [B, H, Dφ, Dv], z_T [B, H, Dφ]) in float32)``.
     """
@@ -1406,7 +1578,8 @@ def linear_attention_triton(
     chunk = kernel_chunk(chunk_size)
     if fid == TAYLOR:  # the Taylor kernels' launch parameters are sized for C ≤ 64
         chunk = min(chunk, 64)
-    y, st, zt = linear_attn_fwd(q, k, v, s0, z0, fid, bool(normalize), float(eps), chunk)[:3]
+    fused = forward_path(fid, dk) == "fused"
+    y, st, zt = linear_attn_fwd(q, k, v, s0, z0, fid, bool(normalize), float(eps), chunk, fused)[:3]
     return y, (st, zt)
 
 
