@@ -627,7 +627,7 @@ def e2e_main(args):
 
     torch.backends.cuda.matmul.allow_tf32 = False
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "e2e": [],
-              "auto_fwd_path": K.forward_path(K.FEATURE_IDS["identity"], 128)}  # what MNEMO_LINEAR_FWD=auto picks
+              "auto_fwd_path": {"training": K.forward_path(K.FEATURE_IDS["identity"], 128, True), "inference": K.forward_path(K.FEATURE_IDS["identity"], 128, False)}}  # what MNEMO_LINEAR_FWD=auto picks
     path = _out_path(args, "e2e_linear.json")
     best = {}
     for name in SWEEP_CASES:
@@ -646,13 +646,14 @@ def e2e_main(args):
             for chunk in args.chunks:
                 if feature == "taylor":
                     params = [q, k, v]
-                    ours = lambda c=chunk: K.linear_attention_triton(q, k, v, "taylor", True, chunk_size=c)[0]  # noqa: E731
+                    ours = lambda c=chunk: K.linear_attention_triton(q, k, v, "taylor", True, chunk_size=c, output_final_state=False)[0]  # noqa: E731
                 else:
                     qs = (q * dk**-0.5).detach().requires_grad_()
                     params = [qs, k, v]
-                    ours = lambda c=chunk, qs=qs: K.linear_attention_triton(qs, k, v, "identity", False, chunk_size=c)[0]  # noqa: E731
+                    ours = lambda c=chunk, qs=qs: K.linear_attention_triton(qs, k, v, "identity", False, chunk_size=c, output_final_state=False)[0]  # noqa: E731
                 sfx = "" if chunk == K.DEFAULT_CHUNK else f"_chunk{chunk}"
-                # the forward form (MNEMO_LINEAR_FWD) of each entry: "ours" is the two-pass form, "ours_fused"
+                # no final state, as fla's calls below (their default). The forward form (MNEMO_LINEAR_FWD) of
+                # each entry: "ours" is the two-pass form, "ours_fused"
                 # the one-pass one (elementwise maps only; its backward recomputes the chunk states)
                 peers.append((f"ours{sfx}", ours, params, None, "two_pass"))
                 if feature != "taylor":

@@ -352,10 +352,36 @@ def test_forward_path_selection(monkeypatch) -> None:
     from mnemotorch.ops.linear.triton import FEATURE_IDS, forward_path
 
     monkeypatch.delenv("MNEMO_LINEAR_FWD", raising=False)
-    assert forward_path(FEATURE_IDS["identity"], 128) == "two_pass"  # auto: two-pass until measured
+    assert forward_path(FEATURE_IDS["identity"], 128) == "two_pass"  # auto, training: two-pass (the backward reuses the states)
+    assert forward_path(FEATURE_IDS["identity"], 128, needs_grad=False) == "fused"  # auto, inference: one pass
+    assert forward_path(FEATURE_IDS["taylor"], 16, needs_grad=False) == "two_pass"
     monkeypatch.setenv("MNEMO_LINEAR_FWD", "fused")
     assert forward_path(FEATURE_IDS["relu"], 128) == "fused"
     assert forward_path(FEATURE_IDS["taylor"], 16) == "two_pass"  # BASED has its own kernels
     monkeypatch.setenv("MNEMO_LINEAR_FWD", "one_pass")
     with pytest.raises(ValueError, match="MNEMO_LINEAR_FWD"):
         forward_path(FEATURE_IDS["relu"], 16)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_output_final_state_false_skips_the_state(monkeypatch, normalize: bool) -> None:
+    """``output_final_state=False`` returns the same output and no state, under grad (two-pass) and
+    under no_grad (auto picks the one-pass forward), and trains (gradients equal)."""
+    from mnemotorch.ops.linear.triton import linear_attention_triton
+
+    monkeypatch.delenv("MNEMO_LINEAR_FWD", raising=False)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 37, 2, 16, generator=g) for _ in range(3))
+    y_ref, (s_ref, z_ref) = linear_attention_triton(q, k, v, "identity", normalize, chunk_size=16)
+    with torch.no_grad():
+        y_inf, st = linear_attention_triton(q, k, v, "identity", normalize, chunk_size=16, output_final_state=False)
+    assert st is None and rel(y_inf, y_ref) <= 1e-5
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    y, st = linear_attention_triton(qg, kg, vg, "identity", normalize, chunk_size=16, output_final_state=False)
+    assert st is None and rel(y, y_ref) <= 1e-6
+    gy = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad(y, (qg, kg, vg), gy)
+    qh, kh, vh = (x.clone().requires_grad_() for x in (q, k, v))
+    want = torch.autograd.grad(linear_attention_triton(qh, kh, vh, "identity", normalize, chunk_size=16)[0], (qh, kh, vh), gy)
+    for a, b in zip(grads, want):
+        assert rel(a, b) <= 1e-6

@@ -80,7 +80,9 @@ def linear_case(L: int, H: int = 16, D: int = 128, normalize: bool = False) -> d
     # fla scales q by D^-1/2 inside; ours gets that scaled q (made once, outside the timing), so
     # both compute one function on the same values.
     q_scaled = (q * D**-0.5).detach().requires_grad_()
-    ours = lambda: linear_attention_triton(q_scaled, k, v, "identity", normalize)[0]  # noqa: E731
+    # no final state, as fla's call below (output_final_state=False is its default); the forward is
+    # timed under no_grad, where "auto" takes the one-pass forward, fwd+bwd the two-pass one
+    ours = lambda: linear_attention_triton(q_scaled, k, v, "identity", normalize, output_final_state=False)[0]  # noqa: E731
     res["ours"] = _measure(ours, [q_scaled, k, v])
     try:
         from fla.ops.linear_attn import chunk_linear_attn
@@ -103,7 +105,7 @@ def based_case(L: int, H: int = 16, dk: int = 16, dv: int = 64, sdpa: bool = Tru
     q, k, v = _inputs(L, H, dk, dv, scale=0.5)
     row: dict = {"case": "based", "L": L, "H": H, "Dqk": dk, "Dv": dv, "results": {}}
     res = row["results"]
-    ours = lambda: linear_attention_triton(q, k, v, "taylor", True)[0]  # noqa: E731
+    ours = lambda: linear_attention_triton(q, k, v, "taylor", True, output_final_state=False)[0]  # noqa: E731 (fla returns no state either)
     res["ours"] = _measure(ours, [q, k, v])
     try:
         from fla.ops.based import fused_chunk_based

@@ -1065,7 +1065,9 @@ def _fixed(name: str, dk: int, dv: int, ieee: bool, chunk: int = DEFAULT_CHUNK, 
             return dict(BV=min(32, p2v), num_warps=8, num_stages=1)
         if big:
             return dict(BV=min(32, p2v), num_warps=8, num_stages=2 if plain else 1)
-        return dict(BV=min(32, p2v), num_warps=4 if plain else 8, num_stages=3)
+        if plain:  # the best of an H100 sweep at L = 64K (sweep_linear_fused_64k_h100.json): 1.12 ms, (32, 4, 3) 1.91 ms
+            return dict(BV=min(16, p2v), num_warps=4, num_stages=4)
+        return dict(BV=min(32, p2v), num_warps=8, num_stages=3)
     if name == "_la_bwd_grads":
         return dict(BV=min(32, p2v), num_warps=8, num_stages=1)
     if name == "_la_bwd_dqk":
@@ -1228,12 +1230,17 @@ def _fused_fwd(q, k, v, s0, z0, feature, normalize, eps, chunk, store_final=True
     return y, den, st, zt
 
 
-def _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk, fused=False):
+def _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk, fused=False, final=True):
+    def empty():  # a fresh one each time: a custom op's outputs must not alias each other
+        return q.new_empty(0, dtype=torch.float32)
+
     if fused:  # no chunk states: the backward recomputes them (_bwd_impl)
-        y, den, st, zt = _fused_fwd(q, k, v, s0, z0, feature, normalize, eps, chunk)
-        return y, st, zt, den, q.new_empty(0, dtype=_state_dtype(feature, q.dtype)), q.new_empty(0, dtype=torch.float32)
-    hs, hz, st, zt = _states_fwd(k, v, s0, z0, feature, chunk, True, normalize)
+        y, den, st, zt = _fused_fwd(q, k, v, s0, z0, feature, normalize, eps, chunk, final)
+        st, zt = (st, zt) if final else (empty(), empty())
+        return y, st, zt, den, q.new_empty(0, dtype=_state_dtype(feature, q.dtype)), empty()
+    hs, hz, st, zt = _states_fwd(k, v, s0, z0, feature, chunk, final, normalize)
     y, den = _out_fwd(q, k, v, hs, hz, feature, normalize, eps, chunk)
+    st, zt = (st, zt) if final else (empty(), empty())
     return y, st, zt, den, hs, hz
 
 
@@ -1336,17 +1343,17 @@ def _bwd_impl(dy, q, k, v, y, den, hs, hz, s0, z0, dst, dzt, feature, normalize,
 @torch.library.custom_op("mnemotorch::linear_attn_fwd", mutates_args=())
 def linear_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, s0: Optional[Tensor], z0: Optional[Tensor],
-    feature: int, normalize: bool, eps: float, chunk: int, fused: bool = False,
+    feature: int, normalize: bool, eps: float, chunk: int, fused: bool = False, final: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y [B, T, H, Dv], S_T [B, H, Dφ, Dv] fp32, z_T [B, H, Dφ] fp32, den [B, T, H] fp32 or empty,
     HS, HZ)``: HS / HZ are the states entering every chunk, kept for the backward (not recomputed);
     with ``fused`` (the one-pass forward, elementwise maps) both are empty and the backward
-    recomputes them."""
-    return _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk, fused)
+    recomputes them. ``final=False``: S_T and z_T are empty (not computed)."""
+    return _fwd_impl(q, k, v, s0, z0, feature, normalize, eps, chunk, fused, final)
 
 
 @linear_attn_fwd.register_fake
-def _(q, k, v, s0, z0, feature, normalize, eps, chunk, fused=False):
+def _(q, k, v, s0, z0, feature, normalize, eps, chunk, fused=False, final=True):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     fd = _fdim(feature, dk)
@@ -1358,8 +1365,9 @@ def _(q, k, v, s0, z0, feature, normalize, eps, chunk, fused=False):
     else:
         hs = q.new_empty(b * h, nt, rows, dv, dtype=_state_dtype(feature, q.dtype))
         hz = q.new_empty((b * h, nt, rows) if feature == TAYLOR or normalize else (0,), dtype=torch.float32)
-    return (q.new_empty(b, t, h, dv), q.new_empty(b, h, fd, dv, dtype=torch.float32), q.new_empty(b, h, fd, dtype=torch.float32),
-            den, hs, hz)
+    st = q.new_empty((b, h, fd, dv) if final else (0,), dtype=torch.float32)
+    zt = q.new_empty((b, h, fd) if final else (0,), dtype=torch.float32)
+    return q.new_empty(b, t, h, dv), st, zt, den, hs, hz
 
 
 @torch.library.custom_op("mnemotorch::linear_attn_bwd", mutates_args=())
@@ -1384,7 +1392,7 @@ def _(dy, q, k, v, y, den, hs, hz, s0, z0, dst, dzt, feature, normalize, eps, ch
 
 def _setup_context(ctx, inputs, output):
     q, k, v, s0, z0, feature, normalize, eps, chunk = inputs[:9]
-    fused = inputs[9] if len(inputs) > 9 else False
+    fused = inputs[9] if len(inputs) > 9 else False  # (inputs[10]: final, not needed by the backward)
     y, _, _, den, hs, hz = output
     # the one-pass forward keeps no chunk states: the backward recomputes them from k, v and S0, z0
     ctx.save_for_backward(q, k, v, y, den, hs, hz, s0 if fused else None, z0 if fused else None)
@@ -1400,7 +1408,7 @@ def _backward(ctx, dy, dst, dzt, dden, dhs, dhz):
         dy = torch.zeros_like(y)
     need_d0 = ctx.has_s0 and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
     dq, dk, dv, ds0, dz0 = linear_attn_bwd(dy, q, k, v, y, den, hs, hz, s0, z0, dst, dzt, *ctx.args, need_d0)
-    return dq, dk, dv, (ds0 if need_d0 else None), (dz0 if need_d0 else None), None, None, None, None, None
+    return dq, dk, dv, (ds0 if need_d0 else None), (dz0 if need_d0 else None), None, None, None, None, None, None
 
 
 linear_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -1458,19 +1466,22 @@ FWD_PATHS = ("two_pass", "fused", "auto")
 FUSED_MAX_DK = 128  # the one-pass forward holds the whole Dk of the state in one tile
 
 
-def forward_path(feature: int, dk: int) -> str:
+def forward_path(feature: int, dk: int, needs_grad: bool = True) -> str:
     """``"two_pass"`` (``_la_fwd_states`` writes every chunk's state, ``_la_fwd_out`` reads them) or
     ``"fused"`` (``_la_fwd_fused``: one pass, no chunk states; the backward then recomputes them)
     for an elementwise map (Taylor always runs two-pass). ``MNEMO_LINEAR_FWD`` = ``two_pass`` |
-    ``fused`` | ``auto`` (default), read at call time; ``auto`` is ``two_pass`` until the one-pass
-    form is measured faster on a GPU (issue #6)."""
+    ``fused`` | ``auto`` (default), read at call time. ``auto`` is ``fused`` when no gradient is needed
+    (inference, prefill: one pass, no chunk states written) and ``two_pass`` for training (the backward
+    reuses the written chunk states instead of recomputing them), as measured on an H100 at L = 64K,
+    D = 128 (forward 1.12 ms kernel time for the one pass; forward+backward 4.04 ms two-pass vs 4.49 ms
+    one-pass + recompute: docs/results/linear_attention.md, issue #6)."""
     want = os.environ.get("MNEMO_LINEAR_FWD", "auto")
     if want not in FWD_PATHS:
         raise ValueError(f"MNEMO_LINEAR_FWD must be one of {FWD_PATHS}, got {want!r}")
     if feature == TAYLOR or dk > FUSED_MAX_DK:
         return "two_pass"
     if want == "auto":
-        return "two_pass"
+        return "two_pass" if needs_grad else "fused"
     return want
 
 
@@ -1527,7 +1538,8 @@ def linear_attention_triton(
     initial_state: tuple[Tensor, Tensor] | None = None,
     eps: float = 1e-6,
     chunk_size: int = DEFAULT_CHUNK,
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    output_final_state: bool = True,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Chunked causal linear attention through the Triton kernels (forward and backward).
 
     Args:
@@ -1541,12 +1553,16 @@ def linear_attention_triton(
         eps: ε of the denominator (added to the fp32 denominator).
         chunk_size: 16, 32, 64 or 128 (other values run with 64, see :func:`kernel_chunk`; Taylor
             runs with at most 64).
+        output_final_state: compute and return ``(S_T, z_T)`` (default). ``False`` skips them (as fla's
+            ``output_final_state=False``): no final-state store and, without the normaliser, no
+            ``Σ φ(k_t)`` pass over the keys; the second return value is then ``None``.
 
     The forward form of the elementwise maps (two launches, or one that writes no chunk states and
     leaves their recomputation to the backward) follows ``MNEMO_LINEAR_FWD``, see :func:`forward_path`.
 
     Returns:
-        ``(y [B, T, H, Dv] in the inputs' dtype, (S_T [B, H, Dφ, Dv], z_T [B, H, Dφ]) in float32)``.
+        ``(y [B, T, H, Dv] in the inputs' dtype, (S_T [B, H, Dφ, Dv], z_T [B, H, Dφ]) in float32)``, or
+        ``(y, None)`` with ``output_final_state=False``.
     """
     fn = "linear_attention_triton"
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -1572,15 +1588,17 @@ def linear_attention_triton(
     if t == 0:
         if s0 is None:
             s0, z0 = q.new_zeros(b, h, fd, dv, dtype=torch.float32), q.new_zeros(b, h, fd, dtype=torch.float32)
-        return v.new_zeros(v.shape, dtype=dt), (s0, z0)
+        return v.new_zeros(v.shape, dtype=dt), ((s0, z0) if output_final_state else None)
     # The kernels index q, k, v as contiguous [B, T, H, D] tensors of one dtype.
     q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
     chunk = kernel_chunk(chunk_size)
     if fid == TAYLOR:  # the Taylor kernels' launch parameters are sized for C ≤ 64
         chunk = min(chunk, 64)
-    fused = forward_path(fid, dk) == "fused"
-    y, st, zt = linear_attn_fwd(q, k, v, s0, z0, fid, bool(normalize), float(eps), chunk, fused)[:3]
-    return y, (st, zt)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v) + ((s0, z0) if s0 is not None else ()))
+    fused = forward_path(fid, dk, needs_grad) == "fused"
+    final = bool(output_final_state)
+    y, st, zt = linear_attn_fwd(q, k, v, s0, z0, fid, bool(normalize), float(eps), chunk, fused, final)[:3]
+    return y, ((st, zt) if final else None)
 
 
 def linear_attention_step_triton(
