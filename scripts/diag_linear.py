@@ -627,7 +627,7 @@ def e2e_main(args):
 
     torch.backends.cuda.matmul.allow_tf32 = False
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "e2e": [],
-              "auto_fwd_path": {"training": K.forward_path(K.FEATURE_IDS["identity"], 128, True), "inference": K.forward_path(K.FEATURE_IDS["identity"], 128, False)}}  # what MNEMO_LINEAR_FWD=auto picks
+              "auto_fwd_path": {"training": K.forward_path(K.FEATURE_IDS["identity"], 128, True), "inference_bf16_unnormalised": K.forward_path(K.FEATURE_IDS["identity"], 128, False)}}  # what MNEMO_LINEAR_FWD=auto picks
     path = _out_path(args, "e2e_linear.json")
     best = {}
     for name in SWEEP_CASES:

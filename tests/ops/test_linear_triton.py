@@ -353,7 +353,9 @@ def test_forward_path_selection(monkeypatch) -> None:
 
     monkeypatch.delenv("MNEMO_LINEAR_FWD", raising=False)
     assert forward_path(FEATURE_IDS["identity"], 128) == "two_pass"  # auto, training: two-pass (the backward reuses the states)
-    assert forward_path(FEATURE_IDS["identity"], 128, needs_grad=False) == "fused"  # auto, inference: one pass
+    assert forward_path(FEATURE_IDS["identity"], 128, needs_grad=False) == "fused"  # auto, 16-bit inference: one pass
+    assert forward_path(FEATURE_IDS["identity"], 128, needs_grad=False, normalize=True) == "two_pass"  # not tuned
+    assert forward_path(FEATURE_IDS["identity"], 128, needs_grad=False, half=False) == "two_pass"  # fp32: not measured
     assert forward_path(FEATURE_IDS["taylor"], 16, needs_grad=False) == "two_pass"
     monkeypatch.setenv("MNEMO_LINEAR_FWD", "fused")
     assert forward_path(FEATURE_IDS["relu"], 128) == "fused"

@@ -1466,22 +1466,23 @@ FWD_PATHS = ("two_pass", "fused", "auto")
 FUSED_MAX_DK = 128  # the one-pass forward holds the whole Dk of the state in one tile
 
 
-def forward_path(feature: int, dk: int, needs_grad: bool = True) -> str:
+def forward_path(feature: int, dk: int, needs_grad: bool = True, normalize: bool = False, half: bool = True) -> str:
     """``"two_pass"`` (``_la_fwd_states`` writes every chunk's state, ``_la_fwd_out`` reads them) or
     ``"fused"`` (``_la_fwd_fused``: one pass, no chunk states; the backward then recomputes them)
     for an elementwise map (Taylor always runs two-pass). ``MNEMO_LINEAR_FWD`` = ``two_pass`` |
-    ``fused`` | ``auto`` (default), read at call time. ``auto`` is ``fused`` when no gradient is needed
-    (inference, prefill: one pass, no chunk states written) and ``two_pass`` for training (the backward
-    reuses the written chunk states instead of recomputing them), as measured on an H100 at L = 64K,
-    D = 128 (forward 1.12 ms kernel time for the one pass; forward+backward 4.04 ms two-pass vs 4.49 ms
-    one-pass + recompute: docs/results/linear_attention.md, issue #6)."""
+    ``fused`` | ``auto`` (default), read at call time. ``auto`` is ``fused`` where it was measured
+    faster: no gradient needed (inference, prefill), no normaliser and 16-bit inputs (``half``) --
+    one pass, no chunk states written (H100, D = 128, bf16: 1.07 vs fla's 1.18 ms at 64K). Training
+    stays ``two_pass`` (the backward reuses the written chunk states: 4.04 ms forward+backward at 64K
+    against 4.49 ms for one pass + recompute), and so does the normalised form (its one-pass launch is
+    not tuned: 1.09 ms at 16K against 0.69 ms two-pass). docs/results/linear_attention.md, issue #6."""
     want = os.environ.get("MNEMO_LINEAR_FWD", "auto")
     if want not in FWD_PATHS:
         raise ValueError(f"MNEMO_LINEAR_FWD must be one of {FWD_PATHS}, got {want!r}")
     if feature == TAYLOR or dk > FUSED_MAX_DK:
         return "two_pass"
     if want == "auto":
-        return "two_pass" if needs_grad else "fused"
+        return "fused" if not needs_grad and not normalize and half else "two_pass"
     return want
 
 
@@ -1595,7 +1596,7 @@ def linear_attention_triton(
     if fid == TAYLOR:  # the Taylor kernels' launch parameters are sized for C ≤ 64
         chunk = min(chunk, 64)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v) + ((s0, z0) if s0 is not None else ()))
-    fused = forward_path(fid, dk, needs_grad) == "fused"
+    fused = forward_path(fid, dk, needs_grad, bool(normalize), dt in (torch.float16, torch.bfloat16)) == "fused"
     final = bool(output_final_state)
     y, st, zt = linear_attn_fwd(q, k, v, s0, z0, fid, bool(normalize), float(eps), chunk, fused, final)[:3]
     return y, ((st, zt) if final else None)
