@@ -12,9 +12,14 @@ if os.environ.get("MNEMO_GPU_TESTS") != "1":
 # Kernel outputs are NaN-poisoned before each run so unwritten elements fail the comparisons.
 os.environ.setdefault("MNEMO_POISON", "1")
 
+import sys
+
 import pytest
 import torch
 from hypothesis import settings
+
+# Shared test helpers (tests/capture_guards.py) importable from every test folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Property tests draw the same examples on every run (a failure found once is kept as a regression
 # test instead of making CI flaky); set HYPOTHESIS_PROFILE=explore to search randomly.

@@ -26,7 +26,6 @@ backward means its node survived.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
@@ -34,66 +33,24 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+import capture_guards as guards
 import mnemotorch.layers.routing as routing_layer
 import mnemotorch.ops.routing.block_sparse as bs
+from capture_guards import CaptureHazard
 from mnemotorch.layers import get_mixer
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
-
-
-class CaptureHazard(AssertionError):
-    pass
-
-
-#: factories that make a tensor on the default device (the CPU) unless given ``device=``
-_FACTORIES = ("arange", "empty", "empty_strided", "eye", "full", "linspace", "logspace", "ones", "rand", "randint", "randn",
-              "randperm", "scalar_tensor", "zeros")
-#: functions that turn host data into a tensor (a host-to-device copy on a CUDA run, whatever the device)
-_FROM_HOST = ("tensor", "as_tensor", "from_numpy", "frombuffer")
 
 
 #: modules whose factory calls are watched (the guards' own test adds itself)
 _WATCHED = ["mnemotorch"]
 
 
-def _ours(frame) -> bool:
-    return frame.f_globals.get("__name__", "").startswith(tuple(_WATCHED))
-
-
-def _guarded(name: str, fn):
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        if _ours(sys._getframe(1)):
-            if name in _FROM_HOST and not (args and isinstance(args[0], torch.Tensor)):
-                raise CaptureHazard(f"torch.{name} on host data in the step (a host-to-device copy on a CUDA run)")
-            if name in _FACTORIES and kwargs.get("device") is None:
-                raise CaptureHazard(f"torch.{name} without device= in the step (a CPU tensor on a CUDA run)")
-        return fn(*args, **kwargs)
-
-    return call
-
-
-class _NoRandom(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if torch.Tag.nondeterministic_seeded in func.tags:
-            raise CaptureHazard(f"random op in the step: {func}")
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
 def capture_guard():
-    """Context: factory calls from mnemotorch without ``device=``, tensors from host data and random ops raise."""
-    saved = {name: getattr(torch, name) for name in _FACTORIES + _FROM_HOST}
-    try:
-        for name, fn in saved.items():
-            setattr(torch, name, _guarded(name, fn))
-        with _NoRandom():
-            yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch, name, fn)
+    """Context: factory calls from mnemotorch without ``device=``, tensors from host data and random ops
+    raise (tests/capture_guards.py; host syncs are tests/test_routing_no_sync.py's part)."""
+    return guards.capture_guard(syncs=False, host_reads=(), watched=tuple(_WATCHED))
 
 
 def live_accumulators(leaves: dict) -> list:

@@ -18,52 +18,21 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mnemotorch.layers.routing as routing_layer
 import mnemotorch.ops.routing.block_sparse as bs
+from capture_guards import CaptureHazard, capture_guard
 from mnemotorch.layers import get_mixer
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
 
-_aten = torch.ops.aten
-#: ops that read device values on the host (a sync on CUDA), or whose output shape depends on values
-_SYNCING = {
-    _aten._local_scalar_dense.default,  # .item(), int(t), float(t), bool(t)
-    _aten.is_nonzero.default,
-    _aten.equal.default,
-    _aten.nonzero.default,
-    _aten.masked_select.default,
-    _aten._unique2.default,
-    _aten.unique_dim.default,
-    _aten.unique_consecutive.default,
-}
-
-
-class HostSyncError(AssertionError):
-    pass
-
-
-class _NoSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _SYNCING:
-            raise HostSyncError(f"host sync: {func}")
-        if func in (_aten.repeat_interleave.Tensor, _aten.repeat_interleave.self_Tensor) and kwargs.get("output_size") is None:
-            raise HostSyncError(f"host sync: {func} without output_size")
-        if func in (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default):
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
-                raise HostSyncError(f"host sync: {func} with a boolean mask")
-        return func(*args, **kwargs)
+# the guard: tests/capture_guards.py (host syncs and Tensor.tolist only here)
+HostSyncError = CaptureHazard
 
 
 @pytest.fixture
-def no_sync(monkeypatch):
-    def tolist(self, *a, **k):
-        raise HostSyncError("host sync: Tensor.tolist")
-
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-    return _NoSync
+def no_sync():
+    return functools.partial(capture_guard, host_reads=("tolist",), random=False, factories=False)
 
 
 def test_the_guard_catches_syncs(no_sync) -> None:

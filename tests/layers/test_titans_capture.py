@@ -17,105 +17,27 @@ runs) runs under the guards. A planted ``.item()`` shows that the guards catch a
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 
+import capture_guards as guards
 import mnemotorch.ops.memory.chunked as chunked
+from capture_guards import CaptureHazard
 from mnemotorch.layers.titans import TitansLMM
 
 _aten = torch.ops.aten
-#: ops that read device values on the host (a sync on CUDA), or whose output shape depends on values
-_SYNCING = {
-    _aten._local_scalar_dense.default,  # .item(), int(t), float(t), bool(t)
-    _aten.is_nonzero.default,
-    _aten.equal.default,
-    _aten.nonzero.default,
-    _aten.masked_select.default,
-    _aten._unique2.default,
-    _aten.unique_dim.default,
-    _aten.unique_consecutive.default,
-}
-#: factories that make a tensor on the default device (the CPU) unless given ``device=``
-_FACTORIES = ("arange", "empty", "eye", "full", "linspace", "ones", "rand", "randint", "randn", "zeros")
-#: functions that turn host data into a tensor (a host-to-device copy inside the capture on a CUDA run)
-_FROM_HOST = ("tensor", "as_tensor", "from_numpy")
+
 #: modules whose factory calls are watched (the guards' own test adds itself)
 _WATCHED = ["mnemotorch"]
 
 
-class CaptureHazard(AssertionError):
-    pass
-
-
-def _is_hazard(func, args, kwargs) -> str | None:
-    if func in _SYNCING:
-        return "host sync"
-    if func in (_aten.repeat_interleave.Tensor, _aten.repeat_interleave.self_Tensor) and kwargs.get("output_size") is None:
-        return "host sync (repeat_interleave without output_size)"
-    if func in (_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default) and any(
-        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
-    ):
-        return "host sync (boolean-mask indexing)"
-    if torch.Tag.nondeterministic_seeded in func.tags:
-        return "random op"
-    return None
-
-
-class _Guard(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        what = _is_hazard(func, args, kwargs)
-        if what:
-            raise CaptureHazard(f"{what}: {func}")
-        return func(*args, **kwargs)
-
-
-def _ours(frame) -> bool:
-    return frame.f_globals.get("__name__", "").startswith(tuple(_WATCHED))
-
-
-def _guarded_factory(name: str, fn):
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        if _ours(sys._getframe(1)):
-            if name in _FROM_HOST and not (args and isinstance(args[0], torch.Tensor)):
-                raise CaptureHazard(f"torch.{name} on host data (a host-to-device copy on a CUDA run)")
-            if name in _FACTORIES and kwargs.get("device") is None:
-                raise CaptureHazard(f"torch.{name} without device= (a CPU tensor on a CUDA run)")
-        return fn(*args, **kwargs)
-
-    return call
-
-
-def _refuse(what: str):
-    def method(self, *args, **kwargs):
-        raise CaptureHazard(f"host read: Tensor.{what}")
-
-    return method
-
-
-@contextlib.contextmanager
 def capture_guard():
-    """Context: host syncs, host reads, random ops and device-less factory calls from mnemotorch raise."""
-    saved_torch = {name: getattr(torch, name) for name in _FACTORIES + _FROM_HOST}
-    saved_tensor = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu", "numpy")}
-    try:
-        for name, fn in saved_torch.items():
-            setattr(torch, name, _guarded_factory(name, fn))
-        for name in saved_tensor:
-            setattr(torch.Tensor, name, _refuse(name))
-        with _Guard():
-            yield
-    finally:
-        for name, fn in saved_torch.items():
-            setattr(torch, name, fn)
-        for name, fn in saved_tensor.items():
-            setattr(torch.Tensor, name, fn)
+    """Context: host syncs, host reads, random ops and device-less factory calls from mnemotorch raise
+    (tests/capture_guards.py)."""
+    return guards.capture_guard(watched=tuple(_WATCHED))
 
 
 CONFIGS = {
@@ -242,7 +164,7 @@ def test_compiled_layer_has_no_capture_hazard(monkeypatch, config: str) -> None:
         _check_layer(layer, lengths=(32,))
         assert len(backend.graphs) >= 3  # inference forward, training forward, backward
         for ops in backend.graphs:
-            bad = [op for op in ops if isinstance(op, torch._ops.OpOverload) and _is_hazard(op, ((), [None]), {})]
+            bad = [op for op in ops if isinstance(op, torch._ops.OpOverload) and (guards.sync_hazard(op, ((), [None]), {}) or torch.Tag.nondeterministic_seeded in op.tags)]
             assert not bad, f"capture hazards in a compiled graph: {bad}"
             assert ops & {_aten.mm.default, _aten.bmm.default}, "the recorded graph is not the chunk step"
     finally:
