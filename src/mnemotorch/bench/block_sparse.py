@@ -579,6 +579,44 @@ def _graph_phase(run: Run, row: dict, res: dict) -> None:
     row["cuda_graph_summary"] = _graph_summary(res)
 
 
+def peer_graph_summary(res: dict, peer: str, extras: bool = False) -> dict:
+    """For the benches of a layer against one peer (``routed``, ``neural_memory``): per metric, the peer's
+    eager and graphed times (``<peer>_eager``, ``<peer>_graphed``) beside each result of ours (``ours_*``)
+    eager and graphed, with the ratios peer eager / ours (> 1: ours is faster) ``speedup_eager`` and
+    ``speedup_graphed`` (ours graphed); ``extras`` adds ``host_ms`` (eager - graphed: what the host's
+    Python and launches add) and ``speedup_graphed_vs_graphed`` (both graphed)."""
+    ref, ref_g = res.get(peer, {}), res.get(f"{peer}_graphed", {})
+    out: dict = {}
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        p, pg = ref.get(metric), ref_g.get(metric)
+        m: dict = {f"{peer}_eager": p, f"{peer}_graphed": pg}
+        for name, r in res.items():
+            if not name.startswith("ours_") or name.endswith("_graphed") or r.get(metric) is None:
+                continue
+            e, g = r[metric], res.get(f"{name}_graphed", {}).get(metric)
+            d: dict = {"eager": e, "graphed": g}
+            if extras:
+                d["host_ms"] = None if g is None else e - g
+            if p is not None:
+                d["speedup_eager"] = p / e
+                d["speedup_graphed"] = None if g is None else p / g
+            if extras and pg is not None and g is not None:
+                d["speedup_graphed_vs_graphed"] = pg / g
+            m[name] = d
+        out[metric] = m
+    return out
+
+
+def peer_graph_part(name: str, d: dict) -> str:
+    """The printed form of one result of ours in :func:`peer_graph_summary`."""
+    e = f"eager {d['eager']:.2f} ms" + (f" x{d['speedup_eager']:.2f}" if "speedup_eager" in d else "")
+    g = "graphed n/a" if d["graphed"] is None else f"graphed {d['graphed']:.2f} ms"
+    g += f" x{d['speedup_graphed']:.2f}" if d.get("speedup_graphed") is not None else ""
+    g += f", x{d['speedup_graphed_vs_graphed']:.2f} vs its graphed" if "speedup_graphed_vs_graphed" in d else ""
+    g += f" (host {d['host_ms']:.2f} ms)" if d.get("host_ms") is not None else ""
+    return f"{name} {e} | {g}"
+
+
 def _graph_summary(res: dict) -> dict:
     """Per metric, every implementation's eager and graphed time; for the peers the ratios ``peer / ours``
     (> 1: ours is faster): ``speedup_eager`` (both eager), ``speedup_graphed`` (both graphed: the device

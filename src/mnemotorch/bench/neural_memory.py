@@ -60,7 +60,8 @@ from typing import Callable
 
 import torch
 
-from .block_sparse import GRAPH_SLOW_MS, TIMING_MODES, device_info, graph_ms, measure_graphed, median_ms, wall_median_ms
+from .block_sparse import (GRAPH_SLOW_MS, TIMING_MODES, device_info, graph_ms, measure_graphed, median_ms, peer_graph_part,
+                           peer_graph_summary, wall_median_ms)
 
 CASES = ("lmm", "mag_model", "decode")
 PEERS = ("titans_pytorch",)
@@ -372,27 +373,11 @@ def _graph_phase(L: int, res: dict, jobs: list[tuple[str, Callable[[], torch.Ten
 
 def _graph_summary(res: dict) -> dict:
     """Per metric: titans-pytorch's eager (and graphed) time beside each of ours eager and graphed, with
-    ``host_ms`` (eager − graphed: what the host's Python and launch overhead adds) and the ratios
-    ``titans-pytorch / ours`` (> 1: ours is faster): ``speedup_eager`` (both eager), ``speedup_graphed``
-    (ours graphed vs the peer eager) and ``speedup_graphed_vs_graphed`` (both graphed)."""
-    peer, peer_g = res.get("titans_pytorch", {}), res.get("titans_pytorch_graphed", {})
-    out: dict = {"reference": "titans_pytorch, eager", "ratios": "titans_pytorch / ours (> 1: ours is faster)"}
-    for metric in ("fwd_ms", "fwd_bwd_ms"):
-        p, pg = peer.get(metric), peer_g.get(metric)
-        m: dict = {"titans_pytorch_eager": p, "titans_pytorch_graphed": pg}
-        for name, r in res.items():
-            if not name.startswith("ours_") or name.endswith("_graphed") or r.get(metric) is None:
-                continue
-            e, g = r[metric], res.get(f"{name}_graphed", {}).get(metric)
-            d = {"eager": e, "graphed": g, "host_ms": None if g is None else e - g}
-            if p is not None:
-                d["speedup_eager"] = p / e
-                d["speedup_graphed"] = None if g is None else p / g
-            if pg is not None and g is not None:
-                d["speedup_graphed_vs_graphed"] = pg / g
-            m[name] = d
-        out[metric] = m
-    return out
+    ``host_ms`` and the ratios ``titans-pytorch / ours`` (> 1: ours is faster): ``speedup_eager`` (both
+    eager), ``speedup_graphed`` (ours graphed vs the peer eager) and ``speedup_graphed_vs_graphed`` (both
+    graphed); see :func:`~mnemotorch.bench.block_sparse.peer_graph_summary`."""
+    return {"reference": "titans_pytorch, eager", "ratios": "titans_pytorch / ours (> 1: ours is faster)",
+            **peer_graph_summary(res, "titans_pytorch", extras=True)}
 
 
 def _graph_summary_lines(row: dict) -> list[str]:
@@ -408,14 +393,7 @@ def _graph_summary_lines(row: dict) -> list[str]:
     for metric, label in (("fwd_bwd_ms", "fwd+bwd"), ("fwd_ms", "fwd")):
         m = s[metric]
         parts = [f"titans_pytorch eager {f(m['titans_pytorch_eager'])} ms, graphed {f(m['titans_pytorch_graphed'])} ms"]
-        for name, d in m.items():
-            if not name.startswith("ours_"):
-                continue
-            e = f"eager {f(d['eager'])} ms" + (f" x{f(d['speedup_eager'])}" if "speedup_eager" in d else "")
-            g = f"graphed {f(d['graphed'])} ms" + (f" x{f(d['speedup_graphed'])}" if d.get("speedup_graphed") is not None else "")
-            g += f", x{f(d['speedup_graphed_vs_graphed'])} vs its graphed" if "speedup_graphed_vs_graphed" in d else ""
-            g += f" (host {f(d['host_ms'])} ms)" if d["host_ms"] is not None else ""
-            parts.append(f"{name} {e} | {g}")
+        parts += [peer_graph_part(name, d) for name, d in m.items() if name.startswith("ours_")]
         lines.append(f"  L={row['L']} {label}, CUDA graphs (x: titans_pytorch eager / ours): " + " || ".join(parts))
     for name, r in row["results"].items():
         if name.endswith("_graphed") and ("not_capturable" in r or "error" in r):

@@ -62,7 +62,7 @@ from typing import Callable
 
 import torch
 
-from .block_sparse import TIMING_MODES, device_info, graph_ms, measure, measure_graphed, wall_median_ms
+from .block_sparse import TIMING_MODES, device_info, graph_ms, measure, measure_graphed, peer_graph_part, peer_graph_summary, wall_median_ms
 
 CASES = ("routing", "landmark")
 ROUTING_BACKENDS = {"block_sparse": "block_sparse", "flex": "flex", "sdpa_masks": "torch"}
@@ -226,22 +226,9 @@ def _graph_phase(L: int, res: dict, jobs: list[tuple[str, Callable[[str | None],
 
 def _graph_summary(res: dict) -> dict:
     """Per metric: routing-transformer's eager time beside each of our backends eager and graphed, and
-    the ratios ``routing_transformer eager / ours`` (> 1: ours is faster)."""
-    ref = res.get("routing_transformer", {})
-    ref_g = res.get("routing_transformer_graphed", {})
-    out: dict = {"reference": "routing_transformer, eager"}
-    for metric in ("fwd_ms", "fwd_bwd_ms"):
-        m: dict = {"routing_transformer_eager": ref.get(metric), "routing_transformer_graphed": ref_g.get(metric)}
-        for name, r in res.items():
-            if not name.startswith("ours_") or name.endswith("_graphed") or r.get(metric) is None:
-                continue
-            eager, graphed = r.get(metric), res.get(f"{name}_graphed", {}).get(metric)
-            m[name] = {"eager": eager, "graphed": graphed}
-            if ref.get(metric) is not None:
-                m[name]["speedup_eager"] = ref[metric] / eager
-                m[name]["speedup_graphed"] = None if graphed is None else ref[metric] / graphed
-        out[metric] = m
-    return out
+    the ratios ``routing_transformer eager / ours`` (> 1: ours is faster); see
+    :func:`~mnemotorch.bench.block_sparse.peer_graph_summary`."""
+    return {"reference": "routing_transformer, eager", **peer_graph_summary(res, "routing_transformer")}
 
 
 def _graph_summary_lines(row: dict) -> list[str]:
@@ -255,13 +242,7 @@ def _graph_summary_lines(row: dict) -> list[str]:
         parts = ["routing_transformer eager " + ("n/a" if rt is None else f"{rt:.2f} ms")]
         if m["routing_transformer_graphed"] is not None:
             parts[0] += f" (graphed {m['routing_transformer_graphed']:.2f} ms)"
-        for name, v in m.items():
-            if not name.startswith("ours_"):
-                continue
-            e = f"eager {v['eager']:.2f} ms" + (f" x{v['speedup_eager']:.2f}" if "speedup_eager" in v else "")
-            g = "graphed n/a" if v["graphed"] is None else f"graphed {v['graphed']:.2f} ms" + (
-                f" x{v['speedup_graphed']:.2f}" if v.get("speedup_graphed") is not None else "")
-            parts.append(f"{name} {e} | {g}")
+        parts += [peer_graph_part(name, d) for name, d in m.items() if name.startswith("ours_")]
         lines.append(f"  L={row['L']} {label} (x: routing_transformer eager / ours): " + " || ".join(parts))
     return lines
 
