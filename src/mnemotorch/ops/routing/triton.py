@@ -71,6 +71,15 @@ def _nearest_centroid_kernel(
     tl.store(OUT + offs_t.to(tl.int64) * son + h * soh, best_idx, mask=t_ok)
 
 
+def _kernel_centroids(centroids: Tensor) -> Tensor:
+    """Centroids ``[H, C, D]`` as the kernels read them: detached, contiguous, in a float dtype the kernel
+    converts to fp32 in registers (a bf16 module keeps bf16 centroids)."""
+    mu = centroids.detach()
+    if mu.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        mu = mu.to(torch.float32)
+    return mu if mu.is_contiguous() else mu.contiguous()
+
+
 def nearest_centroid_triton(x: Tensor, centroids: Tensor) -> Tensor:
     """``x [B, T, H, D]`` (float16 / bfloat16 / float32), ``centroids [H, C, D]`` -> ids ``int64 [B, T, H]``.
 
@@ -88,11 +97,7 @@ def nearest_centroid_triton(x: Tensor, centroids: Tensor) -> Tensor:
     xf = x.reshape(n, h, d) if x.stride(-1) == 1 else x.contiguous().view(n, h, d)
     if xf.stride(-1) != 1:
         xf = xf.contiguous()
-    mu = centroids.detach()  # converted to fp32 in registers (a bf16 module keeps bf16 centroids)
-    if mu.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        mu = mu.to(torch.float32)
-    if not mu.is_contiguous():
-        mu = mu.contiguous()
+    mu = _kernel_centroids(centroids)
     grid = (triton.cdiv(n, BLOCK_T), h)
     block_d = max(16, triton.next_power_of_2(d))
     _nearest_centroid_kernel[grid](
@@ -187,11 +192,7 @@ def route_assign_triton(
     x = x.detach()
     if x.stride(-1) != 1:
         x = x.contiguous()
-    mu = centroids.detach()
-    if mu.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        mu = mu.to(torch.float32)
-    if not mu.is_contiguous():
-        mu = mu.contiguous()
+    mu = _kernel_centroids(centroids)
     sq_arg = sq if sq is not None else out
     sums, counts = stats if stats is not None else (out, out)
     grid = (triton.cdiv(n, BLOCK_T), h)
@@ -253,11 +254,7 @@ def route_commit_grad_triton(x: Tensor, centroids: Tensor, ids: Tensor, g: Tenso
         return gx
     if x.stride(-1) != 1:
         x = x.contiguous()
-    mu = centroids.detach()
-    if mu.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        mu = mu.to(torch.float32)
-    if not mu.is_contiguous():
-        mu = mu.contiguous()
+    mu = _kernel_centroids(centroids)
     ids2 = ids.reshape(n, h)
     _route_commit_bwd_kernel[(triton.cdiv(n, BLOCK_T), h)](
         x, mu, ids2, g.reshape(()), gx,
