@@ -115,14 +115,8 @@ def case_based(report, L):
 
 
 def case_routing(report, L):
-    from mnemotorch.layers import get_mixer
-
     dim, heads, window = 1024, 16, 512
-    torch.manual_seed(0)
-    x = torch.randn(1, L, dim, device="cuda").bfloat16().requires_grad_()
-    ours = get_mixer("routing", dim=dim, num_heads=heads, num_clusters=L // window, mode="causal_exact", shared_qk=True,
-                     causal=True, local_heads=0).cuda().bfloat16()
-    ours.backend = "block_sparse"
+    x, ours = _routing_layer(L)
 
     def fwd():
         y, _ = ours(x)
@@ -140,6 +134,74 @@ def case_routing(report, L):
         report[f"routing_peer_L{L}"] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
 
 
+def _routing_layer(L):
+    from mnemotorch.layers import get_mixer
+
+    dim, heads, window = 1024, 16, 512
+    torch.manual_seed(0)
+    x = torch.randn(1, L, dim, device="cuda").bfloat16().requires_grad_()
+    ours = get_mixer("routing", dim=dim, num_heads=heads, num_clusters=L // window, mode="causal_exact", shared_qk=True,
+                     causal=True, local_heads=0).cuda().bfloat16()
+    ours.backend = "block_sparse"
+    return x, ours
+
+
+def case_routing_host(report, L):
+    """Where the eager layer's host time goes: cProfile (Python functions) and the CPU side of
+    torch.profiler (aten ops and launches), over eager forward+backward calls of the bench layer."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    x, ours = _routing_layer(L)
+    params = [x, *[p for p in ours.parameters() if p.requires_grad]]
+
+    def fb():
+        y, _ = ours(x)
+        aux = ours.routing_aux_loss()
+        torch.autograd.grad((y.float().sum() + aux) if aux is not None else y.float().sum(), params)
+
+    def f():
+        with torch.no_grad():
+            ours(x)
+
+    r = {}
+    for name, fn in (("fwd", f), ("fwd_bwd", fb)):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        n = 30
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t) / n * 1e3  # host time per call while the GPU queue is not full
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / n * 1e3
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(n):
+            fn()
+        pr.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        st = pstats.Stats(pr, stream=buf)
+        st.sort_stats("tottime").print_stats(40)
+        st.sort_stats("cumulative").print_stats(40)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        r[name] = {"host_ms_per_call": host, "wall_ms_per_call": wall, "cprofile": buf.getvalue()[-20000:], "cpu_ops": table}
+        print(f"\n### routing host {name} L={L}: host {host:.3f} ms, wall {wall:.3f} ms per call")
+        print(table[:6000])
+        print(buf.getvalue()[:8000])
+    report[f"routing_host_L{L}"] = r
+
+
 def case_na1d(report, L):
     from mnemotorch.ops.block_sparse import block_sparse_attention, neighborhood_pattern
 
@@ -153,7 +215,8 @@ def case_na1d(report, L):
              [q, k, v], report)
 
 
-CASES = {"linear": (case_linear, 16384), "based": (case_based, 16384), "routing": (case_routing, 8192), "na1d": (case_na1d, 32768)}
+CASES = {"linear": (case_linear, 16384), "based": (case_based, 16384), "routing": (case_routing, 8192), "na1d": (case_na1d, 32768),
+         "routing_host": (case_routing_host, 8192)}
 
 
 def main(argv=None):
