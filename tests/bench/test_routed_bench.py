@@ -58,8 +58,9 @@ def test_routing_rows(report) -> None:
     assert row["num_clusters"] == row["L"] // row["window"]
     assert row["config_ours"]["mode"] == "causal_exact" and row["config_ours"]["shared_qk"] is True
     res = row["results"]
-    assert set(res) == {"ours_block_sparse", "ours_flex", "ours_sdpa_masks", "routing_transformer", "sdpa_dense"}
-    assert "needs CUDA" in res["ours_flex"]["skipped"] and "needs CUDA" in res["ours_block_sparse"]["skipped"]
+    assert set(res) == {"ours_block_sparse", "ours_block_sparse_graphs", "ours_flex", "ours_sdpa_masks", "routing_transformer", "sdpa_dense"}
+    for name in ("ours_flex", "ours_block_sparse", "ours_block_sparse_graphs"):
+        assert "needs CUDA" in res[name]["skipped"], name
     assert "not importable" in res["routing_transformer"]["skipped"]  # skipped, not crashed
     ours = res["ours_sdpa_masks"]
     for key in ("fwd_ms", "fwd_bwd_ms", "peak_extra_gib", "first_call_s", "speedup_fwd_vs_sdpa_dense", "speedup_fwd_bwd_vs_sdpa_dense"):
@@ -175,7 +176,7 @@ def test_cuda_graph_flag_is_a_noop_on_the_cpu(tmp_path, capsys, monkeypatch) -> 
     assert rep["settings"]["cuda_graph"] is False and "timing_modes" not in rep
     assert any("--cuda-graph ignored" in n for n in rep["notes"])
     (row,) = rep["routing"]
-    assert set(row["results"]) == {"ours_block_sparse", "ours_flex", "ours_sdpa_masks", "routing_transformer", "sdpa_dense"}
+    assert set(row["results"]) == {"ours_block_sparse", "ours_block_sparse_graphs", "ours_flex", "ours_sdpa_masks", "routing_transformer", "sdpa_dense"}
     assert row["results"]["ours_sdpa_masks"]["fwd_bwd_ms"] > 0 and "timing" not in row["results"]["ours_sdpa_masks"]
     assert "cuda_graph_summary" not in row
 

@@ -565,3 +565,24 @@ def test_routing_scores_chunking_is_bit_identical(monkeypatch, dtype: torch.dtyp
         ids = nearest_centroid(x, mu)
         assert ids.shape == (b, t, h) and torch.equal(ids, one_shot.argmax(-1))
     assert nearest_centroid(x[:, :0], mu).shape == (b, 0, h)
+
+
+def test_cuda_graph_option_is_validated_and_off_the_gpu_changes_nothing() -> None:
+    """``cuda_graph`` must be a bool; on the CPU (no CUDA graphs) a ``cuda_graph=True`` layer runs eagerly and
+    equals the default one, outputs and gradients (the graphed path itself: tests/gpu/test_routing_graphed_layer_gpu.py)."""
+    with pytest.raises(ValueError, match="cuda_graph"):
+        get_mixer("routing", dim=16, num_heads=2, num_clusters=2, cuda_graph=1)
+    torch.manual_seed(0)
+    a = get_mixer("routing", dim=16, num_heads=2, num_clusters=2, local_heads=1, local_window=4)
+    b = get_mixer("routing", dim=16, num_heads=2, num_clusters=2, local_heads=1, local_window=4, cuda_graph=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 9, 16)
+    outs = []
+    for m in (a, b):
+        xx = x.clone().requires_grad_()
+        y, st = m(xx)
+        (y.sum() + m.routing_aux_loss()).backward()
+        outs.append((y, xx.grad, st.k, st.k_local))
+    for u, v in zip(*outs):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert len(b._graphs) == 0

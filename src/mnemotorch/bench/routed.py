@@ -11,6 +11,8 @@ Two cases, each run in this process on the same inputs for every implementation:
   projections are included on all sides. Ours runs with each backend of its attention:
   ``block_sparse`` (``backend="block_sparse"``, the default on CUDA: sort by cluster, pack every
   head's clusters into one sequence, the project's block-sparse Triton kernel; CUDA only),
+  ``block_sparse_graphs`` (the same with ``cuda_graph=True``: the layer, still called eagerly, replays its
+  training calls from CUDA graphs it captured at the first call; its ``no_grad`` forward is eager),
   ``flex`` (``backend="flex"``: sort by cluster, block-sparse FlexAttention; CUDA only) and
   ``sdpa_masks`` (``backend="torch"``: SDPA with cluster masks over query chunks, dense compute;
   only up to ``--sdpa-masks-max-len``). Reported per length: the median of device-event timings
@@ -65,9 +67,11 @@ import torch
 from .block_sparse import TIMING_MODES, device_info, graph_ms, measure, measure_graphed, peer_graph_part, peer_graph_summary, wall_median_ms
 
 CASES = ("routing", "landmark")
-ROUTING_BACKENDS = {"block_sparse": "block_sparse", "flex": "flex", "sdpa_masks": "torch"}
+ROUTING_BACKENDS = {"block_sparse": "block_sparse", "block_sparse_graphs": "block_sparse", "flex": "flex", "sdpa_masks": "torch"}
+#: Ours run with ``cuda_graph=True`` (the layer replays its training calls from CUDA graphs; still called eagerly).
+LAYER_GRAPH_BACKENDS = ("block_sparse_graphs",)
 #: Ours that need CUDA (``--device cpu`` records them as skipped).
-CUDA_ONLY_BACKENDS = ("block_sparse", "flex")
+CUDA_ONLY_BACKENDS = ("block_sparse", "block_sparse_graphs", "flex")
 PEERS = ("routing_transformer", "sdpa")
 GRANULARITIES = ("block", "token")
 #: Peer numbers of shared/specs/sparse-attention.md (H100, bf16, B = 1, dim 1024, 16 heads, window 512,
@@ -287,6 +291,7 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
             res[key] = {"skipped": f"dense masked SDPA skipped above --sdpa-masks-max-len {sdpa_masks_max_len}"}
             continue
         ours.backend = ROUTING_BACKENDS[name]
+        ours.cuda_graph = name in LAYER_GRAPH_BACKENDS
 
         def fwd():
             y, _ = ours(x)
@@ -297,9 +302,10 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
         if "fwd_ms" in res[key]:
             with torch.no_grad():
                 outputs[name] = fwd().detach()
-            if cuda_graph:
+            if cuda_graph and name not in LAYER_GRAPH_BACKENDS:  # (a graphed layer inside a captured call: the same graph)
                 def ours_graphed(skip_fwd_bwd: str | None, backend=ROUTING_BACKENDS[name]) -> dict:
                     ours.backend = backend
+                    ours.cuda_graph = False
 
                     def call():
                         # one training call's whole work, as the eager timing does it: the previous call's
@@ -316,6 +322,7 @@ def routing_case(L: int, dim: int, heads: int, window: int, device: torch.device
                         _clear_routing_records(ours)
 
                 graph_jobs[key] = ours_graphed
+        ours.cuda_graph = False
         _free(device)
     names = [n for n in ROUTING_BACKENDS if n in outputs]
     for i, a in enumerate(names):
@@ -583,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window", type=int, default=None, help="tokens per cluster: C = L / window clusters (default 512)")
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--routing-backends", default=",".join(ROUTING_BACKENDS),
-                   help="ours: block_sparse (our kernel, CUDA), flex (FlexAttention, CUDA) and/or sdpa_masks")
+                   help="ours: block_sparse (our kernel, CUDA), block_sparse_graphs (the same layer with cuda_graph=True, CUDA), "
+                   "flex (FlexAttention, CUDA) and/or sdpa_masks")
     g.add_argument("--peers", default=",".join(PEERS), help="comma list of: routing_transformer, sdpa (dense causal SDPA layer); "
                    "'none' for ours only")
     g.add_argument("--sdpa-masks-max-len", type=int, default=16384, help="skip ours_sdpa_masks (dense compute) above this length")

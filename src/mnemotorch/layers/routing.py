@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.rotary import apply_rotary, rotary_cos_sin
@@ -48,11 +49,12 @@ from ..ops.routing import (
     nearest_centroid,
     rotary_fused,
     route_assign,
-    route_assign_supported,
+    route_assign_supports,
     scale_free_layer_norm,
 )
 from ..ops.sliding_window import sliding_window_attention
 from .base import Mixer, MixerState
+from .cuda_graphs import TrainingGraphs, autocast_key
 from .registry import register_mixer
 
 MODES = ("causal_exact", "balanced_topw")
@@ -132,6 +134,16 @@ class RoutingAttention(Mixer):
             sequences run the sort-by-cluster FlexAttention path, continuations SDPA) or
             ``"reference"`` (dense float64-ready logits). Local heads use
             ``sliding_window_attention`` (``"auto"`` unless ``"reference"``).
+        cuda_graph: replay training calls from CUDA graphs (``torch.cuda.make_graphed_callables``, one
+            capture per input shape, dtype and autocast state): the layer is still called eagerly, but its
+            ~20 kernel launches and their Python run once, at the capture, so a launch-bound layer
+            (short and medium lengths) runs at its device time. Applies to CUDA training calls with
+            gradients on fresh sequences in ``causal_exact`` mode with the fused glue; every other call
+            runs eagerly. **Contract:** call backward after each forward (a call that comes while the
+            previous graphed call's backward is pending runs eagerly, with one warning, so gradient
+            accumulation stays correct); the graphs read the centroid buffer in place (updates by
+            :meth:`update_centroids` are seen; moving the module with ``.to()`` drops the graphs).
+            Not used inside ``torch.compile``. The returned state is a copy (it outlives the next replay).
 
     Buffers: ``centroids [H_route, C, D]`` (kept at norm ``sqrt(D)``, the radius of the normalised
     routing vectors), ``ema_sums [H_route, C, D]``, ``ema_counts [H_route, C]``. They are saved in
@@ -161,6 +173,7 @@ class RoutingAttention(Mixer):
         ema_decay: float = 0.999,
         commitment_beta: float = 1e-4,
         backend: str = "auto",
+        cuda_graph: bool = False,
     ):
         super().__init__(dim, num_heads)
         self.num_clusters = _check_int("num_clusters", num_clusters, 1)
@@ -198,6 +211,9 @@ class RoutingAttention(Mixer):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
+        self._graphs = TrainingGraphs(type(self).__name__)
+        self._graph_buf: Tensor | None = None
 
         d = self.head_dim
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -253,42 +269,68 @@ class RoutingAttention(Mixer):
                 f"RoutingAttention(mode={self.mode!r}, causal={self.causal}) cannot continue a sequence: its clusters depend "
                 "on the whole sequence; call it on complete sequences (state=None), or use mode='causal_exact' with causal=True"
             )
+        if self._graph_eligible(x, state):
+            out = self._graphed_forward(x)
+            if out is not None:
+                return out
         if state is None:
             state = self.init_state(x.shape[0], x.device, x.dtype)
+        weights = (self.q_proj.weight, None if self.k_proj is None else self.k_proj.weight, self.v_proj.weight, self.o_proj.weight)
+        rope = None
+        if self.rope_theta is not None:
+            rope = self._rope_tables(state.seen_tokens, x.shape[1], x.device, self._proj_dtype(x))
+        fused = self._fused_for(x)
+        stats = self._stats_buffers(x.device) if (fused and self.training) else None
+        y, cache, losses, record = self._core(x, state, weights, self.centroids, rope, fused, stats)
+        if self.training:
+            if fused:
+                self._record_fused(*losses)
+            else:
+                self._record(*record)
+        return y, self._next_state(state, x, cache)
+
+    def _core(self, x: Tensor, state: RoutingState, weights: tuple, centroids: Tensor, rope: tuple | None, fused: bool,
+              stats: tuple[Tensor, Tensor] | None):
+        """The layer's work on explicit operands (eager and graphed calls share it), without recording.
+
+        ``weights = (W_q, W_k or None, W_v, W_o)``; ``rope = (cos, sin)`` of this call's positions or None;
+        ``stats``: the k-means statistics the fused kernel adds into (training). Returns ``(y, (k_all, v_all,
+        c_all, k_loc, v_loc), (loss_q, loss_k), (rq, cq, rk, ck) for the unfused record)``.
+        """
         b, t, _ = x.shape
         h, hl, d = self.num_heads, self.local_heads, self.head_dim
-        q = self.q_proj(x).view(b, t, h, d)
-        k = q if self.k_proj is None else self.k_proj(x).view(b, t, h, d)
-        v = self.v_proj(x).view(b, t, h, d)
+        wq, wk, wv, wo = weights
+        q = F.linear(x, wq).view(b, t, h, d)
+        k = q if wk is None else F.linear(x, wk).view(b, t, h, d)
+        v = F.linear(x, wv).view(b, t, h, d)
 
         # Routing by content: the un-rotated, layer-normalised (no scale, no bias) vectors.
-        fused = self._fused(q)
+        loss_q = loss_k = rq = rk = None
         if fused:
             # one kernel per side: layer norm in registers, nearest centroid, commitment distances and (training)
-            # the k-means statistics, added into the pending ones
+            # the k-means statistics, added into ``stats``
             beta = self.commitment_beta if (self.training and torch.is_grad_enabled() and self.commitment_beta > 0) else None
-            stats = self._stats_buffers(q.device) if self.training else None
-            raw_q, raw_k = q[:, :, hl:], (None if self.k_proj is None else k[:, :, hl:])
-            cq, loss_q = route_assign(raw_q, self.centroids, beta, stats=stats)
-            ck, loss_k = (cq, None) if raw_k is None else route_assign(raw_k, self.centroids, beta, stats=stats)
+            raw_q, raw_k = q[:, :, hl:], (None if wk is None else k[:, :, hl:])
+            cq, loss_q = route_assign(raw_q, centroids, beta, stats=stats)
+            ck, loss_k = (cq, None) if raw_k is None else route_assign(raw_k, centroids, beta, stats=stats)
         else:
             rq = scale_free_layer_norm(q[:, :, hl:])
-            rk = rq if self.k_proj is None else scale_free_layer_norm(k[:, :, hl:])
-            cq = nearest_centroid(rq, self.centroids)
-            ck = cq if self.k_proj is None else nearest_centroid(rk, self.centroids)
+            rk = rq if wk is None else scale_free_layer_norm(k[:, :, hl:])
+            cq = nearest_centroid(rq, centroids)
+            ck = cq if wk is None else nearest_centroid(rk, centroids)
 
-        if self.rope_theta is not None:
-            cos, sin = self._rope_tables(state.seen_tokens, t, x.device, q.dtype)
+        if rope is not None:
+            cos, sin = rope
             rotate = rotary_fused if fused else apply_rotary
             q = rotate(q, cos, sin)
-            k = q if self.k_proj is None else rotate(k, cos, sin)
+            k = q if wk is None else rotate(k, cos, sin)
 
         if self.mode == "causal_exact":
             q_route = q[:, :, hl:]
             if state.k.shape[1] == 0:
                 # a fresh sequence: no copy; ck stays cq (shared clusters) and, with shared Q/K, the keys
                 # are the very tensor of the queries, so the kernel paths sort and pack them once
-                k_all, v_all, c_all = (q_route if self.k_proj is None else k[:, :, hl:]), v[:, :, hl:], ck
+                k_all, v_all, c_all = (q_route if wk is None else k[:, :, hl:]), v[:, :, hl:], ck
             else:
                 k_all = torch.cat([state.k.to(k.dtype), k[:, :, hl:]], dim=1)
                 v_all = torch.cat([state.v.to(v.dtype), v[:, :, hl:]], dim=1)
@@ -300,8 +342,8 @@ class RoutingAttention(Mixer):
                 q_route, k_all, v_all, cq, c_all, causal=self.causal, backend=op_backend, num_clusters=self.num_clusters
             )
         else:
-            mq = balanced_topw_assignment(rq, self.centroids, self.top_w)
-            mk = mq if self.k_proj is None else balanced_topw_assignment(rk, self.centroids, self.top_w)
+            mq = balanced_topw_assignment(rq, centroids, self.top_w)
+            mk = mq if wk is None else balanced_topw_assignment(rk, centroids, self.top_w)
             y_route = balanced_topw_attention(q[:, :, hl:], k[:, :, hl:], v[:, :, hl:], mq, mk, causal=self.causal)
             k_all = v_all = c_all = None
 
@@ -312,32 +354,105 @@ class RoutingAttention(Mixer):
             v_loc = torch.cat([state.v_local.to(v.dtype), v[:, :, :hl]], dim=1) if self.streamable else v[:, :, :hl]
             sw_backend = "reference" if self.backend == "reference" else "auto"
             parts.insert(0, sliding_window_attention(q[:, :, :hl], k_loc, v_loc, self.local_window, backend=sw_backend))
-        y = self.o_proj((parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).reshape(b, t, h * d))
+        y = F.linear((parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).reshape(b, t, h * d), wo)
+        return y, (k_all, v_all, c_all, k_loc, v_loc), (loss_q, loss_k), (rq, cq, rk, ck)
 
-        if self.training:
-            if fused:
-                self._record_fused(loss_q, loss_k)
-            else:
-                self._record(rq, cq, rk, ck)
-
+    def _next_state(self, state: RoutingState | None, x: Tensor, cache: tuple) -> RoutingState:
+        """The state after a call: the cached keys / values / ids (streaming modes), the local window's tail."""
+        b, t, _ = x.shape
+        seen = 0 if state is None else state.seen_tokens
         if self.streamable:
+            k_all, v_all, c_all, k_loc, v_loc = cache
             keep = self.local_window - 1
-            if hl:
+            if self.local_heads:
                 k_loc, v_loc = (k_loc[:, k_loc.shape[1] - min(keep, k_loc.shape[1]) :], v_loc[:, v_loc.shape[1] - min(keep, v_loc.shape[1]) :])
             else:
-                k_loc, v_loc = state.k_local, state.v_local
-            new_state = RoutingState(state.seen_tokens + t, k=k_all, v=v_all, clusters=c_all, k_local=k_loc, v_local=v_loc)
-        else:
-            empty = self.init_state(b, x.device, x.dtype)
-            empty.seen_tokens = state.seen_tokens + t
-            new_state = empty
-        return y, new_state
+                empty = state if state is not None else self.init_state(b, x.device, x.dtype)
+                k_loc, v_loc = empty.k_local, empty.v_local
+            return RoutingState(seen + t, k=k_all, v=v_all, clusters=c_all, k_local=k_loc, v_local=v_loc)
+        empty = self.init_state(b, x.device, x.dtype)
+        empty.seen_tokens = seen + t
+        return empty
 
-    def _fused(self, q: Tensor) -> bool:
-        """Whether this call takes the fused routing glue (see ``FUSED_GLUE``)."""
-        if self.mode != "causal_exact" or FUSED_GLUE == "off" or not route_assign_supported(q):
+    # -- CUDA graphs of training calls (cuda_graph=True) ---------------------------------------
+    def _graph_eligible(self, x: Tensor, state: RoutingState | None) -> bool:
+        """Graph this call: ``cuda_graph``, a CUDA training call with gradients on a fresh sequence, the fused
+        causal-exact path, and not inside ``torch.compile`` (which makes graphs of its own)."""
+        return (
+            self.cuda_graph and x.is_cuda and self.training and torch.is_grad_enabled() and (state is None or state.seen_tokens == 0)
+            and self.mode == "causal_exact" and self._fused_for(x) and not torch.compiler.is_compiling()
+        )
+
+    def _graph_stats(self, device) -> tuple[Tensor, Tensor]:
+        """The persistent k-means statistics buffer the graphed kernels add into (its address is captured)."""
+        h, c, d = self.route_heads, self.num_clusters, self.head_dim
+        if self._graph_buf is None or self._graph_buf.device != torch.device(device):
+            self._graph_buf = torch.zeros(h * c * (d + 1), dtype=torch.float32, device=device)
+            self._graphs.reset()
+        buf = self._graph_buf
+        return buf[: h * c * d].view(h, c, d), buf[h * c * d :].view(h, c)
+
+    def _adopt_pending(self, sums: Tensor, counts: Tensor) -> None:
+        """Make the pending k-means statistics live in the graph's buffer (``sums``, ``counts``), keeping any
+        recorded by earlier calls."""
+        if self._pending_sums is not None and self._pending_sums.data_ptr() == sums.data_ptr() and self._pending_counts is not None \
+                and self._pending_counts.data_ptr() == counts.data_ptr():
+            return
+        old_sums, old_counts = self._pending_sums, self._pending_counts
+        self._graph_buf.zero_()
+        if old_sums is not None:
+            sums += old_sums.to(sums)
+            counts += old_counts.to(counts)
+        self._pending_sums, self._pending_counts = sums, counts
+
+    def _graphed_forward(self, x: Tensor) -> tuple[Tensor, RoutingState] | None:
+        """A training call replayed from this shape's CUDA graphs (captured at the first such call); None when it
+        must run eagerly (the previous graphed call's backward is still pending)."""
+        b, t, _ = x.shape
+        sums, counts = self._graph_stats(x.device)
+        weights = [self.q_proj.weight, self.v_proj.weight, self.o_proj.weight] + ([] if self.k_proj is None else [self.k_proj.weight])
+        rope = list(self._rope_tables(0, t, x.device, self._proj_dtype(x))) if self.rope_theta is not None else []
+        args = (x, *weights, self.centroids, *rope)
+        key = (tuple(x.shape), x.dtype, x.device, x.requires_grad, tuple(w.requires_grad for w in weights), autocast_key(),
+               self.commitment_beta > 0, self.backend, self.causal)
+        n_w = len(weights)
+
+        def body(x, *rest):
+            wq, wv, wo = rest[:3]
+            wk = rest[3] if n_w == 4 else None
+            centroids = rest[n_w]
+            rope_ = tuple(rest[n_w + 1 :]) or None
+            y, cache, (lq, lk), _ = self._core(x, self.init_state(b, x.device, x.dtype), (wq, wk, wv, wo), centroids, rope_, True,
+                                               (sums, counts))
+            loss = torch.zeros((), device=x.device, dtype=y.dtype) if lq is None else (lq if lk is None else (lq + lk) / 2)
+            return (y, loss, *(c.detach() for c in cache if c is not None))  # no local heads: no k_loc / v_loc
+
+        # the pending statistics live in the graph's buffer before the replay adds this call's; a capture's
+        # warm-up calls also add into it, so the buffer is restored after one
+        self._adopt_pending(sums, counts)
+        snapshot = None if key in self._graphs else self._graph_buf.clone()
+        out = self._graphs.run(key, body, args, after_capture=None if snapshot is None else (lambda: self._graph_buf.copy_(snapshot)))
+        if out is None:
+            return None
+        y, loss, *cache = out
+        if len(cache) == 3:
+            cache += [None, None]
+        if self.commitment_beta > 0:
+            self._record_fused(loss.clone(), None)  # a copy: the graph's output is overwritten by the next replay
+        # the cache (and the returned state) must outlive the next replay: copies
+        state = self._next_state(None, x, tuple(None if c is None else c.clone() for c in cache))
+        return y, state
+
+    def _proj_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype of the projections' outputs (the autocast dtype under autocast)."""
+        kind = x.device.type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+    def _fused_for(self, x: Tensor) -> bool:
+        """Whether a call on ``x`` takes the fused routing glue (see ``FUSED_GLUE``)."""
+        if self.mode != "causal_exact" or FUSED_GLUE == "off" or not route_assign_supports(x.device, self._proj_dtype(x), self.head_dim):
             return False
-        return FUSED_GLUE == "on" or q.is_cuda
+        return FUSED_GLUE == "on" or x.is_cuda
 
     def _rope_tables(self, start: int, t: int, device, dtype) -> tuple[Tensor, Tensor]:
         """RoPE tables of positions ``start .. start + t - 1``; the last ones are kept (repeated calls of one
@@ -354,6 +469,8 @@ class RoutingAttention(Mixer):
         # two devices.
         self._flush_raw()
         self._rope_cache = None
+        self._graphs.reset()  # the graphs read buffers by address: moved buffers need new graphs
+        self._graph_buf = None
         out = super()._apply(fn, recurse)
         for name in ("_pending_sums", "_pending_counts"):
             if getattr(self, name, None) is not None:

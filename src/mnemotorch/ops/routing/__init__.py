@@ -111,10 +111,16 @@ class _FusedCommitment(torch.autograd.Function):
 def route_assign_supported(x: Tensor) -> bool:
     """Whether :func:`route_assign` can run ``x`` on its kernel: CUDA (or CPU under ``TRITON_INTERPRET=1``),
     ``[B, T, H, D <= 256]`` in float16 / bfloat16 / float32."""
+    return x.ndim == 4 and route_assign_supports(x.device, x.dtype, x.shape[-1])
+
+
+def route_assign_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """:func:`route_assign_supported` from the device, dtype and head dim alone."""
     import os
 
-    on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    return on_device and x.ndim == 4 and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] <= 256
+    device = torch.device(device)
+    on_device = device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return on_device and dtype in (torch.float16, torch.bfloat16, torch.float32) and head_dim <= 256
 
 
 def route_assign(
@@ -249,6 +255,7 @@ __all__ = [
     "rotary_fused",
     "route_assign",
     "route_assign_supported",
+    "route_assign_supports",
     "routed_layout",
     "scale_free_layer_norm",
 ]
