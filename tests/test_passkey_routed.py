@@ -135,3 +135,25 @@ def test_quick_landmark_cells_run_with_landmark_tokens(tmp_path):
         lengths = [setting["length"]] + [e["length"] for e in setting["eval"]]
         assert [cell["input_len"]] + [e["input_len"] for e in cell["evals"]] == [n + n // block_len for n in lengths]
         assert [cell["seq_len"]] + [e["seq_len"] for e in cell["evals"]] == lengths
+
+
+def test_jitter_config_is_the_phase_probe_trained_with_length_jitter():
+    """configs/passkey_routed_jitter.yaml: the phase probe's task, model and training, with
+    train.length_jitter covering every phase of the landmark blocks and HCAM chunks (also in quick
+    mode), its landmark / hcam_nope mixers and attention with RoPE, and the promised test lengths."""
+    phase = load_experiment_config(REPO / "configs" / "passkey_routed_phase.yaml")
+    cfg = load_experiment_config(REPO / "configs" / "passkey_routed_jitter.yaml")
+    assert cfg["train"] == {**phase["train"], "length_jitter": 64}
+    for key in ("task", "task_params", "data", "model", "widths", "learning_rates"):
+        assert cfg[key] == phase[key], key
+    (setting,), (phase_setting,) = cfg["settings"], phase["settings"]
+    assert (setting["length"], setting["batch_size"]) == (phase_setting["length"], phase_setting["batch_size"]) == (512, 32)
+    lengths = [498, 546, 2048, 2062, 4096, 4112, 8192, 8212, 16384, 16362, 16400]
+    assert [(e["length"], e.get("eval_batch_size")) for e in setting["eval"]] == [(n, 16 if n >= 8192 else None) for n in lengths]
+    assert list(cfg["mixers"]) == ["landmark_topk", "landmark", "hcam_nope", "attention"]
+    assert all(cfg["mixers"][m] == phase["mixers"][m] for m in ("landmark_topk", "landmark", "hcam_nope"))
+    assert cfg["mixers"]["attention"] == "attention"  # RoPE, as in passkey_routed.yaml
+    for quick in (False, True):
+        c = load_experiment_config(REPO / "configs" / "passkey_routed_jitter.yaml", quick=quick)
+        blocks = [spec(p).get("block_len", spec(p).get("chunk_size")) for p in c["mixers"].values() if spec(p)["type"] != "attention"]
+        assert blocks and all(c["train"]["length_jitter"] >= b for b in blocks), (quick, blocks)

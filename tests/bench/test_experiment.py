@@ -344,3 +344,152 @@ def test_landmark_tokens_errors(tmp_path):
                          out_dir=tmp_path, progress=False)
     (cell,) = bad["cells"].values()
     assert cell["status"] == "failed" and "landmark layers have block_len [3, 4]" in cell["error"] and "loss_curve" not in cell
+
+
+def passkey_config(length_jitter=None, **over) -> dict:
+    """A tiny passkey sweep (byte tokenizer, no instruction: the prompt without haystack is 103 bytes)."""
+    train = {"steps": 8, "batch_size": 4, "eval_batch_size": 4, "device": "cpu", "cpu_threads": 1}
+    if length_jitter is not None:
+        train["length_jitter"] = length_jitter
+    return tiny_config(
+        task="needle", task_params={"kind": "passkey", "haystack": "synthetic", "tokenizer": "byte", "instruction": False},
+        settings=[{"length": 120, "eval": [{"length": 131}]}], data={"num_train": 24, "num_test": 4}, train=train, **over,
+    )
+
+
+def recorded_batches(monkeypatch):
+    import torch
+
+    from mnemotorch.bench import experiment
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    to_device = experiment._to_device
+
+    def recording_to_device(x, labels, device):
+        batches.append((x.clone(), labels.clone()))
+        return to_device(x, labels, device)
+
+    monkeypatch.setattr(experiment, "_to_device", recording_to_device)
+    return batches
+
+
+def test_length_jitter_trains_at_several_lengths(tmp_path, monkeypatch):
+    """train.length_jitter = P: each step's batch is at one length L - r, r in [0, P), with landmark
+    tokens laid out for that length; the tests keep their lengths; the cell JSON, the resolved config
+    and the fingerprint record the option."""
+    from mnemotorch.ops.landmark import check_landmarks, remove_landmarks
+
+    batches = recorded_batches(monkeypatch)
+    cfg = passkey_config(length_jitter=8, mixers={"attention": "attention", "landmark": LANDMARK_TOKENS})
+    seen = {}
+    for mixer in ("attention", "landmark"):
+        batches.clear()
+        assert run_experiment(cfg, out_dir=tmp_path, progress=False, only=[f"|{mixer}|"])["ran"] == 1
+        seen[mixer] = list(batches)
+    train, tests = seen["attention"][:8], seen["attention"][8:]
+    lengths = [x.shape[1] for x, _ in train]
+    assert len(set(lengths)) >= 2 and all(113 <= n <= 120 for n in lengths), lengths
+    assert [x.shape for x, _ in tests] == [(4, 120), (4, 131)]  # the test sets are unchanged
+    assert len(seen["landmark"]) == len(seen["attention"])
+    for (x, y), (x0, y0) in zip(seen["landmark"], seen["attention"]):  # same batches, with landmarks
+        check_landmarks(x, 3, 257)
+        assert remove_landmarks(x, 3, dim=1).equal(x0) and remove_landmarks(y, 3, dim=1).equal(y0)
+
+    results = json.loads((tmp_path / "tiny.json").read_text())
+    assert results["config"]["train"]["length_jitter"] == 8
+    for c in results["cells"].values():
+        assert c["status"] == "ok", c
+        assert c["length_jitter"] == 8 and c["train_lengths"] == [113, 120] and c["seq_len"] == 120
+        assert [e["seq_len"] for e in c["evals"]] == [131]
+    jittered = {c.mixer: c.fingerprint for c in plan_cells(load_experiment_config(cfg))}
+    plain = {c.mixer: c.fingerprint for c in plan_cells(load_experiment_config(passkey_config(mixers=cfg["mixers"])))}
+    assert all(jittered[m] != plain[m] for m in plain)
+    assert "r uniform in [0, 8) per step (length_jitter)" in (tmp_path / "tiny.md").read_text()
+
+
+def test_length_jitter_examples_keep_their_needle_and_answer():
+    """Every training example at a shorter length is built whole: one needle, the question, and
+    the answer labels at the end; P sets of L - r tokens holding num_train examples in all,
+    different pass keys per set, the same sets for the same seed."""
+    import re
+
+    from mnemotorch.bench import experiment
+    from mnemotorch.tasks import ByteTokenizer
+
+    tok = ByteTokenizer()
+    params = passkey_config()["task_params"] | {"length": 120}
+    sets = experiment._make_train_sets("needle", {"num_train": 26, "seed": 0}, params, 8)
+    assert [d.seq_len for d in sets] == list(range(120, 112, -1))
+    assert [d.input_ids.shape[0] for d in sets] == [4, 4, 3, 3, 3, 3, 3, 3]
+    keys = []
+    for d in sets:
+        for ids, labels in zip(d.input_ids, d.labels):
+            text = tok.decode(ids.tolist())
+            needles = re.findall(r"The pass key is (\d{5})\. Remember it\. (\d{5}) is the pass key\.", text)
+            assert len(needles) == 1 and needles[0][0] == needles[0][1], text
+            key = needles[0][0]
+            assert text.endswith(f"\nWhat is the pass key? The pass key is {key}"), text
+            scored = (labels != -100).nonzero().squeeze(1).tolist()
+            n = d.seq_len
+            assert scored == list(range(n - 7, n - 1))  # the last prompt token and the answer but its last
+            assert tok.decode(labels[scored].tolist()) == f" {key}"
+            keys.append(key)
+    assert len(set(keys)) > len(keys) // 2  # the sets are not copies of one another
+    again = experiment._make_train_sets("needle", {"num_train": 26, "seed": 0}, params, 8)
+    assert all(a.input_ids.equal(b.input_ids) and a.labels.equal(b.labels) for a, b in zip(sets, again))
+
+
+def test_length_jitter_zero_is_the_unjittered_runner(tmp_path, monkeypatch):
+    """length_jitter 0 (explicit or by default) trains on exactly the batches of the runner before
+    the option (one training set, one generator: epochs of random permutations) and keeps every
+    earlier cell fingerprint."""
+    import torch
+
+    from mnemotorch.tasks.synthetic import make_task
+
+    batches = recorded_batches(monkeypatch)
+    steps, bs, n = 7, 5, 12  # past the end of an epoch twice
+    cfg = tiny_config(data={"num_train": n, "num_test": 8},
+                      train={"steps": steps, "batch_size": bs, "eval_batch_size": 8, "device": "cpu", "cpu_threads": 1})
+    data = make_task("mqar", n, seed=0, seq_len=16, num_kv_pairs=2, vocab_size=64)
+    gen = torch.Generator().manual_seed(0)
+    order, pos, expected = torch.randperm(n, generator=gen), 0, []
+    for _ in range(steps):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + bs]
+        pos += bs
+        expected.append((data.input_ids[idx], data.labels[idx]))
+    for jitter in (None, 0):
+        batches.clear()
+        c = dict(cfg, train={**cfg["train"], **({} if jitter is None else {"length_jitter": jitter})})
+        run_experiment(c, out_dir=tmp_path / str(jitter), progress=False)
+        assert len(batches) == steps + 1
+        for (x, y), (x0, y0) in zip(batches, expected):
+            assert x.equal(x0) and y.equal(y0)
+        (cell,) = json.loads((tmp_path / str(jitter) / "tiny.json").read_text())["cells"].values()
+        assert "length_jitter" not in cell and "train_lengths" not in cell
+    # results stored before the option keep their fingerprints
+    for name in ("passkey_routed", "mqar_linear"):
+        stored = json.loads((REPO / "docs" / "results" / f"{name}.json").read_text())["cells"]
+        for cell in plan_cells(load_experiment_config(REPO / "configs" / f"{name}.yaml")):
+            assert stored[cell.id]["fingerprint"] == cell.fingerprint, cell.id
+
+
+def test_length_jitter_validation():
+    for bad in (-1, True, 1.5, "8"):
+        with pytest.raises(ValueError, match=r"train.length_jitter must be an int >= 0"):
+            load_experiment_config(passkey_config(length_jitter=bad))
+    with pytest.raises(ValueError, match=r"train.length_jitter=120 must be smaller than settings\[0\].length=120"):
+        load_experiment_config(passkey_config(length_jitter=120))
+    with pytest.raises(ValueError, match=r"train.length_jitter=30 splits .* data.num_train \(24\) must be at least 30"):
+        load_experiment_config(passkey_config(length_jitter=30))
+    with pytest.raises(ValueError, match=r"train.length_jitter=4 is not supported for task 'mqar'"):
+        load_experiment_config(tiny_config(train={"length_jitter": 4}))
+    assert load_experiment_config(tiny_config(train={"length_jitter": 0}))["train"]["length_jitter"] == 0
+    assert load_experiment_config(tiny_config())["train"]["length_jitter"] == 0
+    # a training length too short for the task's prompt: the cell fails with the option named
+    from mnemotorch.bench import experiment
+
+    with pytest.raises(ValueError, match=r"train.length_jitter=21: the training examples at length=102: .*shorter than"):
+        experiment._make_train_sets("needle", {"num_train": 21, "seed": 0}, passkey_config()["task_params"] | {"length": 122}, 21)

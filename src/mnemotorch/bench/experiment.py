@@ -40,9 +40,12 @@ Config (YAML, TOML or JSON file, or a dict)::
     learning_rates: [1.0e-4, 1.0e-3]
     train: {steps: 1000, batch_size: 64, eval_batch_size: 256, warmup_fraction: 0.1,
             weight_decay: 0.1, betas: [0.9, 0.98], min_lr_ratio: 0.0, grad_clip: 1.0,
-            seed: 0, device: auto, precision: auto, cpu_threads: null}   # precision: auto (bf16
-                                          # autocast on CUDA) | bf16 | fp32   # cpu_threads: torch threads on CPU (1 is
-                                          # fastest for toy models on a busy machine)
+            seed: 0, device: auto, precision: auto, cpu_threads: null,
+            length_jitter: 0}             # precision: auto (bf16 autocast on CUDA) | bf16 | fp32
+                                          # cpu_threads: torch threads on CPU (1 is fastest for
+                                          # toy models on a busy machine)
+                                          # length_jitter: P > 0 trains each step at one length
+                                          # L - r, r uniform in [0, P) (see below)
     anchors: [{mixer: attention, accuracy: 1.0, source: Zoology}]   # published numbers, shown in the report
     quick: {...}                          # overrides merged in by quick=True (mappings merge key
                                           # by key; lists and 'mixers' are replaced)
@@ -50,6 +53,25 @@ Config (YAML, TOML or JSON file, or a dict)::
 Accuracy is token accuracy over labelled positions (MQAR, copying) or exact match of the whole
 answer (needle / passkey), as the task says. State size is ``model.state_size(seq_len)``: elements
 of mixer state per sequence summed over layers (Zoology's accounting, see the Mixer protocol).
+
+Length jitter (``train: {length_jitter: P}``, an int >= 0, default 0: every training batch at the
+setting's length ``L``). With ``P > 0`` the training examples are built at the ``P`` lengths
+``L - r``, ``r = 0 .. P-1`` (``data.num_train`` examples in all, split evenly; the examples of
+length ``L - r`` with seed ``data.seed + 2 + r``, the test sets keep ``data.seed + 1``), each whole
+at its length (the needle task fits the haystack around the instruction, needle, question and
+answer: nothing is cropped), and every training step draws ``r`` uniformly and takes its batch from
+that length (one length per batch, so batches stay rectangular; deterministic given ``train.seed``).
+Test sets and lengths are unchanged. Why: a model trained at one length sees the question and the
+answer at one fixed offset inside the block grid of a block-structured mixer and can learn that
+offset -- on an H100, passkey trained at 512 bytes, landmark attention (50-token blocks, top-4
+retrieval) scored 0.0 at every test length off 512's phase mod 50 (498, 546, 542, 534) but
+0.935-0.96 at 2062 / 4112 / 8212 / 16362 (= 512 mod 50), and hcam without positions (32-token chunks)
+0.875-0.925 at 2K-16K (multiples of 32) but 0.435 at 2064 and 0.075 at 16362
+(configs/passkey_routed_phase.yaml); ``P`` at least the block length covers every phase. Supported
+for the tasks with a free length parameter (``needle`` and ``passkey``: ``length``; others raise a
+ValueError); ``P`` must be below every setting's length and at most ``data.num_train``. The cell
+JSON records ``length_jitter`` and ``train_lengths`` (shortest, longest); a nonzero value is part of
+the cell fingerprint (0 leaves the fingerprints of earlier results unchanged).
 
 Landmark tokens (``landmark_tokens: true``; Mohtashami & Jaggi 2023). The ``landmark`` mixer reads
 its layout from absolute positions: position ``p`` is a landmark iff ``p % (l + 1) == l``, with
@@ -112,7 +134,12 @@ _TRAIN_DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "precision": "auto",
     "cpu_threads": None,
+    "length_jitter": 0,
 }
+#: Tasks whose training length ``train.length_jitter`` varies: task name -> its length parameter.
+#: Only tasks that build a whole example at any length (the needle builder fits the haystack around
+#: the instruction, needle, question and answer); MQAR, for one, needs even lengths.
+_JITTER_LENGTH_PARAM = {"needle": "length", "passkey": "length"}
 _PRECISIONS = ("auto", "bf16", "fp32")
 _DATA_DEFAULTS: dict[str, Any] = {"num_train": 10_000, "num_test": 1_000, "seed": 0}
 # Keys of a setting (or an eval entry) that are not task parameters.
@@ -235,12 +262,46 @@ def load_experiment_config(config: dict[str, Any] | str | os.PathLike[str], quic
         raise ValueError(f"experiment config: learning_rates must be positive, got {cfg['learning_rates']}")
     if cfg["train"]["precision"] not in _PRECISIONS:
         raise ValueError(f"experiment config: train.precision must be one of {list(_PRECISIONS)}, got {cfg['train']['precision']!r}")
+    _check_length_jitter(cfg)
     reserved = sorted({"hidden_size", "vocab_size", "layer_plan"} & set(cfg["model"]))
     if reserved:
         raise ValueError(f"experiment config: model.{reserved[0]} is set by the sweep (widths / task / mixers), remove it from 'model'")
     if not isinstance(cfg["anchors"], list):
         raise ValueError("experiment config: 'anchors' must be a list of mappings")
     return cfg
+
+
+def _check_length_jitter(cfg: dict[str, Any]) -> None:
+    """Validate ``train.length_jitter`` of a resolved config (see the module docstring).
+
+    Raises:
+        ValueError: not an int >= 0; > 0 for a task without a free length parameter, with fewer
+            training examples than lengths, or not below a setting's length.
+    """
+    p = cfg["train"]["length_jitter"]
+    if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+        raise ValueError(f"experiment config: train.length_jitter must be an int >= 0 (0: no jitter), got {p!r}")
+    if p == 0:
+        return
+    param = _JITTER_LENGTH_PARAM.get(cfg["task"])
+    if param is None:
+        raise ValueError(
+            f"experiment config: train.length_jitter={p} is not supported for task {cfg['task']!r}; it needs a task "
+            f"that builds whole examples at any length ({', '.join(sorted(_JITTER_LENGTH_PARAM))}); use 0"
+        )
+    for i, setting in enumerate(cfg["settings"]):
+        length = {**cfg["task_params"], **setting}.get(param)
+        if isinstance(length, int) and not isinstance(length, bool) and p >= length:
+            raise ValueError(
+                f"experiment config: train.length_jitter={p} must be smaller than settings[{i}].{param}={length} "
+                f"(training lengths are {param} - r, 0 <= r < length_jitter)"
+            )
+    num_train = cfg["data"]["num_train"]
+    if isinstance(num_train, int) and num_train < p:
+        raise ValueError(
+            f"experiment config: train.length_jitter={p} splits the training examples over {p} lengths, "
+            f"so data.num_train ({num_train}) must be at least {p}"
+        )
 
 
 def _with_defaults(section: Any, defaults: dict[str, Any], name: str) -> dict[str, Any]:
@@ -436,7 +497,8 @@ def plan_cells(cfg: dict[str, Any]) -> list[Cell]:
                     payload = {
                         "task": cfg["task"], "task_params": task_params, "evals": evals, "data": cfg["data"],
                         "model": cfg["model"], "layer_plan": plan, "width": width, "lr": lr,
-                        "train": {k: v for k, v in train.items() if k != "device"},
+                        # length_jitter only when set: cells without it keep their old fingerprints
+                        "train": {k: v for k, v in train.items() if k != "device" and not (k == "length_jitter" and not v)},
                     }
                     if test_mode is not None:  # only then: cells without one keep their old fingerprints
                         payload["test_mode"] = test_mode
@@ -530,18 +592,21 @@ def _evaluate(model: Any, data: Any, batch_size: int, device: torch.device, amp:
     }
 
 
-def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: list[tuple[str, Any, int]], device: torch.device) -> dict[str, Any]:
+def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_sets: list[Any], tests: list[tuple[str, Any, int]], device: torch.device) -> dict[str, Any]:
+    """Train and score one cell; ``train_sets`` are the training examples, one set per training
+    length (one set unless ``train.length_jitter`` > 0, see :func:`_make_train_sets`)."""
     from ..layers.routing import routing_aux_loss, routing_layers, update_routing_centroids
     from ..models import MnemoConfig, MnemoForCausalLM
 
     t = cell.train
     torch.manual_seed(int(t["seed"]))
+    train_data = train_sets[0]
     vocab_size, landmark = train_data.vocab_size, None
     if cell.landmark_tokens is not None:
         # a dedicated token: the first id past the task's vocabulary (the model's grows by one)
         landmark = (int(cell.landmark_tokens["block_len"]), int(train_data.vocab_size))
         vocab_size += 1
-        top = max(int(d.input_ids.max()) for d in [train_data] + [data for _, data, _ in tests])
+        top = max(int(d.input_ids.max()) for d in list(train_sets) + [data for _, data, _ in tests])
         if top >= landmark[1]:
             raise ValueError(f"landmark_tokens: the task's data holds token id {top} >= its vocab_size {landmark[1]}, the landmark token's id")
     config = MnemoConfig(vocab_size=vocab_size, hidden_size=cell.width, layer_plan=cell.layer_plan, **cfg["model"])
@@ -563,21 +628,27 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
     steps, batch_size = int(t["steps"]), int(t["batch_size"])
     warmup = max(1, int(round(float(t["warmup_fraction"]) * steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup, float(t["min_lr_ratio"])))
-    n = train_data.input_ids.shape[0]
+    # One epoch order per training set; with one set (no length_jitter) exactly the draws of a
+    # single set, so the batches are those of a runner without the option.
+    sizes = [int(d.input_ids.shape[0]) for d in train_sets]
     gen = torch.Generator().manual_seed(int(t["seed"]))
-    order = torch.randperm(n, generator=gen)
-    pos = 0
+    orders = [torch.randperm(n, generator=gen) for n in sizes]
+    positions = [0] * len(sizes)
+    lengths = [d.seq_len for d in train_sets]
     losses: list[float] = []
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
     model.train()
     has_routing = bool(routing_layers(model))
     for step in range(steps):
+        # length_jitter: each step's batch comes from one training length, drawn uniformly
+        b = 0 if len(train_sets) == 1 else int(torch.randint(len(train_sets), (1,), generator=gen))
+        data, n, pos = train_sets[b], sizes[b], positions[b]
         if pos + batch_size > n:  # epochs: a fresh permutation once the current one is used up
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos : pos + batch_size] if batch_size <= n else torch.randint(0, n, (batch_size,), generator=gen)
-        pos += batch_size
-        ids, y = _with_landmarks(train_data.input_ids[idx], train_data.labels[idx], landmark)
+            orders[b], pos = torch.randperm(n, generator=gen), 0
+        idx = orders[b][pos : pos + batch_size] if batch_size <= n else torch.randint(0, n, (batch_size,), generator=gen)
+        positions[b] = pos + batch_size
+        ids, y = _with_landmarks(data.input_ids[idx], data.labels[idx], landmark)
         if landmark is not None and step == 0:
             from ..ops.landmark import check_landmarks
 
@@ -636,6 +707,8 @@ def _train_and_eval(cell: Cell, cfg: dict[str, Any], train_data: Any, tests: lis
         **({"landmark_tokens": {"block_len": landmark[0], "landmark_id": landmark[1]}} if landmark is not None else {}),
         "steps": steps,
         "batch_size": batch_size,
+        # length_jitter: the shortest and longest training length (the tests' lengths are the setting's)
+        **({"length_jitter": int(t["length_jitter"]), "train_lengths": [min(lengths), max(lengths)]} if int(t["length_jitter"]) else {}),
         "train_seconds": round(train_seconds, 3),
         **({"test_mode_layers": test_modes} if test_modes else {}),
     }
@@ -672,6 +745,32 @@ def _finite_or_none(x: Any) -> Any:
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
+def _make_train_sets(task: str, data: dict[str, Any], task_params: dict[str, Any], jitter: int) -> list[Any]:
+    """The training examples, as a list of ``TaskData`` of one length each.
+
+    ``jitter`` = 0: one set of ``data.num_train`` examples at the setting's length (seed
+    ``data.seed``). ``jitter`` = P > 0: P sets at lengths ``L - r``, ``r = 0 .. P-1``, with
+    ``data.num_train`` examples in all (split as evenly as possible), set ``r`` built with seed
+    ``data.seed + 2 + r`` (the test sets use ``data.seed + 1``). Each example is built whole at its
+    length by the task (needle, question and answer included; nothing is cropped).
+    """
+    from ..tasks.synthetic import make_task
+
+    num_train, seed = int(data["num_train"]), int(data["seed"])
+    if jitter == 0:
+        return [make_task(task, num_train, seed=seed, **task_params)]
+    param = _JITTER_LENGTH_PARAM[task]
+    length = int(task_params[param])
+    sets = []
+    for r in range(jitter):
+        try:
+            sets.append(make_task(task, num_train // jitter + (r < num_train % jitter), seed=seed + 2 + r,
+                                  **{**task_params, param: length - r}))
+        except ValueError as err:
+            raise ValueError(f"train.length_jitter={jitter}: the training examples at {param}={length - r}: {err}") from err
+    return sets
+
+
 class _DataCache:
     """Task data for the current setting (a setting's cells share their train and test sets)."""
 
@@ -683,11 +782,11 @@ class _DataCache:
     def get(self, cell: Cell) -> tuple[Any, list[tuple[str, Any, int]]]:
         from ..tasks.synthetic import make_task
 
-        key = json.dumps([cell.task_params, cell.evals], sort_keys=True, default=str)
+        key = json.dumps([cell.task_params, cell.evals, cell.train["length_jitter"]], sort_keys=True, default=str)
         if key != self.key:
             self.key, self.value = None, None  # free the previous setting's data first
             d, task = self.cfg["data"], self.cfg["task"]
-            train = make_task(task, int(d["num_train"]), seed=int(d["seed"]), **cell.task_params)
+            train = _make_train_sets(task, d, cell.task_params, int(cell.train["length_jitter"]))
             test_seed = int(d["seed"]) + 1
             tests = [("test", make_task(task, int(d["num_test"]), seed=test_seed, **cell.task_params), int(cell.train["eval_batch_size"]))]
             for entry in cell.evals:
@@ -808,8 +907,8 @@ def _run_cells(todo: list[Cell], cfg: dict[str, Any], cache: _DataCache, dev: to
             base["landmark_tokens"] = cell.landmark_tokens  # the cell's record adds the token id
         start = time.perf_counter()
         try:
-            train_data, tests = cache.get(cell)
-            record = {**base, **_train_and_eval(cell, cfg, train_data, tests, dev)}
+            train_sets, tests = cache.get(cell)
+            record = {**base, **_train_and_eval(cell, cfg, train_sets, tests, dev)}
         except Exception as err:  # noqa: BLE001 -- a crashing cell must not stop the sweep
             tb = traceback.format_exc().strip().splitlines()
             record = {**base, "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": "\n".join(tb[-12:])}

@@ -85,7 +85,9 @@ def markdown_report(results: dict[str, Any], cells: list[Any]) -> str:
     lines += [
         f"Task `{cfg['task']}` ({', '.join(f'{k}={v}' for k, v in cfg['task_params'].items()) or 'defaults'}); "
         f"model: {model}; {'/'.join(map(str, steps))} steps, batch {'/'.join(map(str, batch))}, AdamW (wd {t['weight_decay']}), "
-        f"warm-up {t['warmup_fraction']:.0%} + cosine; {cfg['data']['num_train']} train / {cfg['data']['num_test']} test examples. "
+        f"warm-up {t['warmup_fraction']:.0%} + cosine; {cfg['data']['num_train']} train / {cfg['data']['num_test']} test examples"
+        + (f", trained at lengths L - r, r uniform in [0, {t['length_jitter']}) per step (length_jitter)" if t.get("length_jitter") else "")
+        + ". "
         f"Device: {env.get('gpu', env.get('device', '?'))}, torch {env.get('torch', '?')}.",
         "",
         f"Cells: {n_ok} ok, {n_fail} failed, {n_pending} not run yet"
