@@ -146,6 +146,22 @@ def _routing_layer(L):
     return x, ours
 
 
+def case_routing_graphs(report, L):
+    """The routing layer eager and with ``cuda_graph=True`` at one length: per-kernel device time of each
+    (the graphed layer's replays included), to see what the graphed call adds to the device work."""
+    for graphs in (False, True):
+        x, ours = _routing_layer(L)
+        ours.cuda_graph = graphs
+
+        def fwd():
+            y, _ = ours(x)
+            ours.routing_aux_loss()
+            return y
+
+        _profile(f"routing_{'graphs' if graphs else 'eager'}_L{L}", fwd, [x, *[p for p in ours.parameters() if p.requires_grad]], report)
+        del x, ours
+
+
 def case_routing_host(report, L):
     """Where the eager layer's host time goes: cProfile (Python functions) and the CPU side of
     torch.profiler (aten ops and launches), over eager forward+backward calls of the bench layer."""
@@ -216,7 +232,7 @@ def case_na1d(report, L):
 
 
 CASES = {"linear": (case_linear, 16384), "based": (case_based, 16384), "routing": (case_routing, 8192), "na1d": (case_na1d, 32768),
-         "routing_host": (case_routing_host, 8192)}
+         "routing_host": (case_routing_host, 8192), "routing_graphs": (case_routing_graphs, 16384)}
 
 
 def main(argv=None):

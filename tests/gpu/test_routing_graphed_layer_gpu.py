@@ -102,23 +102,29 @@ def test_second_forward_before_backward_runs_eagerly() -> None:
 
 def test_graphed_layer_under_autocast_and_no_grad() -> None:
     """A float32 layer under bf16 autocast is graphed (captured with autocast's cache off) and equals the eager
-    layer under the same autocast; a ``no_grad`` call and an eval-mode call run eagerly."""
+    layer under autocast with the cache off; against the eager layer with autocast's default cache, outputs are
+    equal and the input's gradient within bf16 rounding (with the cache, the q and v projections share one bf16
+    cast of x, so their two input gradients are summed in bf16 before the cast back; without it, in fp32).
+    A ``no_grad`` call and an eval-mode call run eagerly."""
     eager, graphed = _pair(True, 0, dtype=torch.float32)
     g = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(1, 1024, 512, device="cuda", generator=g)
     gy = torch.randn(1, 1024, 512, device="cuda", generator=g)
     res = {}
-    for name, m in (("eager", eager), ("graphed", graphed)):
+    for name, m, cache in (("eager", eager, False), ("eager_cached", eager, True), ("graphed", graphed, True)):
         xx = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
             for _ in range(2):
                 xx.grad = None
                 m.zero_grad(set_to_none=True)
                 y, _ = m(xx)
                 ((y.float() * gy).sum() + m.routing_aux_loss().float()).backward()
-        res[name] = (y.detach().clone(), xx.grad.clone())
+        res[name] = (y.detach().clone(), xx.grad.clone(), [p.grad.clone() for p in m.parameters()])
     assert graphed._graphs.captures == 1
     assert rel(res["graphed"][0], res["eager"][0]) <= 1e-6 and rel(res["graphed"][1], res["eager"][1]) <= 1e-6
+    for a, b in zip(res["graphed"][2], res["eager"][2]):
+        assert rel(a, b) <= 1e-6
+    assert rel(res["graphed"][0], res["eager_cached"][0]) <= 1e-6 and rel(res["graphed"][1], res["eager_cached"][1]) <= 1e-2
     n = graphed._graphs.replays
     with torch.no_grad():
         graphed(x)

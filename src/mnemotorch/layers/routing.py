@@ -143,7 +143,9 @@ class RoutingAttention(Mixer):
             previous graphed call's backward is pending runs eagerly, with one warning, so gradient
             accumulation stays correct); the graphs read the centroid buffer in place (updates by
             :meth:`update_centroids` are seen; moving the module with ``.to()`` drops the graphs).
-            Not used inside ``torch.compile``. The returned state is a copy (it outlives the next replay).
+            Not used inside ``torch.compile``. The output and the returned state live in the graph's
+            static buffers: they hold until the next graphed call of the same shape (clone them to keep
+            them longer; a training loop consumes them at once).
 
     Buffers: ``centroids [H_route, C, D]`` (kept at norm ``sqrt(D)``, the radius of the normalised
     routing vectors), ``ema_sums [H_route, C, D]``, ``ema_counts [H_route, C]``. They are saved in
@@ -439,9 +441,8 @@ class RoutingAttention(Mixer):
             cache += [None, None]
         if self.commitment_beta > 0:
             self._record_fused(loss.clone(), None)  # a copy: the graph's output is overwritten by the next replay
-        # the cache (and the returned state) must outlive the next replay: copies
-        state = self._next_state(None, x, tuple(None if c is None else c.clone() for c in cache))
-        return y, state
+        # the state's tensors are graph outputs like y: valid until the next graphed call (see ``cuda_graph``)
+        return y, self._next_state(None, x, tuple(cache))
 
     def _proj_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype of the projections' outputs (the autocast dtype under autocast)."""
