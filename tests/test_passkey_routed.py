@@ -138,12 +138,12 @@ def test_quick_landmark_cells_run_with_landmark_tokens(tmp_path):
 
 
 def test_jitter_config_is_the_phase_probe_trained_with_length_jitter():
-    """configs/passkey_routed_jitter.yaml: the phase probe's task, model and training, with
+    """configs/passkey_routed_jitter.yaml: the phase probe's task, model and training (twice the steps), with
     train.length_jitter covering every phase of the landmark blocks and HCAM chunks (also in quick
     mode), its landmark / hcam_nope mixers and attention with RoPE, and the promised test lengths."""
     phase = load_experiment_config(REPO / "configs" / "passkey_routed_phase.yaml")
     cfg = load_experiment_config(REPO / "configs" / "passkey_routed_jitter.yaml")
-    assert cfg["train"] == {**phase["train"], "length_jitter": 64}
+    assert cfg["train"] == {**phase["train"], "length_jitter": 64, "steps": 4000}  # twice the steps: 2,000 left it undertrained
     for key in ("task", "task_params", "data", "model", "widths", "learning_rates"):
         assert cfg[key] == phase[key], key
     (setting,), (phase_setting,) = cfg["settings"], phase["settings"]
