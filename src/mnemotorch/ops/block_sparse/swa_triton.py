@@ -52,6 +52,16 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` accumulated in place by the matrix unit (no second fp32 tile in registers)."""
+    if IEEE:
+        c = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc)
+    return c
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 
@@ -73,7 +83,7 @@ def _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mm(p.to(v.dtype), v, IEEE) + acc * alpha[:, None]
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -104,7 +114,7 @@ def _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col
             p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mm(p.to(v.dtype), v, IEEE) + acc * alpha[:, None]
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -207,10 +217,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_co
             pt = tl.where(ok, tl.math.exp2(qkt * qk_scale - lse[None, :]), 0.0)
         else:
             pt = tl.math.exp2(qkt * qk_scale - lse[None, :])
-        dv += _mm(pt.to(do.dtype), do, IEEE)
+        dv = _mma(pt.to(do.dtype), do, dv, IEEE)
         dpt = _mm(v, tl.trans(do), IEEE)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-        dk += _mm(dst, q, IEEE)
+        dk = _mma(dst, q, dk, IEEE)
         if FUSED_DQ:
             dq = _mm(tl.trans(dst), k, IEEE)  # [BM, BLOCK_D], scaled once at the end
             ptrs = DQA + dqa_base + offs_i[:, None].to(tl.int64) * dqa_st + offs_d[None, :]
@@ -312,7 +322,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, k
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
         dp = _mm(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, IEEE)
+        dq = _mma(ds.to(k.dtype), k, dq, IEEE)
     return dq
 
 
