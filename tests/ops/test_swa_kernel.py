@@ -42,7 +42,7 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / (den if den > 1e-6 else 1.0)).item()
 
 
-def tiles(bm: int, bn: int, fused: bool, tma: bool) -> dict:
+def tiles(bm: int, bn: int, fused: bool, tma) -> dict:
     """Launch overrides for all three kernels: forward / dQ tiles BM x BN, dK/dV tiles BN keys x BM queries."""
     return dict(fwd=dict(BM=bm, BN=bn, warps=4, stages=1, tma=tma),
                 dkdv=dict(BM=bn, BN=bm, warps=4, stages=1, fused_dq=fused, tma=tma),
@@ -80,8 +80,9 @@ FP32_CASES = [
     (1, 130, 130, 4, 1, 16, 1, (16, 32), False, True),    # window 1 (output = v), GQA 4
     (1, 1, 1, 2, 1, 16, 5, (16, 16), True, False),        # one token
     (2, 37, 60, 2, 1, 64, 64, (16, 16), True, False),     # queries are the last 37 of 60 keys, D = 64
-    (1, 64, 64, 2, 2, 64, 200, (32, 32), False, True),    # window > length: plain causal
-    (1, 50, 50, 2, 1, 24, 13, (16, 16), True, True),      # head dim 24 (padded to 32: pointer loads, no TMA)
+    (1, 64, 64, 2, 2, 64, 200, (32, 32), False, "device"),  # window > length: plain causal; in-kernel descriptors
+    (1, 50, 50, 2, 1, 24, 13, (16, 16), True, True),      # head dim 24 (padded to 32): host descriptors fall back to pointers
+    (2, 50, 50, 2, 1, 24, 13, (16, 16), False, "device"),  # ... in-kernel descriptors zero-fill the padding
 ]
 
 
@@ -93,7 +94,7 @@ def test_fp32_matches_reference(b, lq, lk, h, hkv, d, window, blocks, fused, tma
 @pytest.mark.parametrize("fused", [False, True])
 def test_bf16_matches_reference(gpu_numerics, fused) -> None:
     """bf16 in the interpreter's GPU-like numerics (tests/ops/interpreter_numerics.py)."""
-    check_against_reference(1, 130, 130, 4, 2, 64, 64, torch.bfloat16, tiles(32, 16, fused, True), seed=1)
+    check_against_reference(1, 130, 130, 4, 2, 64, 64, torch.bfloat16, tiles(32, 16, fused, "device" if fused else True), seed=1)
 
 
 def test_bf16_shared_qk_gradients_use_the_fp32_output(gpu_numerics) -> None:

@@ -93,7 +93,7 @@ def _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col
               BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, POS_SCALE: tl.constexpr,
               TMA: tl.constexpr, WS: tl.constexpr):
     for s0 in tl.range(lo, hi, BN, warp_specialize=WS):
-        if TMA:
+        if TMA > 0:
             k = KD.load([kd_row + s0, kd_col])
             v = VD.load([kd_row + s0, kd_col])
         else:
@@ -144,6 +144,16 @@ def _swa_fwd_kernel(
     q = _ld_rows(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
     k_base = K + b.to(tl.int64) * skb + hk * skh
     v_base = V + b.to(tl.int64) * svb + hk * svh
+    if TMA == 2:  # descriptors made on the device, per (batch, KV head): rows past the ends read zeros
+        kdesc = tl.make_tensor_descriptor(k_base, shape=[Lk, D], strides=[skt, 1], block_shape=[BN, BLOCK_D])
+        vdesc = tl.make_tensor_descriptor(v_base, shape=[Lk, D], strides=[svt, 1], block_shape=[BN, BLOCK_D])
+        r0 = 0
+        c0 = 0
+    else:  # host descriptors over [B * Lk, Hkv * D] (or none)
+        kdesc = KD
+        vdesc = VD
+        r0 = b * Lk
+        c0 = hk * D
 
     # Key tiles anchored at p0: u tiles below p0 (down to the window's first key), the diagonal
     # tiles from p0 to the block's last query. Of the u lower tiles the first e are masked (they
@@ -163,7 +173,7 @@ def _swa_fwd_kernel(
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
     acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, s_first, full_lo, W, Lk,
                                 qk_scale, BN, IEEE, EVEN_D)
-    acc, l_i, m_i = _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, b * Lk, hk * D, offs_d, d_ok, full_lo, p0,
+    acc, l_i, m_i = _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_d, d_ok, full_lo, p0,
                               qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS)
     acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, p0, p0 + n_diag * BN, W, Lk,
                                 qk_scale, BN, IEEE, EVEN_D)
@@ -200,7 +210,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_co
             lse = tl.load(lse_base + offs_i, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_i, mask=row_ok, other=0.0)
         else:
-            if TMA:
+            if TMA > 0:
                 q = QD.load([qd_row + pm0 - offset, qd_col])
                 do = DOD.load([qd_row + pm0 - offset, qd_col])
             elif EVEN_D:
@@ -273,15 +283,25 @@ def _swa_bwd_dkdv_kernel(
         h = hk * GROUP + g
         q_base = Q + b.to(tl.int64) * sqb + h * sqh
         do_base = DO + b.to(tl.int64) * sdob + h * sdoh
+        if TMA == 2:
+            qdesc = tl.make_tensor_descriptor(q_base, shape=[Lq, D], strides=[sqt, 1], block_shape=[BM, BLOCK_D])
+            dodesc = tl.make_tensor_descriptor(do_base, shape=[Lq, D], strides=[sdot, 1], block_shape=[BM, BLOCK_D])
+            r0 = 0
+            c0 = 0
+        else:
+            qdesc = QD
+            dodesc = DOD
+            r0 = b * Lq
+            c0 = h * D
         stat = (b * H + h).to(tl.int64) * Lq
         dqa_base = (b.to(tl.int64) * Lq * H + h) * D
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, b * Lq, h * D, LSE + stat, DELTA + stat,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
                              DQA, dqa_base, H * D, offs_n, offs_d, d_ok, n0, t_lo, a2, offset, W, Lq, qk_scale,
                              BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, b * Lq, h * D, LSE + stat, DELTA + stat,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
                              DQA, dqa_base, H * D, offs_n, offs_d, d_ok, n0, a2, z2, offset, W, Lq, qk_scale,
                              BM, IEEE, EVEN_D, False, FUSED_DQ, TMA, WS)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, b * Lq, h * D, LSE + stat, DELTA + stat,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
                              DQA, dqa_base, H * D, offs_n, offs_d, d_ok, n0, z2, t_hi, offset, W, Lq, qk_scale,
                              BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
 
@@ -305,7 +325,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, k
             kv_ok = (offs_n >= 0) & (offs_n < Lk)
             k = _ld_rows(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], kv_ok, d_ok, EVEN_D)
             v = _ld_rows(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], kv_ok, d_ok, EVEN_D)
-        elif TMA:
+        elif TMA > 0:
             k = KD.load([kd_row + s0, kd_col])
             v = VD.load([kd_row + s0, kd_col])
         elif EVEN_D:
@@ -353,6 +373,16 @@ def _swa_bwd_dq_kernel(
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
     k_base = K + b.to(tl.int64) * skb + hk * skh
     v_base = V + b.to(tl.int64) * svb + hk * svh
+    if TMA == 2:
+        kdesc = tl.make_tensor_descriptor(k_base, shape=[Lk, D], strides=[skt, 1], block_shape=[BN, BLOCK_D])
+        vdesc = tl.make_tensor_descriptor(v_base, shape=[Lk, D], strides=[svt, 1], block_shape=[BN, BLOCK_D])
+        r0 = 0
+        c0 = 0
+    else:
+        kdesc = KD
+        vdesc = VD
+        r0 = b * Lk
+        c0 = hk * D
 
     # the forward's tiling (see _swa_fwd_kernel)
     p_last = offset + tl.minimum(i0 + BM, Lq) - 1
@@ -366,11 +396,11 @@ def _swa_bwd_dq_kernel(
     full_lo = p0 - n_full * BN
 
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, b * Lk, hk * D, offs_p, offs_d, d_ok, s_first, full_lo,
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok, s_first, full_lo,
                    W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, b * Lk, hk * D, offs_p, offs_d, d_ok, full_lo, p0,
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok, full_lo, p0,
                    W, Lk, qk_scale, BN, IEEE, EVEN_D, False, TMA, WS)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, b * Lk, hk * D, offs_p, offs_d, d_ok, p0, p0 + n_diag * BN,
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok, p0, p0 + n_diag * BN,
                    W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
     _st_rows(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), m_ok, d_ok, EVEN_D)
@@ -382,8 +412,10 @@ def _swa_bwd_dq_kernel(
 #: Default launch parameters per (kernel, padded head dim, operand class "16" = fp16/bf16 or
 #: "32" = fp32). Kernels: "fwd" (BM queries x BN keys), "dkdv" (BN keys x BM queries per step;
 #: ``fused_dq``: dQ by atomics in this kernel, else the "dq" kernel runs), "dq" (BM queries x BN
-#: keys). ``tma``: unmasked tiles load through TMA descriptors (sm_90+, padded head dim == head dim,
-#: 16-byte aligned strides; silently off otherwise); ``ws``: ``tl.range(warp_specialize=...)`` on
+#: keys). ``tma``: unmasked tiles load through TMA descriptors (sm_90+, 16-byte aligned strides;
+#: silently pointer loads otherwise): ``True`` -- host descriptors over ``[B * T, H * D]`` (padded head
+#: dim == head dim), ``"device"`` -- in-kernel descriptors per (batch, head) (Triton's scratch
+#: allocator is set if none is; what Hopper warp specialisation needs); ``ws``: ``tl.range(warp_specialize=...)`` on
 #: the unmasked loop. NOT YET MEASURED ON A GPU: these are FlashAttention-2-style starting points
 #: (8 warps for 128-row fwd tiles at D >= 128; fp32 tiles halved for shared memory);
 #: ``scripts/diag_swa.py`` prints rows in this format to paste here.
@@ -461,24 +493,74 @@ def _check_tile(kind: str, cfg: dict) -> None:
 _TMA_CAP: dict = {}
 
 
-def _tma_desc(t: Tensor, rows: int, block_rows: int, block_d: int):
-    """A TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]`` (row ``b * T + t``,
-    column ``h * D``), or ``None`` when the strides do not allow that view or TMA is unavailable."""
+def _tma_capable(t: Tensor) -> bool:
+    """TMA on ``t``'s device: sm_90+ on CUDA; the CPU interpreter runs descriptors too (tests)."""
     if TensorDescriptor is None:
-        return None
+        return False
+    if t.device.type != "cuda":
+        return True
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _TMA_CAP:
+        _TMA_CAP[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _TMA_CAP[idx]
+
+
+def _tma_desc(t: Tensor, block_rows: int, block_d: int):
+    """A host TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]`` (row ``b * T + t``,
+    column ``h * D``), or ``None`` when the strides do not allow that view or TMA is unavailable."""
     b, n, h, d = t.shape
     if block_d != d or t.stride(3) != 1 or t.stride(2) != d or (b > 1 and t.stride(0) != n * t.stride(1)):
         return None
     es = t.element_size()
-    if t.data_ptr() % 16 or (t.stride(1) * es) % 16 or (d * es) < 16:
+    if t.data_ptr() % 16 or (t.stride(1) * es) % 16 or (d * es) < 16 or not _tma_capable(t):
         return None
-    if t.device.type == "cuda":
-        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        if idx not in _TMA_CAP:
-            _TMA_CAP[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-        if not _TMA_CAP[idx]:
-            return None
     return TensorDescriptor(t, shape=[b * n, h * d], strides=[t.stride(1), 1], block_shape=[block_rows, block_d])
+
+
+def _device_tma_ok(t: Tensor) -> bool:
+    """In-kernel descriptors per (batch, head) ``[T, D]`` slice: 16-byte aligned bases and row stride."""
+    es = t.element_size()
+    return (t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all((t.stride(i) * es) % 16 == 0 for i in range(3))
+            and _tma_capable(t) and hasattr(tl, "make_tensor_descriptor"))
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device=_SCRATCH_DEVICE[0])
+
+
+_SCRATCH_DEVICE = ["cpu"]
+
+
+def _ensure_allocator(device: torch.device) -> None:
+    """In-kernel descriptors need Triton's global-memory scratch allocator; set one (torch memory, so
+    CUDA-graph captures take it from the graph's pool) unless the caller has set their own. Triton
+    keeps it in a ContextVar, so this runs before every such launch (autograd may run the backward
+    in another thread)."""
+    _SCRATCH_DEVICE[0] = device
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+    except ImportError:  # pragma: no cover - other Triton layouts: set ours
+        triton.set_allocator(_scratch)
+        return
+    if isinstance(_allocator.get(), NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _tma_setup(mode, tensors: tuple[Tensor, ...], block_rows: int, block_d: int) -> tuple[int, tuple]:
+    """The kernels' ``TMA`` constexpr and host descriptors for ``tensors`` (loaded in unmasked tiles):
+    ``mode`` False -> (0, Nones); True -> host descriptors (1) where possible; "device" -> in-kernel
+    descriptors (2) where possible; else pointer loads (0)."""
+    none = (None,) * len(tensors)
+    if mode == "device":
+        if all(_device_tma_ok(t) for t in tensors):
+            _ensure_allocator(tensors[0].device)
+            return 2, none
+        return 0, none
+    if mode:
+        descs = tuple(_tma_desc(t, block_rows, block_d) for t in tensors)
+        if all(d is not None for d in descs):
+            return 1, descs
+    return 0, none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,18 +579,14 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, need_l
     store_lo = need_lo and q.dtype != torch.float32
     o_lo = _alloc(q) if store_lo else None
     bd = _pow2(d)
-    kd = vd = None
-    if cfg["tma"]:
-        kd, vd = _tma_desc(k, lk, cfg["BN"], bd), _tma_desc(v, lk, cfg["BN"], bd)
-        if kd is None or vd is None:
-            kd = vd = None
+    tma, (kd, vd) = _tma_setup(cfg["tma"], (k, v), cfg["BN"], bd)
     _swa_fwd_kernel[(_cdiv(lq, cfg["BM"]), b * h)](
         q, k, v, o, lse, o_lo if store_lo else lse, kd, vd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         scale * LOG2E, window, lq, lk,
         H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
-        POS_SCALE=scale > 0, STORE_LO=store_lo, TMA=kd is not None, WS=bool(cfg["ws"]),
+        POS_SCALE=scale > 0, STORE_LO=store_lo, TMA=tma, WS=bool(cfg["ws"]),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return o, lse, o_lo
@@ -535,18 +613,14 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     dv = _alloc(v, v.shape)
     # atomics need a zeroed fp32 accumulator [B, Lq, H, D] (never poisoned)
     dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32) if fused else lse
-    qd = dod = None
-    if cfg["tma"]:
-        qd, dod = _tma_desc(q, lq, cfg["BM"], bd), _tma_desc(do, lq, cfg["BM"], bd)
-        if qd is None or dod is None:
-            qd = dod = None
+    tma, (qd, dod) = _tma_setup(cfg["tma"], (q, do), cfg["BM"], bd)
     _swa_bwd_dkdv_kernel[(_cdiv(lk, cfg["BN"]), b * hkv)](
         q, k, v, do, lse, delta, dk, dv, dqa, qd, dod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         scale * LOG2E, scale, window, lq, lk,
         H=h, HKV=hkv, GROUP=group, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=ieee, EVEN_D=bd == d,
-        FUSED_DQ=fused, TMA=qd is not None, WS=bool(cfg["ws"]), num_warps=cfg["warps"], num_stages=cfg["stages"],
+        FUSED_DQ=fused, TMA=tma, WS=bool(cfg["ws"]), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     if fused:
         if q.dtype == torch.float32:
@@ -558,18 +632,14 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     cq = launch_config("dq", d, q.dtype)
     _check_tile("dq", cq)
     dq = _alloc(q)
-    kd = vd = None
-    if cq["tma"]:
-        kd, vd = _tma_desc(k, lk, cq["BN"], bd), _tma_desc(v, lk, cq["BN"], bd)
-        if kd is None or vd is None:
-            kd = vd = None
+    tma, (kd, vd) = _tma_setup(cq["tma"], (k, v), cq["BN"], bd)
     _swa_bwd_dq_kernel[(_cdiv(lq, cq["BM"]), b * h)](
         q, k, v, do, lse, delta, dq, kd, vd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         scale * LOG2E, scale, window, lq, lk,
         H=h, GROUP=group, D=d, BLOCK_D=bd, BM=cq["BM"], BN=cq["BN"], IEEE=ieee, EVEN_D=bd == d,
-        TMA=kd is not None, WS=bool(cq["ws"]), num_warps=cq["warps"], num_stages=cq["stages"],
+        TMA=tma, WS=bool(cq["ws"]), num_warps=cq["warps"], num_stages=cq["stages"],
     )
     return dq, dk, dv
 
