@@ -39,19 +39,19 @@ from mnemotorch.bench.block_sparse import GraphCaptureError, Run, device_info, g
 from mnemotorch.ops.block_sparse import swa_triton, triton as bs_triton
 from mnemotorch.ops.sliding_window import sliding_window_attention
 
-# (BM, BN, warps, stages, tma, ws): forward
+# (BM, BN, warps, stages, tma, ws): forward (tma: False, True = host descriptors, "device" = in-kernel)
 FWD_GRID = [
     (128, 64, 8, 3, False, False), (128, 64, 8, 4, False, False), (128, 128, 8, 3, False, False),
     (128, 128, 8, 2, False, False), (128, 64, 4, 3, False, False), (64, 64, 4, 3, False, False),
     (128, 64, 8, 3, True, False), (128, 64, 8, 4, True, False), (128, 128, 8, 3, True, False),
-    (128, 64, 8, 3, True, True),
+    (128, 64, 8, 3, "device", False), (128, 64, 8, 3, "device", True), (128, 128, 8, 3, "device", True),
 ]
 # (BM query tile, BN key block, warps, stages, fused_dq, tma): dK/dV kernel
 DKDV_GRID = [
     (64, 128, 8, 2, False, False), (64, 128, 8, 3, False, False), (32, 128, 8, 2, False, False),
     (64, 64, 4, 2, False, False), (32, 64, 4, 3, False, False), (64, 128, 8, 2, False, True),
     (64, 128, 8, 2, True, False), (32, 128, 8, 2, True, False), (64, 64, 4, 2, True, False),
-    (64, 128, 8, 2, True, True),
+    (64, 128, 8, 2, True, True), (64, 128, 8, 2, False, "device"),
 ]
 # (BM, BN, warps, stages, tma): dQ kernel
 DQ_GRID = [
@@ -60,8 +60,8 @@ DQ_GRID = [
 ]
 #: seconds a step is expected to take (compilation included): it starts only if that fits the budget
 CONFIG_NEED_S, FLEX_NEED_S = 5.0, 40.0
-SMOKE_FWD = [(16, 16, 4, 1, False, False), (32, 16, 4, 1, True, False)]
-SMOKE_DKDV = [(16, 32, 4, 1, False, False), (16, 16, 4, 1, True, True)]
+SMOKE_FWD = [(16, 16, 4, 1, False, False), (32, 16, 4, 1, True, False), (16, 16, 4, 1, "device", True)]
+SMOKE_DKDV = [(16, 32, 4, 1, False, False), (16, 16, 4, 1, True, True), (16, 32, 4, 1, False, "device")]
 SMOKE_DQ = [(16, 16, 4, 1, False), (32, 16, 4, 1, True)]
 
 
@@ -334,7 +334,7 @@ def _best(rows: list[dict], key: str) -> dict | None:
 
 
 def _table_row(kind: str, d: int, cfg: dict, dtype=torch.bfloat16) -> str:
-    body = ", ".join(f"{k}={v}" for k, v in cfg.items())
+    body = ", ".join(f"{k}={v!r}" for k, v in cfg.items())
     return f'    ("{kind}", {swa_triton._dclass(d)}, "{"32" if dtype == torch.float32 else "16"}"): dict({body}),'
 
 
