@@ -39,11 +39,12 @@ from mnemotorch.bench.block_sparse import GraphCaptureError, Run, device_info, g
 from mnemotorch.ops.block_sparse import swa_triton, triton as bs_triton
 from mnemotorch.ops.sliding_window import sliding_window_attention
 
-# (BM, BN, warps, stages, tma, ws): forward (tma: False, True = host descriptors, "device" = in-kernel)
+# (BM, BN, warps, stages, tma, ws[, lazy]): forward (tma: False, True = host descriptors, "device" =
+# in-kernel; lazy: rescale only when a row max grew by more than 2^lazy)
 FWD_GRID = [
     (128, 64, 8, 3, False, False), (128, 64, 8, 4, False, False), (128, 128, 8, 3, False, False),
-    (128, 128, 8, 2, False, False), (128, 64, 4, 3, False, False), (64, 64, 4, 3, False, False),
-    (128, 64, 8, 3, True, False), (128, 64, 8, 4, True, False), (128, 128, 8, 3, True, False),
+    (128, 64, 4, 3, False, False), (64, 64, 4, 3, False, False), (128, 64, 8, 3, False, False, 8.0),
+    (128, 64, 8, 3, True, False), (128, 128, 8, 3, True, False), (128, 64, 8, 3, True, False, 8.0),
     (128, 64, 8, 3, "device", False), (128, 64, 8, 3, "device", True), (128, 128, 8, 3, "device", True),
 ]
 # (BM query tile, BN key block, warps, stages, fused_dq, tma): dK/dV kernel
@@ -60,13 +61,13 @@ DQ_GRID = [
 ]
 #: seconds a step is expected to take (compilation included): it starts only if that fits the budget
 CONFIG_NEED_S, FLEX_NEED_S = 5.0, 40.0
-SMOKE_FWD = [(16, 16, 4, 1, False, False), (32, 16, 4, 1, True, False), (16, 16, 4, 1, "device", True)]
+SMOKE_FWD = [(16, 16, 4, 1, False, False), (32, 16, 4, 1, True, False), (16, 16, 4, 1, "device", True, 8.0)]
 SMOKE_DKDV = [(16, 32, 4, 1, False, False), (16, 16, 4, 1, True, True), (16, 32, 4, 1, False, "device")]
 SMOKE_DQ = [(16, 16, 4, 1, False), (32, 16, 4, 1, True)]
 
 
 def fwd_cfg(c) -> dict:
-    return dict(BM=c[0], BN=c[1], warps=c[2], stages=c[3], tma=c[4], ws=c[5])
+    return dict(BM=c[0], BN=c[1], warps=c[2], stages=c[3], tma=c[4], ws=c[5], lazy=c[6] if len(c) > 6 else 0.0)
 
 
 def dkdv_cfg(c) -> dict:

@@ -96,14 +96,15 @@ def test_fast_path_vs_reference_generic_kernel_and_sdpa(monkeypatch, w, d, dtype
 
 
 @pytest.mark.parametrize("variant", [
-    dict(dkdv=dict(fused_dq=True)),
+    dict(fwd=dict(lazy=8.0), dkdv=dict(fused_dq=True)),
     dict(fwd=dict(tma=True), dkdv=dict(tma=True), dq=dict(tma=True)),
     dict(fwd=dict(tma=True, BN=128), dkdv=dict(fused_dq=True, tma=True, BM=32)),
     dict(fwd=dict(tma="device"), dkdv=dict(tma="device"), dq=dict(tma="device")),
-], ids=["fused_dq", "tma", "tma_fused_bn128", "device_tma"])
+], ids=["lazy_fused_dq", "tma", "tma_fused_bn128", "device_tma"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_launch_variants_vs_reference(monkeypatch, variant, d) -> None:
-    """The switches the launch sweep may turn on: each must compile on this card and stay correct."""
+    """The switches the launch sweep may turn on (lazy rescaling, dQ by atomics, host / in-kernel TMA
+    descriptors, other tiles): each must compile on this card and stay correct."""
     from mnemotorch.ops.block_sparse import swa_triton
 
     q, k, v, go = _inputs(d, torch.bfloat16, seed=1)

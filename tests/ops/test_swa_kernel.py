@@ -128,6 +128,27 @@ def test_bf16_shared_qk_gradients_use_the_fp32_output(gpu_numerics) -> None:
         assert torch.isfinite(a).all() and rel(a, r) <= 1.5 * rel(p, r), f"d{name}: {rel(a, r):.2e} vs peer {rel(p, r):.2e}"
 
 
+@pytest.mark.parametrize("lazy", [0.5, 8.0])
+def test_lazy_rescaling_is_exact(lazy) -> None:
+    """Lazy rescaling (skip rescaling while no row max grew by more than 2^lazy) on keys whose scale
+    grows along the sequence, so that the running max grows both under and over the threshold."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 130, 2, 16, generator=g).requires_grad_()
+    k = (torch.randn(1, 130, 1, 16, generator=g) * torch.linspace(0.2, 3.0, 130)[None, :, None, None]).requires_grad_()
+    v = torch.randn(1, 130, 1, 16, generator=g).requires_grad_()
+    launch = tiles(32, 16, False, False)
+    launch["fwd"]["lazy"] = lazy
+    with swa_triton.override_launch(**launch):
+        out = swa_triton.swa_attention_triton(q, k, v, 100, 0.25)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = sliding_window_attention_reference(*leaves, 100, 0.25)
+    rgrads = torch.autograd.grad(ref, leaves, torch.ones_like(ref))
+    assert rel(out, ref) <= 1e-5
+    for name, g_, r in zip("qkv", grads, rgrads):
+        assert rel(g_, r) <= 1e-5, f"d{name}"
+
+
 def test_strided_inputs_match_the_reference() -> None:
     """Head slices and [B, H, L, D] transposes reach the kernels without a copy and give the reference."""
     g = torch.Generator().manual_seed(4)

@@ -91,7 +91,7 @@ def _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok
 @triton.jit
 def _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_d, d_ok, lo, hi, qk_scale,
               BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, POS_SCALE: tl.constexpr,
-              TMA: tl.constexpr, WS: tl.constexpr):
+              TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr):
     for s0 in tl.range(lo, hi, BN, warp_specialize=WS):
         if TMA > 0:
             k = KD.load([kd_row + s0, kd_col])
@@ -105,17 +105,34 @@ def _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col
                 k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         qk = _mm(q, tl.trans(k), IEEE)
-        if POS_SCALE:  # max of the raw logits, then one FMA per score
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        if LAZY > 0:
+            # Lazy rescaling: keep the running max (and skip rescaling acc, l) until some row's max
+            # has grown by more than LAZY (log2 units: p stays <= 2^LAZY, harmless in fp32 and bf16).
+            # The result is exact: every p, l and acc term uses the same stale max m_i.
+            if POS_SCALE:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk * qk_scale, 1))
+            if tl.max(m_new - m_i, 0) > LAZY:
+                alpha = tl.math.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            acc = _mma(p.to(v.dtype), v, acc, IEEE)
         else:
-            s = qk * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
-        m_i = m_new
+            if POS_SCALE:  # max of the raw logits, then one FMA per score
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            else:
+                s = qk * qk_scale
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+            m_i = m_new
     return acc, l_i, m_i
 
 
@@ -126,7 +143,7 @@ def _swa_fwd_kernel(
     qk_scale, W, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, POS_SCALE: tl.constexpr,
-    STORE_LO: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    STORE_LO: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr = 0.0,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -174,7 +191,7 @@ def _swa_fwd_kernel(
     acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, s_first, full_lo, W, Lk,
                                 qk_scale, BN, IEEE, EVEN_D)
     acc, l_i, m_i = _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_d, d_ok, full_lo, p0,
-                              qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS)
+                              qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY)
     acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, p0, p0 + n_diag * BN, W, Lk,
                                 qk_scale, BN, IEEE, EVEN_D)
 
@@ -416,22 +433,24 @@ def _swa_bwd_dq_kernel(
 #: silently pointer loads otherwise): ``True`` -- host descriptors over ``[B * T, H * D]`` (padded head
 #: dim == head dim), ``"device"`` -- in-kernel descriptors per (batch, head) (Triton's scratch
 #: allocator is set if none is; what Hopper warp specialisation needs); ``ws``: ``tl.range(warp_specialize=...)`` on
-#: the unmasked loop. NOT YET MEASURED ON A GPU: these are FlashAttention-2-style starting points
-#: (8 warps for 128-row fwd tiles at D >= 128; fp32 tiles halved for shared memory);
-#: ``scripts/diag_swa.py`` prints rows in this format to paste here.
+#: the unmasked loop; ``lazy`` (fwd, > 0): rescale the accumulator only when a row's max has grown
+#: by more than that many powers of two (FlashAttention-4's lazy rescaling; 0: at every tile).
+#: NOT YET MEASURED ON A GPU: these are FlashAttention-2-style starting points (8 warps for 128-row
+#: fwd tiles at D >= 128; fp32 tiles halved for shared memory); ``scripts/diag_swa.py`` prints rows in
+#: this format to paste here.
 LAUNCH: dict[tuple[str, int, str], dict] = {
-    ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False),
-    ("fwd", 128, "16"): dict(BM=128, BN=64, warps=8, stages=3, tma=False, ws=False),
-    ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False),
+    ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0),
+    ("fwd", 128, "16"): dict(BM=128, BN=64, warps=8, stages=3, tma=False, ws=False, lazy=0.0),
+    ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
     ("dkdv", 64, "16"): dict(BM=64, BN=128, warps=8, stages=2, fused_dq=False, tma=False, ws=False),
     ("dkdv", 128, "16"): dict(BM=64, BN=128, warps=8, stages=2, fused_dq=False, tma=False, ws=False),
     ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False),
     ("dq", 64, "16"): dict(BM=128, BN=64, warps=8, stages=2, tma=False, ws=False),
     ("dq", 128, "16"): dict(BM=128, BN=64, warps=8, stages=2, tma=False, ws=False),
     ("dq", 256, "16"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False),
-    ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False),
-    ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False),
-    ("fwd", 256, "32"): dict(BM=32, BN=32, warps=4, stages=1, tma=False, ws=False),
+    ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
+    ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
+    ("fwd", 256, "32"): dict(BM=32, BN=32, warps=4, stages=1, tma=False, ws=False, lazy=0.0),
     ("dkdv", 64, "32"): dict(BM=32, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False),
     ("dkdv", 128, "32"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False),
     ("dkdv", 256, "32"): dict(BM=16, BN=32, warps=4, stages=1, fused_dq=False, tma=False, ws=False),
@@ -439,7 +458,7 @@ LAUNCH: dict[tuple[str, int, str], dict] = {
     ("dq", 128, "32"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False),
     ("dq", 256, "32"): dict(BM=32, BN=16, warps=4, stages=1, tma=False, ws=False),
 }
-_KERNEL_KEYS = {"fwd": ("BM", "BN", "warps", "stages", "tma", "ws"),
+_KERNEL_KEYS = {"fwd": ("BM", "BN", "warps", "stages", "tma", "ws", "lazy"),
                 "dkdv": ("BM", "BN", "warps", "stages", "fused_dq", "tma", "ws"),
                 "dq": ("BM", "BN", "warps", "stages", "tma", "ws")}
 #: per-kernel overrides (``override_launch``), applied over the table for every head dim / dtype
@@ -586,7 +605,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, need_l
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         scale * LOG2E, window, lq, lk,
         H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
-        POS_SCALE=scale > 0, STORE_LO=store_lo, TMA=tma, WS=bool(cfg["ws"]),
+        POS_SCALE=scale > 0, STORE_LO=store_lo, TMA=tma, WS=bool(cfg["ws"]), LAZY=float(cfg.get("lazy", 0.0)),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return o, lse, o_lo
