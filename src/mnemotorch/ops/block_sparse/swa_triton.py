@@ -13,9 +13,11 @@ Query ``i`` (at key position ``p = i + Lk - Lq``) sees keys ``p - W < j <= p`` -
   ``ceil((BN - 1) / BM)`` tiles are the masked diagonal, the tiles whose last row still sees ``n0``
   are unmasked, the rest (up to ``n0 + BN + W - 2``) is the masked window edge.
 
-Masked tiles load with row masks; unmasked tiles can load through TMA tensor descriptors
-(``tma`` in the launch table; the descriptors are built on the host over a ``[B * T, H * D]`` view,
-so only unmasked tiles, which never cross a sequence end, use them).
+Masked tiles load with row masks; unmasked tiles (which never cross a sequence end) can load
+through TMA descriptors, built on the host over a ``[B * T, H * D]`` view or in the kernel per
+(batch, head) (``tma`` in the launch table), in a loop that can be warp-specialised (``ws``); the
+forward's unmasked loop can rescale lazily (``lazy``). All of it is chosen per kernel by the table
+``LAUNCH`` (and ``override_launch``), whose best values come from ``scripts/diag_swa.py``.
 
 Scores are in the base-2 domain (``s * scale * log2(e)``) and the forward saves
 ``lse2 = m + log2(l)``; with 16-bit inputs it also writes the output's rounding residual so that
