@@ -263,3 +263,15 @@ def test_launch_table_is_complete() -> None:
     with swa_triton.override_launch(fwd=dict(BM=32)):
         assert swa_triton.launch_config("fwd", 96, torch.bfloat16)["BM"] == 32
     assert swa_triton.launch_config("fwd", 96, torch.bfloat16)["BM"] == swa_triton.LAUNCH[("fwd", 128, "16")]["BM"]
+
+
+def test_custom_ops_pass_opcheck() -> None:
+    """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops (torch.compile's view)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 20, 2, 16, generator=g).requires_grad_()
+    k, v = (torch.randn(1, 20, 1, 16, generator=g).requires_grad_() for _ in range(2))
+    with swa_triton.override_launch(**tiles(16, 16, False, False)):
+        torch.library.opcheck(swa_triton.swa_attn_fwd, (q, k, v, 7, 0.25))
+        o, lse, lo = swa_triton.swa_attn_fwd(q, k, v, 7, 0.25)
+        args = (torch.randn(o.shape, generator=g), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), lo.detach(), 7, 0.25)
+        torch.library.opcheck(swa_triton.swa_attn_bwd, args)
