@@ -27,6 +27,13 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no 
     pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU", allow_module_level=True)
 
 
+@pytest.fixture(autouse=True)
+def _generic_kernel(monkeypatch):
+    """This file tests the generic list-walking kernel: keep sliding windows on it on a GPU too (on
+    CUDA they would take the list-free path, tests/ops/test_swa_kernel.py)."""
+    monkeypatch.setenv("MNEMO_SWA_KERNEL", "lists")
+
+
 def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

@@ -21,6 +21,13 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no 
 BLOCK = 16 if DEVICE == "cpu" else 64
 
 
+@pytest.fixture(autouse=True)
+def _generic_kernel(monkeypatch):
+    """This file tests the generic list-walking kernel: keep sliding windows on it on a GPU too (on
+    CUDA they would take the list-free path, tests/ops/test_swa_kernel.py)."""
+    monkeypatch.setenv("MNEMO_SWA_KERNEL", "lists")
+
+
 def rel(a, b):
     """Relative RMS error; absolute when the reference is (numerically) zero, e.g. dq for window 1."""
     den = b.norm().item()

@@ -2,9 +2,14 @@
 
 ``block_sparse_attention(q, k, v, pattern)`` where ``pattern`` is a :class:`BlockSparsePattern`
 (built by ``sliding_window_pattern`` or ``build_pattern`` from any element predicate).
+
+A plain causal sliding window (``pattern.causal_window`` set, no bias) takes a list-free fast
+path (``swa_triton.py``) on CUDA; ``MNEMO_SWA_KERNEL`` chooses (:func:`swa_kernel_mode`).
 """
 
 from __future__ import annotations
+
+import os
 
 
 import torch
@@ -46,6 +51,28 @@ def triton_available(device: torch.device) -> bool:
     except ImportError:
         return False
     return device.type == "cuda"
+
+
+SWA_KERNEL_ENV = "MNEMO_SWA_KERNEL"
+SWA_KERNEL_MODES = ("auto", "lists", "fast")
+
+
+def swa_kernel_mode() -> str:
+    """``MNEMO_SWA_KERNEL``, read on every call (so one process can time both kernels):
+    ``"auto"`` (default) -- the list-free sliding-window kernels for CUDA inputs;
+    ``"lists"`` -- always the generic list-walking kernel; ``"fast"`` -- the list-free kernels
+    wherever the Triton kernels run, Triton's CPU interpreter included (tests)."""
+    mode = os.environ.get(SWA_KERNEL_ENV, "auto")
+    if mode not in SWA_KERNEL_MODES:
+        raise ValueError(f"{SWA_KERNEL_ENV} must be one of {SWA_KERNEL_MODES}, got {mode!r}")
+    return mode
+
+
+def swa_fast_path(q: Tensor) -> bool:
+    """Whether a causal sliding window on ``q``'s device runs the list-free kernels (given that the
+    Triton kernels run at all and support the dtype / head dim: the callers check that)."""
+    mode = swa_kernel_mode()
+    return mode == "fast" or (mode == "auto" and q.device.type == "cuda")
 
 
 def block_sparse_attention(
@@ -101,20 +128,22 @@ def block_sparse_attention(
         raise ValueError("block_sparse_attention: the Triton kernel needs v's head dim equal to q's")
     if not 16 <= q.shape[-1] <= 256:
         raise ValueError(f"block_sparse_attention: the Triton kernel supports head dims 16..256, got {q.shape[-1]}")
+    if bias is None and pattern.causal_window is not None and swa_fast_path(q):
+        from .swa_triton import swa_attention_triton
+
+        return swa_attention_triton(*_unit_last_stride(q, k, v), pattern.causal_window, scale)
     if pattern.full_idx.device != q.device:
         pattern = pattern.on_device(q.device)
     global _triton_impl
     if _triton_impl is None:
         from .triton import block_sparse_attention_triton as _triton_impl
+    return _triton_impl(*_unit_last_stride(q, k, v), pattern, scale, bias)
+
+
+def _unit_last_stride(*ts: Tensor) -> tuple[Tensor, ...]:
     # The kernels take any strides but a unit last one: no copy for q[:, :, h0:h1], transposes of
     # [B, H, L, D] tensors and the like.
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    return _triton_impl(q, k, v, pattern, scale, bias)
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
 
 
 _triton_impl = None
@@ -142,5 +171,7 @@ __all__ = [
     "predicate_pattern",
     "prefix_lm_pattern",
     "sink_window_pattern",
+    "swa_fast_path",
+    "swa_kernel_mode",
     "tile_permutation",
 ]

@@ -46,6 +46,11 @@ class BlockSparsePattern:
         t_full_idx, t_full_cnt, t_part_idx, t_part_tile, t_part_cnt: the transposed lists, per key
             block: the query blocks visiting it (``[nK, ...]``).
         predicate: the element rule the lists were built from (kept for references and tests).
+        causal_window: set by :func:`sliding_window_pattern` (and ``sink_window_pattern`` without
+            sinks): the pattern is exactly ``i + Lk - Lq - W < j <= i + Lk - Lq`` with
+            ``W = causal_window`` (``k_len`` for plain causal), which lets the kernels take the
+            list-free sliding-window fast path (``swa_triton.py``). ``None`` for every other pattern;
+            a pattern whose lists are edited must drop it.
     """
 
     q_len: int
@@ -64,6 +69,7 @@ class BlockSparsePattern:
     t_part_tile: Tensor
     t_part_cnt: Tensor
     predicate: Predicate | None = None
+    causal_window: int | None = None
 
     @property
     def num_q_blocks(self) -> int:
@@ -251,4 +257,6 @@ def sliding_window_pattern(
         lo = 0 if window is None else max(0, first_q - window + 1)
         return range(lo // k_block, last_q // k_block + 1)
 
-    return build_pattern(causal_window_predicate(window, offset), q_len, k_len, q_block, k_block, candidates, device)
+    pat = build_pattern(causal_window_predicate(window, offset), q_len, k_len, q_block, k_block, candidates, device)
+    pat.causal_window = k_len if window is None else min(window, k_len)
+    return pat

@@ -255,7 +255,10 @@ def sink_window_pattern(
             blocks.update(range(0, min(sink - 1, last) // k_block + 1))
         return sorted(blocks)
 
-    return build_pattern(allowed, q_len, k_len, q_block, k_block, candidates, device)
+    pat = build_pattern(allowed, q_len, k_len, q_block, k_block, candidates, device)
+    if sink == 0:  # the plain causal sliding window: the list-free fast path applies
+        pat.causal_window = min(w, k_len)
+    return pat
 
 
 def prefix_lm_pattern(

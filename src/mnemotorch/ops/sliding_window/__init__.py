@@ -5,8 +5,9 @@ Backends:
 * ``"reference"`` -- the specification (``reference.py``): per-query window gather, float64-ready.
 * ``"torch"`` -- PyTorch SDPA over query chunks with a banded mask: O(T * (W + chunk)) memory,
   the fast CPU path.
-* ``"triton"`` -- the block-sparse Triton kernel (``ops.block_sparse``) with a cached
-  sliding-window pattern (CUDA, or the CPU interpreter in tests).
+* ``"triton"`` -- Triton kernels (CUDA, or the CPU interpreter in tests): the list-free
+  sliding-window kernels (``ops/block_sparse/swa_triton.py``) where ``MNEMO_SWA_KERNEL`` allows
+  (default: on CUDA), else the block-sparse kernel with a cached sliding-window pattern.
 * ``"auto"`` -- Triton on CUDA when the kernel supports the inputs and there are at least 16
   queries (prefill/training), otherwise ``"torch"``.
 """
@@ -80,8 +81,13 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale
         backend = "triton" if (q.is_cuda and kernel_ok and q.shape[1] >= 16) else "torch"
     if backend == "torch":
         return _sliding_window_sdpa(q, k, v, window, scale)
-    from ..block_sparse import block_sparse_attention
+    from ..block_sparse import block_sparse_attention, swa_fast_path
 
+    if kernel_ok and swa_fast_path(q):  # no pattern to build: the kernels compute the window's range
+        from ..block_sparse.swa_triton import swa_attention_triton
+
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return swa_attention_triton(q, k, v, window, q.shape[-1] ** -0.5 if scale is None else float(scale))
     pattern = _cached_pattern(q.shape[1], k.shape[1], window, str(q.device))
     return block_sparse_attention(q, k, v, pattern, scale=scale, backend="triton")
 

@@ -1,0 +1,742 @@
+"""Causal sliding-window attention without block lists: the fast path of the block-sparse kernels.
+
+Query ``i`` (at key position ``p = i + Lk - Lq``) sees keys ``p - W < j <= p`` -- exactly the
+``sliding_window_pattern`` semantics (``W = Lk`` is plain causal). Every program computes its key
+(or query) range arithmetically instead of walking per-block lists, and splits it in three loops:
+
+* forward / dQ, query block ``[p0, p0 + BM)``: key tiles of BN are anchored at ``p0`` (the
+  diagonal), so the tiles ``[p0, p0 + BM)`` are the masked *diagonal* phase, and the tiles below
+  ``p0`` are masked only while they cross the window's lower edge (``j <= p - W`` for some row) or
+  the sequence start; the tiles in between need no mask at all (no compare, no select, and the
+  softmax max can be taken on the raw logits, then one FMA per score);
+* dK/dV, key block ``[n0, n0 + BN)``: query tiles of BM are anchored at ``n0``; the first
+  ``ceil((BN - 1) / BM)`` tiles are the masked diagonal, the tiles whose last row still sees ``n0``
+  are unmasked, the rest (up to ``n0 + BN + W - 2``) is the masked window edge.
+
+Masked tiles load with row masks; unmasked tiles (which never cross a sequence end) can load
+through TMA descriptors, built on the host over a ``[B * T, H * D]`` view or in the kernel per
+(batch, head) (``tma`` in the launch table), in a loop that can be warp-specialised (``ws``); the
+forward's unmasked loop can rescale lazily (``lazy``). All of it is chosen per kernel by the table
+``LAUNCH`` (and ``override_launch``), whose best values come from ``scripts/diag_swa.py``.
+
+Scores are in the base-2 domain (``s * scale * log2(e)``) and the forward saves
+``lse2 = m + log2(l)``; with 16-bit inputs it also writes the output's rounding residual so that
+the backward's ``Delta = rowsum(dO * O)`` uses the fp32 output (see ``triton._bwd_preprocess``,
+which this module reuses). The scale multiplies the fp32 logits (one FMA with the max subtraction
+in unmasked tiles) rather than being folded into a 16-bit copy of q: folding would add a rounding of
+q, which the peaked-softmax (shared Q/K) bf16 gradients are sensitive to (see ``triton.py``).
+
+Backward: the dK/dV kernel runs one program per (key block, batch, KV head) and loops over the GQA
+group's query heads, so dK/dV come out per KV head without fp32 per-query-head buffers. dQ either
+comes from a separate kernel over query blocks (3 matmuls per pair, deterministic) or, with
+``fused_dq``, from the dK/dV kernel itself (1 matmul per pair, fp32 atomics into a zeroed buffer,
+then one scale-and-cast pass): which is faster on a card is the launch sweep's question
+(``scripts/diag_swa.py``).
+
+Registered as ``torch.library.custom_op``s (``mnemotorch::swa_attn_fwd`` / ``_bwd``) with an
+autograd formula; eager calls go through a plain ``autograd.Function`` (as ``triton.py`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _eager_ok, _ld_rows, _mm, _pow2, _st_rows
+
+try:  # host-side TMA descriptors (Triton >= 3.4); the interpreter runs them too
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` accumulated in place by the matrix unit (no second fp32 tile in registers)."""
+    if IEEE:
+        c = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, lo, hi, W, Lk, qk_scale,
+                BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr):
+    for s0 in range(lo, hi, BN):
+        offs_n = s0 + tl.arange(0, BN)
+        kv_ok = (offs_n >= 0) & (offs_n < Lk)
+        k = _ld_rows(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], kv_ok, d_ok, EVEN_D)
+        v = _ld_rows(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], kv_ok, d_ok, EVEN_D)
+        qk = _mm(q, tl.trans(k), IEEE)
+        ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W) & (offs_n >= 0)[None, :]
+        s = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no allowed key yet keeps m = -inf: subtract 0 instead (no NaN)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_d, d_ok, lo, hi, qk_scale,
+              BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, POS_SCALE: tl.constexpr,
+              TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr):
+    for s0 in tl.range(lo, hi, BN, warp_specialize=WS):
+        if TMA > 0:
+            k = KD.load([kd_row + s0, kd_col])
+            v = VD.load([kd_row + s0, kd_col])
+        else:
+            offs_n = s0 + tl.arange(0, BN)
+            if EVEN_D:
+                k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :])
+                v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :])
+            else:
+                k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        qk = _mm(q, tl.trans(k), IEEE)
+        if LAZY > 0:
+            # Lazy rescaling: keep the running max (and skip rescaling acc, l) until some row's max
+            # has grown by more than LAZY (log2 units: p stays <= 2^LAZY, harmless in fp32 and bf16).
+            # The result is exact: every p, l and acc term uses the same stale max m_i.
+            if POS_SCALE:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk * qk_scale, 1))
+            if tl.max(m_new - m_i, 0) > LAZY:
+                alpha = tl.math.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            acc = _mma(p.to(v.dtype), v, acc, IEEE)
+        else:
+            if POS_SCALE:  # max of the raw logits, then one FMA per score
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            else:
+                s = qk * qk_scale
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _swa_fwd_kernel(
+    Q, K, V, O, LSE, OLO, KD, VD,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+    qk_scale, W, Lq, Lk,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, POS_SCALE: tl.constexpr,
+    STORE_LO: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr = 0.0,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offset = Lk - Lq
+    i0 = qb * BM
+    p0 = offset + i0
+    offs_m = i0 + tl.arange(0, BM)
+    offs_p = offs_m + offset
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Lq
+    q = _ld_rows(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    if TMA == 2:  # descriptors made on the device, per (batch, KV head): rows past the ends read zeros
+        kdesc = tl.make_tensor_descriptor(k_base, shape=[Lk, D], strides=[skt, 1], block_shape=[BN, BLOCK_D])
+        vdesc = tl.make_tensor_descriptor(v_base, shape=[Lk, D], strides=[svt, 1], block_shape=[BN, BLOCK_D])
+        r0 = 0
+        c0 = 0
+    else:  # host descriptors over [B * Lk, Hkv * D] (or none)
+        kdesc = KD
+        vdesc = VD
+        r0 = b * Lk
+        c0 = hk * D
+
+    # Key tiles anchored at p0: u tiles below p0 (down to the window's first key), the diagonal
+    # tiles from p0 to the block's last query. Of the u lower tiles the first e are masked (they
+    # cross the window edge p - W of the block's last row, or the sequence start).
+    p_last = offset + tl.minimum(i0 + BM, Lq) - 1
+    kmin = tl.maximum(p0 - W + 1, 0)
+    u = (p0 - kmin + BN - 1) // BN
+    n_diag = (p_last - p0 + BN) // BN
+    s_first = p0 - u * BN
+    g = p0 - tl.maximum(p0 + BM - W, 0)  # unmasked lower tiles need s0 >= p0 + BM - W and s0 >= 0
+    n_full = tl.minimum(u, tl.maximum(g, 0) // BN)
+    n_full = tl.where(g >= 0, n_full, 0)
+    full_lo = p0 - n_full * BN
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, s_first, full_lo, W, Lk,
+                                qk_scale, BN, IEEE, EVEN_D)
+    acc, l_i, m_i = _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_d, d_ok, full_lo, p0,
+                              qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY)
+    acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, p0, p0 + n_diag * BN, W, Lk,
+                                qk_scale, BN, IEEE, EVEN_D)
+
+    # every valid row has seen its own key (l > 0); rows past Lq are not stored
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc * (1.0 / l_safe)[:, None]
+    lse = m_i + tl.math.log2(l_safe)
+    o_off = b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :]
+    o_lp = out.to(O.dtype.element_ty)
+    _st_rows(O + o_off, o_lp, m_ok, d_ok, EVEN_D)
+    if STORE_LO:
+        _st_rows(OLO + o_off, (out - o_lp.to(tl.float32)).to(OLO.dtype.element_ty), m_ok, d_ok, EVEN_D)
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: dK/dV (optionally dQ by atomics)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
+                DQA, dqa_base, dqa_st, offs_n, offs_d, d_ok, n0, t_lo, t_hi, offset, W, Lq, qk_scale,
+                BM: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+                FUSED_DQ: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+    for t in tl.range(t_lo, t_hi, warp_specialize=WS):
+        pm0 = n0 + t * BM
+        offs_pq = pm0 + tl.arange(0, BM)  # query positions (key coordinates)
+        offs_i = offs_pq - offset  # query indices
+        if MASKED:
+            row_ok = (offs_i >= 0) & (offs_i < Lq)
+            q = _ld_rows(q_base + offs_i[:, None].to(tl.int64) * sqt + offs_d[None, :], row_ok, d_ok, EVEN_D)
+            do = _ld_rows(do_base + offs_i[:, None].to(tl.int64) * sdot + offs_d[None, :], row_ok, d_ok, EVEN_D)
+            lse = tl.load(lse_base + offs_i, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_i, mask=row_ok, other=0.0)
+        else:
+            if TMA > 0:
+                q = QD.load([qd_row + pm0 - offset, qd_col])
+                do = DOD.load([qd_row + pm0 - offset, qd_col])
+            elif EVEN_D:
+                q = tl.load(q_base + offs_i[:, None].to(tl.int64) * sqt + offs_d[None, :])
+                do = tl.load(do_base + offs_i[:, None].to(tl.int64) * sdot + offs_d[None, :])
+            else:
+                q = tl.load(q_base + offs_i[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                do = tl.load(do_base + offs_i[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            lse = tl.load(lse_base + offs_i)
+            delta = tl.load(delta_base + offs_i)
+        qkt = _mm(k, tl.trans(q), IEEE)  # [BN, BM]
+        if MASKED:
+            ok = row_ok[None, :] & (offs_n[:, None] <= offs_pq[None, :]) & (offs_n[:, None] > offs_pq[None, :] - W)
+            pt = tl.where(ok, tl.math.exp2(qkt * qk_scale - lse[None, :]), 0.0)
+        else:
+            pt = tl.math.exp2(qkt * qk_scale - lse[None, :])
+        dv = _mma(pt.to(do.dtype), do, dv, IEEE)
+        dpt = _mm(v, tl.trans(do), IEEE)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = _mma(dst, q, dk, IEEE)
+        if FUSED_DQ:
+            dq = _mm(tl.trans(dst), k, IEEE)  # [BM, BLOCK_D], scaled once at the end
+            ptrs = DQA + dqa_base + offs_i[:, None].to(tl.int64) * dqa_st + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+            elif EVEN_D:
+                tl.atomic_add(ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(ptrs, dq, mask=d_ok[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _swa_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, QD, DOD,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+    qk_scale, sm_scale, W, Lq, Lk,
+    H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+    FUSED_DQ: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    offset = Lk - Lq
+    n0 = kb * BN
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    n_ok = offs_n < Lk
+    k = _ld_rows(K + b.to(tl.int64) * skb + hk * skh + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], n_ok, d_ok, EVEN_D)
+    v = _ld_rows(V + b.to(tl.int64) * svb + hk * svh + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], n_ok, d_ok, EVEN_D)
+
+    # Query tiles t = 0, 1, ... start at n0 + t * BM. Positions that see a key of the block:
+    # [max(n0, offset), min(n0 + BN + W - 2, Lk - 1)]. Unmasked tiles: past the diagonal
+    # (t * BM >= BN - 1), last row still sees n0 ((t + 1) * BM <= W), all rows are queries.
+    p_min = tl.maximum(n0, offset)
+    p_max = tl.minimum(n0 + BN + W - 2, Lk - 1)
+    t_lo = (p_min - n0) // BM
+    t_hi = tl.where(p_max >= p_min, (p_max - n0) // BM + 1, t_lo)
+    a = tl.maximum(tl.maximum(t_lo, (BN + BM - 2) // BM), (tl.maximum(offset - n0, 0) + BM - 1) // BM)
+    z = tl.minimum(tl.minimum(t_hi, W // BM), (Lk - n0) // BM)
+    a2 = tl.where(a < z, a, t_hi)
+    z2 = tl.where(a < z, z, t_hi)
+
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b.to(tl.int64) * sqb + h * sqh
+        do_base = DO + b.to(tl.int64) * sdob + h * sdoh
+        if TMA == 2:
+            qdesc = tl.make_tensor_descriptor(q_base, shape=[Lq, D], strides=[sqt, 1], block_shape=[BM, BLOCK_D])
+            dodesc = tl.make_tensor_descriptor(do_base, shape=[Lq, D], strides=[sdot, 1], block_shape=[BM, BLOCK_D])
+            r0 = 0
+            c0 = 0
+        else:
+            qdesc = QD
+            dodesc = DOD
+            r0 = b * Lq
+            c0 = h * D
+        stat = (b * H + h).to(tl.int64) * Lq
+        dqa_base = (b.to(tl.int64) * Lq * H + h) * D
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
+                             DQA, dqa_base, H * D, offs_n, offs_d, d_ok, n0, t_lo, a2, offset, W, Lq, qk_scale,
+                             BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
+                             DQA, dqa_base, H * D, offs_n, offs_d, d_ok, n0, a2, z2, offset, W, Lq, qk_scale,
+                             BM, IEEE, EVEN_D, False, FUSED_DQ, TMA, WS)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
+                             DQA, dqa_base, H * D, offs_n, offs_d, d_ok, n0, z2, t_hi, offset, W, Lq, qk_scale,
+                             BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
+
+    _st_rows(DK + b.to(tl.int64) * sdkb + hk * sdkh + offs_n[:, None].to(tl.int64) * sdkt + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), n_ok, d_ok, EVEN_D)
+    _st_rows(DV + b.to(tl.int64) * sdvb + hk * sdvh + offs_n[:, None].to(tl.int64) * sdvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), n_ok, d_ok, EVEN_D)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: dQ (separate kernel)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, lo, hi, W, Lk,
+              qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+              TMA: tl.constexpr, WS: tl.constexpr):
+    for s0 in tl.range(lo, hi, BN, warp_specialize=WS):
+        offs_n = s0 + tl.arange(0, BN)
+        if MASKED:
+            kv_ok = (offs_n >= 0) & (offs_n < Lk)
+            k = _ld_rows(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], kv_ok, d_ok, EVEN_D)
+            v = _ld_rows(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], kv_ok, d_ok, EVEN_D)
+        elif TMA > 0:
+            k = KD.load([kd_row + s0, kd_col])
+            v = VD.load([kd_row + s0, kd_col])
+        elif EVEN_D:
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :])
+        else:
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        qk = _mm(q, tl.trans(k), IEEE)
+        if MASKED:
+            ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W) & (offs_n >= 0)[None, :]
+            p = tl.where(ok, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        dp = _mm(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq, IEEE)
+    return dq
+
+
+@triton.jit
+def _swa_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KD, VD,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
+    qk_scale, sm_scale, W, Lq, Lk,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offset = Lk - Lq
+    i0 = qb * BM
+    p0 = offset + i0
+    offs_m = i0 + tl.arange(0, BM)
+    offs_p = offs_m + offset
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Lq
+    q = _ld_rows(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
+    do = _ld_rows(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], m_ok, d_ok, EVEN_D)
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    if TMA == 2:
+        kdesc = tl.make_tensor_descriptor(k_base, shape=[Lk, D], strides=[skt, 1], block_shape=[BN, BLOCK_D])
+        vdesc = tl.make_tensor_descriptor(v_base, shape=[Lk, D], strides=[svt, 1], block_shape=[BN, BLOCK_D])
+        r0 = 0
+        c0 = 0
+    else:
+        kdesc = KD
+        vdesc = VD
+        r0 = b * Lk
+        c0 = hk * D
+
+    # the forward's tiling (see _swa_fwd_kernel)
+    p_last = offset + tl.minimum(i0 + BM, Lq) - 1
+    kmin = tl.maximum(p0 - W + 1, 0)
+    u = (p0 - kmin + BN - 1) // BN
+    n_diag = (p_last - p0 + BN) // BN
+    s_first = p0 - u * BN
+    g = p0 - tl.maximum(p0 + BM - W, 0)
+    n_full = tl.minimum(u, tl.maximum(g, 0) // BN)
+    n_full = tl.where(g >= 0, n_full, 0)
+    full_lo = p0 - n_full * BN
+
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok, s_first, full_lo,
+                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok, full_lo, p0,
+                   W, Lk, qk_scale, BN, IEEE, EVEN_D, False, TMA, WS)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok, p0, p0 + n_diag * BN,
+                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
+    _st_rows(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), m_ok, d_ok, EVEN_D)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch parameters
+
+#: Default launch parameters per (kernel, padded head dim, operand class "16" = fp16/bf16 or
+#: "32" = fp32). Kernels: "fwd" (BM queries x BN keys), "dkdv" (BN keys x BM queries per step;
+#: ``fused_dq``: dQ by atomics in this kernel, else the "dq" kernel runs), "dq" (BM queries x BN
+#: keys). ``tma``: unmasked tiles load through TMA descriptors (sm_90+, 16-byte aligned strides;
+#: silently pointer loads otherwise): ``True`` -- host descriptors over ``[B * T, H * D]`` (padded head
+#: dim == head dim), ``"device"`` -- in-kernel descriptors per (batch, head) (Triton's scratch
+#: allocator is set if none is; what Hopper warp specialisation needs); ``ws``: ``tl.range(warp_specialize=...)`` on
+#: the unmasked loop; ``lazy`` (fwd, > 0): rescale the accumulator only when a row's max has grown
+#: by more than that many powers of two (FlashAttention-4's lazy rescaling; 0: at every tile).
+#: NOT YET MEASURED ON A GPU: these are FlashAttention-2-style starting points (8 warps for 128-row
+#: fwd tiles at D >= 128; fp32 tiles halved for shared memory); ``scripts/diag_swa.py`` prints rows in
+#: this format to paste here.
+LAUNCH: dict[tuple[str, int, str], dict] = {
+    ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0),
+    ("fwd", 128, "16"): dict(BM=128, BN=64, warps=8, stages=3, tma=False, ws=False, lazy=0.0),
+    ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
+    ("dkdv", 64, "16"): dict(BM=64, BN=128, warps=8, stages=2, fused_dq=False, tma=False, ws=False),
+    ("dkdv", 128, "16"): dict(BM=64, BN=128, warps=8, stages=2, fused_dq=False, tma=False, ws=False),
+    ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False),
+    ("dq", 64, "16"): dict(BM=128, BN=64, warps=8, stages=2, tma=False, ws=False),
+    ("dq", 128, "16"): dict(BM=128, BN=64, warps=8, stages=2, tma=False, ws=False),
+    ("dq", 256, "16"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False),
+    ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
+    ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
+    ("fwd", 256, "32"): dict(BM=32, BN=32, warps=4, stages=1, tma=False, ws=False, lazy=0.0),
+    ("dkdv", 64, "32"): dict(BM=32, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False),
+    ("dkdv", 128, "32"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False),
+    ("dkdv", 256, "32"): dict(BM=16, BN=32, warps=4, stages=1, fused_dq=False, tma=False, ws=False),
+    ("dq", 64, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False),
+    ("dq", 128, "32"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False),
+    ("dq", 256, "32"): dict(BM=32, BN=16, warps=4, stages=1, tma=False, ws=False),
+}
+_KERNEL_KEYS = {"fwd": ("BM", "BN", "warps", "stages", "tma", "ws", "lazy"),
+                "dkdv": ("BM", "BN", "warps", "stages", "fused_dq", "tma", "ws"),
+                "dq": ("BM", "BN", "warps", "stages", "tma", "ws")}
+#: per-kernel overrides (``override_launch``), applied over the table for every head dim / dtype
+_OVERRIDES: dict[str, dict] = {}
+
+
+def _dclass(d: int) -> int:
+    return 64 if d <= 64 else (128 if d <= 128 else 256)
+
+
+def launch_config(kind: str, d: int, dtype: torch.dtype) -> dict:
+    """The launch parameters of kernel ``kind`` ("fwd", "dkdv", "dq") for head dim ``d`` and ``dtype``."""
+    cfg = dict(LAUNCH[(kind, _dclass(d), "32" if dtype == torch.float32 else "16")])
+    cfg.update(_OVERRIDES.get(kind, {}))
+    return cfg
+
+
+@contextlib.contextmanager
+def override_launch(**kinds: dict | None):
+    """``with override_launch(fwd=dict(BM=64), dkdv=dict(fused_dq=True)):`` -- launch parameters for
+    the calls inside (tests, the launch sweep); the keys of each dict replace the table's."""
+    for kind, cfg in kinds.items():
+        if kind not in _KERNEL_KEYS:
+            raise ValueError(f"override_launch: kernel must be one of {tuple(_KERNEL_KEYS)}, got {kind!r}")
+        bad = set(cfg or {}) - set(_KERNEL_KEYS[kind])
+        if bad:
+            raise ValueError(f"override_launch: unknown {kind} parameters {sorted(bad)}; allowed {_KERNEL_KEYS[kind]}")
+    saved = {k: _OVERRIDES.get(k) for k in kinds}
+    try:
+        for kind, cfg in kinds.items():
+            if cfg:
+                _OVERRIDES[kind] = dict(cfg)
+            else:
+                _OVERRIDES.pop(kind, None)
+        yield
+    finally:
+        for kind, cfg in saved.items():
+            if cfg is None:
+                _OVERRIDES.pop(kind, None)
+            else:
+                _OVERRIDES[kind] = cfg
+
+
+def _check_tile(kind: str, cfg: dict) -> None:
+    for name in ("BM", "BN"):
+        x = cfg[name]
+        if not (isinstance(x, int) and x >= 16 and x & (x - 1) == 0):
+            raise ValueError(f"swa launch {kind}: {name} must be a power of two >= 16, got {x!r}")
+
+
+_TMA_CAP: dict = {}
+
+
+def _tma_capable(t: Tensor) -> bool:
+    """TMA on ``t``'s device: sm_90+ on CUDA; the CPU interpreter runs descriptors too (tests)."""
+    if TensorDescriptor is None:
+        return False
+    if t.device.type != "cuda":
+        return True
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _TMA_CAP:
+        _TMA_CAP[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _TMA_CAP[idx]
+
+
+def _tma_desc(t: Tensor, block_rows: int, block_d: int):
+    """A host TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]`` (row ``b * T + t``,
+    column ``h * D``), or ``None`` when the strides do not allow that view or TMA is unavailable."""
+    b, n, h, d = t.shape
+    if block_d != d or t.stride(3) != 1 or t.stride(2) != d or (b > 1 and t.stride(0) != n * t.stride(1)):
+        return None
+    es = t.element_size()
+    if t.data_ptr() % 16 or (t.stride(1) * es) % 16 or (d * es) < 16 or not _tma_capable(t):
+        return None
+    return TensorDescriptor(t, shape=[b * n, h * d], strides=[t.stride(1), 1], block_shape=[block_rows, block_d])
+
+
+def _device_tma_ok(t: Tensor) -> bool:
+    """In-kernel descriptors per (batch, head) ``[T, D]`` slice: 16-byte aligned bases and row stride."""
+    es = t.element_size()
+    return (t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all((t.stride(i) * es) % 16 == 0 for i in range(3))
+            and _tma_capable(t) and hasattr(tl, "make_tensor_descriptor"))
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device=_SCRATCH_DEVICE[0])
+
+
+_SCRATCH_DEVICE = ["cpu"]
+
+
+def _ensure_allocator(device: torch.device) -> None:
+    """In-kernel descriptors need Triton's global-memory scratch allocator; set one (torch memory, so
+    CUDA-graph captures take it from the graph's pool) unless the caller has set their own. Triton
+    keeps it in a ContextVar, so this runs before every such launch (autograd may run the backward
+    in another thread)."""
+    _SCRATCH_DEVICE[0] = device
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+    except ImportError:  # pragma: no cover - other Triton layouts: set ours
+        triton.set_allocator(_scratch)
+        return
+    if isinstance(_allocator.get(), NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _tma_setup(mode, tensors: tuple[Tensor, ...], block_rows: int, block_d: int) -> tuple[int, tuple]:
+    """The kernels' ``TMA`` constexpr and host descriptors for ``tensors`` (loaded in unmasked tiles):
+    ``mode`` False -> (0, Nones); True -> host descriptors (1) where possible; "device" -> in-kernel
+    descriptors (2) where possible; else pointer loads (0)."""
+    none = (None,) * len(tensors)
+    if mode == "device":
+        if all(_device_tma_ok(t) for t in tensors):
+            _ensure_allocator(tensors[0].device)
+            return 2, none
+        return 0, none
+    if mode:
+        descs = tuple(_tma_desc(t, block_rows, block_d) for t in tensors)
+        if all(d is not None for d in descs):
+            return 1, descs
+    return 0, none
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, need_lo: bool = False):
+    """``(o, lse, o_lo)`` as ``triton._fwd_impl``: ``o_lo`` (16-bit inputs with ``need_lo``) is the
+    output's rounding residual, else ``None``; ``lse`` ``[B, H, Lq]`` fp32, base 2."""
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    cfg = launch_config("fwd", d, q.dtype)
+    _check_tile("fwd", cfg)
+    o = _alloc(q)
+    lse = _alloc(q, (b, h, lq), torch.float32)
+    store_lo = need_lo and q.dtype != torch.float32
+    o_lo = _alloc(q) if store_lo else None
+    bd = _pow2(d)
+    tma, (kd, vd) = _tma_setup(cfg["tma"], (k, v), cfg["BN"], bd)
+    _swa_fwd_kernel[(_cdiv(lq, cfg["BM"]), b * h)](
+        q, k, v, o, lse, o_lo if store_lo else lse, kd, vd,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        scale * LOG2E, window, lq, lk,
+        H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
+        POS_SCALE=scale > 0, STORE_LO=store_lo, TMA=tma, WS=bool(cfg["ws"]), LAZY=float(cfg.get("lazy", 0.0)),
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    return o, lse, o_lo
+
+
+def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor | None, window: int, scale: float):
+    """``(dq, dk, dv)``; ``o_lo`` is the forward's residual of a 16-bit ``o`` (``None`` / empty: none)."""
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    group = h // hkv
+    bd = _pow2(d)
+    ieee = q.dtype == torch.float32
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    has_lo = o_lo is not None and o_lo.numel() > 0
+    if has_lo and o_lo.stride() != o.stride():
+        raise ValueError(f"swa backward: o_lo must have o's strides, got {o_lo.stride()} and {o.stride()}")
+    delta = _alloc(q, (b, h, lq), torch.float32)
+    _bwd_preprocess[(_cdiv(lq, 64), b * h)](o, o_lo if has_lo else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+                                            do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=bd, BM=64, HAS_LO=has_lo)
+    cfg = launch_config("dkdv", d, q.dtype)
+    _check_tile("dkdv", cfg)
+    fused = bool(cfg["fused_dq"])
+    dk = _alloc(k, k.shape)
+    dv = _alloc(v, v.shape)
+    # atomics need a zeroed fp32 accumulator [B, Lq, H, D] (never poisoned)
+    dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32) if fused else lse
+    tma, (qd, dod) = _tma_setup(cfg["tma"], (q, do), cfg["BM"], bd)
+    _swa_bwd_dkdv_kernel[(_cdiv(lk, cfg["BN"]), b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, dqa, qd, dod,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        scale * LOG2E, scale, window, lq, lk,
+        H=h, HKV=hkv, GROUP=group, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=ieee, EVEN_D=bd == d,
+        FUSED_DQ=fused, TMA=tma, WS=bool(cfg["ws"]), num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    if fused:
+        if q.dtype == torch.float32:
+            dq = dqa.mul_(scale)
+        else:
+            dq = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype)
+            torch.mul(dqa, scale, out=dq)  # one pass: fp32 product, cast on store
+        return dq, dk, dv
+    cq = launch_config("dq", d, q.dtype)
+    _check_tile("dq", cq)
+    dq = _alloc(q)
+    tma, (kd, vd) = _tma_setup(cq["tma"], (k, v), cq["BN"], bd)
+    _swa_bwd_dq_kernel[(_cdiv(lq, cq["BM"]), b * h)](
+        q, k, v, do, lse, delta, dq, kd, vd,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        scale * LOG2E, scale, window, lq, lk,
+        H=h, GROUP=group, D=d, BLOCK_D=bd, BM=cq["BM"], BN=cq["BN"], IEEE=ieee, EVEN_D=bd == d,
+        TMA=tma, WS=bool(cq["ws"]), num_warps=cq["warps"], num_stages=cq["stages"],
+    )
+    return dq, dk, dv
+
+
+@torch.library.custom_op("mnemotorch::swa_attn_fwd", mutates_args=())
+def swa_attn_fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    o, lse, o_lo = _fwd_impl(q, k, v, window, scale, need_lo=True)
+    return o, lse, q.new_empty(0) if o_lo is None else o_lo
+
+
+@swa_attn_fwd.register_fake
+def _(q, k, v, window, scale):
+    lo = torch.empty_like(q) if q.dtype != torch.float32 else q.new_empty(0)
+    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32), lo
+
+
+@torch.library.custom_op("mnemotorch::swa_attn_bwd", mutates_args=())
+def swa_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor, window: int,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(do, q, k, v, o, lse, o_lo, window, scale)
+
+
+@swa_attn_bwd.register_fake
+def _(do, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window, scale = inputs
+    o, lse, o_lo = output
+    ctx.save_for_backward(q, k, v, o, lse, o_lo)
+    ctx.window, ctx.scale = window, scale
+
+
+def _backward(ctx, do, dlse, dlo):
+    q, k, v, o, lse, o_lo = ctx.saved_tensors
+    dq, dk, dv = swa_attn_bwd(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+swa_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerSWA(torch.autograd.Function):
+    """The same kernels for eager calls, without the custom ops' dispatch cost (see ``triton.py``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale):
+        o, lse, o_lo = _fwd_impl(q, k, v, window, scale, need_lo=True)
+        ctx.save_for_backward(q, k, v, o, lse, o_lo)
+        ctx.window, ctx.scale = window, scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse, o_lo = ctx.saved_tensors
+        dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def swa_attention_triton(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float) -> Tensor:
+    """Causal sliding-window attention through the fast-path kernels.
+
+    ``q [B, Lq, H, D]``, ``k/v [B, Lk, Hkv, D]`` (unit last stride; checked by the callers), query
+    ``i`` at key position ``Lk - Lq + i`` sees keys ``p - window < j <= p``; ``window=None`` (or
+    ``>= Lk``) is plain causal attention.
+    """
+    lk = k.shape[1]
+    window = lk if window is None else min(int(window), lk)
+    scale = float(scale)
+    if _eager_ok(q, k, v):
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return _fwd_impl(q, k, v, window, scale)[0]
+        return _EagerSWA.apply(q, k, v, window, scale)
+    return swa_attn_fwd(q, k, v, window, scale)[0]
+
+
+__all__ = ["LAUNCH", "launch_config", "override_launch", "swa_attention_triton", "swa_attn_fwd", "swa_attn_bwd"]
