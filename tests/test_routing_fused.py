@@ -81,6 +81,29 @@ def test_route_assign_matches_the_unfused_ops(dtype: torch.dtype, d: int) -> Non
     assert rel(sums - sums0, want_sums) <= (1e-6 if dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.parametrize("c", [5, 40], ids=["one-chunk", "two-chunks"])
+def test_route_assign_launches_agree(monkeypatch, c: int) -> None:
+    """The default launch (8 token tiles per program, statistics summed in registers when C fits one chunk,
+    centroid scores on the tensor cores) against the simple one (a tile per program, fp32 multiply-and-sum
+    scores): the same ids and counts, the same sums to fp32 rounding, over several programs with a partial
+    last tile, and against the reference."""
+    g = torch.Generator().manual_seed(c)
+    b, t, h, d = 2, 300, 2, 16
+    x = torch.randn(b, t, h, d, generator=g) * 3 + 1
+    mu = torch.randn(h, c, d, generator=g)
+    mu = mu * (d**0.5 / mu.norm(dim=-1, keepdim=True))
+    out = {}
+    for mode in ("simple", ""):
+        monkeypatch.setenv("MNEMO_ROUTE_ASSIGN", mode)
+        sums, counts = torch.zeros(h, c, d), torch.zeros(h, c)
+        ids, _ = route_assign(x, mu, stats=(sums, counts))
+        out[mode] = (ids, sums, counts)
+    assert torch.equal(out[""][0], out["simple"][0])
+    assert torch.equal(out[""][0], nearest_centroid(scale_free_layer_norm(x), mu, backend="reference"))
+    assert torch.equal(out[""][2], out["simple"][2]) and out[""][2].sum().item() == b * t * h
+    assert rel(out[""][1], out["simple"][1]) <= 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [16, 24])
 def test_rotary_fused_matches_apply_rotary(dtype: torch.dtype, d: int) -> None:

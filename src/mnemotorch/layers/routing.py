@@ -216,6 +216,8 @@ class RoutingAttention(Mixer):
         self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
         self._graphs = TrainingGraphs(type(self).__name__)
         self._graph_buf: Tensor | None = None
+        self._graph_views: tuple[Tensor, Tensor] | None = None
+        self._empty_local: tuple | None = None
 
         d = self.head_dim
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -368,9 +370,14 @@ class RoutingAttention(Mixer):
             keep = self.local_window - 1
             if self.local_heads:
                 k_loc, v_loc = (k_loc[:, k_loc.shape[1] - min(keep, k_loc.shape[1]) :], v_loc[:, v_loc.shape[1] - min(keep, v_loc.shape[1]) :])
-            else:
-                empty = state if state is not None else self.init_state(b, x.device, x.dtype)
-                k_loc, v_loc = empty.k_local, empty.v_local
+            elif state is not None:
+                k_loc, v_loc = state.k_local, state.v_local
+            else:  # no local heads: empty tensors, shared between states (nothing can be written into them)
+                key = (b, x.device, x.dtype)
+                if self._empty_local is None or self._empty_local[0] != key:
+                    empty = self.init_state(b, x.device, x.dtype)
+                    self._empty_local = (key, empty.k_local, empty.v_local)
+                k_loc, v_loc = self._empty_local[1], self._empty_local[2]
             return RoutingState(seen + t, k=k_all, v=v_all, clusters=c_all, k_local=k_loc, v_local=v_loc)
         empty = self.init_state(b, x.device, x.dtype)
         empty.seen_tokens = seen + t
@@ -386,13 +393,14 @@ class RoutingAttention(Mixer):
         )
 
     def _graph_stats(self, device) -> tuple[Tensor, Tensor]:
-        """The persistent k-means statistics buffer the graphed kernels add into (its address is captured)."""
+        """The persistent k-means statistics buffer the graphed kernels add into (its address is captured), as
+        ``(sums [H, C, D], counts [H, C])`` views (made once: the graphed call's host time is the point)."""
         h, c, d = self.route_heads, self.num_clusters, self.head_dim
-        if self._graph_buf is None or self._graph_buf.device != torch.device(device):
+        if self._graph_buf is None or self._graph_buf.device != device:
             self._graph_buf = torch.zeros(h * c * (d + 1), dtype=torch.float32, device=device)
+            self._graph_views = (self._graph_buf[: h * c * d].view(h, c, d), self._graph_buf[h * c * d :].view(h, c))
             self._graphs.reset()
-        buf = self._graph_buf
-        return buf[: h * c * d].view(h, c, d), buf[h * c * d :].view(h, c)
+        return self._graph_views
 
     def _adopt_pending(self, sums: Tensor, counts: Tensor) -> None:
         """Make the pending k-means statistics live in the graph's buffer (``sums``, ``counts``), keeping any
@@ -471,7 +479,7 @@ class RoutingAttention(Mixer):
         self._flush_raw()
         self._rope_cache = None
         self._graphs.reset()  # the graphs read buffers by address: moved buffers need new graphs
-        self._graph_buf = None
+        self._graph_buf = self._graph_views = self._empty_local = None
         out = super()._apply(fn, recurse)
         for name in ("_pending_sums", "_pending_counts"):
             if getattr(self, name, None) is not None:

@@ -112,55 +112,123 @@ def nearest_centroid_triton(x: Tensor, centroids: Tensor) -> Tensor:
 
 
 @triton.jit
+def _argmax_centroid_mma(r, MU, h, smh, smc, offs_d, d_ok, C, BT: tl.constexpr, BC: tl.constexpr):
+    """Index of the highest-scoring centroid ``r · μ_c`` per row of ``r [BT, BLOCK_D]`` (fp32), ties to the
+    lowest index, with the scores on the tensor cores: ``r`` and ``μ`` split into fp16 pieces
+    (``x = hi + lo`` to ~2^-22 relative; |r_d| <= sqrt(D), |μ_d| <= sqrt(D) are far inside fp16's range) and
+    ``hi·hi + lo·hi + hi·lo`` accumulated in fp32, so a score carries the same ~1e-7 relative error as an
+    fp32 dot product in another summation order. (fp16, not bf16: see the k-means statistics below.)"""
+    r_hi = r.to(tl.float16)
+    r_lo = (r - r_hi.to(tl.float32)).to(tl.float16)
+    best = tl.full([BT], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BT], tl.int64)
+    for c0 in range(0, C, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        c_ok = offs_c < C
+        mu = tl.load(MU + h * smh + offs_c[None, :] * smc + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        mu_hi = mu.to(tl.float16)
+        mu_lo = (mu - mu_hi.to(tl.float32)).to(tl.float16)
+        sc = tl.dot(r_hi, mu_hi, out_dtype=tl.float32)
+        sc = tl.dot(r_lo, mu_hi, sc, out_dtype=tl.float32)
+        sc = tl.dot(r_hi, mu_lo, sc, out_dtype=tl.float32)
+        sc = tl.where(c_ok[None, :], sc, float("-inf"))
+        m = tl.max(sc, 1)
+        idx = tl.min(tl.where(sc == m[:, None], offs_c[None, :], C + BC), 1).to(tl.int64)
+        better = m > best  # strict: a later chunk's equal score keeps the earlier (lower) index
+        best_idx = tl.where(better, idx, best_idx)
+        best = tl.where(better, m, best)
+    return best_idx
+
+
+@triton.jit
 def _route_assign_kernel(
     X, MU, OUT, SQ, SUMS, CNTS,
     sxb, sxt, sxh, smh, smc, son, soh, ssn, ssh, s_sh, s_sc, s_ch, s_cc,
     N, T, C, eps, loss_coef, D: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    LOSS: tl.constexpr, STATS: tl.constexpr,
+    LOSS: tl.constexpr, STATS: tl.constexpr, TILES: tl.constexpr, ONE_CHUNK: tl.constexpr, MMA: tl.constexpr,
 ):
     """Scale-free layer norm of each raw vector (fp32, rounded to the input dtype as the unfused path's
     ``F.layer_norm`` output is), nearest centroid, (``LOSS``) ``loss_coef`` times the squared distance to
     it, and (``STATS``) the k-means sums and counts of the program's tokens added into ``SUMS [H, C, D]``
-    and ``CNTS [H, C]`` (fp32 atomics, one per centroid and dim per program)."""
+    and ``CNTS [H, C]`` (fp32 atomics).
+
+    A program walks ``TILES`` tiles of ``BT`` tokens of one head. With ``ONE_CHUNK`` (``C <= BC``) the
+    statistics of its tiles are summed in registers and added with one atomic per centroid and dim at the
+    end (``TILES`` times fewer atomics on the few ``H·C·D`` addresses, whose contention dominated the
+    kernel); otherwise each tile adds its own. ``MMA``: centroid scores on the tensor cores
+    (``_argmax_centroid_mma``), else fp32 multiply-and-sum (``_argmax_centroid``)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    offs_t = pid * BT + tl.arange(0, BT)
     offs_d = tl.arange(0, BLOCK_D)
-    t_ok = offs_t < N
     d_ok = offs_d < D
-    tb = offs_t.to(tl.int64) // T
-    tt = offs_t.to(tl.int64) % T
-    ptr = X + tb[:, None] * sxb + tt[:, None] * sxt + h * sxh + offs_d[None, :]
-    x = tl.load(ptr, mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / D
-    xc = tl.where(d_ok[None, :], x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, 1) / D
-    r = xc * (1.0 / tl.sqrt_rn(var + eps))[:, None]
-    r = r.to(X.dtype.element_ty).to(tl.float32)
-    best_idx = _argmax_centroid(r, MU, h, smh, smc, offs_d, d_ok, C, BT, BC)
-    tl.store(OUT + offs_t.to(tl.int64) * son + h * soh, best_idx, mask=t_ok)
-    if LOSS:
-        mu_b = tl.load(MU + h * smh + best_idx[:, None] * smc + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        diff = tl.where(d_ok[None, :], r - mu_b.to(tl.float32), 0.0)
-        tl.store(SQ + offs_t.to(tl.int64) * ssn + h * ssh, tl.sum(diff * diff, 1) * loss_coef, mask=t_ok)
-    if STATS:
-        # per centroid, the sum of its tokens' vectors: a one-hot [BC, BT] times r [BT, D] on the tensor cores
-        # (fp16 operands, fp32 accumulation; the products 0 or 1 times a piece of r are exact). r is split
-        # into two fp16 pieces, r = hi + lo up to 2^-22 |r| (|r| <= sqrt(D) is far inside fp16's range).
-        # (fp16, not bf16: the interpreter's bf16 dot of values converted in registers is wrong.)
-        tok_c = tl.where(t_ok, best_idx, -1).to(tl.int32)
-        r_hi = r.to(tl.float16)
-        r_lo = (r - r_hi.to(tl.float32)).to(tl.float16)
-        for c0 in range(0, C, BC):
-            offs_c = c0 + tl.arange(0, BC)
-            onehot = tl.where(offs_c[:, None] == tok_c[None, :], 1.0, 0.0)
-            oh16 = onehot.to(tl.float16)
-            part = tl.dot(oh16, r_hi, out_dtype=tl.float32)
-            part = tl.dot(oh16, r_lo, part, out_dtype=tl.float32)
-            cnt = tl.sum(onehot, 1)
-            c_ok = (offs_c < C) & (cnt > 0)
-            tl.atomic_add(SUMS + h * s_sh + offs_c[:, None] * s_sc + offs_d[None, :], part, mask=c_ok[:, None] & d_ok[None, :], sem="relaxed")
-            tl.atomic_add(CNTS + h * s_ch + offs_c * s_cc, cnt, mask=c_ok, sem="relaxed")
+    acc = tl.zeros([BC, BLOCK_D], tl.float32)
+    cnt_acc = tl.zeros([BC], tl.float32)
+    for j in range(TILES):
+        offs_t = (pid * TILES + j) * BT + tl.arange(0, BT)
+        t_ok = offs_t < N
+        tb = offs_t.to(tl.int64) // T
+        tt = offs_t.to(tl.int64) % T
+        ptr = X + tb[:, None] * sxb + tt[:, None] * sxt + h * sxh + offs_d[None, :]
+        x = tl.load(ptr, mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        mean = tl.sum(x, 1) / D
+        xc = tl.where(d_ok[None, :], x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, 1) / D
+        r = xc * (1.0 / tl.sqrt_rn(var + eps))[:, None]
+        r = r.to(X.dtype.element_ty).to(tl.float32)
+        if MMA:
+            best_idx = _argmax_centroid_mma(r, MU, h, smh, smc, offs_d, d_ok, C, BT, BC)
+        else:
+            best_idx = _argmax_centroid(r, MU, h, smh, smc, offs_d, d_ok, C, BT, BC)
+        tl.store(OUT + offs_t.to(tl.int64) * son + h * soh, best_idx, mask=t_ok)
+        if LOSS:
+            mu_b = tl.load(MU + h * smh + best_idx[:, None] * smc + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            diff = tl.where(d_ok[None, :], r - mu_b.to(tl.float32), 0.0)
+            tl.store(SQ + offs_t.to(tl.int64) * ssn + h * ssh, tl.sum(diff * diff, 1) * loss_coef, mask=t_ok)
+        if STATS:
+            # per centroid, the sum of its tokens' vectors: a one-hot [BC, BT] times r [BT, D] on the tensor cores
+            # (fp16 operands, fp32 accumulation; the products 0 or 1 times a piece of r are exact). r is split
+            # into two fp16 pieces, r = hi + lo up to 2^-22 |r| (|r| <= sqrt(D) is far inside fp16's range).
+            # (fp16, not bf16: the interpreter's bf16 dot of values converted in registers is wrong.)
+            tok_c = tl.where(t_ok, best_idx, -1).to(tl.int32)
+            r_hi = r.to(tl.float16)
+            r_lo = (r - r_hi.to(tl.float32)).to(tl.float16)
+            if ONE_CHUNK:
+                offs_c = tl.arange(0, BC)
+                onehot = tl.where(offs_c[:, None] == tok_c[None, :], 1.0, 0.0)
+                oh16 = onehot.to(tl.float16)
+                acc = tl.dot(oh16, r_hi, acc, out_dtype=tl.float32)
+                acc = tl.dot(oh16, r_lo, acc, out_dtype=tl.float32)
+                cnt_acc += tl.sum(onehot, 1)
+            else:
+                for c0 in range(0, C, BC):
+                    offs_c = c0 + tl.arange(0, BC)
+                    onehot = tl.where(offs_c[:, None] == tok_c[None, :], 1.0, 0.0)
+                    oh16 = onehot.to(tl.float16)
+                    part = tl.dot(oh16, r_hi, out_dtype=tl.float32)
+                    part = tl.dot(oh16, r_lo, part, out_dtype=tl.float32)
+                    cnt = tl.sum(onehot, 1)
+                    c_ok = (offs_c < C) & (cnt > 0)
+                    tl.atomic_add(SUMS + h * s_sh + offs_c[:, None] * s_sc + offs_d[None, :], part, mask=c_ok[:, None] & d_ok[None, :], sem="relaxed")
+                    tl.atomic_add(CNTS + h * s_ch + offs_c * s_cc, cnt, mask=c_ok, sem="relaxed")
+    if STATS and ONE_CHUNK:
+        offs_c = tl.arange(0, BC)
+        c_ok = (offs_c < C) & (cnt_acc > 0)
+        tl.atomic_add(SUMS + h * s_sh + offs_c[:, None] * s_sc + offs_d[None, :], acc, mask=c_ok[:, None] & d_ok[None, :], sem="relaxed")
+        tl.atomic_add(CNTS + h * s_ch + offs_c * s_cc, cnt_acc, mask=c_ok, sem="relaxed")
+
+
+#: Token tiles per program of ``_route_assign_kernel`` (statistics summed in registers across them) and whether
+#: its centroid scores use the tensor cores; ``MNEMO_ROUTE_ASSIGN=simple`` restores one tile per program and the
+#: fp32 multiply-and-sum scores (the launch measured before, for comparison on the GPU).
+ASSIGN_TILES = 8
+
+
+def _assign_launch() -> tuple[int, bool]:
+    import os
+
+    if os.environ.get("MNEMO_ROUTE_ASSIGN", "").lower() == "simple":
+        return 1, False
+    return ASSIGN_TILES, True
 
 
 def route_assign_triton(
@@ -195,14 +263,16 @@ def route_assign_triton(
     mu = _kernel_centroids(centroids)
     sq_arg = sq if sq is not None else out
     sums, counts = stats if stats is not None else (out, out)
-    grid = (triton.cdiv(n, BLOCK_T), h)
+    tiles, mma = _assign_launch()
+    tiles = max(1, min(tiles, triton.cdiv(n, BLOCK_T)))
+    bc = max(16, min(BLOCK_C, triton.next_power_of_2(c)))
+    grid = (triton.cdiv(n, BLOCK_T * tiles), h)
     _route_assign_kernel[grid](
         x, mu, out.view(n, h), sq_arg, sums, counts,
         x.stride(0), x.stride(1), x.stride(2), mu.stride(0), mu.stride(1), h, 1, h, 1,
         sums.stride(0), sums.stride(1) if sums.ndim > 1 else 0, counts.stride(0), counts.stride(1) if counts.ndim > 1 else 0,
-        n, t, c, float(eps), float(loss_coef), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BT=BLOCK_T,
-        BC=max(16, min(BLOCK_C, triton.next_power_of_2(c))),
-        LOSS=loss, STATS=stats is not None, num_warps=4, num_stages=2,
+        n, t, c, float(eps), float(loss_coef), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BT=BLOCK_T, BC=bc,
+        LOSS=loss, STATS=stats is not None, TILES=tiles, ONE_CHUNK=c <= bc, MMA=mma, num_warps=4, num_stages=2,
     )
     return out, sq
 
