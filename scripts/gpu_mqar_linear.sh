@@ -102,27 +102,35 @@ def anchor_text(mixer):
         if a.get("ours") != mixer:
             continue
         sizes, accs = str(a.get("state size", "")).split(" / "), str(a.get("accuracy", "")).split(" / ")
-        pts = ", ".join(f"{x} @ {s}" for x, s in zip(accs, sizes)) if len(sizes) == len(accs) > 1 else f"{accs[0]} ({sizes[0]})"
+        pts = (", ".join(f"{x} @ {s}" for x, s in zip(accs, sizes)) if len(sizes) == len(accs) > 1
+               else f"{accs[0]} ({sizes[0]})" if sizes[0] else accs[0])
         parts.append(f"{a.get('mixer')}: {pts} — {a.get('source', '')}")
     return "; ".join(parts) or "no anchor in the spec"
 
 lrs = [f"{lr:.3g}" for lr in cfg["learning_rates"]]
+# Extra test sets (e.g. passkey at 4x / 16x the training length): one column each, by label as the runner names them.
+evals = list(dict.fromkeys(str(e["label"]) if "label" in e else
+                           ",".join(f"{k}={v}" for k, v in e.items() if k not in ("label", "eval_batch_size", "num_test")) or "default"
+                           for s in cfg["settings"] for e in s.get("eval", [])))
 rows = ["| mixer | width | state size (ours) | accuracy (best lr) | best lr | " + " | ".join(f"lr {x}" for x in lrs)
-        + " | published anchor: accuracy @ state size |",
-        "|" + " --- |" * (6 + len(lrs))]
+        + "".join(f" | test {x}" for x in evals) + " | params | published anchor: accuracy @ state size |",
+        "|" + " --- |" * (7 + len(lrs) + len(evals))]
 for mixer in cfg["mixers"]:
     for width in cfg["widths"]:
         if not any(m == mixer and w == width for _, m, w, _ in planned):
             continue   # every cell of this row is left out of the grid (exclude)
         e = best.get((mixer, width))
         if e is None:
-            ours = ["pending"] * (3 + len(lrs))
+            ours = ["pending"] * (3 + len(lrs) + len(evals)) + ["–"]
         elif e.get("status") != "ok":
-            ours = ["–", "failed", "–"] + ["failed"] * len(lrs)
+            ours = ["–", "failed", "–"] + ["failed"] * len(lrs) + ["–"] * (len(evals) + 1)
         else:
             by = e.get("accuracy_by_lr", {})
+            ev = {str(x.get("label")): x for x in e.get("evals") or []}
             ours = [fmt_int(e["state_size"]) if e.get("state_size") else "–", f"**{e['accuracy']:.3f}**", f"{e['best_lr']:.3g}"] + [
-                "–" if by.get(x) is None else f"{by[x]:.3f}" for x in lrs]
+                "–" if by.get(x) is None else f"{by[x]:.3f}" for x in lrs] + [
+                "–" if ev.get(x, {}).get("accuracy") is None else f"{ev[x]['accuracy']:.3f}" for x in evals] + [
+                fmt_int(e["params"]) if e.get("params") else "–"]
         rows.append("| " + " | ".join([mixer, str(width)] + ours + [anchor_text(mixer)]) + " |")
 
 if results is None:
