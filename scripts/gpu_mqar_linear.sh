@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# MQAR accuracy vs state size for based / linear_attention / hebbian (delta) beside attention and
-# sliding window (issue #6), on one GPU, ending before 560 s:
-#   OUT=/path/to/out bash scripts/gpu_mqar_linear.sh
-# The grid of configs/mqar_linear.yaml (5 mixers x 2 widths x 2 learning rates = 20 cells) runs as
+# A `mnemo experiment` grid on one GPU as parallel worker processes, ending before a deadline. Written for
+# MQAR accuracy vs state size of based / linear_attention / hebbian (delta) beside attention and
+# sliding window (issue #6); runs any experiment config (MQAR_CONFIG: configs/mqar_memory.yaml,
+# configs/passkey_titans.yaml, configs/passkey_routed.yaml, ...):
+#   OUT=/path/to/out bash scripts/gpu_mqar_linear.sh                      # configs/mqar_linear.yaml
+#   MQAR_CONFIG=configs/mqar_memory.yaml MQAR_SOLO=titans_lmm,moneta OUT=... bash scripts/gpu_mqar_linear.sh
+# The grid of the config (mqar_linear.yaml: 5 mixers x 2 widths x 2 learning rates = 20 cells) runs as
 # several `mnemo experiment` processes side by side on the one GPU: these models are tiny and
 # launch-bound, and the delta rule's token loop (~0.2-0.3 s per step on any device) would alone take
 # longer than the time limit if its cells ran one after another. Each cell of a mixer named in
 # MQAR_SOLO gets its own process; the other mixers share MQAR_GROUPS processes (default 4: with the
 # config's 4 non-solo mixers, one process each, so each runs 4 cells one after another). Every process stops
 # by DEADLINE seconds after the start (`timeout`; no process starts a new cell within MQAR_CELL_GUARD
-# seconds of it); then the per-process results are merged, the report and plots are regenerated
-# (`mnemo experiment --report-only`) and docs/results/mqar_linear_summary.md is filled in.
+# seconds of it; a cell still training at the deadline is lost); then the per-process results are
+# merged, the report and plots are regenerated (`mnemo experiment --report-only`) and, where the config
+# has one (docs/results/<config stem>_summary.md, e.g. mqar_linear, mqar_memory), the summary page
+# beside the anchors is filled in.
 #
-# $OUT gets 4 files: mqar_linear.json (every cell: accuracy, state size, loss curve, timings),
-# mqar_linear.md (the runner's report, anchors included), mqar_linear_state_size.png, and
-# mqar_linear_rest.tgz (mqar_linear_summary.md = the summary page filled in, the seq-len plot, the
-# per-process results and logs, a GPU utilisation trace).
+# $OUT gets 4 files: <name>.json (every cell: accuracy, state size, loss curve, timings),
+# <name>.md (the runner's report, anchors included), <name>_state_size.png, and
+# <name>_rest.tgz (<name>_summary.md = the summary page filled in, the seq-len plot, the
+# per-process results and logs, a GPU utilisation trace). <name> is the config's `experiment`.
 #
-# Resuming: cells already in $MQAR_RESUME (default docs/results/mqar_linear.json when it exists;
+# Two configs side by side on one GPU: two instances of this script, in the background, each with its
+# own MQAR_CONFIG / DEADLINE; their scratch folders differ by default (RES=/tmp/mnemo_<config stem>),
+# and one OUT serves both (the file names differ).
+#
+# Resuming: cells already in $MQAR_RESUME (default docs/results/<name>.json when it exists;
 # MQAR_RESUME=none to start afresh) are not run again, so a second run completes a cut-short grid.
 # CPU check of the whole pipeline at toy sizes: MQAR_QUICK=1 OUT=/tmp/q bash scripts/gpu_mqar_linear.sh
 # Refill the summary page from a results file (none: the empty skeleton):
@@ -27,9 +36,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 START=$(date +%s)
 CONFIG="${MQAR_CONFIG:-configs/mqar_linear.yaml}"
-SKELETON="docs/results/mqar_linear_summary.md"
+STEM="$(basename "$CONFIG")"; STEM="${STEM%.*}"
+# The summary page filled beside the anchors: docs/results/<config stem>_summary.md where it exists
+# (mqar_linear, mqar_memory); other configs (passkey_*) have the runner's report only.
+SKELETON="${MQAR_SKELETON:-docs/results/${STEM}_summary.md}"
 OUT="${OUT:-$ROOT/gpu_out}"
-RES="${RES:-/tmp/mnemo_mqar_linear}"
+RES="${RES:-/tmp/mnemo_$STEM}"     # per config: two configs can run side by side (two instances of this script)
 DEADLINE="${DEADLINE:-520}"       # seconds after START by which every worker has ended (merge, report, tar: ~15 s more)
 CELL_GUARD="${MQAR_CELL_GUARD:-45}"
 SOLO="${MQAR_SOLO:-hebbian_delta}"
@@ -63,6 +75,23 @@ else:
     cfg["learning_rates"] = [float(x) for x in cfg["learning_rates"]]
 best = {(e["mixer"], e["width"]): e for e in (results or {}).get("best", [])}
 
+def label(setting):   # as mnemotorch.bench.experiment._setting_label
+    if "label" in setting:
+        return str(setting["label"])
+    return ",".join(f"{k}={v}" for k, v in setting.items() if k not in ("steps", "batch_size", "eval_batch_size", "label", "eval")) or "default"
+
+def excluded(setting, mixer, width, lr):   # as mnemotorch.bench.experiment._excluded (the config's holes)
+    def has(entry, key, value, same=lambda a, b: a == b):
+        vals = entry.get(key)
+        if vals is None:
+            return True
+        return any(same(value, v) for v in (vals if isinstance(vals, list) else [vals]))
+    return any(has(e, "mixer", mixer) and has(e, "width", width) and has(e, "lr", lr, lambda a, b: abs(a - float(b)) <= 1e-9 * abs(a))
+               and has(e, "setting", label(setting), lambda a, b: a == str(b)) for e in cfg.get("exclude") or [])
+
+planned = [(s, m, w, lr) for s in cfg["settings"] for m in cfg["mixers"] for w in cfg["widths"] for lr in cfg["learning_rates"]
+           if not excluded(s, m, w, lr)]
+
 def fmt_int(x):   # as mnemotorch.bench.report writes state sizes
     x = int(x)
     return f"{x / 1e6:.2f}M" if x >= 10**6 else f"{x / 1e3:.1f}k" if x >= 10**4 else str(x)
@@ -73,25 +102,35 @@ def anchor_text(mixer):
         if a.get("ours") != mixer:
             continue
         sizes, accs = str(a.get("state size", "")).split(" / "), str(a.get("accuracy", "")).split(" / ")
-        pts = ", ".join(f"{x} @ {s}" for x, s in zip(accs, sizes)) if len(sizes) == len(accs) > 1 else f"{accs[0]} ({sizes[0]})"
+        pts = (", ".join(f"{x} @ {s}" for x, s in zip(accs, sizes)) if len(sizes) == len(accs) > 1
+               else f"{accs[0]} ({sizes[0]})" if sizes[0] else accs[0])
         parts.append(f"{a.get('mixer')}: {pts} — {a.get('source', '')}")
     return "; ".join(parts) or "no anchor in the spec"
 
 lrs = [f"{lr:.3g}" for lr in cfg["learning_rates"]]
+# Extra test sets (e.g. passkey at 4x / 16x the training length): one column each, by label as the runner names them.
+evals = list(dict.fromkeys(str(e["label"]) if "label" in e else
+                           ",".join(f"{k}={v}" for k, v in e.items() if k not in ("label", "eval_batch_size", "num_test")) or "default"
+                           for s in cfg["settings"] for e in s.get("eval", [])))
 rows = ["| mixer | width | state size (ours) | accuracy (best lr) | best lr | " + " | ".join(f"lr {x}" for x in lrs)
-        + " | published anchor: accuracy @ state size |",
-        "|" + " --- |" * (6 + len(lrs))]
+        + "".join(f" | test {x}" for x in evals) + " | params | published anchor: accuracy @ state size |",
+        "|" + " --- |" * (7 + len(lrs) + len(evals))]
 for mixer in cfg["mixers"]:
     for width in cfg["widths"]:
+        if not any(m == mixer and w == width for _, m, w, _ in planned):
+            continue   # every cell of this row is left out of the grid (exclude)
         e = best.get((mixer, width))
         if e is None:
-            ours = ["pending"] * (3 + len(lrs))
+            ours = ["pending"] * (3 + len(lrs) + len(evals)) + ["–"]
         elif e.get("status") != "ok":
-            ours = ["–", "failed", "–"] + ["failed"] * len(lrs)
+            ours = ["–", "failed", "–"] + ["failed"] * len(lrs) + ["–"] * (len(evals) + 1)
         else:
             by = e.get("accuracy_by_lr", {})
+            ev = {str(x.get("label")): x for x in e.get("evals") or []}
             ours = [fmt_int(e["state_size"]) if e.get("state_size") else "–", f"**{e['accuracy']:.3f}**", f"{e['best_lr']:.3g}"] + [
-                "–" if by.get(x) is None else f"{by[x]:.3f}" for x in lrs]
+                "–" if by.get(x) is None else f"{by[x]:.3f}" for x in lrs] + [
+                "–" if ev.get(x, {}).get("accuracy") is None else f"{ev[x]['accuracy']:.3f}" for x in evals] + [
+                fmt_int(e["params"]) if e.get("params") else "–"]
         rows.append("| " + " | ".join([mixer, str(width)] + ours + [anchor_text(mixer)]) + " |")
 
 if results is None:
@@ -100,7 +139,7 @@ else:
     cells = results.get("cells", {})
     ok = sum(c.get("status") == "ok" for c in cells.values())
     failed = sum(c.get("status") == "failed" for c in cells.values())
-    total = len(cfg["mixers"]) * len(cfg["widths"]) * len(cfg["learning_rates"]) * len(cfg["settings"])
+    total = len(planned)
     env = results.get("environment", {})
     run = [
         f"Device: {env.get('gpu', env.get('device', '?'))}, torch {env.get('torch', '?')}"
@@ -119,9 +158,9 @@ else:
 
 text = skeleton.read_text(encoding="utf-8")
 for tag, body in (("table", rows), ("run", run)):
-    pat = re.compile(rf"(<!-- mqar_linear:{tag}:begin -->\n).*?(<!-- mqar_linear:{tag}:end -->)", re.S)
+    pat = re.compile(rf"(<!-- [\w-]+:{tag}:begin -->\n).*?(<!-- [\w-]+:{tag}:end -->)", re.S)
     if not pat.search(text):
-        sys.exit(f"{skeleton}: no mqar_linear:{tag} markers")
+        sys.exit(f"{skeleton}: no <name>:{tag}:begin / end markers")
     text = pat.sub(lambda m: m.group(1) + "\n".join(body) + "\n" + m.group(2), text)
 out.write_text(text, encoding="utf-8")
 print("\n".join(rows + [""] + run))
@@ -250,8 +289,12 @@ if drv:
 json.dump(d, open(path, "w"), indent=1)
 print(f"{path}: complete={d.get('complete')}, {len(d.get('best', []))} groups")
 PY
-python3 "$RES/fill_summary.py" "$CONFIG" "$QUICK" "$SKELETON" "$RES/final/${NAME}_summary.md" "$RES/final/$NAME.json" \
-    > "$RES/logs/summary.log" 2>&1 || log "summary fill failed (see summary.log)"
+if [ -f "$SKELETON" ]; then
+    python3 "$RES/fill_summary.py" "$CONFIG" "$QUICK" "$SKELETON" "$RES/final/${NAME}_summary.md" "$RES/final/$NAME.json" \
+        > "$RES/logs/summary.log" 2>&1 || log "summary fill failed (see summary.log)"
+else
+    echo "no summary page $SKELETON for this config: the runner's report $NAME.md is the results page" > "$RES/logs/summary.log"
+fi
 
 # $OUT: the JSON, the runner's Markdown and state-size plot; everything else in one archive.
 for f in "$NAME.json" "$NAME.md" "${NAME}_state_size.png"; do

@@ -97,7 +97,7 @@ def test_tiny_cell_of_each_mixer_runs_and_fills_the_summary(tmp_path):
     tiny_yaml = tmp_path / "tiny.yaml"
     tiny_yaml.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     page = tmp_path / "summary.md"
-    env = {**os.environ, "MQAR_CONFIG": str(tiny_yaml), "RES": str(tmp_path / "res"),
+    env = {**os.environ, "MQAR_CONFIG": str(tiny_yaml), "MQAR_SKELETON": str(SUMMARY), "RES": str(tmp_path / "res"),
            "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     subprocess.run(["bash", str(SCRIPT), "--fill", str(tmp_path / "mqar_linear_tiny.json"), str(page)],

@@ -94,6 +94,34 @@ def test_only_runs_the_selected_cells(tmp_path):
     assert rest["ran"] == 1 and rest["skipped"] == 1 and rest["complete"] is True
 
 
+def test_exclude_leaves_holes_in_the_grid(tmp_path):
+    cfg = tiny_config(mixers={"attention": "attention", "window": {"type": "sliding_window", "window": 4}},
+                      widths=[16, 32], learning_rates=[1e-3, 3e-3],
+                      exclude=[{"mixer": "window", "width": 32}, {"mixer": ["attention"], "lr": [3e-3], "width": 16}])
+    ids = [c.id for c in plan_cells(load_experiment_config(cfg))]
+    assert len(ids) == 8 - 2 - 1
+    assert not any("|window|d=32|" in i for i in ids) and "seq_len=16,num_kv_pairs=2|attention|d=16|lr=0.003" not in ids
+    assert "seq_len=16,num_kv_pairs=2|attention|d=32|lr=0.003" in ids
+    # By setting label too; the fingerprints of the cells left are those of the full grid.
+    full = {c.id: c.fingerprint for c in plan_cells(load_experiment_config(tiny_config(widths=[16, 32])))}
+    some = plan_cells(load_experiment_config(tiny_config(widths=[16, 32], exclude=[{"setting": "seq_len=16,num_kv_pairs=2", "width": 16}])))
+    assert [c.id for c in some] == ["seq_len=16,num_kv_pairs=2|attention|d=32|lr=0.001"] and some[0].fingerprint == full[some[0].id]
+    # The run is complete without the excluded cells.
+    results = run_experiment(tiny_config(widths=[16, 32], exclude=[{"width": 32}]), out_dir=tmp_path, progress=False)
+    assert results["ran"] == 1 and results["complete"] is True
+    for bad, match in (
+        ([{"mixer": "nope"}], "matches no cell"),
+        ([{"width": 64}], "matches no cell"),
+        ([{"colour": "red"}], "unknown key"),
+        ([{}], "non-empty mappings"),
+        ("attention", "non-empty mappings"),
+        ([{"width": "16"}], "width must be ints"),
+        ([{"width": [16, 32]}], "leaves no cell"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            plan_cells(load_experiment_config(tiny_config(widths=[16, 32], exclude=bad)))
+
+
 def test_time_budget_stops_and_a_later_run_completes(tmp_path):
     partial = run_experiment(tiny_config(), out_dir=tmp_path, progress=False, time_budget_s=0)
     assert partial["ran"] == 0 and partial["complete"] is False

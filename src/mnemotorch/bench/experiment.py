@@ -46,6 +46,10 @@ Config (YAML, TOML or JSON file, or a dict)::
                                           # toy models on a busy machine)
                                           # length_jitter: P > 0 trains each step at one length
                                           # L - r, r uniform in [0, P) (see below)
+    exclude:                              # optional: holes in the grid (a budget); each entry leaves
+      - {mixer: moneta, width: 128}       # out every cell that matches all of its keys (mixer, width,
+      - {mixer: [titans_mac, titans_mag], width: 160, lr: 3.0e-3}   # lr, setting = its label; a value
+                                          # or a list). An entry that matches no cell is an error.
     anchors: [{mixer: attention, accuracy: 1.0, source: Zoology}]   # published numbers, shown in the report
     quick: {...}                          # overrides merged in by quick=True (mappings merge key
                                           # by key; lists and 'mixers' are replaced)
@@ -118,7 +122,7 @@ DEFAULT_OUT_DIR = "docs/results"
 
 _TOP_KEYS = {
     "experiment", "description", "task", "task_params", "settings", "data", "model", "mixers",
-    "widths", "learning_rates", "train", "anchors", "quick",
+    "widths", "learning_rates", "train", "anchors", "exclude", "quick",
 }
 _REQUIRED = ("experiment", "task", "settings", "mixers", "widths", "learning_rates")
 _TRAIN_DEFAULTS: dict[str, Any] = {
@@ -230,6 +234,7 @@ def load_experiment_config(config: dict[str, Any] | str | os.PathLike[str], quic
         "learning_rates": raw["learning_rates"],
         "train": _with_defaults(raw.get("train"), _TRAIN_DEFAULTS, "train"),
         "anchors": raw.get("anchors") or [],
+        "exclude": raw.get("exclude") or [],
         "quick": bool(quick),
     }
     from ..tasks.synthetic import TASKS
@@ -268,6 +273,7 @@ def load_experiment_config(config: dict[str, Any] | str | os.PathLike[str], quic
         raise ValueError(f"experiment config: model.{reserved[0]} is set by the sweep (widths / task / mixers), remove it from 'model'")
     if not isinstance(cfg["anchors"], list):
         raise ValueError("experiment config: 'anchors' must be a list of mappings")
+    cfg["exclude"] = _check_exclude(cfg["exclude"])
     return cfg
 
 
@@ -302,6 +308,39 @@ def _check_length_jitter(cfg: dict[str, Any]) -> None:
             f"experiment config: train.length_jitter={p} splits the training examples over {p} lengths, "
             f"so data.num_train ({num_train}) must be at least {p}"
         )
+
+_EXCLUDE_KEYS = ("mixer", "width", "lr", "setting")
+
+
+def _check_exclude(entries: Any) -> list[dict[str, list[Any]]]:
+    """The ``exclude`` entries with every value as a list (learning rates as floats)."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and e for e in entries):
+        raise ValueError(f"experiment config: 'exclude' must be a list of non-empty mappings with keys {list(_EXCLUDE_KEYS)}, got {entries!r}")
+    out = []
+    for e in entries:
+        unknown = sorted(set(e) - set(_EXCLUDE_KEYS))
+        if unknown:
+            raise ValueError(f"experiment config: exclude entry {e!r} has unknown key(s) {unknown}; allowed: {list(_EXCLUDE_KEYS)}")
+        entry = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in e.items()}
+        try:
+            if "lr" in entry:
+                entry["lr"] = [float(x) for x in entry["lr"]]
+            if "width" in entry and not all(isinstance(w, int) and not isinstance(w, bool) for w in entry["width"]):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"experiment config: exclude entry {e!r}: width must be ints and lr numbers") from None
+        out.append(entry)
+    return out
+
+
+def _excluded(entry: dict[str, list[Any]], setting_label: str, mixer: str, width: int, lr: float) -> bool:
+    """Whether one ``exclude`` entry matches a cell: every key it has holds the cell's value."""
+    return (
+        ("mixer" not in entry or mixer in entry["mixer"])
+        and ("width" not in entry or width in entry["width"])
+        and ("lr" not in entry or any(math.isclose(lr, x, rel_tol=1e-9) for x in entry["lr"]))
+        and ("setting" not in entry or setting_label in [str(x) for x in entry["setting"]])
+    )
 
 
 def _with_defaults(section: Any, defaults: dict[str, Any], name: str) -> dict[str, Any]:
@@ -477,8 +516,11 @@ def _eval_label(entry: dict[str, Any]) -> str:
 
 
 def plan_cells(cfg: dict[str, Any]) -> list[Cell]:
-    """The cells of a resolved config, in run order (setting, mixer, width, learning rate)."""
+    """The cells of a resolved config, in run order (setting, mixer, width, learning rate), less
+    those an ``exclude`` entry matches."""
     cells = []
+    exclude = cfg.get("exclude") or []
+    used = [False] * len(exclude)
     for i, setting in enumerate(cfg["settings"]):
         task_params = {**cfg["task_params"], **{k: v for k, v in setting.items() if k not in _SETTING_TRAIN_KEYS | _SETTING_META_KEYS}}
         train = {**cfg["train"], **{k: v for k, v in setting.items() if k in _SETTING_TRAIN_KEYS}}
@@ -490,6 +532,11 @@ def plan_cells(cfg: dict[str, Any]) -> list[Cell]:
             landmark_tokens = None if block_len is None else {"block_len": block_len}
             for width in cfg["widths"]:
                 for lr in cfg["learning_rates"]:
+                    hits = [j for j, e in enumerate(exclude) if _excluded(e, label, str(mixer), width, lr)]
+                    if hits:
+                        for j in hits:
+                            used[j] = True
+                        continue
                     cell = Cell(i, label, task_params, evals, train, str(mixer), plan, width, lr, test_mode, landmark_tokens)
                     cell.id = f"{label}|{mixer}|d={width}|lr={lr:.3g}"
                     # Everything that changes the cell's result; resuming reruns a cell whose
@@ -506,6 +553,12 @@ def plan_cells(cfg: dict[str, Any]) -> list[Cell]:
                         payload["landmark_tokens"] = landmark_tokens
                     cell.fingerprint = hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
                     cells.append(cell)
+    unused = [e for e, u in zip(exclude, used) if not u]
+    if unused:
+        raise ValueError(f"experiment config: exclude entr{'y' if len(unused) == 1 else 'ies'} {unused} match{'es' if len(unused) == 1 else ''} "
+                         "no cell of the grid (check the mixer names, widths, learning rates and setting labels)")
+    if not cells:
+        raise ValueError("experiment config: 'exclude' leaves no cell to run")
     ids = [c.id for c in cells]
     dupes = sorted({x for x in ids if ids.count(x) > 1})
     if dupes:

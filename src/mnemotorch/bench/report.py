@@ -93,6 +93,12 @@ def markdown_report(results: dict[str, Any], cells: list[Any]) -> str:
         f"Cells: {n_ok} ok, {n_fail} failed, {n_pending} not run yet"
         + (" (quick mode: toy sizes)." if cfg.get("quick") else "."),
         "",
+    ]
+    if cfg.get("exclude"):
+        holes = "; ".join(", ".join(f"{k} {'/'.join(f'{v:.3g}' if k == 'lr' else str(v) for v in vals)}" for k, vals in e.items())
+                          for e in cfg["exclude"])
+        lines += [f"Left out of the grid by the config (`exclude`): {holes}.", ""]
+    lines += [
         "Accuracy at the best learning rate per (setting, mixer, width), as in Zoology; "
         f"metric: {best[0].get('metric', 'accuracy') if best else 'accuracy'}. State size: elements of mixer state per sequence, "
         "summed over layers (`model.state_size(seq_len)`).",
@@ -117,16 +123,16 @@ def markdown_report(results: dict[str, Any], cells: list[Any]) -> str:
 
     lrs = [f"{lr:.3g}" for lr in cfg["learning_rates"]]
     eval_labels = list(dict.fromkeys(ev["label"] for e in best for ev in e.get("evals", []) or []))
-    header = ["setting", "mixer", "width", "seq len", "state size", "best lr", "accuracy"] + [f"lr {x}" for x in lrs] + [f"eval {x}" for x in eval_labels]
+    header = ["setting", "mixer", "width", "params", "seq len", "state size", "best lr", "accuracy"] + [f"lr {x}" for x in lrs] + [f"eval {x}" for x in eval_labels]
     rows = []
     for e in best:
         if e["status"] == "ok":
             evs = {ev["label"]: ev for ev in e.get("evals", []) or []}
-            rows.append([e["setting"], e["mixer"], str(e["width"]), str(e["seq_len"]), _fmt_int(e["state_size"]), f"{e['best_lr']:.3g}",
+            rows.append([e["setting"], e["mixer"], str(e["width"]), _fmt_int(e.get("params")), str(e["seq_len"]), _fmt_int(e["state_size"]), f"{e['best_lr']:.3g}",
                          _fmt_acc(e["accuracy"])] + [_fmt_acc(e["accuracy_by_lr"].get(x)) for x in lrs]
                         + [_fmt_acc(evs[x]["accuracy"]) if x in evs else "–" for x in eval_labels])
         else:
-            rows.append([e["setting"], e["mixer"], str(e["width"]), "–", "–", "–", "failed"] + ["failed"] * len(lrs) + ["–"] * len(eval_labels))
+            rows.append([e["setting"], e["mixer"], str(e["width"]), "–", "–", "–", "–", "failed"] + ["failed"] * len(lrs) + ["–"] * len(eval_labels))
     lines += ["## All groups", ""] + _table(header, rows) + [""]
 
     failed = [r for r in records if r.get("status") == "failed"]
