@@ -690,9 +690,12 @@ def _rows_kernel(
             hi = lo + (hi_rel - lo_rel)
         tl.store(ROW_LO + d, lo, mask=ok)
         tl.store(ROW_HI + d, hi, mask=ok)
-        # padding rows after a segment's last token: same interval (shared + causal: their own prefix)
+        # padding rows after a segment's last token: same interval (shared + causal: their own prefix). Most
+        # blocks of rows hold no segment end (segments are ~T / C rows long): they skip the loop, whose
+        # masked stores were most of this kernel's time.
         pp = tl.arange(0, PB)
-        for p0 in range(1, ALIGN, PB):
+        n_last = tl.sum(last.to(tl.int32), 0)
+        for p0 in range(1, tl.where(n_last > 0, ALIGN, 1), PB):
             p = p0 + pp
             m = last[:, None] & (p[None, :] <= pad[:, None]) & ((d[:, None] + p[None, :]) < N_ROWS)
             rows = d[:, None] + p[None, :]
