@@ -437,18 +437,38 @@ def _swa_bwd_dq_kernel(
 #: allocator is set if none is; what Hopper warp specialisation needs); ``ws``: ``tl.range(warp_specialize=...)`` on
 #: the unmasked loop; ``lazy`` (fwd, > 0): rescale the accumulator only when a row's max has grown
 #: by more than that many powers of two (FlashAttention-4's lazy rescaling; 0: at every tile).
-#: NOT YET MEASURED ON A GPU: these are FlashAttention-2-style starting points (8 warps for 128-row
-#: fwd tiles at D >= 128; fp32 tiles halved for shared memory); ``scripts/diag_swa.py`` prints rows in
-#: this format to paste here.
+#:
+#: Where the rows come from (``J`` = docs/results/swa_sweep_2026-11-26_h100.json: H100 80GB HBM3,
+#: torch 2.11, Triton 3.6, B = 1, H = 16, bf16, CUDA-graph replays, run beside GPU tests, so +-4%
+#: noise; the same config measured 6.17 and 6.42 ms fwd+bwd in two steps of that run):
+#:
+#: * D = 128, 16-bit: the sweep's best rows at L = 65536, W = 1024. fwd: ``J fwd_sweep`` BM=BN=128,
+#:   8 warps, 3 stages, host TMA: 1.560 ms (393 TFLOP/s on computed tiles) vs 1.763 for the old
+#:   default (BM=128 BN=64 pointers); host descriptors are kernel parameters, captured in every graph
+#:   of that sweep. dK/dV: ``J dkdv_sweep`` BM=32 BN=64 4 warps 3 stages: 6.464 ms fwd+bwd vs 6.726 for
+#:   the old 128-key 8-warp row (fused dQ by atomics: 6.747 at best, 9.286 with 64-key blocks).
+#:   dQ: ``J dq_sweep`` BM=BN=64 4 warps 2 stages: 6.172 vs 6.540 (old 128-row 8-warp row). Caveat:
+#:   at W = 4096 the old forward row was 5% faster (4.991 vs 5.269 ms, one measurement each).
+#: * D = 64, 16-bit: the sweep timed only the old defaults here (``J cases L*_D64``): forward faster
+#:   than the generic list kernel (0.932 vs 1.093 ms at L = 65536, W = 1024) but fwd+bwd slower
+#:   (4.413 vs 4.117; the same at all four D = 64 cases), i.e. the backward is ~0.46 ms (15%) slower.
+#:   No D = 64 backward row of ours in J beats the generic kernel, so these rows are the generic
+#:   kernel's own backward launch at D = 64 (``triton.fixed_launch``: dK/dV 64 keys x 64-query
+#:   slices, dQ 128 queries x 64-key slices, both 4 warps, 2 stages), which is what measured faster:
+#:   the per-tile work of the two kernels is the same (ours loads no lists and masks fewer tiles),
+#:   and our 8-warp rows are the difference; at D = 128 the 4-warp tiles won too. Not a fallback to
+#:   the generic backward itself: that needs block lists per (L, W) and its per-query-head fp32 dK/dV
+#:   with GQA. ``scripts/diag_swa.py`` now sweeps D = 64 rows against the generic kernel.
+#: * fp32 rows and D = 256: starting points (fp32 tiles halved for shared memory), not measured.
 LAUNCH: dict[tuple[str, int, str], dict] = {
     ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0),
-    ("fwd", 128, "16"): dict(BM=128, BN=64, warps=8, stages=3, tma=False, ws=False, lazy=0.0),
+    ("fwd", 128, "16"): dict(BM=128, BN=128, warps=8, stages=3, tma=True, ws=False, lazy=0.0),
     ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
-    ("dkdv", 64, "16"): dict(BM=64, BN=128, warps=8, stages=2, fused_dq=False, tma=False, ws=False),
-    ("dkdv", 128, "16"): dict(BM=64, BN=128, warps=8, stages=2, fused_dq=False, tma=False, ws=False),
+    ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False),
+    ("dkdv", 128, "16"): dict(BM=32, BN=64, warps=4, stages=3, fused_dq=False, tma=False, ws=False),
     ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False),
-    ("dq", 64, "16"): dict(BM=128, BN=64, warps=8, stages=2, tma=False, ws=False),
-    ("dq", 128, "16"): dict(BM=128, BN=64, warps=8, stages=2, tma=False, ws=False),
+    ("dq", 64, "16"): dict(BM=128, BN=64, warps=4, stages=2, tma=False, ws=False),
+    ("dq", 128, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False),
     ("dq", 256, "16"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False),
     ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
     ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
