@@ -100,11 +100,17 @@ def test_fast_path_vs_reference_generic_kernel_and_sdpa(monkeypatch, w, d, dtype
     dict(fwd=dict(tma=True), dkdv=dict(tma=True), dq=dict(tma=True)),
     dict(fwd=dict(tma=True, BN=128), dkdv=dict(fused_dq=True, tma=True, BM=32)),
     dict(fwd=dict(tma="device"), dkdv=dict(tma="device"), dq=dict(tma="device")),
-], ids=["lazy_fused_dq", "tma", "tma_fused_bn128", "device_tma"])
+    dict(fwd=dict(one_loop=True, tma=True), dkdv=dict(one_loop=True), dq=dict(one_loop=True, delta=True)),
+    dict(fwd=dict(one_loop=True, BM=64, BN=64, warps=4, tma=False), dkdv=dict(one_loop=True, tma=True), dq=dict(one_loop=True, tma=True)),
+    dict(dkdv=dict(fused_dq="tma", BM=64, BN=128, warps=8, stages=2)),
+    dict(dkdv=dict(fused_dq="tma", BM=64, BN=128, warps=8, stages=2, one_loop=True, tma=True)),
+], ids=["lazy_fused_dq", "tma", "tma_fused_bn128", "device_tma", "one_loop_delta_in_dq", "one_loop_pointer_fwd", "tma_reduce",
+        "tma_reduce_one_loop"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_launch_variants_vs_reference(monkeypatch, variant, d) -> None:
-    """The switches the launch sweep may turn on (lazy rescaling, dQ by atomics, host / in-kernel TMA
-    descriptors, other tiles): each must compile on this card and stay correct."""
+    """The switches the launch sweep may turn on (lazy rescaling, dQ by atomics or TMA reductions, host /
+    in-kernel TMA descriptors, one loop per program, Delta in the dQ kernel, other tiles): each must
+    compile on this card and stay correct."""
     from mnemotorch.ops.block_sparse import swa_triton
 
     q, k, v, go = _inputs(d, torch.bfloat16, seed=1)
@@ -120,7 +126,9 @@ def test_launch_variants_vs_reference(monkeypatch, variant, d) -> None:
     {},
     dict(fwd=dict(tma=True, BN=128), dkdv=dict(fused_dq=True), dq=dict(tma=True)),
     dict(fwd=dict(tma="device"), dkdv=dict(tma="device"), dq=dict(tma="device")),
-], ids=["table", "host_tma_fused_dq", "device_tma"])
+    dict(fwd=dict(one_loop=True), dkdv=dict(one_loop=True), dq=dict(one_loop=True, delta=True)),
+    dict(fwd=dict(one_loop=True), dkdv=dict(fused_dq="tma", BM=64, BN=128, warps=8, stages=2, one_loop=True)),
+], ids=["table", "host_tma_fused_dq", "device_tma", "one_loop_delta_in_dq", "tma_reduce"])
 def test_sliding_window_op_and_graph_capture(monkeypatch, variant) -> None:
     """The mixer op takes the fast path without a pattern, and its forward + backward captures in a
     CUDA graph (no host syncs in the fast path; host TMA descriptors are kernel parameters, in-kernel

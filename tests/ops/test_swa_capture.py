@@ -26,6 +26,7 @@ import torch
 
 import capture_guards as guards
 from capture_guards import live_accumulators
+from interpreter_numerics import descriptor_reduce  # noqa: F401 (pytest fixture)
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
     pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
@@ -49,6 +50,8 @@ VARIANTS = {
     "device_tma": _launch(tma="device"),
     "fused_dq": _launch(fused=True),
     "host_tma_fused_dq": _launch(tma=True, fused=True),
+    "one_loop_delta_in_dq": _launch(tma=True, fwd=dict(one_loop=True), dkdv=dict(one_loop=True), dq=dict(one_loop=True, delta=True)),
+    "one_loop_tma_reductions": _launch(tma=True, fused="tma", fwd=dict(one_loop=True), dkdv=dict(one_loop=True)),
 }
 
 
@@ -74,7 +77,7 @@ def _step(q, k, v, go):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fast_path_step_has_no_capture_hazard(variant) -> None:
+def test_fast_path_step_has_no_capture_hazard(descriptor_reduce, variant) -> None:
     """After a warm-up step (as before a capture), forward + backward run under every guard of
     tests/capture_guards.py and compute what the warm-up computed."""
     q, k, v, go = _inputs()
