@@ -824,34 +824,47 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
 
     Order: Delta (``_bwd_preprocess``), dK/dV (with dQ by atomics if ``fused_dq``), dQ; or, with the
     dQ kernel's ``delta`` switch (and no ``fused_dq``), dQ first (computing and storing Delta), then
-    dK/dV, without the preprocess pass."""
-    b, lq, h, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    group = h // hkv
-    bd = _pow2(d)
-    ieee = q.dtype == torch.float32
+    dK/dV, without the preprocess pass. (The steps are separate functions so that
+    ``scripts/diag_swa.py`` can time each kernel.)"""
     do = do.contiguous() if do.stride(-1) != 1 else do
     has_lo = o_lo is not None and o_lo.numel() > 0
     if has_lo and o_lo.stride() != o.stride():
         raise ValueError(f"swa backward: o_lo must have o's strides, got {o_lo.stride()} and {o.stride()}")
-    cfg = launch_config("dkdv", d, q.dtype)
+    lo = o_lo if has_lo else o
+    cfg = launch_config("dkdv", q.shape[-1], q.dtype)
     _check_tile("dkdv", cfg)
-    cq = launch_config("dq", d, q.dtype)
+    cq = launch_config("dq", q.shape[-1], q.dtype)
     _check_tile("dq", cq)
+    delta = _alloc(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)
+    if cq.get("delta") and not cfg["fused_dq"]:
+        dq = _dq_launch(cq, do, q, k, v, o, lo, has_lo, lse, delta, scale, window, True)
+        dk, dv, _ = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window)
+        return dq, dk, dv
+    _delta_launch(do, o, lo, has_lo, delta)
+    dk, dv, dqa = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window)
+    if dqa is not None:
+        return _dq_finish(dqa, q.dtype, scale), dk, dv
+    return _dq_launch(cq, do, q, k, v, o, o, False, lse, delta, scale, window, False), dk, dv
+
+
+def _delta_launch(do: Tensor, o: Tensor, o_lo: Tensor, has_lo: bool, delta: Tensor) -> None:
+    """Delta = rowsum(dO * O) (fp32 O: ``o`` + ``o_lo`` when ``has_lo``) into ``delta [B, H, Lq]``."""
+    b, lq, h, d = o.shape
+    _bwd_preprocess[(_cdiv(lq, 64), b * h)](o, o_lo, do, delta, o.stride(0), o.stride(1), o.stride(2),
+                                            do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=_pow2(d), BM=64,
+                                            HAS_LO=has_lo)
+
+
+def _dkdv_launch(cfg: dict, do, q, k, v, lse, delta, scale: float, window: int):
+    """The dK/dV kernel: ``(dk, dv, dqa)``, ``dqa`` the fp32 dQ accumulator (unscaled) with ``fused_dq``, else None."""
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    bd = _pow2(d)
     fused = cfg["fused_dq"]
-    delta_in_dq = bool(cq.get("delta")) and not fused
-    delta = _alloc(q, (b, h, lq), torch.float32)
-    dq = None
-    if delta_in_dq:
-        dq = _dq_launch(cq, do, q, k, v, o, o_lo if has_lo else o, has_lo, lse, delta, scale, window, True)
-    else:
-        _bwd_preprocess[(_cdiv(lq, 64), b * h)](o, o_lo if has_lo else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
-                                                do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=bd, BM=64,
-                                                HAS_LO=has_lo)
     dk = _alloc(k, k.shape)
     dv = _alloc(v, v.shape)
     # atomics need a zeroed fp32 accumulator [B, Lq, H, D] (never poisoned)
-    dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32) if fused else lse
+    dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32) if fused else None
     fused_mode = 0
     dqd = None
     if fused:
@@ -861,24 +874,24 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
             fused_mode = 2 if dqd is not None else 1
     tma, (qd, dod) = _tma_setup(cfg["tma"], (q, do), cfg["BM"], bd)
     _swa_bwd_dkdv_kernel[(_cdiv(lk, cfg["BN"]), b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, dqa, qd, dod, dqd,
+        q, k, v, do, lse, delta, dk, dv, lse if dqa is None else dqa, qd, dod, dqd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         scale * LOG2E, scale, window, lq, lk,
-        H=h, HKV=hkv, GROUP=group, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=ieee, EVEN_D=bd == d,
+        H=h, HKV=hkv, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
         FUSED_DQ=fused_mode, TMA=tma, WS=bool(cfg["ws"]), ONE_LOOP=bool(cfg.get("one_loop", False)),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
-    if fused:
-        if q.dtype == torch.float32:
-            dq = dqa.mul_(scale)
-        else:
-            dq = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype)
-            torch.mul(dqa, scale, out=dq)  # one pass: fp32 product, cast on store
-        return dq, dk, dv
-    if dq is None:
-        dq = _dq_launch(cq, do, q, k, v, o, o, False, lse, delta, scale, window, False)
-    return dq, dk, dv
+    return dk, dv, dqa
+
+
+def _dq_finish(dqa: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
+    """dQ from the fused kernel's fp32 accumulator: one pass, fp32 product, cast on store."""
+    if dtype == torch.float32:
+        return dqa.mul_(scale)
+    dq = torch.empty(dqa.shape, device=dqa.device, dtype=dtype)
+    torch.mul(dqa, scale, out=dq)
+    return dq
 
 
 def _dq_launch(cq: dict, do, q, k, v, o, o_lo, has_lo: bool, lse, delta, scale: float, window: int, delta_in: bool) -> Tensor:
