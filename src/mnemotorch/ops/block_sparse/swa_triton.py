@@ -28,10 +28,11 @@ q, which the peaked-softmax (shared Q/K) bf16 gradients are sensitive to (see ``
 
 Backward: the dK/dV kernel runs one program per (key block, batch, KV head) and loops over the GQA
 group's query heads, so dK/dV come out per KV head without fp32 per-query-head buffers. dQ either
-comes from a separate kernel over query blocks (3 matmuls per pair, deterministic) or, with
-``fused_dq``, from the dK/dV kernel itself (1 matmul per pair, fp32 atomics into a zeroed buffer,
-then one scale-and-cast pass): which is faster on a card is the launch sweep's question
-(``scripts/diag_swa.py``).
+comes from a separate kernel over query blocks (3 matmuls per pair, deterministic; it can compute
+Delta itself and run first, ``delta``) or, with ``fused_dq``, from the dK/dV kernel itself (1 matmul
+per pair, fp32 element atomics or TMA reductions into a zeroed buffer, then one scale-and-cast pass):
+which is faster on a card is the launch sweep's question (``scripts/diag_swa.py``). Any kernel can run
+a program's tiles in one pipelined loop instead of three (``one_loop``).
 
 Registered as ``torch.library.custom_op``s (``mnemotorch::swa_attn_fwd`` / ``_bwd``) with an
 autograd formula; eager calls go through a plain ``autograd.Function`` (as ``triton.py`` does).
@@ -617,6 +618,12 @@ def _swa_bwd_dq_kernel(
 #: allocator is set if none is; what Hopper warp specialisation needs); ``ws``: ``tl.range(warp_specialize=...)`` on
 #: the unmasked loop; ``lazy`` (fwd, > 0): rescale the accumulator only when a row's max has grown
 #: by more than that many powers of two (FlashAttention-4's lazy rescaling; 0: at every tile).
+#: ``one_loop``: a program whose tiles all lie inside the sequence runs them in one software-pipelined
+#: loop, masking the edge / diagonal tiles under a per-tile branch (the others keep three loops, each of
+#: which refills the pipeline; not with ``lazy``). ``fused_dq="tma"``: dQ by one TMA reduction per
+#: tile into the fp32 accumulator (``True``: element atomics; masked tiles of three-loop programs keep
+#: element atomics). ``delta`` (dq): the dQ kernel computes Delta and runs before dK/dV (no
+#: preprocess pass; ignored with ``fused_dq``).
 #:
 #: Where the rows come from (``J`` = docs/results/swa_sweep_2026-11-26_h100.json: H100 80GB HBM3,
 #: torch 2.11, Triton 3.6, B = 1, H = 16, bf16, CUDA-graph replays, run beside GPU tests, so +-4%
