@@ -8,7 +8,7 @@ once ``--time-budget`` seconds have passed; the JSON is written after every step
 1. main case L = 65536, W = 1024, D = 128: the table's rows (``swa_triton.LAUNCH``), the generic
    list-walking kernel (``MNEMO_SWA_KERNEL=lists``, fixed launch);
 2. forward: ``one_loop`` (one pipelined loop per program), 2 programs per SM (BM = 64) with TMA,
-   BN = 64 with 4 stages and TMA;
+   BN = 64 with 4 stages and TMA (one loop);
 3. dK/dV (forward: the best above): ``one_loop``; dQ by TMA reductions (``fused_dq="tma"``) at 128- and
    64-key blocks, against element atomics at the same tile;
 4. dQ kernel (dK/dV: the best without fused dQ): ``delta`` (Delta in the dQ kernel, no preprocess
@@ -56,20 +56,20 @@ ONE = "one"  # marks a one-loop row in the grids
 
 # forward (BM, BN, warps, stages, tma[, "one"]): the table's row is measured in step 1
 FWD_GRID = [
-    (128, 128, 8, 3, True, ONE), (128, 128, 8, 2, True, ONE), (128, 64, 8, 4, True), (128, 64, 8, 4, True, ONE),
-    (64, 64, 4, 3, True), (64, 64, 4, 3, True, ONE), (64, 64, 4, 4, True, ONE), (64, 128, 4, 3, True, ONE),
+    (128, 128, 8, 3, True, ONE), (128, 128, 8, 2, True, ONE), (128, 64, 8, 4, True, ONE),
+    (64, 64, 4, 3, True), (64, 64, 4, 3, True, ONE), (64, 64, 4, 4, True, ONE),
 ]
 # dK/dV (BM query tile, BN key block, warps, stages, fused_dq, tma[, "one"])
 DKDV_GRID = [
     (32, 64, 4, 3, False, False), (32, 64, 4, 3, False, False, ONE), (64, 64, 4, 3, False, False, ONE),
     (32, 64, 4, 4, False, False, ONE),
     (64, 128, 8, 2, "tma", False), (64, 128, 8, 2, "tma", False, ONE), (64, 128, 8, 2, True, False, ONE),
-    (64, 128, 8, 2, "tma", True, ONE), (32, 128, 8, 2, "tma", False, ONE), (64, 64, 4, 3, "tma", False, ONE),
+    (32, 128, 8, 2, "tma", False, ONE), (64, 64, 4, 3, "tma", False, ONE),
 ]
 # dQ (BM, BN, warps, stages, tma, delta[, "one"])
 DQ_GRID = [
-    (64, 64, 4, 2, False, False), (64, 64, 4, 2, False, True), (64, 64, 4, 2, False, False, ONE),
-    (64, 64, 4, 2, False, True, ONE), (64, 64, 4, 3, False, True, ONE), (128, 64, 8, 2, False, True, ONE),
+    (64, 64, 4, 2, False, False), (64, 64, 4, 2, False, True), (64, 64, 4, 2, False, True, ONE),
+    (64, 64, 4, 3, False, True, ONE), (128, 64, 8, 2, False, True, ONE),
 ]
 # D = 64 backward: ("dkdv", ...) / ("dq", ...) rows as above; the forward is the table's
 D64_GRID = [
