@@ -1,21 +1,32 @@
 """Launch sweep of the list-free causal sliding-window kernels (ops/block_sparse/swa_triton.py).
 
-On CUDA, bf16, B = 1, H = 16, every timing a median of CUDA-graph replays (``bench.block_sparse.graph_ms``):
+Second H100 round: the options added since the first sweep (docs/results/swa_sweep_2026-11-26_h100.json)
+against the table's current rows (the first sweep's best), on CUDA, bf16, B = 1, H = 16, every timing
+a median of CUDA-graph replays (``bench.block_sparse.graph_ms``). In order of priority (the steps stop
+once ``--time-budget`` seconds have passed; the JSON is written after every step):
 
-1. the launch table's defaults (``swa_triton.LAUNCH``) at the main case L = 65536, W = 1024, D = 128;
-2. the generic list-walking kernel (``MNEMO_SWA_KERNEL=lists``, fixed launch) and dense causal SDPA there;
-3. forward configs (BM / BN / warps / stages / TMA / warp specialisation): forward alone;
-4. dK/dV configs (with the best forward; dQ by its own kernel or by atomics): forward + backward;
-5. dQ-kernel configs (with the best non-fused dK/dV): forward + backward;
-6. FlexAttention (compiled, block mask built once, as ``mnemo bench kernels --cases swa``);
-7. the other cases (L = 16384, W = 4096, D = 64) with the defaults and the best configs, then their peers.
+1. main case L = 65536, W = 1024, D = 128: the table's rows (``swa_triton.LAUNCH``), the generic
+   list-walking kernel (``MNEMO_SWA_KERNEL=lists``, fixed launch);
+2. forward: ``one_loop`` (one pipelined loop per program), 2 programs per SM (BM = 64) with TMA,
+   BN = 64 with 4 stages and TMA (one loop);
+3. dK/dV (forward: the best above): ``one_loop``; dQ by TMA reductions (``fused_dq="tma"``) at 128- and
+   64-key blocks, against element atomics at the same tile;
+4. dQ kernel (dK/dV: the best without fused dQ): ``delta`` (Delta in the dQ kernel, no preprocess
+   pass), ``one_loop``;
+5. the best combination: forward, forward + backward, each kernel alone (forward with the residual,
+   Delta, dK/dV, dQ or the fused dQ's cast) with its rate on the tiles it computes, peak memory;
+6. FlexAttention there (compiled, block mask built once), its peak memory;
+7. D = 64 (L = 65536, W = 1024): backward rows against the generic kernel, whose backward beat the
+   table's old 8-warp rows there;
+8. the other cases (L = 16384 / 65536, W = 1024 / 4096, D = 64 / 128) with the best rows and the
+   generic kernel; 9. FlexAttention at L = 65536, W = 1024, D = 64 (never measured).
 
-Every config is first checked at L = 4096 against SDPA with a dense window mask on fp32 copies of
-the inputs (output <= 5e-3, gradients <= 1e-2, no NaN); a failing or non-compiling config is
-recorded and skipped. Steps stop once ``--time-budget`` seconds have passed (the JSON is written
-after every step). The table printed last has the best configs as rows to paste into ``LAUNCH``.
+Dense SDPA (``--sdpa``) and Flex at the other cases are off by default to fit the budget: the
+summary quotes them from the first sweep's JSON, marked "prev". Every config is first checked at
+L = 4096 against SDPA with a dense window mask on fp32 copies of the inputs (output <= 5e-3,
+gradients <= 1e-2, no NaN); a failing or non-compiling config is recorded and skipped.
 
-    PYTHONPATH=src python scripts/diag_swa.py --out swa_sweep.json            # H100: <= ~240 s (--time-budget 210)
+    PYTHONPATH=src python scripts/diag_swa.py                     # H100: ~200 s (--time-budget 200); JSON to $OUT/diag_swa.json
     PYTHONPATH=src python scripts/diag_swa.py --smoke --out /tmp/smoke.json   # CPU, Triton interpreter, tiny sizes
 """
 
@@ -27,6 +38,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 if "--smoke" in sys.argv:  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -39,43 +51,50 @@ from mnemotorch.bench.block_sparse import GraphCaptureError, Run, device_info, g
 from mnemotorch.ops.block_sparse import swa_triton, triton as bs_triton
 from mnemotorch.ops.sliding_window import sliding_window_attention
 
-# (BM, BN, warps, stages, tma, ws[, lazy]): forward (tma: False, True = host descriptors, "device" =
-# in-kernel; lazy: rescale only when a row max grew by more than 2^lazy)
+PREVIOUS = Path(__file__).resolve().parents[1] / "docs" / "results" / "swa_sweep_2026-11-26_h100.json"
+ONE = "one"  # marks a one-loop row in the grids
+
+# forward (BM, BN, warps, stages, tma[, "one"]): the table's row is measured in step 1
 FWD_GRID = [
-    (128, 64, 8, 3, False, False), (128, 64, 8, 4, False, False), (128, 128, 8, 3, False, False),
-    (128, 64, 4, 3, False, False), (64, 64, 4, 3, False, False), (128, 64, 8, 3, False, False, 8.0),
-    (128, 64, 8, 3, True, False), (128, 128, 8, 3, True, False), (128, 64, 8, 3, True, False, 8.0),
-    (128, 64, 8, 3, "device", False), (128, 64, 8, 3, "device", True), (128, 128, 8, 3, "device", True),
+    (128, 128, 8, 3, True, ONE), (128, 128, 8, 2, True, ONE), (128, 64, 8, 4, True, ONE),
+    (64, 64, 4, 3, True), (64, 64, 4, 3, True, ONE), (64, 64, 4, 4, True, ONE),
 ]
-# (BM query tile, BN key block, warps, stages, fused_dq, tma): dK/dV kernel
+# dK/dV (BM query tile, BN key block, warps, stages, fused_dq, tma[, "one"])
 DKDV_GRID = [
-    (64, 128, 8, 2, False, False), (64, 128, 8, 3, False, False), (32, 128, 8, 2, False, False),
-    (64, 64, 4, 2, False, False), (32, 64, 4, 3, False, False), (64, 128, 8, 2, False, True),
-    (64, 128, 8, 2, True, False), (32, 128, 8, 2, True, False), (64, 64, 4, 2, True, False),
-    (64, 128, 8, 2, True, True), (64, 128, 8, 2, False, "device"),
+    (32, 64, 4, 3, False, False), (32, 64, 4, 3, False, False, ONE), (64, 64, 4, 3, False, False, ONE),
+    (32, 64, 4, 4, False, False, ONE),
+    (64, 128, 8, 2, "tma", False), (64, 128, 8, 2, "tma", False, ONE), (64, 128, 8, 2, True, False, ONE),
+    (32, 128, 8, 2, "tma", False, ONE), (64, 64, 4, 3, "tma", False, ONE),
 ]
-# (BM, BN, warps, stages, tma): dQ kernel
+# dQ (BM, BN, warps, stages, tma, delta[, "one"])
 DQ_GRID = [
-    (128, 64, 8, 2, False), (128, 64, 8, 3, False), (64, 64, 4, 2, False), (128, 128, 8, 2, False),
-    (128, 64, 8, 2, True), (64, 32, 4, 3, False),
+    (64, 64, 4, 2, False, False), (64, 64, 4, 2, False, True), (64, 64, 4, 2, False, True, ONE),
+    (64, 64, 4, 3, False, True, ONE), (128, 64, 8, 2, False, True, ONE),
+]
+# D = 64 backward: ("dkdv", ...) / ("dq", ...) rows as above; the forward is the table's
+D64_GRID = [
+    ("dkdv", (64, 64, 4, 2, False, False)), ("dkdv", (64, 64, 4, 2, False, False, ONE)), ("dkdv", (32, 128, 4, 3, False, False, ONE)),
+    ("dkdv", (64, 128, 4, 2, False, False, ONE)), ("dkdv", (64, 128, 8, 2, "tma", False, ONE)),
+    ("dq", (128, 64, 4, 2, False, True, ONE)), ("dq", (64, 64, 4, 2, False, True, ONE)),
 ]
 #: seconds a step is expected to take (compilation included): it starts only if that fits the budget
-CONFIG_NEED_S, FLEX_NEED_S = 5.0, 40.0
-SMOKE_FWD = [(16, 16, 4, 1, False, False), (32, 16, 4, 1, True, False), (16, 16, 4, 1, "device", True, 8.0)]
-SMOKE_DKDV = [(16, 32, 4, 1, False, False), (16, 16, 4, 1, True, True), (16, 32, 4, 1, False, "device")]
-SMOKE_DQ = [(16, 16, 4, 1, False), (32, 16, 4, 1, True)]
+CONFIG_NEED_S, FLEX_NEED_S = 4.0, 40.0
+SMOKE_FWD = [(16, 16, 4, 1, False, ONE), (32, 16, 4, 1, True, ONE)]
+SMOKE_DKDV = [(16, 32, 4, 1, False, False, ONE), (16, 32, 4, 1, True, True, ONE)]
+SMOKE_DQ = [(16, 16, 4, 1, False, True), (32, 16, 4, 1, True, True, ONE)]
+SMOKE_D64 = [("dkdv", (16, 32, 4, 1, False, False, ONE)), ("dq", (32, 16, 4, 1, False, True, ONE))]
 
 
 def fwd_cfg(c) -> dict:
-    return dict(BM=c[0], BN=c[1], warps=c[2], stages=c[3], tma=c[4], ws=c[5], lazy=c[6] if len(c) > 6 else 0.0)
+    return dict(BM=c[0], BN=c[1], warps=c[2], stages=c[3], tma=c[4], ws=False, lazy=0.0, one_loop=ONE in c[5:])
 
 
 def dkdv_cfg(c) -> dict:
-    return dict(BM=c[0], BN=c[1], warps=c[2], stages=c[3], fused_dq=c[4], tma=c[5], ws=False)
+    return dict(BM=c[0], BN=c[1], warps=c[2], stages=c[3], fused_dq=c[4], tma=c[5], ws=False, one_loop=ONE in c[6:])
 
 
 def dq_cfg(c) -> dict:
-    return dict(BM=c[0], BN=c[1], warps=c[2], stages=c[3], tma=c[4], ws=False)
+    return dict(BM=c[0], BN=c[1], warps=c[2], stages=c[3], tma=c[4], ws=False, delta=c[5], one_loop=ONE in c[6:])
 
 
 def computed_pairs(L: int, W: int, bm: int, bn: int) -> int:
@@ -86,6 +105,15 @@ def computed_pairs(L: int, W: int, bm: int, bn: int) -> int:
         p_last = min(p0 + bm, L) - 1
         u = -(-(p0 - max(p0 - W + 1, 0)) // bn)
         total += (u + -(-(p_last - p0 + 1) // bn)) * bn * bm
+    return total
+
+
+def dkdv_pairs(L: int, W: int, bm: int, bn: int) -> int:
+    """(query, key) pairs inside the tiles the dK/dV kernel visits (BN-key blocks, BM-query tiles)."""
+    total = 0
+    for n0 in range(0, L, bn):
+        p_max = min(n0 + bn + W - 2, L - 1)
+        total += ((p_max - n0) // bm + 1) * bm * bn
     return total
 
 
@@ -105,7 +133,8 @@ class Sweep:
         self.H = 2 if self.smoke else 16
         self.check_L = 64 if self.smoke else 4096
         self.report: dict = {"device": device_info(), "argv": sys.argv[1:], "budget_s": args.time_budget, "cases": {},
-                             "fwd_sweep": [], "dkdv_sweep": [], "dq_sweep": [], "notes": []}
+                             "fwd_sweep": [], "dkdv_sweep": [], "dq_sweep": [], "d64_sweep": [], "kernel_times": {},
+                             "peak_memory_mb": {}, "notes": []}
         self.inputs: dict = {}
         self.refs: dict = {}
         self.run = Run(self.dev, dtype=self.dtype)
@@ -197,6 +226,20 @@ class Sweep:
         call, q, k, v, go = self.ours(L, W, D, mode)
         return self.timed(lambda: torch.autograd.grad(call(), (q, k, v), go))
 
+    def peak_mb(self, step) -> float | None:
+        """Peak device memory of one eager call of ``step`` above what was allocated before it, in MB."""
+        if not self.cuda:
+            return None
+        step()  # compiled and warm
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak / 2**20
+
     def rates(self, row: dict, L, W, D, bm=128, bn=64) -> dict:
         pairs_c, pairs_a = computed_pairs(L, W, bm, bn), allowed_pairs(L, W)
         f = 4 * self.H * D
@@ -208,8 +251,8 @@ class Sweep:
         return row
 
     # ---- steps
-    def measure_config(self, kind: str, cfg: dict, overrides: dict, L, W, D, fwd_only: bool) -> dict:
-        row = {"kind": kind, "config": cfg, "L": L, "W": W, "D": D}
+    def measure_config(self, kind: str, cfg: dict, overrides: dict, L, W, D, fwd_only: bool, store: str) -> dict:
+        row = {"kind": kind, "config": cfg, "overrides": overrides, "L": L, "W": W, "D": D}
         t = time.perf_counter()
         try:
             with swa_triton.override_launch(**overrides):
@@ -226,18 +269,21 @@ class Sweep:
             if self.cuda:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-        self.rates(row, L, W, D, cfg.get("BM", 128), cfg.get("BN", 64)) if kind == "fwd" else None
-        print(f"  {kind:5s} {_cfg_text(cfg):58s} {_row_text(row)}", flush=True)
+        if kind == "fwd":
+            self.rates(row, L, W, D, cfg.get("BM", 128), cfg.get("BN", 64))
+        print(f"  {kind:5s} {_cfg_text(cfg):70s} {_row_text(row)}", flush=True)
+        self.report[store].append(row)
+        self.save()
         return row
 
-    def peers(self, L, W, D, case: dict, flex: bool) -> None:
+    def peers(self, L, W, D, case: dict, flex: bool, sdpa: bool) -> None:
         res = case.setdefault("results", {})
-        if "lists" not in res and not self.over(f"lists kernel at L={L} W={W} D={D}"):
+        if "lists" not in res and not self.over(f"lists kernel at L={L} W={W} D={D}", CONFIG_NEED_S):
             res["lists"] = self._peer(lambda: self.time_fwd(L, W, D, "lists"), lambda: self.time_fwd_bwd(L, W, D, "lists"))
             self.rates(res["lists"], L, W, D)
             print(f"  lists kernel (fixed launch): {_row_text(res['lists'])}", flush=True)
         q, k, v, go = self.get_inputs(L, D)
-        if "sdpa_dense_causal" not in res and not self.over(f"SDPA at L={L} D={D}"):
+        if sdpa and "sdpa_dense_causal" not in res and not self.over(f"SDPA at L={L} D={D}", CONFIG_NEED_S):
             qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
             gt = go.transpose(1, 2)
 
@@ -264,20 +310,28 @@ class Sweep:
                     with torch.no_grad():
                         return flex_fn(qt, kt, vt, block_mask=bm)
 
-                res["flex"] = self._peer(lambda: self.timed(fwd), lambda: self.timed(
-                    lambda: torch.autograd.grad(flex_fn(qt, kt, vt, block_mask=bm), (qt, kt, vt), gt)))
+                def fwd_bwd():
+                    return torch.autograd.grad(flex_fn(qt, kt, vt, block_mask=bm), (qt, kt, vt), gt)
+
+                res["flex"] = self._peer(lambda: self.timed(fwd), lambda: self.timed(fwd_bwd))
                 res["flex"]["mask_build_and_compile_s"] = time.perf_counter() - t
+                res["flex"]["peak_mb_fwd_bwd"] = self.peak_mb(fwd_bwd)
             except Exception as exc:  # noqa: BLE001
                 res["flex"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(f"  FlexAttention (compiled): {_row_text(res['flex'])}", flush=True)
-        ours = res.get("ours_best") or res.get("ours_default") or {}
+        self.speedups(case)
+        self.save()
+
+    @staticmethod
+    def speedups(case: dict) -> None:
+        res = case.get("results", {})
+        ours = res.get("ours_best") or res.get("ours_table") or {}
         for name, r in res.items():
             if name.startswith("ours") or not isinstance(r, dict):
                 continue
             for m in ("fwd_ms", "fwd_bwd_ms"):
                 if r.get(m) and ours.get(m):
                     case.setdefault("speedup_vs", {}).setdefault(name, {})[m] = r[m] / ours[m]
-        self.save()
 
     def _peer(self, fwd, fwd_bwd) -> dict:
         r: dict = {}
@@ -290,18 +344,60 @@ class Sweep:
                     torch.cuda.empty_cache()
         return r
 
-    def ours_case(self, L, W, D, label: str, overrides: dict) -> dict:
+    def ours_case(self, L, W, D, label: str, overrides: dict, peak: bool = False) -> dict:
         r: dict = {"overrides": overrides}
         try:
             with swa_triton.override_launch(**overrides):
                 r.update(self.check(W, D, with_grads=True))
                 r["fwd_ms"] = self.time_fwd(L, W, D)
                 r["fwd_bwd_ms"] = self.time_fwd_bwd(L, W, D)
+                if peak:
+                    call, q, k, v, go = self.ours(L, W, D)
+                    r["peak_mb_fwd_bwd"] = self.peak_mb(lambda: torch.autograd.grad(call(), (q, k, v), go))
         except Exception as exc:  # noqa: BLE001
             r["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        fb = overrides.get("fwd") or swa_triton.launch_config("fwd", D, self.dtype)
-        self.rates(r, L, W, D, fb.get("BM", 128), fb.get("BN", 64))
+        fb = (overrides.get("fwd") or {}) | {}
+        fb = {**swa_triton.launch_config("fwd", D, self.dtype), **fb}
+        self.rates(r, L, W, D, fb["BM"], fb["BN"])
         print(f"  ours ({label}): {_row_text(r)}", flush=True)
+        return r
+
+    def kernel_times(self, L, W, D, overrides: dict) -> dict:
+        """Each kernel of the configuration alone (CUDA-graph replays of one launch), with its rate on
+        the tiles it computes: the forward with the residual (as in training), Delta, dK/dV, dQ (or the
+        fused dQ's cast)."""
+        q, k, v, go = (t.detach() for t in self.get_inputs(L, D))
+        scale = D**-0.5
+        r: dict = {}
+        try:
+            with swa_triton.override_launch(**overrides):
+                cf = swa_triton.launch_config("fwd", D, q.dtype)
+                ck = swa_triton.launch_config("dkdv", D, q.dtype)
+                cq = swa_triton.launch_config("dq", D, q.dtype)
+                o, lse, o_lo = swa_triton._fwd_impl(q, k, v, W, scale, need_lo=True)
+                lo = o if o_lo is None else o_lo
+                has_lo = o_lo is not None
+                delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)
+                swa_triton._delta_launch(go, o, lo, has_lo, delta)
+                mm = 2 * self.H * D  # FLOP per pair and matrix product
+                r["fwd_with_residual_ms"] = self.timed(lambda: swa_triton._fwd_impl(q, k, v, W, scale, need_lo=True)[0])
+                r["fwd_tflops_computed"] = 2 * mm * computed_pairs(L, W, cf["BM"], cf["BN"]) / (r["fwd_with_residual_ms"] * 1e9)
+                fused = bool(ck["fused_dq"])
+                if fused or not cq.get("delta"):
+                    r["delta_ms"] = self.timed(lambda: swa_triton._delta_launch(go, o, lo, has_lo, delta))
+                r["dkdv_ms"] = self.timed(lambda: swa_triton._dkdv_launch(ck, go, q, k, v, lse, delta, scale, W)[:2])
+                r["dkdv_tflops_computed"] = (5 if fused else 4) * mm * dkdv_pairs(L, W, ck["BM"], ck["BN"]) / (r["dkdv_ms"] * 1e9)
+                if fused:
+                    dqa = swa_triton._dkdv_launch(ck, go, q, k, v, lse, delta, scale, W)[2]
+                    r["fused_dq_cast_ms"] = self.timed(lambda: swa_triton._dq_finish(dqa.clone(), q.dtype, scale))
+                else:
+                    r["dq_ms"] = self.timed(lambda: swa_triton._dq_launch(cq, go, q, k, v, o, lo, has_lo, lse, delta, scale, W,
+                                                                          bool(cq.get("delta"))))
+                    r["dq_tflops_computed"] = 3 * mm * computed_pairs(L, W, cq["BM"], cq["BN"]) / (r["dq_ms"] * 1e9)
+                r["sum_ms"] = sum(v for key, v in r.items() if key.endswith("_ms"))
+        except Exception as exc:  # noqa: BLE001
+            r["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print("  kernels: " + ", ".join(f"{k_} {v_:.3f}" for k_, v_ in r.items() if isinstance(v_, float)), flush=True)
         return r
 
 
@@ -310,7 +406,7 @@ def _rel(a, b) -> float:
 
 
 def _cfg_text(c: dict) -> str:
-    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in c.items())
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in c.items() if k not in ("ws", "lazy") or v)
 
 
 def _row_text(r: dict) -> str:
@@ -326,6 +422,8 @@ def _row_text(r: dict) -> str:
             parts.append(f"{label} ERROR {r[f'{key}_error'][:120]}")
     if r.get("fwd_tflops_computed"):
         parts.append(f"{r['fwd_tflops_computed']:.0f} TFLOP/s computed")
+    if r.get("peak_mb_fwd_bwd"):
+        parts.append(f"peak {r['peak_mb_fwd_bwd']:.0f} MB")
     return ", ".join(parts)
 
 
@@ -335,17 +433,27 @@ def _best(rows: list[dict], key: str) -> dict | None:
 
 
 def _table_row(kind: str, d: int, cfg: dict, dtype=torch.bfloat16) -> str:
-    body = ", ".join(f"{k}={v!r}" for k, v in cfg.items())
+    full = {**swa_triton.launch_config(kind, d, dtype), **cfg}
+    body = ", ".join(f"{k}={full[k]!r}" for k in swa_triton._KERNEL_KEYS[kind])
     return f'    ("{kind}", {swa_triton._dclass(d)}, "{"32" if dtype == torch.float32 else "16"}"): dict({body}),'
+
+
+def _previous() -> dict:
+    """The first sweep's results per case (quoted in the summary for what this run does not measure)."""
+    try:
+        return json.loads(PREVIOUS.read_text()).get("cases", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/diag_swa.json when OUT is set)")
-    ap.add_argument("--time-budget", type=float, default=210.0,
+    ap.add_argument("--time-budget", type=float, default=200.0,
                     help="seconds; a step starts only if its expected time fits (the run ends within ~30 s after)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: Triton interpreter, tiny sizes, 2 configs per kernel")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes tens of seconds)")
+    ap.add_argument("--sdpa", action="store_true", help="also time dense causal SDPA at the main case (~5 s)")
     ap.add_argument("--lists-autotune", default="off", choices=bs_triton.AUTOTUNE_MODES, help="launch tuning of the generic kernel")
     args = ap.parse_args(argv)
     if args.out is None and os.environ.get("OUT"):
@@ -357,50 +465,50 @@ def main(argv=None) -> int:
     bs_triton.set_autotune(args.lists_autotune)
     sw = Sweep(args)
     smoke = args.smoke
+    flex = not args.no_flex
     main_case = (256, 64, 32) if smoke else (65536, 1024, 128)
-    others = [(128, 32, 32), (256, 64, 16)] if smoke else [(16384, 1024, 128), (65536, 4096, 128), (65536, 1024, 64),
-                                                           (16384, 4096, 128), (16384, 1024, 64), (65536, 4096, 64), (16384, 4096, 64)]
+    d64_case = (256, 64, 16) if smoke else (65536, 1024, 64)
+    others = [(128, 32, 32)] if smoke else [(16384, 1024, 128), (65536, 4096, 128), (16384, 1024, 64), (65536, 4096, 64),
+                                             (16384, 4096, 64)]
     L, W, D = main_case
     print(f"diag_swa on {sw.report['device'].get('device', 'cpu')}: main case L={L} W={W} D={D} H={sw.H} {sw.dtype}", flush=True)
     case = sw.report["cases"][f"L{L}_W{W}_D{D}"] = {"L": L, "W": W, "D": D, "results": {}}
     res = case["results"]
 
-    print("[1] launch-table defaults", flush=True)
-    res["ours_default"] = sw.ours_case(L, W, D, "table defaults", {})
-    case["default_launch"] = {k: swa_triton.launch_config(k, D, sw.dtype) for k in ("fwd", "dkdv", "dq")}
+    print("[1] the table's rows and the generic kernel", flush=True)
+    res["ours_table"] = sw.ours_case(L, W, D, "table", {})
+    case["table_launch"] = {k: swa_triton.launch_config(k, D, sw.dtype) for k in ("fwd", "dkdv", "dq")}
     sw.save()
+    sw.peers(L, W, D, case, flex=False, sdpa=args.sdpa)
 
-    print("[2] generic kernel and dense SDPA", flush=True)
-    sw.peers(L, W, D, case, flex=False)
-
-    print("[3] forward configs", flush=True)
+    print("[2] forward", flush=True)
+    table_fwd = {"kind": "fwd", "config": swa_triton.launch_config("fwd", D, sw.dtype), "L": L, "W": W, "D": D, "table": True,
+                 **{k: res["ours_table"].get(k) for k in ("fwd_ms", "fwd_tflops_computed", "ok")}}
+    sw.report["fwd_sweep"].append(table_fwd)
     for c in (SMOKE_FWD if smoke else FWD_GRID):
         if sw.over("rest of the forward sweep", CONFIG_NEED_S):
             break
         cfg = fwd_cfg(c)
-        sw.report["fwd_sweep"].append(sw.measure_config("fwd", cfg, {"fwd": cfg}, L, W, D, fwd_only=True))
-        sw.save()
+        sw.measure_config("fwd", cfg, {"fwd": cfg}, L, W, D, fwd_only=True, store="fwd_sweep")
     best_fwd = _best(sw.report["fwd_sweep"], "fwd_ms")
     fwd_over = {"fwd": best_fwd["config"]} if best_fwd else {}
 
-    print("[4] dK/dV configs (forward: the best above)", flush=True)
+    print("[3] dK/dV (forward: the best above; dQ: the table's)", flush=True)
     for c in (SMOKE_DKDV if smoke else DKDV_GRID):
         if sw.over("rest of the dK/dV sweep", CONFIG_NEED_S):
             break
         cfg = dkdv_cfg(c)
-        sw.report["dkdv_sweep"].append(sw.measure_config("dkdv", cfg, {**fwd_over, "dkdv": cfg}, L, W, D, fwd_only=False))
-        sw.save()
+        sw.measure_config("dkdv", cfg, {**fwd_over, "dkdv": cfg}, L, W, D, fwd_only=False, store="dkdv_sweep")
     best_dkdv = _best(sw.report["dkdv_sweep"], "fwd_bwd_ms")
     best_sep = _best([r for r in sw.report["dkdv_sweep"] if not r["config"]["fused_dq"]], "fwd_bwd_ms")
 
-    print("[5] dQ-kernel configs (dK/dV: the best without fused dQ)", flush=True)
+    print("[4] dQ kernel (dK/dV: the best without fused dQ)", flush=True)
     sep_over = {**fwd_over, "dkdv": best_sep["config"]} if best_sep else dict(fwd_over)
     for c in (SMOKE_DQ if smoke else DQ_GRID):
         if sw.over("rest of the dQ sweep", CONFIG_NEED_S):
             break
         cfg = dq_cfg(c)
-        sw.report["dq_sweep"].append(sw.measure_config("dq", cfg, {**sep_over, "dq": cfg}, L, W, D, fwd_only=False))
-        sw.save()
+        sw.measure_config("dq", cfg, {**sep_over, "dq": cfg}, L, W, D, fwd_only=False, store="dq_sweep")
     best_dq = _best(sw.report["dq_sweep"], "fwd_bwd_ms")
 
     best_over = dict(fwd_over)
@@ -410,59 +518,110 @@ def main(argv=None) -> int:
         if use_sep:
             best_over["dq"] = best_dq["config"]
     sw.report["best_overrides"] = best_over
-    if best_over and not sw.over("ours with the best configs"):
-        res["ours_best"] = sw.ours_case(L, W, D, "best configs", best_over)
-    sw.peers(L, W, D, case, flex=False)  # speed-ups against the best
+
+    print("[5] the best combination: end to end, each kernel alone, peak memory", flush=True)
+    if best_over and not sw.over("ours with the best configs", CONFIG_NEED_S):
+        res["ours_best"] = sw.ours_case(L, W, D, "best configs", best_over, peak=True)
+    if not sw.over("kernel times", CONFIG_NEED_S):
+        sw.report["kernel_times"][f"L{L}_W{W}_D{D} best"] = sw.kernel_times(L, W, D, best_over)
+        # the best of the other backward family, for the dK/dV vs dQ shares
+        fused_rows = [r for r in sw.report["dkdv_sweep"] if r["config"]["fused_dq"]]
+        other = best_sep if (best_over.get("dkdv") or {}).get("fused_dq") else _best(fused_rows, "fwd_bwd_ms")
+        if other is not None:
+            over = {**fwd_over, "dkdv": other["config"]}
+            if not other["config"]["fused_dq"] and best_dq is not None:
+                over["dq"] = best_dq["config"]
+            sw.report["kernel_times"][f"L{L}_W{W}_D{D} best {'fused' if other['config']['fused_dq'] else 'separate dQ'}"] = (
+                sw.kernel_times(L, W, D, over))
+    sw.speedups(case)
+    sw.save()
 
     print("[6] FlexAttention", flush=True)
-    if not args.no_flex:
-        sw.peers(L, W, D, case, flex=True)
+    if flex:
+        sw.peers(L, W, D, case, flex=True, sdpa=False)
 
-    print("[7] other cases", flush=True)
+    print(f"[7] D = {d64_case[2]} backward against the generic kernel", flush=True)
+    l6, w6, d6 = d64_case
+    c6 = sw.report["cases"][f"L{l6}_W{w6}_D{d6}"] = {"L": l6, "W": w6, "D": d6, "results": {}}
+    sw.peers(l6, w6, d6, c6, flex=False, sdpa=False)
+    if not sw.over("D=64 table", CONFIG_NEED_S):
+        c6["results"]["ours_table"] = sw.ours_case(l6, w6, d6, "table", {})
+    for kind, c in (SMOKE_D64 if smoke else D64_GRID):
+        if sw.over("rest of the D=64 sweep", CONFIG_NEED_S):
+            break
+        cfg = dkdv_cfg(c) if kind == "dkdv" else dq_cfg(c)
+        over = {kind: cfg}
+        if kind == "dq":
+            sep = _best([r for r in sw.report["d64_sweep"] if r["kind"] == "dkdv" and not r["config"]["fused_dq"]], "fwd_bwd_ms")
+            if sep is not None:
+                over["dkdv"] = sep["config"]
+        sw.measure_config(kind, cfg, over, l6, w6, d6, fwd_only=False, store="d64_sweep")
+    b6 = _best(sw.report["d64_sweep"], "fwd_bwd_ms")  # its overrides: the dK/dV row (and the dQ row it was timed with)
+    d64_best = {k: v for k, v in (b6 or {}).get("overrides", {}).items() if k in ("dkdv", "dq")}
+    sw.report["best_overrides_d64"] = d64_best
+    if d64_best and not sw.over("D=64 best", CONFIG_NEED_S):
+        c6["results"]["ours_best"] = sw.ours_case(l6, w6, d6, "best D=64 rows", d64_best)
+    sw.speedups(c6)
+    sw.save()
+
+    print("[8] other cases (best rows for their head dim)", flush=True)
     for (l2, w2, d2) in others:
-        if sw.over(f"case L={l2} W={w2} D={d2}", CONFIG_NEED_S):
+        if sw.over(f"case L={l2} W={w2} D={d2}", 2 * CONFIG_NEED_S):
             break
         c2 = sw.report["cases"][f"L{l2}_W{w2}_D{d2}"] = {"L": l2, "W": w2, "D": d2, "results": {}}
-        c2["results"]["ours_default"] = sw.ours_case(l2, w2, d2, "table defaults", {})
-        if best_over and d2 == D:
-            c2["results"]["ours_best"] = sw.ours_case(l2, w2, d2, f"best configs of L={L} D={D}", best_over)
-        sw.peers(l2, w2, d2, c2, flex=False)
-        sw.save()
-    for (l2, w2, d2) in others:
-        key = f"L{l2}_W{w2}_D{d2}"
-        if key in sw.report["cases"] and not args.no_flex and not sw.over(f"FlexAttention at {key}", FLEX_NEED_S):
-            sw.peers(l2, w2, d2, sw.report["cases"][key], flex=True)
+        over = best_over if d2 == D else d64_best
+        c2["results"]["ours_best"] = sw.ours_case(l2, w2, d2, f"best rows of D={d2}", over)
+        sw.peers(l2, w2, d2, c2, flex=False, sdpa=False)
+
+    print("[9] FlexAttention at D = 64", flush=True)
+    if flex:
+        sw.peers(l6, w6, d6, c6, flex=True, sdpa=False)
 
     # ---- summary
-    print("\n=== summary (ms; CUDA-graph replays; x = peer / ours-best) ===" if sw.cuda else "\n=== summary (smoke: wall clock) ===")
-    print(f"{'case':22s} {'ours default':>20s} {'ours best':>20s} {'lists':>20s} {'flex':>20s} {'sdpa causal':>20s}  vs flex")
+    prev = _previous()
+    print("\n=== summary (ms fwd / fwd+bwd; CUDA-graph replays; 'prev' = first sweep, "
+          f"{PREVIOUS.name}) ===" if sw.cuda else "\n=== summary (smoke: wall clock) ===")
+    print(f"{'case':20s} {'ours table':>16s} {'ours best':>16s} {'lists':>16s} {'flex':>22s}  {'best vs flex':>13s}  {'vs lists':>11s}")
     for key, c in sw.report["cases"].items():
         r = c.get("results", {})
+        p = prev.get(key, {}).get("results", {})
 
-        def cell(name):
-            x = r.get(name, {})
-            f, fb = x.get("fwd_ms"), x.get("fwd_bwd_ms")
+        def cell(x):
+            f, fb = (x or {}).get("fwd_ms"), (x or {}).get("fwd_bwd_ms")
             return f"{'-' if f is None else f'{f:.3f}'} / {'-' if fb is None else f'{fb:.3f}'}"
 
-        sp = c.get("speedup_vs", {}).get("flex", {})
-        vs = f"{sp.get('fwd_ms', float('nan')):.2f}x / {sp.get('fwd_bwd_ms', float('nan')):.2f}x" if sp else "-"
-        print(f"{key:22s} {cell('ours_default'):>20s} {cell('ours_best'):>20s} {cell('lists'):>20s} {cell('flex'):>20s} "
-              f"{cell('sdpa_dense_causal'):>20s}  {vs}")
-    ob = res.get("ours_best") or res.get("ours_default") or {}
+        flex_row, tag = (r.get("flex"), "") if r.get("flex", {}).get("fwd_ms") else (p.get("flex"), " prev")
+        ob = r.get("ours_best") or r.get("ours_table") or {}
+
+        def ratio(x):
+            if not x or not ob.get("fwd_ms") or not x.get("fwd_ms") or not x.get("fwd_bwd_ms") or not ob.get("fwd_bwd_ms"):
+                return "-"
+            return f"{x['fwd_ms'] / ob['fwd_ms']:.2f}x/{x['fwd_bwd_ms'] / ob['fwd_bwd_ms']:.2f}x"
+
+        print(f"{key:20s} {cell(r.get('ours_table')):>16s} {cell(r.get('ours_best')):>16s} {cell(r.get('lists')):>16s} "
+              f"{cell(flex_row) + tag:>22s}  {ratio(flex_row):>13s}  {ratio(r.get('lists')):>11s}")
+    ob = res.get("ours_best") or res.get("ours_table") or {}
     if ob.get("fwd_tflops_computed"):
         print(f"main case forward on computed tiles: {ob['fwd_tflops_computed']:.0f} TFLOP/s "
               f"(target >= 0.7 x 614 = 430); allowed pairs: {ob.get('fwd_tflops_allowed', 0):.0f} TFLOP/s")
-    print(f"\nrows for swa_triton.LAUNCH (the best at the main case, D = {D}, {sw.dtype}):")
-    for kind in ("fwd", "dkdv", "dq"):
-        cfg = best_over.get(kind)
-        if cfg:
-            print(_table_row(kind, D, cfg, sw.dtype))
-    failed = [r for k in ("fwd_sweep", "dkdv_sweep", "dq_sweep") for r in sw.report[k] if "error" in r or r.get("ok") is False]
+    fl = res.get("flex", {})
+    if ob.get("peak_mb_fwd_bwd") and fl.get("peak_mb_fwd_bwd"):
+        print(f"main case peak memory of one fwd+bwd call: ours {ob['peak_mb_fwd_bwd']:.0f} MB, Flex {fl['peak_mb_fwd_bwd']:.0f} MB")
+    for name, kt in sw.report["kernel_times"].items():
+        print(f"kernels, {name}: " + ", ".join(f"{k} {v:.3f}" if k.endswith("_ms") else f"{k} {v:.0f}"
+                                               for k, v in kt.items() if isinstance(v, float)))
+    rows = [_table_row(k, D, best_over[k], sw.dtype) for k in ("fwd", "dkdv", "dq") if k in best_over]
+    rows += [_table_row(k, d6, d64_best[k], sw.dtype) for k in ("dkdv", "dq") if k in d64_best]
+    print(f"\nrows for swa_triton.LAUNCH (the best at L={L} W={W}, D = {D} and D = {d6}, {sw.dtype}):")
+    for row in rows:
+        print(row)
+    failed = [r for k in ("fwd_sweep", "dkdv_sweep", "dq_sweep", "d64_sweep") for r in sw.report[k]
+              if "error" in r or r.get("ok") is False]
     if failed:
         print(f"\n{len(failed)} config(s) failed or gave wrong results:")
         for r in failed:
-            print(f"  {r['kind']} {_cfg_text(r['config'])}: {_row_text(r)}")
-    sw.report["launch_rows"] = [_table_row(k, D, best_over[k], sw.dtype) for k in ("fwd", "dkdv", "dq") if k in best_over]
+            print(f"  {r['kind']} D={r['D']} {_cfg_text(r['config'])}: {_row_text(r)}")
+    sw.report["launch_rows"] = rows
     sw.save()
     print(f"\ndone in {sw.elapsed():.0f} s" + (f"; JSON: {args.out}" if args.out else ""))
     return 0

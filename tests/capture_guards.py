@@ -12,8 +12,11 @@ operations themselves while a step runs:
 * torch factory calls from the watched modules without ``device=`` (a CPU tensor on a CUDA run) and
   tensors made from host data (a host-to-device copy inside the capture).
 
+``live_accumulators`` watches the third hazard, an autograd node that outlives its step (an
+``AccumulateGrad`` node made on the default stream and reused by a captured backward).
+
 Users: ``tests/test_routing_no_sync.py``, ``tests/test_routing_graph_capture.py``,
-``tests/layers/test_titans_capture.py``.
+``tests/layers/test_titans_capture.py``, ``tests/ops/test_swa_capture.py``.
 """
 
 from __future__ import annotations
@@ -118,3 +121,18 @@ def capture_guard(syncs: bool = True, host_reads: tuple[str, ...] = HOST_READS, 
             setattr(torch, name, fn)
         for name, fn in saved_tensor.items():
             setattr(torch.Tensor, name, fn)
+
+
+def live_accumulators(leaves: dict) -> list:
+    """Hooks on the ``AccumulateGrad`` node each leaf has now; the returned list collects the names of
+    those that run in a later backward (``.backward()``). A node nothing else holds dies here with its
+    hook, so a name appears only if a node from before survived (an autograd graph still referenced).
+
+    On CUDA a node runs on the stream that was current when it was made: a node made by an eager call
+    on the default stream and reused by a captured backward fails the capture
+    (``cudaErrorStreamCaptureImplicit``)."""
+    fired: list = []
+    for name, t in leaves.items():
+        node = t.view_as(t).grad_fn.next_functions[0][0]
+        node.register_prehook(lambda grads, name=name: fired.append(name))
+    return fired

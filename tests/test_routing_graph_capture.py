@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import capture_guards as guards
 import mnemotorch.layers.routing as routing_layer
 import mnemotorch.ops.routing.block_sparse as bs
-from capture_guards import CaptureHazard
+from capture_guards import CaptureHazard, live_accumulators
 from mnemotorch.layers import get_mixer
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
@@ -51,16 +51,6 @@ def capture_guard():
     """Context: factory calls from mnemotorch without ``device=``, tensors from host data and random ops
     raise (tests/capture_guards.py; host syncs are tests/test_routing_no_sync.py's part)."""
     return guards.capture_guard(syncs=False, host_reads=(), watched=tuple(_WATCHED))
-
-
-def live_accumulators(leaves: dict) -> list:
-    """Hooks on the ``AccumulateGrad`` node each leaf has now; the returned list collects the names of
-    those that run in a later backward (a node nothing else holds dies here, with its hook)."""
-    fired: list = []
-    for name, t in leaves.items():
-        node = t.view_as(t).grad_fn.next_functions[0][0]
-        node.register_prehook(lambda grads, name=name: fired.append(name))
-    return fired
 
 
 def _mixer(shared_qk: bool):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnemotorch.bench.block_sparse import GraphCaptureError, _error_chain, capture_graph, graph_ms
+from mnemotorch.bench.block_sparse import GraphCaptureError, _capture_hint, _error_chain, capture_graph, graph_ms
 
 gpu = pytest.mark.gpu
 
@@ -34,6 +34,13 @@ def test_error_chain_puts_the_cause_first() -> None:
         text = _error_chain(exc)
     assert text == ("RuntimeError: CUDA error: operation not permitted when stream is capturing; "
                     "then RuntimeError: CUDA error: operation failed due to a previous error during capture")
+
+
+def test_a_known_capture_failure_gets_its_hint() -> None:
+    """The H100 failure of tests/gpu/test_swa_gpu.py's capture (an eager output kept with its graph)."""
+    reason = ("AcceleratorError: CUDA error: operation would make the legacy stream depend on a capturing blocking stream")
+    assert "AccumulateGrad" in _capture_hint(reason) and _capture_hint(reason).startswith(" [hint: ")
+    assert _capture_hint("RuntimeError: CUDA error: operation not permitted when stream is capturing") == ""
 
 
 def _linear_step():

@@ -7,7 +7,11 @@ The interpreter hides what only a GPU does; two fixtures bring some of it back:
   compute like the GPU (bf16 values, round-to-nearest-even casts, TF32-rounded operands);
 * ``reversed_programs``: the interpreter runs a launch's programs one after the other in grid order;
   the fixture runs them in reverse, so a program that reads what another program of the same launch
-  writes (no ordering on a GPU) gives a different answer.
+  writes (no ordering on a GPU) gives a different answer;
+* ``descriptor_reduce``: the interpreter has no tensor-descriptor reductions (``desc.atomic_add``, a
+  TMA reduction on Hopper); the fixture adds them as element atomics at the addresses the descriptor
+  covers, out-of-bounds elements skipped as TMA skips them. It checks a kernel's offsets and bounds,
+  not the GPU lowering (that is for the GPU tests).
 
 Import the fixtures into a test module (``from interpreter_numerics import gpu_numerics``); the
 module needs ``TRITON_INTERPRET=1`` (tests/conftest.py sets it).
@@ -79,3 +83,18 @@ def reversed_programs(monkeypatch):
         return orig(self, nx - 1 - x, ny - 1 - y, nz - 1 - z)
 
     monkeypatch.setattr(interp.InterpreterBuilder, "set_grid_idx", set_grid_idx)
+
+
+def _descriptor_reduce(self, kind, desc, value, indices):
+    if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+        raise NotImplementedError(f"descriptor_reduce fixture: only ADD, got {kind}")
+    ptrs, mask = desc.materialize_pointers(indices)
+    return self.create_atomic_rmw(ir.ATOMIC_OP.FADD if value.dtype.scalar.is_floating() else ir.ATOMIC_OP.ADD, ptrs, value, mask,
+                                  ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+
+@pytest.fixture
+def descriptor_reduce(monkeypatch):
+    """Tensor-descriptor reductions (``desc.atomic_add``) in the interpreter, where it has none."""
+    if not hasattr(interp.InterpreterBuilder, "create_descriptor_reduce"):
+        monkeypatch.setattr(interp.InterpreterBuilder, "create_descriptor_reduce", _descriptor_reduce, raising=False)

@@ -4,7 +4,10 @@ and NaN-poisons the kernels' outputs), and the dispatch that picks them.
 
 Small launch tiles (16 / 32 rows) make every phase of the kernels appear at these sizes: the masked
 window-edge tiles, the unmasked tiles (pointer loads and TMA descriptors), the masked diagonal; the
-dK/dV kernel's loop over the GQA group; dQ by its own kernel and by atomics in the dK/dV kernel.
+dK/dV kernel's loop over the GQA group; dQ by its own kernel and by atomics in the dK/dV kernel
+(element atomics, or TMA reductions: the interpreter has none, ``descriptor_reduce`` adds them);
+the one-loop variants (``one_loop``: programs whose tiles all lie inside the sequence, the rest
+three loops) and Delta computed in the dQ kernel (``delta``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from mnemotorch.ops.sliding_window import sliding_window_attention_reference
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
     pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 
-from interpreter_numerics import gpu_numerics  # noqa: E402,F401 (pytest fixture)
+from interpreter_numerics import descriptor_reduce, gpu_numerics  # noqa: E402,F401 (pytest fixtures)
+from triton.runtime import interpreter as interp  # noqa: E402
 
 from mnemotorch.ops.block_sparse import swa_triton  # noqa: E402
 
@@ -42,11 +46,11 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / (den if den > 1e-6 else 1.0)).item()
 
 
-def tiles(bm: int, bn: int, fused: bool, tma) -> dict:
+def tiles(bm: int, bn: int, fused, tma, one_loop: bool = False, delta: bool = False) -> dict:
     """Launch overrides for all three kernels: forward / dQ tiles BM x BN, dK/dV tiles BN keys x BM queries."""
-    return dict(fwd=dict(BM=bm, BN=bn, warps=4, stages=1, tma=tma),
-                dkdv=dict(BM=bn, BN=bm, warps=4, stages=1, fused_dq=fused, tma=tma),
-                dq=dict(BM=bm, BN=bn, warps=4, stages=1, tma=tma))
+    return dict(fwd=dict(BM=bm, BN=bn, warps=4, stages=1, tma=tma, one_loop=one_loop),
+                dkdv=dict(BM=bn, BN=bm, warps=4, stages=1, fused_dq=fused, tma=tma, one_loop=one_loop),
+                dq=dict(BM=bm, BN=bn, warps=4, stages=1, tma=tma, one_loop=one_loop, delta=delta))
 
 
 def inputs(b, lq, lk, h, hkv, d, dtype, seed=0):
@@ -91,13 +95,60 @@ def test_fp32_matches_reference(b, lq, lk, h, hkv, d, window, blocks, fused, tma
     check_against_reference(b, lq, lk, h, hkv, d, window, torch.float32, tiles(*blocks, fused, tma))
 
 
+# the same cases with one loop per program, Delta in the dQ kernel, and dQ by TMA reductions
+# where it was by atomics ("tma": falls back to element atomics when D is padded)
+@pytest.mark.parametrize("b,lq,lk,h,hkv,d,window,blocks,fused,tma", FP32_CASES)
+def test_fp32_one_loop_delta_in_dq_and_tma_reductions(descriptor_reduce, b, lq, lk, h, hkv, d, window, blocks, fused, tma) -> None:
+    check_against_reference(b, lq, lk, h, hkv, d, window, torch.float32,
+                            tiles(*blocks, "tma" if fused else False, tma, one_loop=True, delta=not fused))
+
+
+class _Calls:
+    """Counts the calls of the kernels' jit helpers (the interpreter runs their rewritten copies)."""
+
+    NAMES = ("_fwd_one", "_fwd_three", "_dq_one", "_dq_three", "_dkdv_one", "_dkdv_three")
+
+    def __init__(self, monkeypatch):
+        self.n = dict.fromkeys(self.NAMES, 0)
+        table = getattr(interp.InterpretedFunction, "rewritten_fn", None)
+        if table is None:  # pragma: no cover - other Triton versions
+            pytest.skip("this Triton's interpreter keeps no table of rewritten functions")
+        for name in self.NAMES:
+            jf = getattr(swa_triton, name)
+            fn = jf.rewrite()
+
+            def call(*args, _fn=fn, _name=name, **kwargs):
+                self.n[_name] += 1
+                return _fn(*args, **kwargs)
+
+            monkeypatch.setitem(table, jf.fn, call)
+
+
+@pytest.mark.parametrize("lq,lk", [(130, 130), (100, 148)])  # queries the last 100 of 148 keys (offset a multiple of 16)
+def test_one_loop_and_three_loops_both_run(monkeypatch, descriptor_reduce, lq, lk) -> None:
+    """With ``one_loop`` the programs whose tiles lie inside the sequence take the one loop, those at
+    the ends the three loops (the test above could pass with the one loop never taken)."""
+    calls = _Calls(monkeypatch)
+    check_against_reference(1, lq, lk, 2, 1, 16, 64, torch.float32, tiles(32, 16, "tma", True, one_loop=True), seed=5)
+    assert all(calls.n[n] > 0 for n in ("_fwd_one", "_fwd_three", "_dkdv_one", "_dkdv_three")), calls.n
+    check_against_reference(1, lq, lk, 2, 1, 16, 64, torch.float32, tiles(32, 16, False, False, one_loop=True, delta=True), seed=5)
+    assert calls.n["_dq_one"] > 0 and calls.n["_dq_three"] > 0, calls.n
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_bf16_matches_reference(gpu_numerics, fused) -> None:
     """bf16 in the interpreter's GPU-like numerics (tests/ops/interpreter_numerics.py)."""
     check_against_reference(1, 130, 130, 4, 2, 64, 64, torch.bfloat16, tiles(32, 16, fused, "device" if fused else True), seed=1)
 
 
-def test_bf16_shared_qk_gradients_use_the_fp32_output(gpu_numerics) -> None:
+@pytest.mark.parametrize("fused", [False, "tma"])
+def test_bf16_one_loop_matches_reference(gpu_numerics, descriptor_reduce, fused) -> None:
+    check_against_reference(1, 130, 130, 4, 2, 64, 64, torch.bfloat16, tiles(32, 16, fused, True, one_loop=True, delta=not fused),
+                            seed=1)
+
+
+@pytest.mark.parametrize("delta_in_dq", [False, True], ids=["preprocess", "delta_in_dq"])
+def test_bf16_shared_qk_gradients_use_the_fp32_output(gpu_numerics, delta_in_dq) -> None:
     """k = q (peaked softmax): Delta must come from the fp32 output (the forward's rounding residual),
     else dq is ~7x worse than an fp32-internal peer (see test_block_sparse_numerics.py); the bound is
     that file's: 1.5x the error of SDPA's math backend in bf16."""
@@ -116,7 +167,7 @@ def test_bf16_shared_qk_gradients_use_the_fp32_output(gpu_numerics) -> None:
                 o = torch.nn.functional.scaled_dot_product_attention(xs.transpose(1, 2), xs.transpose(1, 2), vs.transpose(1, 2),
                                                                      attn_mask=mask).transpose(1, 2)
         elif which == "ours":
-            with swa_triton.override_launch(**tiles(64, 32, False, False)):
+            with swa_triton.override_launch(**tiles(64, 32, False, False, delta=delta_in_dq)):
                 o = swa_triton.swa_attention_triton(xs, xs, vs, w, d**-0.5)
         else:
             o = sliding_window_attention_reference(xs, xs, vs, w)
@@ -249,6 +300,14 @@ def test_bad_knob_and_launch_overrides_are_named(monkeypatch) -> None:
     with pytest.raises(ValueError, match="kernel must be one of"):
         with swa_triton.override_launch(bwd=dict(BM=64)):
             pass
+    monkeypatch.setenv("MNEMO_SWA_KERNEL", "fast")
+    with pytest.raises(ValueError, match="lazy rescaling is not implemented in the one-loop"):
+        with swa_triton.override_launch(fwd=dict(one_loop=True, lazy=8.0)):
+            sliding_window_attention(q, q, q, 3, backend="triton")
+    qg = q.clone().requires_grad_()
+    with pytest.raises(ValueError, match="fused_dq must be False, True"):
+        with swa_triton.override_launch(dkdv=dict(fused_dq="atomics")):
+            sliding_window_attention(qg, qg, qg, 3, backend="triton").sum().backward()
 
 
 def test_launch_table_is_complete() -> None:

@@ -148,6 +148,23 @@ def _error_chain(exc: BaseException, limit: int = 300) -> str:
     return "; then ".join(reversed(parts))
 
 
+#: what a failed capture's message means, for the causes seen on this project's GPUs (substring -> hint)
+_CAPTURE_HINTS = {
+    "legacy stream depend on a capturing": (
+        "hint: an autograd graph made on the default stream is still alive (an output or loss kept from an eager "
+        "call); its leaves' AccumulateGrad nodes run the captured backward's accumulation on the legacy stream. "
+        "Drop it (or make the eager call under torch.no_grad()) before capturing"),
+}
+
+
+def _capture_hint(reason: str) -> str:
+    """The known cause of a capture failure whose message is ``reason``, as ``" [hint: ...]"`` ("" if none)."""
+    for needle, hint in _CAPTURE_HINTS.items():
+        if needle in reason:
+            return f" [{hint}]"
+    return ""
+
+
 def _abandon_capture(graph, pool, stream, device: int) -> list[str]:
     """Undo what a failed capture left behind, so that later work in this process is not affected.
 
@@ -229,6 +246,7 @@ def capture_graph(step: Callable[[], object], warmup: int = 3):
     except Exception as exc:  # noqa: BLE001 - every capture failure becomes one clear error
         static_out = None
         reason = _error_chain(exc)
+        reason += _capture_hint(reason)
         notes = _abandon_capture(graph, pool, side, torch.cuda.current_device())
         if notes:
             reason += f" [cleanup after the failed capture: {', '.join(notes)}]"

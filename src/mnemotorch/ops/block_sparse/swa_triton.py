@@ -28,10 +28,11 @@ q, which the peaked-softmax (shared Q/K) bf16 gradients are sensitive to (see ``
 
 Backward: the dK/dV kernel runs one program per (key block, batch, KV head) and loops over the GQA
 group's query heads, so dK/dV come out per KV head without fp32 per-query-head buffers. dQ either
-comes from a separate kernel over query blocks (3 matmuls per pair, deterministic) or, with
-``fused_dq``, from the dK/dV kernel itself (1 matmul per pair, fp32 atomics into a zeroed buffer,
-then one scale-and-cast pass): which is faster on a card is the launch sweep's question
-(``scripts/diag_swa.py``).
+comes from a separate kernel over query blocks (3 matmuls per pair, deterministic; it can compute
+Delta itself and run first, ``delta``) or, with ``fused_dq``, from the dK/dV kernel itself (1 matmul
+per pair, fp32 element atomics or TMA reductions into a zeroed buffer, then one scale-and-cast pass):
+which is faster on a card is the launch sweep's question (``scripts/diag_swa.py``). Any kernel can run
+a program's tiles in one pipelined loop instead of three (``one_loop``).
 
 Registered as ``torch.library.custom_op``s (``mnemotorch::swa_attn_fwd`` / ``_bwd``) with an
 autograd formula; eager calls go through a plain ``autograd.Function`` (as ``triton.py`` does).
@@ -46,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _eager_ok, _ld_rows, _mm, _pow2, _st_rows
+from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _eager_ok, _ld_full, _ld_rows, _mm, _pow2, _st_rows
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the interpreter runs them too
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -139,13 +140,67 @@ def _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col
 
 
 @triton.jit
+def _fwd_three(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok,
+               s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+               POS_SCALE: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr):
+    """The block's key tiles in three loops: masked window edge, unmasked interior, masked diagonal."""
+    acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, s_first, full_lo, W, Lk,
+                                qk_scale, BN, IEEE, EVEN_D)
+    acc, l_i, m_i = _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_d, d_ok, full_lo, p0,
+                              qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY)
+    acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, p0, p_hi, W, Lk,
+                                qk_scale, BN, IEEE, EVEN_D)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_one(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok,
+             lo, mlo, mhi, hi, W, qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+             POS_SCALE: tl.constexpr, TMA: tl.constexpr):
+    """All the block's key tiles ``[lo, hi)`` (inside ``[0, Lk)``) in ONE software-pipelined loop:
+    the tiles outside ``[mlo, mhi)`` are masked under a per-tile branch. Three loops each start their
+    own pipeline (the first loads of a loop wait in full, nothing overlaps them), which for W = 1024
+    and 128-key tiles is 3 exposed load latencies per 9 tiles at one program per SM."""
+    for s0 in tl.range(lo, hi, BN):
+        if TMA > 0:
+            k = KD.load([kd_row + s0, kd_col])
+            v = VD.load([kd_row + s0, kd_col])
+        else:
+            offs_n = s0 + tl.arange(0, BN)
+            k = _ld_full(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], d_ok, EVEN_D)
+            v = _ld_full(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], d_ok, EVEN_D)
+        s = _mm(q, tl.trans(k), IEEE)
+        if not POS_SCALE:
+            s = s * qk_scale
+        if (s0 < mlo) | (s0 >= mhi):
+            offs_n = s0 + tl.arange(0, BN)
+            ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W)
+            s = tl.where(ok, s, float("-inf"))
+        if POS_SCALE:  # max of the raw logits (-inf stays -inf), then one FMA per score
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no allowed key yet (window-edge tile first) keeps m = -inf: subtract 0
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if POS_SCALE:
+            p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+        else:
+            p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _swa_fwd_kernel(
     Q, K, V, O, LSE, OLO, KD, VD,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
     qk_scale, W, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, POS_SCALE: tl.constexpr,
-    STORE_LO: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr = 0.0,
+    STORE_LO: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr = 0.0, ONE_LOOP: tl.constexpr = False,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -190,12 +245,17 @@ def _swa_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, s_first, full_lo, W, Lk,
-                                qk_scale, BN, IEEE, EVEN_D)
-    acc, l_i, m_i = _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_d, d_ok, full_lo, p0,
-                              qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY)
-    acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, p0, p0 + n_diag * BN, W, Lk,
-                                qk_scale, BN, IEEE, EVEN_D)
+    p_hi = p0 + n_diag * BN
+    if ONE_LOOP:  # one loop where every tile lies inside the keys (all programs but a few at the ends)
+        if (s_first >= 0) & (p_hi <= Lk):
+            acc, l_i, m_i = _fwd_one(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
+                                     s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA)
+        else:
+            acc, l_i, m_i = _fwd_three(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
+                                       s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY)
+    else:
+        acc, l_i, m_i = _fwd_three(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
+                                   s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY)
 
     # every valid row has seen its own key (l > 0); rows past Lq are not stored
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -215,7 +275,7 @@ def _swa_fwd_kernel(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
-                DQA, dqa_base, dqa_st, offs_n, offs_d, d_ok, n0, t_lo, t_hi, offset, W, Lq, qk_scale,
+                DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, t_lo, t_hi, offset, W, Lq, qk_scale,
                 BM: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
                 FUSED_DQ: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
     for t in tl.range(t_lo, t_hi, warp_specialize=WS):
@@ -255,6 +315,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_co
             ptrs = DQA + dqa_base + offs_i[:, None].to(tl.int64) * dqa_st + offs_d[None, :]
             if MASKED:
                 tl.atomic_add(ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+            elif FUSED_DQ == 2:  # one TMA reduction of the tile (all rows are queries here)
+                DQD.atomic_add([dqd_row + pm0 - offset, dqd_col], dq)
             elif EVEN_D:
                 tl.atomic_add(ptrs, dq, sem="relaxed")
             else:
@@ -263,13 +325,72 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_co
 
 
 @triton.jit
+def _dkdv_three(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
+                DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, t_lo, a2, z2, t_hi, offset, W, Lq,
+                qk_scale, BM: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, FUSED_DQ: tl.constexpr,
+                TMA: tl.constexpr, WS: tl.constexpr):
+    """Query tiles in three loops: masked diagonal, unmasked interior, masked window edge."""
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
+                         DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, t_lo, a2, offset, W, Lq, qk_scale,
+                         BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
+                         DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, a2, z2, offset, W, Lq, qk_scale,
+                         BM, IEEE, EVEN_D, False, FUSED_DQ, TMA, WS)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
+                         DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, z2, t_hi, offset, W, Lq, qk_scale,
+                         BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_one(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
+              DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, t_lo, mlo, mhi, t_hi, offset, W,
+              qk_scale, BM: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, FUSED_DQ: tl.constexpr,
+              TMA: tl.constexpr):
+    """Query tiles ``[t_lo, t_hi)`` whose rows are all queries, in one pipelined loop; the tiles
+    outside ``[mlo, mhi)`` are masked under a per-tile branch (see ``_fwd_one``)."""
+    for t in tl.range(t_lo, t_hi):
+        pm0 = n0 + t * BM
+        offs_pq = pm0 + tl.arange(0, BM)
+        offs_i = offs_pq - offset
+        if TMA > 0:
+            q = QD.load([qd_row + pm0 - offset, qd_col])
+            do = DOD.load([qd_row + pm0 - offset, qd_col])
+        else:
+            q = _ld_full(q_base + offs_i[:, None].to(tl.int64) * sqt + offs_d[None, :], d_ok, EVEN_D)
+            do = _ld_full(do_base + offs_i[:, None].to(tl.int64) * sdot + offs_d[None, :], d_ok, EVEN_D)
+        lse = tl.load(lse_base + offs_i)
+        delta = tl.load(delta_base + offs_i)
+        qkt = _mm(k, tl.trans(q), IEEE)  # [BN, BM]
+        pt = tl.math.exp2(qkt * qk_scale - lse[None, :])
+        if (t < mlo) | (t >= mhi):
+            ok = (offs_n[:, None] <= offs_pq[None, :]) & (offs_n[:, None] > offs_pq[None, :] - W)
+            pt = tl.where(ok, pt, 0.0)
+        dv = _mma(pt.to(do.dtype), do, dv, IEEE)
+        dpt = _mm(v, tl.trans(do), IEEE)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = _mma(dst, q, dk, IEEE)
+        if FUSED_DQ:
+            dq = _mm(tl.trans(dst), k, IEEE)
+            if FUSED_DQ == 2:
+                DQD.atomic_add([dqd_row + pm0 - offset, dqd_col], dq)
+            else:
+                ptrs = DQA + dqa_base + offs_i[:, None].to(tl.int64) * dqa_st + offs_d[None, :]
+                if EVEN_D:
+                    tl.atomic_add(ptrs, dq, sem="relaxed")
+                else:
+                    tl.atomic_add(ptrs, dq, mask=d_ok[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _swa_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, QD, DOD,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, QD, DOD, DQD,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
     qk_scale, sm_scale, W, Lq, Lk,
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
-    FUSED_DQ: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    FUSED_DQ: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, ONE_LOOP: tl.constexpr = False,
 ):
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -314,15 +435,19 @@ def _swa_bwd_dkdv_kernel(
             c0 = h * D
         stat = (b * H + h).to(tl.int64) * Lq
         dqa_base = (b.to(tl.int64) * Lq * H + h) * D
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
-                             DQA, dqa_base, H * D, offs_n, offs_d, d_ok, n0, t_lo, a2, offset, W, Lq, qk_scale,
-                             BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
-                             DQA, dqa_base, H * D, offs_n, offs_d, d_ok, n0, a2, z2, offset, W, Lq, qk_scale,
-                             BM, IEEE, EVEN_D, False, FUSED_DQ, TMA, WS)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
-                             DQA, dqa_base, H * D, offs_n, offs_d, d_ok, n0, z2, t_hi, offset, W, Lq, qk_scale,
-                             BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
+        if ONE_LOOP:  # one loop where every tile's rows are queries (all programs but a few at the ends)
+            if (n0 + t_lo * BM - offset >= 0) & (n0 + t_hi * BM - offset <= Lq):
+                dk, dv = _dkdv_one(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
+                                   DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, n0, t_lo, a2, z2, t_hi,
+                                   offset, W, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA)
+            else:
+                dk, dv = _dkdv_three(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
+                                     DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, n0, t_lo, a2, z2, t_hi,
+                                     offset, W, Lq, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA, WS)
+        else:
+            dk, dv = _dkdv_three(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
+                                 DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, n0, t_lo, a2, z2, t_hi,
+                                 offset, W, Lq, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA, WS)
 
     _st_rows(DK + b.to(tl.int64) * sdkb + hk * sdkh + offs_n[:, None].to(tl.int64) * sdkt + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), n_ok, d_ok, EVEN_D)
@@ -366,12 +491,52 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, k
 
 
 @triton.jit
+def _dq_three(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok,
+              s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+              TMA: tl.constexpr, WS: tl.constexpr):
+    """The block's key tiles in three loops: masked window edge, unmasked interior, masked diagonal."""
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, s_first, full_lo,
+                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, full_lo, p0,
+                   W, Lk, qk_scale, BN, IEEE, EVEN_D, False, TMA, WS)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, p0, p_hi,
+                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
+    return dq
+
+
+@triton.jit
+def _dq_one(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, lo, mlo, mhi, hi, W,
+            qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+    """The block's key tiles ``[lo, hi)`` (inside ``[0, Lk)``) in one pipelined loop, the tiles outside
+    ``[mlo, mhi)`` masked under a per-tile branch (see ``_fwd_one``)."""
+    for s0 in tl.range(lo, hi, BN):
+        if TMA > 0:
+            k = KD.load([kd_row + s0, kd_col])
+            v = VD.load([kd_row + s0, kd_col])
+        else:
+            offs_n = s0 + tl.arange(0, BN)
+            k = _ld_full(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], d_ok, EVEN_D)
+            v = _ld_full(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], d_ok, EVEN_D)
+        qk = _mm(q, tl.trans(k), IEEE)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if (s0 < mlo) | (s0 >= mhi):
+            offs_n = s0 + tl.arange(0, BN)
+            ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W)
+            p = tl.where(ok, p, 0.0)
+        dp = _mm(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq, IEEE)
+    return dq
+
+
+@triton.jit
 def _swa_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KD, VD,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
+    Q, K, V, DO, LSE, DELTA, DQ, KD, VD, O, OLO,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sob, sot, soh,
     qk_scale, sm_scale, W, Lq, Lk,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False, DELTA_IN: tl.constexpr = False, HAS_LO: tl.constexpr = False,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -389,7 +554,18 @@ def _swa_bwd_dq_kernel(
     q = _ld_rows(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
     do = _ld_rows(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], m_ok, d_ok, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    if DELTA_IN:
+        # Delta = rowsum(dO * O) here, from the fp32 output (O + its rounding residual), as
+        # triton._bwd_preprocess computes it: this kernel holds dO already and runs before the dK/dV
+        # kernel, which reads the Delta stored here (one pass over O, O_lo, dO saved)
+        o_off = b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :]
+        o = _ld_rows(O + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
+        if HAS_LO:
+            o += _ld_rows(OLO + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
+        delta = tl.sum(o * do.to(tl.float32), 1)
+        tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=m_ok)
+    else:
+        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
     k_base = K + b.to(tl.int64) * skb + hk * skh
     v_base = V + b.to(tl.int64) * svb + hk * svh
     if TMA == 2:
@@ -414,13 +590,18 @@ def _swa_bwd_dq_kernel(
     n_full = tl.where(g >= 0, n_full, 0)
     full_lo = p0 - n_full * BN
 
+    p_hi = p0 + n_diag * BN
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok, s_first, full_lo,
-                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok, full_lo, p0,
-                   W, Lk, qk_scale, BN, IEEE, EVEN_D, False, TMA, WS)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok, p0, p0 + n_diag * BN,
-                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
+    if ONE_LOOP:
+        if (s_first >= 0) & (p_hi <= Lk):
+            dq = _dq_one(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
+                         s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, TMA)
+        else:
+            dq = _dq_three(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
+                           s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, TMA, WS)
+    else:
+        dq = _dq_three(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
+                       s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, TMA, WS)
     _st_rows(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), m_ok, d_ok, EVEN_D)
 
@@ -437,32 +618,58 @@ def _swa_bwd_dq_kernel(
 #: allocator is set if none is; what Hopper warp specialisation needs); ``ws``: ``tl.range(warp_specialize=...)`` on
 #: the unmasked loop; ``lazy`` (fwd, > 0): rescale the accumulator only when a row's max has grown
 #: by more than that many powers of two (FlashAttention-4's lazy rescaling; 0: at every tile).
-#: NOT YET MEASURED ON A GPU: these are FlashAttention-2-style starting points (8 warps for 128-row
-#: fwd tiles at D >= 128; fp32 tiles halved for shared memory); ``scripts/diag_swa.py`` prints rows in
-#: this format to paste here.
+#: ``one_loop``: a program whose tiles all lie inside the sequence runs them in one software-pipelined
+#: loop, masking the edge / diagonal tiles under a per-tile branch (the others keep three loops, each of
+#: which refills the pipeline; not with ``lazy``). ``fused_dq="tma"``: dQ by one TMA reduction per
+#: tile into the fp32 accumulator (``True``: element atomics; masked tiles of three-loop programs keep
+#: element atomics). ``delta`` (dq): the dQ kernel computes Delta and runs before dK/dV (no
+#: preprocess pass; ignored with ``fused_dq``).
+#:
+#: Where the rows come from (``J`` = docs/results/swa_sweep_2026-11-26_h100.json: H100 80GB HBM3,
+#: torch 2.11, Triton 3.6, B = 1, H = 16, bf16, CUDA-graph replays, run beside GPU tests, so +-4%
+#: noise; the same config measured 6.17 and 6.42 ms fwd+bwd in two steps of that run):
+#:
+#: * D = 128, 16-bit: the sweep's best rows at L = 65536, W = 1024. fwd: ``J fwd_sweep`` BM=BN=128,
+#:   8 warps, 3 stages, host TMA: 1.560 ms (393 TFLOP/s on computed tiles) vs 1.763 for the old
+#:   default (BM=128 BN=64 pointers); host descriptors are kernel parameters, captured in every graph
+#:   of that sweep. dK/dV: ``J dkdv_sweep`` BM=32 BN=64 4 warps 3 stages: 6.464 ms fwd+bwd vs 6.726 for
+#:   the old 128-key 8-warp row (fused dQ by atomics: 6.747 at best, 9.286 with 64-key blocks).
+#:   dQ: ``J dq_sweep`` BM=BN=64 4 warps 2 stages: 6.172 vs 6.540 (old 128-row 8-warp row). Caveat:
+#:   at W = 4096 the old forward row was 5% faster (4.991 vs 5.269 ms, one measurement each).
+#: * D = 64, 16-bit: the sweep timed only the old defaults here (``J cases L*_D64``): forward faster
+#:   than the generic list kernel (0.932 vs 1.093 ms at L = 65536, W = 1024) but fwd+bwd slower
+#:   (4.413 vs 4.117; the same at all four D = 64 cases), i.e. the backward is ~0.46 ms (15%) slower.
+#:   No D = 64 backward row of ours in J beats the generic kernel, so these rows are the generic
+#:   kernel's own backward launch at D = 64 (``triton.fixed_launch``: dK/dV 64 keys x 64-query
+#:   slices, dQ 128 queries x 64-key slices, both 4 warps, 2 stages), which is what measured faster:
+#:   the per-tile work of the two kernels is the same (ours loads no lists and masks fewer tiles),
+#:   and our 8-warp rows are the difference; at D = 128 the 4-warp tiles won too. Not a fallback to
+#:   the generic backward itself: that needs block lists per (L, W) and its per-query-head fp32 dK/dV
+#:   with GQA. ``scripts/diag_swa.py`` now sweeps D = 64 rows against the generic kernel.
+#: * fp32 rows and D = 256: starting points (fp32 tiles halved for shared memory), not measured.
 LAUNCH: dict[tuple[str, int, str], dict] = {
-    ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0),
-    ("fwd", 128, "16"): dict(BM=128, BN=64, warps=8, stages=3, tma=False, ws=False, lazy=0.0),
-    ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
-    ("dkdv", 64, "16"): dict(BM=64, BN=128, warps=8, stages=2, fused_dq=False, tma=False, ws=False),
-    ("dkdv", 128, "16"): dict(BM=64, BN=128, warps=8, stages=2, fused_dq=False, tma=False, ws=False),
-    ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False),
-    ("dq", 64, "16"): dict(BM=128, BN=64, warps=8, stages=2, tma=False, ws=False),
-    ("dq", 128, "16"): dict(BM=128, BN=64, warps=8, stages=2, tma=False, ws=False),
-    ("dq", 256, "16"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False),
-    ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
-    ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, lazy=0.0),
-    ("fwd", 256, "32"): dict(BM=32, BN=32, warps=4, stages=1, tma=False, ws=False, lazy=0.0),
-    ("dkdv", 64, "32"): dict(BM=32, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False),
-    ("dkdv", 128, "32"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False),
-    ("dkdv", 256, "32"): dict(BM=16, BN=32, warps=4, stages=1, fused_dq=False, tma=False, ws=False),
-    ("dq", 64, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False),
-    ("dq", 128, "32"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False),
-    ("dq", 256, "32"): dict(BM=32, BN=16, warps=4, stages=1, tma=False, ws=False),
+    ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0, one_loop=False),
+    ("fwd", 128, "16"): dict(BM=128, BN=128, warps=8, stages=3, tma=True, ws=False, lazy=0.0, one_loop=False),
+    ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False),
+    ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dkdv", 128, "16"): dict(BM=32, BN=64, warps=4, stages=3, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dq", 64, "16"): dict(BM=128, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=False),
+    ("dq", 128, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=False),
+    ("dq", 256, "16"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
+    ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False),
+    ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False),
+    ("fwd", 256, "32"): dict(BM=32, BN=32, warps=4, stages=1, tma=False, ws=False, lazy=0.0, one_loop=False),
+    ("dkdv", 64, "32"): dict(BM=32, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dkdv", 128, "32"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dkdv", 256, "32"): dict(BM=16, BN=32, warps=4, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dq", 64, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=False),
+    ("dq", 128, "32"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
+    ("dq", 256, "32"): dict(BM=32, BN=16, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
 }
-_KERNEL_KEYS = {"fwd": ("BM", "BN", "warps", "stages", "tma", "ws", "lazy"),
-                "dkdv": ("BM", "BN", "warps", "stages", "fused_dq", "tma", "ws"),
-                "dq": ("BM", "BN", "warps", "stages", "tma", "ws")}
+_KERNEL_KEYS = {"fwd": ("BM", "BN", "warps", "stages", "tma", "ws", "lazy", "one_loop"),
+                "dkdv": ("BM", "BN", "warps", "stages", "fused_dq", "tma", "ws", "one_loop"),
+                "dq": ("BM", "BN", "warps", "stages", "tma", "ws", "one_loop", "delta")}
 #: per-kernel overrides (``override_launch``), applied over the table for every head dim / dtype
 _OVERRIDES: dict[str, dict] = {}
 
@@ -509,6 +716,12 @@ def _check_tile(kind: str, cfg: dict) -> None:
         x = cfg[name]
         if not (isinstance(x, int) and x >= 16 and x & (x - 1) == 0):
             raise ValueError(f"swa launch {kind}: {name} must be a power of two >= 16, got {x!r}")
+    if kind == "fwd" and cfg.get("one_loop") and cfg.get("lazy", 0.0) > 0:
+        raise ValueError("swa launch fwd: lazy rescaling is not implemented in the one-loop forward (one_loop=True); "
+                         "set lazy=0.0 or one_loop=False")
+    if kind == "dkdv" and cfg.get("fused_dq") not in (False, True, "tma"):
+        raise ValueError(f"swa launch dkdv: fused_dq must be False, True (pointer atomics) or 'tma' (TMA reductions), "
+                         f"got {cfg.get('fused_dq')!r}")
 
 
 _TMA_CAP: dict = {}
@@ -608,61 +821,103 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, need_l
         scale * LOG2E, window, lq, lk,
         H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
         POS_SCALE=scale > 0, STORE_LO=store_lo, TMA=tma, WS=bool(cfg["ws"]), LAZY=float(cfg.get("lazy", 0.0)),
-        num_warps=cfg["warps"], num_stages=cfg["stages"],
+        ONE_LOOP=bool(cfg.get("one_loop", False)), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return o, lse, o_lo
 
 
 def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor | None, window: int, scale: float):
-    """``(dq, dk, dv)``; ``o_lo`` is the forward's residual of a 16-bit ``o`` (``None`` / empty: none)."""
-    b, lq, h, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    group = h // hkv
-    bd = _pow2(d)
-    ieee = q.dtype == torch.float32
+    """``(dq, dk, dv)``; ``o_lo`` is the forward's residual of a 16-bit ``o`` (``None`` / empty: none).
+
+    Order: Delta (``_bwd_preprocess``), dK/dV (with dQ by atomics if ``fused_dq``), dQ; or, with the
+    dQ kernel's ``delta`` switch (and no ``fused_dq``), dQ first (computing and storing Delta), then
+    dK/dV, without the preprocess pass. (The steps are separate functions so that
+    ``scripts/diag_swa.py`` can time each kernel.)"""
     do = do.contiguous() if do.stride(-1) != 1 else do
     has_lo = o_lo is not None and o_lo.numel() > 0
     if has_lo and o_lo.stride() != o.stride():
         raise ValueError(f"swa backward: o_lo must have o's strides, got {o_lo.stride()} and {o.stride()}")
-    delta = _alloc(q, (b, h, lq), torch.float32)
-    _bwd_preprocess[(_cdiv(lq, 64), b * h)](o, o_lo if has_lo else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
-                                            do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=bd, BM=64, HAS_LO=has_lo)
-    cfg = launch_config("dkdv", d, q.dtype)
+    lo = o_lo if has_lo else o
+    cfg = launch_config("dkdv", q.shape[-1], q.dtype)
     _check_tile("dkdv", cfg)
-    fused = bool(cfg["fused_dq"])
+    cq = launch_config("dq", q.shape[-1], q.dtype)
+    _check_tile("dq", cq)
+    delta = _alloc(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)
+    if cq.get("delta") and not cfg["fused_dq"]:
+        dq = _dq_launch(cq, do, q, k, v, o, lo, has_lo, lse, delta, scale, window, True)
+        dk, dv, _ = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window)
+        return dq, dk, dv
+    _delta_launch(do, o, lo, has_lo, delta)
+    dk, dv, dqa = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window)
+    if dqa is not None:
+        return _dq_finish(dqa, q.dtype, scale), dk, dv
+    return _dq_launch(cq, do, q, k, v, o, o, False, lse, delta, scale, window, False), dk, dv
+
+
+def _delta_launch(do: Tensor, o: Tensor, o_lo: Tensor, has_lo: bool, delta: Tensor) -> None:
+    """Delta = rowsum(dO * O) (fp32 O: ``o`` + ``o_lo`` when ``has_lo``) into ``delta [B, H, Lq]``."""
+    b, lq, h, d = o.shape
+    _bwd_preprocess[(_cdiv(lq, 64), b * h)](o, o_lo, do, delta, o.stride(0), o.stride(1), o.stride(2),
+                                            do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=_pow2(d), BM=64,
+                                            HAS_LO=has_lo)
+
+
+def _dkdv_launch(cfg: dict, do, q, k, v, lse, delta, scale: float, window: int):
+    """The dK/dV kernel: ``(dk, dv, dqa)``, ``dqa`` the fp32 dQ accumulator (unscaled) with ``fused_dq``, else None."""
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    bd = _pow2(d)
+    fused = cfg["fused_dq"]
     dk = _alloc(k, k.shape)
     dv = _alloc(v, v.shape)
     # atomics need a zeroed fp32 accumulator [B, Lq, H, D] (never poisoned)
-    dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32) if fused else lse
+    dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32) if fused else None
+    fused_mode = 0
+    dqd = None
+    if fused:
+        fused_mode = 1
+        if fused == "tma":  # TMA reductions of whole tiles into a host descriptor over [B * Lq, H * D]
+            dqd = _tma_desc(dqa, cfg["BM"], bd)
+            fused_mode = 2 if dqd is not None else 1
     tma, (qd, dod) = _tma_setup(cfg["tma"], (q, do), cfg["BM"], bd)
     _swa_bwd_dkdv_kernel[(_cdiv(lk, cfg["BN"]), b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, dqa, qd, dod,
+        q, k, v, do, lse, delta, dk, dv, lse if dqa is None else dqa, qd, dod, dqd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         scale * LOG2E, scale, window, lq, lk,
-        H=h, HKV=hkv, GROUP=group, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=ieee, EVEN_D=bd == d,
-        FUSED_DQ=fused, TMA=tma, WS=bool(cfg["ws"]), num_warps=cfg["warps"], num_stages=cfg["stages"],
+        H=h, HKV=hkv, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
+        FUSED_DQ=fused_mode, TMA=tma, WS=bool(cfg["ws"]), ONE_LOOP=bool(cfg.get("one_loop", False)),
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
-    if fused:
-        if q.dtype == torch.float32:
-            dq = dqa.mul_(scale)
-        else:
-            dq = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype)
-            torch.mul(dqa, scale, out=dq)  # one pass: fp32 product, cast on store
-        return dq, dk, dv
-    cq = launch_config("dq", d, q.dtype)
-    _check_tile("dq", cq)
+    return dk, dv, dqa
+
+
+def _dq_finish(dqa: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
+    """dQ from the fused kernel's fp32 accumulator: one pass, fp32 product, cast on store."""
+    if dtype == torch.float32:
+        return dqa.mul_(scale)
+    dq = torch.empty(dqa.shape, device=dqa.device, dtype=dtype)
+    torch.mul(dqa, scale, out=dq)
+    return dq
+
+
+def _dq_launch(cq: dict, do, q, k, v, o, o_lo, has_lo: bool, lse, delta, scale: float, window: int, delta_in: bool) -> Tensor:
+    """The dQ kernel; with ``delta_in`` it computes Delta from ``o`` (+ ``o_lo``) and ``do`` and stores it."""
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    bd = _pow2(d)
     dq = _alloc(q)
     tma, (kd, vd) = _tma_setup(cq["tma"], (k, v), cq["BN"], bd)
     _swa_bwd_dq_kernel[(_cdiv(lq, cq["BM"]), b * h)](
-        q, k, v, do, lse, delta, dq, kd, vd,
+        q, k, v, do, lse, delta, dq, kd, vd, o, o_lo,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2),
         scale * LOG2E, scale, window, lq, lk,
-        H=h, GROUP=group, D=d, BLOCK_D=bd, BM=cq["BM"], BN=cq["BN"], IEEE=ieee, EVEN_D=bd == d,
-        TMA=tma, WS=bool(cq["ws"]), num_warps=cq["warps"], num_stages=cq["stages"],
+        H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cq["BM"], BN=cq["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
+        TMA=tma, WS=bool(cq["ws"]), ONE_LOOP=bool(cq.get("one_loop", False)), DELTA_IN=delta_in, HAS_LO=has_lo,
+        num_warps=cq["warps"], num_stages=cq["stages"],
     )
-    return dq, dk, dv
+    return dq
 
 
 @torch.library.custom_op("mnemotorch::swa_attn_fwd", mutates_args=())
