@@ -646,16 +646,21 @@ def _swa_bwd_dq_kernel(
 #:   and our 8-warp rows are the difference; at D = 128 the 4-warp tiles won too. Not a fallback to
 #:   the generic backward itself: that needs block lists per (L, W) and its per-query-head fp32 dK/dV
 #:   with GQA. ``scripts/diag_swa.py`` now sweeps D = 64 rows against the generic kernel.
+#: * Second sweep (``J2`` = docs/results/swa_sweep_2026-11-26b_h100.json, same card and versions, run
+#:   alone): rows marked "2nd sweep" replaced these. D = 128 fwd BM=BN=64, 4 warps, 3 stages, host TMA,
+#:   ``one_loop``: 1.227 ms at L = 65536, W = 1024 (472 TFLOP/s on computed tiles; Flex 1.800); dQ
+#:   with ``delta`` (no preprocess pass): fwd+bwd 6.134 ms (Flex 6.837). D = 64 dQ ``one_loop`` +
+#:   ``delta``: 3.796 ms fwd+bwd (generic kernel 4.111, Flex 4.292).
 #: * fp32 rows and D = 256: starting points (fp32 tiles halved for shared memory), not measured.
 LAUNCH: dict[tuple[str, int, str], dict] = {
     ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0, one_loop=False),
-    ("fwd", 128, "16"): dict(BM=128, BN=128, warps=8, stages=3, tma=True, ws=False, lazy=0.0, one_loop=False),
+    ("fwd", 128, "16"): dict(BM=64, BN=64, warps=4, stages=3, tma=True, ws=False, lazy=0.0, one_loop=True),  # 2nd sweep
     ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False),
     ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dkdv", 128, "16"): dict(BM=32, BN=64, warps=4, stages=3, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
-    ("dq", 64, "16"): dict(BM=128, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=False),
-    ("dq", 128, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=False),
+    ("dq", 64, "16"): dict(BM=128, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=True, delta=True),  # 2nd sweep
+    ("dq", 128, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=True),  # 2nd sweep
     ("dq", 256, "16"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
     ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False),
     ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False),
