@@ -89,17 +89,18 @@ def test_the_guards_catch_their_hazards(monkeypatch) -> None:
         x.new_zeros(2) + torch.zeros_like(x[:2])
         torch.as_tensor(x)
 
-    # planted in the layer's backward (the commitment loss's one-kernel backward): a tensor without device=
+    # planted in the layer's backward (the rotation's and the commitment loss's one-kernel backward): a tensor
+    # without device=
     import mnemotorch.ops.routing.triton as routing_kernels
 
-    real_grad = routing_kernels.route_commit_grad_triton
+    real_backward = routing_kernels.RotaryCommit.backward
 
-    def route_commit_grad_triton(x, centroids, ids, g, coef, eps=1e-5):
+    def backward(ctx, g, gl):
         scale = torch.ones(1)  # the hazard
-        return real_grad(x, centroids, ids, g * scale.to(g.device)[0], coef, eps)
+        return real_backward(ctx, g * scale.to(g.device)[0].to(g.dtype), gl)
 
     monkeypatch.setattr(routing_layer, "FUSED_GLUE", "on")
-    monkeypatch.setattr(routing_kernels, "route_commit_grad_triton", route_commit_grad_triton)
+    monkeypatch.setattr(routing_kernels.RotaryCommit, "backward", staticmethod(backward))
     m = _mixer(True)
     xi = torch.randn(1, 40, 64, requires_grad=True)
     _step(m, xi)

@@ -181,10 +181,12 @@ def test_launches_per_call(cuda_path, part: str) -> None:
 def test_the_fused_glue_is_the_path_counted(cuda_path) -> None:
     """The counted call runs the kernels it is meant to (else a fallback could pass the bounds)."""
     names = [n for k, n in count_call("training step") if k == "triton"]
-    for kernel in ("_route_assign_kernel", "_rotary_kernel", "_route_commit_bwd_kernel", "_pack_kernel", "_unpack_kernel",
+    for kernel in ("_route_assign_kernel", "_rotary_kernel", "_rotary_commit_bwd_kernel", "_pack_kernel", "_unpack_kernel",
                    "_fwd_kernel", "_bwd_dq_kernel", "_rows_kernel"):
         assert kernel in names, kernel
-    assert names.count("_rotary_kernel") == 2  # forward and backward
+    # the rotation's forward; its backward and the commitment loss's in one kernel
+    assert names.count("_rotary_kernel") == 1 and names.count("_rotary_commit_bwd_kernel") == 1
+    assert "_route_commit_bwd_kernel" not in names
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ from ..ops.routing import (
     kmeans_batch_stats,
     kmeans_ema_step,
     nearest_centroid,
+    rotary_commit,
     rotary_fused,
     route_assign,
+    route_assign_distances,
     route_assign_supports,
     scale_free_layer_norm,
 )
@@ -315,8 +317,13 @@ class RoutingAttention(Mixer):
             # the k-means statistics, added into ``stats``
             beta = self.commitment_beta if (self.training and torch.is_grad_enabled() and self.commitment_beta > 0) else None
             raw_q, raw_k = q[:, :, hl:], (None if wk is None else k[:, :, hl:])
-            cq, loss_q = route_assign(raw_q, centroids, beta, stats=stats)
-            ck, loss_k = (cq, None) if raw_k is None else route_assign(raw_k, centroids, beta, stats=stats)
+            if rope is not None and beta is not None:
+                # the commitment loss rides on the rotation: one backward kernel for both gradients into q (k)
+                cq, sq_q, coef_q = route_assign_distances(raw_q, centroids, beta, stats=stats)
+                ck, sq_k, coef_k = (cq, None, None) if raw_k is None else route_assign_distances(raw_k, centroids, beta, stats=stats)
+            else:
+                cq, loss_q = route_assign(raw_q, centroids, beta, stats=stats)
+                ck, loss_k = (cq, None) if raw_k is None else route_assign(raw_k, centroids, beta, stats=stats)
         else:
             rq = scale_free_layer_norm(q[:, :, hl:])
             rk = rq if wk is None else scale_free_layer_norm(k[:, :, hl:])
@@ -325,9 +332,13 @@ class RoutingAttention(Mixer):
 
         if rope is not None:
             cos, sin = rope
-            rotate = rotary_fused if fused else apply_rotary
-            q = rotate(q, cos, sin)
-            k = q if wk is None else rotate(k, cos, sin)
+            if fused and beta is not None:
+                q, loss_q = rotary_commit(q, cos, sin, centroids, cq, sq_q, coef_q, hl=hl)
+                k, loss_k = (q, None) if wk is None else rotary_commit(k, cos, sin, centroids, ck, sq_k, coef_k, hl=hl)
+            else:
+                rotate = rotary_fused if fused else apply_rotary
+                q = rotate(q, cos, sin)
+                k = q if wk is None else rotate(k, cos, sin)
 
         if self.mode == "causal_exact":
             q_route = q[:, :, hl:]

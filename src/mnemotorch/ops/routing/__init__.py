@@ -149,12 +149,36 @@ def route_assign(
         raise ValueError(f"route_assign: needs x [B, T, H, D<=256] float16/bfloat16/float32 on CUDA (or the interpreter), got {list(x.shape)} {x.dtype} {x.device}")
     from .triton import route_assign_triton
 
+    ids, sq, coef = route_assign_distances(x, centroids, beta, eps, stats)
+    if sq is None:
+        return ids, None
+    return ids, _FusedCommitment.apply(x, centroids, ids, sq, coef, float(eps))
+
+
+def route_assign_distances(
+    x: Tensor, centroids: Tensor, beta: float | None = None, eps: float = 1e-5, stats: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor | None, float]:
+    """:func:`route_assign`'s kernel without the loss's autograd node: ``(ids, sq, coef)``, ``sq [B * T, H]`` the
+    per-token squared distances times ``coef = beta / (B T H)`` (None without ``beta``), no gradient. For
+    :func:`rotary_commit`, which attaches the loss to the rotation so that both backwards are one kernel."""
+    if not route_assign_supported(x):
+        raise ValueError(f"route_assign: needs x [B, T, H, D<=256] float16/bfloat16/float32 on CUDA (or the interpreter), got {list(x.shape)} {x.dtype} {x.device}")
+    from .triton import route_assign_triton
+
     want = beta is not None
     coef = float(beta) / max(1, x.shape[0] * x.shape[1] * x.shape[2]) if want else 1.0
     ids, sq = route_assign_triton(x, centroids, eps, loss=want, loss_coef=coef, stats=stats)
-    if not want:
-        return ids, None
-    return ids, _FusedCommitment.apply(x, centroids, ids, sq, coef, float(eps))
+    return ids, sq, coef
+
+
+def rotary_commit(q: Tensor, cos: Tensor, sin: Tensor, centroids: Tensor, ids: Tensor, sq: Tensor, coef: float,
+                  eps: float = 1e-5, hl: int = 0) -> tuple[Tensor, Tensor]:
+    """``(rotary_fused(q, cos, sin), commitment loss of q[:, :, hl:])`` where ``ids, sq, coef`` come from
+    ``route_assign_distances(q[:, :, hl:], centroids, beta, eps)``: the same values as ``rotary_fused`` and
+    ``route_assign``'s loss, but one backward kernel computes both gradients into ``q`` (rounded once)."""
+    from .triton import rotary_commit_triton
+
+    return rotary_commit_triton(q, cos, sin, centroids, ids, sq, coef, eps, hl)
 
 
 def rotary_fused(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -254,7 +278,9 @@ __all__ = [
     "nearest_centroid_reference",
     "rotary_fused",
     "route_assign",
+    "route_assign_distances",
     "route_assign_supported",
+    "rotary_commit",
     "route_assign_supports",
     "routed_layout",
     "scale_free_layer_norm",

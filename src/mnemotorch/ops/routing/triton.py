@@ -414,6 +414,115 @@ class Rotary(torch.autograd.Function):
         return _rotary_launch(g, cos, sin, inverse=True), None, None
 
 
+@triton.jit
+def _rotary_commit_bwd_kernel(
+    G, Q, COS, SIN, MU, IDS, GL, Y,
+    sgb, sgt, sgh, sqb, sqt, sqh, sct, smh, smc, sib, sit, sih,
+    T, H, HL, eps, coef,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BT: tl.constexpr, COMMIT: tl.constexpr,
+):
+    """The backward of ``(rotary(q), commitment loss of q's routing heads)`` in one pass: the transposed
+    rotation of the incoming gradient ``G`` plus, for heads ``h >= HL``, ``GL`` times the commitment loss's
+    gradient with respect to the raw ``q`` (``_route_commit_bwd_kernel``'s arithmetic on the two halves of
+    ``D``), summed in fp32 and rounded once. One program: ``BT`` positions of one (batch row, head)."""
+    tt = tl.program_id(0) * BT + tl.arange(0, BT)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, BLOCK_HALF)
+    h_ok = offs < HALF
+    m = (tt < T)[:, None] & h_ok[None, :]
+    gp = G + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + tt[:, None].to(tl.int64) * sgt + offs[None, :]
+    g1 = tl.load(gp, mask=m, other=0.0).to(tl.float32)
+    g2 = tl.load(gp + HALF, mask=m, other=0.0).to(tl.float32)
+    cp = tt[:, None].to(tl.int64) * sct + offs[None, :]
+    c1 = tl.load(COS + cp, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + cp + HALF, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + cp, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + cp + HALF, mask=m, other=0.0).to(tl.float32)
+    y1 = g1 * c1 + g2 * s2
+    y2 = g2 * c2 - g1 * s1
+    if COMMIT and h >= HL:  # (not COMMIT: the loss got no gradient)
+        D = 2 * HALF
+        qp = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + tt[:, None].to(tl.int64) * sqt + offs[None, :]
+        x1 = tl.load(qp, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(qp + HALF, mask=m, other=0.0).to(tl.float32)
+        mean = (tl.sum(x1, 1) + tl.sum(x2, 1)) / D
+        xc1 = tl.where(h_ok[None, :], x1 - mean[:, None], 0.0)
+        xc2 = tl.where(h_ok[None, :], x2 - mean[:, None], 0.0)
+        var = (tl.sum(xc1 * xc1, 1) + tl.sum(xc2 * xc2, 1)) / D
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        xh1 = xc1 * rstd[:, None]
+        xh2 = xc2 * rstd[:, None]
+        r1 = xh1.to(Q.dtype.element_ty).to(tl.float32)
+        r2 = xh2.to(Q.dtype.element_ty).to(tl.float32)
+        hr = h - HL
+        ids = tl.load(IDS + b.to(tl.int64) * sib + tt.to(tl.int64) * sit + hr * sih, mask=tt < T, other=0)
+        mp = MU + hr * smh + ids[:, None] * smc + offs[None, :]
+        mu1 = tl.load(mp, mask=m, other=0.0).to(tl.float32)
+        mu2 = tl.load(mp + HALF, mask=m, other=0.0).to(tl.float32)
+        gs = tl.load(GL).to(tl.float32) * (2.0 * coef)
+        gr1 = tl.where(h_ok[None, :], gs * (r1 - mu1), 0.0)
+        gr2 = tl.where(h_ok[None, :], gs * (r2 - mu2), 0.0)
+        m1 = (tl.sum(gr1, 1) + tl.sum(gr2, 1)) / D
+        m2 = (tl.sum(gr1 * xh1, 1) + tl.sum(gr2 * xh2, 1)) / D
+        y1 += rstd[:, None] * (gr1 - m1[:, None] - xh1 * m2[:, None])
+        y2 += rstd[:, None] * (gr2 - m1[:, None] - xh2 * m2[:, None])
+    dt = Y.dtype.element_ty
+    yp = Y + ((b.to(tl.int64) * T + tt[:, None].to(tl.int64)) * H + h) * (2 * HALF) + offs[None, :]
+    tl.store(yp, y1.to(dt), mask=m)
+    tl.store(yp + HALF, y2.to(dt), mask=m)
+
+
+class RotaryCommit(torch.autograd.Function):
+    """``RotaryCommit.apply(q, cos, sin, centroids, ids, sq, coef, eps, hl)`` -> ``(rotary(q), loss)`` with
+    ``loss = sq.sum()`` the commitment loss of ``q[:, :, hl:]`` (``sq``: ``route_assign_triton``'s scaled
+    squared distances): forward one rotary launch; backward ONE launch for both gradients into ``q``
+    (the separate path runs the rotary backward, the commitment backward and an add)."""
+
+    @staticmethod
+    def forward(ctx, q, cos, sin, centroids, ids, sq, coef, eps, hl):
+        ctx.set_materialize_grads(False)  # an unused loss: no zeros made, the kernel skips its gradient
+        mu = _kernel_centroids(centroids)
+        ctx.save_for_backward(q, cos, sin, mu, ids)
+        ctx.coef, ctx.eps, ctx.hl = coef, eps, hl
+        return _rotary_launch(q, cos, sin, inverse=False), sq.sum().to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, g, gl):
+        q, cos, sin, mu, ids = ctx.saved_tensors
+        b, t, h, d = q.shape
+        if g is None:
+            g = torch.zeros_like(q)
+        dq = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
+        if dq.numel():
+            half = d // 2
+            _rotary_commit_bwd_kernel[(triton.cdiv(t, _ROTARY_TOKENS), b * h)](
+                g, q, cos, sin, mu, ids, g if gl is None else gl.reshape(()), dq,
+                g.stride(0), g.stride(1), g.stride(2), q.stride(0), q.stride(1), q.stride(2), cos.stride(0),
+                mu.stride(0), mu.stride(1), ids.stride(0), ids.stride(1), ids.stride(2),
+                t, h, ctx.hl, float(ctx.eps), float(ctx.coef),
+                HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BT=_ROTARY_TOKENS, COMMIT=gl is not None, num_warps=4,
+            )
+        return dq, None, None, None, None, None, None, None, None
+
+
+def rotary_commit_triton(q: Tensor, cos: Tensor, sin: Tensor, centroids: Tensor, ids: Tensor, sq: Tensor, coef: float,
+                         eps: float, hl: int) -> tuple[Tensor, Tensor]:
+    """``(rotary_triton(q, cos, sin), commitment loss of q[:, :, hl:])`` with one backward launch for both (see
+    :class:`RotaryCommit`). ``q [B, T, H, D]`` (unit last stride), ``ids [B, T, H - hl]``, ``sq`` from
+    ``route_assign_triton(q[:, :, hl:], centroids, eps, loss=True, loss_coef=coef)``."""
+    if q.ndim != 4 or q.shape[-1] % 2 or cos.shape != (q.shape[1], q.shape[-1]) or sin.shape != cos.shape:
+        raise ValueError(f"rotary_commit_triton: needs q [B, T, H, D even] and cos, sin [T, D], got {list(q.shape)}, {list(cos.shape)}")
+    cos = cos.to(q.dtype)
+    sin = sin.to(q.dtype)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return RotaryCommit.apply(q, cos, sin, centroids, ids, sq, coef, eps, hl)
+
+
 def rotary_triton(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``mnemotorch.ops.rotary.apply_rotary(x, cos, sin)`` as one Triton launch (and one in the backward):
     ``x [B, T, H, D]`` (float16 / bfloat16 / float32, ``D`` even, unit last stride), ``cos, sin [T, D]``.
