@@ -30,6 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mnemotorch.layers.routing as routing_layer
+import mnemotorch.ops.block_sparse.triton as bs_triton
 import mnemotorch.ops.routing.block_sparse as bs
 from mnemotorch.layers import get_mixer
 
@@ -163,7 +164,9 @@ def test_the_counter_counts() -> None:
 #: backward), the shared-Q/K query and key gradients added before the unpacking gather. Of the 34 left in
 #: the forward + backward: 9 matmuls (projections), the attention's 4 kernels, 9 of layout and packing,
 #: 2 zero-filled gradients of the attention op's unused outputs (lse, rounding residual: ops/block_sparse).
-BOUNDS = {"forward": 19, "forward+backward": 34, "training step": 37}
+#: Then 33 / 36: the attention backward's Delta pass went into its dQ kernel (bs_triton.DELTA_IN_DQ; with
+#: MNEMO_BS_DELTA=preprocess the old order and one launch more are allowed).
+BOUNDS = {"forward": 19, "forward+backward": 33, "training step": 36}
 #: aten ops the fused path must not run any more (each was a slow or avoidable kernel in the 8K profile)
 GONE = {"aten.native_layer_norm", "aten.native_layer_norm_backward", "aten.cat", "aten.scatter_add_", "aten.neg",
         "aten.slice_backward", "aten.index", "aten.pow", "aten.mean"}
@@ -173,7 +176,8 @@ GONE = {"aten.native_layer_norm", "aten.native_layer_norm_backward", "aten.cat",
 def test_launches_per_call(cuda_path, part: str) -> None:
     log = count_call(part)
     listing = "\n".join(f"  {k} {n}" for k, n in log)
-    assert len(log) <= BOUNDS[part], f"{part}: {len(log)} launches > {BOUNDS[part]}:\n{listing}"
+    bound = BOUNDS[part] + (part != "forward" and not bs_triton.DELTA_IN_DQ)
+    assert len(log) <= bound, f"{part}: {len(log)} launches > {bound}:\n{listing}"
     back = sorted({n for k, n in log if n in GONE})
     assert not back, f"{part}: {back} are back in the fused path:\n{listing}"
 

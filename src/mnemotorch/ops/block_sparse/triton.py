@@ -11,6 +11,10 @@ With 16-bit inputs the forward also writes the output's rounding residual (``o_l
 backward will run), so that the backward's ``Delta = rowsum(dO * O)`` uses the fp32 output: from
 the rounded output, Delta's error is amplified when a row's softmax is peaked (shared Q/K), see
 ``_bwd_preprocess``.
+By default (``DELTA_IN_DQ``, env ``MNEMO_BS_DELTA=preprocess`` restores the old order) the backward
+runs no preprocess pass: the dQ kernel (``DELTA_IN``) computes Delta of its query block itself from
+dO (which it loads anyway), O and ``o_lo``, stores it and runs first; the dK/dV kernel runs after
+and reads the stored Delta (the order of the sliding-window kernels' ``delta`` option).
 
 Registered as ``torch.library.custom_op``s (``mnemotorch::block_sparse_attn_fwd`` / ``_bwd``) with
 an autograd formula, so ``torch.compile`` traces through them.
@@ -306,10 +310,14 @@ def _bwd_dq_kernel(
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
     list_stride_f, list_stride_p,
     qk_scale, sm_scale, Lq, Lk,
+    O, OLO, sob, sot, soh,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
-    NB: tl.constexpr = 0,
+    NB: tl.constexpr = 0, DELTA_IN: tl.constexpr = False, HAS_LO: tl.constexpr = False,
 ):
+    # DELTA_IN: this kernel computes Delta = rowsum(dO * O) of its query block itself (from the fp32
+    # output O + OLO, as _bwd_preprocess does), stores it to DELTA and runs before the dK/dV kernel,
+    # which reads it; else it reads the DELTA of _bwd_preprocess (O, OLO, so* unused).
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -324,7 +332,15 @@ def _bwd_dq_kernel(
     q = _ld_rows(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
     do = _ld_rows(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], m_ok, d_ok, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    if DELTA_IN:
+        o_off = b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :]
+        o = _ld_rows(O + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
+        if HAS_LO:
+            o += _ld_rows(OLO + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
+        delta = tl.sum(o * do.to(tl.float32), 1)
+        tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=m_ok)
+    else:
+        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
     qrow = tl.minimum(offs_m, Lq - 1)
     qc0 = qrow
     qc1 = qrow
@@ -404,6 +420,14 @@ _AUTOTUNE_MODE = _AUTOTUNE_ALIASES.get(os.environ.get("MNEMO_AUTOTUNE", "1"), os
 if _AUTOTUNE_MODE not in AUTOTUNE_MODES:
     raise ValueError(f"MNEMO_AUTOTUNE must be one of 1, 0, {', '.join(AUTOTUNE_MODES)}; got {os.environ.get('MNEMO_AUTOTUNE')!r}")
 _AUTOTUNE = _AUTOTUNE_MODE != "off"
+#: Backward order: ``True`` (default) -- the dQ kernel computes Delta = rowsum(dO * O) of its query
+#: block itself (it loads dO anyway), stores it and runs first, dK/dV after it reads the stored Delta:
+#: no ``_bwd_preprocess`` pass. ``False`` -- preprocess, dK/dV, dQ (the earlier order). Env override:
+#: MNEMO_BS_DELTA=preprocess (or =dq). Read at each backward call, so it can be flipped in a process.
+_DELTA_ENV = os.environ.get("MNEMO_BS_DELTA", "dq")
+if _DELTA_ENV not in ("dq", "preprocess"):
+    raise ValueError(f"MNEMO_BS_DELTA must be 'dq' or 'preprocess', got {_DELTA_ENV!r}")
+DELTA_IN_DQ = _DELTA_ENV == "dq"
 _TUNE_KEY = ["D", "BM", "BN", "IEEE", "GROUP", "NB"]
 _TUNED: dict = {}
 
@@ -444,7 +468,8 @@ def _tuned(kernel, block: int):
             space = [(sub, w, st) for sub in subs for (w, st) in ((4, 3), (8, 2), (8, 3))]
         configs = [triton.Config({"SUB": sub}, num_warps=w, num_stages=st) for sub, w, st in space]
         reset = ["DT0", "DT1"] if kernel is _bwd_dq_kernel else None
-        _TUNED[key] = triton.autotune(configs, key=_TUNE_KEY, reset_to_zero=reset)(kernel)
+        tune_key = _TUNE_KEY + ["DELTA_IN", "HAS_LO"] if kernel is _bwd_dq_kernel else _TUNE_KEY
+        _TUNED[key] = triton.autotune(configs, key=tune_key, reset_to_zero=reset)(kernel)
     return _TUNED[key]
 
 
@@ -476,7 +501,8 @@ def _pow2(n: int) -> int:
 def _launch(kernel, sliced: int, rows: int, grid, args, meta, device):
     """Launch ``kernel``; ``sliced`` is the block size cut into SUB slices, ``rows`` the program's own block."""
     if device.type == "cuda" and _AUTOTUNE:
-        key = (id(kernel), sliced, _AUTOTUNE_MODE, *(meta[k] for k in _TUNE_KEY), *(a.dtype for a in args if isinstance(a, Tensor)))
+        key = (id(kernel), sliced, _AUTOTUNE_MODE, *(meta[k] for k in _TUNE_KEY), meta.get("DELTA_IN"), meta.get("HAS_LO"),
+               *(a.dtype for a in args if isinstance(a, Tensor)))
         cfg = _CHOSEN.get(key)
         if cfg is None:
             tuner = _tuned(kernel, sliced)
@@ -584,8 +610,11 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None, o_
     has_lo = o_lo is not None and o_lo.numel() > 0
     if has_lo and o_lo.stride() != o.stride():
         raise ValueError(f"block_sparse backward: o_lo must have o's strides, got {o_lo.stride()} and {o.stride()}")
-    _bwd_preprocess[(_cdiv(lq, q_block), b * h)](o, o_lo if has_lo else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
-                                                 do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=bd, BM=q_block, HAS_LO=has_lo)
+    delta_in = DELTA_IN_DQ
+    if not delta_in:
+        _bwd_preprocess[(_cdiv(lq, q_block), b * h)](o, o_lo if has_lo else o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+                                                     do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=bd, BM=q_block,
+                                                     HAS_LO=has_lo)
     # With GQA, dK/dV are produced per query head (in fp32) and summed over each group.
     kv_dtype = k.dtype if group == 1 else torch.float32
     dk = _alloc(q, (b, lk, h, d), kv_dtype)
@@ -599,7 +628,6 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None, o_
         t_full_idx.stride(0), t_part_idx.stride(0),
         scale * LOG2E, scale, lq, lk,
     )
-    _launch(_bwd_dkdv_kernel, q_block, k_block, (_cdiv(lk, k_block), b * h), dkdv_args, meta, q.device)
     dq = _alloc(q)
     # Table gradients are accumulated (atomics): zero-initialised fp32, never poisoned. Without a
     # bias, a dummy that nothing reads (the dQ tuner zeroes DT0/DT1 between trials).
@@ -614,8 +642,16 @@ def _bwd_impl(do, q, k, v, o, lse, lists, scale, q_block, k_block, bias=None, o_
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         full_idx.stride(0), part_idx.stride(0),
         scale * LOG2E, scale, lq, lk,
+        o, o_lo if has_lo else o, o.stride(0), o.stride(1), o.stride(2),
     )
-    _launch(_bwd_dq_kernel, k_block, q_block, (_cdiv(lq, q_block), b * h), dq_args, meta, q.device)
+    dq_meta = dict(meta, DELTA_IN=delta_in, HAS_LO=has_lo and delta_in)
+    # Both grids span every (query row, batch * head): the dQ launch (grid over query blocks) stores
+    # Delta for all rows the dK/dV launch reads, so with DELTA_IN it simply runs first.
+    if delta_in:
+        _launch(_bwd_dq_kernel, k_block, q_block, (_cdiv(lq, q_block), b * h), dq_args, dq_meta, q.device)
+    _launch(_bwd_dkdv_kernel, q_block, k_block, (_cdiv(lk, k_block), b * h), dkdv_args, meta, q.device)
+    if not delta_in:
+        _launch(_bwd_dq_kernel, k_block, q_block, (_cdiv(lq, q_block), b * h), dq_args, dq_meta, q.device)
     if group > 1:
         dk = dk.view(b, lk, hkv, group, d).sum(3).to(k.dtype)
         dv = dv.view(b, lk, hkv, group, d).sum(3).to(v.dtype)
