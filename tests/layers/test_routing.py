@@ -586,3 +586,23 @@ def test_cuda_graph_option_is_validated_and_off_the_gpu_changes_nothing() -> Non
     for u, v in zip(*outs):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
     assert len(b._graphs) == 0
+
+
+def test_cuda_graph_layer_copies_and_pickles_without_its_graphs() -> None:
+    """``copy.deepcopy`` (an EMA copy) and ``torch.save`` of a whole layer work after graphs were captured: the
+    copy starts with none (they belong to the original's buffers and memory pool)."""
+    import copy
+    import io
+
+    m = get_mixer("routing", dim=16, num_heads=2, num_clusters=2, cuda_graph=True)
+    m._graphs._entries["key"] = object()  # stands for a captured graph (CUDA graphs cannot be made on the CPU)
+    m._graphs.captures = 1
+    c = copy.deepcopy(m)
+    assert len(c._graphs) == 0 and c._graphs.captures == 0 and len(m._graphs) == 1
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    r = torch.load(buf, weights_only=False)
+    assert len(r._graphs) == 0 and r.cuda_graph
+    x = torch.randn(1, 5, 16)
+    torch.testing.assert_close(r(x)[0], m(x)[0])

@@ -66,6 +66,17 @@ class TrainingGraphs:
         """Drop every graph (e.g. when buffers the bodies read have moved)."""
         self._entries.clear()
 
+    # A copy of the layer (``copy.deepcopy`` for an EMA model, ``torch.save`` of a whole module) gets no
+    # graphs: they belong to this layer's buffers and memory pool; the copy captures its own when called.
+    def __deepcopy__(self, memo) -> "TrainingGraphs":
+        return TrainingGraphs(self.name, self.max_entries)
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "max_entries": self.max_entries}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["name"], state["max_entries"])
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
