@@ -169,3 +169,15 @@ def test_custom_ops_equal_the_eager_path_and_pass_opcheck(monkeypatch) -> None:
         torch.library.opcheck(swa_triton.na1d_attn_bwd, args)
     with pytest.raises(ValueError, match="kernel_size"):
         swa_triton.na1d_attention_triton(q, k, v, 21, 0.25)
+
+
+def test_one_loop_and_three_loops_both_run(monkeypatch, descriptor_reduce) -> None:
+    """With ``one_loop`` the interior programs take the one loop, those at the clamped ends the three
+    loops (the tests above could pass with one of them never taken)."""
+    from test_swa_kernel import _Calls
+
+    calls = _Calls(monkeypatch)
+    check(1, 300, 2, 1, 16, 129, torch.float32, tiles(32, 16, "tma", True, one_loop=True), seed=5)
+    assert all(calls.n[n] > 0 for n in ("_fwd_one", "_fwd_three", "_dkdv_one", "_dkdv_three")), calls.n
+    check(1, 300, 2, 1, 16, 129, torch.float32, tiles(32, 16, False, False, one_loop=True, delta=True), seed=5)
+    assert calls.n["_dq_one"] > 0 and calls.n["_dq_three"] > 0, calls.n
