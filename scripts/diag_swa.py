@@ -28,6 +28,15 @@ gradients <= 1e-2, no NaN); a failing or non-compiling config is recorded and sk
 
     PYTHONPATH=src python scripts/diag_swa.py                     # H100: ~200 s (--time-budget 200); JSON to $OUT/diag_swa.json
     PYTHONPATH=src python scripts/diag_swa.py --smoke --out /tmp/smoke.json   # CPU, Triton interpreter, tiny sizes
+
+``--na1d`` instead times 1-D neighborhood attention (issue #4; NATTEN, dilation 1, stride 1,
+non-causal) at L = 32768, K = 2048, D = 128, H = 1, bf16 (~60 s): the list-free kernels' NA1D mode
+(``swa_triton.na1d_attention_triton``, the table's rows, then a few forward / backward launch
+variants), the generic list kernel on ``neighborhood_pattern_1d`` and dense non-causal SDPA, forward
+and forward + backward as CUDA-graph replays; correctness against fp32 SDPA with the dense NATTEN mask
+at L = 4096 and against the generic kernel at full length (JSON to ``$OUT/diag_na1d.json``):
+
+    PYTHONPATH=src python scripts/diag_swa.py --na1d [--smoke]
 """
 
 from __future__ import annotations
@@ -446,6 +455,138 @@ def _previous() -> dict:
         return {}
 
 
+def na1d_main(args) -> int:
+    """``--na1d``: the NA-1D fast path against the generic kernel and dense SDPA (see the module doc)."""
+    from mnemotorch.ops.block_sparse import block_sparse_attention, neighborhood_pattern_1d
+
+    smoke = args.smoke
+    dev, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    L, K, D, H = (256, 64, 32, 1) if smoke else (32768, 2048, 128, 1)
+    check_L = 128 if smoke else 4096
+    budget = args.time_budget if any(a.startswith("--time-budget") for a in sys.argv) else 60.0  # variants stop after it
+    t0 = time.perf_counter()
+    out_path = args.out or (os.path.join(os.environ["OUT"], "diag_na1d.json") if os.environ.get("OUT") else None)
+    rep_: dict = {"device": device_info(), "argv": sys.argv[1:], "L": L, "K": K, "D": D, "H": H, "dtype": str(dtype),
+                  "results": {}, "checks": {}, "notes": []}
+
+    def save():
+        rep_["elapsed_s"] = time.perf_counter() - t0
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(rep_, f, indent=1, default=str)
+
+    def timed(step) -> float:
+        return wall_median_ms(step, 0, 1) if smoke else graph_ms(step)
+
+    def inputs(n):
+        g = torch.Generator().manual_seed(n)
+        ts = [torch.randn(1, n, H, D, generator=g).to(dev, dtype) for _ in range(4)]
+        for t in ts[:3]:
+            t.requires_grad_()
+        return ts
+
+    scale = D**-0.5
+    pats = {}
+
+    def fns(n):
+        q, k, v, go = inputs(n)
+        if n not in pats:
+            pats[n] = neighborhood_pattern_1d(n, K, device=dev)
+
+        def ours():
+            return swa_triton.na1d_attention_triton(q, k, v, K, scale)
+
+        def lists():
+            os.environ["MNEMO_NA1D_KERNEL"] = "off"
+            return block_sparse_attention(q, k, v, pats[n], scale=scale, backend="triton")
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+        return {"ours": ours, "lists": lists, "sdpa_dense": sdpa}, (q, k, v, go)
+
+    def measure(name, fn, qkvg, row=None):
+        q, k, v, go = qkvg
+        row = {} if row is None else row
+        try:
+            def fwd():
+                with torch.no_grad():
+                    return fn()
+            row["fwd_ms"] = timed(fwd)
+            row["fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(fn(), (q, k, v), go))
+            flops = 4.0 * H * D * L * K  # allowed pairs (dense SDPA: its own L * L below)
+            if name == "sdpa_dense":
+                flops = 4.0 * H * D * L * L
+            row["fwd_tflops"] = flops / row["fwd_ms"] * 1e-9
+            row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] * 1e-9
+        except Exception as exc:  # noqa: BLE001 - recorded
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        print(f"  {name}: {row}", flush=True)
+        return row
+
+    # correctness: vs fp32 SDPA with the dense NATTEN mask at check_L, and vs the generic kernel at L
+    try:
+        f_c, (q, k, v, go) = fns(check_L)
+        i = torch.arange(check_L, device=dev)
+        st = (i - K // 2).clamp(0, check_L - K)
+        mask = (i[None, :] >= st[:, None]) & (i[None, :] < st[:, None] + K)
+        leaves = [t.detach().float().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale)
+        rg = torch.autograd.grad(ref, leaves, go.float().transpose(1, 2))
+        out = f_c["ours"]()
+        grads = torch.autograd.grad(out, (q, k, v), go)
+        errs = {n: _rel(a, b.transpose(1, 2)) for n, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *rg))}
+        rep_["checks"][f"vs_fp32_sdpa_mask_L{check_L}"] = errs
+        rep_["checks"]["ok"] = all(e == e and e <= (5e-3 if n == "out" else 1e-2) for n, e in errs.items())
+    except Exception as exc:  # noqa: BLE001
+        rep_["checks"]["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    print(f"na1d check: {rep_['checks']}", flush=True)
+    save()
+
+    f, qkvg = fns(L)
+    try:
+        q, k, v, go = qkvg
+        o1, o2 = f["ours"](), f["lists"]()
+        g1 = torch.autograd.grad(o1, (q, k, v), go)
+        g2 = torch.autograd.grad(o2, (q, k, v), go)
+        rep_["checks"][f"vs_lists_L{L}"] = {n: _rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), (o1, *g1), (o2, *g2))}
+    except Exception as exc:  # noqa: BLE001
+        rep_["checks"]["vs_lists_error"] = f"{type(exc).__name__}: {exc}"
+    print(f"na1d vs lists: {rep_['checks'].get(f'vs_lists_L{L}')}", flush=True)
+    res = rep_["results"]
+    for name in ("ours", "lists", "sdpa_dense"):
+        res[name] = measure(name, f[name], qkvg)
+        save()
+    res["ours"]["launch"] = {kd: swa_triton.launch_config(kd, D, dtype) for kd in ("fwd", "dkdv", "dq")}
+    # a few launch variants of ours (each compiles: ~3-5 s), while the budget lasts
+    variants = [
+        ("fwd BM128 BN128 w8 s3 tma one", dict(fwd=dict(BM=128, BN=128, warps=8, stages=3, tma=True, one_loop=True))),
+        ("fwd BM128 BN64 w8 s3 tma one", dict(fwd=dict(BM=128, BN=64, warps=8, stages=3, tma=True, one_loop=True))),
+        ("dkdv BM32 BN64 one", dict(dkdv=dict(BM=32, BN=64, warps=4, stages=3, one_loop=True))),
+        ("dkdv BM64 BN128 w8 fused tma one", dict(dkdv=dict(BM=64, BN=128, warps=8, stages=2, fused_dq="tma", one_loop=True))),
+        ("dq BM64 BN64 one delta", dict(dq=dict(BM=64, BN=64, warps=4, stages=2, one_loop=True, delta=True))),
+    ] if not smoke else [("fwd BM32 BN16", dict(fwd=dict(BM=32, BN=16, warps=4, stages=1)))]
+    res["variants"] = {}
+    for label, over in variants:
+        if time.perf_counter() - t0 > budget:
+            rep_["notes"].append(f"variants skipped after {label!r}: budget")
+            break
+        with swa_triton.override_launch(**over):
+            res["variants"][label] = measure(label, f["ours"], qkvg)
+        save()
+    for m in ("fwd_ms", "fwd_bwd_ms"):
+        best = min([r[m] for r in [res["ours"], *res["variants"].values()] if m in r], default=None)
+        for peer in ("lists", "sdpa_dense"):
+            if best and m in res[peer]:
+                rep_.setdefault("speedup_vs", {}).setdefault(peer, {})[m] = {
+                    "table": res[peer][m] / res["ours"][m] if m in res["ours"] else None, "best_variant": res[peer][m] / best}
+    print(f"na1d speedups: {rep_.get('speedup_vs')}", flush=True)
+    save()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/diag_swa.json when OUT is set)")
@@ -455,7 +596,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes tens of seconds)")
     ap.add_argument("--sdpa", action="store_true", help="also time dense causal SDPA at the main case (~5 s)")
     ap.add_argument("--lists-autotune", default="off", choices=bs_triton.AUTOTUNE_MODES, help="launch tuning of the generic kernel")
+    ap.add_argument("--na1d", action="store_true", help="1-D neighborhood attention L=32K K=2048 D=128 H=1 (see the doc); ~60 s")
     args = ap.parse_args(argv)
+    if args.na1d:
+        if not torch.cuda.is_available() and not args.smoke:
+            print("diag_swa --na1d: needs a CUDA device (or --smoke)", file=sys.stderr)
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return na1d_main(args)
     if args.out is None and os.environ.get("OUT"):
         args.out = os.path.join(os.environ["OUT"], "diag_swa.json")
     if not torch.cuda.is_available() and not args.smoke:

@@ -4,7 +4,9 @@
 (built by ``sliding_window_pattern`` or ``build_pattern`` from any element predicate).
 
 A plain causal sliding window (``pattern.causal_window`` set, no bias) takes a list-free fast
-path (``swa_triton.py``) on CUDA; ``MNEMO_SWA_KERNEL`` chooses (:func:`swa_kernel_mode`).
+path (``swa_triton.py``) on CUDA; ``MNEMO_SWA_KERNEL`` chooses (:func:`swa_kernel_mode`). A plain
+1-D neighborhood pattern (``pattern.na1d`` set) takes the same kernels' NA1D mode only with
+``MNEMO_NA1D_KERNEL=fast`` (:func:`na1d_fast_path`; off by default until timed on a GPU).
 """
 
 from __future__ import annotations
@@ -66,6 +68,20 @@ def swa_kernel_mode() -> str:
     if mode not in SWA_KERNEL_MODES:
         raise ValueError(f"{SWA_KERNEL_ENV} must be one of {SWA_KERNEL_MODES}, got {mode!r}")
     return mode
+
+
+NA1D_KERNEL_ENV = "MNEMO_NA1D_KERNEL"
+NA1D_KERNEL_MODES = ("off", "fast")
+
+
+def na1d_fast_path() -> bool:
+    """``MNEMO_NA1D_KERNEL``, read on every call: ``"fast"`` -- a plain 1-D neighborhood pattern
+    (``pattern.na1d`` set, no bias) runs the list-free kernels' NA1D mode (causal: the causal sliding
+    window, the same rule); ``"off"`` (default, until timed on a GPU) -- the generic list kernel."""
+    mode = os.environ.get(NA1D_KERNEL_ENV, "off")
+    if mode not in NA1D_KERNEL_MODES:
+        raise ValueError(f"{NA1D_KERNEL_ENV} must be one of {NA1D_KERNEL_MODES}, got {mode!r}")
+    return mode == "fast"
 
 
 def swa_fast_path(q: Tensor) -> bool:
@@ -132,6 +148,13 @@ def block_sparse_attention(
         from .swa_triton import swa_attention_triton
 
         return swa_attention_triton(*_unit_last_stride(q, k, v), pattern.causal_window, scale)
+    if bias is None and pattern.na1d is not None and na1d_fast_path():
+        from . import swa_triton
+
+        kernel_size, causal = pattern.na1d
+        if causal:  # NATTEN causal, dilation 1, stride 1: keys t - K < j <= t, the causal sliding window
+            return swa_triton.swa_attention_triton(*_unit_last_stride(q, k, v), kernel_size, scale)
+        return swa_triton.na1d_attention_triton(*_unit_last_stride(q, k, v), kernel_size, scale)
     if pattern.full_idx.device != q.device:
         pattern = pattern.on_device(q.device)
     global _triton_impl
@@ -167,6 +190,7 @@ __all__ = [
     "neighborhood_pattern_2d",
     "neighborhood_pattern_3d",
     "neighborhood_predicate",
+    "na1d_fast_path",
     "power_pattern",
     "predicate_pattern",
     "prefix_lm_pattern",

@@ -51,6 +51,10 @@ class BlockSparsePattern:
             ``W = causal_window`` (``k_len`` for plain causal), which lets the kernels take the
             list-free sliding-window fast path (``swa_triton.py``). ``None`` for every other pattern;
             a pattern whose lists are edited must drop it.
+        na1d: set by :func:`~mnemotorch.ops.block_sparse.neighborhood_pattern` for a plain 1-D
+            neighborhood (dilation 1, stride 1, no tiling): ``(kernel_size, causal)``. With
+            ``MNEMO_NA1D_KERNEL=fast`` the kernels then take the list-free NA-1D path (causal: the
+            sliding-window path, which equals it). ``None`` otherwise; edited lists must drop it.
     """
 
     q_len: int
@@ -70,6 +74,7 @@ class BlockSparsePattern:
     t_part_cnt: Tensor
     predicate: Predicate | None = None
     causal_window: int | None = None
+    na1d: tuple[int, bool] | None = None
 
     @property
     def num_q_blocks(self) -> int:

@@ -327,6 +327,8 @@ def neighborhood_pattern(
         identity = True
     axes = [_na_axis(*args) for args in zip(shape, ks, ds, ss, cs)]
     pat = _separable_pattern(axes, None if identity else perm, None if identity else inv_perm, q_block, k_block, device)
+    if ndim == 1 and identity and ds[0] == 1 and ss[0] == 1:
+        pat.na1d = (ks[0], cs[0])  # plain 1-D neighborhood: the list-free kernels' NA1D mode can run it
     return PermutedPattern(pat, perm, inv_perm)
 
 

@@ -36,6 +36,17 @@ a program's tiles in one pipelined loop instead of three (``one_loop``).
 
 Registered as ``torch.library.custom_op``s (``mnemotorch::swa_attn_fwd`` / ``_bwd``) with an
 autograd formula; eager calls go through a plain ``autograd.Function`` (as ``triton.py`` does).
+
+1-D neighborhood attention (NATTEN, dilation 1, stride 1, non-causal; ``Lq = Lk = L``, kernel size
+``K`` passed as ``W``): the same three kernels with the constexpr ``NA1D``. Query ``p`` sees keys
+``[s(p), s(p) + K)``, ``s(p) = clamp(p - K // 2, 0, L - K)`` (nondecreasing in ``p``). Forward / dQ,
+query block ``[p0, p_last]``: keys ``[s(p0), s(p_last) + K)`` in tiles anchored at ``s(p0)``; a tile is
+unmasked iff it starts at or after ``s(p_last)`` and ends by ``s(p0) + K`` (the masked tiles are the
+ones at both window edges). dK/dV, key block ``[n0, n0 + BN)``: queries ``[first(n0), last(n0 + BN -
+1)]`` with ``first(j) = 0 if j < K else j - K + 1 + K // 2`` and ``last(j) = L - 1 if j >= L - K else
+j + K // 2`` (the inverted clamped window), in query tiles anchored at ``first(n0)``; a tile is
+unmasked iff its rows are queries, ``first(n0 + BN - 1) <= pm0`` and ``pm0 + BM - 1 <= last(n0)``.
+Custom ops ``mnemotorch::na1d_attn_fwd`` / ``_bwd``; entry point :func:`na1d_attention_triton`.
 """
 
 from __future__ import annotations
@@ -65,20 +76,45 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
     return c
 
 
+@triton.jit
+def _na_start(p, K, L):
+    """1-D neighborhood attention (NATTEN, dilation 1, stride 1, non-causal): the first key
+    ``clamp(p - K // 2, 0, L - K)`` of query ``p``'s window ``[start, start + K)``."""
+    return tl.minimum(tl.maximum(p - K // 2, 0), L - K)
+
+
+@triton.jit
+def _na_first_query(j, K, L):
+    """The first query whose NA-1D window contains key ``j`` (windows' starts are nondecreasing):
+    0 when ``j < K``, else ``j - K + 1 + K // 2``."""
+    return tl.where(j - K + 1 <= 0, 0, j - K + 1 + K // 2)
+
+
+@triton.jit
+def _na_last_query(j, K, L):
+    """The last query whose NA-1D window contains key ``j``: ``L - 1`` when ``j >= L - K`` (the
+    windows clamped to the end all hold it), else ``j + K // 2``."""
+    return tl.where(j >= L - K, L - 1, j + K // 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 
 
 @triton.jit
 def _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, lo, hi, W, Lk, qk_scale,
-                BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr):
+                BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, NA1D: tl.constexpr = False):
     for s0 in range(lo, hi, BN):
         offs_n = s0 + tl.arange(0, BN)
         kv_ok = (offs_n >= 0) & (offs_n < Lk)
         k = _ld_rows(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], kv_ok, d_ok, EVEN_D)
         v = _ld_rows(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], kv_ok, d_ok, EVEN_D)
         qk = _mm(q, tl.trans(k), IEEE)
-        ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W) & (offs_n >= 0)[None, :]
+        if NA1D:  # W = kernel size; the window lies inside [0, Lk)
+            st = _na_start(offs_p, W, Lk)
+            ok = (offs_n[None, :] >= st[:, None]) & (offs_n[None, :] < st[:, None] + W)
+        else:
+            ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W) & (offs_n >= 0)[None, :]
         s = tl.where(ok, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no allowed key yet keeps m = -inf: subtract 0 instead (no NaN)
@@ -142,21 +178,22 @@ def _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col
 @triton.jit
 def _fwd_three(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok,
                s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
-               POS_SCALE: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr):
-    """The block's key tiles in three loops: masked window edge, unmasked interior, masked diagonal."""
+               POS_SCALE: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr, NA1D: tl.constexpr = False):
+    """The block's key tiles in three loops: masked window edge, unmasked interior, masked diagonal
+    (NA-1D: masked lower edge ``[s_first, full_lo)``, unmasked ``[full_lo, p0)``, masked upper edge)."""
     acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, s_first, full_lo, W, Lk,
-                                qk_scale, BN, IEEE, EVEN_D)
+                                qk_scale, BN, IEEE, EVEN_D, NA1D)
     acc, l_i, m_i = _fwd_full(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_d, d_ok, full_lo, p0,
                               qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY)
     acc, l_i, m_i = _fwd_masked(acc, l_i, m_i, q, k_base, v_base, skt, svt, offs_p, offs_d, d_ok, p0, p_hi, W, Lk,
-                                qk_scale, BN, IEEE, EVEN_D)
+                                qk_scale, BN, IEEE, EVEN_D, NA1D)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_one(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok,
              lo, mlo, mhi, hi, W, qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
-             POS_SCALE: tl.constexpr, TMA: tl.constexpr):
+             POS_SCALE: tl.constexpr, TMA: tl.constexpr, NA1D: tl.constexpr = False, Lk=0):
     """All the block's key tiles ``[lo, hi)`` (inside ``[0, Lk)``) in ONE software-pipelined loop:
     the tiles outside ``[mlo, mhi)`` are masked under a per-tile branch. Three loops each start their
     own pipeline (the first loads of a loop wait in full, nothing overlaps them), which for W = 1024
@@ -174,7 +211,11 @@ def _fwd_one(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col,
             s = s * qk_scale
         if (s0 < mlo) | (s0 >= mhi):
             offs_n = s0 + tl.arange(0, BN)
-            ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W)
+            if NA1D:
+                st = _na_start(offs_p, W, Lk)
+                ok = (offs_n[None, :] >= st[:, None]) & (offs_n[None, :] < st[:, None] + W)
+            else:
+                ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W)
             s = tl.where(ok, s, float("-inf"))
         if POS_SCALE:  # max of the raw logits (-inf stays -inf), then one FMA per score
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -201,6 +242,7 @@ def _swa_fwd_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, POS_SCALE: tl.constexpr,
     STORE_LO: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr = 0.0, ONE_LOOP: tl.constexpr = False,
+    NA1D: tl.constexpr = False,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -233,29 +275,42 @@ def _swa_fwd_kernel(
     # tiles from p0 to the block's last query. Of the u lower tiles the first e are masked (they
     # cross the window edge p - W of the block's last row, or the sequence start).
     p_last = offset + tl.minimum(i0 + BM, Lq) - 1
-    kmin = tl.maximum(p0 - W + 1, 0)
-    u = (p0 - kmin + BN - 1) // BN
-    n_diag = (p_last - p0 + BN) // BN
-    s_first = p0 - u * BN
-    g = p0 - tl.maximum(p0 + BM - W, 0)  # unmasked lower tiles need s0 >= p0 + BM - W and s0 >= 0
-    n_full = tl.minimum(u, tl.maximum(g, 0) // BN)
-    n_full = tl.where(g >= 0, n_full, 0)
-    full_lo = p0 - n_full * BN
+    if NA1D:
+        # NA-1D (Lq = Lk, offset 0, W = kernel size): keys [start(p0), start(p_last) + W), tiles
+        # anchored at start(p0); a tile is unmasked iff it starts at or after the last row's window
+        # start and ends by the first row's window end (start(p0) + W). s_first / full_lo / p0 / p_hi
+        # are then: first tile, first unmasked tile, end of the unmasked tiles, end of the last tile.
+        s_first = _na_start(p0, W, Lk)
+        st_last = _na_start(p_last, W, Lk)
+        full_lo = s_first + ((st_last - s_first + BN - 1) // BN) * BN
+        p0 = tl.maximum(s_first + (W // BN) * BN, full_lo)
+        p_hi = s_first + ((st_last + W - s_first + BN - 1) // BN) * BN
+        full_lo = tl.minimum(full_lo, p_hi)
+        p0 = tl.minimum(p0, p_hi)
+    else:
+        kmin = tl.maximum(p0 - W + 1, 0)
+        u = (p0 - kmin + BN - 1) // BN
+        n_diag = (p_last - p0 + BN) // BN
+        s_first = p0 - u * BN
+        g = p0 - tl.maximum(p0 + BM - W, 0)  # unmasked lower tiles need s0 >= p0 + BM - W and s0 >= 0
+        n_full = tl.minimum(u, tl.maximum(g, 0) // BN)
+        n_full = tl.where(g >= 0, n_full, 0)
+        full_lo = p0 - n_full * BN
+        p_hi = p0 + n_diag * BN
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
-    p_hi = p0 + n_diag * BN
     if ONE_LOOP:  # one loop where every tile lies inside the keys (all programs but a few at the ends)
         if (s_first >= 0) & (p_hi <= Lk):
             acc, l_i, m_i = _fwd_one(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
-                                     s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA)
+                                     s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, NA1D, Lk)
         else:
             acc, l_i, m_i = _fwd_three(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
-                                       s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY)
+                                       s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY, NA1D)
     else:
         acc, l_i, m_i = _fwd_three(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
-                                   s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY)
+                                   s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY, NA1D)
 
     # every valid row has seen its own key (l > 0); rows past Lq are not stored
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -277,7 +332,7 @@ def _swa_fwd_kernel(
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
                 DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, t_lo, t_hi, offset, W, Lq, qk_scale,
                 BM: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-                FUSED_DQ: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+                FUSED_DQ: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, NA1D: tl.constexpr = False):
     for t in tl.range(t_lo, t_hi, warp_specialize=WS):
         pm0 = n0 + t * BM
         offs_pq = pm0 + tl.arange(0, BM)  # query positions (key coordinates)
@@ -302,7 +357,11 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_co
             delta = tl.load(delta_base + offs_i)
         qkt = _mm(k, tl.trans(q), IEEE)  # [BN, BM]
         if MASKED:
-            ok = row_ok[None, :] & (offs_n[:, None] <= offs_pq[None, :]) & (offs_n[:, None] > offs_pq[None, :] - W)
+            if NA1D:  # self-attention: Lq = Lk
+                st = _na_start(offs_pq, W, Lq)
+                ok = row_ok[None, :] & (offs_n[:, None] >= st[None, :]) & (offs_n[:, None] < st[None, :] + W)
+            else:
+                ok = row_ok[None, :] & (offs_n[:, None] <= offs_pq[None, :]) & (offs_n[:, None] > offs_pq[None, :] - W)
             pt = tl.where(ok, tl.math.exp2(qkt * qk_scale - lse[None, :]), 0.0)
         else:
             pt = tl.math.exp2(qkt * qk_scale - lse[None, :])
@@ -328,17 +387,18 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_co
 def _dkdv_three(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
                 DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, t_lo, a2, z2, t_hi, offset, W, Lq,
                 qk_scale, BM: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, FUSED_DQ: tl.constexpr,
-                TMA: tl.constexpr, WS: tl.constexpr):
-    """Query tiles in three loops: masked diagonal, unmasked interior, masked window edge."""
+                TMA: tl.constexpr, WS: tl.constexpr, NA1D: tl.constexpr = False):
+    """Query tiles in three loops: masked diagonal, unmasked interior, masked window edge (NA-1D:
+    ``n0`` is the query anchor, masked lower edge, unmasked interior, masked upper edge)."""
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
                          DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, t_lo, a2, offset, W, Lq, qk_scale,
-                         BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
+                         BM, IEEE, EVEN_D, True, FUSED_DQ, False, False, NA1D)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
                          DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, a2, z2, offset, W, Lq, qk_scale,
-                         BM, IEEE, EVEN_D, False, FUSED_DQ, TMA, WS)
+                         BM, IEEE, EVEN_D, False, FUSED_DQ, TMA, WS, NA1D)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
                          DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, z2, t_hi, offset, W, Lq, qk_scale,
-                         BM, IEEE, EVEN_D, True, FUSED_DQ, False, False)
+                         BM, IEEE, EVEN_D, True, FUSED_DQ, False, False, NA1D)
     return dk, dv
 
 
@@ -346,7 +406,7 @@ def _dkdv_three(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_co
 def _dkdv_one(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
               DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, t_lo, mlo, mhi, t_hi, offset, W,
               qk_scale, BM: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, FUSED_DQ: tl.constexpr,
-              TMA: tl.constexpr):
+              TMA: tl.constexpr, NA1D: tl.constexpr = False, Lk=0):
     """Query tiles ``[t_lo, t_hi)`` whose rows are all queries, in one pipelined loop; the tiles
     outside ``[mlo, mhi)`` are masked under a per-tile branch (see ``_fwd_one``)."""
     for t in tl.range(t_lo, t_hi):
@@ -364,7 +424,11 @@ def _dkdv_one(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col,
         qkt = _mm(k, tl.trans(q), IEEE)  # [BN, BM]
         pt = tl.math.exp2(qkt * qk_scale - lse[None, :])
         if (t < mlo) | (t >= mhi):
-            ok = (offs_n[:, None] <= offs_pq[None, :]) & (offs_n[:, None] > offs_pq[None, :] - W)
+            if NA1D:
+                st = _na_start(offs_pq, W, Lk)
+                ok = (offs_n[:, None] >= st[None, :]) & (offs_n[:, None] < st[None, :] + W)
+            else:
+                ok = (offs_n[:, None] <= offs_pq[None, :]) & (offs_n[:, None] > offs_pq[None, :] - W)
             pt = tl.where(ok, pt, 0.0)
         dv = _mma(pt.to(do.dtype), do, dv, IEEE)
         dpt = _mm(v, tl.trans(do), IEEE)
@@ -391,6 +455,7 @@ def _swa_bwd_dkdv_kernel(
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
     FUSED_DQ: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, ONE_LOOP: tl.constexpr = False,
+    NA1D: tl.constexpr = False,
 ):
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -408,12 +473,27 @@ def _swa_bwd_dkdv_kernel(
     # Query tiles t = 0, 1, ... start at n0 + t * BM. Positions that see a key of the block:
     # [max(n0, offset), min(n0 + BN + W - 2, Lk - 1)]. Unmasked tiles: past the diagonal
     # (t * BM >= BN - 1), last row still sees n0 ((t + 1) * BM <= W), all rows are queries.
-    p_min = tl.maximum(n0, offset)
-    p_max = tl.minimum(n0 + BN + W - 2, Lk - 1)
-    t_lo = (p_min - n0) // BM
-    t_hi = tl.where(p_max >= p_min, (p_max - n0) // BM + 1, t_lo)
-    a = tl.maximum(tl.maximum(t_lo, (BN + BM - 2) // BM), (tl.maximum(offset - n0, 0) + BM - 1) // BM)
-    z = tl.minimum(tl.minimum(t_hi, W // BM), (Lk - n0) // BM)
+    if NA1D:
+        # NA-1D (Lq = Lk, W = kernel size): the queries that see a key of the block are
+        # [first_query(n0), last_query(min(n0 + BN, Lk) - 1)] (window starts are nondecreasing), in
+        # tiles anchored at qa = first_query(n0). A tile is unmasked iff its rows are queries, its
+        # last row's window starts at or before n0 and its first row's window ends at or after the
+        # block's last key: first_query(n0 + BN - 1) <= pm0 and pm0 + BM - 1 <= last_query(n0).
+        qa = _na_first_query(n0, W, Lk)
+        p_max = _na_last_query(tl.minimum(n0 + BN, Lk) - 1, W, Lk)
+        t_lo = qa * 0  # a tensor like the causal branch's (not a constexpr)
+        t_hi = (p_max - qa) // BM + 1
+        a = (tl.maximum(_na_first_query(n0 + BN - 1, W, Lk) - qa, 0) + BM - 1) // BM
+        z = tl.minimum(tl.minimum(t_hi, (_na_last_query(n0, W, Lk) - qa + 1) // BM), (Lq - qa) // BM)
+        z = tl.where(n0 + BN <= Lk, z, 0)
+    else:
+        qa = n0
+        p_min = tl.maximum(n0, offset)
+        p_max = tl.minimum(n0 + BN + W - 2, Lk - 1)
+        t_lo = (p_min - n0) // BM
+        t_hi = tl.where(p_max >= p_min, (p_max - n0) // BM + 1, t_lo)
+        a = tl.maximum(tl.maximum(t_lo, (BN + BM - 2) // BM), (tl.maximum(offset - n0, 0) + BM - 1) // BM)
+        z = tl.minimum(tl.minimum(t_hi, W // BM), (Lk - n0) // BM)
     a2 = tl.where(a < z, a, t_hi)
     z2 = tl.where(a < z, z, t_hi)
 
@@ -436,18 +516,18 @@ def _swa_bwd_dkdv_kernel(
         stat = (b * H + h).to(tl.int64) * Lq
         dqa_base = (b.to(tl.int64) * Lq * H + h) * D
         if ONE_LOOP:  # one loop where every tile's rows are queries (all programs but a few at the ends)
-            if (n0 + t_lo * BM - offset >= 0) & (n0 + t_hi * BM - offset <= Lq):
+            if (qa + t_lo * BM - offset >= 0) & (qa + t_hi * BM - offset <= Lq):
                 dk, dv = _dkdv_one(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
-                                   DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, n0, t_lo, a2, z2, t_hi,
-                                   offset, W, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA)
+                                   DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, qa, t_lo, a2, z2, t_hi,
+                                   offset, W, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA, NA1D, Lk)
             else:
                 dk, dv = _dkdv_three(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
-                                     DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, n0, t_lo, a2, z2, t_hi,
-                                     offset, W, Lq, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA, WS)
+                                     DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, qa, t_lo, a2, z2, t_hi,
+                                     offset, W, Lq, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA, WS, NA1D)
         else:
             dk, dv = _dkdv_three(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
-                                 DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, n0, t_lo, a2, z2, t_hi,
-                                 offset, W, Lq, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA, WS)
+                                 DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, qa, t_lo, a2, z2, t_hi,
+                                 offset, W, Lq, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA, WS, NA1D)
 
     _st_rows(DK + b.to(tl.int64) * sdkb + hk * sdkh + offs_n[:, None].to(tl.int64) * sdkt + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), n_ok, d_ok, EVEN_D)
@@ -462,7 +542,7 @@ def _swa_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, lo, hi, W, Lk,
               qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-              TMA: tl.constexpr, WS: tl.constexpr):
+              TMA: tl.constexpr, WS: tl.constexpr, NA1D: tl.constexpr = False):
     for s0 in tl.range(lo, hi, BN, warp_specialize=WS):
         offs_n = s0 + tl.arange(0, BN)
         if MASKED:
@@ -480,7 +560,11 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, k
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         qk = _mm(q, tl.trans(k), IEEE)
         if MASKED:
-            ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W) & (offs_n >= 0)[None, :]
+            if NA1D:
+                st = _na_start(offs_p, W, Lk)
+                ok = (offs_n[None, :] >= st[:, None]) & (offs_n[None, :] < st[:, None] + W)
+            else:
+                ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W) & (offs_n >= 0)[None, :]
             p = tl.where(ok, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
         else:
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
@@ -493,20 +577,21 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, k
 @triton.jit
 def _dq_three(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok,
               s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
-              TMA: tl.constexpr, WS: tl.constexpr):
+              TMA: tl.constexpr, WS: tl.constexpr, NA1D: tl.constexpr = False):
     """The block's key tiles in three loops: masked window edge, unmasked interior, masked diagonal."""
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, s_first, full_lo,
-                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
+                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False, NA1D)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, full_lo, p0,
-                   W, Lk, qk_scale, BN, IEEE, EVEN_D, False, TMA, WS)
+                   W, Lk, qk_scale, BN, IEEE, EVEN_D, False, TMA, WS, NA1D)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, p0, p_hi,
-                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False)
+                   W, Lk, qk_scale, BN, IEEE, EVEN_D, True, False, False, NA1D)
     return dq
 
 
 @triton.jit
 def _dq_one(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, lo, mlo, mhi, hi, W,
-            qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+            qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+            NA1D: tl.constexpr = False, Lk=0):
     """The block's key tiles ``[lo, hi)`` (inside ``[0, Lk)``) in one pipelined loop, the tiles outside
     ``[mlo, mhi)`` masked under a per-tile branch (see ``_fwd_one``)."""
     for s0 in tl.range(lo, hi, BN):
@@ -521,7 +606,11 @@ def _dq_one(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if (s0 < mlo) | (s0 >= mhi):
             offs_n = s0 + tl.arange(0, BN)
-            ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W)
+            if NA1D:
+                st = _na_start(offs_p, W, Lk)
+                ok = (offs_n[None, :] >= st[:, None]) & (offs_n[None, :] < st[:, None] + W)
+            else:
+                ok = (offs_n[None, :] <= offs_p[:, None]) & (offs_n[None, :] > offs_p[:, None] - W)
             p = tl.where(ok, p, 0.0)
         dp = _mm(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
@@ -537,6 +626,7 @@ def _swa_bwd_dq_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
     ONE_LOOP: tl.constexpr = False, DELTA_IN: tl.constexpr = False, HAS_LO: tl.constexpr = False,
+    NA1D: tl.constexpr = False,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -581,27 +671,40 @@ def _swa_bwd_dq_kernel(
 
     # the forward's tiling (see _swa_fwd_kernel)
     p_last = offset + tl.minimum(i0 + BM, Lq) - 1
-    kmin = tl.maximum(p0 - W + 1, 0)
-    u = (p0 - kmin + BN - 1) // BN
-    n_diag = (p_last - p0 + BN) // BN
-    s_first = p0 - u * BN
-    g = p0 - tl.maximum(p0 + BM - W, 0)
-    n_full = tl.minimum(u, tl.maximum(g, 0) // BN)
-    n_full = tl.where(g >= 0, n_full, 0)
-    full_lo = p0 - n_full * BN
+    if NA1D:
+        # NA-1D (Lq = Lk, offset 0, W = kernel size): keys [start(p0), start(p_last) + W), tiles
+        # anchored at start(p0); a tile is unmasked iff it starts at or after the last row's window
+        # start and ends by the first row's window end (start(p0) + W). s_first / full_lo / p0 / p_hi
+        # are then: first tile, first unmasked tile, end of the unmasked tiles, end of the last tile.
+        s_first = _na_start(p0, W, Lk)
+        st_last = _na_start(p_last, W, Lk)
+        full_lo = s_first + ((st_last - s_first + BN - 1) // BN) * BN
+        p0 = tl.maximum(s_first + (W // BN) * BN, full_lo)
+        p_hi = s_first + ((st_last + W - s_first + BN - 1) // BN) * BN
+        full_lo = tl.minimum(full_lo, p_hi)
+        p0 = tl.minimum(p0, p_hi)
+    else:
+        kmin = tl.maximum(p0 - W + 1, 0)
+        u = (p0 - kmin + BN - 1) // BN
+        n_diag = (p_last - p0 + BN) // BN
+        s_first = p0 - u * BN
+        g = p0 - tl.maximum(p0 + BM - W, 0)
+        n_full = tl.minimum(u, tl.maximum(g, 0) // BN)
+        n_full = tl.where(g >= 0, n_full, 0)
+        full_lo = p0 - n_full * BN
+        p_hi = p0 + n_diag * BN
 
-    p_hi = p0 + n_diag * BN
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     if ONE_LOOP:
         if (s_first >= 0) & (p_hi <= Lk):
             dq = _dq_one(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
-                         s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, TMA)
+                         s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, TMA, NA1D, Lk)
         else:
             dq = _dq_three(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
-                           s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, TMA, WS)
+                           s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, TMA, WS, NA1D)
     else:
         dq = _dq_three(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
-                       s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, TMA, WS)
+                       s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, TMA, WS, NA1D)
     _st_rows(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), m_ok, d_ok, EVEN_D)
 
@@ -806,9 +909,10 @@ def _tma_setup(mode, tensors: tuple[Tensor, ...], block_rows: int, block_d: int)
 # host side
 
 
-def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, need_lo: bool = False):
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, need_lo: bool = False, na1d: bool = False):
     """``(o, lse, o_lo)`` as ``triton._fwd_impl``: ``o_lo`` (16-bit inputs with ``need_lo``) is the
-    output's rounding residual, else ``None``; ``lse`` ``[B, H, Lq]`` fp32, base 2."""
+    output's rounding residual, else ``None``; ``lse`` ``[B, H, Lq]`` fp32, base 2. ``na1d``: 1-D
+    neighborhood attention with kernel size ``window`` (``Lq == Lk``) instead of the causal window."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     cfg = launch_config("fwd", d, q.dtype)
@@ -826,12 +930,13 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, need_l
         scale * LOG2E, window, lq, lk,
         H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
         POS_SCALE=scale > 0, STORE_LO=store_lo, TMA=tma, WS=bool(cfg["ws"]), LAZY=float(cfg.get("lazy", 0.0)),
-        ONE_LOOP=bool(cfg.get("one_loop", False)), num_warps=cfg["warps"], num_stages=cfg["stages"],
+        ONE_LOOP=bool(cfg.get("one_loop", False)), NA1D=bool(na1d), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return o, lse, o_lo
 
 
-def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor | None, window: int, scale: float):
+def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor | None, window: int, scale: float,
+              na1d: bool = False):
     """``(dq, dk, dv)``; ``o_lo`` is the forward's residual of a 16-bit ``o`` (``None`` / empty: none).
 
     Order: Delta (``_bwd_preprocess``), dK/dV (with dQ by atomics if ``fused_dq``), dQ; or, with the
@@ -849,14 +954,14 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     _check_tile("dq", cq)
     delta = _alloc(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)
     if cq.get("delta") and not cfg["fused_dq"]:
-        dq = _dq_launch(cq, do, q, k, v, o, lo, has_lo, lse, delta, scale, window, True)
-        dk, dv, _ = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window)
+        dq = _dq_launch(cq, do, q, k, v, o, lo, has_lo, lse, delta, scale, window, True, na1d)
+        dk, dv, _ = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window, na1d)
         return dq, dk, dv
     _delta_launch(do, o, lo, has_lo, delta)
-    dk, dv, dqa = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window)
+    dk, dv, dqa = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window, na1d)
     if dqa is not None:
         return _dq_finish(dqa, q.dtype, scale), dk, dv
-    return _dq_launch(cq, do, q, k, v, o, o, False, lse, delta, scale, window, False), dk, dv
+    return _dq_launch(cq, do, q, k, v, o, o, False, lse, delta, scale, window, False, na1d), dk, dv
 
 
 def _delta_launch(do: Tensor, o: Tensor, o_lo: Tensor, has_lo: bool, delta: Tensor) -> None:
@@ -867,7 +972,7 @@ def _delta_launch(do: Tensor, o: Tensor, o_lo: Tensor, has_lo: bool, delta: Tens
                                             HAS_LO=has_lo)
 
 
-def _dkdv_launch(cfg: dict, do, q, k, v, lse, delta, scale: float, window: int):
+def _dkdv_launch(cfg: dict, do, q, k, v, lse, delta, scale: float, window: int, na1d: bool = False):
     """The dK/dV kernel: ``(dk, dv, dqa)``, ``dqa`` the fp32 dQ accumulator (unscaled) with ``fused_dq``, else None."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -891,7 +996,7 @@ def _dkdv_launch(cfg: dict, do, q, k, v, lse, delta, scale: float, window: int):
         do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         scale * LOG2E, scale, window, lq, lk,
         H=h, HKV=hkv, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cfg["BM"], BN=cfg["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
-        FUSED_DQ=fused_mode, TMA=tma, WS=bool(cfg["ws"]), ONE_LOOP=bool(cfg.get("one_loop", False)),
+        FUSED_DQ=fused_mode, TMA=tma, WS=bool(cfg["ws"]), ONE_LOOP=bool(cfg.get("one_loop", False)), NA1D=bool(na1d),
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return dk, dv, dqa
@@ -906,7 +1011,8 @@ def _dq_finish(dqa: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
     return dq
 
 
-def _dq_launch(cq: dict, do, q, k, v, o, o_lo, has_lo: bool, lse, delta, scale: float, window: int, delta_in: bool) -> Tensor:
+def _dq_launch(cq: dict, do, q, k, v, o, o_lo, has_lo: bool, lse, delta, scale: float, window: int, delta_in: bool,
+               na1d: bool = False) -> Tensor:
     """The dQ kernel; with ``delta_in`` it computes Delta from ``o`` (+ ``o_lo``) and ``do`` and stores it."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -920,7 +1026,7 @@ def _dq_launch(cq: dict, do, q, k, v, o, o_lo, has_lo: bool, lse, delta, scale: 
         scale * LOG2E, scale, window, lq, lk,
         H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, BM=cq["BM"], BN=cq["BN"], IEEE=q.dtype == torch.float32, EVEN_D=bd == d,
         TMA=tma, WS=bool(cq["ws"]), ONE_LOOP=bool(cq.get("one_loop", False)), DELTA_IN=delta_in, HAS_LO=has_lo,
-        num_warps=cq["warps"], num_stages=cq["stages"],
+        NA1D=bool(na1d), num_warps=cq["warps"], num_stages=cq["stages"],
     )
     return dq
 
@@ -999,4 +1105,77 @@ def swa_attention_triton(q: Tensor, k: Tensor, v: Tensor, window: int | None, sc
     return swa_attn_fwd(q, k, v, window, scale)[0]
 
 
-__all__ = ["LAUNCH", "launch_config", "override_launch", "swa_attention_triton", "swa_attn_fwd", "swa_attn_bwd"]
+# ---------------------------------------------------------------------------------------------
+# 1-D neighborhood attention (NATTEN, dilation 1, stride 1, non-causal): the same kernels, NA1D=True
+
+
+@torch.library.custom_op("mnemotorch::na1d_attn_fwd", mutates_args=())
+def na1d_attn_fwd(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    o, lse, o_lo = _fwd_impl(q, k, v, kernel_size, scale, need_lo=True, na1d=True)
+    return o, lse, q.new_empty(0) if o_lo is None else o_lo
+
+
+@na1d_attn_fwd.register_fake
+def _(q, k, v, kernel_size, scale):
+    lo = torch.empty_like(q) if q.dtype != torch.float32 else q.new_empty(0)
+    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32), lo
+
+
+@torch.library.custom_op("mnemotorch::na1d_attn_bwd", mutates_args=())
+def na1d_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor, kernel_size: int,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(do, q, k, v, o, lse, o_lo, kernel_size, scale, na1d=True)
+
+
+@na1d_attn_bwd.register_fake
+def _(do, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _na1d_backward(ctx, do, dlse, dlo):
+    q, k, v, o, lse, o_lo = ctx.saved_tensors
+    dq, dk, dv = na1d_attn_bwd(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+na1d_attn_fwd.register_autograd(_na1d_backward, setup_context=_setup_context)
+
+
+class _EagerNA1D(torch.autograd.Function):
+    """The NA-1D kernels for eager calls (see ``_EagerSWA``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kernel_size, scale):
+        o, lse, o_lo = _fwd_impl(q, k, v, kernel_size, scale, need_lo=True, na1d=True)
+        ctx.save_for_backward(q, k, v, o, lse, o_lo)
+        ctx.window, ctx.scale = kernel_size, scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse, o_lo = ctx.saved_tensors
+        dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale, na1d=True)
+        return dq, dk, dv, None, None
+
+
+def na1d_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, scale: float) -> Tensor:
+    """1-D neighborhood attention (NATTEN semantics, dilation 1, stride 1, non-causal) through the
+    list-free kernels: query ``t`` sees keys ``[s, s + kernel_size)``, ``s = clamp(t - kernel_size // 2,
+    0, L - kernel_size)``. ``q/k/v [B, L, H(kv), D]`` (self-attention: same ``L``; unit last stride)."""
+    lq, lk = q.shape[1], k.shape[1]
+    kernel_size = int(kernel_size)
+    if lq != lk:
+        raise ValueError(f"na1d_attention_triton: needs Lq == Lk (self-attention), got {lq} and {lk}")
+    if not 1 <= kernel_size <= lk:
+        raise ValueError(f"na1d_attention_triton: kernel_size must be in [1, L = {lk}], got {kernel_size}")
+    scale = float(scale)
+    if _eager_ok(q, k, v):
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return _fwd_impl(q, k, v, kernel_size, scale, na1d=True)[0]
+        return _EagerNA1D.apply(q, k, v, kernel_size, scale)
+    return na1d_attn_fwd(q, k, v, kernel_size, scale)[0]
+
+
+__all__ = ["LAUNCH", "launch_config", "na1d_attention_triton", "na1d_attn_bwd", "na1d_attn_fwd", "override_launch",
+           "swa_attention_triton", "swa_attn_fwd", "swa_attn_bwd"]
