@@ -24,19 +24,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
 from interpreter_numerics import descriptor_reduce, gpu_numerics  # noqa: E402,F401 (pytest fixtures)
 
 from mnemotorch.ops.block_sparse import swa_triton  # noqa: E402
+from swa_launch import rel, tiles  # noqa: E402
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (5e-3, 1e-2)}  # (outputs, gradients): ARCHITECTURE.md
-
-
-def rel(a, b) -> float:
-    den = b.double().norm().item()
-    return ((a.double() - b.double()).norm() / (den if den > 1e-6 else 1.0)).item()
-
-
-def tiles(bm: int, bn: int, fused, tma, one_loop: bool = False, delta: bool = False) -> dict:
-    return dict(fwd=dict(BM=bm, BN=bn, warps=4, stages=1, tma=tma, one_loop=one_loop),
-                dkdv=dict(BM=bn, BN=bm, warps=4, stages=1, fused_dq=fused, tma=tma, one_loop=one_loop),
-                dq=dict(BM=bm, BN=bn, warps=4, stages=1, tma=tma, one_loop=one_loop, delta=delta))
 
 
 def na_mask(length: int, kernel_size: int) -> torch.Tensor:

@@ -217,8 +217,8 @@ class RoutingAttention(Mixer):
         self.backend = backend
         self.cuda_graph = _check_bool("cuda_graph", cuda_graph)
         self._graphs = TrainingGraphs(type(self).__name__)
-        self._graph_buf: Tensor | None = None
-        self._graph_views: tuple[Tensor, Tensor] | None = None
+        self._stats_buf: Tensor | None = None
+        self._stats_pair: tuple[Tensor, Tensor] | None = None
         self._empty_local: tuple | None = None
 
         d = self.head_dim
@@ -403,24 +403,24 @@ class RoutingAttention(Mixer):
             and self.mode == "causal_exact" and self._fused_for(x) and not torch.compiler.is_compiling()
         )
 
-    def _graph_stats(self, device) -> tuple[Tensor, Tensor]:
-        """The persistent k-means statistics buffer the graphed kernels add into (its address is captured), as
-        ``(sums [H, C, D], counts [H, C])`` views (made once: the graphed call's host time is the point)."""
+    def _stats_views(self, device) -> tuple[Tensor, Tensor]:
+        """The persistent k-means statistics buffer the fused kernels add into, as ``(sums [H, C, D], counts
+        [H, C])`` views (made once; a graphed call captures their address, so a new buffer drops the graphs)."""
         h, c, d = self.route_heads, self.num_clusters, self.head_dim
-        if self._graph_buf is None or self._graph_buf.device != device:
-            self._graph_buf = torch.zeros(h * c * (d + 1), dtype=torch.float32, device=device)
-            self._graph_views = (self._graph_buf[: h * c * d].view(h, c, d), self._graph_buf[h * c * d :].view(h, c))
+        if self._stats_buf is None or self._stats_buf.device != device:
+            self._stats_buf = torch.zeros(h * c * (d + 1), dtype=torch.float32, device=device)
+            self._stats_pair = (self._stats_buf[: h * c * d].view(h, c, d), self._stats_buf[h * c * d :].view(h, c))
             self._graphs.reset()
-        return self._graph_views
+        return self._stats_pair
 
     def _adopt_pending(self, sums: Tensor, counts: Tensor) -> None:
-        """Make the pending k-means statistics live in the graph's buffer (``sums``, ``counts``), keeping any
-        recorded by earlier calls."""
+        """Make the pending k-means statistics live in the persistent buffer (``sums``, ``counts``), keeping any
+        recorded by earlier calls (after ``update_centroids`` there are none: the buffer is zeroed)."""
         if self._pending_sums is not None and self._pending_sums.data_ptr() == sums.data_ptr() and self._pending_counts is not None \
                 and self._pending_counts.data_ptr() == counts.data_ptr():
             return
         old_sums, old_counts = self._pending_sums, self._pending_counts
-        self._graph_buf.zero_()
+        self._stats_buf.zero_()
         if old_sums is not None:
             sums += old_sums.to(sums)
             counts += old_counts.to(counts)
@@ -430,7 +430,7 @@ class RoutingAttention(Mixer):
         """A training call replayed from this shape's CUDA graphs (captured at the first such call); None when it
         must run eagerly (the previous graphed call's backward is still pending)."""
         b, t, _ = x.shape
-        sums, counts = self._graph_stats(x.device)
+        sums, counts = self._stats_buffers(x.device)  # the pending statistics, in the buffer the graph adds into
         weights = [self.q_proj.weight, self.v_proj.weight, self.o_proj.weight] + ([] if self.k_proj is None else [self.k_proj.weight])
         rope = list(self._rope_tables(0, t, x.device, self._proj_dtype(x))) if self.rope_theta is not None else []
         args = (x, *weights, self.centroids, *rope)
@@ -448,11 +448,9 @@ class RoutingAttention(Mixer):
             loss = torch.zeros((), device=x.device, dtype=y.dtype) if lq is None else (lq if lk is None else (lq + lk) / 2)
             return (y, loss, *(c.detach() for c in cache if c is not None))  # no local heads: no k_loc / v_loc
 
-        # the pending statistics live in the graph's buffer before the replay adds this call's; a capture's
-        # warm-up calls also add into it, so the buffer is restored after one
-        self._adopt_pending(sums, counts)
-        snapshot = None if key in self._graphs else self._graph_buf.clone()
-        out = self._graphs.run(key, body, args, after_capture=None if snapshot is None else (lambda: self._graph_buf.copy_(snapshot)))
+        # a capture's warm-up calls also add into the statistics buffer: it is restored after one
+        snapshot = None if key in self._graphs else self._stats_buf.clone()
+        out = self._graphs.run(key, body, args, after_capture=None if snapshot is None else (lambda: self._stats_buf.copy_(snapshot)))
         if out is None:
             return None
         y, loss, *cache = out
@@ -490,7 +488,7 @@ class RoutingAttention(Mixer):
         self._flush_raw()
         self._rope_cache = None
         self._graphs.reset()  # the graphs read buffers by address: moved buffers need new graphs
-        self._graph_buf = self._graph_views = self._empty_local = None
+        self._stats_buf = self._stats_pair = self._empty_local = None
         out = super()._apply(fn, recurse)
         for name in ("_pending_sums", "_pending_counts"):
             if getattr(self, name, None) is not None:
@@ -511,22 +509,11 @@ class RoutingAttention(Mixer):
 
     def _stats_buffers(self, device) -> tuple[Tensor, Tensor]:
         """The pending k-means ``(sums [H_route, C, D], counts [H_route, C])`` (float32) that the fused kernel
-        adds a training call's statistics into, in place; made (one zero-filled buffer, two contiguous
-        views) when there are none or the ones there cannot take the kernel's atomics (moved or cast)."""
-        sums, counts = self._pending_sums, self._pending_counts
-        ok = (
-            sums is not None and counts is not None and sums.dtype == counts.dtype == torch.float32
-            and sums.device == counts.device == torch.device(device) and sums.is_contiguous() and counts.is_contiguous()
-        )
-        if not ok:
-            h, c, d = self.route_heads, self.num_clusters, self.head_dim
-            buf = torch.zeros(h * c * (d + 1), dtype=torch.float32, device=device)
-            new_sums, new_counts = buf[: h * c * d].view(h, c, d), buf[h * c * d :].view(h, c)
-            if sums is not None:
-                new_sums += sums.to(new_sums)
-                new_counts += counts.to(new_counts)
-            self._pending_sums, self._pending_counts = new_sums, new_counts
-        return self._pending_sums, self._pending_counts
+        adds a training call's statistics into, in place: views of the layer's one persistent buffer
+        (``_stats_views``; a graphed call captures its address), holding what earlier calls recorded."""
+        sums, counts = self._stats_views(device)
+        self._adopt_pending(sums, counts)
+        return sums, counts
 
     def _record_fused(self, loss_q, loss_k) -> None:
         """The fused path's record: its kernel already added the k-means statistics (``_stats_buffers``);

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _eager_ok, _ld_full, _ld_rows, _mm, _pow2, _st_rows
+from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _dq_delta, _eager_ok, _ld_full, _ld_rows, _mm, _pow2, _st_rows
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the interpreter runs them too
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -235,6 +235,38 @@ def _fwd_one(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col,
 
 
 @triton.jit
+def _key_tiles(p0, p_last, W, Lk, BM: tl.constexpr, BN: tl.constexpr, NA1D: tl.constexpr):
+    """The key tiles of a query block whose first query sits at key position ``p0`` and last at ``p_last``
+    (the forward's and the dQ kernel's tiling): ``(s_first, full_lo, p0, p_hi)`` = first tile, first
+    unmasked tile, end of the unmasked tiles, end of the last tile. Sliding window: tiles anchored at p0,
+    u tiles below it (down to the window's first key), the first of them masked where they cross the
+    window edge ``p - W`` of the block's last row or the sequence start, then the diagonal tiles."""
+    if NA1D:
+        # NA-1D (Lq = Lk, offset 0, W = kernel size): keys [start(p0), start(p_last) + W), tiles
+        # anchored at start(p0); a tile is unmasked iff it starts at or after the last row's window
+        # start and ends by the first row's window end (start(p0) + W). s_first / full_lo / p0 / p_hi
+        # are then: first tile, first unmasked tile, end of the unmasked tiles, end of the last tile.
+        s_first = _na_start(p0, W, Lk)
+        st_last = _na_start(p_last, W, Lk)
+        full_lo = s_first + ((st_last - s_first + BN - 1) // BN) * BN
+        p0 = tl.maximum(s_first + (W // BN) * BN, full_lo)
+        p_hi = s_first + ((st_last + W - s_first + BN - 1) // BN) * BN
+        full_lo = tl.minimum(full_lo, p_hi)
+        p0 = tl.minimum(p0, p_hi)
+    else:
+        kmin = tl.maximum(p0 - W + 1, 0)
+        u = (p0 - kmin + BN - 1) // BN
+        n_diag = (p_last - p0 + BN) // BN
+        s_first = p0 - u * BN
+        g = p0 - tl.maximum(p0 + BM - W, 0)  # unmasked lower tiles need s0 >= p0 + BM - W and s0 >= 0
+        n_full = tl.minimum(u, tl.maximum(g, 0) // BN)
+        n_full = tl.where(g >= 0, n_full, 0)
+        full_lo = p0 - n_full * BN
+        p_hi = p0 + n_diag * BN
+    return s_first, full_lo, p0, p_hi
+
+
+@triton.jit
 def _swa_fwd_kernel(
     Q, K, V, O, LSE, OLO, KD, VD,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
@@ -271,32 +303,7 @@ def _swa_fwd_kernel(
         r0 = b * Lk
         c0 = hk * D
 
-    # Key tiles anchored at p0: u tiles below p0 (down to the window's first key), the diagonal
-    # tiles from p0 to the block's last query. Of the u lower tiles the first e are masked (they
-    # cross the window edge p - W of the block's last row, or the sequence start).
-    p_last = offset + tl.minimum(i0 + BM, Lq) - 1
-    if NA1D:
-        # NA-1D (Lq = Lk, offset 0, W = kernel size): keys [start(p0), start(p_last) + W), tiles
-        # anchored at start(p0); a tile is unmasked iff it starts at or after the last row's window
-        # start and ends by the first row's window end (start(p0) + W). s_first / full_lo / p0 / p_hi
-        # are then: first tile, first unmasked tile, end of the unmasked tiles, end of the last tile.
-        s_first = _na_start(p0, W, Lk)
-        st_last = _na_start(p_last, W, Lk)
-        full_lo = s_first + ((st_last - s_first + BN - 1) // BN) * BN
-        p0 = tl.maximum(s_first + (W // BN) * BN, full_lo)
-        p_hi = s_first + ((st_last + W - s_first + BN - 1) // BN) * BN
-        full_lo = tl.minimum(full_lo, p_hi)
-        p0 = tl.minimum(p0, p_hi)
-    else:
-        kmin = tl.maximum(p0 - W + 1, 0)
-        u = (p0 - kmin + BN - 1) // BN
-        n_diag = (p_last - p0 + BN) // BN
-        s_first = p0 - u * BN
-        g = p0 - tl.maximum(p0 + BM - W, 0)  # unmasked lower tiles need s0 >= p0 + BM - W and s0 >= 0
-        n_full = tl.minimum(u, tl.maximum(g, 0) // BN)
-        n_full = tl.where(g >= 0, n_full, 0)
-        full_lo = p0 - n_full * BN
-        p_hi = p0 + n_diag * BN
+    s_first, full_lo, p0, p_hi = _key_tiles(p0, offset + tl.minimum(i0 + BM, Lq) - 1, W, Lk, BM, BN, NA1D)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -644,16 +651,8 @@ def _swa_bwd_dq_kernel(
     q = _ld_rows(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], m_ok, d_ok, EVEN_D)
     do = _ld_rows(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], m_ok, d_ok, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
-    if DELTA_IN:
-        # Delta = rowsum(dO * O) here, from the fp32 output (O + its rounding residual), as
-        # triton._bwd_preprocess computes it: this kernel holds dO already and runs before the dK/dV
-        # kernel, which reads the Delta stored here (one pass over O, O_lo, dO saved)
-        o_off = b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :]
-        o = _ld_rows(O + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
-        if HAS_LO:
-            o += _ld_rows(OLO + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
-        delta = tl.sum(o * do.to(tl.float32), 1)
-        tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=m_ok)
+    if DELTA_IN:  # this kernel holds dO already and runs before dK/dV, which reads the Delta stored here
+        delta = _dq_delta(O, OLO, DELTA, do, b, h, bh, sob, sot, soh, offs_m, offs_d, m_ok, d_ok, Lq, EVEN_D, HAS_LO)
     else:
         delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
     k_base = K + b.to(tl.int64) * skb + hk * skh
@@ -669,30 +668,7 @@ def _swa_bwd_dq_kernel(
         r0 = b * Lk
         c0 = hk * D
 
-    # the forward's tiling (see _swa_fwd_kernel)
-    p_last = offset + tl.minimum(i0 + BM, Lq) - 1
-    if NA1D:
-        # NA-1D (Lq = Lk, offset 0, W = kernel size): keys [start(p0), start(p_last) + W), tiles
-        # anchored at start(p0); a tile is unmasked iff it starts at or after the last row's window
-        # start and ends by the first row's window end (start(p0) + W). s_first / full_lo / p0 / p_hi
-        # are then: first tile, first unmasked tile, end of the unmasked tiles, end of the last tile.
-        s_first = _na_start(p0, W, Lk)
-        st_last = _na_start(p_last, W, Lk)
-        full_lo = s_first + ((st_last - s_first + BN - 1) // BN) * BN
-        p0 = tl.maximum(s_first + (W // BN) * BN, full_lo)
-        p_hi = s_first + ((st_last + W - s_first + BN - 1) // BN) * BN
-        full_lo = tl.minimum(full_lo, p_hi)
-        p0 = tl.minimum(p0, p_hi)
-    else:
-        kmin = tl.maximum(p0 - W + 1, 0)
-        u = (p0 - kmin + BN - 1) // BN
-        n_diag = (p_last - p0 + BN) // BN
-        s_first = p0 - u * BN
-        g = p0 - tl.maximum(p0 + BM - W, 0)
-        n_full = tl.minimum(u, tl.maximum(g, 0) // BN)
-        n_full = tl.where(g >= 0, n_full, 0)
-        full_lo = p0 - n_full * BN
-        p_hi = p0 + n_diag * BN
+    s_first, full_lo, p0, p_hi = _key_tiles(p0, offset + tl.minimum(i0 + BM, Lq) - 1, W, Lk, BM, BN, NA1D)
 
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     if ONE_LOOP:

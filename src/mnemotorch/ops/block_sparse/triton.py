@@ -193,6 +193,20 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _dq_delta(O, OLO, DELTA, do, b, h, bh, sob, sot, soh, offs_m, offs_d, m_ok, d_ok, Lq, EVEN_D: tl.constexpr, HAS_LO: tl.constexpr):
+    """Delta = rowsum(dO * O) of a dQ program's query rows, from the fp32 output (O + its rounding residual
+    OLO, as ``_bwd_preprocess`` computes it), stored for the dK/dV kernel that runs after and returned: the
+    dQ kernel holds ``do`` already, so the preprocess pass (a read of O, OLO and dO) is saved."""
+    o_off = b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :]
+    o = _ld_rows(O + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
+    if HAS_LO:
+        o += _ld_rows(OLO + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=m_ok)
+    return delta
+
+
+@triton.jit
 def _bwd_preprocess(O, OLO, DO, DELTA, sob, sot, soh, sdob, sdot, sdoh, Lq, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
                     HAS_LO: tl.constexpr = False):
     # Delta = rowsum(dO * O) with O the forward's fp32 output: a 16-bit output is completed by its
@@ -333,12 +347,7 @@ def _bwd_dq_kernel(
     do = _ld_rows(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], m_ok, d_ok, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=float("inf"))
     if DELTA_IN:
-        o_off = b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :]
-        o = _ld_rows(O + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
-        if HAS_LO:
-            o += _ld_rows(OLO + o_off, m_ok, d_ok, EVEN_D).to(tl.float32)
-        delta = tl.sum(o * do.to(tl.float32), 1)
-        tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=m_ok)
+        delta = _dq_delta(O, OLO, DELTA, do, b, h, bh, sob, sot, soh, offs_m, offs_d, m_ok, d_ok, Lq, EVEN_D, HAS_LO)
     else:
         delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
     qrow = tl.minimum(offs_m, Lq - 1)

@@ -347,6 +347,28 @@ def route_commit_grad_triton(x: Tensor, centroids: Tensor, ids: Tensor, g: Tenso
 
 
 @triton.jit
+def _rotate_halves(xp, COS, SIN, tt, sct, offs, m, HALF: tl.constexpr, INVERSE: tl.constexpr):
+    """RoPE of a ``[BT, HALF]`` pair of half-rows at ``xp`` / ``xp + HALF`` (fp32), or (``INVERSE``) its
+    transpose, the backward's; tables ``COS, SIN [T, 2 * HALF]``, rows ``tt``."""
+    x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
+    cp = tt[:, None].to(tl.int64) * sct + offs[None, :]
+    c1 = tl.load(COS + cp, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + cp + HALF, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + cp, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + cp + HALF, mask=m, other=0.0).to(tl.float32)
+    if INVERSE:
+        # the transpose of the rotation: dx1 = g1 cos1 + g2 sin2, dx2 = g2 cos2 - g1 sin1
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        # x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    return y1, y2
+
+
+@triton.jit
 def _rotary_kernel(
     X, COS, SIN, Y, sxb, sxt, sxh, sct, T, H,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BT: tl.constexpr, INVERSE: tl.constexpr,
@@ -359,22 +381,8 @@ def _rotary_kernel(
     offs = tl.arange(0, BLOCK_HALF)
     m = (tt < T)[:, None] & (offs < HALF)[None, :]
     xp = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + tt[:, None].to(tl.int64) * sxt + offs[None, :]
-    x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
-    cp = tt[:, None].to(tl.int64) * sct + offs[None, :]
-    c1 = tl.load(COS + cp, mask=m, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + cp + HALF, mask=m, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + cp, mask=m, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + cp + HALF, mask=m, other=0.0).to(tl.float32)
+    y1, y2 = _rotate_halves(xp, COS, SIN, tt, sct, offs, m, HALF, INVERSE)
     dt = Y.dtype.element_ty
-    if INVERSE:
-        # the transpose of the rotation: dx1 = g1 cos1 + g2 sin2, dx2 = g2 cos2 - g1 sin1
-        y1 = x1 * c1 + x2 * s2
-        y2 = x2 * c2 - x1 * s1
-    else:
-        # x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
     # Y: contiguous [B, T, H, 2 * HALF]
     yp = Y + ((b.to(tl.int64) * T + tt[:, None].to(tl.int64)) * H + h) * (2 * HALF) + offs[None, :]
     tl.store(yp, y1.to(dt), mask=m)
@@ -433,15 +441,7 @@ def _rotary_commit_bwd_kernel(
     h_ok = offs < HALF
     m = (tt < T)[:, None] & h_ok[None, :]
     gp = G + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + tt[:, None].to(tl.int64) * sgt + offs[None, :]
-    g1 = tl.load(gp, mask=m, other=0.0).to(tl.float32)
-    g2 = tl.load(gp + HALF, mask=m, other=0.0).to(tl.float32)
-    cp = tt[:, None].to(tl.int64) * sct + offs[None, :]
-    c1 = tl.load(COS + cp, mask=m, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + cp + HALF, mask=m, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + cp, mask=m, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + cp + HALF, mask=m, other=0.0).to(tl.float32)
-    y1 = g1 * c1 + g2 * s2
-    y2 = g2 * c2 - g1 * s1
+    y1, y2 = _rotate_halves(gp, COS, SIN, tt, sct, offs, m, HALF, True)
     if COMMIT and h >= HL:  # (not COMMIT: the loss got no gradient)
         D = 2 * HALF
         qp = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + tt[:, None].to(tl.int64) * sqt + offs[None, :]
