@@ -26,9 +26,12 @@ for step in $STEPS; do
       # CPU work and the host has 16 cores. SIGINT at the limit, so pytest still prints its summary.
       echo "== GPU tests =="
       mkdir -p /tmp/gpu_tests; rm -f /tmp/gpu_tests/*.log
+      # SHARDS=n spreads each file over n processes (MNEMO_TEST_SHARD in tests/conftest.py).
       for f in ${TESTS:-tests/gpu/test_routing_gpu.py tests/gpu/test_lla_gpu.py tests/gpu/test_block_sparse_bias_gpu.py}; do
-          ( MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 30 ${TEST_TIMEOUT:-170} python3 -m pytest -v -p no:cacheprovider -rfEx ${PYTEST_ARGS:-} $f \
-              > /tmp/gpu_tests/$(basename $f .py).log 2>&1 ) &
+        for ((i = 0; i < ${SHARDS:-1}; i++)); do
+          ( MNEMO_TEST_SHARD=$i/${SHARDS:-1} MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 30 ${TEST_TIMEOUT:-170} \
+              python3 -m pytest -v -p no:cacheprovider -rfEx ${PYTEST_ARGS:-} $f > /tmp/gpu_tests/$(basename $f .py).$i.log 2>&1 ) &
+        done
       done
       wait
       for l in /tmp/gpu_tests/*.log; do echo "-- $(basename $l .log)"; grep -E "passed|failed|error|PASSED|FAILED|ERROR|XFAIL|XPASS|Interrupt|Error" $l | sed "s#^tests/gpu/##" | tail -40; done \

@@ -31,7 +31,25 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def _shard(config, items) -> None:
+    """``MNEMO_TEST_SHARD=i/n`` keeps every n-th collected test starting at i (0-based), so one test
+    file can be spread over n processes (the GPU machine compiles Triton kernels on 16 cores; one
+    pytest process uses one). The union of the n shards is the whole selection."""
+    spec = os.environ.get("MNEMO_TEST_SHARD")
+    if not spec:
+        return
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"MNEMO_TEST_SHARD must be 'i/n' with 0 <= i < n, got {spec!r}") from None
+    keep = [it for j, it in enumerate(items) if j % n == i]
+    config.hook.pytest_deselected(items=[it for j, it in enumerate(items) if j % n != i])
+    items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
+    _shard(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -25,14 +25,16 @@ def build(cfg, cell, vocab):
 def test_mqar_memory_grid_and_state_sizes():
     cfg = load_experiment_config(MQAR)
     cells = plan_cells(cfg)
-    assert sorted((c.mixer, c.width) for c in cells) == sorted(
-        [(m, w) for m in ("attention", "titans_lmm", "gated_delta_net", "delta_net") for w in (64, 128)] + [("moneta", 64)]
-    )
+    lr_lo, lr_mid, lr_hi = 4.6416e-4, 2.1544e-3, 1.0e-2
+    want = [(m, w, lr_mid) for m in ("attention", "titans_lmm", "gated_delta_net", "delta_net") for w in (64, 128)]
+    want += [("moneta", 64, lr_mid), ("titans_lmm_c16", 64, lr_mid)]  # the first run's grid + the chunk-16 probe
+    want += [(m, w, lr) for m, w in (("attention", 64), ("titans_lmm", 64), ("titans_lmm", 128), ("moneta", 64)) for lr in (lr_lo, lr_hi)]
+    assert sorted((c.mixer, c.width, c.lr) for c in cells) == sorted(want)
     (setting,) = cfg["settings"]
     assert (setting["seq_len"], setting["num_kv_pairs"]) == (128, 8) and cfg["train"]["precision"] == "fp32"
     for c in cells:  # Zoology's layout: the conv layer, then one layer of the memory
         if c.mixer != "attention":
-            assert c.layer_plan[0] == {"type": "short_conv", "kernel_size": 3} and c.layer_plan[1]["type"] == c.mixer
+            assert c.layer_plan[0] == {"type": "short_conv", "kernel_size": 3} and c.layer_plan[1]["type"] == c.mixer.removesuffix("_c16")
     # The state sizes the summary page's accounting table gives (L = 128).
     sizes = {(c.mixer, c.width): build(cfg, c, 8192).state_size(128) for c in cells}
     assert sizes == {
@@ -40,10 +42,10 @@ def test_mqar_memory_grid_and_state_sizes():
         ("titans_lmm", 64): 25408, ("titans_lmm", 128): 99968,
         ("gated_delta_net", 64): 4928, ("gated_delta_net", 128): 18048,
         ("delta_net", 64): 4928, ("delta_net", 128): 18048,
-        ("moneta", 64): 17216,
+        ("moneta", 64): 17216, ("titans_lmm_c16", 64): 25408,
     }
     quick = load_experiment_config(MQAR, quick=True)
-    assert set(quick["mixers"]) == set(cfg["mixers"]) and len(plan_cells(quick)) == 9
+    assert set(quick["mixers"]) == set(cfg["mixers"]) and len(plan_cells(quick)) == 10
 
 
 def test_passkey_titans_grid_equal_parameters_and_anchors():
