@@ -31,7 +31,8 @@ Counts at the issue's case (128 x 128 grid, 13 x 13 kernel, D = 64, H = 16, B = 
 per query (169 allowed: 33% of the computed pairs are used). Tokens permuted into 8 x 8 tiles and
 walked by block lists compute 9 key tiles of 64 = 576 keys per query; row-major 1-D blocks of 64
 tokens (what FlexAttention does on row-major tokens) touch 13 rows of 2-3 blocks each. Forward
-FLOPs (4 D per computed pair): 16384 * 512 * 16 * 4 * 64 = 34.4 GFLOP computed, 11.3 GFLOP allowed;
+FLOPs (4 D per computed pair): 16384 * 512 * 16 * 4 * 64 = 34.4 GFLOP computed at 512 keys per query
+(33.8 with the smaller unions at the borders: 504 keys per query on average), 11.3 GFLOP allowed;
 forward + backward ~3.5x that. Gathering tiles from row-major tokens, instead of permuting the
 tokens into tiles (NATTEN's Hopper trick), saves the permutation and its inverse (4 extra passes
 over q, k, v, o and their gradients) and lets the query tile's shape differ from the key tile's,
