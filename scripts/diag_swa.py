@@ -37,6 +37,17 @@ and forward + backward as CUDA-graph replays; correctness against fp32 SDPA with
 at L = 4096 and against the generic kernel at full length (JSON to ``$OUT/diag_na1d.json``):
 
     PYTHONPATH=src python scripts/diag_swa.py --na1d [--smoke]
+
+``--na2d`` times 2-D neighborhood attention (NATTEN, dilation 1, stride 1, non-causal) at 128 x 128
+tokens, kernel 13 x 13, D = 64, H = 16, bf16 (~90 s, ``--time-budget`` overrides): the list-free NA-2D
+kernels on row-major tokens (``na2d_triton.na2d_attention_triton``, the table's rows, then forward /
+dK/dV / dQ launch variants of query and key tile shapes and warps, each checked against the table's
+rows on the same inputs first), the generic list kernel on 8 x 8-tile-permuted tokens (``layers.vision.na2d``
+with ``MNEMO_NA2D_KERNEL=off``, permutations included) and dense SDPA, forward and forward + backward as
+CUDA-graph replays; correctness against fp32 SDPA with the dense NATTEN mask at 32 x 32 (JSON to
+``$OUT/diag_na2d.json``, written after every step):
+
+    PYTHONPATH=src python scripts/diag_swa.py --na2d [--smoke]
 """
 
 from __future__ import annotations
@@ -595,6 +606,198 @@ def na1d_main(args) -> int:
     return 0
 
 
+def na2d_main(args) -> int:
+    """``--na2d``: the list-free NA-2D kernels against the generic kernel and dense SDPA (see the module doc)."""
+    from mnemotorch.layers.vision import na2d
+    from mnemotorch.ops.block_sparse import na2d_triton
+
+    smoke = args.smoke
+    dev, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    (R, C), K, D, H = ((16, 16), 5, 32, 2) if smoke else ((128, 128), 13, 64, 16)
+    check_shape = (12, 12) if smoke else (32, 32)
+    L = R * C
+    budget = args.time_budget if any(a.startswith("--time-budget") for a in sys.argv) else 90.0  # variants stop after it
+    t0 = time.perf_counter()
+    out_path = args.out or (os.path.join(os.environ["OUT"], "diag_na2d.json") if os.environ.get("OUT") else None)
+    rep_: dict = {"device": device_info(), "argv": sys.argv[1:], "shape": [R, C], "K": K, "D": D, "H": H, "dtype": str(dtype),
+                  "results": {}, "checks": {}, "notes": []}
+    scale = D**-0.5
+    allowed = L * K * K
+    rep_["pairs"] = {"allowed": allowed,
+                     "ours_table_fwd": na2d_triton.computed_pairs((R, C), (K, K), na2d_triton.launch_config("fwd", D, dtype))}
+
+    def save():
+        rep_["elapsed_s"] = time.perf_counter() - t0
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(rep_, f, indent=1, default=str)
+
+    def timed(step) -> float:
+        return wall_median_ms(step, 0, 1) if smoke else graph_ms(step)
+
+    def inputs(shape, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        ts = [torch.randn(1, shape[0] * shape[1], H, D, generator=g).to(dev, dtype) for _ in range(4)]
+        for t in ts[:3]:
+            t.requires_grad_()
+        return ts
+
+    def fns(shape, qkvg):
+        q, k, v, go = qkvg
+
+        def ours():
+            return na2d_triton.na2d_attention_triton(q, k, v, shape, K, scale)
+
+        def lists():  # the generic kernel on 8 x 8-tile-permuted tokens, permutations included
+            os.environ["MNEMO_NA2D_KERNEL"] = "off"
+            try:
+                grid = [t.view(1, shape[0], shape[1], H, D) for t in (q, k, v)]
+                return na2d(*grid, K, scale=scale, backend="triton", tile_shape=(8, 8)).view(1, -1, H, D)
+            finally:
+                os.environ["MNEMO_NA2D_KERNEL"] = "fast"
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+        return {"ours": ours, "lists": lists, "sdpa_dense": sdpa}
+
+    def measure(name, fn, qkvg, fwd_only=False, bwd_only=False, pairs=None):
+        q, k, v, go = qkvg
+        row: dict = {}
+        try:
+            if not bwd_only:
+                def fwd():
+                    with torch.no_grad():
+                        return fn()
+                row["fwd_ms"] = timed(fwd)
+                row["fwd_tflops_allowed"] = 4.0 * H * D * allowed / row["fwd_ms"] * 1e-9
+                if pairs:
+                    row["fwd_tflops_computed"] = 4.0 * H * D * pairs / row["fwd_ms"] * 1e-9
+            if not fwd_only:
+                row["fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(fn(), (q, k, v), go))
+                row["fwd_bwd_tflops_allowed"] = 3.5 * 4.0 * H * D * allowed / row["fwd_bwd_ms"] * 1e-9
+        except Exception as exc:  # noqa: BLE001 - recorded
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            traceback.print_exc()
+        print(f"  {name}: {row}", flush=True)
+        return row
+
+    def eager_all(fn, qkvg):
+        """Output and gradients of one eager call, detached (no autograd graph survives: see graph_ms)."""
+        q, k, v, go = qkvg
+        out = fn()
+        grads = torch.autograd.grad(out, (q, k, v), go)
+        res = [out.detach(), *grads]
+        del out, grads
+        return res
+
+    # 1. correctness: vs fp32 SDPA with the dense NATTEN mask at check_shape
+    try:
+        qkvg_c = inputs(check_shape, seed=1)
+        q, k, v, go = qkvg_c
+        n = check_shape[0] * check_shape[1]
+        i = torch.arange(n, device=dev)
+        r, c = i // check_shape[1], i % check_shape[1]
+        sr, sc = (r - K // 2).clamp(0, check_shape[0] - K), (c - K // 2).clamp(0, check_shape[1] - K)
+        mask = ((r[None, :] >= sr[:, None]) & (r[None, :] < sr[:, None] + K)
+                & (c[None, :] >= sc[:, None]) & (c[None, :] < sc[:, None] + K))
+        leaves = [t.detach().float().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale)
+        rg = torch.autograd.grad(ref, leaves, go.float().transpose(1, 2))
+        ref = [ref.detach().transpose(1, 2), *(g.transpose(1, 2) for g in rg)]
+        for name in ("ours", "lists"):
+            got = eager_all(fns(check_shape, qkvg_c)[name], qkvg_c)
+            errs = {nm: _rel(a, b) for nm, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
+            rep_["checks"][f"{name}_vs_fp32_sdpa_mask_{check_shape[0]}x{check_shape[1]}"] = errs
+            rep_["checks"][f"{name}_ok"] = all(e == e and e <= (5e-3 if nm == "out" else 1e-2) for nm, e in errs.items())
+            del got
+        del qkvg_c, q, k, v, go, leaves, rg, ref
+    except Exception as exc:  # noqa: BLE001
+        rep_["checks"]["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        traceback.print_exc()
+    print(f"na2d check: {rep_['checks']}", flush=True)
+    save()
+
+    # 2. the main case: ours (table), the generic kernel, dense SDPA
+    qkvg = inputs((R, C))
+    f = fns((R, C), qkvg)
+    table_ref = None
+    try:
+        table_ref = eager_all(f["ours"], qkvg)
+        lists_ref = eager_all(f["lists"], qkvg)
+        rep_["checks"]["ours_vs_lists"] = {nm: _rel(a, b) for nm, a, b in zip(("out", "dq", "dk", "dv"), table_ref, lists_ref)}
+        del lists_ref
+    except Exception as exc:  # noqa: BLE001
+        rep_["checks"]["ours_vs_lists_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        traceback.print_exc()
+    print(f"na2d ours vs lists: {rep_['checks'].get('ours_vs_lists')}", flush=True)
+    save()
+    res = rep_["results"]
+    for name in ("ours", "lists", "sdpa_dense"):
+        res[name] = measure(name, f[name], qkvg, pairs=rep_["pairs"]["ours_table_fwd"] if name == "ours" else None)
+        save()
+    res["ours"]["launch"] = {kd: na2d_triton.launch_config(kd, D, dtype) for kd in ("fwd", "dkdv", "dq")}
+
+    # 3. launch variants (each compiles: a few s), forward first, while the budget lasts; each is
+    # compared with the table's rows on the same inputs before it is timed
+    def cfg(qr, qc, ktr, ktc, warps, stages=3):
+        return dict(QR=qr, QC=qc, KTR=ktr, KTC=ktc, warps=warps, stages=stages)
+
+    if smoke:
+        variants = [("fwd 2x8 q 2x8 k", "fwd", dict(fwd=cfg(2, 8, 2, 8, 4, 1)))]
+    else:
+        variants = []
+        for qr, qc in ((4, 16), (8, 8), (2, 32), (8, 16)):
+            for ktr, ktc in ((2, 32), (4, 32), (1, 64), (4, 16)):
+                for w in ((4, 8) if qr * qc * ktr * ktc >= 128 * 64 else (4,)):
+                    if (qr, qc, ktr, ktc, w) != (4, 16, 2, 32, 4):  # the table's row: measured above
+                        variants.append((f"fwd q{qr}x{qc} k{ktr}x{ktc} w{w}", "fwd", dict(fwd=cfg(qr, qc, ktr, ktc, w))))
+        for ktr, ktc in ((4, 16), (8, 8), (2, 32)):  # dK/dV: key tile per program, gathered query tiles
+            for qr, qc in ((2, 32), (4, 16)):
+                for w in (4, 8):
+                    variants.append((f"dkdv k{ktr}x{ktc} q{qr}x{qc} w{w}", "bwd", dict(dkdv=cfg(qr, qc, ktr, ktc, w))))
+        for qr, qc, ktr, ktc, w in ((8, 8, 2, 32, 4), (8, 16, 2, 32, 8), (4, 16, 4, 32, 8), (2, 32, 4, 16, 4)):
+            variants.append((f"dq q{qr}x{qc} k{ktr}x{ktc} w{w}", "bwd", dict(dq=cfg(qr, qc, ktr, ktc, w))))
+        # fwd variants first by interest: 4 x 16 and 8 x 8 query tiles before the rest
+        variants.sort(key=lambda x: (x[1] != "fwd", not x[0].startswith(("fwd q4x16", "fwd q8x8"))))
+    res["variants"] = {}
+    for label, kind, over in variants:
+        if time.perf_counter() - t0 > budget:
+            rep_["notes"].append(f"variants skipped from {label!r} on: budget {budget:.0f} s")
+            break
+        with na2d_triton.override_launch(**over):
+            row: dict = {"launch": over}
+            try:
+                if table_ref is not None:
+                    got = eager_all(f["ours"], qkvg)
+                    errs = {nm: _rel(a, b) for nm, a, b in zip(("out", "dq", "dk", "dv"), got, table_ref)}
+                    del got
+                    row["vs_table"] = errs
+                    if not all(e == e and e <= (5e-3 if nm == "out" else 1e-2) for nm, e in errs.items()):
+                        row["error"] = "disagrees with the table's rows"
+                if "error" not in row:
+                    pairs = na2d_triton.computed_pairs((R, C), (K, K), na2d_triton.launch_config("fwd", D, dtype))
+                    row.update(measure(label, f["ours"], qkvg, fwd_only=kind == "fwd", bwd_only=kind == "bwd", pairs=pairs))
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile (shared memory) and the like
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            res["variants"][label] = row
+        save()
+    for m in ("fwd_ms", "fwd_bwd_ms"):
+        rows = [("table", res["ours"])] + [(lb, r) for lb, r in res["variants"].items()]
+        best = min([(r[m], lb) for lb, r in rows if m in r], default=None)
+        if best:
+            rep_.setdefault("best", {})[m] = {"ms": best[0], "config": best[1]}
+        for peer in ("lists", "sdpa_dense"):
+            if best and m in res[peer]:
+                rep_.setdefault("speedup_vs", {}).setdefault(peer, {})[m] = {
+                    "table": res[peer][m] / res["ours"][m] if m in res["ours"] else None, "best_variant": res[peer][m] / best[0]}
+    rep_["notes"].append("fwd variants time the forward only, bwd variants forward + backward with the table's forward; "
+                         "the best fwd+bwd combines the best forward and backward rows only if measured together")
+    print(f"na2d best: {rep_.get('best')}; speedups: {rep_.get('speedup_vs')}", flush=True)
+    save()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/diag_swa.json when OUT is set)")
@@ -605,7 +808,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sdpa", action="store_true", help="also time dense causal SDPA at the main case (~5 s)")
     ap.add_argument("--lists-autotune", default="off", choices=bs_triton.AUTOTUNE_MODES, help="launch tuning of the generic kernel")
     ap.add_argument("--na1d", action="store_true", help="1-D neighborhood attention L=32K K=2048 D=128 H=1 (see the doc); ~60 s")
+    ap.add_argument("--na2d", action="store_true", help="2-D neighborhood attention 128x128 K=13x13 D=64 H=16 (see the doc); ~90 s")
     args = ap.parse_args(argv)
+    if args.na2d:
+        if not torch.cuda.is_available() and not args.smoke:
+            print("diag_swa --na2d: needs a CUDA device (or --smoke)", file=sys.stderr)
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return na2d_main(args)
     if args.na1d:
         if not torch.cuda.is_available() and not args.smoke:
             print("diag_swa --na1d: needs a CUDA device (or --smoke)", file=sys.stderr)

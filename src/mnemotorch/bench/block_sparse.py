@@ -807,7 +807,9 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
     """NATTEN-semantics neighborhood attention (non-causal, dilation 1) in 1-D or 2-D.
 
     Ours runs on tokens permuted into tiles (2-D) and the timing includes the permutation of q/k/v and
-    the inverse permutation of the output, as a module on row-major tokens pays it; without tiles
+    the inverse permutation of the output, as a module on row-major tokens pays it. In 2-D,
+    ``ours_na2d_fast`` is the list-free NA-2D kernel (``na2d_triton``) on the row-major tokens, with
+    its own computed pairs (``computed_pairs`` there) and ratios ``speedup_*_ours_na2d_fast_vs_<peer>``; without tiles
     (``tile_shape=None``, e.g. 1-D) the permutation is the identity and is skipped. Flex runs on
     row-major tokens with the same mask; SDPA is dense (non-causal) attention over all tokens.
     ``alternatives``: other ``(tile_shape, q_block, k_block)`` timed for ours only.
@@ -849,6 +851,16 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
 
         _measured(run, res, name, ours_alt, g, [qs, ks, vs])
         res[name]["computed_pairs"] = alt.pattern.computed_pairs()
+    fast_pairs = None
+    if len(shape) == 2:  # the list-free NA-2D kernels on row-major tokens (no permutation to pay)
+        from mnemotorch.ops.block_sparse import na2d_triton
+
+        fast_pairs = na2d_triton.computed_pairs(tuple(shape), (kernel_size, kernel_size),
+                                                na2d_triton.launch_config("fwd", D, run.dtype))
+        _measured(run, res, "ours_na2d_fast", lambda: na2d_triton.na2d_attention_triton(qs, ks, vs, tuple(shape), kernel_size),
+                  g, [qs, ks, vs])
+        res["ours_na2d_fast"]["computed_pairs"] = fast_pairs
+        res["ours_na2d_fast"]["launch"] = {kd: na2d_triton.launch_config(kd, D, run.dtype) for kd in ("fwd", "dkdv", "dq")}
     if "sdpa" in run.peers:
         _sdpa(run, res, "sdpa_dense", False, q, k, v, g)
     if "flex" in run.peers:
@@ -870,8 +882,37 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
             with torch.no_grad():
                 mine = pp.unpermute(block_sparse_attention(pp.permute(q), pp.permute(k), pp.permute(v), pat, backend="triton"))
                 row["rel_diff_vs_flex"] = _rel_diff(mine, theirs)
+                if "fwd_ms" in res.get("ours_na2d_fast", {}):
+                    fast = na2d_triton.na2d_attention_triton(q, k, v, tuple(shape), kernel_size)
+                    row["rel_diff_ours_na2d_fast_vs_flex"] = _rel_diff(fast, theirs)
     _graph_phase(run, row, res)
-    return _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
+    row = _rate_and_ratios(row, res, row["computed_pairs"], row["allowed_pairs"], B, H, D)
+    if fast_pairs is not None:
+        _alt_rate_and_ratios(row, res, "ours_na2d_fast", fast_pairs, B, H, D)
+    return row
+
+
+def _alt_rate_and_ratios(row: dict, res: dict, name: str, computed_pairs: int, B: int, H: int, D: int) -> None:
+    """For one of ours that computes other pairs than ``ours`` (its own kernel, not a launch variant):
+    its TFLOP/s on the pairs it computes, and ``speedup_{fwd,fwd_bwd}[_graphed]_<name>_vs_<peer>``
+    (peer / it, > 1: it is faster) against every peer, as ``_rate_and_ratios`` does for ``ours``."""
+    flops = 4 * B * H * D * computed_pairs
+    for key in (name, f"{name}_graphed"):
+        r = res.get(key, {})
+        if r.get("fwd_ms"):
+            r["fwd_tflops_computed"] = flops / (r["fwd_ms"] * 1e-3) / 1e12
+            fb = r.get("fwd_bwd_ms")
+            r["fwd_bwd_tflops_computed"] = 3.5 * flops / (fb * 1e-3) / 1e12 if fb else None
+    for ours_name, suffix in ((name, ""), (f"{name}_graphed", "_graphed")):
+        ours = res.get(ours_name, {})
+        if not ours.get("fwd_ms"):
+            continue
+        for peer, r in res.items():
+            if peer.startswith("ours") or not r.get("fwd_ms") or (not suffix and peer.endswith("_graphed")):
+                continue
+            row[f"speedup_fwd{suffix}_{name}_vs_{peer}"] = r["fwd_ms"] / ours["fwd_ms"]
+            if r.get("fwd_bwd_ms") and ours.get("fwd_bwd_ms"):
+                row[f"speedup_fwd_bwd{suffix}_{name}_vs_{peer}"] = r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
 
 
 def power_case(L: int, D: int = 128, H: int = 16, B: int = 1, dtype=torch.bfloat16, block_size: int = 256,

@@ -39,6 +39,7 @@ from ..ops.block_sparse import (
     RelativeBias,
     block_sparse_attention,
     halo_pattern,
+    na2d_fast_path,
     neighborhood_pattern_2d,
     neighborhood_predicate,
     relative_bias_grid,
@@ -342,7 +343,10 @@ def na2d(
             head dim, else ``"gather"``), ``"block_sparse"`` (the
             block-sparse op with its own ``auto`` dispatch: Triton on CUDA, its dense reference
             elsewhere), ``"triton"`` (the kernel, also under ``TRITON_INTERPRET=1``), or
-            ``"gather"`` (plain PyTorch, ``O(HW * kh * kw)``).
+            ``"gather"`` (plain PyTorch, ``O(HW * kh * kw)``). On ``"triton"``, plain NA-2D
+            (dilation 1, stride 1, non-causal, no ``rpb``) runs the list-free kernels of
+            ``ops/block_sparse/na2d_triton.py`` on row-major tokens (``tile_shape`` unused) unless
+            ``MNEMO_NA2D_KERNEL=off``.
         tile_shape: spatial tile of the token permutation for the block-sparse paths; its
             ``prod`` is the kernel's query/key block (a power of two >= 16).
 
@@ -364,6 +368,13 @@ def na2d(
         backend = "triton" if _kernel_ok(q) else "gather"
     if backend == "gather":
         return _na2d_gather(q, k, v, ks, ds, ss, cs, rpb, scale)
+    if backend == "triton" and ds == (1, 1) and ss == (1, 1) and cs == (False, False) and rpb is None and na2d_fast_path():
+        # plain NA-2D: the list-free kernels gather spatial tiles from row-major tokens (no permutation)
+        from ..ops.block_sparse.na2d_triton import na2d_attention_triton
+
+        b, h, w, nh, d = q.shape
+        out = na2d_attention_triton(*(t.reshape(b, h * w, t.shape[3], d) for t in (q, k, v)), (h, w), ks, scale)
+        return out.reshape(b, h, w, nh, d)
     return _na2d_block_sparse(q, k, v, ks, ds, ss, cs, scale, tile, "triton" if backend == "triton" else "auto", rpb)
 
 

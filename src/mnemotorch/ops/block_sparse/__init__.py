@@ -6,7 +6,9 @@
 A plain causal sliding window (``pattern.causal_window`` set, no bias) takes a list-free fast
 path (``swa_triton.py``) on CUDA; ``MNEMO_SWA_KERNEL`` chooses (:func:`swa_kernel_mode`). A plain
 1-D neighborhood pattern (``pattern.na1d`` set) takes the same kernels' NA1D mode only with
-``MNEMO_NA1D_KERNEL=fast`` (:func:`na1d_fast_path`; off by default until timed on a GPU).
+``MNEMO_NA1D_KERNEL=fast`` (:func:`na1d_fast_path`; off by default until timed on a GPU). Plain 2-D
+neighborhood attention on row-major tokens has its own list-free kernels (``na2d_triton.py``), which
+``layers.vision.na2d`` takes unless ``MNEMO_NA2D_KERNEL=off`` (:func:`na2d_fast_path`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,21 @@ def na1d_fast_path() -> bool:
     mode = os.environ.get(NA1D_KERNEL_ENV, "off")
     if mode not in NA1D_KERNEL_MODES:
         raise ValueError(f"{NA1D_KERNEL_ENV} must be one of {NA1D_KERNEL_MODES}, got {mode!r}")
+    return mode == "fast"
+
+
+NA2D_KERNEL_ENV = "MNEMO_NA2D_KERNEL"
+NA2D_KERNEL_MODES = ("off", "fast")
+
+
+def na2d_fast_path() -> bool:
+    """``MNEMO_NA2D_KERNEL``, read on every call: ``"fast"`` (default) -- ``layers.vision.na2d`` on the
+    Triton backend runs plain NA-2D (dilation 1, stride 1, non-causal, no bias) through the list-free
+    kernels of ``na2d_triton.py`` on row-major tokens; ``"off"`` -- the generic list kernel on tokens
+    permuted into tiles (the path every other NA-2D case takes)."""
+    mode = os.environ.get(NA2D_KERNEL_ENV, "fast")
+    if mode not in NA2D_KERNEL_MODES:
+        raise ValueError(f"{NA2D_KERNEL_ENV} must be one of {NA2D_KERNEL_MODES}, got {mode!r}")
     return mode == "fast"
 
 
@@ -191,6 +208,7 @@ __all__ = [
     "neighborhood_pattern_3d",
     "neighborhood_predicate",
     "na1d_fast_path",
+    "na2d_fast_path",
     "power_pattern",
     "predicate_pattern",
     "prefix_lm_pattern",
