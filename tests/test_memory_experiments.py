@@ -29,12 +29,13 @@ def test_mqar_memory_grid_and_state_sizes():
     want = [(m, w, lr_mid) for m in ("attention", "titans_lmm", "gated_delta_net", "delta_net") for w in (64, 128)]
     want += [("moneta", 64, lr_mid), ("titans_lmm_c16", 64, lr_mid)]  # the first run's grid + the chunk-16 probe
     want += [(m, w, lr) for m, w in (("attention", 64), ("titans_lmm", 64), ("titans_lmm", 128), ("moneta", 64)) for lr in (lr_lo, lr_hi)]
+    want += [(m, 64, lr) for m in ("titans_lmm_linear_lr1", "titans_lmm_lr1") for lr in (lr_lo, lr_mid)]  # write-strength probes
     assert sorted((c.mixer, c.width, c.lr) for c in cells) == sorted(want)
     (setting,) = cfg["settings"]
     assert (setting["seq_len"], setting["num_kv_pairs"]) == (128, 8) and cfg["train"]["precision"] == "fp32"
     for c in cells:  # Zoology's layout: the conv layer, then one layer of the memory
         if c.mixer != "attention":
-            assert c.layer_plan[0] == {"type": "short_conv", "kernel_size": 3} and c.layer_plan[1]["type"] == c.mixer.removesuffix("_c16")
+            assert c.layer_plan[0] == {"type": "short_conv", "kernel_size": 3} and c.layer_plan[1]["type"] == ("titans_lmm" if c.mixer.startswith("titans_lmm") else c.mixer)
     # The state sizes the summary page's accounting table gives (L = 128).
     sizes = {(c.mixer, c.width): build(cfg, c, 8192).state_size(128) for c in cells}
     assert sizes == {
@@ -42,10 +43,11 @@ def test_mqar_memory_grid_and_state_sizes():
         ("titans_lmm", 64): 25408, ("titans_lmm", 128): 99968,
         ("gated_delta_net", 64): 4928, ("gated_delta_net", 128): 18048,
         ("delta_net", 64): 4928, ("delta_net", 128): 18048,
-        ("moneta", 64): 17216, ("titans_lmm_c16", 64): 25408,
+        ("moneta", 64): 17216, ("titans_lmm_c16", 64): 25408, ("titans_lmm_lr1", 64): 25408,
+        ("titans_lmm_linear_lr1", 64): 3 * 64 * 64 + 9 * 64 + 4 * 64,
     }
     quick = load_experiment_config(MQAR, quick=True)
-    assert set(quick["mixers"]) == set(cfg["mixers"]) and len(plan_cells(quick)) == 10
+    assert set(quick["mixers"]) == set(cfg["mixers"]) and len(plan_cells(quick)) == 12
 
 
 def test_passkey_titans_grid_equal_parameters_and_anchors():
