@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call for the neighborhood-attention kernels (run on the GPU machine, repo root):
+#   1. GPU tests side by side (one process per shard; NA_TESTS: "path[::sel]|shards" entries), each
+#      log kept whole in $OUT/na_logs.tgz;
+#   2. scripts/diag_swa.py --na2d and --na1d (graph-timed fast paths, launch variants, generic
+#      kernel, dense SDPA; JSON in $OUT/diag_na2d.json, $OUT/diag_na1d.json).
+# STEPS (default "tests na2d na1d") picks the parts. Every part has its own time limit.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source "$ROOT/scripts/gpu_env.sh"
+L=/tmp/na_logs; rm -rf "$L"; mkdir -p "$L"
+for step in ${STEPS:-tests na2d na1d}; do
+  case "$step" in
+    tests)
+      pids=()
+      for spec in ${NA_TESTS:-tests/gpu/test_na2d_gpu.py|3 tests/gpu/test_vision_gpu.py|2}; do
+        path="${spec%%|*}"; n="${spec##*|}"; [ "$n" = "$spec" ] && n=1
+        name="$(echo "$path" | sed 's#.*/##; s/\.py//; s/[^A-Za-z0-9_.-]/_/g' | cut -c1-80)"
+        for ((i = 0; i < n; i++)); do
+          MNEMO_TEST_SHARD=$i/$n MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 20 "${TEST_TIMEOUT:-240}" \
+              python3 -m pytest -v -p no:cacheprovider -rfEx "$path" > "$L/$name.$i.log" 2>&1 &
+          pids+=($!)
+        done
+      done
+      wait "${pids[@]}"
+      for f in "$L"/*.log; do echo "-- $(basename "$f")"; grep -E "passed|failed|FAILED|^E  " "$f" | tail -8 | cut -c1-300; done ;;
+    na2d)
+      echo "== na2d diag =="
+      timeout "${NA2D_TIMEOUT:-150}" python3 scripts/diag_swa.py --na2d --time-budget "${NA2D_BUDGET:-100}" > "$L/diag_na2d.out" 2>&1
+      grep -v -i warn "$L/diag_na2d.out" | tail -14 | cut -c1-400 ;;
+    na1d)
+      echo "== na1d diag =="
+      MNEMO_NA1D_KERNEL=fast timeout "${NA1D_TIMEOUT:-130}" python3 scripts/diag_swa.py --na1d --time-budget "${NA1D_BUDGET:-90}" > "$L/diag_na1d.out" 2>&1
+      grep -v -i warn "$L/diag_na1d.out" | tail -4 | cut -c1-600 ;;
+  esac
+done
+(cd "$L" && tar czf "$OUT/na_logs.tgz" .)
