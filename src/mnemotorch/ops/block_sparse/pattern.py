@@ -53,7 +53,7 @@ class BlockSparsePattern:
             a pattern whose lists are edited must drop it.
         na1d: set by :func:`~mnemotorch.ops.block_sparse.neighborhood_pattern` for a plain 1-D
             neighborhood (dilation 1, stride 1, no tiling): ``(kernel_size, causal)``. With
-            ``MNEMO_NA1D_KERNEL=fast`` the kernels then take the list-free NA-1D path (causal: the
+            ``MNEMO_NA1D_KERNEL`` (default: on CUDA) the kernels then take the list-free NA-1D path (causal: the
             sliding-window path, which equals it). ``None`` otherwise; edited lists must drop it.
     """
 
