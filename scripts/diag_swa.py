@@ -583,6 +583,14 @@ def na1d_main(args) -> int:
         ("fwd BM64 BN64 w4 s4 tma one", dict(fwd=dict(BM=64, BN=64, warps=4, stages=4, tma=True, one_loop=True))),
         ("fwd BM64 BN64 w4 s3 tma three lazy8", dict(fwd=dict(BM=64, BN=64, warps=4, stages=3, tma=True, one_loop=False, lazy=8.0))),
         ("fwd BM64 BN64 w4 s3 one", dict(fwd=dict(BM=64, BN=64, warps=4, stages=3, one_loop=True))),
+        ("fwd BM64 BN64 w4 s2 tma one", dict(fwd=dict(BM=64, BN=64, warps=4, stages=2, tma=True, one_loop=True))),
+        ("fwd BM64 BN32 w4 s3 tma one", dict(fwd=dict(BM=64, BN=32, warps=4, stages=3, tma=True, one_loop=True))),
+        ("fwd BM64 BN64 w4 s3 tma three", dict(fwd=dict(BM=64, BN=64, warps=4, stages=3, tma=True, one_loop=False))),
+        ("dkdv BM64 BN64 w4 s3 tma", dict(dkdv=dict(BM=64, BN=64, warps=4, stages=3, tma=True))),
+        ("dkdv BM32 BN64 s3 tma one", dict(dkdv=dict(BM=32, BN=64, warps=4, stages=3, tma=True, one_loop=True))),
+        ("dkdv BM64 BN128 w8 s2", dict(dkdv=dict(BM=64, BN=128, warps=8, stages=2))),
+        ("dq BM64 BN64 s3 tma delta", dict(dq=dict(BM=64, BN=64, warps=4, stages=3, tma=True, delta=True))),
+        ("dq BM128 BN64 w8 s2 delta", dict(dq=dict(BM=128, BN=64, warps=8, stages=2, delta=True))),
         ("dkdv BM32 BN64 one", dict(dkdv=dict(BM=32, BN=64, warps=4, stages=3, one_loop=True))),
         ("dkdv BM64 BN128 w8 fused tma one", dict(dkdv=dict(BM=64, BN=128, warps=8, stages=2, fused_dq="tma", one_loop=True))),
         ("dq BM64 BN64 one delta", dict(dq=dict(BM=64, BN=64, warps=4, stages=2, one_loop=True, delta=True))),
@@ -760,6 +768,15 @@ def na2d_main(args) -> int:
             variants.append((f"dq q{qr}x{qc} k{ktr}x{ktc} w{w}", "bwd", dict(dq=cfg(qr, qc, ktr, ktc, w))))
         # fwd variants first by interest: 4 x 16 and 8 x 8 query tiles before the rest
         variants.sort(key=lambda x: (x[1] != "fwd", not x[0].startswith(("fwd q4x16", "fwd q8x8"))))
+        if args.na2d_variants == "bwd":  # the backward only: stages, the Delta placement, a few tile shapes
+            dk0, dq0 = na2d_triton.launch_config("dkdv", D, dtype), na2d_triton.launch_config("dq", D, dtype)
+            variants = [("dq delta=False (preprocess pass, dK/dV first)", "bwd", dict(dq=dict(dq0, delta=False)))]
+            variants += [(f"dkdv stages {st}", "bwd", dict(dkdv=dict(dk0, stages=st))) for st in (2, 4)]
+            variants += [(f"dq stages {st}", "bwd", dict(dq=dict(dq0, stages=st))) for st in (2, 4)]
+            variants += [(f"dkdv k{ktr}x{ktc} q{qr}x{qc} s{st}", "bwd", dict(dkdv=cfg(qr, qc, ktr, ktc, 4, st)))
+                         for ktr, ktc, qr, qc, st in ((4, 16, 4, 16, 2), (4, 32, 2, 32, 2), (4, 32, 2, 32, 3), (2, 32, 2, 32, 2))]
+            variants += [(f"dq q{qr}x{qc} k{ktr}x{ktc} s{st}", "bwd", dict(dq=dict(cfg(qr, qc, ktr, ktc, 4, st), delta=True)))
+                         for qr, qc, ktr, ktc, st in ((4, 16, 4, 16, 3), (4, 16, 4, 32, 2), (8, 8, 2, 32, 3), (4, 16, 2, 32, 2))]
     res["variants"] = {}
     for label, kind, over in variants:
         if time.perf_counter() - t0 > budget:
@@ -807,6 +824,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes tens of seconds)")
     ap.add_argument("--sdpa", action="store_true", help="also time dense causal SDPA at the main case (~5 s)")
     ap.add_argument("--lists-autotune", default="off", choices=bs_triton.AUTOTUNE_MODES, help="launch tuning of the generic kernel")
+    ap.add_argument("--na2d-variants", default="all", choices=("all", "bwd"),
+                    help="--na2d launch variants: every forward / backward tile shape (all) or the backward's stages, "
+                    "Delta placement and a few tile shapes (bwd)")
     ap.add_argument("--na1d", action="store_true", help="1-D neighborhood attention L=32K K=2048 D=128 H=1 (see the doc); ~60 s")
     ap.add_argument("--na2d", action="store_true", help="2-D neighborhood attention 128x128 K=13x13 D=64 H=16 (see the doc); ~90 s")
     args = ap.parse_args(argv)

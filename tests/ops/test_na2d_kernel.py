@@ -110,6 +110,15 @@ def test_bf16_small_tiles(gpu_numerics) -> None:
     check((13, 21), (5, 4), 2, 2, 1, 32, torch.bfloat16, small(), seed=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_delta_preprocess_path(dtype, gpu_numerics) -> None:
+    """``delta=False`` on the dQ row: Delta from the preprocess pass and dK/dV before dQ (the default
+    computes Delta in the dQ kernel, which then runs first); bf16 includes the output's residual."""
+    launch = small()
+    launch["dq"] = dict(launch["dq"], delta=False)
+    check((13, 21), (5, 4), 2, 2, 1, 32, dtype, launch, seed=4)
+
+
 def test_computed_pairs_at_the_issue_case() -> None:
     """128 x 128, 13 x 13, default 16-bit D = 64 forward row: 512 computed keys per interior query
     (8 key tiles of 2 x 32 per 4 x 16 query tile), never more at the borders."""

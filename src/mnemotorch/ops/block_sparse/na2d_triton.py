@@ -53,7 +53,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .swa_triton import _delta_launch, _mma, _na_first_query, _na_last_query, _na_start
-from .triton import LOG2E, _alloc, _cdiv, _eager_ok, _ld_rows, _mm, _pow2, _st_rows
+from .triton import LOG2E, _alloc, _cdiv, _dq_delta, _eager_ok, _ld_rows, _mm, _pow2, _st_rows
 
 # ---------------------------------------------------------------------------------------------
 # geometry helpers
@@ -229,13 +229,15 @@ def _na2d_bwd_dkdv_kernel(
 
 @triton.jit
 def _na2d_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
+    Q, K, V, DO, LSE, DELTA, DQ, O, OLO,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sob, sot, soh,
     qk_scale, sm_scale, R, C, KR, KC,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     QR: tl.constexpr, QC: tl.constexpr, KTR: tl.constexpr, KTC: tl.constexpr,
-    IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+    IEEE: tl.constexpr, EVEN_D: tl.constexpr, DELTA_IN: tl.constexpr, HAS_LO: tl.constexpr,
 ):
+    # DELTA_IN: this kernel runs before dK/dV and computes Delta = rowsum(dO * O) of its rows itself
+    # (it holds dO already), storing it for dK/dV: no preprocess pass over O, its residual and dO.
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -251,7 +253,10 @@ def _na2d_bwd_dq_kernel(
     do = _ld_rows(DO + b.to(tl.int64) * sdob + h * sdoh + q_tok[:, None].to(tl.int64) * sdot + offs_d[None, :], q_ok, d_ok, EVEN_D)
     stat = bh.to(tl.int64) * R * C
     lse = tl.load(LSE + stat + q_tok, mask=q_ok, other=0.0)
-    delta = tl.load(DELTA + stat + q_tok, mask=q_ok, other=0.0)
+    if DELTA_IN:
+        delta = _dq_delta(O, OLO, DELTA, do, b, h, bh, sob, sot, soh, q_tok, offs_d, q_ok, d_ok, R * C, EVEN_D, HAS_LO)
+    else:
+        delta = tl.load(DELTA + stat + q_tok, mask=q_ok, other=0.0)
     sr = _na_start(qr, KR, R)
     sc = _na_start(qc, KC, C)
     k_base = K + b.to(tl.int64) * skb + hk * skh
@@ -295,20 +300,20 @@ LAUNCH: dict[tuple[str, int, str], dict] = {
     ("dkdv", 64, "16"): dict(QR=2, QC=32, KTR=4, KTC=16, warps=4, stages=3),
     ("dkdv", 128, "16"): dict(QR=2, QC=16, KTR=4, KTC=16, warps=4, stages=2),
     ("dkdv", 256, "16"): dict(QR=1, QC=32, KTR=2, KTC=16, warps=4, stages=1),
-    ("dq", 64, "16"): dict(QR=4, QC=16, KTR=2, KTC=32, warps=4, stages=3),
-    ("dq", 128, "16"): dict(QR=4, QC=16, KTR=1, KTC=32, warps=4, stages=2),
-    ("dq", 256, "16"): dict(QR=2, QC=16, KTR=1, KTC=32, warps=4, stages=1),
+    ("dq", 64, "16"): dict(QR=4, QC=16, KTR=2, KTC=32, warps=4, stages=3, delta=True),
+    ("dq", 128, "16"): dict(QR=4, QC=16, KTR=1, KTC=32, warps=4, stages=2, delta=True),
+    ("dq", 256, "16"): dict(QR=2, QC=16, KTR=1, KTC=32, warps=4, stages=1, delta=True),
     ("fwd", 64, "32"): dict(QR=4, QC=16, KTR=1, KTC=32, warps=4, stages=2),
     ("fwd", 128, "32"): dict(QR=4, QC=16, KTR=1, KTC=32, warps=4, stages=1),
     ("fwd", 256, "32"): dict(QR=2, QC=16, KTR=1, KTC=16, warps=4, stages=1),
     ("dkdv", 64, "32"): dict(QR=1, QC=32, KTR=4, KTC=16, warps=4, stages=2),
     ("dkdv", 128, "32"): dict(QR=1, QC=32, KTR=4, KTC=16, warps=8, stages=1),
     ("dkdv", 256, "32"): dict(QR=1, QC=16, KTR=2, KTC=16, warps=4, stages=1),
-    ("dq", 64, "32"): dict(QR=4, QC=16, KTR=1, KTC=32, warps=4, stages=2),
-    ("dq", 128, "32"): dict(QR=4, QC=16, KTR=1, KTC=32, warps=4, stages=1),
-    ("dq", 256, "32"): dict(QR=2, QC=16, KTR=1, KTC=16, warps=4, stages=1),
+    ("dq", 64, "32"): dict(QR=4, QC=16, KTR=1, KTC=32, warps=4, stages=2, delta=True),
+    ("dq", 128, "32"): dict(QR=4, QC=16, KTR=1, KTC=32, warps=4, stages=1, delta=True),
+    ("dq", 256, "32"): dict(QR=2, QC=16, KTR=1, KTC=16, warps=4, stages=1, delta=True),
 }
-_KEYS = ("QR", "QC", "KTR", "KTC", "warps", "stages")
+_KEYS = ("QR", "QC", "KTR", "KTC", "warps", "stages", "delta")
 _KINDS = ("fwd", "dkdv", "dq")
 #: per-kernel overrides (``override_launch``), applied over the table for every head dim / dtype
 _OVERRIDES: dict[str, dict] = {}
@@ -412,7 +417,8 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, rows: int, cols: int, kr: int, kc
 
 def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor | None, rows: int, cols: int,
               kr: int, kc: int, scale: float):
-    """``(dq, dk, dv)``: Delta (``_bwd_preprocess``, from the fp32 output), then dK/dV, then dQ;
+    """``(dq, dk, dv)``: with the dQ row's ``delta`` (default) dQ first, computing Delta from the fp32
+    output itself, then dK/dV; else Delta (``_bwd_preprocess``), dK/dV, dQ;
     ``o_lo`` is the forward's residual of a 16-bit ``o`` (``None`` / empty: none)."""
     do = do.contiguous() if do.stride(-1) != 1 else do
     has_lo = o_lo is not None and o_lo.numel() > 0
@@ -423,7 +429,25 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     bd = _pow2(d)
     ieee = q.dtype == torch.float32
     delta = _alloc(q, (b, h, n), torch.float32)
-    _delta_launch(do, o, o_lo if has_lo else o, has_lo, delta)
+    cq = launch_config("dq", d, q.dtype)
+    delta_in = bool(cq.get("delta", False))
+    dq = _alloc(q)
+
+    def dq_launch():
+        lo = o_lo if has_lo else o
+        _na2d_bwd_dq_kernel[(_cdiv(rows, cq["QR"]) * _cdiv(cols, cq["QC"]), b * h)](
+            q, k, v, do, lse, delta, dq, o, lo,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            scale * LOG2E, scale, rows, cols, kr, kc,
+            H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, QR=cq["QR"], QC=cq["QC"], KTR=cq["KTR"], KTC=cq["KTC"],
+            IEEE=ieee, EVEN_D=bd == d, DELTA_IN=delta_in, HAS_LO=has_lo, num_warps=cq["warps"], num_stages=cq["stages"],
+        )
+
+    if delta_in:  # dQ first: it writes Delta for dK/dV
+        dq_launch()
+    else:
+        _delta_launch(do, o, o_lo if has_lo else o, has_lo, delta)
 
     ck = launch_config("dkdv", d, q.dtype)
     dk = _alloc(k, k.shape)
@@ -436,17 +460,8 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
         H=h, HKV=hkv, GROUP=h // hkv, D=d, BLOCK_D=bd, QR=ck["QR"], QC=ck["QC"], KTR=ck["KTR"], KTC=ck["KTC"],
         IEEE=ieee, EVEN_D=bd == d, num_warps=ck["warps"], num_stages=ck["stages"],
     )
-
-    cq = launch_config("dq", d, q.dtype)
-    dq = _alloc(q)
-    _na2d_bwd_dq_kernel[(_cdiv(rows, cq["QR"]) * _cdiv(cols, cq["QC"]), b * h)](
-        q, k, v, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        scale * LOG2E, scale, rows, cols, kr, kc,
-        H=h, GROUP=h // hkv, D=d, BLOCK_D=bd, QR=cq["QR"], QC=cq["QC"], KTR=cq["KTR"], KTC=cq["KTC"],
-        IEEE=ieee, EVEN_D=bd == d, num_warps=cq["warps"], num_stages=cq["stages"],
-    )
+    if not delta_in:
+        dq_launch()
     return dq, dk, dv
 
 
