@@ -2,9 +2,10 @@
 # One device call for the neighborhood-attention kernels (run on the GPU machine, repo root):
 #   1. GPU tests side by side (one process per shard; NA_TESTS: "path[::sel]|shards" entries), each
 #      log kept whole in $OUT/na_logs.tgz;
-#   2. scripts/diag_swa.py --na2d and --na1d (graph-timed fast paths, launch variants, generic
-#      kernel, dense SDPA; JSON in $OUT/diag_na2d.json, $OUT/diag_na1d.json).
-# STEPS (default "tests na2d na1d") picks the parts. Every part has its own time limit.
+#   2. scripts/diag_swa.py --na2d (NA2D_ARGS, e.g. "--na2d-variants bwd") and --na1d (graph-timed fast
+#      paths, launch variants, generic kernel, dense SDPA; JSON in $OUT/diag_na2d.json, $OUT/diag_na1d.json);
+#   3. bench: `mnemo bench kernels --cases na2d,na1d --cuda-graph` ($OUT/bench_kernels.json).
+# STEPS (default "tests na2d na1d"; add "bench") picks the parts. Every part has its own time limit.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,12 +28,17 @@ for step in ${STEPS:-tests na2d na1d}; do
       for f in "$L"/*.log; do echo "-- $(basename "$f")"; grep -E "passed|failed|FAILED|^E  " "$f" | tail -8 | cut -c1-300; done ;;
     na2d)
       echo "== na2d diag =="
-      timeout "${NA2D_TIMEOUT:-150}" python3 scripts/diag_swa.py --na2d --time-budget "${NA2D_BUDGET:-100}" > "$L/diag_na2d.out" 2>&1
+      timeout "${NA2D_TIMEOUT:-150}" python3 scripts/diag_swa.py --na2d --time-budget "${NA2D_BUDGET:-100}" ${NA2D_ARGS:-} > "$L/diag_na2d.out" 2>&1
       grep -v -i warn "$L/diag_na2d.out" | tail -14 | cut -c1-400 ;;
     na1d)
       echo "== na1d diag =="
       MNEMO_NA1D_KERNEL=fast timeout "${NA1D_TIMEOUT:-130}" python3 scripts/diag_swa.py --na1d --time-budget "${NA1D_BUDGET:-90}" > "$L/diag_na1d.out" 2>&1
       grep -v -i warn "$L/diag_na1d.out" | tail -4 | cut -c1-600 ;;
+    bench)
+      echo "== mnemo bench kernels =="
+      timeout "${BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \
+          --cases "${BENCH_CASES:-na2d,na1d}" --cuda-graph --time-budget "${BENCH_BUDGET:-150}" ${BENCH_ARGS:-} > "$L/bench.out" 2>&1
+      grep -v -i warn "$L/bench.out" | grep -E "^[a-z_]+ L=|^  (ours|flex|sdpa)" | cut -c1-400 ;;
   esac
 done
 (cd "$L" && tar czf "$OUT/na_logs.tgz" .)
