@@ -574,7 +574,7 @@ def na1d_main(args) -> int:
     for name in ("ours", "lists", "sdpa_dense"):
         res[name] = measure(name, f[name], qkvg)
         save()
-    res["ours"]["launch"] = {kd: swa_triton.launch_config(kd, D, dtype) for kd in ("fwd", "dkdv", "dq")}
+    res["ours"]["launch"] = {kd: swa_triton.launch_config(kd, D, dtype, na1d=True) for kd in ("fwd", "dkdv", "dq")}
     # a few launch variants of ours (each compiles: ~3-5 s), while the budget lasts
     variants = [
         ("fwd BM128 BN128 w8 s3 tma one", dict(fwd=dict(BM=128, BN=128, warps=8, stages=3, tma=True, one_loop=True))),

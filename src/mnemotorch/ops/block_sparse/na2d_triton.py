@@ -289,15 +289,16 @@ def _na2d_bwd_dq_kernel(
 #: "dkdv": key tile ``KTR x KTC`` per program, query tiles ``QR x QC`` per loop step. Each of
 #: ``QR, QC, KTR, KTC`` a power of two, ``QR * QC`` and ``KTR * KTC`` >= 16.
 #:
-#: Not yet timed on a GPU: the 16-bit D <= 64 rows are the design's starting point for 13 x 13
-#: kernels (4 x 16 query tiles: 28-column unions in one 32-column key tile; dK/dV transposed:
-#: 4 x 16 key tiles, 2 x 32 query tiles), the others scaled down for registers / shared memory.
-#: ``scripts/diag_swa.py --na2d`` sweeps tile shapes and warps.
+#: The 16-bit D <= 64 rows are the best measured on an H100 at 128 x 128 / 13 x 13 / H 16
+#: (``scripts/diag_swa.py --na2d``, docs/results/block_sparse.md): 4 x 16 query tiles with 2 x 32 key
+#: tiles (28-column unions in one 32-column key tile), dK/dV transposed (4 x 16 key tiles, 2 x 32
+#: query tiles, 2 stages), dQ computing Delta; 4 warps everywhere. The other rows are scaled down for
+#: registers / shared memory and not timed.
 LAUNCH: dict[tuple[str, int, str], dict] = {
     ("fwd", 64, "16"): dict(QR=4, QC=16, KTR=2, KTC=32, warps=4, stages=3),
     ("fwd", 128, "16"): dict(QR=4, QC=16, KTR=2, KTC=32, warps=4, stages=2),
     ("fwd", 256, "16"): dict(QR=4, QC=16, KTR=1, KTC=32, warps=4, stages=1),
-    ("dkdv", 64, "16"): dict(QR=2, QC=32, KTR=4, KTC=16, warps=4, stages=3),
+    ("dkdv", 64, "16"): dict(QR=2, QC=32, KTR=4, KTC=16, warps=4, stages=2),
     ("dkdv", 128, "16"): dict(QR=2, QC=16, KTR=4, KTC=16, warps=4, stages=2),
     ("dkdv", 256, "16"): dict(QR=1, QC=32, KTR=2, KTC=16, warps=4, stages=1),
     ("dq", 64, "16"): dict(QR=4, QC=16, KTR=2, KTC=32, warps=4, stages=3, delta=True),
