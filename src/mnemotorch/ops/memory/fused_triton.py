@@ -1,0 +1,417 @@
+"""Titans neural memory: a fused forward (inference / prefill) Triton kernel over all full chunks of a call.
+
+The chunked dual form (:mod:`.chunked`) launches ~100 small kernels per chunk; here one program per
+(batch row, head) walks every full chunk of the call with the memory state carried *inside* the
+kernel: no launch per chunk. The arithmetic is :func:`~.chunked._chunk_step` at a chunk boundary
+(``w0 = w``), depth 1 or 2, written out:
+
+* the gate coefficients ``G, N [n, B, H, C, C]`` and ``β, m, f [n, B, H, C]`` of all full chunks
+  are built beforehand in PyTorch (:func:`~.chunked.chunk_coefficients`, fp32) and read per chunk;
+* the state ``W_1 [Dk, hid], S_1, W_2 [hid, Dv], S_2`` (256 KiB per head at Dk = Dv = 64,
+  hid = 256, fp32) does not fit one SM's registers, so it lives in the returned fp32 state tensors
+  themselves (a per-head global scratch, L2-resident at the benchmark's size), which the program
+  reads and rewrites every chunk, ``BH`` columns of ``W_1``/``S_1`` (rows of ``W_2``/``S_2``) at a
+  time; the key pass's ``Z_1`` and ``Δ_1`` (``[C, hid]``) go to a per-head scratch likewise;
+* per chunk, three passes over the hidden slices: (A) ``Z_1 = K W_1``, ``Z_2 = Σ σ(Z_1) W_2``;
+  then the LayerNorm / residual / loss backward gives ``Δ_2`` in registers; (B) ``Δ_1 =
+  (Δ_2 W_2ᵀ) ∘ σ'(Z_1)`` and the per-token gradient norms the clip needs (the clip scale must be
+  known for *all* tokens before any read uses ``G``); (C) the dual-form read of layer 1 slice by
+  slice, its contributions to layer 2's read summed over slices (``Ĥ W_2``, ``Ĥ S_2``, ``Ĥ Hᵀ``),
+  and the state update of the slice, written over the slice it was read from.
+
+A program reads back what it wrote to global memory (the state between chunks, the scratch between
+passes) with other threads of its own block: ``tl.debug_barrier()`` (``__syncthreads``, which also
+orders global memory within the block) separates each writing pass from the next reading one.
+
+Matmuls accumulate in fp32 (the accumulation dtype of :func:`neural_memory_chunked` for half and
+float32 inputs); with float32 inputs the products are exact fp32 (``input_precision="ieee"``),
+with bf16 / fp16 inputs TF32 (the inputs carry 8 / 11 mantissa bits already).
+
+Scope: forward only (no autograd); depth 1 or 2; power-of-two ``chunk_size``, ``Dk``, ``Dv`` and
+hidden width, each ≥ 16 (``tl.dot`` tiles). The partial segments of a call (the rest of a chunk
+begun by an earlier call, a partial last chunk) run through the eager :func:`neural_memory_chunked`
+with the state carried, so any call is accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..block_sparse.triton import _alloc
+from .chunked import _chunk_major, chunk_coefficients, neural_memory_chunked
+from .reference import (
+    DEFAULT_LN_EPS,
+    MemoryState,
+    accumulation_dtype,
+    check_ln_eps,
+    check_max_grad_norm,
+    check_memory_args,
+)
+
+_ACT_CODES = {"silu": 0, "gelu": 1, "relu": 2}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Hidden columns of W_1 (rows of W_2) one pass step holds in registers.
+HIDDEN_SLICE = 64
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        c = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc)
+    return c
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 0:
+        out = z * tl.sigmoid(z)
+    elif ACT == 1:
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    else:
+        out = tl.maximum(z, 0.0)
+    return out
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    if ACT == 0:
+        s = tl.sigmoid(z)
+        out = s * (1.0 + z * (1.0 - s))
+    elif ACT == 1:
+        out = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    else:
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    return out
+
+
+@triton.jit
+def _ln_rows(z, D: tl.constexpr, eps):
+    """Affine-free LayerNorm of each row of ``z [rows, D]``: ``(normalised, rstd [rows])``."""
+    mu = tl.sum(z, 1) / D
+    zc = z - mu[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + eps)
+    return zc * rstd[:, None], rstd
+
+
+@triton.jit
+def _loss_grad(z, k, v, D: tl.constexpr, eps, RESIDUAL: tl.constexpr, LN: tl.constexpr):
+    """``∂‖M(k) − v‖² / ∂z`` of the last layer's pre-output ``z`` (LayerNorm backward included)."""
+    if LN:
+        out, rstd = _ln_rows(z, D, eps)
+    else:
+        out = z
+    if RESIDUAL:
+        pred = out + k
+    else:
+        pred = out
+    d = 2.0 * (pred - v)
+    if LN:
+        d = rstd[:, None] * (d - (tl.sum(d, 1) / D)[:, None] - out * (tl.sum(d * out, 1) / D)[:, None])
+    return d
+
+
+@triton.jit
+def _last(x, rows, C: tl.constexpr):
+    """Row ``C − 1`` of ``x [C, C]`` as a vector (indexed by column)."""
+    return tl.sum(tl.where(rows[:, None] == C - 1, x, 0.0), 0)
+
+
+@triton.jit
+def _last1(x, rows, C: tl.constexpr):
+    """Element ``C − 1`` of ``x [C]``."""
+    return tl.sum(tl.where(rows == C - 1, x, 0.0), 0)
+
+
+@triton.jit
+def _lmm_fused_fwd_kernel(
+    Q, K, V, Y,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, syb, syt, syh,
+    G, NM, BETA, MV, FV,
+    W1, S1, W2, S2, Z1, D1,
+    n_chunks, H, ln_eps, max_norm,
+    C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
+    DEPTH: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nbh = tl.num_programs(0)
+    b = pid // H
+    h = pid % H
+    rows = tl.arange(0, C)
+    ck = tl.arange(0, DK)
+    cv = tl.arange(0, DV)
+    ch = tl.arange(0, BH)
+    w1_base = W1 + pid * DK * HID
+    s1_base = S1 + pid * DK * HID
+    w2_base = W2 + pid * HID * DV
+    s2_base = S2 + pid * HID * DV
+    z1_base = Z1 + pid * C * HID
+    d1_base = D1 + pid * C * HID
+    for i in range(n_chunks):
+        t = i * C + rows
+        q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + ck[None, :]).to(tl.float32)
+        k = tl.load(K + b * skb + h * skh + t[:, None] * skt + ck[None, :]).to(tl.float32)
+        v = tl.load(V + b * svb + h * svh + t[:, None] * svt + cv[None, :]).to(tl.float32)
+        cc = (i * nbh + pid) * C * C
+        gm = tl.load(G + cc + rows[:, None] * C + rows[None, :])
+        nm = tl.load(NM + cc + rows[:, None] * C + rows[None, :])
+        c1 = (i * nbh + pid) * C
+        beta = tl.load(BETA + c1 + rows)
+        m = tl.load(MV + c1 + rows)
+        f = tl.load(FV + c1 + rows)
+        b_c = _last1(beta, rows, C)
+        m_c = _last1(m, rows, C)
+        f_c = _last1(f, rows, C)
+        qk = _mm(q, tl.trans(k), IEEE)  # [C, C]
+        if DEPTH == 1:
+            w1 = tl.load(w1_base + ck[:, None] * DV + cv[None, :])
+            s1 = tl.load(s1_base + ck[:, None] * DV + cv[None, :])
+            d2 = _loss_grad(_mm(k, w1, IEEE), k, v, DV, ln_eps, RESIDUAL, LN)
+            if CLIP:
+                sq = tl.sum(k * k, 1) * tl.sum(d2 * d2, 1)
+                scale = max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
+                gm = gm * scale[None, :]
+                nm = nm * scale[None, :]
+            zh = beta[:, None] * _mm(q, w1, IEEE) + f[:, None] * _mm(q, s1, IEEE) - _mm(gm * qk, d2, IEEE)
+            g_l = _last(gm, rows, C)
+            n_l = _last(nm, rows, C)
+            w1n = b_c * w1 + f_c * s1 - _mm(tl.trans(g_l[:, None] * k), d2, IEEE)
+            s1n = m_c * s1 - _mm(tl.trans(n_l[:, None] * k), d2, IEEE)
+            tl.debug_barrier()
+            tl.store(w1_base + ck[:, None] * DV + cv[None, :], w1n)
+            tl.store(s1_base + ck[:, None] * DV + cv[None, :], s1n)
+        else:
+            # (A) key forward at the chunk-start weights: Z_1 to the scratch, Z_2 summed over slices.
+            z2 = tl.zeros([C, DV], dtype=tl.float32)
+            hn = tl.zeros([C], dtype=tl.float32)
+            for j in range(0, HID, BH):
+                cols = j + ch
+                w1 = tl.load(w1_base + ck[:, None] * HID + cols[None, :])
+                z1 = _mm(k, w1, IEEE)
+                tl.store(z1_base + rows[:, None] * HID + cols[None, :], z1)
+                h1 = _act(z1, ACT)
+                hn += tl.sum(h1 * h1, 1)
+                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :])
+                z2 = _mma(h1, w2, z2, IEEE)
+            d2 = _loss_grad(z2, k, v, DV, ln_eps, RESIDUAL, LN)
+            tl.debug_barrier()
+            # (B) Δ_1 = (Δ_2 W_2ᵀ) ∘ σ'(Z_1) to the scratch, and its per-token squared norms.
+            dn1 = tl.zeros([C], dtype=tl.float32)
+            for j in range(0, HID, BH):
+                cols = j + ch
+                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :])
+                z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :])
+                d1 = _mm(d2, tl.trans(w2), IEEE) * _act_grad(z1, ACT)
+                tl.store(d1_base + rows[:, None] * HID + cols[None, :], d1)
+                dn1 += tl.sum(d1 * d1, 1)
+            tl.debug_barrier()
+            if CLIP:
+                # ‖∇_s‖² = ‖k_s‖²‖Δ_1[s]‖² + ‖h_s‖²‖Δ_2[s]‖²; the clip scales θ_s, i.e. column s of G and N.
+                sq = tl.sum(k * k, 1) * dn1 + hn * tl.sum(d2 * d2, 1)
+                scale = max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
+                gm = gm * scale[None, :]
+                nm = nm * scale[None, :]
+            ga = gm * qk
+            g_l = _last(gm, rows, C)
+            n_l = _last(nm, rows, C)
+            gk = tl.trans(g_l[:, None] * k)  # [DK, C]
+            nk = tl.trans(n_l[:, None] * k)
+            # (C) dual-form read and state update, slice by slice.
+            acc2 = tl.zeros([C, DV], dtype=tl.float32)
+            p = tl.zeros([C, C], dtype=tl.float32)
+            for j in range(0, HID, BH):
+                cols = j + ch
+                w1 = tl.load(w1_base + ck[:, None] * HID + cols[None, :])
+                s1 = tl.load(s1_base + ck[:, None] * HID + cols[None, :])
+                z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :])
+                d1 = tl.load(d1_base + rows[:, None] * HID + cols[None, :])
+                h1 = _act(z1, ACT)
+                zh = beta[:, None] * _mm(q, w1, IEEE) + f[:, None] * _mm(q, s1, IEEE) - _mm(ga, d1, IEEE)
+                hh = _act(zh, ACT)
+                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :])
+                s2 = tl.load(s2_base + cols[:, None] * DV + cv[None, :])
+                acc2 = _mma(beta[:, None] * hh, w2, acc2, IEEE)
+                acc2 = _mma(f[:, None] * hh, s2, acc2, IEEE)
+                p = _mma(hh, tl.trans(h1), p, IEEE)
+                w1n = b_c * w1 + f_c * s1 - _mm(gk, d1, IEEE)
+                s1n = m_c * s1 - _mm(nk, d1, IEEE)
+                w2n = b_c * w2 + f_c * s2 - _mm(tl.trans(g_l[:, None] * h1), d2, IEEE)
+                s2n = m_c * s2 - _mm(tl.trans(n_l[:, None] * h1), d2, IEEE)
+                tl.store(w1_base + ck[:, None] * HID + cols[None, :], w1n)
+                tl.store(s1_base + ck[:, None] * HID + cols[None, :], s1n)
+                tl.store(w2_base + cols[:, None] * DV + cv[None, :], w2n)
+                tl.store(s2_base + cols[:, None] * DV + cv[None, :], s2n)
+            zh = acc2 - _mm(gm * p, d2, IEEE)
+        if LN:
+            y, _r = _ln_rows(zh, DV, ln_eps)
+        else:
+            y = zh
+        if RESIDUAL:
+            y = y + q
+        tl.store(Y + b * syb + h * syh + t[:, None] * syt + cv[None, :], y.to(Y.dtype.element_ty))
+        # the next chunk reads the state (and rewrites the scratch) this chunk wrote
+        tl.debug_barrier()
+
+
+def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm):
+    """Run the kernel on full chunks: ``q, k [B, n·C, H, Dk]``, ``v [B, n·C, H, Dv]``, coefficients
+    chunk-major fp32. Returns ``[y, *weights', *momentum']`` (state fp32, new tensors)."""
+    g, nmat, beta, m, f = (x.contiguous() for x in coefs)
+    n, bsz, heads, c = beta.shape
+    dk, dv = k.shape[-1], v.shape[-1]
+    depth = len(weights)
+    hid = weights[0].shape[-1] if depth == 2 else dv
+    w = [x.to(torch.float32).contiguous().clone() for x in weights]
+    s = [x.to(torch.float32).contiguous().clone() for x in momentum]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    y = _alloc(q, (bsz, n * c, heads, dv), q.dtype)
+    bh = min(hid, HIDDEN_SLICE)
+    if depth == 2:
+        z1 = torch.empty((bsz * heads, c, hid), device=q.device, dtype=torch.float32)
+        d1 = torch.empty_like(z1)
+        w2, s2 = w[1], s[1]
+    else:
+        z1 = d1 = w2 = s2 = w[0]  # never read at depth 1
+    _lmm_fused_fwd_kernel[(bsz * heads,)](
+        q, k, v, y,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        g, nmat, beta, m, f,
+        w[0], s[0], w2, s2, z1, d1,
+        n, heads, float(ln_eps), float(max_grad_norm or 1.0),
+        C=c, DK=dk, DV=dv, HID=hid, BH=bh, DEPTH=depth, ACT=_ACT_CODES[activation],
+        RESIDUAL=residual, LN=layer_norm, CLIP=max_grad_norm is not None, IEEE=q.dtype == torch.float32,
+        num_warps=8 if c * max(dk, dv, bh) >= 4096 else 4,
+    )  # fmt: skip
+    return [y, *w, *s]
+
+
+@torch.library.custom_op("mnemotorch::lmm_fused_fwd", mutates_args=())
+def lmm_fused_fwd(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, n: Tensor, beta: Tensor, m: Tensor, f: Tensor,
+    weights: list[Tensor], momentum: list[Tensor], activation: str, residual: bool, layer_norm: bool,
+    ln_eps: float, max_grad_norm: Optional[float],
+) -> list[Tensor]:  # fmt: skip
+    """The fused forward over full chunks (no autograd): ``[y, *weights', *momentum']``."""
+    return _launch(q, k, v, (g, n, beta, m, f), weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm)
+
+
+@lmm_fused_fwd.register_fake
+def _(q, k, v, g, n, beta, m, f, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm):
+    y = q.new_empty((*q.shape[:3], v.shape[-1]))
+    return [y, *(torch.empty_like(x, dtype=torch.float32) for x in weights), *(torch.empty_like(x, dtype=torch.float32) for x in momentum)]
+
+
+def _pow2_at_least_16(x: int) -> bool:
+    return x >= 16 and (x & (x - 1)) == 0
+
+
+def check_fused_args(fn: str, q: Tensor, k: Tensor, v: Tensor, state: MemoryState, chunk_size: int) -> None:
+    """The fused kernel's own limits (on top of :func:`check_memory_args`)."""
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"{fn}: q dtype must be float32, bfloat16 or float16 (the kernel accumulates in float32), got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{fn}: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"{fn}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    depth = len(state.weights)
+    if depth not in (1, 2):
+        raise ValueError(f"{fn}: initial_state must hold a memory of depth 1 or 2 (the fused kernel's scope), got depth {depth}")
+    if not _pow2_at_least_16(chunk_size):
+        raise ValueError(f"{fn}: chunk_size must be a power of two >= 16 (a tl.dot tile), got {chunk_size}")
+    dims = {"Dk (q.shape[-1])": k.shape[-1], "Dv (v.shape[-1])": v.shape[-1]}
+    if depth == 2:
+        dims["hidden (initial_state.weights[0].shape[-1])"] = state.weights[0].shape[-1]
+    for name, d in dims.items():
+        if not _pow2_at_least_16(d):
+            raise ValueError(f"{fn}: {name} must be a power of two >= 16 (a tl.dot tile), got {d}")
+
+
+def neural_memory_fused_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    initial_state: MemoryState | Sequence[Tensor],
+    chunk_size: int = 64,
+    activation: str = "silu",
+    residual: bool = False,
+    layer_norm: bool = False,
+    ln_eps: float = DEFAULT_LN_EPS,
+    max_grad_norm: float | None = None,
+) -> tuple[Tensor, MemoryState]:
+    """:func:`~.chunked.neural_memory_chunked`'s semantics, the full chunks in one fused Triton launch.
+
+    Arguments and returns as :func:`~.reference.neural_memory_reference`. Forward only: raises
+    ``RuntimeError`` when autograd would need a graph (run under ``torch.no_grad()`` /
+    ``torch.inference_mode()``, or use the chunked path for training). The partial segments of a
+    call (a chunk begun by an earlier call, a partial last chunk) run through the eager chunked path,
+    so the state carries across calls exactly as there. The state is returned in float32.
+    """
+    fn = "neural_memory_fused_forward"
+    state = check_memory_args(fn, q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm)
+    max_grad_norm = check_max_grad_norm(fn, max_grad_norm)
+    ln_eps = check_ln_eps(fn, ln_eps)
+    check_fused_args(fn, q, k, v, state, chunk_size)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, theta, eta, alpha, *state.tensors())):
+        raise RuntimeError(f"{fn}: forward only (no backward kernel yet): call it under torch.no_grad(), "
+                           "or use neural_memory_chunked / neural_memory(fused=False) to train")
+    cfg = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps, max_grad_norm=max_grad_norm)
+    total = q.shape[1]
+    outs, start = [], 0
+    if state.position and total:  # the rest of a chunk an earlier call began
+        c = min(chunk_size - state.position, total)
+        y, state = neural_memory_chunked(q[:, :c], k[:, :c], v[:, :c], theta[:, :c], eta[:, :c], alpha[:, :c], state, chunk_size, **cfg)
+        outs.append(y)
+        start = c
+    n_full = (total - start) // chunk_size
+    if n_full:
+        end = start + n_full * chunk_size
+        acc = accumulation_dtype(q.dtype)
+        cm = lambda x: _chunk_major(x[:, start:end].to(acc), n_full, chunk_size)  # noqa: E731
+        coefs = chunk_coefficients(cm(theta), cm(torch.log1p(-alpha.to(acc))), cm(torch.log(eta.to(acc))))
+        res = lmm_fused_fwd(q[:, start:end], k[:, start:end], v[:, start:end], *coefs, list(state.weights), list(state.momentum),
+                            activation, residual, layer_norm, ln_eps, max_grad_norm)  # fmt: skip
+        depth = len(state.weights)
+        w, s = tuple(res[1 : 1 + depth]), tuple(res[1 + depth :])
+        outs.append(res[0])
+        state = MemoryState(w, s, w, 0)
+        start = end
+    if start < total:  # a partial last chunk: eager, its start weights kept in the state
+        y, state = neural_memory_chunked(q[:, start:], k[:, start:], v[:, start:], theta[:, start:], eta[:, start:], alpha[:, start:],
+                                         state, chunk_size, **cfg)  # fmt: skip
+        outs.append(y)
+    if not outs:
+        return v.to(q.dtype), state
+    y = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    return y.to(q.dtype), state
+
+
+def fused_supported(q: Tensor, k: Tensor, v: Tensor, state: MemoryState, chunk_size: int) -> bool:
+    """Whether :func:`neural_memory_fused_forward` takes these arguments (no exception)."""
+    try:
+        check_fused_args("fused_supported", q, k, v, state, chunk_size)
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = ["neural_memory_fused_forward", "lmm_fused_fwd", "fused_supported", "check_fused_args", "HIDDEN_SLICE"]
