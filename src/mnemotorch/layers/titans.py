@@ -25,6 +25,7 @@ inside a chunk exact with O(1) work per decoded token.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -251,7 +252,7 @@ class TitansLMM(Mixer):
         o, memory = neural_memory(
             q, k, v, theta, eta, alpha, memory,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual, layer_norm=self.layer_norm,
-            max_grad_norm=self.max_grad_norm, compile=self.compile_memory,
+            max_grad_norm=self.max_grad_norm, compile=self.compile_memory, fused=self._use_fused_memory(q, memory),
         )  # fmt: skip
         if self.output_gate:
             o = self.out_norm(o) * F.silu(self.g_proj(x)).view(b, t, h, d)
@@ -267,6 +268,15 @@ class TitansLMM(Mixer):
             conv=conv,
         )
         return y, new_state
+
+    def _use_fused_memory(self, q: Tensor, memory: MemoryState) -> bool:
+        """``MNEMO_MEMORY_FUSED=1``: inference (no gradient needed) on CUDA runs the memory's full chunks
+        in the fused Triton forward kernel, where it supports the configuration; else the chunked path."""
+        if os.environ.get("MNEMO_MEMORY_FUSED") != "1" or not q.is_cuda:
+            return False
+        from ..ops.memory.fused_triton import fused_supported
+
+        return fused_supported(q, q, q, memory, self.chunk_size)  # v has the shape of q here (Dv = Dk = head_dim)
 
     def extra_repr(self) -> str:
         return (

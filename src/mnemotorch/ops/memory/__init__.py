@@ -98,6 +98,7 @@ def neural_memory(
     backend: str = "auto",
     max_grad_norm: float | None = None,
     compile: bool | str | dict = False,
+    fused: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Titans neural memory: write ``(k_t, v_t)`` by test-time gradient descent, read ``M_t(q_t)``.
 
@@ -128,6 +129,12 @@ def neural_memory(
             backward). ``False`` (default) = eager, the reference; ``True`` = inductor's default mode;
             a mode string or a dict of ``backend``/``mode``/``options``. See
             :func:`~mnemotorch.ops.memory.chunked.neural_memory_chunked`.
+        fused: chunked mode only, opt-in: when no gradient is needed (``torch.no_grad()``, or no
+            input requires grad), run the full chunks in one fused Triton forward kernel
+            (:func:`~mnemotorch.ops.memory.fused_triton.neural_memory_fused_forward`: depth 1-2,
+            power-of-two sizes >= 16, float32/bf16/fp16; its ``ValueError`` otherwise). When a
+            gradient is needed the chunked path runs (the kernel has no backward yet). Not with
+            ``debug=True``.
 
     Returns:
         ``(y [B, T, H, Dv], MemoryState)``; ``y`` in the dtype of ``q``, the state in float32 for
@@ -143,8 +150,27 @@ def neural_memory(
     if not isinstance(debug, bool):
         raise TypeError(f"{fn}: debug must be a bool, got {debug!r}")
     ln_eps = check_ln_eps(fn, ln_eps)
+    if not isinstance(fused, bool):
+        raise TypeError(f"{fn}: fused must be a bool, got {fused!r}")
+    if fused and (mode != "chunked" or debug):
+        raise ValueError(f"{fn}: fused=True needs mode='chunked' and debug=False, got mode={mode!r}, debug={debug!r}")
     device_type = q.device.type if isinstance(q, Tensor) else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):
+        if fused and not _needs_grad(q, k, v, theta, eta, alpha, initial_state):
+            from .fused_triton import neural_memory_fused_forward
+
+            return neural_memory_fused_forward(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, max_grad_norm)
         if mode == "recurrent":
             return neural_memory_reference(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, max_grad_norm)
         return neural_memory_chunked(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, debug, max_grad_norm, compile)
+
+
+def _needs_grad(*args: object) -> bool:
+    """Whether autograd would record a graph through any tensor among ``args`` (states included)."""
+    if not torch.is_grad_enabled():
+        return False
+    for a in args:
+        items = a.tensors() if isinstance(a, MemoryState) else a if isinstance(a, (list, tuple)) else [a]
+        if any(isinstance(t, Tensor) and t.requires_grad for t in items):
+            return True
+    return False

@@ -1,0 +1,172 @@
+"""The fused forward Triton kernel of the Titans memory (``ops/memory/fused_triton.py``), on the CPU
+through Triton's interpreter.
+
+It must give :func:`neural_memory_chunked`'s outputs and final state (weights and momentum), which
+are checked against the float64 token reference in ``test_memory.py``; here the fused kernel is
+compared with the chunked path in float64 (and once with the token reference directly). Outputs are
+NaN-poisoned before the kernel runs (``MNEMO_POISON=1``, tests/conftest.py), so an unwritten element
+fails the comparison.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mnemotorch.ops.memory import MemoryState, neural_memory, neural_memory_chunked, neural_memory_reference
+from mnemotorch.ops.memory.fused_triton import fused_supported, lmm_fused_fwd, neural_memory_fused_forward
+
+from interpreter_numerics import gpu_numerics  # noqa: F401 (pytest fixture)
+from test_memory import make_inputs, make_state, rel
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # silu's sigmoid on numpy
+
+MATCHED = dict(activation="gelu", residual=True, layer_norm=True)
+DEFAULT = dict(activation="silu", residual=True, layer_norm=False)
+
+# (name, depth, config, max_grad_norm, d, hidden, chunk, n_chunks)
+CASES = [
+    ("matched", 2, MATCHED, None, 16, 64, 16, 3),
+    ("matched_clip_2slices", 2, MATCHED, 0.3, 32, 128, 16, 3),
+    ("default_clip", 2, DEFAULT, 0.3, 16, 32, 16, 4),
+    ("default_noclip", 2, DEFAULT, None, 16, 32, 16, 3),
+    ("relu_plain", 2, dict(activation="relu", residual=False, layer_norm=False), None, 16, 32, 16, 3),
+    ("depth1", 1, dict(activation="silu", residual=False, layer_norm=False), None, 16, 16, 16, 3),
+    ("depth1_ln_clip", 1, dict(activation="silu", residual=True, layer_norm=True), 0.3, 16, 16, 16, 3),
+]
+
+
+def inputs(depth, d, hidden, t, dtype=torch.float64, position=0, seed=7):
+    q, k, v, th, et, al = make_inputs(b=2, t=t, h=2, dk=d, dv=d, seed=seed, theta_max=0.5)
+    st = make_state(2, 2, d, d, depth, hidden=hidden, position=position)
+    cast = lambda xs: tuple(x.to(dtype) for x in xs)  # noqa: E731
+    return cast((q, k, v)), (th, et, al), st
+
+
+def assert_state(out: MemoryState, ref: MemoryState, tol: float) -> None:
+    assert out.position == ref.position
+    for name in ("weights", "momentum", "chunk_start"):
+        for i, (x, y) in enumerate(zip(getattr(out, name), getattr(ref, name))):
+            assert x.dtype == torch.float32
+            assert torch.isfinite(x).all(), f"{name}[{i}] not finite"
+            err = rel(x.double(), y.double())
+            assert err <= tol, f"{name}[{i}]: {err:.3e}"
+
+
+@pytest.mark.parametrize("name,depth,cfg,clip,d,hidden,chunk,n", CASES, ids=[c[0] for c in CASES])
+def test_fused_matches_chunked_fp32(name, depth, cfg, clip, d, hidden, chunk, n):
+    (q, k, v), gates, st = inputs(depth, d, hidden, n * chunk)
+    y_ref, s_ref = neural_memory_chunked(q, k, v, *gates, st, chunk, **cfg, max_grad_norm=clip)  # float64
+    f32 = lambda xs: [x.float() for x in xs]  # noqa: E731
+    st32 = MemoryState(tuple(f32(st.weights)), tuple(f32(st.momentum)), tuple(f32(st.chunk_start)), 0)
+    with torch.no_grad():
+        y, s = neural_memory_fused_forward(*f32((q, k, v)), *f32(gates), st32, chunk, **cfg, max_grad_norm=clip)
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape
+    assert torch.isfinite(y).all()
+    assert rel(y.double(), y_ref) <= 1e-5, rel(y.double(), y_ref)
+    assert_state(s, s_ref, 1e-5)
+    if clip is not None:  # the clip is active at these sizes: without it the result differs
+        y_free, _ = neural_memory_chunked(q, k, v, *gates, st, chunk, **cfg)
+        assert rel(y_free, y_ref) > 1e-3
+
+
+def test_fused_matches_token_reference():
+    """Once directly against the float64 token loop (the specification)."""
+    (q, k, v), gates, st = inputs(2, 16, 32, 32)
+    y_ref, s_ref = neural_memory_reference(q, k, v, *gates, st, 16, **MATCHED, max_grad_norm=0.3)
+    with torch.no_grad():
+        y, s = neural_memory_fused_forward(q.float(), k.float(), v.float(), *(g.float() for g in gates), st, 16, **MATCHED, max_grad_norm=0.3)
+    assert rel(y.double(), y_ref) <= 1e-5
+    assert_state(s, s_ref, 1e-5)
+
+
+@pytest.mark.parametrize("cfg,clip", [(MATCHED, 0.3), (DEFAULT, 0.3)], ids=["matched", "default"])
+def test_fused_bf16(gpu_numerics, cfg, clip):
+    """bf16 q/k/v (TF32 products on the GPU, emulated) against the float64 chunked path on the same rounded values."""
+    (q, k, v), gates, st = inputs(2, 32, 128, 48, dtype=torch.bfloat16)
+    y_ref, s_ref = neural_memory_chunked(q.double(), k.double(), v.double(), *gates, st, 16, **cfg, max_grad_norm=clip)
+    with torch.no_grad():
+        y, s = neural_memory_fused_forward(q, k, v, *(g.float() for g in gates), st, 16, **cfg, max_grad_norm=clip)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    assert rel(y.double(), y_ref) <= 5e-3, rel(y.double(), y_ref)
+    assert_state(s, s_ref, 5e-3)
+
+
+def test_fused_split_calls_and_partial_chunks():
+    """Calls that start and end inside chunks: the partial segments run eagerly, the state carries."""
+    chunk, t = 16, 7 + 2 * 16 + 5 + 16 + 3
+    (q, k, v), gates, st = inputs(2, 16, 32, t)
+    y_ref, s_ref = neural_memory_chunked(q, k, v, *gates, st, chunk, **DEFAULT, max_grad_norm=0.3)
+    q, k, v = q.float(), k.float(), v.float()
+    gates = tuple(g.float() for g in gates)
+    ys, state = [], st
+    cuts = [0, 7, 7 + 2 * 16 + 5, t]  # position 0 -> 7; 7 -> (two full chunks) -> 5; 5 -> (one full chunk) -> 3
+    with torch.no_grad():
+        for lo, hi in zip(cuts, cuts[1:]):
+            y, state = neural_memory_fused_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], *(g[:, lo:hi] for g in gates), state, chunk,
+                                                   **DEFAULT, max_grad_norm=0.3)  # fmt: skip
+            ys.append(y)
+    assert rel(torch.cat(ys, 1).double(), y_ref) <= 1e-5
+    assert_state(state, s_ref, 1e-5)
+
+
+def test_neural_memory_fused_switch():
+    """``neural_memory(fused=True)``: the kernel without grad, the chunked path (with gradients) otherwise."""
+    (q, k, v), gates, st = inputs(2, 16, 32, 32, dtype=torch.float32)
+    gates = tuple(g.float() for g in gates)
+    f32 = lambda xs: tuple(x.float() for x in xs)  # noqa: E731
+    st = MemoryState(f32(st.weights), f32(st.momentum), f32(st.chunk_start), 0)
+    y0, s0 = neural_memory(q, k, v, *gates, st, 16, **MATCHED)
+    with torch.no_grad():
+        y1, s1 = neural_memory(q, k, v, *gates, st, 16, **MATCHED, fused=True)
+    assert rel(y1, y0) <= 1e-5
+    assert_state(s1, s0, 1e-5)
+    qg = q.clone().requires_grad_()
+    y2, _ = neural_memory(qg, k, v, *gates, st, 16, **MATCHED, fused=True)  # falls back: a gradient is needed
+    y2.sum().backward()
+    assert qg.grad is not None and rel(y2.detach(), y0) <= 1e-6
+    with pytest.raises(ValueError, match="fused=True"):
+        neural_memory(q, k, v, *gates, st, 16, mode="recurrent", fused=True)
+    with pytest.raises(TypeError, match="fused"):
+        neural_memory(q, k, v, *gates, st, 16, fused=1)
+
+
+def test_fused_errors():
+    (q, k, v), gates, st = inputs(2, 16, 32, 32, dtype=torch.float32)
+    gates = tuple(g.float() for g in gates)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="q dtype"):
+            neural_memory_fused_forward(q.double(), k.double(), v.double(), *gates, st, 16)
+        with pytest.raises(ValueError, match="chunk_size"):
+            neural_memory_fused_forward(q[:, :24], k[:, :24], v[:, :24], *(g[:, :24] for g in gates), st, 12)
+        with pytest.raises(ValueError, match="depth"):
+            neural_memory_fused_forward(q, k, v, *gates, make_state(2, 2, 16, 16, 3, hidden=32), 16)
+        with pytest.raises(ValueError, match="hidden"):
+            neural_memory_fused_forward(q, k, v, *gates, make_state(2, 2, 16, 16, 2, hidden=24), 16)
+        with pytest.raises(ValueError, match="Dk"):
+            qs, ks = q[..., :8].contiguous(), k[..., :8].contiguous()
+            neural_memory_fused_forward(qs, ks, v, *gates, make_state(2, 2, 8, 16, 2, hidden=32), 16)
+        with pytest.raises(ValueError, match="k and v"):
+            neural_memory_fused_forward(q, k.bfloat16(), v, *gates, st, 16)
+        with pytest.raises(ValueError, match="theta"):
+            neural_memory_fused_forward(q, k, v, gates[0][:, :5], *gates[1:], st, 16)
+    with pytest.raises(RuntimeError, match="forward only"):
+        neural_memory_fused_forward(q.requires_grad_(), k, v, *gates, st, 16)
+    assert fused_supported(q, k, v, st, 16) and not fused_supported(q, k, v, st, 8)
+
+
+def test_fused_empty_and_custom_op():
+    (q, k, v), gates, st = inputs(2, 16, 32, 16, dtype=torch.float32)
+    gates = tuple(g.float() for g in gates)
+    with torch.no_grad():
+        y, s = neural_memory_fused_forward(q[:, :0], k[:, :0], v[:, :0], *(g[:, :0] for g in gates), st, 16)
+    assert y.shape == (2, 0, 2, 16) and s.position == 0
+    # the custom op's schema and fake (meta) implementation
+    from mnemotorch.ops.memory.chunked import _chunk_major, chunk_coefficients
+
+    cm = lambda x: _chunk_major(x, 1, 16)  # noqa: E731
+    coefs = chunk_coefficients(cm(gates[0]), cm(torch.log1p(-gates[2])), cm(torch.log(gates[1])))
+    args = (q, k, v, *coefs, [w.float() for w in st.weights], [m.float() for m in st.momentum], "gelu", True, True, 1e-5, 0.3)
+    torch.library.opcheck(lmm_fused_fwd, args, test_utils=("test_schema", "test_faketensor"))
