@@ -10,7 +10,6 @@ fails the comparison.
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -170,3 +169,16 @@ def test_fused_empty_and_custom_op():
     coefs = chunk_coefficients(cm(gates[0]), cm(torch.log1p(-gates[2])), cm(torch.log(gates[1])))
     args = (q, k, v, *coefs, [w.float() for w in st.weights], [m.float() for m in st.momentum], "gelu", True, True, 1e-5, 0.3)
     torch.library.opcheck(lmm_fused_fwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fused_hidden_slices(monkeypatch):
+    """Narrower hidden slices (more passes per chunk) give the same result."""
+    from mnemotorch.ops.memory import fused_triton
+
+    (q, k, v), gates, st = inputs(2, 16, 64, 32)
+    y_ref, s_ref = neural_memory_chunked(q, k, v, *gates, st, 16, **MATCHED, max_grad_norm=0.3)
+    monkeypatch.setitem(fused_triton.LAUNCH, "hidden_slice", 16)
+    with torch.no_grad():
+        y, s = neural_memory_fused_forward(q.float(), k.float(), v.float(), *(g.float() for g in gates), st, 16, **MATCHED, max_grad_norm=0.3)
+    assert rel(y.double(), y_ref) <= 1e-5
+    assert_state(s, s_ref, 1e-5)

@@ -21,7 +21,8 @@ kernel: no launch per chunk. The arithmetic is :func:`~.chunked._chunk_step` at 
 
 A program reads back what it wrote to global memory (the state between chunks, the scratch between
 passes) with other threads of its own block: ``tl.debug_barrier()`` (``__syncthreads``, which also
-orders global memory within the block) separates each writing pass from the next reading one.
+orders global memory within the block) separates each writing pass from the next reading one, and
+those loads use ``cache_modifier=".cg"`` (served by L2, not a possibly stale L1 line).
 
 Matmuls accumulate in fp32 (the accumulation dtype of :func:`neural_memory_chunked` for half and
 float32 inputs); with float32 inputs the products are exact fp32 (``input_precision="ieee"``),
@@ -55,8 +56,10 @@ from .reference import (
 
 _ACT_CODES = {"silu": 0, "gelu": 1, "relu": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: Hidden columns of W_1 (rows of W_2) one pass step holds in registers.
-HIDDEN_SLICE = 64
+#: Launch settings (to be swept on the GPU): ``hidden_slice`` = columns of W_1 (rows of W_2) one
+#: pass step holds in registers (capped at the hidden width); ``num_warps`` None = 8 for tiles of
+#: ≥ 4096 elements, else 4; ``num_stages`` for the software pipelining of the slice loops.
+LAUNCH: dict = {"hidden_slice": 64, "num_warps": None, "num_stages": 1}
 
 
 @triton.jit
@@ -180,8 +183,8 @@ def _lmm_fused_fwd_kernel(
         f_c = _last1(f, rows, C)
         qk = _mm(q, tl.trans(k), IEEE)  # [C, C]
         if DEPTH == 1:
-            w1 = tl.load(w1_base + ck[:, None] * DV + cv[None, :])
-            s1 = tl.load(s1_base + ck[:, None] * DV + cv[None, :])
+            w1 = tl.load(w1_base + ck[:, None] * DV + cv[None, :], cache_modifier=".cg")
+            s1 = tl.load(s1_base + ck[:, None] * DV + cv[None, :], cache_modifier=".cg")
             d2 = _loss_grad(_mm(k, w1, IEEE), k, v, DV, ln_eps, RESIDUAL, LN)
             if CLIP:
                 sq = tl.sum(k * k, 1) * tl.sum(d2 * d2, 1)
@@ -202,12 +205,12 @@ def _lmm_fused_fwd_kernel(
             hn = tl.zeros([C], dtype=tl.float32)
             for j in range(0, HID, BH):
                 cols = j + ch
-                w1 = tl.load(w1_base + ck[:, None] * HID + cols[None, :])
+                w1 = tl.load(w1_base + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 z1 = _mm(k, w1, IEEE)
                 tl.store(z1_base + rows[:, None] * HID + cols[None, :], z1)
                 h1 = _act(z1, ACT)
                 hn += tl.sum(h1 * h1, 1)
-                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :])
+                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
                 z2 = _mma(h1, w2, z2, IEEE)
             d2 = _loss_grad(z2, k, v, DV, ln_eps, RESIDUAL, LN)
             tl.debug_barrier()
@@ -215,8 +218,8 @@ def _lmm_fused_fwd_kernel(
             dn1 = tl.zeros([C], dtype=tl.float32)
             for j in range(0, HID, BH):
                 cols = j + ch
-                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :])
-                z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :])
+                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
+                z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 d1 = _mm(d2, tl.trans(w2), IEEE) * _act_grad(z1, ACT)
                 tl.store(d1_base + rows[:, None] * HID + cols[None, :], d1)
                 dn1 += tl.sum(d1 * d1, 1)
@@ -237,15 +240,15 @@ def _lmm_fused_fwd_kernel(
             p = tl.zeros([C, C], dtype=tl.float32)
             for j in range(0, HID, BH):
                 cols = j + ch
-                w1 = tl.load(w1_base + ck[:, None] * HID + cols[None, :])
-                s1 = tl.load(s1_base + ck[:, None] * HID + cols[None, :])
-                z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :])
-                d1 = tl.load(d1_base + rows[:, None] * HID + cols[None, :])
+                w1 = tl.load(w1_base + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
+                s1 = tl.load(s1_base + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
+                z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
+                d1 = tl.load(d1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 h1 = _act(z1, ACT)
                 zh = beta[:, None] * _mm(q, w1, IEEE) + f[:, None] * _mm(q, s1, IEEE) - _mm(ga, d1, IEEE)
                 hh = _act(zh, ACT)
-                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :])
-                s2 = tl.load(s2_base + cols[:, None] * DV + cv[None, :])
+                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
+                s2 = tl.load(s2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
                 acc2 = _mma(beta[:, None] * hh, w2, acc2, IEEE)
                 acc2 = _mma(f[:, None] * hh, s2, acc2, IEEE)
                 p = _mma(hh, tl.trans(h1), p, IEEE)
@@ -281,7 +284,7 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
     s = [x.to(torch.float32).contiguous().clone() for x in momentum]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     y = _alloc(q, (bsz, n * c, heads, dv), q.dtype)
-    bh = min(hid, HIDDEN_SLICE)
+    bh = min(hid, LAUNCH["hidden_slice"])
     if depth == 2:
         z1 = torch.empty((bsz * heads, c, hid), device=q.device, dtype=torch.float32)
         d1 = torch.empty_like(z1)
@@ -297,7 +300,7 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
         n, heads, float(ln_eps), float(max_grad_norm or 1.0),
         C=c, DK=dk, DV=dv, HID=hid, BH=bh, DEPTH=depth, ACT=_ACT_CODES[activation],
         RESIDUAL=residual, LN=layer_norm, CLIP=max_grad_norm is not None, IEEE=q.dtype == torch.float32,
-        num_warps=8 if c * max(dk, dv, bh) >= 4096 else 4,
+        num_warps=LAUNCH["num_warps"] or (8 if c * max(dk, dv, bh) >= 4096 else 4), num_stages=LAUNCH["num_stages"],
     )  # fmt: skip
     return [y, *w, *s]
 
@@ -414,4 +417,4 @@ def fused_supported(q: Tensor, k: Tensor, v: Tensor, state: MemoryState, chunk_s
     return True
 
 
-__all__ = ["neural_memory_fused_forward", "lmm_fused_fwd", "fused_supported", "check_fused_args", "HIDDEN_SLICE"]
+__all__ = ["neural_memory_fused_forward", "lmm_fused_fwd", "fused_supported", "check_fused_args", "LAUNCH"]
