@@ -4,8 +4,9 @@ A per-head memory (a matrix or an MLP of depth 1-4) trained *while the sequence 
 gradient descent with momentum and weight decay on ``‖M(k_t) − v_t‖²``, with per-token, per-head
 gates θ (step), η (momentum decay) and α (forgetting), gradients frozen at the chunk-start weights
 inside each chunk, and read as ``y_t = M_t(q_t)``. ``reference.py`` is the specification (token
-loop); ``chunked.py`` the dual-form chunked implementation (matmuls inside chunks). A Triton path
-arrives later and will be selected by ``backend="auto"`` on CUDA. Semantics and equations:
+loop); ``chunked.py`` the dual-form chunked implementation (matmuls inside chunks);
+``fused_triton.py`` a fused Triton *forward* over all full chunks of a call (opt-in,
+``neural_memory(..., fused=True)``; no backward yet). Semantics and equations:
 ``docs/mixers/titans.md``.
 """
 
