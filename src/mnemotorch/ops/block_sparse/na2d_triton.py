@@ -45,13 +45,12 @@ Entry point: :func:`na2d_attention_triton`.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import launch_overrides
 from .swa_triton import _delta_launch, _mma, _na_first_query, _na_last_query, _na_start
 from .triton import LOG2E, _alloc, _cdiv, _dq_delta, _eager_ok, _ld_rows, _mm, _pow2, _st_rows
 
@@ -342,30 +341,10 @@ def _check_launch(kind: str, cfg: dict) -> None:
             raise ValueError(f"na2d launch {kind}: {a} * {b} must be >= 16 (a matmul operand's rows), got {cfg[a] * cfg[b]}")
 
 
-@contextlib.contextmanager
 def override_launch(**kinds: dict | None):
     """``with override_launch(fwd=dict(QR=8, QC=8), dkdv=dict(warps=8)):`` -- launch parameters for the
     calls inside (tests, the launch sweep); the keys of each dict replace the table's."""
-    for kind, cfg in kinds.items():
-        if kind not in _KINDS:
-            raise ValueError(f"override_launch: kernel must be one of {_KINDS}, got {kind!r}")
-        bad = set(cfg or {}) - set(_KEYS)
-        if bad:
-            raise ValueError(f"override_launch: unknown {kind} parameters {sorted(bad)}; allowed {_KEYS}")
-    saved = {k: _OVERRIDES.get(k) for k in kinds}
-    try:
-        for kind, cfg in kinds.items():
-            if cfg:
-                _OVERRIDES[kind] = dict(cfg)
-            else:
-                _OVERRIDES.pop(kind, None)
-        yield
-    finally:
-        for kind, cfg in saved.items():
-            if cfg is None:
-                _OVERRIDES.pop(kind, None)
-            else:
-                _OVERRIDES[kind] = cfg
+    return launch_overrides(_OVERRIDES, {kind: _KEYS for kind in _KINDS}, kinds)
 
 
 def computed_pairs(shape: tuple[int, int], kernel_size: tuple[int, int], cfg: dict) -> int:

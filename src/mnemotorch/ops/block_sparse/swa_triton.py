@@ -51,13 +51,12 @@ Custom ops ``mnemotorch::na1d_attn_fwd`` / ``_bwd``; entry point :func:`na1d_att
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import launch_overrides
 from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _dq_delta, _eager_ok, _ld_full, _ld_rows, _mm, _pow2, _st_rows
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the interpreter runs them too
@@ -781,30 +780,10 @@ def launch_config(kind: str, d: int, dtype: torch.dtype, na1d: bool = False) -> 
     return cfg
 
 
-@contextlib.contextmanager
 def override_launch(**kinds: dict | None):
     """``with override_launch(fwd=dict(BM=64), dkdv=dict(fused_dq=True)):`` -- launch parameters for
     the calls inside (tests, the launch sweep); the keys of each dict replace the table's."""
-    for kind, cfg in kinds.items():
-        if kind not in _KERNEL_KEYS:
-            raise ValueError(f"override_launch: kernel must be one of {tuple(_KERNEL_KEYS)}, got {kind!r}")
-        bad = set(cfg or {}) - set(_KERNEL_KEYS[kind])
-        if bad:
-            raise ValueError(f"override_launch: unknown {kind} parameters {sorted(bad)}; allowed {_KERNEL_KEYS[kind]}")
-    saved = {k: _OVERRIDES.get(k) for k in kinds}
-    try:
-        for kind, cfg in kinds.items():
-            if cfg:
-                _OVERRIDES[kind] = dict(cfg)
-            else:
-                _OVERRIDES.pop(kind, None)
-        yield
-    finally:
-        for kind, cfg in saved.items():
-            if cfg is None:
-                _OVERRIDES.pop(kind, None)
-            else:
-                _OVERRIDES[kind] = cfg
+    return launch_overrides(_OVERRIDES, _KERNEL_KEYS, kinds)
 
 
 def _check_tile(kind: str, cfg: dict) -> None:

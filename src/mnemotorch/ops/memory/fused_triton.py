@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..block_sparse.triton import _alloc
+from ..block_sparse.swa_triton import _mma
+from ..block_sparse.triton import _alloc, _mm
 from .chunked import _chunk_major, chunk_coefficients, neural_memory_chunked
 from .reference import (
     DEFAULT_LN_EPS,
@@ -60,24 +61,6 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: pass step holds in registers (capped at the hidden width); ``num_warps`` None = 8 for tiles of
 #: ≥ 4096 elements, else 4; ``num_stages`` for the software pipelining of the slice loops.
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": None, "num_stages": 1}
-
-
-@triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
-
-
-@triton.jit
-def _mma(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        c = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        c = tl.dot(a, b, acc)
-    return c
 
 
 @triton.jit
