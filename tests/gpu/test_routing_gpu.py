@@ -46,8 +46,8 @@ CASES = [  # (B, Tq, Tk, H, D, C, shared clusters and Q/K, causal)
 
 # First H100 run (2026-11-26, Triton 3.6): three cases failed. (3) fp32 with separate Q/K at D = 128:
 # no number was captured (the run was cut by its time limit while this case was compiling / autotuning
-# its fp32 D=128 kernels; every dot is IEEE fp32 for fp32 inputs; 5e-7 in the CPU emulation), so it is
-# un-xfailed to record its error. Until all pass, "auto" does not choose this path (ops/routing
+# its fp32 D=128 kernels; every dot is IEEE fp32 for fp32 inputs; 5e-7 in the CPU emulation), so it was
+# run again to record its error. Until all pass, "auto" does not choose this path (ops/routing
 # AUTO_USES_BLOCK_SPARSE). (1) and (2): bf16 dq with shared Q/K at 1.7e-2 against the masked-SDPA bf16 peer's 2.4e-3 on
 # the same inputs. Cause (found on the CPU with the interpreter's GPU-rounding emulation, 2026-11-26):
 # the backward's Delta = rowsum(dO * O) was formed from the bf16-rounded output, as in
@@ -55,10 +55,10 @@ CASES = [  # (B, Tq, Tk, H, D, C, shared clusters and Q/K, causal)
 # rounding (~|dO| |O| 2^-9) was amplified. The forward now keeps the output's rounding residual for
 # the backward (ops/block_sparse/triton.py); in the emulation dq went from 1.8e-2 to 2.9e-3 against
 # the peer's 2.2e-3 (tests/ops/test_block_sparse_numerics.py); on the H100 (later session, same day) the
-# shared-Q/K bf16 cases and the fp32 D = 128 case passed, so "auto" now takes the kernel path. The criterion
-# for (1) and (2) stays a bf16 peer baseline (the same function through the dense masked-SDPA path in
-# bf16, against the same float64 reference): ours must be within PEER_FACTOR of the peer's error.
-_FAILED_ON_H100: set = set()
+# shared-Q/K bf16 cases and the fp32 D = 128 case passed, so "auto" now takes the kernel path (the
+# xfail list they were on is gone). The criterion for (1) and (2) stays a bf16 peer baseline (the same
+# function through the dense masked-SDPA path in bf16, against the same float64 reference): ours must be
+# within PEER_FACTOR of the peer's error.
 PEER_FACTOR = 1.5
 
 
@@ -66,8 +66,6 @@ PEER_FACTOR = 1.5
 @pytest.mark.parametrize("b,tq,tk,h,d,c,shared,causal", CASES)
 def test_block_sparse_matches_reference(b, tq, tk, h, d, c, shared, causal, dtype) -> None:
     """Outputs and the gradients of q, k, v against the float64 reference on the same (rounded) inputs."""
-    if ((b, tq, tk, h, d, c, shared, causal), dtype) in _FAILED_ON_H100:
-        pytest.xfail("failed on the first H100 run (2026-11-26); see _FAILED_ON_H100")
     cq, ck = ids(b, tq, tk, h, c, shared, seed=tq + d)
     g = torch.Generator(device="cuda").manual_seed(1)
     shapes = [(b, tq, h, d)] + ([] if shared else [(b, tk, h, d)]) + [(b, tk, h, d)]
@@ -135,10 +133,7 @@ def test_auto_dispatch_on_cuda(monkeypatch) -> None:
     assert rel(torch.cat(outs, 1), y) <= 1e-5
 
 
-@pytest.mark.parametrize("shared_qk", [True, pytest.param(False, marks=pytest.mark.xfail(strict=False, reason=(
-    "open (docs/results/block_sparse.md, 'Routing test found failing'): with separate q/k routing the bf16 masked-SDPA "
-    "path's input gradient is 0.126 from the block-sparse kernel's, while the kernel and FlexAttention agree exactly; "
-    "scripts/diag_routing_bf16.py: every bf16 backend is 0.11 from fp32 in the output (cluster flips)")))])
+@pytest.mark.parametrize("shared_qk", [True, False])
 def test_mixer_bf16_against_flex_and_masked_sdpa(shared_qk: bool) -> None:
     """The benchmark's layer (bf16) at 8K tokens: the three GPU backends agree, and fwd + bwd are finite."""
     torch.manual_seed(0)
