@@ -1004,10 +1004,16 @@ def swa_attn_fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> 
     return o, lse, q.new_empty(0) if o_lo is None else o_lo
 
 
-@swa_attn_fwd.register_fake
-def _(q, k, v, window, scale):
+def _fwd_fake(q, k, v, window, scale):
     lo = torch.empty_like(q) if q.dtype != torch.float32 else q.new_empty(0)
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32), lo
+
+
+def _bwd_fake(do, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+swa_attn_fwd.register_fake(_fwd_fake)
 
 
 @torch.library.custom_op("mnemotorch::swa_attn_bwd", mutates_args=())
@@ -1016,9 +1022,7 @@ def swa_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
     return _bwd_impl(do, q, k, v, o, lse, o_lo, window, scale)
 
 
-@swa_attn_bwd.register_fake
-def _(do, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+swa_attn_bwd.register_fake(_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -1028,31 +1032,47 @@ def _setup_context(ctx, inputs, output):
     ctx.window, ctx.scale = window, scale
 
 
-def _backward(ctx, do, dlse, dlo):
-    q, k, v, o, lse, o_lo = ctx.saved_tensors
-    dq, dk, dv = swa_attn_bwd(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None
+def _autograd_of(bwd_op):
+    """The custom forward op's autograd formula: its backward op on the saved tensors."""
+
+    def backward(ctx, do, dlse, dlo):
+        q, k, v, o, lse, o_lo = ctx.saved_tensors
+        dq, dk, dv = bwd_op(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None
+
+    return backward
 
 
-swa_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+swa_attn_fwd.register_autograd(_autograd_of(swa_attn_bwd), setup_context=_setup_context)
 
 
 class _EagerSWA(torch.autograd.Function):
-    """The same kernels for eager calls, without the custom ops' dispatch cost (see ``triton.py``)."""
+    """The same kernels for eager calls, without the custom ops' dispatch cost (see ``triton.py``);
+    ``na1d``: the kernels' 1-D neighborhood mode (``window`` = kernel size)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window, scale):
-        o, lse, o_lo = _fwd_impl(q, k, v, window, scale, need_lo=True)
+    def forward(ctx, q, k, v, window, scale, na1d):
+        o, lse, o_lo = _fwd_impl(q, k, v, window, scale, need_lo=True, na1d=na1d)
         ctx.save_for_backward(q, k, v, o, lse, o_lo)
-        ctx.window, ctx.scale = window, scale
+        ctx.window, ctx.scale, ctx.na1d = window, scale, na1d
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse, o_lo = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale, ctx.na1d)
+        return dq, dk, dv, None, None, None
+
+
+def _call(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, na1d: bool, fwd_op) -> Tensor:
+    """Eager calls: the kernels directly (no autograd record when no input needs a gradient); traced
+    or transformed calls: the custom op ``fwd_op``."""
+    if _eager_ok(q, k, v):
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return _fwd_impl(q, k, v, window, scale, na1d=na1d)[0]
+        return _EagerSWA.apply(q, k, v, window, scale, na1d)
+    return fwd_op(q, k, v, window, scale)[0]
 
 
 def swa_attention_triton(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float) -> Tensor:
@@ -1064,12 +1084,7 @@ def swa_attention_triton(q: Tensor, k: Tensor, v: Tensor, window: int | None, sc
     """
     lk = k.shape[1]
     window = lk if window is None else min(int(window), lk)
-    scale = float(scale)
-    if _eager_ok(q, k, v):
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            return _fwd_impl(q, k, v, window, scale)[0]
-        return _EagerSWA.apply(q, k, v, window, scale)
-    return swa_attn_fwd(q, k, v, window, scale)[0]
+    return _call(q, k, v, window, float(scale), False, swa_attn_fwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1082,48 +1097,15 @@ def na1d_attn_fwd(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, scale: floa
     return o, lse, q.new_empty(0) if o_lo is None else o_lo
 
 
-@na1d_attn_fwd.register_fake
-def _(q, k, v, kernel_size, scale):
-    lo = torch.empty_like(q) if q.dtype != torch.float32 else q.new_empty(0)
-    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32), lo
-
-
 @torch.library.custom_op("mnemotorch::na1d_attn_bwd", mutates_args=())
 def na1d_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor, kernel_size: int,
                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return _bwd_impl(do, q, k, v, o, lse, o_lo, kernel_size, scale, na1d=True)
 
 
-@na1d_attn_bwd.register_fake
-def _(do, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _na1d_backward(ctx, do, dlse, dlo):
-    q, k, v, o, lse, o_lo = ctx.saved_tensors
-    dq, dk, dv = na1d_attn_bwd(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-na1d_attn_fwd.register_autograd(_na1d_backward, setup_context=_setup_context)
-
-
-class _EagerNA1D(torch.autograd.Function):
-    """The NA-1D kernels for eager calls (see ``_EagerSWA``)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, kernel_size, scale):
-        o, lse, o_lo = _fwd_impl(q, k, v, kernel_size, scale, need_lo=True, na1d=True)
-        ctx.save_for_backward(q, k, v, o, lse, o_lo)
-        ctx.window, ctx.scale = kernel_size, scale
-        return o
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse, o_lo = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale, na1d=True)
-        return dq, dk, dv, None, None
+na1d_attn_fwd.register_fake(_fwd_fake)
+na1d_attn_bwd.register_fake(_bwd_fake)
+na1d_attn_fwd.register_autograd(_autograd_of(na1d_attn_bwd), setup_context=_setup_context)
 
 
 def na1d_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, scale: float) -> Tensor:
@@ -1136,12 +1118,7 @@ def na1d_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, sca
         raise ValueError(f"na1d_attention_triton: needs Lq == Lk (self-attention), got {lq} and {lk}")
     if not 1 <= kernel_size <= lk:
         raise ValueError(f"na1d_attention_triton: kernel_size must be in [1, L = {lk}], got {kernel_size}")
-    scale = float(scale)
-    if _eager_ok(q, k, v):
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            return _fwd_impl(q, k, v, kernel_size, scale, na1d=True)[0]
-        return _EagerNA1D.apply(q, k, v, kernel_size, scale)
-    return na1d_attn_fwd(q, k, v, kernel_size, scale)[0]
+    return _call(q, k, v, kernel_size, float(scale), True, na1d_attn_fwd)
 
 
 __all__ = ["LAUNCH", "launch_config", "na1d_attention_triton", "na1d_attn_bwd", "na1d_attn_fwd", "override_launch",
