@@ -80,7 +80,7 @@ def main() -> None:
             rnd = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
             q, k = (torch.nn.functional.normalize(rnd(1, t, h, d), dim=-1).to(dt) for _ in range(2))
             v = rnd(1, t, h, d).to(dt)
-            gates = (0.1 * torch.rand(1, t, h, device=dev), 0.5 + 0.5 * torch.rand(1, t, h, device=dev), 0.1 * torch.rand(1, t, h, device=dev))
+            gates = (0.1 * torch.rand(1, t, h, device=dev), 0.5 + 0.5 * torch.rand(1, t, h, device=dev), 0.01 * torch.rand(1, t, h, device=dev))  # α ≤ 0.01: with 0.1 the clipped default config decays to zero
             w = tuple(rnd(1, h, i, o) / i**0.5 for i, o in memory_hidden_shapes(d, d, 2, hidden))
             st = MemoryState(w, tuple(torch.zeros_like(x) for x in w), w, 0)
             row = {"config": config, "memory": cfg, "L": t, "heads": h, "d": d, "hidden": hidden, "chunk": 64, "dtype": "bfloat16"}

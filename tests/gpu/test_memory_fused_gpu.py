@@ -17,35 +17,44 @@ pytestmark = pytest.mark.gpu
 
 MATCHED = dict(activation="gelu", residual=True, layer_norm=True, max_grad_norm=None)
 DEFAULT = dict(activation="silu", residual=True, layer_norm=False, max_grad_norm=1.0)
+SILU_LN = dict(activation="silu", residual=True, layer_norm=True, max_grad_norm=None)
+CONFIGS = {"matched": MATCHED, "default": DEFAULT, "silu_ln": SILU_LN}
+
+# Why the gates and lengths below: with α up to 0.1 a depth-2 memory under the clipped default config
+# decays to zero (weights ~1e-14 at 4K, 0 at 16K), so outputs agree vacuously and the state comparison
+# measures underflow; α ≤ 0.01 keeps it alive. The matched config (LayerNorm, no clip) is chaotic at
+# these gates: rounding differences grow ~1.2-1.6x per chunk in the chunked path itself (fp32 vs
+# float64: 0.87 relative at 4K with α ≤ 0.1, 4e-3 by chunk 56 with α ≤ 0.01; scripts/diag_memory_fused.py
+# and docs/results/neural_memory.md), so it is compared over 8 chunks, where that growth is bounded.
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def make(t: int, dtype: torch.dtype, b: int = 1, h: int = 16, d: int = 64, hidden: int = 256, seed: int = 0):
+def make(t: int, dtype: torch.dtype, b: int = 1, h: int = 16, d: int = 64, hidden: int = 256, seed: int = 0, depth: int = 2):
     g = torch.Generator(device="cuda").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     uni = lambda lo, hi: lo + (hi - lo) * torch.rand(b, t, h, device="cuda", generator=g)  # noqa: E731
     q, k = F.normalize(rnd(b, t, h, d), dim=-1), F.normalize(rnd(b, t, h, d), dim=-1)
     v = rnd(b, t, h, d)
-    w = tuple(rnd(b, h, i, o) / i**0.5 for i, o in memory_hidden_shapes(d, d, 2, hidden))
+    w = tuple(rnd(b, h, i, o) / i**0.5 for i, o in memory_hidden_shapes(d, d, depth, hidden))
     s = tuple(0.1 * rnd(*x.shape) for x in w)
     qkv = tuple(x.to(dtype) for x in (q, k, v))
-    return qkv, (uni(0.0, 0.1), uni(0.5, 1.0), uni(0.0, 0.1)), MemoryState(w, s, w, 0)
+    return qkv, (uni(0.0, 0.1), uni(0.5, 1.0), uni(0.0, 0.01)), MemoryState(w, s, w, 0)
 
 
 def check_state(out: MemoryState, ref: MemoryState, tol: float) -> None:
     for name in ("weights", "momentum"):
         for i, (x, y) in enumerate(zip(getattr(out, name), getattr(ref, name))):
+            assert y.norm() > 1e-3, f"{name}[{i}] of the reference decayed to {y.norm().item():.1e}: a vacuous comparison"
             assert rel(x, y) <= tol, f"{name}[{i}]: {rel(x, y):.3e}"
 
 
-@pytest.mark.parametrize("config", ["matched", "default"])
-@pytest.mark.parametrize("t", [4096, 16384])
+@pytest.mark.parametrize("config,t", [("default", 4096), ("default", 16384), ("matched", 512), ("silu_ln", 512)])
 def test_fused_bf16_vs_chunked_fp32(config: str, t: int) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = MATCHED if config == "matched" else DEFAULT
+    cfg = CONFIGS[config]
     (q, k, v), gates, st = make(t, torch.bfloat16)
     with torch.no_grad():
         y_ref, s_ref = neural_memory_chunked(q.float(), k.float(), v.float(), *gates, st, 64, **cfg)  # the same rounded inputs, fp32
@@ -56,22 +65,24 @@ def test_fused_bf16_vs_chunked_fp32(config: str, t: int) -> None:
     check_state(s, s_ref, 5e-3)
 
 
-@pytest.mark.parametrize("config", ["matched", "default"])
-def test_fused_fp32_vs_chunked_fp64(config: str) -> None:
-    """float32 inputs (IEEE products in the kernel) against the float64 chunked path, L = 4096."""
+@pytest.mark.parametrize("config,depth,t", [("matched", 2, 512), ("silu_ln", 2, 512), ("default", 2, 4096), ("matched", 1, 4096), ("default", 1, 4096)])
+def test_fused_fp32_vs_chunked_fp64(config: str, depth: int, t: int) -> None:
+    """float32 inputs (IEEE products in the kernel) against the float64 chunked path."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = MATCHED if config == "matched" else DEFAULT
-    (q, k, v), gates, st = make(4096, torch.float32, b=1, h=4)
+    cfg = CONFIGS[config]
+    (q, k, v), gates, st = make(t, torch.float32, b=1, h=4, depth=depth)
     f64 = lambda xs: tuple(x.double() for x in xs)  # noqa: E731
     with torch.no_grad():
         y_ref, s_ref = neural_memory_chunked(*f64((q, k, v)), *f64(gates), MemoryState(f64(st.weights), f64(st.momentum), f64(st.weights), 0), 64, **cfg)
         y, s = neural_memory_fused_forward(q, k, v, *gates, st, 64, **cfg)
-    assert rel(y, y_ref) <= 1e-5, rel(y, y_ref)
+    assert rel(y - q, y_ref - q.double()) <= 1e-5, rel(y - q, y_ref - q.double())
     check_state(s, s_ref, 1e-5)
 
 
-def test_layer_env_switch(monkeypatch) -> None:
-    """``MNEMO_MEMORY_FUSED=1``: the titans_lmm layer's inference forward runs the kernel, same output."""
+@pytest.mark.parametrize("config,t", [("default", 4096 + 37), ("matched", 512 + 37)])
+def test_layer_env_switch(monkeypatch, config: str, t: int) -> None:
+    """``MNEMO_MEMORY_FUSED=1``: the titans_lmm layer's inference forward runs the kernel, same output
+    (the matched config over 8 chunks and a partial one: it is chaotic over long spans, see above)."""
     from mnemotorch.bench.neural_memory import build_ours
     from mnemotorch.ops.memory import fused_triton
 
@@ -84,8 +95,8 @@ def test_layer_env_switch(monkeypatch) -> None:
 
     monkeypatch.setattr(fused_triton, "neural_memory_fused_forward", counting)
     torch.manual_seed(0)
-    layer = build_ours(1024, 16, 64, "matched", torch.device("cuda"), torch.bfloat16)
-    x = torch.randn(1, 4096 + 37, 1024, device="cuda", dtype=torch.bfloat16)
+    layer = build_ours(1024, 16, 64, config, torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(1, t, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         monkeypatch.delenv("MNEMO_MEMORY_FUSED", raising=False)
         y0 = layer(x)[0]

@@ -322,3 +322,25 @@ def test_custom_ops_pass_opcheck() -> None:
         o, lse, lo = swa_triton.swa_attn_fwd(q, k, v, 7, 0.25)
         args = (torch.randn(o.shape, generator=g), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), lo.detach(), 7, 0.25)
         torch.library.opcheck(swa_triton.swa_attn_bwd, args)
+
+
+def test_rounding_residual_only_for_shared_qk(monkeypatch) -> None:
+    """The forward keeps the bf16 output's rounding residual (one more [B, L, H, D] tensor saved for the
+    backward) only when ``k is q``; with independent q, k it saves what FlashAttention-2 / Flex save
+    (issue #4's peak-memory target). ``PRECISE_DELTA`` keeps it always."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    saved = []
+    real = swa_triton._fwd_impl
+    monkeypatch.setattr(swa_triton, "_fwd_impl", lambda *a, **kw: saved.append(kw.get("need_lo")) or real(*a, **kw))
+    with swa_triton.override_launch(**tiles(16, 16, False, False)):
+        swa_triton.swa_attention_triton(q, k, v, 9, 0.25).sum().backward()
+        swa_triton.swa_attention_triton(q, q, v, 9, 0.25).sum().backward()
+        swa_triton.na1d_attention_triton(q, k, v, 9, 0.25).sum().backward()
+        monkeypatch.setattr(swa_triton, "PRECISE_DELTA", True)
+        swa_triton.swa_attention_triton(q, k, v, 9, 0.25).sum().backward()
+    assert saved == [False, True, False, True]
+    assert swa_triton.swa_attn_fwd(q, k, v, 9, 0.25)[2].numel() == 0
+    assert swa_triton.swa_attn_fwd(q, k, v, 9, 0.25, True)[2].shape == q.shape
+    with swa_triton.override_launch(**tiles(16, 16, False, False)):
+        torch.library.opcheck(swa_triton.swa_attn_fwd, (q.float(), k.float(), v.float(), 9, 0.25, True))

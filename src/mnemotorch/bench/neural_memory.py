@@ -54,6 +54,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from typing import Callable
@@ -423,7 +424,7 @@ def _ratios(res: dict, chunks: int) -> None:
 
 def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], peers: tuple[str, ...], device: torch.device,
              dtype: torch.dtype, batch: int = 1, warmup: int = 5, rep: int = 20, compile_memory: bool | str | dict | None = None,
-             eager: bool = True, cuda_graph: bool = False, graph_failures: dict[str, str] | None = None) -> dict:
+             eager: bool = True, cuda_graph: bool = False, graph_failures: dict[str, str] | None = None, fused: bool = False) -> dict:
     """Our ``titans_lmm`` layer (each configuration) and titans-pytorch on the same ``x [B, L, dim]`` and output gradient.
 
     ``compile_memory`` (not None/False): each configuration also runs with the memory's chunk step
@@ -435,6 +436,12 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
     CUDA-graph replays of one captured call (``<name>_graphed``, or ``not_capturable`` with the reason;
     ``graph_failures`` carries failed captures to the next lengths, where they are not retried). Every
     result then says its ``timing`` (``TIMING_MODES``) and the row has a ``cuda_graph_summary``.
+
+    ``fused`` (CUDA only; the caller checks): each configuration's inference forward (no grad) with the
+    fused forward kernel (``MNEMO_MEMORY_FUSED=1``, ``ops/memory/fused_triton.py``) as
+    ``ours_<config>_fused`` (``fwd_ms`` only: the kernel has no backward), its first call apart
+    (``first_call_s``), and its
+    output's relative RMS difference from the chunked path's.
     """
     graph_failures = {} if graph_failures is None else graph_failures
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -480,6 +487,9 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
             res[name] = r
             graph_job(name, lambda layer=layer, x=x: layer(x)[0], ["x", *(n for n, _ in layer.named_parameters())], inputs, used)
             del layer, x, inputs
+        if fused:
+            res[f"ours_{config}_fused"] = _guard(lambda config=config: fused_forward(config, dim, heads, chunk_size, x0, device, dtype,
+                                                                                     warmup, rep), device)
         e, c = res.get(f"ours_{config}", {}), res.get(f"ours_{config}_compiled", {})
         if "fwd_ms" in e and "fwd_ms" in c:
             c["speedup_fwd_vs_eager"] = e["fwd_ms"] / c["fwd_ms"]
@@ -521,6 +531,35 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
             row["meets_target_by_result"] = {n: r["fwd_bwd_ms"] <= SPEC["target_ours_fwd_bwd_ms"] for n, r in res.items()
                                              if n.startswith("ours_") and r.get("fwd_bwd_ms") is not None}
     return row
+
+
+def fused_forward(config: str, dim: int, heads: int, chunk_size: int, x: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                  warmup: int, rep: int) -> dict:
+    """The layer's no-grad forward with ``MNEMO_MEMORY_FUSED=1`` (the fused forward kernel) against the
+    same layer without it: ``fwd_ms``, ``first_call_s`` (the kernel's compilation), ``rel_rms_vs_chunked``."""
+    torch.manual_seed(0)
+    layer = build_ours(dim, heads, chunk_size, config, device, dtype)
+    prev = os.environ.get("MNEMO_MEMORY_FUSED")
+    out: dict = {"inference": True}
+    try:
+        with torch.no_grad():
+            os.environ["MNEMO_MEMORY_FUSED"] = "0"
+            y0 = layer(x)[0].double()
+            os.environ["MNEMO_MEMORY_FUSED"] = "1"
+            _sync(device)
+            t0 = time.perf_counter()
+            y1 = layer(x)[0].double()
+            _sync(device)
+            out["first_call_s"] = time.perf_counter() - t0
+            out["rel_rms_vs_chunked"] = ((y1 - y0).norm() / y0.norm()).item()
+            out["fwd_ms"] = time_ms(lambda: layer(x), device, warmup, rep)
+    finally:
+        if prev is None:
+            os.environ.pop("MNEMO_MEMORY_FUSED", None)
+        else:
+            os.environ["MNEMO_MEMORY_FUSED"] = prev
+    out["config"] = our_config_record(layer)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,7 +842,8 @@ def _line(row: dict) -> str:
                       if "speedup_fwd_bwd_vs_eager" in r else f" (first calls {r['first_fwd_s']:.1f}/{r['first_fwd_bwd_s']:.1f} s)" if "first_fwd_s" in r else "")
                 fb = "n/a" if r.get("fwd_bwd_ms") is None else f"{r['fwd_bwd_ms']:.2f}"
                 nc = f" (not capturable: {r['not_capturable']})" if "not_capturable" in r else ""
-                parts.append(f"{name} {r['fwd_ms']:.2f}/{fb} ms{peak}{sp}{cp}{nc}")
+                fz = f" (inference, first call {r['first_call_s']:.1f} s, rel {r['rel_rms_vs_chunked']:.1e} vs chunked)" if r.get("inference") else ""
+                parts.append(f"{name} {r['fwd_ms']:.2f}/{fb} ms{peak}{sp}{cp}{nc}{fz}")
             elif "not_capturable" in r:
                 parts.append(f"{name} not capturable: {r['not_capturable']}")
             else:
@@ -858,6 +898,8 @@ def main(argv: list[str] | None = None) -> int:
                    "forward + backward, as CUDA-graph replays of one captured call (<name>_graphed: the device work without "
                    "the host's launch overhead; 'not_capturable' with the reason if its capture fails), beside the eager "
                    "timings; each result records its 'timing'. Ignored (with a note) on --device cpu")
+    g.add_argument("--fused", action="store_true", help="CUDA only: also time each configuration's inference forward (no grad) "
+                   "with the fused forward kernel (MNEMO_MEMORY_FUSED=1): ours_<config>_fused. Ignored (with a note) on --device cpu")
     g.add_argument("--profile", action="store_true", help="torch.profiler breakdown of our layer (matched) at the first length "
                    "(with --compile: of the compiled layer too)")
     g.add_argument("--profile-top", type=_positive_int, default=15, help="top ops listed by the profile")
@@ -911,6 +953,9 @@ def main(argv: list[str] | None = None) -> int:
         graph_note = "--cuda-graph applies to the lmm case only"
     if graph_note:
         print(graph_note, flush=True)
+    fused = args.fused and device.type == "cuda"
+    if args.fused and not fused:
+        print("--fused ignored: the fused forward kernel is timed on CUDA only (this is a --device cpu run)", flush=True)
 
     env = device_info()
     env["device_type"] = device.type
@@ -921,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**opt, "batch": args.batch, "dtype": args.dtype, "warmup": warmup, "rep": rep, "tf32": args.tf32,
                      "cpu_threads": args.threads if device.type == "cpu" else None,
                      "compile_memory": code_path_compile_record(compile_memory), "compile_only": args.compile_only,
-                     "cuda_graph": cuda_graph},
+                     "cuda_graph": cuda_graph, "fused": fused},
         "spec": dict(SPEC), "configs": {"ours": {k: dict(v) for k, v in OUR_CONFIGS.items()}, "titans_pytorch_default": dict(PEER_DEFAULT_MEMORY)},
         "lmm": [], "mag_model": [], "decode": [],
     }
@@ -944,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
         graph_failures: dict[str, str] = {}  # failed captures, not retried at the later lengths
         for L in opt["lengths"]:
             jobs.append(("lmm", lambda L=L: lmm_case(L, opt["dim"], opt["heads"], C, opt["configs"], peers, device, dtype, args.batch, warmup, rep,
-                                                     compile_memory, not args.compile_only, cuda_graph, graph_failures)))
+                                                     compile_memory, not args.compile_only, cuda_graph, graph_failures, fused)))
     if "mag_model" in cases:
         for plan in ["titans_mag", *[p for p in opt["mag_baselines"] if p != "titans_mag"]]:
             jobs.append(("mag_model", lambda plan=plan: mag_model_case(plan, opt["mag_length"], opt["mag_hidden"], opt["mag_heads"], opt["mag_layers"],

@@ -51,6 +51,8 @@ Custom ops ``mnemotorch::na1d_attn_fwd`` / ``_bwd``; entry point :func:`na1d_att
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -998,14 +1000,31 @@ def _dq_launch(cq: dict, do, q, k, v, o, o_lo, has_lo: bool, lse, delta, scale: 
     return dq
 
 
+#: Keep the 16-bit output's rounding residual ``o_lo`` for every backward (``MNEMO_SWA_PRECISE_DELTA=1``),
+#: not only for shared-QK calls (``k is q``). See :func:`keep_residual`.
+PRECISE_DELTA = os.environ.get("MNEMO_SWA_PRECISE_DELTA", "0") == "1"
+
+
+def keep_residual(q: Tensor, k: Tensor) -> bool:
+    """Whether the forward stores the output's rounding residual for the backward's Δ = rowsum(dO ∘ O).
+
+    With shared Q/K (``k is q``) the diagonal logit dominates each row and ``dP_ii − Δ_i`` is a small
+    difference of two large terms: Δ from the bf16-rounded output gave dq errors of 1.8e-2 (vs 2.2e-3 for
+    an fp32-inside peer; ``tests/ops/test_block_sparse_numerics.py``), so there the residual (one more
+    ``[B, L, H, D]`` 16-bit tensor) is kept. Otherwise Δ comes from the rounded output, as in
+    FlashAttention-2 and FlexAttention, and the forward saves no more than they do (issue #4's peak-memory
+    target). ``PRECISE_DELTA`` keeps it always."""
+    return PRECISE_DELTA or k is q
+
+
 @torch.library.custom_op("mnemotorch::swa_attn_fwd", mutates_args=())
-def swa_attn_fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    o, lse, o_lo = _fwd_impl(q, k, v, window, scale, need_lo=True)
+def swa_attn_fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, keep_lo: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    o, lse, o_lo = _fwd_impl(q, k, v, window, scale, need_lo=keep_lo)
     return o, lse, q.new_empty(0) if o_lo is None else o_lo
 
 
-def _fwd_fake(q, k, v, window, scale):
-    lo = torch.empty_like(q) if q.dtype != torch.float32 else q.new_empty(0)
+def _fwd_fake(q, k, v, window, scale, keep_lo=False):
+    lo = torch.empty_like(q) if keep_lo and q.dtype != torch.float32 else q.new_empty(0)
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32), lo
 
 
@@ -1026,7 +1045,7 @@ swa_attn_bwd.register_fake(_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, scale = inputs
+    q, k, v, window, scale = inputs[:5]
     o, lse, o_lo = output
     ctx.save_for_backward(q, k, v, o, lse, o_lo)
     ctx.window, ctx.scale = window, scale
@@ -1038,7 +1057,7 @@ def _autograd_of(bwd_op):
     def backward(ctx, do, dlse, dlo):
         q, k, v, o, lse, o_lo = ctx.saved_tensors
         dq, dk, dv = bwd_op(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
     return backward
 
@@ -1051,8 +1070,8 @@ class _EagerSWA(torch.autograd.Function):
     ``na1d``: the kernels' 1-D neighborhood mode (``window`` = kernel size)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window, scale, na1d):
-        o, lse, o_lo = _fwd_impl(q, k, v, window, scale, need_lo=True, na1d=na1d)
+    def forward(ctx, q, k, v, window, scale, na1d, keep_lo):
+        o, lse, o_lo = _fwd_impl(q, k, v, window, scale, need_lo=keep_lo, na1d=na1d)
         ctx.save_for_backward(q, k, v, o, lse, o_lo)
         ctx.window, ctx.scale, ctx.na1d = window, scale, na1d
         return o
@@ -1062,7 +1081,7 @@ class _EagerSWA(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, o_lo = ctx.saved_tensors
         dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, o_lo, ctx.window, ctx.scale, ctx.na1d)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _call(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, na1d: bool, fwd_op) -> Tensor:
@@ -1071,8 +1090,8 @@ def _call(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, na1d: bool
     if _eager_ok(q, k, v):
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return _fwd_impl(q, k, v, window, scale, na1d=na1d)[0]
-        return _EagerSWA.apply(q, k, v, window, scale, na1d)
-    return fwd_op(q, k, v, window, scale)[0]
+        return _EagerSWA.apply(q, k, v, window, scale, na1d, keep_residual(q, k))
+    return fwd_op(q, k, v, window, scale, keep_residual(q, k))[0]
 
 
 def swa_attention_triton(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float) -> Tensor:
@@ -1092,8 +1111,8 @@ def swa_attention_triton(q: Tensor, k: Tensor, v: Tensor, window: int | None, sc
 
 
 @torch.library.custom_op("mnemotorch::na1d_attn_fwd", mutates_args=())
-def na1d_attn_fwd(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    o, lse, o_lo = _fwd_impl(q, k, v, kernel_size, scale, need_lo=True, na1d=True)
+def na1d_attn_fwd(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, scale: float, keep_lo: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    o, lse, o_lo = _fwd_impl(q, k, v, kernel_size, scale, need_lo=keep_lo, na1d=True)
     return o, lse, q.new_empty(0) if o_lo is None else o_lo
 
 
@@ -1121,5 +1140,5 @@ def na1d_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, sca
     return _call(q, k, v, kernel_size, float(scale), True, na1d_attn_fwd)
 
 
-__all__ = ["LAUNCH", "launch_config", "na1d_attention_triton", "na1d_attn_bwd", "na1d_attn_fwd", "override_launch",
+__all__ = ["LAUNCH", "PRECISE_DELTA", "keep_residual", "launch_config", "na1d_attention_triton", "na1d_attn_bwd", "na1d_attn_fwd", "override_launch",
            "swa_attention_triton", "swa_attn_fwd", "swa_attn_bwd"]

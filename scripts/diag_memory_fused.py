@@ -1,0 +1,127 @@
+"""Localise a disagreement of the fused Titans-memory forward (``ops/memory/fused_triton.py``) with the
+chunked path on a real GPU, and time launch variants.
+
+Correctness part: float32 inputs (IEEE products in the kernel) against the float64 chunked path, for
+configurations that switch one feature at a time (activation, LayerNorm, clip, depth), with gates
+that keep the memory alive (α ≤ 0.01: with α up to 0.1 a depth-2 memory decays to zero and any
+comparison of outputs passes vacuously), and a θ = 0 case (no learning: the output is the read at
+the initial weights, which isolates the read from the update). Per chunk, the output's relative
+error, so a wrong first chunk (the in-chunk arithmetic) is told apart from drift (the carried state).
+
+Timing part (``--sweep``): the op's forward at the benchmark's head shape (16 heads, d 64, hidden 256,
+chunk 64, bf16) for ``fused_triton.LAUNCH`` variants.
+
+    python scripts/diag_memory_fused.py --out $OUT/diag_memory_fused.json [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1 :][:1] == ["cpu"]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch
+import torch.nn.functional as F
+
+from mnemotorch.ops.memory import MemoryState, memory_hidden_shapes, neural_memory_chunked
+from mnemotorch.ops.memory import fused_triton
+from mnemotorch.ops.memory.fused_triton import neural_memory_fused_forward
+
+CONFIGS = {
+    "matched": dict(activation="gelu", residual=True, layer_norm=True, max_grad_norm=None),
+    "gelu": dict(activation="gelu", residual=True, layer_norm=False, max_grad_norm=None),
+    "silu_ln": dict(activation="silu", residual=True, layer_norm=True, max_grad_norm=None),
+    "silu": dict(activation="silu", residual=True, layer_norm=False, max_grad_norm=None),
+    "default": dict(activation="silu", residual=True, layer_norm=False, max_grad_norm=1.0),
+    "relu_plain": dict(activation="relu", residual=False, layer_norm=False, max_grad_norm=None),
+}
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def inputs(t, h, d, hidden, depth, dtype, dev, theta_max=0.1, alpha_max=0.01, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
+    uni = lambda lo, hi: lo + (hi - lo) * torch.rand(1, t, h, device=dev, generator=g)  # noqa: E731
+    q, k = (F.normalize(rnd(1, t, h, d), dim=-1) for _ in range(2))
+    v = rnd(1, t, h, d)
+    w = tuple(rnd(1, h, i, o) / i**0.5 for i, o in memory_hidden_shapes(d, d, depth, hidden))
+    s = tuple(0.1 * rnd(*x.shape) for x in w)
+    gates = (uni(0.0, theta_max), uni(0.5, 1.0), uni(0.0, alpha_max))
+    return tuple(x.to(dtype) for x in (q, k, v)), gates, MemoryState(w, s, w, 0)
+
+
+def correctness(dev, t: int, h: int) -> list:
+    rows = []
+    d, hidden, c = 64, 256, 64
+    f64 = lambda xs: tuple(x.double() for x in xs)  # noqa: E731
+    cases = [(name, 2, 0.1) for name in CONFIGS] + [("matched", 1, 0.1), ("default", 1, 0.1), ("matched", 2, 0.0), ("silu", 2, 0.0)]
+    for name, depth, theta_max in cases:
+        cfg = CONFIGS[name]
+        (q, k, v), gates, st = inputs(t, h, d, hidden, depth, torch.float32, dev, theta_max=theta_max)
+        with torch.no_grad():
+            y_ref, s_ref = neural_memory_chunked(*f64((q, k, v)), *f64(gates), MemoryState(f64(st.weights), f64(st.momentum), f64(st.weights), 0), c, **cfg)
+            y, s = neural_memory_fused_forward(q, k, v, *gates, st, c, **cfg)
+        per_chunk = [rel(y[:, i : i + c], y_ref[:, i : i + c]) for i in range(0, t, c)]
+        row = {"config": name, "depth": depth, "theta_max": theta_max, "t": t, "heads": h, "y_rel": rel(y, y_ref), "y_rel_per_chunk": per_chunk,
+               "weights_rel": [rel(a, b) for a, b in zip(s.weights, s_ref.weights)], "momentum_rel": [rel(a, b) for a, b in zip(s.momentum, s_ref.momentum)],
+               "weights_norm": [b.norm().item() for b in s_ref.weights], "read_minus_q_rel": rel(y - q, y_ref - q.double())}  # fmt: skip
+        print(json.dumps({k_: (v_ if k_ != "y_rel_per_chunk" else [f"{x:.1e}" for x in v_]) for k_, v_ in row.items()}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def sweep(dev, t: int, rep: int) -> list:
+    from bench_memory_fused import median_ms  # noqa: E402 (same folder)
+
+    h, d, hidden, c = 16, 64, 256, 64
+    rows = []
+    base = dict(fused_triton.LAUNCH)
+    for name in ("matched", "default"):
+        (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
+        for bh, nw in itertools.product((32, 64, 128), (4, 8)):
+            fused_triton.LAUNCH.update(hidden_slice=bh, num_warps=nw)
+            try:
+                with torch.no_grad():
+                    ms = median_ms(lambda: neural_memory_fused_forward(q, k, v, *gates, st, c, **CONFIGS[name]), 2, rep)
+                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "ms": ms}
+            except Exception as e:  # noqa: BLE001 (out of resources: recorded, the sweep goes on)
+                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        fused_triton.LAUNCH.clear()
+        fused_triton.LAUNCH.update(base)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--t", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-t", type=int, default=16384)
+    ap.add_argument("--rep", type=int, default=5)
+    ap.add_argument("--out", default="diag_memory_fused.json")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device(args.device)
+    out = {"meta": {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__,
+                    "triton": __import__("triton").__version__, "launch": dict(fused_triton.LAUNCH)}}  # fmt: skip
+    out["correctness"] = correctness(dev, args.t, args.heads)
+    if args.sweep:
+        out["sweep"] = sweep(dev, args.sweep_t, args.rep)
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()
