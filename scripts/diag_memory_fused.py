@@ -11,7 +11,7 @@ error, so a wrong first chunk (the in-chunk arithmetic) is told apart from drift
 Timing part (``--sweep``): the op's forward at the benchmark's head shape (16 heads, d 64, hidden 256,
 chunk 64, bf16) for ``fused_triton.LAUNCH`` variants.
 
-    python scripts/diag_memory_fused.py --out $OUT/diag_memory_fused.json [--sweep]
+    python scripts/diag_memory_fused.py --out $OUT/diag_memory_fused.json [--sweep [--slices 64 --warps 4 --stages 1,2 --precisions tf32/tf32,tf32x3/tf32]]
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def correctness(dev, t: int, h: int) -> list:
     return rows
 
 
-def sweep(dev, t: int, rep: int) -> list:
+def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=("tf32x3/tf32",), stages=(1,)) -> list:
+    """``precisions``: "state/read" pairs of ``LAUNCH["half_precision"]`` / ``["half_read_precision"]``."""
     from bench_memory_fused import median_ms  # noqa: E402 (same folder)
 
     h, d, hidden, c = 16, 64, 256, 64
@@ -86,14 +87,16 @@ def sweep(dev, t: int, rep: int) -> list:
     base = dict(fused_triton.LAUNCH)
     for name in ("matched", "default"):
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
-        for bh, nw in itertools.product((32, 64, 128), (4, 8)):
-            fused_triton.LAUNCH.update(hidden_slice=bh, num_warps=nw)
+        for bh, nw, ns, prec in itertools.product(slices, warps, stages, precisions):
+            p_state, _, p_read = prec.partition("/")
+            fused_triton.LAUNCH.update(hidden_slice=bh, num_warps=nw, num_stages=ns, half_precision=p_state, half_read_precision=p_read or p_state)
             try:
                 with torch.no_grad():
                     ms = median_ms(lambda: neural_memory_fused_forward(q, k, v, *gates, st, c, **CONFIGS[name]), 2, rep)
-                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "ms": ms}
+                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "num_stages": ns, "precision": prec, "ms": ms}
             except Exception as e:  # noqa: BLE001 (out of resources: recorded, the sweep goes on)
-                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "num_stages": ns, "precision": prec,
+                       "error": f"{type(e).__name__}: {str(e)[:200]}"}
             print(json.dumps(row), flush=True)
             rows.append(row)
         fused_triton.LAUNCH.clear()
@@ -109,15 +112,22 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-t", type=int, default=16384)
     ap.add_argument("--rep", type=int, default=5)
+    ap.add_argument("--slices", default="32,64,128", help="hidden_slice values of the sweep")
+    ap.add_argument("--warps", default="4,8", help="num_warps values of the sweep")
+    ap.add_argument("--precisions", default="tf32x3/tf32", help="state/read precision pairs of the sweep (tf32, tf32x3), e.g. tf32/tf32,tf32x3/tf32")
+    ap.add_argument("--stages", default="1", help="num_stages values of the sweep")
+    ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device(args.device)
     out = {"meta": {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__,
                     "triton": __import__("triton").__version__, "launch": dict(fused_triton.LAUNCH)}}  # fmt: skip
-    out["correctness"] = correctness(dev, args.t, args.heads)
+    if not args.skip_correctness:
+        out["correctness"] = correctness(dev, args.t, args.heads)
     if args.sweep:
-        out["sweep"] = sweep(dev, args.sweep_t, args.rep)
+        ints = lambda x: tuple(int(i) for i in x.split(","))  # noqa: E731
+        out["sweep"] = sweep(dev, args.sweep_t, args.rep, ints(args.slices), ints(args.warps), tuple(args.precisions.split(",")), ints(args.stages))
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
 

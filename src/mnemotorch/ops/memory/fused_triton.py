@@ -26,7 +26,8 @@ those loads use ``cache_modifier=".cg"`` (served by L2, not a possibly stale L1 
 
 Matmuls accumulate in fp32 (the accumulation dtype of :func:`neural_memory_chunked` for half and
 float32 inputs); with float32 inputs the products are exact fp32 (``input_precision="ieee"``),
-with bf16 / fp16 inputs TF32 (the inputs carry 8 / 11 mantissa bits already).
+with bf16 / fp16 inputs ``LAUNCH["half_precision"]`` ("tf32x3" by default: the operands include
+the fp32 state, whose rounding would otherwise accumulate over the chunks).
 
 Scope: forward only (no autograd); depth 1 or 2; power-of-two ``chunk_size``, ``Dk``, ``Dv`` and
 hidden width, each ≥ 16 (``tl.dot`` tiles). The partial segments of a call (the rest of a chunk
@@ -62,7 +63,25 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``num_stages`` for the software pipelining of the slice loops. Swept on an H100 at 16K tokens, 16
 #: heads, d 64, hidden 256 (scripts/diag_memory_fused.py --sweep, 2026-11-26): slice 64 with 4 warps was
 #: fastest (33.0 / 28.7 ms matched / default; 8 warps 34.4 / 29.8; slices 32 and 128 slower).
-LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1}
+#: ``half_precision``: the ``tl.dot`` input precision, for bf16 / fp16 inputs, of the products that feed
+#: the state (the key pass's gradients and the updates); ``half_read_precision``: of those that only
+#: feed the output (the dual-form read). The state is carried across every chunk of the call, so its
+#: products' rounding accumulates: with "tf32" everywhere (10-bit mantissas) the weights after 16K
+#: tokens were 1.7e-2 from the fp32 chunked path's on the H100 (the default config; 5e-3 is the bf16
+#: bound), "tf32x3" (three TF32 products, ~fp32) everywhere passed at twice the time.
+LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32"}
+
+
+@triton.jit
+def _mmp(a, b, PREC: tl.constexpr):
+    """``a @ b`` in fp32 with the products' ``input_precision`` ``PREC``."""
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _mmap(a, b, acc, PREC: tl.constexpr):
+    """``acc + a @ b`` accumulated in place by the matrix unit."""
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -135,7 +154,7 @@ def _lmm_fused_fwd_kernel(
     n_chunks, H, ln_eps, max_norm,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
-    IEEE: tl.constexpr,
+    PREC: tl.constexpr, PREC_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nbh = tl.num_programs(0)
@@ -166,21 +185,21 @@ def _lmm_fused_fwd_kernel(
         b_c = _last1(beta, rows, C)
         m_c = _last1(m, rows, C)
         f_c = _last1(f, rows, C)
-        qk = _mm(q, tl.trans(k), IEEE)  # [C, C]
+        qk = _mmp(q, tl.trans(k), PREC_R)  # [C, C]
         if DEPTH == 1:
             w1 = tl.load(w1_base + ck[:, None] * DV + cv[None, :], cache_modifier=".cg")
             s1 = tl.load(s1_base + ck[:, None] * DV + cv[None, :], cache_modifier=".cg")
-            d2 = _loss_grad(_mm(k, w1, IEEE), k, v, DV, ln_eps, RESIDUAL, LN)
+            d2 = _loss_grad(_mmp(k, w1, PREC), k, v, DV, ln_eps, RESIDUAL, LN)
             if CLIP:
                 sq = tl.sum(k * k, 1) * tl.sum(d2 * d2, 1)
                 scale = max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
                 gm = gm * scale[None, :]
                 nm = nm * scale[None, :]
-            zh = beta[:, None] * _mm(q, w1, IEEE) + f[:, None] * _mm(q, s1, IEEE) - _mm(gm * qk, d2, IEEE)
+            zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(gm * qk, d2, PREC_R)
             g_l = _last(gm, rows, C)
             n_l = _last(nm, rows, C)
-            w1n = b_c * w1 + f_c * s1 - _mm(tl.trans(g_l[:, None] * k), d2, IEEE)
-            s1n = m_c * s1 - _mm(tl.trans(n_l[:, None] * k), d2, IEEE)
+            w1n = b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d2, PREC)
+            s1n = m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d2, PREC)
             tl.debug_barrier()
             tl.store(w1_base + ck[:, None] * DV + cv[None, :], w1n)
             tl.store(s1_base + ck[:, None] * DV + cv[None, :], s1n)
@@ -191,12 +210,12 @@ def _lmm_fused_fwd_kernel(
             for j in range(0, HID, BH):
                 cols = j + ch
                 w1 = tl.load(w1_base + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
-                z1 = _mm(k, w1, IEEE)
+                z1 = _mmp(k, w1, PREC)
                 tl.store(z1_base + rows[:, None] * HID + cols[None, :], z1)
                 h1 = _act(z1, ACT)
                 hn += tl.sum(h1 * h1, 1)
                 w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
-                z2 = _mma(h1, w2, z2, IEEE)
+                z2 = _mmap(h1, w2, z2, PREC)
             d2 = _loss_grad(z2, k, v, DV, ln_eps, RESIDUAL, LN)
             tl.debug_barrier()
             # (B) Δ_1 = (Δ_2 W_2ᵀ) ∘ σ'(Z_1) to the scratch, and its per-token squared norms.
@@ -205,7 +224,7 @@ def _lmm_fused_fwd_kernel(
                 cols = j + ch
                 w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
                 z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
-                d1 = _mm(d2, tl.trans(w2), IEEE) * _act_grad(z1, ACT)
+                d1 = _mmp(d2, tl.trans(w2), PREC) * _act_grad(z1, ACT)
                 tl.store(d1_base + rows[:, None] * HID + cols[None, :], d1)
                 dn1 += tl.sum(d1 * d1, 1)
             tl.debug_barrier()
@@ -230,22 +249,22 @@ def _lmm_fused_fwd_kernel(
                 z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 d1 = tl.load(d1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 h1 = _act(z1, ACT)
-                zh = beta[:, None] * _mm(q, w1, IEEE) + f[:, None] * _mm(q, s1, IEEE) - _mm(ga, d1, IEEE)
+                zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
                 hh = _act(zh, ACT)
                 w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
                 s2 = tl.load(s2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
-                acc2 = _mma(beta[:, None] * hh, w2, acc2, IEEE)
-                acc2 = _mma(f[:, None] * hh, s2, acc2, IEEE)
-                p = _mma(hh, tl.trans(h1), p, IEEE)
-                w1n = b_c * w1 + f_c * s1 - _mm(gk, d1, IEEE)
-                s1n = m_c * s1 - _mm(nk, d1, IEEE)
-                w2n = b_c * w2 + f_c * s2 - _mm(tl.trans(g_l[:, None] * h1), d2, IEEE)
-                s2n = m_c * s2 - _mm(tl.trans(n_l[:, None] * h1), d2, IEEE)
+                acc2 = _mmap(beta[:, None] * hh, w2, acc2, PREC_R)
+                acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
+                p = _mmap(hh, tl.trans(h1), p, PREC_R)
+                w1n = b_c * w1 + f_c * s1 - _mmp(gk, d1, PREC)
+                s1n = m_c * s1 - _mmp(nk, d1, PREC)
+                w2n = b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC)
+                s2n = m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC)
                 tl.store(w1_base + ck[:, None] * HID + cols[None, :], w1n)
                 tl.store(s1_base + ck[:, None] * HID + cols[None, :], s1n)
                 tl.store(w2_base + cols[:, None] * DV + cv[None, :], w2n)
                 tl.store(s2_base + cols[:, None] * DV + cv[None, :], s2n)
-            zh = acc2 - _mm(gm * p, d2, IEEE)
+            zh = acc2 - _mmp(gm * p, d2, PREC_R)
         if LN:
             y, _r = _ln_rows(zh, DV, ln_eps)
         else:
@@ -284,7 +303,8 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
         w[0], s[0], w2, s2, z1, d1,
         n, heads, float(ln_eps), float(max_grad_norm or 1.0),
         C=c, DK=dk, DV=dv, HID=hid, BH=bh, DEPTH=depth, ACT=_ACT_CODES[activation],
-        RESIDUAL=residual, LN=layer_norm, CLIP=max_grad_norm is not None, IEEE=q.dtype == torch.float32,
+        RESIDUAL=residual, LN=layer_norm, CLIP=max_grad_norm is not None, PREC="ieee" if q.dtype == torch.float32 else LAUNCH["half_precision"],
+        PREC_R="ieee" if q.dtype == torch.float32 else LAUNCH["half_read_precision"],
         num_warps=LAUNCH["num_warps"] or (8 if c * max(dk, dv, bh) >= 4096 else 4), num_stages=LAUNCH["num_stages"],
     )  # fmt: skip
     return [y, *w, *s]
