@@ -78,7 +78,7 @@ def correctness(dev, t: int, h: int) -> list:
     return rows
 
 
-def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=("tf32x3/tf32",), stages=(1,)) -> list:
+def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=("tf32x3/tf32",), stages=(1,), splits=(0,)) -> list:
     """``precisions``: "state/read" pairs of ``LAUNCH["half_precision"]`` / ``["half_read_precision"]``."""
     from bench_memory_fused import median_ms  # noqa: E402 (same folder)
 
@@ -87,15 +87,16 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
     base = dict(fused_triton.LAUNCH)
     for name in ("matched", "default"):
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
-        for bh, nw, ns, prec in itertools.product(slices, warps, stages, precisions):
+        for sp, bh, nw, ns, prec in itertools.product(splits, slices, warps, stages, precisions):
             p_state, _, p_read = prec.partition("/")
-            fused_triton.LAUNCH.update(hidden_slice=bh, num_warps=nw, num_stages=ns, half_precision=p_state, half_read_precision=p_read or p_state)
+            fused_triton.LAUNCH.update(hidden_slice=bh, num_warps=nw, num_stages=ns, half_precision=p_state, half_read_precision=p_read or p_state,
+                                       split_slice=sp, split_warps=nw)
             try:
                 with torch.no_grad():
                     ms = median_ms(lambda: neural_memory_fused_forward(q, k, v, *gates, st, c, **CONFIGS[name]), 2, rep)
-                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "num_stages": ns, "precision": prec, "ms": ms}
+                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "num_stages": ns, "precision": prec, "split_slice": sp, "ms": ms}
             except Exception as e:  # noqa: BLE001 (out of resources: recorded, the sweep goes on)
-                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "num_stages": ns, "precision": prec,
+                row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "num_stages": ns, "precision": prec, "split_slice": sp,
                        "error": f"{type(e).__name__}: {str(e)[:200]}"}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8", help="num_warps values of the sweep")
     ap.add_argument("--precisions", default="tf32x3/tf32", help="state/read precision pairs of the sweep (tf32, tf32x3), e.g. tf32/tf32,tf32x3/tf32")
     ap.add_argument("--stages", default="1", help="num_stages values of the sweep")
+    ap.add_argument("--splits", default="0", help="split_slice values of the sweep (0: one program per head; 64: hidden/64 programs)")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
@@ -127,7 +129,7 @@ def main() -> None:
         out["correctness"] = correctness(dev, args.t, args.heads)
     if args.sweep:
         ints = lambda x: tuple(int(i) for i in x.split(","))  # noqa: E731
-        out["sweep"] = sweep(dev, args.sweep_t, args.rep, ints(args.slices), ints(args.warps), tuple(args.precisions.split(",")), ints(args.stages))
+        out["sweep"] = sweep(dev, args.sweep_t, args.rep, ints(args.slices), ints(args.warps), tuple(args.precisions.split(",")), ints(args.stages), ints(args.splits))
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
 

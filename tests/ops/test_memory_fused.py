@@ -182,3 +182,43 @@ def test_fused_hidden_slices(monkeypatch):
         y, s = neural_memory_fused_forward(q.float(), k.float(), v.float(), *(g.float() for g in gates), st, 16, **MATCHED, max_grad_norm=0.3)
     assert rel(y.double(), y_ref) <= 1e-5
     assert_state(s, s_ref, 1e-5)
+
+
+SPLIT_CASES = [  # (name, config, max_grad_norm, d, hidden, chunk, split_slice) -> hidden / split_slice programs per head
+    ("matched_2progs", MATCHED, None, 16, 32, 32, 16),
+    ("default_clip_2progs", DEFAULT, 0.3, 16, 32, 32, 16),
+    ("relu_plain_4progs", dict(activation="relu", residual=False, layer_norm=False), None, 16, 64, 64, 16),
+    ("matched_clip_4progs", MATCHED, 0.3, 16, 64, 64, 16),
+]
+
+
+@pytest.mark.parametrize("name,cfg,clip,d,hidden,chunk,split", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_split_kernel_matches_chunked_fp32(monkeypatch, name, cfg, clip, d, hidden, chunk, split):
+    """Depth 2 with the hidden dimension split over programs (``_lmm_split_fwd_kernel``; in the
+    interpreter one launch per phase and chunk, as the GPU's grid barriers order them)."""
+    from mnemotorch.ops.memory import fused_triton
+
+    calls = []
+    real = fused_triton._launch_split
+    monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: calls.append(a[7]) or real(*a, **kw))
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", split)
+    (q, k, v), gates, st = inputs(2, d, hidden, 2 * chunk + 5, position=0)
+    y_ref, s_ref = neural_memory_chunked(q, k, v, *gates, st, chunk, **cfg, max_grad_norm=clip)  # float64
+    f32 = lambda xs: [x.float() for x in xs]  # noqa: E731
+    st32 = MemoryState(tuple(f32(st.weights)), tuple(f32(st.momentum)), tuple(f32(st.chunk_start)), 0)
+    with torch.no_grad():
+        y, s = neural_memory_fused_forward(*f32((q, k, v)), *f32(gates), st32, chunk, **cfg, max_grad_norm=clip)
+    assert calls == [hidden // split]
+    assert torch.isfinite(y).all() and rel(y.double(), y_ref) <= 1e-5, rel(y.double(), y_ref)
+    assert_state(s, s_ref, 1e-5)
+
+
+def test_split_needs_16_rows_per_program(monkeypatch):
+    """Fewer than 16 chunk rows per program (a tl.dot tile) keeps the one-program-per-head kernel."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: pytest.fail("split kernel used"))
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    (q, k, v), gates, st = inputs(2, 16, 32, 32)
+    with torch.no_grad():  # chunk 16, 2 programs: 8 rows each
+        neural_memory_fused_forward(q.float(), k.float(), v.float(), *(g.float() for g in gates), st, 16, **MATCHED)

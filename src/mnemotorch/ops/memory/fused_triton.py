@@ -37,6 +37,7 @@ with the state carried, so any call is accepted.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -69,7 +70,11 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: products' rounding accumulates: with "tf32" everywhere (10-bit mantissas) the weights after 16K
 #: tokens were 1.7e-2 from the fp32 chunked path's on the H100 (the default config; 5e-3 is the bf16
 #: bound), "tf32x3" (three TF32 products, ~fp32) everywhere passed at twice the time.
-LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32"}
+#: ``split_slice``: depth 2 splits the hidden dimension into slices of this width, one program each
+#: (:func:`_lmm_split_fwd_kernel`), when the chunk has ≥ 16 rows per slice and, on a GPU, the
+#: ``B · H · slices`` programs fit on the SMs at once; 0 = one program per head (the kernel above).
+LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32",
+                "split_slice": 64, "split_warps": 4}
 
 
 @triton.jit
@@ -276,6 +281,175 @@ def _lmm_fused_fwd_kernel(
         tl.debug_barrier()
 
 
+# ---------------------------------------------------------------------------------------------
+# depth 2, the hidden dimension split over NS programs per (batch row, head)
+
+
+@triton.jit
+def _grid_barrier(cnt_ptr, target):
+    """Wait until ``target`` arrivals are counted at ``cnt_ptr`` (this program's included). Every program
+    of the group must be resident at once (the host checks the grid against the SM count)."""
+    tl.debug_barrier()  # this program's global writes are done before it says so
+    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _sum_parts(base, stride_part, offs, NS: tl.constexpr):
+    """``Σ_j base[j · stride_part + offs]`` over the NS programs' partial results (read through L2)."""
+    acc = tl.load(base + offs, cache_modifier=".cg")
+    for jj in tl.static_range(1, NS):
+        acc += tl.load(base + jj * stride_part + offs, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
+def _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr,
+              RESIDUAL: tl.constexpr, LN: tl.constexpr):
+    """``Δ_2`` of the chunk from the NS partial sums of ``Z_2``."""
+    z2 = _sum_parts(XZ2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
+    return _loss_grad(z2, k, v, DV, ln_eps, RESIDUAL, LN)
+
+
+@triton.jit
+def _split_scale(XHN, XDN, xo, rows, k, d2, max_norm, C: tl.constexpr, NS: tl.constexpr):
+    """The clip's per-token factor from the NS partial squared norms."""
+    hn = _sum_parts(XHN + xo * C, C, rows, NS)
+    dn1 = _sum_parts(XDN + xo * C, C, rows, NS)
+    sq = tl.sum(k * k, 1) * dn1 + hn * tl.sum(d2 * d2, 1)
+    return max_norm / tl.sqrt(tl.maximum(sq, max_norm * max_norm))
+
+
+@triton.jit
+def _lmm_split_fwd_kernel(
+    Q, K, V, Y,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, syb, syt, syh,
+    G, NM, BETA, MV, FV,
+    W1, S1, W2, S2, Z1, D1,
+    XZ2, XHN, XDN, XACC, XP, CNT,
+    chunk0, n_chunks, H, ln_eps, max_norm,
+    C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
+    ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
+    PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr,
+):
+    """Depth 2 with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j``: its columns of W_1/S_1,
+    rows of W_2/S_2, and ``Z_1``/``Δ_1`` columns are its own; the sums over the hidden dimension
+    (``Z_2``, the clip's norms, the read's layer-2 terms) are exchanged through per-head buffers
+    (double-buffered by chunk parity) between the phases of a chunk:
+
+    1. ``Z_1 = K W_1[:, j]`` (kept), partial ``Z_2 = σ(Z_1) W_2[j]`` and ``‖h‖²``;
+    2. ``Δ_2`` from the summed ``Z_2``; ``Δ_1[:, j]`` (kept) and its partial squared norms;
+    3. the clip; the dual-form read of slice ``j`` and its partial layer-2 read; the update of slice ``j``;
+    4. rows ``j·C/NS …`` of the output from the summed partial reads.
+
+    ``PHASE == 0``: one launch walks every chunk, the phases separated by a grid barrier among the
+    head's NS programs (they must all be resident). ``PHASE`` 1–4: one phase of chunk ``chunk0`` per
+    launch (the host serialises them; Triton's interpreter, which runs programs one after another)."""
+    pid = tl.program_id(0)
+    bh = pid // NS
+    j = pid % NS
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, C)
+    ck = tl.arange(0, DK)
+    cv = tl.arange(0, DV)
+    cols = j * BH + tl.arange(0, BH)
+    RB: tl.constexpr = C // NS
+    sub = j * RB + tl.arange(0, RB)
+    nbh = tl.num_programs(0) // NS
+    w1p = W1 + bh * DK * HID + ck[:, None] * HID + cols[None, :]
+    s1p = S1 + bh * DK * HID + ck[:, None] * HID + cols[None, :]
+    w2p = W2 + bh * HID * DV + cols[:, None] * DV + cv[None, :]
+    s2p = S2 + bh * HID * DV + cols[:, None] * DV + cv[None, :]
+    z1p = Z1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
+    d1p = D1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
+    NB: tl.constexpr = 3 if CLIP else 2
+    for i in range(chunk0, chunk0 + n_chunks):
+        par = i % 2
+        xo = (bh * 2 + par) * NS  # first of this head's NS partial slots for this chunk parity
+        t = i * C + rows
+        k = tl.load(K + b * skb + h * skh + t[:, None] * skt + ck[None, :]).to(tl.float32)
+        v = tl.load(V + b * svb + h * svh + t[:, None] * svt + cv[None, :]).to(tl.float32)
+        if PHASE == 0 or PHASE == 1:
+            w1 = tl.load(w1p, cache_modifier=".cg")
+            z1 = _mmp(k, w1, PREC)
+            tl.store(z1p, z1)
+            h1 = _act(z1, ACT)
+            tl.store(XHN + (xo + j) * C + rows, tl.sum(h1 * h1, 1))
+            w2 = tl.load(w2p, cache_modifier=".cg")
+            tl.store(XZ2 + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], _mmp(h1, w2, PREC))
+        if PHASE == 0:
+            _grid_barrier(CNT + bh, NS * (i * NB + 1))
+        if PHASE == 0 or PHASE == 2:
+            d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
+            w2 = tl.load(w2p, cache_modifier=".cg")
+            z1 = tl.load(z1p, cache_modifier=".cg")
+            d1 = _mmp(d2, tl.trans(w2), PREC) * _act_grad(z1, ACT)
+            tl.store(d1p, d1)
+            tl.store(XDN + (xo + j) * C + rows, tl.sum(d1 * d1, 1))
+        if PHASE == 0 and CLIP:
+            _grid_barrier(CNT + bh, NS * (i * NB + 2))
+        elif PHASE == 0:
+            tl.debug_barrier()  # Δ_1 / Z_1 written above are read back below by other threads of this program
+        cc = (i * nbh + bh) * C * C
+        c1 = (i * nbh + bh) * C
+        if PHASE == 0 or PHASE == 3:
+            q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + ck[None, :]).to(tl.float32)
+            d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
+            gm = tl.load(G + cc + rows[:, None] * C + rows[None, :])
+            nm = tl.load(NM + cc + rows[:, None] * C + rows[None, :])
+            if CLIP:
+                scale = _split_scale(XHN, XDN, xo, rows, k, d2, max_norm, C, NS)
+                gm = gm * scale[None, :]
+                nm = nm * scale[None, :]
+            beta = tl.load(BETA + c1 + rows)
+            f = tl.load(FV + c1 + rows)
+            b_c = _last1(beta, rows, C)
+            m_c = _last1(tl.load(MV + c1 + rows), rows, C)
+            f_c = _last1(f, rows, C)
+            g_l = _last(gm, rows, C)
+            n_l = _last(nm, rows, C)
+            w1 = tl.load(w1p, cache_modifier=".cg")
+            s1 = tl.load(s1p, cache_modifier=".cg")
+            w2 = tl.load(w2p, cache_modifier=".cg")
+            s2 = tl.load(s2p, cache_modifier=".cg")
+            z1 = tl.load(z1p, cache_modifier=".cg")
+            d1 = tl.load(d1p, cache_modifier=".cg")
+            h1 = _act(z1, ACT)
+            ga = gm * _mmp(q, tl.trans(k), PREC_R)
+            zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
+            hh = _act(zh, ACT)
+            acc2 = _mmp(beta[:, None] * hh, w2, PREC_R)
+            acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
+            tl.store(XACC + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], acc2)
+            tl.store(XP + (xo + j) * C * C + rows[:, None] * C + rows[None, :], _mmp(hh, tl.trans(h1), PREC_R))
+            tl.store(w1p, b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d1, PREC))
+            tl.store(s1p, m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC))
+            tl.store(w2p, b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC))
+            tl.store(s2p, m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC))
+        if PHASE == 0:
+            _grid_barrier(CNT + bh, NS * (i * NB + NB))
+        if PHASE == 0 or PHASE == 4:
+            d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
+            gs = tl.load(G + cc + sub[:, None] * C + rows[None, :])
+            if CLIP:
+                gs = gs * _split_scale(XHN, XDN, xo, rows, k, d2, max_norm, C, NS)[None, :]
+            acc2 = _sum_parts(XACC + xo * C * DV, C * DV, sub[:, None] * DV + cv[None, :], NS)
+            pp = _sum_parts(XP + xo * C * C, C * C, sub[:, None] * C + rows[None, :], NS)
+            zh = acc2 - _mmp(gs * pp, d2, PREC_R)
+            if LN:
+                y, _r = _ln_rows(zh, DV, ln_eps)
+            else:
+                y = zh
+            ts = i * C + sub
+            if RESIDUAL:
+                y = y + tl.load(Q + b * sqb + h * sqh + ts[:, None] * sqt + ck[None, :]).to(tl.float32)
+            tl.store(Y + b * syb + h * syh + ts[:, None] * syt + cv[None, :], y.to(Y.dtype.element_ty))
+
+
 def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm):
     """Run the kernel on full chunks: ``q, k [B, n·C, H, Dk]``, ``v [B, n·C, H, Dv]``, coefficients
     chunk-major fp32. Returns ``[y, *weights', *momentum']`` (state fp32, new tensors)."""
@@ -289,6 +463,9 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     y = _alloc(q, (bsz, n * c, heads, dv), q.dtype)
     bh = min(hid, LAUNCH["hidden_slice"])
+    ns = hid // LAUNCH["split_slice"] if depth == 2 and LAUNCH["split_slice"] else 1
+    if ns > 1 and c // ns >= 16 and (not q.is_cuda or bsz * heads * ns <= _sm_count(q.device)):
+        return _launch_split(q, k, v, y, (g, nmat, beta, m, f), w, s, ns, activation, residual, layer_norm, ln_eps, max_grad_norm)
     if depth == 2:
         z1 = torch.empty((bsz * heads, c, hid), device=q.device, dtype=torch.float32)
         d1 = torch.empty_like(z1)
@@ -308,6 +485,52 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
         num_warps=LAUNCH["num_warps"] or (8 if c * max(dk, dv, bh) >= 4096 else 4), num_stages=LAUNCH["num_stages"],
     )  # fmt: skip
     return [y, *w, *s]
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_split(q, k, v, y, coefs, w, s, ns, activation, residual, layer_norm, ln_eps, max_grad_norm):
+    """Depth 2 on ``B · H · ns`` programs (:func:`_lmm_split_fwd_kernel`): on a GPU one launch with grid
+    barriers (all programs resident: the caller checked the SM count), under the interpreter one launch
+    per phase and chunk."""
+    g, nmat, beta, m, f = coefs
+    n, bsz, heads, c = beta.shape
+    dk, dv = k.shape[-1], v.shape[-1]
+    hid = w[0].shape[-1]
+    nbh = bsz * heads
+    dev = q.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    z1 = torch.empty((nbh, c, hid), **f32)
+    d1 = torch.empty_like(z1)
+    xz2 = torch.empty((nbh, 2, ns, c, dv), **f32)
+    xacc = torch.empty_like(xz2)
+    xhn = torch.empty((nbh, 2, ns, c), **f32)
+    xdn = torch.empty_like(xhn)
+    xp = torch.empty((nbh, 2, ns, c, c), **f32)
+    cnt = torch.zeros((nbh,), device=dev, dtype=torch.int32)
+    half = q.dtype != torch.float32
+    args = (q, k, v, y,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2),
+            g, nmat, beta, m, f, w[0], s[0], w[1], s[1], z1, d1, xz2, xhn, xdn, xacc, xp, cnt)  # fmt: skip
+    meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
+                CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
+                PREC_R=LAUNCH["half_read_precision"] if half else "ieee", num_warps=LAUNCH["split_warps"], num_stages=1)  # fmt: skip
+    scalars = (heads, float(ln_eps), float(max_grad_norm or 1.0))
+    if _interpreted(q):
+        for i in range(n):
+            for phase in (1, 2, 3, 4):
+                _lmm_split_fwd_kernel[(nbh * ns,)](*args, i, 1, *scalars, PHASE=phase, **meta)
+    else:
+        _lmm_split_fwd_kernel[(nbh * ns,)](*args, 0, n, *scalars, PHASE=0, **meta)
+    return [y, *w, *s]
+
+
+def _interpreted(x: Tensor) -> bool:
+    """Triton's CPU interpreter runs programs one after another: no grid barrier can work there."""
+    return not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @torch.library.custom_op("mnemotorch::lmm_fused_fwd", mutates_args=())
