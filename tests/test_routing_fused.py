@@ -5,6 +5,8 @@
   -> ``commitment_loss`` / ``kmeans_batch_stats`` (ids, loss value, loss gradient through the one-kernel
   backward, sums and counts).
 * ``rotary_fused``: RoPE in one launch against ``apply_rotary`` (values, gradient against float64).
+* ``rotary_commit``: its one backward kernel (rotation and commitment loss) against float64, for incoming
+  gradients of any strides (the masked-SDPA path can hand it one whose last stride is not 1).
 * The mixer with the fused glue (``FUSED_GLUE="on"``) against the same weights without it: outputs,
   gradients of the input and every parameter, the commitment loss and its gradient, and the centroids
   after ``update_centroids`` (whose k-means statistics the fused path adds inside its kernel).
@@ -24,8 +26,10 @@ from mnemotorch.ops.routing import (
     commitment_loss,
     kmeans_batch_stats,
     nearest_centroid,
+    rotary_commit,
     rotary_fused,
     route_assign,
+    route_assign_distances,
     scale_free_layer_norm,
 )
 
@@ -125,6 +129,48 @@ def test_rotary_fused_matches_apply_rotary(dtype: torch.dtype, d: int) -> None:
     x64 = x.detach().double().requires_grad_()
     (g64,) = torch.autograd.grad(apply_rotary(x64, cos.double(), sin.double()), x64, gy.double())
     assert gx.dtype == dtype and rel(gx, g64) <= (1e-6 if dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("with_loss", [False, True], ids=["rotation_only", "rotation_and_loss"])
+@pytest.mark.parametrize("layout", ["contiguous", "t_fastest", "head_slice"])
+def test_rotary_commit_backward_takes_any_gradient_layout(layout: str, with_loss: bool) -> None:
+    """``rotary_commit``'s one backward kernel for the rotation and the commitment loss, whatever the strides of the
+    incoming gradient. The masked-SDPA backend hands the keys' gradient over as the transpose of its ``[B, H, D, T]``
+    product under SDPA's math kernel: last stride ``T``, not 1. The kernel assumed a unit last stride and read the
+    wrong elements (the H100's separate-q/k input-gradient gap, docs/results/block_sparse.md)."""
+    g = torch.Generator().manual_seed(3)
+    b, t, h, hl, d, c = 2, 40, 3, 1, 16, 4
+    q = torch.randn(b, t, h, d, generator=g)
+    mu = torch.randn(h - hl, c, d, generator=g)
+    mu = mu * (d**0.5 / mu.norm(dim=-1, keepdim=True))
+    cos, sin = rotary_cos_sin(torch.arange(t), d, 10000.0)
+    gy = torch.randn(b, t, h, d, generator=g)
+    if layout == "t_fastest":
+        gy_in = gy.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # strides (h d t, 1, d t, t)
+        assert gy_in.stride(-1) == t
+    elif layout == "head_slice":
+        gy_in = torch.cat([gy, gy[:, :, :1]], dim=2)[:, :, :h]  # unit last stride, not contiguous
+        assert not gy_in.is_contiguous() and gy_in.stride(-1) == 1
+    else:
+        gy_in = gy
+    assert torch.equal(gy_in, gy)
+
+    def grad(gy_arg):
+        qg = q.clone().requires_grad_()
+        ids, sq, coef = route_assign_distances(qg[:, :, hl:], mu, 0.5)
+        y, loss = rotary_commit(qg, cos, sin, mu, ids, sq, coef, hl=hl)
+        outs, seeds = ([y, loss], [gy_arg, torch.ones(())]) if with_loss else ([y], [gy_arg])
+        return torch.autograd.grad(outs, qg, seeds)[0], ids
+
+    got, ids = grad(gy_in)
+    q64 = q.double().requires_grad_()
+    y64 = apply_rotary(q64, cos.double(), sin.double())
+    total = (y64 * gy.double()).sum()
+    if with_loss:
+        total = total + commitment_loss(scale_free_layer_norm(q64[:, :, hl:]), mu.double(), ids, 0.5)
+    (want,) = torch.autograd.grad(total, q64)
+    assert rel(got, want) <= 1e-5
+    assert torch.equal(got, grad(gy)[0])  # the same bits as with the contiguous gradient
 
 
 @pytest.mark.parametrize("shared_qk", [True, False])

@@ -494,6 +494,10 @@ class RotaryCommit(torch.autograd.Function):
         b, t, h, d = q.shape
         if g is None:
             g = torch.zeros_like(q)
+        # the kernel takes any strides but the last, which must be 1: an incoming gradient may have another
+        # (the masked-SDPA path under SDPA's math kernel hands the keys' gradient over as the transpose of a
+        # [B, H, D, T] product, last stride T; read as 1 it gave a wrong input gradient, 0.126 on an H100)
+        g = _unit(g)
         dq = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
         if dq.numel():
             half = d // 2
