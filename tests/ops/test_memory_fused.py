@@ -222,3 +222,40 @@ def test_split_needs_16_rows_per_program(monkeypatch):
     (q, k, v), gates, st = inputs(2, 16, 32, 32)
     with torch.no_grad():  # chunk 16, 2 programs: 8 rows each
         neural_memory_fused_forward(q.float(), k.float(), v.float(), *(g.float() for g in gates), st, 16, **MATCHED)
+
+
+def test_layer_fused_memory_flag(monkeypatch):
+    """``TitansLMM(fused_memory=True)`` (an attribute, also for the variants' ``layer.memory``): no-grad
+    calls run the kernel (here through the interpreter), equal the chunked layer, and stream across
+    calls that split chunks; calls that need a gradient keep the chunked path."""
+    from mnemotorch.layers import get_mixer
+    from mnemotorch.ops.memory import fused_triton
+
+    calls = []
+    real = fused_triton.neural_memory_fused_forward
+    monkeypatch.setattr(fused_triton, "neural_memory_fused_forward", lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw))
+    monkeypatch.delenv("MNEMO_MEMORY_FUSED", raising=False)
+    torch.manual_seed(0)
+    layer = get_mixer("titans_lmm", dim=64, num_heads=4, chunk_size=16, expansion=4, conv_size=2)
+    x = torch.randn(1, 16 * 3 + 5, 64)
+    with torch.no_grad():
+        y0, s0 = layer(x)
+        assert calls == []
+        layer.fused_memory = True
+        y1, s1 = layer(x)
+        assert calls == [16 * 3 + 5] and "fused_memory=True" in repr(layer)
+        assert rel(y1, y0) <= 1e-5 and rel(s1.weights, s0.weights) <= 1e-5
+        ya, sa = layer(x[:, :21])  # ends inside a chunk; the next call starts there
+        yb, _ = layer(x[:, 21:], sa)
+        assert rel(torch.cat([ya, yb], 1), y0) <= 1e-5
+    calls.clear()
+    y2, _ = layer(x.requires_grad_())  # training: the chunked path
+    assert calls == [] and rel(y2.detach(), y0) <= 1e-5
+    with pytest.raises(TypeError, match="fused_memory must be a bool"):
+        get_mixer("titans_lmm", dim=64, num_heads=4, fused_memory="yes")
+    mag = get_mixer("titans_mag", dim=64, num_heads=4, chunk_size=16, window=8)
+    with torch.no_grad():
+        z0, _ = mag(x)
+        mag.memory.fused_memory = True
+        z1, _ = mag(x)
+    assert calls and rel(z1, z0) <= 1e-5  # MAG reads the memory for its persistent tokens too

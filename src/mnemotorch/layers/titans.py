@@ -88,6 +88,12 @@ class TitansLMM(Mixer):
             ``torch.compile`` mode string or a dict of ``backend``/``mode``/``options``. Same
             semantics; the first call per shape pays the compilation. An attribute: may be set after
             construction (``layer.compile_memory = True``).
+        fused_memory: inference calls (no gradient needed) on CUDA run the memory's full chunks in the
+            fused Triton forward kernel (``ops/memory/fused_triton.py``) where it supports the
+            configuration (depth 1–2, power-of-two sizes ≥ 16), else the chunked path (default False;
+            ``MNEMO_MEMORY_FUSED=1`` turns it on for every layer). Same semantics, fp32 state; training
+            calls always take the chunked path (the kernel has no backward). An attribute, like
+            ``compile_memory`` (the MAC / MAG / MAL layers: ``layer.memory.fused_memory = True``).
 
     ``state_size``: ``3 · H · P + (K − 1) · 3 · dim`` (P = memory weights per head), whatever the length.
     """
@@ -114,6 +120,7 @@ class TitansLMM(Mixer):
         init_eta: float | None = None,
         init_alpha: float = 0.01,
         compile_memory: bool | str | dict = False,
+        fused_memory: bool = False,
     ):
         super().__init__(dim, num_heads)
         if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= MAX_DEPTH:
@@ -141,7 +148,10 @@ class TitansLMM(Mixer):
                 bound = {"init_theta": "max_lr", "init_eta": "max_momentum"}.get(name)
                 raise ValueError(f"{name} must be a float in (0, {high})" + (f" (below {bound})" if bound else "") + f", got {value!r}")
         compile_options(compile_memory)  # validates
+        if not isinstance(fused_memory, bool):
+            raise TypeError(f"fused_memory must be a bool, got {fused_memory!r}")
         self.compile_memory = compile_memory
+        self.fused_memory = fused_memory
         self.depth, self.expansion, self.activation = depth, expansion, activation
         self.residual, self.layer_norm, self.output_gate = residual, layer_norm, output_gate
         self.chunk_size, self.conv_size = chunk_size, conv_size
@@ -270,9 +280,12 @@ class TitansLMM(Mixer):
         return y, new_state
 
     def _use_fused_memory(self, q: Tensor, memory: MemoryState) -> bool:
-        """``MNEMO_MEMORY_FUSED=1``: inference (no gradient needed) on CUDA runs the memory's full chunks
-        in the fused Triton forward kernel, where it supports the configuration; else the chunked path."""
-        if os.environ.get("MNEMO_MEMORY_FUSED") != "1" or not q.is_cuda:
+        """``fused_memory`` or ``MNEMO_MEMORY_FUSED=1``: inference (no gradient needed) on CUDA runs the
+        memory's full chunks in the fused Triton forward kernel, where it supports the configuration; else
+        the chunked path (``neural_memory`` falls back to it by itself when a gradient is needed)."""
+        if not (self.fused_memory or os.environ.get("MNEMO_MEMORY_FUSED") == "1"):
+            return False
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # CPU: only through Triton's interpreter (tests)
             return False
         from ..ops.memory.fused_triton import fused_supported
 
@@ -284,4 +297,5 @@ class TitansLMM(Mixer):
             f"layer_norm={self.layer_norm}, chunk_size={self.chunk_size}, conv_size={self.conv_size}, output_gate={self.output_gate}, "
             f"max_lr={self.max_lr}, max_momentum={self.max_momentum}, max_grad_norm={self.max_grad_norm}"
             + (f", compile_memory={self.compile_memory!r}" if self.compile_memory else "")
+            + (", fused_memory=True" if self.fused_memory else "")
         )
