@@ -5,7 +5,9 @@
 #   2. scripts/diag_swa.py --na2d (NA2D_ARGS, e.g. "--na2d-variants bwd") and --na1d (graph-timed fast
 #      paths, launch variants, generic kernel, dense SDPA; JSON in $OUT/diag_na2d.json, $OUT/diag_na1d.json);
 #   3. bench: `mnemo bench kernels --cases na2d,na1d --cuda-graph` ($OUT/bench_kernels.json).
-# STEPS (default "tests na2d na1d"; add "bench") picks the parts. Every part has its own time limit.
+#   4. memory: the fused Titans-memory forward (scripts/diag_memory_fused.py sweep; mnemo bench memory --fused).
+# STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
+# Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1".
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -34,6 +36,16 @@ for step in ${STEPS:-tests na2d na1d}; do
       echo "== na1d diag =="
       MNEMO_NA1D_KERNEL=fast timeout "${NA1D_TIMEOUT:-130}" python3 scripts/diag_swa.py --na1d --time-budget "${NA1D_BUDGET:-90}" > "$L/diag_na1d.out" 2>&1
       grep -v -i warn "$L/diag_na1d.out" | tail -4 | cut -c1-600 ;;
+    memory)
+      # the fused Titans-memory forward: launch / precision / split sweep, then the layer's inference forward
+      # against titans-pytorch (mnemo bench memory --fused); JSON in $OUT/diag_memory_fused.json, $OUT/bench_memory.json
+      echo "== fused memory forward =="
+      timeout -s KILL "${MEM_DIAG_TIMEOUT:-200}" python3 scripts/diag_memory_fused.py --skip-correctness --sweep --slices 64 --warps 4 \
+          --splits "${MEM_SPLITS:-0,64}" --precisions "${MEM_PRECISIONS:-tf32x3/tf32}" --out "$OUT/diag_memory_fused.json" > "$L/diag_memory.out" 2>&1
+      grep -v -i warn "$L/diag_memory.out" | tail -8 | cut -c1-300
+      timeout -s KILL "${MEM_BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench memory -- --cases lmm --configs matched,default \
+          --lengths "${MEM_LENGTHS:-4096,16384}" --fused --warmup 2 --rep 5 --out "$OUT/bench_memory.json" --time-budget 170 > "$L/bench_memory.out" 2>&1
+      grep -E "^lmm" "$L/bench_memory.out" | cut -c1-1200 ;;
     bench)
       echo "== mnemo bench kernels =="
       timeout "${BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \
