@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import sys
@@ -26,7 +25,7 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1 :][:1] == 
 
 import torch
 
-from mnemotorch.bench.neural_memory import build_ours
+from mnemotorch.bench.neural_memory import build_ours, time_ms
 from mnemotorch.ops.memory import MemoryState, memory_hidden_shapes, neural_memory_chunked
 from mnemotorch.ops.memory.fused_triton import neural_memory_fused_forward
 
@@ -35,25 +34,6 @@ def flops_forward(t: int, h: int, d: int, hidden: int, c: int) -> float:
     """Multiply-adds ×2 of the fused forward (depth 2), per docs/results/neural_memory.md."""
     per_chunk = 11 * c * d * hidden + 2 * c * c * hidden + 2 * c * c * d  # K W1, H W2, Δ2 W2ᵀ, Q[W1|S1], Ĥ[W2|S2], 4 updates; GΔ1, ĤHᵀ; QKᵀ, (G∘P)Δ2
     return 2.0 * per_chunk * (t // c) * h
-
-
-def median_ms(fn, warmup: int, rep: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rep):
-        if not torch.cuda.is_available():  # --device cpu smoke run (interpreter): wall time
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-            continue
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -91,13 +71,13 @@ def main() -> None:
                 row["fused_first_call_s"] = time.perf_counter() - t0
                 y0, _ = neural_memory_chunked(q, k, v, *gates, st, 64, **cfg)
                 row["rel_rms_fused_vs_chunked"] = ((y1.double() - y0.double()).norm() / y0.double().norm()).item()
-                row["op_fused_fwd_ms"] = median_ms(lambda: neural_memory_fused_forward(q, k, v, *gates, st, 64, **cfg), args.warmup, args.rep)
-                row["op_chunked_fwd_ms"] = median_ms(lambda: neural_memory_chunked(q, k, v, *gates, st, 64, **cfg), 1, 3)
+                row["op_fused_fwd_ms"] = time_ms(lambda: neural_memory_fused_forward(q, k, v, *gates, st, 64, **cfg), dev, args.warmup, args.rep)
+                row["op_chunked_fwd_ms"] = time_ms(lambda: neural_memory_chunked(q, k, v, *gates, st, 64, **cfg), dev, 1, 3)
                 row["op_fused_tflops"] = flops_forward(t, h, d, hidden, 64) / row["op_fused_fwd_ms"] * 1e-9
                 x = torch.randn(1, t, args.dim, device=dev, dtype=dt)
                 for flag, key in (("0", "layer_chunked_fwd_ms"), ("1", "layer_fused_fwd_ms")):
                     os.environ["MNEMO_MEMORY_FUSED"] = flag
-                    row[key] = median_ms(lambda: layer(x), 1 if flag == "0" else args.warmup, 3 if flag == "0" else args.rep)
+                    row[key] = time_ms(lambda: layer(x), dev, 1 if flag == "0" else args.warmup, 3 if flag == "0" else args.rep)
                 os.environ.pop("MNEMO_MEMORY_FUSED")
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -28,6 +28,7 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1 :][:1] == 
 import torch
 import torch.nn.functional as F
 
+from mnemotorch.bench.neural_memory import time_ms
 from mnemotorch.ops.memory import MemoryState, memory_hidden_shapes, neural_memory_chunked
 from mnemotorch.ops.memory import fused_triton
 from mnemotorch.ops.memory.fused_triton import neural_memory_fused_forward
@@ -80,8 +81,6 @@ def correctness(dev, t: int, h: int) -> list:
 
 def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=("tf32x3/tf32",), stages=(1,), splits=(0,)) -> list:
     """``precisions``: "state/read" pairs of ``LAUNCH["half_precision"]`` / ``["half_read_precision"]``."""
-    from bench_memory_fused import median_ms  # noqa: E402 (same folder)
-
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     base = dict(fused_triton.LAUNCH)
@@ -93,7 +92,7 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
                                        split_slice=sp, split_warps=nw)
             try:
                 with torch.no_grad():
-                    ms = median_ms(lambda: neural_memory_fused_forward(q, k, v, *gates, st, c, **CONFIGS[name]), 2, rep)
+                    ms = time_ms(lambda: neural_memory_fused_forward(q, k, v, *gates, st, c, **CONFIGS[name]), dev, 2, rep)
                 row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "num_stages": ns, "precision": prec, "split_slice": sp, "ms": ms}
             except Exception as e:  # noqa: BLE001 (out of resources: recorded, the sweep goes on)
                 row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "num_stages": ns, "precision": prec, "split_slice": sp,
@@ -135,5 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()

@@ -44,6 +44,7 @@ from .reference import (
     check_ln_eps,
     memory_forward,
     memory_hidden_shapes,
+    needs_grad,
     neural_memory_reference,
 )
 
@@ -157,7 +158,7 @@ def neural_memory(
         raise ValueError(f"{fn}: fused=True needs mode='chunked' and debug=False, got mode={mode!r}, debug={debug!r}")
     device_type = q.device.type if isinstance(q, Tensor) else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):
-        if fused and not _needs_grad(q, k, v, theta, eta, alpha, initial_state):
+        if fused and not needs_grad(q, k, v, theta, eta, alpha, initial_state):
             from .fused_triton import neural_memory_fused_forward
 
             return neural_memory_fused_forward(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, max_grad_norm)
@@ -165,13 +166,3 @@ def neural_memory(
             return neural_memory_reference(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, max_grad_norm)
         return neural_memory_chunked(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, debug, max_grad_norm, compile)
 
-
-def _needs_grad(*args: object) -> bool:
-    """Whether autograd would record a graph through any tensor among ``args`` (states included)."""
-    if not torch.is_grad_enabled():
-        return False
-    for a in args:
-        items = a.tensors() if isinstance(a, MemoryState) else a if isinstance(a, (list, tuple)) else [a]
-        if any(isinstance(t, Tensor) and t.requires_grad for t in items):
-            return True
-    return False

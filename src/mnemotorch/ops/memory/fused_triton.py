@@ -55,6 +55,7 @@ from .reference import (
     check_ln_eps,
     check_max_grad_norm,
     check_memory_args,
+    needs_grad,
 )
 
 _ACT_CODES = {"silu": 0, "gelu": 1, "relu": 2}
@@ -136,6 +137,18 @@ def _loss_grad(z, k, v, D: tl.constexpr, eps, RESIDUAL: tl.constexpr, LN: tl.con
     if LN:
         d = rstd[:, None] * (d - (tl.sum(d, 1) / D)[:, None] - out * (tl.sum(d * out, 1) / D)[:, None])
     return d
+
+
+@triton.jit
+def _read_out(zh, q, D: tl.constexpr, eps, RESIDUAL: tl.constexpr, LN: tl.constexpr):
+    """The memory's output ``M(q) = [q +] [LN](ẑ)`` from the last layer's pre-output ``ẑ [rows, D]``."""
+    if LN:
+        y, _r = _ln_rows(zh, D, eps)
+    else:
+        y = zh
+    if RESIDUAL:
+        y = y + q
+    return y
 
 
 @triton.jit
@@ -270,12 +283,7 @@ def _lmm_fused_fwd_kernel(
                 tl.store(w2_base + cols[:, None] * DV + cv[None, :], w2n)
                 tl.store(s2_base + cols[:, None] * DV + cv[None, :], s2n)
             zh = acc2 - _mmp(gm * p, d2, PREC_R)
-        if LN:
-            y, _r = _ln_rows(zh, DV, ln_eps)
-        else:
-            y = zh
-        if RESIDUAL:
-            y = y + q
+        y = _read_out(zh, q, DV, ln_eps, RESIDUAL, LN)
         tl.store(Y + b * syb + h * syh + t[:, None] * syt + cv[None, :], y.to(Y.dtype.element_ty))
         # the next chunk reads the state (and rewrites the scratch) this chunk wrote
         tl.debug_barrier()
@@ -440,13 +448,12 @@ def _lmm_split_fwd_kernel(
             acc2 = _sum_parts(XACC + xo * C * DV, C * DV, sub[:, None] * DV + cv[None, :], NS)
             pp = _sum_parts(XP + xo * C * C, C * C, sub[:, None] * C + rows[None, :], NS)
             zh = acc2 - _mmp(gs * pp, d2, PREC_R)
-            if LN:
-                y, _r = _ln_rows(zh, DV, ln_eps)
-            else:
-                y = zh
             ts = i * C + sub
             if RESIDUAL:
-                y = y + tl.load(Q + b * sqb + h * sqh + ts[:, None] * sqt + ck[None, :]).to(tl.float32)
+                qs = tl.load(Q + b * sqb + h * sqh + ts[:, None] * sqt + ck[None, :]).to(tl.float32)
+            else:
+                qs = zh  # not read
+            y = _read_out(zh, qs, DV, ln_eps, RESIDUAL, LN)
             tl.store(Y + b * syb + h * syh + ts[:, None] * syt + cv[None, :], y.to(Y.dtype.element_ty))
 
 
@@ -602,7 +609,7 @@ def neural_memory_fused_forward(
     max_grad_norm = check_max_grad_norm(fn, max_grad_norm)
     ln_eps = check_ln_eps(fn, ln_eps)
     check_fused_args(fn, q, k, v, state, chunk_size)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, theta, eta, alpha, *state.tensors())):
+    if needs_grad(q, k, v, theta, eta, alpha, state):
         raise RuntimeError(f"{fn}: forward only (no backward kernel yet): call it under torch.no_grad(), "
                            "or use neural_memory_chunked / neural_memory(fused=False) to train")
     cfg = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps, max_grad_norm=max_grad_norm)

@@ -78,6 +78,18 @@ class MemoryState:
         return [*self.weights, *self.momentum, *self.chunk_start]
 
 
+
+def needs_grad(*args: object) -> bool:
+    """Whether autograd would record a graph through any tensor among ``args`` (states included)."""
+    if not torch.is_grad_enabled():
+        return False
+    for a in args:
+        items = a.tensors() if isinstance(a, MemoryState) else a if isinstance(a, (list, tuple)) else [a]
+        if any(isinstance(t, Tensor) and t.requires_grad for t in items):
+            return True
+    return False
+
+
 def memory_hidden_shapes(dk: int, dv: int, depth: int, hidden: int) -> list[tuple[int, int]]:
     """``(d_in, d_out)`` of each layer of a depth-``depth`` memory ``Dk -> hidden -> ... -> Dv``."""
     _check_depth("memory_hidden_shapes", depth)
