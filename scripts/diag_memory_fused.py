@@ -11,6 +11,11 @@ error, so a wrong first chunk (the in-chunk arithmetic) is told apart from drift
 Timing part (``--sweep``): the op's forward at the benchmark's head shape (16 heads, d 64, hidden 256,
 chunk 64, bf16) for ``fused_triton.LAUNCH`` variants.
 
+Training part (``--train``): the op's forward + backward (fused kernel with per-chunk checkpoints, then
+``ops/memory/fused_backward.py``) at the same shape, with the per-chunk adjoint step eager and compiled
+(``fused_triton.BACKWARD["compile_sweep"]``): median ms, the first call (compilation) apart, the
+backward's phases (CUDA events) and the peak memory of one forward + backward.
+
     python scripts/diag_memory_fused.py --out $OUT/diag_memory_fused.json [--sweep [--slices 64 --warps 4 --stages 1,2 --precisions tf32/tf32,tf32x3/tf32]]
 """
 
@@ -21,6 +26,7 @@ import itertools
 import json
 import os
 import sys
+import time
 
 if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1 :][:1] == ["cpu"]:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -104,6 +110,49 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
     return rows
 
 
+def train(dev, t: int, rep: int, compile_modes=(True, False), configs=("matched", "default")) -> list:
+    h, d, hidden, c = 16, 64, 256, 64
+    rows = []
+    for name, comp in itertools.product(configs, compile_modes):
+        (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
+        xs = [x.detach().requires_grad_() for x in (q, k, v, *gates, *st.weights, *st.momentum)]
+        state = MemoryState(tuple(xs[6:8]), tuple(xs[8:10]), tuple(xs[6:8]), 0)
+
+        def fwd_bwd():
+            y, s2 = neural_memory_fused_forward(*xs[:6], state, c, **CONFIGS[name])
+            return torch.autograd.grad([y], xs)
+
+        fused_triton.BACKWARD["compile_sweep"] = comp
+        row = {"config": name, "t": t, "compile_sweep": comp}
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            row["first_call_s"] = time.perf_counter() - t0
+            phases: dict = {}
+            fused_triton.BACKWARD["timing"] = phases
+            fwd_bwd()
+            fused_triton.BACKWARD["timing"] = None
+            row["bwd_phases_ms"] = phases
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            row["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            row["fwd_bwd_ms"] = time_ms(fwd_bwd, dev, 1, rep)
+            with torch.no_grad():
+                row["fwd_ms"] = time_ms(lambda: neural_memory_fused_forward(*xs[:6], state, c, **CONFIGS[name]), dev, 1, rep)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            fused_triton.BACKWARD["timing"] = None
+            fused_triton.BACKWARD["compile_sweep"] = None
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -118,6 +167,8 @@ def main() -> None:
     ap.add_argument("--stages", default="1", help="num_stages values of the sweep")
     ap.add_argument("--splits", default="0", help="split_slice values of the sweep (0: one program per head; 64: hidden/64 programs)")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
+    ap.add_argument("--train-compile", default="1,0", help="compile_sweep values for --train (1, 0)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -129,6 +180,9 @@ def main() -> None:
     if args.sweep:
         ints = lambda x: tuple(int(i) for i in x.split(","))  # noqa: E731
         out["sweep"] = sweep(dev, args.sweep_t, args.rep, ints(args.slices), ints(args.warps), tuple(args.precisions.split(",")), ints(args.stages), ints(args.splits))
+    if args.train:
+        modes = tuple(bool(int(x)) for x in args.train_compile.split(","))
+        out["train"] = train(dev, args.sweep_t, args.rep, modes)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
 

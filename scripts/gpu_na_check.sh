@@ -5,7 +5,8 @@
 #   2. scripts/diag_swa.py --na2d (NA2D_ARGS, e.g. "--na2d-variants bwd") and --na1d (graph-timed fast
 #      paths, launch variants, generic kernel, dense SDPA; JSON in $OUT/diag_na2d.json, $OUT/diag_na1d.json);
 #   3. bench: `mnemo bench kernels --cases na2d,na1d --cuda-graph` ($OUT/bench_kernels.json).
-#   4. memory: the fused Titans-memory forward (scripts/diag_memory_fused.py sweep; mnemo bench memory --fused).
+#   4. memory: the fused Titans-memory forward (scripts/diag_memory_fused.py sweep; mnemo bench memory --fused);
+#   5. train: the fused Titans-memory training path at 16K (diag_memory_fused.py --train).
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1".
 set -uo pipefail
@@ -46,6 +47,12 @@ for step in ${STEPS:-tests na2d na1d}; do
       timeout -s KILL "${MEM_BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench memory -- --cases lmm --configs matched,default \
           --lengths "${MEM_LENGTHS:-4096,16384}" --fused --warmup 2 --rep 5 --out "$OUT/bench_memory.json" --time-budget 170 > "$L/bench_memory.out" 2>&1
       grep -E "^lmm" "$L/bench_memory.out" | cut -c1-1200 ;;
+    train)
+      # the fused training path at 16K: eager and compiled adjoint step, phases, peak ($OUT/diag_memory_train.json)
+      echo "== fused memory training =="
+      timeout -s KILL "${MEM_TRAIN_TIMEOUT:-240}" python3 scripts/diag_memory_fused.py --skip-correctness --train \
+          --train-compile "${MEM_TRAIN_COMPILE:-1,0}" --sweep-t "${MEM_TRAIN_T:-16384}" --out "$OUT/diag_memory_train.json" > "$L/diag_memory_train.out" 2>&1
+      grep -v -i warn "$L/diag_memory_train.out" | tail -6 | cut -c1-700 ;;
     bench)
       echo "== mnemo bench kernels =="
       timeout "${BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \

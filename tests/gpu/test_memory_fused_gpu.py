@@ -1,5 +1,7 @@
 """The fused forward kernel of the Titans memory (``ops/memory/fused_triton.py``) compiled for a real GPU,
-at the benchmark's head shape (d = 64, hidden 256, chunk 64, 16 heads), against the chunked path.
+at the benchmark's head shape (d = 64, hidden 256, chunk 64, 16 heads), against the chunked path; and
+its training path (per-chunk checkpoints, ``ops/memory/fused_backward.py``; the adjoint step compiled by
+inductor): gradients of every input.
 
 Run on the GPU machine: ``MNEMO_GPU_TESTS=1 python -m pytest -q -p no:cacheprovider tests/gpu/test_memory_fused_gpu.py``
 """
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mnemotorch.ops.memory import MemoryState, memory_hidden_shapes, neural_memory_chunked
-from mnemotorch.ops.memory.fused_triton import neural_memory_fused_forward
+from mnemotorch.ops.memory.fused_triton import neural_memory_fused, neural_memory_fused_forward
 
 pytestmark = pytest.mark.gpu
 
@@ -87,13 +89,13 @@ def test_layer_env_switch(monkeypatch, config: str, t: int) -> None:
     from mnemotorch.ops.memory import fused_triton
 
     calls = []
-    real = fused_triton.neural_memory_fused_forward
+    real = fused_triton.neural_memory_fused
 
     def counting(*a, **kw):
         calls.append(a[0].shape)
         return real(*a, **kw)
 
-    monkeypatch.setattr(fused_triton, "neural_memory_fused_forward", counting)
+    monkeypatch.setattr(fused_triton, "neural_memory_fused", counting)
     torch.manual_seed(0)
     layer = build_ours(1024, 16, 64, config, torch.device("cuda"), torch.bfloat16)
     x = torch.randn(1, t, 1024, device="cuda", dtype=torch.bfloat16)
@@ -104,3 +106,71 @@ def test_layer_env_switch(monkeypatch, config: str, t: int) -> None:
         y1 = layer(x)[0]
     assert len(calls) == 1, "the fused path did not run"
     assert rel(y1, y0) <= 5e-3, rel(y1, y0)
+
+
+def train_grads(fn, qkv, gates, st, cfg, seed=1):
+    """Output and gradients of (q, k, v, θ, η, α, weights, momentum) for random cotangents of the output
+    and the returned state (drawn in float32, then cast to each output's dtype)."""
+    xs = [x.detach().requires_grad_() for x in (*qkv, *gates)]
+    depth = len(st.weights)
+    ws = [x.detach().requires_grad_() for x in (*st.weights, *st.momentum)]
+    y, s = fn(*xs, MemoryState(tuple(ws[:depth]), tuple(ws[depth:]), tuple(ws[:depth]), 0), 64, **cfg)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    outs = [y, *s.weights, *s.momentum]
+    cts = [torch.randn(o.shape, device="cuda", generator=g).to(o.dtype) for o in outs]
+    return y, torch.autograd.grad(outs, xs + ws, cts)
+
+
+GRAD_NAMES = ["q", "k", "v", "theta", "eta", "alpha", "w1", "w2", "s1", "s2"]
+
+
+@pytest.mark.parametrize("config,t", [("default", 4096), ("default", 16384), ("matched", 512), ("silu_ln", 512)])
+def test_fused_training_bf16_vs_chunked_fp32(config: str, t: int) -> None:
+    """bf16 q/k/v through the fused forward + backward against the fp32 chunked path's autograd on the
+    same rounded inputs: outputs ≤ 5e-3, every gradient ≤ 1e-2 (ARCHITECTURE.md's bf16 bounds)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = CONFIGS[config]
+    (q, k, v), gates, st = make(t, torch.bfloat16)
+    y_ref, g_ref = train_grads(neural_memory_chunked, (q.float(), k.float(), v.float()), gates, st, cfg)
+    y, g = train_grads(neural_memory_fused, (q, k, v), gates, st, cfg)
+    assert rel(y, y_ref) <= 5e-3, rel(y, y_ref)
+    for name, a, b in zip(GRAD_NAMES, g, g_ref):
+        assert torch.isfinite(a).all() and b.norm() > 0, name
+        assert rel(a, b) <= 1e-2, f"{name}: {rel(a, b):.3e}"
+
+
+@pytest.mark.parametrize("config,depth,t", [("matched", 2, 512), ("default", 2, 4096), ("default", 1, 4096)])
+def test_fused_training_fp32_vs_chunked_fp64(config: str, depth: int, t: int) -> None:
+    """float32 through the fused path against float64 autograd of the chunked path: ≤ 1e-5."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = CONFIGS[config]
+    (q, k, v), gates, st = make(t, torch.float32, b=1, h=4, depth=depth)
+    f64 = lambda xs: tuple(x.double() for x in xs)  # noqa: E731
+    st64 = MemoryState(f64(st.weights), f64(st.momentum), f64(st.weights), 0)
+    y_ref, g_ref = train_grads(neural_memory_chunked, f64((q, k, v)), f64(gates), st64, cfg)
+    y, g = train_grads(neural_memory_fused, (q, k, v), gates, st, cfg)
+    assert rel(y - q, y_ref - q.double()) <= 1e-5
+    for name, a, b in zip(GRAD_NAMES, g, g_ref):
+        assert rel(a, b) <= 1e-5, f"{name}: {rel(a, b):.3e}"
+
+
+@pytest.mark.parametrize("config,t", [("default", 4096 + 37), ("matched", 512 + 37)])
+def test_layer_training_env_switch(monkeypatch, config: str, t: int) -> None:
+    """``MNEMO_MEMORY_FUSED=1`` trains the bf16 titans_lmm layer through the fused path: the gradients of
+    the input and of every parameter match the chunked layer's (≤ 1e-2)."""
+    from mnemotorch.bench.neural_memory import build_ours
+
+    torch.manual_seed(0)
+    layer = build_ours(1024, 16, 64, config, torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(1, t, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    go = torch.randn(1, t, 1024, device="cuda", dtype=torch.bfloat16)
+    params = [x, *layer.parameters()]
+    monkeypatch.delenv("MNEMO_MEMORY_FUSED", raising=False)
+    want = torch.autograd.grad(layer(x)[0], params, go)
+    monkeypatch.setenv("MNEMO_MEMORY_FUSED", "1")
+    got = torch.autograd.grad(layer(x)[0], params, go)
+    names = ["x", *(n for n, _ in layer.named_parameters())]
+    for name, a, b in zip(names, got, want):
+        if b.norm() == 0:
+            continue
+        assert rel(a, b) <= 1e-2, f"{name}: {rel(a, b):.3e}"

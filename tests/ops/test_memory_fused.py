@@ -151,8 +151,6 @@ def test_fused_errors():
             neural_memory_fused_forward(q, k.bfloat16(), v, *gates, st, 16)
         with pytest.raises(ValueError, match="theta"):
             neural_memory_fused_forward(q, k, v, gates[0][:, :5], *gates[1:], st, 16)
-    with pytest.raises(RuntimeError, match="forward only"):
-        neural_memory_fused_forward(q.requires_grad_(), k, v, *gates, st, 16)
     assert fused_supported(q, k, v, st, 16) and not fused_supported(q, k, v, st, 8)
 
 
@@ -168,7 +166,8 @@ def test_fused_empty_and_custom_op():
     cm = lambda x: _chunk_major(x, 1, 16)  # noqa: E731
     coefs = chunk_coefficients(cm(gates[0]), cm(torch.log1p(-gates[2])), cm(torch.log(gates[1])))
     args = (q, k, v, *coefs, [w.float() for w in st.weights], [m.float() for m in st.momentum], "gelu", True, True, 1e-5, 0.3)
-    torch.library.opcheck(lmm_fused_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    for store_states in (False, True):  # with the per-chunk state checkpoints the backward reads
+        torch.library.opcheck(lmm_fused_fwd, (*args, store_states), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_fused_hidden_slices(monkeypatch):
@@ -200,7 +199,7 @@ def test_split_kernel_matches_chunked_fp32(monkeypatch, name, cfg, clip, d, hidd
 
     calls = []
     real = fused_triton._launch_split
-    monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: calls.append(a[7]) or real(*a, **kw))
+    monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", split)
     (q, k, v), gates, st = inputs(2, d, hidden, 2 * chunk + 5, position=0)
     y_ref, s_ref = neural_memory_chunked(q, k, v, *gates, st, chunk, **cfg, max_grad_norm=clip)  # float64
@@ -227,13 +226,13 @@ def test_split_needs_16_rows_per_program(monkeypatch):
 def test_layer_fused_memory_flag(monkeypatch):
     """``TitansLMM(fused_memory=True)`` (an attribute, also for the variants' ``layer.memory``): no-grad
     calls run the kernel (here through the interpreter), equal the chunked layer, and stream across
-    calls that split chunks; calls that need a gradient keep the chunked path."""
+    calls that split chunks; training calls run it too (the fused backward) with the chunked layer's gradients."""
     from mnemotorch.layers import get_mixer
     from mnemotorch.ops.memory import fused_triton
 
     calls = []
-    real = fused_triton.neural_memory_fused_forward
-    monkeypatch.setattr(fused_triton, "neural_memory_fused_forward", lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw))
+    real = fused_triton.neural_memory_fused
+    monkeypatch.setattr(fused_triton, "neural_memory_fused", lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw))
     monkeypatch.delenv("MNEMO_MEMORY_FUSED", raising=False)
     torch.manual_seed(0)
     layer = get_mixer("titans_lmm", dim=64, num_heads=4, chunk_size=16, expansion=4, conv_size=2)
@@ -249,8 +248,16 @@ def test_layer_fused_memory_flag(monkeypatch):
         yb, _ = layer(x[:, 21:], sa)
         assert rel(torch.cat([ya, yb], 1), y0) <= 1e-5
     calls.clear()
-    y2, _ = layer(x.requires_grad_())  # training: the chunked path
-    assert calls == [] and rel(y2.detach(), y0) <= 1e-5
+    xg = x.clone().requires_grad_()
+    y2, _ = layer(xg)  # training: the fused forward and backward
+    assert calls == [16 * 3 + 5] and rel(y2.detach(), y0) <= 1e-5
+    params = [xg, *layer.parameters()]
+    ct = torch.randn_like(y2)
+    got = torch.autograd.grad(y2, params, ct)
+    layer.fused_memory = False
+    want = torch.autograd.grad(layer(xg)[0], params, ct)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel(a, b) <= 1e-5, (i, rel(a, b))
     with pytest.raises(TypeError, match="fused_memory must be a bool"):
         get_mixer("titans_lmm", dim=64, num_heads=4, fused_memory="yes")
     mag = get_mixer("titans_mag", dim=64, num_heads=4, chunk_size=16, window=8)

@@ -437,11 +437,12 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
     ``graph_failures`` carries failed captures to the next lengths, where they are not retried). Every
     result then says its ``timing`` (``TIMING_MODES``) and the row has a ``cuda_graph_summary``.
 
-    ``fused`` (CUDA only; the caller checks): each configuration's inference forward (no grad) with the
-    fused forward kernel (``MNEMO_MEMORY_FUSED=1``, ``ops/memory/fused_triton.py``) as
-    ``ours_<config>_fused`` (``fwd_ms`` only: the kernel has no backward), its first call apart
-    (``first_call_s``), and its
-    output's relative RMS difference from the chunked path's.
+    ``fused`` (CUDA only; the caller checks): each configuration with the fused kernel
+    (``MNEMO_MEMORY_FUSED=1``, ``ops/memory/fused_triton.py``) as ``ours_<config>_fused``: the inference
+    forward (``fwd_ms``, no grad), its first call apart (``first_call_s``) and its output's relative RMS
+    difference from the chunked path's; then training (``fwd_bwd_ms``, ``peak_extra_gib``, the first
+    forward + backward apart, the backward's phases and the input gradient's difference from the
+    chunked path's); see :func:`fused_forward`.
     """
     graph_failures = {} if graph_failures is None else graph_failures
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -534,9 +535,16 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
 
 
 def fused_forward(config: str, dim: int, heads: int, chunk_size: int, x: torch.Tensor, device: torch.device, dtype: torch.dtype,
-                  warmup: int, rep: int) -> dict:
-    """The layer's no-grad forward with ``MNEMO_MEMORY_FUSED=1`` (the fused forward kernel) against the
-    same layer without it: ``fwd_ms``, ``first_call_s`` (the kernel's compilation), ``rel_rms_vs_chunked``."""
+                  warmup: int, rep: int, train: bool = True) -> dict:
+    """The layer with ``MNEMO_MEMORY_FUSED=1`` (the fused kernel) against the same layer without it.
+
+    Inference (no grad): ``fwd_ms``, ``first_call_s`` (the kernel's compilation), ``rel_rms_vs_chunked``.
+    ``train``: ``fwd_bwd_ms`` and ``peak_extra_gib`` (:func:`measure_layer`, gradients of ``x`` and the
+    parameters), ``first_fwd_bwd_s`` (the sweep step's ``torch.compile`` included), ``bwd_phases_ms`` (one
+    backward's CUDA-event phases, ``fused_triton.BACKWARD["timing"]``) and ``rel_grad_x_vs_chunked`` (the
+    input gradient against the chunked path's, same output gradient)."""
+    from mnemotorch.ops.memory import fused_triton
+
     torch.manual_seed(0)
     layer = build_ours(dim, heads, chunk_size, config, device, dtype)
     prev = os.environ.get("MNEMO_MEMORY_FUSED")
@@ -553,6 +561,31 @@ def fused_forward(config: str, dim: int, heads: int, chunk_size: int, x: torch.T
             out["first_call_s"] = time.perf_counter() - t0
             out["rel_rms_vs_chunked"] = ((y1 - y0).norm() / y0.norm()).item()
             out["fwd_ms"] = time_ms(lambda: layer(x), device, warmup, rep)
+        if train:
+            g = torch.Generator(device="cpu").manual_seed(1)
+            go = torch.randn(x.shape, generator=g).to(device=device, dtype=x.dtype)
+            xg = x.clone().requires_grad_()
+            inputs = [xg, *layer.parameters()]
+            os.environ["MNEMO_MEMORY_FUSED"] = "0"
+            (gx0,) = torch.autograd.grad(layer(xg)[0], [xg], go)
+            os.environ["MNEMO_MEMORY_FUSED"] = "1"
+            _sync(device)
+            t0 = time.perf_counter()
+            (gx1,) = torch.autograd.grad(layer(xg)[0], [xg], go)
+            _sync(device)
+            out["first_fwd_bwd_s"] = time.perf_counter() - t0
+            out["rel_grad_x_vs_chunked"] = ((gx1.double() - gx0.double()).norm() / gx0.double().norm()).item()
+            del gx0, gx1
+            phases: dict = {}
+            fused_triton.BACKWARD["timing"] = phases
+            try:
+                torch.autograd.grad(layer(xg)[0], inputs, go)
+            finally:
+                fused_triton.BACKWARD["timing"] = None
+            out["bwd_phases_ms"] = phases
+            timed = measure_layer(lambda: layer(xg)[0], inputs, go, device, warmup, rep)
+            out["fwd_bwd_ms"], out["peak_extra_gib"] = timed["fwd_bwd_ms"], timed["peak_extra_gib"]
+            out["inference"] = False
     finally:
         if prev is None:
             os.environ.pop("MNEMO_MEMORY_FUSED", None)

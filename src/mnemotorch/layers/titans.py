@@ -88,12 +88,13 @@ class TitansLMM(Mixer):
             ``torch.compile`` mode string or a dict of ``backend``/``mode``/``options``. Same
             semantics; the first call per shape pays the compilation. An attribute: may be set after
             construction (``layer.compile_memory = True``).
-        fused_memory: inference calls (no gradient needed) on CUDA run the memory's full chunks in the
-            fused Triton forward kernel (``ops/memory/fused_triton.py``) where it supports the
-            configuration (depth 1–2, power-of-two sizes ≥ 16), else the chunked path (default False;
-            ``MNEMO_MEMORY_FUSED=1`` turns it on for every layer). Same semantics, fp32 state; training
-            calls always take the chunked path (the kernel has no backward). An attribute, like
-            ``compile_memory`` (the MAC / MAG / MAL layers: ``layer.memory.fused_memory = True``).
+        fused_memory: calls on CUDA run the memory's full chunks in the fused Triton forward kernel
+            (``ops/memory/fused_triton.py``) where it supports the configuration (depth 1–2,
+            power-of-two sizes ≥ 16), else the chunked path (default False; ``MNEMO_MEMORY_FUSED=1``
+            turns it on for every layer). Training calls too: the kernel then keeps the state entering
+            every chunk (256 KiB per chunk and head at d 64, hidden 256) and the backward runs from those
+            checkpoints (``ops/memory/fused_backward.py``). Same semantics, fp32 state. An attribute,
+            like ``compile_memory`` (the MAC / MAG / MAL layers: ``layer.memory.fused_memory = True``).
 
     ``state_size``: ``3 · H · P + (K − 1) · 3 · dim`` (P = memory weights per head), whatever the length.
     """
@@ -280,9 +281,9 @@ class TitansLMM(Mixer):
         return y, new_state
 
     def _use_fused_memory(self, q: Tensor, memory: MemoryState) -> bool:
-        """``fused_memory`` or ``MNEMO_MEMORY_FUSED=1``: inference (no gradient needed) on CUDA runs the
-        memory's full chunks in the fused Triton forward kernel, where it supports the configuration; else
-        the chunked path (``neural_memory`` falls back to it by itself when a gradient is needed)."""
+        """``fused_memory`` or ``MNEMO_MEMORY_FUSED=1``: on CUDA the memory's full chunks run in the fused
+        Triton kernel (training from its per-chunk checkpoints), where it supports the configuration; else
+        the chunked path."""
         if not (self.fused_memory or os.environ.get("MNEMO_MEMORY_FUSED") == "1"):
             return False
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # CPU: only through Triton's interpreter (tests)

@@ -5,8 +5,9 @@ gradient descent with momentum and weight decay on ``‖M(k_t) − v_t‖²``, w
 gates θ (step), η (momentum decay) and α (forgetting), gradients frozen at the chunk-start weights
 inside each chunk, and read as ``y_t = M_t(q_t)``. ``reference.py`` is the specification (token
 loop); ``chunked.py`` the dual-form chunked implementation (matmuls inside chunks);
-``fused_triton.py`` a fused Triton *forward* over all full chunks of a call (opt-in,
-``neural_memory(..., fused=True)``; no backward yet). Semantics and equations:
+``fused_triton.py`` a fused Triton forward over all full chunks of a call (opt-in,
+``neural_memory(..., fused=True)``), trained through ``fused_backward.py`` (per-chunk state
+checkpoints; the read and update batched over chunks, the state's adjoint sequential). Semantics and equations:
 ``docs/mixers/titans.md``.
 """
 
@@ -131,12 +132,12 @@ def neural_memory(
             backward). ``False`` (default) = eager, the reference; ``True`` = inductor's default mode;
             a mode string or a dict of ``backend``/``mode``/``options``. See
             :func:`~mnemotorch.ops.memory.chunked.neural_memory_chunked`.
-        fused: chunked mode only, opt-in: when no gradient is needed (``torch.no_grad()``, or no
-            input requires grad), run the full chunks in one fused Triton forward kernel
-            (:func:`~mnemotorch.ops.memory.fused_triton.neural_memory_fused_forward`: depth 1-2,
+        fused: chunked mode only, opt-in: run the full chunks in one fused Triton forward kernel
+            (:func:`~mnemotorch.ops.memory.fused_triton.neural_memory_fused`: depth 1-2,
             power-of-two sizes >= 16, float32/bf16/fp16; its ``ValueError`` otherwise). When a
-            gradient is needed the chunked path runs (the kernel has no backward yet). Not with
-            ``debug=True``.
+            gradient is needed, the kernel also writes the state entering every chunk and the
+            backward runs from those checkpoints (:mod:`~mnemotorch.ops.memory.fused_backward`).
+            ``compile`` does not apply. Not with ``debug=True``.
 
     Returns:
         ``(y [B, T, H, Dv], MemoryState)``; ``y`` in the dtype of ``q``, the state in float32 for
@@ -158,10 +159,10 @@ def neural_memory(
         raise ValueError(f"{fn}: fused=True needs mode='chunked' and debug=False, got mode={mode!r}, debug={debug!r}")
     device_type = q.device.type if isinstance(q, Tensor) else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):
-        if fused and not needs_grad(q, k, v, theta, eta, alpha, initial_state):
-            from .fused_triton import neural_memory_fused_forward
+        if fused:
+            from .fused_triton import neural_memory_fused
 
-            return neural_memory_fused_forward(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, max_grad_norm)
+            return neural_memory_fused(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, max_grad_norm)
         if mode == "recurrent":
             return neural_memory_reference(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, max_grad_norm)
         return neural_memory_chunked(q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm, ln_eps, debug, max_grad_norm, compile)

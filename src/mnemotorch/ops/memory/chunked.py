@@ -124,6 +124,55 @@ def _key_pass(
     return xs, deltas
 
 
+def _clipped(
+    xs: Sequence[Tensor], deltas: Sequence[Tensor], g_mat: Tensor, n_mat: Tensor, max_grad_norm: float | None
+) -> tuple[Tensor, Tensor]:
+    """``G, N`` with the clip applied (unchanged without one).
+
+    ‖∇_s‖² = Σ_l ‖X_{l−1}[s]‖² ‖Δ_l[s]‖² (Frobenius norm of each outer product), so the clip needs no
+    materialised gradient. It scales ∇_s, i.e. the step θ_s, which enters N (and G = A N) only as a
+    factor of column s: scaling those columns is scaling θ_s.
+    """
+    if max_grad_norm is None:
+        return g_mat, n_mat
+    sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(xs, deltas))
+    scale = clip_scale(sq, max_grad_norm).unsqueeze(-2)  # [..., 1, c]
+    return g_mat * scale, n_mat * scale
+
+
+def _read(
+    q: Tensor, xs: Sequence[Tensor], deltas: Sequence[Tensor], g_mat: Tensor, beta: Tensor, f: Tensor,
+    w: Sequence[Tensor], s: Sequence[Tensor], activation: str, residual: bool, layer_norm: bool, ln_eps: float,
+) -> Tensor:  # fmt: skip
+    """Every token of the segment read with its own ``M_t`` (dual form); ``G`` already clipped."""
+    depth = len(w)
+    h = q
+    for i in range(depth):
+        dout = w[i].shape[-1]
+        hw = h @ torch.cat([w[i], s[i]], -1)  # X̂ W and X̂ S in one matmul
+        z = beta.unsqueeze(-1) * hw[..., :dout] + f.unsqueeze(-1) * hw[..., dout:] - (g_mat * (h @ xs[i].transpose(-1, -2))) @ deltas[i]
+        if i < depth - 1:
+            h = _act(activation, z)
+    y = _layer_norm(z, ln_eps)[0] if layer_norm else z
+    return y + q if residual else y
+
+
+def _update(
+    xs: Sequence[Tensor], deltas: Sequence[Tensor], g_mat: Tensor, n_mat: Tensor, beta: Tensor, m: Tensor, f: Tensor,
+    w: Sequence[Tensor], s: Sequence[Tensor],
+) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """The state leaving the segment (last row of the clipped coefficients)."""
+    g_last, n_last = g_mat[..., -1, :].unsqueeze(-1), n_mat[..., -1, :].unsqueeze(-1)
+    b_c, m_c, f_c = (x[..., -1, None, None] for x in (beta, m, f))
+    w_new, s_new = [], []
+    for i in range(len(w)):
+        din = w[i].shape[-2]
+        upd = torch.cat([g_last * xs[i], n_last * xs[i]], -1).transpose(-1, -2) @ deltas[i]  # [B, H, 2·d_in, d_out]
+        w_new.append(b_c * w[i] + f_c * s[i] - upd[..., :din, :])
+        s_new.append(m_c * s[i] - upd[..., din:, :])
+    return w_new, s_new
+
+
 def _chunk_step(
     q: Tensor,
     k: Tensor,
@@ -145,41 +194,15 @@ def _chunk_step(
     """One segment given its coefficient matrices (:func:`chunk_coefficients`): read outputs and the state after it.
 
     A pure function of tensors (the configuration arguments are Python constants), so that
-    ``torch.compile(fullgraph=True)`` captures it whole, forward and backward.
+    ``torch.compile(fullgraph=True)`` captures it whole, forward and backward. Leading dimensions
+    are batch dimensions: the fused path's backward runs it over all chunks at once.
     """
-    depth = len(w)
     # 1) Gradients of every token at the chunk-start weights w0.
     xs, deltas = _key_pass(k, v, w0, activation, residual, layer_norm, ln_eps)
-    if max_grad_norm is not None:
-        # ‖∇_s‖² = Σ_l ‖X_{l−1}[s]‖² ‖Δ_l[s]‖² (Frobenius norm of each outer product), so the clip
-        # needs no materialised gradient. It scales ∇_s, i.e. the step θ_s, which enters N (and
-        # G = A N) only as a factor of column s: scaling those columns is scaling θ_s.
-        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(xs, deltas))
-        scale = clip_scale(sq, max_grad_norm).unsqueeze(-2)  # [..., 1, c]
-        g_mat, n_mat = g_mat * scale, n_mat * scale
-
-    # 2) Read every token with its own M_t (dual form).
-    h = q
-    for i in range(depth):
-        dout = w[i].shape[-1]
-        hw = h @ torch.cat([w[i], s[i]], -1)  # X̂ W and X̂ S in one matmul
-        z = beta.unsqueeze(-1) * hw[..., :dout] + f.unsqueeze(-1) * hw[..., dout:] - (g_mat * (h @ xs[i].transpose(-1, -2))) @ deltas[i]
-        if i < depth - 1:
-            h = _act(activation, z)
-    y = _layer_norm(z, ln_eps)[0] if layer_norm else z
-    if residual:
-        y = y + q
-
-    # 3) State leaving the segment (last row of the coefficients).
-    g_last, n_last = g_mat[..., -1, :].unsqueeze(-1), n_mat[..., -1, :].unsqueeze(-1)
-    b_c, m_c, f_c = (x[..., -1, None, None] for x in (beta, m, f))
-    w_new, s_new = [], []
-    for i in range(depth):
-        din = w[i].shape[-2]
-        upd = torch.cat([g_last * xs[i], n_last * xs[i]], -1).transpose(-1, -2) @ deltas[i]  # [B, H, 2·d_in, d_out]
-        w_new.append(b_c * w[i] + f_c * s[i] - upd[..., :din, :])
-        s_new.append(m_c * s[i] - upd[..., din:, :])
-    return y, w_new, s_new
+    g_mat, n_mat = _clipped(xs, deltas, g_mat, n_mat, max_grad_norm)
+    # 2) Read every token with its own M_t (dual form).  3) State leaving the segment.
+    y = _read(q, xs, deltas, g_mat, beta, f, w, s, activation, residual, layer_norm, ln_eps)
+    return (y, *_update(xs, deltas, g_mat, n_mat, beta, m, f, w, s))
 
 
 def _segment(

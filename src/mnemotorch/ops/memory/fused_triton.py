@@ -47,7 +47,8 @@ from torch import Tensor
 
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
-from .chunked import _chunk_major, chunk_coefficients, neural_memory_chunked
+from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
+from .fused_backward import key_pass_saved, state_adjoint
 from .reference import (
     DEFAULT_LN_EPS,
     MemoryState,
@@ -168,7 +169,7 @@ def _lmm_fused_fwd_kernel(
     Q, K, V, Y,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, syb, syt, syh,
     G, NM, BETA, MV, FV,
-    W1, S1, W2, S2, Z1, D1,
+    W1, S1, W2, S2, Z1, D1, SLOT1, SLOT2,
     n_chunks, H, ln_eps, max_norm,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
     DEPTH: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
@@ -189,6 +190,9 @@ def _lmm_fused_fwd_kernel(
     z1_base = Z1 + pid * C * HID
     d1_base = D1 + pid * C * HID
     for i in range(n_chunks):
+        # chunk i reads the state from slot i and writes it to slot i + 1 (SLOT = 0: in place)
+        r1 = i * SLOT1
+        r2 = i * SLOT2
         t = i * C + rows
         q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + ck[None, :]).to(tl.float32)
         k = tl.load(K + b * skb + h * skh + t[:, None] * skt + ck[None, :]).to(tl.float32)
@@ -205,8 +209,8 @@ def _lmm_fused_fwd_kernel(
         f_c = _last1(f, rows, C)
         qk = _mmp(q, tl.trans(k), PREC_R)  # [C, C]
         if DEPTH == 1:
-            w1 = tl.load(w1_base + ck[:, None] * DV + cv[None, :], cache_modifier=".cg")
-            s1 = tl.load(s1_base + ck[:, None] * DV + cv[None, :], cache_modifier=".cg")
+            w1 = tl.load(w1_base + r1 + ck[:, None] * DV + cv[None, :], cache_modifier=".cg")
+            s1 = tl.load(s1_base + r1 + ck[:, None] * DV + cv[None, :], cache_modifier=".cg")
             d2 = _loss_grad(_mmp(k, w1, PREC), k, v, DV, ln_eps, RESIDUAL, LN)
             if CLIP:
                 sq = tl.sum(k * k, 1) * tl.sum(d2 * d2, 1)
@@ -219,20 +223,20 @@ def _lmm_fused_fwd_kernel(
             w1n = b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d2, PREC)
             s1n = m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d2, PREC)
             tl.debug_barrier()
-            tl.store(w1_base + ck[:, None] * DV + cv[None, :], w1n)
-            tl.store(s1_base + ck[:, None] * DV + cv[None, :], s1n)
+            tl.store(w1_base + r1 + SLOT1 + ck[:, None] * DV + cv[None, :], w1n)
+            tl.store(s1_base + r1 + SLOT1 + ck[:, None] * DV + cv[None, :], s1n)
         else:
             # (A) key forward at the chunk-start weights: Z_1 to the scratch, Z_2 summed over slices.
             z2 = tl.zeros([C, DV], dtype=tl.float32)
             hn = tl.zeros([C], dtype=tl.float32)
             for j in range(0, HID, BH):
                 cols = j + ch
-                w1 = tl.load(w1_base + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
+                w1 = tl.load(w1_base + r1 + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 z1 = _mmp(k, w1, PREC)
                 tl.store(z1_base + rows[:, None] * HID + cols[None, :], z1)
                 h1 = _act(z1, ACT)
                 hn += tl.sum(h1 * h1, 1)
-                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
+                w2 = tl.load(w2_base + r2 + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
                 z2 = _mmap(h1, w2, z2, PREC)
             d2 = _loss_grad(z2, k, v, DV, ln_eps, RESIDUAL, LN)
             tl.debug_barrier()
@@ -240,7 +244,7 @@ def _lmm_fused_fwd_kernel(
             dn1 = tl.zeros([C], dtype=tl.float32)
             for j in range(0, HID, BH):
                 cols = j + ch
-                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
+                w2 = tl.load(w2_base + r2 + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
                 z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 d1 = _mmp(d2, tl.trans(w2), PREC) * _act_grad(z1, ACT)
                 tl.store(d1_base + rows[:, None] * HID + cols[None, :], d1)
@@ -262,15 +266,15 @@ def _lmm_fused_fwd_kernel(
             p = tl.zeros([C, C], dtype=tl.float32)
             for j in range(0, HID, BH):
                 cols = j + ch
-                w1 = tl.load(w1_base + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
-                s1 = tl.load(s1_base + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
+                w1 = tl.load(w1_base + r1 + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
+                s1 = tl.load(s1_base + r1 + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 d1 = tl.load(d1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 h1 = _act(z1, ACT)
                 zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
                 hh = _act(zh, ACT)
-                w2 = tl.load(w2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
-                s2 = tl.load(s2_base + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
+                w2 = tl.load(w2_base + r2 + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
+                s2 = tl.load(s2_base + r2 + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
                 acc2 = _mmap(beta[:, None] * hh, w2, acc2, PREC_R)
                 acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
                 p = _mmap(hh, tl.trans(h1), p, PREC_R)
@@ -278,10 +282,10 @@ def _lmm_fused_fwd_kernel(
                 s1n = m_c * s1 - _mmp(nk, d1, PREC)
                 w2n = b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC)
                 s2n = m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC)
-                tl.store(w1_base + ck[:, None] * HID + cols[None, :], w1n)
-                tl.store(s1_base + ck[:, None] * HID + cols[None, :], s1n)
-                tl.store(w2_base + cols[:, None] * DV + cv[None, :], w2n)
-                tl.store(s2_base + cols[:, None] * DV + cv[None, :], s2n)
+                tl.store(w1_base + r1 + SLOT1 + ck[:, None] * HID + cols[None, :], w1n)
+                tl.store(s1_base + r1 + SLOT1 + ck[:, None] * HID + cols[None, :], s1n)
+                tl.store(w2_base + r2 + SLOT2 + cols[:, None] * DV + cv[None, :], w2n)
+                tl.store(s2_base + r2 + SLOT2 + cols[:, None] * DV + cv[None, :], s2n)
             zh = acc2 - _mmp(gm * p, d2, PREC_R)
         y = _read_out(zh, q, DV, ln_eps, RESIDUAL, LN)
         tl.store(Y + b * syb + h * syh + t[:, None] * syt + cv[None, :], y.to(Y.dtype.element_ty))
@@ -336,7 +340,7 @@ def _lmm_split_fwd_kernel(
     Q, K, V, Y,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, syb, syt, syh,
     G, NM, BETA, MV, FV,
-    W1, S1, W2, S2, Z1, D1,
+    W1, S1, W2, S2, Z1, D1, SLOT1, SLOT2,
     XZ2, XHN, XDN, XACC, XP, CNT,
     chunk0, n_chunks, H, ln_eps, max_norm,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
@@ -377,23 +381,25 @@ def _lmm_split_fwd_kernel(
     NB: tl.constexpr = 3 if CLIP else 2
     for i in range(chunk0, chunk0 + n_chunks):
         par = i % 2
+        r1 = i * SLOT1  # chunk i reads the state from slot i, writes slot i + 1 (SLOT = 0: in place)
+        r2 = i * SLOT2
         xo = (bh * 2 + par) * NS  # first of this head's NS partial slots for this chunk parity
         t = i * C + rows
         k = tl.load(K + b * skb + h * skh + t[:, None] * skt + ck[None, :]).to(tl.float32)
         v = tl.load(V + b * svb + h * svh + t[:, None] * svt + cv[None, :]).to(tl.float32)
         if PHASE == 0 or PHASE == 1:
-            w1 = tl.load(w1p, cache_modifier=".cg")
+            w1 = tl.load(w1p + r1, cache_modifier=".cg")
             z1 = _mmp(k, w1, PREC)
             tl.store(z1p, z1)
             h1 = _act(z1, ACT)
             tl.store(XHN + (xo + j) * C + rows, tl.sum(h1 * h1, 1))
-            w2 = tl.load(w2p, cache_modifier=".cg")
+            w2 = tl.load(w2p + r2, cache_modifier=".cg")
             tl.store(XZ2 + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], _mmp(h1, w2, PREC))
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (i * NB + 1))
         if PHASE == 0 or PHASE == 2:
             d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
-            w2 = tl.load(w2p, cache_modifier=".cg")
+            w2 = tl.load(w2p + r2, cache_modifier=".cg")
             z1 = tl.load(z1p, cache_modifier=".cg")
             d1 = _mmp(d2, tl.trans(w2), PREC) * _act_grad(z1, ACT)
             tl.store(d1p, d1)
@@ -420,10 +426,10 @@ def _lmm_split_fwd_kernel(
             f_c = _last1(f, rows, C)
             g_l = _last(gm, rows, C)
             n_l = _last(nm, rows, C)
-            w1 = tl.load(w1p, cache_modifier=".cg")
-            s1 = tl.load(s1p, cache_modifier=".cg")
-            w2 = tl.load(w2p, cache_modifier=".cg")
-            s2 = tl.load(s2p, cache_modifier=".cg")
+            w1 = tl.load(w1p + r1, cache_modifier=".cg")
+            s1 = tl.load(s1p + r1, cache_modifier=".cg")
+            w2 = tl.load(w2p + r2, cache_modifier=".cg")
+            s2 = tl.load(s2p + r2, cache_modifier=".cg")
             z1 = tl.load(z1p, cache_modifier=".cg")
             d1 = tl.load(d1p, cache_modifier=".cg")
             h1 = _act(z1, ACT)
@@ -434,10 +440,10 @@ def _lmm_split_fwd_kernel(
             acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
             tl.store(XACC + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], acc2)
             tl.store(XP + (xo + j) * C * C + rows[:, None] * C + rows[None, :], _mmp(hh, tl.trans(h1), PREC_R))
-            tl.store(w1p, b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d1, PREC))
-            tl.store(s1p, m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC))
-            tl.store(w2p, b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC))
-            tl.store(s2p, m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC))
+            tl.store(w1p + r1 + SLOT1, b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d1, PREC))
+            tl.store(s1p + r1 + SLOT1, m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC))
+            tl.store(w2p + r2 + SLOT2, b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC))
+            tl.store(s2p + r2 + SLOT2, m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC))
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (i * NB + NB))
         if PHASE == 0 or PHASE == 4:
@@ -457,22 +463,38 @@ def _lmm_split_fwd_kernel(
             tl.store(Y + b * syb + h * syh + ts[:, None] * syt + cv[None, :], y.to(Y.dtype.element_ty))
 
 
-def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm):
+def _state_buffers(x: Tensor, n: int, store_states: bool) -> tuple[Tensor, int]:
+    """The kernel's fp32 state buffer for one state tensor ``x [B, H, d_in, d_out]`` and its slot stride.
+
+    ``store_states``: ``[n + 1, B, H, d_in, d_out]``, slot 0 = ``x``; chunk ``i`` reads slot ``i`` and
+    writes slot ``i + 1`` (the checkpoints the backward reads). Else one copy, rewritten in place."""
+    if not store_states:
+        return x.to(torch.float32).contiguous().clone(), 0
+    buf = x.new_empty((n + 1, *x.shape), dtype=torch.float32)
+    buf[0].copy_(x)
+    return buf, x.numel()
+
+
+def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states=False):
     """Run the kernel on full chunks: ``q, k [B, n·C, H, Dk]``, ``v [B, n·C, H, Dv]``, coefficients
-    chunk-major fp32. Returns ``[y, *weights', *momentum']`` (state fp32, new tensors)."""
+    chunk-major fp32. Returns ``[y, *weights', *momentum']`` (state fp32, new tensors); with
+    ``store_states`` the state tensors are ``[n + 1, B, H, d_in, d_out]``: the state entering every chunk
+    and, last, the state after the call."""
     g, nmat, beta, m, f = (x.contiguous() for x in coefs)
     n, bsz, heads, c = beta.shape
     dk, dv = k.shape[-1], v.shape[-1]
     depth = len(weights)
     hid = weights[0].shape[-1] if depth == 2 else dv
-    w = [x.to(torch.float32).contiguous().clone() for x in weights]
-    s = [x.to(torch.float32).contiguous().clone() for x in momentum]
+    bufs = [_state_buffers(x, n, store_states) for x in (*weights, *momentum)]
+    w = [b for b, _ in bufs[:depth]]
+    s = [b for b, _ in bufs[depth:]]
+    slots = (bufs[0][1], bufs[depth - 1][1] if depth == 2 else 0)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     y = _alloc(q, (bsz, n * c, heads, dv), q.dtype)
     bh = min(hid, LAUNCH["hidden_slice"])
     ns = hid // LAUNCH["split_slice"] if depth == 2 and LAUNCH["split_slice"] else 1
     if ns > 1 and c // ns >= 16 and (not q.is_cuda or bsz * heads * ns <= _sm_count(q.device)):
-        return _launch_split(q, k, v, y, (g, nmat, beta, m, f), w, s, ns, activation, residual, layer_norm, ln_eps, max_grad_norm)
+        return _launch_split(q, k, v, y, (g, nmat, beta, m, f), w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm)
     if depth == 2:
         z1 = torch.empty((bsz * heads, c, hid), device=q.device, dtype=torch.float32)
         d1 = torch.empty_like(z1)
@@ -484,7 +506,7 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2),
         g, nmat, beta, m, f,
-        w[0], s[0], w2, s2, z1, d1,
+        w[0], s[0], w2, s2, z1, d1, *slots,
         n, heads, float(ln_eps), float(max_grad_norm or 1.0),
         C=c, DK=dk, DV=dv, HID=hid, BH=bh, DEPTH=depth, ACT=_ACT_CODES[activation],
         RESIDUAL=residual, LN=layer_norm, CLIP=max_grad_norm is not None, PREC="ieee" if q.dtype == torch.float32 else LAUNCH["half_precision"],
@@ -498,7 +520,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_split(q, k, v, y, coefs, w, s, ns, activation, residual, layer_norm, ln_eps, max_grad_norm):
+def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm):
     """Depth 2 on ``B · H · ns`` programs (:func:`_lmm_split_fwd_kernel`): on a GPU one launch with grid
     barriers (all programs resident: the caller checked the SM count), under the interpreter one launch
     per phase and chunk."""
@@ -521,7 +543,7 @@ def _launch_split(q, k, v, y, coefs, w, s, ns, activation, residual, layer_norm,
     args = (q, k, v, y,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2),
-            g, nmat, beta, m, f, w[0], s[0], w[1], s[1], z1, d1, xz2, xhn, xdn, xacc, xp, cnt)  # fmt: skip
+            g, nmat, beta, m, f, w[0], s[0], w[1], s[1], z1, d1, *slots, xz2, xhn, xdn, xacc, xp, cnt)  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
                 CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
                 PREC_R=LAUNCH["half_read_precision"] if half else "ieee", num_warps=LAUNCH["split_warps"], num_stages=1)  # fmt: skip
@@ -544,16 +566,18 @@ def _interpreted(x: Tensor) -> bool:
 def lmm_fused_fwd(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, n: Tensor, beta: Tensor, m: Tensor, f: Tensor,
     weights: list[Tensor], momentum: list[Tensor], activation: str, residual: bool, layer_norm: bool,
-    ln_eps: float, max_grad_norm: Optional[float],
+    ln_eps: float, max_grad_norm: Optional[float], store_states: bool,
 ) -> list[Tensor]:  # fmt: skip
-    """The fused forward over full chunks (no autograd): ``[y, *weights', *momentum']``."""
-    return _launch(q, k, v, (g, n, beta, m, f), weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm)
+    """The fused forward over full chunks (no autograd): ``[y, *weights', *momentum']``; with
+    ``store_states`` each state tensor is ``[n + 1, B, H, d_in, d_out]`` (entering every chunk, then final)."""
+    return _launch(q, k, v, (g, n, beta, m, f), weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states)
 
 
 @lmm_fused_fwd.register_fake
-def _(q, k, v, g, n, beta, m, f, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm):
+def _(q, k, v, g, n, beta, m, f, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states):
     y = q.new_empty((*q.shape[:3], v.shape[-1]))
-    return [y, *(torch.empty_like(x, dtype=torch.float32) for x in weights), *(torch.empty_like(x, dtype=torch.float32) for x in momentum)]
+    lead = (beta.shape[0] + 1,) if store_states else ()
+    return [y, *(x.new_empty((*lead, *x.shape), dtype=torch.float32) for x in (*weights, *momentum))]
 
 
 def _pow2_at_least_16(x: int) -> bool:
@@ -581,6 +605,151 @@ def check_fused_args(fn: str, q: Tensor, k: Tensor, v: Tensor, state: MemoryStat
             raise ValueError(f"{fn}: {name} must be a power of two >= 16 (a tl.dot tile), got {d}")
 
 
+#: The backward: ``group_elements``: chunks are processed in groups whose ``[G, B, H, C, hidden]``
+#: intermediates hold at most this many elements each (the read's autograd keeps about ten such
+#: tensors); ``compile_sweep``: run the per-chunk adjoint step (:func:`~.fused_backward.state_adjoint`)
+#: through ``torch.compile(fullgraph=True)`` (None: on CUDA, not under Triton's interpreter; a dict:
+#: torch.compile's ``backend`` / ``mode`` / ``options``); ``timing``:
+#: a dict to receive the phases' CUDA-event milliseconds (``read_vjp``, ``key_pass``, ``sweep``,
+#: ``update_vjp``; summed over groups and calls), or None.
+BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": None, "timing": None}
+_COMPILED_SWEEP: list = []
+
+
+def _sweep_step(device: torch.device):
+    """:func:`~.fused_backward.state_adjoint`, compiled per ``BACKWARD["compile_sweep"]``."""
+    flag = BACKWARD["compile_sweep"]
+    if flag is None:
+        flag = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    if not flag:
+        return state_adjoint
+    opts = flag if isinstance(flag, dict) else {}  # a dict: torch.compile's backend / mode / options
+    key = repr(sorted(opts.items()))
+    for k, fn in _COMPILED_SWEEP:
+        if k == key:
+            return fn
+    fn = torch.compile(state_adjoint, fullgraph=True, dynamic=False, **opts)
+    _COMPILED_SWEEP.append((key, fn))
+    return fn
+
+
+class _PhaseTimer:
+    """CUDA-event timing of the backward's phases into ``BACKWARD["timing"]`` (a no-op when it is None)."""
+
+    def __init__(self, device: torch.device):
+        self.out = BACKWARD["timing"] if device.type == "cuda" else None
+        self.marks: list = []
+
+    def mark(self, name: str | None) -> None:
+        if self.out is None:
+            return
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.marks.append((name, e))
+
+    def close(self) -> None:
+        if self.out is None or not self.marks:
+            return
+        torch.cuda.synchronize()
+        for (name, a), (_, b) in zip(self.marks, self.marks[1:]):
+            if name is not None:
+                self.out[name] = self.out.get(name, 0.0) + a.elapsed_time(b)
+
+
+def _bthd(x: Tensor, n: int, c: int) -> Tensor:
+    """``[n, B, H, C, D] -> [B, n·C, H, D]`` (the inverse of :func:`~.chunked._chunk_major`)."""
+    return x.permute(1, 0, 3, 2, 4).reshape(x.shape[1], n * c, x.shape[2], x.shape[4])
+
+
+class _FusedMemory(torch.autograd.Function):
+    """The full chunks of a call, trained: the fused forward kernel writes the state entering every chunk
+    (one checkpoint per chunk, fp32); the backward is :mod:`.fused_backward`'s (the read and the update
+    as batched vector-Jacobian products over groups of chunks, the state's adjoint chunk by chunk)."""
+
+    @staticmethod
+    def forward(ctx, cfg, q, k, v, g, nmat, beta, m, f, *state):
+        depth = len(state) // 2
+        res = lmm_fused_fwd(q, k, v, g, nmat, beta, m, f, list(state[:depth]), list(state[depth:]), *cfg, True)
+        slots = res[1:]
+        ctx.save_for_backward(q, k, v, g, nmat, beta, m, f, *slots)
+        ctx.cfg, ctx.depth = cfg, depth
+        ctx.state_dtypes = [x.dtype for x in state]
+        return (res[0], *(x[-1].clone() for x in slots))
+
+    @staticmethod
+    def backward(ctx, dy, *d_final):
+        q, k, v, g, nmat, beta, m, f, *slots = ctx.saved_tensors
+        activation, residual, layer_norm, ln_eps, max_grad_norm = ctx.cfg
+        depth = ctx.depth
+        n, bsz, heads, c = beta.shape
+        f32 = torch.float32
+        cm = lambda x: _chunk_major(x.to(f32), n, c)  # noqa: E731  [B, n·C, H, D] -> [n, B, H, C, D]
+        qc, kc, vc = cm(q), cm(k), cm(v)
+        dyc = cm(dy) if dy is not None else torch.zeros_like(cm(v))
+        w_slots, s_slots = slots[:depth], slots[depth:]
+        adj = [torch.zeros_like(x[-1]) if d is None else d.to(f32) for x, d in zip(slots, d_final)]
+        adj_w, adj_s = adj[:depth], adj[depth:]
+        dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
+        dcoef = [torch.zeros_like(x) for x in (g, nmat, beta, m, f)]
+        widest = max(x.shape[-1] for x in (*w_slots, qc))
+        group = max(1, min(n, BACKWARD["group_elements"] // (bsz * heads * c * widest)))
+        kw = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
+        step = _sweep_step(q.device)
+        timer = _PhaseTimer(q.device)
+        for lo in range(((n - 1) // group) * group, -1, -group):
+            hi = min(n, lo + group)
+            sl = slice(lo, hi)
+            ws = [x[sl] for x in w_slots]
+            ss = [x[sl] for x in s_slots]
+            coefs = [x[sl] for x in (g, nmat, beta, m, f)]
+            # 1) the read, batched: its share of the input gradients and b_i of the state's adjoint
+            timer.mark("read_vjp")
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_() for x in (qc[sl], kc[sl], vc[sl], *coefs, *ws, *ss)]
+                ql, kl, vl, gl, nl, bl, ml, fl = leaves[:8]
+                wl, sl_ = leaves[8 : 8 + depth], leaves[8 + depth :]
+                xs, deltas = _key_pass(kl, vl, wl, activation, residual, layer_norm, ln_eps)
+                gm, _ = _clipped(xs, deltas, gl, nl, max_grad_norm)
+                y = _read(ql, xs, deltas, gm, bl, fl, wl, sl_, activation, residual, layer_norm, ln_eps)
+                grads = torch.autograd.grad(y, leaves, dyc[sl], allow_unused=True)
+            del xs, deltas, gm, y
+            b_w, b_s = grads[8 : 8 + depth], grads[8 + depth :]
+            # 2) the state's adjoint, chunk by chunk in reverse; ā_{i+1} kept for the update's products
+            with torch.no_grad():
+                timer.mark("key_pass")
+                kp = key_pass_saved(kc[sl], vc[sl], ws, **kw)
+                g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
+                ends = [x[sl][..., -1] for x in (beta, m, f)]
+                b_w = [torch.zeros_like(x) if b is None else b for x, b in zip(ws, b_w)]
+                b_s = [torch.zeros_like(x) if b is None else b for x, b in zip(ss, b_s)]
+                nxt = [torch.empty_like(x) for x in (*ws, *ss)]
+                timer.mark("sweep")
+                for j in range(hi - lo - 1, -1, -1):
+                    for buf, a in zip(nxt, (*adj_w, *adj_s)):
+                        buf[j].copy_(a)
+                    adj_w, adj_s = step(kp.at(j), g_last[j], n_last[j], *(e[j] for e in ends), [x[j] for x in ws], adj_w, adj_s,
+                                        layer_norm, max_grad_norm, [x[j] for x in b_w], [x[j] for x in b_s])  # fmt: skip
+            del kp
+            # 3) the update, batched: its share of the gradients of k, v and the coefficients
+            timer.mark("update_vjp")
+            with torch.enable_grad():
+                leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
+                kl, vl, gl, nl, bl, ml, fl = leaves2
+                xs, deltas = _key_pass(kl, vl, ws, activation, residual, layer_norm, ln_eps)
+                gm, nm = _clipped(xs, deltas, gl, nl, max_grad_norm)
+                w_new, s_new = _update(xs, deltas, gm, nm, bl, ml, fl, ws, ss)
+                grads2 = torch.autograd.grad([*w_new, *s_new], leaves2, nxt, allow_unused=True)
+            for acc, a, b2 in zip((dq, dk, dv, *dcoef), grads[:8], (None, *grads2)):
+                for x in (a, b2):
+                    if x is not None:
+                        acc[sl] += x
+        timer.mark(None)
+        timer.close()
+        out_q, out_k, out_v = (_bthd(x, n, c).to(t.dtype) for x, t in zip((dq, dk, dv), (q, k, v)))
+        d_state = [a.to(dt) for a, dt in zip((*adj_w, *adj_s), ctx.state_dtypes)]
+        return (None, out_q, out_k, out_v, *dcoef, *d_state)
+
+
 def neural_memory_fused_forward(
     q: Tensor,
     k: Tensor,
@@ -598,20 +767,19 @@ def neural_memory_fused_forward(
 ) -> tuple[Tensor, MemoryState]:
     """:func:`~.chunked.neural_memory_chunked`'s semantics, the full chunks in one fused Triton launch.
 
-    Arguments and returns as :func:`~.reference.neural_memory_reference`. Forward only: raises
-    ``RuntimeError`` when autograd would need a graph (run under ``torch.no_grad()`` /
-    ``torch.inference_mode()``, or use the chunked path for training). The partial segments of a
-    call (a chunk begun by an earlier call, a partial last chunk) run through the eager chunked path,
-    so the state carries across calls exactly as there. The state is returned in float32.
+    Arguments and returns as :func:`~.reference.neural_memory_reference`. When autograd needs a graph,
+    the kernel also writes the state entering every chunk (fp32, ``4 · d · hidden`` per chunk and head
+    at depth 2: 256 KiB at d 64, hidden 256) and the backward runs from those checkpoints
+    (:mod:`.fused_backward`). The partial segments of a call (a chunk begun by an earlier call, a
+    partial last chunk) run through the eager chunked path, so the state carries across calls
+    exactly as there. The state is returned in float32.
     """
-    fn = "neural_memory_fused_forward"
+    fn = "neural_memory_fused"
     state = check_memory_args(fn, q, k, v, theta, eta, alpha, initial_state, chunk_size, activation, residual, layer_norm)
     max_grad_norm = check_max_grad_norm(fn, max_grad_norm)
     ln_eps = check_ln_eps(fn, ln_eps)
     check_fused_args(fn, q, k, v, state, chunk_size)
-    if needs_grad(q, k, v, theta, eta, alpha, state):
-        raise RuntimeError(f"{fn}: forward only (no backward kernel yet): call it under torch.no_grad(), "
-                           "or use neural_memory_chunked / neural_memory(fused=False) to train")
+    train = needs_grad(q, k, v, theta, eta, alpha, state)
     cfg = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps, max_grad_norm=max_grad_norm)
     total = q.shape[1]
     outs, start = [], 0
@@ -626,8 +794,12 @@ def neural_memory_fused_forward(
         acc = accumulation_dtype(q.dtype)
         cm = lambda x: _chunk_major(x[:, start:end].to(acc), n_full, chunk_size)  # noqa: E731
         coefs = chunk_coefficients(cm(theta), cm(torch.log1p(-alpha.to(acc))), cm(torch.log(eta.to(acc))))
-        res = lmm_fused_fwd(q[:, start:end], k[:, start:end], v[:, start:end], *coefs, list(state.weights), list(state.momentum),
-                            activation, residual, layer_norm, ln_eps, max_grad_norm)  # fmt: skip
+        qkv = (q[:, start:end], k[:, start:end], v[:, start:end])
+        if train:
+            res = _FusedMemory.apply((activation, residual, layer_norm, ln_eps, max_grad_norm), *qkv, *coefs, *state.weights, *state.momentum)
+        else:
+            res = lmm_fused_fwd(*qkv, *coefs, list(state.weights), list(state.momentum), activation, residual, layer_norm, ln_eps,
+                                max_grad_norm, False)  # fmt: skip
         depth = len(state.weights)
         w, s = tuple(res[1 : 1 + depth]), tuple(res[1 + depth :])
         outs.append(res[0])
@@ -652,4 +824,7 @@ def fused_supported(q: Tensor, k: Tensor, v: Tensor, state: MemoryState, chunk_s
     return True
 
 
-__all__ = ["neural_memory_fused_forward", "lmm_fused_fwd", "fused_supported", "check_fused_args", "LAUNCH"]
+#: The same function: it trains too (the name ``..._forward`` is from when it did not).
+neural_memory_fused = neural_memory_fused_forward
+
+__all__ = ["neural_memory_fused", "neural_memory_fused_forward", "BACKWARD", "lmm_fused_fwd", "fused_supported", "check_fused_args", "LAUNCH"]

@@ -1,0 +1,198 @@
+"""Backward of the fused Titans memory: chunks batched, only the state's adjoint sequential.
+
+Chunk ``i`` maps its inputs and the state entering it, ``(W_i, S_i)``, to its outputs ``y_i`` and the
+state leaving it: ``F_i(x_i, W_i, S_i) = (y_i, W_{i+1}, S_{i+1})``. Given every ``W_i, S_i`` (the fused
+forward kernel writes them: one checkpoint per chunk), the backward splits into
+
+1. **the read, batched over all chunks**: the vector-Jacobian product of ``y_i`` with ``dy_i`` (the key
+   pass, the clip and the dual-form read of :mod:`.chunked`, run once on ``[n, B, H, …]`` tensors under
+   autograd). It gives the read's share of every input gradient and ``b_i``, its share of the
+   state's adjoint;
+2. **the state's adjoint, chunk by chunk in reverse** (the only sequential part):
+   ``ā_i = b_i + J_iᵀ ā_{i+1}`` with ``J_i = ∂(W_{i+1}, S_{i+1}) / ∂(W_i, S_i)``, starting from the
+   gradient of the returned final state. :func:`state_adjoint` writes ``J_iᵀ`` out by hand — the
+   update's transpose and a Hessian-vector product through the key pass (activation second
+   derivatives, the LayerNorm backward's own backward, the clip) — from the key pass's values,
+   which are computed for all chunks at once beforehand (:func:`key_pass_saved`);
+3. **the update, batched over all chunks**: the vector-Jacobian product of ``(W_{i+1}, S_{i+1})`` with
+   ``ā_{i+1}`` for the keys, values and coefficients (autograd again).
+
+Step 2 is what the chunked path's autograd does inside its whole per-chunk backward; here it is a
+dozen batched products per chunk, with no recomputation of the read. ``ā_0`` is the gradient of the
+initial state. Tested against autograd of :func:`.chunked._key_pass` / :func:`.chunked._update` in
+float64 (``tests/ops/test_memory_fused_backward.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from .chunked import _act, _act_grad, _layer_norm
+from .reference import clip_scale
+
+
+def _act_grad2(name: str, z: Tensor) -> Tensor:
+    """σ''(z)."""
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (2 + z * (1 - 2 * s))
+    if name == "gelu":
+        return torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (2 - z * z)
+    return torch.zeros_like(z)
+
+
+class KeyPass(NamedTuple):
+    """The key pass at the chunk-start weights, with what its second derivative needs (leading dims batched).
+
+    ``xs[l]``: layer ``l``'s input (``xs[0] = k``); ``deltas[l] = ∂ℓ/∂Z_l`` (``Z_l``: its pre-activation);
+    for the hidden layers ``l < depth − 1``, ``d1[l] = σ'(Z_l)`` and ``d2[l] = P_l ∘ σ''(Z_l)`` with
+    ``P_l = deltas[l + 1] W_{l+1}ᵀ`` (so ``deltas[l] = P_l ∘ σ'(Z_l)``), computed here for all chunks at once
+    rather than in the sequential loop; ``out, rstd, dmean``: the last layer's LayerNorm output, ``1/σ``
+    and ``mean(D ∘ out)`` of the loss gradient ``D`` (None without LayerNorm)."""
+
+    xs: list
+    deltas: list
+    d1: list
+    d2: list
+    out: Tensor | None
+    rstd: Tensor | None
+    dmean: Tensor | None
+
+    def at(self, i: int) -> "KeyPass":
+        """Chunk ``i`` of a batch over chunks (views)."""
+        pick = lambda xs: [x[i] for x in xs]  # noqa: E731
+        opt = lambda x: None if x is None else x[i]  # noqa: E731
+        return KeyPass(pick(self.xs), pick(self.deltas), pick(self.d1), pick(self.d2), opt(self.out), opt(self.rstd), opt(self.dmean))
+
+
+def key_pass_saved(k: Tensor, v: Tensor, w: Sequence[Tensor], activation: str, residual: bool, layer_norm: bool, ln_eps: float) -> KeyPass:
+    """:func:`.chunked._key_pass` (same arithmetic), keeping the intermediate values."""
+    depth = len(w)
+    xs, zs = [k], []
+    h = k
+    for i, wl in enumerate(w):
+        z = h @ wl
+        zs.append(z)
+        if i < depth - 1:
+            h = _act(activation, z)
+            xs.append(h)
+    out = rstd = dmean = None
+    if layer_norm:
+        out, rstd = _layer_norm(z, ln_eps)
+    pred = out if layer_norm else z
+    if residual:
+        pred = pred + k
+    d = 2 * (pred - v)
+    if layer_norm:
+        dmean = (d * out).mean(-1, keepdim=True)
+        d = rstd * (d - d.mean(-1, keepdim=True) - out * dmean)
+    deltas: list = [None] * depth
+    d1: list = [None] * (depth - 1)
+    d2: list = [None] * (depth - 1)
+    deltas[-1] = d
+    for i in range(depth - 2, -1, -1):
+        p = deltas[i + 1] @ w[i + 1].transpose(-1, -2)
+        d1[i] = _act_grad(activation, zs[i])
+        deltas[i] = p * d1[i]
+        d2[i] = p * _act_grad2(activation, zs[i])
+    return KeyPass(xs, deltas, d1, d2, out, rstd, dmean)
+
+
+def _ln_jvp(u: Tensor, out: Tensor, rstd: Tensor) -> Tensor:
+    """``J u`` for the affine-free LayerNorm's (symmetric) Jacobian ``J = r (I − 11ᵀ/n − o oᵀ/n)``."""
+    return rstd * (u - u.mean(-1, keepdim=True) - out * (u * out).mean(-1, keepdim=True))
+
+
+def state_adjoint(
+    kp: KeyPass,
+    g_last: Tensor,
+    n_last: Tensor,
+    beta_c: Tensor,
+    m_c: Tensor,
+    f_c: Tensor,
+    w: Sequence[Tensor],
+    adj_w: Sequence[Tensor],
+    adj_s: Sequence[Tensor],
+    layer_norm: bool,
+    max_grad_norm: float | None,
+    add_w: Sequence[Tensor] | None = None,
+    add_s: Sequence[Tensor] | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``J_iᵀ ā``: the adjoint of one chunk's entering state from the adjoint ``ā = (adj_w, adj_s)`` of the
+    state leaving it, through the update ``W_l' = β_c W_l + f_c S_l − X_{l−1}ᵀ diag(g̃) Δ_l``,
+    ``S_l' = m_c S_l − X_{l−1}ᵀ diag(ñ) Δ_l`` (``g̃, ñ``: the last rows of ``G, N``, clipped).
+
+    Args: ``kp`` (:func:`key_pass_saved` at ``w``); ``g_last, n_last [..., C]`` (unclipped);
+    ``beta_c, m_c, f_c [...]``; ``w[l], adj_w[l], adj_s[l] [..., d_in, d_out]``; ``add_w, add_s``: the
+    read's share ``b_i``, added to the result (optional). Returns ``(adj_w_in, adj_s_in)``.
+    """
+    depth = len(w)
+    xs, deltas = kp.xs, kp.deltas
+    if max_grad_norm is not None:
+        xn = [x.pow(2).sum(-1) for x in xs]
+        dn = [d.pow(2).sum(-1) for d in deltas]
+        sq = sum(a * b for a, b in zip(xn, dn))
+        sc = clip_scale(sq, max_grad_norm)
+        gt, nt = g_last * sc, n_last * sc
+    else:
+        gt, nt = g_last, n_last
+    # The update's transpose: cotangents of Δ_l, of the hidden inputs X_l (l ≥ 1) and of g̃, ñ.
+    d_delta: list = [None] * depth
+    d_x: list = [None] * depth
+    dgt = dnt = None
+    for l in range(depth):
+        xa = xs[l] @ adj_w[l]
+        xb = xs[l] @ adj_s[l]
+        d_delta[l] = -(gt.unsqueeze(-1) * xa + nt.unsqueeze(-1) * xb)
+        if l >= 1:
+            d_x[l] = -(gt.unsqueeze(-1) * (deltas[l] @ adj_w[l].transpose(-1, -2)) + nt.unsqueeze(-1) * (deltas[l] @ adj_s[l].transpose(-1, -2)))
+        if max_grad_norm is not None:
+            a, b = (xa * deltas[l]).sum(-1), (xb * deltas[l]).sum(-1)
+            dgt, dnt = (-a, -b) if dgt is None else (dgt - a, dnt - b)
+    if max_grad_norm is not None:
+        # sc = τ / sqrt(max(sq, τ²)): d sc / d sq = −sc / (2 sq) where the clip acts (as autograd's clamp).
+        dsc = g_last * dgt + n_last * dnt
+        dsq = torch.where(sq >= max_grad_norm * max_grad_norm, -0.5 * sc / sq * dsc, torch.zeros_like(sq))
+        for l in range(depth):
+            d_delta[l] = d_delta[l] + (2 * dsq * xn[l]).unsqueeze(-1) * deltas[l]
+            if l >= 1:
+                d_x[l] = d_x[l] + (2 * dsq * dn[l]).unsqueeze(-1) * xs[l]
+    # The key pass's second derivative: Δ_l = P_l ∘ σ'(Z_l) with P_l = Δ_{l+1} W_{l+1}ᵀ, then the loss at the last layer.
+    dz: list = [None] * depth
+    dw: list = [None] * depth
+    for l in range(depth - 1):
+        dp = d_delta[l] * kp.d1[l]
+        dz[l] = d_delta[l] * kp.d2[l]
+        d_delta[l + 1] = d_delta[l + 1] + dp @ w[l + 1]
+        dw[l + 1] = dp.transpose(-1, -2) @ deltas[l + 1]
+    u = d_delta[-1]
+    if layer_norm:
+        # Δ = J(Z)ᵀ D(Z), D = 2(LN(Z) [+ k] − v): the product of its Jacobian with u is
+        # J (2 J u) (through D) plus the derivative of J itself with D held: −r mean(u∘Δ) o − r mean(D∘o) J u − r mean(u∘o) Δ.
+        out, rstd = kp.out, kp.rstd
+        ju = _ln_jvp(u, out, rstd)
+        dzl = 2 * _ln_jvp(ju, out, rstd) - rstd * ((u * deltas[-1]).mean(-1, keepdim=True) * out + kp.dmean * ju + (u * out).mean(-1, keepdim=True) * deltas[-1])
+    else:
+        dzl = 2 * u
+    dz[-1] = dzl if dz[-1] is None else dz[-1] + dzl
+    for l in range(depth - 1, -1, -1):
+        g_w = xs[l].transpose(-1, -2) @ dz[l]
+        dw[l] = g_w if dw[l] is None else dw[l] + g_w
+        if l >= 1:
+            dx = d_x[l] + dz[l] @ w[l].transpose(-1, -2)
+            dz[l - 1] = dz[l - 1] + dx * kp.d1[l - 1]
+    bc, mc, fc = (x[..., None, None] for x in (beta_c, m_c, f_c))
+    new_w = [bc * a + d for a, d in zip(adj_w, dw)]
+    new_s = [fc * a + mc * b for a, b in zip(adj_w, adj_s)]
+    if add_w is not None:
+        new_w = [a + b for a, b in zip(new_w, add_w)]
+    if add_s is not None:
+        new_s = [a + b for a, b in zip(new_s, add_s)]
+    return new_w, new_s
+
+
+__all__ = ["KeyPass", "key_pass_saved", "state_adjoint"]

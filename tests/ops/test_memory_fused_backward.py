@@ -1,0 +1,171 @@
+"""The fused Titans memory's backward (``ops/memory/fused_backward.py`` and the training path of
+``fused_triton.py``).
+
+1. :func:`state_adjoint` (the hand-written ``J_iᵀ`` of one chunk's state map) equals autograd of the
+   chunked path's key pass + clip + update, in float64, for every configuration the fused path takes
+   and a few it does not (depth 3), with the clip both active and inactive on different tokens.
+2. The fused training path (forward kernel with per-chunk checkpoints through Triton's interpreter,
+   then the batched / sequential backward) gives the chunked path's outputs and gradients of every
+   input: q, k, v, θ, η, α and the initial weights and momentum.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnemotorch.ops.memory import MemoryState, neural_memory, neural_memory_chunked
+from mnemotorch.ops.memory.chunked import _clipped, _key_pass, _update, chunk_coefficients
+from mnemotorch.ops.memory.fused_backward import key_pass_saved, state_adjoint
+
+from test_memory import make_inputs, make_state, rel
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+MATCHED = dict(activation="gelu", residual=True, layer_norm=True)
+DEFAULT = dict(activation="silu", residual=True, layer_norm=False)
+
+# (name, depth, config, max_grad_norm)
+ADJ_CASES = [
+    ("matched", 2, MATCHED, None),
+    ("matched_clip", 2, MATCHED, 1.0),  # clip: any value (the test puts τ at the median gradient norm)
+    ("default_clip", 2, DEFAULT, 0.3),
+    ("default", 2, DEFAULT, None),
+    ("relu_plain", 2, dict(activation="relu", residual=False, layer_norm=False), None),
+    ("silu_ln_noresidual_clip", 2, dict(activation="silu", residual=False, layer_norm=True), 0.5),
+    ("depth1", 1, dict(activation="silu", residual=False, layer_norm=False), None),
+    ("depth1_ln_clip", 1, dict(activation="silu", residual=True, layer_norm=True), 0.3),
+    ("depth3_gelu_ln_clip", 3, dict(activation="gelu", residual=True, layer_norm=True), 0.3),
+]
+
+
+@pytest.mark.parametrize("name,depth,cfg,clip", ADJ_CASES, ids=[c[0] for c in ADJ_CASES])
+def test_state_adjoint_equals_autograd_float64(name, depth, cfg, clip):
+    torch.manual_seed(3)
+    b, h, c, d, hid = 2, 3, 8, 8, 16
+    q, k, v, th, et, al = make_inputs(b=b, t=c, h=h, dk=d, dv=d, seed=5, theta_max=0.5)
+    st = make_state(b, h, d, d, depth, hidden=hid, position=0)
+    w = [(x * 3).detach().requires_grad_() for x in st.weights]
+    s = [torch.randn_like(x).requires_grad_() for x in st.momentum]
+    bhc = lambda x: x.transpose(1, 2)  # noqa: E731  [B, T, H, ...] -> [B, H, T, ...]
+    kk, vv = bhc(k), bhc(v)
+    g_mat, n_mat, beta, m, f = chunk_coefficients(bhc(th), torch.log1p(-bhc(al)), torch.log(bhc(et)))
+    xs, deltas = _key_pass(kk, vv, w, cfg["activation"], cfg["residual"], cfg["layer_norm"], 1e-5)
+    if clip is not None:  # τ between the tokens' gradient norms: the clip acts on about half of them
+        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(xs, deltas))
+        clip = float(sq.detach().sqrt().median()) * 1.0001
+        frac = (sq > clip * clip).double().mean().item()
+        assert 0.2 < frac < 0.8, f"the clip should act on some tokens only, acts on {frac:.2f}"
+    gm, nm = _clipped(xs, deltas, g_mat, n_mat, clip)
+    w_new, s_new = _update(xs, deltas, gm, nm, beta, m, f, w, s)
+    adj_w = [torch.randn_like(x) for x in w_new]
+    adj_s = [torch.randn_like(x) for x in s_new]
+    want = torch.autograd.grad([*w_new, *s_new], [*w, *s], [*adj_w, *adj_s])
+    with torch.no_grad():
+        kp = key_pass_saved(kk, vv, w, cfg["activation"], cfg["residual"], cfg["layer_norm"], 1e-5)
+        for a, b_ in zip(kp.deltas, deltas):  # the saved key pass is the chunked path's
+            assert torch.equal(a, b_)
+        got_w, got_s = state_adjoint(kp, g_mat[..., -1, :], n_mat[..., -1, :], beta[..., -1], m[..., -1], f[..., -1],
+                                     w, adj_w, adj_s, cfg["layer_norm"], clip)  # fmt: skip
+    for i, (x, y) in enumerate(zip([*got_w, *got_s], want)):
+        err = rel(x, y)
+        assert err <= 1e-12, f"adjoint {i}: {err:.3e}"
+
+
+# --- the fused training path (interpreter) against the float64 chunked path -----------------------
+
+# (name, depth, config, max_grad_norm, d, hidden, chunk, T, position)
+TRAIN_CASES = [
+    ("matched", 2, MATCHED, None, 16, 32, 16, 3 * 16 + 5, 0),
+    ("default_clip", 2, DEFAULT, 0.3, 16, 32, 16, 3 * 16, 0),
+    ("relu_plain_entered_mid_chunk", 2, dict(activation="relu", residual=False, layer_norm=False), None, 16, 32, 16, 3 * 16 + 3, 5),
+    ("depth1", 1, dict(activation="silu", residual=False, layer_norm=False), None, 16, 16, 16, 3 * 16, 0),
+    ("depth1_ln_clip", 1, dict(activation="silu", residual=True, layer_norm=True), 0.3, 16, 16, 16, 2 * 16 + 7, 0),
+]
+
+
+def _train_grads(fn, dtype, q, k, v, gates, st, chunk, cfg, clip, seed=0):
+    """Outputs and the gradients of every input (q, k, v, θ, η, α, weights, momentum[, chunk-start weights])
+    of a random linear function of the outputs and the returned state."""
+    xs = [x.to(dtype).detach().requires_grad_() for x in (q, k, v, *gates)]
+    depth = len(st.weights)
+    ws = [x.to(dtype).detach().requires_grad_() for x in (*st.weights, *st.momentum)]
+    start = tuple(ws[:depth]) if st.position == 0 else tuple(x.to(dtype).detach().requires_grad_() for x in st.chunk_start)
+    state = MemoryState(tuple(ws[:depth]), tuple(ws[depth:]), start, st.position)
+    y, s = fn(*xs, state, chunk, **cfg, max_grad_norm=clip)
+    g = torch.Generator().manual_seed(seed)
+    ct = lambda x: torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)  # noqa: E731
+    outs = [y, *s.weights, *s.momentum]
+    leaves = xs + ws + (list(start) if st.position else [])
+    grads = torch.autograd.grad(outs, leaves, [ct(o) for o in outs], allow_unused=True)
+    return y, grads
+
+
+NAMES = ["q", "k", "v", "theta", "eta", "alpha", "weights/momentum...", "", "", "", "", "", "", ""]
+
+
+@pytest.mark.parametrize("name,depth,cfg,clip,d,hidden,chunk,t,pos", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_fused_training_matches_chunked_fp32(monkeypatch, name, depth, cfg, clip, d, hidden, chunk, t, pos):
+    from mnemotorch.ops.memory import fused_triton
+
+    # several backward groups (chunks batched 2 at a time), so the adjoint crosses group boundaries
+    monkeypatch.setitem(fused_triton.BACKWARD, "group_elements", 2 * 2 * 2 * chunk * max(hidden, d))
+    # small steps for the unnormalised relu memory, which diverges (1e54 after 3 chunks) at θ ≤ 0.5
+    q, k, v, th, et, al = make_inputs(b=2, t=t, h=2, dk=d, dv=d, seed=7, theta_max=0.5 if cfg.get("layer_norm") or clip else 0.05)
+    st = make_state(2, 2, d, d, depth, hidden=hidden, position=pos)
+    y_ref, g_ref = _train_grads(neural_memory_chunked, torch.float64, q, k, v, (th, et, al), st, chunk, cfg, clip)
+    y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, chunk, cfg, clip)
+    assert rel(y.double(), y_ref) <= 1e-5
+    assert len(g) == len(g_ref)
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert a is not None and a.dtype == torch.float32 and torch.isfinite(a).all(), i
+        err = rel(a.double(), b)
+        assert err <= 1e-5, f"gradient {i} ({NAMES[i] or 'state'}): {err:.3e}"
+
+
+def test_fused_training_split_kernel(monkeypatch):
+    """The split forward kernel (2 programs per head) writes the same per-chunk checkpoints."""
+    from mnemotorch.ops.memory import fused_triton
+
+    calls = []
+    real = fused_triton._launch_split
+    monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    q, k, v, th, et, al = make_inputs(b=1, t=3 * 32, h=2, dk=16, dv=16, seed=3, theta_max=0.5)
+    st = make_state(1, 2, 16, 16, 2, hidden=32)
+    y_ref, g_ref = _train_grads(neural_memory_chunked, torch.float64, q, k, v, (th, et, al), st, 32, MATCHED, 0.3)
+    y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, MATCHED, 0.3)
+    assert calls == [2]
+    for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
+        assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
+
+
+def test_fused_training_through_neural_memory_and_no_state_gradient():
+    """``neural_memory(fused=True)`` trains; inputs alone requiring grad (a fixed initial state) work,
+    and a loss on the output only (no cotangent for the returned state) too."""
+    q, k, v, th, et, al = make_inputs(b=1, t=2 * 16, h=2, dk=16, dv=16, seed=4, theta_max=0.5)
+    st = make_state(1, 2, 16, 16, 2, hidden=32)
+    st32 = MemoryState(*(tuple(x.float() for x in part) for part in (st.weights, st.momentum, st.chunk_start)), 0)
+    qf = q.float().requires_grad_()
+    y, _ = neural_memory(qf, k.float(), v.float(), th.float(), et.float(), al.float(), st32, 16, fused=True)
+    (gq,) = torch.autograd.grad(y.square().sum(), qf)
+    qd = q.clone().requires_grad_()
+    y0, _ = neural_memory_chunked(qd, k, v, th, et, al, st, 16)
+    (gq0,) = torch.autograd.grad(y0.square().sum(), qd)
+    assert rel(gq.double(), gq0) <= 1e-5
+
+
+def test_compiled_sweep_step(monkeypatch):
+    """The per-chunk adjoint step traces whole under ``torch.compile(fullgraph=True)`` (aot_eager here;
+    inductor on the GPU) and gives the eager step's gradients."""
+    from mnemotorch.ops.memory import fused_triton
+
+    q, k, v, th, et, al = make_inputs(b=1, t=3 * 16, h=2, dk=16, dv=16, seed=5, theta_max=0.5)
+    st = make_state(1, 2, 16, 16, 2, hidden=32)
+    args = (q, k, v, (th, et, al), st, 16, MATCHED, 0.3)
+    _, g_eager = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
+    monkeypatch.setitem(fused_triton.BACKWARD, "compile_sweep", {"backend": "aot_eager"})
+    _, g_comp = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
+    assert any(key.find("aot_eager") >= 0 for key, _ in fused_triton._COMPILED_SWEEP)
+    for a, b in zip(g_comp, g_eager):
+        assert rel(a.double(), b.double()) <= 1e-6
