@@ -118,9 +118,11 @@ def train(dev, t: int, rep: int, compile_modes=(True, False), configs=("matched"
         xs = [x.detach().requires_grad_() for x in (q, k, v, *gates, *st.weights, *st.momentum)]
         state = MemoryState(tuple(xs[6:8]), tuple(xs[8:10]), tuple(xs[6:8]), 0)
 
+        go = torch.randn(q.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(q.dtype)
+
         def fwd_bwd():
-            y, s2 = neural_memory_fused_forward(*xs[:6], state, c, **CONFIGS[name])
-            return torch.autograd.grad([y], xs)
+            y, _ = neural_memory_fused_forward(*xs[:6], state, c, **CONFIGS[name])
+            return torch.autograd.grad([y], xs, [go])
 
         fused_triton.BACKWARD["compile_sweep"] = comp
         row = {"config": name, "t": t, "compile_sweep": comp}
