@@ -156,11 +156,13 @@ def test_fused_training_through_neural_memory_and_no_state_gradient():
 
 
 def test_compiled_sweep_step(monkeypatch):
-    """The per-chunk adjoint step traces whole under ``torch.compile(fullgraph=True)`` (aot_eager here;
-    inductor on the GPU) and gives the eager step's gradients."""
+    """The adjoint sweep traces whole under ``torch.compile(fullgraph=True)`` (aot_eager here; inductor on
+    the GPU), in blocks of 2 chunks and one chunk at a time (7 chunks: 3 blocks and a single one), and
+    gives the eager step's gradients."""
     from mnemotorch.ops.memory import fused_triton
 
-    q, k, v, th, et, al = make_inputs(b=1, t=3 * 16, h=2, dk=16, dv=16, seed=5, theta_max=0.5)
+    monkeypatch.setitem(fused_triton.BACKWARD, "sweep_block", 2)
+    q, k, v, th, et, al = make_inputs(b=1, t=7 * 16, h=2, dk=16, dv=16, seed=5, theta_max=0.5)
     st = make_state(1, 2, 16, 16, 2, hidden=32)
     args = (q, k, v, (th, et, al), st, 16, MATCHED, 0.3)
     _, g_eager = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)

@@ -195,4 +195,32 @@ def state_adjoint(
     return new_w, new_s
 
 
-__all__ = ["KeyPass", "key_pass_saved", "state_adjoint"]
+def sweep_block(
+    kp: KeyPass,
+    g_last: Tensor,
+    n_last: Tensor,
+    beta_c: Tensor,
+    m_c: Tensor,
+    f_c: Tensor,
+    w: Sequence[Tensor],
+    adj_w: Sequence[Tensor],
+    adj_s: Sequence[Tensor],
+    add_w: Sequence[Tensor],
+    add_s: Sequence[Tensor],
+    layer_norm: bool,
+    max_grad_norm: float | None,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """:func:`state_adjoint` over ``U`` consecutive chunks in reverse (every argument batched ``[U, …]``
+    but the incoming adjoint): one call, so that a compiled block pays the call's host cost once per
+    ``U`` chunks. Returns ``(adj_w, adj_s, leaving)``: the adjoint entering the first chunk, and per state
+    tensor ``[U, …]`` the adjoint of the state *leaving* each chunk (what the update's products need)."""
+    leaving: list[list[Tensor]] = [[] for _ in range(len(adj_w) + len(adj_s))]
+    for j in range(g_last.shape[0] - 1, -1, -1):
+        for out, a in zip(leaving, (*adj_w, *adj_s)):
+            out.append(a)
+        adj_w, adj_s = state_adjoint(kp.at(j), g_last[j], n_last[j], beta_c[j], m_c[j], f_c[j], [x[j] for x in w], adj_w, adj_s,
+                                     layer_norm, max_grad_norm, [x[j] for x in add_w], [x[j] for x in add_s])  # fmt: skip
+    return list(adj_w), list(adj_s), [torch.stack(x[::-1]) for x in leaving]
+
+
+__all__ = ["KeyPass", "key_pass_saved", "state_adjoint", "sweep_block"]

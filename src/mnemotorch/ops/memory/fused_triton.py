@@ -48,7 +48,7 @@ from torch import Tensor
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
-from .fused_backward import key_pass_saved, state_adjoint
+from .fused_backward import key_pass_saved, state_adjoint, sweep_block
 from .reference import (
     DEFAULT_LN_EPS,
     MemoryState,
@@ -607,30 +607,48 @@ def check_fused_args(fn: str, q: Tensor, k: Tensor, v: Tensor, state: MemoryStat
 
 #: The backward: ``group_elements``: chunks are processed in groups whose ``[G, B, H, C, hidden]``
 #: intermediates hold at most this many elements each (the read's autograd keeps about ten such
-#: tensors); ``compile_sweep``: run the per-chunk adjoint step (:func:`~.fused_backward.state_adjoint`)
-#: through ``torch.compile(fullgraph=True)`` (None: on CUDA, not under Triton's interpreter; a dict:
-#: torch.compile's ``backend`` / ``mode`` / ``options``); ``timing``:
-#: a dict to receive the phases' CUDA-event milliseconds (``read_vjp``, ``key_pass``, ``sweep``,
-#: ``update_vjp``; summed over groups and calls), or None.
-BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": None, "timing": None}
+#: tensors); ``compile_sweep``: run the sequential adjoint sweep through ``torch.compile(fullgraph=True)``
+#: in blocks of ``sweep_block`` chunks (:func:`~.fused_backward.sweep_block`; the rest of a group chunk by
+#: chunk, :func:`~.fused_backward.state_adjoint`): None = on CUDA, not under Triton's interpreter; a dict:
+#: torch.compile's ``backend`` / ``mode`` / ``options``. Eager, the sweep is host-bound (~60 small ops
+#: per chunk); compiled per chunk, the call's host cost still dominated (82 ms for 256 chunks on an H100).
+#: ``half_tf32``: with bf16 / fp16 inputs the batched read and update products (not the sweep, which
+#: carries the adjoint across chunks) run in TF32. ``timing``: a dict to receive the phases' CUDA-event
+#: milliseconds (``read_vjp``, ``key_pass``, ``sweep``, ``update_vjp``; summed over groups and calls), or None.
+BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": None, "sweep_block": 8, "half_tf32": True, "timing": None}
 _COMPILED_SWEEP: list = []
 
 
-def _sweep_step(device: torch.device):
-    """:func:`~.fused_backward.state_adjoint`, compiled per ``BACKWARD["compile_sweep"]``."""
+def _sweep_fns(device: torch.device):
+    """``(per-chunk step, block step or None)`` per ``BACKWARD["compile_sweep"]``."""
     flag = BACKWARD["compile_sweep"]
     if flag is None:
         flag = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     if not flag:
-        return state_adjoint
+        return state_adjoint, None
     opts = flag if isinstance(flag, dict) else {}  # a dict: torch.compile's backend / mode / options
     key = repr(sorted(opts.items()))
-    for k, fn in _COMPILED_SWEEP:
+    for k, fns in _COMPILED_SWEEP:
         if k == key:
-            return fn
-    fn = torch.compile(state_adjoint, fullgraph=True, dynamic=False, **opts)
-    _COMPILED_SWEEP.append((key, fn))
-    return fn
+            return fns
+    fns = tuple(torch.compile(fn, fullgraph=True, dynamic=False, **opts) for fn in (state_adjoint, sweep_block))
+    _COMPILED_SWEEP.append((key, fns))
+    return fns
+
+
+class _HalfTF32:
+    """TF32 matmuls inside (for the backward's batched products with half inputs), the setting restored after."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
 class _PhaseTimer:
@@ -694,7 +712,9 @@ class _FusedMemory(torch.autograd.Function):
         widest = max(x.shape[-1] for x in (*w_slots, qc))
         group = max(1, min(n, BACKWARD["group_elements"] // (bsz * heads * c * widest)))
         kw = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
-        step = _sweep_step(q.device)
+        step, block = _sweep_fns(q.device)
+        ublock = max(1, int(BACKWARD["sweep_block"]))
+        tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
         timer = _PhaseTimer(q.device)
         for lo in range(((n - 1) // group) * group, -1, -group):
             hi = min(n, lo + group)
@@ -704,7 +724,7 @@ class _FusedMemory(torch.autograd.Function):
             coefs = [x[sl] for x in (g, nmat, beta, m, f)]
             # 1) the read, batched: its share of the input gradients and b_i of the state's adjoint
             timer.mark("read_vjp")
-            with torch.enable_grad():
+            with torch.enable_grad(), tf32:
                 leaves = [x.detach().requires_grad_() for x in (qc[sl], kc[sl], vc[sl], *coefs, *ws, *ss)]
                 ql, kl, vl, gl, nl, bl, ml, fl = leaves[:8]
                 wl, sl_ = leaves[8 : 8 + depth], leaves[8 + depth :]
@@ -724,7 +744,18 @@ class _FusedMemory(torch.autograd.Function):
                 b_s = [torch.zeros_like(x) if b is None else b for x, b in zip(ss, b_s)]
                 nxt = [torch.empty_like(x) for x in (*ws, *ss)]
                 timer.mark("sweep")
-                for j in range(hi - lo - 1, -1, -1):
+                j = hi - lo
+                while j > 0:
+                    if block is not None and j >= ublock:  # chunks j - U .. j - 1 in one compiled call
+                        b = slice(j - ublock, j)
+                        kpb = type(kp)(*([x[b] for x in f] if isinstance(f, list) else (None if f is None else f[b]) for f in kp))
+                        adj_w, adj_s, leaving = block(kpb, g_last[b], n_last[b], *(e[b] for e in ends), [x[b] for x in ws], adj_w, adj_s,
+                                                      [x[b] for x in b_w], [x[b] for x in b_s], layer_norm, max_grad_norm)  # fmt: skip
+                        for buf, x in zip(nxt, leaving):
+                            buf[b].copy_(x)
+                        j -= ublock
+                        continue
+                    j -= 1
                     for buf, a in zip(nxt, (*adj_w, *adj_s)):
                         buf[j].copy_(a)
                     adj_w, adj_s = step(kp.at(j), g_last[j], n_last[j], *(e[j] for e in ends), [x[j] for x in ws], adj_w, adj_s,
@@ -732,7 +763,7 @@ class _FusedMemory(torch.autograd.Function):
             del kp
             # 3) the update, batched: its share of the gradients of k, v and the coefficients
             timer.mark("update_vjp")
-            with torch.enable_grad():
+            with torch.enable_grad(), tf32:
                 leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
                 kl, vl, gl, nl, bl, ml, fl = leaves2
                 xs, deltas = _key_pass(kl, vl, ws, activation, residual, layer_norm, ln_eps)
