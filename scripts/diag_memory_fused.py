@@ -110,7 +110,9 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
     return rows
 
 
-def train(dev, t: int, rep: int, compile_modes=(True, False), configs=("matched", "default")) -> list:
+def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "default")) -> list:
+    """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
+    "ro" the sweep in inductor's reduce-overhead mode (CUDA graphs) and the batched functions compiled."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     for name, comp in itertools.product(configs, compile_modes):
@@ -124,8 +126,9 @@ def train(dev, t: int, rep: int, compile_modes=(True, False), configs=("matched"
             y, _ = neural_memory_fused_forward(*xs[:6], state, c, **CONFIGS[name])
             return torch.autograd.grad([y], xs, [go])
 
-        fused_triton.BACKWARD["compile_sweep"] = comp
-        row = {"config": name, "t": t, "compile_sweep": comp}
+        modes = {"0": (False, False), "1": (True, True), "ro": ({"mode": "reduce-overhead"}, True)}
+        fused_triton.BACKWARD["compile_sweep"], fused_triton.BACKWARD["compile_batched"] = modes[comp]
+        row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"]}
         try:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -149,7 +152,7 @@ def train(dev, t: int, rep: int, compile_modes=(True, False), configs=("matched"
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
             fused_triton.BACKWARD["timing"] = None
-            fused_triton.BACKWARD["compile_sweep"] = None
+            fused_triton.BACKWARD["compile_sweep"] = fused_triton.BACKWARD["compile_batched"] = None
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -170,7 +173,7 @@ def main() -> None:
     ap.add_argument("--splits", default="0", help="split_slice values of the sweep (0: one program per head; 64: hidden/64 programs)")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
-    ap.add_argument("--train-compile", default="1,0", help="compile_sweep values for --train (1, 0)")
+    ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), ro (sweep reduce-overhead)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -183,8 +186,7 @@ def main() -> None:
         ints = lambda x: tuple(int(i) for i in x.split(","))  # noqa: E731
         out["sweep"] = sweep(dev, args.sweep_t, args.rep, ints(args.slices), ints(args.warps), tuple(args.precisions.split(",")), ints(args.stages), ints(args.splits))
     if args.train:
-        modes = tuple(bool(int(x)) for x in args.train_compile.split(","))
-        out["train"] = train(dev, args.sweep_t, args.rep, modes)
+        out["train"] = train(dev, args.sweep_t, args.rep, tuple(args.train_compile.split(",")))
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
 

@@ -156,9 +156,9 @@ def test_fused_training_through_neural_memory_and_no_state_gradient():
 
 
 def test_compiled_sweep_step(monkeypatch):
-    """The adjoint sweep traces whole under ``torch.compile(fullgraph=True)`` (aot_eager here; inductor on
-    the GPU), in blocks of 2 chunks and one chunk at a time (7 chunks: 3 blocks and a single one), and
-    gives the eager step's gradients."""
+    """The adjoint sweep and the batched read / update trace whole under ``torch.compile(fullgraph=True)``
+    (aot_eager here; inductor on the GPU), the sweep in blocks of 2 chunks and one chunk at a time (7
+    chunks: 3 blocks and a single one), and give the eager backward's gradients."""
     from mnemotorch.ops.memory import fused_triton
 
     monkeypatch.setitem(fused_triton.BACKWARD, "sweep_block", 2)
@@ -167,7 +167,9 @@ def test_compiled_sweep_step(monkeypatch):
     args = (q, k, v, (th, et, al), st, 16, MATCHED, 0.3)
     _, g_eager = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
     monkeypatch.setitem(fused_triton.BACKWARD, "compile_sweep", {"backend": "aot_eager"})
+    monkeypatch.setitem(fused_triton.BACKWARD, "compile_batched", {"backend": "aot_eager"})
     _, g_comp = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
-    assert any(key.find("aot_eager") >= 0 for key, _ in fused_triton._COMPILED_SWEEP)
+    names = {key[0] for key, _ in fused_triton._COMPILED_SWEEP if "aot_eager" in key[1]}
+    assert names == {"state_adjoint", "sweep_block", "_batched_read", "_batched_update"}, names
     for a, b in zip(g_comp, g_eager):
         assert rel(a.double(), b.double()) <= 1e-6

@@ -37,6 +37,7 @@ with the state carried, so any call is accepted.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -615,25 +616,65 @@ def check_fused_args(fn: str, q: Tensor, k: Tensor, v: Tensor, state: MemoryStat
 #: ``half_tf32``: with bf16 / fp16 inputs the batched read and update products (not the sweep, which
 #: carries the adjoint across chunks) run in TF32. ``timing``: a dict to receive the phases' CUDA-event
 #: milliseconds (``read_vjp``, ``key_pass``, ``sweep``, ``update_vjp``; summed over groups and calls), or None.
-BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": None, "sweep_block": 8, "half_tf32": True, "timing": None}
+#: ``compile_batched``: the batched read and update functions too (inductor fuses their elementwise
+#: work, forward and backward); same values as ``compile_sweep``.
+BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": None, "compile_batched": None, "sweep_block": 8, "half_tf32": True,
+                  "timing": None}
 _COMPILED_SWEEP: list = []
+
+
+def _compile_opts(flag, device: torch.device) -> dict | None:
+    """torch.compile kwargs for a ``BACKWARD`` compile setting (None: do not compile)."""
+    if flag is None:
+        flag = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    if not flag:
+        return None
+    return flag if isinstance(flag, dict) else {}  # a dict: torch.compile's backend / mode / options
+
+
+def _compiled(fn, opts: dict, *config):
+    """``torch.compile(fn bound to config, fullgraph=True, dynamic=False, **opts)``, cached."""
+    key = (fn.__name__, repr(sorted(opts.items())), config)
+    for k, cfn in _COMPILED_SWEEP:
+        if k == key:
+            return cfn
+    bound = functools.partial(fn, **dict(config)) if config else fn
+    cfn = torch.compile(bound, fullgraph=True, dynamic=False, **opts)
+    _COMPILED_SWEEP.append((key, cfn))
+    return cfn
 
 
 def _sweep_fns(device: torch.device):
     """``(per-chunk step, block step or None)`` per ``BACKWARD["compile_sweep"]``."""
-    flag = BACKWARD["compile_sweep"]
-    if flag is None:
-        flag = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-    if not flag:
+    opts = _compile_opts(BACKWARD["compile_sweep"], device)
+    if opts is None:
         return state_adjoint, None
-    opts = flag if isinstance(flag, dict) else {}  # a dict: torch.compile's backend / mode / options
-    key = repr(sorted(opts.items()))
-    for k, fns in _COMPILED_SWEEP:
-        if k == key:
-            return fns
-    fns = tuple(torch.compile(fn, fullgraph=True, dynamic=False, **opts) for fn in (state_adjoint, sweep_block))
-    _COMPILED_SWEEP.append((key, fns))
-    return fns
+    return _compiled(state_adjoint, opts), _compiled(sweep_block, opts)
+
+
+def _batched_read(q, k, v, g, nmat, beta, f, w, s, activation, residual, layer_norm, ln_eps, max_grad_norm):
+    """The read of a batch of chunks at their entering states (key pass, clip, dual-form read): ``y``."""
+    xs, deltas = _key_pass(k, v, w, activation, residual, layer_norm, ln_eps)
+    gm, _ = _clipped(xs, deltas, g, nmat, max_grad_norm)
+    return _read(q, xs, deltas, gm, beta, f, w, s, activation, residual, layer_norm, ln_eps)
+
+
+def _batched_update(k, v, g, nmat, beta, m, f, w, s, activation, residual, layer_norm, ln_eps, max_grad_norm):
+    """The states leaving a batch of chunks: ``[*w', *s']``."""
+    xs, deltas = _key_pass(k, v, w, activation, residual, layer_norm, ln_eps)
+    gm, nm = _clipped(xs, deltas, g, nmat, max_grad_norm)
+    w_new, s_new = _update(xs, deltas, gm, nm, beta, m, f, w, s)
+    return [*w_new, *s_new]
+
+
+def _batched_fns(device: torch.device, cfg: tuple):
+    """``(read, update)``: :func:`_batched_read` / :func:`_batched_update` with the configuration bound,
+    compiled per ``BACKWARD["compile_batched"]``."""
+    config = tuple(zip(("activation", "residual", "layer_norm", "ln_eps", "max_grad_norm"), cfg))
+    opts = _compile_opts(BACKWARD["compile_batched"], device)
+    if opts is None:
+        return functools.partial(_batched_read, **dict(config)), functools.partial(_batched_update, **dict(config))
+    return _compiled(_batched_read, opts, *config), _compiled(_batched_update, opts, *config)
 
 
 class _HalfTF32:
@@ -713,6 +754,7 @@ class _FusedMemory(torch.autograd.Function):
         group = max(1, min(n, BACKWARD["group_elements"] // (bsz * heads * c * widest)))
         kw = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
         step, block = _sweep_fns(q.device)
+        read_fn, update_fn = _batched_fns(q.device, ctx.cfg)
         ublock = max(1, int(BACKWARD["sweep_block"]))
         tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
         timer = _PhaseTimer(q.device)
@@ -727,12 +769,9 @@ class _FusedMemory(torch.autograd.Function):
             with torch.enable_grad(), tf32:
                 leaves = [x.detach().requires_grad_() for x in (qc[sl], kc[sl], vc[sl], *coefs, *ws, *ss)]
                 ql, kl, vl, gl, nl, bl, ml, fl = leaves[:8]
-                wl, sl_ = leaves[8 : 8 + depth], leaves[8 + depth :]
-                xs, deltas = _key_pass(kl, vl, wl, activation, residual, layer_norm, ln_eps)
-                gm, _ = _clipped(xs, deltas, gl, nl, max_grad_norm)
-                y = _read(ql, xs, deltas, gm, bl, fl, wl, sl_, activation, residual, layer_norm, ln_eps)
+                y = read_fn(ql, kl, vl, gl, nl, bl, fl, leaves[8 : 8 + depth], leaves[8 + depth :])
                 grads = torch.autograd.grad(y, leaves, dyc[sl], allow_unused=True)
-            del xs, deltas, gm, y
+            del y
             b_w, b_s = grads[8 : 8 + depth], grads[8 + depth :]
             # 2) the state's adjoint, chunk by chunk in reverse; ā_{i+1} kept for the update's products
             with torch.no_grad():
@@ -765,11 +804,8 @@ class _FusedMemory(torch.autograd.Function):
             timer.mark("update_vjp")
             with torch.enable_grad(), tf32:
                 leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
-                kl, vl, gl, nl, bl, ml, fl = leaves2
-                xs, deltas = _key_pass(kl, vl, ws, activation, residual, layer_norm, ln_eps)
-                gm, nm = _clipped(xs, deltas, gl, nl, max_grad_norm)
-                w_new, s_new = _update(xs, deltas, gm, nm, bl, ml, fl, ws, ss)
-                grads2 = torch.autograd.grad([*w_new, *s_new], leaves2, nxt, allow_unused=True)
+                new_state = update_fn(*leaves2, ws, ss)
+                grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
             for acc, a, b2 in zip((dq, dk, dv, *dcoef), grads[:8], (None, *grads2)):
                 for x in (a, b2):
                     if x is not None:
