@@ -112,7 +112,8 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
 
 def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "default")) -> list:
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
-    "ro" the sweep in inductor's reduce-overhead mode (CUDA graphs) and the batched functions compiled."""
+    "s" only the sweep compiled, "ro" the sweep in inductor's reduce-overhead mode (CUDA graphs) and the
+    batched functions compiled."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     for name, comp in itertools.product(configs, compile_modes):
@@ -126,7 +127,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             y, _ = neural_memory_fused_forward(*xs[:6], state, c, **CONFIGS[name])
             return torch.autograd.grad([y], xs, [go])
 
-        modes = {"0": (False, False), "1": (True, True), "ro": ({"mode": "reduce-overhead"}, True)}
+        modes = {"0": (False, False), "1": (True, True), "s": (True, False), "ro": ({"mode": "reduce-overhead"}, True)}
         fused_triton.BACKWARD["compile_sweep"], fused_triton.BACKWARD["compile_batched"] = modes[comp]
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"]}
         try:

@@ -45,7 +45,7 @@ for step in ${STEPS:-tests na2d na1d}; do
           --splits "${MEM_SPLITS:-0,64}" --precisions "${MEM_PRECISIONS:-tf32x3/tf32}" --out "$OUT/diag_memory_fused.json" > "$L/diag_memory.out" 2>&1
       grep -v -i warn "$L/diag_memory.out" | tail -8 | cut -c1-300
       timeout -s KILL "${MEM_BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench memory -- --cases lmm --configs matched,default \
-          --lengths "${MEM_LENGTHS:-4096,16384}" --fused --warmup 2 --rep 5 --out "$OUT/bench_memory.json" --time-budget 170 > "$L/bench_memory.out" 2>&1
+          --lengths "${MEM_LENGTHS:-4096,16384}" --fused --warmup 2 --rep 5 --out "$OUT/bench_memory.json" --time-budget "${MEM_BENCH_BUDGET:-170}" > "$L/bench_memory.out" 2>&1
       grep -E "^lmm" "$L/bench_memory.out" | cut -c1-1200 ;;
     train)
       # the fused training path at 16K: eager and compiled adjoint step, phases, peak ($OUT/diag_memory_train.json)

@@ -37,7 +37,6 @@ with the state carried, so any call is accepted.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional, Sequence
 
@@ -632,14 +631,15 @@ def _compile_opts(flag, device: torch.device) -> dict | None:
     return flag if isinstance(flag, dict) else {}  # a dict: torch.compile's backend / mode / options
 
 
-def _compiled(fn, opts: dict, *config):
-    """``torch.compile(fn bound to config, fullgraph=True, dynamic=False, **opts)``, cached."""
-    key = (fn.__name__, repr(sorted(opts.items())), config)
+def _compiled(fn, opts: dict):
+    """``torch.compile(fn, fullgraph=True, dynamic=False, **opts)``, cached. ``fn`` itself, not a
+    ``functools.partial``: dynamo keys its cache by code object, and every partial compiles through one
+    shared wrapper, whose guard chain then grows with every function and shape."""
+    key = (fn.__name__, repr(sorted(opts.items())))
     for k, cfn in _COMPILED_SWEEP:
         if k == key:
             return cfn
-    bound = functools.partial(fn, **dict(config)) if config else fn
-    cfn = torch.compile(bound, fullgraph=True, dynamic=False, **opts)
+    cfn = torch.compile(fn, fullgraph=True, dynamic=False, **opts)
     _COMPILED_SWEEP.append((key, cfn))
     return cfn
 
@@ -667,14 +667,13 @@ def _batched_update(k, v, g, nmat, beta, m, f, w, s, activation, residual, layer
     return [*w_new, *s_new]
 
 
-def _batched_fns(device: torch.device, cfg: tuple):
-    """``(read, update)``: :func:`_batched_read` / :func:`_batched_update` with the configuration bound,
-    compiled per ``BACKWARD["compile_batched"]``."""
-    config = tuple(zip(("activation", "residual", "layer_norm", "ln_eps", "max_grad_norm"), cfg))
+def _batched_fns(device: torch.device):
+    """``(read, update)``: :func:`_batched_read` / :func:`_batched_update`, compiled per
+    ``BACKWARD["compile_batched"]`` (the configuration arguments are constants to dynamo)."""
     opts = _compile_opts(BACKWARD["compile_batched"], device)
     if opts is None:
-        return functools.partial(_batched_read, **dict(config)), functools.partial(_batched_update, **dict(config))
-    return _compiled(_batched_read, opts, *config), _compiled(_batched_update, opts, *config)
+        return _batched_read, _batched_update
+    return _compiled(_batched_read, opts), _compiled(_batched_update, opts)
 
 
 class _HalfTF32:
@@ -754,7 +753,7 @@ class _FusedMemory(torch.autograd.Function):
         group = max(1, min(n, BACKWARD["group_elements"] // (bsz * heads * c * widest)))
         kw = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
         step, block = _sweep_fns(q.device)
-        read_fn, update_fn = _batched_fns(q.device, ctx.cfg)
+        read_fn, update_fn = _batched_fns(q.device)
         ublock = max(1, int(BACKWARD["sweep_block"]))
         tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
         timer = _PhaseTimer(q.device)
@@ -769,7 +768,7 @@ class _FusedMemory(torch.autograd.Function):
             with torch.enable_grad(), tf32:
                 leaves = [x.detach().requires_grad_() for x in (qc[sl], kc[sl], vc[sl], *coefs, *ws, *ss)]
                 ql, kl, vl, gl, nl, bl, ml, fl = leaves[:8]
-                y = read_fn(ql, kl, vl, gl, nl, bl, fl, leaves[8 : 8 + depth], leaves[8 + depth :])
+                y = read_fn(ql, kl, vl, gl, nl, bl, fl, leaves[8 : 8 + depth], leaves[8 + depth :], *ctx.cfg)
                 grads = torch.autograd.grad(y, leaves, dyc[sl], allow_unused=True)
             del y
             b_w, b_s = grads[8 : 8 + depth], grads[8 + depth :]
@@ -804,7 +803,7 @@ class _FusedMemory(torch.autograd.Function):
             timer.mark("update_vjp")
             with torch.enable_grad(), tf32:
                 leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
-                new_state = update_fn(*leaves2, ws, ss)
+                new_state = update_fn(*leaves2, ws, ss, *ctx.cfg)
                 grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
             for acc, a, b2 in zip((dq, dk, dv, *dcoef), grads[:8], (None, *grads2)):
                 for x in (a, b2):
