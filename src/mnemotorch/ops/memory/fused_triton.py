@@ -753,6 +753,10 @@ class _FusedMemory(torch.autograd.Function):
         group = max(1, min(n, BACKWARD["group_elements"] // (bsz * heads * c * widest)))
         kw = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
         step, block = _sweep_fns(q.device)
+        sweep_opts = _compile_opts(BACKWARD["compile_sweep"], q.device) or {}
+        # inductor's CUDA graphs (mode "reduce-overhead") reuse their output buffers at the next replay:
+        # each block is a new step, and the carried adjoint is copied out before the next one
+        graphed = "reduce-overhead" in str(sweep_opts.get("mode"))
         read_fn, update_fn = _batched_fns(q.device)
         ublock = max(1, int(BACKWARD["sweep_block"]))
         tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
@@ -787,17 +791,25 @@ class _FusedMemory(torch.autograd.Function):
                     if block is not None and j >= ublock:  # chunks j - U .. j - 1 in one compiled call
                         b = slice(j - ublock, j)
                         kpb = type(kp)(*([x[b] for x in f] if isinstance(f, list) else (None if f is None else f[b]) for f in kp))
+                        if graphed:
+                            torch.compiler.cudagraph_mark_step_begin()
                         adj_w, adj_s, leaving = block(kpb, g_last[b], n_last[b], *(e[b] for e in ends), [x[b] for x in ws], adj_w, adj_s,
                                                       [x[b] for x in b_w], [x[b] for x in b_s], layer_norm, max_grad_norm)  # fmt: skip
                         for buf, x in zip(nxt, leaving):
                             buf[b].copy_(x)
+                        if graphed:
+                            adj_w, adj_s = [a.clone() for a in adj_w], [a.clone() for a in adj_s]
                         j -= ublock
                         continue
                     j -= 1
                     for buf, a in zip(nxt, (*adj_w, *adj_s)):
                         buf[j].copy_(a)
+                    if graphed:
+                        torch.compiler.cudagraph_mark_step_begin()
                     adj_w, adj_s = step(kp.at(j), g_last[j], n_last[j], *(e[j] for e in ends), [x[j] for x in ws], adj_w, adj_s,
                                         layer_norm, max_grad_norm, [x[j] for x in b_w], [x[j] for x in b_s])  # fmt: skip
+                    if graphed:
+                        adj_w, adj_s = [a.clone() for a in adj_w], [a.clone() for a in adj_s]
             del kp
             # 3) the update, batched: its share of the gradients of k, v and the coefficients
             timer.mark("update_vjp")
