@@ -113,7 +113,7 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
 def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "default")) -> list:
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
     "s" only the sweep compiled, "ro" the sweep in inductor's reduce-overhead mode (CUDA graphs) and the
-    batched functions compiled."""
+    batched functions compiled; a suffix ":U" sets the sweep's block of chunks (default 8)."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     for name, comp in itertools.product(configs, compile_modes):
@@ -128,7 +128,9 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             return torch.autograd.grad([y], xs, [go])
 
         modes = {"0": (False, False), "1": (True, True), "s": (True, False), "ro": ({"mode": "reduce-overhead"}, True)}
+        comp, _, blk = comp.partition(":")
         fused_triton.BACKWARD["compile_sweep"], fused_triton.BACKWARD["compile_batched"] = modes[comp]
+        fused_triton.BACKWARD["sweep_block"] = int(blk or 8)
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"]}
         try:
             torch.cuda.synchronize()
@@ -154,6 +156,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         finally:
             fused_triton.BACKWARD["timing"] = None
             fused_triton.BACKWARD["compile_sweep"] = fused_triton.BACKWARD["compile_batched"] = None
+            fused_triton.BACKWARD["sweep_block"] = 8
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
