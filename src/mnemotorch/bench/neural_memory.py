@@ -586,6 +586,7 @@ def fused_forward(config: str, dim: int, heads: int, chunk_size: int, x: torch.T
             timed = measure_layer(lambda: layer(xg)[0], inputs, go, device, warmup, rep)
             out["fwd_bwd_ms"], out["peak_extra_gib"] = timed["fwd_bwd_ms"], timed["peak_extra_gib"]
             out["inference"] = False
+            out["backward_settings"] = {k: (v if k != "timing" else None) for k, v in fused_triton.BACKWARD.items()}
     finally:
         if prev is None:
             os.environ.pop("MNEMO_MEMORY_FUSED", None)

@@ -617,8 +617,12 @@ def check_fused_args(fn: str, q: Tensor, k: Tensor, v: Tensor, state: MemoryStat
 #: milliseconds (``read_vjp``, ``key_pass``, ``sweep``, ``update_vjp``; summed over groups and calls), or None.
 #: ``compile_batched``: the batched read and update functions too (inductor fuses their elementwise
 #: work, forward and backward); same values as ``compile_sweep``.
-BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": None, "compile_batched": None, "sweep_block": 8, "half_tf32": True,
-                  "timing": None}
+#: ``MNEMO_MEMORY_SWEEP``: ``graphs`` sets ``compile_sweep`` to inductor's reduce-overhead mode (CUDA graphs:
+#: 86 vs 114 ms forward + backward at 16K on an H100, docs/results/neural_memory.md; a process that later
+#: compiled the same functions in another mode crashed there), ``eager`` turns it off, ``compile`` (default) as None.
+_SWEEP_MODES = {"compile": None, "graphs": {"mode": "reduce-overhead"}, "eager": False}
+BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
+                  "compile_batched": None, "sweep_block": 8, "half_tf32": True, "timing": None}
 _COMPILED_SWEEP: list = []
 
 
