@@ -162,6 +162,7 @@ def test_compiled_sweep_step(monkeypatch):
     from mnemotorch.ops.memory import fused_triton
 
     monkeypatch.setitem(fused_triton.BACKWARD, "sweep_block", 2)
+    monkeypatch.setitem(fused_triton.BACKWARD, "triton_sweep", False)  # the PyTorch sweep, compiled
     q, k, v, th, et, al = make_inputs(b=1, t=7 * 16, h=2, dk=16, dv=16, seed=5, theta_max=0.5)
     st = make_state(1, 2, 16, 16, 2, hidden=32)
     args = (q, k, v, (th, et, al), st, 16, MATCHED, 0.3)
@@ -173,3 +174,47 @@ def test_compiled_sweep_step(monkeypatch):
     assert names == {"state_adjoint", "sweep_block", "_batched_read", "_batched_update"}, names
     for a, b in zip(g_comp, g_eager):
         assert rel(a.double(), b.double()) <= 1e-6
+
+
+@pytest.mark.parametrize("name,depth,cfg,clip", [c for c in ADJ_CASES if c[1] == 2], ids=[c[0] for c in ADJ_CASES if c[1] == 2])
+def test_triton_sweep_equals_pytorch_sweep(name, depth, cfg, clip):
+    """The depth-2 sweep kernel (one launch per group of chunks, through the interpreter) gives the PyTorch
+    sweep's adjoints: the one entering the group and the one leaving every chunk (fp32, ≤ 1e-6)."""
+    from mnemotorch.ops.memory import fused_triton
+    from mnemotorch.ops.memory.fused_backward import sweep_block
+
+    torch.manual_seed(0)
+    g_n, b, h, c, d, hid = 3, 1, 2, 16, 16, 32
+    k = torch.nn.functional.normalize(torch.randn(g_n, b, h, c, d), dim=-1)
+    v = torch.randn(g_n, b, h, c, d)
+    ws = [torch.randn(g_n, b, h, d, hid) / 4, torch.randn(g_n, b, h, hid, d) / 6]
+    kp = key_pass_saved(k, v, ws, cfg["activation"], cfg["residual"], cfg["layer_norm"], 1e-5)
+    if clip is not None:  # τ at the median gradient norm: the clip acts on about half the tokens
+        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(kp.xs, kp.deltas))
+        clip = float(sq.sqrt().median()) * 1.0001
+    g_last, n_last = torch.rand(g_n, b, h, c), torch.rand(g_n, b, h, c)
+    ends = [0.5 + 0.5 * torch.rand(g_n, b, h) for _ in range(3)]
+    rnd = lambda *lead: [torch.randn(*lead, b, h, d, hid), torch.randn(*lead, b, h, hid, d)]  # noqa: E731
+    adj_w, adj_s, b_w, b_s = rnd(), rnd(), rnd(g_n), rnd(g_n)
+    want = sweep_block(kp, g_last, n_last, *ends, ws, adj_w, adj_s, b_w, b_s, cfg["layer_norm"], clip)
+    got = fused_triton._sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, cfg["layer_norm"], clip, False)
+    for i, (a, b_) in enumerate(zip([*got[0], *got[1], *got[2]], [*want[0], *want[1], *want[2]])):
+        assert rel(a, b_) <= 1e-6, (i, rel(a, b_))
+
+
+def test_fused_training_pytorch_sweep(monkeypatch):
+    """The PyTorch sweep (``BACKWARD["triton_sweep"] = False``; depth 2 otherwise takes the kernel) against
+    the float64 chunked path."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.BACKWARD, "triton_sweep", False)
+    calls = []
+    real = fused_triton._sweep_triton
+    monkeypatch.setattr(fused_triton, "_sweep_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, th, et, al = make_inputs(b=1, t=3 * 16, h=2, dk=16, dv=16, seed=9, theta_max=0.5)
+    st = make_state(1, 2, 16, 16, 2, hidden=32)
+    y_ref, g_ref = _train_grads(neural_memory_chunked, torch.float64, q, k, v, (th, et, al), st, 16, MATCHED, 0.3)
+    y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 16, MATCHED, 0.3)
+    assert calls == []
+    for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
+        assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))

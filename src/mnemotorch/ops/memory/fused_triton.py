@@ -51,6 +51,7 @@ from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_co
 from .fused_backward import key_pass_saved, state_adjoint, sweep_block
 from .reference import (
     DEFAULT_LN_EPS,
+    clip_scale,
     MemoryState,
     accumulation_dtype,
     check_ln_eps,
@@ -76,7 +77,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: (:func:`_lmm_split_fwd_kernel`), when the chunk has ≥ 16 rows per slice and, on a GPU, the
 #: ``B · H · slices`` programs fit on the SMs at once; 0 = one program per head (the kernel above).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32",
-                "split_slice": 64, "split_warps": 4}
+                "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8}
 
 
 @triton.jit
@@ -475,6 +476,146 @@ def _state_buffers(x: Tensor, n: int, store_states: bool) -> tuple[Tensor, int]:
     return buf, x.numel()
 
 
+@triton.jit
+def _lmm_sweep_kernel(
+    K, HH, D1, D2, S1, S2, O, R, DM, W2,
+    BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC,
+    SC, CS, KN, HN, D2N,
+    AW1, AS1, AW2, AS2, SD1, SX,
+    n_chunks,
+    C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
+    LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+):
+    """The state's adjoint of a depth-2 memory over ``n_chunks`` chunks in reverse, one program per
+    (batch row, head): :func:`~.fused_backward.state_adjoint` (plus the read's share ``B*``) written out.
+
+    Inputs are the key pass of every chunk at its entering state (``K [n, BH, C, DK]``, ``HH = σ(Z_1)``,
+    ``D1 = Δ_1``, ``D2 = Δ_2``, ``S1 = σ'(Z_1)``, ``S2 = P ∘ σ''(Z_1)``, the LayerNorm's ``O``, ``R = 1/σ``,
+    ``DM = mean(D ∘ O)``), ``W2`` entering each chunk, the read's share ``BW1 … BS2``, the coefficients'
+    last rows ``GL, NL [n, BH, C]`` and ends ``BC, MC, FC [n, BH]``; with the clip, per token its factor
+    ``SC``, ``CS = ∂SC/∂‖∇‖² / SC``-style coefficient (0 where it does not act), ``‖k‖², ‖h‖², ‖Δ_2‖²``.
+    The adjoint lives in slots ``A* [n + 1, BH, …]``: chunk ``i`` reads slot ``i + 1`` (the adjoint of the
+    state leaving it) and writes slot ``i``; ``SD1``/``SX [BH, C, HID]`` are per-head scratch."""
+    pid = tl.program_id(0)
+    nbh = tl.num_programs(0)
+    rows = tl.arange(0, C)
+    ck = tl.arange(0, DK)
+    cv = tl.arange(0, DV)
+    ch = tl.arange(0, BH)
+    s1w = nbh * DK * HID  # adjoint slot strides
+    s2w = nbh * HID * DV
+    sd1 = SD1 + pid * C * HID
+    sx = SX + pid * C * HID
+    for ii in range(n_chunks):
+        i = n_chunks - 1 - ii
+        ci = i * nbh + pid  # (chunk, head) index of the per-chunk inputs
+        rd1 = AW1 + (i + 1) * s1w + pid * DK * HID
+        rs1 = AS1 + (i + 1) * s1w + pid * DK * HID
+        rd2 = AW2 + (i + 1) * s2w + pid * HID * DV
+        rs2 = AS2 + (i + 1) * s2w + pid * HID * DV
+        k = tl.load(K + ci * C * DK + rows[:, None] * DK + ck[None, :])
+        d2 = tl.load(D2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
+        gl = tl.load(GL + ci * C + rows)
+        nl = tl.load(NL + ci * C + rows)
+        if CLIP:
+            sc = tl.load(SC + ci * C + rows)
+            gt = gl * sc
+            nt = nl * sc
+        else:
+            gt = gl
+            nt = nl
+        # (1) the update's transpose: Δ_1's cotangent (scratch), the hidden inputs' (scratch), layer 2's products
+        xa2 = tl.zeros([C, DV], dtype=tl.float32)
+        xb2 = tl.zeros([C, DV], dtype=tl.float32)
+        dgt = tl.zeros([C], dtype=tl.float32)
+        dnt = tl.zeros([C], dtype=tl.float32)
+        for j in range(0, HID, BH):
+            cols = j + ch
+            aw1 = tl.load(rd1 + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
+            as1 = tl.load(rs1 + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
+            xa1 = _mmp(k, aw1, PREC)
+            xb1 = _mmp(k, as1, PREC)
+            tl.store(sd1 + rows[:, None] * HID + cols[None, :], -(gt[:, None] * xa1 + nt[:, None] * xb1))
+            if CLIP:
+                d1 = tl.load(D1 + ci * C * HID + rows[:, None] * HID + cols[None, :])
+                dgt -= tl.sum(xa1 * d1, 1)
+                dnt -= tl.sum(xb1 * d1, 1)
+            aw2 = tl.load(rd2 + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
+            as2 = tl.load(rs2 + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
+            h = tl.load(HH + ci * C * HID + rows[:, None] * HID + cols[None, :])
+            xa2 = _mmap(h, aw2, xa2, PREC)
+            xb2 = _mmap(h, as2, xb2, PREC)
+            dx2 = -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC))
+            tl.store(sx + rows[:, None] * HID + cols[None, :], dx2)
+        dd2 = -(gt[:, None] * xa2 + nt[:, None] * xb2)
+        if CLIP:
+            dgt -= tl.sum(xa2 * d2, 1)
+            dnt -= tl.sum(xb2 * d2, 1)
+            dsq = tl.load(CS + ci * C + rows) * (gl * dgt + nl * dnt)
+            kn2 = 2.0 * dsq * tl.load(KN + ci * C + rows)
+            d2n2 = 2.0 * dsq * tl.load(D2N + ci * C + rows)
+            dd2 += (2.0 * dsq * tl.load(HN + ci * C + rows))[:, None] * d2
+        else:
+            kn2 = gl  # not read
+            d2n2 = gl
+        tl.debug_barrier()
+        # (2) Δ_2's cotangent gains Δ_1's (through P = Δ_2 W_2ᵀ); then the loss's second derivative at layer 2
+        for j in range(0, HID, BH):
+            cols = j + ch
+            dd1 = tl.load(sd1 + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
+            if CLIP:
+                dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + rows[:, None] * HID + cols[None, :])
+            dp = dd1 * tl.load(S1 + ci * C * HID + rows[:, None] * HID + cols[None, :])
+            w2 = tl.load(W2 + ci * HID * DV + cols[:, None] * DV + cv[None, :])
+            dd2 = _mmap(dp, w2, dd2, PREC)
+        if LN:
+            o = tl.load(O + ci * C * DV + rows[:, None] * DV + cv[None, :])
+            r = tl.load(R + ci * C + rows)
+            dm = tl.load(DM + ci * C + rows)
+            ju = r[:, None] * (dd2 - (tl.sum(dd2, 1) / DV)[:, None] - o * (tl.sum(dd2 * o, 1) / DV)[:, None])
+            jju = r[:, None] * (ju - (tl.sum(ju, 1) / DV)[:, None] - o * (tl.sum(ju * o, 1) / DV)[:, None])
+            dz2 = 2.0 * jju - r[:, None] * ((tl.sum(dd2 * d2, 1) / DV)[:, None] * o + dm[:, None] * ju + (tl.sum(dd2 * o, 1) / DV)[:, None] * d2)
+        else:
+            dz2 = 2.0 * dd2
+        # (3) per hidden slice: the weights' cotangents and the new adjoint (slot i)
+        bc = tl.load(BC + ci)
+        mc = tl.load(MC + ci)
+        fc = tl.load(FC + ci)
+        wd1 = AW1 + i * s1w + pid * DK * HID
+        ws1 = AS1 + i * s1w + pid * DK * HID
+        wd2 = AW2 + i * s2w + pid * HID * DV
+        ws2 = AS2 + i * s2w + pid * HID * DV
+        for j in range(0, HID, BH):
+            cols = j + ch
+            hs = rows[:, None] * HID + cols[None, :]
+            dd1 = tl.load(sd1 + hs, cache_modifier=".cg")
+            h = tl.load(HH + ci * C * HID + hs)
+            dx2 = tl.load(sx + hs, cache_modifier=".cg")
+            if CLIP:
+                dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
+                dx2 += d2n2[:, None] * h
+            sg1 = tl.load(S1 + ci * C * HID + hs)
+            w2 = tl.load(W2 + ci * HID * DV + cols[:, None] * DV + cv[None, :])
+            dp = dd1 * sg1
+            dx2 = dx2 + _mmp(dz2, tl.trans(w2), PREC)
+            dz1 = dd1 * tl.load(S2 + ci * C * HID + hs) + dx2 * sg1
+            dw2 = _mmap(tl.trans(h), dz2, _mmp(tl.trans(dp), d2, PREC), PREC)  # [BH, DV]
+            dw1 = _mmp(tl.trans(k), dz1, PREC)  # [DK, BH]
+            o1 = ck[:, None] * HID + cols[None, :]
+            o2 = cols[:, None] * DV + cv[None, :]
+            aw1 = tl.load(rd1 + o1, cache_modifier=".cg")
+            as1 = tl.load(rs1 + o1, cache_modifier=".cg")
+            aw2 = tl.load(rd2 + o2, cache_modifier=".cg")
+            as2 = tl.load(rs2 + o2, cache_modifier=".cg")
+            b1 = ci * DK * HID + o1
+            b2 = ci * HID * DV + o2
+            tl.store(wd1 + o1, tl.load(BW1 + b1) + bc * aw1 + dw1)
+            tl.store(ws1 + o1, tl.load(BS1 + b1) + fc * aw1 + mc * as1)
+            tl.store(wd2 + o2, tl.load(BW2 + b2) + bc * aw2 + dw2)
+            tl.store(ws2 + o2, tl.load(BS2 + b2) + fc * aw2 + mc * as2)
+        tl.debug_barrier()  # the next (earlier) chunk reads the slot just written, and rewrites the scratch
+
+
 def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states=False):
     """Run the kernel on full chunks: ``q, k [B, n·C, H, Dk]``, ``v [B, n·C, H, Dv]``, coefficients
     chunk-major fp32. Returns ``[y, *weights', *momentum']`` (state fp32, new tensors); with
@@ -557,6 +698,55 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     return [y, *w, *s]
 
 
+def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half):
+    """The depth-2 adjoint sweep over one group of chunks in one launch (:func:`_lmm_sweep_kernel`).
+
+    Arguments batched ``[G, B, H, …]`` as :func:`~.fused_backward.sweep_block`'s, ``adj_w / adj_s`` the
+    adjoint leaving the group. Returns ``(adj_w, adj_s, leaving)`` as it does."""
+    g_n = g_last.shape[0]
+    k, hh = (x.contiguous() for x in kp.xs)
+    d1, d2 = (x.contiguous() for x in kp.deltas)
+    s1, s2 = kp.d1[0].contiguous(), kp.d2[0].contiguous()
+    nbh = k.shape[1] * k.shape[2]
+    c, dk, hid, dv = k.shape[-2], k.shape[-1], hh.shape[-1], d2.shape[-1]
+    slots = []
+    for a in (*adj_w, *adj_s):
+        buf = a.new_empty((g_n + 1, *a.shape), dtype=torch.float32)
+        buf[g_n].copy_(a)
+        slots.append(buf)
+    dummy = g_last  # pointers of inputs the configuration does not read
+    if layer_norm:
+        o, r, dm = kp.out.contiguous(), kp.rstd.contiguous(), kp.dmean.contiguous()
+    else:
+        o = r = dm = dummy
+    if max_grad_norm is not None:
+        kn, hn = (x.pow(2).sum(-1) for x in kp.xs)
+        d1n, d2n = (x.pow(2).sum(-1) for x in kp.deltas)
+        sq = kn * d1n + hn * d2n
+        sc = clip_scale(sq, max_grad_norm)
+        cs = torch.where(sq >= max_grad_norm * max_grad_norm, -0.5 * sc / sq, torch.zeros_like(sq))
+    else:
+        sc = cs = kn = hn = d2n = dummy
+    scratch = torch.empty((2, nbh, c, hid), device=k.device, dtype=torch.float32)
+    _lmm_sweep_kernel[(nbh,)](
+        k, hh, d1, d2, s1, s2, o, r, dm, ws[1].contiguous(),
+        *(x.contiguous() for x in (b_w[0], b_s[0], b_w[1], b_s[1])), g_last.contiguous(), n_last.contiguous(), *(e.contiguous() for e in ends),
+        sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1], g_n,
+        C=c, DK=dk, DV=dv, HID=hid, BH=min(hid, LAUNCH["sweep_slice"]), LN=layer_norm, CLIP=max_grad_norm is not None,
+        PREC=LAUNCH["half_precision"] if half else "ieee", num_warps=LAUNCH["sweep_warps"], num_stages=1,
+    )  # fmt: skip
+    return [slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots]
+
+
+def _triton_sweep_on(q: Tensor, depth: int, hid: int, dk: int, dv: int, c: int) -> bool:
+    """``BACKWARD["triton_sweep"]`` (None: depth 2 with power-of-two sizes ≥ 16, on CUDA or the interpreter)."""
+    flag = BACKWARD["triton_sweep"]
+    ok = depth == 2 and all(_pow2_at_least_16(x) for x in (hid, dk, dv, c))
+    if flag is None:
+        return ok
+    return bool(flag) and ok
+
+
 def _interpreted(x: Tensor) -> bool:
     """Triton's CPU interpreter runs programs one after another: no grid barrier can work there."""
     return not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -617,12 +807,16 @@ def check_fused_args(fn: str, q: Tensor, k: Tensor, v: Tensor, state: MemoryStat
 #: milliseconds (``read_vjp``, ``key_pass``, ``sweep``, ``update_vjp``; summed over groups and calls), or None.
 #: ``compile_batched``: the batched read and update functions too (inductor fuses their elementwise
 #: work, forward and backward); same values as ``compile_sweep``.
-#: ``MNEMO_MEMORY_SWEEP``: ``graphs`` sets ``compile_sweep`` to inductor's reduce-overhead mode (CUDA graphs:
-#: 86 vs 114 ms forward + backward at 16K on an H100, docs/results/neural_memory.md; a process that later
-#: compiled the same functions in another mode crashed there), ``eager`` turns it off, ``compile`` (default) as None.
-_SWEEP_MODES = {"compile": None, "graphs": {"mode": "reduce-overhead"}, "eager": False}
+#: ``MNEMO_MEMORY_SWEEP``: ``eager`` turns ``compile_sweep`` off, ``compile`` (default) leaves it None.
+#: ``compile_sweep = {"mode": "reduce-overhead"}`` (inductor's CUDA graphs) is an experiment, not an option:
+#: on an H100 it cut the op's forward + backward at 16K from 114 to 86 ms, but the process segfaulted when the
+#: layer's backward ran it, and when the same functions were compiled again in another mode
+#: (docs/results/neural_memory.md).
+_SWEEP_MODES = {"compile": None, "eager": False}
+#: ``triton_sweep``: depth 2 runs the sweep as one Triton launch per group (:func:`_lmm_sweep_kernel`; None =
+#: wherever the sizes allow it, False = the PyTorch sweep above).
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
-                  "compile_batched": None, "sweep_block": 8, "half_tf32": True, "timing": None}
+                  "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None}
 _COMPILED_SWEEP: list = []
 
 
@@ -788,9 +982,14 @@ class _FusedMemory(torch.autograd.Function):
                 ends = [x[sl][..., -1] for x in (beta, m, f)]
                 b_w = [torch.zeros_like(x) if b is None else b for x, b in zip(ws, b_w)]
                 b_s = [torch.zeros_like(x) if b is None else b for x, b in zip(ss, b_s)]
-                nxt = [torch.empty_like(x) for x in (*ws, *ss)]
                 timer.mark("sweep")
-                j = hi - lo
+                if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
+                    adj_w, adj_s, nxt = _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
+                                                      q.dtype != torch.float32)  # fmt: skip
+                    j = 0
+                else:
+                    nxt = [torch.empty_like(x) for x in (*ws, *ss)]
+                    j = hi - lo
                 while j > 0:
                     if block is not None and j >= ublock:  # chunks j - U .. j - 1 in one compiled call
                         b = slice(j - ublock, j)
