@@ -162,6 +162,32 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     return rows
 
 
+def sweep_launch(dev, t: int, rep: int, launches: list) -> list:
+    """The training path's forward + backward (matched config) for ``LAUNCH["sweep_slice"]:["sweep_warps"]``
+    variants of the adjoint-sweep kernel."""
+    h, d, hidden, c = 16, 64, 256, 64
+    (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
+    xs = [x.detach().requires_grad_() for x in (q, k, v, *gates, *st.weights, *st.momentum)]
+    state = MemoryState(tuple(xs[6:8]), tuple(xs[8:10]), tuple(xs[6:8]), 0)
+    go = torch.randn(q.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(q.dtype)
+    base = dict(fused_triton.LAUNCH)
+    rows = []
+    for spec in launches:
+        sl, _, nw = spec.partition(":")
+        fused_triton.LAUNCH.update(sweep_slice=int(sl), sweep_warps=int(nw or 8))
+        row = {"config": "matched", "t": t, "sweep_slice": int(sl), "sweep_warps": int(nw or 8)}
+        try:
+            row["fwd_bwd_ms"] = time_ms(lambda: torch.autograd.grad([neural_memory_fused_forward(*xs[:6], state, c, **CONFIGS["matched"])[0]], xs, [go]),
+                                        dev, 1, rep)  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    fused_triton.LAUNCH.clear()
+    fused_triton.LAUNCH.update(base)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -177,6 +203,7 @@ def main() -> None:
     ap.add_argument("--splits", default="0", help="split_slice values of the sweep (0: one program per head; 64: hidden/64 programs)")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
+    ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps, e.g. 64:8,64:4,32:4")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), ro (sweep reduce-overhead)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
@@ -191,6 +218,8 @@ def main() -> None:
         out["sweep"] = sweep(dev, args.sweep_t, args.rep, ints(args.slices), ints(args.warps), tuple(args.precisions.split(",")), ints(args.stages), ints(args.splits))
     if args.train:
         out["train"] = train(dev, args.sweep_t, args.rep, tuple(args.train_compile.split(",")))
+        if args.sweep_launch:
+            out["sweep_launch"] = sweep_launch(dev, args.sweep_t, args.rep, args.sweep_launch.split(","))
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
 
