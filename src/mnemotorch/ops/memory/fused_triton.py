@@ -29,8 +29,11 @@ float32 inputs); with float32 inputs the products are exact fp32 (``input_precis
 with bf16 / fp16 inputs ``LAUNCH["half_precision"]`` ("tf32x3" by default: the operands include
 the fp32 state, whose rounding would otherwise accumulate over the chunks).
 
-Scope: forward only (no autograd); depth 1 or 2; power-of-two ``chunk_size``, ``Dk``, ``Dv`` and
-hidden width, each ≥ 16 (``tl.dot`` tiles). The partial segments of a call (the rest of a chunk
+Scope: depth 1 or 2; power-of-two ``chunk_size``, ``Dk``, ``Dv`` and hidden width, each ≥ 16
+(``tl.dot`` tiles). Training: the kernel writes the state entering every chunk (``store_states``) and
+:class:`_FusedMemory`'s backward runs from those checkpoints (:mod:`.fused_backward`: the read and the
+update as batched vector-Jacobian products, the state's adjoint chunk by chunk in reverse, at depth 2 in
+one more Triton launch, :func:`_lmm_sweep_kernel`). The partial segments of a call (the rest of a chunk
 begun by an earlier call, a partial last chunk) run through the eager :func:`neural_memory_chunked`
 with the state carried, so any call is accepted.
 """
