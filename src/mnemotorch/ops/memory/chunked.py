@@ -98,10 +98,15 @@ def _layer_norm(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return (z - mu) * rstd, rstd
 
 
-def _key_pass(
+def _key_forward(
     k: Tensor, v: Tensor, w0: Sequence[Tensor], activation: str, residual: bool, layer_norm: bool, ln_eps: float
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Layer inputs ``X_{l−1}`` and pre-activation gradients ``Δ_l`` of a segment's keys at ``w0`` (hand-written backward)."""
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The memory's forward on the keys at ``w0`` and the loss gradient at its last pre-output.
+
+    Returns ``(xs, zs, Δ_L, out, rstd, dmean)``: the layer inputs ``X_{l−1}`` (``xs[0] = k``), the
+    pre-activations ``Z_l``, ``Δ_L = ∂‖M(k) − v‖² / ∂Z_L`` (through the affine-free LayerNorm when on) and,
+    with LayerNorm, its output, ``1/σ`` and ``mean(D ∘ out)`` of ``D = ∂ℓ/∂pred`` (else None).
+    """
     depth = len(w0)
     xs, zs = [k], []
     h = k
@@ -111,11 +116,22 @@ def _key_pass(
         if i < depth - 1:
             h = _act(activation, z)
             xs.append(h)
-    out, rstd = _layer_norm(z, ln_eps) if layer_norm else (z, None)
+    out, rstd, dmean = (*_layer_norm(z, ln_eps), None) if layer_norm else (z, None, None)
     pred = out + k if residual else out
     d = 2 * (pred - v)  # ∂‖pred − v‖² / ∂pred
     if layer_norm:  # backward of the affine-free LayerNorm
-        d = rstd * (d - d.mean(-1, keepdim=True) - out * (d * out).mean(-1, keepdim=True))
+        dmean = (d * out).mean(-1, keepdim=True)
+        d = rstd * (d - d.mean(-1, keepdim=True) - out * dmean)
+        return xs, zs, d, out, rstd, dmean
+    return xs, zs, d, None, None, None
+
+
+def _key_pass(
+    k: Tensor, v: Tensor, w0: Sequence[Tensor], activation: str, residual: bool, layer_norm: bool, ln_eps: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Layer inputs ``X_{l−1}`` and pre-activation gradients ``Δ_l`` of a segment's keys at ``w0`` (hand-written backward)."""
+    depth = len(w0)
+    xs, zs, d = _key_forward(k, v, w0, activation, residual, layer_norm, ln_eps)[:3]
     deltas = [d]
     for i in range(depth - 1, 0, -1):
         d = (d @ w0[i].transpose(-1, -2)) * _act_grad(activation, zs[i - 1])

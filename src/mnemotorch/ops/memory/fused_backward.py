@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .chunked import _act, _act_grad, _layer_norm
+from .chunked import _act_grad, _key_forward
 from .reference import clip_scale
 
 
@@ -72,24 +72,7 @@ class KeyPass(NamedTuple):
 def key_pass_saved(k: Tensor, v: Tensor, w: Sequence[Tensor], activation: str, residual: bool, layer_norm: bool, ln_eps: float) -> KeyPass:
     """:func:`.chunked._key_pass` (same arithmetic), keeping the intermediate values."""
     depth = len(w)
-    xs, zs = [k], []
-    h = k
-    for i, wl in enumerate(w):
-        z = h @ wl
-        zs.append(z)
-        if i < depth - 1:
-            h = _act(activation, z)
-            xs.append(h)
-    out = rstd = dmean = None
-    if layer_norm:
-        out, rstd = _layer_norm(z, ln_eps)
-    pred = out if layer_norm else z
-    if residual:
-        pred = pred + k
-    d = 2 * (pred - v)
-    if layer_norm:
-        dmean = (d * out).mean(-1, keepdim=True)
-        d = rstd * (d - d.mean(-1, keepdim=True) - out * dmean)
+    xs, zs, d, out, rstd, dmean = _key_forward(k, v, w, activation, residual, layer_norm, ln_eps)
     deltas: list = [None] * depth
     d1: list = [None] * (depth - 1)
     d2: list = [None] * (depth - 1)
