@@ -266,3 +266,10 @@ def test_layer_fused_memory_flag(monkeypatch):
         mag.memory.fused_memory = True
         z1, _ = mag(x)
     assert calls and rel(z1, z0) <= 1e-5  # MAG reads the memory for its persistent tokens too
+    xm = x.clone().requires_grad_()  # MAG trains through the fused memory: the chunked layer's gradients
+    params = [xm, *mag.parameters()]
+    got = torch.autograd.grad(mag(xm)[0], params, ct)
+    mag.memory.fused_memory = False
+    want = torch.autograd.grad(mag(xm)[0], params, ct)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None) and (a is None or rel(a, b) <= 1e-5), i

@@ -746,9 +746,18 @@ def build_model(plan: str, hidden: int, heads: int, layers: int, vocab: int, win
 
 
 def mag_model_case(plan: str, L: int, hidden: int, heads: int, layers: int, vocab: int, window: int, chunk_size: int,
-                   device: torch.device, dtype: torch.dtype, batch: int = 1, warmup: int = 5, rep: int = 20) -> dict:
-    """Tokens/s of one training step (forward, LM loss, backward; no optimizer) of a ``plan`` model under autocast."""
+                   device: torch.device, dtype: torch.dtype, batch: int = 1, warmup: int = 5, rep: int = 20, fused: bool = False) -> dict:
+    """Tokens/s of one training step (forward, LM loss, backward; no optimizer) of a ``plan`` model under autocast.
+
+    ``fused``: every Titans memory of the model trains through the fused kernel (``fused_memory = True``;
+    the first step, which compiles, is outside the timing)."""
     model = build_model(plan, hidden, heads, layers, vocab, window, chunk_size, device).train()
+    if fused:
+        from mnemotorch.layers.titans import TitansLMM
+
+        for m in model.modules():
+            if isinstance(m, TitansLMM):
+                m.fused_memory = True
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, L), generator=g).to(device)
@@ -759,7 +768,8 @@ def mag_model_case(plan: str, L: int, hidden: int, heads: int, layers: int, voca
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         torch.autograd.grad(loss, params, allow_unused=True)
 
-    row = {"case": "mag_model", "plan": plan, "layer_spec": _plan_spec(plan, window, chunk_size), "L": L, "B": batch, "hidden": hidden,
+    row = {"case": "mag_model", "plan": plan + ("_fused" if fused else ""), "fused_memory": fused,
+           "layer_spec": _plan_spec(plan, window, chunk_size), "L": L, "B": batch, "hidden": hidden,
            "heads": heads, "layers": layers, "vocab": vocab, "autocast": str(dtype).replace("torch.", "") if use_amp else None,
            "parameters": sum(p.numel() for p in params)}
 
@@ -932,8 +942,9 @@ def main(argv: list[str] | None = None) -> int:
                    "forward + backward, as CUDA-graph replays of one captured call (<name>_graphed: the device work without "
                    "the host's launch overhead; 'not_capturable' with the reason if its capture fails), beside the eager "
                    "timings; each result records its 'timing'. Ignored (with a note) on --device cpu")
-    g.add_argument("--fused", action="store_true", help="CUDA only: also time each configuration's inference forward (no grad) "
-                   "with the fused forward kernel (MNEMO_MEMORY_FUSED=1): ours_<config>_fused. Ignored (with a note) on --device cpu")
+    g.add_argument("--fused", action="store_true", help="CUDA only: also time each configuration with the fused kernel "
+                   "(MNEMO_MEMORY_FUSED=1), inference forward and training: ours_<config>_fused; and the titans_mag model trained "
+                   "with it (plan titans_mag_fused). Ignored (with a note) on --device cpu")
     g.add_argument("--profile", action="store_true", help="torch.profiler breakdown of our layer (matched) at the first length "
                    "(with --compile: of the compiled layer too)")
     g.add_argument("--profile-top", type=_positive_int, default=15, help="top ops listed by the profile")
@@ -1028,6 +1039,10 @@ def main(argv: list[str] | None = None) -> int:
         for plan in ["titans_mag", *[p for p in opt["mag_baselines"] if p != "titans_mag"]]:
             jobs.append(("mag_model", lambda plan=plan: mag_model_case(plan, opt["mag_length"], opt["mag_hidden"], opt["mag_heads"], opt["mag_layers"],
                                                                         opt["vocab"], opt["mag_window"], C, device, dtype, args.batch, warmup, rep)))
+            if fused and plan == "titans_mag":  # the same model, its memories trained through the fused kernel
+                jobs.append(("mag_model", lambda plan=plan: mag_model_case(plan, opt["mag_length"], opt["mag_hidden"], opt["mag_heads"],
+                                                                            opt["mag_layers"], opt["vocab"], opt["mag_window"], C, device, dtype,
+                                                                            args.batch, warmup, rep, fused=True)))
     if "decode" in cases:
         for plan in opt["decode_plans"]:
             jobs.append(("decode", lambda plan=plan: decode_case(plan, opt["decode_contexts"], opt["decode_steps"], opt["mag_hidden"], opt["mag_heads"],
