@@ -172,10 +172,10 @@ def sweep_launch(dev, t: int, rep: int, launches: list) -> list:
     go = torch.randn(q.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(q.dtype)
     base = dict(fused_triton.LAUNCH)
     rows = []
-    for spec in launches:
-        sl, _, nw = spec.partition(":")
-        fused_triton.LAUNCH.update(sweep_slice=int(sl), sweep_warps=int(nw or 8))
-        row = {"config": "matched", "t": t, "sweep_slice": int(sl), "sweep_warps": int(nw or 8)}
+    for spec in launches:  # slice:warps[:split] (split: LAUNCH["sweep_split"], 0 = one program per head)
+        sl, nw, sp = (spec.split(":") + ["", ""])[:3]
+        fused_triton.LAUNCH.update(sweep_slice=int(sl), sweep_warps=int(nw or 8), sweep_split=int(sp or 0), sweep_split_warps=int(nw or 4))
+        row = {"config": "matched", "t": t, "sweep_slice": int(sl), "sweep_warps": int(nw or 8), "sweep_split": int(sp or 0)}
         try:
             row["fwd_bwd_ms"] = time_ms(lambda: torch.autograd.grad([neural_memory_fused_forward(*xs[:6], state, c, **CONFIGS["matched"])[0]], xs, [go]),
                                         dev, 1, rep)  # fmt: skip
@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument("--splits", default="0", help="split_slice values of the sweep (0: one program per head; 64: hidden/64 programs)")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
-    ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps, e.g. 64:8,64:4,32:4")
+    ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps[:split], e.g. 64:8:0,64:4:64,64:4:32")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), ro (sweep reduce-overhead)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()

@@ -124,18 +124,22 @@ def test_fused_training_matches_chunked_fp32(monkeypatch, name, depth, cfg, clip
 
 
 def test_fused_training_split_kernel(monkeypatch):
-    """The split forward kernel (2 programs per head) writes the same per-chunk checkpoints."""
+    """The split forward kernel (2 programs per head) writes the same per-chunk checkpoints; the split sweep
+    kernel (2 programs per head) walks them back."""
     from mnemotorch.ops.memory import fused_triton
 
     calls = []
     real = fused_triton._launch_split
     monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", 16)
+    launched = []
+    monkeypatch.setattr(fused_triton, "_lmm_split_sweep_kernel", _Recording(fused_triton._lmm_split_sweep_kernel, "split_sweep", launched))
     q, k, v, th, et, al = make_inputs(b=1, t=3 * 32, h=2, dk=16, dv=16, seed=3, theta_max=0.5)
     st = make_state(1, 2, 16, 16, 2, hidden=32)
     y_ref, g_ref = _train_grads(neural_memory_chunked, torch.float64, q, k, v, (th, et, al), st, 32, MATCHED, 0.3)
     y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, MATCHED, 0.3)
-    assert calls == [2]
+    assert calls == [2] and launched
     for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
         assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
 
@@ -176,12 +180,20 @@ def test_compiled_sweep_step(monkeypatch):
         assert rel(a.double(), b.double()) <= 1e-6
 
 
+@pytest.mark.parametrize("split", [0, 16, 8], ids=["one_program", "split2", "split4"])
 @pytest.mark.parametrize("name,depth,cfg,clip", [c for c in ADJ_CASES if c[1] == 2], ids=[c[0] for c in ADJ_CASES if c[1] == 2])
-def test_triton_sweep_equals_pytorch_sweep(name, depth, cfg, clip):
-    """The depth-2 sweep kernel (one launch per group of chunks, through the interpreter) gives the PyTorch
-    sweep's adjoints: the one entering the group and the one leaving every chunk (fp32, ≤ 1e-6)."""
+def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, split):
+    """The depth-2 sweep kernel (one launch per group of chunks; or the hidden dimension split over 2 or 4
+    programs per head, one launch per phase and chunk under the interpreter) gives the PyTorch sweep's
+    adjoints: the one entering the group and the one leaving every chunk (fp32, ≤ 1e-6)."""
     from mnemotorch.ops.memory import fused_triton
     from mnemotorch.ops.memory.fused_backward import sweep_block
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", split)
+    launched = []
+    for name_ in ("_lmm_sweep_kernel", "_lmm_split_sweep_kernel"):
+        kern = getattr(fused_triton, name_)
+        monkeypatch.setattr(fused_triton, name_, _Recording(kern, name_, launched))
 
     torch.manual_seed(0)
     g_n, b, h, c, d, hid = 3, 1, 2, 16, 16, 32
@@ -198,8 +210,20 @@ def test_triton_sweep_equals_pytorch_sweep(name, depth, cfg, clip):
     adj_w, adj_s, b_w, b_s = rnd(), rnd(), rnd(g_n), rnd(g_n)
     want = sweep_block(kp, g_last, n_last, *ends, ws, adj_w, adj_s, b_w, b_s, cfg["layer_norm"], clip)
     got = fused_triton._sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, cfg["layer_norm"], clip, False)
+    assert set(launched) == {"_lmm_split_sweep_kernel" if split else "_lmm_sweep_kernel"}
     for i, (a, b_) in enumerate(zip([*got[0], *got[1], *got[2]], [*want[0], *want[1], *want[2]])):
         assert rel(a, b_) <= 1e-6, (i, rel(a, b_))
+
+
+class _Recording:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
 
 
 def test_fused_training_pytorch_sweep(monkeypatch):

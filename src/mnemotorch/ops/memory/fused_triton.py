@@ -80,7 +80,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: (:func:`_lmm_split_fwd_kernel`), when the chunk has ≥ 16 rows per slice and, on a GPU, the
 #: ``B · H · slices`` programs fit on the SMs at once; 0 = one program per head (the kernel above).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32",
-                "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8}
+                "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
+                "sweep_split": 64, "sweep_split_warps": 4}
 
 
 @triton.jit
@@ -619,6 +620,154 @@ def _lmm_sweep_kernel(
         tl.debug_barrier()  # the next (earlier) chunk reads the slot just written, and rewrites the scratch
 
 
+@triton.jit
+def _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci,
+               C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr, CLIP: tl.constexpr):
+    """Δ_2's cotangent from the update (summed over the head's NS programs) and the clip's per-token terms
+    ``(dd2, 2·dsq·‖k‖², 2·dsq·‖Δ_2‖²)`` (the last two unused without the clip)."""
+    offs = rows[:, None] * DV + cv[None, :]
+    xa2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
+    xb2 = _sum_parts(XB2 + xo * C * DV, C * DV, offs, NS)
+    dd2 = -(gt[:, None] * xa2 + nt[:, None] * xb2)
+    if CLIP:
+        dgt = _sum_parts(XG + xo * C, C, rows, NS) - tl.sum(xa2 * d2, 1)
+        dnt = _sum_parts(XN + xo * C, C, rows, NS) - tl.sum(xb2 * d2, 1)
+        dsq = tl.load(CS + ci * C + rows) * (gl * dgt + nl * dnt)
+        dd2 += (2.0 * dsq * tl.load(HN + ci * C + rows))[:, None] * d2
+        kn2 = 2.0 * dsq * tl.load(KN + ci * C + rows)
+        d2n2 = 2.0 * dsq * tl.load(D2N + ci * C + rows)
+    else:
+        kn2 = gl
+        d2n2 = gl
+    return dd2, kn2, d2n2
+
+
+@triton.jit
+def _lmm_split_sweep_kernel(
+    K, HH, D1, D2, S1, S2, O, R, DM, W2,
+    BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC,
+    SC, CS, KN, HN, D2N,
+    AW1, AS1, AW2, AS2, SD1, SX,
+    XA2, XB2, XG, XN, XD2, CNT,
+    chunk0, n_chunks, n_total,
+    C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
+    LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr,
+):
+    """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
+    the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
+    (layer 2's products with the adjoint, the clip's partial sums, Δ_1's contribution to Δ_2's cotangent) are
+    exchanged through per-head buffers, double-buffered by chunk parity, between three phases per chunk:
+    (1) the update's transpose of slice ``j``; (2) Δ_2's cotangent, its slice's share through ``P``; (3) the
+    loss's second derivative (every program), the slice's weight cotangents and new adjoint.
+    ``PHASE == 0``: one launch walks chunks ``chunk0 + n_chunks − 1 … chunk0`` with grid barriers (all programs
+    resident); ``PHASE`` 1–3: one phase of chunk ``chunk0`` (the interpreter)."""
+    pid = tl.program_id(0)
+    bh = pid // NS
+    j = pid % NS
+    nbh = tl.num_programs(0) // NS
+    rows = tl.arange(0, C)
+    ck = tl.arange(0, DK)
+    cv = tl.arange(0, DV)
+    cols = j * BH + tl.arange(0, BH)
+    s1w = nbh * DK * HID
+    s2w = nbh * HID * DV
+    hs = rows[:, None] * HID + cols[None, :]
+    o1 = ck[:, None] * HID + cols[None, :]
+    o2 = cols[:, None] * DV + cv[None, :]
+    sd1 = SD1 + bh * C * HID + hs
+    sx = SX + bh * C * HID + hs
+    for ii in range(n_chunks):
+        i = chunk0 + n_chunks - 1 - ii
+        step = n_total - 1 - i  # barrier generations count from the group's last chunk
+        xo = (bh * 2 + i % 2) * NS
+        ci = i * nbh + bh
+        rd1 = (i + 1) * s1w + bh * DK * HID + o1
+        rd2 = (i + 1) * s2w + bh * HID * DV + o2
+        k = tl.load(K + ci * C * DK + rows[:, None] * DK + ck[None, :])
+        d2 = tl.load(D2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
+        gl = tl.load(GL + ci * C + rows)
+        nl = tl.load(NL + ci * C + rows)
+        if CLIP:
+            sc = tl.load(SC + ci * C + rows)
+            gt = gl * sc
+            nt = nl * sc
+        else:
+            gt = gl
+            nt = nl
+        if PHASE == 0 or PHASE == 1:
+            aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
+            as1 = tl.load(AS1 + rd1, cache_modifier=".cg")
+            xa1 = _mmp(k, aw1, PREC)
+            xb1 = _mmp(k, as1, PREC)
+            tl.store(sd1, -(gt[:, None] * xa1 + nt[:, None] * xb1))
+            if CLIP:
+                d1 = tl.load(D1 + ci * C * HID + hs)
+                tl.store(XG + (xo + j) * C + rows, -tl.sum(xa1 * d1, 1))
+                tl.store(XN + (xo + j) * C + rows, -tl.sum(xb1 * d1, 1))
+            aw2 = tl.load(AW2 + rd2, cache_modifier=".cg")
+            as2 = tl.load(AS2 + rd2, cache_modifier=".cg")
+            h = tl.load(HH + ci * C * HID + hs)
+            xoff = (xo + j) * C * DV + rows[:, None] * DV + cv[None, :]
+            tl.store(XA2 + xoff, _mmp(h, aw2, PREC))
+            tl.store(XB2 + xoff, _mmp(h, as2, PREC))
+            tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
+        if PHASE == 0:
+            _grid_barrier(CNT + bh, NS * (step * 2 + 1))
+        if PHASE == 0 or PHASE == 2:
+            dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
+            dd1 = tl.load(sd1, cache_modifier=".cg")
+            if CLIP:
+                dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
+            dp = dd1 * tl.load(S1 + ci * C * HID + hs)
+            w2 = tl.load(W2 + ci * HID * DV + o2)
+            tl.store(XD2 + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], _mmp(dp, w2, PREC))
+        if PHASE == 0:
+            _grid_barrier(CNT + bh, NS * (step * 2 + 2))
+        if PHASE == 0 or PHASE == 3:
+            dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
+            dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
+            if LN:
+                o = tl.load(O + ci * C * DV + rows[:, None] * DV + cv[None, :])
+                r = tl.load(R + ci * C + rows)
+                dm = tl.load(DM + ci * C + rows)
+                ju = r[:, None] * (dd2 - (tl.sum(dd2, 1) / DV)[:, None] - o * (tl.sum(dd2 * o, 1) / DV)[:, None])
+                jju = r[:, None] * (ju - (tl.sum(ju, 1) / DV)[:, None] - o * (tl.sum(ju * o, 1) / DV)[:, None])
+                dz2 = 2.0 * jju - r[:, None] * ((tl.sum(dd2 * d2, 1) / DV)[:, None] * o + dm[:, None] * ju
+                                                + (tl.sum(dd2 * o, 1) / DV)[:, None] * d2)  # fmt: skip
+            else:
+                dz2 = 2.0 * dd2
+            dd1 = tl.load(sd1, cache_modifier=".cg")
+            h = tl.load(HH + ci * C * HID + hs)
+            dx2 = tl.load(sx, cache_modifier=".cg")
+            if CLIP:
+                dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
+                dx2 += d2n2[:, None] * h
+            sg1 = tl.load(S1 + ci * C * HID + hs)
+            w2 = tl.load(W2 + ci * HID * DV + o2)
+            dp = dd1 * sg1
+            dx2 = dx2 + _mmp(dz2, tl.trans(w2), PREC)
+            dz1 = dd1 * tl.load(S2 + ci * C * HID + hs) + dx2 * sg1
+            dw2 = _mmap(tl.trans(h), dz2, _mmp(tl.trans(dp), d2, PREC), PREC)
+            dw1 = _mmp(tl.trans(k), dz1, PREC)
+            bc = tl.load(BC + ci)
+            mc = tl.load(MC + ci)
+            fc = tl.load(FC + ci)
+            aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
+            as1 = tl.load(AS1 + rd1, cache_modifier=".cg")
+            aw2 = tl.load(AW2 + rd2, cache_modifier=".cg")
+            as2 = tl.load(AS2 + rd2, cache_modifier=".cg")
+            b1 = ci * DK * HID + o1
+            b2 = ci * HID * DV + o2
+            wr1 = rd1 - s1w
+            wr2 = rd2 - s2w
+            tl.store(AW1 + wr1, tl.load(BW1 + b1) + bc * aw1 + dw1)
+            tl.store(AS1 + wr1, tl.load(BS1 + b1) + fc * aw1 + mc * as1)
+            tl.store(AW2 + wr2, tl.load(BW2 + b2) + bc * aw2 + dw2)
+            tl.store(AS2 + wr2, tl.load(BS2 + b2) + fc * aw2 + mc * as2)
+        if PHASE == 0:
+            tl.debug_barrier()  # own slots and scratch, read back by other threads of this program next chunk
+
+
 def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states=False):
     """Run the kernel on full chunks: ``q, k [B, n·C, H, Dk]``, ``v [B, n·C, H, Dv]``, coefficients
     chunk-major fp32. Returns ``[y, *weights', *momentum']`` (state fp32, new tensors); with
@@ -731,13 +880,30 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     else:
         sc = cs = kn = hn = d2n = dummy
     scratch = torch.empty((2, nbh, c, hid), device=k.device, dtype=torch.float32)
-    _lmm_sweep_kernel[(nbh,)](
-        k, hh, d1, d2, s1, s2, o, r, dm, ws[1].contiguous(),
-        *(x.contiguous() for x in (b_w[0], b_s[0], b_w[1], b_s[1])), g_last.contiguous(), n_last.contiguous(), *(e.contiguous() for e in ends),
-        sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1], g_n,
-        C=c, DK=dk, DV=dv, HID=hid, BH=min(hid, LAUNCH["sweep_slice"]), LN=layer_norm, CLIP=max_grad_norm is not None,
-        PREC=LAUNCH["half_precision"] if half else "ieee", num_warps=LAUNCH["sweep_warps"], num_stages=1,
-    )  # fmt: skip
+    args = (k, hh, d1, d2, s1, s2, o, r, dm, ws[1].contiguous(),
+            *(x.contiguous() for x in (b_w[0], b_s[0], b_w[1], b_s[1])), g_last.contiguous(), n_last.contiguous(), *(e.contiguous() for e in ends),
+            sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1])  # fmt: skip
+    meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
+                num_stages=1)  # fmt: skip
+    split = LAUNCH["sweep_split"]
+    ns = hid // split if split else 1
+    if ns > 1 and c // ns >= 1 and (not k.is_cuda or nbh * ns <= _sm_count(k.device)):
+        f32 = dict(device=k.device, dtype=torch.float32)
+        xa2 = torch.empty((nbh, 2, ns, c, dv), **f32)
+        xb2, xd2 = torch.empty_like(xa2), torch.empty_like(xa2)
+        xg = torch.zeros((nbh, 2, ns, c), **f32)
+        xn = torch.zeros_like(xg)
+        cnt = torch.zeros((nbh,), device=k.device, dtype=torch.int32)
+        xargs = (*args, xa2, xb2, xg, xn, xd2, cnt)
+        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"])
+        if _interpreted(k):
+            for i in range(g_n - 1, -1, -1):
+                for phase in (1, 2, 3):
+                    _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, i, 1, g_n, PHASE=phase, **smeta)
+        else:
+            _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, 0, g_n, g_n, PHASE=0, **smeta)
+    else:
+        _lmm_sweep_kernel[(nbh,)](*args, g_n, BH=min(hid, LAUNCH["sweep_slice"]), num_warps=LAUNCH["sweep_warps"], **meta)
     return [slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots]
 
 
