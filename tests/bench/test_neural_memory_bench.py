@@ -370,8 +370,8 @@ def test_fused_flag_is_a_noop_on_the_cpu(tmp_path, capsys) -> None:
 
 
 def test_fused_forward_row_through_the_interpreter(monkeypatch) -> None:
-    """``ours_<config>_fused``: the layer's no-grad forward with MNEMO_MEMORY_FUSED=1 runs the kernel
-    (here through Triton's interpreter: the layer's CUDA-only gate is lifted) and equals the chunked path."""
+    """``ours_<config>_fused``: the layer with MNEMO_MEMORY_FUSED=1 runs the kernel (here through Triton's
+    interpreter: the layer's CUDA-only gate is lifted), forward and training, and equals the chunked path."""
     import os
 
     from mnemotorch.layers.titans import TitansLMM
@@ -381,11 +381,12 @@ def test_fused_forward_row_through_the_interpreter(monkeypatch) -> None:
         pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
     monkeypatch.setattr(TitansLMM, "_use_fused_memory", lambda self, q, m: os.environ.get("MNEMO_MEMORY_FUSED") == "1")
     calls = []
-    real = fused_triton.neural_memory_fused_forward
-    monkeypatch.setattr(fused_triton, "neural_memory_fused_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fused_triton.neural_memory_fused
+    monkeypatch.setattr(fused_triton, "neural_memory_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("MNEMO_MEMORY_FUSED", "keep")
     x = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(0))
     r = nm.fused_forward("matched", 64, 4, 16, x, torch.device("cpu"), torch.float32, 0, 1)
-    assert calls and r["inference"] and r["fwd_ms"] > 0 and r["first_call_s"] > 0
-    assert r["rel_rms_vs_chunked"] <= 1e-5 and r["config"]["layer_norm"] is True
+    assert calls and not r["inference"] and r["fwd_ms"] > 0 and r["first_call_s"] > 0 and r["fwd_bwd_ms"] > 0
+    assert r["rel_rms_vs_chunked"] <= 1e-5 and r["rel_grad_x_vs_chunked"] <= 1e-5 and r["config"]["layer_norm"] is True
+    assert r["backward_settings"]["group_elements"] > 0
     assert os.environ["MNEMO_MEMORY_FUSED"] == "keep"  # restored
