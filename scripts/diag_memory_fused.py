@@ -112,8 +112,7 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
 
 def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "default")) -> list:
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
-    "s" only the sweep compiled, "ro" the sweep in inductor's reduce-overhead mode (CUDA graphs) and the
-    batched functions compiled; a suffix ":U" sets the sweep's block of chunks (default 8)."""
+    "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8)."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     for name, comp in itertools.product(configs, compile_modes):
@@ -127,7 +126,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             y, _ = neural_memory_fused_forward(*xs[:6], state, c, **CONFIGS[name])
             return torch.autograd.grad([y], xs, [go])
 
-        modes = {"0": (False, False), "1": (True, True), "s": (True, False), "ro": ({"mode": "reduce-overhead"}, True)}
+        modes = {"0": (False, False), "1": (True, True), "s": (True, False)}
         comp, _, blk = comp.partition(":")
         fused_triton.BACKWARD["compile_sweep"], fused_triton.BACKWARD["compile_batched"] = modes[comp]
         fused_triton.BACKWARD["sweep_block"] = int(blk or 8)
@@ -204,7 +203,7 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
     ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps[:split], e.g. 64:8:0,64:4:64,64:4:32")
-    ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), ro (sweep reduce-overhead)")
+    ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -481,6 +481,76 @@ def _state_buffers(x: Tensor, n: int, store_states: bool) -> tuple[Tensor, int]:
 
 
 @triton.jit
+def _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CLIP: tl.constexpr):
+    """Chunk ``ci``'s keys, Δ_2, the coefficients' last rows and (clipped) ``g̃, ñ`` of the sweep kernels."""
+    k = tl.load(K + ci * C * DK + rows[:, None] * DK + ck[None, :])
+    d2 = tl.load(D2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
+    gl = tl.load(GL + ci * C + rows)
+    nl = tl.load(NL + ci * C + rows)
+    if CLIP:
+        sc = tl.load(SC + ci * C + rows)
+        gt = gl * sc
+        nt = nl * sc
+    else:
+        gt = gl
+        nt = nl
+    return k, d2, gl, nl, gt, nt
+
+
+@triton.jit
+def _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C: tl.constexpr, DV: tl.constexpr, LN: tl.constexpr):
+    """``∂Δ_2/∂Z_2`` applied to Δ_2's cotangent ``dd2``: through the LayerNorm (``J (2 J u)`` plus the
+    derivative of ``J`` with ``D`` held; :func:`~.fused_backward.state_adjoint`), else ``2 u``."""
+    if LN:
+        o = tl.load(O + ci * C * DV + rows[:, None] * DV + cv[None, :])
+        r = tl.load(R + ci * C + rows)
+        dm = tl.load(DM + ci * C + rows)
+        ju = r[:, None] * (dd2 - (tl.sum(dd2, 1) / DV)[:, None] - o * (tl.sum(dd2 * o, 1) / DV)[:, None])
+        jju = r[:, None] * (ju - (tl.sum(ju, 1) / DV)[:, None] - o * (tl.sum(ju * o, 1) / DV)[:, None])
+        dz2 = 2.0 * jju - r[:, None] * ((tl.sum(dd2 * d2, 1) / DV)[:, None] * o + dm[:, None] * ju + (tl.sum(dd2 * o, 1) / DV)[:, None] * d2)
+    else:
+        dz2 = 2.0 * dd2
+    return dz2
+
+
+@triton.jit
+def _sweep_slice_out(
+    p_dd1, p_dx2, hs, o1, o2, r1, r2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
+    HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2,
+    C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+):
+    """One hidden slice's last step of the sweep: the weights' cotangents and the new adjoint. The adjoint
+    leaving the chunk is read at offsets ``r1`` (layer 1, ``[DK, BH]``) / ``r2`` (layer 2, ``[BH, DV]``) of
+    its slot, the new one written one slot lower; ``p_dd1``/``p_dx2`` point at the slice's scratch."""
+    dd1 = tl.load(p_dd1, cache_modifier=".cg")
+    h = tl.load(HH + ci * C * HID + hs)
+    dx2 = tl.load(p_dx2, cache_modifier=".cg")
+    if CLIP:
+        dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
+        dx2 += d2n2[:, None] * h
+    sg1 = tl.load(S1 + ci * C * HID + hs)
+    w2 = tl.load(W2 + ci * HID * DV + o2)
+    dp = dd1 * sg1
+    dx2 = dx2 + _mmp(dz2, tl.trans(w2), PREC)
+    dz1 = dd1 * tl.load(S2 + ci * C * HID + hs) + dx2 * sg1
+    dw2 = _mmap(tl.trans(h), dz2, _mmp(tl.trans(dp), d2, PREC), PREC)  # [BH, DV]
+    dw1 = _mmp(tl.trans(k), dz1, PREC)  # [DK, BH]
+    bc = tl.load(BC + ci)
+    mc = tl.load(MC + ci)
+    fc = tl.load(FC + ci)
+    aw1 = tl.load(AW1 + r1, cache_modifier=".cg")
+    as1 = tl.load(AS1 + r1, cache_modifier=".cg")
+    aw2 = tl.load(AW2 + r2, cache_modifier=".cg")
+    as2 = tl.load(AS2 + r2, cache_modifier=".cg")
+    b1 = ci * DK * HID + o1
+    b2 = ci * HID * DV + o2
+    tl.store(AW1 + r1 - s1w, tl.load(BW1 + b1) + bc * aw1 + dw1)
+    tl.store(AS1 + r1 - s1w, tl.load(BS1 + b1) + fc * aw1 + mc * as1)
+    tl.store(AW2 + r2 - s2w, tl.load(BW2 + b2) + bc * aw2 + dw2)
+    tl.store(AS2 + r2 - s2w, tl.load(BS2 + b2) + fc * aw2 + mc * as2)
+
+
+@triton.jit
 def _lmm_sweep_kernel(
     K, HH, D1, D2, S1, S2, O, R, DM, W2,
     BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC,
@@ -513,21 +583,13 @@ def _lmm_sweep_kernel(
     for ii in range(n_chunks):
         i = n_chunks - 1 - ii
         ci = i * nbh + pid  # (chunk, head) index of the per-chunk inputs
-        rd1 = AW1 + (i + 1) * s1w + pid * DK * HID
-        rs1 = AS1 + (i + 1) * s1w + pid * DK * HID
-        rd2 = AW2 + (i + 1) * s2w + pid * HID * DV
-        rs2 = AS2 + (i + 1) * s2w + pid * HID * DV
-        k = tl.load(K + ci * C * DK + rows[:, None] * DK + ck[None, :])
-        d2 = tl.load(D2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
-        gl = tl.load(GL + ci * C + rows)
-        nl = tl.load(NL + ci * C + rows)
-        if CLIP:
-            sc = tl.load(SC + ci * C + rows)
-            gt = gl * sc
-            nt = nl * sc
-        else:
-            gt = gl
-            nt = nl
+        a1 = (i + 1) * s1w + pid * DK * HID  # this head's adjoint leaving chunk i (slot i + 1)
+        a2 = (i + 1) * s2w + pid * HID * DV
+        rd1 = AW1 + a1
+        rs1 = AS1 + a1
+        rd2 = AW2 + a2
+        rs2 = AS2 + a2
+        k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
         # (1) the update's transpose: Δ_1's cotangent (scratch), the hidden inputs' (scratch), layer 2's products
         xa2 = tl.zeros([C, DV], dtype=tl.float32)
         xb2 = tl.zeros([C, DV], dtype=tl.float32)
@@ -572,51 +634,15 @@ def _lmm_sweep_kernel(
             dp = dd1 * tl.load(S1 + ci * C * HID + rows[:, None] * HID + cols[None, :])
             w2 = tl.load(W2 + ci * HID * DV + cols[:, None] * DV + cv[None, :])
             dd2 = _mmap(dp, w2, dd2, PREC)
-        if LN:
-            o = tl.load(O + ci * C * DV + rows[:, None] * DV + cv[None, :])
-            r = tl.load(R + ci * C + rows)
-            dm = tl.load(DM + ci * C + rows)
-            ju = r[:, None] * (dd2 - (tl.sum(dd2, 1) / DV)[:, None] - o * (tl.sum(dd2 * o, 1) / DV)[:, None])
-            jju = r[:, None] * (ju - (tl.sum(ju, 1) / DV)[:, None] - o * (tl.sum(ju * o, 1) / DV)[:, None])
-            dz2 = 2.0 * jju - r[:, None] * ((tl.sum(dd2 * d2, 1) / DV)[:, None] * o + dm[:, None] * ju + (tl.sum(dd2 * o, 1) / DV)[:, None] * d2)
-        else:
-            dz2 = 2.0 * dd2
+        dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
         # (3) per hidden slice: the weights' cotangents and the new adjoint (slot i)
-        bc = tl.load(BC + ci)
-        mc = tl.load(MC + ci)
-        fc = tl.load(FC + ci)
-        wd1 = AW1 + i * s1w + pid * DK * HID
-        ws1 = AS1 + i * s1w + pid * DK * HID
-        wd2 = AW2 + i * s2w + pid * HID * DV
-        ws2 = AS2 + i * s2w + pid * HID * DV
         for j in range(0, HID, BH):
             cols = j + ch
             hs = rows[:, None] * HID + cols[None, :]
-            dd1 = tl.load(sd1 + hs, cache_modifier=".cg")
-            h = tl.load(HH + ci * C * HID + hs)
-            dx2 = tl.load(sx + hs, cache_modifier=".cg")
-            if CLIP:
-                dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
-                dx2 += d2n2[:, None] * h
-            sg1 = tl.load(S1 + ci * C * HID + hs)
-            w2 = tl.load(W2 + ci * HID * DV + cols[:, None] * DV + cv[None, :])
-            dp = dd1 * sg1
-            dx2 = dx2 + _mmp(dz2, tl.trans(w2), PREC)
-            dz1 = dd1 * tl.load(S2 + ci * C * HID + hs) + dx2 * sg1
-            dw2 = _mmap(tl.trans(h), dz2, _mmp(tl.trans(dp), d2, PREC), PREC)  # [BH, DV]
-            dw1 = _mmp(tl.trans(k), dz1, PREC)  # [DK, BH]
             o1 = ck[:, None] * HID + cols[None, :]
             o2 = cols[:, None] * DV + cv[None, :]
-            aw1 = tl.load(rd1 + o1, cache_modifier=".cg")
-            as1 = tl.load(rs1 + o1, cache_modifier=".cg")
-            aw2 = tl.load(rd2 + o2, cache_modifier=".cg")
-            as2 = tl.load(rs2 + o2, cache_modifier=".cg")
-            b1 = ci * DK * HID + o1
-            b2 = ci * HID * DV + o2
-            tl.store(wd1 + o1, tl.load(BW1 + b1) + bc * aw1 + dw1)
-            tl.store(ws1 + o1, tl.load(BS1 + b1) + fc * aw1 + mc * as1)
-            tl.store(wd2 + o2, tl.load(BW2 + b2) + bc * aw2 + dw2)
-            tl.store(ws2 + o2, tl.load(BS2 + b2) + fc * aw2 + mc * as2)
+            _sweep_slice_out(sd1 + hs, sx + hs, hs, o1, o2, a1 + o1, a2 + o2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
+                             HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC)
         tl.debug_barrier()  # the next (earlier) chunk reads the slot just written, and rewrites the scratch
 
 
@@ -683,17 +709,7 @@ def _lmm_split_sweep_kernel(
         ci = i * nbh + bh
         rd1 = (i + 1) * s1w + bh * DK * HID + o1
         rd2 = (i + 1) * s2w + bh * HID * DV + o2
-        k = tl.load(K + ci * C * DK + rows[:, None] * DK + ck[None, :])
-        d2 = tl.load(D2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
-        gl = tl.load(GL + ci * C + rows)
-        nl = tl.load(NL + ci * C + rows)
-        if CLIP:
-            sc = tl.load(SC + ci * C + rows)
-            gt = gl * sc
-            nt = nl * sc
-        else:
-            gt = gl
-            nt = nl
+        k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
         if PHASE == 0 or PHASE == 1:
             aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
             as1 = tl.load(AS1 + rd1, cache_modifier=".cg")
@@ -726,44 +742,9 @@ def _lmm_split_sweep_kernel(
         if PHASE == 0 or PHASE == 3:
             dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
             dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
-            if LN:
-                o = tl.load(O + ci * C * DV + rows[:, None] * DV + cv[None, :])
-                r = tl.load(R + ci * C + rows)
-                dm = tl.load(DM + ci * C + rows)
-                ju = r[:, None] * (dd2 - (tl.sum(dd2, 1) / DV)[:, None] - o * (tl.sum(dd2 * o, 1) / DV)[:, None])
-                jju = r[:, None] * (ju - (tl.sum(ju, 1) / DV)[:, None] - o * (tl.sum(ju * o, 1) / DV)[:, None])
-                dz2 = 2.0 * jju - r[:, None] * ((tl.sum(dd2 * d2, 1) / DV)[:, None] * o + dm[:, None] * ju
-                                                + (tl.sum(dd2 * o, 1) / DV)[:, None] * d2)  # fmt: skip
-            else:
-                dz2 = 2.0 * dd2
-            dd1 = tl.load(sd1, cache_modifier=".cg")
-            h = tl.load(HH + ci * C * HID + hs)
-            dx2 = tl.load(sx, cache_modifier=".cg")
-            if CLIP:
-                dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
-                dx2 += d2n2[:, None] * h
-            sg1 = tl.load(S1 + ci * C * HID + hs)
-            w2 = tl.load(W2 + ci * HID * DV + o2)
-            dp = dd1 * sg1
-            dx2 = dx2 + _mmp(dz2, tl.trans(w2), PREC)
-            dz1 = dd1 * tl.load(S2 + ci * C * HID + hs) + dx2 * sg1
-            dw2 = _mmap(tl.trans(h), dz2, _mmp(tl.trans(dp), d2, PREC), PREC)
-            dw1 = _mmp(tl.trans(k), dz1, PREC)
-            bc = tl.load(BC + ci)
-            mc = tl.load(MC + ci)
-            fc = tl.load(FC + ci)
-            aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
-            as1 = tl.load(AS1 + rd1, cache_modifier=".cg")
-            aw2 = tl.load(AW2 + rd2, cache_modifier=".cg")
-            as2 = tl.load(AS2 + rd2, cache_modifier=".cg")
-            b1 = ci * DK * HID + o1
-            b2 = ci * HID * DV + o2
-            wr1 = rd1 - s1w
-            wr2 = rd2 - s2w
-            tl.store(AW1 + wr1, tl.load(BW1 + b1) + bc * aw1 + dw1)
-            tl.store(AS1 + wr1, tl.load(BS1 + b1) + fc * aw1 + mc * as1)
-            tl.store(AW2 + wr2, tl.load(BW2 + b2) + bc * aw2 + dw2)
-            tl.store(AS2 + wr2, tl.load(BS2 + b2) + fc * aw2 + mc * as2)
+            dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
+            _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
+                             HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC)
         if PHASE == 0:
             tl.debug_barrier()  # own slots and scratch, read back by other threads of this program next chunk
 
@@ -887,7 +868,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
                 num_stages=1)  # fmt: skip
     split = LAUNCH["sweep_split"]
     ns = hid // split if split else 1
-    if ns > 1 and c // ns >= 1 and (not k.is_cuda or nbh * ns <= _sm_count(k.device)):
+    if ns > 1 and (not k.is_cuda or nbh * ns <= _sm_count(k.device)):
         f32 = dict(device=k.device, dtype=torch.float32)
         xa2 = torch.empty((nbh, 2, ns, c, dv), **f32)
         xb2, xd2 = torch.empty_like(xa2), torch.empty_like(xa2)
@@ -977,10 +958,9 @@ def check_fused_args(fn: str, q: Tensor, k: Tensor, v: Tensor, state: MemoryStat
 #: ``compile_batched``: the batched read and update functions too (inductor fuses their elementwise
 #: work, forward and backward); same values as ``compile_sweep``.
 #: ``MNEMO_MEMORY_SWEEP``: ``eager`` turns ``compile_sweep`` off, ``compile`` (default) leaves it None.
-#: ``compile_sweep = {"mode": "reduce-overhead"}`` (inductor's CUDA graphs) is an experiment, not an option:
-#: on an H100 it cut the op's forward + backward at 16K from 114 to 86 ms, but the process segfaulted when the
-#: layer's backward ran it, and when the same functions were compiled again in another mode
-#: (docs/results/neural_memory.md).
+#: Inductor's CUDA graphs (``mode="reduce-overhead"``) are not supported here: an experiment (commit 4d59d1b,
+#: which marked a step per block and cloned the carried adjoint) cut the op's forward + backward at 16K from 114
+#: to 86 ms on an H100, but the process segfaulted when the layer's backward ran it (docs/results/neural_memory.md).
 _SWEEP_MODES = {"compile": None, "eager": False}
 #: ``triton_sweep``: depth 2 runs the sweep as one Triton launch per group (:func:`_lmm_sweep_kernel`; None =
 #: wherever the sizes allow it, False = the PyTorch sweep above).
@@ -1110,7 +1090,7 @@ class _FusedMemory(torch.autograd.Function):
         f32 = torch.float32
         cm = lambda x: _chunk_major(x.to(f32), n, c)  # noqa: E731  [B, n·C, H, D] -> [n, B, H, C, D]
         qc, kc, vc = cm(q), cm(k), cm(v)
-        dyc = cm(dy) if dy is not None else torch.zeros_like(cm(v))
+        dyc = cm(dy) if dy is not None else torch.zeros_like(vc)
         w_slots, s_slots = slots[:depth], slots[depth:]
         adj = [torch.zeros_like(x[-1]) if d is None else d.to(f32) for x, d in zip(slots, d_final)]
         adj_w, adj_s = adj[:depth], adj[depth:]
@@ -1120,10 +1100,6 @@ class _FusedMemory(torch.autograd.Function):
         group = max(1, min(n, BACKWARD["group_elements"] // (bsz * heads * c * widest)))
         kw = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
         step, block = _sweep_fns(q.device)
-        sweep_opts = _compile_opts(BACKWARD["compile_sweep"], q.device) or {}
-        # inductor's CUDA graphs (mode "reduce-overhead") reuse their output buffers at the next replay:
-        # each block is a new step, and the carried adjoint is copied out before the next one
-        graphed = "reduce-overhead" in str(sweep_opts.get("mode"))
         read_fn, update_fn = _batched_fns(q.device)
         ublock = max(1, int(BACKWARD["sweep_block"]))
         tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
@@ -1163,25 +1139,17 @@ class _FusedMemory(torch.autograd.Function):
                     if block is not None and j >= ublock:  # chunks j - U .. j - 1 in one compiled call
                         b = slice(j - ublock, j)
                         kpb = type(kp)(*([x[b] for x in f] if isinstance(f, list) else (None if f is None else f[b]) for f in kp))
-                        if graphed:
-                            torch.compiler.cudagraph_mark_step_begin()
                         adj_w, adj_s, leaving = block(kpb, g_last[b], n_last[b], *(e[b] for e in ends), [x[b] for x in ws], adj_w, adj_s,
                                                       [x[b] for x in b_w], [x[b] for x in b_s], layer_norm, max_grad_norm)  # fmt: skip
                         for buf, x in zip(nxt, leaving):
                             buf[b].copy_(x)
-                        if graphed:
-                            adj_w, adj_s = [a.clone() for a in adj_w], [a.clone() for a in adj_s]
                         j -= ublock
                         continue
                     j -= 1
                     for buf, a in zip(nxt, (*adj_w, *adj_s)):
                         buf[j].copy_(a)
-                    if graphed:
-                        torch.compiler.cudagraph_mark_step_begin()
                     adj_w, adj_s = step(kp.at(j), g_last[j], n_last[j], *(e[j] for e in ends), [x[j] for x in ws], adj_w, adj_s,
                                         layer_norm, max_grad_norm, [x[j] for x in b_w], [x[j] for x in b_s])  # fmt: skip
-                    if graphed:
-                        adj_w, adj_s = [a.clone() for a in adj_w], [a.clone() for a in adj_s]
             del kp
             # 3) the update, batched: its share of the gradients of k, v and the coefficients
             timer.mark("update_vjp")
