@@ -7,6 +7,7 @@
 #   3. bench: `mnemo bench kernels --cases na2d,na1d --cuda-graph` ($OUT/bench_kernels.json).
 #   4. memory: the fused Titans-memory forward (scripts/diag_memory_fused.py sweep; mnemo bench memory --fused);
 #   5. train: the fused Titans-memory training path at 16K (diag_memory_fused.py --train).
+#   6. host: where the host time of eager NA-2D / NA-1D / sliding-window calls goes (scripts/diag_host.py).
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1".
 set -uo pipefail
@@ -53,6 +54,11 @@ for step in ${STEPS:-tests na2d na1d}; do
       timeout -s KILL "${MEM_TRAIN_TIMEOUT:-240}" python3 scripts/diag_memory_fused.py --skip-correctness --train \
           --train-compile "${MEM_TRAIN_COMPILE:-1,0}" --sweep-launch "${MEM_SWEEP_LAUNCH:-}" --sweep-t "${MEM_TRAIN_T:-16384}" --out "$OUT/diag_memory_train.json" > "$L/diag_memory_train.out" 2>&1
       grep -v -i warn "$L/diag_memory_train.out" | tail -10 | cut -c1-700 ;;
+    host)
+      # where the host time of eager calls goes (scripts/diag_host.py; $OUT/diag_host.json)
+      echo "== host time =="
+      timeout -s KILL "${HOST_TIMEOUT:-150}" python3 scripts/diag_host.py --cases "${HOST_CASES:-na2d,na1d,swa16k}" > "$L/diag_host.out" 2>&1
+      grep -v -i warn "$L/diag_host.out" | cut -c1-600 | tail -12 ;;
     bench)
       echo "== mnemo bench kernels =="
       timeout "${BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \

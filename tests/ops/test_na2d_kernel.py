@@ -189,6 +189,7 @@ def test_custom_ops_equal_the_eager_path_and_pass_opcheck(monkeypatch) -> None:
     k, v = (torch.randn(1, 20, 1, 16, generator=g).requires_grad_() for _ in range(2))
     with na2d_triton.override_launch(**small()):
         torch.library.opcheck(na2d_triton.na2d_attn_fwd, (q, k, v, 4, 5, 3, 2, 0.25))
+        torch.library.opcheck(na2d_triton.na2d_attn_fwd, (q, k, v, 4, 5, 3, 2, 0.25, True))
         o, lse, lo = na2d_triton.na2d_attn_fwd(q, k, v, 4, 5, 3, 2, 0.25)
         args = (torch.randn(o.shape, generator=g), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), lo.detach(),
                 4, 5, 3, 2, 0.25)

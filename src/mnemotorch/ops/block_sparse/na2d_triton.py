@@ -22,8 +22,9 @@ Geometry (every tile shape below is a launch parameter, ``LAUNCH`` / ``override_
   query heads and over gathered query tiles (``QR x QC``) of the inverted windows: rows
   ``[first(y0), last(y_last)]``, columns likewise, column start pulled inside the grid. Near the
   borders those ranges are up to ``K + K // 2`` long, so loop counts are runtime values.
-* Delta = rowsum(dO * O) from the fp32 output (``O`` + the forward's rounding residual for 16-bit
-  inputs) by ``triton._bwd_preprocess``; P is recomputed from the saved ``lse2 = m + log2(l)``
+* Delta = rowsum(dO * O), computed by the dQ kernel (or ``triton._bwd_preprocess``) from the output,
+  plus the forward's rounding residual of a 16-bit output where one is kept (shared Q/K only, as in
+  ``swa_triton.keep_residual``; FlashAttention-2 and FlexAttention keep none); P is recomputed from the saved ``lse2 = m + log2(l)``
   ``[B, H, L]`` fp32 (scores in base 2, ``s * scale * log2(e)``), as in ``swa_triton``.
 
 Counts at the issue's case (128 x 128 grid, 13 x 13 kernel, D = 64, H = 16, B = 1): an interior
@@ -50,8 +51,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_launch import CachedLaunch
 from .launch import launch_overrides
-from .swa_triton import _delta_launch, _mma, _na_first_query, _na_last_query, _na_start
+from .swa_triton import _delta_launch, _mma, _na_first_query, _na_last_query, _na_start, keep_residual
 from .triton import LOG2E, _alloc, _cdiv, _dq_delta, _eager_ok, _ld_rows, _mm, _pow2, _st_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +325,10 @@ def _dclass(d: int) -> int:
     return 64 if d <= 64 else (128 if d <= 128 else 256)
 
 
+# eager launches skip Triton's per-call argument binding (ops/triton_launch.py)
+_FWD, _DQ, _DKDV = (CachedLaunch(k) for k in (_na2d_fwd_kernel, _na2d_bwd_dq_kernel, _na2d_bwd_dkdv_kernel))
+
+
 def launch_config(kind: str, d: int, dtype: torch.dtype) -> dict:
     """The launch parameters of kernel ``kind`` ("fwd", "dkdv", "dq") for head dim ``d`` and ``dtype``."""
     cfg = dict(LAUNCH[(kind, _dclass(d), "32" if dtype == torch.float32 else "16")])
@@ -384,7 +390,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, rows: int, cols: int, kr: int, kc
     o_lo = _alloc(q) if store_lo else None
     bd = _pow2(d)
     grid = (_cdiv(rows, cfg["QR"]) * _cdiv(cols, cfg["QC"]), b * h)
-    _na2d_fwd_kernel[grid](
+    _FWD[grid](
         q, k, v, o, lse, o_lo if store_lo else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -415,7 +421,7 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
 
     def dq_launch():
         lo = o_lo if has_lo else o
-        _na2d_bwd_dq_kernel[(_cdiv(rows, cq["QR"]) * _cdiv(cols, cq["QC"]), b * h)](
+        _DQ[(_cdiv(rows, cq["QR"]) * _cdiv(cols, cq["QC"]), b * h)](
             q, k, v, do, lse, delta, dq, o, lo,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -432,7 +438,7 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     ck = launch_config("dkdv", d, q.dtype)
     dk = _alloc(k, k.shape)
     dv = _alloc(v, v.shape)
-    _na2d_bwd_dkdv_kernel[(_cdiv(rows, ck["KTR"]) * _cdiv(cols, ck["KTC"]), b * hkv)](
+    _DKDV[(_cdiv(rows, ck["KTR"]) * _cdiv(cols, ck["KTC"]), b * hkv)](
         q, k, v, do, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -447,14 +453,15 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
 
 @torch.library.custom_op("mnemotorch::na2d_attn_fwd", mutates_args=())
 def na2d_attn_fwd(q: Tensor, k: Tensor, v: Tensor, rows: int, cols: int, kernel_rows: int, kernel_cols: int,
-                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    o, lse, o_lo = _fwd_impl(q, k, v, rows, cols, kernel_rows, kernel_cols, scale, need_lo=True)
+                  scale: float, keep_lo: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``keep_lo``: store the output's rounding residual for the backward (``swa_triton.keep_residual``)."""
+    o, lse, o_lo = _fwd_impl(q, k, v, rows, cols, kernel_rows, kernel_cols, scale, need_lo=keep_lo)
     return o, lse, q.new_empty(0) if o_lo is None else o_lo
 
 
 @na2d_attn_fwd.register_fake
-def _(q, k, v, rows, cols, kernel_rows, kernel_cols, scale):
-    lo = torch.empty_like(q) if q.dtype != torch.float32 else q.new_empty(0)
+def _(q, k, v, rows, cols, kernel_rows, kernel_cols, scale, keep_lo=False):
+    lo = torch.empty_like(q) if keep_lo and q.dtype != torch.float32 else q.new_empty(0)
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32), lo
 
 
@@ -470,7 +477,7 @@ def _(do, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rows, cols, kr, kc, scale = inputs
+    q, k, v, rows, cols, kr, kc, scale = inputs[:8]
     o, lse, o_lo = output
     ctx.save_for_backward(q, k, v, o, lse, o_lo)
     ctx.geometry, ctx.scale = (rows, cols, kr, kc), scale
@@ -479,7 +486,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, dlse, dlo):
     q, k, v, o, lse, o_lo = ctx.saved_tensors
     dq, dk, dv = na2d_attn_bwd(do, q, k, v, o, lse, o_lo, *ctx.geometry, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 na2d_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -489,8 +496,8 @@ class _EagerNA2D(torch.autograd.Function):
     """The same kernels for eager calls, without the custom ops' dispatch cost (see ``triton.py``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rows, cols, kr, kc, scale):
-        o, lse, o_lo = _fwd_impl(q, k, v, rows, cols, kr, kc, scale, need_lo=True)
+    def forward(ctx, q, k, v, rows, cols, kr, kc, scale, keep_lo):
+        o, lse, o_lo = _fwd_impl(q, k, v, rows, cols, kr, kc, scale, need_lo=keep_lo)
         ctx.save_for_backward(q, k, v, o, lse, o_lo)
         ctx.geometry, ctx.scale = (rows, cols, kr, kc), scale
         return o
@@ -500,7 +507,7 @@ class _EagerNA2D(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, o_lo = ctx.saved_tensors
         dq, dk, dv = _bwd_impl(do, q, k, v, o, lse, o_lo, *ctx.geometry, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -558,8 +565,8 @@ def na2d_attention_triton(q: Tensor, k: Tensor, v: Tensor, shape, kernel_size, s
     if _eager_ok(q, k, v):
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return _fwd_impl(q, k, v, rows, cols, kr, kc, scale)[0]
-        return _EagerNA2D.apply(q, k, v, rows, cols, kr, kc, scale)
-    return na2d_attn_fwd(q, k, v, rows, cols, kr, kc, scale)[0]
+        return _EagerNA2D.apply(q, k, v, rows, cols, kr, kc, scale, keep_residual(q, k))
+    return na2d_attn_fwd(q, k, v, rows, cols, kr, kc, scale, keep_residual(q, k))[0]
 
 
 __all__ = ["LAUNCH", "computed_pairs", "launch_config", "na2d_attention_triton", "na2d_attn_bwd", "na2d_attn_fwd",

@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_launch import CachedLaunch
 from .launch import launch_overrides
 from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _dq_delta, _eager_ok, _ld_full, _ld_rows, _mm, _pow2, _st_rows
 
@@ -874,6 +875,11 @@ def _tma_setup(mode, tensors: tuple[Tensor, ...], block_rows: int, block_d: int)
     return 0, none
 
 
+# eager launches skip Triton's per-call argument binding (ops/triton_launch.py)
+_FWD, _DKDV, _DQ, _PREPROCESS = (CachedLaunch(k) for k in (_swa_fwd_kernel, _swa_bwd_dkdv_kernel, _swa_bwd_dq_kernel,
+                                                            _bwd_preprocess))
+
+
 # ---------------------------------------------------------------------------------------------
 # host side
 
@@ -892,7 +898,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, need_l
     o_lo = _alloc(q) if store_lo else None
     bd = _pow2(d)
     tma, (kd, vd) = _tma_setup(cfg["tma"], (k, v), cfg["BN"], bd)
-    _swa_fwd_kernel[(_cdiv(lq, cfg["BM"]), b * h)](
+    _FWD[(_cdiv(lq, cfg["BM"]), b * h)](
         q, k, v, o, lse, o_lo if store_lo else lse, kd, vd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -936,7 +942,7 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
 def _delta_launch(do: Tensor, o: Tensor, o_lo: Tensor, has_lo: bool, delta: Tensor) -> None:
     """Delta = rowsum(dO * O) (fp32 O: ``o`` + ``o_lo`` when ``has_lo``) into ``delta [B, H, Lq]``."""
     b, lq, h, d = o.shape
-    _bwd_preprocess[(_cdiv(lq, 64), b * h)](o, o_lo, do, delta, o.stride(0), o.stride(1), o.stride(2),
+    _PREPROCESS[(_cdiv(lq, 64), b * h)](o, o_lo, do, delta, o.stride(0), o.stride(1), o.stride(2),
                                             do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=_pow2(d), BM=64,
                                             HAS_LO=has_lo)
 
@@ -959,7 +965,7 @@ def _dkdv_launch(cfg: dict, do, q, k, v, lse, delta, scale: float, window: int, 
             dqd = _tma_desc(dqa, cfg["BM"], bd)
             fused_mode = 2 if dqd is not None else 1
     tma, (qd, dod) = _tma_setup(cfg["tma"], (q, do), cfg["BM"], bd)
-    _swa_bwd_dkdv_kernel[(_cdiv(lk, cfg["BN"]), b * hkv)](
+    _DKDV[(_cdiv(lk, cfg["BN"]), b * hkv)](
         q, k, v, do, lse, delta, dk, dv, lse if dqa is None else dqa, qd, dod, dqd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -988,7 +994,7 @@ def _dq_launch(cq: dict, do, q, k, v, o, o_lo, has_lo: bool, lse, delta, scale: 
     bd = _pow2(d)
     dq = _alloc(q)
     tma, (kd, vd) = _tma_setup(cq["tma"], (k, v), cq["BN"], bd)
-    _swa_bwd_dq_kernel[(_cdiv(lq, cq["BM"]), b * h)](
+    _DQ[(_cdiv(lq, cq["BM"]), b * h)](
         q, k, v, do, lse, delta, dq, kd, vd, o, o_lo,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), o.stride(0), o.stride(1), o.stride(2),

@@ -1,0 +1,135 @@
+"""Cached launches of ``@triton.jit`` kernels for eager hot paths.
+
+``kernel[grid](*args, **constexprs)`` goes through ``JITFunction.run`` on every call: it binds and
+specialises every argument (a native call per argument), builds the cache key and looks the compiled
+kernel up before the launcher runs. On the H100 machine that is ~20 us of a ~30 us launch of a
+kernel with ~35 arguments (``scripts/diag_host.py``), and an eager attention call pays it up to three
+times on its critical path (forward, then the backward's first kernel while the GPU waits).
+
+:class:`CachedLaunch` keeps, per key, the ``CompiledKernel`` that the first normal launch returned
+and launches it directly the next time, as ``JITFunction.run``'s last two lines do. The key is
+stricter than Triton's specialisation, so a hit can never pick a kernel compiled for other
+arguments: every ``int``, ``float`` and ``bool`` argument by value, every tensor by dtype and
+16-byte alignment (Triton specialises pointers on exactly that), host tensor descriptors by dtype,
+alignment, shape, strides, block shape and padding, every constexpr by value, plus ``num_warps``,
+``num_stages`` and the current device. Anything else (an unknown argument type, a missing constexpr,
+the interpreter, launch hooks such as a profiler's) takes the normal path. ``MNEMO_LAUNCH_CACHE=0``
+turns the cache off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+
+try:  # Triton >= 3.2 layout (3.6 on the GPU machine, 3.9 on the CPU ones)
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+except ImportError:  # pragma: no cover - older Triton: the cache stays off
+    _knobs = _driver = None
+
+#: entries kept per kernel (least recently used dropped first); shapes and strides are in the key,
+#: so a workload with many shapes keeps only the recent ones
+MAX_ENTRIES = 64
+
+
+def enabled() -> bool:
+    """Whether launches may use the cache (``MNEMO_LAUNCH_CACHE``, default on; never in the interpreter)."""
+    if _knobs is None or os.environ.get("MNEMO_LAUNCH_CACHE", "1") == "0":
+        return False
+    return not (os.environ.get("TRITON_INTERPRET", "0") == "1" or getattr(_knobs.runtime, "interpret", False))
+
+
+def _hooks_set() -> bool:
+    """A launch hook (a profiler) wants the metadata path of ``JITFunction.run``; take it then."""
+    for name in ("launch_enter_hook", "launch_exit_hook"):
+        hook = getattr(_knobs.runtime, name, None)
+        if hook is None:
+            continue
+        calls = getattr(hook, "calls", None)  # Triton 3.9 keeps a HookChain that may be empty
+        if calls is None or len(calls):
+            return True
+    return False
+
+
+def arg_key(a):
+    """The part of the cache key for one runtime argument, or ``NotImplemented`` if not cacheable."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    t = type(a)
+    if t is int or t is bool or t is float or a is None:
+        return (t, a)
+    base = getattr(a, "base", None)
+    if isinstance(base, torch.Tensor) and hasattr(a, "block_shape"):  # triton.tools.tensor_descriptor.TensorDescriptor
+        return ("desc", base.dtype, base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
+                getattr(a, "padding", None), getattr(a, "round_f32_to_tf32", None))
+    return NotImplemented
+
+
+class CachedLaunch:
+    """``CachedLaunch(kernel)[grid](*args, num_warps=..., num_stages=..., **constexprs)``: the same
+    launch as ``kernel[grid](...)``, through the compiled kernel cached on the first call.
+
+    Runtime arguments are positional, constexprs by keyword (as every call site here passes them).
+    ``hits`` / ``misses`` count the two paths (tests)."""
+
+    def __init__(self, kernel, max_entries: int = MAX_ENTRIES):
+        self.kernel = kernel
+        self.max_entries = max_entries
+        self.entries: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def _key(self, args, kwargs):
+        parts = [torch.cuda.current_device() if torch.cuda.is_available() else -1]
+        for a in args:
+            k = arg_key(a)
+            if k is NotImplemented:
+                return None
+            parts.append(k)
+        for name, value in kwargs.items():
+            if not (value is None or type(value) in (int, bool, float, str)):
+                return None
+            parts.append((name, type(value), value))
+        return tuple(parts)
+
+    def launch(self, grid, args: tuple, kwargs: dict):
+        key = self._key(args, kwargs) if enabled() and not _hooks_set() else None
+        entry = None if key is None else self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            compiled = self.kernel[grid](*args, **kwargs)
+            if key is not None:
+                self._remember(key, compiled, len(args), kwargs)
+            return compiled
+        self.hits += 1
+        self.entries.move_to_end(key)
+        compiled, names = entry
+        full = list(args)
+        full.extend(kwargs[n] for n in names)
+        device = _driver.active.get_current_device()
+        stream = _driver.active.get_current_stream(device)
+        g = tuple(grid) + (1, 1)
+        meta = compiled.launch_metadata(g[:3], stream, *full)
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, meta,
+                     _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *full)
+        return compiled
+
+    def _remember(self, key, compiled, n_args: int, kwargs: dict) -> None:
+        """Cache ``compiled`` if it looks like a CompiledKernel and every parameter after the
+        positional ones came by keyword (the launcher takes all parameters, in order)."""
+        if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+            return
+        names = list(getattr(self.kernel, "arg_names", ()))[n_args:]
+        if any(n not in kwargs for n in names):
+            return
+        self.entries[key] = (compiled, names)
+        if len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
+
+__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "enabled"]

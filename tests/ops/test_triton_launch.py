@@ -1,0 +1,127 @@
+"""The launch cache (ops/triton_launch.py): a hit launches the compiled kernel the first launch
+returned, with every parameter in order; any change Triton could specialise on is a miss.
+
+The compiled path needs a GPU; here a fake JIT kernel stands in for Triton's, so the cache's logic
+(keys, argument order, fallbacks) is checked on the CPU. The GPU tests of the NA-2D / NA-1D /
+sliding-window kernels run through it for real."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from mnemotorch.ops import triton_launch as tl_launch
+
+
+class FakeCompiled:
+    def __init__(self, tag):
+        self.tag, self.function, self.packed_metadata, self.calls = tag, object(), ("meta", tag), []
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, g0, g1, g2, stream, function, packed, meta, enter, exit_, *args):
+        assert function is self.function and packed == self.packed_metadata
+        self.calls.append(((g0, g1, g2), stream, args))
+
+
+class FakeKernel:
+    """Stands in for a JITFunction ``k(x, n, s, A: constexpr, B: constexpr)``: compiles one
+    FakeCompiled per distinct call and records what went through the normal path."""
+
+    arg_names = ["x", "n", "s", "A", "B"]
+
+    def __init__(self):
+        self.normal = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.normal.append((grid, args, kwargs))
+            return FakeCompiled(len(self.normal))
+        return run
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    runtime = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None, interpret=False)
+    monkeypatch.setattr(tl_launch, "_knobs", types.SimpleNamespace(runtime=runtime))
+    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda dev: 1234)
+    monkeypatch.setattr(tl_launch, "_driver", types.SimpleNamespace(active=active))
+    monkeypatch.setattr(tl_launch, "enabled", lambda: True)
+    return runtime
+
+
+def test_hit_launches_the_compiled_kernel_with_all_parameters_in_order(fake_triton):
+    k = FakeKernel()
+    launch = tl_launch.CachedLaunch(k)
+    x = torch.zeros(8)
+    first = launch[(3, 2)](x, 7, 0.5, A=4, B=True, num_warps=4)
+    assert len(k.normal) == 1 and launch.misses == 1
+    again = launch[(5,)](x, 7, 0.5, A=4, B=True, num_warps=4)
+    assert again is first and len(k.normal) == 1 and launch.hits == 1
+    assert first.calls == [((5, 1, 1), 1234, (x, 7, 0.5, 4, True))]
+
+
+@pytest.mark.parametrize("change", ["int", "float", "constexpr", "warps", "dtype", "alignment"])
+def test_anything_triton_specialises_on_is_a_miss(fake_triton, change):
+    k = FakeKernel()
+    launch = tl_launch.CachedLaunch(k)
+    x = torch.zeros(64)
+    base = dict(args=(x, 16, 0.5), kw=dict(A=4, B=True, num_warps=4))
+    launch[(1,)](*base["args"], **base["kw"])
+    args, kw = list(base["args"]), dict(base["kw"])
+    if change == "int":
+        args[1] = 1  # Triton specialises n == 1 (and n % 16): any other value is another entry
+    elif change == "float":
+        args[2] = 0.25
+    elif change == "constexpr":
+        kw["A"] = 8
+    elif change == "warps":
+        kw["num_warps"] = 8
+    elif change == "dtype":
+        args[0] = x.to(torch.float64)
+    else:
+        args[0] = x[1:]  # 4-byte offset: not 16-byte aligned
+    launch[(1,)](*args, **kw)
+    assert len(k.normal) == 2 and launch.hits == 0
+
+
+def test_uncacheable_calls_take_the_normal_path(fake_triton):
+    k = FakeKernel()
+    launch = tl_launch.CachedLaunch(k)
+    x = torch.zeros(8)
+    for _ in range(2):
+        launch[(1,)](x, 7, 0.5, A=4, num_warps=4)  # B missing: the launcher would get too few parameters
+        launch[(1,)](x, [7], 0.5, A=4, B=1, num_warps=4)  # an argument type the key does not know
+    assert len(k.normal) == 4 and launch.hits == 0 and not launch.entries
+
+
+def test_launch_hooks_and_the_switch_turn_the_cache_off(fake_triton, monkeypatch):
+    k = FakeKernel()
+    launch = tl_launch.CachedLaunch(k)
+    x = torch.zeros(8)
+    fake_triton.launch_enter_hook = lambda *a: None  # e.g. a profiler
+    launch[(1,)](x, 7, 0.5, A=4, B=1)
+    launch[(1,)](x, 7, 0.5, A=4, B=1)
+    assert len(k.normal) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("MNEMO_LAUNCH_CACHE", "0")
+    assert not tl_launch.enabled()
+
+
+def test_entries_are_bounded(fake_triton):
+    k = FakeKernel()
+    launch = tl_launch.CachedLaunch(k, max_entries=3)
+    x = torch.zeros(8)
+    for n in range(5):
+        launch[(1,)](x, n + 2, 0.5, A=4, B=1)
+    assert list(launch.entries) and len(launch.entries) == 3
+    launch[(1,)](x, 6, 0.5, A=4, B=1)  # the newest is kept
+    assert launch.hits == 1
+
+
+def test_interpreter_never_caches(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not tl_launch.enabled()
