@@ -54,15 +54,22 @@ def _hooks_set() -> bool:
     return False
 
 
+_Tensor = torch.Tensor
+
+
 def arg_key(a):
-    """The part of the cache key for one runtime argument, or ``NotImplemented`` if not cacheable."""
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
+    """The part of the cache key for one runtime argument, or ``NotImplemented`` if not cacheable.
+    Ints come back as themselves (the commonest case, kept cheapest: a call site passes the same
+    type at the same position, so an int never meets a float or a bool there)."""
     t = type(a)
-    if t is int or t is bool or t is float or a is None:
+    if t is int:
+        return a
+    if isinstance(a, _Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if t is float or t is bool or a is None:
         return (t, a)
     base = getattr(a, "base", None)
-    if isinstance(base, torch.Tensor) and hasattr(a, "block_shape"):  # triton.tools.tensor_descriptor.TensorDescriptor
+    if isinstance(base, _Tensor) and hasattr(a, "block_shape"):  # triton.tools.tensor_descriptor.TensorDescriptor
         return ("desc", base.dtype, base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
                 getattr(a, "padding", None), getattr(a, "round_f32_to_tf32", None))
     return NotImplemented
@@ -84,21 +91,23 @@ class CachedLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def _key(self, args, kwargs):
-        parts = [torch.cuda.current_device() if torch.cuda.is_available() else -1]
-        for a in args:
-            k = arg_key(a)
-            if k is NotImplemented:
-                return None
-            parts.append(k)
-        for name, value in kwargs.items():
+    @staticmethod
+    def _key(device, args, kwargs):
+        parts = [arg_key(a) for a in args]
+        if NotImplemented in parts:
+            return None
+        for value in kwargs.values():
             if not (value is None or type(value) in (int, bool, float, str)):
                 return None
-            parts.append((name, type(value), value))
+        parts.append(device)
+        parts.append(tuple(kwargs.items()))
         return tuple(parts)
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        key = self._key(args, kwargs) if enabled() and not _hooks_set() else None
+        key = None
+        if enabled() and not _hooks_set():
+            device = _driver.active.get_current_device()
+            key = self._key(device, args, kwargs)
         entry = None if key is None else self.entries.get(key)
         if entry is None:
             self.misses += 1
@@ -110,8 +119,7 @@ class CachedLaunch:
         self.entries.move_to_end(key)
         compiled, names = entry
         full = list(args)
-        full.extend(kwargs[n] for n in names)
-        device = _driver.active.get_current_device()
+        full.extend([kwargs[n] for n in names])
         stream = _driver.active.get_current_stream(device)
         g = tuple(grid) + (1, 1)
         meta = compiled.launch_metadata(g[:3], stream, *full)

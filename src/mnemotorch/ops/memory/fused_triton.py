@@ -81,7 +81,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``B · H · slices`` programs fit on the SMs at once; 0 = one program per head (the kernel above).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32",
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
-                "sweep_split": 64, "sweep_split_warps": 4}
+                "sweep_split": "auto", "sweep_split_warps": 4}
 
 
 @triton.jit
@@ -866,9 +866,8 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
             sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1])  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
                 num_stages=1)  # fmt: skip
-    split = LAUNCH["sweep_split"]
-    ns = hid // split if split else 1
-    if ns > 1 and (not k.is_cuda or nbh * ns <= _sm_count(k.device)):
+    ns = _sweep_programs(hid, nbh, k)
+    if ns > 1:
         f32 = dict(device=k.device, dtype=torch.float32)
         xa2 = torch.empty((nbh, 2, ns, c, dv), **f32)
         xb2, xd2 = torch.empty_like(xa2), torch.empty_like(xa2)
@@ -886,6 +885,25 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     else:
         _lmm_sweep_kernel[(nbh,)](*args, g_n, BH=min(hid, LAUNCH["sweep_slice"]), num_warps=LAUNCH["sweep_warps"], **meta)
     return [slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots]
+
+
+def _sweep_programs(hid: int, nbh: int, x: Tensor) -> int:
+    """Programs per head of the depth-2 sweep: ``LAUNCH["sweep_split"]`` hidden columns each (0: one
+    program per head). ``"auto"``: on a GPU the most programs (slices of 32, else 64 columns) whose grid
+    fits the SMs, since every program of a head must be resident for the grid barrier (at B·H = 16 and
+    hidden 256 that is 8 per head: 128 programs on the H100's 132 SMs); elsewhere slices of 64."""
+    split = LAUNCH["sweep_split"]
+
+    def fits(ns: int) -> bool:
+        return ns > 1 and hid % ns == 0 and (not x.is_cuda or nbh * ns <= _sm_count(x.device))
+
+    if split == "auto":
+        for cols in ((32, 64) if x.is_cuda and not _interpreted(x) else (64,)):
+            if fits(hid // cols):
+                return hid // cols
+        return 1
+    ns = hid // split if split else 1
+    return ns if fits(ns) else 1
 
 
 def _triton_sweep_on(q: Tensor, depth: int, hid: int, dk: int, dv: int, c: int) -> bool:
