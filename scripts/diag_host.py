@@ -114,7 +114,14 @@ def launch_us(step, n=50) -> dict:
     return {k: round(v / n * 1e6, 2) for k, v in sorted(_ACC.items())}
 
 
-def top(prof: cProfile.Profile, n: int = 22) -> str:
+def profiled(step, calls: int = 200, n: int = 22) -> str:
+    """The top ``n`` functions by own time of ``calls`` calls of ``step`` (cProfile, this thread)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(n)
     return "\n".join(line for line in s.getvalue().splitlines() if line.strip())[-4000:]
@@ -160,24 +167,12 @@ def measure(which) -> dict:
             row[mode] = r
             print(name, mode, json.dumps(r), flush=True)
         row["grads_equal_first_call"] = all(torch.equal(a, b) for a, b in zip(first, fwd_bwd()))
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(200):
-            fwd()
-        prof.disable()
-        torch.cuda.synchronize()
-        row["cprofile_fwd"] = top(prof)
+        row["cprofile_fwd"] = profiled(fwd)
         bwd = direct_backward(name, q.detach(), k.detach(), v.detach(), go)
         bwd()
         torch.cuda.synchronize()
         row["bwd_direct_host_us"] = host_us(bwd)
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(200):
-            bwd()
-        prof.disable()
-        torch.cuda.synchronize()
-        row["cprofile_bwd"] = top(prof)
+        row["cprofile_bwd"] = profiled(bwd)
         rep[name] = row
     return rep
 
