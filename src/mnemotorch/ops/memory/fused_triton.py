@@ -384,15 +384,16 @@ def _lmm_split_fwd_kernel(
     z1p = Z1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
     d1p = D1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
     NB: tl.constexpr = 3 if CLIP else 2
+    kvp = b * skb + h * skh + ck[None, :]  # k and v are reloaded where used (L2-resident) rather than kept
+    vvp = b * svb + h * svh + cv[None, :]  # live across the phases: each [C, D] fp32 tile is 32 registers a thread
     for i in range(chunk0, chunk0 + n_chunks):
         par = i % 2
         r1 = i * SLOT1  # chunk i reads the state from slot i, writes slot i + 1 (SLOT = 0: in place)
         r2 = i * SLOT2
         xo = (bh * 2 + par) * NS  # first of this head's NS partial slots for this chunk parity
         t = i * C + rows
-        k = tl.load(K + b * skb + h * skh + t[:, None] * skt + ck[None, :]).to(tl.float32)
-        v = tl.load(V + b * svb + h * svh + t[:, None] * svt + cv[None, :]).to(tl.float32)
         if PHASE == 0 or PHASE == 1:
+            k = tl.load(K + kvp + t[:, None] * skt).to(tl.float32)
             w1 = tl.load(w1p + r1, cache_modifier=".cg")
             z1 = _mmp(k, w1, PREC)
             tl.store(z1p, z1)
@@ -403,6 +404,8 @@ def _lmm_split_fwd_kernel(
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (i * NB + 1))
         if PHASE == 0 or PHASE == 2:
+            k = tl.load(K + kvp + t[:, None] * skt).to(tl.float32)
+            v = tl.load(V + vvp + t[:, None] * svt).to(tl.float32)
             d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
             w2 = tl.load(w2p + r2, cache_modifier=".cg")
             z1 = tl.load(z1p, cache_modifier=".cg")
@@ -416,43 +419,48 @@ def _lmm_split_fwd_kernel(
         cc = (i * nbh + bh) * C * C
         c1 = (i * nbh + bh) * C
         if PHASE == 0 or PHASE == 3:
-            q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + ck[None, :]).to(tl.float32)
-            d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
-            gm = tl.load(G + cc + rows[:, None] * C + rows[None, :])
-            nm = tl.load(NM + cc + rows[:, None] * C + rows[None, :])
+            # The order keeps few [C, ·] tiles live at once (with all of them loaded up front the 4-warp
+            # program spilled ~900 bytes a thread): layer 1's state is read, used by the read and updated
+            # before layer 2's is loaded; only the last rows of the coefficient matrices feed the update.
+            k = tl.load(K + kvp + t[:, None] * skt).to(tl.float32)
+            d2 = _split_d2(XZ2, xo, rows, cv, k, tl.load(V + vvp + t[:, None] * svt).to(tl.float32), ln_eps, C, DV, NS, RESIDUAL, LN)
+            g_l = tl.load(G + cc + (C - 1) * C + rows)
+            n_l = tl.load(NM + cc + (C - 1) * C + rows)
             if CLIP:
                 scale = _split_scale(XHN, XDN, xo, rows, k, d2, max_norm, C, NS)
-                gm = gm * scale[None, :]
-                nm = nm * scale[None, :]
+                g_l = g_l * scale
+                n_l = n_l * scale
             beta = tl.load(BETA + c1 + rows)
             f = tl.load(FV + c1 + rows)
-            b_c = _last1(beta, rows, C)
-            m_c = _last1(tl.load(MV + c1 + rows), rows, C)
-            f_c = _last1(f, rows, C)
-            g_l = _last(gm, rows, C)
-            n_l = _last(nm, rows, C)
+            b_c = tl.load(BETA + c1 + C - 1)
+            m_c = tl.load(MV + c1 + C - 1)
+            f_c = tl.load(FV + c1 + C - 1)
+            q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + ck[None, :]).to(tl.float32)
             w1 = tl.load(w1p + r1, cache_modifier=".cg")
             s1 = tl.load(s1p + r1, cache_modifier=".cg")
+            zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R)
+            d1 = tl.load(d1p, cache_modifier=".cg")
+            tl.store(w1p + r1 + SLOT1, b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d1, PREC))
+            tl.store(s1p + r1 + SLOT1, m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC))
+            gm = tl.load(G + cc + rows[:, None] * C + rows[None, :])
+            if CLIP:
+                gm = gm * scale[None, :]
+            zh = zh - _mmp(gm * _mmp(q, tl.trans(k), PREC_R), d1, PREC_R)
+            hh = _act(zh, ACT)
+            h1 = _act(tl.load(z1p, cache_modifier=".cg"), ACT)
+            tl.store(XP + (xo + j) * C * C + rows[:, None] * C + rows[None, :], _mmp(hh, tl.trans(h1), PREC_R))
             w2 = tl.load(w2p + r2, cache_modifier=".cg")
             s2 = tl.load(s2p + r2, cache_modifier=".cg")
-            z1 = tl.load(z1p, cache_modifier=".cg")
-            d1 = tl.load(d1p, cache_modifier=".cg")
-            h1 = _act(z1, ACT)
-            ga = gm * _mmp(q, tl.trans(k), PREC_R)
-            zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
-            hh = _act(zh, ACT)
             acc2 = _mmp(beta[:, None] * hh, w2, PREC_R)
             acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
             tl.store(XACC + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], acc2)
-            tl.store(XP + (xo + j) * C * C + rows[:, None] * C + rows[None, :], _mmp(hh, tl.trans(h1), PREC_R))
-            tl.store(w1p + r1 + SLOT1, b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d1, PREC))
-            tl.store(s1p + r1 + SLOT1, m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC))
             tl.store(w2p + r2 + SLOT2, b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC))
             tl.store(s2p + r2 + SLOT2, m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC))
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (i * NB + NB))
         if PHASE == 0 or PHASE == 4:
-            d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
+            k = tl.load(K + kvp + t[:, None] * skt).to(tl.float32)
+            d2 = _split_d2(XZ2, xo, rows, cv, k, tl.load(V + vvp + t[:, None] * svt).to(tl.float32), ln_eps, C, DV, NS, RESIDUAL, LN)
             gs = tl.load(G + cc + sub[:, None] * C + rows[None, :])
             if CLIP:
                 gs = gs * _split_scale(XHN, XDN, xo, rows, k, d2, max_norm, C, NS)[None, :]
