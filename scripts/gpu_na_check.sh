@@ -8,6 +8,7 @@
 #   4. memory: the fused Titans-memory forward (scripts/diag_memory_fused.py sweep; mnemo bench memory --fused);
 #   5. train: the fused Titans-memory training path at 16K (diag_memory_fused.py --train).
 #   6. host: where the host time of eager NA-2D / NA-1D / sliding-window calls goes (scripts/diag_host.py).
+#   7. resources: registers and spills of the compiled kernels (scripts/diag_kernel_resources.py).
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1".
 set -uo pipefail
@@ -59,6 +60,11 @@ for step in ${STEPS:-tests na2d na1d}; do
       echo "== host time =="
       timeout -s KILL "${HOST_TIMEOUT:-150}" python3 scripts/diag_host.py --cases "${HOST_CASES:-na2d,na1d,swa16k}" > "$L/diag_host.out" 2>&1
       grep -v -i warn "$L/diag_host.out" | cut -c1-600 | tail -12 ;;
+    resources)
+      # registers / spills / shared memory of the compiled memory and attention kernels ($OUT/diag_kernel_resources.json)
+      echo "== kernel resources =="
+      timeout -s KILL "${RES_TIMEOUT:-200}" python3 scripts/diag_kernel_resources.py > "$L/diag_kernel_resources.out" 2>&1
+      grep -v -i warn "$L/diag_kernel_resources.out" | cut -c1-300 | tail -16 ;;
     bench)
       echo "== mnemo bench kernels =="
       timeout "${BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \
