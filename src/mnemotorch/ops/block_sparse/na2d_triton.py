@@ -24,8 +24,9 @@ Geometry (every tile shape below is a launch parameter, ``LAUNCH`` / ``override_
   borders those ranges are up to ``K + K // 2`` long, so loop counts are runtime values.
 * Delta = rowsum(dO * O), computed by the dQ kernel (or ``triton._bwd_preprocess``) from the output,
   plus the forward's rounding residual of a 16-bit output where one is kept (shared Q/K only, as in
-  ``swa_triton.keep_residual``; FlashAttention-2 and FlexAttention keep none); P is recomputed from the saved ``lse2 = m + log2(l)``
-  ``[B, H, L]`` fp32 (scores in base 2, ``s * scale * log2(e)``), as in ``swa_triton``.
+  ``swa_triton.keep_residual``; FlashAttention-2 and FlexAttention keep none); P is recomputed from the
+  saved ``lse2 = m + log2(l)`` ``[B, H, L]`` fp32 (scores in base 2, ``s * scale * log2(e)``), as in
+  ``swa_triton``.
 
 Counts at the issue's case (128 x 128 grid, 13 x 13 kernel, D = 64, H = 16, B = 1): an interior
 4 x 16 query tile has a union of 16 rows x 28 columns, covered by 8 key tiles of 2 x 32 = 512 keys

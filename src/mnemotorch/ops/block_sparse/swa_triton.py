@@ -943,8 +943,8 @@ def _delta_launch(do: Tensor, o: Tensor, o_lo: Tensor, has_lo: bool, delta: Tens
     """Delta = rowsum(dO * O) (fp32 O: ``o`` + ``o_lo`` when ``has_lo``) into ``delta [B, H, Lq]``."""
     b, lq, h, d = o.shape
     _PREPROCESS[(_cdiv(lq, 64), b * h)](o, o_lo, do, delta, o.stride(0), o.stride(1), o.stride(2),
-                                            do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=_pow2(d), BM=64,
-                                            HAS_LO=has_lo)
+                                        do.stride(0), do.stride(1), do.stride(2), lq, H=h, D=d, BLOCK_D=_pow2(d), BM=64,
+                                        HAS_LO=has_lo)
 
 
 def _dkdv_launch(cfg: dict, do, q, k, v, lse, delta, scale: float, window: int, na1d: bool = False):

@@ -158,6 +158,12 @@ def _read_out(zh, q, D: tl.constexpr, eps, RESIDUAL: tl.constexpr, LN: tl.conste
 
 
 @triton.jit
+def _rows_f32(base, t, stride_t):
+    """Rows ``t`` of a token-major tile (``base`` already offset by batch, head and column), in fp32."""
+    return tl.load(base + t[:, None] * stride_t).to(tl.float32)
+
+
+@triton.jit
 def _last(x, rows, C: tl.constexpr):
     """Row ``C − 1`` of ``x [C, C]`` as a vector (indexed by column)."""
     return tl.sum(tl.where(rows[:, None] == C - 1, x, 0.0), 0)
@@ -384,8 +390,8 @@ def _lmm_split_fwd_kernel(
     z1p = Z1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
     d1p = D1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
     NB: tl.constexpr = 3 if CLIP else 2
-    kvp = b * skb + h * skh + ck[None, :]  # k and v are reloaded where used (L2-resident) rather than kept
-    vvp = b * svb + h * svh + cv[None, :]  # live across the phases: each [C, D] fp32 tile is 32 registers a thread
+    kb = K + b * skb + h * skh + ck[None, :]  # k and v are reloaded where used (L2-resident) rather than kept
+    vb = V + b * svb + h * svh + cv[None, :]  # live across the phases: each [C, D] fp32 tile is 32 registers a thread
     for i in range(chunk0, chunk0 + n_chunks):
         par = i % 2
         r1 = i * SLOT1  # chunk i reads the state from slot i, writes slot i + 1 (SLOT = 0: in place)
@@ -393,7 +399,7 @@ def _lmm_split_fwd_kernel(
         xo = (bh * 2 + par) * NS  # first of this head's NS partial slots for this chunk parity
         t = i * C + rows
         if PHASE == 0 or PHASE == 1:
-            k = tl.load(K + kvp + t[:, None] * skt).to(tl.float32)
+            k = _rows_f32(kb, t, skt)
             w1 = tl.load(w1p + r1, cache_modifier=".cg")
             z1 = _mmp(k, w1, PREC)
             tl.store(z1p, z1)
@@ -404,8 +410,8 @@ def _lmm_split_fwd_kernel(
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (i * NB + 1))
         if PHASE == 0 or PHASE == 2:
-            k = tl.load(K + kvp + t[:, None] * skt).to(tl.float32)
-            v = tl.load(V + vvp + t[:, None] * svt).to(tl.float32)
+            k = _rows_f32(kb, t, skt)
+            v = _rows_f32(vb, t, svt)
             d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
             w2 = tl.load(w2p + r2, cache_modifier=".cg")
             z1 = tl.load(z1p, cache_modifier=".cg")
@@ -422,8 +428,8 @@ def _lmm_split_fwd_kernel(
             # The order keeps few [C, ·] tiles live at once (with all of them loaded up front the 4-warp
             # program spilled ~900 bytes a thread): layer 1's state is read, used by the read and updated
             # before layer 2's is loaded; only the last rows of the coefficient matrices feed the update.
-            k = tl.load(K + kvp + t[:, None] * skt).to(tl.float32)
-            d2 = _split_d2(XZ2, xo, rows, cv, k, tl.load(V + vvp + t[:, None] * svt).to(tl.float32), ln_eps, C, DV, NS, RESIDUAL, LN)
+            k = _rows_f32(kb, t, skt)
+            d2 = _split_d2(XZ2, xo, rows, cv, k, _rows_f32(vb, t, svt), ln_eps, C, DV, NS, RESIDUAL, LN)
             g_l = tl.load(G + cc + (C - 1) * C + rows)
             n_l = tl.load(NM + cc + (C - 1) * C + rows)
             if CLIP:
@@ -459,8 +465,8 @@ def _lmm_split_fwd_kernel(
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (i * NB + NB))
         if PHASE == 0 or PHASE == 4:
-            k = tl.load(K + kvp + t[:, None] * skt).to(tl.float32)
-            d2 = _split_d2(XZ2, xo, rows, cv, k, tl.load(V + vvp + t[:, None] * svt).to(tl.float32), ln_eps, C, DV, NS, RESIDUAL, LN)
+            k = _rows_f32(kb, t, skt)
+            d2 = _split_d2(XZ2, xo, rows, cv, k, _rows_f32(vb, t, svt), ln_eps, C, DV, NS, RESIDUAL, LN)
             gs = tl.load(G + cc + sub[:, None] * C + rows[None, :])
             if CLIP:
                 gs = gs * _split_scale(XHN, XDN, xo, rows, k, d2, max_norm, C, NS)[None, :]
@@ -906,7 +912,7 @@ def _sweep_programs(hid: int, nbh: int, x: Tensor) -> int:
         return ns > 1 and hid % ns == 0 and (not x.is_cuda or nbh * ns <= _sm_count(x.device))
 
     if split == "auto":
-        for cols in ((32, 64) if x.is_cuda and not _interpreted(x) else (64,)):
+        for cols in ((64,) if _interpreted(x) else (32, 64)):
             if fits(hid // cols):
                 return hid // cols
         return 1
