@@ -44,11 +44,11 @@ for step in ${STEPS:-tests na2d na1d}; do
       # against titans-pytorch (mnemo bench memory --fused); JSON in $OUT/diag_memory_fused.json, $OUT/bench_memory.json
       echo "== fused memory forward =="
       timeout -s KILL "${MEM_DIAG_TIMEOUT:-200}" python3 scripts/diag_memory_fused.py --skip-correctness --sweep --slices 64 --warps 4 \
-          --splits "${MEM_SPLITS:-0,64}" --precisions "${MEM_PRECISIONS:-tf32x3/tf32}" --out "$OUT/diag_memory_fused.json" > "$L/diag_memory.out" 2>&1
-      grep -v -i warn "$L/diag_memory.out" | tail -8 | cut -c1-300
-      timeout -s KILL "${MEM_BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench memory -- --cases lmm --configs matched,default \
+          --splits "${MEM_SPLITS:-0,64}" --precisions "${MEM_PRECISIONS:-tf32x3/tf32}" ${MEM_SWEEP_ARGS:-} --out "$OUT/diag_memory_fused.json" > "$L/diag_memory.out" 2>&1
+      grep -v -i warn "$L/diag_memory.out" | tail -"${MEM_SWEEP_LINES:-8}" | cut -c1-300
+      [ "${MEM_BENCH:-1}" = 1 ] && timeout -s KILL "${MEM_BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench memory -- --cases lmm --configs matched,default \
           --lengths "${MEM_LENGTHS:-4096,16384}" --fused --warmup 2 --rep 5 --out "$OUT/bench_memory.json" --time-budget "${MEM_BENCH_BUDGET:-170}" > "$L/bench_memory.out" 2>&1
-      grep -E "^lmm" "$L/bench_memory.out" | cut -c1-1200 ;;
+      [ "${MEM_BENCH:-1}" = 1 ] && grep -E "^lmm" "$L/bench_memory.out" | cut -c1-1200 ;;
     train)
       # the fused training path at 16K: eager and compiled adjoint step, phases, peak ($OUT/diag_memory_train.json)
       echo "== fused memory training =="

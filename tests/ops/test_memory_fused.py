@@ -191,16 +191,19 @@ SPLIT_CASES = [  # (name, config, max_grad_norm, d, hidden, chunk, split_slice) 
 ]
 
 
+@pytest.mark.parametrize("read", ["batched", "inline"])
 @pytest.mark.parametrize("name,cfg,clip,d,hidden,chunk,split", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
-def test_split_kernel_matches_chunked_fp32(monkeypatch, name, cfg, clip, d, hidden, chunk, split):
+def test_split_kernel_matches_chunked_fp32(monkeypatch, name, cfg, clip, d, hidden, chunk, split, read):
     """Depth 2 with the hidden dimension split over programs (``_lmm_split_fwd_kernel``; in the
-    interpreter one launch per phase and chunk, as the GPU's grid barriers order them)."""
+    interpreter one launch per phase and chunk, as the GPU's grid barriers order them), the read either
+    in its own kernel after the walk (``batched``, :func:`_lmm_chunk_read_kernel`) or inside it."""
     from mnemotorch.ops.memory import fused_triton
 
     calls = []
     real = fused_triton._launch_split
     monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", split)
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_read", read)
     (q, k, v), gates, st = inputs(2, d, hidden, 2 * chunk + 5, position=0)
     y_ref, s_ref = neural_memory_chunked(q, k, v, *gates, st, chunk, **cfg, max_grad_norm=clip)  # float64
     f32 = lambda xs: [x.float() for x in xs]  # noqa: E731
@@ -212,15 +215,54 @@ def test_split_kernel_matches_chunked_fp32(monkeypatch, name, cfg, clip, d, hidd
     assert_state(s, s_ref, 1e-5)
 
 
-def test_split_needs_16_rows_per_program(monkeypatch):
-    """Fewer than 16 chunk rows per program (a tl.dot tile) keeps the one-program-per-head kernel."""
+def test_split_batched_read_in_groups(monkeypatch):
+    """Without stored checkpoints the batched read walks the chunks in groups with their own slots
+    (``LAUNCH["read_group_bytes"]``): one chunk per group here, the same result as one group."""
     from mnemotorch.ops.memory import fused_triton
 
-    monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: pytest.fail("split kernel used"))
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    (q, k, v), gates, st = inputs(2, 16, 32, 3 * 16 + 3, position=0)
+    y_ref, s_ref = neural_memory_chunked(q, k, v, *gates, st, 16, **DEFAULT, max_grad_norm=0.3)
+    f32 = lambda xs: [x.float() for x in xs]  # noqa: E731
+    st32 = MemoryState(tuple(f32(st.weights)), tuple(f32(st.momentum)), tuple(f32(st.chunk_start)), 0)
+    launched = []
+    monkeypatch.setattr(fused_triton, "_lmm_chunk_read_kernel", _GridRecorder(fused_triton._lmm_chunk_read_kernel, launched))
+    monkeypatch.setitem(fused_triton.LAUNCH, "read_group_bytes", 1)
+    with torch.no_grad():
+        y, s = neural_memory_fused_forward(*f32((q, k, v)), *f32(gates), st32, 16, **DEFAULT, max_grad_norm=0.3)
+    assert launched == [(4, 1)] * 3  # B·H = 4 heads, one chunk per group
+    assert rel(y.double(), y_ref) <= 1e-5
+    assert_state(s, s_ref, 1e-5)
+
+
+class _GridRecorder:
+    """Wraps a Triton kernel: records each launch's grid."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        self.seen.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("read,used", [("inline", False), ("batched", True)])
+def test_split_rows_per_program(monkeypatch, read, used):
+    """The inline read splits the chunk's rows over the programs too: with fewer than 16 rows per
+    program (a tl.dot tile) it keeps the one-program-per-head kernel. The batched read does not."""
+    from mnemotorch.ops.memory import fused_triton
+
+    calls = []
+    real = fused_triton._launch_split
+    monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_read", read)
     (q, k, v), gates, st = inputs(2, 16, 32, 32)
     with torch.no_grad():  # chunk 16, 2 programs: 8 rows each
-        neural_memory_fused_forward(q.float(), k.float(), v.float(), *(g.float() for g in gates), st, 16, **MATCHED)
+        y, _ = neural_memory_fused_forward(q.float(), k.float(), v.float(), *(g.float() for g in gates), st, 16, **MATCHED)
+    y_ref, _ = neural_memory_chunked(q, k, v, *gates, st, 16, **MATCHED)
+    assert bool(calls) == used
+    assert rel(y.double(), y_ref) <= 1e-5
 
 
 def test_layer_fused_memory_flag(monkeypatch):

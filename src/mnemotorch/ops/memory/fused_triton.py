@@ -81,7 +81,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``B · H · slices`` programs fit on the SMs at once; 0 = one program per head (the kernel above).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32",
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
-                "sweep_split": "auto", "sweep_split_warps": 4}
+                "sweep_split": "auto", "sweep_split_warps": 4,
+                "split_read": "batched", "read_slice": 64, "read_warps": 8, "read_stages": 1, "read_group_bytes": 1 << 30}
 
 
 @triton.jit
@@ -353,10 +354,11 @@ def _lmm_split_fwd_kernel(
     G, NM, BETA, MV, FV,
     W1, S1, W2, S2, Z1, D1, SLOT1, SLOT2,
     XZ2, XHN, XDN, XACC, XP, CNT,
+    D2O, SCO, slot0, zrow0, ZS,
     chunk0, n_chunks, H, ln_eps, max_norm,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
-    PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr,
+    PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr, READ: tl.constexpr,
 ):
     """Depth 2 with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j``: its columns of W_1/S_1,
     rows of W_2/S_2, and ``Z_1``/``Δ_1`` columns are its own; the sums over the hidden dimension
@@ -370,7 +372,15 @@ def _lmm_split_fwd_kernel(
 
     ``PHASE == 0``: one launch walks every chunk, the phases separated by a grid barrier among the
     head's NS programs (they must all be resident). ``PHASE`` 1–4: one phase of chunk ``chunk0`` per
-    launch (the host serialises them; Triton's interpreter, which runs programs one after another)."""
+    launch (the host serialises them; Triton's interpreter, which runs programs one after another).
+
+    ``READ == False`` (the recurrence alone): phase 3 only updates the state and phase 4 is skipped, so a
+    chunk needs one grid barrier (two with the clip) instead of two (three). The read is left to
+    :func:`_lmm_chunk_read_kernel`, parallel over chunks, which takes what this kernel leaves per chunk
+    : ``Z_1``, ``P = Δ_2 W_2ᵀ`` (in ``D1``;
+    ``Δ_1 = P ∘ σ'(Z_1)``), ``Δ_2`` (``D2O``) and the clip's factor (``SCO``); and the state entering the
+    chunk, which it writes to slot ``i − slot0 + 1`` of ``W1 … S2`` (``SLOT1 / SLOT2`` > 0). Those buffers hold a
+    group of chunks: row ``i − zrow0``, ``ZS`` the row stride of ``Z1`` / ``D1``."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -387,15 +397,17 @@ def _lmm_split_fwd_kernel(
     s1p = S1 + bh * DK * HID + ck[:, None] * HID + cols[None, :]
     w2p = W2 + bh * HID * DV + cols[:, None] * DV + cv[None, :]
     s2p = S2 + bh * HID * DV + cols[:, None] * DV + cv[None, :]
-    z1p = Z1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
-    d1p = D1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
-    NB: tl.constexpr = 3 if CLIP else 2
+    z1q = Z1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
+    d1q = D1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
+    NB: tl.constexpr = (3 if CLIP else 2) if READ else (2 if CLIP else 1)  # grid barriers per chunk
     kb = K + b * skb + h * skh + ck[None, :]  # k and v are reloaded where used (L2-resident) rather than kept
     vb = V + b * svb + h * svh + cv[None, :]  # live across the phases: each [C, D] fp32 tile is 32 registers a thread
     for i in range(chunk0, chunk0 + n_chunks):
         par = i % 2
-        r1 = i * SLOT1  # chunk i reads the state from slot i, writes slot i + 1 (SLOT = 0: in place)
-        r2 = i * SLOT2
+        r1 = (i - slot0) * SLOT1  # chunk i reads the state from slot i - slot0, writes the next (SLOT = 0: in place)
+        r2 = (i - slot0) * SLOT2
+        z1p = z1q + (i - zrow0) * ZS
+        d1p = d1q + (i - zrow0) * ZS
         xo = (bh * 2 + par) * NS  # first of this head's NS partial slots for this chunk parity
         t = i * C + rows
         if PHASE == 0 or PHASE == 1:
@@ -415,8 +427,14 @@ def _lmm_split_fwd_kernel(
             d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
             w2 = tl.load(w2p + r2, cache_modifier=".cg")
             z1 = tl.load(z1p, cache_modifier=".cg")
-            d1 = _mmp(d2, tl.trans(w2), PREC) * _act_grad(z1, ACT)
-            tl.store(d1p, d1)
+            pd = _mmp(d2, tl.trans(w2), PREC)
+            d1 = pd * _act_grad(z1, ACT)
+            if READ:
+                tl.store(d1p, d1)
+            else:
+                tl.store(d1p, pd)
+                if j == 0:
+                    tl.store(D2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], d2)
             tl.store(XDN + (xo + j) * C + rows, tl.sum(d1 * d1, 1))
         if PHASE == 0 and CLIP:
             _grid_barrier(CNT + bh, NS * (i * NB + 2))
@@ -424,7 +442,33 @@ def _lmm_split_fwd_kernel(
             tl.debug_barrier()  # Δ_1 / Z_1 written above are read back below by other threads of this program
         cc = (i * nbh + bh) * C * C
         c1 = (i * nbh + bh) * C
-        if PHASE == 0 or PHASE == 3:
+        if (PHASE == 0 or PHASE == 3) and not READ:
+            # the recurrence alone: the update of slice j (the read is another kernel's)
+            k = _rows_f32(kb, t, skt)
+            d2 = _split_d2(XZ2, xo, rows, cv, k, _rows_f32(vb, t, svt), ln_eps, C, DV, NS, RESIDUAL, LN)
+            g_l = tl.load(G + cc + (C - 1) * C + rows)
+            n_l = tl.load(NM + cc + (C - 1) * C + rows)
+            if CLIP:
+                scale = _split_scale(XHN, XDN, xo, rows, k, d2, max_norm, C, NS)
+                if j == 0:
+                    tl.store(SCO + ((i - zrow0) * nbh + bh) * C + rows, scale)
+                g_l = g_l * scale
+                n_l = n_l * scale
+            b_c = tl.load(BETA + c1 + C - 1)
+            m_c = tl.load(MV + c1 + C - 1)
+            f_c = tl.load(FV + c1 + C - 1)
+            z1 = tl.load(z1p, cache_modifier=".cg")
+            d1 = tl.load(d1p, cache_modifier=".cg") * _act_grad(z1, ACT)
+            w1 = tl.load(w1p + r1, cache_modifier=".cg")
+            s1 = tl.load(s1p + r1, cache_modifier=".cg")
+            tl.store(w1p + r1 + SLOT1, b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d1, PREC))
+            tl.store(s1p + r1 + SLOT1, m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC))
+            h1 = _act(z1, ACT)
+            w2 = tl.load(w2p + r2, cache_modifier=".cg")
+            s2 = tl.load(s2p + r2, cache_modifier=".cg")
+            tl.store(w2p + r2 + SLOT2, b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC))
+            tl.store(s2p + r2 + SLOT2, m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC))
+        if (PHASE == 0 or PHASE == 3) and READ:
             # The order keeps few [C, ·] tiles live at once (with all of them loaded up front the 4-warp
             # program spilled ~900 bytes a thread): layer 1's state is read, used by the read and updated
             # before layer 2's is loaded; only the last rows of the coefficient matrices feed the update.
@@ -462,9 +506,9 @@ def _lmm_split_fwd_kernel(
             tl.store(XACC + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], acc2)
             tl.store(w2p + r2 + SLOT2, b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC))
             tl.store(s2p + r2 + SLOT2, m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC))
-        if PHASE == 0:
+        if PHASE == 0 and READ:
             _grid_barrier(CNT + bh, NS * (i * NB + NB))
-        if PHASE == 0 or PHASE == 4:
+        if (PHASE == 0 or PHASE == 4) and READ:
             k = _rows_f32(kb, t, skt)
             d2 = _split_d2(XZ2, xo, rows, cv, k, _rows_f32(vb, t, svt), ln_eps, C, DV, NS, RESIDUAL, LN)
             gs = tl.load(G + cc + sub[:, None] * C + rows[None, :])
@@ -480,6 +524,72 @@ def _lmm_split_fwd_kernel(
                 qs = zh  # not read
             y = _read_out(zh, qs, DV, ln_eps, RESIDUAL, LN)
             tl.store(Y + b * syb + h * syh + ts[:, None] * syt + cv[None, :], y.to(Y.dtype.element_ty))
+
+
+@triton.jit
+def _lmm_chunk_read_kernel(
+    Q, K, Y,
+    sqb, sqt, sqh, skb, skt, skh, syb, syt, syh,
+    G, BETA, FV,
+    W1, S1, W2, S2, SLOT1, SLOT2, Z1, PD, D2O, SCO,
+    chunk0, slot0, H, ln_eps,
+    C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
+    ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr, PREC_R: tl.constexpr,
+):
+    """The dual-form read of depth 2, one program per (head ``bh``, chunk ``chunk0 + program_id(1)``), after
+    :func:`_lmm_split_fwd_kernel` (``READ=False``) walked the chunks: it reads the state entering the chunk
+    from slot ``i − slot0`` of ``W1 … S2`` and the key pass's ``Z_1``, ``P`` (``Δ_1 = P ∘ σ'(Z_1)``), ``Δ_2``
+    and clip factor from row ``i − chunk0`` of ``Z1 / PD / D2O / SCO``. No chunk depends on another here::
+
+        Ẑ_1 = β ∘ (Q W_1) + f ∘ (Q S_1) − (G̃ ∘ Q Kᵀ) Δ_1,   Ĥ = σ(Ẑ_1)
+        Ẑ_2 = β ∘ (Ĥ W_2) + f ∘ (Ĥ S_2) − (G̃ ∘ Ĥ Hᵀ) Δ_2,   y = [q +] [LN](Ẑ_2)
+
+    (``G̃``: ``G`` with column s scaled by the clip's factor of token s), summed over hidden slices of ``BH``."""
+    bh = tl.program_id(0)
+    li = tl.program_id(1)
+    nbh = tl.num_programs(0)
+    i = chunk0 + li
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, C)
+    ck = tl.arange(0, DK)
+    cv = tl.arange(0, DV)
+    ch = tl.arange(0, BH)
+    t = i * C + rows
+    q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + ck[None, :]).to(tl.float32)
+    k = tl.load(K + b * skb + h * skh + t[:, None] * skt + ck[None, :]).to(tl.float32)
+    cc = (i * nbh + bh) * C * C
+    c1 = (i * nbh + bh) * C
+    row = li * nbh + bh
+    gm = tl.load(G + cc + rows[:, None] * C + rows[None, :])
+    if CLIP:
+        gm = gm * tl.load(SCO + row * C + rows)[None, :]
+    ga = gm * _mmp(q, tl.trans(k), PREC_R)
+    beta = tl.load(BETA + c1 + rows)
+    f = tl.load(FV + c1 + rows)
+    r1 = (i - slot0) * SLOT1 + bh * DK * HID
+    r2 = (i - slot0) * SLOT2 + bh * HID * DV
+    zrow = Z1 + row * C * HID + rows[:, None] * HID
+    prow = PD + row * C * HID + rows[:, None] * HID
+    acc2 = tl.zeros([C, DV], dtype=tl.float32)
+    p = tl.zeros([C, C], dtype=tl.float32)
+    for j in range(0, HID, BH):
+        cols = j + ch
+        w1 = tl.load(W1 + r1 + ck[:, None] * HID + cols[None, :])
+        s1 = tl.load(S1 + r1 + ck[:, None] * HID + cols[None, :])
+        z1 = tl.load(zrow + cols[None, :])
+        d1 = tl.load(prow + cols[None, :]) * _act_grad(z1, ACT)
+        zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
+        hh = _act(zh, ACT)
+        w2 = tl.load(W2 + r2 + cols[:, None] * DV + cv[None, :])
+        s2 = tl.load(S2 + r2 + cols[:, None] * DV + cv[None, :])
+        acc2 = _mmap(beta[:, None] * hh, w2, acc2, PREC_R)
+        acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
+        p = _mmap(hh, tl.trans(_act(z1, ACT)), p, PREC_R)
+    d2 = tl.load(D2O + row * C * DV + rows[:, None] * DV + cv[None, :])
+    zh = acc2 - _mmp(gm * p, d2, PREC_R)
+    y = _read_out(zh, q, DV, ln_eps, RESIDUAL, LN)
+    tl.store(Y + b * syb + h * syh + t[:, None] * syt + cv[None, :], y.to(Y.dtype.element_ty))
 
 
 def _state_buffers(x: Tensor, n: int, store_states: bool) -> tuple[Tensor, int]:
@@ -785,7 +895,8 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
     y = _alloc(q, (bsz, n * c, heads, dv), q.dtype)
     bh = min(hid, LAUNCH["hidden_slice"])
     ns = hid // LAUNCH["split_slice"] if depth == 2 and LAUNCH["split_slice"] else 1
-    if ns > 1 and c // ns >= 16 and (not q.is_cuda or bsz * heads * ns <= _sm_count(q.device)):
+    rows = 1 if _split_read_batched() else 16  # the inline read splits the chunk's rows over the programs too
+    if ns > 1 and c // ns >= rows and (not q.is_cuda or bsz * heads * ns <= _sm_count(q.device)):
         return _launch_split(q, k, v, y, (g, nmat, beta, m, f), w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm)
     if depth == 2:
         z1 = torch.empty((bsz * heads, c, hid), device=q.device, dtype=torch.float32)
@@ -815,7 +926,13 @@ def _sm_count(device: torch.device) -> int:
 def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm):
     """Depth 2 on ``B · H · ns`` programs (:func:`_lmm_split_fwd_kernel`): on a GPU one launch with grid
     barriers (all programs resident: the caller checked the SM count), under the interpreter one launch
-    per phase and chunk."""
+    per phase and chunk.
+
+    ``LAUNCH["split_read"] == "batched"``: that kernel walks the chunks without the read (the recurrence
+    alone), and :func:`_lmm_chunk_read_kernel` then reads every chunk of a group in parallel from the
+    state entering it. The entering states are the training checkpoints where they are stored
+    (``slots``), else a group's own slots; groups bound those buffers to ``LAUNCH["read_group_bytes"]``.
+    ``"inline"``: the read inside the walk (two more phases and one more grid barrier per chunk)."""
     g, nmat, beta, m, f = coefs
     n, bsz, heads, c = beta.shape
     dk, dv = k.shape[-1], v.shape[-1]
@@ -823,30 +940,78 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     nbh = bsz * heads
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
-    z1 = torch.empty((nbh, c, hid), **f32)
-    d1 = torch.empty_like(z1)
+    batched = _split_read_batched()
     xz2 = torch.empty((nbh, 2, ns, c, dv), **f32)
-    xacc = torch.empty_like(xz2)
     xhn = torch.empty((nbh, 2, ns, c), **f32)
     xdn = torch.empty_like(xhn)
-    xp = torch.empty((nbh, 2, ns, c, c), **f32)
+    if batched:  # the read's exchange buffers are not used
+        xacc = xp = xz2
+    else:
+        xacc = torch.empty_like(xz2)
+        xp = torch.empty((nbh, 2, ns, c, c), **f32)
     cnt = torch.zeros((nbh,), device=dev, dtype=torch.int32)
     half = q.dtype != torch.float32
-    args = (q, k, v, y,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2),
-            g, nmat, beta, m, f, w[0], s[0], w[1], s[1], z1, d1, *slots, xz2, xhn, xdn, xacc, xp, cnt)  # fmt: skip
+    clip = max_grad_norm is not None
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2))  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
-                CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
-                PREC_R=LAUNCH["half_read_precision"] if half else "ieee", num_warps=LAUNCH["split_warps"], num_stages=1)  # fmt: skip
+                CLIP=clip, PREC=LAUNCH["half_precision"] if half else "ieee", PREC_R=LAUNCH["half_read_precision"] if half else "ieee",
+                num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched)  # fmt: skip
     scalars = (heads, float(ln_eps), float(max_grad_norm or 1.0))
-    if _interpreted(q):
-        for i in range(n):
-            for phase in (1, 2, 3, 4):
-                _lmm_split_fwd_kernel[(nbh * ns,)](*args, i, 1, *scalars, PHASE=phase, **meta)
-    else:
-        _lmm_split_fwd_kernel[(nbh * ns,)](*args, 0, n, *scalars, PHASE=0, **meta)
+    phases = (1, 2, 3) if batched else (1, 2, 3, 4)
+
+    def walk(wb, sb, slot_strides, slot0, z1, d1, zs, d2o, sco, lo, hi):
+        args = (q, k, v, y, *strides, g, nmat, beta, m, f, wb[0], sb[0], wb[1], sb[1], z1, d1, *slot_strides,
+                xz2, xhn, xdn, xacc, xp, cnt, d2o, sco, slot0, lo, zs)  # fmt: skip
+        if _interpreted(q):
+            for i in range(lo, hi):
+                for phase in phases:
+                    _lmm_split_fwd_kernel[(nbh * ns,)](*args, i, 1, *scalars, PHASE=phase, **meta)
+        else:
+            _lmm_split_fwd_kernel[(nbh * ns,)](*args, lo, hi - lo, *scalars, PHASE=0, **meta)
+
+    if not batched:
+        z1 = torch.empty((nbh, c, hid), **f32)
+        walk(w, s, slots, 0, z1, torch.empty_like(z1), 0, z1, z1, 0, n)
+        return [y, *w, *s]
+    stored = slots[0] != 0
+    per_chunk = nbh * 4 * (2 * c * hid + c * dv + c) + (0 if stored else 4 * sum(x.numel() for x in (*w, *s)))
+    group = max(1, min(n, int(LAUNCH["read_group_bytes"]) // per_chunk))
+    bh_read = min(hid, LAUNCH["read_slice"])
+    for lo in range(0, n, group):
+        hi = min(n, lo + group)
+        gn = hi - lo
+        z1 = torch.empty((gn, nbh, c, hid), **f32)
+        pd = torch.empty_like(z1)
+        d2o = torch.empty((gn, nbh, c, dv), **f32)
+        sco = torch.empty((gn, nbh, c), **f32) if clip else d2o
+        if stored:
+            wb, sb, sl, slot0 = w, s, slots, 0
+        else:  # this group's own slots: slot 0 = the state entering chunk lo
+            wb = [torch.empty((gn + 1, *x.shape), **f32) for x in w]
+            sb = [torch.empty((gn + 1, *x.shape), **f32) for x in s]
+            for buf, x in zip((*wb, *sb), (*w, *s)):
+                buf[0].copy_(x)
+            sl, slot0 = (w[0].numel(), w[1].numel()), lo
+        walk(wb, sb, sl, slot0, z1, pd, nbh * c * hid, d2o, sco, lo, hi)
+        _lmm_chunk_read_kernel[(nbh, gn)](
+            q, k, y, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), y.stride(0), y.stride(1), y.stride(2),
+            g, beta, f, wb[0], sb[0], wb[1], sb[1], *sl, z1, pd, d2o, sco, lo, slot0, heads, float(ln_eps),
+            C=c, DK=dk, DV=dv, HID=hid, BH=bh_read, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm, CLIP=clip,
+            PREC_R=meta["PREC_R"], num_warps=LAUNCH["read_warps"], num_stages=LAUNCH["read_stages"],
+        )  # fmt: skip
+        if not stored:
+            for x, buf in zip((*w, *s), (*wb, *sb)):
+                x.copy_(buf[gn])
     return [y, *w, *s]
+
+
+def _split_read_batched() -> bool:
+    """``LAUNCH["split_read"]``: "batched" (the read in its own kernel after the walk) or "inline"."""
+    mode = LAUNCH["split_read"]
+    if mode not in ("batched", "inline"):
+        raise ValueError(f"LAUNCH['split_read'] must be 'batched' or 'inline', got {mode!r}")
+    return mode == "batched"
 
 
 def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half):
