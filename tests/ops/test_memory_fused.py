@@ -235,6 +235,30 @@ def test_split_batched_read_in_groups(monkeypatch):
     assert_state(s, s_ref, 1e-5)
 
 
+@pytest.mark.parametrize("carry", [False, True])
+@pytest.mark.parametrize("name,cfg,clip", [("matched", MATCHED, None), ("default_clip", DEFAULT, 0.3)])
+def test_split_walk_in_one_launch(monkeypatch, name, cfg, clip, carry):
+    """The walk as the GPU runs it, one launch over every chunk with its grid barriers (possible in the
+    interpreter with one program per head), with the state slices carried in registers (``split_carry``)
+    or read back every chunk; then the batched read."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setattr(fused_triton, "_split_programs", lambda *a: 1)
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_carry", carry)
+    launched = []
+    real = fused_triton._lmm_split_fwd_kernel
+    monkeypatch.setattr(fused_triton, "_lmm_split_fwd_kernel", _GridRecorder(real, launched))
+    (q, k, v), gates, st = inputs(2, 16, 32, 3 * 16 + 5, position=0)
+    y_ref, s_ref = neural_memory_chunked(q, k, v, *gates, st, 16, **cfg, max_grad_norm=clip)
+    f32 = lambda xs: [x.float() for x in xs]  # noqa: E731
+    st32 = MemoryState(tuple(f32(st.weights)), tuple(f32(st.momentum)), tuple(f32(st.chunk_start)), 0)
+    with torch.no_grad():
+        y, s = neural_memory_fused_forward(*f32((q, k, v)), *f32(gates), st32, 16, **cfg, max_grad_norm=clip)
+    assert len(launched) == 1  # one launch walked all 3 full chunks
+    assert rel(y.double(), y_ref) <= 1e-5, rel(y.double(), y_ref)
+    assert_state(s, s_ref, 1e-5)
+
+
 class _GridRecorder:
     """Wraps a Triton kernel: records each launch's grid."""
 

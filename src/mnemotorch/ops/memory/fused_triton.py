@@ -82,7 +82,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32",
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
-                "split_read": "batched", "read_slice": 64, "read_warps": 8, "read_stages": 1, "read_group_bytes": 1 << 30}
+                "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
+                "split_carry": False, "profile": None}
 
 
 @triton.jit
@@ -310,6 +311,12 @@ def _lmm_fused_fwd_kernel(
 
 
 @triton.jit
+def _now(x):
+    """The GPU's global timer in ns (``%globaltimer``; ``x``, any scalar, only gives the value a shape)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
 def _grid_barrier(cnt_ptr, target):
     """Wait until ``target`` arrivals are counted at ``cnt_ptr`` (this program's included). Every program
     of the group must be resident at once (the host checks the grid against the SM count)."""
@@ -354,11 +361,12 @@ def _lmm_split_fwd_kernel(
     G, NM, BETA, MV, FV,
     W1, S1, W2, S2, Z1, D1, SLOT1, SLOT2,
     XZ2, XHN, XDN, XACC, XP, CNT,
-    D2O, SCO, slot0, zrow0, ZS,
+    D2O, SCO, slot0, zrow0, ZS, PROF,
     chunk0, n_chunks, H, ln_eps, max_norm,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
-    PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr, READ: tl.constexpr,
+    PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr, READ: tl.constexpr, PROFILE: tl.constexpr = False,
+    CARRY: tl.constexpr = False,
 ):
     """Depth 2 with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j``: its columns of W_1/S_1,
     rows of W_2/S_2, and ``Z_1``/``Δ_1`` columns are its own; the sums over the hidden dimension
@@ -380,7 +388,15 @@ def _lmm_split_fwd_kernel(
     : ``Z_1``, ``P = Δ_2 W_2ᵀ`` (in ``D1``;
     ``Δ_1 = P ∘ σ'(Z_1)``), ``Δ_2`` (``D2O``) and the clip's factor (``SCO``); and the state entering the
     chunk, which it writes to slot ``i − slot0 + 1`` of ``W1 … S2`` (``SLOT1 / SLOT2`` > 0). Those buffers hold a
-    group of chunks: row ``i − zrow0``, ``ZS`` the row stride of ``Z1`` / ``D1``."""
+    group of chunks: row ``i − zrow0``, ``ZS`` the row stride of ``Z1`` / ``D1``.
+
+    ``CARRY`` (with ``READ == False`` and ``PHASE == 0``): the program's state slices stay in registers from
+    chunk to chunk (each chunk still writes them to its slot) instead of being read back through L2.
+
+    ``PROFILE`` (diagnostics, GPU only): each program writes the global timer (ns) at 8 points of every chunk
+    to ``PROF [programs, n_chunks, 8]``: chunk start, end of phase 1, after its barrier, end of phase 2,
+    after its barrier, end of phase 3, after its barrier, end of phase 4 (points a configuration skips repeat
+    the previous time)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -402,30 +418,51 @@ def _lmm_split_fwd_kernel(
     NB: tl.constexpr = (3 if CLIP else 2) if READ else (2 if CLIP else 1)  # grid barriers per chunk
     kb = K + b * skb + h * skh + ck[None, :]  # k and v are reloaded where used (L2-resident) rather than kept
     vb = V + b * svb + h * svh + cv[None, :]  # live across the phases: each [C, D] fp32 tile is 32 registers a thread
+    if CARRY:
+        cw1 = tl.load(w1p + (chunk0 - slot0) * SLOT1, cache_modifier=".cg")
+        cs1 = tl.load(s1p + (chunk0 - slot0) * SLOT1, cache_modifier=".cg")
+        cw2 = tl.load(w2p + (chunk0 - slot0) * SLOT2, cache_modifier=".cg")
+        cs2 = tl.load(s2p + (chunk0 - slot0) * SLOT2, cache_modifier=".cg")
     for i in range(chunk0, chunk0 + n_chunks):
         par = i % 2
         r1 = (i - slot0) * SLOT1  # chunk i reads the state from slot i - slot0, writes the next (SLOT = 0: in place)
         r2 = (i - slot0) * SLOT2
         z1p = z1q + (i - zrow0) * ZS
         d1p = d1q + (i - zrow0) * ZS
+        pr = PROF + (pid * n_chunks + (i - chunk0)) * 8
+        if PROFILE:
+            tl.store(pr, _now(pid))
         xo = (bh * 2 + par) * NS  # first of this head's NS partial slots for this chunk parity
         t = i * C + rows
         if PHASE == 0 or PHASE == 1:
             k = _rows_f32(kb, t, skt)
-            w1 = tl.load(w1p + r1, cache_modifier=".cg")
+            if CARRY:
+                w1 = cw1
+            else:
+                w1 = tl.load(w1p + r1, cache_modifier=".cg")
             z1 = _mmp(k, w1, PREC)
             tl.store(z1p, z1)
             h1 = _act(z1, ACT)
             tl.store(XHN + (xo + j) * C + rows, tl.sum(h1 * h1, 1))
-            w2 = tl.load(w2p + r2, cache_modifier=".cg")
+            if CARRY:
+                w2 = cw2
+            else:
+                w2 = tl.load(w2p + r2, cache_modifier=".cg")
             tl.store(XZ2 + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], _mmp(h1, w2, PREC))
+        if PROFILE:
+            tl.store(pr + 1, _now(pid))
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (i * NB + 1))
+        if PROFILE:
+            tl.store(pr + 2, _now(pid))
         if PHASE == 0 or PHASE == 2:
             k = _rows_f32(kb, t, skt)
             v = _rows_f32(vb, t, svt)
             d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
-            w2 = tl.load(w2p + r2, cache_modifier=".cg")
+            if CARRY:
+                w2 = cw2
+            else:
+                w2 = tl.load(w2p + r2, cache_modifier=".cg")
             z1 = tl.load(z1p, cache_modifier=".cg")
             pd = _mmp(d2, tl.trans(w2), PREC)
             d1 = pd * _act_grad(z1, ACT)
@@ -436,10 +473,14 @@ def _lmm_split_fwd_kernel(
                 if j == 0:
                     tl.store(D2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], d2)
             tl.store(XDN + (xo + j) * C + rows, tl.sum(d1 * d1, 1))
+        if PROFILE:
+            tl.store(pr + 3, _now(pid))
         if PHASE == 0 and CLIP:
             _grid_barrier(CNT + bh, NS * (i * NB + 2))
         elif PHASE == 0:
             tl.debug_barrier()  # Δ_1 / Z_1 written above are read back below by other threads of this program
+        if PROFILE:
+            tl.store(pr + 4, _now(pid))
         cc = (i * nbh + bh) * C * C
         c1 = (i * nbh + bh) * C
         if (PHASE == 0 or PHASE == 3) and not READ:
@@ -459,15 +500,32 @@ def _lmm_split_fwd_kernel(
             f_c = tl.load(FV + c1 + C - 1)
             z1 = tl.load(z1p, cache_modifier=".cg")
             d1 = tl.load(d1p, cache_modifier=".cg") * _act_grad(z1, ACT)
-            w1 = tl.load(w1p + r1, cache_modifier=".cg")
-            s1 = tl.load(s1p + r1, cache_modifier=".cg")
-            tl.store(w1p + r1 + SLOT1, b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d1, PREC))
-            tl.store(s1p + r1 + SLOT1, m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC))
+            if CARRY:
+                w1 = cw1
+                s1 = cs1
+            else:
+                w1 = tl.load(w1p + r1, cache_modifier=".cg")
+                s1 = tl.load(s1p + r1, cache_modifier=".cg")
+            w1n = b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d1, PREC)
+            s1n = m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC)
+            tl.store(w1p + r1 + SLOT1, w1n)
+            tl.store(s1p + r1 + SLOT1, s1n)
             h1 = _act(z1, ACT)
-            w2 = tl.load(w2p + r2, cache_modifier=".cg")
-            s2 = tl.load(s2p + r2, cache_modifier=".cg")
-            tl.store(w2p + r2 + SLOT2, b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC))
-            tl.store(s2p + r2 + SLOT2, m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC))
+            if CARRY:
+                w2 = cw2
+                s2 = cs2
+            else:
+                w2 = tl.load(w2p + r2, cache_modifier=".cg")
+                s2 = tl.load(s2p + r2, cache_modifier=".cg")
+            w2n = b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC)
+            s2n = m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC)
+            tl.store(w2p + r2 + SLOT2, w2n)
+            tl.store(s2p + r2 + SLOT2, s2n)
+            if CARRY:
+                cw1 = w1n
+                cs1 = s1n
+                cw2 = w2n
+                cs2 = s2n
         if (PHASE == 0 or PHASE == 3) and READ:
             # The order keeps few [C, ·] tiles live at once (with all of them loaded up front the 4-warp
             # program spilled ~900 bytes a thread): layer 1's state is read, used by the read and updated
@@ -506,8 +564,12 @@ def _lmm_split_fwd_kernel(
             tl.store(XACC + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], acc2)
             tl.store(w2p + r2 + SLOT2, b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC))
             tl.store(s2p + r2 + SLOT2, m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC))
+        if PROFILE:
+            tl.store(pr + 5, _now(pid))
         if PHASE == 0 and READ:
             _grid_barrier(CNT + bh, NS * (i * NB + NB))
+        if PROFILE:
+            tl.store(pr + 6, _now(pid))
         if (PHASE == 0 or PHASE == 4) and READ:
             k = _rows_f32(kb, t, skt)
             d2 = _split_d2(XZ2, xo, rows, cv, k, _rows_f32(vb, t, svt), ln_eps, C, DV, NS, RESIDUAL, LN)
@@ -524,6 +586,8 @@ def _lmm_split_fwd_kernel(
                 qs = zh  # not read
             y = _read_out(zh, qs, DV, ln_eps, RESIDUAL, LN)
             tl.store(Y + b * syb + h * syh + ts[:, None] * syt + cv[None, :], y.to(Y.dtype.element_ty))
+        if PROFILE:
+            tl.store(pr + 7, _now(pid))
 
 
 @triton.jit
@@ -894,9 +958,8 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     y = _alloc(q, (bsz, n * c, heads, dv), q.dtype)
     bh = min(hid, LAUNCH["hidden_slice"])
-    ns = hid // LAUNCH["split_slice"] if depth == 2 and LAUNCH["split_slice"] else 1
-    rows = 1 if _split_read_batched() else 16  # the inline read splits the chunk's rows over the programs too
-    if ns > 1 and c // ns >= rows and (not q.is_cuda or bsz * heads * ns <= _sm_count(q.device)):
+    ns = _split_programs(depth, hid, c, bsz * heads, q)
+    if ns:
         return _launch_split(q, k, v, y, (g, nmat, beta, m, f), w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm)
     if depth == 2:
         z1 = torch.empty((bsz * heads, c, hid), device=q.device, dtype=torch.float32)
@@ -917,6 +980,17 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
         num_warps=LAUNCH["num_warps"] or (8 if c * max(dk, dv, bh) >= 4096 else 4), num_stages=LAUNCH["num_stages"],
     )  # fmt: skip
     return [y, *w, *s]
+
+
+def _split_programs(depth: int, hid: int, c: int, nbh: int, q: Tensor) -> int:
+    """Programs per head of the split forward kernel (``LAUNCH["split_slice"]`` hidden columns each), or 0 for
+    the one-program kernel: depth 2, more than one slice, on a GPU a grid that fits the SMs (the grid barrier
+    needs every program resident), and with the inline read ≥ 16 chunk rows per program (it splits them)."""
+    ns = hid // LAUNCH["split_slice"] if depth == 2 and LAUNCH["split_slice"] else 1
+    rows = 1 if _split_read_batched() else 16
+    if ns > 1 and c // ns >= rows and (not q.is_cuda or nbh * ns <= _sm_count(q.device)):
+        return ns
+    return 0
 
 
 def _sm_count(device: torch.device) -> int:
@@ -957,18 +1031,28 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
                 CLIP=clip, PREC=LAUNCH["half_precision"] if half else "ieee", PREC_R=LAUNCH["half_read_precision"] if half else "ieee",
                 num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched)  # fmt: skip
+    # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head
+    meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and (ns == 1 or not _interpreted(q))
     scalars = (heads, float(ln_eps), float(max_grad_norm or 1.0))
     phases = (1, 2, 3) if batched else (1, 2, 3, 4)
 
+    prof = LAUNCH.get("profile")  # diagnostics: a dict to receive the walk's and the read's times (GPU only)
+    prof = prof if isinstance(prof, dict) and not _interpreted(q) else None
+
     def walk(wb, sb, slot_strides, slot0, z1, d1, zs, d2o, sco, lo, hi):
+        stamps = torch.zeros((nbh * ns, hi - lo, 8), device=dev, dtype=torch.int64) if prof is not None else cnt
         args = (q, k, v, y, *strides, g, nmat, beta, m, f, wb[0], sb[0], wb[1], sb[1], z1, d1, *slot_strides,
-                xz2, xhn, xdn, xacc, xp, cnt, d2o, sco, slot0, lo, zs)  # fmt: skip
-        if _interpreted(q):
+                xz2, xhn, xdn, xacc, xp, cnt, d2o, sco, slot0, lo, zs, stamps)  # fmt: skip
+        if _interpreted(q) and ns > 1:  # programs run one after another there: one launch per phase and chunk
             for i in range(lo, hi):
                 for phase in phases:
                     _lmm_split_fwd_kernel[(nbh * ns,)](*args, i, 1, *scalars, PHASE=phase, **meta)
-        else:
-            _lmm_split_fwd_kernel[(nbh * ns,)](*args, lo, hi - lo, *scalars, PHASE=0, **meta)
+            return
+        ev = _profile_events(prof, "walk_ms")
+        _lmm_split_fwd_kernel[(nbh * ns,)](*args, lo, hi - lo, *scalars, PHASE=0, PROFILE=prof is not None, **meta)
+        if prof is not None:
+            ev()
+            _profile_stamps(prof, stamps)
 
     if not batched:
         z1 = torch.empty((nbh, c, hid), **f32)
@@ -994,16 +1078,45 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
                 buf[0].copy_(x)
             sl, slot0 = (w[0].numel(), w[1].numel()), lo
         walk(wb, sb, sl, slot0, z1, pd, nbh * c * hid, d2o, sco, lo, hi)
+        ev = _profile_events(prof, "read_ms")
         _lmm_chunk_read_kernel[(nbh, gn)](
             q, k, y, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), y.stride(0), y.stride(1), y.stride(2),
             g, beta, f, wb[0], sb[0], wb[1], sb[1], *sl, z1, pd, d2o, sco, lo, slot0, heads, float(ln_eps),
             C=c, DK=dk, DV=dv, HID=hid, BH=bh_read, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm, CLIP=clip,
             PREC_R=meta["PREC_R"], num_warps=LAUNCH["read_warps"], num_stages=LAUNCH["read_stages"],
         )  # fmt: skip
+        ev()
         if not stored:
             for x, buf in zip((*w, *s), (*wb, *sb)):
                 x.copy_(buf[gn])
     return [y, *w, *s]
+
+
+def _profile_events(prof: dict | None, key: str):
+    """CUDA events around a launch: returns the function that ends the interval and adds its ms to ``prof[key]``."""
+    if prof is None:
+        return lambda: None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+
+    def stop():
+        end.record()
+        end.synchronize()
+        prof[key] = prof.get(key, 0.0) + start.elapsed_time(end)
+
+    return stop
+
+
+_STAMP_NAMES = ("phase1", "barrier1", "phase2", "barrier2", "phase3", "barrier3", "phase4")
+
+
+def _profile_stamps(prof: dict, stamps: Tensor) -> None:
+    """Mean µs per chunk of each interval between the walk kernel's timer stamps (over programs and chunks)."""
+    d = (stamps[..., 1:] - stamps[..., :-1]).double() / 1e3
+    mean = d.mean((0, 1)).tolist()
+    prof.setdefault("walk_us_per_chunk", []).append(dict(zip(_STAMP_NAMES, mean)))
+    per_chunk = (stamps[:, 1:, 0] - stamps[:, :-1, 0]).double() / 1e3
+    prof.setdefault("chunk_us", []).append(per_chunk.mean().item() if per_chunk.numel() else None)
 
 
 def _split_read_batched() -> bool:
