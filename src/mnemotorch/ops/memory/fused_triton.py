@@ -897,10 +897,8 @@ def _lmm_split_sweep_kernel(
         ci = i * nbh + bh
         rd1 = (i + 1) * s1w + bh * DK * HID + o1
         rd2 = (i + 1) * s2w + bh * HID * DV + o2
-        # each phase loads the chunk's inputs itself: k and Δ_2 ([C, D] fp32, 32 registers a thread each at
-        # 4 warps) then do not live across the grid barriers (the kernel spilled 394-470 bytes a thread)
+        k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
         if PHASE == 0 or PHASE == 1:
-            k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
             aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
             as1 = tl.load(AS1 + rd1, cache_modifier=".cg")
             xa1 = _mmp(k, aw1, PREC)
@@ -920,7 +918,6 @@ def _lmm_split_sweep_kernel(
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (step * 2 + 1))
         if PHASE == 0 or PHASE == 2:
-            k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
             dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
             dd1 = tl.load(sd1, cache_modifier=".cg")
             if CLIP:
@@ -931,7 +928,6 @@ def _lmm_split_sweep_kernel(
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (step * 2 + 2))
         if PHASE == 0 or PHASE == 3:
-            k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
             dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
             dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
             dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
