@@ -170,6 +170,34 @@ def test_fused_empty_and_custom_op():
         torch.library.opcheck(lmm_fused_fwd, (*args, store_states), test_utils=("test_schema", "test_faketensor"))
 
 
+def test_custom_op_keeps_key_pass(monkeypatch):
+    """With ``keep_key_pass`` (split kernel, batched read) the op also returns every chunk's ``Z_1, P, Δ_2, Z_2``:
+    shapes as its fake says, and values equal to the chunked path's key pass at the stored entering states."""
+    from mnemotorch.ops.memory import fused_triton
+    from mnemotorch.ops.memory.chunked import _chunk_major, _key_forward, chunk_coefficients
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    (q, k, v), gates, st = inputs(2, 16, 32, 2 * 16, dtype=torch.float32)
+    gates = tuple(g.float() for g in gates)
+    cm = lambda x: _chunk_major(x, 2, 16)  # noqa: E731
+    coefs = chunk_coefficients(cm(gates[0]), cm(torch.log1p(-gates[2])), cm(torch.log(gates[1])))
+    ws, ms = [w.float() for w in st.weights], [m.float() for m in st.momentum]
+    assert fused_triton.keeps_key_pass(q, ws, 16)
+    args = (q, k, v, *coefs, ws, ms, "gelu", True, True, 1e-5, None, True, True)
+    torch.library.opcheck(lmm_fused_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    res = lmm_fused_fwd(*args)
+    z1, p, d2, z2 = res[5:]
+    assert z1.shape == (2, 2, 2, 16, 32) and d2.shape == z2.shape == (2, 2, 2, 16, 16)
+    w_in = [x[:-1] for x in res[1:3]]  # the state entering each chunk
+    kc, vc = (cm(x.double()) for x in (k, v))
+    xs, zs, d_ref = _key_forward(kc, vc, [x.double() for x in w_in], "gelu", True, True, 1e-5)[:3]
+    assert rel(z1.double(), zs[0]) <= 1e-6 and rel(z2.double(), zs[1]) <= 1e-6 and rel(d2.double(), d_ref) <= 1e-6
+    assert rel(p.double(), d_ref @ w_in[1].double().transpose(-1, -2)) <= 1e-6
+    with pytest.raises(ValueError, match="keep_key_pass"):
+        monkeypatch.setitem(fused_triton.LAUNCH, "split_read", "inline")
+        lmm_fused_fwd(*args)
+
+
 def test_fused_hidden_slices(monkeypatch):
     """Narrower hidden slices (more passes per chunk) give the same result."""
     from mnemotorch.ops.memory import fused_triton

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mnemotorch.ops.memory import MemoryState, neural_memory, neural_memory_chunked
-from mnemotorch.ops.memory.chunked import _clipped, _key_pass, _update, chunk_coefficients
-from mnemotorch.ops.memory.fused_backward import key_pass_saved, state_adjoint
+from mnemotorch.ops.memory.chunked import _clipped, _key_forward, _key_pass, _update, chunk_coefficients
+from mnemotorch.ops.memory.fused_backward import key_pass_from_forward, key_pass_saved, state_adjoint
 
 from test_memory import make_inputs, make_state, rel
 
@@ -142,6 +142,42 @@ def test_fused_training_split_kernel(monkeypatch):
     assert calls == [2] and launched
     for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
         assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
+
+
+@pytest.mark.parametrize("act,residual,ln", [("gelu", True, True), ("silu", True, False), ("relu", False, True)])
+def test_key_pass_from_forward_equals_recomputed(act, residual, ln):
+    """The key pass built elementwise from the forward's ``Z_1, P, Δ_2, Z_2`` equals the recomputed one (float64)."""
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(3, 2, 16, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    w = [torch.randn(3, 2, 8, 32, generator=g, dtype=torch.float64) / 3, torch.randn(3, 2, 32, 8, generator=g, dtype=torch.float64) / 6]
+    ref = key_pass_saved(k, v, w, act, residual, ln, 1e-5)
+    _, zs, d2 = _key_forward(k, v, w, act, residual, ln, 1e-5)[:3]
+    got = key_pass_from_forward(k, v, zs[0], d2 @ w[1].transpose(-1, -2), d2, zs[1], act, residual, ln, 1e-5)
+    for a, b in zip(got, ref):
+        for x, y in zip(*((a, b) if isinstance(a, list) else ([a], [b]))):
+            assert (x is None) == (y is None)
+            if x is not None:  # (ReLU's σ'' is 0: compare those exactly)
+                assert rel(x, y) <= 1e-12 if y.abs().max() > 0 else x.abs().max() == 0
+
+
+def test_fused_training_key_pass_kept_or_recomputed(monkeypatch):
+    """Training with the key pass kept from the forward and recomputed in the backward gives the same gradients."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    q, k, v, th, et, al = make_inputs(b=1, t=2 * 32, h=2, dk=16, dv=16, seed=6, theta_max=0.5)
+    st = make_state(1, 2, 16, 16, 2, hidden=32)
+    kept = []
+    real = fused_triton.key_pass_from_forward
+    monkeypatch.setattr(fused_triton, "key_pass_from_forward", lambda *a, **kw: kept.append(1) or real(*a, **kw))
+    y1, g1 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, MATCHED, 0.3)
+    assert kept
+    monkeypatch.setitem(fused_triton.BACKWARD, "key_pass_from_forward", False)
+    kept.clear()
+    y2, g2 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, MATCHED, 0.3)
+    assert not kept
+    for a, b in zip([y1, *g1], [y2, *g2]):
+        assert rel(a.double(), b.double()) <= 1e-6
 
 
 def test_fused_training_through_neural_memory_and_no_state_gradient():

@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .chunked import _act_grad, _key_forward
+from .chunked import _act, _act_grad, _key_forward, _layer_norm
 from .reference import clip_scale
 
 
@@ -83,6 +83,24 @@ def key_pass_saved(k: Tensor, v: Tensor, w: Sequence[Tensor], activation: str, r
         deltas[i] = p * d1[i]
         d2[i] = p * _act_grad2(activation, zs[i])
     return KeyPass(xs, deltas, d1, d2, out, rstd, dmean)
+
+
+def key_pass_from_forward(
+    k: Tensor, v: Tensor, z1: Tensor, p: Tensor, d2: Tensor, z2: Tensor, activation: str, residual: bool, layer_norm: bool, ln_eps: float
+) -> KeyPass:
+    """:func:`key_pass_saved` at depth 2, elementwise from what the forward kernel computed for the same
+    chunks at the same weights: ``Z_1``, ``P = Δ_2 W_2ᵀ``, ``Δ_2`` and ``Z_2`` (the last layer's pre-output).
+    No product is recomputed, and the backward sees the very values the forward's update used."""
+    s1 = _act_grad(activation, z1)
+    xs = [k, _act(activation, z1)]
+    deltas = [p * s1, d2]
+    curv = [p * _act_grad2(activation, z1)]
+    if not layer_norm:
+        return KeyPass(xs, deltas, [s1], curv, None, None, None)
+    out, rstd = _layer_norm(z2, ln_eps)
+    pred = out + k if residual else out
+    dmean = (2 * (pred - v) * out).mean(-1, keepdim=True)
+    return KeyPass(xs, deltas, [s1], curv, out, rstd, dmean)
 
 
 def _ln_jvp(u: Tensor, out: Tensor, rstd: Tensor) -> Tensor:
@@ -206,4 +224,4 @@ def sweep_block(
     return list(adj_w), list(adj_s), [torch.stack(x[::-1]) for x in leaving]
 
 
-__all__ = ["KeyPass", "key_pass_saved", "state_adjoint", "sweep_block"]
+__all__ = ["KeyPass", "key_pass_from_forward", "key_pass_saved", "state_adjoint", "sweep_block"]

@@ -51,7 +51,7 @@ from torch import Tensor
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
-from .fused_backward import key_pass_saved, state_adjoint, sweep_block
+from .fused_backward import key_pass_from_forward, key_pass_saved, state_adjoint, sweep_block
 from .reference import (
     DEFAULT_LN_EPS,
     clip_scale,
@@ -361,7 +361,7 @@ def _lmm_split_fwd_kernel(
     G, NM, BETA, MV, FV,
     W1, S1, W2, S2, Z1, D1, SLOT1, SLOT2,
     XZ2, XHN, XDN, XACC, XP, CNT,
-    D2O, SCO, slot0, zrow0, ZS, PROF,
+    D2O, Z2O, SCO, slot0, zrow0, ZS, PROF,
     chunk0, n_chunks, H, ln_eps, max_norm,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
@@ -384,9 +384,9 @@ def _lmm_split_fwd_kernel(
 
     ``READ == False`` (the recurrence alone): phase 3 only updates the state and phase 4 is skipped, so a
     chunk needs one grid barrier (two with the clip) instead of two (three). The read is left to
-    :func:`_lmm_chunk_read_kernel`, parallel over chunks, which takes what this kernel leaves per chunk
-    : ``Z_1``, ``P = Δ_2 W_2ᵀ`` (in ``D1``;
-    ``Δ_1 = P ∘ σ'(Z_1)``), ``Δ_2`` (``D2O``) and the clip's factor (``SCO``); and the state entering the
+    :func:`_lmm_chunk_read_kernel`, parallel over chunks, which takes what this kernel leaves per chunk:
+    ``Z_1``, ``P = Δ_2 W_2ᵀ`` (in ``D1``; ``Δ_1 = P ∘ σ'(Z_1)``), ``Δ_2`` (``D2O``), ``Z_2`` (``Z2O``, for the
+    backward) and the clip's factor (``SCO``); and the state entering the
     chunk, which it writes to slot ``i − slot0 + 1`` of ``W1 … S2`` (``SLOT1 / SLOT2`` > 0). Those buffers hold a
     group of chunks: row ``i − zrow0``, ``ZS`` the row stride of ``Z1`` / ``D1``.
 
@@ -458,7 +458,8 @@ def _lmm_split_fwd_kernel(
         if PHASE == 0 or PHASE == 2:
             k = _rows_f32(kb, t, skt)
             v = _rows_f32(vb, t, svt)
-            d2 = _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C, DV, NS, RESIDUAL, LN)
+            z2 = _sum_parts(XZ2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
+            d2 = _loss_grad(z2, k, v, DV, ln_eps, RESIDUAL, LN)
             if CARRY:
                 w2 = cw2
             else:
@@ -472,6 +473,7 @@ def _lmm_split_fwd_kernel(
                 tl.store(d1p, pd)
                 if j == 0:
                     tl.store(D2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], d2)
+                    tl.store(Z2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], z2)
             tl.store(XDN + (xo + j) * C + rows, tl.sum(d1 * d1, 1))
         if PROFILE:
             tl.store(pr + 3, _now(pid))
@@ -862,10 +864,10 @@ def _lmm_split_sweep_kernel(
     BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC,
     SC, CS, KN, HN, D2N,
     AW1, AS1, AW2, AS2, SD1, SX,
-    XA2, XB2, XG, XN, XD2, CNT,
+    XA2, XB2, XG, XN, XD2, CNT, PROF,
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
-    LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr,
+    LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -874,7 +876,9 @@ def _lmm_split_sweep_kernel(
     (1) the update's transpose of slice ``j``; (2) Δ_2's cotangent, its slice's share through ``P``; (3) the
     loss's second derivative (every program), the slice's weight cotangents and new adjoint.
     ``PHASE == 0``: one launch walks chunks ``chunk0 + n_chunks − 1 … chunk0`` with grid barriers (all programs
-    resident); ``PHASE`` 1–3: one phase of chunk ``chunk0`` (the interpreter)."""
+    resident); ``PHASE`` 1–3: one phase of chunk ``chunk0`` (the interpreter). ``PROFILE``: timer stamps as
+    :func:`_lmm_split_fwd_kernel`'s (``PROF [programs, n_chunks, 8]``: start, phase 1, barrier, phase 2, barrier,
+    phase 3, the rest repeated)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -897,6 +901,9 @@ def _lmm_split_sweep_kernel(
         ci = i * nbh + bh
         rd1 = (i + 1) * s1w + bh * DK * HID + o1
         rd2 = (i + 1) * s2w + bh * HID * DV + o2
+        pr = PROF + (pid * n_chunks + ii) * 8
+        if PROFILE:
+            tl.store(pr, _now(pid))
         k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
         if PHASE == 0 or PHASE == 1:
             aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
@@ -915,8 +922,12 @@ def _lmm_split_sweep_kernel(
             tl.store(XA2 + xoff, _mmp(h, aw2, PREC))
             tl.store(XB2 + xoff, _mmp(h, as2, PREC))
             tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
+        if PROFILE:
+            tl.store(pr + 1, _now(pid))
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (step * 2 + 1))
+        if PROFILE:
+            tl.store(pr + 2, _now(pid))
         if PHASE == 0 or PHASE == 2:
             dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
             dd1 = tl.load(sd1, cache_modifier=".cg")
@@ -925,8 +936,12 @@ def _lmm_split_sweep_kernel(
             dp = dd1 * tl.load(S1 + ci * C * HID + hs)
             w2 = tl.load(W2 + ci * HID * DV + o2)
             tl.store(XD2 + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], _mmp(dp, w2, PREC))
+        if PROFILE:
+            tl.store(pr + 3, _now(pid))
         if PHASE == 0:
             _grid_barrier(CNT + bh, NS * (step * 2 + 2))
+        if PROFILE:
+            tl.store(pr + 4, _now(pid))
         if PHASE == 0 or PHASE == 3:
             dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
             dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
@@ -935,13 +950,19 @@ def _lmm_split_sweep_kernel(
                              HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC)
         if PHASE == 0:
             tl.debug_barrier()  # own slots and scratch, read back by other threads of this program next chunk
+        if PROFILE:
+            tl.store(pr + 5, _now(pid))
+            tl.store(pr + 6, _now(pid))
+            tl.store(pr + 7, _now(pid))
 
 
-def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states=False):
+def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states=False,
+            keep_key_pass=False):  # fmt: skip
     """Run the kernel on full chunks: ``q, k [B, n·C, H, Dk]``, ``v [B, n·C, H, Dv]``, coefficients
     chunk-major fp32. Returns ``[y, *weights', *momentum']`` (state fp32, new tensors); with
     ``store_states`` the state tensors are ``[n + 1, B, H, d_in, d_out]``: the state entering every chunk
-    and, last, the state after the call."""
+    and, last, the state after the call. ``keep_key_pass``: see :func:`_launch_split` (the caller checked
+    :func:`keeps_key_pass`)."""
     g, nmat, beta, m, f = (x.contiguous() for x in coefs)
     n, bsz, heads, c = beta.shape
     dk, dv = k.shape[-1], v.shape[-1]
@@ -955,8 +976,11 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
     y = _alloc(q, (bsz, n * c, heads, dv), q.dtype)
     bh = min(hid, LAUNCH["hidden_slice"])
     ns = _split_programs(depth, hid, c, bsz * heads, q)
+    if keep_key_pass and not (ns and _split_read_batched()):
+        raise ValueError("keep_key_pass needs the split kernel with the batched read (see keeps_key_pass)")
     if ns:
-        return _launch_split(q, k, v, y, (g, nmat, beta, m, f), w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm)
+        return _launch_split(q, k, v, y, (g, nmat, beta, m, f), w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm,
+                             keep_key_pass)  # fmt: skip
     if depth == 2:
         z1 = torch.empty((bsz * heads, c, hid), device=q.device, dtype=torch.float32)
         d1 = torch.empty_like(z1)
@@ -989,11 +1013,20 @@ def _split_programs(depth: int, hid: int, c: int, nbh: int, q: Tensor) -> int:
     return 0
 
 
+def keeps_key_pass(q: Tensor, weights: Sequence[Tensor], c: int) -> bool:
+    """Whether the forward on these arguments can keep the key pass for the backward: the split kernel
+    with the batched read (``LAUNCH["split_read"] == "batched"``) walks the chunks, and
+    ``BACKWARD["key_pass_from_forward"]``."""
+    if not BACKWARD["key_pass_from_forward"] or len(weights) != 2 or not _split_read_batched():
+        return False
+    return _split_programs(2, weights[0].shape[-1], c, q.shape[0] * q.shape[2], q) > 0
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm):
+def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm, keep_key_pass=False):
     """Depth 2 on ``B · H · ns`` programs (:func:`_lmm_split_fwd_kernel`): on a GPU one launch with grid
     barriers (all programs resident: the caller checked the SM count), under the interpreter one launch
     per phase and chunk.
@@ -1002,7 +1035,10 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     alone), and :func:`_lmm_chunk_read_kernel` then reads every chunk of a group in parallel from the
     state entering it. The entering states are the training checkpoints where they are stored
     (``slots``), else a group's own slots; groups bound those buffers to ``LAUNCH["read_group_bytes"]``.
-    ``"inline"``: the read inside the walk (two more phases and one more grid barrier per chunk)."""
+    ``"inline"``: the read inside the walk (two more phases and one more grid barrier per chunk).
+
+    ``keep_key_pass`` (batched read only): also return every chunk's ``Z_1, P, Δ_2, Z_2`` (``[n, B, H, C, ·]``
+    fp32), from which the backward takes the key pass instead of recomputing it."""
     g, nmat, beta, m, f = coefs
     n, bsz, heads, c = beta.shape
     dk, dv = k.shape[-1], v.shape[-1]
@@ -1035,10 +1071,10 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     prof = LAUNCH.get("profile")  # diagnostics: a dict to receive the walk's and the read's times (GPU only)
     prof = prof if isinstance(prof, dict) and not _interpreted(q) else None
 
-    def walk(wb, sb, slot_strides, slot0, z1, d1, zs, d2o, sco, lo, hi):
+    def walk(wb, sb, slot_strides, slot0, z1, d1, zs, d2o, z2o, sco, lo, hi):
         stamps = torch.zeros((nbh * ns, hi - lo, 8), device=dev, dtype=torch.int64) if prof is not None else cnt
         args = (q, k, v, y, *strides, g, nmat, beta, m, f, wb[0], sb[0], wb[1], sb[1], z1, d1, *slot_strides,
-                xz2, xhn, xdn, xacc, xp, cnt, d2o, sco, slot0, lo, zs, stamps)  # fmt: skip
+                xz2, xhn, xdn, xacc, xp, cnt, d2o, z2o, sco, slot0, lo, zs, stamps)  # fmt: skip
         if _interpreted(q) and ns > 1:  # programs run one after another there: one launch per phase and chunk
             for i in range(lo, hi):
                 for phase in phases:
@@ -1052,18 +1088,24 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
 
     if not batched:
         z1 = torch.empty((nbh, c, hid), **f32)
-        walk(w, s, slots, 0, z1, torch.empty_like(z1), 0, z1, z1, 0, n)
+        walk(w, s, slots, 0, z1, torch.empty_like(z1), 0, z1, z1, z1, 0, n)
         return [y, *w, *s]
     stored = slots[0] != 0
     per_chunk = nbh * 4 * (2 * c * hid + c * dv + c) + (0 if stored else 4 * sum(x.numel() for x in (*w, *s)))
     group = max(1, min(n, int(LAUNCH["read_group_bytes"]) // per_chunk))
     bh_read = min(hid, LAUNCH["read_slice"])
+    if keep_key_pass:  # every chunk's buffers, kept for the backward (it reads the key pass from them)
+        kept = [torch.empty((n, nbh, c, x), **f32) for x in (hid, hid, dv, dv)]
     for lo in range(0, n, group):
         hi = min(n, lo + group)
         gn = hi - lo
-        z1 = torch.empty((gn, nbh, c, hid), **f32)
-        pd = torch.empty_like(z1)
-        d2o = torch.empty((gn, nbh, c, dv), **f32)
+        if keep_key_pass:
+            z1, pd, d2o, z2o = (x[lo:hi] for x in kept)
+        else:
+            z1 = torch.empty((gn, nbh, c, hid), **f32)
+            pd = torch.empty_like(z1)
+            d2o = torch.empty((gn, nbh, c, dv), **f32)
+            z2o = torch.empty_like(d2o)
         sco = torch.empty((gn, nbh, c), **f32) if clip else d2o
         if stored:
             wb, sb, sl, slot0 = w, s, slots, 0
@@ -1073,7 +1115,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
             for buf, x in zip((*wb, *sb), (*w, *s)):
                 buf[0].copy_(x)
             sl, slot0 = (w[0].numel(), w[1].numel()), lo
-        walk(wb, sb, sl, slot0, z1, pd, nbh * c * hid, d2o, sco, lo, hi)
+        walk(wb, sb, sl, slot0, z1, pd, nbh * c * hid, d2o, z2o, sco, lo, hi)
         ev = _profile_events(prof, "read_ms")
         _lmm_chunk_read_kernel[(nbh, gn)](
             q, k, y, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), y.stride(0), y.stride(1), y.stride(2),
@@ -1085,6 +1127,8 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
         if not stored:
             for x, buf in zip((*w, *s), (*wb, *sb)):
                 x.copy_(buf[gn])
+    if keep_key_pass:
+        return [y, *w, *s, *(x.view(n, bsz, heads, c, x.shape[-1]) for x in kept)]
     return [y, *w, *s]
 
 
@@ -1166,14 +1210,22 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         xg = torch.zeros((nbh, 2, ns, c), **f32)
         xn = torch.zeros_like(xg)
         cnt = torch.zeros((nbh,), device=k.device, dtype=torch.int32)
-        xargs = (*args, xa2, xb2, xg, xn, xd2, cnt)
+        prof = LAUNCH.get("profile")
+        prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
+        stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
+        xargs = (*args, xa2, xb2, xg, xn, xd2, cnt, stamps)
         smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"])
         if _interpreted(k):
             for i in range(g_n - 1, -1, -1):
                 for phase in (1, 2, 3):
                     _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, i, 1, g_n, PHASE=phase, **smeta)
         else:
-            _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, 0, g_n, g_n, PHASE=0, **smeta)
+            _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, 0, g_n, g_n, PHASE=0, PROFILE=prof is not None, **smeta)
+            if prof is not None:
+                sub: dict = {}
+                _profile_stamps(sub, stamps)
+                prof.setdefault("sweep_us_per_chunk", []).extend(sub["walk_us_per_chunk"])
+                prof.setdefault("sweep_chunk_us", []).extend(sub["chunk_us"])
     else:
         _lmm_sweep_kernel[(nbh,)](*args, g_n, BH=min(hid, LAUNCH["sweep_slice"]), num_warps=LAUNCH["sweep_warps"], **meta)
     return [slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots]
@@ -1216,18 +1268,24 @@ def _interpreted(x: Tensor) -> bool:
 def lmm_fused_fwd(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, n: Tensor, beta: Tensor, m: Tensor, f: Tensor,
     weights: list[Tensor], momentum: list[Tensor], activation: str, residual: bool, layer_norm: bool,
-    ln_eps: float, max_grad_norm: Optional[float], store_states: bool,
+    ln_eps: float, max_grad_norm: Optional[float], store_states: bool, keep_key_pass: bool = False,
 ) -> list[Tensor]:  # fmt: skip
     """The fused forward over full chunks (no autograd): ``[y, *weights', *momentum']``; with
-    ``store_states`` each state tensor is ``[n + 1, B, H, d_in, d_out]`` (entering every chunk, then final)."""
-    return _launch(q, k, v, (g, n, beta, m, f), weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states)
+    ``store_states`` each state tensor is ``[n + 1, B, H, d_in, d_out]`` (entering every chunk, then final);
+    with ``keep_key_pass`` (only where :func:`keeps_key_pass`) four more: ``Z_1, P, Δ_2, Z_2 [n, B, H, C, ·]``."""
+    return _launch(q, k, v, (g, n, beta, m, f), weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states,
+                   keep_key_pass)  # fmt: skip
 
 
 @lmm_fused_fwd.register_fake
-def _(q, k, v, g, n, beta, m, f, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states):
+def _(q, k, v, g, n, beta, m, f, weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states, keep_key_pass=False):
     y = q.new_empty((*q.shape[:3], v.shape[-1]))
     lead = (beta.shape[0] + 1,) if store_states else ()
-    return [y, *(x.new_empty((*lead, *x.shape), dtype=torch.float32) for x in (*weights, *momentum))]
+    out = [y, *(x.new_empty((*lead, *x.shape), dtype=torch.float32) for x in (*weights, *momentum))]
+    if keep_key_pass:
+        nb = (beta.shape[0], *q.shape[:1], q.shape[2], beta.shape[-1])
+        out += [q.new_empty((*nb, d), dtype=torch.float32) for d in (weights[0].shape[-1], weights[0].shape[-1], v.shape[-1], v.shape[-1])]
+    return out
 
 
 def _pow2_at_least_16(x: int) -> bool:
@@ -1275,7 +1333,8 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: ``triton_sweep``: depth 2 runs the sweep as one Triton launch per group (:func:`_lmm_sweep_kernel`; None =
 #: wherever the sizes allow it, False = the PyTorch sweep above).
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
-                  "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None}
+                  "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
+                  "key_pass_from_forward": True}
 _COMPILED_SWEEP: list = []
 
 
@@ -1384,18 +1443,20 @@ class _FusedMemory(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, q, k, v, g, nmat, beta, m, f, *state):
         depth = len(state) // 2
-        res = lmm_fused_fwd(q, k, v, g, nmat, beta, m, f, list(state[:depth]), list(state[depth:]), *cfg, True)
-        slots = res[1:]
-        ctx.save_for_backward(q, k, v, g, nmat, beta, m, f, *slots)
+        keep = keeps_key_pass(q, state[:depth], beta.shape[-1])
+        res = lmm_fused_fwd(q, k, v, g, nmat, beta, m, f, list(state[:depth]), list(state[depth:]), *cfg, True, keep)
+        slots = res[1 : 1 + 2 * depth]
+        ctx.save_for_backward(q, k, v, g, nmat, beta, m, f, *slots, *res[1 + 2 * depth :])  # + Z_1, P, Δ_2, Z_2 when kept
         ctx.cfg, ctx.depth = cfg, depth
         ctx.state_dtypes = [x.dtype for x in state]
         return (res[0], *(x[-1].clone() for x in slots))
 
     @staticmethod
     def backward(ctx, dy, *d_final):
-        q, k, v, g, nmat, beta, m, f, *slots = ctx.saved_tensors
+        q, k, v, g, nmat, beta, m, f, *rest = ctx.saved_tensors
         activation, residual, layer_norm, ln_eps, max_grad_norm = ctx.cfg
         depth = ctx.depth
+        slots, kept = rest[: 2 * depth], rest[2 * depth :]
         n, bsz, heads, c = beta.shape
         f32 = torch.float32
         cm = lambda x: _chunk_major(x.to(f32), n, c)  # noqa: E731  [B, n·C, H, D] -> [n, B, H, C, D]
@@ -1432,7 +1493,10 @@ class _FusedMemory(torch.autograd.Function):
             # 2) the state's adjoint, chunk by chunk in reverse; ā_{i+1} kept for the update's products
             with torch.no_grad():
                 timer.mark("key_pass")
-                kp = key_pass_saved(kc[sl], vc[sl], ws, **kw)
+                if kept:  # the forward kernel's own Z_1, P, Δ_2, Z_2 of these chunks
+                    kp = key_pass_from_forward(kc[sl], vc[sl], *(x[sl] for x in kept), **kw)
+                else:
+                    kp = key_pass_saved(kc[sl], vc[sl], ws, **kw)
                 g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
                 ends = [x[sl][..., -1] for x in (beta, m, f)]
                 b_w = [torch.zeros_like(x) if b is None else b for x, b in zip(ws, b_w)]
