@@ -168,8 +168,8 @@ def test_fused_training_key_pass_kept_or_recomputed(monkeypatch):
     q, k, v, th, et, al = make_inputs(b=1, t=2 * 32, h=2, dk=16, dv=16, seed=6, theta_max=0.5)
     st = make_state(1, 2, 16, 16, 2, hidden=32)
     kept = []
-    real = fused_triton.key_pass_from_forward
-    monkeypatch.setattr(fused_triton, "key_pass_from_forward", lambda *a, **kw: kept.append(1) or real(*a, **kw))
+    real = fused_triton._kept_key_pass
+    monkeypatch.setattr(fused_triton, "_kept_key_pass", lambda *a, **kw: kept.append(1) or real(*a, **kw))
     y1, g1 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, MATCHED, 0.3)
     assert kept
     monkeypatch.setitem(fused_triton.BACKWARD, "key_pass_from_forward", False)

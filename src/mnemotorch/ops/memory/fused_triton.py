@@ -51,7 +51,7 @@ from torch import Tensor
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
-from .fused_backward import key_pass_from_forward, key_pass_saved, state_adjoint, sweep_block
+from .fused_backward import KeyPass, key_pass_from_forward, key_pass_saved, state_adjoint, sweep_block
 from .reference import (
     DEFAULT_LN_EPS,
     clip_scale,
@@ -361,13 +361,16 @@ def _lmm_split_fwd_kernel(
     G, NM, BETA, MV, FV,
     W1, S1, W2, S2, Z1, D1, SLOT1, SLOT2,
     XZ2, XHN, XDN, XACC, XP, CNT,
-    D2O, Z2O, SCO, slot0, zrow0, ZS, PROF,
+    D2O, Z2O, SCO, HS, DS, D2S, slot0, zrow0, ZS, PROF,
     chunk0, n_chunks, H, ln_eps, max_norm,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
     PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr, READ: tl.constexpr, PROFILE: tl.constexpr = False,
     CARRY: tl.constexpr = False,
 ):
+    # (READ == False: phase 1 leaves σ(Z_1) in HS, phase 2 Δ_1 in DS and Δ_2 in D2S, the program's own scratch,
+    # so that phase 3 recomputes neither the activations nor the LayerNorm backward: at one 4-warp program per
+    # SM these elementwise passes are latency-bound, and phase 3 took half of a chunk's time with them.)
     """Depth 2 with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j``: its columns of W_1/S_1,
     rows of W_2/S_2, and ``Z_1``/``Δ_1`` columns are its own; the sums over the hidden dimension
     (``Z_2``, the clip's norms, the read's layer-2 terms) are exchanged through per-head buffers
@@ -416,6 +419,9 @@ def _lmm_split_fwd_kernel(
     z1q = Z1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
     d1q = D1 + bh * C * HID + rows[:, None] * HID + cols[None, :]
     NB: tl.constexpr = (3 if CLIP else 2) if READ else (2 if CLIP else 1)  # grid barriers per chunk
+    hsp = HS + bh * C * HID + rows[:, None] * HID + cols[None, :]
+    dsp = DS + bh * C * HID + rows[:, None] * HID + cols[None, :]
+    d2sp = D2S + pid * C * DV + rows[:, None] * DV + cv[None, :]
     kb = K + b * skb + h * skh + ck[None, :]  # k and v are reloaded where used (L2-resident) rather than kept
     vb = V + b * svb + h * svh + cv[None, :]  # live across the phases: each [C, D] fp32 tile is 32 registers a thread
     if CARRY:
@@ -443,6 +449,8 @@ def _lmm_split_fwd_kernel(
             z1 = _mmp(k, w1, PREC)
             tl.store(z1p, z1)
             h1 = _act(z1, ACT)
+            if not READ:
+                tl.store(hsp, h1)
             tl.store(XHN + (xo + j) * C + rows, tl.sum(h1 * h1, 1))
             if CARRY:
                 w2 = cw2
@@ -471,6 +479,8 @@ def _lmm_split_fwd_kernel(
                 tl.store(d1p, d1)
             else:
                 tl.store(d1p, pd)
+                tl.store(dsp, d1)
+                tl.store(d2sp, d2)
                 if j == 0:
                     tl.store(D2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], d2)
                     tl.store(Z2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], z2)
@@ -488,7 +498,7 @@ def _lmm_split_fwd_kernel(
         if (PHASE == 0 or PHASE == 3) and not READ:
             # the recurrence alone: the update of slice j (the read is another kernel's)
             k = _rows_f32(kb, t, skt)
-            d2 = _split_d2(XZ2, xo, rows, cv, k, _rows_f32(vb, t, svt), ln_eps, C, DV, NS, RESIDUAL, LN)
+            d2 = tl.load(d2sp, cache_modifier=".cg")
             g_l = tl.load(G + cc + (C - 1) * C + rows)
             n_l = tl.load(NM + cc + (C - 1) * C + rows)
             if CLIP:
@@ -500,8 +510,7 @@ def _lmm_split_fwd_kernel(
             b_c = tl.load(BETA + c1 + C - 1)
             m_c = tl.load(MV + c1 + C - 1)
             f_c = tl.load(FV + c1 + C - 1)
-            z1 = tl.load(z1p, cache_modifier=".cg")
-            d1 = tl.load(d1p, cache_modifier=".cg") * _act_grad(z1, ACT)
+            d1 = tl.load(dsp, cache_modifier=".cg")
             if CARRY:
                 w1 = cw1
                 s1 = cs1
@@ -512,7 +521,7 @@ def _lmm_split_fwd_kernel(
             s1n = m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC)
             tl.store(w1p + r1 + SLOT1, w1n)
             tl.store(s1p + r1 + SLOT1, s1n)
-            h1 = _act(z1, ACT)
+            h1 = tl.load(hsp, cache_modifier=".cg")
             if CARRY:
                 w2 = cw2
                 s2 = cs2
@@ -528,6 +537,10 @@ def _lmm_split_fwd_kernel(
                 cs1 = s1n
                 cw2 = w2n
                 cs2 = s2n
+            if PHASE == 0:
+                # the next chunk's phase 1 reads the state slot written above and rewrites HS read above, in other
+                # threads of this program (the inline read's grid barrier below orders them otherwise)
+                tl.debug_barrier()
         if (PHASE == 0 or PHASE == 3) and READ:
             # The order keeps few [C, ·] tiles live at once (with all of them loaded up front the 4-warp
             # program spilled ~900 bytes a thread): layer 1's state is read, used by the read and updated
@@ -1056,6 +1069,12 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
         xacc = torch.empty_like(xz2)
         xp = torch.empty((nbh, 2, ns, c, c), **f32)
     cnt = torch.zeros((nbh,), device=dev, dtype=torch.int32)
+    if batched:  # the walk's own scratch: σ(Z_1), Δ_1 (slices private to a program) and each program's Δ_2
+        hs = torch.empty((nbh, c, hid), **f32)
+        ds = torch.empty_like(hs)
+        d2s = torch.empty((nbh * ns, c, dv), **f32)
+    else:
+        hs = ds = d2s = xz2
     half = q.dtype != torch.float32
     clip = max_grad_norm is not None
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -1074,7 +1093,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     def walk(wb, sb, slot_strides, slot0, z1, d1, zs, d2o, z2o, sco, lo, hi):
         stamps = torch.zeros((nbh * ns, hi - lo, 8), device=dev, dtype=torch.int64) if prof is not None else cnt
         args = (q, k, v, y, *strides, g, nmat, beta, m, f, wb[0], sb[0], wb[1], sb[1], z1, d1, *slot_strides,
-                xz2, xhn, xdn, xacc, xp, cnt, d2o, z2o, sco, slot0, lo, zs, stamps)  # fmt: skip
+                xz2, xhn, xdn, xacc, xp, cnt, d2o, z2o, sco, hs, ds, d2s, slot0, lo, zs, stamps)  # fmt: skip
         if _interpreted(q) and ns > 1:  # programs run one after another there: one launch per phase and chunk
             for i in range(lo, hi):
                 for phase in phases:
@@ -1383,6 +1402,23 @@ def _batched_update(k, v, g, nmat, beta, m, f, w, s, activation, residual, layer
     return [*w_new, *s_new]
 
 
+def _key_pass_flat(k, v, z1, p, d2, z2, activation, residual, layer_norm, ln_eps):
+    """:func:`~.fused_backward.key_pass_from_forward`'s new tensors as a flat tuple (what ``torch.compile``
+    returns most simply): ``σ(Z_1), Δ_1, σ'(Z_1), P ∘ σ''(Z_1)`` [, ``out, rstd, dmean``]."""
+    kp = key_pass_from_forward(k, v, z1, p, d2, z2, activation, residual, layer_norm, ln_eps)
+    return (kp.xs[1], kp.deltas[0], kp.d1[0], kp.d2[0]) + ((kp.out, kp.rstd, kp.dmean) if layer_norm else ())
+
+
+def _kept_key_pass(device: torch.device, k, v, kept, activation, residual, layer_norm, ln_eps) -> KeyPass:
+    """The key pass from the forward's kept ``Z_1, P, Δ_2, Z_2``, its elementwise work compiled per
+    ``BACKWARD["compile_batched"]`` (one fused pass instead of ~15 eager ones over ``[G, B, H, C, hidden]``)."""
+    opts = _compile_opts(BACKWARD["compile_batched"], device)
+    fn = _key_pass_flat if opts is None else _compiled(_key_pass_flat, opts)
+    h1, d1, s1, curv, *ln = fn(k, v, *kept, activation, residual, layer_norm, ln_eps)
+    out, rstd, dmean = ln if ln else (None, None, None)
+    return KeyPass([k, h1], [d1, kept[2]], [s1], [curv], out, rstd, dmean)
+
+
 def _batched_fns(device: torch.device):
     """``(read, update)``: :func:`_batched_read` / :func:`_batched_update`, compiled per
     ``BACKWARD["compile_batched"]`` (the configuration arguments are constants to dynamo)."""
@@ -1494,7 +1530,7 @@ class _FusedMemory(torch.autograd.Function):
             with torch.no_grad():
                 timer.mark("key_pass")
                 if kept:  # the forward kernel's own Z_1, P, Δ_2, Z_2 of these chunks
-                    kp = key_pass_from_forward(kc[sl], vc[sl], *(x[sl] for x in kept), **kw)
+                    kp = _kept_key_pass(q.device, kc[sl], vc[sl], [x[sl] for x in kept], **kw)
                 else:
                     kp = key_pass_saved(kc[sl], vc[sl], ws, **kw)
                 g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
