@@ -86,24 +86,25 @@ def correctness(dev, t: int, h: int) -> list:
 
 
 def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=("tf32x3/tf32",), stages=(1,), splits=(0,),
-          reads=("batched",), read_launches=("64:8",), carries=(False,), profile=False) -> list:
+          reads=("batched",), read_launches=("64:8",), carries=(False,), profile=False, phase3s=("auto",)) -> list:
     """``precisions``: "state/read" pairs of ``LAUNCH["half_precision"]`` / ``["half_read_precision"]``; ``reads``:
     ``LAUNCH["split_read"]`` values; ``read_launches``: ``read_slice:read_warps`` of the batched read kernel."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     base = dict(fused_triton.LAUNCH)
-    variants = [(r, rl, cy) for r in reads for rl in (read_launches if r == "batched" else ("-",)) for cy in (carries if r == "batched" else (False,))]
+    variants = [(r, rl, cy, p3) for r in reads for rl in (read_launches if r == "batched" else ("-",)) for cy in (carries if r == "batched" else (False,))
+                for p3 in (phase3s if r == "batched" else ("auto",))]  # fmt: skip
     for name in ("matched", "default"):
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
-        for sp, bh, nw, ns, prec, (rd, rl, cy) in itertools.product(splits, slices, warps, stages, precisions, variants):
+        for sp, bh, nw, ns, prec, (rd, rl, cy, p3) in itertools.product(splits, slices, warps, stages, precisions, variants):
             p_state, _, p_read = prec.partition("/")
             fused_triton.LAUNCH.update(hidden_slice=bh, num_warps=nw, num_stages=ns, half_precision=p_state, half_read_precision=p_read or p_state,
-                                       split_slice=sp, split_warps=nw, split_read=rd, split_carry=cy)
+                                       split_slice=sp, split_warps=nw, split_read=rd, split_carry=cy, split_phase3=p3)
             if rl != "-":
                 rs, rw = (int(x) for x in rl.split(":"))
                 fused_triton.LAUNCH.update(read_slice=rs, read_warps=rw)
             row = {"config": name, "t": t, "hidden_slice": bh, "num_warps": nw, "num_stages": ns, "precision": prec, "split_slice": sp,
-                   "split_read": rd, "read_launch": rl, "split_carry": cy}  # fmt: skip
+                   "split_read": rd, "read_launch": rl, "split_carry": cy, "split_phase3": p3}  # fmt: skip
             try:
                 with torch.no_grad():
                     row["ms"] = time_ms(lambda: neural_memory_fused_forward(q, k, v, *gates, st, c, **CONFIGS[name]), dev, 2, rep)
@@ -220,6 +221,7 @@ def main() -> None:
     ap.add_argument("--reads", default="batched", help="LAUNCH['split_read'] values of the sweep: batched, inline")
     ap.add_argument("--read-launches", default="64:8", help="read_slice:read_warps values of the batched read kernel")
     ap.add_argument("--carry", default="0", help="LAUNCH['split_carry'] values of the sweep (0, 1)")
+    ap.add_argument("--phase3", default="auto", help="LAUNCH['split_phase3'] values of the sweep: recompute, scratch, registers, auto")
     ap.add_argument("--profile", action="store_true", help="the sweep also records the walk kernel's timer stamps per variant")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
@@ -237,7 +239,7 @@ def main() -> None:
         ints = lambda x: tuple(int(i) for i in x.split(","))  # noqa: E731
         out["sweep"] = sweep(dev, args.sweep_t, args.rep, ints(args.slices), ints(args.warps), tuple(args.precisions.split(",")), ints(args.stages), ints(args.splits),
                              tuple(args.reads.split(",")), tuple(args.read_launches.split(",")), tuple(bool(int(x)) for x in args.carry.split(",")),
-                             args.profile)  # fmt: skip
+                             args.profile, tuple(args.phase3.split(",")))  # fmt: skip
     if args.train:
         out["train"] = train(dev, args.sweep_t, args.rep, tuple(args.train_compile.split(",")))
         if args.sweep_launch:

@@ -219,7 +219,7 @@ SPLIT_CASES = [  # (name, config, max_grad_norm, d, hidden, chunk, split_slice) 
 ]
 
 
-@pytest.mark.parametrize("read", ["batched", "inline"])
+@pytest.mark.parametrize("read", ["batched", "inline", "batched/recompute"])
 @pytest.mark.parametrize("name,cfg,clip,d,hidden,chunk,split", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
 def test_split_kernel_matches_chunked_fp32(monkeypatch, name, cfg, clip, d, hidden, chunk, split, read):
     """Depth 2 with the hidden dimension split over programs (``_lmm_split_fwd_kernel``; in the
@@ -231,7 +231,9 @@ def test_split_kernel_matches_chunked_fp32(monkeypatch, name, cfg, clip, d, hidd
     real = fused_triton._launch_split
     monkeypatch.setattr(fused_triton, "_launch_split", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", split)
+    read, _, phase3 = read.partition("/")
     monkeypatch.setitem(fused_triton.LAUNCH, "split_read", read)
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_phase3", phase3 or "scratch")
     (q, k, v), gates, st = inputs(2, d, hidden, 2 * chunk + 5, position=0)
     y_ref, s_ref = neural_memory_chunked(q, k, v, *gates, st, chunk, **cfg, max_grad_norm=clip)  # float64
     f32 = lambda xs: [x.float() for x in xs]  # noqa: E731
@@ -263,16 +265,18 @@ def test_split_batched_read_in_groups(monkeypatch):
     assert_state(s, s_ref, 1e-5)
 
 
-@pytest.mark.parametrize("carry", [False, True])
+@pytest.mark.parametrize("carry,phase3", [(False, "recompute"), (False, "scratch"), (False, "registers"), (True, "auto")])
 @pytest.mark.parametrize("name,cfg,clip", [("matched", MATCHED, None), ("default_clip", DEFAULT, 0.3)])
-def test_split_walk_in_one_launch(monkeypatch, name, cfg, clip, carry):
+def test_split_walk_in_one_launch(monkeypatch, name, cfg, clip, carry, phase3):
     """The walk as the GPU runs it, one launch over every chunk with its grid barriers (possible in the
     interpreter with one program per head), with the state slices carried in registers (``split_carry``)
-    or read back every chunk; then the batched read."""
+    or read back every chunk, and each way phase 3 gets phases 1-2's values (``split_phase3``); then the
+    batched read."""
     from mnemotorch.ops.memory import fused_triton
 
     monkeypatch.setattr(fused_triton, "_split_programs", lambda *a: 1)
     monkeypatch.setitem(fused_triton.LAUNCH, "split_carry", carry)
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_phase3", phase3)
     launched = []
     real = fused_triton._lmm_split_fwd_kernel
     monkeypatch.setattr(fused_triton, "_lmm_split_fwd_kernel", _GridRecorder(real, launched))

@@ -83,7 +83,7 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "profile": None}
+                "split_carry": False, "split_phase3": "auto", "profile": None}
 
 
 @triton.jit
@@ -366,11 +366,12 @@ def _lmm_split_fwd_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
     PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr, READ: tl.constexpr, PROFILE: tl.constexpr = False,
-    CARRY: tl.constexpr = False,
+    CARRY: tl.constexpr = False, P3: tl.constexpr = 1,
 ):
-    # (READ == False: phase 1 leaves σ(Z_1) in HS, phase 2 Δ_1 in DS and Δ_2 in D2S, the program's own scratch,
-    # so that phase 3 recomputes neither the activations nor the LayerNorm backward: at one 4-warp program per
-    # SM these elementwise passes are latency-bound, and phase 3 took half of a chunk's time with them.)
+    # Where phase 3 (READ == False) gets σ(Z_1), Δ_1 and Δ_2, which phases 1 and 2 computed: P3 = 0 recomputes
+    # them (activations, LayerNorm backward: latency-bound elementwise passes at one 4-warp program per SM),
+    # 1 reads them from the program's scratch (HS, DS, D2S; three more stores in phases 1 and 2), 2 keeps
+    # them in registers across the barrier (pressure on registers instead).
     """Depth 2 with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j``: its columns of W_1/S_1,
     rows of W_2/S_2, and ``Z_1``/``Δ_1`` columns are its own; the sums over the hidden dimension
     (``Z_2``, the clip's norms, the read's layer-2 terms) are exchanged through per-head buffers
@@ -449,7 +450,7 @@ def _lmm_split_fwd_kernel(
             z1 = _mmp(k, w1, PREC)
             tl.store(z1p, z1)
             h1 = _act(z1, ACT)
-            if not READ:
+            if not READ and P3 == 1:
                 tl.store(hsp, h1)
             tl.store(XHN + (xo + j) * C + rows, tl.sum(h1 * h1, 1))
             if CARRY:
@@ -479,8 +480,9 @@ def _lmm_split_fwd_kernel(
                 tl.store(d1p, d1)
             else:
                 tl.store(d1p, pd)
-                tl.store(dsp, d1)
-                tl.store(d2sp, d2)
+                if P3 == 1:
+                    tl.store(dsp, d1)
+                    tl.store(d2sp, d2)
                 if j == 0:
                     tl.store(D2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], d2)
                     tl.store(Z2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], z2)
@@ -498,7 +500,10 @@ def _lmm_split_fwd_kernel(
         if (PHASE == 0 or PHASE == 3) and not READ:
             # the recurrence alone: the update of slice j (the read is another kernel's)
             k = _rows_f32(kb, t, skt)
-            d2 = tl.load(d2sp, cache_modifier=".cg")
+            if P3 == 0:
+                d2 = _split_d2(XZ2, xo, rows, cv, k, _rows_f32(vb, t, svt), ln_eps, C, DV, NS, RESIDUAL, LN)
+            elif P3 == 1:
+                d2 = tl.load(d2sp, cache_modifier=".cg")
             g_l = tl.load(G + cc + (C - 1) * C + rows)
             n_l = tl.load(NM + cc + (C - 1) * C + rows)
             if CLIP:
@@ -510,7 +515,11 @@ def _lmm_split_fwd_kernel(
             b_c = tl.load(BETA + c1 + C - 1)
             m_c = tl.load(MV + c1 + C - 1)
             f_c = tl.load(FV + c1 + C - 1)
-            d1 = tl.load(dsp, cache_modifier=".cg")
+            if P3 == 0:
+                z1 = tl.load(z1p, cache_modifier=".cg")
+                d1 = tl.load(d1p, cache_modifier=".cg") * _act_grad(z1, ACT)
+            elif P3 == 1:
+                d1 = tl.load(dsp, cache_modifier=".cg")
             if CARRY:
                 w1 = cw1
                 s1 = cs1
@@ -521,7 +530,10 @@ def _lmm_split_fwd_kernel(
             s1n = m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC)
             tl.store(w1p + r1 + SLOT1, w1n)
             tl.store(s1p + r1 + SLOT1, s1n)
-            h1 = tl.load(hsp, cache_modifier=".cg")
+            if P3 == 0:
+                h1 = _act(z1, ACT)
+            elif P3 == 1:
+                h1 = tl.load(hsp, cache_modifier=".cg")
             if CARRY:
                 w2 = cw2
                 s2 = cs2
@@ -1084,6 +1096,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
                 num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched)  # fmt: skip
     # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head
     meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and (ns == 1 or not _interpreted(q))
+    meta["P3"] = _phase3_mode(activation, layer_norm, phase0=ns == 1 or not _interpreted(q))
     scalars = (heads, float(ln_eps), float(max_grad_norm or 1.0))
     phases = (1, 2, 3) if batched else (1, 2, 3, 4)
 
@@ -1176,6 +1189,22 @@ def _profile_stamps(prof: dict, stamps: Tensor) -> None:
     prof.setdefault("walk_us_per_chunk", []).append(dict(zip(_STAMP_NAMES, mean)))
     per_chunk = (stamps[:, 1:, 0] - stamps[:, :-1, 0]).double() / 1e3
     prof.setdefault("chunk_us", []).append(per_chunk.mean().item() if per_chunk.numel() else None)
+
+
+_P3_MODES = {"recompute": 0, "scratch": 1, "registers": 2}
+
+
+def _phase3_mode(activation: str, layer_norm: bool, phase0: bool) -> int:
+    """``LAUNCH["split_phase3"]`` as the kernel's ``P3``. "auto": the scratch where the recomputation is costly
+    (LayerNorm or GELU), else recompute. Registers need the walk in one launch (``phase0``), else scratch."""
+    mode = LAUNCH["split_phase3"]
+    if mode == "auto":
+        mode = "scratch" if layer_norm or activation == "gelu" else "recompute"
+    if mode not in _P3_MODES:
+        raise ValueError(f"LAUNCH['split_phase3'] must be one of {sorted(_P3_MODES)} or 'auto', got {mode!r}")
+    if mode == "registers" and not phase0:
+        mode = "scratch"
+    return _P3_MODES[mode]
 
 
 def _split_read_batched() -> bool:
