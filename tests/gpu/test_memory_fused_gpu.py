@@ -67,6 +67,25 @@ def test_fused_bf16_vs_chunked_fp32(config: str, t: int) -> None:
     check_state(s, s_ref, 5e-3)
 
 
+@pytest.mark.parametrize("phase3,carry", [("recompute", False), ("scratch", False), ("registers", False), ("registers", True)])
+@pytest.mark.parametrize("config,t", [("default", 4096), ("matched", 512)])
+def test_split_walk_variants_bf16_vs_chunked_fp32(monkeypatch, config: str, t: int, phase3: str, carry: bool) -> None:
+    """Each way the recurrence walk's phase 3 gets σ(Z_1), Δ_1, Δ_2 (``LAUNCH["split_phase3"]``), with the state
+    read back or carried in registers (``split_carry``): the same bounds as the default launch above."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_phase3", phase3)
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_carry", carry)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = CONFIGS[config]
+    (q, k, v), gates, st = make(t, torch.bfloat16)
+    with torch.no_grad():
+        y_ref, s_ref = neural_memory_chunked(q.float(), k.float(), v.float(), *gates, st, 64, **cfg)
+        y, s = neural_memory_fused_forward(q, k, v, *gates, st, 64, **cfg)
+    assert rel(y, y_ref) <= 5e-3, rel(y, y_ref)
+    check_state(s, s_ref, 5e-3)
+
+
 @pytest.mark.parametrize("config,depth,t", [("matched", 2, 512), ("silu_ln", 2, 512), ("default", 2, 4096), ("matched", 1, 4096), ("default", 1, 4096)])
 def test_fused_fp32_vs_chunked_fp64(config: str, depth: int, t: int) -> None:
     """float32 inputs (IEEE products in the kernel) against the float64 chunked path."""
