@@ -216,16 +216,23 @@ def test_compiled_sweep_step(monkeypatch):
         assert rel(a.double(), b.double()) <= 1e-6
 
 
-@pytest.mark.parametrize("split", [0, 16, 8], ids=["one_program", "split2", "split4"])
+@pytest.mark.parametrize("split", [0, 16, 8, "walk", "walk_keep"], ids=["one_program", "split2", "split4", "split1_walk", "split1_walk_keep"])
 @pytest.mark.parametrize("name,depth,cfg,clip", [c for c in ADJ_CASES if c[1] == 2], ids=[c[0] for c in ADJ_CASES if c[1] == 2])
 def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, split):
     """The depth-2 sweep kernel (one launch per group of chunks; or the hidden dimension split over 2 or 4
-    programs per head, one launch per phase and chunk under the interpreter) gives the PyTorch sweep's
-    adjoints: the one entering the group and the one leaving every chunk (fp32, ≤ 1e-6)."""
+    programs per head, one launch per phase and chunk under the interpreter; or the split kernel with one
+    program per head walking every chunk in one launch as on the GPU, phase 3 taking phase 2's values from
+    registers or recomputing them, ``LAUNCH["sweep_keep"]``) gives the PyTorch sweep's adjoints: the one
+    entering the group and the one leaving every chunk (fp32, ≤ 1e-6)."""
     from mnemotorch.ops.memory import fused_triton
     from mnemotorch.ops.memory.fused_backward import sweep_block
 
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", split)
+    if isinstance(split, str):  # the split kernel, one program per head, PHASE 0
+        monkeypatch.setattr(fused_triton, "_sweep_programs", lambda *a: 1)
+        monkeypatch.setattr(fused_triton, "_sweep_split_on", lambda ns: True)
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_keep", split == "walk_keep")
+    else:
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", split)
     launched = []
     for name_ in ("_lmm_sweep_kernel", "_lmm_split_sweep_kernel"):
         kern = getattr(fused_triton, name_)

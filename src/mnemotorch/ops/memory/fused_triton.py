@@ -83,7 +83,7 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_phase3": "auto", "profile": None}
+                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "profile": None}
 
 
 @triton.jit
@@ -733,18 +733,26 @@ def _sweep_slice_out(
     p_dd1, p_dx2, hs, o1, o2, r1, r2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
     HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+    dd1_kept=None, sg1_kept=None, w2_kept=None, KEPT: tl.constexpr = False,
 ):
     """One hidden slice's last step of the sweep: the weights' cotangents and the new adjoint. The adjoint
     leaving the chunk is read at offsets ``r1`` (layer 1, ``[DK, BH]``) / ``r2`` (layer 2, ``[BH, DV]``) of
-    its slot, the new one written one slot lower; ``p_dd1``/``p_dx2`` point at the slice's scratch."""
-    dd1 = tl.load(p_dd1, cache_modifier=".cg")
+    its slot, the new one written one slot lower; ``p_dd1``/``p_dx2`` point at the slice's scratch.
+    ``KEPT``: Δ_1's cotangent (clip term included), σ'(Z_1) and the slice of W_2 come in registers from phase 2."""
     h = tl.load(HH + ci * C * HID + hs)
     dx2 = tl.load(p_dx2, cache_modifier=".cg")
     if CLIP:
-        dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
         dx2 += d2n2[:, None] * h
-    sg1 = tl.load(S1 + ci * C * HID + hs)
-    w2 = tl.load(W2 + ci * HID * DV + o2)
+    if KEPT:
+        dd1 = dd1_kept
+        sg1 = sg1_kept
+        w2 = w2_kept
+    else:
+        dd1 = tl.load(p_dd1, cache_modifier=".cg")
+        if CLIP:
+            dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
+        sg1 = tl.load(S1 + ci * C * HID + hs)
+        w2 = tl.load(W2 + ci * HID * DV + o2)
     dp = dd1 * sg1
     dx2 = dx2 + _mmp(dz2, tl.trans(w2), PREC)
     dz1 = dd1 * tl.load(S2 + ci * C * HID + hs) + dx2 * sg1
@@ -893,6 +901,7 @@ def _lmm_split_sweep_kernel(
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
+    KEEP: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -903,7 +912,8 @@ def _lmm_split_sweep_kernel(
     ``PHASE == 0``: one launch walks chunks ``chunk0 + n_chunks − 1 … chunk0`` with grid barriers (all programs
     resident); ``PHASE`` 1–3: one phase of chunk ``chunk0`` (the interpreter). ``PROFILE``: timer stamps as
     :func:`_lmm_split_fwd_kernel`'s (``PROF [programs, n_chunks, 8]``: start, phase 1, barrier, phase 2, barrier,
-    phase 3, the rest repeated)."""
+    phase 3, the rest repeated). ``KEEP`` (``PHASE == 0``): phase 3 takes Δ_2's cotangent, the clip's terms,
+    Δ_1's cotangent, σ'(Z_1) and W_2's slice from phase 2's registers instead of recomputing / reloading them."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -958,7 +968,8 @@ def _lmm_split_sweep_kernel(
             dd1 = tl.load(sd1, cache_modifier=".cg")
             if CLIP:
                 dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
-            dp = dd1 * tl.load(S1 + ci * C * HID + hs)
+            sg1 = tl.load(S1 + ci * C * HID + hs)
+            dp = dd1 * sg1
             w2 = tl.load(W2 + ci * HID * DV + o2)
             tl.store(XD2 + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], _mmp(dp, w2, PREC))
         if PROFILE:
@@ -968,11 +979,18 @@ def _lmm_split_sweep_kernel(
         if PROFILE:
             tl.store(pr + 4, _now(pid))
         if PHASE == 0 or PHASE == 3:
-            dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
-            dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
-            dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
-            _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
-                             HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC)
+            if KEEP:
+                dd2 = dd2 + _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
+                dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
+                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
+                                 HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
+                                 dd1, sg1, w2, True)  # fmt: skip
+            else:
+                dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
+                dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
+                dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
+                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
+                                 HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC)
         if PHASE == 0:
             tl.debug_barrier()  # own slots and scratch, read back by other threads of this program next chunk
         if PROFILE:
@@ -1252,7 +1270,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
                 num_stages=1)  # fmt: skip
     ns = _sweep_programs(hid, nbh, k)
-    if ns > 1:
+    if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
         xa2 = torch.empty((nbh, 2, ns, c, dv), **f32)
         xb2, xd2 = torch.empty_like(xa2), torch.empty_like(xa2)
@@ -1264,7 +1282,9 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
         xargs = (*args, xa2, xb2, xg, xn, xd2, cnt, stamps)
         smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"])
-        if _interpreted(k):
+        one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
+        smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
+        if not one_launch:
             for i in range(g_n - 1, -1, -1):
                 for phase in (1, 2, 3):
                     _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, i, 1, g_n, PHASE=phase, **smeta)
@@ -1278,6 +1298,11 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     else:
         _lmm_sweep_kernel[(nbh,)](*args, g_n, BH=min(hid, LAUNCH["sweep_slice"]), num_warps=LAUNCH["sweep_warps"], **meta)
     return [slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots]
+
+
+def _sweep_split_on(ns: int) -> bool:
+    """Whether the sweep runs the split kernel (``ns`` programs per head) rather than the one-program kernel."""
+    return ns > 1
 
 
 def _sweep_programs(hid: int, nbh: int, x: Tensor) -> int:
