@@ -77,8 +77,17 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: tokens were 1.7e-2 from the fp32 chunked path's on the H100 (the default config; 5e-3 is the bf16
 #: bound), "tf32x3" (three TF32 products, ~fp32) everywhere passed at twice the time.
 #: ``split_slice``: depth 2 splits the hidden dimension into slices of this width, one program each
-#: (:func:`_lmm_split_fwd_kernel`), when the chunk has ≥ 16 rows per slice and, on a GPU, the
-#: ``B · H · slices`` programs fit on the SMs at once; 0 = one program per head (the kernel above).
+#: (:func:`_lmm_split_fwd_kernel`), when, on a GPU, the ``B · H · slices`` programs fit on the SMs at once
+#: (and, with the inline read, the chunk has ≥ 16 rows per slice); 0 = one program per head (the kernel above).
+#: ``split_read``: "batched" (the walk carries the recurrence alone; :func:`_lmm_chunk_read_kernel` then reads
+#: every chunk in parallel, ``read_slice`` hidden columns per step, ``read_warps`` / ``read_stages``, chunks in
+#: groups whose buffers stay under ``read_group_bytes``) or "inline" (the read inside the walk). On the H100 at
+#: 16K the batched read took the forward from 19.6 / 17.5 ms to 15.6 / 12.6 (matched / default), the read
+#: kernel itself ~1.1 ms. ``split_phase3``: where the walk's update phase gets σ(Z_1), Δ_1, Δ_2 ("recompute",
+#: "scratch", "registers"; "auto" = registers on a GPU: 34 µs a chunk against 42 / 48, matched config).
+#: ``split_carry``: the state slices carried in registers between chunks (not faster: off). ``sweep_keep``:
+#: the split sweep's phase 3 takes phase 2's values from registers (the default config's sweep 23 → 16 ms).
+#: ``profile``: a dict to receive the walk's / sweep's per-phase timer stamps (diagnostics; None = off).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32",
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
