@@ -320,6 +320,25 @@ def _lmm_fused_fwd_kernel(
 
 
 @triton.jit
+def _update_pair(wp, sp, SLOT, w_kept, s_kept, x, delta, g_l, n_l, b_c, m_c, f_c, CARRY: tl.constexpr, PREC: tl.constexpr):
+    """One layer's slice of the update at a chunk's end, ``W' = β_c W + f_c S − (g̃ ∘ X)ᵀ Δ``,
+    ``S' = m_c S − (ñ ∘ X)ᵀ Δ`` (``g̃, ñ``: the last rows of G, N; X the layer's input, Δ its pre-activation
+    gradient), from the state at ``wp / sp`` (or ``w_kept / s_kept`` with ``CARRY``), written ``SLOT`` further.
+    Returns ``(W', S')``."""
+    if CARRY:
+        w = w_kept
+        s = s_kept
+    else:
+        w = tl.load(wp, cache_modifier=".cg")
+        s = tl.load(sp, cache_modifier=".cg")
+    wn = b_c * w + f_c * s - _mmp(tl.trans(g_l[:, None] * x), delta, PREC)
+    sn = m_c * s - _mmp(tl.trans(n_l[:, None] * x), delta, PREC)
+    tl.store(wp + SLOT, wn)
+    tl.store(sp + SLOT, sn)
+    return wn, sn
+
+
+@triton.jit
 def _now(x):
     """The GPU's global timer in ns (``%globaltimer``; ``x``, any scalar, only gives the value a shape)."""
     return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1)
@@ -439,6 +458,11 @@ def _lmm_split_fwd_kernel(
         cs1 = tl.load(s1p + (chunk0 - slot0) * SLOT1, cache_modifier=".cg")
         cw2 = tl.load(w2p + (chunk0 - slot0) * SLOT2, cache_modifier=".cg")
         cs2 = tl.load(s2p + (chunk0 - slot0) * SLOT2, cache_modifier=".cg")
+    else:  # placeholders: _update_pair reads the state from its slot
+        cw1 = 0.0
+        cs1 = 0.0
+        cw2 = 0.0
+        cs2 = 0.0
     for i in range(chunk0, chunk0 + n_chunks):
         par = i % 2
         r1 = (i - slot0) * SLOT1  # chunk i reads the state from slot i - slot0, writes the next (SLOT = 0: in place)
@@ -529,30 +553,12 @@ def _lmm_split_fwd_kernel(
                 d1 = tl.load(d1p, cache_modifier=".cg") * _act_grad(z1, ACT)
             elif P3 == 1:
                 d1 = tl.load(dsp, cache_modifier=".cg")
-            if CARRY:
-                w1 = cw1
-                s1 = cs1
-            else:
-                w1 = tl.load(w1p + r1, cache_modifier=".cg")
-                s1 = tl.load(s1p + r1, cache_modifier=".cg")
-            w1n = b_c * w1 + f_c * s1 - _mmp(tl.trans(g_l[:, None] * k), d1, PREC)
-            s1n = m_c * s1 - _mmp(tl.trans(n_l[:, None] * k), d1, PREC)
-            tl.store(w1p + r1 + SLOT1, w1n)
-            tl.store(s1p + r1 + SLOT1, s1n)
+            w1n, s1n = _update_pair(w1p + r1, s1p + r1, SLOT1, cw1, cs1, k, d1, g_l, n_l, b_c, m_c, f_c, CARRY, PREC)
             if P3 == 0:
                 h1 = _act(z1, ACT)
             elif P3 == 1:
                 h1 = tl.load(hsp, cache_modifier=".cg")
-            if CARRY:
-                w2 = cw2
-                s2 = cs2
-            else:
-                w2 = tl.load(w2p + r2, cache_modifier=".cg")
-                s2 = tl.load(s2p + r2, cache_modifier=".cg")
-            w2n = b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC)
-            s2n = m_c * s2 - _mmp(tl.trans(n_l[:, None] * h1), d2, PREC)
-            tl.store(w2p + r2 + SLOT2, w2n)
-            tl.store(s2p + r2 + SLOT2, s2n)
+            w2n, s2n = _update_pair(w2p + r2, s2p + r2, SLOT2, cw2, cs2, h1, d2, g_l, n_l, b_c, m_c, f_c, CARRY, PREC)
             if CARRY:
                 cw1 = w1n
                 cs1 = s1n
