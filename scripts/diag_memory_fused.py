@@ -16,7 +16,12 @@ Training part (``--train``): the op's forward + backward (fused kernel with per-
 (``fused_triton.BACKWARD["compile_sweep"]``): median ms, the first call (compilation) apart, the
 backward's phases (CUDA events) and the peak memory of one forward + backward.
 
+With ``--profile`` the sweep also records, per variant, the forward walk's timer stamps (µs per chunk in each
+phase and barrier, ``fused_triton.LAUNCH["profile"]``); ``--train`` always records the walk's and the adjoint
+sweep's.
+
     python scripts/diag_memory_fused.py --out $OUT/diag_memory_fused.json [--sweep [--slices 64 --warps 4 --stages 1,2 --precisions tf32/tf32,tf32x3/tf32]]
+    python scripts/diag_memory_fused.py --skip-correctness --sweep --splits 64 --warps 4 --reads batched --read-launches 32:4 --phase3 recompute,registers --profile
 """
 
 from __future__ import annotations
