@@ -122,7 +122,10 @@ def state_adjoint(
     max_grad_norm: float | None,
     add_w: Sequence[Tensor] | None = None,
     add_s: Sequence[Tensor] | None = None,
-) -> tuple[list[Tensor], list[Tensor]]:
+    inputs: bool = False,
+    s: Sequence[Tensor] | None = None,
+    residual: bool = False,
+) -> tuple:
     """``J_iᵀ ā``: the adjoint of one chunk's entering state from the adjoint ``ā = (adj_w, adj_s)`` of the
     state leaving it, through the update ``W_l' = β_c W_l + f_c S_l − X_{l−1}ᵀ diag(g̃) Δ_l``,
     ``S_l' = m_c S_l − X_{l−1}ᵀ diag(ñ) Δ_l`` (``g̃, ñ``: the last rows of ``G, N``, clipped).
@@ -130,6 +133,12 @@ def state_adjoint(
     Args: ``kp`` (:func:`key_pass_saved` at ``w``); ``g_last, n_last [..., C]`` (unclipped);
     ``beta_c, m_c, f_c [...]``; ``w[l], adj_w[l], adj_s[l] [..., d_in, d_out]``; ``add_w, add_s``: the
     read's share ``b_i``, added to the result (optional). Returns ``(adj_w_in, adj_s_in)``.
+
+    ``inputs``: also the update's share of the other inputs' gradients, from the same cotangents (what the
+    backward otherwise gets from a second, batched autograd pass over the update): returns
+    ``(adj_w_in, adj_s_in, (dk, dv, dg_last, dn_last, dbeta_c, dm_c, df_c))``; needs ``s`` (the entering
+    momentum) and ``residual``. ``dk, dv`` through the key pass (k also as the first layer's input and, with
+    ``residual``, in the loss); ``dg_last, dn_last`` of the unclipped last rows.
     """
     depth = len(w)
     xs, deltas = kp.xs, kp.deltas
@@ -149,9 +158,9 @@ def state_adjoint(
         xa = xs[l] @ adj_w[l]
         xb = xs[l] @ adj_s[l]
         d_delta[l] = -(gt.unsqueeze(-1) * xa + nt.unsqueeze(-1) * xb)
-        if l >= 1:
+        if l >= 1 or inputs:  # (X_0 = k: its cotangent only for the inputs' gradients)
             d_x[l] = -(gt.unsqueeze(-1) * (deltas[l] @ adj_w[l].transpose(-1, -2)) + nt.unsqueeze(-1) * (deltas[l] @ adj_s[l].transpose(-1, -2)))
-        if max_grad_norm is not None:
+        if max_grad_norm is not None or inputs:
             a, b = (xa * deltas[l]).sum(-1), (xb * deltas[l]).sum(-1)
             dgt, dnt = (-a, -b) if dgt is None else (dgt - a, dnt - b)
     if max_grad_norm is not None:
@@ -160,7 +169,7 @@ def state_adjoint(
         dsq = torch.where(sq >= max_grad_norm * max_grad_norm, -0.5 * sc / sq * dsc, torch.zeros_like(sq))
         for l in range(depth):
             d_delta[l] = d_delta[l] + (2 * dsq * xn[l]).unsqueeze(-1) * deltas[l]
-            if l >= 1:
+            if d_x[l] is not None:
                 d_x[l] = d_x[l] + (2 * dsq * dn[l]).unsqueeze(-1) * xs[l]
     # The key pass's second derivative: Δ_l = P_l ∘ σ'(Z_l) with P_l = Δ_{l+1} W_{l+1}ᵀ, then the loss at the last layer.
     dz: list = [None] * depth
@@ -178,7 +187,9 @@ def state_adjoint(
         ju = _ln_jvp(u, out, rstd)
         dzl = 2 * _ln_jvp(ju, out, rstd) - rstd * ((u * deltas[-1]).mean(-1, keepdim=True) * out + kp.dmean * ju + (u * out).mean(-1, keepdim=True) * deltas[-1])
     else:
+        ju = u
         dzl = 2 * u
+    # (ju is the cotangent of the loss gradient D = 2(pred − v) at the prediction: v's and the residual k's share)
     dz[-1] = dzl if dz[-1] is None else dz[-1] + dzl
     for l in range(depth - 1, -1, -1):
         g_w = xs[l].transpose(-1, -2) @ dz[l]
@@ -193,7 +204,17 @@ def state_adjoint(
         new_w = [a + b for a, b in zip(new_w, add_w)]
     if add_s is not None:
         new_s = [a + b for a, b in zip(new_s, add_s)]
-    return new_w, new_s
+    if not inputs:
+        return new_w, new_s
+    if s is None:
+        raise ValueError("state_adjoint(inputs=True) needs s, the momentum entering the chunk")
+    dk = d_x[0] + dz[0] @ w[0].transpose(-1, -2)
+    if residual:
+        dk = dk + 2 * ju
+    dv = -2 * ju
+    dg_last, dn_last = (dgt * sc, dnt * sc) if max_grad_norm is not None else (dgt, dnt)
+    dot = lambda xs_, ys_: sum((x * y).sum((-1, -2)) for x, y in zip(xs_, ys_))  # noqa: E731
+    return new_w, new_s, (dk, dv, dg_last, dn_last, dot(adj_w, w), dot(adj_s, s), dot(adj_w, s))
 
 
 def sweep_block(

@@ -1420,10 +1420,14 @@ def check_fused_args(fn: str, q: Tensor, k: Tensor, v: Tensor, state: MemoryStat
 #: to 86 ms on an H100, but the process segfaulted when the layer's backward ran it (docs/results/neural_memory.md).
 _SWEEP_MODES = {"compile": None, "eager": False}
 #: ``triton_sweep``: depth 2 runs the sweep as one Triton launch per group (:func:`_lmm_sweep_kernel`; None =
-#: wherever the sizes allow it, False = the PyTorch sweep above).
+#: wherever the sizes allow it, False = the PyTorch sweep above). ``key_pass_from_forward``: the backward takes
+#: the key pass from the forward walk's kept values (:func:`keeps_key_pass`). ``update_vjp``: the update's share
+#: of the input gradients by "autograd" (a batched pass recomputing the key pass; the default, measured) or
+#: "adjoint" (:func:`_update_vjp_adjoint`, from the key pass and the sweep's adjoints; tested against it on the
+#: CPU, not yet timed on a GPU).
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
-                  "key_pass_from_forward": True}
+                  "key_pass_from_forward": True, "update_vjp": "autograd"}
 _COMPILED_SWEEP: list = []
 
 
@@ -1487,6 +1491,24 @@ def _kept_key_pass(device: torch.device, k, v, kept, activation, residual, layer
     h1, d1, s1, curv, *ln = fn(k, v, *kept, activation, residual, layer_norm, ln_eps)
     out, rstd, dmean = ln if ln else (None, None, None)
     return KeyPass([k, h1], [d1, kept[2]], [s1], [curv], out, rstd, dmean)
+
+
+def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape):
+    """The update's share of the gradients of ``(k, v, G, N, β, m, f)`` for a batch of chunks, from their key
+    pass and the adjoint of the state leaving each (:func:`~.fused_backward.state_adjoint` with ``inputs``;
+    compiled, the state adjoint it also forms is dead code). The update reads only the last row of ``G, N``
+    and the last element of ``β, m, f``: the rest of their gradients is zero."""
+    *_, (dk, dv, dg, dn, db, dm, df) = state_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, adj_w, adj_s, layer_norm, max_grad_norm,
+                                                     inputs=True, s=s, residual=residual)  # fmt: skip
+    pad = lambda x: torch.nn.functional.pad(x.unsqueeze(-2), (0, 0, g_shape[-2] - 1, 0))  # noqa: E731  [.., C] -> [.., C, C], last row
+    last = lambda x: torch.nn.functional.pad(x.unsqueeze(-1), (g_shape[-1] - 1, 0))  # noqa: E731  [..] -> [.., C], last element
+    return dk, dv, pad(dg), pad(dn), last(db), last(dm), last(df)
+
+
+def _update_vjp_fn(device: torch.device):
+    """:func:`_update_vjp_adjoint`, compiled per ``BACKWARD["compile_batched"]``."""
+    opts = _compile_opts(BACKWARD["compile_batched"], device)
+    return _update_vjp_adjoint if opts is None else _compiled(_update_vjp_adjoint, opts)
 
 
 def _batched_fns(device: torch.device):
@@ -1630,13 +1652,18 @@ class _FusedMemory(torch.autograd.Function):
                         buf[j].copy_(a)
                     adj_w, adj_s = step(kp.at(j), g_last[j], n_last[j], *(e[j] for e in ends), [x[j] for x in ws], adj_w, adj_s,
                                         layer_norm, max_grad_norm, [x[j] for x in b_w], [x[j] for x in b_s])  # fmt: skip
-            del kp
             # 3) the update, batched: its share of the gradients of k, v and the coefficients
             timer.mark("update_vjp")
-            with torch.enable_grad(), tf32:
-                leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
-                new_state = update_fn(*leaves2, ws, ss, *ctx.cfg)
-                grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
+            if BACKWARD["update_vjp"] == "adjoint":  # from the key pass and ā_{i+1}, no autograd pass
+                with torch.no_grad():
+                    grads2 = _update_vjp_fn(q.device)(kp, g_last, n_last, *ends, ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
+                                                      max_grad_norm, g[sl].shape)  # fmt: skip
+            else:
+                with torch.enable_grad(), tf32:
+                    leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
+                    new_state = update_fn(*leaves2, ws, ss, *ctx.cfg)
+                    grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
+            del kp
             for acc, a, b2 in zip((dq, dk, dv, *dcoef), grads[:8], (None, *grads2)):
                 for x in (a, b2):
                     if x is not None:
