@@ -169,6 +169,18 @@ def _read_out(zh, q, D: tl.constexpr, eps, RESIDUAL: tl.constexpr, LN: tl.conste
 
 
 @triton.jit
+def _read_slice(q, ga, beta, f, w1, s1, d1, h1, w2, s2, acc2, p, ACT: tl.constexpr, PREC_R: tl.constexpr):
+    """One hidden slice of the dual-form read: ``Ĥ = σ(β ∘ (Q W_1) + f ∘ (Q S_1) − (G̃ ∘ Q Kᵀ) Δ_1)`` on the slice's
+    columns (``ga = G̃ ∘ Q Kᵀ``), added into layer 2's ``β ∘ (Ĥ W_2) + f ∘ (Ĥ S_2)`` (``acc2``) and ``Ĥ Hᵀ`` (``p``)."""
+    zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
+    hh = _act(zh, ACT)
+    acc2 = _mmap(beta[:, None] * hh, w2, acc2, PREC_R)
+    acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
+    p = _mmap(hh, tl.trans(h1), p, PREC_R)
+    return acc2, p
+
+
+@triton.jit
 def _rows_f32(base, t, stride_t):
     """Rows ``t`` of a token-major tile (``base`` already offset by batch, head and column), in fp32."""
     return tl.load(base + t[:, None] * stride_t).to(tl.float32)
@@ -293,13 +305,9 @@ def _lmm_fused_fwd_kernel(
                 z1 = tl.load(z1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 d1 = tl.load(d1_base + rows[:, None] * HID + cols[None, :], cache_modifier=".cg")
                 h1 = _act(z1, ACT)
-                zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
-                hh = _act(zh, ACT)
                 w2 = tl.load(w2_base + r2 + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
                 s2 = tl.load(s2_base + r2 + cols[:, None] * DV + cv[None, :], cache_modifier=".cg")
-                acc2 = _mmap(beta[:, None] * hh, w2, acc2, PREC_R)
-                acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
-                p = _mmap(hh, tl.trans(h1), p, PREC_R)
+                acc2, p = _read_slice(q, ga, beta, f, w1, s1, d1, h1, w2, s2, acc2, p, ACT, PREC_R)
                 w1n = b_c * w1 + f_c * s1 - _mmp(gk, d1, PREC)
                 s1n = m_c * s1 - _mmp(nk, d1, PREC)
                 w2n = b_c * w2 + f_c * s2 - _mmp(tl.trans(g_l[:, None] * h1), d2, PREC)
@@ -366,11 +374,16 @@ def _sum_parts(base, stride_part, offs, NS: tl.constexpr):
 
 
 @triton.jit
+def _split_z2(XZ2, xo, rows, cv, C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr):
+    """``Z_2`` of the chunk: the sum of the head's NS partial products."""
+    return _sum_parts(XZ2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
+
+
+@triton.jit
 def _split_d2(XZ2, xo, rows, cv, k, v, ln_eps, C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr,
               RESIDUAL: tl.constexpr, LN: tl.constexpr):
     """``Δ_2`` of the chunk from the NS partial sums of ``Z_2``."""
-    z2 = _sum_parts(XZ2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
-    return _loss_grad(z2, k, v, DV, ln_eps, RESIDUAL, LN)
+    return _loss_grad(_split_z2(XZ2, xo, rows, cv, C, DV, NS), k, v, DV, ln_eps, RESIDUAL, LN)
 
 
 @triton.jit
@@ -500,7 +513,7 @@ def _lmm_split_fwd_kernel(
         if PHASE == 0 or PHASE == 2:
             k = _rows_f32(kb, t, skt)
             v = _rows_f32(vb, t, svt)
-            z2 = _sum_parts(XZ2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
+            z2 = _split_z2(XZ2, xo, rows, cv, C, DV, NS)
             d2 = _loss_grad(z2, k, v, DV, ln_eps, RESIDUAL, LN)
             if CARRY:
                 w2 = cw2
@@ -685,13 +698,9 @@ def _lmm_chunk_read_kernel(
         s1 = tl.load(S1 + r1 + ck[:, None] * HID + cols[None, :])
         z1 = tl.load(zrow + cols[None, :])
         d1 = tl.load(prow + cols[None, :]) * _act_grad(z1, ACT)
-        zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
-        hh = _act(zh, ACT)
         w2 = tl.load(W2 + r2 + cols[:, None] * DV + cv[None, :])
         s2 = tl.load(S2 + r2 + cols[:, None] * DV + cv[None, :])
-        acc2 = _mmap(beta[:, None] * hh, w2, acc2, PREC_R)
-        acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
-        p = _mmap(hh, tl.trans(_act(z1, ACT)), p, PREC_R)
+        acc2, p = _read_slice(q, ga, beta, f, w1, s1, d1, _act(z1, ACT), w2, s2, acc2, p, ACT, PREC_R)
     d2 = tl.load(D2O + row * C * DV + rows[:, None] * DV + cv[None, :])
     zh = acc2 - _mmp(gm * p, d2, PREC_R)
     y = _read_out(zh, q, DV, ln_eps, RESIDUAL, LN)
@@ -1114,12 +1123,6 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
         xacc = torch.empty_like(xz2)
         xp = torch.empty((nbh, 2, ns, c, c), **f32)
     cnt = torch.zeros((nbh,), device=dev, dtype=torch.int32)
-    if batched:  # the walk's own scratch: σ(Z_1), Δ_1 (slices private to a program) and each program's Δ_2
-        hs = torch.empty((nbh, c, hid), **f32)
-        ds = torch.empty_like(hs)
-        d2s = torch.empty((nbh * ns, c, dv), **f32)
-    else:
-        hs = ds = d2s = xz2
     half = q.dtype != torch.float32
     clip = max_grad_norm is not None
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -1130,6 +1133,12 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head
     meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and (ns == 1 or not _interpreted(q))
     meta["P3"] = _phase3_mode(activation, layer_norm, phase0=ns == 1 or not _interpreted(q))
+    if batched and meta["P3"] == _P3_MODES["scratch"]:  # σ(Z_1), Δ_1 (slices private to a program), each program's Δ_2
+        hs = torch.empty((nbh, c, hid), **f32)
+        ds = torch.empty_like(hs)
+        d2s = torch.empty((nbh * ns, c, dv), **f32)
+    else:
+        hs = ds = d2s = xz2
     scalars = (heads, float(ln_eps), float(max_grad_norm or 1.0))
     phases = (1, 2, 3) if batched else (1, 2, 3, 4)
 
