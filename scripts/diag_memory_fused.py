@@ -128,13 +128,15 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
     return rows
 
 
-def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "default"), update_vjps=("autograd",)) -> list:
+def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "default"), vjps=("adjoint:adjoint",)) -> list:
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
-    "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8). ``update_vjps``:
-    ``BACKWARD["update_vjp"]`` values ("autograd", "adjoint")."""
+    "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8). ``vjps``:
+    "READ:UPDATE" pairs of ``BACKWARD["read_vjp"]`` / ``["update_vjp"]`` values ("autograd", "adjoint")."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
-    for name, comp, uvjp in itertools.product(configs, compile_modes, update_vjps):
+    saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp")}
+    for name, comp, vjp in itertools.product(configs, compile_modes, vjps):
+        rvjp, _, uvjp = vjp.partition(":")
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
         xs = [x.detach().requires_grad_() for x in (q, k, v, *gates, *st.weights, *st.momentum)]
         state = MemoryState(tuple(xs[6:8]), tuple(xs[8:10]), tuple(xs[6:8]), 0)
@@ -149,8 +151,8 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         comp, _, blk = comp.partition(":")
         fused_triton.BACKWARD["compile_sweep"], fused_triton.BACKWARD["compile_batched"] = modes[comp]
         fused_triton.BACKWARD["sweep_block"] = int(blk or 8)
-        fused_triton.BACKWARD["update_vjp"] = uvjp
-        row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "update_vjp": uvjp}
+        fused_triton.BACKWARD["read_vjp"], fused_triton.BACKWARD["update_vjp"] = rvjp, uvjp
+        row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp}
         try:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -181,7 +183,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             fused_triton.BACKWARD["timing"] = None
             fused_triton.BACKWARD["compile_sweep"] = fused_triton.BACKWARD["compile_batched"] = None
             fused_triton.BACKWARD["sweep_block"] = 8
-            fused_triton.BACKWARD["update_vjp"] = "autograd"
+            fused_triton.BACKWARD.update(saved)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -234,7 +236,7 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
     ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps[:split], e.g. 64:8:0,64:4:64,64:4:32")
-    ap.add_argument("--update-vjps", default="autograd", help="--train's BACKWARD['update_vjp'] values: autograd, adjoint")
+    ap.add_argument("--vjps", default="adjoint:adjoint", help="--train's READ:UPDATE pairs of BACKWARD['read_vjp'] / ['update_vjp']: autograd, adjoint")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
@@ -250,7 +252,7 @@ def main() -> None:
                              tuple(args.reads.split(",")), tuple(args.read_launches.split(",")), tuple(bool(int(x)) for x in args.carry.split(",")),
                              args.profile, tuple(args.phase3.split(",")))  # fmt: skip
     if args.train:
-        out["train"] = train(dev, args.sweep_t, args.rep, tuple(args.train_compile.split(",")), update_vjps=tuple(args.update_vjps.split(",")))
+        out["train"] = train(dev, args.sweep_t, args.rep, tuple(args.train_compile.split(",")), vjps=tuple(args.vjps.split(",")))
         if args.sweep_launch:
             out["sweep_launch"] = sweep_launch(dev, args.sweep_t, args.rep, args.sweep_launch.split(","))
     with open(args.out, "w") as fh:

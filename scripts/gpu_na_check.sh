@@ -10,7 +10,8 @@
 #   6. host: where the host time of eager NA-2D / NA-1D / sliding-window calls goes (scripts/diag_host.py).
 #   7. resources: registers and spills of the compiled kernels (scripts/diag_kernel_resources.py).
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
-# Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1".
+# Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
+# pytest arguments (e.g. "-k training"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -25,7 +26,7 @@ for step in ${STEPS:-tests na2d na1d}; do
         name="$(echo "$path" | sed 's#.*/##; s/\.py//; s/[^A-Za-z0-9_.-]/_/g' | cut -c1-80)"
         for ((i = 0; i < n; i++)); do
           MNEMO_TEST_SHARD=$i/$n MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 20 "${TEST_TIMEOUT:-240}" \
-              python3 -m pytest -v -p no:cacheprovider -rfEx "$path" > "$L/$name.$i.log" 2>&1 &
+              python3 -m pytest -v -p no:cacheprovider -rfEx ${NA_TEST_ARGS:-} "$path" > "$L/$name.$i.log" 2>&1 &
           pids+=($!)
         done
       done
@@ -43,9 +44,9 @@ for step in ${STEPS:-tests na2d na1d}; do
       # the fused Titans-memory forward: launch / precision / split sweep, then the layer's inference forward
       # against titans-pytorch (mnemo bench memory --fused); JSON in $OUT/diag_memory_fused.json, $OUT/bench_memory.json
       echo "== fused memory forward =="
-      timeout -s KILL "${MEM_DIAG_TIMEOUT:-200}" python3 scripts/diag_memory_fused.py --skip-correctness --sweep --slices 64 --warps 4 \
+      [ "${MEM_DIAG:-1}" = 1 ] && timeout -s KILL "${MEM_DIAG_TIMEOUT:-200}" python3 scripts/diag_memory_fused.py --skip-correctness --sweep --slices 64 --warps 4 \
           --splits "${MEM_SPLITS:-0,64}" --precisions "${MEM_PRECISIONS:-tf32x3/tf32}" ${MEM_SWEEP_ARGS:-} --out "$OUT/diag_memory_fused.json" > "$L/diag_memory.out" 2>&1
-      grep -v -i warn "$L/diag_memory.out" | tail -"${MEM_SWEEP_LINES:-8}" | cut -c1-300
+      [ "${MEM_DIAG:-1}" = 1 ] && grep -v -i warn "$L/diag_memory.out" | tail -"${MEM_SWEEP_LINES:-8}" | cut -c1-300
       [ "${MEM_BENCH:-1}" = 1 ] && timeout -s KILL "${MEM_BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench memory -- --cases lmm --configs matched,default \
           --lengths "${MEM_LENGTHS:-4096,16384}" --fused --warmup 2 --rep 5 --out "$OUT/bench_memory.json" --time-budget "${MEM_BENCH_BUDGET:-170}" > "$L/bench_memory.out" 2>&1
       [ "${MEM_BENCH:-1}" = 1 ] && grep -E "^lmm" "$L/bench_memory.out" | cut -c1-1200 ;;
@@ -53,7 +54,7 @@ for step in ${STEPS:-tests na2d na1d}; do
       # the fused training path at 16K: eager and compiled adjoint step, phases, peak ($OUT/diag_memory_train.json)
       echo "== fused memory training =="
       timeout -s KILL "${MEM_TRAIN_TIMEOUT:-240}" python3 scripts/diag_memory_fused.py --skip-correctness --train \
-          --train-compile "${MEM_TRAIN_COMPILE:-1,0}" --update-vjps "${MEM_UPDATE_VJPS:-autograd}" --sweep-launch "${MEM_SWEEP_LAUNCH:-}" --sweep-t "${MEM_TRAIN_T:-16384}" --out "$OUT/diag_memory_train.json" > "$L/diag_memory_train.out" 2>&1
+          --train-compile "${MEM_TRAIN_COMPILE:-1,0}" --vjps "${MEM_VJPS:-adjoint:adjoint}" --sweep-launch "${MEM_SWEEP_LAUNCH:-}" --sweep-t "${MEM_TRAIN_T:-16384}" --out "$OUT/diag_memory_train.json" > "$L/diag_memory_train.out" 2>&1
       grep -v -i warn "$L/diag_memory_train.out" | tail -10 | cut -c1-700 ;;
     host)
       # where the host time of eager calls goes (scripts/diag_host.py; $OUT/diag_host.json)

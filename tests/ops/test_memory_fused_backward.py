@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mnemotorch.ops.memory import MemoryState, neural_memory, neural_memory_chunked
-from mnemotorch.ops.memory.chunked import _clipped, _key_forward, _key_pass, _update, chunk_coefficients
-from mnemotorch.ops.memory.fused_backward import key_pass_from_forward, key_pass_saved, state_adjoint
+from mnemotorch.ops.memory.chunked import _clipped, _key_forward, _key_pass, _read, _update, chunk_coefficients
+from mnemotorch.ops.memory.fused_backward import key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint
 
 from test_memory import make_inputs, make_state, rel
 
@@ -105,6 +105,36 @@ def test_state_adjoint_inputs_equal_autograd_float64(name, depth, cfg, clip):
     full[2][..., -1], full[3][..., -1], full[4][..., -1] = db, dm, df
     for i, (x, y) in enumerate(zip([dk, dv, *full], want)):
         err = rel(x, y) if y.abs().max() > 0 else x.abs().max().item()
+        assert err <= 1e-12, f"input {i}: {err:.3e}"
+
+
+@pytest.mark.parametrize("name,depth,cfg,clip", ADJ_CASES, ids=[c[0] for c in ADJ_CASES])
+def test_read_vjp_equals_autograd_float64(name, depth, cfg, clip):
+    """:func:`read_vjp` (the read's transpose written out, then the key pass's VJP of its cotangents) equals float64
+    autograd of the chunked path's key pass + clip + dual-form read, for every input: q, k, v, G, β, f, W, S."""
+    b, h, c, d, hid = 2, 3, 8, 8, 16
+    q, k, v, th, et, al = make_inputs(b=b, t=c, h=h, dk=d, dv=d, seed=7, theta_max=0.5)
+    st = make_state(b, h, d, d, depth, hidden=hid, position=0)
+    bhc = lambda x: x.transpose(1, 2)  # noqa: E731
+    w = [(x * 3).detach().requires_grad_() for x in st.weights]
+    s = [torch.randn_like(x).requires_grad_() for x in st.momentum]
+    qq, kk, vv = (bhc(x).detach().requires_grad_() for x in (q, k, v))
+    g_mat, n_mat, beta, m, f = (x.detach().requires_grad_() for x in chunk_coefficients(bhc(th), torch.log1p(-bhc(al)), torch.log(bhc(et))))
+    kw = dict(activation=cfg["activation"], residual=cfg["residual"], layer_norm=cfg["layer_norm"], ln_eps=1e-5)
+    xs, deltas = _key_pass(kk, vv, w, **kw)
+    if clip is not None:  # τ at the median token: the clip acts on about half of them
+        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(xs, deltas))
+        clip = float(sq.detach().sqrt().median()) * 1.0001
+    gm, _ = _clipped(xs, deltas, g_mat, n_mat, clip)
+    y = _read(qq, xs, deltas, gm, beta, f, w, s, **kw)
+    dy = torch.randn_like(y)
+    leaves = [qq, kk, vv, g_mat, beta, f, *w, *s]
+    want = torch.autograd.grad(y, leaves, dy)
+    with torch.no_grad():
+        kp = key_pass_saved(kk, vv, w, **kw)
+        dq, dk, dv, dg, db, df, b_w, b_s = read_vjp(qq, kp, g_mat, beta, f, w, s, dy, **kw, max_grad_norm=clip)
+    for i, (x, y_) in enumerate(zip([dq, dk, dv, dg, db, df, *b_w, *b_s], want)):
+        err = rel(x, y_)
         assert err <= 1e-12, f"input {i}: {err:.3e}"
 
 
@@ -216,38 +246,44 @@ def test_fused_training_key_pass_kept_or_recomputed(monkeypatch):
         assert rel(a.double(), b.double()) <= 1e-6
 
 
+@pytest.mark.parametrize("read,update", [("autograd", "autograd"), ("autograd", "adjoint"), ("adjoint", "autograd")])
 @pytest.mark.parametrize("name,depth,cfg,clip,d,hidden,chunk,t,pos", [c for c in TRAIN_CASES if c[0] in ("matched", "default_clip", "depth1_ln_clip")],
                          ids=["matched", "default_clip", "depth1_ln_clip"])  # fmt: skip
-def test_fused_training_update_vjp_from_adjoint(monkeypatch, name, depth, cfg, clip, d, hidden, chunk, t, pos):
-    """``BACKWARD["update_vjp"] = "adjoint"``: the update's share of the input gradients from the key pass and the
-    sweep's adjoints (no autograd pass over the update) gives the float64 chunked path's gradients."""
+def test_fused_training_vjp_forms(monkeypatch, name, depth, cfg, clip, d, hidden, chunk, t, pos, read, update):
+    """``BACKWARD["read_vjp"]`` / ``["update_vjp"]``: the read's and the update's shares of the input gradients by
+    autograd passes or written out (:func:`read_vjp`, :func:`state_adjoint` with ``inputs``), in every mix (both
+    written out is the default, which the tests above cover), give the float64 chunked path's gradients."""
     from mnemotorch.ops.memory import fused_triton
 
-    monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", "adjoint")
-    used = []
-    real = fused_triton._update_vjp_adjoint
-    monkeypatch.setattr(fused_triton, "_update_vjp_adjoint", lambda *a, **kw: used.append(1) or real(*a, **kw))
+    monkeypatch.setitem(fused_triton.BACKWARD, "read_vjp", read)
+    monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", update)
+    used = {"read": [], "update": []}
+    for key, fn in (("read", "read_vjp"), ("update", "_update_vjp_adjoint")):
+        real = getattr(fused_triton, fn)
+        monkeypatch.setattr(fused_triton, fn, lambda *a, _r=real, _k=key, **kw: used[_k].append(1) or _r(*a, **kw))
     q, k, v, th, et, al = make_inputs(b=1, t=t, h=2, dk=d, dv=d, seed=2, theta_max=0.5)
     st = make_state(1, 2, d, d, depth, hidden=hidden, position=pos)
     y_ref, g_ref = _train_grads(neural_memory_chunked, torch.float64, q, k, v, (th, et, al), st, chunk, cfg, clip)
     y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, chunk, cfg, clip)
-    assert used
+    assert bool(used["read"]) == (read == "adjoint") and bool(used["update"]) == (update == "adjoint")
     for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
         assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
 
 
-def test_update_vjp_from_adjoint_compiles(monkeypatch):
-    """The adjoint form of the update's VJP goes through ``torch.compile(fullgraph=True)`` (aot_eager here; inductor
-    on a GPU) with the eager gradients."""
+def test_vjps_written_out_compile(monkeypatch):
+    """The written-out VJPs of the read and the update go through ``torch.compile(fullgraph=True)`` (aot_eager here;
+    inductor on a GPU) with the eager gradients."""
     from mnemotorch.ops.memory import fused_triton
 
     monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", "adjoint")
+    monkeypatch.setitem(fused_triton.BACKWARD, "read_vjp", "adjoint")
     q, k, v, *gates = make_inputs(b=1, t=2 * 16, h=2, dk=16, dv=16, seed=8, theta_max=0.5)
     args = (q, k, v, tuple(gates), make_state(1, 2, 16, 16, 2, hidden=32), 16, MATCHED, 0.3)
     _, g_eager = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
     monkeypatch.setitem(fused_triton.BACKWARD, "compile_batched", {"backend": "aot_eager"})
     _, g_comp = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
     assert any(key[0] == "_update_vjp_adjoint" for key, _ in fused_triton._COMPILED_SWEEP)
+    assert any(key[0] == "read_vjp" for key, _ in fused_triton._COMPILED_SWEEP)
     for a, b in zip(g_comp, g_eager):
         assert rel(a.double(), b.double()) <= 1e-6
 

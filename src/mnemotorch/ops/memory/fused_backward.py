@@ -108,6 +108,152 @@ def _ln_jvp(u: Tensor, out: Tensor, rstd: Tensor) -> Tensor:
     return rstd * (u - u.mean(-1, keepdim=True) - out * (u * out).mean(-1, keepdim=True))
 
 
+def key_pass_vjp(
+    kp: KeyPass, d_delta: Sequence[Tensor], d_x: Sequence[Tensor | None], w: Sequence[Tensor], layer_norm: bool, residual: bool,
+    inputs: bool = True,
+) -> tuple:
+    """The vector-Jacobian product of the key pass ``(X_l, Δ_l)(k, v, W)`` (:func:`key_pass_saved`) with cotangents
+    ``d_delta[l]`` of ``Δ_l`` and ``d_x[l]`` of ``X_l`` (``d_x[0]``, of ``k``, may be None): a Hessian-vector
+    product through the memory's loss (the activation's second derivative, the LayerNorm backward's own
+    backward). Returns ``(dw, dk, dv)``; ``dk, dv`` are None without ``inputs``. Linear in the cotangents, so the
+    read's and the update's shares may go through it separately or summed."""
+    depth = len(w)
+    d_delta = list(d_delta)
+    # The key pass's second derivative: Δ_l = P_l ∘ σ'(Z_l) with P_l = Δ_{l+1} W_{l+1}ᵀ, then the loss at the last layer.
+    xs, deltas = kp.xs, kp.deltas
+    dz: list = [None] * depth
+    dw: list = [None] * depth
+    for l in range(depth - 1):
+        dp = d_delta[l] * kp.d1[l]
+        dz[l] = d_delta[l] * kp.d2[l]
+        d_delta[l + 1] = d_delta[l + 1] + dp @ w[l + 1]
+        dw[l + 1] = dp.transpose(-1, -2) @ deltas[l + 1]
+    u = d_delta[-1]
+    if layer_norm:
+        # Δ = J(Z)ᵀ D(Z), D = 2(LN(Z) [+ k] − v): the product of its Jacobian with u is
+        # J (2 J u) (through D) plus the derivative of J itself with D held: −r mean(u∘Δ) o − r mean(D∘o) J u − r mean(u∘o) Δ.
+        out, rstd = kp.out, kp.rstd
+        ju = _ln_jvp(u, out, rstd)
+        dzl = 2 * _ln_jvp(ju, out, rstd) - rstd * ((u * deltas[-1]).mean(-1, keepdim=True) * out + kp.dmean * ju + (u * out).mean(-1, keepdim=True) * deltas[-1])
+    else:
+        ju = u
+        dzl = 2 * u
+    # (ju is the cotangent of the loss gradient D = 2(pred − v) at the prediction: v's and the residual k's share)
+    dz[-1] = dzl if dz[-1] is None else dz[-1] + dzl
+    for l in range(depth - 1, -1, -1):
+        g_w = xs[l].transpose(-1, -2) @ dz[l]
+        dw[l] = g_w if dw[l] is None else dw[l] + g_w
+        if l >= 1:
+            dx = d_x[l] + dz[l] @ w[l].transpose(-1, -2)
+            dz[l - 1] = dz[l - 1] + dx * kp.d1[l - 1]
+    if not inputs:
+        return dw, None, None
+    dk = dz[0] @ w[0].transpose(-1, -2)
+    if d_x[0] is not None:
+        dk = dk + d_x[0]
+    if residual:
+        dk = dk + 2 * ju
+    return dw, dk, -2 * ju
+
+
+def _clip_stats(kp: KeyPass, max_grad_norm: float) -> tuple:
+    """``(‖X_l‖², ‖Δ_l‖², sq, scale)`` per token: the clip's inputs (:func:`.chunked._clipped`)."""
+    xn = [x.pow(2).sum(-1) for x in kp.xs]
+    dn = [d.pow(2).sum(-1) for d in kp.deltas]
+    sq = sum(a * b for a, b in zip(xn, dn))
+    return xn, dn, sq, clip_scale(sq, max_grad_norm)
+
+
+def _clip_back(kp: KeyPass, xn: list, dn: list, sq: Tensor, sc: Tensor, dsc: Tensor, max_grad_norm: float, d_delta: list, d_x: list) -> None:
+    """Adds the clip scale's cotangent ``dsc`` (per token) to the key pass's cotangents, in place.
+    ``sc = τ / sqrt(max(sq, τ²))``: ``d sc / d sq = −sc / (2 sq)`` where the clip acts (as autograd's clamp)."""
+    dsq = torch.where(sq >= max_grad_norm * max_grad_norm, -0.5 * sc / sq * dsc, torch.zeros_like(sq))
+    for l in range(len(d_delta)):
+        d_delta[l] = d_delta[l] + (2 * dsq * xn[l]).unsqueeze(-1) * kp.deltas[l]
+        if d_x[l] is not None:
+            d_x[l] = d_x[l] + (2 * dsq * dn[l]).unsqueeze(-1) * kp.xs[l]
+
+
+def read_vjp(
+    q: Tensor,
+    kp: KeyPass,
+    g_mat: Tensor,
+    beta: Tensor,
+    f: Tensor,
+    w: Sequence[Tensor],
+    s: Sequence[Tensor],
+    dy: Tensor,
+    activation: str,
+    residual: bool,
+    layer_norm: bool,
+    ln_eps: float,
+    max_grad_norm: float | None,
+) -> tuple:
+    """The vector-Jacobian product of a chunk's read (:func:`.chunked._read` after the key pass and the clip) with
+    ``dy``, written out: what the backward otherwise gets from autograd of the whole read, key pass included.
+
+    The read of layer ``l`` is ``Z_l = β ∘ (H_l W_l) + f ∘ (H_l S_l) − (G̃ ∘ H_l X_lᵀ) Δ_l`` (``H_0 = q``,
+    ``H_{l+1} = σ(Z_l)``). Its transpose gives the gradients of ``q, G, β, f`` and the direct share of
+    ``W_l, S_l``, and cotangents of the key pass's ``X_l, Δ_l`` (and of the clip's scale), which
+    :func:`key_pass_vjp` takes to ``k, v`` and the rest of ``W_l``'s share. Args as :func:`.chunked._read`
+    (``g_mat`` unclipped), every tensor batched alike; ``kp`` at ``w``. Returns
+    ``(dq, dk, dv, dg_mat, dbeta, df, b_w, b_s)``, ``b_w, b_s``: the read's share of the state's adjoint.
+    """
+    depth = len(w)
+    xs, deltas = kp.xs, kp.deltas
+    if max_grad_norm is not None:
+        xn, dn, sq, sc = _clip_stats(kp, max_grad_norm)
+        gm = g_mat * sc.unsqueeze(-2)
+    else:
+        gm = g_mat
+    # The read again, keeping what its transpose needs.
+    hs, zs, hws, ars = [q], [], [], []
+    for l in range(depth):
+        hw = hs[l] @ torch.cat([w[l], s[l]], -1)  # [..., C, 2·d_out]: H W | H S
+        ar = hs[l] @ xs[l].transpose(-1, -2)  # H Xᵀ  [..., C, C]
+        dout = w[l].shape[-1]
+        z = beta.unsqueeze(-1) * hw[..., :dout] + f.unsqueeze(-1) * hw[..., dout:] - (gm * ar) @ deltas[l]
+        hws.append(hw), ars.append(ar), zs.append(z)
+        if l < depth - 1:
+            hs.append(_act(activation, z))
+    if layer_norm:
+        out, rstd = _layer_norm(zs[-1], ln_eps)
+        dz = _ln_jvp(dy, out, rstd)  # (the affine-free LayerNorm's Jacobian is symmetric)
+    else:
+        dz = dy
+    dq = dy if residual else torch.zeros_like(q)
+    d_delta: list = [None] * depth
+    d_x: list = [None] * depth
+    b_w: list = [None] * depth
+    b_s: list = [None] * depth
+    dbeta = df = dgm = None
+    for l in range(depth - 1, -1, -1):
+        dout = w[l].shape[-1]
+        hw = hws[l]
+        db_l, df_l = (dz * hw[..., :dout]).sum(-1), (dz * hw[..., dout:]).sum(-1)
+        dbeta, df = (db_l, df_l) if dbeta is None else (dbeta + db_l, df + df_l)
+        u = torch.cat([beta.unsqueeze(-1) * dz, f.unsqueeze(-1) * dz], -1)  # the cotangent of H W | H S
+        bws = hs[l].transpose(-1, -2) @ u
+        b_w[l], b_s[l] = bws[..., :dout], bws[..., dout:]
+        da = -(dz @ deltas[l].transpose(-1, -2))  # of G̃ ∘ H Xᵀ
+        d_delta[l] = -((gm * ars[l]).transpose(-1, -2) @ dz)
+        dgm = da * ars[l] if dgm is None else dgm + da * ars[l]
+        dag = da * gm  # of H Xᵀ
+        d_x[l] = dag.transpose(-1, -2) @ hs[l]
+        dh = u @ torch.cat([w[l], s[l]], -1).transpose(-1, -2) + dag @ xs[l]
+        if l >= 1:
+            dz = dh * _act_grad(activation, zs[l - 1])
+        else:
+            dq = dq + dh
+    if max_grad_norm is not None:
+        dg = dgm * sc.unsqueeze(-2)
+        _clip_back(kp, xn, dn, sq, sc, (dgm * g_mat).sum(-2), max_grad_norm, d_delta, d_x)
+    else:
+        dg = dgm
+    dw, dk, dv = key_pass_vjp(kp, d_delta, d_x, w, layer_norm, residual)
+    return dq, dk, dv, dg, dbeta, df, [a + b for a, b in zip(b_w, dw)], b_s
+
+
 def state_adjoint(
     kp: KeyPass,
     g_last: Tensor,
@@ -143,10 +289,7 @@ def state_adjoint(
     depth = len(w)
     xs, deltas = kp.xs, kp.deltas
     if max_grad_norm is not None:
-        xn = [x.pow(2).sum(-1) for x in xs]
-        dn = [d.pow(2).sum(-1) for d in deltas]
-        sq = sum(a * b for a, b in zip(xn, dn))
-        sc = clip_scale(sq, max_grad_norm)
+        xn, dn, sq, sc = _clip_stats(kp, max_grad_norm)
         gt, nt = g_last * sc, n_last * sc
     else:
         gt, nt = g_last, n_last
@@ -164,39 +307,8 @@ def state_adjoint(
             a, b = (xa * deltas[l]).sum(-1), (xb * deltas[l]).sum(-1)
             dgt, dnt = (-a, -b) if dgt is None else (dgt - a, dnt - b)
     if max_grad_norm is not None:
-        # sc = τ / sqrt(max(sq, τ²)): d sc / d sq = −sc / (2 sq) where the clip acts (as autograd's clamp).
-        dsc = g_last * dgt + n_last * dnt
-        dsq = torch.where(sq >= max_grad_norm * max_grad_norm, -0.5 * sc / sq * dsc, torch.zeros_like(sq))
-        for l in range(depth):
-            d_delta[l] = d_delta[l] + (2 * dsq * xn[l]).unsqueeze(-1) * deltas[l]
-            if d_x[l] is not None:
-                d_x[l] = d_x[l] + (2 * dsq * dn[l]).unsqueeze(-1) * xs[l]
-    # The key pass's second derivative: Δ_l = P_l ∘ σ'(Z_l) with P_l = Δ_{l+1} W_{l+1}ᵀ, then the loss at the last layer.
-    dz: list = [None] * depth
-    dw: list = [None] * depth
-    for l in range(depth - 1):
-        dp = d_delta[l] * kp.d1[l]
-        dz[l] = d_delta[l] * kp.d2[l]
-        d_delta[l + 1] = d_delta[l + 1] + dp @ w[l + 1]
-        dw[l + 1] = dp.transpose(-1, -2) @ deltas[l + 1]
-    u = d_delta[-1]
-    if layer_norm:
-        # Δ = J(Z)ᵀ D(Z), D = 2(LN(Z) [+ k] − v): the product of its Jacobian with u is
-        # J (2 J u) (through D) plus the derivative of J itself with D held: −r mean(u∘Δ) o − r mean(D∘o) J u − r mean(u∘o) Δ.
-        out, rstd = kp.out, kp.rstd
-        ju = _ln_jvp(u, out, rstd)
-        dzl = 2 * _ln_jvp(ju, out, rstd) - rstd * ((u * deltas[-1]).mean(-1, keepdim=True) * out + kp.dmean * ju + (u * out).mean(-1, keepdim=True) * deltas[-1])
-    else:
-        ju = u
-        dzl = 2 * u
-    # (ju is the cotangent of the loss gradient D = 2(pred − v) at the prediction: v's and the residual k's share)
-    dz[-1] = dzl if dz[-1] is None else dz[-1] + dzl
-    for l in range(depth - 1, -1, -1):
-        g_w = xs[l].transpose(-1, -2) @ dz[l]
-        dw[l] = g_w if dw[l] is None else dw[l] + g_w
-        if l >= 1:
-            dx = d_x[l] + dz[l] @ w[l].transpose(-1, -2)
-            dz[l - 1] = dz[l - 1] + dx * kp.d1[l - 1]
+        _clip_back(kp, xn, dn, sq, sc, g_last * dgt + n_last * dnt, max_grad_norm, d_delta, d_x)
+    dw, dk, dv = key_pass_vjp(kp, d_delta, d_x, w, layer_norm, residual, inputs)
     bc, mc, fc = (x[..., None, None] for x in (beta_c, m_c, f_c))
     new_w = [bc * a + d for a, d in zip(adj_w, dw)]
     new_s = [fc * a + mc * b for a, b in zip(adj_w, adj_s)]
@@ -208,10 +320,6 @@ def state_adjoint(
         return new_w, new_s
     if s is None:
         raise ValueError("state_adjoint(inputs=True) needs s, the momentum entering the chunk")
-    dk = d_x[0] + dz[0] @ w[0].transpose(-1, -2)
-    if residual:
-        dk = dk + 2 * ju
-    dv = -2 * ju
     dg_last, dn_last = (dgt * sc, dnt * sc) if max_grad_norm is not None else (dgt, dnt)
     dot = lambda xs_, ys_: sum((x * y).sum((-1, -2)) for x, y in zip(xs_, ys_))  # noqa: E731
     return new_w, new_s, (dk, dv, dg_last, dn_last, dot(adj_w, w), dot(adj_s, s), dot(adj_w, s))
@@ -245,4 +353,4 @@ def sweep_block(
     return list(adj_w), list(adj_s), [torch.stack(x[::-1]) for x in leaving]
 
 
-__all__ = ["KeyPass", "key_pass_from_forward", "key_pass_saved", "state_adjoint", "sweep_block"]
+__all__ = ["KeyPass", "key_pass_from_forward", "key_pass_saved", "key_pass_vjp", "read_vjp", "state_adjoint", "sweep_block"]

@@ -51,7 +51,7 @@ from torch import Tensor
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
-from .fused_backward import KeyPass, key_pass_from_forward, key_pass_saved, state_adjoint, sweep_block
+from .fused_backward import KeyPass, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
     DEFAULT_LN_EPS,
     clip_scale,
@@ -1431,12 +1431,15 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: ``triton_sweep``: depth 2 runs the sweep as one Triton launch per group (:func:`_lmm_sweep_kernel`; None =
 #: wherever the sizes allow it, False = the PyTorch sweep above). ``key_pass_from_forward``: the backward takes
 #: the key pass from the forward walk's kept values (:func:`keeps_key_pass`). ``update_vjp``: the update's share
-#: of the input gradients by "autograd" (a batched pass recomputing the key pass; the default, measured) or
-#: "adjoint" (:func:`_update_vjp_adjoint`, from the key pass and the sweep's adjoints; tested against it on the
-#: CPU, not yet timed on a GPU).
+#: of the input gradients by "adjoint" (:func:`_update_vjp_adjoint`, from the key pass and the sweep's adjoints;
+#: the default: 6.1 / 6.7 ms against 9.6 / 10.0 at 16K on an H100, matched / default, and 0.6 GiB less peak) or
+#: "autograd" (a batched autograd pass recomputing the key pass). ``read_vjp``: the read's share likewise, by
+#: "adjoint" (:func:`~.fused_backward.read_vjp`, the read's transpose written out, from the key pass) or
+#: "autograd" (autograd of the key pass + clip + read of the chunks).
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
-                  "key_pass_from_forward": True, "update_vjp": "autograd"}
+                  "key_pass_from_forward": True, "update_vjp": "adjoint",
+                  "read_vjp": "adjoint"}
 _COMPILED_SWEEP: list = []
 
 
@@ -1518,6 +1521,12 @@ def _update_vjp_fn(device: torch.device):
     """:func:`_update_vjp_adjoint`, compiled per ``BACKWARD["compile_batched"]``."""
     opts = _compile_opts(BACKWARD["compile_batched"], device)
     return _update_vjp_adjoint if opts is None else _compiled(_update_vjp_adjoint, opts)
+
+
+def _read_vjp_fn(device: torch.device):
+    """:func:`~.fused_backward.read_vjp`, compiled per ``BACKWARD["compile_batched"]``."""
+    opts = _compile_opts(BACKWARD["compile_batched"], device)
+    return read_vjp if opts is None else _compiled(read_vjp, opts)
 
 
 def _batched_fns(device: torch.device):
@@ -1618,22 +1627,30 @@ class _FusedMemory(torch.autograd.Function):
             ws = [x[sl] for x in w_slots]
             ss = [x[sl] for x in s_slots]
             coefs = [x[sl] for x in (g, nmat, beta, m, f)]
-            # 1) the read, batched: its share of the input gradients and b_i of the state's adjoint
-            timer.mark("read_vjp")
-            with torch.enable_grad(), tf32:
-                leaves = [x.detach().requires_grad_() for x in (qc[sl], kc[sl], vc[sl], *coefs, *ws, *ss)]
-                ql, kl, vl, gl, nl, bl, ml, fl = leaves[:8]
-                y = read_fn(ql, kl, vl, gl, nl, bl, fl, leaves[8 : 8 + depth], leaves[8 + depth :], *ctx.cfg)
-                grads = torch.autograd.grad(y, leaves, dyc[sl], allow_unused=True)
-            del y
-            b_w, b_s = grads[8 : 8 + depth], grads[8 + depth :]
-            # 2) the state's adjoint, chunk by chunk in reverse; ā_{i+1} kept for the update's products
             with torch.no_grad():
                 timer.mark("key_pass")
                 if kept:  # the forward kernel's own Z_1, P, Δ_2, Z_2 of these chunks
                     kp = _kept_key_pass(q.device, kc[sl], vc[sl], [x[sl] for x in kept], **kw)
                 else:
                     kp = key_pass_saved(kc[sl], vc[sl], ws, **kw)
+            # 1) the read, batched: its share of the input gradients and b_i of the state's adjoint
+            timer.mark("read_vjp")
+            if BACKWARD["read_vjp"] == "adjoint":  # written out, from the key pass: no autograd pass
+                with torch.no_grad(), tf32:
+                    dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = _read_vjp_fn(q.device)(qc[sl], kp, coefs[0], coefs[2], coefs[4], ws, ss,
+                                                                                         dyc[sl], *ctx.cfg)  # fmt: skip
+                grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)
+            else:
+                with torch.enable_grad(), tf32:
+                    leaves = [x.detach().requires_grad_() for x in (qc[sl], kc[sl], vc[sl], *coefs, *ws, *ss)]
+                    ql, kl, vl, gl, nl, bl, ml, fl = leaves[:8]
+                    y = read_fn(ql, kl, vl, gl, nl, bl, fl, leaves[8 : 8 + depth], leaves[8 + depth :], *ctx.cfg)
+                    grads = torch.autograd.grad(y, leaves, dyc[sl], allow_unused=True)
+                del y
+                b_w, b_s = grads[8 : 8 + depth], grads[8 + depth :]
+                grads = grads[:8]
+            # 2) the state's adjoint, chunk by chunk in reverse; ā_{i+1} kept for the update's products
+            with torch.no_grad():
                 g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
                 ends = [x[sl][..., -1] for x in (beta, m, f)]
                 b_w = [torch.zeros_like(x) if b is None else b for x, b in zip(ws, b_w)]
@@ -1673,7 +1690,7 @@ class _FusedMemory(torch.autograd.Function):
                     new_state = update_fn(*leaves2, ws, ss, *ctx.cfg)
                     grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
             del kp
-            for acc, a, b2 in zip((dq, dk, dv, *dcoef), grads[:8], (None, *grads2)):
+            for acc, a, b2 in zip((dq, dk, dv, *dcoef), grads, (None, *grads2)):
                 for x in (a, b2):
                     if x is not None:
                         acc[sl] += x
