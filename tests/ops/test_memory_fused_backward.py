@@ -138,6 +138,50 @@ def test_read_vjp_equals_autograd_float64(name, depth, cfg, clip):
         assert err <= 1e-12, f"input {i}: {err:.3e}"
 
 
+@pytest.mark.parametrize("name,depth,cfg,clip", [c for c in ADJ_CASES if c[1] == 2], ids=[c[0] for c in ADJ_CASES if c[1] == 2])
+def test_read_vjp_kernel_equals_written_out(name, depth, cfg, clip):
+    """The Triton read-VJP kernel (:mod:`fused_read_vjp`, interpreter, fp32) + :func:`read_vjp_tail` equals
+    :func:`read_vjp` in float64 on the same inputs, batched ``[G, B, H, …]`` as the backward holds them, for every
+    output: dq, dk, dv, dG, dβ, df and the state's adjoint shares."""
+    from mnemotorch.ops.memory import fused_read_vjp
+    from mnemotorch.ops.memory.fused_backward import read_vjp_tail
+
+    gen = torch.Generator().manual_seed(11)
+    n, b, h, c, d, hid = 3, 2, 2, 16, 16, 32
+    rnd = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64) * s)  # noqa: E731
+    q, k, v = (rnd(n, b, h, c, d) for _ in range(3))
+    k = k / k.norm(dim=-1, keepdim=True)
+    w = [rnd(n, b, h, d, hid, s=0.5), rnd(n, b, h, hid, d, s=0.2)]
+    s = [rnd(n, b, h, d, hid, s=0.1), rnd(n, b, h, hid, d, s=0.1)]
+    g_mat = torch.tril(rnd(n, b, h, c, c, s=0.1).abs())
+    beta, f = rnd(n, b, h, c).sigmoid(), rnd(n, b, h, c, s=0.1)
+    dy = rnd(n, b, h, c, d)
+    kw = dict(activation=cfg["activation"], residual=cfg["residual"], layer_norm=cfg["layer_norm"], ln_eps=1e-5)
+    kp = key_pass_saved(k, v, w, **kw)
+    if clip is not None:  # τ at the median token: the clip acts on about half of them
+        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(kp.xs, kp.deltas))
+        clip = float(sq.sqrt().median()) * 1.0001
+    want = read_vjp(q, kp, g_mat, beta, f, w, s, dy, **kw, max_grad_norm=clip)
+    f32 = lambda x: x.float()  # noqa: E731
+    kp32 = type(kp)(*([f32(x) for x in part] if isinstance(part, list) else (None if part is None else f32(part)) for part in kp))
+    gt = g_mat if clip is None else g_mat * fused_triton_clip_scale(kp, clip).unsqueeze(-2)
+    dq, dgt, db, df, b_w, b_s, dd, dx = fused_read_vjp.launch(f32(q), f32(k), f32(gt), f32(beta), f32(f), [f32(x) for x in w], [f32(x) for x in s],
+                                                              kp32.xs[1], kp32.deltas[0], kp32.deltas[1], f32(dy), cfg["activation"],
+                                                              cfg["residual"], cfg["layer_norm"], 1e-5, "ieee")  # fmt: skip
+    dk, dv, dg, b_w = read_vjp_tail(kp32, f32(g_mat), dgt, b_w, dd, dx, [f32(x) for x in w], cfg["layer_norm"], cfg["residual"], clip)
+    got = [dq, dk, dv, dg, db, df, *b_w, *b_s]
+    names = ["dq", "dk", "dv", "dG", "dbeta", "df", "bW1", "bW2", "bS1", "bS2"]
+    for nm, x, y in zip(names, got, [*want[:6], *want[6], *want[7]]):
+        err = rel(x.double(), y)
+        assert err <= 1e-5, f"{nm}: {err:.3e}"
+
+
+def fused_triton_clip_scale(kp, clip):
+    from mnemotorch.ops.memory.fused_backward import _clip_stats
+
+    return _clip_stats(kp, clip)[3]
+
+
 # --- the fused training path (interpreter) against the float64 chunked path -----------------------
 
 # (name, depth, config, max_grad_norm, d, hidden, chunk, T, position)
@@ -246,26 +290,32 @@ def test_fused_training_key_pass_kept_or_recomputed(monkeypatch):
         assert rel(a.double(), b.double()) <= 1e-6
 
 
-@pytest.mark.parametrize("read,update", [("autograd", "autograd"), ("autograd", "adjoint"), ("adjoint", "autograd")])
+@pytest.mark.parametrize("read,update", [("autograd", "autograd"), ("autograd", "adjoint"), ("adjoint", "autograd"), ("adjoint", "adjoint"),
+                                         ("triton", "autograd"), ("triton", "adjoint")])
 @pytest.mark.parametrize("name,depth,cfg,clip,d,hidden,chunk,t,pos", [c for c in TRAIN_CASES if c[0] in ("matched", "default_clip", "depth1_ln_clip")],
                          ids=["matched", "default_clip", "depth1_ln_clip"])  # fmt: skip
 def test_fused_training_vjp_forms(monkeypatch, name, depth, cfg, clip, d, hidden, chunk, t, pos, read, update):
     """``BACKWARD["read_vjp"]`` / ``["update_vjp"]``: the read's and the update's shares of the input gradients by
-    autograd passes or written out (:func:`read_vjp`, :func:`state_adjoint` with ``inputs``), in every mix (both
-    written out is the default, which the tests above cover), give the float64 chunked path's gradients."""
+    autograd passes or written out (:func:`read_vjp` in PyTorch or its Triton kernel, :func:`state_adjoint` with
+    ``inputs``), in every mix (Triton + adjoint is the default, which the tests above cover too), give the float64
+    chunked path's gradients."""
     from mnemotorch.ops.memory import fused_triton
 
     monkeypatch.setitem(fused_triton.BACKWARD, "read_vjp", read)
     monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", update)
-    used = {"read": [], "update": []}
-    for key, fn in (("read", "read_vjp"), ("update", "_update_vjp_adjoint")):
-        real = getattr(fused_triton, fn)
-        monkeypatch.setattr(fused_triton, fn, lambda *a, _r=real, _k=key, **kw: used[_k].append(1) or _r(*a, **kw))
+    from mnemotorch.ops.memory import fused_read_vjp
+
+    used = {"read": [], "update": [], "kernel": []}
+    for key, mod, fn in (("read", fused_triton, "read_vjp"), ("update", fused_triton, "_update_vjp_adjoint"), ("kernel", fused_read_vjp, "launch")):
+        real = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, _r=real, _k=key, **kw: used[_k].append(1) or _r(*a, **kw))
     q, k, v, th, et, al = make_inputs(b=1, t=t, h=2, dk=d, dv=d, seed=2, theta_max=0.5)
     st = make_state(1, 2, d, d, depth, hidden=hidden, position=pos)
     y_ref, g_ref = _train_grads(neural_memory_chunked, torch.float64, q, k, v, (th, et, al), st, chunk, cfg, clip)
     y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, chunk, cfg, clip)
-    assert bool(used["read"]) == (read == "adjoint") and bool(used["update"]) == (update == "adjoint")
+    kernel = read == "triton" and depth == 2  # (the kernel is depth 2 only; elsewhere "triton" is "adjoint")
+    assert bool(used["kernel"]) == kernel and bool(used["read"]) == (read != "autograd" and not kernel)
+    assert bool(used["update"]) == (update == "adjoint")
     for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
         assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
 

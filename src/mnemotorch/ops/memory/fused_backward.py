@@ -201,11 +201,7 @@ def read_vjp(
     """
     depth = len(w)
     xs, deltas = kp.xs, kp.deltas
-    if max_grad_norm is not None:
-        xn, dn, sq, sc = _clip_stats(kp, max_grad_norm)
-        gm = g_mat * sc.unsqueeze(-2)
-    else:
-        gm = g_mat
+    gm = g_mat * _clip_stats(kp, max_grad_norm)[3].unsqueeze(-2) if max_grad_norm is not None else g_mat
     # The read again, keeping what its transpose needs.
     hs, zs, hws, ars = [q], [], [], []
     for l in range(depth):
@@ -245,13 +241,24 @@ def read_vjp(
             dz = dh * _act_grad(activation, zs[l - 1])
         else:
             dq = dq + dh
+    dk, dv, dg, b_w = read_vjp_tail(kp, g_mat, dgm, b_w, d_delta, d_x, w, layer_norm, residual, max_grad_norm)
+    return dq, dk, dv, dg, dbeta, df, b_w, b_s
+
+
+def read_vjp_tail(kp: KeyPass, g_mat: Tensor, dgm: Tensor, b_w: Sequence[Tensor], d_delta: Sequence[Tensor], d_x: Sequence[Tensor],
+                  w: Sequence[Tensor], layer_norm: bool, residual: bool, max_grad_norm: float | None) -> tuple:  # fmt: skip
+    """What :func:`read_vjp` does after the read's transpose (also after the Triton form of that transpose,
+    :mod:`.fused_read_vjp`): the clip (``dgm`` is the cotangent of the clipped ``G̃``) and the key pass's VJP of
+    the read's cotangents ``d_delta, d_x`` of ``Δ_l, X_l``. Returns ``(dk, dv, dg_mat, b_w + the key pass's share)``."""
+    d_delta, d_x = list(d_delta), list(d_x)
     if max_grad_norm is not None:
+        xn, dn, sq, sc = _clip_stats(kp, max_grad_norm)
         dg = dgm * sc.unsqueeze(-2)
         _clip_back(kp, xn, dn, sq, sc, (dgm * g_mat).sum(-2), max_grad_norm, d_delta, d_x)
     else:
         dg = dgm
     dw, dk, dv = key_pass_vjp(kp, d_delta, d_x, w, layer_norm, residual)
-    return dq, dk, dv, dg, dbeta, df, [a + b for a, b in zip(b_w, dw)], b_s
+    return dk, dv, dg, [a + b for a, b in zip(b_w, dw)]
 
 
 def state_adjoint(
@@ -353,4 +360,4 @@ def sweep_block(
     return list(adj_w), list(adj_s), [torch.stack(x[::-1]) for x in leaving]
 
 
-__all__ = ["KeyPass", "key_pass_from_forward", "key_pass_saved", "key_pass_vjp", "read_vjp", "state_adjoint", "sweep_block"]
+__all__ = ["KeyPass", "key_pass_from_forward", "key_pass_saved", "key_pass_vjp", "read_vjp", "read_vjp_tail", "state_adjoint", "sweep_block"]

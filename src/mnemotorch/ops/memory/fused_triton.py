@@ -51,7 +51,7 @@ from torch import Tensor
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
-from .fused_backward import KeyPass, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
+from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, read_vjp_tail, state_adjoint, sweep_block
 from .reference import (
     DEFAULT_LN_EPS,
     clip_scale,
@@ -1434,12 +1434,14 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: of the input gradients by "adjoint" (:func:`_update_vjp_adjoint`, from the key pass and the sweep's adjoints;
 #: the default: 6.1 / 6.7 ms against 9.6 / 10.0 at 16K on an H100, matched / default, and 0.6 GiB less peak) or
 #: "autograd" (a batched autograd pass recomputing the key pass). ``read_vjp``: the read's share likewise, by
-#: "adjoint" (:func:`~.fused_backward.read_vjp`, the read's transpose written out, from the key pass) or
-#: "autograd" (autograd of the key pass + clip + read of the chunks).
+#: "triton" (the read's transpose per chunk and head in one launch, :mod:`.fused_read_vjp`, at depth 2 with
+#: power-of-two sizes; else as "adjoint"), "adjoint" (:func:`~.fused_backward.read_vjp`, the transpose written
+#: out in batched PyTorch, from the key pass; 10.3 / 10.2 ms against 12.0 / 11.8 ms for autograd at 16K on an
+#: H100) or "autograd" (autograd of the key pass + clip + read of the chunks).
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
-                  "read_vjp": "adjoint"}
+                  "read_vjp": "triton"}
 _COMPILED_SWEEP: list = []
 
 
@@ -1529,6 +1531,12 @@ def _read_vjp_fn(device: torch.device):
     return read_vjp if opts is None else _compiled(read_vjp, opts)
 
 
+def _read_tail_fn(device: torch.device):
+    """:func:`~.fused_backward.read_vjp_tail`, compiled per ``BACKWARD["compile_batched"]``."""
+    opts = _compile_opts(BACKWARD["compile_batched"], device)
+    return read_vjp_tail if opts is None else _compiled(read_vjp_tail, opts)
+
+
 def _batched_fns(device: torch.device):
     """``(read, update)``: :func:`_batched_read` / :func:`_batched_update`, compiled per
     ``BACKWARD["compile_batched"]`` (the configuration arguments are constants to dynamo)."""
@@ -1599,6 +1607,8 @@ class _FusedMemory(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *d_final):
+        from . import fused_read_vjp  # (it takes its jit helpers from this module)
+
         q, k, v, g, nmat, beta, m, f, *rest = ctx.saved_tensors
         activation, residual, layer_norm, ln_eps, max_grad_norm = ctx.cfg
         depth = ctx.depth
@@ -1635,7 +1645,17 @@ class _FusedMemory(torch.autograd.Function):
                     kp = key_pass_saved(kc[sl], vc[sl], ws, **kw)
             # 1) the read, batched: its share of the input gradients and b_i of the state's adjoint
             timer.mark("read_vjp")
-            if BACKWARD["read_vjp"] == "adjoint":  # written out, from the key pass: no autograd pass
+            if BACKWARD["read_vjp"] == "triton" and fused_read_vjp.supported(qc, ws):  # the transpose in one launch
+                with torch.no_grad():
+                    gt = coefs[0] if max_grad_norm is None else coefs[0] * _clip_stats(kp, max_grad_norm)[3].unsqueeze(-2)
+                    prec = "tf32" if tf32.on else "ieee"
+                    dq_r, dgt, db_r, df_r, b_w, b_s, dd, dx = fused_read_vjp.launch(
+                        qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl], activation, residual,
+                        layer_norm, ln_eps, prec)  # fmt: skip
+                    with tf32:
+                        dk_r, dv_r, dg_r, b_w = _read_tail_fn(q.device)(kp, coefs[0], dgt, b_w, dd, dx, ws, layer_norm, residual, max_grad_norm)
+                grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)
+            elif BACKWARD["read_vjp"] in ("triton", "adjoint"):  # written out, from the key pass: no autograd pass
                 with torch.no_grad(), tf32:
                     dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = _read_vjp_fn(q.device)(qc[sl], kp, coefs[0], coefs[2], coefs[4], ws, ss,
                                                                                          dyc[sl], *ctx.cfg)  # fmt: skip
