@@ -128,11 +128,11 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
     return rows
 
 
-def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "default"), vjps=("triton:adjoint",), read_launches=()) -> list:
+def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "default"), vjps=("triton:adjoint",), read_vjp_launches=()) -> list:
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
     "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8). ``vjps``:
     "READ:UPDATE" pairs of ``BACKWARD["read_vjp"]`` ("triton", "adjoint", "autograd") / ``["update_vjp"]`` ("adjoint",
-    "autograd"). ``read_launches``: "slice:warps" launches of the read-VJP kernel, timed in the "triton" rows."""
+    "autograd"). ``read_vjp_launches``: "slice:warps" launches of the read-VJP kernel, timed in the "triton" rows."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp")}
@@ -177,12 +177,12 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
                 fused_triton.LAUNCH["profile"] = prof = {}
                 fwd_bwd()
             row["profile"] = prof
-            if rvjp == "triton" and read_launches:  # the read VJP's phase per kernel launch (slice:warps)
+            if rvjp == "triton" and read_vjp_launches:  # the read VJP's phase per kernel launch (slice:warps)
                 from mnemotorch.ops.memory import fused_read_vjp
 
                 base_launch = dict(fused_read_vjp.LAUNCH_READ_VJP)
                 row["read_vjp_launch_ms"] = {}
-                for spec in read_launches:
+                for spec in read_vjp_launches:
                     sl_, _, wp = spec.partition(":")
                     fused_read_vjp.LAUNCH_READ_VJP.update(slice=int(sl_), warps=int(wp or 8))
                     try:
@@ -191,13 +191,16 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
                         fused_triton.BACKWARD["timing"] = phases
                         for _ in range(3):
                             fwd_bwd()
-                        row["read_vjp_launch_ms"][spec] = phases.get("read_vjp", float("nan")) / 3
+                        row["read_vjp_launch_ms"][spec] = {key: phases.get(key, float("nan")) / 3 for key in ("read_vjp", "read_vjp_tail")}
                     except Exception as e:  # noqa: BLE001
                         row["read_vjp_launch_ms"][spec] = f"{type(e).__name__}: {str(e)[:200]}"
                     finally:
                         fused_triton.BACKWARD["timing"] = None
                         fused_read_vjp.LAUNCH_READ_VJP.clear()
                         fused_read_vjp.LAUNCH_READ_VJP.update(base_launch)
+                row["read_vjp_kernels"] = [  # registers and spills of every compiled variant (Triton records them at launch)
+                    {"num_warps": getattr(ck.metadata, "num_warps", None), "n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None)}
+                    for cache in fused_read_vjp._lmm_read_vjp_kernel.device_caches.values() for ck in cache[0].values()]  # fmt: skip
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
@@ -259,7 +262,7 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
     ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps[:split], e.g. 64:8:0,64:4:64,64:4:32")
     ap.add_argument("--vjps", default="triton:adjoint", help="--train's READ:UPDATE pairs of BACKWARD['read_vjp'] (triton, adjoint, autograd) / ['update_vjp'] (adjoint, autograd)")
-    ap.add_argument("--read-launches", default="", help="--train: slice:warps launches of the read-VJP kernel to time, e.g. 32:8,64:8,16:4")
+    ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps launches of the read-VJP kernel to time, e.g. 32:8,64:8,16:4")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
@@ -275,7 +278,7 @@ def main() -> None:
                              tuple(args.reads.split(",")), tuple(args.read_launches.split(",")), tuple(bool(int(x)) for x in args.carry.split(",")),
                              args.profile, tuple(args.phase3.split(",")))  # fmt: skip
     if args.train:
-        out["train"] = train(dev, args.sweep_t, args.rep, tuple(args.train_compile.split(",")), vjps=tuple(args.vjps.split(",")), read_launches=tuple(x for x in args.read_launches.split(",") if x))
+        out["train"] = train(dev, args.sweep_t, args.rep, tuple(args.train_compile.split(",")), vjps=tuple(args.vjps.split(",")), read_vjp_launches=tuple(x for x in args.read_vjp_launches.split(",") if x))
         if args.sweep_launch:
             out["sweep_launch"] = sweep_launch(dev, args.sweep_t, args.rep, args.sweep_launch.split(","))
     with open(args.out, "w") as fh:

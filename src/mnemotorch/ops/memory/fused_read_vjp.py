@@ -60,8 +60,7 @@ def _lmm_read_vjp_kernel(
     gt = tl.load(GT + row * C * C + rows[:, None] * C + rows[None, :])
     beta = tl.load(BETA + row * C + rows)
     f = tl.load(FV + row * C + rows)
-    k = tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])
-    ga1 = gt * _mmp(q, tl.trans(k), PREC)  # G̃ ∘ Q Kᵀ
+    ga1 = gt * _mmp(q, tl.trans(tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])), PREC)  # G̃ ∘ Q Kᵀ
     w1b = W1 + row * DK * HID + ck[:, None] * HID
     s1b = S1 + row * DK * HID + ck[:, None] * HID
     w2b = W2 + row * HID * DV + cv[None, :]
@@ -95,8 +94,6 @@ def _lmm_read_vjp_kernel(
     tl.store(DD2 + row * C * DV + rows[:, None] * DV + cv[None, :], -_mmp(tl.trans(ga2), dz2, PREC))
     dgt = da2 * ar2
     dag2 = da2 * gt  # of Ĥ X_1ᵀ
-    ub2 = beta[:, None] * dz2
-    uf2 = f[:, None] * dz2
     if RESIDUAL:
         dq = dy
     else:
@@ -114,10 +111,12 @@ def _lmm_read_vjp_kernel(
         zh = beta[:, None] * qw + f[:, None] * qs - _mmp(ga1, d1, PREC)
         hh = _act(zh, ACT)
         ht = tl.trans(hh)
-        tl.store(BW2 + row * HID * DV + cols[:, None] * DV + cv[None, :], _mmp(ht, ub2, PREC))
-        tl.store(BS2 + row * HID * DV + cols[:, None] * DV + cv[None, :], _mmp(ht, uf2, PREC))
+        # (β ∘ dẐ_2 and f ∘ dẐ_2 formed per slice, not held: registers are what limits this kernel)
+        tl.store(BW2 + row * HID * DV + cols[:, None] * DV + cv[None, :], _mmp(ht, beta[:, None] * dz2, PREC))
+        tl.store(BS2 + row * HID * DV + cols[:, None] * DV + cv[None, :], _mmp(ht, f[:, None] * dz2, PREC))
         tl.store(DX1 + row * C * HID + rows[:, None] * HID + cols[None, :], _mmp(tl.trans(dag2), hh, PREC))
-        dh = _mmp(ub2, tl.trans(tl.load(w2b + cols[:, None] * DV)), PREC) + _mmp(uf2, tl.trans(tl.load(s2b + cols[:, None] * DV)), PREC)
+        dh = _mmp(beta[:, None] * dz2, tl.trans(tl.load(w2b + cols[:, None] * DV)), PREC)
+        dh += _mmp(f[:, None] * dz2, tl.trans(tl.load(s2b + cols[:, None] * DV)), PREC)
         dz1 = (dh + _mmp(dag2, x1, PREC)) * _act_grad(zh, ACT)
         dbeta += tl.sum(dz1 * qw, 1)
         df += tl.sum(dz1 * qs, 1)
@@ -128,9 +127,10 @@ def _lmm_read_vjp_kernel(
         da1 -= _mmp(dz1, tl.trans(d1), PREC)  # of G̃ ∘ Q Kᵀ
         tl.store(DD1 + row * C * HID + rows[:, None] * HID + cols[None, :], -_mmp(tl.trans(ga1), dz1, PREC))
         dq += _mmp(ub1, tl.trans(w1), PREC) + _mmp(uf1, tl.trans(s1), PREC)
-    ar1 = _mmp(q, tl.trans(k), PREC)
-    dgt += da1 * ar1
-    dag1 = da1 * gt
+    # k and G̃ again from memory rather than held through pass B
+    k = tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])
+    dgt += da1 * _mmp(q, tl.trans(k), PREC)
+    dag1 = da1 * tl.load(GT + row * C * C + rows[:, None] * C + rows[None, :])
     tl.store(DX0 + row * C * DK + rows[:, None] * DK + ck[None, :], _mmp(tl.trans(dag1), q, PREC))
     dq += _mmp(dag1, k, PREC)
     tl.store(DQ + row * C * DK + rows[:, None] * DK + ck[None, :], dq)

@@ -1434,14 +1434,15 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: of the input gradients by "adjoint" (:func:`_update_vjp_adjoint`, from the key pass and the sweep's adjoints;
 #: the default: 6.1 / 6.7 ms against 9.6 / 10.0 at 16K on an H100, matched / default, and 0.6 GiB less peak) or
 #: "autograd" (a batched autograd pass recomputing the key pass). ``read_vjp``: the read's share likewise, by
+#: "adjoint" (:func:`~.fused_backward.read_vjp`, the transpose written out in batched PyTorch, from the key pass;
+#: the default: 10.3 / 10.2 ms against 12.0 / 11.8 ms for autograd at 16K on an H100, 1.2 GiB less peak),
 #: "triton" (the read's transpose per chunk and head in one launch, :mod:`.fused_read_vjp`, at depth 2 with
-#: power-of-two sizes; else as "adjoint"), "adjoint" (:func:`~.fused_backward.read_vjp`, the transpose written
-#: out in batched PyTorch, from the key pass; 10.3 / 10.2 ms against 12.0 / 11.8 ms for autograd at 16K on an
-#: H100) or "autograd" (autograd of the key pass + clip + read of the chunks).
+#: power-of-two sizes, else as "adjoint"; its first form measured 10.4–16 ms, see docs/results/neural_memory.md)
+#: or "autograd" (autograd of the key pass + clip + read of the chunks). Env ``MNEMO_MEMORY_READ_VJP`` sets it.
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
-                  "read_vjp": "triton"}
+                  "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "adjoint")}
 _COMPILED_SWEEP: list = []
 
 
@@ -1652,6 +1653,7 @@ class _FusedMemory(torch.autograd.Function):
                     dq_r, dgt, db_r, df_r, b_w, b_s, dd, dx = fused_read_vjp.launch(
                         qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl], activation, residual,
                         layer_norm, ln_eps, prec)  # fmt: skip
+                    timer.mark("read_vjp_tail")
                     with tf32:
                         dk_r, dv_r, dg_r, b_w = _read_tail_fn(q.device)(kp, coefs[0], dgt, b_w, dd, dx, ws, layer_norm, residual, max_grad_norm)
                 grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)
