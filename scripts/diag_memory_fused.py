@@ -132,7 +132,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
     "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8). ``vjps``:
     "READ:UPDATE" pairs of ``BACKWARD["read_vjp"]`` ("triton", "adjoint", "autograd") / ``["update_vjp"]`` ("adjoint",
-    "autograd"). ``read_vjp_launches``: "slice:warps" launches of the read-VJP kernel, timed in the "triton" rows."""
+    "autograd"). ``read_vjp_launches``: "slice:warps[:a_slice:a_warps]" launches of the read-VJP kernels, timed in the "triton" rows."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp")}
@@ -183,8 +183,8 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
                 base_launch = dict(fused_read_vjp.LAUNCH_READ_VJP)
                 row["read_vjp_launch_ms"] = {}
                 for spec in read_vjp_launches:
-                    sl_, _, wp = spec.partition(":")
-                    fused_read_vjp.LAUNCH_READ_VJP.update(slice=int(sl_), warps=int(wp or 8))
+                    parts = [int(x) for x in spec.split(":")]  # slice:warps[:a_slice:a_warps]
+                    fused_read_vjp.LAUNCH_READ_VJP.update(dict(zip(("slice", "warps", "a_slice", "a_warps"), parts)))
                     try:
                         fwd_bwd()  # compiles this variant
                         phases = {}
@@ -199,8 +199,10 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
                         fused_read_vjp.LAUNCH_READ_VJP.clear()
                         fused_read_vjp.LAUNCH_READ_VJP.update(base_launch)
                 row["read_vjp_kernels"] = [  # registers and spills of every compiled variant (Triton records them at launch)
-                    {"num_warps": getattr(ck.metadata, "num_warps", None), "n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None)}
-                    for cache in fused_read_vjp._lmm_read_vjp_kernel.device_caches.values() for ck in cache[0].values()]  # fmt: skip
+                    {"kernel": kn, "num_warps": getattr(ck.metadata, "num_warps", None), "n_regs": getattr(ck, "n_regs", None),
+                     "n_spills": getattr(ck, "n_spills", None)}
+                    for kn in ("_lmm_read_vjp_a_kernel", "_lmm_read_vjp_b_kernel")
+                    for cache in getattr(fused_read_vjp, kn).device_caches.values() for ck in cache[0].values()]  # fmt: skip
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
@@ -262,7 +264,7 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
     ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps[:split], e.g. 64:8:0,64:4:64,64:4:32")
     ap.add_argument("--vjps", default="triton:adjoint", help="--train's READ:UPDATE pairs of BACKWARD['read_vjp'] (triton, adjoint, autograd) / ['update_vjp'] (adjoint, autograd)")
-    ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps launches of the read-VJP kernel to time, e.g. 32:8,64:8,16:4")
+    ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()

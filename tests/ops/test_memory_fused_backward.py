@@ -138,16 +138,18 @@ def test_read_vjp_equals_autograd_float64(name, depth, cfg, clip):
         assert err <= 1e-12, f"input {i}: {err:.3e}"
 
 
+@pytest.mark.parametrize("slices", [1, 2], ids=["one_slice", "two_slices"])
 @pytest.mark.parametrize("name,depth,cfg,clip", [c for c in ADJ_CASES if c[1] == 2], ids=[c[0] for c in ADJ_CASES if c[1] == 2])
-def test_read_vjp_kernel_equals_written_out(name, depth, cfg, clip):
-    """The Triton read-VJP kernel (:mod:`fused_read_vjp`, interpreter, fp32) + :func:`read_vjp_tail` equals
+def test_read_vjp_kernel_equals_written_out(monkeypatch, name, depth, cfg, clip, slices):
+    """The Triton read-VJP kernels (:mod:`fused_read_vjp`, interpreter, fp32) + their PyTorch rest equal
     :func:`read_vjp` in float64 on the same inputs, batched ``[G, B, H, …]`` as the backward holds them, for every
     output: dq, dk, dv, dG, dβ, df and the state's adjoint shares."""
     from mnemotorch.ops.memory import fused_read_vjp
-    from mnemotorch.ops.memory.fused_backward import read_vjp_tail
-
     gen = torch.Generator().manual_seed(11)
     n, b, h, c, d, hid = 3, 2, 2, 16, 16, 32
+    # hidden slices per program of the slice kernel (partials summed after it) and per step of pass A
+    monkeypatch.setitem(fused_read_vjp.LAUNCH_READ_VJP, "slice", hid // slices)
+    monkeypatch.setitem(fused_read_vjp.LAUNCH_READ_VJP, "a_slice", hid // slices)
     rnd = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64) * s)  # noqa: E731
     q, k, v = (rnd(n, b, h, c, d) for _ in range(3))
     k = k / k.norm(dim=-1, keepdim=True)
@@ -165,10 +167,12 @@ def test_read_vjp_kernel_equals_written_out(name, depth, cfg, clip):
     f32 = lambda x: x.float()  # noqa: E731
     kp32 = type(kp)(*([f32(x) for x in part] if isinstance(part, list) else (None if part is None else f32(part)) for part in kp))
     gt = g_mat if clip is None else g_mat * fused_triton_clip_scale(kp, clip).unsqueeze(-2)
-    dq, dgt, db, df, b_w, b_s, dd, dx = fused_read_vjp.launch(f32(q), f32(k), f32(gt), f32(beta), f32(f), [f32(x) for x in w], [f32(x) for x in s],
-                                                              kp32.xs[1], kp32.deltas[0], kp32.deltas[1], f32(dy), cfg["activation"],
-                                                              cfg["residual"], cfg["layer_norm"], 1e-5, "ieee")  # fmt: skip
-    dk, dv, dg, b_w = read_vjp_tail(kp32, f32(g_mat), dgt, b_w, dd, dx, [f32(x) for x in w], cfg["layer_norm"], cfg["residual"], clip)
+    w32, s32 = [f32(x) for x in w], [f32(x) for x in s]
+    raw = fused_read_vjp.launch(f32(q), f32(k), f32(gt), f32(beta), f32(f), w32, s32, kp32.xs[1], kp32.deltas[0], kp32.deltas[1], f32(dy),
+                                cfg["activation"], cfg["layer_norm"], 1e-5, "ieee")  # fmt: skip
+    dq, dk, dv, dg, db, df, b_w = fused_read_vjp.after_kernels(f32(q), f32(k), f32(gt), f32(dy), kp32, f32(g_mat), *raw[:7], raw[7], raw[9], raw[10],
+                                                               w32, cfg["residual"], cfg["layer_norm"], clip)  # fmt: skip
+    b_s = raw[8]
     got = [dq, dk, dv, dg, db, df, *b_w, *b_s]
     names = ["dq", "dk", "dv", "dG", "dbeta", "df", "bW1", "bW2", "bS1", "bS2"]
     for nm, x, y in zip(names, got, [*want[:6], *want[6], *want[7]]):

@@ -51,7 +51,7 @@ from torch import Tensor
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
-from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, read_vjp_tail, state_adjoint, sweep_block
+from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
     DEFAULT_LN_EPS,
     clip_scale,
@@ -1436,8 +1436,8 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: "autograd" (a batched autograd pass recomputing the key pass). ``read_vjp``: the read's share likewise, by
 #: "adjoint" (:func:`~.fused_backward.read_vjp`, the transpose written out in batched PyTorch, from the key pass;
 #: the default: 10.3 / 10.2 ms against 12.0 / 11.8 ms for autograd at 16K on an H100, 1.2 GiB less peak),
-#: "triton" (the read's transpose per chunk and head in one launch, :mod:`.fused_read_vjp`, at depth 2 with
-#: power-of-two sizes, else as "adjoint"; its first form measured 10.4–16 ms, see docs/results/neural_memory.md)
+#: "triton" (the read's transpose per chunk and head in Triton, :mod:`.fused_read_vjp`, at depth 2 with
+#: power-of-two sizes, else as "adjoint"; its first, one-launch form measured 9.7–15 ms, see docs/results/neural_memory.md)
 #: or "autograd" (autograd of the key pass + clip + read of the chunks). Env ``MNEMO_MEMORY_READ_VJP`` sets it.
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
@@ -1532,10 +1532,12 @@ def _read_vjp_fn(device: torch.device):
     return read_vjp if opts is None else _compiled(read_vjp, opts)
 
 
-def _read_tail_fn(device: torch.device):
-    """:func:`~.fused_backward.read_vjp_tail`, compiled per ``BACKWARD["compile_batched"]``."""
+def _read_after_fn(device: torch.device):
+    """:func:`~.fused_read_vjp.after_kernels`, compiled per ``BACKWARD["compile_batched"]``."""
+    from .fused_read_vjp import after_kernels
+
     opts = _compile_opts(BACKWARD["compile_batched"], device)
-    return read_vjp_tail if opts is None else _compiled(read_vjp_tail, opts)
+    return after_kernels if opts is None else _compiled(after_kernels, opts)
 
 
 def _batched_fns(device: torch.device):
@@ -1646,16 +1648,16 @@ class _FusedMemory(torch.autograd.Function):
                     kp = key_pass_saved(kc[sl], vc[sl], ws, **kw)
             # 1) the read, batched: its share of the input gradients and b_i of the state's adjoint
             timer.mark("read_vjp")
-            if BACKWARD["read_vjp"] == "triton" and fused_read_vjp.supported(qc, ws):  # the transpose in one launch
+            if BACKWARD["read_vjp"] == "triton" and fused_read_vjp.supported(qc, ws):  # the transpose in two launches
                 with torch.no_grad():
                     gt = coefs[0] if max_grad_norm is None else coefs[0] * _clip_stats(kp, max_grad_norm)[3].unsqueeze(-2)
-                    prec = "tf32" if tf32.on else "ieee"
-                    dq_r, dgt, db_r, df_r, b_w, b_s, dd, dx = fused_read_vjp.launch(
-                        qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl], activation, residual,
-                        layer_norm, ln_eps, prec)  # fmt: skip
+                    raw = fused_read_vjp.launch(qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl],
+                                                activation, layer_norm, ln_eps, "tf32" if tf32.on else "ieee")  # fmt: skip
                     timer.mark("read_vjp_tail")
                     with tf32:
-                        dk_r, dv_r, dg_r, b_w = _read_tail_fn(q.device)(kp, coefs[0], dgt, b_w, dd, dx, ws, layer_norm, residual, max_grad_norm)
+                        dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w = _read_after_fn(q.device)(qc[sl], kc[sl], gt, dyc[sl], kp, coefs[0], *raw[:7], raw[7],
+                                                                                           raw[9], raw[10], ws, residual, layer_norm, max_grad_norm)  # fmt: skip
+                    b_s = raw[8]
                 grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)
             elif BACKWARD["read_vjp"] in ("triton", "adjoint"):  # written out, from the key pass: no autograd pass
                 with torch.no_grad(), tf32:
