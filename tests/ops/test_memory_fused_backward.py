@@ -447,3 +447,14 @@ def test_fused_training_pytorch_sweep(monkeypatch):
     assert calls == []
     for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
         assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
+
+
+@pytest.mark.parametrize("key", ["read_vjp", "update_vjp"])
+def test_unknown_vjp_form_is_refused(monkeypatch, key):
+    """A misspelt ``BACKWARD["read_vjp"]`` / ``["update_vjp"]`` raises, naming the setting, rather than falling back."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.BACKWARD, key, "bogus")
+    q, k, v, *gates = make_inputs(b=1, t=16, h=2, dk=16, dv=16, seed=8, theta_max=0.5)
+    with pytest.raises(ValueError, match=key):
+        _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, tuple(gates), make_state(1, 2, 16, 16, 2, hidden=32), 16, MATCHED, None)

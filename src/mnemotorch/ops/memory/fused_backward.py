@@ -4,10 +4,11 @@ Chunk ``i`` maps its inputs and the state entering it, ``(W_i, S_i)``, to its ou
 state leaving it: ``F_i(x_i, W_i, S_i) = (y_i, W_{i+1}, S_{i+1})``. Given every ``W_i, S_i`` (the fused
 forward kernel writes them: one checkpoint per chunk), the backward splits into
 
-1. **the read, batched over all chunks**: the vector-Jacobian product of ``y_i`` with ``dy_i`` (the key
-   pass, the clip and the dual-form read of :mod:`.chunked`, run once on ``[n, B, H, …]`` tensors under
-   autograd). It gives the read's share of every input gradient and ``b_i``, its share of the
-   state's adjoint;
+1. **the read, batched over all chunks**: the vector-Jacobian product of ``y_i`` with ``dy_i`` through the
+   dual-form read and the key pass of :mod:`.chunked`, written out (:func:`read_vjp`: the read's transpose,
+   then :func:`key_pass_vjp` of its cotangents; at depth 2 the transpose runs in Triton,
+   :mod:`.fused_read_vjp`; autograd of the whole read is kept as an option). It gives the read's share of
+   every input gradient and ``b_i``, its share of the state's adjoint;
 2. **the state's adjoint, chunk by chunk in reverse** (the only sequential part):
    ``ā_i = b_i + J_iᵀ ā_{i+1}`` with ``J_i = ∂(W_{i+1}, S_{i+1}) / ∂(W_i, S_i)``, starting from the
    gradient of the returned final state. :func:`state_adjoint` writes ``J_iᵀ`` out by hand — the
@@ -15,7 +16,7 @@ forward kernel writes them: one checkpoint per chunk), the backward splits into
    derivatives, the LayerNorm backward's own backward, the clip) — from the key pass's values,
    which are computed for all chunks at once beforehand (:func:`key_pass_saved`);
 3. **the update, batched over all chunks**: the vector-Jacobian product of ``(W_{i+1}, S_{i+1})`` with
-   ``ā_{i+1}`` for the keys, values and coefficients (autograd again).
+   ``ā_{i+1}`` for the keys, values and coefficients (:func:`state_adjoint` with ``inputs``; or autograd).
 
 Step 2 is what the chunked path's autograd does inside its whole per-chunk backward; here it is a
 dozen batched products per chunk, with no recomputation of the read. ``ā_0`` is the gradient of the

@@ -32,8 +32,8 @@ the fp32 state, whose rounding would otherwise accumulate over the chunks).
 Scope: depth 1 or 2; power-of-two ``chunk_size``, ``Dk``, ``Dv`` and hidden width, each ≥ 16
 (``tl.dot`` tiles). Training: the kernel writes the state entering every chunk (``store_states``) and
 :class:`_FusedMemory`'s backward runs from those checkpoints (:mod:`.fused_backward`: the read and the
-update as batched vector-Jacobian products, the state's adjoint chunk by chunk in reverse, at depth 2 in
-one more Triton launch, :func:`_lmm_sweep_kernel`). The partial segments of a call (the rest of a chunk
+update as batched vector-Jacobian products written out, the state's adjoint chunk by chunk in reverse, at depth 2 in
+one more Triton launch, :func:`_lmm_sweep_kernel`; the read's transpose in two more, :mod:`.fused_read_vjp`). The partial segments of a call (the rest of a chunk
 begun by an earlier call, a partial last chunk) run through the eager :func:`neural_memory_chunked`
 with the state carried, so any call is accepted.
 """
@@ -1434,15 +1434,15 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: of the input gradients by "adjoint" (:func:`_update_vjp_adjoint`, from the key pass and the sweep's adjoints;
 #: the default: 6.1 / 6.7 ms against 9.6 / 10.0 at 16K on an H100, matched / default, and 0.6 GiB less peak) or
 #: "autograd" (a batched autograd pass recomputing the key pass). ``read_vjp``: the read's share likewise, by
-#: "adjoint" (:func:`~.fused_backward.read_vjp`, the transpose written out in batched PyTorch, from the key pass;
-#: the default: 10.3 / 10.2 ms against 12.0 / 11.8 ms for autograd at 16K on an H100, 1.2 GiB less peak),
-#: "triton" (the read's transpose per chunk and head in Triton, :mod:`.fused_read_vjp`, at depth 2 with
-#: power-of-two sizes, else as "adjoint"; its first, one-launch form measured 9.7–15 ms, see docs/results/neural_memory.md)
-#: or "autograd" (autograd of the key pass + clip + read of the chunks). Env ``MNEMO_MEMORY_READ_VJP`` sets it.
+#: "triton" (the default: the read's transpose per chunk and head in two Triton launches, :mod:`.fused_read_vjp`,
+#: at depth 2 with power-of-two sizes, else as "adjoint"), "adjoint" (:func:`~.fused_backward.read_vjp`, the
+#: transpose written out in batched PyTorch, from the key pass) or "autograd" (autograd of the key pass + clip +
+#: read of the chunks). H100 at 16K, matched / default, the read's phase: 8.1 / 9.3 ms (Triton, kernels + their
+#: PyTorch rest), 10.4 / 10.3 (adjoint), 12.0 / 11.8 (autograd). Env ``MNEMO_MEMORY_READ_VJP`` sets it.
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
-                  "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "adjoint")}
+                  "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton")}
 _COMPILED_SWEEP: list = []
 
 
@@ -1611,6 +1611,10 @@ class _FusedMemory(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *d_final):
         from . import fused_read_vjp  # (it takes its jit helpers from this module)
+
+        for key, modes in (("read_vjp", ("triton", "adjoint", "autograd")), ("update_vjp", ("adjoint", "autograd"))):
+            if BACKWARD[key] not in modes:
+                raise ValueError(f"BACKWARD[{key!r}] must be one of {modes}, got {BACKWARD[key]!r}")
 
         q, k, v, g, nmat, beta, m, f, *rest = ctx.saved_tensors
         activation, residual, layer_norm, ln_eps, max_grad_norm = ctx.cfg
