@@ -458,3 +458,20 @@ def test_unknown_vjp_form_is_refused(monkeypatch, key):
     q, k, v, *gates = make_inputs(b=1, t=16, h=2, dk=16, dv=16, seed=8, theta_max=0.5)
     with pytest.raises(ValueError, match=key):
         _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, tuple(gates), make_state(1, 2, 16, 16, 2, hidden=32), 16, MATCHED, None)
+
+
+def test_read_vjp_custom_op_passes_opcheck(monkeypatch):
+    """``mnemotorch::lmm_read_vjp`` (the read-VJP kernels, interpreter) passes ``torch.library.opcheck``: its fake
+    gives the real outputs' shapes and dtypes, and it traces."""
+    from mnemotorch.ops.memory import fused_read_vjp
+
+    monkeypatch.setitem(fused_read_vjp.LAUNCH_READ_VJP, "slice", 16)  # two slices: the partials' leading dimension
+    gen = torch.Generator().manual_seed(3)
+    n, b, h, c, d, hid = 2, 1, 2, 16, 16, 32
+    rnd = lambda *shape: torch.randn(*shape, generator=gen) * 0.3  # noqa: E731
+    args = (rnd(n, b, h, c, d), rnd(n, b, h, c, d), torch.tril(rnd(n, b, h, c, c).abs()), rnd(n, b, h, c).sigmoid(), rnd(n, b, h, c),
+            rnd(n, b, h, d, hid), rnd(n, b, h, d, hid), rnd(n, b, h, hid, d), rnd(n, b, h, hid, d), rnd(n, b, h, c, hid), rnd(n, b, h, c, hid),
+            rnd(n, b, h, c, d), rnd(n, b, h, c, d), "gelu", True, 1e-5, "ieee")  # fmt: skip
+    out = fused_read_vjp.lmm_read_vjp(*args)
+    assert out[3].shape == (2, n, b, h, c, d)  # per-slice partials of dq
+    torch.library.opcheck(fused_read_vjp.lmm_read_vjp, args)

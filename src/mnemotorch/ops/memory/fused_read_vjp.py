@@ -152,16 +152,25 @@ def supported(q: Tensor, w: Sequence[Tensor]) -> bool:
     return all(x >= 16 and x & (x - 1) == 0 for x in (c, dk, hid, dv))
 
 
-def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm: bool, ln_eps: float, prec: str) -> tuple:
-    """Runs both kernels on ``[G, B, H, …]`` fp32 tensors (chunk-major, as the backward holds them). Returns
-    what :func:`after_kernels` takes: ``(dz2-free outputs…)`` = ``(dgt2, db2, df2, pdq, pda1, pdb, pdf, b_w, b_s,
-    d_delta, dx1)``."""
+def _slices(hid: int) -> tuple[int, int]:
+    """``(BH, NS)``: the slice kernel's hidden columns per program and the number of slices."""
+    bh = min(int(LAUNCH_READ_VJP["slice"]), hid)
+    return bh, hid // bh
+
+
+@torch.library.custom_op("mnemotorch::lmm_read_vjp", mutates_args=())
+def lmm_read_vjp(
+    q: Tensor, k: Tensor, gt: Tensor, beta: Tensor, f: Tensor, w1: Tensor, s1: Tensor, w2: Tensor, s2: Tensor,
+    x1: Tensor, d1: Tensor, d2: Tensor, dy: Tensor, activation: str, layer_norm: bool, ln_eps: float, prec: str,
+) -> list[Tensor]:  # fmt: skip
+    """Both kernels on ``[G, B, H, …]`` fp32 contiguous tensors (chunk-major, as the backward holds them):
+    ``[dgt2, db2, df2, pdq, pda1, pdb, pdf, bw1, bw2, bs1, bs2, dd1, dd2, dx1]`` (layer 2's shares of the
+    cotangents of ``G̃, β, f``; the per-slice partials ``[NS, G, B, H, …]``; the direct state shares; the key
+    pass's cotangents of ``Δ_1, Δ_2, X_1``), what :func:`after_kernels` takes."""
     from .fused_triton import _ACT_CODES  # (the activation codes the forward kernels use)
 
     c, dk = q.shape[-2:]
-    hid, dv = w[0].shape[-1], w[1].shape[-1]
-    cont = lambda x: x if x.is_contiguous() else x.contiguous()  # noqa: E731
-    q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy = (cont(x.float()) for x in (q, k, gt, beta, f, w[0], s[0], w[1], s[1], x1, d1, d2, dy))
+    hid, dv = w1.shape[-1], w2.shape[-1]
     lead = q.shape[:-2]
     nbh = q.shape[1] * q.shape[2]
     act = _ACT_CODES[activation]
@@ -172,19 +181,36 @@ def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm:
         C=c, DK=dk, DV=dv, HID=hid, BH=min(int(LAUNCH_READ_VJP["a_slice"]), hid), ACT=act, LN=layer_norm, PREC=prec,
         num_warps=int(LAUNCH_READ_VJP["a_warps"]), num_stages=1,
     )  # fmt: skip
-    bh = min(int(LAUNCH_READ_VJP["slice"]), hid)
-    ns = hid // bh
+    bh, ns = _slices(hid)
     bw1, bs1, bw2, bs2 = (torch.empty_like(x) for x in (w1, s1, w2, s2))
     dd1, dx1 = torch.empty_like(x1), torch.empty_like(x1)
-    pdq = q.new_empty((ns, *lead, c, dk))
-    pda1 = q.new_empty((ns, *lead, c, c))
+    pdq, pda1 = q.new_empty((ns, *lead, c, dk)), q.new_empty((ns, *lead, c, c))
     pdb, pdf = q.new_empty((ns, *lead, c)), q.new_empty((ns, *lead, c))
     _lmm_read_vjp_b_kernel[(q.shape[0], nbh, ns)](
         q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, dz2, dag2, bw1, bs1, bw2, bs2, dd1, dx1, pdq, pda1, pdb, pdf,
         C=c, DK=dk, DV=dv, HID=hid, BH=bh, ACT=act, PREC=prec,
         num_warps=int(LAUNCH_READ_VJP["warps"]), num_stages=int(LAUNCH_READ_VJP["stages"]),
     )  # fmt: skip
-    return dgt2, db2, df2, pdq, pda1, pdb, pdf, [bw1, bw2], [bs1, bs2], [dd1, dd2], dx1
+    return [dgt2, db2, df2, pdq, pda1, pdb, pdf, bw1, bw2, bs1, bs2, dd1, dd2, dx1]
+
+
+@lmm_read_vjp.register_fake
+def _(q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, activation, layer_norm, ln_eps, prec):
+    c, dk = q.shape[-2:]
+    ns = _slices(w1.shape[-1])[1]
+    lead = q.shape[:-2]
+    parts = [q.new_empty((ns, *lead, c, dk)), q.new_empty((ns, *lead, c, c)), q.new_empty((ns, *lead, c)), q.new_empty((ns, *lead, c))]
+    return [torch.empty_like(gt), torch.empty_like(beta), torch.empty_like(f), *parts, *(torch.empty_like(x) for x in (w1, w2, s1, s2)),
+            torch.empty_like(x1), torch.empty_like(d2), torch.empty_like(x1)]  # fmt: skip
+
+
+def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm: bool, ln_eps: float, prec: str) -> tuple:
+    """:func:`lmm_read_vjp` on the backward's tensors (cast to fp32 and made contiguous where they are not).
+    Returns ``(dgt2, db2, df2, pdq, pda1, pdb, pdf, b_w, b_s, d_delta, dx1)`` for :func:`after_kernels`."""
+    cont = lambda x: x if x.is_contiguous() else x.contiguous()  # noqa: E731
+    ins = [cont(x.float()) for x in (q, k, gt, beta, f, w[0], s[0], w[1], s[1], x1, d1, d2, dy)]
+    out = lmm_read_vjp(*ins, activation, layer_norm, ln_eps, prec)
+    return (*out[:7], out[7:9], out[9:11], out[11:13], out[13])
 
 
 def after_kernels(q: Tensor, k: Tensor, gt: Tensor, dy: Tensor, kp: KeyPass, g_mat: Tensor, dgt2: Tensor, db2: Tensor, df2: Tensor,
@@ -203,4 +229,4 @@ def after_kernels(q: Tensor, k: Tensor, gt: Tensor, dy: Tensor, kp: KeyPass, g_m
     return dq, dk, dv, dg, db2 + pdb.sum(0), df2 + pdf.sum(0), b_w
 
 
-__all__ = ["LAUNCH_READ_VJP", "after_kernels", "launch", "supported"]
+__all__ = ["LAUNCH_READ_VJP", "after_kernels", "launch", "lmm_read_vjp", "supported"]
