@@ -168,11 +168,10 @@ def test_read_vjp_kernel_equals_written_out(monkeypatch, name, depth, cfg, clip,
     kp32 = type(kp)(*([f32(x) for x in part] if isinstance(part, list) else (None if part is None else f32(part)) for part in kp))
     gt = g_mat if clip is None else g_mat * fused_triton_clip_scale(kp, clip).unsqueeze(-2)
     w32, s32 = [f32(x) for x in w], [f32(x) for x in s]
-    raw = fused_read_vjp.launch(f32(q), f32(k), f32(gt), f32(beta), f32(f), w32, s32, kp32.xs[1], kp32.deltas[0], kp32.deltas[1], f32(dy),
-                                cfg["activation"], cfg["layer_norm"], 1e-5, "ieee")  # fmt: skip
-    dq, dk, dv, dg, db, df, b_w = fused_read_vjp.after_kernels(f32(q), f32(k), f32(gt), f32(dy), kp32, f32(g_mat), *raw[:7], raw[7], raw[9], raw[10],
-                                                               w32, cfg["residual"], cfg["layer_norm"], clip)  # fmt: skip
-    b_s = raw[8]
+    parts = fused_read_vjp.launch(f32(q), f32(k), f32(gt), f32(beta), f32(f), w32, s32, kp32.xs[1], kp32.deltas[0], kp32.deltas[1], f32(dy),
+                                  cfg["activation"], cfg["layer_norm"], 1e-5, "ieee")  # fmt: skip
+    dq, dk, dv, dg, db, df, b_w, b_s = fused_read_vjp.after_kernels(f32(q), f32(k), f32(gt), f32(dy), kp32, f32(g_mat), parts, w32, cfg["residual"],
+                                                                    cfg["layer_norm"], clip)  # fmt: skip
     got = [dq, dk, dv, dg, db, df, *b_w, *b_s]
     names = ["dq", "dk", "dv", "dG", "dbeta", "df", "bW1", "bW2", "bS1", "bS2"]
     for nm, x, y in zip(names, got, [*want[:6], *want[6], *want[7]]):
@@ -324,20 +323,21 @@ def test_fused_training_vjp_forms(monkeypatch, name, depth, cfg, clip, d, hidden
         assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
 
 
-def test_vjps_written_out_compile(monkeypatch):
+@pytest.mark.parametrize("read", ["adjoint", "triton"])
+def test_vjps_written_out_compile(monkeypatch, read):
     """The written-out VJPs of the read and the update go through ``torch.compile(fullgraph=True)`` (aot_eager here;
     inductor on a GPU) with the eager gradients."""
     from mnemotorch.ops.memory import fused_triton
 
     monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", "adjoint")
-    monkeypatch.setitem(fused_triton.BACKWARD, "read_vjp", "adjoint")
+    monkeypatch.setitem(fused_triton.BACKWARD, "read_vjp", read)
     q, k, v, *gates = make_inputs(b=1, t=2 * 16, h=2, dk=16, dv=16, seed=8, theta_max=0.5)
     args = (q, k, v, tuple(gates), make_state(1, 2, 16, 16, 2, hidden=32), 16, MATCHED, 0.3)
     _, g_eager = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
     monkeypatch.setitem(fused_triton.BACKWARD, "compile_batched", {"backend": "aot_eager"})
     _, g_comp = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
     assert any(key[0] == "_update_vjp_adjoint" for key, _ in fused_triton._COMPILED_SWEEP)
-    assert any(key[0] == "read_vjp" for key, _ in fused_triton._COMPILED_SWEEP)
+    assert any(key[0] == ("read_vjp" if read == "adjoint" else "after_kernels") for key, _ in fused_triton._COMPILED_SWEEP)
     for a, b in zip(g_comp, g_eager):
         assert rel(a.double(), b.double()) <= 1e-6
 

@@ -23,7 +23,7 @@ kernel at 16K, 16 heads, against ~10.3 ms for the whole PyTorch form).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import triton
@@ -204,29 +204,45 @@ def _(q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, activation, layer_norm,
             torch.empty_like(x1), torch.empty_like(d2), torch.empty_like(x1)]  # fmt: skip
 
 
-def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm: bool, ln_eps: float, prec: str) -> tuple:
-    """:func:`lmm_read_vjp` on the backward's tensors (cast to fp32 and made contiguous where they are not).
-    Returns ``(dgt2, db2, df2, pdq, pda1, pdb, pdf, b_w, b_s, d_delta, dx1)`` for :func:`after_kernels`."""
+class KernelParts(NamedTuple):
+    """What the two kernels leave: layer 2's shares of the cotangents of ``G̃, β, f`` (``dgt2, db2, df2``), the
+    per-slice partials ``[NS, …]`` (``pdq, pda1, pdb, pdf``), the direct state shares ``b_w, b_s`` (lists by
+    layer), the key pass's cotangents of ``Δ_1, Δ_2`` (``d_delta``) and of ``X_1`` (``dx1``)."""
+
+    dgt2: Tensor
+    db2: Tensor
+    df2: Tensor
+    pdq: Tensor
+    pda1: Tensor
+    pdb: Tensor
+    pdf: Tensor
+    b_w: list
+    b_s: list
+    d_delta: list
+    dx1: Tensor
+
+
+def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm: bool, ln_eps: float, prec: str) -> KernelParts:
+    """:func:`lmm_read_vjp` on the backward's tensors (cast to fp32 and made contiguous where they are not)."""
     cont = lambda x: x if x.is_contiguous() else x.contiguous()  # noqa: E731
     ins = [cont(x.float()) for x in (q, k, gt, beta, f, w[0], s[0], w[1], s[1], x1, d1, d2, dy)]
     out = lmm_read_vjp(*ins, activation, layer_norm, ln_eps, prec)
-    return (*out[:7], out[7:9], out[9:11], out[11:13], out[13])
+    return KernelParts(*out[:7], out[7:9], out[9:11], out[11:13], out[13])
 
 
-def after_kernels(q: Tensor, k: Tensor, gt: Tensor, dy: Tensor, kp: KeyPass, g_mat: Tensor, dgt2: Tensor, db2: Tensor, df2: Tensor,
-                  pdq: Tensor, pda1: Tensor, pdb: Tensor, pdf: Tensor, b_w: list, d_delta: list, dx1: Tensor, w: Sequence[Tensor],
+def after_kernels(q: Tensor, k: Tensor, gt: Tensor, dy: Tensor, kp: KeyPass, g_mat: Tensor, parts: KernelParts, w: Sequence[Tensor],
                   residual: bool, layer_norm: bool, max_grad_norm: float | None) -> tuple:  # fmt: skip
     """The kernels' per-slice partials summed, layer 1's last small products (``[C, C]``), then
-    :func:`~.fused_backward.read_vjp_tail`. Returns ``(dq, dk, dv, dg_mat, dbeta, df, b_w)``."""
-    da1 = pda1.sum(0)  # of G̃ ∘ Q Kᵀ
-    ar1 = q @ k.transpose(-1, -2)
+    :func:`~.fused_backward.read_vjp_tail`. Returns ``(dq, dk, dv, dg_mat, dbeta, df, b_w, b_s)``."""
+    da1 = parts.pda1.sum(0)  # of G̃ ∘ Q Kᵀ
     dag1 = da1 * gt
-    dq = pdq.sum(0) + dag1 @ k
+    dq = parts.pdq.sum(0) + dag1 @ k
     if residual:
         dq = dq + dy
     dx0 = dag1.transpose(-1, -2) @ q
-    dk, dv, dg, b_w = read_vjp_tail(kp, g_mat, dgt2 + da1 * ar1, b_w, d_delta, [dx0, dx1], w, layer_norm, residual, max_grad_norm)
-    return dq, dk, dv, dg, db2 + pdb.sum(0), df2 + pdf.sum(0), b_w
+    dgt = parts.dgt2 + da1 * (q @ k.transpose(-1, -2))
+    dk, dv, dg, b_w = read_vjp_tail(kp, g_mat, dgt, parts.b_w, parts.d_delta, [dx0, parts.dx1], w, layer_norm, residual, max_grad_norm)
+    return dq, dk, dv, dg, parts.db2 + parts.pdb.sum(0), parts.df2 + parts.pdf.sum(0), b_w, parts.b_s
 
 
-__all__ = ["LAUNCH_READ_VJP", "after_kernels", "launch", "lmm_read_vjp", "supported"]
+__all__ = ["LAUNCH_READ_VJP", "KernelParts", "after_kernels", "launch", "lmm_read_vjp", "supported"]

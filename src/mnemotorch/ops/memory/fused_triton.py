@@ -1655,13 +1655,13 @@ class _FusedMemory(torch.autograd.Function):
             if BACKWARD["read_vjp"] == "triton" and fused_read_vjp.supported(qc, ws):  # the transpose in two launches
                 with torch.no_grad():
                     gt = coefs[0] if max_grad_norm is None else coefs[0] * _clip_stats(kp, max_grad_norm)[3].unsqueeze(-2)
-                    raw = fused_read_vjp.launch(qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl],
-                                                activation, layer_norm, ln_eps, "tf32" if tf32.on else "ieee")  # fmt: skip
+                    parts = fused_read_vjp.launch(qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl],
+                                                  activation, layer_norm, ln_eps, "tf32" if tf32.on else "ieee")  # fmt: skip
                     timer.mark("read_vjp_tail")
                     with tf32:
-                        dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w = _read_after_fn(q.device)(qc[sl], kc[sl], gt, dyc[sl], kp, coefs[0], *raw[:7], raw[7],
-                                                                                           raw[9], raw[10], ws, residual, layer_norm, max_grad_norm)  # fmt: skip
-                    b_s = raw[8]
+                        dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = _read_after_fn(q.device)(qc[sl], kc[sl], gt, dyc[sl], kp, coefs[0], parts, ws,
+                                                                                                residual, layer_norm, max_grad_norm)  # fmt: skip
+                    del parts
                 grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)
             elif BACKWARD["read_vjp"] in ("triton", "adjoint"):  # written out, from the key pass: no autograd pass
                 with torch.no_grad(), tf32:
