@@ -365,6 +365,9 @@ def test_compiled_sweep_step(monkeypatch):
 
     monkeypatch.setitem(fused_triton.BACKWARD, "sweep_block", 2)
     monkeypatch.setitem(fused_triton.BACKWARD, "triton_sweep", False)  # the PyTorch sweep, compiled
+    # the autograd forms of the read's and the update's VJPs (the written-out ones: test_vjps_written_out_compile)
+    monkeypatch.setitem(fused_triton.BACKWARD, "read_vjp", "autograd")
+    monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", "autograd")
     q, k, v, th, et, al = make_inputs(b=1, t=7 * 16, h=2, dk=16, dv=16, seed=5, theta_max=0.5)
     st = make_state(1, 2, 16, 16, 2, hidden=32)
     args = (q, k, v, (th, et, al), st, 16, MATCHED, 0.3)

@@ -202,7 +202,8 @@ def read_vjp(
     """
     depth = len(w)
     xs, deltas = kp.xs, kp.deltas
-    gm = g_mat * _clip_stats(kp, max_grad_norm)[3].unsqueeze(-2) if max_grad_norm is not None else g_mat
+    stats = _clip_stats(kp, max_grad_norm) if max_grad_norm is not None else None
+    gm = g_mat * stats[3].unsqueeze(-2) if stats is not None else g_mat
     # The read again, keeping what its transpose needs.
     hs, zs, hws, ars = [q], [], [], []
     for l in range(depth):
@@ -242,18 +243,19 @@ def read_vjp(
             dz = dh * _act_grad(activation, zs[l - 1])
         else:
             dq = dq + dh
-    dk, dv, dg, b_w = read_vjp_tail(kp, g_mat, dgm, b_w, d_delta, d_x, w, layer_norm, residual, max_grad_norm)
+    dk, dv, dg, b_w = read_vjp_tail(kp, g_mat, dgm, b_w, d_delta, d_x, w, layer_norm, residual, max_grad_norm, stats)
     return dq, dk, dv, dg, dbeta, df, b_w, b_s
 
 
 def read_vjp_tail(kp: KeyPass, g_mat: Tensor, dgm: Tensor, b_w: Sequence[Tensor], d_delta: Sequence[Tensor], d_x: Sequence[Tensor],
-                  w: Sequence[Tensor], layer_norm: bool, residual: bool, max_grad_norm: float | None) -> tuple:  # fmt: skip
+                  w: Sequence[Tensor], layer_norm: bool, residual: bool, max_grad_norm: float | None, stats: tuple | None = None) -> tuple:  # fmt: skip
     """What :func:`read_vjp` does after the read's transpose (also after the Triton form of that transpose,
     :mod:`.fused_read_vjp`): the clip (``dgm`` is the cotangent of the clipped ``G̃``) and the key pass's VJP of
-    the read's cotangents ``d_delta, d_x`` of ``Δ_l, X_l``. Returns ``(dk, dv, dg_mat, b_w + the key pass's share)``."""
+    the read's cotangents ``d_delta, d_x`` of ``Δ_l, X_l``. ``stats``: :func:`_clip_stats` of ``kp`` where the caller
+    has them already. Returns ``(dk, dv, dg_mat, b_w + the key pass's share)``."""
     d_delta, d_x = list(d_delta), list(d_x)
     if max_grad_norm is not None:
-        xn, dn, sq, sc = _clip_stats(kp, max_grad_norm)
+        xn, dn, sq, sc = stats if stats is not None else _clip_stats(kp, max_grad_norm)
         dg = dgm * sc.unsqueeze(-2)
         _clip_back(kp, xn, dn, sq, sc, (dgm * g_mat).sum(-2), max_grad_norm, d_delta, d_x)
     else:

@@ -231,9 +231,9 @@ def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm:
 
 
 def after_kernels(q: Tensor, k: Tensor, gt: Tensor, dy: Tensor, kp: KeyPass, g_mat: Tensor, parts: KernelParts, w: Sequence[Tensor],
-                  residual: bool, layer_norm: bool, max_grad_norm: float | None) -> tuple:  # fmt: skip
+                  residual: bool, layer_norm: bool, max_grad_norm: float | None, stats: tuple | None = None) -> tuple:  # fmt: skip
     """The kernels' per-slice partials summed, layer 1's last small products (``[C, C]``), then
-    :func:`~.fused_backward.read_vjp_tail`. Returns ``(dq, dk, dv, dg_mat, dbeta, df, b_w, b_s)``."""
+    :func:`~.fused_backward.read_vjp_tail` (``stats``: the clip's, as the caller formed ``gt`` from them). Returns ``(dq, dk, dv, dg_mat, dbeta, df, b_w, b_s)``."""
     da1 = parts.pda1.sum(0)  # of G̃ ∘ Q Kᵀ
     dag1 = da1 * gt
     dq = parts.pdq.sum(0) + dag1 @ k
@@ -241,7 +241,7 @@ def after_kernels(q: Tensor, k: Tensor, gt: Tensor, dy: Tensor, kp: KeyPass, g_m
         dq = dq + dy
     dx0 = dag1.transpose(-1, -2) @ q
     dgt = parts.dgt2 + da1 * (q @ k.transpose(-1, -2))
-    dk, dv, dg, b_w = read_vjp_tail(kp, g_mat, dgt, parts.b_w, parts.d_delta, [dx0, parts.dx1], w, layer_norm, residual, max_grad_norm)
+    dk, dv, dg, b_w = read_vjp_tail(kp, g_mat, dgt, parts.b_w, parts.d_delta, [dx0, parts.dx1], w, layer_norm, residual, max_grad_norm, stats)
     return dq, dk, dv, dg, parts.db2 + parts.pdb.sum(0), parts.df2 + parts.pdf.sum(0), b_w, parts.b_s
 
 

@@ -1501,9 +1501,7 @@ def _key_pass_flat(k, v, z1, p, d2, z2, activation, residual, layer_norm, ln_eps
 def _kept_key_pass(device: torch.device, k, v, kept, activation, residual, layer_norm, ln_eps) -> KeyPass:
     """The key pass from the forward's kept ``Z_1, P, Δ_2, Z_2``, its elementwise work compiled per
     ``BACKWARD["compile_batched"]`` (one fused pass instead of ~15 eager ones over ``[G, B, H, C, hidden]``)."""
-    opts = _compile_opts(BACKWARD["compile_batched"], device)
-    fn = _key_pass_flat if opts is None else _compiled(_key_pass_flat, opts)
-    h1, d1, s1, curv, *ln = fn(k, v, *kept, activation, residual, layer_norm, ln_eps)
+    h1, d1, s1, curv, *ln = _batched_compiled(_key_pass_flat, device)(k, v, *kept, activation, residual, layer_norm, ln_eps)
     out, rstd, dmean = ln if ln else (None, None, None)
     return KeyPass([k, h1], [d1, kept[2]], [s1], [curv], out, rstd, dmean)
 
@@ -1520,33 +1518,11 @@ def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s
     return dk, dv, pad(dg), pad(dn), last(db), last(dm), last(df)
 
 
-def _update_vjp_fn(device: torch.device):
-    """:func:`_update_vjp_adjoint`, compiled per ``BACKWARD["compile_batched"]``."""
+def _batched_compiled(fn, device: torch.device):
+    """``fn`` (one of the backward's batched passes) compiled per ``BACKWARD["compile_batched"]``, or ``fn``
+    itself where that setting says not to compile (the configuration arguments are constants to dynamo)."""
     opts = _compile_opts(BACKWARD["compile_batched"], device)
-    return _update_vjp_adjoint if opts is None else _compiled(_update_vjp_adjoint, opts)
-
-
-def _read_vjp_fn(device: torch.device):
-    """:func:`~.fused_backward.read_vjp`, compiled per ``BACKWARD["compile_batched"]``."""
-    opts = _compile_opts(BACKWARD["compile_batched"], device)
-    return read_vjp if opts is None else _compiled(read_vjp, opts)
-
-
-def _read_after_fn(device: torch.device):
-    """:func:`~.fused_read_vjp.after_kernels`, compiled per ``BACKWARD["compile_batched"]``."""
-    from .fused_read_vjp import after_kernels
-
-    opts = _compile_opts(BACKWARD["compile_batched"], device)
-    return after_kernels if opts is None else _compiled(after_kernels, opts)
-
-
-def _batched_fns(device: torch.device):
-    """``(read, update)``: :func:`_batched_read` / :func:`_batched_update`, compiled per
-    ``BACKWARD["compile_batched"]`` (the configuration arguments are constants to dynamo)."""
-    opts = _compile_opts(BACKWARD["compile_batched"], device)
-    if opts is None:
-        return _batched_read, _batched_update
-    return _compiled(_batched_read, opts), _compiled(_batched_update, opts)
+    return fn if opts is None else _compiled(fn, opts)
 
 
 class _HalfTF32:
@@ -1634,7 +1610,6 @@ class _FusedMemory(torch.autograd.Function):
         group = max(1, min(n, BACKWARD["group_elements"] // (bsz * heads * c * widest)))
         kw = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
         step, block = _sweep_fns(q.device)
-        read_fn, update_fn = _batched_fns(q.device)
         ublock = max(1, int(BACKWARD["sweep_block"]))
         tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
         timer = _PhaseTimer(q.device)
@@ -1654,29 +1629,30 @@ class _FusedMemory(torch.autograd.Function):
             timer.mark("read_vjp")
             if BACKWARD["read_vjp"] == "triton" and fused_read_vjp.supported(qc, ws):  # the transpose in two launches
                 with torch.no_grad():
-                    gt = coefs[0] if max_grad_norm is None else coefs[0] * _clip_stats(kp, max_grad_norm)[3].unsqueeze(-2)
+                    stats = _clip_stats(kp, max_grad_norm) if max_grad_norm is not None else None
+                    gt = coefs[0] if stats is None else coefs[0] * stats[3].unsqueeze(-2)
                     parts = fused_read_vjp.launch(qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl],
                                                   activation, layer_norm, ln_eps, "tf32" if tf32.on else "ieee")  # fmt: skip
                     timer.mark("read_vjp_tail")
                     with tf32:
-                        dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = _read_after_fn(q.device)(qc[sl], kc[sl], gt, dyc[sl], kp, coefs[0], parts, ws,
-                                                                                                residual, layer_norm, max_grad_norm)  # fmt: skip
+                        dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = _batched_compiled(fused_read_vjp.after_kernels, q.device)(
+                            qc[sl], kc[sl], gt, dyc[sl], kp, coefs[0], parts, ws, residual, layer_norm, max_grad_norm, stats)  # fmt: skip
                     del parts
-                grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)
+                read_grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)  # (the read does not use N or m)
             elif BACKWARD["read_vjp"] in ("triton", "adjoint"):  # written out, from the key pass: no autograd pass
                 with torch.no_grad(), tf32:
-                    dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = _read_vjp_fn(q.device)(qc[sl], kp, coefs[0], coefs[2], coefs[4], ws, ss,
-                                                                                         dyc[sl], *ctx.cfg)  # fmt: skip
-                grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)
+                    dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = _batched_compiled(read_vjp, q.device)(qc[sl], kp, coefs[0], coefs[2], coefs[4],
+                                                                                                        ws, ss, dyc[sl], *ctx.cfg)  # fmt: skip
+                read_grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)
             else:
                 with torch.enable_grad(), tf32:
                     leaves = [x.detach().requires_grad_() for x in (qc[sl], kc[sl], vc[sl], *coefs, *ws, *ss)]
                     ql, kl, vl, gl, nl, bl, ml, fl = leaves[:8]
-                    y = read_fn(ql, kl, vl, gl, nl, bl, fl, leaves[8 : 8 + depth], leaves[8 + depth :], *ctx.cfg)
+                    y = _batched_compiled(_batched_read, q.device)(ql, kl, vl, gl, nl, bl, fl, leaves[8 : 8 + depth], leaves[8 + depth :], *ctx.cfg)
                     grads = torch.autograd.grad(y, leaves, dyc[sl], allow_unused=True)
                 del y
                 b_w, b_s = grads[8 : 8 + depth], grads[8 + depth :]
-                grads = grads[:8]
+                read_grads = grads[:8]
             # 2) the state's adjoint, chunk by chunk in reverse; ā_{i+1} kept for the update's products
             with torch.no_grad():
                 g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
@@ -1710,15 +1686,15 @@ class _FusedMemory(torch.autograd.Function):
             timer.mark("update_vjp")
             if BACKWARD["update_vjp"] == "adjoint":  # from the key pass and ā_{i+1}, no autograd pass
                 with torch.no_grad():
-                    grads2 = _update_vjp_fn(q.device)(kp, g_last, n_last, *ends, ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
+                    grads2 = _batched_compiled(_update_vjp_adjoint, q.device)(kp, g_last, n_last, *ends, ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
                                                       max_grad_norm, g[sl].shape)  # fmt: skip
             else:
                 with torch.enable_grad(), tf32:
                     leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
-                    new_state = update_fn(*leaves2, ws, ss, *ctx.cfg)
+                    new_state = _batched_compiled(_batched_update, q.device)(*leaves2, ws, ss, *ctx.cfg)
                     grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
             del kp
-            for acc, a, b2 in zip((dq, dk, dv, *dcoef), grads, (None, *grads2)):
+            for acc, a, b2 in zip((dq, dk, dv, *dcoef), read_grads, (None, *grads2)):
                 for x in (a, b2):
                     if x is not None:
                         acc[sl] += x
