@@ -1,0 +1,103 @@
+"""Where the ``titans_lmm`` layer's forward + backward time goes with the fused memory kernel (issue #5).
+
+``mnemo bench memory --fused`` times the layer; ``diag_memory_fused.py --train`` times the memory op alone. The
+difference (the projections, convs, gates, output norm and gate, the coefficients, layout changes and casts, and
+the memory's own phases) is what this script attributes: one forward + backward of the layer on CUDA under
+``torch.profiler`` (after warm-up calls that compile everything), every CUDA kernel grouped by name with its count
+and summed device time, sorted, plus the backward's CUDA-event phases (``fused_triton.BACKWARD["timing"]``) from a
+separate unprofiled call. JSON to ``--out`` (default ``$OUT/profile_titans_layer.json``)::
+
+    PYTHONPATH=src python scripts/profile_titans_layer.py --length 16384 --config matched --top 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--config", default="matched", choices=("matched", "default"))
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--top", type=int, default=40, help="kernel names kept in the table")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_titans_layer: needs a CUDA device", file=sys.stderr)
+        return 2
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from mnemotorch.bench.neural_memory import build_ours, device_info
+    from mnemotorch.ops.memory import fused_triton
+
+    out_path = args.out or (os.path.join(os.environ["OUT"], "profile_titans_layer.json") if os.environ.get("OUT") else None)
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    os.environ["MNEMO_MEMORY_FUSED"] = "1"
+    torch.manual_seed(0)
+    layer = build_ours(args.dim, args.heads, 64, args.config, dev, dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, args.length, args.dim, generator=g).to(dev, dtype).requires_grad_()
+    go = torch.randn(1, args.length, args.dim, generator=g).to(dev, dtype)
+    params = [x, *layer.parameters()]
+
+    def step():
+        torch.autograd.grad(layer(x)[0], params, go, allow_unused=True)
+
+    t0 = time.perf_counter()
+    for _ in range(3):  # compiles the backward's passes on the first call
+        step()
+    torch.cuda.synchronize()
+    rep: dict = {"device": device_info(), "length": args.length, "config": args.config, "dim": args.dim, "heads": args.heads,
+                 "warmup_s": time.perf_counter() - t0}
+    starts, ends = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    starts.record()
+    step()
+    ends.record()
+    torch.cuda.synchronize()
+    rep["fwd_bwd_ms_unprofiled"] = starts.elapsed_time(ends)
+    phases: dict = {}
+    fused_triton.BACKWARD["timing"] = phases
+    try:
+        step()
+    finally:
+        fused_triton.BACKWARD["timing"] = None
+    rep["bwd_phases_ms"] = phases
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    by_name: dict[str, list] = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0.0)
+        row = by_name.setdefault(e.name, [0, 0.0])
+        row[0] += 1
+        row[1] += t / 1e3
+    table = sorted(({"kernel": k, "count": c, "ms": ms} for k, (c, ms) in by_name.items()), key=lambda r: -r["ms"])
+    rep["kernel_ms_total"] = sum(r["ms"] for r in table)
+    rep["kernels"] = len(table)
+    rep["top_kernels"] = table[: args.top]
+    print(f"fwd+bwd {rep['fwd_bwd_ms_unprofiled']:.2f} ms unprofiled; kernels {rep['kernel_ms_total']:.2f} ms in {sum(r['count'] for r in table)} launches",
+          flush=True)
+    print(f"backward phases: { {k: round(v, 2) for k, v in phases.items()} }", flush=True)
+    for r in table[: args.top]:
+        print(f"  {r['ms']:8.3f} ms  x{r['count']:<5d} {r['kernel'][:110]}", flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rep, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
