@@ -132,12 +132,13 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
     "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8). ``vjps``:
     "READ:UPDATE" pairs of ``BACKWARD["read_vjp"]`` ("triton", "adjoint", "autograd") / ``["update_vjp"]`` ("adjoint",
-    "autograd"). ``read_vjp_launches``: "slice:warps[:a_slice:a_warps]" launches of the read-VJP kernels, timed in the "triton" rows."""
+    "autograd"), a suffix ":fold" sets ``BACKWARD["fold_read"]`` (the read's key-pass cotangents go into the sweep and the
+    update's pass instead of their own key-pass VJP). ``read_vjp_launches``: "slice:warps[:a_slice:a_warps]" launches of the read-VJP kernels, timed in the "triton" rows."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
-    saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp")}
+    saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read")}
     for name, comp, vjp in itertools.product(configs, compile_modes, vjps):
-        rvjp, _, uvjp = vjp.partition(":")
+        rvjp, uvjp, *opts = vjp.split(":")
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
         xs = [x.detach().requires_grad_() for x in (q, k, v, *gates, *st.weights, *st.momentum)]
         state = MemoryState(tuple(xs[6:8]), tuple(xs[8:10]), tuple(xs[6:8]), 0)
@@ -153,7 +154,9 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         fused_triton.BACKWARD["compile_sweep"], fused_triton.BACKWARD["compile_batched"] = modes[comp]
         fused_triton.BACKWARD["sweep_block"] = int(blk or 8)
         fused_triton.BACKWARD["read_vjp"], fused_triton.BACKWARD["update_vjp"] = rvjp, uvjp
-        row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp}
+        fused_triton.BACKWARD["fold_read"] = "fold" in opts
+        row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
+               "fold_read": "fold" in opts}
         try:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -263,7 +266,8 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
     ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps[:split], e.g. 64:8:0,64:4:64,64:4:32")
-    ap.add_argument("--vjps", default="triton:adjoint", help="--train's READ:UPDATE pairs of BACKWARD['read_vjp'] (triton, adjoint, autograd) / ['update_vjp'] (adjoint, autograd)")
+    ap.add_argument("--vjps", default="triton:adjoint", help="--train's READ:UPDATE[:fold] of BACKWARD['read_vjp'] (triton, adjoint, autograd) / "
+                    "['update_vjp'] (adjoint, autograd); ':fold' sets BACKWARD['fold_read']")
     ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")
     ap.add_argument("--out", default="diag_memory_fused.json")

@@ -7,6 +7,8 @@
 2. The fused training path (forward kernel with per-chunk checkpoints through Triton's interpreter,
    then the batched / sequential backward) gives the chunked path's outputs and gradients of every
    input: q, k, v, θ, η, α and the initial weights and momentum.
+3. ``BACKWARD["fold_read"]``: the read's key-pass cotangents folded into the sweep and the update's VJP
+   (:class:`ReadCotangents`) give the same gradients, in float64 per chunk and through training.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from mnemotorch.ops.memory import MemoryState, neural_memory, neural_memory_chunked
 from mnemotorch.ops.memory.chunked import _clipped, _key_forward, _key_pass, _read, _update, chunk_coefficients
-from mnemotorch.ops.memory.fused_backward import key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint
+from mnemotorch.ops.memory.fused_backward import ReadCotangents, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint
 
 from test_memory import make_inputs, make_state, rel
 
@@ -136,6 +138,47 @@ def test_read_vjp_equals_autograd_float64(name, depth, cfg, clip):
     for i, (x, y_) in enumerate(zip([dq, dk, dv, dg, db, df, *b_w, *b_s], want)):
         err = rel(x, y_)
         assert err <= 1e-12, f"input {i}: {err:.3e}"
+
+
+@pytest.mark.parametrize("name,depth,cfg,clip", ADJ_CASES, ids=[c[0] for c in ADJ_CASES])
+def test_state_adjoint_folds_read_cotangents_float64(name, depth, cfg, clip):
+    """``read_vjp(fold=True)`` hands the read's key-pass cotangents on (the clip's backward not applied) and
+    ``state_adjoint(add_cot=...)`` takes them with the update's: the entering state's adjoint (plus the read's
+    direct share ``b_w, b_s``) and, with ``inputs``, dk, dv equal float64 autograd of the chunk's read and update
+    together (≤ 1e-12); the read's other outputs are the unfolded :func:`read_vjp`'s."""
+    b, h, c, d, hid = 2, 3, 8, 8, 16
+    q, k, v, th, et, al = make_inputs(b=b, t=c, h=h, dk=d, dv=d, seed=7, theta_max=0.5)
+    st = make_state(b, h, d, d, depth, hidden=hid, position=0)
+    bhc = lambda x: x.transpose(1, 2)  # noqa: E731
+    w = [(x * 3).detach().requires_grad_() for x in st.weights]
+    s = [torch.randn_like(x).requires_grad_() for x in st.momentum]
+    qq, kk, vv = (bhc(x).detach().requires_grad_() for x in (q, k, v))
+    g_mat, n_mat, beta, m, f = chunk_coefficients(bhc(th), torch.log1p(-bhc(al)), torch.log(bhc(et)))
+    kw = dict(activation=cfg["activation"], residual=cfg["residual"], layer_norm=cfg["layer_norm"], ln_eps=1e-5)
+    xs, deltas = _key_pass(kk, vv, w, **kw)
+    if clip is not None:  # τ at the median token: the clip acts on about half of them
+        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(xs, deltas))
+        clip = float(sq.detach().sqrt().median()) * 1.0001
+    gm, nm = _clipped(xs, deltas, g_mat, n_mat, clip)
+    y = _read(qq, xs, deltas, gm, beta, f, w, s, **kw)
+    w_new, s_new = _update(xs, deltas, gm, nm, beta, m, f, w, s)
+    dy = torch.randn_like(y)
+    adj = [torch.randn_like(x) for x in (*w_new, *s_new)]
+    want = torch.autograd.grad([y, *w_new, *s_new], [kk, vv, *w, *s], [dy, *adj])
+    last = (g_mat[..., -1, :], n_mat[..., -1, :], beta[..., -1], m[..., -1], f[..., -1])
+    with torch.no_grad():
+        kp = key_pass_saved(kk, vv, w, **kw)
+        plain = read_vjp(qq, kp, g_mat, beta, f, w, s, dy, **kw, max_grad_norm=clip)
+        dq, cot, dg, db, df, b_w, b_s = read_vjp(qq, kp, g_mat, beta, f, w, s, dy, **kw, max_grad_norm=clip, fold=True)
+        assert isinstance(cot, ReadCotangents) and (cot.dsc is None) == (clip is None)
+        adj_w, adj_s = state_adjoint(kp, *last, w, adj[:depth], adj[depth:], cfg["layer_norm"], clip, b_w, b_s, add_cot=cot)
+        *_, (dk, dv, *_) = state_adjoint(kp, *last, w, adj[:depth], adj[depth:], cfg["layer_norm"], clip, inputs=True, s=s,
+                                         residual=cfg["residual"], add_cot=cot)  # fmt: skip
+    for i, (x, y_) in enumerate(zip([dk, dv, *adj_w, *adj_s], want)):
+        err = rel(x, y_)
+        assert err <= 1e-12, f"gradient {i}: {err:.3e}"
+    for x, y_ in zip([dq, dg, db, df, *b_s], [plain[0], *plain[3:6], *plain[7]]):  # the same arithmetic as unfolded
+        assert torch.equal(x, y_)
 
 
 @pytest.mark.parametrize("slices", [1, 2], ids=["one_slice", "two_slices"])
@@ -381,14 +424,23 @@ def test_compiled_sweep_step(monkeypatch):
         assert rel(a.double(), b.double()) <= 1e-6
 
 
-@pytest.mark.parametrize("split", [0, 16, 8, "walk", "walk_keep"], ids=["one_program", "split2", "split4", "split1_walk", "split1_walk_keep"])
-@pytest.mark.parametrize("name,depth,cfg,clip", [c for c in ADJ_CASES if c[1] == 2], ids=[c[0] for c in ADJ_CASES if c[1] == 2])
-def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, split):
+# (split, fold, id): the kernels' three code paths with FOLD (the one-program kernel; the split one phase by phase, its
+# phase 3 recomputing Δ_2's cotangent; the walk keeping it in registers) on the clip and the LayerNorm on and off
+SWEEP_KINDS = [(0, False, "one_program"), (16, False, "split2"), (8, False, "split4"), ("walk", False, "split1_walk"),
+               ("walk_keep", False, "split1_walk_keep"), (0, True, "one_program_fold"), (16, True, "split2_fold"),
+               ("walk_keep", True, "split1_walk_keep_fold")]  # fmt: skip
+SWEEP_CASES = [(*c, sp, fold, f"{c[0]}-{sid}") for c in ADJ_CASES if c[1] == 2 for sp, fold, sid in SWEEP_KINDS
+               if not fold or c[0] in ("matched", "matched_clip", "default", "default_clip")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,depth,cfg,clip,split,fold", [c[:-1] for c in SWEEP_CASES], ids=[c[-1] for c in SWEEP_CASES])
+def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, split, fold):
     """The depth-2 sweep kernel (one launch per group of chunks; or the hidden dimension split over 2 or 4
     programs per head, one launch per phase and chunk under the interpreter; or the split kernel with one
     program per head walking every chunk in one launch as on the GPU, phase 3 taking phase 2's values from
     registers or recomputing them, ``LAUNCH["sweep_keep"]``) gives the PyTorch sweep's adjoints: the one
-    entering the group and the one leaving every chunk (fp32, ≤ 1e-6)."""
+    entering the group and the one leaving every chunk (fp32, ≤ 1e-6). ``fold``: both also take (random) read
+    cotangents of the key pass (``add_cot``, the kernels' ``FOLD``)."""
     from mnemotorch.ops.memory import fused_triton
     from mnemotorch.ops.memory.fused_backward import sweep_block
 
@@ -416,8 +468,12 @@ def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, 
     ends = [0.5 + 0.5 * torch.rand(g_n, b, h) for _ in range(3)]
     rnd = lambda *lead: [torch.randn(*lead, b, h, d, hid), torch.randn(*lead, b, h, hid, d)]  # noqa: E731
     adj_w, adj_s, b_w, b_s = rnd(), rnd(), rnd(g_n), rnd(g_n)
-    want = sweep_block(kp, g_last, n_last, *ends, ws, adj_w, adj_s, b_w, b_s, cfg["layer_norm"], clip)
-    got = fused_triton._sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, cfg["layer_norm"], clip, False)
+    cot = None
+    if fold:  # of Δ_1, Δ_2; of k, σ(Z_1); of the clip's scale
+        per_token = lambda *dims: torch.randn(g_n, b, h, c, *dims)  # noqa: E731
+        cot = ReadCotangents([per_token(hid), per_token(d)], [per_token(d), per_token(hid)], None if clip is None else per_token())
+    want = sweep_block(kp, g_last, n_last, *ends, ws, adj_w, adj_s, b_w, b_s, cfg["layer_norm"], clip, cot)
+    got = fused_triton._sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, cfg["layer_norm"], clip, False, cot)
     assert set(launched) == {"_lmm_split_sweep_kernel" if split else "_lmm_sweep_kernel"}
     for i, (a, b_) in enumerate(zip([*got[0], *got[1], *got[2]], [*want[0], *want[1], *want[2]])):
         assert rel(a, b_) <= 1e-6, (i, rel(a, b_))
@@ -450,6 +506,115 @@ def test_fused_training_pytorch_sweep(monkeypatch):
     assert calls == []
     for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
         assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
+
+
+# (read form, sweep, config): the read's two written-out forms, the three sweeps, the clip and the LayerNorm on and off;
+# pairwise (every read form and every sweep meets all four configurations) rather than all 24 (interpreter time)
+FOLD_CFGS = {"ln_clip": (MATCHED, 0.3), "plain": (DEFAULT, None), "ln": (MATCHED, None), "clip": (DEFAULT, 0.3)}
+FOLD_CASES = [(r, sw, c) for i, r in enumerate(("triton", "adjoint")) for j, sw in enumerate(("one_program", "split", "pytorch"))
+              for c in (("ln_clip", "plain"), ("ln", "clip"))[(i + j) % 2]]  # fmt: skip
+
+
+@pytest.mark.parametrize("read,sweep,case", FOLD_CASES, ids=["-".join(x) for x in FOLD_CASES])
+def test_fused_training_fold_read(monkeypatch, read, sweep, case):
+    """``BACKWARD["fold_read"]``: the read's key-pass cotangents go to the sweep (PyTorch, the one-program or the split
+    kernel) and the update's VJP instead of through their own key-pass VJP; the gradients equal those unfolded and the
+    float64 chunked path's (≤ 1e-5), over two groups of chunks."""
+    from mnemotorch.ops.memory import fused_triton
+
+    cfg, clip = FOLD_CFGS[case]
+    monkeypatch.setitem(fused_triton.BACKWARD, "read_vjp", read)
+    monkeypatch.setitem(fused_triton.BACKWARD, "group_elements", 2 * 16 * 32)  # two chunks a group: 3 chunks in 2 groups
+    if sweep == "pytorch":
+        monkeypatch.setitem(fused_triton.BACKWARD, "triton_sweep", False)
+    else:
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", 16 if sweep == "split" else 0)  # hidden 32: 2 programs a head, or 1
+    launched, folded = [], []
+    for name_ in ("_lmm_sweep_kernel", "_lmm_split_sweep_kernel"):
+        monkeypatch.setattr(fused_triton, name_, _Recording(getattr(fused_triton, name_), name_, launched))
+
+    def spy(fn, cot):  # records (fn, whether the read's cotangents came along); "state_adjoint+": the update's VJP
+        real = getattr(fused_triton, fn)
+
+        def call(*a, **kw):
+            folded.append((fn + "+" * bool(kw.get("inputs")), cot(a, kw) is not None))
+            return real(*a, **kw)
+
+        monkeypatch.setattr(fused_triton, fn, call)
+
+    spy("_sweep_triton", lambda a, kw: a[-1])
+    spy("_update_vjp_adjoint", lambda a, kw: a[-1])
+    spy("state_adjoint", lambda a, kw: kw.get("add_cot"))  # (the PyTorch sweep's step; called by the update's VJP too)
+    # one head (interpreter time): the kernels' head offsets with FOLD are test_triton_sweep_equals_pytorch_sweep's (2 heads)
+    q, k, v, th, et, al = make_inputs(b=1, t=3 * 16, h=1, dk=16, dv=16, seed=2, theta_max=0.5)
+    st = make_state(1, 1, 16, 16, 2, hidden=32)
+    args = (q, k, v, (th, et, al), st, 16, cfg, clip)
+    y_ref, g_ref = _train_grads(neural_memory_chunked, torch.float64, *args)
+    _, g_off = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
+    assert folded and not any(f for _, f in folded)
+    folded.clear(), launched.clear()
+    monkeypatch.setitem(fused_triton.BACKWARD, "fold_read", True)
+    y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
+    want = {"one_program": {"_lmm_sweep_kernel"}, "split": {"_lmm_split_sweep_kernel"}, "pytorch": set()}[sweep]
+    assert set(launched) == want
+    assert {f for f, on in folded if on} == {"_update_vjp_adjoint", "state_adjoint+", "state_adjoint" if sweep == "pytorch" else "_sweep_triton"}
+    assert all(on for _, on in folded)
+    assert rel(y.double(), y_ref) <= 1e-5
+    for i, (a, b_, r) in enumerate(zip(g, g_off, g_ref)):
+        assert rel(a.double(), b_.double()) <= 1e-5, (i, rel(a.double(), b_.double()))
+        assert rel(a.double(), r) <= 1e-5, (i, rel(a.double(), r))
+
+
+def test_fused_training_fold_read_depth1(monkeypatch):
+    """Depth 1 (the read's PyTorch form and the PyTorch sweep, whatever the settings say) folds too."""
+    from mnemotorch.ops.memory import fused_triton
+
+    _, depth, cfg, clip, d, hidden, chunk, t, pos = next(c for c in TRAIN_CASES if c[0] == "depth1_ln_clip")
+    q, k, v, th, et, al = make_inputs(b=1, t=t, h=2, dk=d, dv=d, seed=2, theta_max=0.5)
+    args = (q, k, v, (th, et, al), make_state(1, 2, d, d, depth, hidden=hidden, position=pos), chunk, cfg, clip)
+    y_ref, g_ref = _train_grads(neural_memory_chunked, torch.float64, *args)
+    monkeypatch.setitem(fused_triton.BACKWARD, "fold_read", True)
+    y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
+    for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
+        assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
+
+
+def test_fold_read_compiles(monkeypatch):
+    """With ``fold_read`` the read's tail (:func:`~.fused_read_vjp.after_kernels`; :func:`read_vjp` shares its
+    :func:`read_vjp_tail`), the PyTorch sweep (a block of 2 chunks and one chunk alone) and the update's VJP, which
+    pass :class:`ReadCotangents` between them, trace whole under ``torch.compile(fullgraph=True)`` (aot_eager here)
+    with the eager gradients."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.BACKWARD, "fold_read", True)
+    monkeypatch.setitem(fused_triton.BACKWARD, "triton_sweep", False)
+    monkeypatch.setitem(fused_triton.BACKWARD, "sweep_block", 2)
+    q, k, v, *gates = make_inputs(b=1, t=3 * 16, h=2, dk=16, dv=16, seed=8, theta_max=0.5)
+    args = (q, k, v, tuple(gates), make_state(1, 2, 16, 16, 2, hidden=32), 16, MATCHED, 0.3)
+    _, g_eager = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
+    for key in ("compile_sweep", "compile_batched"):
+        monkeypatch.setitem(fused_triton.BACKWARD, key, {"backend": "aot_eager"})
+    _, g_comp = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
+    for a, b in zip(g_comp, g_eager):
+        assert rel(a.double(), b.double()) <= 1e-6
+
+
+@pytest.mark.parametrize("value,update,error", [(1, "adjoint", "must be a bool"), (True, "autograd", "needs update_vjp='adjoint'"),
+                                                 (False, "autograd", None)])  # fmt: skip
+def test_fold_read_setting_is_checked(monkeypatch, value, update, error):
+    """``BACKWARD["fold_read"]`` must be a bool, and on (with a written-out read) needs the update's VJP written out, which
+    gives the read's share of dk, dv; off, any update form goes."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.BACKWARD, "fold_read", value)
+    monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", update)
+    q, k, v, *gates = make_inputs(b=1, t=16, h=2, dk=16, dv=16, seed=8, theta_max=0.5)
+    args = (q, k, v, tuple(gates), make_state(1, 2, 16, 16, 2, hidden=32), 16, MATCHED, None)
+    if error is None:
+        _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
+        return
+    with pytest.raises(ValueError, match="fold_read.*" + error.replace("(", r"\(")):
+        _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
 
 
 @pytest.mark.parametrize("key", ["read_vjp", "update_vjp"])

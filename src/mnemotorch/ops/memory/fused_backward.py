@@ -22,6 +22,10 @@ Step 2 is what the chunked path's autograd does inside its whole per-chunk backw
 dozen batched products per chunk, with no recomputation of the read. ``ā_0`` is the gradient of the
 initial state. Tested against autograd of :func:`.chunked._key_pass` / :func:`.chunked._update` in
 float64 (``tests/ops/test_memory_fused_backward.py``).
+
+Since :func:`key_pass_vjp` is linear in its cotangents, step 1 may also stop short of it and hand the read's
+cotangents of the key pass on (:class:`ReadCotangents`; ``fold`` / ``add_cot``): steps 2 and 3 add them to the
+update's before their own key-pass VJPs, which saves the read's batched pass through the key pass.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ def _act_grad2(name: str, z: Tensor) -> Tensor:
     return torch.zeros_like(z)
 
 
+def _index(t: tuple, i) -> tuple:
+    """``t`` (a NamedTuple of tensors, lists of tensors and Nones, batched alike) at index ``i`` of the leading
+    dimension (an int or a slice; views)."""
+    return type(t)(*[[x[i] for x in f] if isinstance(f, list) else (None if f is None else f[i]) for f in t])
+
+
 class KeyPass(NamedTuple):
     """The key pass at the chunk-start weights, with what its second derivative needs (leading dims batched).
 
@@ -63,11 +73,25 @@ class KeyPass(NamedTuple):
     rstd: Tensor | None
     dmean: Tensor | None
 
-    def at(self, i: int) -> "KeyPass":
-        """Chunk ``i`` of a batch over chunks (views)."""
-        pick = lambda xs: [x[i] for x in xs]  # noqa: E731
-        opt = lambda x: None if x is None else x[i]  # noqa: E731
-        return KeyPass(pick(self.xs), pick(self.deltas), pick(self.d1), pick(self.d2), opt(self.out), opt(self.rstd), opt(self.dmean))
+    def at(self, i) -> "KeyPass":
+        """Chunk ``i`` (or the chunks of a slice) of a batch over chunks (views)."""
+        return _index(self, i)
+
+
+class ReadCotangents(NamedTuple):
+    """The read's cotangents of the key pass, for the sweep and the update's VJP to fold into their own
+    (:func:`read_vjp` with ``fold``; :func:`state_adjoint`'s ``add_cot``), every tensor batched as the key pass:
+    ``d_delta[l] [..., C, d_out]`` of ``Δ_l``, ``d_x[l] [..., C, d_in]`` of ``X_l`` (``d_x[0]``: of ``k``) and
+    ``dsc [..., C]``, of the clip's scale per token (None without the clip), the clip's own backward not yet
+    applied: the consumer applies it once, to the read's and the update's cotangents of the scale summed."""
+
+    d_delta: list
+    d_x: list
+    dsc: Tensor | None
+
+    def at(self, i) -> "ReadCotangents":
+        """Chunk ``i`` (or the chunks of a slice) of a batch over chunks (views)."""
+        return _index(self, i)
 
 
 def key_pass_saved(k: Tensor, v: Tensor, w: Sequence[Tensor], activation: str, residual: bool, layer_norm: bool, ln_eps: float) -> KeyPass:
@@ -189,6 +213,7 @@ def read_vjp(
     layer_norm: bool,
     ln_eps: float,
     max_grad_norm: float | None,
+    fold: bool = False,
 ) -> tuple:
     """The vector-Jacobian product of a chunk's read (:func:`.chunked._read` after the key pass and the clip) with
     ``dy``, written out: what the backward otherwise gets from autograd of the whole read, key pass included.
@@ -199,6 +224,8 @@ def read_vjp(
     :func:`key_pass_vjp` takes to ``k, v`` and the rest of ``W_l``'s share. Args as :func:`.chunked._read`
     (``g_mat`` unclipped), every tensor batched alike; ``kp`` at ``w``. Returns
     ``(dq, dk, dv, dg_mat, dbeta, df, b_w, b_s)``, ``b_w, b_s``: the read's share of the state's adjoint.
+    ``fold``: the key pass's VJP left to the caller (:func:`read_vjp_tail`): ``(dq, cot, dg_mat, dbeta, df, b_w, b_s)``
+    with ``cot`` the :class:`ReadCotangents` and ``b_w`` the read's direct share only.
     """
     depth = len(w)
     xs, deltas = kp.xs, kp.deltas
@@ -243,23 +270,30 @@ def read_vjp(
             dz = dh * _act_grad(activation, zs[l - 1])
         else:
             dq = dq + dh
-    dk, dv, dg, b_w = read_vjp_tail(kp, g_mat, dgm, b_w, d_delta, d_x, w, layer_norm, residual, max_grad_norm, stats)
-    return dq, dk, dv, dg, dbeta, df, b_w, b_s
+    *kv, dg, b_w = read_vjp_tail(kp, g_mat, dgm, b_w, d_delta, d_x, w, layer_norm, residual, max_grad_norm, stats, fold)
+    return dq, *kv, dg, dbeta, df, b_w, b_s
 
 
 def read_vjp_tail(kp: KeyPass, g_mat: Tensor, dgm: Tensor, b_w: Sequence[Tensor], d_delta: Sequence[Tensor], d_x: Sequence[Tensor],
-                  w: Sequence[Tensor], layer_norm: bool, residual: bool, max_grad_norm: float | None, stats: tuple | None = None) -> tuple:  # fmt: skip
+                  w: Sequence[Tensor], layer_norm: bool, residual: bool, max_grad_norm: float | None, stats: tuple | None = None,
+                  fold: bool = False) -> tuple:  # fmt: skip
     """What :func:`read_vjp` does after the read's transpose (also after the Triton form of that transpose,
     :mod:`.fused_read_vjp`): the clip (``dgm`` is the cotangent of the clipped ``G̃``) and the key pass's VJP of
     the read's cotangents ``d_delta, d_x`` of ``Δ_l, X_l``. ``stats``: :func:`_clip_stats` of ``kp`` where the caller
-    has them already. Returns ``(dk, dv, dg_mat, b_w + the key pass's share)``."""
+    has them already. Returns ``(dk, dv, dg_mat, b_w + the key pass's share)``; with ``fold`` neither the clip's
+    backward nor the key pass's VJP runs: ``(ReadCotangents(d_delta, d_x, dsc), dg_mat, b_w)``, for
+    :func:`state_adjoint`'s ``add_cot``."""
     d_delta, d_x = list(d_delta), list(d_x)
     if max_grad_norm is not None:
         xn, dn, sq, sc = stats if stats is not None else _clip_stats(kp, max_grad_norm)
         dg = dgm * sc.unsqueeze(-2)
-        _clip_back(kp, xn, dn, sq, sc, (dgm * g_mat).sum(-2), max_grad_norm, d_delta, d_x)
+        dsc = (dgm * g_mat).sum(-2)  # of the scale: G̃ = G ∘ sc along the keys
     else:
-        dg = dgm
+        dg, dsc = dgm, None
+    if fold:
+        return ReadCotangents(d_delta, d_x, dsc), dg, list(b_w)
+    if dsc is not None:
+        _clip_back(kp, xn, dn, sq, sc, dsc, max_grad_norm, d_delta, d_x)
     dw, dk, dv = key_pass_vjp(kp, d_delta, d_x, w, layer_norm, residual)
     return dk, dv, dg, [a + b for a, b in zip(b_w, dw)]
 
@@ -281,6 +315,7 @@ def state_adjoint(
     inputs: bool = False,
     s: Sequence[Tensor] | None = None,
     residual: bool = False,
+    add_cot: ReadCotangents | None = None,
 ) -> tuple:
     """``J_iᵀ ā``: the adjoint of one chunk's entering state from the adjoint ``ā = (adj_w, adj_s)`` of the
     state leaving it, through the update ``W_l' = β_c W_l + f_c S_l − X_{l−1}ᵀ diag(g̃) Δ_l``,
@@ -295,6 +330,10 @@ def state_adjoint(
     ``(adj_w_in, adj_s_in, (dk, dv, dg_last, dn_last, dbeta_c, dm_c, df_c))``; needs ``s`` (the entering
     momentum) and ``residual``. ``dk, dv`` through the key pass (k also as the first layer's input and, with
     ``residual``, in the loss); ``dg_last, dn_last`` of the unclipped last rows.
+
+    ``add_cot``: the read's cotangents of the same key pass (:class:`ReadCotangents`, batched as ``kp``), added to the
+    update's before the clip's backward and the key pass's VJP: the result then also holds the read's key-pass share
+    (of ``adj_w_in``, and of ``dk, dv`` with ``inputs``), by linearity the same as running that VJP on them apart.
     """
     depth = len(w)
     xs, deltas = kp.xs, kp.deltas
@@ -311,13 +350,20 @@ def state_adjoint(
         xa = xs[l] @ adj_w[l]
         xb = xs[l] @ adj_s[l]
         d_delta[l] = -(gt.unsqueeze(-1) * xa + nt.unsqueeze(-1) * xb)
+        if add_cot is not None:
+            d_delta[l] = d_delta[l] + add_cot.d_delta[l]
         if l >= 1 or inputs:  # (X_0 = k: its cotangent only for the inputs' gradients)
             d_x[l] = -(gt.unsqueeze(-1) * (deltas[l] @ adj_w[l].transpose(-1, -2)) + nt.unsqueeze(-1) * (deltas[l] @ adj_s[l].transpose(-1, -2)))
+            if add_cot is not None:
+                d_x[l] = d_x[l] + add_cot.d_x[l]
         if max_grad_norm is not None or inputs:
             a, b = (xa * deltas[l]).sum(-1), (xb * deltas[l]).sum(-1)
             dgt, dnt = (-a, -b) if dgt is None else (dgt - a, dnt - b)
     if max_grad_norm is not None:
-        _clip_back(kp, xn, dn, sq, sc, g_last * dgt + n_last * dnt, max_grad_norm, d_delta, d_x)
+        dsc = g_last * dgt + n_last * dnt  # of the scale, through g̃ = g ∘ sc and ñ = n ∘ sc
+        if add_cot is not None and add_cot.dsc is not None:
+            dsc = dsc + add_cot.dsc  # (the read's, through G̃: one clip backward for both)
+        _clip_back(kp, xn, dn, sq, sc, dsc, max_grad_norm, d_delta, d_x)
     dw, dk, dv = key_pass_vjp(kp, d_delta, d_x, w, layer_norm, residual, inputs)
     bc, mc, fc = (x[..., None, None] for x in (beta_c, m_c, f_c))
     new_w = [bc * a + d for a, d in zip(adj_w, dw)]
@@ -349,9 +395,10 @@ def sweep_block(
     add_s: Sequence[Tensor],
     layer_norm: bool,
     max_grad_norm: float | None,
+    add_cot: ReadCotangents | None = None,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """:func:`state_adjoint` over ``U`` consecutive chunks in reverse (every argument batched ``[U, …]``
-    but the incoming adjoint): one call, so that a compiled block pays the call's host cost once per
+    but the incoming adjoint; ``add_cot`` too): one call, so that a compiled block pays the call's host cost once per
     ``U`` chunks. Returns ``(adj_w, adj_s, leaving)``: the adjoint entering the first chunk, and per state
     tensor ``[U, …]`` the adjoint of the state *leaving* each chunk (what the update's products need)."""
     leaving: list[list[Tensor]] = [[] for _ in range(len(adj_w) + len(adj_s))]
@@ -359,8 +406,9 @@ def sweep_block(
         for out, a in zip(leaving, (*adj_w, *adj_s)):
             out.append(a)
         adj_w, adj_s = state_adjoint(kp.at(j), g_last[j], n_last[j], beta_c[j], m_c[j], f_c[j], [x[j] for x in w], adj_w, adj_s,
-                                     layer_norm, max_grad_norm, [x[j] for x in add_w], [x[j] for x in add_s])  # fmt: skip
+                                     layer_norm, max_grad_norm, [x[j] for x in add_w], [x[j] for x in add_s],
+                                     add_cot=None if add_cot is None else add_cot.at(j))  # fmt: skip
     return list(adj_w), list(adj_s), [torch.stack(x[::-1]) for x in leaving]
 
 
-__all__ = ["KeyPass", "key_pass_from_forward", "key_pass_saved", "key_pass_vjp", "read_vjp", "read_vjp_tail", "state_adjoint", "sweep_block"]
+__all__ = ["KeyPass", "ReadCotangents", "key_pass_from_forward", "key_pass_saved", "key_pass_vjp", "read_vjp", "read_vjp_tail", "state_adjoint", "sweep_block"]

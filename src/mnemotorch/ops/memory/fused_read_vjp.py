@@ -4,7 +4,8 @@
 state entering it and the key pass (``σ(Z_1)``, ``Δ_1``, ``Δ_2``), then its transpose, with the ``[C, hidden]``
 intermediates on chip instead of the batched PyTorch form's ``[G, B, H, C, 256]`` fp32 tensors in memory.
 What is left to :func:`after_kernels` (PyTorch, compiled) is summing the per-slice partials, a few ``[C, C]``
-products, the clip and the key pass's own VJP (:func:`~.fused_backward.read_vjp_tail`).
+products, the clip and the key pass's own VJP (:func:`~.fused_backward.read_vjp_tail`; with ``BACKWARD["fold_read"]``
+the last two are left to the sweep and the update's VJP, which take the cotangents with their own).
 
 Per chunk, with ``G̃`` the clipped coefficients and the read ``Ẑ_1 = β ∘ (Q W_1) + f ∘ (Q S_1) − (G̃ ∘ Q Kᵀ) Δ_1``,
 ``Ĥ = σ(Ẑ_1)``, ``Ẑ_2 = β ∘ (Ĥ W_2) + f ∘ (Ĥ S_2) − (G̃ ∘ Ĥ X_1ᵀ) Δ_2``, ``y = [q +] [LN](Ẑ_2)``:
@@ -231,9 +232,11 @@ def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm:
 
 
 def after_kernels(q: Tensor, k: Tensor, gt: Tensor, dy: Tensor, kp: KeyPass, g_mat: Tensor, parts: KernelParts, w: Sequence[Tensor],
-                  residual: bool, layer_norm: bool, max_grad_norm: float | None, stats: tuple | None = None) -> tuple:  # fmt: skip
+                  residual: bool, layer_norm: bool, max_grad_norm: float | None, stats: tuple | None = None, fold: bool = False) -> tuple:  # fmt: skip
     """The kernels' per-slice partials summed, layer 1's last small products (``[C, C]``), then
-    :func:`~.fused_backward.read_vjp_tail` (``stats``: the clip's, as the caller formed ``gt`` from them). Returns ``(dq, dk, dv, dg_mat, dbeta, df, b_w, b_s)``."""
+    :func:`~.fused_backward.read_vjp_tail` (``stats``: the clip's, as the caller formed ``gt`` from them). Returns ``(dq, dk, dv, dg_mat, dbeta, df, b_w, b_s)``;
+    with ``fold`` ``(dq, cot, dg_mat, dbeta, df, b_w, b_s)``, ``cot`` the read's key-pass cotangents
+    (:class:`~.fused_backward.ReadCotangents`) in place of ``dk, dv`` and ``b_w`` the direct share only."""
     da1 = parts.pda1.sum(0)  # of G̃ ∘ Q Kᵀ
     dag1 = da1 * gt
     dq = parts.pdq.sum(0) + dag1 @ k
@@ -241,8 +244,8 @@ def after_kernels(q: Tensor, k: Tensor, gt: Tensor, dy: Tensor, kp: KeyPass, g_m
         dq = dq + dy
     dx0 = dag1.transpose(-1, -2) @ q
     dgt = parts.dgt2 + da1 * (q @ k.transpose(-1, -2))
-    dk, dv, dg, b_w = read_vjp_tail(kp, g_mat, dgt, parts.b_w, parts.d_delta, [dx0, parts.dx1], w, layer_norm, residual, max_grad_norm, stats)
-    return dq, dk, dv, dg, parts.db2 + parts.pdb.sum(0), parts.df2 + parts.pdf.sum(0), b_w, parts.b_s
+    *kv, dg, b_w = read_vjp_tail(kp, g_mat, dgt, parts.b_w, parts.d_delta, [dx0, parts.dx1], w, layer_norm, residual, max_grad_norm, stats, fold)
+    return dq, *kv, dg, parts.db2 + parts.pdb.sum(0), parts.df2 + parts.pdf.sum(0), b_w, parts.b_s
 
 
 __all__ = ["LAUNCH_READ_VJP", "KernelParts", "after_kernels", "launch", "lmm_read_vjp", "supported"]

@@ -803,9 +803,10 @@ def _lmm_sweep_kernel(
     BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC,
     SC, CS, KN, HN, D2N,
     AW1, AS1, AW2, AS2, SD1, SX,
+    RD1, RD2, RX1, RSC,
     n_chunks,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
-    LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+    LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False,
 ):
     """The state's adjoint of a depth-2 memory over ``n_chunks`` chunks in reverse, one program per
     (batch row, head): :func:`~.fused_backward.state_adjoint` (plus the read's share ``B*``) written out.
@@ -816,7 +817,11 @@ def _lmm_sweep_kernel(
     last rows ``GL, NL [n, BH, C]`` and ends ``BC, MC, FC [n, BH]``; with the clip, per token its factor
     ``SC``, ``CS = ∂SC/∂‖∇‖² / SC``-style coefficient (0 where it does not act), ``‖k‖², ‖h‖², ‖Δ_2‖²``.
     The adjoint lives in slots ``A* [n + 1, BH, …]``: chunk ``i`` reads slot ``i + 1`` (the adjoint of the
-    state leaving it) and writes slot ``i``; ``SD1``/``SX [BH, C, HID]`` are per-head scratch."""
+    state leaving it) and writes slot ``i``; ``SD1``/``SX [BH, C, HID]`` are per-head scratch.
+    ``FOLD``: the read's cotangents of the key pass (:class:`~.fused_backward.ReadCotangents`) are added to the
+    update's before the key pass's VJP: ``RD1 [n, BH, C, HID]`` (of Δ_1), ``RD2 [n, BH, C, DV]`` (of Δ_2),
+    ``RX1 [n, BH, C, HID]`` (of σ(Z_1)) and, with the clip, ``RSC [n, BH, C]`` (of its scale, before its backward,
+    which then acts on both through ``dsq``)."""
     pid = tl.program_id(0)
     nbh = tl.num_programs(0)
     rows = tl.arange(0, C)
@@ -844,11 +849,17 @@ def _lmm_sweep_kernel(
         dnt = tl.zeros([C], dtype=tl.float32)
         for j in range(0, HID, BH):
             cols = j + ch
+            if FOLD:  # (independent of the adjoint: issued before the products that wait on it)
+                fd1 = tl.load(RD1 + ci * C * HID + rows[:, None] * HID + cols[None, :])
+                fx1 = tl.load(RX1 + ci * C * HID + rows[:, None] * HID + cols[None, :])
             aw1 = tl.load(rd1 + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
             as1 = tl.load(rs1 + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
             xa1 = _mmp(k, aw1, PREC)
             xb1 = _mmp(k, as1, PREC)
-            tl.store(sd1 + rows[:, None] * HID + cols[None, :], -(gt[:, None] * xa1 + nt[:, None] * xb1))
+            dd1 = -(gt[:, None] * xa1 + nt[:, None] * xb1)
+            if FOLD:
+                dd1 += fd1
+            tl.store(sd1 + rows[:, None] * HID + cols[None, :], dd1)
             if CLIP:
                 d1 = tl.load(D1 + ci * C * HID + rows[:, None] * HID + cols[None, :])
                 dgt -= tl.sum(xa1 * d1, 1)
@@ -859,18 +870,10 @@ def _lmm_sweep_kernel(
             xa2 = _mmap(h, aw2, xa2, PREC)
             xb2 = _mmap(h, as2, xb2, PREC)
             dx2 = -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC))
+            if FOLD:
+                dx2 += fx1
             tl.store(sx + rows[:, None] * HID + cols[None, :], dx2)
-        dd2 = -(gt[:, None] * xa2 + nt[:, None] * xb2)
-        if CLIP:
-            dgt -= tl.sum(xa2 * d2, 1)
-            dnt -= tl.sum(xb2 * d2, 1)
-            dsq = tl.load(CS + ci * C + rows) * (gl * dgt + nl * dnt)
-            kn2 = 2.0 * dsq * tl.load(KN + ci * C + rows)
-            d2n2 = 2.0 * dsq * tl.load(D2N + ci * C + rows)
-            dd2 += (2.0 * dsq * tl.load(HN + ci * C + rows))[:, None] * d2
-        else:
-            kn2 = gl  # not read
-            d2n2 = gl
+        dd2, kn2, d2n2 = _dd2_terms(xa2, xb2, dgt, dnt, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RD2, RSC, ci, rows, cv, C, DV, CLIP, FOLD)
         tl.debug_barrier()
         # (2) Δ_2's cotangent gains Δ_1's (through P = Δ_2 W_2ᵀ); then the loss's second derivative at layer 2
         for j in range(0, HID, BH):
@@ -894,25 +897,48 @@ def _lmm_sweep_kernel(
 
 
 @triton.jit
-def _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci,
-               C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr, CLIP: tl.constexpr):
-    """Δ_2's cotangent from the update (summed over the head's NS programs) and the clip's per-token terms
-    ``(dd2, 2·dsq·‖k‖², 2·dsq·‖Δ_2‖²)`` (the last two unused without the clip)."""
-    offs = rows[:, None] * DV + cv[None, :]
-    xa2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
-    xb2 = _sum_parts(XB2 + xo * C * DV, C * DV, offs, NS)
+def _dd2_terms(xa2, xb2, dgt1, dnt1, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RD2, RSC, ci, rows, cv,
+               C: tl.constexpr, DV: tl.constexpr, CLIP: tl.constexpr, FOLD: tl.constexpr):
+    """Δ_2's cotangent from layer 2's products with the leaving adjoint (``xa2, xb2 [C, DV]``: ``σ(Z_1) A_W2``,
+    ``σ(Z_1) A_S2``) and, with the clip, its per-token terms from ``g̃, ñ``'s cotangents (layer 1's shares
+    ``dgt1, dnt1 [C]`` given): ``(dd2, 2·dsq·‖k‖², 2·dsq·‖Δ_2‖²)`` (the last two unused without the clip).
+    ``FOLD``: the read's cotangents of Δ_2 (``RD2``) and of the clip's scale (``RSC``) added, the latter before
+    ``dsq`` so that the clip's backward acts on the read's share as on the update's."""
+    if FOLD:  # (loaded ahead of the products, which do not need them)
+        fd2 = tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
+        if CLIP:
+            fsc = tl.load(RSC + ci * C + rows)
     dd2 = -(gt[:, None] * xa2 + nt[:, None] * xb2)
+    if FOLD:
+        dd2 += fd2
     if CLIP:
-        dgt = _sum_parts(XG + xo * C, C, rows, NS) - tl.sum(xa2 * d2, 1)
-        dnt = _sum_parts(XN + xo * C, C, rows, NS) - tl.sum(xb2 * d2, 1)
-        dsq = tl.load(CS + ci * C + rows) * (gl * dgt + nl * dnt)
+        dsc = gl * (dgt1 - tl.sum(xa2 * d2, 1)) + nl * (dnt1 - tl.sum(xb2 * d2, 1))
+        if FOLD:
+            dsc += fsc
+        dsq = tl.load(CS + ci * C + rows) * dsc
         dd2 += (2.0 * dsq * tl.load(HN + ci * C + rows))[:, None] * d2
         kn2 = 2.0 * dsq * tl.load(KN + ci * C + rows)
         d2n2 = 2.0 * dsq * tl.load(D2N + ci * C + rows)
     else:
-        kn2 = gl
+        kn2 = gl  # not read
         d2n2 = gl
     return dd2, kn2, d2n2
+
+
+@triton.jit
+def _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RD2, RSC, ci,
+               C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr, CLIP: tl.constexpr, FOLD: tl.constexpr):
+    """:func:`_dd2_terms` of the split kernel, the products and layer 1's clip shares summed over the head's NS programs."""
+    offs = rows[:, None] * DV + cv[None, :]
+    xa2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
+    xb2 = _sum_parts(XB2 + xo * C * DV, C * DV, offs, NS)
+    if CLIP:
+        dgt1 = _sum_parts(XG + xo * C, C, rows, NS)
+        dnt1 = _sum_parts(XN + xo * C, C, rows, NS)
+    else:
+        dgt1 = gl  # not read
+        dnt1 = nl
+    return _dd2_terms(xa2, xb2, dgt1, dnt1, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RD2, RSC, ci, rows, cv, C, DV, CLIP, FOLD)
 
 
 @triton.jit
@@ -921,11 +947,12 @@ def _lmm_split_sweep_kernel(
     BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC,
     SC, CS, KN, HN, D2N,
     AW1, AS1, AW2, AS2, SD1, SX,
+    RD1, RD2, RX1, RSC,
     XA2, XB2, XG, XN, XD2, CNT, PROF,
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
-    KEEP: tl.constexpr = False,
+    KEEP: tl.constexpr = False, FOLD: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -937,7 +964,9 @@ def _lmm_split_sweep_kernel(
     resident); ``PHASE`` 1–3: one phase of chunk ``chunk0`` (the interpreter). ``PROFILE``: timer stamps as
     :func:`_lmm_split_fwd_kernel`'s (``PROF [programs, n_chunks, 8]``: start, phase 1, barrier, phase 2, barrier,
     phase 3, the rest repeated). ``KEEP`` (``PHASE == 0``): phase 3 takes Δ_2's cotangent, the clip's terms,
-    Δ_1's cotangent, σ'(Z_1) and W_2's slice from phase 2's registers instead of recomputing / reloading them."""
+    Δ_1's cotangent, σ'(Z_1) and W_2's slice from phase 2's registers instead of recomputing / reloading them.
+    ``FOLD``: the read's key-pass cotangents ``RD1 … RSC`` as :func:`_lmm_sweep_kernel`'s (phase 1 adds its slice of
+    ``RD1, RX1`` to the scratch; every program adds ``RD2, RSC`` in :func:`_sweep_dd2`)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -965,11 +994,17 @@ def _lmm_split_sweep_kernel(
             tl.store(pr, _now(pid))
         k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
         if PHASE == 0 or PHASE == 1:
+            if FOLD:  # (independent of the adjoint: issued before the products that wait on it)
+                fd1 = tl.load(RD1 + ci * C * HID + hs)
+                fx1 = tl.load(RX1 + ci * C * HID + hs)
             aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
             as1 = tl.load(AS1 + rd1, cache_modifier=".cg")
             xa1 = _mmp(k, aw1, PREC)
             xb1 = _mmp(k, as1, PREC)
-            tl.store(sd1, -(gt[:, None] * xa1 + nt[:, None] * xb1))
+            dd1 = -(gt[:, None] * xa1 + nt[:, None] * xb1)
+            if FOLD:
+                dd1 += fd1
+            tl.store(sd1, dd1)
             if CLIP:
                 d1 = tl.load(D1 + ci * C * HID + hs)
                 tl.store(XG + (xo + j) * C + rows, -tl.sum(xa1 * d1, 1))
@@ -980,7 +1015,10 @@ def _lmm_split_sweep_kernel(
             xoff = (xo + j) * C * DV + rows[:, None] * DV + cv[None, :]
             tl.store(XA2 + xoff, _mmp(h, aw2, PREC))
             tl.store(XB2 + xoff, _mmp(h, as2, PREC))
-            tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
+            dx2 = -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC))
+            if FOLD:
+                dx2 += fx1
+            tl.store(sx, dx2)
         if PROFILE:
             tl.store(pr + 1, _now(pid))
         if PHASE == 0:
@@ -988,7 +1026,7 @@ def _lmm_split_sweep_kernel(
         if PROFILE:
             tl.store(pr + 2, _now(pid))
         if PHASE == 0 or PHASE == 2:
-            dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
+            dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RD2, RSC, ci, C, DV, NS, CLIP, FOLD)
             dd1 = tl.load(sd1, cache_modifier=".cg")
             if CLIP:
                 dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
@@ -1010,7 +1048,7 @@ def _lmm_split_sweep_kernel(
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  dd1, sg1, w2, True)  # fmt: skip
             else:
-                dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, ci, C, DV, NS, CLIP)
+                dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RD2, RSC, ci, C, DV, NS, CLIP, FOLD)
                 dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
                 dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
@@ -1258,11 +1296,12 @@ def _split_read_batched() -> bool:
     return mode == "batched"
 
 
-def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half):
+def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half, add_cot=None):
     """The depth-2 adjoint sweep over one group of chunks in one launch (:func:`_lmm_sweep_kernel`).
 
-    Arguments batched ``[G, B, H, …]`` as :func:`~.fused_backward.sweep_block`'s, ``adj_w / adj_s`` the
-    adjoint leaving the group. Returns ``(adj_w, adj_s, leaving)`` as it does."""
+    Arguments batched ``[G, B, H, …]`` as :func:`~.fused_backward.sweep_block`'s (``add_cot`` too: the read's
+    key-pass cotangents, the kernels' ``FOLD``), ``adj_w / adj_s`` the adjoint leaving the group. Returns
+    ``(adj_w, adj_s, leaving)`` as it does."""
     g_n = g_last.shape[0]
     k, hh = (x.contiguous() for x in kp.xs)
     d1, d2 = (x.contiguous() for x in kp.deltas)
@@ -1287,12 +1326,17 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         cs = torch.where(sq >= max_grad_norm * max_grad_norm, -0.5 * sc / sq, torch.zeros_like(sq))
     else:
         sc = cs = kn = hn = d2n = dummy
+    if add_cot is not None:  # the read's cotangents of Δ_1, Δ_2, σ(Z_1) and the clip's scale
+        fold = [x.float().contiguous() for x in (*add_cot.d_delta, add_cot.d_x[1])]
+        fold.append(dummy if max_grad_norm is None else add_cot.dsc.float().contiguous())
+    else:
+        fold = [dummy] * 4
     scratch = torch.empty((2, nbh, c, hid), device=k.device, dtype=torch.float32)
     args = (k, hh, d1, d2, s1, s2, o, r, dm, ws[1].contiguous(),
             *(x.contiguous() for x in (b_w[0], b_s[0], b_w[1], b_s[1])), g_last.contiguous(), n_last.contiguous(), *(e.contiguous() for e in ends),
-            sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1])  # fmt: skip
+            sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1], *fold)  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
-                num_stages=1)  # fmt: skip
+                FOLD=add_cot is not None, num_stages=1)  # fmt: skip
     ns = _sweep_programs(hid, nbh, k)
     if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
@@ -1439,10 +1483,16 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: transpose written out in batched PyTorch, from the key pass) or "autograd" (autograd of the key pass + clip +
 #: read of the chunks). H100 at 16K, matched / default, the read's phase: 8.1 / 9.3 ms (Triton, kernels + their
 #: PyTorch rest), 10.4 / 10.3 (adjoint), 12.0 / 11.8 (autograd). Env ``MNEMO_MEMORY_READ_VJP`` sets it.
+#: ``fold_read`` (a bool; env ``MNEMO_MEMORY_FOLD_READ=1`` sets it True): with the "triton" / "adjoint" read, the
+#: read's cotangents of the key pass (:class:`~.fused_backward.ReadCotangents`) go to the sweep and the update's VJP,
+#: which add them to their own before their key-pass VJPs (it is linear in them), instead of through a batched
+#: key-pass VJP of their own in the read's phase (``[G, B, H, C, hidden]`` fp32 passes). Needs ``update_vjp``
+#: "adjoint" (the update's VJP then gives the read's share of dk, dv too); ignored with the "autograd" read.
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
-                  "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton")}
+                  "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
+                  "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ") == "1"}
 _COMPILED_SWEEP: list = []
 
 
@@ -1506,13 +1556,14 @@ def _kept_key_pass(device: torch.device, k, v, kept, activation, residual, layer
     return KeyPass([k, h1], [d1, kept[2]], [s1], [curv], out, rstd, dmean)
 
 
-def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape):
+def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape, add_cot=None):
     """The update's share of the gradients of ``(k, v, G, N, β, m, f)`` for a batch of chunks, from their key
     pass and the adjoint of the state leaving each (:func:`~.fused_backward.state_adjoint` with ``inputs``;
     compiled, the state adjoint it also forms is dead code). The update reads only the last row of ``G, N``
-    and the last element of ``β, m, f``: the rest of their gradients is zero."""
+    and the last element of ``β, m, f``: the rest of their gradients is zero. ``add_cot``: the read's key-pass
+    cotangents of the same chunks (``BACKWARD["fold_read"]``): ``dk, dv`` then hold the read's share too."""
     *_, (dk, dv, dg, dn, db, dm, df) = state_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, adj_w, adj_s, layer_norm, max_grad_norm,
-                                                     inputs=True, s=s, residual=residual)  # fmt: skip
+                                                     inputs=True, s=s, residual=residual, add_cot=add_cot)  # fmt: skip
     pad = lambda x: torch.nn.functional.pad(x.unsqueeze(-2), (0, 0, g_shape[-2] - 1, 0))  # noqa: E731  [.., C] -> [.., C, C], last row
     last = lambda x: torch.nn.functional.pad(x.unsqueeze(-1), (g_shape[-1] - 1, 0))  # noqa: E731  [..] -> [.., C], last element
     return dk, dv, pad(dg), pad(dn), last(db), last(dm), last(df)
@@ -1591,6 +1642,12 @@ class _FusedMemory(torch.autograd.Function):
         for key, modes in (("read_vjp", ("triton", "adjoint", "autograd")), ("update_vjp", ("adjoint", "autograd"))):
             if BACKWARD[key] not in modes:
                 raise ValueError(f"BACKWARD[{key!r}] must be one of {modes}, got {BACKWARD[key]!r}")
+        if not isinstance(BACKWARD["fold_read"], bool):
+            raise ValueError(f"BACKWARD['fold_read'] must be a bool, got {BACKWARD['fold_read']!r}")
+        # the read's key-pass cotangents to the sweep and the update's VJP (the autograd read has none to give)
+        fold = BACKWARD["fold_read"] and BACKWARD["read_vjp"] != "autograd"
+        if fold and BACKWARD["update_vjp"] != "adjoint":
+            raise ValueError(f"BACKWARD['fold_read'] needs update_vjp='adjoint' (the read's share of dk, dv comes from it), got {BACKWARD['update_vjp']!r}")
 
         q, k, v, g, nmat, beta, m, f, *rest = ctx.saved_tensors
         activation, residual, layer_norm, ln_eps, max_grad_norm = ctx.cfg
@@ -1627,24 +1684,8 @@ class _FusedMemory(torch.autograd.Function):
                     kp = key_pass_saved(kc[sl], vc[sl], ws, **kw)
             # 1) the read, batched: its share of the input gradients and b_i of the state's adjoint
             timer.mark("read_vjp")
-            if BACKWARD["read_vjp"] == "triton" and fused_read_vjp.supported(qc, ws):  # the transpose in two launches
-                with torch.no_grad():
-                    stats = _clip_stats(kp, max_grad_norm) if max_grad_norm is not None else None
-                    gt = coefs[0] if stats is None else coefs[0] * stats[3].unsqueeze(-2)
-                    parts = fused_read_vjp.launch(qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl],
-                                                  activation, layer_norm, ln_eps, "tf32" if tf32.on else "ieee")  # fmt: skip
-                    timer.mark("read_vjp_tail")
-                    with tf32:
-                        dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = _batched_compiled(fused_read_vjp.after_kernels, q.device)(
-                            qc[sl], kc[sl], gt, dyc[sl], kp, coefs[0], parts, ws, residual, layer_norm, max_grad_norm, stats)  # fmt: skip
-                    del parts
-                read_grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)  # (the read does not use N or m)
-            elif BACKWARD["read_vjp"] in ("triton", "adjoint"):  # written out, from the key pass: no autograd pass
-                with torch.no_grad(), tf32:
-                    dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = _batched_compiled(read_vjp, q.device)(qc[sl], kp, coefs[0], coefs[2], coefs[4],
-                                                                                                        ws, ss, dyc[sl], *ctx.cfg)  # fmt: skip
-                read_grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)
-            else:
+            cot = None  # (folded: the read's key-pass cotangents, for the sweep and the update's VJP)
+            if BACKWARD["read_vjp"] == "autograd":
                 with torch.enable_grad(), tf32:
                     leaves = [x.detach().requires_grad_() for x in (qc[sl], kc[sl], vc[sl], *coefs, *ws, *ss)]
                     ql, kl, vl, gl, nl, bl, ml, fl = leaves[:8]
@@ -1653,6 +1694,28 @@ class _FusedMemory(torch.autograd.Function):
                 del y
                 b_w, b_s = grads[8 : 8 + depth], grads[8 + depth :]
                 read_grads = grads[:8]
+            else:
+                if BACKWARD["read_vjp"] == "triton" and fused_read_vjp.supported(qc, ws):  # the transpose in two launches
+                    with torch.no_grad():
+                        stats = _clip_stats(kp, max_grad_norm) if max_grad_norm is not None else None
+                        gt = coefs[0] if stats is None else coefs[0] * stats[3].unsqueeze(-2)
+                        parts = fused_read_vjp.launch(qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl],
+                                                      activation, layer_norm, ln_eps, "tf32" if tf32.on else "ieee")  # fmt: skip
+                        timer.mark("read_vjp_tail")
+                        with tf32:
+                            out = _batched_compiled(fused_read_vjp.after_kernels, q.device)(
+                                qc[sl], kc[sl], gt, dyc[sl], kp, coefs[0], parts, ws, residual, layer_norm, max_grad_norm, stats, fold)  # fmt: skip
+                        del parts
+                else:  # written out, from the key pass: no autograd pass
+                    with torch.no_grad(), tf32:
+                        out = _batched_compiled(read_vjp, q.device)(qc[sl], kp, coefs[0], coefs[2], coefs[4], ws, ss, dyc[sl], *ctx.cfg, fold)
+                if fold:  # the cotangents in place of dk, dv: the update's VJP gives the read's share of those with its own
+                    dq_r, cot, dg_r, db_r, df_r, b_w, b_s = out
+                    dk_r = dv_r = None
+                else:
+                    dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = out
+                del out
+                read_grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)  # (the read does not use N or m)
             # 2) the state's adjoint, chunk by chunk in reverse; ā_{i+1} kept for the update's products
             with torch.no_grad():
                 g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
@@ -1662,7 +1725,7 @@ class _FusedMemory(torch.autograd.Function):
                 timer.mark("sweep")
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
                     adj_w, adj_s, nxt = _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
-                                                      q.dtype != torch.float32)  # fmt: skip
+                                                      q.dtype != torch.float32, cot)  # fmt: skip
                     j = 0
                 else:
                     nxt = [torch.empty_like(x) for x in (*ws, *ss)]
@@ -1670,9 +1733,9 @@ class _FusedMemory(torch.autograd.Function):
                 while j > 0:
                     if block is not None and j >= ublock:  # chunks j - U .. j - 1 in one compiled call
                         b = slice(j - ublock, j)
-                        kpb = type(kp)(*([x[b] for x in f] if isinstance(f, list) else (None if f is None else f[b]) for f in kp))
-                        adj_w, adj_s, leaving = block(kpb, g_last[b], n_last[b], *(e[b] for e in ends), [x[b] for x in ws], adj_w, adj_s,
-                                                      [x[b] for x in b_w], [x[b] for x in b_s], layer_norm, max_grad_norm)  # fmt: skip
+                        adj_w, adj_s, leaving = block(kp.at(b), g_last[b], n_last[b], *(e[b] for e in ends), [x[b] for x in ws], adj_w, adj_s,
+                                                      [x[b] for x in b_w], [x[b] for x in b_s], layer_norm, max_grad_norm,
+                                                      None if cot is None else cot.at(b))  # fmt: skip
                         for buf, x in zip(nxt, leaving):
                             buf[b].copy_(x)
                         j -= ublock
@@ -1681,19 +1744,20 @@ class _FusedMemory(torch.autograd.Function):
                     for buf, a in zip(nxt, (*adj_w, *adj_s)):
                         buf[j].copy_(a)
                     adj_w, adj_s = step(kp.at(j), g_last[j], n_last[j], *(e[j] for e in ends), [x[j] for x in ws], adj_w, adj_s,
-                                        layer_norm, max_grad_norm, [x[j] for x in b_w], [x[j] for x in b_s])  # fmt: skip
+                                        layer_norm, max_grad_norm, [x[j] for x in b_w], [x[j] for x in b_s],
+                                        add_cot=None if cot is None else cot.at(j))  # fmt: skip
             # 3) the update, batched: its share of the gradients of k, v and the coefficients
             timer.mark("update_vjp")
             if BACKWARD["update_vjp"] == "adjoint":  # from the key pass and ā_{i+1}, no autograd pass
                 with torch.no_grad():
                     grads2 = _batched_compiled(_update_vjp_adjoint, q.device)(kp, g_last, n_last, *ends, ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
-                                                      max_grad_norm, g[sl].shape)  # fmt: skip
+                                                      max_grad_norm, g[sl].shape, cot)  # fmt: skip
             else:
                 with torch.enable_grad(), tf32:
                     leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
                     new_state = _batched_compiled(_batched_update, q.device)(*leaves2, ws, ss, *ctx.cfg)
                     grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
-            del kp
+            del kp, cot  # ([G, B, H, C, hidden] fp32 each: not kept into the next group)
             for acc, a, b2 in zip((dq, dk, dv, *dcoef), read_grads, (None, *grads2)):
                 for x in (a, b2):
                     if x is not None:
