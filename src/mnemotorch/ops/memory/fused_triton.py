@@ -1484,16 +1484,19 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: transpose written out in batched PyTorch, from the key pass) or "autograd" (autograd of the key pass + clip +
 #: read of the chunks). H100 at 16K, matched / default, the read's phase: 8.1 / 9.3 ms (Triton, kernels + their
 #: PyTorch rest), 10.4 / 10.3 (adjoint), 12.0 / 11.8 (autograd). Env ``MNEMO_MEMORY_READ_VJP`` sets it.
-#: ``fold_read`` (a bool; env ``MNEMO_MEMORY_FOLD_READ=1`` sets it True): with the "triton" / "adjoint" read, the
-#: read's cotangents of the key pass (:class:`~.fused_backward.ReadCotangents`) go to the sweep and the update's VJP,
-#: which add them to their own before their key-pass VJPs (it is linear in them), instead of through a batched
-#: key-pass VJP of their own in the read's phase (``[G, B, H, C, hidden]`` fp32 passes). Needs ``update_vjp``
-#: "adjoint" (the update's VJP then gives the read's share of dk, dv too); ignored with the "autograd" read.
+#: ``fold_read`` (a bool, default True; env ``MNEMO_MEMORY_FOLD_READ=0`` sets it False): with the "triton" / "adjoint"
+#: read and the "adjoint" update, the read's cotangents of the key pass (:class:`~.fused_backward.ReadCotangents`) go
+#: to the sweep and the update's VJP, which add them to their own before their key-pass VJPs (it is linear in them),
+#: instead of through a batched key-pass VJP of their own in the read's phase (``[G, B, H, C, hidden]`` fp32 passes);
+#: the update's VJP then gives the read's share of dk, dv too. With an "autograd" form it does not apply. H100 at
+#: 16K, matched / default, two calls: the read's tail 3.55 / 3.87 -> 0.61 / 0.64 ms, the sweep 11.8 / 14.8 ->
+#: 15.0-15.9 / 16.0-17.1 ms (the Triton sweep's own code gets slower), forward + backward 41.6-42.2 / 45.3-45.7 ->
+#: 41.2-42.2 / 42.9-43.8 ms, peak 0.47 / 0.53 GiB lower (docs/results/neural_memory.md, thirteenth session).
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
-                  "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ") == "1"}
+                  "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0"}
 _COMPILED_SWEEP: list = []
 
 
@@ -1645,10 +1648,9 @@ class _FusedMemory(torch.autograd.Function):
                 raise ValueError(f"BACKWARD[{key!r}] must be one of {modes}, got {BACKWARD[key]!r}")
         if not isinstance(BACKWARD["fold_read"], bool):
             raise ValueError(f"BACKWARD['fold_read'] must be a bool, got {BACKWARD['fold_read']!r}")
-        # the read's key-pass cotangents to the sweep and the update's VJP (the autograd read has none to give)
-        fold = BACKWARD["fold_read"] and BACKWARD["read_vjp"] != "autograd"
-        if fold and BACKWARD["update_vjp"] != "adjoint":
-            raise ValueError(f"BACKWARD['fold_read'] needs update_vjp='adjoint' (the read's share of dk, dv comes from it), got {BACKWARD['update_vjp']!r}")
+        # the read's key-pass cotangents to the sweep and the update's VJP (the autograd read has none to give; the
+        # autograd update cannot take them, and the read's share of dk, dv must then come from the read itself)
+        fold = BACKWARD["fold_read"] and BACKWARD["read_vjp"] != "autograd" and BACKWARD["update_vjp"] == "adjoint"
 
         q, k, v, g, nmat, beta, m, f, *rest = ctx.saved_tensors
         activation, residual, layer_norm, ln_eps, max_grad_norm = ctx.cfg
