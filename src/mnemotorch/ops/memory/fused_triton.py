@@ -968,8 +968,9 @@ def _lmm_split_sweep_kernel(
     ``FOLD``: the read's key-pass cotangents ``RD1 … RSC`` as :func:`_lmm_sweep_kernel`'s, each added where the
     kernel loads what it is added to (phase 2 reloads Δ_1's scratch with ``RD1``; :func:`_sweep_dd2` adds ``RSC``
     to the clip's; phase 3 adds ``RD2`` with the summed partials and ``RX1`` with σ(Z_1)'s scratch): the fold adds
-    no load of its own to the chain, and holds no tile across a phase. (Added in phase 1 instead, before the
-    scratch is written, the sweep ran 45 → 62 µs a chunk on an H100, matched config: registers.)"""
+    no load of its own to the chain, and holds no tile across a phase. On an H100 (matched config) the sweep still
+    runs 45 → 61.5 µs a chunk with ``FOLD``, every phase slower, as it did with the cotangents added in phase 1
+    (61.6 µs): the kernel's code generation as a whole, not these loads (docs/results/neural_memory.md)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
