@@ -110,24 +110,34 @@ def test_state_adjoint_inputs_equal_autograd_float64(name, depth, cfg, clip):
         assert err <= 1e-12, f"input {i}: {err:.3e}"
 
 
-@pytest.mark.parametrize("name,depth,cfg,clip", ADJ_CASES, ids=[c[0] for c in ADJ_CASES])
-def test_read_vjp_equals_autograd_float64(name, depth, cfg, clip):
-    """:func:`read_vjp` (the read's transpose written out, then the key pass's VJP of its cotangents) equals float64
-    autograd of the chunked path's key pass + clip + dual-form read, for every input: q, k, v, G, β, f, W, S."""
+def _chunk_case(depth: int, cfg: dict, clip, coef_leaves: bool) -> tuple:
+    """One chunk in float64 for the written-out VJPs' tests: q, k, v ``[B, H, C, d]`` (leaves), the state ``w, s``
+    (leaves), the coefficients (leaves where ``coef_leaves``), the key pass's ``X, Δ``, the clipped ``G̃, Ñ`` and the
+    clip's τ (at the median token, so that the clip acts on about half of them; None without the clip)."""
     b, h, c, d, hid = 2, 3, 8, 8, 16
     q, k, v, th, et, al = make_inputs(b=b, t=c, h=h, dk=d, dv=d, seed=7, theta_max=0.5)
     st = make_state(b, h, d, d, depth, hidden=hid, position=0)
     bhc = lambda x: x.transpose(1, 2)  # noqa: E731
     w = [(x * 3).detach().requires_grad_() for x in st.weights]
     s = [torch.randn_like(x).requires_grad_() for x in st.momentum]
-    qq, kk, vv = (bhc(x).detach().requires_grad_() for x in (q, k, v))
-    g_mat, n_mat, beta, m, f = (x.detach().requires_grad_() for x in chunk_coefficients(bhc(th), torch.log1p(-bhc(al)), torch.log(bhc(et))))
+    qkv = [bhc(x).detach().requires_grad_() for x in (q, k, v)]
+    coefs = chunk_coefficients(bhc(th), torch.log1p(-bhc(al)), torch.log(bhc(et)))
+    if coef_leaves:
+        coefs = tuple(x.detach().requires_grad_() for x in coefs)
     kw = dict(activation=cfg["activation"], residual=cfg["residual"], layer_norm=cfg["layer_norm"], ln_eps=1e-5)
-    xs, deltas = _key_pass(kk, vv, w, **kw)
-    if clip is not None:  # τ at the median token: the clip acts on about half of them
+    xs, deltas = _key_pass(qkv[1], qkv[2], w, **kw)
+    if clip is not None:
         sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(xs, deltas))
         clip = float(sq.detach().sqrt().median()) * 1.0001
-    gm, _ = _clipped(xs, deltas, g_mat, n_mat, clip)
+    gm, nm = _clipped(xs, deltas, coefs[0], coefs[1], clip)
+    return qkv, w, s, coefs, kw, xs, deltas, gm, nm, clip
+
+
+@pytest.mark.parametrize("name,depth,cfg,clip", ADJ_CASES, ids=[c[0] for c in ADJ_CASES])
+def test_read_vjp_equals_autograd_float64(name, depth, cfg, clip):
+    """:func:`read_vjp` (the read's transpose written out, then the key pass's VJP of its cotangents) equals float64
+    autograd of the chunked path's key pass + clip + dual-form read, for every input: q, k, v, G, β, f, W, S."""
+    (qq, kk, vv), w, s, (g_mat, n_mat, beta, m, f), kw, xs, deltas, gm, _, clip = _chunk_case(depth, cfg, clip, coef_leaves=True)
     y = _read(qq, xs, deltas, gm, beta, f, w, s, **kw)
     dy = torch.randn_like(y)
     leaves = [qq, kk, vv, g_mat, beta, f, *w, *s]
@@ -146,20 +156,7 @@ def test_state_adjoint_folds_read_cotangents_float64(name, depth, cfg, clip):
     ``state_adjoint(add_cot=...)`` takes them with the update's: the entering state's adjoint (plus the read's
     direct share ``b_w, b_s``) and, with ``inputs``, dk, dv equal float64 autograd of the chunk's read and update
     together (≤ 1e-12); the read's other outputs are the unfolded :func:`read_vjp`'s."""
-    b, h, c, d, hid = 2, 3, 8, 8, 16
-    q, k, v, th, et, al = make_inputs(b=b, t=c, h=h, dk=d, dv=d, seed=7, theta_max=0.5)
-    st = make_state(b, h, d, d, depth, hidden=hid, position=0)
-    bhc = lambda x: x.transpose(1, 2)  # noqa: E731
-    w = [(x * 3).detach().requires_grad_() for x in st.weights]
-    s = [torch.randn_like(x).requires_grad_() for x in st.momentum]
-    qq, kk, vv = (bhc(x).detach().requires_grad_() for x in (q, k, v))
-    g_mat, n_mat, beta, m, f = chunk_coefficients(bhc(th), torch.log1p(-bhc(al)), torch.log(bhc(et)))
-    kw = dict(activation=cfg["activation"], residual=cfg["residual"], layer_norm=cfg["layer_norm"], ln_eps=1e-5)
-    xs, deltas = _key_pass(kk, vv, w, **kw)
-    if clip is not None:  # τ at the median token: the clip acts on about half of them
-        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(xs, deltas))
-        clip = float(sq.detach().sqrt().median()) * 1.0001
-    gm, nm = _clipped(xs, deltas, g_mat, n_mat, clip)
+    (qq, kk, vv), w, s, (g_mat, n_mat, beta, m, f), kw, xs, deltas, gm, nm, clip = _chunk_case(depth, cfg, clip, coef_leaves=False)
     y = _read(qq, xs, deltas, gm, beta, f, w, s, **kw)
     w_new, s_new = _update(xs, deltas, gm, nm, beta, m, f, w, s)
     dy = torch.randn_like(y)
