@@ -54,9 +54,10 @@ def compiled_kernels(module) -> list[dict]:
         if caches is None:
             continue
         for dev_cache in list(caches.values()):
-            for ck in list(dev_cache[0].values()):
+            for key, ck in list(dev_cache[0].items()):
                 meta = ck.metadata
-                rows.append({"kernel": name, "num_warps": getattr(meta, "num_warps", None),
+                # the specialisation key carries the constexprs (e.g. the sweep's FOLD / KEEP): which variant this row is
+                rows.append({"kernel": name, "key": str(key)[-600:], "num_warps": getattr(meta, "num_warps", None),
                              "num_stages": getattr(meta, "num_stages", None), "shared_bytes": getattr(meta, "shared", None),
                              "n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None)})
     return rows
@@ -67,7 +68,9 @@ def main() -> None:
     import triton
     rep["triton"] = triton.__version__
     for config in ("matched", "default"):
-        run_memory(config)
+        for fold in (False, True):  # the sweep kernels with and without FOLD (BACKWARD["fold_read"])
+            fused_triton.BACKWARD["fold_read"] = fold
+            run_memory(config)
     run_attention()
     torch.cuda.synchronize()
     for label, module in (("memory", fused_triton), ("na2d", na2d_triton), ("swa", swa_triton)):
