@@ -214,6 +214,7 @@ def read_vjp(
     ln_eps: float,
     max_grad_norm: float | None,
     fold: bool = False,
+    stats: tuple | None = None,
 ) -> tuple:
     """The vector-Jacobian product of a chunk's read (:func:`.chunked._read` after the key pass and the clip) with
     ``dy``, written out: what the backward otherwise gets from autograd of the whole read, key pass included.
@@ -225,11 +226,13 @@ def read_vjp(
     (``g_mat`` unclipped), every tensor batched alike; ``kp`` at ``w``. Returns
     ``(dq, dk, dv, dg_mat, dbeta, df, b_w, b_s)``, ``b_w, b_s``: the read's share of the state's adjoint.
     ``fold``: the key pass's VJP left to the caller (:func:`read_vjp_tail`): ``(dq, cot, dg_mat, dbeta, df, b_w, b_s)``
-    with ``cot`` the :class:`ReadCotangents` and ``b_w`` the read's direct share only.
+    with ``cot`` the :class:`ReadCotangents` and ``b_w`` the read's direct share only. ``stats``: :func:`_clip_stats`
+    of ``kp`` where the caller has them already.
     """
     depth = len(w)
     xs, deltas = kp.xs, kp.deltas
-    stats = _clip_stats(kp, max_grad_norm) if max_grad_norm is not None else None
+    if stats is None and max_grad_norm is not None:
+        stats = _clip_stats(kp, max_grad_norm)
     gm = g_mat * stats[3].unsqueeze(-2) if stats is not None else g_mat
     # The read again, keeping what its transpose needs.
     hs, zs, hws, ars = [q], [], [], []
@@ -316,6 +319,7 @@ def state_adjoint(
     s: Sequence[Tensor] | None = None,
     residual: bool = False,
     add_cot: ReadCotangents | None = None,
+    stats: tuple | None = None,
 ) -> tuple:
     """``J_iᵀ ā``: the adjoint of one chunk's entering state from the adjoint ``ā = (adj_w, adj_s)`` of the
     state leaving it, through the update ``W_l' = β_c W_l + f_c S_l − X_{l−1}ᵀ diag(g̃) Δ_l``,
@@ -334,11 +338,12 @@ def state_adjoint(
     ``add_cot``: the read's cotangents of the same key pass (:class:`ReadCotangents`, batched as ``kp``), added to the
     update's before the clip's backward and the key pass's VJP: the result then also holds the read's key-pass share
     (of ``adj_w_in``, and of ``dk, dv`` with ``inputs``), by linearity the same as running that VJP on them apart.
+    ``stats``: :func:`_clip_stats` of ``kp`` where the caller has them already.
     """
     depth = len(w)
     xs, deltas = kp.xs, kp.deltas
     if max_grad_norm is not None:
-        xn, dn, sq, sc = _clip_stats(kp, max_grad_norm)
+        xn, dn, sq, sc = stats if stats is not None else _clip_stats(kp, max_grad_norm)
         gt, nt = g_last * sc, n_last * sc
     else:
         gt, nt = g_last, n_last

@@ -159,6 +159,16 @@ def _slices(hid: int) -> tuple[int, int]:
     return bh, hid // bh
 
 
+def _outputs(q: Tensor, gt: Tensor, beta: Tensor, f: Tensor, w1: Tensor, s1: Tensor, w2: Tensor, s2: Tensor, x1: Tensor, d2: Tensor) -> list:
+    """The op's outputs, allocated (its kernels fill them; the fake returns them as they are), in its order."""
+    c, dk = q.shape[-2:]
+    ns = _slices(w1.shape[-1])[1]
+    lead = q.shape[:-2]
+    parts = [q.new_empty((ns, *lead, c, dk)), q.new_empty((ns, *lead, c, c)), q.new_empty((ns, *lead, c)), q.new_empty((ns, *lead, c))]
+    return [torch.empty_like(gt), torch.empty_like(beta), torch.empty_like(f), *parts, *(torch.empty_like(x) for x in (w1, w2, s1, s2)),
+            torch.empty_like(x1), torch.empty_like(d2), torch.empty_like(x1)]  # fmt: skip
+
+
 @torch.library.custom_op("mnemotorch::lmm_read_vjp", mutates_args=())
 def lmm_read_vjp(
     q: Tensor, k: Tensor, gt: Tensor, beta: Tensor, f: Tensor, w1: Tensor, s1: Tensor, w2: Tensor, s2: Tensor,
@@ -172,37 +182,28 @@ def lmm_read_vjp(
 
     c, dk = q.shape[-2:]
     hid, dv = w1.shape[-1], w2.shape[-1]
-    lead = q.shape[:-2]
     nbh = q.shape[1] * q.shape[2]
     act = _ACT_CODES[activation]
-    dz2, dd2, dag2, dgt2 = torch.empty_like(dy), torch.empty_like(d2), torch.empty_like(gt), torch.empty_like(gt)
-    db2, df2 = torch.empty_like(beta), torch.empty_like(f)
+    out = _outputs(q, gt, beta, f, w1, s1, w2, s2, x1, d2)
+    dgt2, db2, df2, pdq, pda1, pdb, pdf, bw1, bw2, bs1, bs2, dd1, dd2, dx1 = out
+    dz2, dag2 = torch.empty_like(dy), torch.empty_like(gt)  # (pass A's, for pass B)
     _lmm_read_vjp_a_kernel[(q.shape[0], nbh)](
         q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, dz2, dag2, dd2, dgt2, db2, df2, ln_eps,
         C=c, DK=dk, DV=dv, HID=hid, BH=min(int(LAUNCH_READ_VJP["a_slice"]), hid), ACT=act, LN=layer_norm, PREC=prec,
         num_warps=int(LAUNCH_READ_VJP["a_warps"]), num_stages=1,
     )  # fmt: skip
     bh, ns = _slices(hid)
-    bw1, bs1, bw2, bs2 = (torch.empty_like(x) for x in (w1, s1, w2, s2))
-    dd1, dx1 = torch.empty_like(x1), torch.empty_like(x1)
-    pdq, pda1 = q.new_empty((ns, *lead, c, dk)), q.new_empty((ns, *lead, c, c))
-    pdb, pdf = q.new_empty((ns, *lead, c)), q.new_empty((ns, *lead, c))
     _lmm_read_vjp_b_kernel[(q.shape[0], nbh, ns)](
         q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, dz2, dag2, bw1, bs1, bw2, bs2, dd1, dx1, pdq, pda1, pdb, pdf,
         C=c, DK=dk, DV=dv, HID=hid, BH=bh, ACT=act, PREC=prec,
         num_warps=int(LAUNCH_READ_VJP["warps"]), num_stages=int(LAUNCH_READ_VJP["stages"]),
     )  # fmt: skip
-    return [dgt2, db2, df2, pdq, pda1, pdb, pdf, bw1, bw2, bs1, bs2, dd1, dd2, dx1]
+    return out
 
 
 @lmm_read_vjp.register_fake
 def _(q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, activation, layer_norm, ln_eps, prec):
-    c, dk = q.shape[-2:]
-    ns = _slices(w1.shape[-1])[1]
-    lead = q.shape[:-2]
-    parts = [q.new_empty((ns, *lead, c, dk)), q.new_empty((ns, *lead, c, c)), q.new_empty((ns, *lead, c)), q.new_empty((ns, *lead, c))]
-    return [torch.empty_like(gt), torch.empty_like(beta), torch.empty_like(f), *parts, *(torch.empty_like(x) for x in (w1, w2, s1, s2)),
-            torch.empty_like(x1), torch.empty_like(d2), torch.empty_like(x1)]  # fmt: skip
+    return _outputs(q, gt, beta, f, w1, s1, w2, s2, x1, d2)
 
 
 class KernelParts(NamedTuple):

@@ -54,7 +54,6 @@ from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_co
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
     DEFAULT_LN_EPS,
-    clip_scale,
     MemoryState,
     accumulation_dtype,
     check_ln_eps,
@@ -1298,12 +1297,12 @@ def _split_read_batched() -> bool:
     return mode == "batched"
 
 
-def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half, add_cot=None):
+def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half, add_cot=None, stats=None):
     """The depth-2 adjoint sweep over one group of chunks in one launch (:func:`_lmm_sweep_kernel`).
 
     Arguments batched ``[G, B, H, …]`` as :func:`~.fused_backward.sweep_block`'s (``add_cot`` too: the read's
-    key-pass cotangents, the kernels' ``FOLD``), ``adj_w / adj_s`` the adjoint leaving the group. Returns
-    ``(adj_w, adj_s, leaving)`` as it does."""
+    key-pass cotangents, the kernels' ``FOLD``), ``adj_w / adj_s`` the adjoint leaving the group; ``stats``: the clip's
+    :func:`~.fused_backward._clip_stats` of ``kp`` where the caller has them. Returns ``(adj_w, adj_s, leaving)`` as it does."""
     g_n = g_last.shape[0]
     k, hh = (x.contiguous() for x in kp.xs)
     d1, d2 = (x.contiguous() for x in kp.deltas)
@@ -1321,10 +1320,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     else:
         o = r = dm = dummy
     if max_grad_norm is not None:
-        kn, hn = (x.pow(2).sum(-1) for x in kp.xs)
-        d1n, d2n = (x.pow(2).sum(-1) for x in kp.deltas)
-        sq = kn * d1n + hn * d2n
-        sc = clip_scale(sq, max_grad_norm)
+        (kn, hn), (_, d2n), sq, sc = stats if stats is not None else _clip_stats(kp, max_grad_norm)
         cs = torch.where(sq >= max_grad_norm * max_grad_norm, -0.5 * sc / sq, torch.zeros_like(sq))
     else:
         sc = cs = kn = hn = d2n = dummy
@@ -1561,14 +1557,16 @@ def _kept_key_pass(device: torch.device, k, v, kept, activation, residual, layer
     return KeyPass([k, h1], [d1, kept[2]], [s1], [curv], out, rstd, dmean)
 
 
-def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape, add_cot=None):
+def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape, add_cot=None,
+                        stats=None):  # fmt: skip
     """The update's share of the gradients of ``(k, v, G, N, β, m, f)`` for a batch of chunks, from their key
     pass and the adjoint of the state leaving each (:func:`~.fused_backward.state_adjoint` with ``inputs``;
     compiled, the state adjoint it also forms is dead code). The update reads only the last row of ``G, N``
     and the last element of ``β, m, f``: the rest of their gradients is zero. ``add_cot``: the read's key-pass
-    cotangents of the same chunks (``BACKWARD["fold_read"]``): ``dk, dv`` then hold the read's share too."""
+    cotangents of the same chunks (``BACKWARD["fold_read"]``): ``dk, dv`` then hold the read's share too. ``stats``: the
+    clip's, as :func:`~.fused_backward.state_adjoint` takes them."""
     *_, (dk, dv, dg, dn, db, dm, df) = state_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, adj_w, adj_s, layer_norm, max_grad_norm,
-                                                     inputs=True, s=s, residual=residual, add_cot=add_cot)  # fmt: skip
+                                                     inputs=True, s=s, residual=residual, add_cot=add_cot, stats=stats)  # fmt: skip
     pad = lambda x: torch.nn.functional.pad(x.unsqueeze(-2), (0, 0, g_shape[-2] - 1, 0))  # noqa: E731  [.., C] -> [.., C, C], last row
     last = lambda x: torch.nn.functional.pad(x.unsqueeze(-1), (g_shape[-1] - 1, 0))  # noqa: E731  [..] -> [.., C], last element
     return dk, dv, pad(dg), pad(dn), last(db), last(dm), last(df)
@@ -1686,6 +1684,8 @@ class _FusedMemory(torch.autograd.Function):
                     kp = _kept_key_pass(q.device, kc[sl], vc[sl], [x[sl] for x in kept], **kw)
                 else:
                     kp = key_pass_saved(kc[sl], vc[sl], ws, **kw)
+                # the clip's per-token norms and scale, once per group for the read, the sweep and the update's VJP
+                stats = _clip_stats(kp, max_grad_norm) if max_grad_norm is not None else None
             # 1) the read, batched: its share of the input gradients and b_i of the state's adjoint
             timer.mark("read_vjp")
             cot = None  # (folded: the read's key-pass cotangents, for the sweep and the update's VJP)
@@ -1701,7 +1701,6 @@ class _FusedMemory(torch.autograd.Function):
             else:
                 if BACKWARD["read_vjp"] == "triton" and fused_read_vjp.supported(qc, ws):  # the transpose in two launches
                     with torch.no_grad():
-                        stats = _clip_stats(kp, max_grad_norm) if max_grad_norm is not None else None
                         gt = coefs[0] if stats is None else coefs[0] * stats[3].unsqueeze(-2)
                         parts = fused_read_vjp.launch(qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl],
                                                       activation, layer_norm, ln_eps, "tf32" if tf32.on else "ieee")  # fmt: skip
@@ -1712,7 +1711,8 @@ class _FusedMemory(torch.autograd.Function):
                         del parts
                 else:  # written out, from the key pass: no autograd pass
                     with torch.no_grad(), tf32:
-                        out = _batched_compiled(read_vjp, q.device)(qc[sl], kp, coefs[0], coefs[2], coefs[4], ws, ss, dyc[sl], *ctx.cfg, fold)
+                        out = _batched_compiled(read_vjp, q.device)(qc[sl], kp, coefs[0], coefs[2], coefs[4], ws, ss, dyc[sl], *ctx.cfg, fold,
+                                                                    stats=stats)  # fmt: skip
                 if fold:  # the cotangents in place of dk, dv: the update's VJP gives the read's share of those with its own
                     dq_r, cot, dg_r, db_r, df_r, b_w, b_s = out
                     dk_r = dv_r = None
@@ -1729,7 +1729,7 @@ class _FusedMemory(torch.autograd.Function):
                 timer.mark("sweep")
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
                     adj_w, adj_s, nxt = _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
-                                                      q.dtype != torch.float32, cot)  # fmt: skip
+                                                      q.dtype != torch.float32, cot, stats=stats)  # fmt: skip
                     j = 0
                 else:
                     nxt = [torch.empty_like(x) for x in (*ws, *ss)]
@@ -1755,13 +1755,13 @@ class _FusedMemory(torch.autograd.Function):
             if BACKWARD["update_vjp"] == "adjoint":  # from the key pass and ā_{i+1}, no autograd pass
                 with torch.no_grad():
                     grads2 = _batched_compiled(_update_vjp_adjoint, q.device)(kp, g_last, n_last, *ends, ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
-                                                      max_grad_norm, g[sl].shape, cot)  # fmt: skip
+                                                      max_grad_norm, g[sl].shape, cot, stats=stats)  # fmt: skip
             else:
                 with torch.enable_grad(), tf32:
                     leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
                     new_state = _batched_compiled(_batched_update, q.device)(*leaves2, ws, ss, *ctx.cfg)
                     grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
-            del kp, cot  # ([G, B, H, C, hidden] fp32 each: not kept into the next group)
+            del kp, cot, stats  # ([G, B, H, C, hidden] fp32 each: not kept into the next group)
             for acc, a, b2 in zip((dq, dk, dv, *dcoef), read_grads, (None, *grads2)):
                 for x in (a, b2):
                     if x is not None:
