@@ -6,7 +6,7 @@
 #      paths, launch variants, generic kernel, dense SDPA; JSON in $OUT/diag_na2d.json, $OUT/diag_na1d.json);
 #   3. bench: `mnemo bench kernels --cases na2d,na1d --cuda-graph` ($OUT/bench_kernels.json).
 #   4. memory: the fused Titans-memory forward (scripts/diag_memory_fused.py sweep; mnemo bench memory --fused);
-#   5. train: the fused Titans-memory training path at 16K (diag_memory_fused.py --train).
+#   5. train: the fused Titans-memory training path at 16K (diag_memory_fused.py --train; MEM_VJPS e.g. "triton:adjoint:fold,triton:adjoint:fold:f32").
 #   6. host: where the host time of eager NA-2D / NA-1D / sliding-window calls goes (scripts/diag_host.py).
 #   7. resources: registers and spills of the compiled kernels (scripts/diag_kernel_resources.py).
 #   8. profile: the titans_lmm layer's forward + backward with the fused kernel, kernels by device time (scripts/profile_titans_layer.py).

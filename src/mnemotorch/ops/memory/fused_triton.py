@@ -40,6 +40,7 @@ with the state carried, so any call is accepted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence
 
@@ -1489,11 +1490,14 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: 16K, matched / default, two calls: the read's tail 3.55 / 3.87 -> 0.61 / 0.64 ms, the sweep 11.8 / 14.8 ->
 #: 15.0-15.9 / 16.0-17.1 ms (the Triton sweep's own code gets slower), forward + backward 41.6-42.2 / 45.3-45.7 ->
 #: 41.2-42.2 / 42.9-43.8 ms, peak 0.47 / 0.53 GiB lower (docs/results/neural_memory.md, thirteenth session).
+#: ``update_tf32`` (default True; env ``MNEMO_MEMORY_UPDATE_TF32=0`` sets it False): the "adjoint" update VJP's products
+#: on TF32 under ``half_tf32`` (bf16 / fp16 inputs), as the read's and the autograd update's; False keeps them fp32.
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
-                  "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0"}
+                  "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0",
+                  "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0"}
 _COMPILED_SWEEP: list = []
 
 
@@ -1753,7 +1757,9 @@ class _FusedMemory(torch.autograd.Function):
             # 3) the update, batched: its share of the gradients of k, v and the coefficients
             timer.mark("update_vjp")
             if BACKWARD["update_vjp"] == "adjoint":  # from the key pass and ā_{i+1}, no autograd pass
-                with torch.no_grad():
+                # half_tf32: TF32 products like the read's and the autograd update's (without it, the thirteenth
+                # session's profile found this pass's 24 fp32 GEMMs on the FP32 cores: 3.4 ms at 16K)
+                with torch.no_grad(), (tf32 if BACKWARD["update_tf32"] else contextlib.nullcontext()):
                     grads2 = _batched_compiled(_update_vjp_adjoint, q.device)(kp, g_last, n_last, *ends, ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
                                                       max_grad_norm, g[sl].shape, cot, stats=stats)  # fmt: skip
             else:
