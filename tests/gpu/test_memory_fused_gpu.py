@@ -173,6 +173,33 @@ def test_fused_training_fp32_vs_chunked_fp64(config: str, depth: int, t: int) ->
         assert rel(a, b) <= 1e-5, f"{name}: {rel(a, b):.3e}"
 
 
+@pytest.mark.parametrize("config", ["default", "matched"])
+def test_training_overlap_equals_serial(monkeypatch, config: str) -> None:
+    """``BACKWARD["overlap"]`` (the batched passes on a second stream beside the sweep) gives the gradients of the
+    one-stream order, over 16 groups of 4 chunks (so that every group's buffers are freed and reused while the
+    other stream may still read them: what ``record_stream`` and the events guard), and matches the fp32 chunked
+    path as the other training tests do."""
+    from mnemotorch.ops.memory import fused_triton
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = CONFIGS[config]
+    (q, k, v), gates, st = make(4096, torch.bfloat16)
+    monkeypatch.setitem(fused_triton.BACKWARD, "group_elements", 16 * 64 * 256 * 4)  # 4 chunks a group at 16 heads
+    runs = {}
+    for overlap in (False, True, True):
+        monkeypatch.setitem(fused_triton.BACKWARD, "overlap", overlap)
+        runs.setdefault(overlap, []).append(train_grads(neural_memory_fused, (q, k, v), gates, st, cfg))
+    (y0, g0), = runs[False]
+    for y1, g1 in runs[True]:
+        assert torch.equal(y1, y0)
+        for name, a, b in zip(GRAD_NAMES, g1, g0):
+            assert rel(a, b) <= 1e-6, f"{name}: {rel(a, b):.3e}"
+    if config == "default":
+        y_ref, g_ref = train_grads(neural_memory_chunked, (q.float(), k.float(), v.float()), gates, st, cfg)
+        for name, a, b in zip(GRAD_NAMES, runs[True][0][1], g_ref):
+            assert rel(a, b) <= 1e-2, f"{name}: {rel(a, b):.3e}"
+
+
 @pytest.mark.parametrize("config,t", [("default", 4096 + 37), ("matched", 512 + 37)])
 def test_layer_training_env_switch(monkeypatch, config: str, t: int) -> None:
     """``MNEMO_MEMORY_FUSED=1`` trains the bf16 titans_lmm layer through the fused path: the gradients of

@@ -1492,12 +1492,17 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: 41.2-42.2 / 42.9-43.8 ms, peak 0.47 / 0.53 GiB lower (docs/results/neural_memory.md, thirteenth session).
 #: ``update_tf32`` (default True; env ``MNEMO_MEMORY_UPDATE_TF32=0`` sets it False): the "adjoint" update VJP's products
 #: on TF32 under ``half_tf32`` (bf16 / fp16 inputs), as the read's and the autograd update's; False keeps them fp32.
+#: ``overlap`` (default True; env ``MNEMO_MEMORY_OVERLAP=0`` sets it False): on CUDA the batched passes (key pass, read
+#: VJP, update VJP, the gradients' accumulation) run on a second stream beside the sweep, which leaves most of each SM
+#: idle (one 4-warp program per SM, latency-bound): the next group's key pass and read during this group's sweep, this
+#: group's update during the next one's. The phase timer (``timing``) is off then.
 BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
                   "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0",
-                  "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0"}
+                  "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0",
+                  "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "1") != "0"}
 _COMPILED_SWEEP: list = []
 
 
@@ -1598,11 +1603,52 @@ class _HalfTF32:
         torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
+class _Streams:
+    """The backward's two streams (``BACKWARD["overlap"]`` on CUDA): the current one, which runs the sweeps, and a
+    second one for the batched passes beside them. Off (the CPU, the interpreter, or overlap off) every method is a
+    no-op and the passes run on the current stream in the same order."""
+
+    def __init__(self, device: torch.device, overlap: bool):
+        self.on = overlap and device.type == "cuda"
+        if self.on:
+            self.main = torch.cuda.current_stream(device)
+            self.aux = torch.cuda.Stream(device)
+
+    def side(self):
+        return torch.cuda.stream(self.aux) if self.on else contextlib.nullcontext()
+
+    def record_side(self):
+        return self.aux.record_event() if self.on else None
+
+    def record_main(self):
+        return self.main.record_event() if self.on else None
+
+    def main_waits(self, event) -> None:
+        if self.on:
+            self.main.wait_event(event)
+
+    def side_waits(self, event) -> None:
+        if self.on:
+            self.aux.wait_event(event)
+
+    def used_on_side(self, tensors) -> None:
+        """Tensors made on the current stream that the second one reads: the allocator must not hand their memory
+        to the current stream again before the second one's work queued so far has run."""
+        if self.on:
+            for t in tensors:
+                t.record_stream(self.aux)
+
+    def join(self) -> None:
+        """The current stream waits for everything queued on the second."""
+        if self.on:
+            self.main.wait_stream(self.aux)
+
+
 class _PhaseTimer:
     """CUDA-event timing of the backward's phases into ``BACKWARD["timing"]`` (a no-op when it is None)."""
 
-    def __init__(self, device: torch.device):
-        self.out = BACKWARD["timing"] if device.type == "cuda" else None
+    def __init__(self, device: torch.device, off: bool = False):
+        self.out = BACKWARD["timing"] if device.type == "cuda" and not off else None
         self.marks: list = []
 
     def mark(self, name: str | None) -> None:
@@ -1675,8 +1721,12 @@ class _FusedMemory(torch.autograd.Function):
         step, block = _sweep_fns(q.device)
         ublock = max(1, int(BACKWARD["sweep_block"]))
         tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
-        timer = _PhaseTimer(q.device)
-        for lo in range(((n - 1) // group) * group, -1, -group):
+        streams = _Streams(q.device, bool(BACKWARD["overlap"]))
+        timer = _PhaseTimer(q.device, off=streams.on)  # (phases overlap on two streams: not timed apart)
+
+        def prep(lo: int) -> dict:
+            """A group's batched passes that need no adjoint: its key pass, the clip's stats and the read's VJP
+            (its input gradients accumulated here)."""
             hi = min(n, lo + group)
             sl = slice(lo, hi)
             ws = [x[sl] for x in w_slots]
@@ -1724,20 +1774,28 @@ class _FusedMemory(torch.autograd.Function):
                     dq_r, dk_r, dv_r, dg_r, db_r, df_r, b_w, b_s = out
                 del out
                 read_grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)  # (the read does not use N or m)
-            # 2) the state's adjoint, chunk by chunk in reverse; ā_{i+1} kept for the update's products
+            with torch.no_grad():
+                for acc, a in zip((dq, dk, dv, *dcoef), read_grads):
+                    if a is not None:
+                        acc[sl] += a
+                b_w = [torch.zeros_like(x) if b is None else b for x, b in zip(ws, b_w)]
+                b_s = [torch.zeros_like(x) if b is None else b for x, b in zip(ss, b_s)]
+            return dict(sl=sl, ws=ws, ss=ss, kp=kp, stats=stats, cot=cot, b_w=b_w, b_s=b_s)
+
+        def sweep(p: dict, adj_w, adj_s):
+            """2) the state's adjoint over a group, chunk by chunk in reverse: ``(adj_w, adj_s, nxt)``, ``nxt`` the
+            adjoint leaving each chunk (what the update's products need)."""
+            sl, ws, kp, cot = p["sl"], p["ws"], p["kp"], p["cot"]
             with torch.no_grad():
                 g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
                 ends = [x[sl][..., -1] for x in (beta, m, f)]
-                b_w = [torch.zeros_like(x) if b is None else b for x, b in zip(ws, b_w)]
-                b_s = [torch.zeros_like(x) if b is None else b for x, b in zip(ss, b_s)]
+                b_w, b_s = p["b_w"], p["b_s"]
                 timer.mark("sweep")
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
-                    adj_w, adj_s, nxt = _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
-                                                      q.dtype != torch.float32, cot, stats=stats)  # fmt: skip
-                    j = 0
-                else:
-                    nxt = [torch.empty_like(x) for x in (*ws, *ss)]
-                    j = hi - lo
+                    return _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
+                                         q.dtype != torch.float32, cot, stats=p["stats"])  # fmt: skip
+                nxt = [torch.empty_like(x) for x in (*ws, *p["ss"])]
+                j = sl.stop - sl.start
                 while j > 0:
                     if block is not None and j >= ublock:  # chunks j - U .. j - 1 in one compiled call
                         b = slice(j - ublock, j)
@@ -1754,24 +1812,53 @@ class _FusedMemory(torch.autograd.Function):
                     adj_w, adj_s = step(kp.at(j), g_last[j], n_last[j], *(e[j] for e in ends), [x[j] for x in ws], adj_w, adj_s,
                                         layer_norm, max_grad_norm, [x[j] for x in b_w], [x[j] for x in b_s],
                                         add_cot=None if cot is None else cot.at(j))  # fmt: skip
-            # 3) the update, batched: its share of the gradients of k, v and the coefficients
+                return adj_w, adj_s, nxt
+
+        def update(p: dict, nxt) -> None:
+            """3) the update, batched: its share of the gradients of k, v and the coefficients (accumulated here)."""
+            sl, ws, ss, kp, cot = p["sl"], p["ws"], p["ss"], p["kp"], p["cot"]
+            coefs = [x[sl] for x in (g, nmat, beta, m, f)]
             timer.mark("update_vjp")
             if BACKWARD["update_vjp"] == "adjoint":  # from the key pass and ā_{i+1}, no autograd pass
+                g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
+                ends = [x[sl][..., -1] for x in (beta, m, f)]
                 # half_tf32: TF32 products like the read's and the autograd update's (without it, the thirteenth
                 # session's profile found this pass's 24 fp32 GEMMs on the FP32 cores: 3.4 ms at 16K)
                 with torch.no_grad(), (tf32 if BACKWARD["update_tf32"] else contextlib.nullcontext()):
                     grads2 = _batched_compiled(_update_vjp_adjoint, q.device)(kp, g_last, n_last, *ends, ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
-                                                      max_grad_norm, g[sl].shape, cot, stats=stats)  # fmt: skip
+                                                      max_grad_norm, g[sl].shape, cot, stats=p["stats"])  # fmt: skip
             else:
                 with torch.enable_grad(), tf32:
                     leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
                     new_state = _batched_compiled(_batched_update, q.device)(*leaves2, ws, ss, *ctx.cfg)
                     grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
-            del kp, cot, stats  # ([G, B, H, C, hidden] fp32 each: not kept into the next group)
-            for acc, a, b2 in zip((dq, dk, dv, *dcoef), read_grads, (None, *grads2)):
-                for x in (a, b2):
+            with torch.no_grad():
+                for acc, x in zip((dk, dv, *dcoef), grads2):
                     if x is not None:
                         acc[sl] += x
+
+        # Groups in reverse. The sweep (sequential, latency-bound: one 4-warp program per SM) runs on the current
+        # stream; with ``BACKWARD["overlap"]`` on CUDA the batched passes run on a second stream beside it: the next
+        # group's key pass and read while this group's sweep runs, this group's update while the next one's sweep runs.
+        # Every accumulation into dq, dk, dv and the coefficients' gradients happens on that second stream, in order.
+        starts = list(range(((n - 1) // group) * group, -1, -group))
+        with streams.side():
+            nxt_prep = prep(starts[0])
+            ready = streams.record_side()
+        for idx in range(len(starts)):
+            p = nxt_prep
+            streams.main_waits(ready)
+            adj_w, adj_s, nxt = sweep(p, adj_w, adj_s)
+            swept = streams.record_main()
+            streams.used_on_side(nxt)  # (allocated on this stream, read on the other: not reused before it has)
+            with streams.side():
+                if idx + 1 < len(starts):
+                    nxt_prep = prep(starts[idx + 1])  # overlaps this group's sweep
+                    ready = streams.record_side()
+                streams.side_waits(swept)
+                update(p, nxt)
+            del p, nxt  # ([G, B, H, C, hidden] fp32 each: not kept into the next group)
+        streams.join()
         timer.mark(None)
         timer.close()
         out_q, out_k, out_v = (_bthd(x, n, c).to(t.dtype) for x, t in zip((dq, dk, dv), (q, k, v)))
