@@ -1495,8 +1495,11 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: ``overlap`` (default True; env ``MNEMO_MEMORY_OVERLAP=0`` sets it False): on CUDA the batched passes (key pass, read
 #: VJP, update VJP, the gradients' accumulation) run on a second stream beside the sweep, which leaves most of each SM
 #: idle (one 4-warp program per SM, latency-bound): the next group's key pass and read during this group's sweep, this
-#: group's update during the next one's. The phase timer (``timing``) is off then.
-BACKWARD: dict = {"group_elements": 1 << 25, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
+#: group's update during the next one's. The phase timer (``timing``) is off then. H100, 16K, matched / default, one call:
+#: forward + backward 42.1 / 42.5 ms on one stream, 41.5 / 41.2 with the overlap, 41.2 / 39.6 with it and groups of
+#: ``group_elements = 2^24`` (64 chunks at 16 heads, hidden 256; 2^25 before), peak 6.35 -> 4.48 GiB (2^23: 3.5 GiB, but
+#: 52.7 / 40.9 ms) (docs/results/neural_memory.md, fourteenth session).
+BACKWARD: dict = {"group_elements": 1 << 24, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
@@ -1613,6 +1616,12 @@ class _Streams:
         if self.on:
             self.main = torch.cuda.current_stream(device)
             self.aux = torch.cuda.Stream(device)
+
+    def start(self) -> None:
+        """The second stream waits for everything queued so far on the current one (the chunk-major copies, the
+        zeroed accumulators), before its first pass."""
+        if self.on:
+            self.aux.wait_stream(self.main)
 
     def side(self):
         return torch.cuda.stream(self.aux) if self.on else contextlib.nullcontext()
@@ -1842,6 +1851,7 @@ class _FusedMemory(torch.autograd.Function):
         # group's key pass and read while this group's sweep runs, this group's update while the next one's sweep runs.
         # Every accumulation into dq, dk, dv and the coefficients' gradients happens on that second stream, in order.
         starts = list(range(((n - 1) // group) * group, -1, -group))
+        streams.start()
         with streams.side():
             nxt_prep = prep(starts[0])
             ready = streams.record_side()
