@@ -136,7 +136,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     update's pass instead of their own key-pass VJP). ``read_vjp_launches``: "slice:warps[:a_slice:a_warps]" launches of the read-VJP kernels, timed in the "triton" rows."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
-    saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements", "sweep_priority")}
+    saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements")}
     for name, comp, vjp in itertools.product(configs, compile_modes, vjps):
         rvjp, uvjp, *opts = vjp.split(":")
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
@@ -157,11 +157,10 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         fused_triton.BACKWARD["fold_read"] = "fold" in opts
         fused_triton.BACKWARD["update_tf32"] = "f32" not in opts
         fused_triton.BACKWARD["overlap"] = "serial" not in opts
-        fused_triton.BACKWARD["sweep_priority"] = "noprio" not in opts
         gexp = [int(o[1:]) for o in opts if o.startswith("g") and o[1:].isdigit()]
         fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved["group_elements"]
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
-               "fold_read": "fold" in opts, "update_tf32": "f32" not in opts, "overlap": "serial" not in opts, "sweep_priority": "noprio" not in opts,
+               "fold_read": "fold" in opts, "update_tf32": "f32" not in opts, "overlap": "serial" not in opts,
                "group_elements": fused_triton.BACKWARD["group_elements"]}
         try:
             torch.cuda.synchronize()
@@ -274,7 +273,7 @@ def main() -> None:
     ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps[:split], e.g. 64:8:0,64:4:64,64:4:32")
     ap.add_argument("--vjps", default="triton:adjoint", help="--train's READ:UPDATE[:fold] of BACKWARD['read_vjp'] (triton, adjoint, autograd) / "
                     "['update_vjp'] (adjoint, autograd); ':fold' sets BACKWARD['fold_read'], ':f32' clears BACKWARD['update_tf32'], "
-                    "':serial' clears BACKWARD['overlap'], ':noprio' BACKWARD['sweep_priority'], ':gNN' sets BACKWARD['group_elements'] = 2**NN")
+                    "':serial' clears BACKWARD['overlap'], ':gNN' sets BACKWARD['group_elements'] = 2**NN")
     ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")
     ap.add_argument("--out", default="diag_memory_fused.json")

@@ -1499,14 +1499,13 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: forward + backward 42.1 / 42.5 ms on one stream, 41.5 / 41.2 with the overlap, 41.2 / 39.6 with it and groups of
 #: ``group_elements = 2^24`` (64 chunks at 16 heads, hidden 256; 2^25 before), peak 6.35 -> 4.48 GiB (2^23: 3.5 GiB, but
 #: 52.7 / 40.9 ms) (docs/results/neural_memory.md, fourteenth session).
-#: ``sweep_priority`` (with ``overlap``): the sweeps on a stream of the highest priority (:class:`_Streams`).
 BACKWARD: dict = {"group_elements": 1 << 24, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
                   "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0",
                   "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0",
-                  "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "1") != "0", "sweep_priority": True}
+                  "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "1") != "0"}
 _COMPILED_SWEEP: list = []
 
 
@@ -1607,70 +1606,60 @@ class _HalfTF32:
         torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
-#: The backward's extra CUDA streams per device, made once: ``(side, high-priority)`` (:class:`_Streams`).
+#: The backward's second CUDA stream per device, made once (:class:`_Streams`).
 _STREAMS: dict = {}
 
 
 class _Streams:
-    """The backward's streams (``BACKWARD["overlap"]`` on CUDA): the sweeps run on one (``BACKWARD["sweep_priority"]``:
-    a stream of the highest priority, so that when the batched passes fill the SMs, the sweep's programs, which all
-    have to be resident for its grid barrier, are placed before more of their blocks; else the current stream), the
-    batched passes on a second one beside them, and the current stream waits for both at the end. Off (the CPU, the
-    interpreter, or overlap off) every method is a no-op and the passes run on the current stream in the same order."""
+    """The backward's two streams (``BACKWARD["overlap"]`` on CUDA): the current one, which runs the sweeps, and a
+    second one for the batched passes beside them. Off (the CPU, the interpreter, or overlap off) every method is a
+    no-op and the passes run on the current stream in the same order. (Running the sweeps on a stream of the highest
+    priority instead, so that their programs are placed before more blocks of the batched passes, measured the same
+    on an H100: docs/results/neural_memory.md, fourteenth session.)"""
 
-    def __init__(self, device: torch.device, overlap: bool, priority: bool = False):
+    def __init__(self, device: torch.device, overlap: bool):
         self.on = overlap and device.type == "cuda"
         if self.on:
-            key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+            key = device.index if device.index is not None else torch.cuda.current_device()
             if key not in _STREAMS:
-                # (a priority beyond the device's range is clamped to its highest: lower numbers are higher)
-                _STREAMS[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-1000))
+                _STREAMS[key] = torch.cuda.Stream(device)
             self.main = torch.cuda.current_stream(device)
-            self.aux, high = _STREAMS[key]
-            self.sweeps = high if priority else self.main
+            self.aux = _STREAMS[key]
 
     def start(self) -> None:
-        """The other streams wait for everything queued so far on the current one (the chunk-major copies, the
-        zeroed accumulators), before their first pass."""
+        """The second stream waits for everything queued so far on the current one (the chunk-major copies, the
+        zeroed accumulators), before its first pass."""
         if self.on:
             self.aux.wait_stream(self.main)
-            if self.sweeps is not self.main:
-                self.sweeps.wait_stream(self.main)
 
     def side(self):
         return torch.cuda.stream(self.aux) if self.on else contextlib.nullcontext()
 
-    def sweep(self):
-        return torch.cuda.stream(self.sweeps) if self.on else contextlib.nullcontext()
-
     def record_side(self):
         return self.aux.record_event() if self.on else None
 
-    def record_sweep(self):
-        return self.sweeps.record_event() if self.on else None
+    def record_main(self):
+        return self.main.record_event() if self.on else None
 
-    def sweep_waits(self, event) -> None:
+    def main_waits(self, event) -> None:
         if self.on:
-            self.sweeps.wait_event(event)
+            self.main.wait_event(event)
 
     def side_waits(self, event) -> None:
         if self.on:
             self.aux.wait_event(event)
 
     def used_on_side(self, tensors) -> None:
-        """Tensors made on the sweeps' stream that the second one reads: the allocator must not hand their memory
-        to the sweeps' stream again before the second one's work queued so far has run."""
+        """Tensors made on the current stream that the second one reads: the allocator must not hand their memory
+        to the current stream again before the second one's work queued so far has run."""
         if self.on:
             for t in tensors:
                 t.record_stream(self.aux)
 
     def join(self) -> None:
-        """The current stream waits for everything queued on the others (what the sweeps' stream made and the
-        current one reads after this, the adjoint entering the call, lives past the backward's own allocations)."""
+        """The current stream waits for everything queued on the second."""
         if self.on:
             self.main.wait_stream(self.aux)
-            if self.sweeps is not self.main:
-                self.main.wait_stream(self.sweeps)
 
 
 class _PhaseTimer:
@@ -1750,7 +1739,7 @@ class _FusedMemory(torch.autograd.Function):
         step, block = _sweep_fns(q.device)
         ublock = max(1, int(BACKWARD["sweep_block"]))
         tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
-        streams = _Streams(q.device, bool(BACKWARD["overlap"]), bool(BACKWARD["sweep_priority"]))
+        streams = _Streams(q.device, bool(BACKWARD["overlap"]))
         timer = _PhaseTimer(q.device, off=streams.on)  # (phases overlap on two streams: not timed apart)
 
         def prep(lo: int) -> dict:
@@ -1877,11 +1866,10 @@ class _FusedMemory(torch.autograd.Function):
             ready = streams.record_side()
         for idx in range(len(starts)):
             p = nxt_prep
-            with streams.sweep():
-                streams.sweep_waits(ready)
-                adj_w, adj_s, nxt = sweep(p, adj_w, adj_s)
-                swept = streams.record_sweep()
-            streams.used_on_side(nxt)  # (allocated on the sweeps' stream, read on the other: not reused before it has)
+            streams.main_waits(ready)
+            adj_w, adj_s, nxt = sweep(p, adj_w, adj_s)
+            swept = streams.record_main()
+            streams.used_on_side(nxt)  # (allocated on this stream, read on the other: not reused before it has)
             with streams.side():
                 if idx + 1 < len(starts):
                     nxt_prep = prep(starts[idx + 1])  # overlaps this group's sweep
