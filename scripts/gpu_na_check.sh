@@ -9,7 +9,8 @@
 #   5. train: the fused Titans-memory training path at 16K (diag_memory_fused.py --train; MEM_VJPS e.g. "triton:adjoint:fold,triton:adjoint:fold:f32").
 #   6. host: where the host time of eager NA-2D / NA-1D / sliding-window calls goes (scripts/diag_host.py).
 #   7. resources: registers and spills of the compiled kernels (scripts/diag_kernel_resources.py).
-#   8. profile: the titans_lmm layer's forward + backward with the fused kernel, kernels by device time (scripts/profile_titans_layer.py).
+#   8. profile: the titans_lmm layer's forward + backward with the fused kernel, kernels by device time (scripts/profile_titans_layer.py;
+#      PROFILE_ARGS=--overlap: how much of the other streams' kernel time ran inside the sweep and the walk).
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
 # pytest arguments (e.g. "-k training"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
@@ -60,9 +61,10 @@ for step in ${STEPS:-tests na2d na1d}; do
     profile)
       # where the titans_lmm layer's forward + backward goes with the fused kernel ($OUT/profile_titans_layer.json)
       echo "== titans layer profile =="
-      timeout -s KILL "${PROFILE_TIMEOUT:-150}" python3 scripts/profile_titans_layer.py --length "${PROFILE_T:-16384}" --config "${PROFILE_CONFIG:-matched}" \
+      timeout -s KILL "${PROFILE_TIMEOUT:-150}" python3 scripts/profile_titans_layer.py --length "${PROFILE_T:-16384}" --config "${PROFILE_CONFIG:-matched}" ${PROFILE_ARGS:-} \
           > "$L/profile_titans_layer.out" 2>&1
-      grep -v -i warn "$L/profile_titans_layer.out" | cut -c1-200 | head -"${PROFILE_LINES:-32}" ;;
+      grep -v -i warn "$L/profile_titans_layer.out" | cut -c1-200 | head -"${PROFILE_LINES:-32}"
+      grep "^overlap" "$L/profile_titans_layer.out" | cut -c1-700 ;;  # (PROFILE_ARGS=--overlap: the second stream beside the walks)
     host)
       # where the host time of eager calls goes (scripts/diag_host.py; $OUT/diag_host.json)
       echo "== host time =="

@@ -7,7 +7,11 @@ the memory's own phases) is what this script attributes: one forward + backward 
 and summed device time, sorted, plus the backward's CUDA-event phases (``fused_triton.BACKWARD["timing"]``) from a
 separate unprofiled call. JSON to ``--out`` (default ``$OUT/profile_titans_layer.json``)::
 
-    PYTHONPATH=src python scripts/profile_titans_layer.py --length 16384 --config matched --top 40
+    PYTHONPATH=src python scripts/profile_titans_layer.py --length 16384 --config matched --top 40 [--overlap]
+
+``--overlap`` adds, from the profiler's Chrome trace, how much kernel time of the other streams ran inside the adjoint
+sweep's and the forward walk's intervals (``mnemotorch.bench.streams``): whether the backward's second stream
+(``fused_triton.BACKWARD["overlap"]``) actually runs beside the sweep.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--top", type=int, default=40, help="kernel names kept in the table")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--overlap", action="store_true", help="also measure, from the profiler's trace, how much kernel time of "
+                    "other streams ran inside the adjoint sweep and the forward walk (the backward's second stream; "
+                    "mnemotorch.bench.streams)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_titans_layer: needs a CUDA device", file=sys.stderr)
@@ -93,6 +100,21 @@ def main(argv=None) -> int:
     print(f"backward phases: { {k: round(v, 2) for k, v in phases.items()} }", flush=True)
     for r in table[: args.top]:
         print(f"  {r['ms']:8.3f} ms  x{r['count']:<5d} {r['kernel'][:110]}", flush=True)
+    if args.overlap:  # did the second stream's passes run during the sequential kernels, or wait for their SMs?
+        import tempfile
+
+        from mnemotorch.bench.streams import kernels_from_chrome_trace, stream_overlap
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            kernels = kernels_from_chrome_trace(path)
+        rep["overlap"] = {key: stream_overlap(kernels, key) for key in ("_lmm_split_sweep_kernel", "_lmm_split_fwd_kernel")}
+        for key, r in rep["overlap"].items():
+            print(f"overlap {key}: {r['key_ms']:.2f} ms on streams {r['key_streams']}, span {r['key_span_ms']:.2f} ms; other streams "
+                  f"{r['others_ms']:.2f} ms of kernels, {r['others_during_key_ms']:.2f} ms of it inside ({r['during_fraction']:.0%}), "
+                  f"busy {r['others_busy_during_key_ms']:.2f} ms of the span; inside, by kernel: "
+                  + ", ".join(f"{x['kernel'][:40]} {x['ms']:.2f}" for x in r["during_by_kernel"][:5]), flush=True)
     if out_path:
         with open(out_path, "w") as f:
             json.dump(rep, f, indent=1, default=str)

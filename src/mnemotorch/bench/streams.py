@@ -1,0 +1,86 @@
+"""How much GPU work of one stream ran while a given kernel ran on another: the check behind a two-stream schedule.
+
+The fused Titans memory's backward queues its batched passes on a second CUDA stream beside the sequential sweep
+(``ops/memory/fused_triton.py``, ``BACKWARD["overlap"]``). Whether they actually run during the sweep, or wait for
+its SMs, is a question about time intervals on a profiler trace: :func:`kernels_from_chrome_trace` reads the kernel
+events (name, stream, start, duration) of a ``torch.profiler`` Chrome trace, :func:`stream_overlap` measures, for
+the intervals of the kernels whose name contains ``key``, how much kernel time of the other streams fell inside them.
+``scripts/profile_titans_layer.py --overlap`` prints and records it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+
+def kernels_from_chrome_trace(path: str) -> list[dict]:
+    """The GPU kernel events of a Chrome trace written by ``torch.profiler.profile.export_chrome_trace``:
+    ``[{"name", "stream", "ts", "dur"}]`` (µs; events of category ``kernel`` with a stream in their args)."""
+    with open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    out = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") != "kernel":
+            continue
+        stream = (e.get("args") or {}).get("stream")
+        if stream is None:
+            continue
+        out.append({"name": e.get("name", ""), "stream": int(stream), "ts": float(e["ts"]), "dur": float(e.get("dur", 0.0))})
+    return out
+
+
+def _merge(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of ``[start, end)`` intervals, sorted and disjoint."""
+    merged: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if b <= a:
+            continue
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def _inside(a: float, b: float, windows: list[tuple[float, float]]) -> float:
+    """Length of ``[a, b)`` that lies inside the disjoint ``windows``."""
+    return sum(max(0.0, min(b, y) - max(a, x)) for x, y in windows)
+
+
+def stream_overlap(kernels: list[dict], key: str, top: int = 10) -> dict:
+    """For the kernels whose name contains ``key`` (on whatever streams they ran): their summed time and wall span
+    (``key_ms``, ``key_span_ms``: the union of their intervals), and of every kernel on *other* streams the summed time
+    (``others_ms``), the part of it inside those intervals (``others_during_key_ms``) and that part's share
+    (``during_fraction``); the kernels contributing most to the part inside, by name (``during_by_kernel``, ``top``
+    of them); and the union of the other streams' busy time inside the key's intervals (``others_busy_during_key_ms``:
+    how much of the key's span saw any other work at all). Times in ms; ``kernels`` as
+    :func:`kernels_from_chrome_trace` returns them."""
+    keyed = [k for k in kernels if key in k["name"]]
+    streams = {k["stream"] for k in keyed}
+    windows = _merge((k["ts"], k["ts"] + k["dur"]) for k in keyed)
+    others = [k for k in kernels if k["stream"] not in streams]
+    during: dict[str, float] = {}
+    for k in others:
+        t = _inside(k["ts"], k["ts"] + k["dur"], windows)
+        if t > 0:
+            during[k["name"]] = during.get(k["name"], 0.0) + t
+    others_ms = sum(k["dur"] for k in others) / 1e3
+    during_ms = sum(during.values()) / 1e3
+    busy = _merge((k["ts"], k["ts"] + k["dur"]) for k in others)
+    busy_during = sum(_inside(a, b, windows) for a, b in busy) / 1e3
+    return {
+        "key": key,
+        "key_streams": sorted(streams),
+        "key_ms": sum(k["dur"] for k in keyed) / 1e3,
+        "key_span_ms": sum(b - a for a, b in windows) / 1e3,
+        "others_ms": others_ms,
+        "others_during_key_ms": during_ms,
+        "during_fraction": during_ms / others_ms if others_ms > 0 else 0.0,
+        "others_busy_during_key_ms": busy_during,
+        "during_by_kernel": [{"kernel": n, "ms": t / 1e3} for n, t in sorted(during.items(), key=lambda x: -x[1])[:top]],
+    }
+
+
+__all__ = ["kernels_from_chrome_trace", "stream_overlap"]

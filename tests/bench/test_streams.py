@@ -1,0 +1,59 @@
+"""The two-stream overlap measure behind ``scripts/profile_titans_layer.py --overlap`` (``mnemotorch.bench.streams``),
+on hand-made kernel intervals and a hand-written Chrome trace."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mnemotorch.bench.streams import kernels_from_chrome_trace, stream_overlap
+
+
+def k(name, stream, ts, dur):
+    return {"name": name, "stream": stream, "ts": float(ts), "dur": float(dur)}
+
+
+def test_overlap_counts_only_other_streams_inside_the_key_intervals() -> None:
+    kernels = [
+        k("sweep", 7, 0, 100), k("sweep", 7, 200, 100),  # the key: [0, 100) and [200, 300)
+        k("gemm", 13, 50, 100),  # 50 inside the first sweep, 50 in the gap
+        k("gemm", 13, 250, 20),  # inside the second
+        k("add", 13, 120, 60),  # in the gap only
+        k("fill", 7, 10, 5),  # the key's own stream: not "other"
+        k("copy", 21, 290, 30),  # a third stream: 10 inside
+    ]
+    r = stream_overlap(kernels, "sweep")
+    assert r["key_streams"] == [7]
+    assert r["key_ms"] == pytest.approx(0.2) and r["key_span_ms"] == pytest.approx(0.2)
+    assert r["others_ms"] == pytest.approx((100 + 20 + 60 + 30) / 1e3)
+    assert r["others_during_key_ms"] == pytest.approx((50 + 20 + 10) / 1e3)
+    assert r["during_fraction"] == pytest.approx(80 / 210)
+    assert r["during_by_kernel"][0] == {"kernel": "gemm", "ms": pytest.approx(0.07)}
+    # the union of other-stream busy time inside the key: [50, 100) and [250, 270) + [290, 300)
+    assert r["others_busy_during_key_ms"] == pytest.approx(0.08)
+
+
+def test_overlapping_key_kernels_and_concurrent_others_are_not_double_counted_in_the_union() -> None:
+    kernels = [k("sweep_a", 1, 0, 100), k("sweep_b", 1, 50, 100),  # span [0, 150)
+               k("x", 2, 0, 150), k("y", 3, 0, 150)]  # two other streams busy the whole span
+    r = stream_overlap(kernels, "sweep")
+    assert r["key_ms"] == pytest.approx(0.2) and r["key_span_ms"] == pytest.approx(0.15)
+    assert r["others_during_key_ms"] == pytest.approx(0.3)  # kernel time (both streams)
+    assert r["others_busy_during_key_ms"] == pytest.approx(0.15)  # wall time with any other work
+    assert stream_overlap(kernels, "absent")["others_during_key_ms"] == 0.0
+
+
+def test_reads_kernel_events_of_a_chrome_trace(tmp_path) -> None:
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "sweep", "ts": 10, "dur": 5, "args": {"stream": 7}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50, "args": {}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 12, "dur": 10, "args": {"stream": 13}},
+        {"ph": "X", "cat": "kernel", "name": "no stream", "ts": 12, "dur": 10, "args": {}},
+        {"ph": "i", "cat": "kernel", "name": "instant", "ts": 1},
+    ]}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    got = kernels_from_chrome_trace(str(path))
+    assert got == [{"name": "sweep", "stream": 7, "ts": 10.0, "dur": 5.0}, {"name": "gemm", "stream": 13, "ts": 12.0, "dur": 10.0}]
+    assert stream_overlap(got, "sweep")["others_during_key_ms"] == pytest.approx(0.003)
