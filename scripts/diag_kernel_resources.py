@@ -67,10 +67,12 @@ def main() -> None:
     rep = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     import triton
     rep["triton"] = triton.__version__
+    fold_default = fused_triton.BACKWARD["fold_read"]
     for config in ("matched", "default"):
         for fold in (False, True):  # the sweep kernels with and without FOLD (BACKWARD["fold_read"])
             fused_triton.BACKWARD["fold_read"] = fold
             run_memory(config)
+    fused_triton.BACKWARD["fold_read"] = fold_default
     run_attention()
     torch.cuda.synchronize()
     for label, module in (("memory", fused_triton), ("na2d", na2d_triton), ("swa", swa_triton)):

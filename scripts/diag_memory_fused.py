@@ -160,8 +160,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         gexp = [int(o[1:]) for o in opts if o.startswith("g") and o[1:].isdigit()]
         fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved["group_elements"]
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
-               "fold_read": "fold" in opts, "update_tf32": "f32" not in opts, "overlap": "serial" not in opts,
-               "group_elements": fused_triton.BACKWARD["group_elements"]}
+               **{key: fused_triton.BACKWARD[key] for key in ("fold_read", "update_tf32", "overlap", "group_elements")}}
         try:
             torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -1798,16 +1798,17 @@ class _FusedMemory(torch.autograd.Function):
                         acc[sl] += a
                 b_w = [torch.zeros_like(x) if b is None else b for x, b in zip(ws, b_w)]
                 b_s = [torch.zeros_like(x) if b is None else b for x, b in zip(ss, b_s)]
-            return dict(sl=sl, ws=ws, ss=ss, kp=kp, stats=stats, cot=cot, b_w=b_w, b_s=b_s)
+            # the coefficients' last rows / elements: what the update (sweep and update VJP) reads of them
+            g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
+            ends = [x[sl][..., -1] for x in (beta, m, f)]
+            return dict(sl=sl, ws=ws, ss=ss, kp=kp, stats=stats, cot=cot, b_w=b_w, b_s=b_s, g_last=g_last, n_last=n_last, ends=ends)
 
         def sweep(p: dict, adj_w, adj_s):
             """2) the state's adjoint over a group, chunk by chunk in reverse: ``(adj_w, adj_s, nxt)``, ``nxt`` the
             adjoint leaving each chunk (what the update's products need)."""
             sl, ws, kp, cot = p["sl"], p["ws"], p["kp"], p["cot"]
+            g_last, n_last, ends, b_w, b_s = p["g_last"], p["n_last"], p["ends"], p["b_w"], p["b_s"]
             with torch.no_grad():
-                g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
-                ends = [x[sl][..., -1] for x in (beta, m, f)]
-                b_w, b_s = p["b_w"], p["b_s"]
                 timer.mark("sweep")
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
                     return _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
@@ -1835,19 +1836,16 @@ class _FusedMemory(torch.autograd.Function):
         def update(p: dict, nxt) -> None:
             """3) the update, batched: its share of the gradients of k, v and the coefficients (accumulated here)."""
             sl, ws, ss, kp, cot = p["sl"], p["ws"], p["ss"], p["kp"], p["cot"]
-            coefs = [x[sl] for x in (g, nmat, beta, m, f)]
             timer.mark("update_vjp")
             if BACKWARD["update_vjp"] == "adjoint":  # from the key pass and ā_{i+1}, no autograd pass
-                g_last, n_last = g[sl][..., -1, :], nmat[sl][..., -1, :]
-                ends = [x[sl][..., -1] for x in (beta, m, f)]
                 # half_tf32: TF32 products like the read's and the autograd update's (without it, the thirteenth
                 # session's profile found this pass's 24 fp32 GEMMs on the FP32 cores: 3.4 ms at 16K)
                 with torch.no_grad(), (tf32 if BACKWARD["update_tf32"] else contextlib.nullcontext()):
-                    grads2 = _batched_compiled(_update_vjp_adjoint, q.device)(kp, g_last, n_last, *ends, ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
+                    grads2 = _batched_compiled(_update_vjp_adjoint, q.device)(kp, p["g_last"], p["n_last"], *p["ends"], ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
                                                       max_grad_norm, g[sl].shape, cot, stats=p["stats"])  # fmt: skip
             else:
                 with torch.enable_grad(), tf32:
-                    leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *coefs)]
+                    leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *(x[sl] for x in (g, nmat, beta, m, f)))]
                     new_state = _batched_compiled(_batched_update, q.device)(*leaves2, ws, ss, *ctx.cfg)
                     grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
             with torch.no_grad():
