@@ -11,6 +11,8 @@
 #   7. resources: registers and spills of the compiled kernels (scripts/diag_kernel_resources.py).
 #   8. profile: the titans_lmm layer's forward + backward with the fused kernel, kernels by device time (scripts/profile_titans_layer.py;
 #      PROFILE_ARGS=--overlap: how much of the other streams' kernel time ran inside the sweep and the walk).
+#   9. precision: the fused memory's bf16 errors against the fp32 chunked path per product precision (PREC_PAIRS
+#      "state/read,..."; scripts/diag_memory_precision.py).
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
 # pytest arguments (e.g. "-k training"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
@@ -58,6 +60,16 @@ for step in ${STEPS:-tests na2d na1d}; do
       timeout -s KILL "${MEM_TRAIN_TIMEOUT:-240}" python3 scripts/diag_memory_fused.py --skip-correctness --train \
           --train-compile "${MEM_TRAIN_COMPILE:-1,0}" --vjps "${MEM_VJPS:-triton:adjoint}" --read-vjp-launches "${MEM_READ_VJP_LAUNCHES:-}" --sweep-launch "${MEM_SWEEP_LAUNCH:-}" --sweep-t "${MEM_TRAIN_T:-16384}" --out "$OUT/diag_memory_train.json" > "$L/diag_memory_train.out" 2>&1
       grep -v -i warn "$L/diag_memory_train.out" | tail -10 | cut -c1-700 ;;
+    precision)
+      # how far the fused memory's bf16 results lie from the fp32 chunked path per product precision ($OUT/diag_memory_precision.json)
+      echo "== fused memory precision =="
+      timeout -s KILL "${PREC_TIMEOUT:-200}" python3 scripts/diag_memory_precision.py --precisions "${PREC_PAIRS:-tf32x3/tf32,bf16x3/tf32}" \
+          --out "$OUT/diag_memory_precision.json" > "$L/diag_memory_precision.out" 2>&1
+      grep -v -i warn "$L/diag_memory_precision.out" | python3 -c 'import sys, json
+for line in sys.stdin:
+    try: r = json.loads(line)
+    except ValueError: print(line.rstrip()[:300]); continue
+    print(r["precision"], r["kind"], r["config"], r["t"], "worst %.3f of the bound (%s)" % (r["worst_fraction_of_bound"], r["worst"]), "%.1fs" % r["s"])' ;;
     profile)
       # where the titans_lmm layer's forward + backward goes with the fused kernel ($OUT/profile_titans_layer.json)
       echo "== titans layer profile =="

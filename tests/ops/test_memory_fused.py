@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from mnemotorch.ops.memory import MemoryState, neural_memory, neural_memory_chunked, neural_memory_reference
+from mnemotorch.ops.memory import fused_triton
 from mnemotorch.ops.memory.fused_triton import fused_supported, lmm_fused_fwd, neural_memory_fused_forward
 
 from interpreter_numerics import gpu_numerics  # noqa: F401 (pytest fixture)
@@ -81,9 +84,12 @@ def test_fused_matches_token_reference():
     assert_state(s, s_ref, 1e-5)
 
 
+@pytest.mark.parametrize("prec", ["tf32x3", "bf16x3"])
 @pytest.mark.parametrize("cfg,clip", [(MATCHED, 0.3), (DEFAULT, 0.3)], ids=["matched", "default"])
-def test_fused_bf16(gpu_numerics, cfg, clip):
-    """bf16 q/k/v (TF32 products on the GPU, emulated) against the float64 chunked path on the same rounded values."""
+def test_fused_bf16(gpu_numerics, monkeypatch, cfg, clip, prec):
+    """bf16 q/k/v (the GPU's products and casts, emulated) against the float64 chunked path on the same rounded
+    values, with either precision of the state's products."""
+    monkeypatch.setitem(fused_triton.LAUNCH, "half_precision", prec)
     (q, k, v), gates, st = inputs(2, 32, 128, 48, dtype=torch.bfloat16)
     y_ref, s_ref = neural_memory_chunked(q.double(), k.double(), v.double(), *gates, st, 16, **cfg, max_grad_norm=clip)
     with torch.no_grad():
@@ -91,6 +97,38 @@ def test_fused_bf16(gpu_numerics, cfg, clip):
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
     assert rel(y.double(), y_ref) <= 5e-3, rel(y.double(), y_ref)
     assert_state(s, s_ref, 5e-3)
+
+
+@triton.jit
+def _product_kernel(A, B, O, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    rm, rk, rn = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(A + rm[:, None] * K + rk[None, :])
+    b = tl.load(B + rk[:, None] * N + rn[None, :])
+    if ACC:  # the accumulating form, onto O's values
+        out = fused_triton._mmap(a, b, tl.load(O + rm[:, None] * N + rn[None, :]), PREC)
+    else:
+        out = fused_triton._mmp(a, b, PREC)
+    tl.store(O + rm[:, None] * N + rn[None, :], out)
+
+
+@pytest.mark.parametrize("acc", [False, True])
+def test_product_precisions(gpu_numerics, acc):
+    """The kernels' fp32 products: "bf16x3" (three bf16 products of the operands' hi / lo parts) is within ~2⁻¹⁷
+    of the exact product, far closer than one TF32 product (2⁻¹¹) or one bf16 product; the accumulating form
+    adds onto its accumulator."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(32, 64, generator=g), torch.randn(64, 16, generator=g) * 1e3  # any scale
+    o0 = torch.randn(32, 16, generator=g)
+    exact = a.double() @ b.double() + (o0.double() if acc else 0)
+    errs = {}
+    for prec in ("tf32", "bf16x3", "ieee"):
+        out = o0.clone() if acc else torch.empty(32, 16)
+        _product_kernel[(1,)](a, b, out, M=32, K=64, N=16, PREC=prec, ACC=acc)
+        errs[prec] = rel(out.double(), exact)
+    one_bf16 = rel((a.bfloat16().double() @ b.bfloat16().double() + (o0.double() if acc else 0)), exact)
+    assert errs["ieee"] <= 1e-6, errs
+    assert errs["bf16x3"] <= 2e-5, errs
+    assert errs["tf32"] >= 1e-4 and one_bf16 >= 1e-3, (errs, one_bf16)
 
 
 def test_fused_split_calls_and_partial_chunks():

@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_dots import dot_split, dot_split_left, dot_split_right
 from .reference import check_lla_qkv, check_ridge, check_scale
 
 LOG2E = 1.4426950408889634
@@ -126,9 +127,7 @@ def _ld1(base, rows, n_rows, other):
 def _dot32(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
     """``a @ b`` for fp32 ``a`` and ``b`` in the input dtype."""
     if SPLIT:
-        hi = a.to(tl.bfloat16)
-        lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
-        c = tl.dot(lo, b, acc=tl.dot(hi, b))
+        c = dot_split_left(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32))
     else:
         c = tl.dot(a, b.to(tl.float32), input_precision=PREC32)
     return c
@@ -138,9 +137,7 @@ def _dot32(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
 def _dot23(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
     """``a @ b`` for ``a`` in the input dtype and fp32 ``b``."""
     if SPLIT:
-        hi = b.to(tl.bfloat16)
-        lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
-        c = tl.dot(a, lo, acc=tl.dot(a, hi))
+        c = dot_split_right(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32))
     else:
         c = tl.dot(a.to(tl.float32), b, input_precision=PREC32)
     return c
@@ -150,11 +147,7 @@ def _dot23(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
 def _dot33(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
     """``a @ b`` for fp32 ``a`` and ``b``."""
     if SPLIT:
-        ah = a.to(tl.bfloat16)
-        al = (a - ah.to(tl.float32)).to(tl.bfloat16)
-        bh = b.to(tl.bfloat16)
-        bl = (b - bh.to(tl.float32)).to(tl.bfloat16)
-        c = tl.dot(al, bh, acc=tl.dot(ah, bl, acc=tl.dot(ah, bh)))
+        c = dot_split(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32))
     else:
         c = tl.dot(a, b, input_precision=PREC32)
     return c

@@ -26,8 +26,9 @@ those loads use ``cache_modifier=".cg"`` (served by L2, not a possibly stale L1 
 
 Matmuls accumulate in fp32 (the accumulation dtype of :func:`neural_memory_chunked` for half and
 float32 inputs); with float32 inputs the products are exact fp32 (``input_precision="ieee"``),
-with bf16 / fp16 inputs ``LAUNCH["half_precision"]`` ("tf32x3" by default: the operands include
-the fp32 state, whose rounding would otherwise accumulate over the chunks).
+with bf16 / fp16 inputs ``LAUNCH["half_precision"]`` ("bf16x3" by default, three bf16 products of the operands'
+hi / lo parts, ~16 significant bits: the operands include the fp32 state, whose rounding would otherwise
+accumulate over the chunks).
 
 Scope: depth 1 or 2; power-of-two ``chunk_size``, ``Dk``, ``Dv`` and hidden width, each ≥ 16
 (``tl.dot`` tiles). Training: the kernel writes the state entering every chunk (``store_states``) and
@@ -51,6 +52,7 @@ from torch import Tensor
 
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
+from ..triton_dots import dot_split
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
@@ -75,7 +77,11 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: feed the output (the dual-form read). The state is carried across every chunk of the call, so its
 #: products' rounding accumulates: with "tf32" everywhere (10-bit mantissas) the weights after 16K
 #: tokens were 1.7e-2 from the fp32 chunked path's on the H100 (the default config; 5e-3 is the bf16
-#: bound), "tf32x3" (three TF32 products, ~fp32) everywhere passed at twice the time.
+#: bound), "tf32x3" (three TF32 products, ~fp32) everywhere passed at twice the time. The default for the state is
+#: "bf16x3" (three bf16 products of the operands' hi / lo parts, :func:`_mmap`; ``MNEMO_MEMORY_PRECISION`` sets it):
+#: on the H100 at 16K the walk 36 → 20 µs a chunk and the sweep ~62–76 → 41–55, the op's forward + backward 39.7 →
+#: 33.7 ms (matched); the state 2.5e-4 from the fp32 path after 16K tokens (tf32x3: 1.3e-5; bound 5e-3), gradients
+#: unchanged (scripts/diag_memory_precision.py). The read kept "tf32": "bf16x3" there was slower (34.4 → 38.2 ms).
 #: ``split_slice``: depth 2 splits the hidden dimension into slices of this width, one program each
 #: (:func:`_lmm_split_fwd_kernel`), when, on a GPU, the ``B · H · slices`` programs fit on the SMs at once
 #: (and, with the inline read, the chunk has ≥ 16 rows per slice); 0 = one program per head (the kernel above).
@@ -88,7 +94,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``split_carry``: the state slices carried in registers between chunks (not faster: off). ``sweep_keep``:
 #: the split sweep's phase 3 takes phase 2's values from registers (the default config's sweep 23 → 16 ms).
 #: ``profile``: a dict to receive the walk's / sweep's per-phase timer stamps (diagnostics; None = off).
-LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": "tf32x3", "half_read_precision": "tf32",
+LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": os.environ.get("MNEMO_MEMORY_PRECISION", "bf16x3"),
+                "half_read_precision": "tf32",
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
@@ -96,15 +103,24 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
 
 
 @triton.jit
-def _mmp(a, b, PREC: tl.constexpr):
-    """``a @ b`` in fp32 with the products' ``input_precision`` ``PREC``."""
-    return tl.dot(a, b, input_precision=PREC)
+def _mmap(a, b, acc, PREC: tl.constexpr):
+    """``acc + a @ b`` accumulated in fp32 by the matrix unit, the products' precision ``PREC``: a Triton
+    ``input_precision`` ("ieee", "tf32", "tf32x3") or "bf16x3", three bf16 products of the operands' hi / lo parts
+    (:func:`~mnemotorch.ops.triton_dots.dot_split`: the cost of 1.5 TF32 products, a relative error of ~2⁻¹⁷ per term
+    instead of TF32's 2⁻¹¹)."""
+    if PREC == "bf16x3":
+        return dot_split(a, b, acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
-def _mmap(a, b, acc, PREC: tl.constexpr):
-    """``acc + a @ b`` accumulated in place by the matrix unit."""
-    return tl.dot(a, b, acc, input_precision=PREC)
+def _mmp(a, b, PREC: tl.constexpr):
+    """``a @ b`` in fp32 with the products' precision ``PREC`` (as :func:`_mmap`'s)."""
+    if PREC == "bf16x3":
+        return dot_split(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -1775,7 +1791,7 @@ class _FusedMemory(torch.autograd.Function):
                     with torch.no_grad():
                         gt = coefs[0] if stats is None else coefs[0] * stats[3].unsqueeze(-2)
                         parts = fused_read_vjp.launch(qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl],
-                                                      activation, layer_norm, ln_eps, "tf32" if tf32.on else "ieee")  # fmt: skip
+                                                      activation, layer_norm, ln_eps, LAUNCH["half_read_precision"] if tf32.on else "ieee")  # fmt: skip
                         timer.mark("read_vjp_tail")
                         with tf32:
                             out = _batched_compiled(fused_read_vjp.after_kernels, q.device)(
