@@ -110,6 +110,8 @@ def _mmap(a, b, acc, PREC: tl.constexpr):
     instead of TF32's 2⁻¹¹)."""
     if PREC == "bf16x3":
         return dot_split(a, b, acc)
+    elif PREC == "bf16":  # one bf16 product of the rounded operands (2⁻⁹ a term: for the read only, opt-in)
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
 
@@ -117,8 +119,8 @@ def _mmap(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def _mmp(a, b, PREC: tl.constexpr):
     """``a @ b`` in fp32 with the products' precision ``PREC`` (as :func:`_mmap`'s)."""
-    if PREC == "bf16x3":
-        return dot_split(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32))
+    if PREC == "bf16x3" or PREC == "bf16":
+        return _mmap(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32), PREC)
     else:
         return tl.dot(a, b, input_precision=PREC)
 
