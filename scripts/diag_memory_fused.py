@@ -162,7 +162,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved["group_elements"]
         precs = [o[1:] for o in opts if o in ("ptf32x3", "pbf16x3", "ptf32")]
         fused_triton.LAUNCH["half_precision"] = precs[0] if precs else saved_prec[0]
-        precs = [o[1:] for o in opts if o in ("rtf32x3", "rbf16x3", "rtf32", "rbf16")]
+        precs = [o[1:] for o in opts if o in ("rtf32x3", "rbf16x3", "rtf32")]
         fused_triton.LAUNCH["half_read_precision"] = precs[0] if precs else saved_prec[1]
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
                "half_precision": fused_triton.LAUNCH["half_precision"], "half_read_precision": fused_triton.LAUNCH["half_read_precision"],

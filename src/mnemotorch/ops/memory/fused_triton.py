@@ -81,7 +81,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: "bf16x3" (three bf16 products of the operands' hi / lo parts, :func:`_mmap`; ``MNEMO_MEMORY_PRECISION`` sets it):
 #: on the H100 at 16K the walk 36 → 20 µs a chunk and the sweep ~62–76 → 41–55, the op's forward + backward 39.7 →
 #: 33.7 ms (matched); the state 2.5e-4 from the fp32 path after 16K tokens (tf32x3: 1.3e-5; bound 5e-3), gradients
-#: unchanged (scripts/diag_memory_precision.py). The read kept "tf32": "bf16x3" there was slower (34.4 → 38.2 ms).
+#: unchanged (scripts/diag_memory_precision.py). The read keeps "tf32" (``MNEMO_MEMORY_READ_PRECISION`` sets it):
+#: "bf16x3" there was slower (34.4 → 38.2 ms); one bf16 product of the rounded operands, tried, was 1.3–2.3 ms faster
+#: but used half the output bound and broke the silu + LayerNorm config on the GPU (removed).
 #: ``split_slice``: depth 2 splits the hidden dimension into slices of this width, one program each
 #: (:func:`_lmm_split_fwd_kernel`), when, on a GPU, the ``B · H · slices`` programs fit on the SMs at once
 #: (and, with the inline read, the chunk has ≥ 16 rows per slice); 0 = one program per head (the kernel above).
@@ -110,8 +112,6 @@ def _mmap(a, b, acc, PREC: tl.constexpr):
     instead of TF32's 2⁻¹¹)."""
     if PREC == "bf16x3":
         return dot_split(a, b, acc)
-    elif PREC == "bf16":  # one bf16 product of the rounded operands (2⁻⁹ a term: for the read only, opt-in)
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
 
@@ -119,7 +119,7 @@ def _mmap(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def _mmp(a, b, PREC: tl.constexpr):
     """``a @ b`` in fp32 with the products' precision ``PREC`` (as :func:`_mmap`'s)."""
-    if PREC == "bf16x3" or PREC == "bf16":
+    if PREC == "bf16x3":
         return _mmap(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32), PREC)
     else:
         return tl.dot(a, b, input_precision=PREC)
