@@ -79,8 +79,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: tokens were 1.7e-2 from the fp32 chunked path's on the H100 (the default config; 5e-3 is the bf16
 #: bound), "tf32x3" (three TF32 products, ~fp32) everywhere passed at twice the time. The default for the state is
 #: "bf16x3" (three bf16 products of the operands' hi / lo parts, :func:`_mmap`; ``MNEMO_MEMORY_PRECISION`` sets it):
-#: on the H100 at 16K the walk 36 → 20 µs a chunk and the sweep ~62–76 → 41–55, the op's forward + backward 39.7 →
-#: 33.7 ms (matched); the state 2.5e-4 from the fp32 path after 16K tokens (tf32x3: 1.3e-5; bound 5e-3), gradients
+#: on the H100 at 16K the walk 36 → 20 µs a chunk and the sweep ~62–76 → 40–60, the op's forward + backward 39.7 →
+#: 33.7 ms (matched); the state 2.7e-4 from the fp32 path after 16K tokens (tf32x3: 1.4e-5; bound 5e-3), gradients
 #: unchanged (scripts/diag_memory_precision.py). The read keeps "tf32" (``MNEMO_MEMORY_READ_PRECISION`` sets it):
 #: "bf16x3" there was slower (34.4 → 38.2 ms); one bf16 product of the rounded operands, tried, was 1.3–2.3 ms faster
 #: but used half the output bound and broke the silu + LayerNorm config on the GPU (removed).
