@@ -137,7 +137,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements")}
-    saved_prec = fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"]
+    saved_prec = fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["exact_keys"]
     for name, comp, vjp in itertools.product(configs, compile_modes, vjps):
         rvjp, uvjp, *opts = vjp.split(":")
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
@@ -164,8 +164,10 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         fused_triton.LAUNCH["half_precision"] = precs[0] if precs else saved_prec[0]
         precs = [o[1:] for o in opts if o in ("rtf32x3", "rbf16x3", "rtf32")]
         fused_triton.LAUNCH["half_read_precision"] = precs[0] if precs else saved_prec[1]
+        fused_triton.LAUNCH["exact_keys"] = "nok" not in opts and saved_prec[2]
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
                "half_precision": fused_triton.LAUNCH["half_precision"], "half_read_precision": fused_triton.LAUNCH["half_read_precision"],
+               "exact_keys": fused_triton.LAUNCH["exact_keys"],
                **{key: fused_triton.BACKWARD[key] for key in ("fold_read", "update_tf32", "overlap", "group_elements")}}
         try:
             torch.cuda.synchronize()
@@ -224,7 +226,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             fused_triton.BACKWARD["compile_sweep"] = fused_triton.BACKWARD["compile_batched"] = None
             fused_triton.BACKWARD["sweep_block"] = 8
             fused_triton.BACKWARD.update(saved)
-            fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"] = saved_prec
+            fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["exact_keys"] = saved_prec
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -280,7 +282,7 @@ def main() -> None:
     ap.add_argument("--vjps", default="triton:adjoint", help="--train's READ:UPDATE[:fold] of BACKWARD['read_vjp'] (triton, adjoint, autograd) / "
                     "['update_vjp'] (adjoint, autograd); ':fold' sets BACKWARD['fold_read'], ':f32' clears BACKWARD['update_tf32'], "
                     "':serial' clears BACKWARD['overlap'], ':gNN' sets BACKWARD['group_elements'] = 2**NN, ':pPREC' sets LAUNCH['half_precision'] "
-                    "(ptf32x3, pbf16x3, ptf32)")
+                    "(ptf32x3, pbf16x3, ptf32), ':rPREC' LAUNCH['half_read_precision'] (rtf32, rbf16x3, rtf32x3), ':nok' clears LAUNCH['exact_keys']")
     ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")
     ap.add_argument("--out", default="diag_memory_fused.json")

@@ -643,3 +643,49 @@ def test_read_vjp_custom_op_passes_opcheck(monkeypatch):
     out = fused_read_vjp.lmm_read_vjp(*args)
     assert out[3].shape == (2, n, b, h, c, d)  # per-slice partials of dq
     torch.library.opcheck(fused_read_vjp.lmm_read_vjp, args)
+
+
+class _RecordingKw:
+    """A Triton kernel whose launches record one keyword argument's value."""
+
+    def __init__(self, kernel, key, log):
+        self.kernel, self.key, self.log = kernel, key, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(kwargs.get(self.key))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_exact_keys_bit_identical(monkeypatch):
+    """bf16 keys under "bf16x3" products: with ``LAUNCH["exact_keys"]`` the walk's and the sweep's products with k take
+    two bf16 products (k's low part is zero) and give the same output, state and gradients, bit for bit, as three."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "half_precision", "bf16x3")
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", 16)
+    seen: list = []
+    for name in ("_lmm_split_fwd_kernel", "_lmm_split_sweep_kernel"):
+        monkeypatch.setattr(fused_triton, name, _RecordingKw(getattr(fused_triton, name), "KB", seen))
+    q, k, v, th, et, al = make_inputs(b=1, t=2 * 32, h=2, dk=16, dv=16, seed=5, theta_max=0.5)
+    st = make_state(1, 2, 16, 16, 2, hidden=32)
+
+    def run(exact: bool):
+        monkeypatch.setitem(fused_triton.LAUNCH, "exact_keys", exact)
+        seen.clear()
+        xs = [x.bfloat16().requires_grad_() for x in (q, k, v)] + [x.float().requires_grad_() for x in (th, et, al)]
+        ws = [x.float().requires_grad_() for x in (*st.weights, *st.momentum)]
+        y, s = fused_triton.neural_memory_fused(*xs, MemoryState(tuple(ws[:2]), tuple(ws[2:]), tuple(ws[:2]), 0), 32, **MATCHED, max_grad_norm=0.3)
+        g = torch.Generator().manual_seed(1)
+        outs = [y, *s.weights, *s.momentum]
+        grads = torch.autograd.grad(outs, xs + ws, [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs])
+        return [y.detach(), *(x.detach() for x in (*s.weights, *s.momentum)), *grads], sorted(set(seen), key=str)
+
+    two, kb_on = run(True)
+    three, kb_off = run(False)
+    assert kb_on == [True] and kb_off == [False]
+    for i, (a, b) in enumerate(zip(two, three)):
+        assert torch.isfinite(a.float()).all() and torch.equal(a, b), i

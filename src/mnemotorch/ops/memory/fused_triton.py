@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
-from ..triton_dots import dot_split
+from ..triton_dots import dot_split, dot_split_right
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
@@ -95,13 +95,15 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: "scratch", "registers"; "auto" = registers on a GPU: 34 µs a chunk against 42 / 48, matched config).
 #: ``split_carry``: the state slices carried in registers between chunks (not faster: off). ``sweep_keep``:
 #: the split sweep's phase 3 takes phase 2's values from registers (the default config's sweep 23 → 16 ms).
+#: ``exact_keys``: with bf16 inputs and "bf16x3", the walk's and the sweep's products with the keys (exact in bf16: no low
+#: part) take two bf16 products instead of three, with the same sums in the same order (bit-identical results).
 #: ``profile``: a dict to receive the walk's / sweep's per-phase timer stamps (diagnostics; None = off).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": os.environ.get("MNEMO_MEMORY_PRECISION", "bf16x3"),
                 "half_read_precision": os.environ.get("MNEMO_MEMORY_READ_PRECISION", "tf32"),
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "profile": None}
+                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "exact_keys": True, "profile": None}
 
 
 @triton.jit
@@ -123,6 +125,16 @@ def _mmp(a, b, PREC: tl.constexpr):
         return _mmap(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32), PREC)
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _mmk(k, b, PREC: tl.constexpr, KB: tl.constexpr):
+    """``k @ b`` where ``k`` (or its transpose) holds values of bf16 inputs (``KB``): under "bf16x3" its low part is
+    zero, so two bf16 products give the same sums in the same order (:func:`~mnemotorch.ops.triton_dots.dot_split_right`)."""
+    if KB and PREC == "bf16x3":
+        return dot_split_right(k.to(tl.bfloat16), b, tl.zeros((k.shape[0], b.shape[1]), dtype=tl.float32))
+    else:
+        return _mmp(k, b, PREC)
 
 
 @triton.jit
@@ -425,7 +437,7 @@ def _lmm_split_fwd_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
     PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr, READ: tl.constexpr, PROFILE: tl.constexpr = False,
-    CARRY: tl.constexpr = False, P3: tl.constexpr = 1,
+    CARRY: tl.constexpr = False, P3: tl.constexpr = 1, KB: tl.constexpr = False,
 ):
     # Where phase 3 (READ == False) gets σ(Z_1), Δ_1 and Δ_2, which phases 1 and 2 computed: P3 = 0 recomputes
     # them (activations, LayerNorm backward: latency-bound elementwise passes at one 4-warp program per SM),
@@ -511,7 +523,7 @@ def _lmm_split_fwd_kernel(
                 w1 = cw1
             else:
                 w1 = tl.load(w1p + r1, cache_modifier=".cg")
-            z1 = _mmp(k, w1, PREC)
+            z1 = _mmk(k, w1, PREC, KB)
             tl.store(z1p, z1)
             h1 = _act(z1, ACT)
             if not READ and P3 == 1:
@@ -776,6 +788,7 @@ def _sweep_slice_out(
     HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
     dd1_kept=None, sg1_kept=None, w2_kept=None, KEPT: tl.constexpr = False, RD1=None, RX1=None, FOLD: tl.constexpr = False,
+    KB: tl.constexpr = False,
 ):
     """One hidden slice's last step of the sweep: the weights' cotangents and the new adjoint. The adjoint
     leaving the chunk is read at offsets ``r1`` (layer 1, ``[DK, BH]``) / ``r2`` (layer 2, ``[BH, DV]``) of
@@ -805,7 +818,7 @@ def _sweep_slice_out(
     dx2 = dx2 + _mmp(dz2, tl.trans(w2), PREC)
     dz1 = dd1 * tl.load(S2 + ci * C * HID + hs) + dx2 * sg1
     dw2 = _mmap(tl.trans(h), dz2, _mmp(tl.trans(dp), d2, PREC), PREC)  # [BH, DV]
-    dw1 = _mmp(tl.trans(k), dz1, PREC)  # [DK, BH]
+    dw1 = _mmk(tl.trans(k), dz1, PREC, KB)  # [DK, BH]
     bc = tl.load(BC + ci)
     mc = tl.load(MC + ci)
     fc = tl.load(FC + ci)
@@ -830,7 +843,7 @@ def _lmm_sweep_kernel(
     RD1, RD2, RX1, RSC,
     n_chunks,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
-    LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False,
+    LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False, KB: tl.constexpr = False,
 ):
     """The state's adjoint of a depth-2 memory over ``n_chunks`` chunks in reverse, one program per
     (batch row, head): :func:`~.fused_backward.state_adjoint` (plus the read's share ``B*``) written out.
@@ -875,8 +888,8 @@ def _lmm_sweep_kernel(
             cols = j + ch
             aw1 = tl.load(rd1 + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
             as1 = tl.load(rs1 + ck[:, None] * HID + cols[None, :], cache_modifier=".cg")
-            xa1 = _mmp(k, aw1, PREC)
-            xb1 = _mmp(k, as1, PREC)
+            xa1 = _mmk(k, aw1, PREC, KB)
+            xb1 = _mmk(k, as1, PREC, KB)
             tl.store(sd1 + rows[:, None] * HID + cols[None, :], -(gt[:, None] * xa1 + nt[:, None] * xb1))
             if CLIP:
                 d1 = tl.load(D1 + ci * C * HID + rows[:, None] * HID + cols[None, :])
@@ -913,7 +926,7 @@ def _lmm_sweep_kernel(
             o2 = cols[:, None] * DV + cv[None, :]
             _sweep_slice_out(sd1 + hs, sx + hs, hs, o1, o2, a1 + o1, a2 + o2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                              HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
-                             RD1=RD1, RX1=RX1, FOLD=FOLD)
+                             RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB)
         tl.debug_barrier()  # the next (earlier) chunk reads the slot just written, and rewrites the scratch
 
 
@@ -970,7 +983,7 @@ def _lmm_split_sweep_kernel(
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
-    KEEP: tl.constexpr = False, FOLD: tl.constexpr = False,
+    KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1018,8 +1031,8 @@ def _lmm_split_sweep_kernel(
         if PHASE == 0 or PHASE == 1:
             aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
             as1 = tl.load(AS1 + rd1, cache_modifier=".cg")
-            xa1 = _mmp(k, aw1, PREC)
-            xb1 = _mmp(k, as1, PREC)
+            xa1 = _mmk(k, aw1, PREC, KB)
+            xb1 = _mmk(k, as1, PREC, KB)
             tl.store(sd1, -(gt[:, None] * xa1 + nt[:, None] * xb1))
             if CLIP:
                 d1 = tl.load(D1 + ci * C * HID + hs)
@@ -1063,7 +1076,7 @@ def _lmm_split_sweep_kernel(
                 dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
-                                 dd1, sg1, w2, True, RD1, RX1, FOLD)  # fmt: skip
+                                 dd1, sg1, w2, True, RD1, RX1, FOLD, KB)  # fmt: skip
             else:
                 dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
                 dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
@@ -1072,7 +1085,7 @@ def _lmm_split_sweep_kernel(
                 dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
-                                 RD1=RD1, RX1=RX1, FOLD=FOLD)
+                                 RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB)
         if PHASE == 0:
             tl.debug_barrier()  # own slots and scratch, read back by other threads of this program next chunk
         if PROFILE:
@@ -1187,7 +1200,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
                v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2))  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
                 CLIP=clip, PREC=LAUNCH["half_precision"] if half else "ieee", PREC_R=LAUNCH["half_read_precision"] if half else "ieee",
-                num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched)  # fmt: skip
+                num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched, KB=_keys_bf16(k))  # fmt: skip
     # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head
     meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and (ns == 1 or not _interpreted(q))
     meta["P3"] = _phase3_mode(activation, layer_norm, phase0=ns == 1 or not _interpreted(q))
@@ -1316,7 +1329,8 @@ def _split_read_batched() -> bool:
     return mode == "batched"
 
 
-def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half, add_cot=None, stats=None):
+def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half, add_cot=None, stats=None,
+                  keys_bf16=False):
     """The depth-2 adjoint sweep over one group of chunks in one launch (:func:`_lmm_sweep_kernel`).
 
     Arguments batched ``[G, B, H, …]`` as :func:`~.fused_backward.sweep_block`'s (``add_cot`` too: the read's
@@ -1353,7 +1367,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
             *(x.contiguous() for x in (b_w[0], b_s[0], b_w[1], b_s[1])), g_last.contiguous(), n_last.contiguous(), *(e.contiguous() for e in ends),
             sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1], *fold)  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
-                FOLD=add_cot is not None, num_stages=1)  # fmt: skip
+                FOLD=add_cot is not None, KB=bool(keys_bf16) and bool(LAUNCH["exact_keys"]), num_stages=1)  # fmt: skip
     ns = _sweep_programs(hid, nbh, k)
     if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
@@ -1383,6 +1397,11 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     else:
         _lmm_sweep_kernel[(nbh,)](*args, g_n, BH=min(hid, LAUNCH["sweep_slice"]), num_warps=LAUNCH["sweep_warps"], **meta)
     return [slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots]
+
+
+def _keys_bf16(k: Tensor) -> bool:
+    """``LAUNCH["exact_keys"]`` and bf16 keys: the products with ``k`` take two bf16 products instead of three."""
+    return bool(LAUNCH["exact_keys"]) and k.dtype == torch.bfloat16
 
 
 def _sweep_split_on(ns: int) -> bool:
@@ -1830,7 +1849,7 @@ class _FusedMemory(torch.autograd.Function):
                 timer.mark("sweep")
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
                     return _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
-                                         q.dtype != torch.float32, cot, stats=p["stats"])  # fmt: skip
+                                         q.dtype != torch.float32, cot, stats=p["stats"], keys_bf16=k.dtype == torch.bfloat16)  # fmt: skip
                 nxt = [torch.empty_like(x) for x in (*ws, *p["ss"])]
                 j = sl.stop - sl.start
                 while j > 0:
