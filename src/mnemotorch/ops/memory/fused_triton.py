@@ -1536,7 +1536,7 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: forward + backward 42.1 / 42.5 ms on one stream, 41.5 / 41.2 with the overlap, 41.2 / 39.6 with it and groups of
 #: ``group_elements = 2^24`` (64 chunks at 16 heads, hidden 256; 2^25 before), peak 6.35 -> 4.48 GiB (2^23: 3.5 GiB, but
 #: 52.7 / 40.9 ms) (docs/results/neural_memory.md, fourteenth session).
-BACKWARD: dict = {"group_elements": 1 << 24, "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
+BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEMENTS", 1 << 24)), "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
