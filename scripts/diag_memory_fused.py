@@ -157,7 +157,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         fused_triton.BACKWARD["read_vjp"], fused_triton.BACKWARD["update_vjp"] = rvjp, uvjp
         fused_triton.BACKWARD["fold_read"] = "fold" in opts
         fused_triton.BACKWARD["update_tf32"] = "f32" not in opts
-        fused_triton.BACKWARD["overlap"] = "serial" not in opts
+        fused_triton.BACKWARD["overlap"] = False if "serial" in opts else True if "overlap" in opts else saved["overlap"]
         gexp = [int(o[1:]) for o in opts if o.startswith("g") and o[1:].isdigit()]
         fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved["group_elements"]
         precs = [o[1:] for o in opts if o in ("ptf32x3", "pbf16x3", "ptf32")]
@@ -281,7 +281,7 @@ def main() -> None:
     ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps[:split], e.g. 64:8:0,64:4:64,64:4:32")
     ap.add_argument("--vjps", default="triton:adjoint", help="--train's READ:UPDATE[:fold] of BACKWARD['read_vjp'] (triton, adjoint, autograd) / "
                     "['update_vjp'] (adjoint, autograd); ':fold' sets BACKWARD['fold_read'], ':f32' clears BACKWARD['update_tf32'], "
-                    "':serial' clears BACKWARD['overlap'], ':gNN' sets BACKWARD['group_elements'] = 2**NN, ':pPREC' sets LAUNCH['half_precision'] "
+                    "':serial' / ':overlap' clear / set BACKWARD['overlap'], ':gNN' sets BACKWARD['group_elements'] = 2**NN, ':pPREC' sets LAUNCH['half_precision'] "
                     "(ptf32x3, pbf16x3, ptf32), ':rPREC' LAUNCH['half_read_precision'] (rtf32, rbf16x3, rtf32x3), ':nok' clears LAUNCH['exact_keys']")
     ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")

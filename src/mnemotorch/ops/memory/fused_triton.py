@@ -1529,20 +1529,22 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: 41.2-42.2 / 42.9-43.8 ms, peak 0.47 / 0.53 GiB lower (docs/results/neural_memory.md, thirteenth session).
 #: ``update_tf32`` (default True; env ``MNEMO_MEMORY_UPDATE_TF32=0`` sets it False): the "adjoint" update VJP's products
 #: on TF32 under ``half_tf32`` (bf16 / fp16 inputs), as the read's and the autograd update's; False keeps them fp32.
-#: ``overlap`` (default True; env ``MNEMO_MEMORY_OVERLAP=0`` sets it False): on CUDA the batched passes (key pass, read
+#: ``overlap`` (default False since the bf16x3 products; env ``MNEMO_MEMORY_OVERLAP=1`` sets it True): on CUDA the batched passes (key pass, read
 #: VJP, update VJP, the gradients' accumulation) run on a second stream beside the sweep, which leaves most of each SM
 #: idle (one 4-warp program per SM, latency-bound): the next group's key pass and read during this group's sweep, this
 #: group's update during the next one's. The phase timer (``timing``) is off then. H100, 16K, matched / default, one call:
 #: forward + backward 42.1 / 42.5 ms on one stream, 41.5 / 41.2 with the overlap, 41.2 / 39.6 with it and groups of
 #: ``group_elements = 2^24`` (64 chunks at 16 heads, hidden 256; 2^25 before), peak 6.35 -> 4.48 GiB (2^23: 3.5 GiB, but
-#: 52.7 / 40.9 ms) (docs/results/neural_memory.md, fourteenth session).
+#: 52.7 / 40.9 ms) (docs/results/neural_memory.md, fourteenth session). With the faster bf16x3 walks the overlap stopped
+#: paying: in two calls the one-stream order was 0.3–0.8 ms faster (31.7 / 33.4 ms against 32.3 / 34.2; the kernels of
+#: both streams slow down side by side), so it is off by default (fifteenth session). Results are bit-identical either way.
 BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEMENTS", 1 << 24)), "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": "adjoint",
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
                   "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0",
                   "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0",
-                  "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "1") != "0"}
+                  "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "0") == "1"}
 _COMPILED_SWEEP: list = []
 
 
