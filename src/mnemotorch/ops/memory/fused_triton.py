@@ -1335,7 +1335,8 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
 
     Arguments batched ``[G, B, H, …]`` as :func:`~.fused_backward.sweep_block`'s (``add_cot`` too: the read's
     key-pass cotangents, the kernels' ``FOLD``), ``adj_w / adj_s`` the adjoint leaving the group; ``stats``: the clip's
-    :func:`~.fused_backward._clip_stats` of ``kp`` where the caller has them. Returns ``(adj_w, adj_s, leaving)`` as it does."""
+    :func:`~.fused_backward._clip_stats` of ``kp`` where the caller has them; ``keys_bf16``: the keys' products in two
+    bf16 products (:func:`_keys_bf16`). Returns ``(adj_w, adj_s, leaving)`` as it does."""
     g_n = g_last.shape[0]
     k, hh = (x.contiguous() for x in kp.xs)
     d1, d2 = (x.contiguous() for x in kp.deltas)
@@ -1367,7 +1368,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
             *(x.contiguous() for x in (b_w[0], b_s[0], b_w[1], b_s[1])), g_last.contiguous(), n_last.contiguous(), *(e.contiguous() for e in ends),
             sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1], *fold)  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
-                FOLD=add_cot is not None, KB=bool(keys_bf16) and bool(LAUNCH["exact_keys"]), num_stages=1)  # fmt: skip
+                FOLD=add_cot is not None, KB=bool(keys_bf16), num_stages=1)  # fmt: skip
     ns = _sweep_programs(hid, nbh, k)
     if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
@@ -1851,7 +1852,7 @@ class _FusedMemory(torch.autograd.Function):
                 timer.mark("sweep")
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
                     return _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
-                                         q.dtype != torch.float32, cot, stats=p["stats"], keys_bf16=k.dtype == torch.bfloat16)  # fmt: skip
+                                         q.dtype != torch.float32, cot, stats=p["stats"], keys_bf16=_keys_bf16(k))  # fmt: skip
                 nxt = [torch.empty_like(x) for x in (*ws, *p["ss"])]
                 j = sl.stop - sl.start
                 while j > 0:
