@@ -137,7 +137,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements")}
-    saved_prec = fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["exact_keys"]
+    saved_launch = fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["exact_keys"]
     for name, comp, vjp in itertools.product(configs, compile_modes, vjps):
         rvjp, uvjp, *opts = vjp.split(":")
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
@@ -161,10 +161,10 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         gexp = [int(o[1:]) for o in opts if o.startswith("g") and o[1:].isdigit()]
         fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved["group_elements"]
         precs = [o[1:] for o in opts if o in ("ptf32x3", "pbf16x3", "ptf32")]
-        fused_triton.LAUNCH["half_precision"] = precs[0] if precs else saved_prec[0]
+        fused_triton.LAUNCH["half_precision"] = precs[0] if precs else saved_launch[0]
         precs = [o[1:] for o in opts if o in ("rtf32x3", "rbf16x3", "rtf32")]
-        fused_triton.LAUNCH["half_read_precision"] = precs[0] if precs else saved_prec[1]
-        fused_triton.LAUNCH["exact_keys"] = "nok" not in opts and saved_prec[2]
+        fused_triton.LAUNCH["half_read_precision"] = precs[0] if precs else saved_launch[1]
+        fused_triton.LAUNCH["exact_keys"] = "nok" not in opts and saved_launch[2]
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
                "half_precision": fused_triton.LAUNCH["half_precision"], "half_read_precision": fused_triton.LAUNCH["half_read_precision"],
                "exact_keys": fused_triton.LAUNCH["exact_keys"],
@@ -226,7 +226,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             fused_triton.BACKWARD["compile_sweep"] = fused_triton.BACKWARD["compile_batched"] = None
             fused_triton.BACKWARD["sweep_block"] = 8
             fused_triton.BACKWARD.update(saved)
-            fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["exact_keys"] = saved_prec
+            fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["exact_keys"] = saved_launch
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

@@ -23,22 +23,23 @@ def bf16_parts(x):
 
 
 @triton.jit
-def dot_split(a, b, acc):
-    """``acc + a @ b`` for fp32 ``a`` and ``b``: three bf16 products of their parts, the largest first."""
+def dot_split(a, b, acc=None):
+    """``acc + a @ b`` (``acc`` None: ``a @ b``) for fp32 ``a`` and ``b``: three bf16 products of their parts, the largest
+    first, accumulated in fp32."""
     ah, al = bf16_parts(a)
     bh, bl = bf16_parts(b)
     return tl.dot(al, bh, tl.dot(ah, bl, tl.dot(ah, bh, acc)))
 
 
 @triton.jit
-def dot_split_left(a, b, acc):
-    """``acc + a @ b`` for fp32 ``a`` and bf16 ``b``: two bf16 products."""
+def dot_split_left(a, b, acc=None):
+    """``acc + a @ b`` (``acc`` None: ``a @ b``) for fp32 ``a`` and bf16 ``b``: two bf16 products."""
     hi, lo = bf16_parts(a)
     return tl.dot(lo, b, tl.dot(hi, b, acc))
 
 
 @triton.jit
-def dot_split_right(a, b, acc):
-    """``acc + a @ b`` for bf16 ``a`` and fp32 ``b``: two bf16 products."""
+def dot_split_right(a, b, acc=None):
+    """``acc + a @ b`` (``acc`` None: ``a @ b``) for bf16 ``a`` and fp32 ``b``: two bf16 products."""
     hi, lo = bf16_parts(b)
     return tl.dot(a, lo, tl.dot(a, hi, acc))

@@ -127,7 +127,7 @@ def _ld1(base, rows, n_rows, other):
 def _dot32(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
     """``a @ b`` for fp32 ``a`` and ``b`` in the input dtype."""
     if SPLIT:
-        c = dot_split_left(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32))
+        c = dot_split_left(a, b)
     else:
         c = tl.dot(a, b.to(tl.float32), input_precision=PREC32)
     return c
@@ -137,7 +137,7 @@ def _dot32(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
 def _dot23(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
     """``a @ b`` for ``a`` in the input dtype and fp32 ``b``."""
     if SPLIT:
-        c = dot_split_right(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32))
+        c = dot_split_right(a, b)
     else:
         c = tl.dot(a.to(tl.float32), b, input_precision=PREC32)
     return c
@@ -147,7 +147,7 @@ def _dot23(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
 def _dot33(a, b, PREC32: tl.constexpr, SPLIT: tl.constexpr):
     """``a @ b`` for fp32 ``a`` and ``b``."""
     if SPLIT:
-        c = dot_split(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32))
+        c = dot_split(a, b)
     else:
         c = tl.dot(a, b, input_precision=PREC32)
     return c

@@ -122,7 +122,7 @@ def _mmap(a, b, acc, PREC: tl.constexpr):
 def _mmp(a, b, PREC: tl.constexpr):
     """``a @ b`` in fp32 with the products' precision ``PREC`` (as :func:`_mmap`'s)."""
     if PREC == "bf16x3":
-        return _mmap(a, b, tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32), PREC)
+        return dot_split(a, b)
     else:
         return tl.dot(a, b, input_precision=PREC)
 
@@ -132,7 +132,7 @@ def _mmk(k, b, PREC: tl.constexpr, KB: tl.constexpr):
     """``k @ b`` where ``k`` (or its transpose) holds values of bf16 inputs (``KB``): under "bf16x3" its low part is
     zero, so two bf16 products give the same sums in the same order (:func:`~mnemotorch.ops.triton_dots.dot_split_right`)."""
     if KB and PREC == "bf16x3":
-        return dot_split_right(k.to(tl.bfloat16), b, tl.zeros((k.shape[0], b.shape[1]), dtype=tl.float32))
+        return dot_split_right(k.to(tl.bfloat16), b)
     else:
         return _mmp(k, b, PREC)
 
