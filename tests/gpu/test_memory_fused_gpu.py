@@ -173,6 +173,31 @@ def test_fused_training_fp32_vs_chunked_fp64(config: str, depth: int, t: int) ->
         assert rel(a, b) <= 1e-5, f"{name}: {rel(a, b):.3e}"
 
 
+@pytest.mark.parametrize("config,t", [("default", 4096), ("matched", 512), ("silu_ln", 512)])
+def test_update_vjp_kernel_vs_pytorch_form(monkeypatch, config: str, t: int) -> None:
+    """``BACKWARD["update_vjp"] = "triton"`` (the update's VJP per chunk and head, :mod:`.fused_update_vjp`) against its
+    batched PyTorch form ("adjoint") at the benchmark's head shape, bf16: both within the bf16 bound of the fp32 chunked
+    path, and the kernel's error not above the PyTorch form's by more than a tenth of that bound (both take TF32 products)."""
+    from mnemotorch.ops.memory import fused_triton, fused_update_vjp
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = CONFIGS[config]
+    (q, k, v), gates, st = make(t, torch.bfloat16)
+    y_ref, g_ref = train_grads(neural_memory_chunked, (q.float(), k.float(), v.float()), gates, st, cfg)
+    launched = []
+    real = fused_update_vjp.launch
+    monkeypatch.setattr(fused_update_vjp, "launch", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    errs = {}
+    for form in ("adjoint", "triton"):
+        monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", form)
+        _, g = train_grads(neural_memory_fused, (q, k, v), gates, st, cfg)
+        errs[form] = [rel(a, b) for a, b in zip(g, g_ref)]
+    assert launched
+    for name, e_pt, e_tr in zip(GRAD_NAMES, errs["adjoint"], errs["triton"]):
+        assert e_tr <= 1e-2 and e_pt <= 1e-2, f"{name}: kernel {e_tr:.3e}, PyTorch form {e_pt:.3e}"
+        assert e_tr <= e_pt + 1e-3, f"{name}: kernel {e_tr:.3e}, PyTorch form {e_pt:.3e}"
+
+
 @pytest.mark.parametrize("config", ["default", "matched"])
 def test_training_overlap_equals_serial(monkeypatch, config: str) -> None:
     """``BACKWARD["overlap"]`` (the batched passes on a second stream beside the sweep) gives the gradients of the

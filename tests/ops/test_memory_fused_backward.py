@@ -219,6 +219,54 @@ def test_read_vjp_kernel_equals_written_out(monkeypatch, name, depth, cfg, clip,
         assert err <= 1e-5, f"{nm}: {err:.3e}"
 
 
+@pytest.mark.parametrize("folded", [False, True], ids=["own", "with_read_cotangents"])
+@pytest.mark.parametrize("slices", [1, 2], ids=["one_slice", "two_slices"])
+@pytest.mark.parametrize("name,depth,cfg,clip", [c for c in ADJ_CASES if c[1] == 2], ids=[c[0] for c in ADJ_CASES if c[1] == 2])
+def test_update_vjp_kernel_equals_written_out(monkeypatch, name, depth, cfg, clip, slices, folded):
+    """The Triton update-VJP kernel (:mod:`fused_update_vjp`, interpreter, fp32) equals :func:`state_adjoint` with
+    ``inputs`` in float64 on the same inputs, batched ``[G, B, H, …]`` as the backward holds them: dk, dv, the
+    cotangents of G's and N's last rows and of β, m, f's last elements, with and without the read's folded
+    cotangents, the clip acting on about half of the tokens where it is on."""
+    from mnemotorch.ops.memory import fused_update_vjp
+    from mnemotorch.ops.memory.fused_backward import _clip_stats
+
+    gen = torch.Generator().manual_seed(13)
+    n, b, h, c, d, hid = 3, 2, 2, 16, 16, 32
+    monkeypatch.setitem(fused_update_vjp.LAUNCH_UPDATE_VJP, "slice", hid // slices)
+    rnd = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64) * s)  # noqa: E731
+    k, v = (rnd(n, b, h, c, d) for _ in range(2))
+    k = k / k.norm(dim=-1, keepdim=True)
+    w = [rnd(n, b, h, d, hid, s=0.5), rnd(n, b, h, hid, d, s=0.2)]
+    s = [rnd(n, b, h, d, hid, s=0.1), rnd(n, b, h, hid, d, s=0.1)]
+    adj_w = [rnd(n, b, h, d, hid), rnd(n, b, h, hid, d)]
+    adj_s = [rnd(n, b, h, d, hid), rnd(n, b, h, hid, d)]
+    g_last, n_last = rnd(n, b, h, c, s=0.1).abs(), rnd(n, b, h, c, s=0.1).abs()
+    ends = [rnd(n, b, h).sigmoid() for _ in range(3)]
+    kw = dict(activation=cfg["activation"], residual=cfg["residual"], layer_norm=cfg["layer_norm"], ln_eps=1e-5)
+    kp = key_pass_saved(k, v, w, **kw)
+    stats = None
+    if clip is not None:  # τ at the median token: the clip acts on about half of them
+        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(kp.xs, kp.deltas))
+        clip = float(sq.sqrt().median()) * 1.0001
+        stats = _clip_stats(kp, clip)
+    cot = None
+    if folded:
+        cot = ReadCotangents([rnd(n, b, h, c, hid), rnd(n, b, h, c, d)], [rnd(n, b, h, c, d), rnd(n, b, h, c, hid)],
+                             None if clip is None else rnd(n, b, h, c))  # fmt: skip
+    *_, want = state_adjoint(kp, g_last, n_last, *ends, w, adj_w, adj_s, cfg["layer_norm"], clip, inputs=True, s=s, residual=cfg["residual"],
+                             add_cot=cot, stats=stats)  # fmt: skip
+    f32 = lambda x: None if x is None else x.float()  # noqa: E731
+    kp32 = type(kp)(*([f32(x) for x in part] if isinstance(part, list) else f32(part) for part in kp))
+    stats32 = None if stats is None else ([f32(x) for x in stats[0]], [f32(x) for x in stats[1]], f32(stats[2]), f32(stats[3]))
+    cot32 = None if cot is None else ReadCotangents([f32(x) for x in cot.d_delta], [f32(x) for x in cot.d_x], f32(cot.dsc))
+    got = fused_update_vjp.launch(f32(k), kp32, f32(g_last), f32(n_last), [f32(x) for x in w], [f32(x) for x in s], [f32(x) for x in adj_w],
+                                  [f32(x) for x in adj_s], cfg["residual"], cfg["layer_norm"], clip, stats32, cot32, "ieee")  # fmt: skip
+    for nm, x, y in zip(["dk", "dv", "dg_last", "dn_last", "dbeta_c", "dm_c", "df_c"], got, want):
+        assert x.shape == y.shape, nm
+        err = rel(x.double(), y)
+        assert err <= 1e-5, f"{nm}: {err:.3e}"
+
+
 def fused_triton_clip_scale(kp, clip):
     from mnemotorch.ops.memory.fused_backward import _clip_stats
 
@@ -334,22 +382,23 @@ def test_fused_training_key_pass_kept_or_recomputed(monkeypatch):
 
 
 @pytest.mark.parametrize("read,update", [("autograd", "autograd"), ("autograd", "adjoint"), ("adjoint", "autograd"), ("adjoint", "adjoint"),
-                                         ("triton", "autograd"), ("triton", "adjoint")])
+                                         ("triton", "autograd"), ("triton", "adjoint"), ("autograd", "triton"), ("triton", "triton")])
 @pytest.mark.parametrize("name,depth,cfg,clip,d,hidden,chunk,t,pos", [c for c in TRAIN_CASES if c[0] in ("matched", "default_clip", "depth1_ln_clip")],
                          ids=["matched", "default_clip", "depth1_ln_clip"])  # fmt: skip
 def test_fused_training_vjp_forms(monkeypatch, name, depth, cfg, clip, d, hidden, chunk, t, pos, read, update):
     """``BACKWARD["read_vjp"]`` / ``["update_vjp"]``: the read's and the update's shares of the input gradients by
     autograd passes or written out (:func:`read_vjp` in PyTorch or its Triton kernel, :func:`state_adjoint` with
-    ``inputs``), in every mix (Triton + adjoint is the default, which the tests above cover too), give the float64
-    chunked path's gradients."""
+    ``inputs`` or its Triton kernel), in every mix with autograd and the default pair (Triton + Triton, which the tests
+    above cover too), give the float64 chunked path's gradients."""
     from mnemotorch.ops.memory import fused_triton
 
     monkeypatch.setitem(fused_triton.BACKWARD, "read_vjp", read)
     monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", update)
     from mnemotorch.ops.memory import fused_read_vjp
 
-    used = {"read": [], "update": [], "kernel": []}
-    for key, mod, fn in (("read", fused_triton, "read_vjp"), ("update", fused_triton, "_update_vjp_adjoint"), ("kernel", fused_read_vjp, "launch")):
+    used = {"read": [], "update": [], "kernel": [], "update_kernel": []}
+    for key, mod, fn in (("read", fused_triton, "read_vjp"), ("update", fused_triton, "_update_vjp_adjoint"), ("kernel", fused_read_vjp, "launch"),
+                         ("update_kernel", fused_triton, "_update_vjp_triton")):  # fmt: skip
         real = getattr(mod, fn)
         monkeypatch.setattr(mod, fn, lambda *a, _r=real, _k=key, **kw: used[_k].append(1) or _r(*a, **kw))
     q, k, v, th, et, al = make_inputs(b=1, t=t, h=2, dk=d, dv=d, seed=2, theta_max=0.5)
@@ -358,7 +407,8 @@ def test_fused_training_vjp_forms(monkeypatch, name, depth, cfg, clip, d, hidden
     y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, chunk, cfg, clip)
     kernel = read == "triton" and depth == 2  # (the kernel is depth 2 only; elsewhere "triton" is "adjoint")
     assert bool(used["kernel"]) == kernel and bool(used["read"]) == (read != "autograd" and not kernel)
-    assert bool(used["update"]) == (update == "adjoint")
+    update_kernel = update == "triton" and depth == 2  # (likewise)
+    assert bool(used["update_kernel"]) == update_kernel and bool(used["update"]) == (update != "autograd" and not update_kernel)
     for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
         assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
 
@@ -515,12 +565,15 @@ FOLD_CASES = [(r, sw, c) for i, r in enumerate(("triton", "adjoint")) for j, sw 
 @pytest.mark.parametrize("read,sweep,case", FOLD_CASES, ids=["-".join(x) for x in FOLD_CASES])
 def test_fused_training_fold_read(monkeypatch, read, sweep, case):
     """``BACKWARD["fold_read"]``: the read's key-pass cotangents go to the sweep (PyTorch, the one-program or the split
-    kernel) and the update's VJP instead of through their own key-pass VJP; the gradients equal those unfolded and the
-    float64 chunked path's (≤ 1e-5), over two groups of chunks."""
+    kernel) and the update's VJP (its kernel with the read's kernel, its PyTorch form with the read's) instead of through
+    their own key-pass VJP; the gradients equal those unfolded and the float64 chunked path's (≤ 1e-5), over two groups
+    of chunks."""
     from mnemotorch.ops.memory import fused_triton
 
     cfg, clip = FOLD_CFGS[case]
+    update = "triton" if read == "triton" else "adjoint"  # (the update's kernel with the read's; its PyTorch form with the other)
     monkeypatch.setitem(fused_triton.BACKWARD, "read_vjp", read)
+    monkeypatch.setitem(fused_triton.BACKWARD, "update_vjp", update)
     monkeypatch.setitem(fused_triton.BACKWARD, "fold_read", False)  # (the default is on) the unfolded baseline first
     monkeypatch.setitem(fused_triton.BACKWARD, "group_elements", 2 * 16 * 32)  # two chunks a group: 3 chunks in 2 groups
     if sweep == "pytorch":
@@ -542,6 +595,7 @@ def test_fused_training_fold_read(monkeypatch, read, sweep, case):
 
     spy("_sweep_triton", lambda a, kw: a[-1])
     spy("_update_vjp_adjoint", lambda a, kw: a[-1])
+    spy("_update_vjp_triton", lambda a, kw: a[-3])
     spy("state_adjoint", lambda a, kw: kw.get("add_cot"))  # (the PyTorch sweep's step; called by the update's VJP too)
     # one head (interpreter time): the kernels' head offsets with FOLD are test_triton_sweep_equals_pytorch_sweep's (2 heads)
     q, k, v, th, et, al = make_inputs(b=1, t=3 * 16, h=1, dk=16, dv=16, seed=2, theta_max=0.5)
@@ -555,7 +609,8 @@ def test_fused_training_fold_read(monkeypatch, read, sweep, case):
     y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, *args)
     want = {"one_program": {"_lmm_sweep_kernel"}, "split": {"_lmm_split_sweep_kernel"}, "pytorch": set()}[sweep]
     assert set(launched) == want
-    assert {f for f, on in folded if on} == {"_update_vjp_adjoint", "state_adjoint+", "state_adjoint" if sweep == "pytorch" else "_sweep_triton"}
+    updates = {"_update_vjp_triton"} if update == "triton" else {"_update_vjp_adjoint", "state_adjoint+"}
+    assert {f for f, on in folded if on} == updates | {"state_adjoint" if sweep == "pytorch" else "_sweep_triton"}
     assert all(on for _, on in folded)
     assert rel(y.double(), y_ref) <= 1e-5
     for i, (a, b_, r) in enumerate(zip(g, g_off, g_ref)):

@@ -1512,9 +1512,11 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: ``triton_sweep``: depth 2 runs the sweep as one Triton launch per group (:func:`_lmm_sweep_kernel`; None =
 #: wherever the sizes allow it, False = the PyTorch sweep above). ``key_pass_from_forward``: the backward takes
 #: the key pass from the forward walk's kept values (:func:`keeps_key_pass`). ``update_vjp``: the update's share
-#: of the input gradients by "adjoint" (:func:`_update_vjp_adjoint`, from the key pass and the sweep's adjoints;
-#: the default: 6.1 / 6.7 ms against 9.6 / 10.0 at 16K on an H100, matched / default, and 0.6 GiB less peak) or
-#: "autograd" (a batched autograd pass recomputing the key pass). ``read_vjp``: the read's share likewise, by
+#: of the input gradients by "triton" (the default; env ``MNEMO_MEMORY_UPDATE_VJP`` sets it: one program per chunk and
+#: head, :mod:`.fused_update_vjp`, at depth 2 with power-of-two sizes and ``d_k = d_v``, else as "adjoint"), "adjoint"
+#: (:func:`_update_vjp_adjoint`, batched PyTorch, compiled, from the key pass and the sweep's adjoints: 6.1 / 6.7 ms against
+#: 9.6 / 10.0 at 16K on an H100, matched / default, and 0.6 GiB less peak, than "autograd"; ~5.5 ms with TF32 products)
+#: or "autograd" (a batched autograd pass recomputing the key pass). ``read_vjp``: the read's share likewise, by
 #: "triton" (the default: the read's transpose per chunk and head in two Triton launches, :mod:`.fused_read_vjp`,
 #: at depth 2 with power-of-two sizes, else as "adjoint"), "adjoint" (:func:`~.fused_backward.read_vjp`, the
 #: transpose written out in batched PyTorch, from the key pass) or "autograd" (autograd of the key pass + clip +
@@ -1541,7 +1543,7 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: both streams slow down side by side), so it is off by default (fifteenth session). Results are bit-identical either way.
 BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEMENTS", 1 << 24)), "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
-                  "key_pass_from_forward": True, "update_vjp": "adjoint",
+                  "key_pass_from_forward": True, "update_vjp": os.environ.get("MNEMO_MEMORY_UPDATE_VJP", "triton"),
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
                   "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0",
                   "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0",
@@ -1617,11 +1619,27 @@ def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s
     and the last element of ``β, m, f``: the rest of their gradients is zero. ``add_cot``: the read's key-pass
     cotangents of the same chunks (``BACKWARD["fold_read"]``): ``dk, dv`` then hold the read's share too. ``stats``: the
     clip's, as :func:`~.fused_backward.state_adjoint` takes them."""
-    *_, (dk, dv, dg, dn, db, dm, df) = state_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, adj_w, adj_s, layer_norm, max_grad_norm,
-                                                     inputs=True, s=s, residual=residual, add_cot=add_cot, stats=stats)  # fmt: skip
+    *_, grads = state_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, adj_w, adj_s, layer_norm, max_grad_norm,
+                              inputs=True, s=s, residual=residual, add_cot=add_cot, stats=stats)  # fmt: skip
+    return _update_grads_padded(grads, g_shape)
+
+
+def _update_grads_padded(grads: tuple, g_shape: torch.Size) -> tuple:
+    """The update's ``(dk, dv, dg_last, dn_last, dβ_c, dm_c, df_c)`` as gradients of the whole ``G, N [.., C, C]`` and
+    ``β, m, f [.., C]``: the update reads only the last row of ``G, N`` and the last element of ``β, m, f``."""
+    dk, dv, dg, dn, db, dm, df = grads
     pad = lambda x: torch.nn.functional.pad(x.unsqueeze(-2), (0, 0, g_shape[-2] - 1, 0))  # noqa: E731  [.., C] -> [.., C, C], last row
     last = lambda x: torch.nn.functional.pad(x.unsqueeze(-1), (g_shape[-1] - 1, 0))  # noqa: E731  [..] -> [.., C], last element
     return dk, dv, pad(dg), pad(dn), last(db), last(dm), last(df)
+
+
+def _update_vjp_triton(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape, add_cot, stats, prec):
+    """:func:`_update_vjp_adjoint`'s gradients by the Triton kernel (:mod:`.fused_update_vjp`; depth 2), from the
+    keys ``k`` of the same chunks, the products' precision ``prec`` (a ``tl.dot`` input precision)."""
+    from . import fused_update_vjp
+
+    return _update_grads_padded(fused_update_vjp.launch(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm,
+                                                        stats, add_cot, prec), g_shape)  # fmt: skip
 
 
 def _batched_compiled(fn, device: torch.device):
@@ -1748,16 +1766,16 @@ class _FusedMemory(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *d_final):
-        from . import fused_read_vjp  # (it takes its jit helpers from this module)
+        from . import fused_read_vjp, fused_update_vjp  # (they take their jit helpers from this module)
 
-        for key, modes in (("read_vjp", ("triton", "adjoint", "autograd")), ("update_vjp", ("adjoint", "autograd"))):
+        for key, modes in (("read_vjp", ("triton", "adjoint", "autograd")), ("update_vjp", ("triton", "adjoint", "autograd"))):
             if BACKWARD[key] not in modes:
                 raise ValueError(f"BACKWARD[{key!r}] must be one of {modes}, got {BACKWARD[key]!r}")
         if not isinstance(BACKWARD["fold_read"], bool):
             raise ValueError(f"BACKWARD['fold_read'] must be a bool, got {BACKWARD['fold_read']!r}")
         # the read's key-pass cotangents to the sweep and the update's VJP (the autograd read has none to give; the
         # autograd update cannot take them, and the read's share of dk, dv must then come from the read itself)
-        fold = BACKWARD["fold_read"] and BACKWARD["read_vjp"] != "autograd" and BACKWARD["update_vjp"] == "adjoint"
+        fold = BACKWARD["fold_read"] and BACKWARD["read_vjp"] != "autograd" and BACKWARD["update_vjp"] != "autograd"
 
         q, k, v, g, nmat, beta, m, f, *rest = ctx.saved_tensors
         activation, residual, layer_norm, ln_eps, max_grad_norm = ctx.cfg
@@ -1877,7 +1895,12 @@ class _FusedMemory(torch.autograd.Function):
             """3) the update, batched: its share of the gradients of k, v and the coefficients (accumulated here)."""
             sl, ws, ss, kp, cot = p["sl"], p["ws"], p["ss"], p["kp"], p["cot"]
             timer.mark("update_vjp")
-            if BACKWARD["update_vjp"] == "adjoint":  # from the key pass and ā_{i+1}, no autograd pass
+            if BACKWARD["update_vjp"] == "triton" and fused_update_vjp.supported(kc, ws):  # per chunk and head, one launch
+                with torch.no_grad():
+                    prec = ("tf32" if tf32.on else "ieee") if BACKWARD["update_tf32"] else "ieee"
+                    grads2 = _update_vjp_triton(kc[sl], kp, p["g_last"], p["n_last"], ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
+                                                max_grad_norm, g[sl].shape, cot, p["stats"], prec)  # fmt: skip
+            elif BACKWARD["update_vjp"] != "autograd":  # "adjoint": from the key pass and ā_{i+1}, no autograd pass
                 # half_tf32: TF32 products like the read's and the autograd update's (without it, the thirteenth
                 # session's profile found this pass's 24 fp32 GEMMs on the FP32 cores: 3.4 ms at 16K)
                 with torch.no_grad(), (tf32 if BACKWARD["update_tf32"] else contextlib.nullcontext()):

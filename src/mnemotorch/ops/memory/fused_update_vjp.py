@@ -1,0 +1,302 @@
+"""The update's vector-Jacobian product of the fused Titans memory (depth 2) as one Triton launch.
+
+:func:`~.fused_backward.state_adjoint` with ``inputs`` — the update's share of the gradients of ``k, v`` and of the
+coefficients' last rows, given the adjoint ``ā = (A^W_l, A^S_l)`` of the state leaving each chunk — written per
+chunk and head, with the ``[C, hidden]`` intermediates on chip. The batched PyTorch form (compiled) held them as
+``[G, B, H, C, 256]`` fp32 tensors and ran its products as batched 64 × 64 × 256 cuBLAS GEMMs at ~10 TFLOP/s
+(docs/results/neural_memory.md, fifteenth session: ~5.5 ms of the op's backward at 16K on an H100).
+
+Per chunk, with ``g̃, ñ`` the clipped last rows of ``G, N``, ``X_0 = K``, ``X_1 = σ(Z_1)`` and the key pass's
+``Δ_1 [C, hidden]``, ``Δ_2 [C, d_v]`` (:class:`~.fused_backward.KeyPass`), the update's transpose gives
+
+* the cotangents of ``Δ_l``: ``dΔ_l = −(g̃ ∘ X_l A^W_l + ñ ∘ X_l A^S_l)``, and of ``X_l``:
+  ``dX_l = −(g̃ ∘ Δ_l A^Wᵀ_l + ñ ∘ Δ_l A^Sᵀ_l)`` (``∘``: scaling the rows, one factor per token);
+* those of ``g̃, ñ``: ``−Σ_l rowsum(X_l A^W_l ∘ Δ_l)``, ``−Σ_l rowsum(X_l A^S_l ∘ Δ_l)``, then the clip's backward;
+
+and the key pass's VJP of those cotangents (a Hessian-vector product through the memory's loss:
+:func:`~.fused_backward.key_pass_vjp`) takes them to ``dk, dv``. The read's key-pass cotangents
+(:class:`~.fused_backward.ReadCotangents`, ``BACKWARD["fold_read"]``) are added first, as ``state_adjoint``'s ``add_cot``.
+
+One program per (chunk, batch row, head), two passes over slices of ``BH`` hidden columns (each pass two loops, to
+bound the tiles live at once):
+
+1. the sums over the hidden dimension that everything after needs: ``dX_0``, ``X_1 A^W_2``, ``X_1 A^S_2`` and the
+   rowsums of ``g̃, ñ``'s cotangents (hence the clip's backward), and ``dΔ_1 ∘ σ'(Z_1)`` times ``W_2``, which closes
+   ``dΔ_2``; then, per token, the last layer's LayerNorm Hessian-vector product gives ``dZ_2``;
+2. per slice again: ``dΔ_1`` (recomputed: two ``[C, d_k] × [d_k, BH]`` products rather than a ``[C, hidden]``
+   scratch), ``dX_1 + dZ_2 W_2ᵀ``, hence ``dZ_1`` and its product with ``W_1ᵀ``, which is ``dk``'s main term; and
+   the coefficients' scalar shares ``⟨A^W, W⟩, ⟨A^S, S⟩, ⟨A^W, S⟩`` (of ``β, m, f``'s last elements).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .fused_backward import KeyPass, ReadCotangents
+from .fused_triton import _mmap, _mmp
+
+#: ``slice``: hidden columns per step of both passes; ``warps``: per program.
+LAUNCH_UPDATE_VJP: dict = {"slice": 32, "warps": 8, "stages": 1}
+
+
+@triton.jit
+def _rowmean(x, D: tl.constexpr):
+    return tl.sum(x, 1) / D
+
+
+@triton.jit
+def _lmm_update_vjp_kernel(
+    K, X1, DL1, SP, CURV, DL2, OUT, RSTD, DMEAN,
+    W1, W2, S1, S2, AW1, AS1, AW2, AS2,
+    GL, NL, SC, XN0, XN1, DN0, DN1, SQ,
+    CD1, CD2, CX0, CX1, CSC,
+    DKO, DVO, DGO, DNO, DOTS,
+    tau2,
+    C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
+    LN: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, COT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One program per (chunk, batch row, head) ``program_id(0)``; every tensor ``[G·B·H, …]`` contiguous fp32:
+    ``K [C, DK]``; the key pass ``X1, DL1, SP, CURV [C, HID]`` (``σ(Z_1)``, ``Δ_1``, ``σ'(Z_1)``,
+    ``(Δ_2 W_2ᵀ) ∘ σ''(Z_1)``), ``DL2, OUT [C, DV]`` (``Δ_2``, the LayerNorm's output), ``RSTD, DMEAN [C]``; the
+    entering state ``W1, S1 [DK, HID]``, ``W2, S2 [HID, DV]``; the adjoint of the leaving state ``AW1, AS1, AW2, AS2``
+    (same shapes); ``GL, NL [C]``: the unclipped last rows of ``G, N``; with ``CLIP`` the clip's scale ``SC`` and
+    norms ``XN0 = ‖k‖², XN1 = ‖X_1‖², DN0 = ‖Δ_1‖², DN1 = ‖Δ_2‖², SQ [C]``; with ``COT`` the read's cotangents of
+    ``Δ_1, Δ_2, k, X_1`` and of the scale (``CD1, CD2, CX0, CX1, CSC``). Writes ``dk, dv`` (``DKO, DVO``), the
+    cotangents of the unclipped ``GL, NL`` (``DGO, DNO``) and ``⟨A^W, W⟩, ⟨A^S, S⟩, ⟨A^W, S⟩`` (``DOTS [3]``)."""
+    row = tl.program_id(0)
+    rows = tl.arange(0, C)
+    ck = tl.arange(0, DK)
+    cv = tl.arange(0, DV)
+    ch = tl.arange(0, BH)
+    k = tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])
+    dl2 = tl.load(DL2 + row * C * DV + rows[:, None] * DV + cv[None, :])
+    gl = tl.load(GL + row * C + rows)
+    nl = tl.load(NL + row * C + rows)
+    if CLIP:
+        sc = tl.load(SC + row * C + rows)
+        gt = gl * sc
+        nt = nl * sc
+    else:
+        gt = gl
+        nt = nl
+    # pass 1: the sums over the hidden dimension, in two loops (one loop held too many tiles: spills)
+    dx0 = tl.zeros([C, DK], dtype=tl.float32)  # g̃ ∘ Δ_1 A^Wᵀ_1 + ñ ∘ Δ_1 A^Sᵀ_1
+    p9 = tl.zeros([C, DV], dtype=tl.float32)  # (dΔ_1 ∘ σ') W_2, dΔ_1 without the clip's term
+    a0 = tl.zeros([C], dtype=tl.float32)
+    b0 = tl.zeros([C], dtype=tl.float32)
+    for j in range(0, HID, BH):
+        cols = j + ch
+        aw1 = tl.load(AW1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
+        as1 = tl.load(AS1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
+        dl1 = tl.load(DL1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+        xa = _mmp(k, aw1, PREC)
+        xb = _mmp(k, as1, PREC)
+        a0 += tl.sum(xa * dl1, 1)
+        b0 += tl.sum(xb * dl1, 1)
+        dx0 = _mmap(nt[:, None] * dl1, tl.trans(as1), _mmap(gt[:, None] * dl1, tl.trans(aw1), dx0, PREC), PREC)
+        dd1 = -(gt[:, None] * xa + nt[:, None] * xb)
+        if COT:
+            dd1 += tl.load(CD1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+        sp = tl.load(SP + row * C * HID + rows[:, None] * HID + cols[None, :])
+        p9 = _mmap(dd1 * sp, tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), p9, PREC)
+    p5 = tl.zeros([C, DV], dtype=tl.float32)  # X_1 A^W_2
+    p6 = tl.zeros([C, DV], dtype=tl.float32)  # X_1 A^S_2
+    p9c = tl.zeros([C, DV], dtype=tl.float32)  # (Δ_1 ∘ σ') W_2: the clip's term of p9, per token
+    db = tl.zeros([BH], dtype=tl.float32)  # ⟨A^W, W⟩, ⟨A^S, S⟩, ⟨A^W, S⟩ by hidden unit (layer 2 here, layer 1 below)
+    dm = tl.zeros([BH], dtype=tl.float32)
+    df = tl.zeros([BH], dtype=tl.float32)
+    for j in range(0, HID, BH):
+        cols = j + ch
+        x1 = tl.load(X1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+        aw2 = tl.load(AW2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
+        as2 = tl.load(AS2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
+        w2 = tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
+        s2 = tl.load(S2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
+        p5 = _mmap(x1, aw2, p5, PREC)
+        p6 = _mmap(x1, as2, p6, PREC)
+        db += tl.sum(aw2 * w2, 1)
+        dm += tl.sum(as2 * s2, 1)
+        df += tl.sum(aw2 * s2, 1)
+        if CLIP:
+            dl1 = tl.load(DL1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+            sp = tl.load(SP + row * C * HID + rows[:, None] * HID + cols[None, :])
+            p9c = _mmap(dl1 * sp, w2, p9c, PREC)
+    dl2 = tl.load(DL2 + row * C * DV + rows[:, None] * DV + cv[None, :])
+    dx0 = -dx0
+    dd2 = -(gt[:, None] * p5 + nt[:, None] * p6)
+    dgt = -(a0 + tl.sum(p5 * dl2, 1))
+    dnt = -(b0 + tl.sum(p6 * dl2, 1))
+    if COT:
+        dx0 += tl.load(CX0 + row * C * DK + rows[:, None] * DK + ck[None, :])
+        dd2 += tl.load(CD2 + row * C * DV + rows[:, None] * DV + cv[None, :])
+    if CLIP:
+        # the clip's backward: sc = τ / sqrt(max(sq, τ²)), sq = Σ_l ‖X_l‖² ‖Δ_l‖²
+        dsc = gl * dgt + nl * dnt
+        if COT:
+            dsc += tl.load(CSC + row * C + rows)
+        sq = tl.load(SQ + row * C + rows)
+        dsq = tl.where(sq >= tau2, -0.5 * sc / sq * dsc, 0.0)
+        c1 = 2.0 * dsq * tl.load(XN0 + row * C + rows)  # of Δ_1: 2 dsq ‖k‖² Δ_1
+        c2 = 2.0 * dsq * tl.load(XN1 + row * C + rows)  # of Δ_2
+        c3 = 2.0 * dsq * tl.load(DN0 + row * C + rows)  # of k
+        c4 = 2.0 * dsq * tl.load(DN1 + row * C + rows)  # of X_1
+        dd2 += c2[:, None] * dl2
+        dx0 += c3[:, None] * k
+        p9 += c1[:, None] * p9c
+        tl.store(DGO + row * C + rows, dgt * sc)
+        tl.store(DNO + row * C + rows, dnt * sc)
+    else:
+        c1 = tl.zeros([C], dtype=tl.float32)
+        c4 = tl.zeros([C], dtype=tl.float32)
+        tl.store(DGO + row * C + rows, dgt)
+        tl.store(DNO + row * C + rows, dnt)
+    u = dd2 + p9  # the cotangent of Δ_2, complete
+    if LN:  # Δ_2 = J(Z_2)ᵀ D, D = 2(LN(Z_2) [+ k] − v): its Jacobian-vector product (fused_backward.key_pass_vjp)
+        out = tl.load(OUT + row * C * DV + rows[:, None] * DV + cv[None, :])
+        rstd = tl.load(RSTD + row * C + rows)
+        dmean = tl.load(DMEAN + row * C + rows)
+        ju = rstd[:, None] * (u - _rowmean(u, DV)[:, None] - out * _rowmean(u * out, DV)[:, None])
+        jju = rstd[:, None] * (ju - _rowmean(ju, DV)[:, None] - out * _rowmean(ju * out, DV)[:, None])
+        dz2 = 2.0 * jju - rstd[:, None] * (_rowmean(u * dl2, DV)[:, None] * out + dmean[:, None] * ju + _rowmean(u * out, DV)[:, None] * dl2)
+    else:
+        ju = u
+        dz2 = 2.0 * u
+    # dv and dk's other terms stored now, so that neither they nor ju stay live through pass 2 (dk's main term is added at the end)
+    tl.store(DVO + row * C * DV + rows[:, None] * DV + cv[None, :], -2.0 * ju)
+    if RES:
+        dx0 += 2.0 * ju
+    tl.store(DKO + row * C * DK + rows[:, None] * DK + ck[None, :], dx0)
+    # pass 2: dZ_1 = dΔ_1 ∘ (Δ_2 W_2ᵀ ∘ σ'') + d(σ(Z_1)) ∘ σ' per slice, and its product with W_1ᵀ, in two loops (one term each)
+    pk = tl.zeros([C, DK], dtype=tl.float32)
+    gk = gt[:, None] * k
+    nk = nt[:, None] * k
+    for j in range(0, HID, BH):
+        cols = j + ch
+        aw1 = tl.load(AW1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
+        as1 = tl.load(AS1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
+        w1 = tl.load(W1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
+        s1 = tl.load(S1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
+        db += tl.sum(aw1 * w1, 0)
+        dm += tl.sum(as1 * s1, 0)
+        df += tl.sum(aw1 * s1, 0)
+        dd1 = -_mmap(nk, as1, _mmp(gk, aw1, PREC), PREC)
+        if COT:
+            dd1 += tl.load(CD1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+        if CLIP:
+            dd1 += c1[:, None] * tl.load(DL1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+        curv = tl.load(CURV + row * C * HID + rows[:, None] * HID + cols[None, :])
+        pk = _mmap(dd1 * curv, tl.trans(w1), pk, PREC)
+    gd = -gt[:, None] * dl2
+    nd = -nt[:, None] * dl2
+    for j in range(0, HID, BH):
+        cols = j + ch
+        aw2 = tl.load(AW2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
+        as2 = tl.load(AS2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
+        w2 = tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
+        # X_1's cotangent (the update's, the read's, the clip's) plus dZ_2 W_2ᵀ: the cotangent of σ(Z_1)
+        dx = _mmap(dz2, tl.trans(w2), _mmap(nd, tl.trans(as2), _mmp(gd, tl.trans(aw2), PREC), PREC), PREC)
+        if COT:
+            dx += tl.load(CX1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+        if CLIP:
+            dx += c4[:, None] * tl.load(X1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+        sp = tl.load(SP + row * C * HID + rows[:, None] * HID + cols[None, :])
+        w1 = tl.load(W1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
+        pk = _mmap(dx * sp, tl.trans(w1), pk, PREC)
+    dko = DKO + row * C * DK + rows[:, None] * DK + ck[None, :]
+    tl.store(dko, tl.load(dko) + pk)  # (the same program's store above: no other program touches these rows)
+    tl.store(DOTS + row * 3, tl.sum(db, 0))
+    tl.store(DOTS + row * 3 + 1, tl.sum(dm, 0))
+    tl.store(DOTS + row * 3 + 2, tl.sum(df, 0))
+
+
+def supported(k: Tensor, w: Sequence[Tensor]) -> bool:
+    """Depth 2, power-of-two sizes ≥ 16 (``tl.dot`` tiles), ``d_k = d_v`` (the residual adds ``v``-sized terms to ``dk``)."""
+    if len(w) != 2:
+        return False
+    c, dk, hid, dv = k.shape[-2], k.shape[-1], w[0].shape[-1], w[1].shape[-1]
+    return dk == dv and all(x >= 16 and x & (x - 1) == 0 for x in (c, dk, hid, dv))
+
+
+def _outputs(k: Tensor, dl2: Tensor, gl: Tensor) -> list[Tensor]:
+    """``[dk, dv, dg_last, dn_last, dots [..., 3]]``, allocated."""
+    return [torch.empty_like(k), torch.empty_like(dl2), torch.empty_like(gl), torch.empty_like(gl), gl.new_empty((*gl.shape[:-1], 3))]
+
+
+@torch.library.custom_op("mnemotorch::lmm_update_vjp", mutates_args=())
+def lmm_update_vjp(
+    k: Tensor, x1: Tensor, dl1: Tensor, sp: Tensor, curv: Tensor, dl2: Tensor,
+    out: Tensor | None, rstd: Tensor | None, dmean: Tensor | None,
+    w1: Tensor, w2: Tensor, s1: Tensor, s2: Tensor, aw1: Tensor, as1: Tensor, aw2: Tensor, as2: Tensor,
+    gl: Tensor, nl: Tensor, sc: Tensor | None, xn0: Tensor | None, xn1: Tensor | None, dn0: Tensor | None,
+    dn1: Tensor | None, sq: Tensor | None,
+    cd1: Tensor | None, cd2: Tensor | None, cx0: Tensor | None, cx1: Tensor | None, csc: Tensor | None,
+    residual: bool, max_grad_norm: float, prec: str,
+) -> list[Tensor]:  # fmt: skip
+    """The kernel on ``[G, B, H, …]`` fp32 contiguous tensors (chunk-major, as the backward holds them):
+    ``[dk, dv, dg_last, dn_last, dots]`` with ``dots [..., 3] = (⟨A^W, W⟩, ⟨A^S, S⟩, ⟨A^W, S⟩)`` summed over both
+    layers. ``out, rstd, dmean`` (all or none): the LayerNorm's; ``sc, xn0, xn1, dn0, dn1, sq`` (all or none): the
+    clip's, at ``max_grad_norm``; ``cd1, cd2, cx0, cx1`` (all or none; ``csc`` with the clip): the read's
+    cotangents."""
+    c, dkk = k.shape[-2:]
+    hid, dv = w1.shape[-1], w2.shape[-1]
+    rows = k.numel() // (c * dkk)
+    res = _outputs(k, dl2, gl)
+    ln, clip, cot = out is not None, sc is not None, cd1 is not None
+    any_ = lambda x: k if x is None else x  # noqa: E731  (a pointer the kernel does not read: its constexpr is off)
+    bh = min(int(LAUNCH_UPDATE_VJP["slice"]), hid)
+    _lmm_update_vjp_kernel[(rows,)](
+        k, x1, dl1, sp, curv, dl2, any_(out), any_(rstd), any_(dmean),
+        w1, w2, s1, s2, aw1, as1, aw2, as2,
+        gl, nl, any_(sc), any_(xn0), any_(xn1), any_(dn0), any_(dn1), any_(sq),
+        any_(cd1), any_(cd2), any_(cx0), any_(cx1), any_(csc),
+        *res, float(max_grad_norm) ** 2,
+        C=c, DK=dkk, DV=dv, HID=hid, BH=bh, LN=ln, RES=residual, CLIP=clip, COT=cot, PREC=prec,
+        num_warps=int(LAUNCH_UPDATE_VJP["warps"]), num_stages=int(LAUNCH_UPDATE_VJP["stages"]),
+    )  # fmt: skip
+    return res
+
+
+@lmm_update_vjp.register_fake
+def _(k, x1, dl1, sp, curv, dl2, out, rstd, dmean, w1, w2, s1, s2, aw1, as1, aw2, as2, gl, nl, sc, xn0, xn1, dn0, dn1, sq,
+      cd1, cd2, cx0, cx1, csc, residual, max_grad_norm, prec):  # fmt: skip
+    return _outputs(k, dl2, gl)
+
+
+def launch(k: Tensor, kp: KeyPass, g_last: Tensor, n_last: Tensor, w: Sequence[Tensor], s: Sequence[Tensor], adj_w: Sequence[Tensor],
+           adj_s: Sequence[Tensor], residual: bool, layer_norm: bool, max_grad_norm: float | None, stats: tuple | None,
+           cot: ReadCotangents | None, prec: str) -> tuple:  # fmt: skip
+    """:func:`~.fused_backward.state_adjoint`'s input gradients (``inputs=True``: ``(dk, dv, dg_last, dn_last, dβ_c,
+    dm_c, df_c)``) by the kernel, on the backward's tensors (cast to fp32 and made contiguous where they are not).
+    ``k [..., C, d]`` and every tensor batched alike; ``kp``: the key pass at ``w`` (depth 2); ``stats``: the clip's
+    (:func:`~.fused_backward._clip_stats`, needed with ``max_grad_norm``); ``cot``: the read's folded cotangents."""
+    f32 = lambda x: None if x is None else (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous())  # noqa: E731
+    vec = lambda x: None if x is None else f32(x.squeeze(-1) if x.dim() == k.dim() else x)  # noqa: E731  ([.., C, 1] -> [.., C])
+    ln = (f32(kp.out), vec(kp.rstd), vec(kp.dmean)) if layer_norm else (None, None, None)
+    if max_grad_norm is not None:
+        if stats is None:
+            raise ValueError("fused_update_vjp.launch: the clip needs its stats (fused_backward._clip_stats)")
+        xn, dn, sq, sc = stats
+        clip = (f32(sc), f32(xn[0]), f32(xn[1]), f32(dn[0]), f32(dn[1]), f32(sq))
+    else:
+        clip = (None,) * 6
+    if cot is not None:
+        like = (kp.deltas[0], kp.deltas[1], k, kp.xs[1])
+        parts = [f32(torch.zeros_like(y) if x is None else x) for x, y in zip((*cot.d_delta, *cot.d_x), like)]
+        dsc = None if max_grad_norm is None else f32(torch.zeros_like(g_last) if cot.dsc is None else cot.dsc)
+        cots = (*parts, dsc)
+    else:
+        cots = (None,) * 5
+    dk, dv, dg, dn, dots = lmm_update_vjp(
+        f32(k), f32(kp.xs[1]), f32(kp.deltas[0]), f32(kp.d1[0]), f32(kp.d2[0]), f32(kp.deltas[1]), *ln,
+        f32(w[0]), f32(w[1]), f32(s[0]), f32(s[1]), f32(adj_w[0]), f32(adj_s[0]), f32(adj_w[1]), f32(adj_s[1]),
+        f32(g_last), f32(n_last), *clip, *cots, residual, 0.0 if max_grad_norm is None else float(max_grad_norm), prec,
+    )  # fmt: skip
+    return dk, dv, dg, dn, dots[..., 0], dots[..., 1], dots[..., 2]
+
+
+__all__ = ["LAUNCH_UPDATE_VJP", "launch", "lmm_update_vjp", "supported"]
