@@ -133,7 +133,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
     "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8). ``vjps``:
     "READ:UPDATE" pairs of ``BACKWARD["read_vjp"]`` ("triton", "adjoint", "autograd") / ``["update_vjp"]`` ("triton", "adjoint",
-    "autograd"; ":u32w8" sets the update kernel's slice and warps), a suffix ":fold" sets ``BACKWARD["fold_read"]`` (the read's key-pass cotangents go into the sweep and the
+    "autograd"; ":u32w8[s2]" sets the update kernel's slice, warps and stages), a suffix ":fold" sets ``BACKWARD["fold_read"]`` (the read's key-pass cotangents go into the sweep and the
     update's pass instead of their own key-pass VJP). ``read_vjp_launches``: "slice:warps[:a_slice:a_warps]" launches of the read-VJP kernels, timed in the "triton" rows."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
@@ -171,11 +171,12 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         fused_triton.LAUNCH["exact_keys"] = "nok" not in opts and saved_launch[2]
         from mnemotorch.ops.memory import fused_update_vjp
 
-        ulaunch = [re.fullmatch(r"u(\d+)w(\d+)", o) for o in opts]  # ":u32w8": the update-VJP kernel's slice and warps
+        ulaunch = [re.fullmatch(r"u(\d+)w(\d+)(?:s(\d+))?", o) for o in opts]  # ":u32w8[s2]": the update-VJP kernel's slice, warps, stages
         ulaunch = [m for m in ulaunch if m]
         fused_update_vjp.LAUNCH_UPDATE_VJP.update(saved_update_launch)
         if ulaunch:
-            fused_update_vjp.LAUNCH_UPDATE_VJP.update(slice=int(ulaunch[0][1]), warps=int(ulaunch[0][2]))
+            m = ulaunch[0]
+            fused_update_vjp.LAUNCH_UPDATE_VJP.update(slice=int(m[1]), warps=int(m[2]), stages=int(m[3] or saved_update_launch["stages"]))
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
                "half_precision": fused_triton.LAUNCH["half_precision"], "half_read_precision": fused_triton.LAUNCH["half_read_precision"],
                "exact_keys": fused_triton.LAUNCH["exact_keys"], "update_vjp_launch": dict(fused_update_vjp.LAUNCH_UPDATE_VJP),
@@ -291,7 +292,7 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="time the training path (forward + backward) at --sweep-t")
     ap.add_argument("--sweep-launch", default="", help="with --train: sweep kernel launches slice:warps[:split], e.g. 64:8:0,64:4:64,64:4:32")
     ap.add_argument("--vjps", default="triton:adjoint", help="--train's READ:UPDATE[:fold] of BACKWARD['read_vjp'] (triton, adjoint, autograd) / "
-                    "['update_vjp'] (triton, adjoint, autograd; ':u32w8' the update kernel's slice / warps); ':fold' sets BACKWARD['fold_read'], ':f32' clears BACKWARD['update_tf32'], "
+                    "['update_vjp'] (triton, adjoint, autograd; ':u32w8[s2]' the update kernel's slice / warps / stages); ':fold' sets BACKWARD['fold_read'], ':f32' clears BACKWARD['update_tf32'], "
                     "':serial' / ':overlap' clear / set BACKWARD['overlap'], ':gNN' sets BACKWARD['group_elements'] = 2**NN, ':pPREC' sets LAUNCH['half_precision'] "
                     "(ptf32x3, pbf16x3, ptf32), ':rPREC' LAUNCH['half_read_precision'] (rtf32, rbf16x3, rtf32x3), ':nok' clears LAUNCH['exact_keys']")
     ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8")

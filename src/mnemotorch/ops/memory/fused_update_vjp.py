@@ -41,7 +41,7 @@ from .fused_backward import KeyPass, ReadCotangents
 from .fused_triton import _mmap, _mmp
 
 #: ``slice``: hidden columns per step of both passes; ``warps``: per program.
-LAUNCH_UPDATE_VJP: dict = {"slice": 32, "warps": 8, "stages": 1}
+LAUNCH_UPDATE_VJP: dict = {"slice": 32, "warps": 4, "stages": 1}
 
 
 @triton.jit
@@ -104,6 +104,11 @@ def _lmm_update_vjp_kernel(
             dd1 += tl.load(CD1 + row * C * HID + rows[:, None] * HID + cols[None, :])
         sp = tl.load(SP + row * C * HID + rows[:, None] * HID + cols[None, :])
         p9 = _mmap(dd1 * sp, tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), p9, PREC)
+    # dk's first terms stored now (its other terms added at the end), so that dx0 is not live through what follows
+    dx0 = -dx0
+    if COT:
+        dx0 += tl.load(CX0 + row * C * DK + rows[:, None] * DK + ck[None, :])
+    tl.store(DKO + row * C * DK + rows[:, None] * DK + ck[None, :], dx0)
     p5 = tl.zeros([C, DV], dtype=tl.float32)  # X_1 A^W_2
     p6 = tl.zeros([C, DV], dtype=tl.float32)  # X_1 A^S_2
     p9c = tl.zeros([C, DV], dtype=tl.float32)  # (Δ_1 ∘ σ') W_2: the clip's term of p9, per token
@@ -122,17 +127,17 @@ def _lmm_update_vjp_kernel(
         db += tl.sum(aw2 * w2, 1)
         dm += tl.sum(as2 * s2, 1)
         df += tl.sum(aw2 * s2, 1)
-        if CLIP:
+    if CLIP:  # (a loop of its own: in either loop above its tiles and accumulator spilled)
+        for j in range(0, HID, BH):
+            cols = j + ch
             dl1 = tl.load(DL1 + row * C * HID + rows[:, None] * HID + cols[None, :])
             sp = tl.load(SP + row * C * HID + rows[:, None] * HID + cols[None, :])
-            p9c = _mmap(dl1 * sp, w2, p9c, PREC)
+            p9c = _mmap(dl1 * sp, tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), p9c, PREC)
     dl2 = tl.load(DL2 + row * C * DV + rows[:, None] * DV + cv[None, :])
-    dx0 = -dx0
     dd2 = -(gt[:, None] * p5 + nt[:, None] * p6)
     dgt = -(a0 + tl.sum(p5 * dl2, 1))
     dnt = -(b0 + tl.sum(p6 * dl2, 1))
     if COT:
-        dx0 += tl.load(CX0 + row * C * DK + rows[:, None] * DK + ck[None, :])
         dd2 += tl.load(CD2 + row * C * DV + rows[:, None] * DV + cv[None, :])
     if CLIP:
         # the clip's backward: sc = τ / sqrt(max(sq, τ²)), sq = Σ_l ‖X_l‖² ‖Δ_l‖²
@@ -146,12 +151,12 @@ def _lmm_update_vjp_kernel(
         c3 = 2.0 * dsq * tl.load(DN0 + row * C + rows)  # of k
         c4 = 2.0 * dsq * tl.load(DN1 + row * C + rows)  # of X_1
         dd2 += c2[:, None] * dl2
-        dx0 += c3[:, None] * k
         p9 += c1[:, None] * p9c
         tl.store(DGO + row * C + rows, dgt * sc)
         tl.store(DNO + row * C + rows, dnt * sc)
     else:
         c1 = tl.zeros([C], dtype=tl.float32)
+        c3 = tl.zeros([C], dtype=tl.float32)
         c4 = tl.zeros([C], dtype=tl.float32)
         tl.store(DGO + row * C + rows, dgt)
         tl.store(DNO + row * C + rows, dnt)
@@ -166,15 +171,11 @@ def _lmm_update_vjp_kernel(
     else:
         ju = u
         dz2 = 2.0 * u
-    # dv and dk's other terms stored now, so that neither they nor ju stay live through pass 2 (dk's main term is added at the end)
-    tl.store(DVO + row * C * DV + rows[:, None] * DV + cv[None, :], -2.0 * ju)
-    if RES:
-        dx0 += 2.0 * ju
-    tl.store(DKO + row * C * DK + rows[:, None] * DK + ck[None, :], dx0)
+    # dv stored now, so that ju is not live through pass 2 (dk takes −dv back at the end, with the residual)
+    dvo = DVO + row * C * DV + rows[:, None] * DV + cv[None, :]
+    tl.store(dvo, -2.0 * ju)
     # pass 2: dZ_1 = dΔ_1 ∘ (Δ_2 W_2ᵀ ∘ σ'') + d(σ(Z_1)) ∘ σ' per slice, and its product with W_1ᵀ, in two loops (one term each)
     pk = tl.zeros([C, DK], dtype=tl.float32)
-    gk = gt[:, None] * k
-    nk = nt[:, None] * k
     for j in range(0, HID, BH):
         cols = j + ch
         aw1 = tl.load(AW1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
@@ -184,22 +185,20 @@ def _lmm_update_vjp_kernel(
         db += tl.sum(aw1 * w1, 0)
         dm += tl.sum(as1 * s1, 0)
         df += tl.sum(aw1 * s1, 0)
-        dd1 = -_mmap(nk, as1, _mmp(gk, aw1, PREC), PREC)
+        dd1 = -(gt[:, None] * _mmp(k, aw1, PREC) + nt[:, None] * _mmp(k, as1, PREC))
         if COT:
             dd1 += tl.load(CD1 + row * C * HID + rows[:, None] * HID + cols[None, :])
         if CLIP:
             dd1 += c1[:, None] * tl.load(DL1 + row * C * HID + rows[:, None] * HID + cols[None, :])
         curv = tl.load(CURV + row * C * HID + rows[:, None] * HID + cols[None, :])
         pk = _mmap(dd1 * curv, tl.trans(w1), pk, PREC)
-    gd = -gt[:, None] * dl2
-    nd = -nt[:, None] * dl2
     for j in range(0, HID, BH):
         cols = j + ch
         aw2 = tl.load(AW2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
         as2 = tl.load(AS2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
         w2 = tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
         # X_1's cotangent (the update's, the read's, the clip's) plus dZ_2 W_2ᵀ: the cotangent of σ(Z_1)
-        dx = _mmap(dz2, tl.trans(w2), _mmap(nd, tl.trans(as2), _mmp(gd, tl.trans(aw2), PREC), PREC), PREC)
+        dx = _mmp(dz2, tl.trans(w2), PREC) - gt[:, None] * _mmp(dl2, tl.trans(aw2), PREC) - nt[:, None] * _mmp(dl2, tl.trans(as2), PREC)
         if COT:
             dx += tl.load(CX1 + row * C * HID + rows[:, None] * HID + cols[None, :])
         if CLIP:
@@ -208,7 +207,12 @@ def _lmm_update_vjp_kernel(
         w1 = tl.load(W1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
         pk = _mmap(dx * sp, tl.trans(w1), pk, PREC)
     dko = DKO + row * C * DK + rows[:, None] * DK + ck[None, :]
-    tl.store(dko, tl.load(dko) + pk)  # (the same program's store above: no other program touches these rows)
+    dk = tl.load(dko) + pk  # (the same program's stores above: no other program touches these rows)
+    if CLIP:
+        dk += c3[:, None] * tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])
+    if RES:
+        dk -= tl.load(dvo)  # + 2 ju
+    tl.store(dko, dk)
     tl.store(DOTS + row * 3, tl.sum(db, 0))
     tl.store(DOTS + row * 3 + 1, tl.sum(dm, 0))
     tl.store(DOTS + row * 3 + 2, tl.sum(df, 0))
