@@ -40,8 +40,11 @@ from torch import Tensor
 from .fused_backward import KeyPass, ReadCotangents
 from .fused_triton import _mmap, _mmp
 
-#: ``slice``: hidden columns per step of both passes; ``warps``: per program.
-LAUNCH_UPDATE_VJP: dict = {"slice": 32, "warps": 4, "stages": 1}
+#: ``slice``: hidden columns per step of both passes; ``warps``: per program; ``stages``: software pipelining of the
+#: loops. H200 at 16K, 16 heads, d 64, hidden 256, the update's phase (matched / default): 32 / 4 / 2 2.91 / 3.45 ms,
+#: 32 / 4 / 1 2.99 / 3.63, 64 / 4 / 1 3.27 / 3.69, 16 / 4 / 2 3.48 / 4.18, 16 / 4 / 1 3.93 / 4.92, 32 / 8 / 1 (the first form)
+#: 4.76 / 5.44; the batched PyTorch form 3.99 / 4.33 (docs/results/neural_memory.md, sixteenth session).
+LAUNCH_UPDATE_VJP: dict = {"slice": 32, "warps": 4, "stages": 2}
 
 
 @triton.jit
