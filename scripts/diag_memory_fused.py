@@ -134,7 +134,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8). ``vjps``:
     "READ:UPDATE" pairs of ``BACKWARD["read_vjp"]`` ("triton", "adjoint", "autograd") / ``["update_vjp"]`` ("triton", "adjoint",
     "autograd"; ":u32w8[s2]" sets the update kernel's slice, warps and stages), a suffix ":fold" sets ``BACKWARD["fold_read"]`` (the read's key-pass cotangents go into the sweep and the
-    update's pass instead of their own key-pass VJP). ``read_vjp_launches``: "slice:warps[:a_slice:a_warps]" launches of the read-VJP kernels, timed in the "triton" rows."""
+    update's pass instead of their own key-pass VJP). ``read_vjp_launches``: "slice:warps[:a_slice:a_warps[:stages]]" launches of the read-VJP kernels, timed in the "triton" rows."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements")}
@@ -210,8 +210,8 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
                 base_launch = dict(fused_read_vjp.LAUNCH_READ_VJP)
                 row["read_vjp_launch_ms"] = {}
                 for spec in read_vjp_launches:
-                    parts = [int(x) for x in spec.split(":")]  # slice:warps[:a_slice:a_warps]
-                    fused_read_vjp.LAUNCH_READ_VJP.update(dict(zip(("slice", "warps", "a_slice", "a_warps"), parts)))
+                    parts = [int(x) for x in spec.split(":")]  # slice:warps[:a_slice:a_warps[:stages]]
+                    fused_read_vjp.LAUNCH_READ_VJP.update(dict(zip(("slice", "warps", "a_slice", "a_warps", "stages"), parts)))
                     try:
                         fwd_bwd()  # compiles this variant
                         phases = {}
@@ -230,6 +230,11 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
                      "n_spills": getattr(ck, "n_spills", None)}
                     for kn in ("_lmm_read_vjp_a_kernel", "_lmm_read_vjp_b_kernel")
                     for cache in getattr(fused_read_vjp, kn).device_caches.values() for ck in cache[0].values()]  # fmt: skip
+            if uvjp == "triton":  # registers and spills of the update-VJP kernel's compiled variants
+                row["update_vjp_kernels"] = [
+                    {"num_warps": getattr(ck.metadata, "num_warps", None), "num_stages": getattr(ck.metadata, "num_stages", None),
+                     "n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None)}
+                    for cache in fused_update_vjp._lmm_update_vjp_kernel.device_caches.values() for ck in cache[0].values()]  # fmt: skip
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
@@ -295,7 +300,7 @@ def main() -> None:
                     "['update_vjp'] (triton, adjoint, autograd; ':u32w8[s2]' the update kernel's slice / warps / stages); ':fold' sets BACKWARD['fold_read'], ':f32' clears BACKWARD['update_tf32'], "
                     "':serial' / ':overlap' clear / set BACKWARD['overlap'], ':gNN' sets BACKWARD['group_elements'] = 2**NN, ':pPREC' sets LAUNCH['half_precision'] "
                     "(ptf32x3, pbf16x3, ptf32), ':rPREC' LAUNCH['half_read_precision'] (rtf32, rbf16x3, rtf32x3), ':nok' clears LAUNCH['exact_keys']")
-    ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8")
+    ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps[:stages]] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8:2")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
