@@ -30,6 +30,7 @@ bound the tiles live at once):
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -44,7 +45,10 @@ from .fused_triton import _mmap, _mmp
 #: loops. H200 at 16K, 16 heads, d 64, hidden 256, the update's phase (matched / default): 32 / 4 / 2 2.91 / 3.45 ms,
 #: 32 / 4 / 1 2.99 / 3.63, 64 / 4 / 1 3.27 / 3.69, 16 / 4 / 2 3.48 / 4.18, 16 / 4 / 1 3.93 / 4.92, 32 / 8 / 1 (the first form)
 #: 4.76 / 5.44; the batched PyTorch form 3.99 / 4.33 (docs/results/neural_memory.md, sixteenth session).
+#: ``MNEMO_MEMORY_UPDATE_VJP_LAUNCH="slice:warps:stages"`` sets all three.
 LAUNCH_UPDATE_VJP: dict = {"slice": 32, "warps": 4, "stages": 2}
+if os.environ.get("MNEMO_MEMORY_UPDATE_VJP_LAUNCH"):
+    LAUNCH_UPDATE_VJP.update(zip(("slice", "warps", "stages"), (int(x) for x in os.environ["MNEMO_MEMORY_UPDATE_VJP_LAUNCH"].split(":"))))
 
 
 @triton.jit
