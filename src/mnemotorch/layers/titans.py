@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..ops.memory import ACTIVATIONS, MAX_DEPTH, MemoryState, accumulation_dtype, compile_options, memory_forward, memory_hidden_shapes, neural_memory
 from .base import Mixer, MixerState
 from .registry import register_mixer
-from .short_conv import causal_depthwise_conv, conv_silu_qkv
+from .short_conv import causal_depthwise_conv, compiled_conv_silu_qkv, conv_silu_qkv
 
 
 @dataclass
@@ -248,7 +248,8 @@ class TitansLMM(Mixer):
             state = self.init_state(x.shape[0], x.device, x.dtype)
         b, t, _ = x.shape
         h, d = self.num_heads, self.head_dim
-        q, k, v, conv = conv_silu_qkv(self.qkv_proj(x), self.conv_weight, state.conv, h, d)
+        inputs = compiled_conv_silu_qkv() if self._compile_inputs(x) else conv_silu_qkv
+        q, k, v, conv = inputs(self.qkv_proj(x), self.conv_weight, state.conv, h, d)
         # Gates in the accumulation dtype: a bf16 sigmoid rounds η or α onto 0 / 1 (log-space -inf).
         gates = self.gate_proj(x).to(accumulation_dtype(x.dtype))
         theta, eta, alpha = torch.sigmoid(gates).view(b, t, 3, h).unbind(2)
@@ -279,6 +280,16 @@ class TitansLMM(Mixer):
             conv=conv,
         )
         return y, new_state
+
+    def _compile_inputs(self, x: Tensor) -> bool:
+        """With the fused memory on CUDA (its fast path), the input path (conv, SiLU, ℓ2 norms) runs through
+        ``torch.compile`` (:func:`~.short_conv.compiled_conv_silu_qkv`); ``MNEMO_MEMORY_COMPILE_INPUTS=0`` keeps it eager.
+        Not while ``torch.compile`` already traces the caller, nor while a CUDA graph is being captured."""
+        if not x.is_cuda or os.environ.get("MNEMO_MEMORY_COMPILE_INPUTS", "1") == "0":
+            return False
+        if not (self.fused_memory or os.environ.get("MNEMO_MEMORY_FUSED") == "1"):
+            return False
+        return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
 
     def _use_fused_memory(self, q: Tensor, memory: MemoryState) -> bool:
         """``fused_memory`` or ``MNEMO_MEMORY_FUSED=1``: on CUDA the memory's full chunks run in the fused
