@@ -1,0 +1,62 @@
+"""The titans_lmm layer's forward + backward with the fused memory, its input path (conv, SiLU, ℓ2 norms) eager
+against ``torch.compile``d (``MNEMO_MEMORY_COMPILE_INPUTS``), bf16, dim 1024, 16 heads: CUDA-event medians.
+
+Usage (GPU): ``python scripts/diag_titans_inputs.py --length 16384 --config matched --out diag_titans_inputs.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from mnemotorch.bench.neural_memory import build_ours
+
+
+def median_ms(fn, warmup: int, rep: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--length", type=int, default=16384)
+    ap.add_argument("--config", default="matched")
+    ap.add_argument("--rep", type=int, default=7)
+    ap.add_argument("--out", default="diag_titans_inputs.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    os.environ["MNEMO_MEMORY_FUSED"] = "1"
+    layer = build_ours(1024, 16, 64, args.config, torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(1, args.length, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    go = torch.randn_like(x)
+    params = [x, *layer.parameters()]
+    fwd_bwd = lambda: torch.autograd.grad(layer(x)[0], params, go)  # noqa: E731
+    row = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": args.length, "config": args.config}
+    for mode in ("0", "1", "0", "1"):  # alternated twice
+        os.environ["MNEMO_MEMORY_COMPILE_INPUTS"] = mode
+        t0 = time.perf_counter()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        row.setdefault(f"first_call_s_{mode}", time.perf_counter() - t0)
+        row.setdefault(f"fwd_bwd_ms_{mode}", []).append(median_ms(fwd_bwd, 2, args.rep))
+        print(mode, row[f"fwd_bwd_ms_{mode}"], flush=True)
+    with open(args.out, "w") as fh:
+        json.dump(row, fh, indent=1)
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
