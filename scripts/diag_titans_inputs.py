@@ -13,21 +13,8 @@ import time
 
 import torch
 
+from mnemotorch.bench.block_sparse import median_ms
 from mnemotorch.bench.neural_memory import build_ours
-
-
-def median_ms(fn, warmup: int, rep: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rep):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
