@@ -744,3 +744,13 @@ def test_exact_keys_bit_identical(monkeypatch):
     assert kb_on == [True] and kb_off == [False]
     for i, (a, b) in enumerate(zip(two, three)):
         assert torch.isfinite(a.float()).all() and torch.equal(a, b), i
+
+
+def test_update_vjp_launch_from_env():
+    """``MNEMO_MEMORY_UPDATE_VJP_LAUNCH`` parses "slice:warps:stages" and names itself when malformed."""
+    from mnemotorch.ops.memory.fused_update_vjp import _launch_from_env
+
+    assert _launch_from_env("64:8:3") == {"slice": 64, "warps": 8, "stages": 3}
+    for bad in ("64:8", "64:x:1", "0:4:1", "32:4:2:1"):
+        with pytest.raises(ValueError, match="MNEMO_MEMORY_UPDATE_VJP_LAUNCH"):
+            _launch_from_env(bad)

@@ -17,8 +17,8 @@ and the key pass's VJP of those cotangents (a Hessian-vector product through the
 :func:`~.fused_backward.key_pass_vjp`) takes them to ``dk, dv``. The read's key-pass cotangents
 (:class:`~.fused_backward.ReadCotangents`, ``BACKWARD["fold_read"]``) are added first, as ``state_adjoint``'s ``add_cot``.
 
-One program per (chunk, batch row, head), two passes over slices of ``BH`` hidden columns (each pass two loops, to
-bound the tiles live at once):
+One program per (chunk, batch row, head), two passes over slices of ``BH`` hidden columns (each pass two loops, the
+first a third with the clip, to bound the tiles live at once):
 
 1. the sums over the hidden dimension that everything after needs: ``dX_0``, ``X_1 A^W_2``, ``X_1 A^S_2`` and the
    rowsums of ``g̃, ñ``'s cotangents (hence the clip's backward), and ``dΔ_1 ∘ σ'(Z_1)`` times ``W_2``, which closes
@@ -42,13 +42,24 @@ from .fused_backward import KeyPass, ReadCotangents
 from .fused_triton import _mmap, _mmp
 
 #: ``slice``: hidden columns per step of both passes; ``warps``: per program; ``stages``: software pipelining of the
-#: loops. H200 at 16K, 16 heads, d 64, hidden 256, the update's phase (matched / default): 32 / 4 / 2 2.91 / 3.45 ms,
-#: 32 / 4 / 1 2.99 / 3.63, 64 / 4 / 1 3.27 / 3.69, 16 / 4 / 2 3.48 / 4.18, 16 / 4 / 1 3.93 / 4.92, 32 / 8 / 1 (the first form)
-#: 4.76 / 5.44; the batched PyTorch form 3.99 / 4.33 (docs/results/neural_memory.md, sixteenth session).
-#: ``MNEMO_MEMORY_UPDATE_VJP_LAUNCH="slice:warps:stages"`` sets all three.
+#: loops. The update's phase at 16K, 16 heads, d 64, hidden 256 (matched / default; docs/results/neural_memory.md,
+#: sixteenth session), slice / warps / stages: H100 32 / 4 / 2 3.42 / 4.12 ms, 32 / 4 / 3 4.02 / 4.72, 32 / 8 / 2
+#: 4.86 / 5.27, 32 / 8 / 1 4.69 / 5.69, 64 / 8 / 2 4.78 / 5.31 (the batched PyTorch form 5.43 / 5.88); H200 32 / 4 / 2
+#: 2.91 / 3.45, 32 / 4 / 1 2.99 / 3.63, 64 / 4 / 1 3.27 / 3.69, 16 / 4 / 2 3.48 / 4.18, 16 / 4 / 1 3.93 / 4.92 (the
+#: PyTorch form 3.99 / 4.33). ``MNEMO_MEMORY_UPDATE_VJP_LAUNCH="slice:warps:stages"`` sets all three.
 LAUNCH_UPDATE_VJP: dict = {"slice": 32, "warps": 4, "stages": 2}
+
+
+def _launch_from_env(value: str) -> dict:
+    """``"slice:warps:stages"`` (``MNEMO_MEMORY_UPDATE_VJP_LAUNCH``) as a launch dict."""
+    parts = value.split(":")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"MNEMO_MEMORY_UPDATE_VJP_LAUNCH must be 'slice:warps:stages' (three positive ints), got {value!r}")
+    return dict(zip(("slice", "warps", "stages"), (int(p) for p in parts)))
+
+
 if os.environ.get("MNEMO_MEMORY_UPDATE_VJP_LAUNCH"):
-    LAUNCH_UPDATE_VJP.update(zip(("slice", "warps", "stages"), (int(x) for x in os.environ["MNEMO_MEMORY_UPDATE_VJP_LAUNCH"].split(":"))))
+    LAUNCH_UPDATE_VJP.update(_launch_from_env(os.environ["MNEMO_MEMORY_UPDATE_VJP_LAUNCH"]))
 
 
 @triton.jit
