@@ -15,7 +15,7 @@
 #      "state/read,..."; scripts/diag_memory_precision.py).
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
-# pytest arguments (e.g. "-k training"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
+# pytest arguments, split on spaces (e.g. "-x"); NA_TEST_K a -k expression, spaces kept (e.g. "compiled_inputs or env_switch"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -30,7 +30,7 @@ for step in ${STEPS:-tests na2d na1d}; do
         name="$(echo "$path" | sed 's#.*/##; s/\.py//; s/[^A-Za-z0-9_.-]/_/g' | cut -c1-80)"
         for ((i = 0; i < n; i++)); do
           MNEMO_TEST_SHARD=$i/$n MNEMO_GPU_TESTS=1 MNEMO_AUTOTUNE=0 timeout -s INT -k 20 "${TEST_TIMEOUT:-240}" \
-              python3 -m pytest -v -p no:cacheprovider -rfEx ${NA_TEST_ARGS:-} "$path" > "$L/$name.$i.log" 2>&1 &
+              python3 -m pytest -v -p no:cacheprovider -rfEx ${NA_TEST_ARGS:-} ${NA_TEST_K:+-k "$NA_TEST_K"} "$path" > "$L/$name.$i.log" 2>&1 &
           pids+=($!)
         done
       done
