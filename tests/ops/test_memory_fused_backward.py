@@ -700,6 +700,27 @@ def test_read_vjp_custom_op_passes_opcheck(monkeypatch):
     torch.library.opcheck(fused_read_vjp.lmm_read_vjp, args)
 
 
+
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "ln_clip_cot"])
+def test_update_vjp_custom_op_passes_opcheck(monkeypatch, clip):
+    """``mnemotorch::lmm_update_vjp`` (the update-VJP kernel, interpreter) passes ``torch.library.opcheck`` with its
+    optional inputs absent and present: its fake gives the real outputs' shapes and dtypes, and it traces."""
+    from mnemotorch.ops.memory import fused_update_vjp
+
+    monkeypatch.setitem(fused_update_vjp.LAUNCH_UPDATE_VJP, "slice", 16)  # two slices
+    gen = torch.Generator().manual_seed(4)
+    n, b, h, c, d, hid = 2, 1, 2, 16, 16, 32
+    rnd = lambda *shape: torch.randn(*shape, generator=gen) * 0.3  # noqa: E731
+    ch, cd, row = (n, b, h, c, hid), (n, b, h, c, d), (n, b, h, c)
+    w_shapes = [(n, b, h, d, hid), (n, b, h, hid, d)] * 2 + [(n, b, h, d, hid)] * 2 + [(n, b, h, hid, d)] * 2  # W1, W2, S1, S2, A^W1, A^S1, A^W2, A^S2
+    opt = (lambda *shape: rnd(*shape)) if clip else (lambda *shape: None)  # noqa: E731
+    args = (rnd(*cd), *(rnd(*ch) for _ in range(4)), rnd(*cd), opt(*cd), opt(*row).abs() + 1 if clip else None, opt(*row),
+            *(rnd(*s_) for s_ in w_shapes), rnd(*row), rnd(*row), *(opt(*row) for _ in range(6)),
+            opt(*ch), opt(*cd), opt(*cd), opt(*ch), opt(*row), True, 0.5 if clip else 0.0, "ieee")  # fmt: skip
+    out = fused_update_vjp.lmm_update_vjp(*args)
+    assert [tuple(x.shape) for x in out] == [cd, cd, row, row, (n, b, h, 3)]
+    torch.library.opcheck(fused_update_vjp.lmm_update_vjp, args)
+
 class _RecordingKw:
     """A Triton kernel whose launches record one keyword argument's value."""
 
