@@ -169,8 +169,6 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         precs = [o[1:] for o in opts if o in ("rtf32x3", "rbf16x3", "rtf32")]
         fused_triton.LAUNCH["half_read_precision"] = precs[0] if precs else saved_launch[1]
         fused_triton.LAUNCH["exact_keys"] = "nok" not in opts and saved_launch[2]
-        from mnemotorch.ops.memory import fused_update_vjp
-
         ulaunch = [re.fullmatch(r"u(\d+)w(\d+)(?:s(\d+))?", o) for o in opts]  # ":u32w8[s2]": the update-VJP kernel's slice, warps, stages
         ulaunch = [m for m in ulaunch if m]
         fused_update_vjp.LAUNCH_UPDATE_VJP.update(saved_update_launch)

@@ -285,17 +285,19 @@ class TitansLMM(Mixer):
         """With the fused memory on CUDA (its fast path), the input path (conv, SiLU, ℓ2 norms) runs through
         ``torch.compile`` (:func:`~.short_conv.compiled_conv_silu_qkv`); ``MNEMO_MEMORY_COMPILE_INPUTS=0`` keeps it eager.
         Not while ``torch.compile`` already traces the caller, nor while a CUDA graph is being captured."""
-        if not x.is_cuda or os.environ.get("MNEMO_MEMORY_COMPILE_INPUTS", "1") == "0":
-            return False
-        if not (self.fused_memory or os.environ.get("MNEMO_MEMORY_FUSED") == "1"):
+        if not x.is_cuda or os.environ.get("MNEMO_MEMORY_COMPILE_INPUTS", "1") == "0" or not self._fused_requested():
             return False
         return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+
+    def _fused_requested(self) -> bool:
+        """``fused_memory`` or ``MNEMO_MEMORY_FUSED=1``."""
+        return self.fused_memory or os.environ.get("MNEMO_MEMORY_FUSED") == "1"
 
     def _use_fused_memory(self, q: Tensor, memory: MemoryState) -> bool:
         """``fused_memory`` or ``MNEMO_MEMORY_FUSED=1``: on CUDA the memory's full chunks run in the fused
         Triton kernel (training from its per-chunk checkpoints), where it supports the configuration; else
         the chunked path."""
-        if not (self.fused_memory or os.environ.get("MNEMO_MEMORY_FUSED") == "1"):
+        if not self._fused_requested():
             return False
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # CPU: only through Triton's interpreter (tests)
             return False

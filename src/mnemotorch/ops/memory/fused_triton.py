@@ -769,7 +769,8 @@ def _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C: tl.constexpr, DK
 @triton.jit
 def _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C: tl.constexpr, DV: tl.constexpr, LN: tl.constexpr):
     """``∂Δ_2/∂Z_2`` applied to Δ_2's cotangent ``dd2``: through the LayerNorm (``J (2 J u)`` plus the
-    derivative of ``J`` with ``D`` held; :func:`~.fused_backward.state_adjoint`), else ``2 u``."""
+    derivative of ``J`` with ``D`` held; :func:`~.fused_backward.state_adjoint`), else ``2 u``. Returns it with ``J u``
+    (``u`` without the LayerNorm): the cotangent of the loss gradient at the prediction (``v``'s, the residual ``k``'s)."""
     if LN:
         o = tl.load(O + ci * C * DV + rows[:, None] * DV + cv[None, :])
         r = tl.load(R + ci * C + rows)
@@ -778,8 +779,9 @@ def _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C: tl.constexpr, DV: tl.conste
         jju = r[:, None] * (ju - (tl.sum(ju, 1) / DV)[:, None] - o * (tl.sum(ju * o, 1) / DV)[:, None])
         dz2 = 2.0 * jju - r[:, None] * ((tl.sum(dd2 * d2, 1) / DV)[:, None] * o + dm[:, None] * ju + (tl.sum(dd2 * o, 1) / DV)[:, None] * d2)
     else:
+        ju = dd2
         dz2 = 2.0 * dd2
-    return dz2
+    return dz2, ju
 
 
 @triton.jit
@@ -917,7 +919,7 @@ def _lmm_sweep_kernel(
             dd2 = _mmap(dp, w2, dd2, PREC)
         if FOLD:
             dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
-        dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
+        dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
         # (3) per hidden slice: the weights' cotangents and the new adjoint (slot i)
         for j in range(0, HID, BH):
             cols = j + ch
@@ -1073,7 +1075,7 @@ def _lmm_split_sweep_kernel(
                 dd2 = dd2 + _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
-                dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
+                dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  dd1, sg1, w2, True, RD1, RX1, FOLD, KB)  # fmt: skip
@@ -1082,7 +1084,7 @@ def _lmm_split_sweep_kernel(
                 dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
-                dz2 = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
+                dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB)

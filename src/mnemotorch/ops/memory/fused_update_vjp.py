@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .fused_backward import KeyPass, ReadCotangents
-from .fused_triton import _mmap, _mmp
+from .fused_triton import _loss_second, _mmap, _mmp, _sweep_chunk_inputs
 
 #: ``slice``: hidden columns per step of both passes; ``warps``: per program; ``stages``: software pipelining of the
 #: loops. The update's phase at 16K, 16 heads, d 64, hidden 256 (matched / default; docs/results/neural_memory.md,
@@ -63,8 +63,9 @@ if os.environ.get("MNEMO_MEMORY_UPDATE_VJP_LAUNCH"):
 
 
 @triton.jit
-def _rowmean(x, D: tl.constexpr):
-    return tl.sum(x, 1) / D
+def _slab(P, row, r, c, NR: tl.constexpr, NC: tl.constexpr):
+    """Rows ``r`` and columns ``c`` of program ``row``'s ``[NR, NC]`` matrix in ``P`` (``[programs, NR, NC]`` contiguous)."""
+    return tl.load(P + row * NR * NC + r[:, None] * NC + c[None, :])
 
 
 @triton.jit
@@ -91,17 +92,9 @@ def _lmm_update_vjp_kernel(
     ck = tl.arange(0, DK)
     cv = tl.arange(0, DV)
     ch = tl.arange(0, BH)
-    k = tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])
-    dl2 = tl.load(DL2 + row * C * DV + rows[:, None] * DV + cv[None, :])
-    gl = tl.load(GL + row * C + rows)
-    nl = tl.load(NL + row * C + rows)
+    k, dl2, gl, nl, gt, nt = _sweep_chunk_inputs(K, DL2, GL, NL, SC, row, rows, ck, cv, C, DK, DV, CLIP)
     if CLIP:
-        sc = tl.load(SC + row * C + rows)
-        gt = gl * sc
-        nt = nl * sc
-    else:
-        gt = gl
-        nt = nl
+        sc = tl.load(SC + row * C + rows)  # (the clip's backward needs the scale itself)
     # pass 1: the sums over the hidden dimension, in two loops (one loop held too many tiles: spills)
     dx0 = tl.zeros([C, DK], dtype=tl.float32)  # g̃ ∘ Δ_1 A^Wᵀ_1 + ñ ∘ Δ_1 A^Sᵀ_1
     p9 = tl.zeros([C, DV], dtype=tl.float32)  # (dΔ_1 ∘ σ') W_2, dΔ_1 without the clip's term
@@ -109,9 +102,9 @@ def _lmm_update_vjp_kernel(
     b0 = tl.zeros([C], dtype=tl.float32)
     for j in range(0, HID, BH):
         cols = j + ch
-        aw1 = tl.load(AW1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
-        as1 = tl.load(AS1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
-        dl1 = tl.load(DL1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+        aw1 = _slab(AW1, row, ck, cols, DK, HID)
+        as1 = _slab(AS1, row, ck, cols, DK, HID)
+        dl1 = _slab(DL1, row, rows, cols, C, HID)
         xa = _mmp(k, aw1, PREC)
         xb = _mmp(k, as1, PREC)
         a0 += tl.sum(xa * dl1, 1)
@@ -119,13 +112,13 @@ def _lmm_update_vjp_kernel(
         dx0 = _mmap(nt[:, None] * dl1, tl.trans(as1), _mmap(gt[:, None] * dl1, tl.trans(aw1), dx0, PREC), PREC)
         dd1 = -(gt[:, None] * xa + nt[:, None] * xb)
         if COT:
-            dd1 += tl.load(CD1 + row * C * HID + rows[:, None] * HID + cols[None, :])
-        sp = tl.load(SP + row * C * HID + rows[:, None] * HID + cols[None, :])
-        p9 = _mmap(dd1 * sp, tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), p9, PREC)
+            dd1 += _slab(CD1, row, rows, cols, C, HID)
+        sp = _slab(SP, row, rows, cols, C, HID)
+        p9 = _mmap(dd1 * sp, _slab(W2, row, cols, cv, HID, DV), p9, PREC)
     # dk's first terms stored now (its other terms added at the end), so that dx0 is not live through what follows
     dx0 = -dx0
     if COT:
-        dx0 += tl.load(CX0 + row * C * DK + rows[:, None] * DK + ck[None, :])
+        dx0 += _slab(CX0, row, rows, ck, C, DK)
     tl.store(DKO + row * C * DK + rows[:, None] * DK + ck[None, :], dx0)
     p5 = tl.zeros([C, DV], dtype=tl.float32)  # X_1 A^W_2
     p6 = tl.zeros([C, DV], dtype=tl.float32)  # X_1 A^S_2
@@ -135,11 +128,11 @@ def _lmm_update_vjp_kernel(
     df = tl.zeros([BH], dtype=tl.float32)
     for j in range(0, HID, BH):
         cols = j + ch
-        x1 = tl.load(X1 + row * C * HID + rows[:, None] * HID + cols[None, :])
-        aw2 = tl.load(AW2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
-        as2 = tl.load(AS2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
-        w2 = tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
-        s2 = tl.load(S2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
+        x1 = _slab(X1, row, rows, cols, C, HID)
+        aw2 = _slab(AW2, row, cols, cv, HID, DV)
+        as2 = _slab(AS2, row, cols, cv, HID, DV)
+        w2 = _slab(W2, row, cols, cv, HID, DV)
+        s2 = _slab(S2, row, cols, cv, HID, DV)
         p5 = _mmap(x1, aw2, p5, PREC)
         p6 = _mmap(x1, as2, p6, PREC)
         db += tl.sum(aw2 * w2, 1)
@@ -148,15 +141,15 @@ def _lmm_update_vjp_kernel(
     if CLIP:  # (a loop of its own: in either loop above its tiles and accumulator spilled)
         for j in range(0, HID, BH):
             cols = j + ch
-            dl1 = tl.load(DL1 + row * C * HID + rows[:, None] * HID + cols[None, :])
-            sp = tl.load(SP + row * C * HID + rows[:, None] * HID + cols[None, :])
-            p9c = _mmap(dl1 * sp, tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), p9c, PREC)
-    dl2 = tl.load(DL2 + row * C * DV + rows[:, None] * DV + cv[None, :])
+            dl1 = _slab(DL1, row, rows, cols, C, HID)
+            sp = _slab(SP, row, rows, cols, C, HID)
+            p9c = _mmap(dl1 * sp, _slab(W2, row, cols, cv, HID, DV), p9c, PREC)
+    dl2 = _slab(DL2, row, rows, cv, C, DV)
     dd2 = -(gt[:, None] * p5 + nt[:, None] * p6)
     dgt = -(a0 + tl.sum(p5 * dl2, 1))
     dnt = -(b0 + tl.sum(p6 * dl2, 1))
     if COT:
-        dd2 += tl.load(CD2 + row * C * DV + rows[:, None] * DV + cv[None, :])
+        dd2 += _slab(CD2, row, rows, cv, C, DV)
     if CLIP:
         # the clip's backward: sc = τ / sqrt(max(sq, τ²)), sq = Σ_l ‖X_l‖² ‖Δ_l‖²
         dsc = gl * dgt + nl * dnt
@@ -179,16 +172,7 @@ def _lmm_update_vjp_kernel(
         tl.store(DGO + row * C + rows, dgt)
         tl.store(DNO + row * C + rows, dnt)
     u = dd2 + p9  # the cotangent of Δ_2, complete
-    if LN:  # Δ_2 = J(Z_2)ᵀ D, D = 2(LN(Z_2) [+ k] − v): its Jacobian-vector product (fused_backward.key_pass_vjp)
-        out = tl.load(OUT + row * C * DV + rows[:, None] * DV + cv[None, :])
-        rstd = tl.load(RSTD + row * C + rows)
-        dmean = tl.load(DMEAN + row * C + rows)
-        ju = rstd[:, None] * (u - _rowmean(u, DV)[:, None] - out * _rowmean(u * out, DV)[:, None])
-        jju = rstd[:, None] * (ju - _rowmean(ju, DV)[:, None] - out * _rowmean(ju * out, DV)[:, None])
-        dz2 = 2.0 * jju - rstd[:, None] * (_rowmean(u * dl2, DV)[:, None] * out + dmean[:, None] * ju + _rowmean(u * out, DV)[:, None] * dl2)
-    else:
-        ju = u
-        dz2 = 2.0 * u
+    dz2, ju = _loss_second(u, dl2, OUT, RSTD, DMEAN, row, rows, cv, C, DV, LN)  # the sweep's LayerNorm Hessian-vector product
     # dv stored now, so that ju is not live through pass 2 (dk takes −dv back at the end, with the residual)
     dvo = DVO + row * C * DV + rows[:, None] * DV + cv[None, :]
     tl.store(dvo, -2.0 * ju)
@@ -196,38 +180,38 @@ def _lmm_update_vjp_kernel(
     pk = tl.zeros([C, DK], dtype=tl.float32)
     for j in range(0, HID, BH):
         cols = j + ch
-        aw1 = tl.load(AW1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
-        as1 = tl.load(AS1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
-        w1 = tl.load(W1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
-        s1 = tl.load(S1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
+        aw1 = _slab(AW1, row, ck, cols, DK, HID)
+        as1 = _slab(AS1, row, ck, cols, DK, HID)
+        w1 = _slab(W1, row, ck, cols, DK, HID)
+        s1 = _slab(S1, row, ck, cols, DK, HID)
         db += tl.sum(aw1 * w1, 0)
         dm += tl.sum(as1 * s1, 0)
         df += tl.sum(aw1 * s1, 0)
         dd1 = -(gt[:, None] * _mmp(k, aw1, PREC) + nt[:, None] * _mmp(k, as1, PREC))
         if COT:
-            dd1 += tl.load(CD1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+            dd1 += _slab(CD1, row, rows, cols, C, HID)
         if CLIP:
-            dd1 += c1[:, None] * tl.load(DL1 + row * C * HID + rows[:, None] * HID + cols[None, :])
-        curv = tl.load(CURV + row * C * HID + rows[:, None] * HID + cols[None, :])
+            dd1 += c1[:, None] * _slab(DL1, row, rows, cols, C, HID)
+        curv = _slab(CURV, row, rows, cols, C, HID)
         pk = _mmap(dd1 * curv, tl.trans(w1), pk, PREC)
     for j in range(0, HID, BH):
         cols = j + ch
-        aw2 = tl.load(AW2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
-        as2 = tl.load(AS2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
-        w2 = tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :])
+        aw2 = _slab(AW2, row, cols, cv, HID, DV)
+        as2 = _slab(AS2, row, cols, cv, HID, DV)
+        w2 = _slab(W2, row, cols, cv, HID, DV)
         # X_1's cotangent (the update's, the read's, the clip's) plus dZ_2 W_2ᵀ: the cotangent of σ(Z_1)
         dx = _mmp(dz2, tl.trans(w2), PREC) - gt[:, None] * _mmp(dl2, tl.trans(aw2), PREC) - nt[:, None] * _mmp(dl2, tl.trans(as2), PREC)
         if COT:
-            dx += tl.load(CX1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+            dx += _slab(CX1, row, rows, cols, C, HID)
         if CLIP:
-            dx += c4[:, None] * tl.load(X1 + row * C * HID + rows[:, None] * HID + cols[None, :])
-        sp = tl.load(SP + row * C * HID + rows[:, None] * HID + cols[None, :])
-        w1 = tl.load(W1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
+            dx += c4[:, None] * _slab(X1, row, rows, cols, C, HID)
+        sp = _slab(SP, row, rows, cols, C, HID)
+        w1 = _slab(W1, row, ck, cols, DK, HID)
         pk = _mmap(dx * sp, tl.trans(w1), pk, PREC)
     dko = DKO + row * C * DK + rows[:, None] * DK + ck[None, :]
     dk = tl.load(dko) + pk  # (the same program's stores above: no other program touches these rows)
     if CLIP:
-        dk += c3[:, None] * tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])
+        dk += c3[:, None] * _slab(K, row, rows, ck, C, DK)
     if RES:
         dk -= tl.load(dvo)  # + 2 ju
     tl.store(dko, dk)
