@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--top", type=int, default=40, help="kernel names kept in the table")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--by-stack", type=int, default=0, metavar="N",
+                    help="also group the device time by the launching aten op, its input shapes and the innermost N "
+                    "mnemotorch frames of its Python stack (profiler with_stack): which line of the layer or op issues "
+                    "the elementwise, copy and fill kernels")
     ap.add_argument("--overlap", action="store_true", help="also measure, from the profiler's trace, how much kernel time of "
                     "other streams ran inside the adjoint sweep and the forward walk (the backward's second stream; "
                     "mnemotorch.bench.streams)")
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
     finally:
         fused_triton.BACKWARD["timing"] = None
     rep["bwd_phases_ms"] = phases
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.by_stack > 0,
+                 record_shapes=args.by_stack > 0) as prof:
         step()
         torch.cuda.synchronize()
     by_name: dict[str, list] = {}
@@ -100,6 +105,10 @@ def main(argv=None) -> int:
     print(f"backward phases: { {k: round(v, 2) for k, v in phases.items()} }", flush=True)
     for r in table[: args.top]:
         print(f"  {r['ms']:8.3f} ms  x{r['count']:<5d} {r['kernel'][:110]}", flush=True)
+    if args.by_stack:
+        rep["by_stack"] = ops_by_stack(prof, args.by_stack, args.top)
+        for r in rep["by_stack"]:
+            print(f"  {r['device_ms']:8.3f} ms  x{r['count']:<5d} {r['op']} {r['shapes'][:80]} [{r['node'][:40]}] @ {' <- '.join(r['stack'])[:220]}", flush=True)
     if args.overlap:  # did the second stream's passes run during the sequential kernels, or wait for their SMs?
         import tempfile
 
@@ -119,6 +128,36 @@ def main(argv=None) -> int:
         with open(out_path, "w") as f:
             json.dump(rep, f, indent=1, default=str)
     return 0
+
+
+def ops_by_stack(prof, n: int, top: int) -> list[dict]:
+    """Self device time of every CPU-side op, grouped by (op, input shapes, innermost ``n`` mnemotorch frames).
+
+    Self time, so a kernel counts once, under the aten op that launched it; the frames are filtered to this package's
+    files (``site-packages/torch`` frames say nothing about which of our lines asked for the copy).
+    """
+    rows: dict[tuple, dict] = {}
+    for e in prof.events():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        if not t:
+            continue
+        frames = [f for f in (getattr(e, "stack", None) or []) if "mnemotorch" in f]
+        frames = [f.split("mnemotorch/")[-1] for f in frames[:n]]
+        shapes = str(getattr(e, "input_shapes", ""))
+        node, parent = "", getattr(e, "cpu_parent", None)
+        while parent is not None:  # backward ops have no Python stack: name the autograd node that ran them
+            if "evaluate_function" in parent.name or parent.name.endswith("Backward") or parent.name.startswith("mnemotorch"):
+                node = parent.name.replace("autograd::engine::evaluate_function: ", "")
+                break
+            parent = getattr(parent, "cpu_parent", None)
+        key = (e.name, shapes, tuple(frames), node)
+        row = rows.setdefault(key, {"op": e.name, "shapes": shapes, "stack": list(frames), "node": node, "count": 0,
+                                    "device_ms": 0.0})
+        row["count"] += 1
+        row["device_ms"] += t / 1e3
+    return sorted(rows.values(), key=lambda r: -r["device_ms"])[:top]
 
 
 if __name__ == "__main__":
