@@ -136,14 +136,25 @@ def ops_by_stack(prof, n: int, top: int) -> list[dict]:
     Self time, so a kernel counts once, under the aten op that launched it; the frames are filtered to this package's
     files (``site-packages/torch`` frames say nothing about which of our lines asked for the copy).
     """
+    from torch.autograd import DeviceType
+
     rows: dict[tuple, dict] = {}
     for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CPU:  # the kernels themselves: counted under their op
+            continue
         t = getattr(e, "self_device_time_total", None)
         if t is None:
             t = getattr(e, "self_cuda_time_total", 0.0)
         if not t:
             continue
+        # Python frames: the event's stack where the profiler fills it, else (torch 2.11) the python_function events
+        # among its ancestors, named "path(line): function"
         frames = [f for f in (getattr(e, "stack", None) or []) if "mnemotorch" in f]
+        parent = None if frames else getattr(e, "cpu_parent", None)
+        while parent is not None and len(frames) < n:
+            if "mnemotorch/" in parent.name:
+                frames.append(parent.name)
+            parent = getattr(parent, "cpu_parent", None)
         frames = [f.split("mnemotorch/")[-1] for f in frames[:n]]
         shapes = str(getattr(e, "input_shapes", ""))
         node, parent = "", getattr(e, "cpu_parent", None)

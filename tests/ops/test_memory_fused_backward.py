@@ -775,3 +775,34 @@ def test_update_vjp_launch_from_env():
     for bad in ("64:8", "64:x:1", "0:4:1", "32:4:2:1"):
         with pytest.raises(ValueError, match="MNEMO_MEMORY_UPDATE_VJP_LAUNCH"):
             _launch_from_env(bad)
+
+
+def test_fused_coefficients_compiled_one_graph_per_length(monkeypatch):
+    """The gate coefficients the fused op takes, through ``torch.compile`` (a recording backend that runs the captured
+    graph as it is): the eager values and gradients bit for bit, gates that are slices of a longer call, and one graph
+    for every number of chunks > 1 (only the length symbolic)."""
+    from mnemotorch.ops.memory import fused_triton
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(fused_triton, "COMPILE_COEFFICIENTS", backend)
+    torch.manual_seed(0)
+    c = 16
+    for n in (3, 7, 1):
+        raw = torch.rand(2, (n + 2) * c, 4, 3, dtype=torch.float64) * 0.6 + 0.2
+        gates = [raw[:, c : (n + 1) * c, :, i].requires_grad_() for i in range(3)]
+        got = fused_triton.fused_coefficients(*gates, c, torch.float32)
+        want = fused_triton.gate_coefficients(*gates, c, torch.float32)
+        assert [tuple(x.shape) for x in got] == [(n, 2, 4, c, c)] * 2 + [(n, 2, 4, c)] * 3
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        cts = [torch.randn_like(x) for x in want]
+        for a, b in zip(torch.autograd.grad(got, gates, cts), torch.autograd.grad(want, gates, cts)):
+            assert torch.equal(a, b)
+    assert len(graphs) == 2, "3 and 7 chunks share one graph; one chunk has its own"
+    fused_triton._COMPILED_COEFFICIENTS.pop(backend)

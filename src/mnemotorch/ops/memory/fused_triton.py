@@ -1949,6 +1949,43 @@ class _FusedMemory(torch.autograd.Function):
         return (None, out_q, out_k, out_v, *dcoef, *d_state)
 
 
+def gate_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int, acc: torch.dtype) -> tuple[Tensor, ...]:
+    """:func:`~.chunked.chunk_coefficients` of whole chunks, chunk-major: gates ``[B, n·C, H]`` ->
+    ``(G, N [n, B, H, C, C], β, m, f [n, B, H, C])`` in ``acc``."""
+    n = theta.shape[1] // chunk_size
+    cm = lambda x: _chunk_major(x.to(acc), n, chunk_size)  # noqa: E731
+    return chunk_coefficients(cm(theta), cm(torch.log1p(-alpha.to(acc))), cm(torch.log(eta.to(acc))))
+
+
+#: :func:`gate_coefficients` under ``torch.compile`` (``COMPILE_COEFFICIENTS``), one per backend.
+_COMPILED_COEFFICIENTS: dict = {}
+#: Whether :func:`fused_coefficients` compiles :func:`gate_coefficients`: None = on CUDA, outside Triton's interpreter,
+#: ``torch.compile``'s tracing and CUDA-graph capture; False = never (env ``MNEMO_MEMORY_COMPILE_COEFFICIENTS=0``); a
+#: backend (a name or a callable) = always, with it. Eager, the coefficient matrices are ~10 passes over
+#: ``[n, B, H, C, C]`` fp32 forward and as many backward (masks, cumulative sums and their flips, casts): ~1.5 ms of a
+#: 16K-token Titans layer's forward + backward on an H100 (sixteenth session's profile).
+COMPILE_COEFFICIENTS = False if os.environ.get("MNEMO_MEMORY_COMPILE_COEFFICIENTS") == "0" else None
+
+
+def fused_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int, acc: torch.dtype) -> tuple[Tensor, ...]:
+    """:func:`gate_coefficients`, compiled per ``COMPILE_COEFFICIENTS`` with only the length symbolic (one graph for
+    every number of chunks > 1). Inductor fuses the masks, sums and exponentials; the values differ from eager by
+    float rounding (the order of the cumulative sums)."""
+    backend = COMPILE_COEFFICIENTS
+    if backend is None:
+        backend = "inductor" if theta.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else False
+        if backend and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+            backend = False
+    if not backend:
+        return gate_coefficients(theta, eta, alpha, chunk_size, acc)
+    if backend not in _COMPILED_COEFFICIENTS:
+        _COMPILED_COEFFICIENTS[backend] = torch.compile(gate_coefficients, backend=backend, dynamic=None, fullgraph=True)
+    if theta.shape[1] > chunk_size:
+        for x in (theta, eta, alpha):
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+    return _COMPILED_COEFFICIENTS[backend](theta, eta, alpha, chunk_size, acc)
+
+
 def neural_memory_fused_forward(
     q: Tensor,
     k: Tensor,
@@ -1990,9 +2027,8 @@ def neural_memory_fused_forward(
     n_full = (total - start) // chunk_size
     if n_full:
         end = start + n_full * chunk_size
-        acc = accumulation_dtype(q.dtype)
-        cm = lambda x: _chunk_major(x[:, start:end].to(acc), n_full, chunk_size)  # noqa: E731
-        coefs = chunk_coefficients(cm(theta), cm(torch.log1p(-alpha.to(acc))), cm(torch.log(eta.to(acc))))
+        gates = (theta[:, start:end], eta[:, start:end], alpha[:, start:end])
+        coefs = fused_coefficients(*gates, chunk_size, accumulation_dtype(q.dtype))
         qkv = (q[:, start:end], k[:, start:end], v[:, start:end])
         if train:
             res = _FusedMemory.apply((activation, residual, layer_norm, ln_eps, max_grad_norm), *qkv, *coefs, *state.weights, *state.momentum)
