@@ -1,5 +1,7 @@
-"""The titans_lmm layer's forward + backward with the fused memory, its input path (conv, SiLU, ℓ2 norms) eager
-against ``torch.compile``d (``MNEMO_MEMORY_COMPILE_INPUTS``), bf16, dim 1024, 16 heads: CUDA-event medians.
+"""The titans_lmm layer's forward + backward with the fused memory, its input path (conv, SiLU, ℓ2 norms) and the
+memory's gate coefficients each eager or ``torch.compile``d (``MNEMO_MEMORY_COMPILE_INPUTS``,
+``fused_triton.COMPILE_COEFFICIENTS``), bf16, dim 1024, 16 heads: CUDA-event medians, the variants alternated twice.
+Variant names: ``eager`` (both eager), ``inputs`` (the input path compiled), ``both``.
 
 Usage (GPU): ``python scripts/diag_titans_inputs.py --length 16384 --config matched --out diag_titans_inputs.json``
 """
@@ -15,6 +17,7 @@ import torch
 
 from mnemotorch.bench.block_sparse import median_ms
 from mnemotorch.bench.neural_memory import build_ours
+from mnemotorch.ops.memory import fused_triton
 
 
 def main() -> None:
@@ -22,6 +25,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=16384)
     ap.add_argument("--config", default="matched")
     ap.add_argument("--rep", type=int, default=7)
+    ap.add_argument("--variants", default="eager,inputs,both")
     ap.add_argument("--out", default="diag_titans_inputs.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -32,8 +36,10 @@ def main() -> None:
     params = [x, *layer.parameters()]
     fwd_bwd = lambda: torch.autograd.grad(layer(x)[0], params, go)  # noqa: E731
     row = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": args.length, "config": args.config}
-    for mode in ("0", "1", "0", "1"):  # alternated twice
-        os.environ["MNEMO_MEMORY_COMPILE_INPUTS"] = mode
+    variants = args.variants.split(",")
+    for mode in variants * 2:  # alternated twice
+        os.environ["MNEMO_MEMORY_COMPILE_INPUTS"] = "0" if mode == "eager" else "1"
+        fused_triton.COMPILE_COEFFICIENTS = None if mode == "both" else False
         t0 = time.perf_counter()
         fwd_bwd()
         torch.cuda.synchronize()
