@@ -76,7 +76,7 @@ for line in sys.stdin:
       timeout -s KILL "${PROFILE_TIMEOUT:-150}" python3 scripts/profile_titans_layer.py --length "${PROFILE_T:-16384}" --config "${PROFILE_CONFIG:-matched}" ${PROFILE_ARGS:-} \
           > "$L/profile_titans_layer.out" 2>&1
       grep -v -i warn "$L/profile_titans_layer.out" | cut -c1-200 | head -"${PROFILE_LINES:-32}"
-      grep "^overlap" "$L/profile_titans_layer.out" | cut -c1-700 ;;  # (PROFILE_ARGS=--overlap: the second stream beside the walks)
+      grep -E "^(overlap|gaps)" "$L/profile_titans_layer.out" | cut -c1-1500 ;;  # (PROFILE_ARGS=--overlap: the second stream beside the walks)
     host)
       # where the host time of eager calls goes (scripts/diag_host.py; $OUT/diag_host.json)
       echo "== host time =="

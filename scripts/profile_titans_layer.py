@@ -34,9 +34,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=40, help="kernel names kept in the table")
     ap.add_argument("--out", default=None)
     ap.add_argument("--by-stack", type=int, default=0, metavar="N",
-                    help="also group the device time by the launching aten op, its input shapes and the innermost N "
-                    "mnemotorch frames of its Python stack (profiler with_stack): which line of the layer or op issues "
-                    "the elementwise, copy and fill kernels")
+                    help="N > 0: also group the device time by the launching op, its input shapes and the autograd node "
+                    "or custom op above it (which part of the layer or op issues the elementwise, copy and fill kernels)")
+    ap.add_argument("--gaps", action="store_true", help="also report, from the profiler's trace, how long the GPU ran no "
+                    "kernel inside the step and the longest such gaps (host-bound stretches; mnemotorch.bench.streams.idle_gaps)")
     ap.add_argument("--overlap", action="store_true", help="also measure, from the profiler's trace, how much kernel time of "
                     "other streams ran inside the adjoint sweep and the forward walk (the backward's second stream; "
                     "mnemotorch.bench.streams)")
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     finally:
         fused_triton.BACKWARD["timing"] = None
     rep["bwd_phases_ms"] = phases
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.by_stack > 0,
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                  record_shapes=args.by_stack > 0) as prof:
         step()
         torch.cuda.synchronize()
@@ -108,16 +109,22 @@ def main(argv=None) -> int:
     if args.by_stack:
         rep["by_stack"] = ops_by_stack(prof, args.by_stack, args.top)
         for r in rep["by_stack"]:
-            print(f"  {r['device_ms']:8.3f} ms  x{r['count']:<5d} {r['op']} {r['shapes'][:80]} [{r['node'][:40]}] @ {' <- '.join(r['stack'])[:220]}", flush=True)
-    if args.overlap:  # did the second stream's passes run during the sequential kernels, or wait for their SMs?
+            print(f"  {r['device_ms']:8.3f} ms  x{r['count']:<5d} {r['op'][:80]} {r['shapes'][:80]} [{r['node'][:40]}]", flush=True)
+    if args.overlap or args.gaps:
         import tempfile
 
-        from mnemotorch.bench.streams import kernels_from_chrome_trace, stream_overlap
+        from mnemotorch.bench.streams import idle_gaps, kernels_from_chrome_trace, stream_overlap
 
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "trace.json")
             prof.export_chrome_trace(path)
             kernels = kernels_from_chrome_trace(path)
+    if args.gaps:
+        rep["gaps"] = idle_gaps(kernels, 16)
+        r = rep["gaps"]
+        print(f"gaps: span {r['span_ms']:.2f} ms, kernels busy {r['busy_ms']:.2f} ms, idle {r['idle_ms']:.2f} ms; longest: "
+              + "; ".join(f"{x['ms']:.3f} after {x['after'][:40]} before {x['before'][:40]}" for x in r["gaps"]), flush=True)
+    if args.overlap:  # did the second stream's passes run during the sequential kernels, or wait for their SMs?
         rep["overlap"] = {key: stream_overlap(kernels, key) for key in ("_lmm_split_sweep_kernel", "_lmm_split_fwd_kernel")}
         for key, r in rep["overlap"].items():
             print(f"overlap {key}: {r['key_ms']:.2f} ms on streams {r['key_streams']}, span {r['key_span_ms']:.2f} ms; other streams "
@@ -131,10 +138,10 @@ def main(argv=None) -> int:
 
 
 def ops_by_stack(prof, n: int, top: int) -> list[dict]:
-    """Self device time of every CPU-side op, grouped by (op, input shapes, innermost ``n`` mnemotorch frames).
+    """Self device time of every CPU-side op, grouped by (op, input shapes, the autograd node or custom op above it).
 
-    Self time, so a kernel counts once, under the aten op that launched it; the frames are filtered to this package's
-    files (``site-packages/torch`` frames say nothing about which of our lines asked for the copy).
+    Self time, so a kernel counts once, under the op that launched it. (Python frames are not kept: on torch 2.11 with
+    CUDA activity the profiler linked none to the ops, so ``n`` is unused.)
     """
     from torch.autograd import DeviceType
 
@@ -147,15 +154,6 @@ def ops_by_stack(prof, n: int, top: int) -> list[dict]:
             t = getattr(e, "self_cuda_time_total", 0.0)
         if not t:
             continue
-        # Python frames: the event's stack where the profiler fills it, else (torch 2.11) the python_function events
-        # among its ancestors, named "path(line): function"
-        frames = [f for f in (getattr(e, "stack", None) or []) if "mnemotorch" in f]
-        parent = None if frames else getattr(e, "cpu_parent", None)
-        while parent is not None and len(frames) < n:
-            if "mnemotorch/" in parent.name:
-                frames.append(parent.name)
-            parent = getattr(parent, "cpu_parent", None)
-        frames = [f.split("mnemotorch/")[-1] for f in frames[:n]]
         shapes = str(getattr(e, "input_shapes", ""))
         node, parent = "", getattr(e, "cpu_parent", None)
         while parent is not None:  # backward ops have no Python stack: name the autograd node that ran them
@@ -163,9 +161,8 @@ def ops_by_stack(prof, n: int, top: int) -> list[dict]:
                 node = parent.name.replace("autograd::engine::evaluate_function: ", "")
                 break
             parent = getattr(parent, "cpu_parent", None)
-        key = (e.name, shapes, tuple(frames), node)
-        row = rows.setdefault(key, {"op": e.name, "shapes": shapes, "stack": list(frames), "node": node, "count": 0,
-                                    "device_ms": 0.0})
+        key = (e.name, shapes, node)
+        row = rows.setdefault(key, {"op": e.name, "shapes": shapes, "node": node, "count": 0, "device_ms": 0.0})
         row["count"] += 1
         row["device_ms"] += t / 1e3
     return sorted(rows.values(), key=lambda r: -r["device_ms"])[:top]

@@ -57,3 +57,19 @@ def test_reads_kernel_events_of_a_chrome_trace(tmp_path) -> None:
     got = kernels_from_chrome_trace(str(path))
     assert got == [{"name": "sweep", "stream": 7, "ts": 10.0, "dur": 5.0}, {"name": "gemm", "stream": 13, "ts": 12.0, "dur": 10.0}]
     assert stream_overlap(got, "sweep")["others_during_key_ms"] == pytest.approx(0.003)
+
+
+def test_idle_gaps_between_merged_kernels():
+    """Idle time is the span minus the union of kernels over all streams; gaps name the kernels around them."""
+    from mnemotorch.bench.streams import idle_gaps
+
+    ks = [
+        {"name": "a", "stream": 7, "ts": 0.0, "dur": 100.0},
+        {"name": "b", "stream": 8, "ts": 50.0, "dur": 100.0},  # overlaps a: no gap
+        {"name": "c", "stream": 7, "ts": 400.0, "dur": 100.0},  # 250 µs after b
+        {"name": "d", "stream": 7, "ts": 510.0, "dur": 90.0},  # 10 µs after c
+    ]
+    r = idle_gaps(ks, top=5)
+    assert abs(r["span_ms"] - 0.6) < 1e-9 and abs(r["busy_ms"] - 0.34) < 1e-9 and abs(r["idle_ms"] - 0.26) < 1e-9
+    assert [(round(g["ms"], 6), g["after"], g["before"]) for g in r["gaps"]] == [(0.25, "b", "c"), (0.01, "c", "d")]
+    assert idle_gaps([])["gaps"] == []

@@ -42,4 +42,38 @@ def test_compiled_inputs_one_graph_with_only_the_length_symbolic() -> None:
     shape = qkv[0].shape
     assert isinstance(shape[1], torch.SymInt), shape
     assert isinstance(shape[0], int) and isinstance(shape[2], int), f"only the length may be symbolic: {shape}"
-    short_conv._COMPILED_INPUTS.pop(backend)
+    from mnemotorch.ops.compiled import forget_compiled
+
+    forget_compiled(backend)
+
+
+def test_compiled_output_gate_equals_the_modules() -> None:
+    """``norm_silu_gate`` (eager and compiled over the length) is the layers' ``RMSNorm(o) ⊙ SiLU(g_proj(x))`` with the
+    ``nn.RMSNorm`` module, values and gradients, one graph for two lengths."""
+    from mnemotorch.ops.compiled import compiled_over_length, forget_compiled
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    heads, d = 3, 8
+    norm = torch.nn.RMSNorm(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    fn = compiled_over_length(short_conv.norm_silu_gate, (0, 1), backend)
+    for t in (5, 40):
+        o = torch.randn(2, t, heads, d, requires_grad=True)
+        g = torch.randn(2, t, heads * d, requires_grad=True)
+        want = norm(o) * torch.nn.functional.silu(g).view(2, t, heads, d)
+        for got in (short_conv.norm_silu_gate(o, g, norm.weight, norm.eps), fn(o, g, norm.weight, norm.eps)):
+            assert torch.equal(got, want)
+            ct = torch.randn_like(want)
+            want_grads = torch.autograd.grad(want, (o, g, norm.weight), ct, retain_graph=True)
+            for a, b in zip(torch.autograd.grad(got, (o, g, norm.weight), ct), want_grads):
+                assert torch.equal(a, b)
+    assert len(graphs) == 1
+    forget_compiled(backend)

@@ -805,4 +805,6 @@ def test_fused_coefficients_compiled_one_graph_per_length(monkeypatch):
         for a, b in zip(torch.autograd.grad(got, gates, cts), torch.autograd.grad(want, gates, cts)):
             assert torch.equal(a, b)
     assert len(graphs) == 2, "3 and 7 chunks share one graph; one chunk has its own"
-    fused_triton._COMPILED_COEFFICIENTS.pop(backend)
+    from mnemotorch.ops.compiled import forget_compiled
+
+    forget_compiled(backend)

@@ -84,3 +84,22 @@ def stream_overlap(kernels: list[dict], key: str, top: int = 10) -> dict:
 
 
 __all__ = ["kernels_from_chrome_trace", "stream_overlap"]
+
+
+def idle_gaps(kernels: list[dict], top: int = 12) -> dict:
+    """Where the GPU ran no kernel inside the traced span (all streams together): ``{"span_ms", "busy_ms", "idle_ms",
+    "gaps": [{"ms", "after", "before"}]}``, the ``top`` longest gaps with the kernels that end and begin them. On a
+    host-bound stretch (many small launches, Python between them) the idle time is what the host costs the step."""
+    if not kernels:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+    ordered = sorted(kernels, key=lambda k: k["ts"])
+    busy = _merge((k["ts"], k["ts"] + k["dur"]) for k in ordered)
+    span = busy[-1][1] - busy[0][0]
+    gaps = []
+    for (a0, a1), (b0, _) in zip(busy, busy[1:]):
+        after = max((k for k in ordered if k["ts"] + k["dur"] <= a1 + 1e-3 and k["ts"] < a1), key=lambda k: k["ts"] + k["dur"])
+        before = min((k for k in ordered if k["ts"] >= b0 - 1e-3), key=lambda k: k["ts"])
+        gaps.append({"ms": (b0 - a1) / 1e3, "after": after["name"], "before": before["name"]})
+    gaps.sort(key=lambda g: -g["ms"])
+    busy_us = sum(b - a for a, b in busy)
+    return {"span_ms": span / 1e3, "busy_ms": busy_us / 1e3, "idle_ms": (span - busy_us) / 1e3, "gaps": gaps[:top]}

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..ops.memory import MAX_DEPTH, MemoryState, accumulation_dtype, memory_hidden_shapes, miras_instance, miras_memory, retention_map
 from .base import Mixer, MixerState
 from .registry import register_mixer
-from .short_conv import conv_silu_qkv
+from .short_conv import conv_silu_qkv, norm_silu_gate
 
 
 @dataclass
@@ -163,7 +163,7 @@ class _MirasMixer(Mixer):
             chunk_size=self.chunk_size, mode=self.mode, block_size=self.block_size,
         )  # fmt: skip
         if self.output_gate:
-            o = self.out_norm(o) * F.silu(self.g_proj(x)).view(b, t, h, d)
+            o = norm_silu_gate(o, self.g_proj(x), self.out_norm.weight, self.out_norm.eps)
         y = self.o_proj(o.reshape(b, t, h * d))
         new_state = MirasLayerState(
             seen_tokens=state.seen_tokens + t,

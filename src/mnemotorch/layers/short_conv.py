@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.compiled import compiled_over_length
 from .base import Mixer, MixerState
 from .registry import register_mixer
 
@@ -91,33 +92,23 @@ def conv_silu_qkv(
     return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, conv
 
 
-#: ``conv_silu_qkv`` under ``torch.compile``, one per backend (made on first use; :func:`compiled_conv_silu_qkv`).
-_COMPILED_INPUTS: dict = {}
+def norm_silu_gate(o: Tensor, g: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The memory mixers' output gate: ``RMSNorm(o) ⊙ SiLU(g)``, the norm per head over ``o [B, T, H, D]`` (``weight
+    [D]``), the gate ``g [B, T, H·D]``."""
+    return F.rms_norm(o, (o.shape[-1],), weight, eps) * F.silu(g).view(o.shape)
 
 
 def compiled_conv_silu_qkv(backend="inductor"):
-    """:func:`conv_silu_qkv` through ``torch.compile(fullgraph=True)``: inductor fuses the conv's shifted multiply-adds, the
-    SiLU and the ℓ2 norms into a few kernels, forward and backward (eager, each is a pass over ``[B, T, 3·H·D]``, several
-    of them strided). The same equations; in 16-bit dtypes the fused kernels keep the intermediates in fp32 where eager
-    rounds after each op, so the two differ by that rounding.
-
-    Only the length is symbolic (``maybe_mark_dynamic`` on ``T`` at each call), so one graph serves every length > 1;
-    a length of 1 (a decode step) compiles once more. ``backend``: any ``torch.compile`` backend (a name or a callable;
-    tests record the graphs). The channel count, heads and head size stay static: with
-    ``dynamic=True`` every size was symbolic, and inductor's kernels then divided each element's index by runtime
-    sizes (the backward's one kernel over the stacked ``dq, dk, dv`` took 1.1 ms at 16K × 3072 on an H100, the whole
-    compiled backward 2.1 ms, ~10× its memory traffic).
+    """:func:`conv_silu_qkv` through ``torch.compile`` with only the length symbolic
+    (:func:`~mnemotorch.ops.compiled.compiled_over_length`): inductor fuses the conv's shifted multiply-adds, the SiLU
+    and the ℓ2 norms into a few kernels, forward and backward (eager, each is a pass over ``[B, T, 3·H·D]``, several of
+    them strided). The same equations; in 16-bit dtypes the fused kernels keep the intermediates in fp32 where eager
+    rounds after each op, so the two differ by that rounding. One graph serves every length > 1; a length of 1 (a
+    decode step) compiles once more. (With ``dynamic=True``, every size symbolic, the backward's one kernel over the
+    stacked ``dq, dk, dv`` took 1.1 ms at 16K × 3072 on an H100 and the compiled backward 2.1 ms; 0.18 / ~0.8 ms with
+    only the length symbolic.)
     """
-    if backend not in _COMPILED_INPUTS:
-        compiled = torch.compile(conv_silu_qkv, backend=backend, dynamic=None, fullgraph=True)
-
-        def call(qkv: Tensor, weight: Tensor | None, past: Tensor | None, num_heads: int, head_dim: int):
-            if qkv.shape[1] > 1:
-                torch._dynamo.maybe_mark_dynamic(qkv, 1)
-            return compiled(qkv, weight, past, num_heads, head_dim)
-
-        _COMPILED_INPUTS[backend] = call
-    return _COMPILED_INPUTS[backend]
+    return compiled_over_length(conv_silu_qkv, (0,), backend)
 
 
 @register_mixer("short_conv")

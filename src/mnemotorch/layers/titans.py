@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.compiled import compile_allowed, compiled_over_length
 from ..ops.memory import ACTIVATIONS, MAX_DEPTH, MemoryState, accumulation_dtype, compile_options, memory_forward, memory_hidden_shapes, neural_memory
 from .base import Mixer, MixerState
 from .registry import register_mixer
-from .short_conv import causal_depthwise_conv, compiled_conv_silu_qkv, conv_silu_qkv
+from .short_conv import causal_depthwise_conv, compiled_conv_silu_qkv, conv_silu_qkv, norm_silu_gate
 
 
 @dataclass
@@ -248,7 +249,8 @@ class TitansLMM(Mixer):
             state = self.init_state(x.shape[0], x.device, x.dtype)
         b, t, _ = x.shape
         h, d = self.num_heads, self.head_dim
-        inputs = compiled_conv_silu_qkv() if self._compile_inputs(x) else conv_silu_qkv
+        compiled = self._compile_inputs(x)
+        inputs = compiled_conv_silu_qkv() if compiled else conv_silu_qkv
         q, k, v, conv = inputs(self.qkv_proj(x), self.conv_weight, state.conv, h, d)
         # Gates in the accumulation dtype: a bf16 sigmoid rounds η or α onto 0 / 1 (log-space -inf).
         gates = self.gate_proj(x).to(accumulation_dtype(x.dtype))
@@ -267,7 +269,8 @@ class TitansLMM(Mixer):
             max_grad_norm=self.max_grad_norm, compile=self.compile_memory, fused=self._use_fused_memory(q, memory),
         )  # fmt: skip
         if self.output_gate:
-            o = self.out_norm(o) * F.silu(self.g_proj(x)).view(b, t, h, d)
+            gate = compiled_over_length(norm_silu_gate, (0, 1)) if compiled else norm_silu_gate
+            o = gate(o, self.g_proj(x), self.out_norm.weight, self.out_norm.eps)
         y = self.o_proj(o.reshape(b, t, h * d))
         weights = self._flatten(memory.weights)
         # The chunk-start weights are the current weights at a chunk boundary: share the tensor.
@@ -282,12 +285,13 @@ class TitansLMM(Mixer):
         return y, new_state
 
     def _compile_inputs(self, x: Tensor) -> bool:
-        """With the fused memory on CUDA (its fast path), the input path (conv, SiLU, ℓ2 norms) runs through
-        ``torch.compile`` (:func:`~.short_conv.compiled_conv_silu_qkv`); ``MNEMO_MEMORY_COMPILE_INPUTS=0`` keeps it eager.
-        Not while ``torch.compile`` already traces the caller, nor while a CUDA graph is being captured."""
-        if not x.is_cuda or os.environ.get("MNEMO_MEMORY_COMPILE_INPUTS", "1") == "0" or not self._fused_requested():
+        """With the fused memory on CUDA (its fast path), the input path (conv, SiLU, ℓ2 norms) and the output's norm
+        and gate run through ``torch.compile`` with only the length symbolic (:func:`~.short_conv.compiled_conv_silu_qkv`,
+        :func:`~.short_conv.norm_silu_gate`); ``MNEMO_MEMORY_COMPILE_INPUTS=0`` keeps them eager. Not while ``torch.compile`` already
+        traces the caller, nor while a CUDA graph is being captured."""
+        if os.environ.get("MNEMO_MEMORY_COMPILE_INPUTS", "1") == "0" or not self._fused_requested():
             return False
-        return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+        return compile_allowed(x)
 
     def _fused_requested(self) -> bool:
         """``fused_memory`` or ``MNEMO_MEMORY_FUSED=1``."""

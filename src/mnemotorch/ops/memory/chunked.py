@@ -291,10 +291,14 @@ def _full_chunk_stepper(compile: dict | None, activation: str, residual: bool, l
     return fn
 
 
-def _chunk_major(x: Tensor, n: int, c: int) -> Tensor:
-    """``[B, n·c, H, ...] -> [n, B, H, c, ...]`` contiguous: each chunk one contiguous block for the matmuls."""
+def _chunk_major(x: Tensor, n: int, c: int, dtype: torch.dtype | None = None) -> Tensor:
+    """``[B, n·c, H, ...] -> [n, B, H, c, ...]`` contiguous, in ``dtype`` (default ``x``'s): each chunk one contiguous
+    block for the matmuls. One copy for the layout and the cast together (``x.to(dtype)`` first would be two passes)."""
     x = x.unflatten(1, (n, c))
-    return x.permute(1, 0, 3, 2, *range(4, x.ndim)).contiguous()
+    x = x.permute(1, 0, 3, 2, *range(4, x.ndim))
+    if dtype is None or dtype == x.dtype:
+        return x.contiguous()
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
 def neural_memory_chunked(
@@ -374,7 +378,7 @@ def neural_memory_chunked(
     n_full = (total - start) // chunk_size
     if n_full:
         end = start + n_full * chunk_size
-        cm = lambda x: _chunk_major(x[:, start:end].to(acc), n_full, chunk_size)  # noqa: E731
+        cm = lambda x: _chunk_major(x[:, start:end], n_full, chunk_size, acc)  # noqa: E731
         qc, kc, vc = cm(q), cm(k), cm(v)  # [n, B, H, C, D]
         coefs = chunk_coefficients(cm(th), cm(la), cm(le))  # [n, B, H, C, C] and [n, B, H, C]: every chunk at once
         step = _full_chunk_stepper(opts, *cfg)

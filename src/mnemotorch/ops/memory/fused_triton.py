@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
+from ..compiled import compile_allowed, compiled_over_length
 from ..triton_dots import dot_split, dot_split_right
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
@@ -1746,9 +1747,39 @@ class _PhaseTimer:
                 self.out[name] = self.out.get(name, 0.0) + a.elapsed_time(b)
 
 
-def _bthd(x: Tensor, n: int, c: int) -> Tensor:
-    """``[n, B, H, C, D] -> [B, n·C, H, D]`` (the inverse of :func:`~.chunked._chunk_major`)."""
-    return x.permute(1, 0, 3, 2, 4).reshape(x.shape[1], n * c, x.shape[2], x.shape[4])
+def _bthd(x: Tensor, n: int, c: int, dtype: torch.dtype | None = None) -> Tensor:
+    """``[n, B, H, C, D] -> [B, n·C, H, D]`` in ``dtype`` (the inverse of :func:`~.chunked._chunk_major`): one copy for
+    the layout and the cast."""
+    out = torch.empty(x.shape[1], n * c, x.shape[2], x.shape[4], dtype=dtype or x.dtype, device=x.device)
+    out.view(x.shape[1], n, c, x.shape[2], x.shape[4]).copy_(x.permute(1, 0, 3, 2, 4))
+    return out
+
+
+class _GroupGrads:
+    """Gradients ``[n, ...]`` filled one group of chunks (a slice of the first axis) at a time: a slice's first
+    contribution is copied in and later ones added, and slices nobody wrote are zeroed at the end. This replaces
+    zero-filled accumulators and ``+=`` of every part (at 16K, 16 heads: ~0.5 ms of fills and adds)."""
+
+    def __init__(self, like: Sequence[Tensor]):
+        self.bufs = [torch.empty_like(x) for x in like]
+        self.written: list[set] = [set() for _ in like]
+
+    def add(self, i: int, sl: slice, x: Tensor | None) -> None:
+        if x is None:
+            return
+        key = (sl.start, sl.stop)
+        if key in self.written[i]:
+            self.bufs[i][sl] += x
+        else:
+            self.bufs[i][sl].copy_(x)
+            self.written[i].add(key)
+
+    def finish(self, slices: Sequence[slice]) -> list[Tensor]:
+        for buf, written in zip(self.bufs, self.written):
+            for sl in slices:
+                if (sl.start, sl.stop) not in written:
+                    buf[sl].zero_()
+        return self.bufs
 
 
 class _FusedMemory(torch.autograd.Function):
@@ -1786,14 +1817,14 @@ class _FusedMemory(torch.autograd.Function):
         slots, kept = rest[: 2 * depth], rest[2 * depth :]
         n, bsz, heads, c = beta.shape
         f32 = torch.float32
-        cm = lambda x: _chunk_major(x.to(f32), n, c)  # noqa: E731  [B, n·C, H, D] -> [n, B, H, C, D]
+        cm = lambda x: _chunk_major(x, n, c, f32)  # noqa: E731  [B, n·C, H, D] -> [n, B, H, C, D]
         qc, kc, vc = cm(q), cm(k), cm(v)
         dyc = cm(dy) if dy is not None else torch.zeros_like(vc)
         w_slots, s_slots = slots[:depth], slots[depth:]
         adj = [torch.zeros_like(x[-1]) if d is None else d.to(f32) for x, d in zip(slots, d_final)]
         adj_w, adj_s = adj[:depth], adj[depth:]
-        dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
-        dcoef = [torch.zeros_like(x) for x in (g, nmat, beta, m, f)]
+        # dq, dk, dv, then the coefficients' gradients (G, N, β, m, f), filled group by group
+        sums = _GroupGrads((qc, kc, vc, g, nmat, beta, m, f))
         widest = max(x.shape[-1] for x in (*w_slots, qc))
         group = max(1, min(n, BACKWARD["group_elements"] // (bsz * heads * c * widest)))
         kw = dict(activation=activation, residual=residual, layer_norm=layer_norm, ln_eps=ln_eps)
@@ -1854,9 +1885,8 @@ class _FusedMemory(torch.autograd.Function):
                 del out
                 read_grads = (dq_r, dk_r, dv_r, dg_r, None, db_r, None, df_r)  # (the read does not use N or m)
             with torch.no_grad():
-                for acc, a in zip((dq, dk, dv, *dcoef), read_grads):
-                    if a is not None:
-                        acc[sl] += a
+                for i, a in enumerate(read_grads):
+                    sums.add(i, sl, a)
                 b_w = [torch.zeros_like(x) if b is None else b for x, b in zip(ws, b_w)]
                 b_s = [torch.zeros_like(x) if b is None else b for x, b in zip(ss, b_s)]
             # the coefficients' last rows / elements: what the update (sweep and update VJP) reads of them
@@ -1915,9 +1945,8 @@ class _FusedMemory(torch.autograd.Function):
                     new_state = _batched_compiled(_batched_update, q.device)(*leaves2, ws, ss, *ctx.cfg)
                     grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
             with torch.no_grad():
-                for acc, x in zip((dk, dv, *dcoef), grads2):
-                    if x is not None:
-                        acc[sl] += x
+                for i, x in enumerate(grads2, start=1):  # (dk, dv, then the coefficients')
+                    sums.add(i, sl, x)
 
         # Groups in reverse. The sweep (sequential, latency-bound: one 4-warp program per SM) runs on the current
         # stream; with ``BACKWARD["overlap"]`` on CUDA the batched passes run on a second stream beside it: the next
@@ -1944,7 +1973,8 @@ class _FusedMemory(torch.autograd.Function):
         streams.join()
         timer.mark(None)
         timer.close()
-        out_q, out_k, out_v = (_bthd(x, n, c).to(t.dtype) for x, t in zip((dq, dk, dv), (q, k, v)))
+        dq, dk, dv, *dcoef = sums.finish([slice(lo, min(n, lo + group)) for lo in starts])
+        out_q, out_k, out_v = (_bthd(x, n, c, t.dtype) for x, t in zip((dq, dk, dv), (q, k, v)))
         d_state = [a.to(dt) for a, dt in zip((*adj_w, *adj_s), ctx.state_dtypes)]
         return (None, out_q, out_k, out_v, *dcoef, *d_state)
 
@@ -1953,17 +1983,16 @@ def gate_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int
     """:func:`~.chunked.chunk_coefficients` of whole chunks, chunk-major: gates ``[B, n·C, H]`` ->
     ``(G, N [n, B, H, C, C], β, m, f [n, B, H, C])`` in ``acc``."""
     n = theta.shape[1] // chunk_size
-    cm = lambda x: _chunk_major(x.to(acc), n, chunk_size)  # noqa: E731
+    cm = lambda x: _chunk_major(x, n, chunk_size, acc)  # noqa: E731
     return chunk_coefficients(cm(theta), cm(torch.log1p(-alpha.to(acc))), cm(torch.log(eta.to(acc))))
 
 
-#: :func:`gate_coefficients` under ``torch.compile`` (``COMPILE_COEFFICIENTS``), one per backend.
-_COMPILED_COEFFICIENTS: dict = {}
-#: Whether :func:`fused_coefficients` compiles :func:`gate_coefficients`: None = on CUDA, outside Triton's interpreter,
-#: ``torch.compile``'s tracing and CUDA-graph capture; False = never (env ``MNEMO_MEMORY_COMPILE_COEFFICIENTS=0``); a
-#: backend (a name or a callable) = always, with it. Eager, the coefficient matrices are ~10 passes over
-#: ``[n, B, H, C, C]`` fp32 forward and as many backward (masks, cumulative sums and their flips, casts): ~1.5 ms of a
-#: 16K-token Titans layer's forward + backward on an H100 (sixteenth session's profile).
+#: Whether :func:`fused_coefficients` compiles :func:`gate_coefficients`: None = where
+#: :func:`~mnemotorch.ops.compiled.compile_allowed` (on CUDA, outside Triton's interpreter, ``torch.compile``'s tracing
+#: and CUDA-graph capture); False = never (env ``MNEMO_MEMORY_COMPILE_COEFFICIENTS=0``); a backend (a name or a
+#: callable) = always, with it. Eager, the coefficient matrices are ~10 passes over ``[n, B, H, C, C]`` fp32 forward and
+#: as many backward (masks, cumulative sums and their flips, casts); compiled, a 16K-token Titans layer's forward +
+#: backward took 0.3-1.7 ms less on an H100 (seventeenth session, docs/results/neural_memory.md).
 COMPILE_COEFFICIENTS = False if os.environ.get("MNEMO_MEMORY_COMPILE_COEFFICIENTS") == "0" else None
 
 
@@ -1973,17 +2002,11 @@ def fused_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: in
     float rounding (the order of the cumulative sums)."""
     backend = COMPILE_COEFFICIENTS
     if backend is None:
-        backend = "inductor" if theta.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else False
-        if backend and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
-            backend = False
+        backend = "inductor" if compile_allowed(theta) else False
     if not backend:
         return gate_coefficients(theta, eta, alpha, chunk_size, acc)
-    if backend not in _COMPILED_COEFFICIENTS:
-        _COMPILED_COEFFICIENTS[backend] = torch.compile(gate_coefficients, backend=backend, dynamic=None, fullgraph=True)
-    if theta.shape[1] > chunk_size:
-        for x in (theta, eta, alpha):
-            torch._dynamo.maybe_mark_dynamic(x, 1)
-    return _COMPILED_COEFFICIENTS[backend](theta, eta, alpha, chunk_size, acc)
+    fn = compiled_over_length(gate_coefficients, (0, 1, 2), backend, min_length=chunk_size + 1)
+    return fn(theta, eta, alpha, chunk_size, acc)
 
 
 def neural_memory_fused_forward(
