@@ -13,6 +13,8 @@
 #      PROFILE_ARGS=--overlap: how much of the other streams' kernel time ran inside the sweep and the walk).
 #   9. precision: the fused memory's bf16 errors against the fp32 chunked path per product precision (PREC_PAIRS
 #      "state/read,..."; scripts/diag_memory_precision.py).
+#  10. inputs: the titans layer with its compiled glue (input path, output gate, gate coefficients) eager / compiled
+#      (scripts/diag_titans_inputs.py). PROFILE_ARGS="--by-stack 1 --gaps" groups the profile by op and shows GPU idle time.
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
 # pytest arguments, split on spaces (e.g. "-x"); NA_TEST_K a -k expression, spaces kept (e.g. "compiled_inputs or env_switch"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
@@ -77,6 +79,13 @@ for line in sys.stdin:
           > "$L/profile_titans_layer.out" 2>&1
       grep -v -i warn "$L/profile_titans_layer.out" | cut -c1-200 | head -"${PROFILE_LINES:-32}"
       grep -E "^(overlap|gaps)" "$L/profile_titans_layer.out" | cut -c1-1500 ;;  # (PROFILE_ARGS=--overlap: the second stream beside the walks)
+    inputs)
+      # the titans layer's forward + backward with its compiled glue on / off (scripts/diag_titans_inputs.py; INPUTS_VARIANTS
+      # "eager,inputs,both", INPUTS_CONFIG; $OUT/diag_titans_inputs.json)
+      echo "== titans layer glue, eager vs compiled =="
+      timeout -s KILL "${INPUTS_TIMEOUT:-150}" python3 scripts/diag_titans_inputs.py --config "${INPUTS_CONFIG:-matched}" \
+          --variants "${INPUTS_VARIANTS:-eager,inputs,both}" --out "$OUT/diag_titans_inputs.json" > "$L/diag_titans_inputs.out" 2>&1
+      grep -v -i warn "$L/diag_titans_inputs.out" | tail -4 | cut -c1-600 ;;
     host)
       # where the host time of eager calls goes (scripts/diag_host.py; $OUT/diag_host.json)
       echo "== host time =="

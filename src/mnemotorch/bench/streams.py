@@ -83,9 +83,6 @@ def stream_overlap(kernels: list[dict], key: str, top: int = 10) -> dict:
     }
 
 
-__all__ = ["kernels_from_chrome_trace", "stream_overlap"]
-
-
 def idle_gaps(kernels: list[dict], top: int = 12) -> dict:
     """Where the GPU ran no kernel inside the traced span (all streams together): ``{"span_ms", "busy_ms", "idle_ms",
     "gaps": [{"ms", "after", "before"}]}``, the ``top`` longest gaps with the kernels that end and begin them. On a
@@ -103,3 +100,6 @@ def idle_gaps(kernels: list[dict], top: int = 12) -> dict:
     gaps.sort(key=lambda g: -g["ms"])
     busy_us = sum(b - a for a, b in busy)
     return {"span_ms": span / 1e3, "busy_ms": busy_us / 1e3, "idle_ms": (span - busy_us) / 1e3, "gaps": gaps[:top]}
+
+
+__all__ = ["idle_gaps", "kernels_from_chrome_trace", "stream_overlap"]

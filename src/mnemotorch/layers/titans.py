@@ -287,8 +287,8 @@ class TitansLMM(Mixer):
     def _compile_inputs(self, x: Tensor) -> bool:
         """With the fused memory on CUDA (its fast path), the input path (conv, SiLU, ℓ2 norms) and the output's norm
         and gate run through ``torch.compile`` with only the length symbolic (:func:`~.short_conv.compiled_conv_silu_qkv`,
-        :func:`~.short_conv.norm_silu_gate`); ``MNEMO_MEMORY_COMPILE_INPUTS=0`` keeps them eager. Not while ``torch.compile`` already
-        traces the caller, nor while a CUDA graph is being captured."""
+        :func:`~.short_conv.norm_silu_gate`); ``MNEMO_MEMORY_COMPILE_INPUTS=0`` keeps them eager. Not while
+        ``torch.compile`` already traces the caller, nor while a CUDA graph is being captured."""
         if os.environ.get("MNEMO_MEMORY_COMPILE_INPUTS", "1") == "0" or not self._fused_requested():
             return False
         return compile_allowed(x)

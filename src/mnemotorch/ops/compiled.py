@@ -9,6 +9,7 @@ every length at or above ``min_length`` (shorter calls compile their own, once p
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -45,8 +46,6 @@ def compiled_over_length(fn: Callable, args: Sequence[int], backend="inductor", 
 def compile_allowed(x: Tensor) -> bool:
     """Whether a fast path may call a compiled function on ``x`` now: on CUDA, outside Triton's interpreter, outside an
     enclosing ``torch.compile`` trace and outside CUDA-graph capture."""
-    import os
-
     if not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
