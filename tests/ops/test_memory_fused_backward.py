@@ -808,3 +808,19 @@ def test_fused_coefficients_compiled_one_graph_per_length(monkeypatch):
     from mnemotorch.ops.compiled import forget_compiled
 
     forget_compiled(backend)
+
+
+def test_group_grads_copy_add_and_zero_the_unwritten_rows():
+    """The fused backward's gradient buffers: a slice's first part is copied, later parts added, rows no slice wrote
+    (a gradient nobody contributes to) come back zero."""
+    from mnemotorch.ops.memory.fused_triton import _GroupGrads
+
+    like = torch.full((5, 2), float("nan"))
+    sums = _GroupGrads((like, like))
+    sums.add(0, slice(3, 5), torch.ones(2, 2))
+    sums.add(0, slice(3, 5), torch.ones(2, 2))
+    sums.add(0, slice(0, 1), torch.full((1, 2), 3.0))
+    sums.add(1, slice(3, 5), None)
+    a, b = sums.finish()
+    assert torch.equal(a, torch.tensor([[3.0, 3.0], [0, 0], [0, 0], [2, 2], [2, 2]]))
+    assert torch.equal(b, torch.zeros(5, 2))

@@ -301,6 +301,14 @@ def _chunk_major(x: Tensor, n: int, c: int, dtype: torch.dtype | None = None) ->
     return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
+def gate_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int, acc: torch.dtype) -> tuple[Tensor, ...]:
+    """:func:`chunk_coefficients` of whole chunks, chunk-major: gates ``[B, n·C, H]`` ->
+    ``(G, N [n, B, H, C, C], β, m, f [n, B, H, C])`` in ``acc``."""
+    n = theta.shape[1] // chunk_size
+    cm = lambda x: _chunk_major(x, n, chunk_size, acc)  # noqa: E731
+    return chunk_coefficients(cm(theta), cm(torch.log1p(-alpha.to(acc))), cm(torch.log(eta.to(acc))))
+
+
 def neural_memory_chunked(
     q: Tensor,
     k: Tensor,
@@ -380,7 +388,7 @@ def neural_memory_chunked(
         end = start + n_full * chunk_size
         cm = lambda x: _chunk_major(x[:, start:end], n_full, chunk_size, acc)  # noqa: E731
         qc, kc, vc = cm(q), cm(k), cm(v)  # [n, B, H, C, D]
-        coefs = chunk_coefficients(cm(th), cm(la), cm(le))  # [n, B, H, C, C] and [n, B, H, C]: every chunk at once
+        coefs = gate_coefficients(theta[:, start:end], eta[:, start:end], alpha[:, start:end], chunk_size, acc)  # every chunk at once
         step = _full_chunk_stepper(opts, *cfg)
         if opts is not None and torch.is_grad_enabled() and any(x.requires_grad for x in (qc, kc, vc, *coefs, *w, *s)):
             # Every chunk after the first gets a state that requires grad; give the first one the same

@@ -54,7 +54,7 @@ from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from ..compiled import compile_allowed, compiled_over_length
 from ..triton_dots import dot_split, dot_split_right
-from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, chunk_coefficients, neural_memory_chunked
+from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, gate_coefficients, neural_memory_chunked
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
     DEFAULT_LN_EPS,
@@ -1757,7 +1757,7 @@ def _bthd(x: Tensor, n: int, c: int, dtype: torch.dtype | None = None) -> Tensor
 
 class _GroupGrads:
     """Gradients ``[n, ...]`` filled one group of chunks (a slice of the first axis) at a time: a slice's first
-    contribution is copied in and later ones added, and slices nobody wrote are zeroed at the end. This replaces
+    contribution is copied in and later ones added, and rows no slice wrote are zeroed at the end. This replaces
     zero-filled accumulators and ``+=`` of every part (at 16K, 16 heads: ~0.5 ms of fills and adds)."""
 
     def __init__(self, like: Sequence[Tensor]):
@@ -1774,11 +1774,13 @@ class _GroupGrads:
             self.bufs[i][sl].copy_(x)
             self.written[i].add(key)
 
-    def finish(self, slices: Sequence[slice]) -> list[Tensor]:
+    def finish(self) -> list[Tensor]:
         for buf, written in zip(self.bufs, self.written):
-            for sl in slices:
-                if (sl.start, sl.stop) not in written:
-                    buf[sl].zero_()
+            row = 0
+            for lo, hi in sorted(written) + [(buf.shape[0], buf.shape[0])]:  # (the groups' slices do not overlap)
+                if lo > row:
+                    buf[row:lo].zero_()
+                row = max(row, hi)
         return self.bufs
 
 
@@ -1973,18 +1975,10 @@ class _FusedMemory(torch.autograd.Function):
         streams.join()
         timer.mark(None)
         timer.close()
-        dq, dk, dv, *dcoef = sums.finish([slice(lo, min(n, lo + group)) for lo in starts])
+        dq, dk, dv, *dcoef = sums.finish()
         out_q, out_k, out_v = (_bthd(x, n, c, t.dtype) for x, t in zip((dq, dk, dv), (q, k, v)))
         d_state = [a.to(dt) for a, dt in zip((*adj_w, *adj_s), ctx.state_dtypes)]
         return (None, out_q, out_k, out_v, *dcoef, *d_state)
-
-
-def gate_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int, acc: torch.dtype) -> tuple[Tensor, ...]:
-    """:func:`~.chunked.chunk_coefficients` of whole chunks, chunk-major: gates ``[B, n·C, H]`` ->
-    ``(G, N [n, B, H, C, C], β, m, f [n, B, H, C])`` in ``acc``."""
-    n = theta.shape[1] // chunk_size
-    cm = lambda x: _chunk_major(x, n, chunk_size, acc)  # noqa: E731
-    return chunk_coefficients(cm(theta), cm(torch.log1p(-alpha.to(acc))), cm(torch.log(eta.to(acc))))
 
 
 #: Whether :func:`fused_coefficients` compiles :func:`gate_coefficients`: None = where
