@@ -15,6 +15,7 @@
 #      "state/read,..."; scripts/diag_memory_precision.py).
 #  10. inputs: the titans layer with its compiled glue (input path, output gate, gate coefficients) eager / compiled
 #      (scripts/diag_titans_inputs.py). PROFILE_ARGS="--by-stack 1 --gaps" groups the profile by op and shows GPU idle time.
+#  11. ws: Triton's warp specialisation on the NA-1D / sliding-window kernels, one process per variant (scripts/diag_ws.py).
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
 # pytest arguments, split on spaces (e.g. "-x"); NA_TEST_K a -k expression, spaces kept (e.g. "compiled_inputs or env_switch"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
@@ -96,6 +97,16 @@ for line in sys.stdin:
       echo "== kernel resources =="
       timeout -s KILL "${RES_TIMEOUT:-200}" python3 scripts/diag_kernel_resources.py > "$L/diag_kernel_resources.out" 2>&1
       grep -v -i warn "$L/diag_kernel_resources.out" | cut -c1-300 | tail -16 ;;
+    ws)
+      # Triton's warp specialisation on the list-free attention kernels, one process per variant (scripts/diag_ws.py;
+      # WS_ARGS e.g. "--swa --bwd --variants table,..."; $OUT/diag_ws.json)
+      echo "== warp specialisation =="
+      timeout -s KILL "${WS_TIMEOUT:-300}" python3 scripts/diag_ws.py ${WS_ARGS:-} > "$L/diag_ws.out" 2>&1
+      grep -v -i warn "$L/diag_ws.out" | grep '^{' | python3 -c "
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line); keep = {k: v for k, v in r.items() if k.endswith('_ms') or k.endswith('tflops') or k in ('variant', 'rc', 'error') or 'err' in k}
+    print(json.dumps(keep)[:700])" ;;
     bench)
       echo "== mnemo bench kernels =="
       timeout "${BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \

@@ -171,3 +171,12 @@ def test_one_loop_and_three_loops_both_run(monkeypatch, descriptor_reduce) -> No
     assert all(calls.n[n] > 0 for n in ("_fwd_one", "_fwd_three", "_dkdv_one", "_dkdv_three")), calls.n
     check(1, 300, 2, 1, 16, 129, torch.float32, tiles(32, 16, False, False, one_loop=True, delta=True), seed=5)
     assert calls.n["_dq_one"] > 0 and calls.n["_dq_three"] > 0, calls.n
+
+
+def test_warp_specialised_launch_matches_reference() -> None:
+    """``ws=True`` (with in-kernel descriptors) reaches every kernel's one loop and three loops; the interpreter
+    ignores the pass itself, so this checks the flag's plumbing (the GPU's numbers: scripts/diag_ws.py)."""
+    launch = tiles(32, 16, False, "device", one_loop=True, delta=True)
+    for kind in launch:
+        launch[kind]["ws"] = True
+    check(1, 300, 2, 1, 16, 129, torch.float32, launch, seed=3)

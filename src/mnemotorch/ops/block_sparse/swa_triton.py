@@ -195,12 +195,13 @@ def _fwd_three(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_co
 @triton.jit
 def _fwd_one(acc, l_i, m_i, q, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok,
              lo, mlo, mhi, hi, W, qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
-             POS_SCALE: tl.constexpr, TMA: tl.constexpr, NA1D: tl.constexpr = False, Lk=0):
+             POS_SCALE: tl.constexpr, TMA: tl.constexpr, NA1D: tl.constexpr = False, Lk=0, WS: tl.constexpr = False):
     """All the block's key tiles ``[lo, hi)`` (inside ``[0, Lk)``) in ONE software-pipelined loop:
     the tiles outside ``[mlo, mhi)`` are masked under a per-tile branch. Three loops each start their
     own pipeline (the first loads of a loop wait in full, nothing overlaps them), which for W = 1024
-    and 128-key tiles is 3 exposed load latencies per 9 tiles at one program per SM."""
-    for s0 in tl.range(lo, hi, BN):
+    and 128-key tiles is 3 exposed load latencies per 9 tiles at one program per SM. ``WS``: Triton's
+    automatic warp specialisation of the loop (on Hopper it wants in-kernel TMA descriptors, ``TMA == 2``)."""
+    for s0 in tl.range(lo, hi, BN, warp_specialize=WS):
         if TMA > 0:
             k = KD.load([kd_row + s0, kd_col])
             v = VD.load([kd_row + s0, kd_col])
@@ -313,7 +314,7 @@ def _swa_fwd_kernel(
     if ONE_LOOP:  # one loop where every tile lies inside the keys (all programs but a few at the ends)
         if (s_first >= 0) & (p_hi <= Lk):
             acc, l_i, m_i = _fwd_one(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
-                                     s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, NA1D, Lk)
+                                     s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, NA1D, Lk, WS)
         else:
             acc, l_i, m_i = _fwd_three(acc, l_i, m_i, q, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
                                        s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, POS_SCALE, TMA, WS, LAZY, NA1D)
@@ -415,10 +416,10 @@ def _dkdv_three(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_co
 def _dkdv_one(dk, dv, k, v, q_base, do_base, sqt, sdot, QD, DOD, qd_row, qd_col, lse_base, delta_base,
               DQA, dqa_base, dqa_st, DQD, dqd_row, dqd_col, offs_n, offs_d, d_ok, n0, t_lo, mlo, mhi, t_hi, offset, W,
               qk_scale, BM: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, FUSED_DQ: tl.constexpr,
-              TMA: tl.constexpr, NA1D: tl.constexpr = False, Lk=0):
+              TMA: tl.constexpr, NA1D: tl.constexpr = False, Lk=0, WS: tl.constexpr = False):
     """Query tiles ``[t_lo, t_hi)`` whose rows are all queries, in one pipelined loop; the tiles
     outside ``[mlo, mhi)`` are masked under a per-tile branch (see ``_fwd_one``)."""
-    for t in tl.range(t_lo, t_hi):
+    for t in tl.range(t_lo, t_hi, warp_specialize=WS):
         pm0 = n0 + t * BM
         offs_pq = pm0 + tl.arange(0, BM)
         offs_i = offs_pq - offset
@@ -528,7 +529,7 @@ def _swa_bwd_dkdv_kernel(
             if (qa + t_lo * BM - offset >= 0) & (qa + t_hi * BM - offset <= Lq):
                 dk, dv = _dkdv_one(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
                                    DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, qa, t_lo, a2, z2, t_hi,
-                                   offset, W, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA, NA1D, Lk)
+                                   offset, W, qk_scale, BM, IEEE, EVEN_D, FUSED_DQ, TMA, NA1D, Lk, WS)
             else:
                 dk, dv = _dkdv_three(dk, dv, k, v, q_base, do_base, sqt, sdot, qdesc, dodesc, r0, c0, LSE + stat, DELTA + stat,
                                      DQA, dqa_base, H * D, DQD, b * Lq, h * D, offs_n, offs_d, d_ok, qa, t_lo, a2, z2, t_hi,
@@ -600,10 +601,10 @@ def _dq_three(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, k
 @triton.jit
 def _dq_one(dq, q, do, lse, delta, k_base, v_base, skt, svt, KD, VD, kd_row, kd_col, offs_p, offs_d, d_ok, lo, mlo, mhi, hi, W,
             qk_scale, BN: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-            NA1D: tl.constexpr = False, Lk=0):
+            NA1D: tl.constexpr = False, Lk=0, WS: tl.constexpr = False):
     """The block's key tiles ``[lo, hi)`` (inside ``[0, Lk)``) in one pipelined loop, the tiles outside
     ``[mlo, mhi)`` masked under a per-tile branch (see ``_fwd_one``)."""
-    for s0 in tl.range(lo, hi, BN):
+    for s0 in tl.range(lo, hi, BN, warp_specialize=WS):
         if TMA > 0:
             k = KD.load([kd_row + s0, kd_col])
             v = VD.load([kd_row + s0, kd_col])
@@ -676,7 +677,7 @@ def _swa_bwd_dq_kernel(
     if ONE_LOOP:
         if (s_first >= 0) & (p_hi <= Lk):
             dq = _dq_one(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
-                         s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, TMA, NA1D, Lk)
+                         s_first, full_lo, p0, p_hi, W, qk_scale, BN, IEEE, EVEN_D, TMA, NA1D, Lk, WS)
         else:
             dq = _dq_three(dq, q, do, lse, delta, k_base, v_base, skt, svt, kdesc, vdesc, r0, c0, offs_p, offs_d, d_ok,
                            s_first, full_lo, p0, p_hi, W, Lk, qk_scale, BN, IEEE, EVEN_D, TMA, WS, NA1D)
@@ -697,7 +698,8 @@ def _swa_bwd_dq_kernel(
 #: silently pointer loads otherwise): ``True`` -- host descriptors over ``[B * T, H * D]`` (padded head
 #: dim == head dim), ``"device"`` -- in-kernel descriptors per (batch, head) (Triton's scratch
 #: allocator is set if none is; what Hopper warp specialisation needs); ``ws``: ``tl.range(warp_specialize=...)`` on
-#: the unmasked loop; ``lazy`` (fwd, > 0): rescale the accumulator only when a row's max has grown
+#: the unmasked loop, or on the one loop with ``one_loop`` (every form measured slower on an H100 with Triton 3.6:
+#: docs/results/block_sparse.md, eighteenth session); ``lazy`` (fwd, > 0): rescale the accumulator only when a row's max has grown
 #: by more than that many powers of two (FlashAttention-4's lazy rescaling; 0: at every tile).
 #: ``one_loop``: a program whose tiles all lie inside the sequence runs them in one software-pipelined
 #: loop, masking the edge / diagonal tiles under a per-tile branch (the others keep three loops, each of
