@@ -97,18 +97,22 @@ def _lmm_read_vjp_b_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
     ACT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Pass B, one program per (chunk ``program_id(0)``, head ``program_id(1)``, hidden slice ``program_id(2)``
-    of ``BH`` columns): ``Ĥ`` on the slice again, then layer 2's direct shares ``Ĥᵀ (β ∘ dẐ_2)``, ``Ĥᵀ (f ∘ dẐ_2)``
-    (rows of ``BW2, BS2``), ``X_1``'s cotangent (columns of ``DX1``), ``dẐ_1 = dĤ ∘ σ'(Ẑ_1)``, layer 1's direct
-    shares (columns of ``BW1, BS1``) and ``Δ_1``'s cotangent (``DD1``). The sums over slices, of ``dq``,
+    """Pass B, one program per (hidden slice ``j`` of ``BH`` columns, chunk ``ci``, head ``program_id(1)``), with
+    ``program_id(0) = ci · NS + j``: ``Ĥ`` on the slice again, then layer 2's direct shares ``Ĥᵀ (β ∘ dẐ_2)``,
+    ``Ĥᵀ (f ∘ dẐ_2)`` (rows of ``BW2, BS2``), ``X_1``'s cotangent (columns of ``DX1``), ``dẐ_1 = dĤ ∘ σ'(Ẑ_1)``, layer
+    1's direct shares (columns of ``BW1, BS1``) and ``Δ_1``'s cotangent (``DD1``). The sums over slices, of ``dq``,
     of ``G̃ ∘ Q Kᵀ``'s cotangent and of ``β, f``'s, go to per-slice partials ``PDQ [NS, G, B·H, C, DK]``,
-    ``PDA1 [NS, …, C, C]``, ``PDB, PDF [NS, …, C]``: no slice waits for another."""
-    row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    part = tl.program_id(2) * tl.num_programs(0) * tl.num_programs(1) + row
+    ``PDA1 [NS, …, C, C]``, ``PDB, PDF [NS, …, C]``: no slice waits for another. The slice is the grid's fastest
+    index so that the NS programs of one (chunk, head), which load the same ``Q, K, G̃, dẐ_2`` and ``Ĥ X_1ᵀ``'s
+    cotangent, run side by side and find them in L2."""
+    NS: tl.constexpr = HID // BH
+    j = tl.program_id(0) % NS
+    row = (tl.program_id(0) // NS) * tl.num_programs(1) + tl.program_id(1)
+    part = j * (tl.num_programs(0) // NS) * tl.num_programs(1) + row
     rows = tl.arange(0, C)
     ck = tl.arange(0, DK)
     cv = tl.arange(0, DV)
-    cols = tl.program_id(2) * BH + tl.arange(0, BH)
+    cols = j * BH + tl.arange(0, BH)
     q = tl.load(Q + row * C * DK + rows[:, None] * DK + ck[None, :])
     beta = tl.load(BETA + row * C + rows)
     f = tl.load(FV + row * C + rows)
@@ -193,7 +197,7 @@ def lmm_read_vjp(
         num_warps=int(LAUNCH_READ_VJP["a_warps"]), num_stages=1,
     )  # fmt: skip
     bh, ns = _slices(hid)
-    _lmm_read_vjp_b_kernel[(q.shape[0], nbh, ns)](
+    _lmm_read_vjp_b_kernel[(ns * q.shape[0], nbh)](
         q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, dz2, dag2, bw1, bs1, bw2, bs2, dd1, dx1, pdq, pda1, pdb, pdf,
         C=c, DK=dk, DV=dv, HID=hid, BH=bh, ACT=act, PREC=prec,
         num_warps=int(LAUNCH_READ_VJP["warps"]), num_stages=int(LAUNCH_READ_VJP["stages"]),

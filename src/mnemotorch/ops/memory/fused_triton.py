@@ -359,10 +359,13 @@ def _lmm_fused_fwd_kernel(
 
 
 @triton.jit
-def _update_pair(wp, sp, SLOT, w_kept, s_kept, x, delta, g_l, n_l, b_c, m_c, f_c, CARRY: tl.constexpr, PREC: tl.constexpr):
+def _update_pair(wp, sp, SLOT, w_kept, s_kept, x, delta, g_l, n_l, b_c, m_c, f_c, CARRY: tl.constexpr, PREC: tl.constexpr,
+                 XK: tl.constexpr = False, KB: tl.constexpr = False):
     """One layer's slice of the update at a chunk's end, ``W' = β_c W + f_c S − (g̃ ∘ X)ᵀ Δ``,
     ``S' = m_c S − (ñ ∘ X)ᵀ Δ`` (``g̃, ñ``: the last rows of G, N; X the layer's input, Δ its pre-activation
     gradient), from the state at ``wp / sp`` (or ``w_kept / s_kept`` with ``CARRY``), written ``SLOT`` further.
+    ``XK``: X is layer 1's keys; the token weights then scale Δ instead, ``Xᵀ (g̃ ∘ Δ)``, so that with ``KB`` (keys
+    of bf16 inputs) X stays exact in bf16 and each product takes two bf16 products, not three (:func:`_mmk`).
     Returns ``(W', S')``."""
     if CARRY:
         w = w_kept
@@ -370,8 +373,13 @@ def _update_pair(wp, sp, SLOT, w_kept, s_kept, x, delta, g_l, n_l, b_c, m_c, f_c
     else:
         w = tl.load(wp, cache_modifier=".cg")
         s = tl.load(sp, cache_modifier=".cg")
-    wn = b_c * w + f_c * s - _mmp(tl.trans(g_l[:, None] * x), delta, PREC)
-    sn = m_c * s - _mmp(tl.trans(n_l[:, None] * x), delta, PREC)
+    if XK:
+        xt = tl.trans(x)
+        wn = b_c * w + f_c * s - _mmk(xt, g_l[:, None] * delta, PREC, KB)
+        sn = m_c * s - _mmk(xt, n_l[:, None] * delta, PREC, KB)
+    else:
+        wn = b_c * w + f_c * s - _mmp(tl.trans(g_l[:, None] * x), delta, PREC)
+        sn = m_c * s - _mmp(tl.trans(n_l[:, None] * x), delta, PREC)
     tl.store(wp + SLOT, wn)
     tl.store(sp + SLOT, sn)
     return wn, sn
@@ -597,7 +605,7 @@ def _lmm_split_fwd_kernel(
                 d1 = tl.load(d1p, cache_modifier=".cg") * _act_grad(z1, ACT)
             elif P3 == 1:
                 d1 = tl.load(dsp, cache_modifier=".cg")
-            w1n, s1n = _update_pair(w1p + r1, s1p + r1, SLOT1, cw1, cs1, k, d1, g_l, n_l, b_c, m_c, f_c, CARRY, PREC)
+            w1n, s1n = _update_pair(w1p + r1, s1p + r1, SLOT1, cw1, cs1, k, d1, g_l, n_l, b_c, m_c, f_c, CARRY, PREC, True, KB)
             if P3 == 0:
                 h1 = _act(z1, ACT)
             elif P3 == 1:
