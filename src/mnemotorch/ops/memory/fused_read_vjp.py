@@ -58,10 +58,11 @@ def _lmm_read_vjp_a_kernel(
     cv = tl.arange(0, DV)
     ch = tl.arange(0, BH)
     q = tl.load(Q + row * C * DK + rows[:, None] * DK + ck[None, :])
-    gt = tl.load(GT + row * C * C + rows[:, None] * C + rows[None, :])
+    go = GT + row * C * C + rows[:, None] * C + rows[None, :]
     beta = tl.load(BETA + row * C + rows)
     f = tl.load(FV + row * C + rows)
-    ga1 = gt * _mmp(q, tl.trans(tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])), PREC)  # G̃ ∘ Q Kᵀ
+    # G̃ ∘ Q Kᵀ; G̃ itself is loaded again after the loop rather than kept through it (registers: see pass B)
+    ga1 = tl.load(go) * _mmp(q, tl.trans(tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])), PREC)
     aw = tl.zeros([C, DV], dtype=tl.float32)
     asm = tl.zeros([C, DV], dtype=tl.float32)
     ar2 = tl.zeros([C, C], dtype=tl.float32)
@@ -74,20 +75,21 @@ def _lmm_read_vjp_a_kernel(
         asm += _mmp(hh, tl.load(S2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), PREC)
         ar2 += _mmp(hh, tl.trans(tl.load(X1 + row * C * HID + rows[:, None] * HID + cols[None, :])), PREC)
     d2 = tl.load(D2 + row * C * DV + rows[:, None] * DV + cv[None, :])
-    ga2 = gt * ar2
+    ga2 = tl.load(go) * ar2
     dy = tl.load(DY + row * C * DV + rows[:, None] * DV + cv[None, :])
     if LN:  # the affine-free LayerNorm's (symmetric) Jacobian applied to dy
         out, rstd = _ln_rows(beta[:, None] * aw + f[:, None] * asm - _mmp(ga2, d2, PREC), DV, ln_eps)
         dz2 = rstd[:, None] * (dy - (tl.sum(dy, 1) / DV)[:, None] - out * (tl.sum(dy * out, 1) / DV)[:, None])
     else:
         dz2 = dy
-    da2 = -_mmp(dz2, tl.trans(d2), PREC)  # of G̃ ∘ Ĥ X_1ᵀ
-    tl.store(DZ2 + row * C * DV + rows[:, None] * DV + cv[None, :], dz2)
-    tl.store(DD2 + row * C * DV + rows[:, None] * DV + cv[None, :], -_mmp(tl.trans(ga2), dz2, PREC))
-    tl.store(DGT + row * C * C + rows[:, None] * C + rows[None, :], da2 * ar2)
-    tl.store(DAG2 + row * C * C + rows[:, None] * C + rows[None, :], da2 * gt)
+    # each tile's last use as early as it can come (fewer live at once)
     tl.store(DBETA + row * C + rows, tl.sum(dz2 * aw, 1))
     tl.store(DF + row * C + rows, tl.sum(dz2 * asm, 1))
+    tl.store(DZ2 + row * C * DV + rows[:, None] * DV + cv[None, :], dz2)
+    tl.store(DD2 + row * C * DV + rows[:, None] * DV + cv[None, :], -_mmp(tl.trans(ga2), dz2, PREC))
+    da2 = -_mmp(dz2, tl.trans(d2), PREC)  # of G̃ ∘ Ĥ X_1ᵀ
+    tl.store(DGT + row * C * C + rows[:, None] * C + rows[None, :], da2 * ar2)
+    tl.store(DAG2 + row * C * C + rows[:, None] * C + rows[None, :], da2 * tl.load(go))
 
 
 @triton.jit
@@ -113,40 +115,50 @@ def _lmm_read_vjp_b_kernel(
     ck = tl.arange(0, DK)
     cv = tl.arange(0, DV)
     cols = j * BH + tl.arange(0, BH)
-    q = tl.load(Q + row * C * DK + rows[:, None] * DK + ck[None, :])
+    # Three steps, each starting from loads rather than from tiles kept across the others: a [C, 64] fp32 tile is 32
+    # registers a thread at 4 warps, and holding Q, G̃ ∘ Q Kᵀ, W_1, S_1, Δ_1, Q W_1, Q S_1 from the first step to the
+    # last spilled ~960 bytes a thread (ptxas, sm_90a). Step 3 reloads those inputs (L2-resident: the slices of one
+    # chunk and head run side by side) and recomputes Q W_1, Q S_1, G̃ ∘ Q Kᵀ: the same products of the same values.
+    qo = Q + row * C * DK + rows[:, None] * DK + ck[None, :]
+    ko = K + row * C * DK + rows[:, None] * DK + ck[None, :]
+    go = GT + row * C * C + rows[:, None] * C + rows[None, :]
+    w1o = W1 + row * DK * HID + ck[:, None] * HID + cols[None, :]
+    s1o = S1 + row * DK * HID + ck[:, None] * HID + cols[None, :]
+    d1o = D1 + row * C * HID + rows[:, None] * HID + cols[None, :]
     beta = tl.load(BETA + row * C + rows)
     f = tl.load(FV + row * C + rows)
-    ga1 = tl.load(GT + row * C * C + rows[:, None] * C + rows[None, :])
-    ga1 = ga1 * _mmp(q, tl.trans(tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])), PREC)  # G̃ ∘ Q Kᵀ
-    w1 = tl.load(W1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
-    s1 = tl.load(S1 + row * DK * HID + ck[:, None] * HID + cols[None, :])
-    d1 = tl.load(D1 + row * C * HID + rows[:, None] * HID + cols[None, :])
-    qw = _mmp(q, w1, PREC)
-    qs = _mmp(q, s1, PREC)
-    zh = beta[:, None] * qw + f[:, None] * qs - _mmp(ga1, d1, PREC)
+    # 1) the slice's read: Ĥ and σ'(Ẑ_1) are all that step 2 needs of it
+    q = tl.load(qo)
+    ga1 = tl.load(go) * _mmp(q, tl.trans(tl.load(ko)), PREC)  # G̃ ∘ Q Kᵀ
+    zh = beta[:, None] * _mmp(q, tl.load(w1o), PREC) + f[:, None] * _mmp(q, tl.load(s1o), PREC) - _mmp(ga1, tl.load(d1o), PREC)
     hh = _act(zh, ACT)
+    sg = _act_grad(zh, ACT)
+    # 2) layer 2's direct shares, X_1's cotangent, then dẐ_1
+    # (β ∘ dẐ_2 and f ∘ dẐ_2 are formed at each use, not kept: one tile live instead of three)
     dz2 = tl.load(DZ2 + row * C * DV + rows[:, None] * DV + cv[None, :])
-    ub2 = beta[:, None] * dz2
-    uf2 = f[:, None] * dz2
     ht = tl.trans(hh)
-    tl.store(BW2 + row * HID * DV + cols[:, None] * DV + cv[None, :], _mmp(ht, ub2, PREC))
-    tl.store(BS2 + row * HID * DV + cols[:, None] * DV + cv[None, :], _mmp(ht, uf2, PREC))
+    tl.store(BW2 + row * HID * DV + cols[:, None] * DV + cv[None, :], _mmp(ht, beta[:, None] * dz2, PREC))
+    tl.store(BS2 + row * HID * DV + cols[:, None] * DV + cv[None, :], _mmp(ht, f[:, None] * dz2, PREC))
     dag2 = tl.load(DAG2 + row * C * C + rows[:, None] * C + rows[None, :])
     tl.store(DX1 + row * C * HID + rows[:, None] * HID + cols[None, :], _mmp(tl.trans(dag2), hh, PREC))
     dh = _mmp(dag2, tl.load(X1 + row * C * HID + rows[:, None] * HID + cols[None, :]), PREC)
-    dh += _mmp(ub2, tl.trans(tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :])), PREC)
-    dh += _mmp(uf2, tl.trans(tl.load(S2 + row * HID * DV + cols[:, None] * DV + cv[None, :])), PREC)
-    dz1 = dh * _act_grad(zh, ACT)
-    tl.store(PDB + part * C + rows, tl.sum(dz1 * qw, 1))
-    tl.store(PDF + part * C + rows, tl.sum(dz1 * qs, 1))
-    ub1 = beta[:, None] * dz1
-    uf1 = f[:, None] * dz1
+    dh += _mmp(beta[:, None] * dz2, tl.trans(tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :])), PREC)
+    dh += _mmp(f[:, None] * dz2, tl.trans(tl.load(S2 + row * HID * DV + cols[:, None] * DV + cv[None, :])), PREC)
+    dz1 = dh * sg
+    # 3) layer 1's direct shares and the per-slice partials, one state tile at a time
+    q = tl.load(qo)
     qt = tl.trans(q)
-    tl.store(BW1 + row * DK * HID + ck[:, None] * HID + cols[None, :], _mmp(qt, ub1, PREC))
-    tl.store(BS1 + row * DK * HID + ck[:, None] * HID + cols[None, :], _mmp(qt, uf1, PREC))
+    w1 = tl.load(w1o)
+    tl.store(PDB + part * C + rows, tl.sum(dz1 * _mmp(q, w1, PREC), 1))
+    tl.store(BW1 + row * DK * HID + ck[:, None] * HID + cols[None, :], _mmp(qt, beta[:, None] * dz1, PREC))
+    pdq = _mmp(beta[:, None] * dz1, tl.trans(w1), PREC)
+    s1 = tl.load(s1o)
+    tl.store(PDF + part * C + rows, tl.sum(dz1 * _mmp(q, s1, PREC), 1))
+    tl.store(BS1 + row * DK * HID + ck[:, None] * HID + cols[None, :], _mmp(qt, f[:, None] * dz1, PREC))
+    tl.store(PDQ + part * C * DK + rows[:, None] * DK + ck[None, :], pdq + _mmp(f[:, None] * dz1, tl.trans(s1), PREC))
+    ga1 = tl.load(go) * _mmp(q, tl.trans(tl.load(ko)), PREC)
     tl.store(DD1 + row * C * HID + rows[:, None] * HID + cols[None, :], -_mmp(tl.trans(ga1), dz1, PREC))
-    tl.store(PDA1 + part * C * C + rows[:, None] * C + rows[None, :], -_mmp(dz1, tl.trans(d1), PREC))  # of G̃ ∘ Q Kᵀ
-    tl.store(PDQ + part * C * DK + rows[:, None] * DK + ck[None, :], _mmp(ub1, tl.trans(w1), PREC) + _mmp(uf1, tl.trans(s1), PREC))
+    tl.store(PDA1 + part * C * C + rows[:, None] * C + rows[None, :], -_mmp(dz1, tl.trans(tl.load(d1o)), PREC))  # of G̃ ∘ Q Kᵀ
 
 
 def supported(q: Tensor, w: Sequence[Tensor]) -> bool:
