@@ -344,28 +344,6 @@ def test_fused_training_split_kernel(monkeypatch):
     for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
         assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
 
-@pytest.mark.parametrize("clip", [None, 0.3], ids=["plain", "clip"])
-def test_fused_training_joined_products(monkeypatch, clip):
-    """``LAUNCH["joined"]``: the walk's update and the sweep's first phase take each pair of products that shares its
-    left operand as one product of twice the columns (:func:`_mm_pair`); the split kernels (2 programs per head) then
-    still equal the float64 chunked path, outputs and every gradient."""
-    from mnemotorch.ops.memory import fused_triton
-
-    monkeypatch.setitem(fused_triton.LAUNCH, "joined", True)
-    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", 16)
-    joined = []
-    for name in ("_lmm_split_fwd_kernel", "_lmm_split_sweep_kernel"):
-        monkeypatch.setattr(fused_triton, name, _RecordingKw(getattr(fused_triton, name), "JOIN", joined))
-    q, k, v, th, et, al = make_inputs(b=1, t=3 * 32, h=2, dk=16, dv=16, seed=4, theta_max=0.5)
-    st = make_state(1, 2, 16, 16, 2, hidden=32)
-    y_ref, g_ref = _train_grads(neural_memory_chunked, torch.float64, q, k, v, (th, et, al), st, 32, MATCHED, clip)
-    y, g = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, MATCHED, clip)
-    assert joined and all(joined), joined
-    for i, (a, b) in enumerate(zip([y, *g], [y_ref, *g_ref])):
-        assert rel(a.double(), b) <= 1e-5, (i, rel(a.double(), b))
-
-
 
 @pytest.mark.parametrize("act,residual,ln", [("gelu", True, True), ("silu", True, False), ("relu", False, True)])
 def test_key_pass_from_forward_equals_recomputed(act, residual, ln):

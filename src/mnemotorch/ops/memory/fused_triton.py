@@ -99,15 +99,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``exact_keys``: with bf16 inputs and "bf16x3", the walk's and the sweep's products with the keys (exact in bf16: no low
 #: part) take two bf16 products instead of three, with the same sums in the same order (bit-identical results).
 #: ``profile``: a dict to receive the walk's / sweep's per-phase timer stamps (diagnostics; None = off).
-#: ``joined`` (env ``MNEMO_MEMORY_JOINED=1``): the walk's update and the sweep's first phase take each pair of products
-#: that shares its left operand as one product of twice the columns (:func:`_mm_pair`).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": os.environ.get("MNEMO_MEMORY_PRECISION", "bf16x3"),
                 "half_read_precision": os.environ.get("MNEMO_MEMORY_READ_PRECISION", "tf32"),
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "exact_keys": True, "profile": None,
-                "joined": os.environ.get("MNEMO_MEMORY_JOINED", "0") == "1"}
+                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "exact_keys": True, "profile": None}
 
 
 @triton.jit
@@ -139,18 +136,6 @@ def _mmk(k, b, PREC: tl.constexpr, KB: tl.constexpr):
         return dot_split_right(k.to(tl.bfloat16), b)
     else:
         return _mmp(k, b, PREC)
-
-
-@triton.jit
-def _mm_pair(a, b1, b2, PREC: tl.constexpr, KB: tl.constexpr = False):
-    """``(a @ b1, a @ b2)`` as one product with twice the columns: ``b1, b2`` interleaved by column (``tl.join``), the
-    result split back. Each output element is the same dot product over the same ``K`` as in two products; one
-    ``[K, 2N]`` operand and one wider matrix-unit product replace two (``KB``: as :func:`_mmk`)."""
-    R: tl.constexpr = a.shape[0]
-    KD: tl.constexpr = b1.shape[0]
-    N: tl.constexpr = b1.shape[1]
-    r = _mmk(a, tl.reshape(tl.join(b1, b2), [KD, 2 * N]), PREC, KB)
-    return tl.split(tl.reshape(r, [R, N, 2]))
 
 
 @triton.jit
@@ -375,13 +360,12 @@ def _lmm_fused_fwd_kernel(
 
 @triton.jit
 def _update_pair(wp, sp, SLOT, w_kept, s_kept, x, delta, g_l, n_l, b_c, m_c, f_c, CARRY: tl.constexpr, PREC: tl.constexpr,
-                 XK: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False):
+                 XK: tl.constexpr = False, KB: tl.constexpr = False):
     """One layer's slice of the update at a chunk's end, ``W' = β_c W + f_c S − (g̃ ∘ X)ᵀ Δ``,
     ``S' = m_c S − (ñ ∘ X)ᵀ Δ`` (``g̃, ñ``: the last rows of G, N; X the layer's input, Δ its pre-activation
     gradient), from the state at ``wp / sp`` (or ``w_kept / s_kept`` with ``CARRY``), written ``SLOT`` further.
     ``XK``: X is layer 1's keys; the token weights then scale Δ instead, ``Xᵀ (g̃ ∘ Δ)``, so that with ``KB`` (keys
     of bf16 inputs) X stays exact in bf16 and each product takes two bf16 products, not three (:func:`_mmk`).
-    ``JOIN``: both products as one, ``Xᵀ [g̃ ∘ Δ | ñ ∘ Δ]`` (:func:`_mm_pair`; Δ scaled for either layer).
     Returns ``(W', S')``."""
     if CARRY:
         w = w_kept
@@ -389,11 +373,7 @@ def _update_pair(wp, sp, SLOT, w_kept, s_kept, x, delta, g_l, n_l, b_c, m_c, f_c
     else:
         w = tl.load(wp, cache_modifier=".cg")
         s = tl.load(sp, cache_modifier=".cg")
-    if JOIN:
-        uw, us = _mm_pair(tl.trans(x), g_l[:, None] * delta, n_l[:, None] * delta, PREC, XK and KB)
-        wn = b_c * w + f_c * s - uw
-        sn = m_c * s - us
-    elif XK:
+    if XK:
         xt = tl.trans(x)
         wn = b_c * w + f_c * s - _mmk(xt, g_l[:, None] * delta, PREC, KB)
         sn = m_c * s - _mmk(xt, n_l[:, None] * delta, PREC, KB)
@@ -466,7 +446,7 @@ def _lmm_split_fwd_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
     PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr, READ: tl.constexpr, PROFILE: tl.constexpr = False,
-    CARRY: tl.constexpr = False, P3: tl.constexpr = 1, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
+    CARRY: tl.constexpr = False, P3: tl.constexpr = 1, KB: tl.constexpr = False,
 ):
     # Where phase 3 (READ == False) gets σ(Z_1), Δ_1 and Δ_2, which phases 1 and 2 computed: P3 = 0 recomputes
     # them (activations, LayerNorm backward: latency-bound elementwise passes at one 4-warp program per SM),
@@ -625,12 +605,12 @@ def _lmm_split_fwd_kernel(
                 d1 = tl.load(d1p, cache_modifier=".cg") * _act_grad(z1, ACT)
             elif P3 == 1:
                 d1 = tl.load(dsp, cache_modifier=".cg")
-            w1n, s1n = _update_pair(w1p + r1, s1p + r1, SLOT1, cw1, cs1, k, d1, g_l, n_l, b_c, m_c, f_c, CARRY, PREC, True, KB, JOIN)
+            w1n, s1n = _update_pair(w1p + r1, s1p + r1, SLOT1, cw1, cs1, k, d1, g_l, n_l, b_c, m_c, f_c, CARRY, PREC, True, KB)
             if P3 == 0:
                 h1 = _act(z1, ACT)
             elif P3 == 1:
                 h1 = tl.load(hsp, cache_modifier=".cg")
-            w2n, s2n = _update_pair(w2p + r2, s2p + r2, SLOT2, cw2, cs2, h1, d2, g_l, n_l, b_c, m_c, f_c, CARRY, PREC, False, False, JOIN)
+            w2n, s2n = _update_pair(w2p + r2, s2p + r2, SLOT2, cw2, cs2, h1, d2, g_l, n_l, b_c, m_c, f_c, CARRY, PREC)
             if CARRY:
                 cw1 = w1n
                 cs1 = s1n
@@ -1014,7 +994,7 @@ def _lmm_split_sweep_kernel(
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
-    KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
+    KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1062,11 +1042,8 @@ def _lmm_split_sweep_kernel(
         if PHASE == 0 or PHASE == 1:
             aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
             as1 = tl.load(AS1 + rd1, cache_modifier=".cg")
-            if JOIN:  # each pair of products that shares its left operand as one (_mm_pair)
-                xa1, xb1 = _mm_pair(k, aw1, as1, PREC, KB)
-            else:
-                xa1 = _mmk(k, aw1, PREC, KB)
-                xb1 = _mmk(k, as1, PREC, KB)
+            xa1 = _mmk(k, aw1, PREC, KB)
+            xb1 = _mmk(k, as1, PREC, KB)
             tl.store(sd1, -(gt[:, None] * xa1 + nt[:, None] * xb1))
             if CLIP:
                 d1 = tl.load(D1 + ci * C * HID + hs)
@@ -1076,16 +1053,9 @@ def _lmm_split_sweep_kernel(
             as2 = tl.load(AS2 + rd2, cache_modifier=".cg")
             h = tl.load(HH + ci * C * HID + hs)
             xoff = (xo + j) * C * DV + rows[:, None] * DV + cv[None, :]
-            if JOIN:
-                ya2, yb2 = _mm_pair(h, aw2, as2, PREC)
-                tl.store(XA2 + xoff, ya2)
-                tl.store(XB2 + xoff, yb2)
-                za2, zb2 = _mm_pair(d2, tl.trans(aw2), tl.trans(as2), PREC)
-                tl.store(sx, -(gt[:, None] * za2 + nt[:, None] * zb2))
-            else:
-                tl.store(XA2 + xoff, _mmp(h, aw2, PREC))
-                tl.store(XB2 + xoff, _mmp(h, as2, PREC))
-                tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
+            tl.store(XA2 + xoff, _mmp(h, aw2, PREC))
+            tl.store(XB2 + xoff, _mmp(h, as2, PREC))
+            tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
         if PROFILE:
             tl.store(pr + 1, _now(pid))
         if PHASE == 0:
@@ -1241,7 +1211,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
                v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2))  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
                 CLIP=clip, PREC=LAUNCH["half_precision"] if half else "ieee", PREC_R=LAUNCH["half_read_precision"] if half else "ieee",
-                num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched, KB=_keys_bf16(k), JOIN=bool(LAUNCH["joined"]))  # fmt: skip
+                num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched, KB=_keys_bf16(k))  # fmt: skip
     # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head
     meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and (ns == 1 or not _interpreted(q))
     meta["P3"] = _phase3_mode(activation, layer_norm, phase0=ns == 1 or not _interpreted(q))
@@ -1422,7 +1392,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
         xargs = (*args, xa2, xb2, xg, xn, xd2, cnt, stamps)
-        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=bool(LAUNCH["joined"]))
+        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"])
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
         if not one_launch:
