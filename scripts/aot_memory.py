@@ -1,0 +1,125 @@
+"""Offline sm_90a builds of the fused Titans-memory kernels: registers, spills, shared memory, ``wgmma`` count.
+
+No GPU needed: Triton compiles each kernel for an H100 (``GPUTarget("cuda", 90, 32)``) and its bundled ptxas reports
+registers and spill bytes. Shapes are the benchmark's (d 64, hidden 256, chunk 64; bf16 inputs, fp32 state), the
+constexprs those the layer launches with (matched config: GELU, residual, LayerNorm, no clip). The numbers come from
+the CPU machine's Triton, which may differ from the device's (Triton 3.9 here, 3.6 on the device: the read VJP's pass B
+reports 20 spill bytes here and 98 spill slots there, docs/results/neural_memory.md, eighteenth session), so read them
+as a comparison between variants, not as the device's.
+
+    PYTHONPATH=src python scripts/aot_memory.py                      # every kernel at its default launch
+    PYTHONPATH=src python scripts/aot_memory.py --kernels read_b --launches 64:4,32:4,64:8
+
+``--launches`` takes ``slice:warps`` pairs (the hidden columns a program or loop step takes, and its warps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from aot_linear import _ptxas  # noqa: E402
+
+from mnemotorch.ops.memory import fused_read_vjp, fused_triton, fused_update_vjp  # noqa: E402
+
+C, D, HID = 64, 64, 256
+
+
+def build(kernel, sig: dict, constexprs: dict, warps: int, stages: int = 1) -> dict:
+    """Compile ``kernel`` for sm_90a with ``sig`` (non-constexpr arguments, in order) and ``constexprs``; pointers
+    get the divisibility-by-16 hint the JIT gives them. Returns shared memory, registers, spill bytes, wgmma count."""
+    sig = dict(sig)
+    sig.update({name: "constexpr" for name in constexprs})
+    order = [p.name for p in kernel.params]
+    sig = {name: sig[name] for name in order}
+    attrs = {(order.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+    k = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(k.asm["ptx"])
+        out = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    txt = out.stderr + out.stdout
+    regs = re.findall(r"Used (\d+) registers", txt)
+    spill = re.findall(r"(\d+) bytes spill stores", txt)
+    return {"shared_kb": round(k.metadata.shared / 1024, 1), "regs": int(regs[0]) if regs else None,
+            "spill_bytes": int(spill[0]) if spill else None, "wgmma": k.asm["ptx"].count("wgmma.mma_async"),
+            "ptxas_rc": out.returncode}
+
+
+def _sig(kernel, kinds: dict, default: str = "*fp32") -> dict:
+    """The non-constexpr arguments of ``kernel`` typed by ``kinds`` (name -> type), the rest ``default``."""
+    return {p.name: kinds.get(p.name, default) for p in kernel.params if not p.is_constexpr}
+
+
+def read_a(slice_: int, warps: int) -> dict:
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, ACT=1, LN=True, PREC="tf32")
+    return build(fused_read_vjp._lmm_read_vjp_a_kernel, _sig(fused_read_vjp._lmm_read_vjp_a_kernel, {"ln_eps": "fp32"}), cx, warps)
+
+
+def read_b(slice_: int, warps: int) -> dict:
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, ACT=1, PREC="tf32")
+    return build(fused_read_vjp._lmm_read_vjp_b_kernel, _sig(fused_read_vjp._lmm_read_vjp_b_kernel, {}), cx, warps)
+
+
+def walk(slice_: int, warps: int) -> dict:
+    kern = fused_triton._lmm_split_fwd_kernel
+    ints = ("sqb", "sqt", "sqh", "skb", "skt", "skh", "svb", "svt", "svh", "syb", "syt", "syh", "SLOT1", "SLOT2", "slot0",
+            "zrow0", "ZS", "chunk0", "n_chunks", "H")
+    kinds = {n: "i32" for n in ints}
+    kinds.update({n: "*bf16" for n in ("Q", "K", "V", "Y")}, CNT="*i32", PROF="*i64", ln_eps="fp32", max_norm="fp32")
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, NS=HID // slice_, ACT=1, RESIDUAL=True, LN=True, CLIP=False, PREC="bf16x3",
+              PREC_R="tf32", PHASE=0, READ=False, PROFILE=False, CARRY=False, P3=2, KB=True)
+    return build(kern, _sig(kern, kinds), cx, warps)
+
+
+def sweep(slice_: int, warps: int) -> dict:
+    kern = fused_triton._lmm_split_sweep_kernel
+    kinds = {n: "i32" for n in ("chunk0", "n_chunks", "n_total")}
+    kinds.update(K="*bf16", CNT="*i32", PROF="*i64")
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, NS=HID // slice_, LN=True, CLIP=False, PREC="bf16x3", PHASE=0, PROFILE=False,
+              KEEP=True, FOLD=True, KB=True)
+    return build(kern, _sig(kern, kinds), cx, warps)
+
+
+def update(slice_: int, warps: int) -> dict:
+    kern = fused_update_vjp._lmm_update_vjp_kernel
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, LN=True, RES=True, CLIP=False, COT=True, PREC="tf32")
+    return build(kern, _sig(kern, {"tau2": "fp32"}), cx, warps, stages=2)
+
+
+#: name -> (builder, default slice:warps)
+KERNELS = {"read_a": (read_a, "32:4"), "read_b": (read_b, "64:4"), "update": (update, "32:4"), "walk": (walk, "64:4"),
+           "sweep": (sweep, "32:4")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, of {sorted(KERNELS)}")
+    ap.add_argument("--launches", default="", help="slice:warps,... (default: each kernel's own launch)")
+    args = ap.parse_args()
+    for name in args.kernels.split(","):
+        if name not in KERNELS:
+            ap.error(f"unknown kernel {name!r}; known: {sorted(KERNELS)}")
+        fn, default = KERNELS[name]
+        for spec in (args.launches or default).split(","):
+            slice_, warps = (int(x) for x in spec.split(":"))
+            print(json.dumps({"kernel": name, "slice": slice_, "warps": warps, **fn(slice_, warps)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
