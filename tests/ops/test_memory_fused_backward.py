@@ -777,6 +777,18 @@ def test_update_vjp_launch_from_env():
             _launch_from_env(bad)
 
 
+def test_read_vjp_launch_from_env():
+    """``MNEMO_MEMORY_READ_VJP_LAUNCH`` takes "slice:warps:stages:a_slice:a_warps" through the shared parser, which
+    names the variable and the expected form when the value is malformed."""
+    from mnemotorch.ops.memory.fused_read_vjp import _ENV_KEYS
+    from mnemotorch.ops.memory.fused_triton import launch_from_env
+
+    assert launch_from_env("MNEMO_MEMORY_READ_VJP_LAUNCH", "32:4:1:32:8", _ENV_KEYS) == dict(slice=32, warps=4, stages=1, a_slice=32, a_warps=8)
+    for bad in ("32:4", "32:4:1:32:x", "0:4:1:32:4"):
+        with pytest.raises(ValueError, match="MNEMO_MEMORY_READ_VJP_LAUNCH must be 'slice:warps:stages:a_slice:a_warps'"):
+            launch_from_env("MNEMO_MEMORY_READ_VJP_LAUNCH", bad, _ENV_KEYS)
+
+
 def test_fused_coefficients_compiled_one_graph_per_length(monkeypatch):
     """The gate coefficients the fused op takes, through ``torch.compile`` (a recording backend that runs the captured
     graph as it is): the eager values and gradients bit for bit, gates that are slices of a longer call, and one graph

@@ -24,6 +24,7 @@ kernel at 16K, 16 heads, against ~10.3 ms for the whole PyTorch form).
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -32,11 +33,16 @@ import triton.language as tl
 from torch import Tensor
 
 from .fused_backward import KeyPass, read_vjp_tail
-from .fused_triton import _act, _act_grad, _ln_rows, _mmp
+from .fused_triton import _act, _act_grad, _ln_rows, _mmp, launch_from_env
 
 #: ``slice``: hidden columns per program of the slice kernel (pass B) and per step of pass A; ``warps``: per
 #: program of each kernel.
 LAUNCH_READ_VJP: dict = {"slice": 64, "warps": 4, "stages": 1, "a_slice": 32, "a_warps": 4}
+#: ``MNEMO_MEMORY_READ_VJP_LAUNCH="slice:warps:stages:a_slice:a_warps"`` sets all five.
+_ENV_KEYS = ("slice", "warps", "stages", "a_slice", "a_warps")
+
+if os.environ.get("MNEMO_MEMORY_READ_VJP_LAUNCH"):
+    LAUNCH_READ_VJP.update(launch_from_env("MNEMO_MEMORY_READ_VJP_LAUNCH", os.environ["MNEMO_MEMORY_READ_VJP_LAUNCH"], _ENV_KEYS))
 
 
 @triton.jit

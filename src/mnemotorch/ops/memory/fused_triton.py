@@ -1413,6 +1413,15 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     return [slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots]
 
 
+def launch_from_env(name: str, value: str, keys: Sequence[str]) -> dict:
+    """A launch setting from the environment variable ``name``: ``value`` is ``len(keys)`` positive ints joined by
+    ":" (e.g. "slice:warps:stages"); a clear error naming the variable otherwise."""
+    parts = value.split(":")
+    if len(parts) != len(keys) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{name} must be '{':'.join(keys)}' ({len(keys)} positive ints), got {value!r}")
+    return dict(zip(keys, (int(p) for p in parts)))
+
+
 def _keys_bf16(k: Tensor) -> bool:
     """``LAUNCH["exact_keys"]`` and bf16 keys: the products with ``k`` take two bf16 products instead of three."""
     return bool(LAUNCH["exact_keys"]) and k.dtype == torch.bfloat16

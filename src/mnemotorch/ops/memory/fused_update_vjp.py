@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .fused_backward import KeyPass, ReadCotangents
-from .fused_triton import _loss_second, _mmap, _mmp, _sweep_chunk_inputs
+from .fused_triton import _loss_second, _mmap, _mmp, _sweep_chunk_inputs, launch_from_env
 
 #: ``slice``: hidden columns per step of both passes; ``warps``: per program; ``stages``: software pipelining of the
 #: loops. The update's phase at 16K, 16 heads, d 64, hidden 256 (matched / default; docs/results/neural_memory.md,
@@ -52,10 +52,7 @@ LAUNCH_UPDATE_VJP: dict = {"slice": 32, "warps": 4, "stages": 2}
 
 def _launch_from_env(value: str) -> dict:
     """``"slice:warps:stages"`` (``MNEMO_MEMORY_UPDATE_VJP_LAUNCH``) as a launch dict."""
-    parts = value.split(":")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"MNEMO_MEMORY_UPDATE_VJP_LAUNCH must be 'slice:warps:stages' (three positive ints), got {value!r}")
-    return dict(zip(("slice", "warps", "stages"), (int(p) for p in parts)))
+    return launch_from_env("MNEMO_MEMORY_UPDATE_VJP_LAUNCH", value, ("slice", "warps", "stages"))
 
 
 if os.environ.get("MNEMO_MEMORY_UPDATE_VJP_LAUNCH"):
