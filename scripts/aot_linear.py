@@ -39,6 +39,22 @@ def _ptxas() -> str:
     raise FileNotFoundError(f"no ptxas in {d}")
 
 
+def compile_sm90(kernel, sig: dict, constexprs: dict, attrs: dict, warps: int, stages: int):
+    """``kernel`` compiled for sm_90a and assembled by ptxas: ``(compiled kernel, ptxas -v output, registers,
+    spill-store bytes, ptxas return code)`` (registers / spills None where ptxas printed none)."""
+    k = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(k.asm["ptx"])
+        out = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    txt = out.stderr + out.stdout
+    regs = re.findall(r"Used (\d+) registers", txt)
+    spill = re.findall(r"(\d+) bytes spill stores", txt)
+    return k, txt, int(regs[0]) if regs else None, int(spill[0]) if spill else None, out.returncode
+
+
 def compile_fused(dtype: str, feature: int, normalize: bool, chunk: int, dk: int, bv: int, warps: int, stages: int) -> dict:
     import mnemotorch.ops.linear.triton as K
 
@@ -53,20 +69,10 @@ def compile_fused(dtype: str, feature: int, normalize: bool, chunk: int, dk: int
     names = list(sig)
     div = ["Q", "K", "V", "S0", "Z0", "Y", "DEN", "ST", "ZT", "T", "NT", "H", "Dk", "Dv"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
-    k = triton.compile(ASTSource(K._la_fwd_fused, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(k.asm["ptx"])
-        out = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
-    txt = out.stderr + out.stdout
-    regs = re.findall(r"Used (\d+) registers", txt)
-    spill = re.findall(r"(\d+) bytes spill stores", txt)
-    return dict(shared_kb=round(k.metadata.shared / 1024, 1), fits=k.metadata.shared <= SMEM_LIMIT,
-                regs=int(regs[0]) if regs else None, spill_bytes=int(spill[0]) if spill else None,
+    k, txt, regs, spill, rc = compile_sm90(K._la_fwd_fused, sig, cx, attrs, warps, stages)
+    return dict(shared_kb=round(k.metadata.shared / 1024, 1), fits=k.metadata.shared <= SMEM_LIMIT, regs=regs, spill_bytes=spill,
                 async_copies=len(re.findall(r"async_copy_global_to_local|async_tma_copy", k.asm["ttgir"])),
-                wgmma_serialized="C7515" in txt, ptxas_rc=out.returncode)
+                wgmma_serialized="C7515" in txt, ptxas_rc=rc)
 
 
 def main() -> int:

@@ -18,19 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(__file__))
-from aot_linear import _ptxas  # noqa: E402
+from aot_linear import compile_sm90  # noqa: E402
 
 from mnemotorch.ops.memory import fused_read_vjp, fused_triton, fused_update_vjp  # noqa: E402
 
@@ -45,19 +38,9 @@ def build(kernel, sig: dict, constexprs: dict, warps: int, stages: int = 1) -> d
     order = [p.name for p in kernel.params]
     sig = {name: sig[name] for name in order}
     attrs = {(order.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
-    k = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(k.asm["ptx"])
-        out = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
-    txt = out.stderr + out.stdout
-    regs = re.findall(r"Used (\d+) registers", txt)
-    spill = re.findall(r"(\d+) bytes spill stores", txt)
-    return {"shared_kb": round(k.metadata.shared / 1024, 1), "regs": int(regs[0]) if regs else None,
-            "spill_bytes": int(spill[0]) if spill else None, "wgmma": k.asm["ptx"].count("wgmma.mma_async"),
-            "ptxas_rc": out.returncode}
+    k, _txt, regs, spill, rc = compile_sm90(kernel, sig, constexprs, attrs, warps, stages)
+    return {"shared_kb": round(k.metadata.shared / 1024, 1), "regs": regs, "spill_bytes": spill,
+            "wgmma": k.asm["ptx"].count("wgmma.mma_async"), "ptxas_rc": rc}
 
 
 def _sig(kernel, kinds: dict, default: str = "*fp32") -> dict:

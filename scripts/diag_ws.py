@@ -37,14 +37,11 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _rel(a, b) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def child(name: str, swa: bool, bwd: bool) -> dict:
     import torch
     import torch.nn.functional as F
+
+    from diag_swa import _rel  # (this folder is on sys.path: the script's own)
 
     from mnemotorch.bench.block_sparse import graph_ms
     from mnemotorch.ops.block_sparse import swa_triton
