@@ -142,8 +142,16 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     from mnemotorch.ops.memory import fused_update_vjp
 
     saved_update_launch = dict(fused_update_vjp.LAUNCH_UPDATE_VJP)
+    saved_all_launch = dict(fused_triton.LAUNCH)
     for name, comp, vjp in itertools.product(configs, compile_modes, vjps):
         rvjp, uvjp, *opts = vjp.split(":")
+        fused_triton.LAUNCH.update(saved_all_launch)
+        for o in opts:  # ":Lkey=value" sets LAUNCH[key] (ints and 0/1 flags as ints)
+            if o.startswith("L") and "=" in o:
+                key, val = o[1:].split("=", 1)
+                if key not in fused_triton.LAUNCH:
+                    raise SystemExit(f"--vjps: unknown LAUNCH key {key!r}")
+                fused_triton.LAUNCH[key] = int(val) if val.lstrip("-").isdigit() else val
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
         xs = [x.detach().requires_grad_() for x in (q, k, v, *gates, *st.weights, *st.momentum)]
         state = MemoryState(tuple(xs[6:8]), tuple(xs[8:10]), tuple(xs[6:8]), 0)
@@ -178,6 +186,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
                "half_precision": fused_triton.LAUNCH["half_precision"], "half_read_precision": fused_triton.LAUNCH["half_read_precision"],
                "exact_keys": fused_triton.LAUNCH["exact_keys"], "update_vjp_launch": dict(fused_update_vjp.LAUNCH_UPDATE_VJP),
+               "launch_set": [o[1:] for o in opts if o.startswith("L") and "=" in o],
                **{key: fused_triton.BACKWARD[key] for key in ("fold_read", "update_tf32", "overlap", "group_elements")}}
         try:
             torch.cuda.synchronize()
@@ -242,6 +251,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             fused_triton.BACKWARD["sweep_block"] = 8
             fused_triton.BACKWARD.update(saved)
             fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["exact_keys"] = saved_launch
+            fused_triton.LAUNCH.update(saved_all_launch)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -297,8 +307,10 @@ def main() -> None:
     ap.add_argument("--vjps", default="triton:adjoint", help="--train's READ:UPDATE[:fold] of BACKWARD['read_vjp'] (triton, adjoint, autograd) / "
                     "['update_vjp'] (triton, adjoint, autograd; ':u32w8[s2]' the update kernel's slice / warps / stages); ':fold' sets BACKWARD['fold_read'], ':f32' clears BACKWARD['update_tf32'], "
                     "':serial' / ':overlap' clear / set BACKWARD['overlap'], ':gNN' sets BACKWARD['group_elements'] = 2**NN, ':pPREC' sets LAUNCH['half_precision'] "
-                    "(ptf32x3, pbf16x3, ptf32), ':rPREC' LAUNCH['half_read_precision'] (rtf32, rbf16x3, rtf32x3), ':nok' clears LAUNCH['exact_keys']")
+                    "(ptf32x3, pbf16x3, ptf32), ':rPREC' LAUNCH['half_read_precision'] (rtf32, rbf16x3, rtf32x3), ':nok' clears LAUNCH['exact_keys'], "
+                    "':Lkey=value' sets LAUNCH[key] (e.g. ':Lsweep_one_barrier=0')")
     ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps[:stages]] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8:2")
+    ap.add_argument("--train-configs", default="matched,default", help="--train's configs")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")
     ap.add_argument("--out", default="diag_memory_fused.json")
     args = ap.parse_args()
@@ -314,7 +326,7 @@ def main() -> None:
                              tuple(args.reads.split(",")), tuple(args.read_launches.split(",")), tuple(bool(int(x)) for x in args.carry.split(",")),
                              args.profile, tuple(args.phase3.split(",")))  # fmt: skip
     if args.train:
-        out["train"] = train(dev, args.sweep_t, args.rep, tuple(args.train_compile.split(",")), vjps=tuple(args.vjps.split(",")), read_vjp_launches=tuple(x for x in args.read_vjp_launches.split(",") if x))
+        out["train"] = train(dev, args.sweep_t, args.rep, tuple(args.train_compile.split(",")), configs=tuple(args.train_configs.split(",")), vjps=tuple(args.vjps.split(",")), read_vjp_launches=tuple(x for x in args.read_vjp_launches.split(",") if x))
         if args.sweep_launch:
             out["sweep_launch"] = sweep_launch(dev, args.sweep_t, args.rep, args.sweep_launch.split(","))
     with open(args.out, "w") as fh:

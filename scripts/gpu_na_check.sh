@@ -61,7 +61,7 @@ for step in ${STEPS:-tests na2d na1d}; do
       # the fused training path at 16K: eager and compiled adjoint step, phases, peak ($OUT/diag_memory_train.json)
       echo "== fused memory training =="
       timeout -s KILL "${MEM_TRAIN_TIMEOUT:-240}" python3 scripts/diag_memory_fused.py --skip-correctness --train \
-          --train-compile "${MEM_TRAIN_COMPILE:-1,0}" --vjps "${MEM_VJPS:-triton:adjoint}" --read-vjp-launches "${MEM_READ_VJP_LAUNCHES:-}" --sweep-launch "${MEM_SWEEP_LAUNCH:-}" --sweep-t "${MEM_TRAIN_T:-16384}" --out "$OUT/diag_memory_train.json" > "$L/diag_memory_train.out" 2>&1
+          --train-compile "${MEM_TRAIN_COMPILE:-1,0}" --train-configs "${MEM_TRAIN_CONFIGS:-matched,default}" --vjps "${MEM_VJPS:-triton:adjoint}" --read-vjp-launches "${MEM_READ_VJP_LAUNCHES:-}" --sweep-launch "${MEM_SWEEP_LAUNCH:-}" --sweep-t "${MEM_TRAIN_T:-16384}" --out "$OUT/diag_memory_train.json" > "$L/diag_memory_train.out" 2>&1
       grep -v -i warn "$L/diag_memory_train.out" | tail -10 | cut -c1-700 ;;
     precision)
       # how far the fused memory's bf16 results lie from the fp32 chunked path per product precision ($OUT/diag_memory_precision.json)
