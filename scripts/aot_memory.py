@@ -66,7 +66,7 @@ def walk(slice_: int, warps: int) -> dict:
     kinds.update({n: "*bf16" for n in ("Q", "K", "V", "Y")}, CNT="*i32", PROF="*i64", ln_eps="fp32", max_norm="fp32")
     cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, NS=HID // slice_, ACT=1, RESIDUAL=True, LN=True, CLIP=False, PREC="bf16x3",
               PREC_R="tf32", PHASE=0, READ=False, PROFILE=False, CARRY=False, P3=2, KB=True,
-              PF=bool(fused_triton.LAUNCH["prefetch"]))
+              PF=bool(fused_triton.LAUNCH["walk_prefetch"]))
     return build(kern, _sig(kern, kinds), cx, warps)
 
 
@@ -76,7 +76,7 @@ def sweep(slice_: int, warps: int) -> dict:
     kinds.update(K="*bf16", CNT="*i32", PROF="*i64")
     cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, NS=HID // slice_, LN=True, CLIP=False, PREC="bf16x3", PHASE=0, PROFILE=False,
               KEEP=True, FOLD=True, KB=True, ONE=bool(fused_triton.LAUNCH["sweep_one_barrier"]),
-              PF=bool(fused_triton.LAUNCH["prefetch"]))
+              PF=int(fused_triton.LAUNCH["sweep_prefetch"]))
     return build(kern, _sig(kern, kinds), cx, warps)
 
 

@@ -97,8 +97,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``split_carry``: the state slices carried in registers between chunks (not faster: off). ``sweep_keep``:
 #: the split sweep's phase 3 takes phase 2's values from registers (the default config's sweep 23 → 16 ms).
 #: ``sweep_one_barrier``: the split sweep's phase 2 joins phase 1, one grid barrier a chunk instead of two
-#: (:func:`_lmm_split_sweep_kernel`'s ``ONE``). ``prefetch``: the split sweep and walk ask L2 for the next chunk's inputs
-#: at each chunk's start (their ``PF``; GPU only).
+#: (:func:`_lmm_split_sweep_kernel`'s ``ONE``). ``walk_prefetch`` / ``sweep_prefetch``: the split walk / sweep asks L2 for
+#: inputs ahead of their loads (their ``PF``: the walk's on / off, the sweep's 0–3; GPU only).
 #: ``exact_keys``: with bf16 inputs and "bf16x3", the walk's and the sweep's products with the keys (exact in bf16: no low
 #: part) take two bf16 products instead of three, with the same sums in the same order (bit-identical results). The
 #: walk's layer-1 update scales Δ_1 by the token weights, not the keys, so that it is one of them (H100, 16K: the walk
@@ -109,7 +109,7 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_one_barrier": True, "prefetch": False, "exact_keys": True, "profile": None}
+                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_one_barrier": True, "walk_prefetch": False, "sweep_prefetch": 0, "exact_keys": True, "profile": None}
 
 
 @triton.jit
@@ -1005,20 +1005,26 @@ def _dd2_terms(xa2, xb2, dgt1, dnt1, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, c
     ``FOLD``: the read's cotangent of the clip's scale (``RSC``) is added before ``dsq``, so that the clip's backward
     acts on the read's share as on the update's (the read's cotangent of Δ_2 is added later, by the caller, beside
     loads it waits on anyway)."""
-    if FOLD and CLIP:
-        fsc = tl.load(RSC + ci * C + rows)
     dd2 = -(gt[:, None] * xa2 + nt[:, None] * xb2)
     if CLIP:
-        dsc = gl * (dgt1 - tl.sum(xa2 * d2, 1)) + nl * (dnt1 - tl.sum(xb2 * d2, 1))
-        if FOLD:
-            dsc += fsc
-        dsq = tl.load(CS + ci * C + rows) * dsc
-        dd2 += (2.0 * dsq * tl.load(HN + ci * C + rows))[:, None] * d2
-        kn2 = 2.0 * dsq * tl.load(KN + ci * C + rows)
-        d2n2 = 2.0 * dsq * tl.load(D2N + ci * C + rows)
+        return _clip_terms(dd2, dgt1 - tl.sum(xa2 * d2, 1), dnt1 - tl.sum(xb2 * d2, 1), d2, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
     else:
-        kn2 = gl  # not read
-        d2n2 = gl
+        return dd2, gl, gl  # (the last two not read)
+
+
+@triton.jit
+def _clip_terms(dd2, g1, n1, d2, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, C: tl.constexpr, FOLD: tl.constexpr):
+    """The clip's part of :func:`_dd2_terms` from ``g̃, ñ``'s cotangents over the hidden units (``g1, n1 [C]``, before the
+    coefficients' last rows): ``(dd2 + its clip term, 2·dsq·‖k‖², 2·dsq·‖Δ_2‖²)``."""
+    if FOLD:
+        fsc = tl.load(RSC + ci * C + rows)
+    dsc = gl * g1 + nl * n1
+    if FOLD:
+        dsc += fsc
+    dsq = tl.load(CS + ci * C + rows) * dsc
+    dd2 += (2.0 * dsq * tl.load(HN + ci * C + rows))[:, None] * d2
+    kn2 = 2.0 * dsq * tl.load(KN + ci * C + rows)
+    d2n2 = 2.0 * dsq * tl.load(D2N + ci * C + rows)
     return dd2, kn2, d2n2
 
 
@@ -1041,40 +1047,46 @@ def _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D
 @triton.jit
 def _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
                     RD1, RD2, RX1, RSC, ci, part, NP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                    HID: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr, FOLD: tl.constexpr):
-    """:func:`_l2_prefetch` of every per-chunk input chunk ``ci`` of the sweep reads (the head's ``NP`` programs share it)."""
-    _l2_prefetch(K, ci * C * DK, C * DK, part, NP)
-    _l2_prefetch(D2, ci * C * DV, C * DV, part, NP)
-    _l2_prefetch(GL, ci * C, C, part, NP)
-    _l2_prefetch(NL, ci * C, C, part, NP)
-    _l2_prefetch(HH, ci * C * HID, C * HID, part, NP)
-    _l2_prefetch(S1, ci * C * HID, C * HID, part, NP)
-    _l2_prefetch(S2, ci * C * HID, C * HID, part, NP)
-    _l2_prefetch(W2, ci * HID * DV, HID * DV, part, NP)
-    _l2_prefetch(BW1, ci * DK * HID, DK * HID, part, NP)
-    _l2_prefetch(BS1, ci * DK * HID, DK * HID, part, NP)
-    _l2_prefetch(BW2, ci * HID * DV, HID * DV, part, NP)
-    _l2_prefetch(BS2, ci * HID * DV, HID * DV, part, NP)
-    _l2_prefetch(BC, ci, 1, part, NP)
-    _l2_prefetch(MC, ci, 1, part, NP)
-    _l2_prefetch(FC, ci, 1, part, NP)
-    if LN:
-        _l2_prefetch(O, ci * C * DV, C * DV, part, NP)
-        _l2_prefetch(R, ci * C, C, part, NP)
-        _l2_prefetch(DM, ci * C, C, part, NP)
-    if CLIP:
-        _l2_prefetch(D1, ci * C * HID, C * HID, part, NP)
-        _l2_prefetch(SC, ci * C, C, part, NP)
-        _l2_prefetch(CS, ci * C, C, part, NP)
-        _l2_prefetch(KN, ci * C, C, part, NP)
-        _l2_prefetch(HN, ci * C, C, part, NP)
-        _l2_prefetch(D2N, ci * C, C, part, NP)
-    if FOLD:
-        _l2_prefetch(RD1, ci * C * HID, C * HID, part, NP)
-        _l2_prefetch(RX1, ci * C * HID, C * HID, part, NP)
-        _l2_prefetch(RD2, ci * C * DV, C * DV, part, NP)
+                    HID: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr, FOLD: tl.constexpr, EARLY: tl.constexpr,
+                    LATE: tl.constexpr):
+    """:func:`_l2_prefetch` of the per-chunk inputs chunk ``ci`` of the sweep reads (the head's ``NP`` programs share
+    them): ``EARLY`` those phase 1 reads, ``LATE`` those only phase 3 reads."""
+    if EARLY:
+        _l2_prefetch(K, ci * C * DK, C * DK, part, NP)
+        _l2_prefetch(D2, ci * C * DV, C * DV, part, NP)
+        _l2_prefetch(GL, ci * C, C, part, NP)
+        _l2_prefetch(NL, ci * C, C, part, NP)
+        _l2_prefetch(HH, ci * C * HID, C * HID, part, NP)
+        _l2_prefetch(S1, ci * C * HID, C * HID, part, NP)
+        _l2_prefetch(W2, ci * HID * DV, HID * DV, part, NP)
         if CLIP:
-            _l2_prefetch(RSC, ci * C, C, part, NP)
+            _l2_prefetch(D1, ci * C * HID, C * HID, part, NP)
+            _l2_prefetch(SC, ci * C, C, part, NP)
+        if FOLD:
+            _l2_prefetch(RD1, ci * C * HID, C * HID, part, NP)
+    if LATE:
+        _l2_prefetch(S2, ci * C * HID, C * HID, part, NP)
+        _l2_prefetch(BW1, ci * DK * HID, DK * HID, part, NP)
+        _l2_prefetch(BS1, ci * DK * HID, DK * HID, part, NP)
+        _l2_prefetch(BW2, ci * HID * DV, HID * DV, part, NP)
+        _l2_prefetch(BS2, ci * HID * DV, HID * DV, part, NP)
+        _l2_prefetch(BC, ci, 1, part, NP)
+        _l2_prefetch(MC, ci, 1, part, NP)
+        _l2_prefetch(FC, ci, 1, part, NP)
+        if LN:
+            _l2_prefetch(O, ci * C * DV, C * DV, part, NP)
+            _l2_prefetch(R, ci * C, C, part, NP)
+            _l2_prefetch(DM, ci * C, C, part, NP)
+        if CLIP:
+            _l2_prefetch(CS, ci * C, C, part, NP)
+            _l2_prefetch(KN, ci * C, C, part, NP)
+            _l2_prefetch(HN, ci * C, C, part, NP)
+            _l2_prefetch(D2N, ci * C, C, part, NP)
+        if FOLD:
+            _l2_prefetch(RX1, ci * C * HID, C * HID, part, NP)
+            _l2_prefetch(RD2, ci * C * DV, C * DV, part, NP)
+            if CLIP:
+                _l2_prefetch(RSC, ci * C, C, part, NP)
 
 
 @triton.jit
@@ -1089,7 +1101,7 @@ def _lmm_split_sweep_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
     KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, ONE: tl.constexpr = False,
-    PF: tl.constexpr = False,
+    PF: tl.constexpr = 0,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1111,9 +1123,13 @@ def _lmm_split_sweep_kernel(
     ``ONE``: one grid barrier a chunk instead of two. Phase 2's product ``(dd1 ∘ σ'(Z_1)) W_2`` needs the summed
     products of phase 1 only through the clip's per-token factor ``kn2`` in ``dd1 = base + kn2 ∘ Δ_1``, and a row
     factor commutes with the product: ``((base + kn2 ∘ Δ_1) ∘ σ') W_2 = (base ∘ σ') W_2 + kn2 ∘ ((Δ_1 ∘ σ') W_2)``.
-    So phase 1 writes both partial products (``XD2``, and ``XD2C`` with the clip), and phase 3 sums them after the
-    one barrier (``PHASE`` 2 then does nothing). ``PF`` (GPU only): at each chunk's start the head's programs ask L2 for
-    the next chunk's inputs (:func:`_sweep_prefetch`), so that its loads wait on L2, not HBM."""
+    So phase 1 writes both partial products (``XD2C`` with the clip), and phase 3 sums them after the one barrier
+    (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
+    ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
+    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (on the H100 those sums took 5.7 µs of a 34 µs chunk).
+    ``PF`` (GPU only): the head's programs ask L2 for inputs ahead of their loads (:func:`_sweep_prefetch`), so that the
+    loads wait on L2, not HBM: 1 all of the next chunk's at each chunk's start, 2 / 3 this chunk's phase-3 inputs at the
+    end / the start of phase 1; 0 none."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1129,17 +1145,20 @@ def _lmm_split_sweep_kernel(
     o2 = cols[:, None] * DV + cv[None, :]
     sd1 = SD1 + bh * C * HID + hs
     sx = SX + bh * C * HID + hs
-    if PF:
+    if PF == 1:
         _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
-                        RD1, RD2, RX1, RSC, (chunk0 + n_chunks - 1) * nbh + bh, j, NS, C, DK, DV, HID, LN, CLIP, FOLD)
+                        RD1, RD2, RX1, RSC, (chunk0 + n_chunks - 1) * nbh + bh, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, True, True)
     for ii in range(n_chunks):
         i = chunk0 + n_chunks - 1 - ii
         step = n_total - 1 - i  # barrier generations count from the group's last chunk
         xo = (bh * 2 + i % 2) * NS
         ci = i * nbh + bh
-        if PF:  # the next (earlier) chunk's inputs; the group's first chunk asks for itself again
+        if PF == 1:  # the next (earlier) chunk's inputs; the group's first chunk asks for itself again
             _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
-                            RD1, RD2, RX1, RSC, tl.maximum(i - 1, chunk0) * nbh + bh, j, NS, C, DK, DV, HID, LN, CLIP, FOLD)
+                            RD1, RD2, RX1, RSC, tl.maximum(i - 1, chunk0) * nbh + bh, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, True, True)
+        if PF == 3:  # this chunk's phase-3 inputs, at its start
+            _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
+                            RD1, RD2, RX1, RSC, ci, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, False, True)
         rd1 = (i + 1) * s1w + bh * DK * HID + o1
         rd2 = (i + 1) * s2w + bh * HID * DV + o2
         pr = PROF + (pid * n_chunks + ii) * 8
@@ -1161,21 +1180,35 @@ def _lmm_split_sweep_kernel(
             tl.store(sd1, base)
             if CLIP:
                 d1 = tl.load(D1 + ci * C * HID + hs)
-                tl.store(XG + (xo + j) * C + rows, -tl.sum(xa1 * d1, 1))
-                tl.store(XN + (xo + j) * C + rows, -tl.sum(xb1 * d1, 1))
+                g1p = -tl.sum(xa1 * d1, 1)
+                n1p = -tl.sum(xb1 * d1, 1)
             if ONE:
                 dd1 = base
                 if FOLD:
                     dd1 += rdd1
-                tl.store(XD2 + xoff, _mmp(dd1 * sg1, w2, PREC))
+                pacc = _mmp(dd1 * sg1, w2, PREC)
                 if CLIP:
                     tl.store(XD2C + xoff, _mmp(d1 * sg1, w2, PREC))
             aw2 = tl.load(AW2 + rd2, cache_modifier=".cg")
             as2 = tl.load(AS2 + rd2, cache_modifier=".cg")
             h = tl.load(HH + ci * C * HID + hs)
-            tl.store(XA2 + xoff, _mmp(h, aw2, PREC))
-            tl.store(XB2 + xoff, _mmp(h, as2, PREC))
+            xa2 = _mmp(h, aw2, PREC)
+            xb2 = _mmp(h, as2, PREC)
+            if ONE:  # the slice's share of Δ_2's cotangent as one tile (phase 3 sums NS tiles, not 3 NS)
+                if CLIP:
+                    g1p -= tl.sum(xa2 * d2, 1)
+                    n1p -= tl.sum(xb2 * d2, 1)
+                tl.store(XA2 + xoff, pacc - (gt[:, None] * xa2 + nt[:, None] * xb2))
+            else:
+                tl.store(XA2 + xoff, xa2)
+                tl.store(XB2 + xoff, xb2)
+            if CLIP:
+                tl.store(XG + (xo + j) * C + rows, g1p)
+                tl.store(XN + (xo + j) * C + rows, n1p)
             tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
+        if PF == 2:  # this chunk's phase-3 inputs, after phase 1's own loads
+            _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
+                            RD1, RD2, RX1, RSC, ci, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, False, True)
         if PROFILE:
             tl.store(pr + 1, _now(pid))
         if PHASE == 0:
@@ -1193,21 +1226,29 @@ def _lmm_split_sweep_kernel(
             dp = dd1 * sg1
             w2 = tl.load(W2 + ci * HID * DV + o2)
             tl.store(XD2 + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], _mmp(dp, w2, PREC))
-        if PROFILE:
+        if PROFILE and not ONE:
             tl.store(pr + 3, _now(pid))
         if PHASE == 0 and not ONE:
             _grid_barrier(CNT + bh, NS * (step * 2 + 2))
-        if PROFILE:
+        if PROFILE and not ONE:
             tl.store(pr + 4, _now(pid))
         if (PHASE == 0 or PHASE == 3) and ONE:
-            dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
             offs = rows[:, None] * DV + cv[None, :]
-            dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, offs, NS)
+            dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
             if CLIP:
+                dd2, kn2, d2n2 = _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl,
+                                             CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
                 dd2 += kn2[:, None] * _sum_parts(XD2C + xo * C * DV, C * DV, offs, NS)
+            else:
+                kn2 = gl  # not read
+                d2n2 = gl
             if FOLD:
                 dd2 += tl.load(RD2 + ci * C * DV + offs)
+            if PROFILE:  # (ONE leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
+                tl.store(pr + 3, _now((tl.sum(dd2) != 0.0).to(tl.int32)))
             dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
+            if PROFILE:
+                tl.store(pr + 4, _now((tl.sum(dz2) != 0.0).to(tl.int32)))
             if KEEP:
                 if CLIP:
                     dd1 += kn2[:, None] * d1
@@ -1351,7 +1392,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
                 CLIP=clip, PREC=LAUNCH["half_precision"] if half else "ieee", PREC_R=LAUNCH["half_read_precision"] if half else "ieee",
                 num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched, KB=_keys_bf16(k),
-                PF=bool(LAUNCH["prefetch"]) and not _interpreted(q))  # fmt: skip
+                PF=bool(LAUNCH["walk_prefetch"]) and not _interpreted(q))  # fmt: skip
     # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head
     meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and (ns == 1 or not _interpreted(q))
     meta["P3"] = _phase3_mode(activation, layer_norm, phase0=ns == 1 or not _interpreted(q))
@@ -1535,7 +1576,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
         xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps)
         smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], ONE=one,
-                     PF=bool(LAUNCH["prefetch"]) and not _interpreted(k))
+                     PF=0 if _interpreted(k) else int(LAUNCH["sweep_prefetch"]))
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
         if not one_launch:
