@@ -205,6 +205,29 @@ def test_update_vjp_kernel_vs_pytorch_form(monkeypatch, config: str, t: int) -> 
         assert e_tr <= e_pt + 1e-3, f"{name}: kernel {e_tr:.3e}, PyTorch form {e_pt:.3e}"
 
 
+@pytest.mark.parametrize("config,t", [("default", 16384), ("matched", 512)])
+def test_sweep_one_barrier_equals_two(monkeypatch, config: str, t: int) -> None:
+    """The split sweep with one grid barrier a chunk (``LAUNCH["sweep_one_barrier"]``: phase 2 joined to phase 1, the
+    slices' shares summed as one tile) gives the gradients of its two-barrier form to fp32 rounding (the sums' order
+    differs), at the layer's 16 heads and 16K tokens with the clip (its own partial product), run twice: a race
+    between the head's programs over the exchange buffers would show as a difference between runs or forms."""
+    from mnemotorch.ops.memory import fused_triton
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = CONFIGS[config]
+    (q, k, v), gates, st = make(t, torch.bfloat16)
+    runs = {}
+    for one in (False, True, True):
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_one_barrier", one)
+        runs.setdefault(one, []).append(train_grads(neural_memory_fused, (q, k, v), gates, st, cfg))
+    (y0, g0), = runs[False]
+    (y1, g1), (y2, g2) = runs[True]
+    assert torch.equal(y1, y0) and torch.equal(y2, y0)  # the forward is the same kernel
+    for name, a, b, c in zip(GRAD_NAMES, g1, g2, g0):
+        assert torch.equal(a, b), f"{name}: two runs of the one-barrier sweep differ"
+        assert rel(a, c) <= 1e-5, f"{name}: {rel(a, c):.3e}"
+
+
 @pytest.mark.parametrize("config", ["default", "matched"])
 def test_training_overlap_equals_serial(monkeypatch, config: str) -> None:
     """``BACKWARD["overlap"]`` (the batched passes on a second stream beside the sweep) gives the gradients of the

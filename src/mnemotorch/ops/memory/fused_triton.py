@@ -98,7 +98,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: the split sweep's phase 3 takes phase 2's values from registers (the default config's sweep 23 → 16 ms).
 #: ``sweep_one_barrier``: the split sweep's phase 2 joins phase 1, one grid barrier a chunk instead of two
 #: (:func:`_lmm_split_sweep_kernel`'s ``ONE``). ``walk_prefetch`` / ``sweep_prefetch``: the split walk / sweep asks L2 for
-#: inputs ahead of their loads (their ``PF``: the walk's on / off, the sweep's 0–3; GPU only).
+#: inputs ahead of their loads (their ``PF``: the walk's on / off, the sweep's 0–4; GPU only).
 #: ``exact_keys``: with bf16 inputs and "bf16x3", the walk's and the sweep's products with the keys (exact in bf16: no low
 #: part) take two bf16 products instead of three, with the same sums in the same order (bit-identical results). The
 #: walk's layer-1 update scales Δ_1 by the token weights, not the keys, so that it is one of them (H100, 16K: the walk
@@ -1048,9 +1048,10 @@ def _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D
 def _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
                     RD1, RD2, RX1, RSC, ci, part, NP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     HID: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr, FOLD: tl.constexpr, EARLY: tl.constexpr,
-                    LATE: tl.constexpr):
+                    LATE: tl.constexpr, NARROW: tl.constexpr = False):
     """:func:`_l2_prefetch` of the per-chunk inputs chunk ``ci`` of the sweep reads (the head's ``NP`` programs share
-    them): ``EARLY`` those phase 1 reads, ``LATE`` those only phase 3 reads."""
+    them): ``EARLY`` those phase 1 reads, ``LATE`` those only phase 3 reads, ``NARROW`` those phase 3 reads first (the
+    LayerNorm's, the read's cotangent of Δ_2)."""
     if EARLY:
         _l2_prefetch(K, ci * C * DK, C * DK, part, NP)
         _l2_prefetch(D2, ci * C * DV, C * DV, part, NP)
@@ -1064,6 +1065,13 @@ def _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL,
             _l2_prefetch(SC, ci * C, C, part, NP)
         if FOLD:
             _l2_prefetch(RD1, ci * C * HID, C * HID, part, NP)
+    if NARROW:
+        if LN:
+            _l2_prefetch(O, ci * C * DV, C * DV, part, NP)
+            _l2_prefetch(R, ci * C, C, part, NP)
+            _l2_prefetch(DM, ci * C, C, part, NP)
+        if FOLD:
+            _l2_prefetch(RD2, ci * C * DV, C * DV, part, NP)
     if LATE:
         _l2_prefetch(S2, ci * C * HID, C * HID, part, NP)
         _l2_prefetch(BW1, ci * DK * HID, DK * HID, part, NP)
@@ -1129,7 +1137,7 @@ def _lmm_split_sweep_kernel(
     ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (on the H100 those sums took 5.7 µs of a 34 µs chunk).
     ``PF`` (GPU only): the head's programs ask L2 for inputs ahead of their loads (:func:`_sweep_prefetch`), so that the
     loads wait on L2, not HBM: 1 all of the next chunk's at each chunk's start, 2 / 3 this chunk's phase-3 inputs at the
-    end / the start of phase 1; 0 none."""
+    end / the start of phase 1, 4 those phase 3 reads first at the chunk's start; 0 none."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1159,6 +1167,9 @@ def _lmm_split_sweep_kernel(
         if PF == 3:  # this chunk's phase-3 inputs, at its start
             _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
                             RD1, RD2, RX1, RSC, ci, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, False, True)
+        if PF == 4:  # this chunk's inputs phase 3 reads first, at its start
+            _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
+                            RD1, RD2, RX1, RSC, ci, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, False, False, True)
         rd1 = (i + 1) * s1w + bh * DK * HID + o1
         rd2 = (i + 1) * s2w + bh * HID * DV + o2
         pr = PROF + (pid * n_chunks + ii) * 8
