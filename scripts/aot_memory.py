@@ -1,4 +1,4 @@
-"""Offline sm_90a builds of the fused Titans-memory kernels: registers, spills, shared memory, ``wgmma`` and L2-prefetch counts.
+"""Offline sm_90a builds of the fused Titans-memory kernels: registers, spills, shared memory, ``wgmma`` count.
 
 No GPU needed: Triton compiles each kernel for an H100 (``GPUTarget("cuda", 90, 32)``) and its bundled ptxas reports
 registers and spill bytes. Shapes are the benchmark's (d 64, hidden 256, chunk 64; bf16 inputs, fp32 state), the
@@ -40,7 +40,7 @@ def build(kernel, sig: dict, constexprs: dict, warps: int, stages: int = 1) -> d
     attrs = {(order.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     k, _txt, regs, spill, rc = compile_sm90(kernel, sig, constexprs, attrs, warps, stages)
     return {"shared_kb": round(k.metadata.shared / 1024, 1), "regs": regs, "spill_bytes": spill,
-            "wgmma": k.asm["ptx"].count("wgmma.mma_async"), "l2_prefetch": k.asm["ptx"].count("prefetch.global.L2"), "ptxas_rc": rc}
+            "wgmma": k.asm["ptx"].count("wgmma.mma_async"), "ptxas_rc": rc}
 
 
 def _sig(kernel, kinds: dict, default: str = "*fp32") -> dict:
@@ -65,8 +65,7 @@ def walk(slice_: int, warps: int) -> dict:
     kinds = {n: "i32" for n in ints}
     kinds.update({n: "*bf16" for n in ("Q", "K", "V", "Y")}, CNT="*i32", PROF="*i64", ln_eps="fp32", max_norm="fp32")
     cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, NS=HID // slice_, ACT=1, RESIDUAL=True, LN=True, CLIP=False, PREC="bf16x3",
-              PREC_R="tf32", PHASE=0, READ=False, PROFILE=False, CARRY=False, P3=2, KB=True,
-              PF=bool(fused_triton.LAUNCH["walk_prefetch"]))
+              PREC_R="tf32", PHASE=0, READ=False, PROFILE=False, CARRY=False, P3=2, KB=True)
     return build(kern, _sig(kern, kinds), cx, warps)
 
 
@@ -75,8 +74,8 @@ def sweep(slice_: int, warps: int) -> dict:
     kinds = {n: "i32" for n in ("chunk0", "n_chunks", "n_total")}
     kinds.update(K="*bf16", CNT="*i32", PROF="*i64")
     cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, NS=HID // slice_, LN=True, CLIP=False, PREC="bf16x3", PHASE=0, PROFILE=False,
-              KEEP=True, FOLD=True, KB=True, ONE=bool(fused_triton.LAUNCH["sweep_one_barrier"]),
-              PF=int(fused_triton.LAUNCH["sweep_prefetch"]))
+              KEEP=True, FOLD=True, KB=True, JOIN=fused_triton.LAUNCH["sweep_form"] != "three_phase",
+              ROWS=fused_triton.LAUNCH["sweep_form"] == "joined_rows")
     return build(kern, _sig(kern, kinds), cx, warps)
 
 

@@ -308,7 +308,7 @@ def main() -> None:
                     "['update_vjp'] (triton, adjoint, autograd; ':u32w8[s2]' the update kernel's slice / warps / stages); ':fold' sets BACKWARD['fold_read'], ':f32' clears BACKWARD['update_tf32'], "
                     "':serial' / ':overlap' clear / set BACKWARD['overlap'], ':gNN' sets BACKWARD['group_elements'] = 2**NN, ':pPREC' sets LAUNCH['half_precision'] "
                     "(ptf32x3, pbf16x3, ptf32), ':rPREC' LAUNCH['half_read_precision'] (rtf32, rbf16x3, rtf32x3), ':nok' clears LAUNCH['exact_keys'], "
-                    "':Lkey=value' sets LAUNCH[key] (e.g. ':Lsweep_one_barrier=0')")
+                    "':Lkey=value' sets LAUNCH[key] (e.g. ':Lsweep_form=three_phase')")
     ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps[:stages]] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8:2")
     ap.add_argument("--train-configs", default="matched,default", help="--train's configs")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")

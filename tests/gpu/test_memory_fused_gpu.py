@@ -205,27 +205,34 @@ def test_update_vjp_kernel_vs_pytorch_form(monkeypatch, config: str, t: int) -> 
         assert e_tr <= e_pt + 1e-3, f"{name}: kernel {e_tr:.3e}, PyTorch form {e_pt:.3e}"
 
 
-@pytest.mark.parametrize("config,t", [("default", 16384), ("matched", 512)])
-def test_sweep_one_barrier_equals_two(monkeypatch, config: str, t: int) -> None:
-    """The split sweep with one grid barrier a chunk (``LAUNCH["sweep_one_barrier"]``: phase 2 joined to phase 1, the
-    slices' shares summed as one tile) gives the gradients of its two-barrier form to fp32 rounding (the sums' order
-    differs), at the layer's 16 heads and 16K tokens with the clip (its own partial product), run twice: a race
-    between the head's programs over the exchange buffers would show as a difference between runs or forms."""
+@pytest.mark.parametrize("form", ["joined", "joined_rows"])
+@pytest.mark.parametrize("config,t", [("default", 16384), ("default", 4096), ("matched", 512)])
+def test_sweep_forms_against_three_phase(monkeypatch, config: str, t: int, form: str) -> None:
+    """The split sweep's joined forms (``LAUNCH["sweep_form"]``: phase 2 joined to phase 1, the slices' shares of Δ_2's
+    cotangent summed as one tile; "joined_rows": closed row block by row block between two barriers) against its three
+    phases at the layer's 16 heads, with the clip (its own partial product) up to 16K tokens: run twice, a form gives
+    bit-identical gradients (a race between the head's programs over the exchange buffers would show as a difference
+    between runs), and against the fp32 chunked path every gradient is within the bf16 bound and no further than the
+    three-phase form's by a tenth of it (the forms sum in different orders). Prints the errors (``-s``)."""
     from mnemotorch.ops.memory import fused_triton
 
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = CONFIGS[config]
     (q, k, v), gates, st = make(t, torch.bfloat16)
+    y_ref, g_ref = train_grads(neural_memory_chunked, (q.float(), k.float(), v.float()), gates, st, cfg)
     runs = {}
     for one in (False, True, True):
-        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_one_barrier", one)
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", form if one else "three_phase")
         runs.setdefault(one, []).append(train_grads(neural_memory_fused, (q, k, v), gates, st, cfg))
     (y0, g0), = runs[False]
     (y1, g1), (y2, g2) = runs[True]
     assert torch.equal(y1, y0) and torch.equal(y2, y0)  # the forward is the same kernel
-    for name, a, b, c in zip(GRAD_NAMES, g1, g2, g0):
-        assert torch.equal(a, b), f"{name}: two runs of the one-barrier sweep differ"
-        assert rel(a, c) <= 1e-5, f"{name}: {rel(a, c):.3e}"
+    for name, a, b, c, r in zip(GRAD_NAMES, g1, g2, g0, g_ref):
+        e_one, e_two = rel(a, r), rel(c, r)
+        print(f"{form} {config} {t} {name}: {form} {e_one:.3e}  three_phase {e_two:.3e}  between {rel(a, c):.3e}")
+        assert torch.equal(a, b), f"{name}: two runs of the {form} sweep differ"
+        assert e_one <= 1e-2 and e_two <= 1e-2, f"{name}: {form} {e_one:.3e}, three_phase {e_two:.3e}"
+        assert e_one <= e_two + 1e-3, f"{name}: {form} {e_one:.3e}, three_phase {e_two:.3e}"
 
 
 @pytest.mark.parametrize("config", ["default", "matched"])

@@ -471,31 +471,35 @@ def test_compiled_sweep_step(monkeypatch):
         assert rel(a.double(), b.double()) <= 1e-6
 
 
-# (split, fold, one barrier, id): the kernels' three code paths with FOLD (the one-program kernel; the split one phase by
+# (split, fold, form, id): the kernels' three code paths with FOLD (the one-program kernel; the split one phase by
 # phase, its phase 3 recomputing Δ_2's cotangent; the walk keeping it in registers) on the clip and the LayerNorm on and
-# off; the split kernel with one grid barrier a chunk (the default) or two
-SWEEP_KINDS = [(0, False, True, "one_program"), (16, False, True, "split2"), (8, False, True, "split4"),
-               ("walk", False, True, "split1_walk"), ("walk_keep", False, True, "split1_walk_keep"),
-               (0, True, True, "one_program_fold"), (16, True, True, "split2_fold"), ("walk_keep", True, True, "split1_walk_keep_fold"),
-               (16, True, False, "split2_fold_two_barriers"), ("walk_keep", True, False, "split1_walk_keep_fold_two_barriers"),
-               ("walk", True, False, "split1_walk_fold_two_barriers")]  # fmt: skip
-SWEEP_CASES = [(*c, sp, fold, one, f"{c[0]}-{sid}") for c in ADJ_CASES if c[1] == 2 for sp, fold, one, sid in SWEEP_KINDS
+# off; the split kernel's three forms (LAUNCH["sweep_form"]: "joined" the default)
+SWEEP_KINDS = [(0, False, "joined", "one_program"), (16, False, "joined", "split2"), (8, False, "joined", "split4"),
+               ("walk", False, "joined", "split1_walk"), ("walk_keep", False, "joined", "split1_walk_keep"),
+               (0, True, "joined", "one_program_fold"), (16, True, "joined", "split2_fold"),
+               ("walk_keep", True, "joined", "split1_walk_keep_fold"),
+               (16, True, "three_phase", "split2_fold_three_phase"), ("walk_keep", True, "three_phase", "split1_walk_keep_fold_three_phase"),
+               ("walk", True, "three_phase", "split1_walk_fold_three_phase"),
+               (16, True, "joined_rows", "split2_fold_rows"), (8, False, "joined_rows", "split4_rows"),
+               ("walk_keep", True, "joined_rows", "split1_walk_keep_fold_rows")]  # fmt: skip
+SWEEP_CASES = [(*c, sp, fold, form, f"{c[0]}-{sid}") for c in ADJ_CASES if c[1] == 2 for sp, fold, form, sid in SWEEP_KINDS
                if not fold or c[0] in ("matched", "matched_clip", "default", "default_clip")]  # fmt: skip
 
 
-@pytest.mark.parametrize("name,depth,cfg,clip,split,fold,one", [c[:-1] for c in SWEEP_CASES], ids=[c[-1] for c in SWEEP_CASES])
-def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, split, fold, one):
+@pytest.mark.parametrize("name,depth,cfg,clip,split,fold,form", [c[:-1] for c in SWEEP_CASES], ids=[c[-1] for c in SWEEP_CASES])
+def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, split, fold, form):
     """The depth-2 sweep kernel (one launch per group of chunks; or the hidden dimension split over 2 or 4
     programs per head, one launch per phase and chunk under the interpreter; or the split kernel with one
     program per head walking every chunk in one launch as on the GPU, phase 3 taking phase 2's values from
     registers or recomputing them, ``LAUNCH["sweep_keep"]``) gives the PyTorch sweep's adjoints: the one
     entering the group and the one leaving every chunk (fp32, ≤ 1e-6). ``fold``: both also take (random) read
-    cotangents of the key pass (``add_cot``, the kernels' ``FOLD``). ``one``: the split kernel's phase 2 joined to
-    phase 1 (``LAUNCH["sweep_one_barrier"]``), else its three phases with two barriers."""
+    cotangents of the key pass (``add_cot``, the kernels' ``FOLD``). ``form``: the split kernel's
+    ``LAUNCH["sweep_form"]`` (phase 2 joined to phase 1, one barrier a chunk; also with the rows of Δ_2's cotangent
+    closed program by program between two; or the three phases)."""
     from mnemotorch.ops.memory import fused_triton
     from mnemotorch.ops.memory.fused_backward import sweep_block
 
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_one_barrier", one)
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", form)
     if isinstance(split, str):  # the split kernel, one program per head, PHASE 0
         monkeypatch.setattr(fused_triton, "_sweep_programs", lambda *a: 1)
         monkeypatch.setattr(fused_triton, "_sweep_split_on", lambda ns: True)

@@ -96,9 +96,11 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: "scratch", "registers"; "auto" = registers on a GPU: 34 µs a chunk against 42 / 48, matched config).
 #: ``split_carry``: the state slices carried in registers between chunks (not faster: off). ``sweep_keep``:
 #: the split sweep's phase 3 takes phase 2's values from registers (the default config's sweep 23 → 16 ms).
-#: ``sweep_one_barrier``: the split sweep's phase 2 joins phase 1, one grid barrier a chunk instead of two
-#: (:func:`_lmm_split_sweep_kernel`'s ``ONE``). ``walk_prefetch`` / ``sweep_prefetch``: the split walk / sweep asks L2 for
-#: inputs ahead of their loads (their ``PF``: the walk's on / off, the sweep's 0–4; GPU only).
+#: ``sweep_form``: the split sweep's phases (:func:`_lmm_split_sweep_kernel`): "three_phase" (two grid barriers a chunk),
+#: "joined" (phase 2's product joined to phase 1, one barrier: ``JOIN``), "joined_rows" (joined, each program closing its
+#: rows of Δ_2's cotangent between two barriers: ``ROWS``). Prefetching the chunks' inputs into L2
+#: (``prefetch.global.L2`` ahead of the loads) was measured slower in the sweep and no faster in the walk (H100,
+#: nineteenth session, docs/results/neural_memory.md) and removed.
 #: ``exact_keys``: with bf16 inputs and "bf16x3", the walk's and the sweep's products with the keys (exact in bf16: no low
 #: part) take two bf16 products instead of three, with the same sums in the same order (bit-identical results). The
 #: walk's layer-1 update scales Δ_1 by the token weights, not the keys, so that it is one of them (H100, 16K: the walk
@@ -109,7 +111,7 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_one_barrier": True, "walk_prefetch": False, "sweep_prefetch": 0, "exact_keys": True, "profile": None}
+                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "joined", "exact_keys": True, "profile": None}
 
 
 @triton.jit
@@ -397,48 +399,6 @@ def _now(x):
 
 
 @triton.jit
-def _l2_prefetch(X, start, N: tl.constexpr, part, NP: tl.constexpr):
-    """Ask L2 for elements ``[start, start + N)`` of ``X`` (contiguous) ahead of their loads: the range in 128-byte
-    granules, every ``NP``-th one from ``part`` on (``NP`` programs share a range). ``prefetch.global.L2`` holds no
-    register and waits for nothing; a load issued later finds the line in L2 instead of waiting for HBM. GPU only (inline
-    PTX: the interpreter cannot run it). ``N``, ``NP`` and 128 / element bytes are powers of two."""
-    STEP: tl.constexpr = 1024 // X.dtype.element_ty.primitive_bitwidth  # elements per 128 bytes
-    NG: tl.constexpr = (N + STEP - 1) // STEP
-    PER: tl.constexpr = (NG + NP - 1) // NP
-    g = tl.minimum(tl.arange(0, PER) * NP + part, NG - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [X + start + g * STEP], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _l2_prefetch_rows(X, row0, stride, NR: tl.constexpr, W: tl.constexpr, part, NP: tl.constexpr):
-    """:func:`_l2_prefetch` of rows ``row0 … row0 + NR − 1`` (``stride`` apart, ``W`` contiguous elements each) of ``X``:
-    this program (``part`` of ``NP``) takes ``NR / NP`` of the rows."""
-    STEP: tl.constexpr = 1024 // X.dtype.element_ty.primitive_bitwidth
-    NC: tl.constexpr = (W + STEP - 1) // STEP
-    RP: tl.constexpr = (NR + NP - 1) // NP
-    r = tl.minimum(part * RP + tl.arange(0, RP), NR - 1)
-    ptr = X + (row0 + r)[:, None] * stride + (tl.arange(0, NC) * STEP)[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _walk_prefetch(K, V, G, NM, BETA, MV, FV, kb0, vb0, skt, svt, i, bh, nbh, part,
-                   NP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
-    """:func:`_l2_prefetch` of what the walk's chunk ``i`` reads from HBM: its keys and values (rows of the inputs; ``kb0``,
-    ``vb0`` the head's offsets), the coefficients' last rows and the chunk's end values."""
-    _l2_prefetch_rows(K + kb0, i * C, skt, C, DK, part, NP)
-    _l2_prefetch_rows(V + vb0, i * C, svt, C, DV, part, NP)
-    cc = (i * nbh + bh) * C * C + (C - 1) * C
-    _l2_prefetch(G, cc, C, part, NP)
-    _l2_prefetch(NM, cc, C, part, NP)
-    c1 = (i * nbh + bh) * C + C - 1
-    _l2_prefetch(BETA, c1, 1, part, NP)
-    _l2_prefetch(MV, c1, 1, part, NP)
-    _l2_prefetch(FV, c1, 1, part, NP)
-
-
-@triton.jit
 def _grid_barrier(cnt_ptr, target):
     """Wait until ``target`` arrivals are counted at ``cnt_ptr`` (this program's included). Every program
     of the group must be resident at once (the host checks the grid against the SM count)."""
@@ -493,7 +453,7 @@ def _lmm_split_fwd_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
     PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr, READ: tl.constexpr, PROFILE: tl.constexpr = False,
-    CARRY: tl.constexpr = False, P3: tl.constexpr = 1, KB: tl.constexpr = False, PF: tl.constexpr = False,
+    CARRY: tl.constexpr = False, P3: tl.constexpr = 1, KB: tl.constexpr = False,
 ):
     # Where phase 3 (READ == False) gets σ(Z_1), Δ_1 and Δ_2, which phases 1 and 2 computed: P3 = 0 recomputes
     # them (activations, LayerNorm backward: latency-bound elementwise passes at one 4-warp program per SM),
@@ -527,10 +487,7 @@ def _lmm_split_fwd_kernel(
     ``PROFILE`` (diagnostics, GPU only): each program writes the global timer (ns) at 8 points of every chunk
     to ``PROF [programs, n_chunks, 8]``: chunk start, end of phase 1, after its barrier, end of phase 2,
     after its barrier, end of phase 3, after its barrier, end of phase 4 (points a configuration skips repeat
-    the previous time).
-
-    ``PF`` (GPU only): at each chunk's start the head's programs ask L2 for the next chunk's keys, values and
-    coefficients (:func:`_walk_prefetch`), so that its loads wait on L2, not HBM."""
+    the previous time)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -565,12 +522,7 @@ def _lmm_split_fwd_kernel(
         cs1 = 0.0
         cw2 = 0.0
         cs2 = 0.0
-    if PF:
-        _walk_prefetch(K, V, G, NM, BETA, MV, FV, b * skb + h * skh, b * svb + h * svh, skt, svt, chunk0, bh, nbh, j, NS, C, DK, DV)
     for i in range(chunk0, chunk0 + n_chunks):
-        if PF:  # the next chunk's inputs (the call's last chunk asks for itself again)
-            _walk_prefetch(K, V, G, NM, BETA, MV, FV, b * skb + h * skh, b * svb + h * svh, skt, svt,
-                           tl.minimum(i + 1, chunk0 + n_chunks - 1), bh, nbh, j, NS, C, DK, DV)
         par = i % 2
         r1 = (i - slot0) * SLOT1  # chunk i reads the state from slot i - slot0, writes the next (SLOT = 0: in place)
         r2 = (i - slot0) * SLOT2
@@ -1045,59 +997,6 @@ def _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D
 
 
 @triton.jit
-def _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
-                    RD1, RD2, RX1, RSC, ci, part, NP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                    HID: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr, FOLD: tl.constexpr, EARLY: tl.constexpr,
-                    LATE: tl.constexpr, NARROW: tl.constexpr = False):
-    """:func:`_l2_prefetch` of the per-chunk inputs chunk ``ci`` of the sweep reads (the head's ``NP`` programs share
-    them): ``EARLY`` those phase 1 reads, ``LATE`` those only phase 3 reads, ``NARROW`` those phase 3 reads first (the
-    LayerNorm's, the read's cotangent of Δ_2)."""
-    if EARLY:
-        _l2_prefetch(K, ci * C * DK, C * DK, part, NP)
-        _l2_prefetch(D2, ci * C * DV, C * DV, part, NP)
-        _l2_prefetch(GL, ci * C, C, part, NP)
-        _l2_prefetch(NL, ci * C, C, part, NP)
-        _l2_prefetch(HH, ci * C * HID, C * HID, part, NP)
-        _l2_prefetch(S1, ci * C * HID, C * HID, part, NP)
-        _l2_prefetch(W2, ci * HID * DV, HID * DV, part, NP)
-        if CLIP:
-            _l2_prefetch(D1, ci * C * HID, C * HID, part, NP)
-            _l2_prefetch(SC, ci * C, C, part, NP)
-        if FOLD:
-            _l2_prefetch(RD1, ci * C * HID, C * HID, part, NP)
-    if NARROW:
-        if LN:
-            _l2_prefetch(O, ci * C * DV, C * DV, part, NP)
-            _l2_prefetch(R, ci * C, C, part, NP)
-            _l2_prefetch(DM, ci * C, C, part, NP)
-        if FOLD:
-            _l2_prefetch(RD2, ci * C * DV, C * DV, part, NP)
-    if LATE:
-        _l2_prefetch(S2, ci * C * HID, C * HID, part, NP)
-        _l2_prefetch(BW1, ci * DK * HID, DK * HID, part, NP)
-        _l2_prefetch(BS1, ci * DK * HID, DK * HID, part, NP)
-        _l2_prefetch(BW2, ci * HID * DV, HID * DV, part, NP)
-        _l2_prefetch(BS2, ci * HID * DV, HID * DV, part, NP)
-        _l2_prefetch(BC, ci, 1, part, NP)
-        _l2_prefetch(MC, ci, 1, part, NP)
-        _l2_prefetch(FC, ci, 1, part, NP)
-        if LN:
-            _l2_prefetch(O, ci * C * DV, C * DV, part, NP)
-            _l2_prefetch(R, ci * C, C, part, NP)
-            _l2_prefetch(DM, ci * C, C, part, NP)
-        if CLIP:
-            _l2_prefetch(CS, ci * C, C, part, NP)
-            _l2_prefetch(KN, ci * C, C, part, NP)
-            _l2_prefetch(HN, ci * C, C, part, NP)
-            _l2_prefetch(D2N, ci * C, C, part, NP)
-        if FOLD:
-            _l2_prefetch(RX1, ci * C * HID, C * HID, part, NP)
-            _l2_prefetch(RD2, ci * C * DV, C * DV, part, NP)
-            if CLIP:
-                _l2_prefetch(RSC, ci * C, C, part, NP)
-
-
-@triton.jit
 def _lmm_split_sweep_kernel(
     K, HH, D1, D2, S1, S2, O, R, DM, W2,
     BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC,
@@ -1108,8 +1007,8 @@ def _lmm_split_sweep_kernel(
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
-    KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, ONE: tl.constexpr = False,
-    PF: tl.constexpr = 0,
+    KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
+    ROWS: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1128,16 +1027,17 @@ def _lmm_split_sweep_kernel(
     no load of its own to the chain, and holds no tile across a phase. On an H100 (matched config) the sweep still
     runs 45 → 61.5 µs a chunk with ``FOLD``, every phase slower, as it did with the cotangents added in phase 1
     (61.6 µs): the kernel's code generation as a whole, not these loads (docs/results/neural_memory.md).
-    ``ONE``: one grid barrier a chunk instead of two. Phase 2's product ``(dd1 ∘ σ'(Z_1)) W_2`` needs the summed
+    ``JOIN``: one grid barrier a chunk instead of two. Phase 2's product ``(dd1 ∘ σ'(Z_1)) W_2`` needs the summed
     products of phase 1 only through the clip's per-token factor ``kn2`` in ``dd1 = base + kn2 ∘ Δ_1``, and a row
     factor commutes with the product: ``((base + kn2 ∘ Δ_1) ∘ σ') W_2 = (base ∘ σ') W_2 + kn2 ∘ ((Δ_1 ∘ σ') W_2)``.
     So phase 1 writes both partial products (``XD2C`` with the clip), and phase 3 sums them after the one barrier
     (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
     ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
     ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (on the H100 those sums took 5.7 µs of a 34 µs chunk).
-    ``PF`` (GPU only): the head's programs ask L2 for inputs ahead of their loads (:func:`_sweep_prefetch`), so that the
-    loads wait on L2, not HBM: 1 all of the next chunk's at each chunk's start, 2 / 3 this chunk's phase-3 inputs at the
-    end / the start of phase 1, 4 those phase 3 reads first at the chunk's start; 0 none."""
+    ``ROWS`` (with ``JOIN``): every program summing all ``NS`` tiles (and the clip's vectors) and taking the loss's
+    second derivative of the whole chunk makes them wait on ``NS`` tiles' loads through L2 in turn; instead program
+    ``j`` sums and closes rows ``j·C/NS …`` only (phase 2), writes its rows of ``dZ_2`` (the clip's ``kn2, d2n2``) to
+    the head's exchange (``XB2``; ``XD2``), and after a second grid barrier every program loads the whole tile."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1153,23 +1053,11 @@ def _lmm_split_sweep_kernel(
     o2 = cols[:, None] * DV + cv[None, :]
     sd1 = SD1 + bh * C * HID + hs
     sx = SX + bh * C * HID + hs
-    if PF == 1:
-        _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
-                        RD1, RD2, RX1, RSC, (chunk0 + n_chunks - 1) * nbh + bh, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, True, True)
     for ii in range(n_chunks):
         i = chunk0 + n_chunks - 1 - ii
         step = n_total - 1 - i  # barrier generations count from the group's last chunk
         xo = (bh * 2 + i % 2) * NS
         ci = i * nbh + bh
-        if PF == 1:  # the next (earlier) chunk's inputs; the group's first chunk asks for itself again
-            _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
-                            RD1, RD2, RX1, RSC, tl.maximum(i - 1, chunk0) * nbh + bh, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, True, True)
-        if PF == 3:  # this chunk's phase-3 inputs, at its start
-            _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
-                            RD1, RD2, RX1, RSC, ci, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, False, True)
-        if PF == 4:  # this chunk's inputs phase 3 reads first, at its start
-            _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
-                            RD1, RD2, RX1, RSC, ci, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, False, False, True)
         rd1 = (i + 1) * s1w + bh * DK * HID + o1
         rd2 = (i + 1) * s2w + bh * HID * DV + o2
         pr = PROF + (pid * n_chunks + ii) * 8
@@ -1178,7 +1066,7 @@ def _lmm_split_sweep_kernel(
         k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
         xoff = (xo + j) * C * DV + rows[:, None] * DV + cv[None, :]
         if PHASE == 0 or PHASE == 1:
-            if ONE:  # phase 2's operands, issued with the phase's first loads (none waits on the chain)
+            if JOIN:  # phase 2's operands, issued with the phase's first loads (none waits on the chain)
                 sg1 = tl.load(S1 + ci * C * HID + hs)
                 w2 = tl.load(W2 + ci * HID * DV + o2)
                 if FOLD:
@@ -1193,7 +1081,7 @@ def _lmm_split_sweep_kernel(
                 d1 = tl.load(D1 + ci * C * HID + hs)
                 g1p = -tl.sum(xa1 * d1, 1)
                 n1p = -tl.sum(xb1 * d1, 1)
-            if ONE:
+            if JOIN:
                 dd1 = base
                 if FOLD:
                     dd1 += rdd1
@@ -1205,7 +1093,7 @@ def _lmm_split_sweep_kernel(
             h = tl.load(HH + ci * C * HID + hs)
             xa2 = _mmp(h, aw2, PREC)
             xb2 = _mmp(h, as2, PREC)
-            if ONE:  # the slice's share of Δ_2's cotangent as one tile (phase 3 sums NS tiles, not 3 NS)
+            if JOIN:  # the slice's share of Δ_2's cotangent as one tile (phase 3 sums NS tiles, not 3 NS)
                 if CLIP:
                     g1p -= tl.sum(xa2 * d2, 1)
                     n1p -= tl.sum(xb2 * d2, 1)
@@ -1217,16 +1105,32 @@ def _lmm_split_sweep_kernel(
                 tl.store(XG + (xo + j) * C + rows, g1p)
                 tl.store(XN + (xo + j) * C + rows, n1p)
             tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
-        if PF == 2:  # this chunk's phase-3 inputs, after phase 1's own loads
-            _sweep_prefetch(K, HH, D1, D2, S1, S2, O, R, DM, W2, BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC, SC, CS, KN, HN, D2N,
-                            RD1, RD2, RX1, RSC, ci, j, NS, C, DK, DV, HID, LN, CLIP, FOLD, False, True)
         if PROFILE:
             tl.store(pr + 1, _now(pid))
         if PHASE == 0:
-            _grid_barrier(CNT + bh, NS * (step + 1) if ONE else NS * (step * 2 + 1))
+            _grid_barrier(CNT + bh, NS * (step + 1) if JOIN and not ROWS else NS * (step * 2 + 1))
         if PROFILE:
             tl.store(pr + 2, _now(pid))
-        if (PHASE == 0 or PHASE == 2) and not ONE:
+        xz = (bh * 2 + i % 2) * NS * C * DV  # (ROWS) this head's exchange for the chunk's parity
+        if (PHASE == 0 or PHASE == 2) and JOIN and ROWS:
+            RB: tl.constexpr = C // NS
+            sub = j * RB + tl.arange(0, RB)
+            offs_s = sub[:, None] * DV + cv[None, :]
+            dds = _sum_parts(XA2 + xo * C * DV, C * DV, offs_s, NS)
+            d2s = tl.load(D2 + ci * C * DV + offs_s)
+            if CLIP:
+                gls = tl.load(GL + ci * C + sub)
+                nls = tl.load(NL + ci * C + sub)
+                dds, kn2s, d2n2s = _clip_terms(dds, _sum_parts(XG + xo * C, C, sub, NS), _sum_parts(XN + xo * C, C, sub, NS), d2s, gls,
+                                               nls, CS, KN, HN, D2N, RSC, ci, sub, C, FOLD)
+                dds += kn2s[:, None] * _sum_parts(XD2C + xo * C * DV, C * DV, offs_s, NS)
+                tl.store(XD2 + xz + sub, kn2s)
+                tl.store(XD2 + xz + C + sub, d2n2s)
+            if FOLD:
+                dds += tl.load(RD2 + ci * C * DV + offs_s)
+            dzs, _ = _loss_second(dds, d2s, O, R, DM, ci, sub, cv, C, DV, LN)
+            tl.store(XB2 + xz + offs_s, dzs)
+        if (PHASE == 0 or PHASE == 2) and not JOIN:
             dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
             dd1 = tl.load(sd1, cache_modifier=".cg")
             if FOLD:
@@ -1237,29 +1141,38 @@ def _lmm_split_sweep_kernel(
             dp = dd1 * sg1
             w2 = tl.load(W2 + ci * HID * DV + o2)
             tl.store(XD2 + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], _mmp(dp, w2, PREC))
-        if PROFILE and not ONE:
+        if PROFILE and (ROWS or not JOIN):
             tl.store(pr + 3, _now(pid))
-        if PHASE == 0 and not ONE:
+        if PHASE == 0 and (ROWS or not JOIN):
             _grid_barrier(CNT + bh, NS * (step * 2 + 2))
-        if PROFILE and not ONE:
+        if PROFILE and (ROWS or not JOIN):
             tl.store(pr + 4, _now(pid))
-        if (PHASE == 0 or PHASE == 3) and ONE:
+        if (PHASE == 0 or PHASE == 3) and JOIN:
             offs = rows[:, None] * DV + cv[None, :]
-            dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
-            if CLIP:
-                dd2, kn2, d2n2 = _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl,
-                                             CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
-                dd2 += kn2[:, None] * _sum_parts(XD2C + xo * C * DV, C * DV, offs, NS)
+            if ROWS:
+                dz2 = tl.load(XB2 + xz + offs, cache_modifier=".cg")
+                if CLIP:
+                    kn2 = tl.load(XD2 + xz + rows, cache_modifier=".cg")
+                    d2n2 = tl.load(XD2 + xz + C + rows, cache_modifier=".cg")
+                else:
+                    kn2 = gl  # not read
+                    d2n2 = gl
             else:
-                kn2 = gl  # not read
-                d2n2 = gl
-            if FOLD:
-                dd2 += tl.load(RD2 + ci * C * DV + offs)
-            if PROFILE:  # (ONE leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
-                tl.store(pr + 3, _now((tl.sum(dd2) != 0.0).to(tl.int32)))
-            dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
-            if PROFILE:
-                tl.store(pr + 4, _now((tl.sum(dz2) != 0.0).to(tl.int32)))
+                dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
+                if CLIP:
+                    dd2, kn2, d2n2 = _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl,
+                                                 CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
+                    dd2 += kn2[:, None] * _sum_parts(XD2C + xo * C * DV, C * DV, offs, NS)
+                else:
+                    kn2 = gl  # not read
+                    d2n2 = gl
+                if FOLD:
+                    dd2 += tl.load(RD2 + ci * C * DV + offs)
+                if PROFILE:  # (JOIN alone leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
+                    tl.store(pr + 3, _now((tl.sum(dd2) != 0.0).to(tl.int32)))
+                dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
+                if PROFILE:
+                    tl.store(pr + 4, _now((tl.sum(dz2) != 0.0).to(tl.int32)))
             if KEEP:
                 if CLIP:
                     dd1 += kn2[:, None] * d1
@@ -1270,7 +1183,7 @@ def _lmm_split_sweep_kernel(
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB)
-        if (PHASE == 0 or PHASE == 3) and not ONE:
+        if (PHASE == 0 or PHASE == 3) and not JOIN:
             if KEEP:
                 dd2 = dd2 + _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
                 if FOLD:
@@ -1402,8 +1315,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
                v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2))  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
                 CLIP=clip, PREC=LAUNCH["half_precision"] if half else "ieee", PREC_R=LAUNCH["half_read_precision"] if half else "ieee",
-                num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched, KB=_keys_bf16(k),
-                PF=bool(LAUNCH["walk_prefetch"]) and not _interpreted(q))  # fmt: skip
+                num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched, KB=_keys_bf16(k))  # fmt: skip
     # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head
     meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and (ns == 1 or not _interpreted(q))
     meta["P3"] = _phase3_mode(activation, layer_norm, phase0=ns == 1 or not _interpreted(q))
@@ -1576,9 +1488,12 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
         xa2 = torch.empty((nbh, 2, ns, c, dv), **f32)
-        one = bool(LAUNCH["sweep_one_barrier"])
+        form = LAUNCH["sweep_form"]
+        if form not in _SWEEP_FORMS:
+            raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
+        join, rows = form != "three_phase", form == "joined_rows" and c % ns == 0
         xb2, xd2 = torch.empty_like(xa2), torch.empty_like(xa2)
-        xd2c = torch.empty_like(xa2) if one and max_grad_norm is not None else xd2
+        xd2c = torch.empty_like(xa2) if join and max_grad_norm is not None else xd2
         xg = torch.zeros((nbh, 2, ns, c), **f32)
         xn = torch.zeros_like(xg)
         cnt = torch.zeros((nbh,), device=k.device, dtype=torch.int32)
@@ -1586,13 +1501,12 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
         xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps)
-        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], ONE=one,
-                     PF=0 if _interpreted(k) else int(LAUNCH["sweep_prefetch"]))
+        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join, ROWS=rows)
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
         if not one_launch:
             for i in range(g_n - 1, -1, -1):
-                for phase in (1, 3) if one else (1, 2, 3):
+                for phase in (1, 3) if join and not rows else (1, 2, 3):
                     _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, i, 1, g_n, PHASE=phase, **smeta)
         else:
             _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, 0, g_n, g_n, PHASE=0, PROFILE=prof is not None, **smeta)
@@ -1613,6 +1527,9 @@ def launch_from_env(name: str, value: str, keys: Sequence[str]) -> dict:
     if len(parts) != len(keys) or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"{name} must be '{':'.join(keys)}' ({len(keys)} positive ints), got {value!r}")
     return dict(zip(keys, (int(p) for p in parts)))
+
+
+_SWEEP_FORMS = ("three_phase", "joined", "joined_rows")
 
 
 def _keys_bf16(k: Tensor) -> bool:
