@@ -473,15 +473,15 @@ def test_compiled_sweep_step(monkeypatch):
 
 # (split, fold, form, id): the kernels' three code paths with FOLD (the one-program kernel; the split one phase by
 # phase, its phase 3 recomputing Δ_2's cotangent; the walk keeping it in registers) on the clip and the LayerNorm on and
-# off; the split kernel's three forms (LAUNCH["sweep_form"]: "joined" the default)
-SWEEP_KINDS = [(0, False, "joined", "one_program"), (16, False, "joined", "split2"), (8, False, "joined", "split4"),
-               ("walk", False, "joined", "split1_walk"), ("walk_keep", False, "joined", "split1_walk_keep"),
-               (0, True, "joined", "one_program_fold"), (16, True, "joined", "split2_fold"),
-               ("walk_keep", True, "joined", "split1_walk_keep_fold"),
+# off; the split kernel's forms (LAUNCH["sweep_form"]; "auto" the default: joined without the clip, three phases with it)
+SWEEP_KINDS = [(0, False, "auto", "one_program"), (16, False, "auto", "split2"), (8, False, "auto", "split4"),
+               ("walk", False, "auto", "split1_walk"), ("walk_keep", False, "auto", "split1_walk_keep"),
+               (0, True, "auto", "one_program_fold"), (16, True, "auto", "split2_fold"),
+               ("walk_keep", True, "auto", "split1_walk_keep_fold"),
                (16, True, "three_phase", "split2_fold_three_phase"), ("walk_keep", True, "three_phase", "split1_walk_keep_fold_three_phase"),
                ("walk", True, "three_phase", "split1_walk_fold_three_phase"),
-               (16, True, "joined_rows", "split2_fold_rows"), (8, False, "joined_rows", "split4_rows"),
-               ("walk_keep", True, "joined_rows", "split1_walk_keep_fold_rows")]  # fmt: skip
+               (16, True, "joined", "split2_fold_joined"), (8, False, "joined", "split4_joined"),
+               ("walk_keep", True, "joined", "split1_walk_keep_fold_joined")]  # fmt: skip
 SWEEP_CASES = [(*c, sp, fold, form, f"{c[0]}-{sid}") for c in ADJ_CASES if c[1] == 2 for sp, fold, form, sid in SWEEP_KINDS
                if not fold or c[0] in ("matched", "matched_clip", "default", "default_clip")]  # fmt: skip
 
@@ -494,8 +494,8 @@ def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, 
     registers or recomputing them, ``LAUNCH["sweep_keep"]``) gives the PyTorch sweep's adjoints: the one
     entering the group and the one leaving every chunk (fp32, ≤ 1e-6). ``fold``: both also take (random) read
     cotangents of the key pass (``add_cot``, the kernels' ``FOLD``). ``form``: the split kernel's
-    ``LAUNCH["sweep_form"]`` (phase 2 joined to phase 1, one barrier a chunk; also with the rows of Δ_2's cotangent
-    closed program by program between two; or the three phases)."""
+    ``LAUNCH["sweep_form"]`` (phase 2 joined to phase 1, one barrier a chunk, or the three phases; "auto" picks by the
+    clip)."""
     from mnemotorch.ops.memory import fused_triton
     from mnemotorch.ops.memory.fused_backward import sweep_block
 

@@ -97,8 +97,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``split_carry``: the state slices carried in registers between chunks (not faster: off). ``sweep_keep``:
 #: the split sweep's phase 3 takes phase 2's values from registers (the default config's sweep 23 → 16 ms).
 #: ``sweep_form``: the split sweep's phases (:func:`_lmm_split_sweep_kernel`): "three_phase" (two grid barriers a chunk),
-#: "joined" (phase 2's product joined to phase 1, one barrier: ``JOIN``), "joined_rows" (joined, each program closing its
-#: rows of Δ_2's cotangent between two barriers: ``ROWS``). Prefetching the chunks' inputs into L2
+#: "joined" (phase 2's product joined to phase 1, one barrier: ``JOIN``), "auto" = joined without the clip, three phases
+#: with it. H100, 16K, the sweep's phase of the backward (nineteenth session): matched 10.17 → 7.49 ms joined; the
+#: clipped default config 10.52 → 31.6 ms joined (its extra product and tiles spill), so it keeps three phases. Prefetching the chunks' inputs into L2
 #: (``prefetch.global.L2`` ahead of the loads) was measured slower in the sweep and no faster in the walk (H100,
 #: nineteenth session, docs/results/neural_memory.md) and removed.
 #: ``exact_keys``: with bf16 inputs and "bf16x3", the walk's and the sweep's products with the keys (exact in bf16: no low
@@ -111,7 +112,7 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "joined", "exact_keys": True, "profile": None}
+                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "profile": None}
 
 
 @triton.jit
@@ -1008,7 +1009,6 @@ def _lmm_split_sweep_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
     KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
-    ROWS: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1033,11 +1033,7 @@ def _lmm_split_sweep_kernel(
     So phase 1 writes both partial products (``XD2C`` with the clip), and phase 3 sums them after the one barrier
     (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
     ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
-    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (on the H100 those sums took 5.7 µs of a 34 µs chunk).
-    ``ROWS`` (with ``JOIN``): every program summing all ``NS`` tiles (and the clip's vectors) and taking the loss's
-    second derivative of the whole chunk makes them wait on ``NS`` tiles' loads through L2 in turn; instead program
-    ``j`` sums and closes rows ``j·C/NS …`` only (phase 2), writes its rows of ``dZ_2`` (the clip's ``kn2, d2n2``) to
-    the head's exchange (``XB2``; ``XD2``), and after a second grid barrier every program loads the whole tile."""
+    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (on the H100 those sums took 5.7 µs of a 34 µs chunk)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1108,28 +1104,9 @@ def _lmm_split_sweep_kernel(
         if PROFILE:
             tl.store(pr + 1, _now(pid))
         if PHASE == 0:
-            _grid_barrier(CNT + bh, NS * (step + 1) if JOIN and not ROWS else NS * (step * 2 + 1))
+            _grid_barrier(CNT + bh, NS * (step + 1) if JOIN else NS * (step * 2 + 1))
         if PROFILE:
             tl.store(pr + 2, _now(pid))
-        xz = (bh * 2 + i % 2) * NS * C * DV  # (ROWS) this head's exchange for the chunk's parity
-        if (PHASE == 0 or PHASE == 2) and JOIN and ROWS:
-            RB: tl.constexpr = C // NS
-            sub = j * RB + tl.arange(0, RB)
-            offs_s = sub[:, None] * DV + cv[None, :]
-            dds = _sum_parts(XA2 + xo * C * DV, C * DV, offs_s, NS)
-            d2s = tl.load(D2 + ci * C * DV + offs_s)
-            if CLIP:
-                gls = tl.load(GL + ci * C + sub)
-                nls = tl.load(NL + ci * C + sub)
-                dds, kn2s, d2n2s = _clip_terms(dds, _sum_parts(XG + xo * C, C, sub, NS), _sum_parts(XN + xo * C, C, sub, NS), d2s, gls,
-                                               nls, CS, KN, HN, D2N, RSC, ci, sub, C, FOLD)
-                dds += kn2s[:, None] * _sum_parts(XD2C + xo * C * DV, C * DV, offs_s, NS)
-                tl.store(XD2 + xz + sub, kn2s)
-                tl.store(XD2 + xz + C + sub, d2n2s)
-            if FOLD:
-                dds += tl.load(RD2 + ci * C * DV + offs_s)
-            dzs, _ = _loss_second(dds, d2s, O, R, DM, ci, sub, cv, C, DV, LN)
-            tl.store(XB2 + xz + offs_s, dzs)
         if (PHASE == 0 or PHASE == 2) and not JOIN:
             dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
             dd1 = tl.load(sd1, cache_modifier=".cg")
@@ -1141,38 +1118,29 @@ def _lmm_split_sweep_kernel(
             dp = dd1 * sg1
             w2 = tl.load(W2 + ci * HID * DV + o2)
             tl.store(XD2 + (xo + j) * C * DV + rows[:, None] * DV + cv[None, :], _mmp(dp, w2, PREC))
-        if PROFILE and (ROWS or not JOIN):
+        if PROFILE and not JOIN:
             tl.store(pr + 3, _now(pid))
-        if PHASE == 0 and (ROWS or not JOIN):
+        if PHASE == 0 and not JOIN:
             _grid_barrier(CNT + bh, NS * (step * 2 + 2))
-        if PROFILE and (ROWS or not JOIN):
+        if PROFILE and not JOIN:
             tl.store(pr + 4, _now(pid))
         if (PHASE == 0 or PHASE == 3) and JOIN:
             offs = rows[:, None] * DV + cv[None, :]
-            if ROWS:
-                dz2 = tl.load(XB2 + xz + offs, cache_modifier=".cg")
-                if CLIP:
-                    kn2 = tl.load(XD2 + xz + rows, cache_modifier=".cg")
-                    d2n2 = tl.load(XD2 + xz + C + rows, cache_modifier=".cg")
-                else:
-                    kn2 = gl  # not read
-                    d2n2 = gl
+            dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
+            if CLIP:
+                dd2, kn2, d2n2 = _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl,
+                                             CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
+                dd2 += kn2[:, None] * _sum_parts(XD2C + xo * C * DV, C * DV, offs, NS)
             else:
-                dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
-                if CLIP:
-                    dd2, kn2, d2n2 = _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl,
-                                                 CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
-                    dd2 += kn2[:, None] * _sum_parts(XD2C + xo * C * DV, C * DV, offs, NS)
-                else:
-                    kn2 = gl  # not read
-                    d2n2 = gl
-                if FOLD:
-                    dd2 += tl.load(RD2 + ci * C * DV + offs)
-                if PROFILE:  # (JOIN alone leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
-                    tl.store(pr + 3, _now((tl.sum(dd2) != 0.0).to(tl.int32)))
-                dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
-                if PROFILE:
-                    tl.store(pr + 4, _now((tl.sum(dz2) != 0.0).to(tl.int32)))
+                kn2 = gl  # not read
+                d2n2 = gl
+            if FOLD:
+                dd2 += tl.load(RD2 + ci * C * DV + offs)
+            if PROFILE:  # (JOIN leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
+                tl.store(pr + 3, _now((tl.sum(dd2) != 0.0).to(tl.int32)))
+            dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
+            if PROFILE:
+                tl.store(pr + 4, _now((tl.sum(dz2) != 0.0).to(tl.int32)))
             if KEEP:
                 if CLIP:
                     dd1 += kn2[:, None] * d1
@@ -1491,7 +1459,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         form = LAUNCH["sweep_form"]
         if form not in _SWEEP_FORMS:
             raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
-        join, rows = form != "three_phase", form == "joined_rows" and c % ns == 0
+        join = form == "joined" or (form == "auto" and max_grad_norm is None)
         xb2, xd2 = torch.empty_like(xa2), torch.empty_like(xa2)
         xd2c = torch.empty_like(xa2) if join and max_grad_norm is not None else xd2
         xg = torch.zeros((nbh, 2, ns, c), **f32)
@@ -1501,12 +1469,12 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
         xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps)
-        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join, ROWS=rows)
+        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join)
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
         if not one_launch:
             for i in range(g_n - 1, -1, -1):
-                for phase in (1, 3) if join and not rows else (1, 2, 3):
+                for phase in (1, 3) if join else (1, 2, 3):
                     _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, i, 1, g_n, PHASE=phase, **smeta)
         else:
             _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, 0, g_n, g_n, PHASE=0, PROFILE=prof is not None, **smeta)
@@ -1529,7 +1497,7 @@ def launch_from_env(name: str, value: str, keys: Sequence[str]) -> dict:
     return dict(zip(keys, (int(p) for p in parts)))
 
 
-_SWEEP_FORMS = ("three_phase", "joined", "joined_rows")
+_SWEEP_FORMS = ("auto", "three_phase", "joined")
 
 
 def _keys_bf16(k: Tensor) -> bool:
