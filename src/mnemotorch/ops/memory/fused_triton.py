@@ -1030,8 +1030,9 @@ def _lmm_split_sweep_kernel(
     ``JOIN``: one grid barrier a chunk instead of two. Phase 2's product ``(dd1 ∘ σ'(Z_1)) W_2`` needs the summed
     products of phase 1 only through the clip's per-token factor ``kn2`` in ``dd1 = base + kn2 ∘ Δ_1``, and a row
     factor commutes with the product: ``((base + kn2 ∘ Δ_1) ∘ σ') W_2 = (base ∘ σ') W_2 + kn2 ∘ ((Δ_1 ∘ σ') W_2)``.
-    So phase 1 writes both partial products (``XD2C`` with the clip), and phase 3 sums them after the one barrier
-    (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
+    The second product does not depend on the adjoint: with the clip the host computes it for every chunk beforehand
+    (``XD2C [n, BH, C, DV]``, one batched product), phase 1 writes the first, and phase 3 sums it after the one
+    barrier (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
     ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
     ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (on the H100 those sums took 5.7 µs of a 34 µs chunk)."""
     pid = tl.program_id(0)
@@ -1082,8 +1083,6 @@ def _lmm_split_sweep_kernel(
                 if FOLD:
                     dd1 += rdd1
                 pacc = _mmp(dd1 * sg1, w2, PREC)
-                if CLIP:
-                    tl.store(XD2C + xoff, _mmp(d1 * sg1, w2, PREC))
             aw2 = tl.load(AW2 + rd2, cache_modifier=".cg")
             as2 = tl.load(AS2 + rd2, cache_modifier=".cg")
             h = tl.load(HH + ci * C * HID + hs)
@@ -1130,7 +1129,7 @@ def _lmm_split_sweep_kernel(
             if CLIP:
                 dd2, kn2, d2n2 = _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl,
                                              CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
-                dd2 += kn2[:, None] * _sum_parts(XD2C + xo * C * DV, C * DV, offs, NS)
+                dd2 += kn2[:, None] * tl.load(XD2C + ci * C * DV + offs)
             else:
                 kn2 = gl  # not read
                 d2n2 = gl
@@ -1142,8 +1141,8 @@ def _lmm_split_sweep_kernel(
             if PROFILE:
                 tl.store(pr + 4, _now((tl.sum(dz2) != 0.0).to(tl.int32)))
             if KEEP:
-                if CLIP:
-                    dd1 += kn2[:, None] * d1
+                if CLIP:  # (Δ_1 reloaded: kept across the barrier, it spilled)
+                    dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  dd1, sg1, w2, True, RD1, RX1, FOLD, KB)  # fmt: skip
@@ -1461,7 +1460,8 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
             raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
         join = form == "joined" or (form == "auto" and max_grad_norm is None)
         xb2, xd2 = torch.empty_like(xa2), torch.empty_like(xa2)
-        xd2c = torch.empty_like(xa2) if join and max_grad_norm is not None else xd2
+        # with the clip, Δ_2's cotangent takes kn2 ∘ ((Δ_1 ∘ σ'(Z_1)) W_2) per chunk: no adjoint in it, one product here
+        xd2c = _matmul_fp32(d1 * s1, ws[1]) if join and max_grad_norm is not None else xd2
         xg = torch.zeros((nbh, 2, ns, c), **f32)
         xn = torch.zeros_like(xg)
         cnt = torch.zeros((nbh,), device=k.device, dtype=torch.int32)
@@ -1748,6 +1748,17 @@ def _batched_compiled(fn, device: torch.device):
     itself where that setting says not to compile (the configuration arguments are constants to dynamo)."""
     opts = _compile_opts(BACKWARD["compile_batched"], device)
     return fn if opts is None else _compiled(fn, opts)
+
+
+def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` with fp32 products whatever ``allow_tf32`` says (the backward runs its batched products under
+    :class:`_HalfTF32`; this one stands in for the sweep kernel's own, which are never coarser than bf16x3)."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return torch.matmul(a, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 class _HalfTF32:
