@@ -99,7 +99,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``sweep_form``: the split sweep's phases (:func:`_lmm_split_sweep_kernel`): "three_phase" (two grid barriers a chunk),
 #: "joined" (phase 2's product joined to phase 1, one barrier: ``JOIN``), "auto" = joined without the clip, three phases
 #: with it. H100, 16K, the sweep's phase of the backward (nineteenth session): matched 10.17 → 7.49 ms joined; the
-#: clipped default config 10.52 → 31.6 ms joined (its extra product and tiles spill), so it keeps three phases. Prefetching the chunks' inputs into L2
+#: clipped default config 10.52 → 31.6 ms joined, 25.3 ms with its clip product computed beforehand (its tiles spill),
+#: so it keeps three phases. Prefetching the chunks' inputs into L2
 #: (``prefetch.global.L2`` ahead of the loads) was measured slower in the sweep and no faster in the walk (H100,
 #: nineteenth session, docs/results/neural_memory.md) and removed.
 #: ``exact_keys``: with bf16 inputs and "bf16x3", the walk's and the sweep's products with the keys (exact in bf16: no low
