@@ -481,9 +481,7 @@ SWEEP_KINDS = [(0, False, "auto", "one_program"), (16, False, "auto", "split2"),
                (16, True, "three_phase", "split2_fold_three_phase"), ("walk_keep", True, "three_phase", "split1_walk_keep_fold_three_phase"),
                ("walk", True, "three_phase", "split1_walk_fold_three_phase"),
                (16, True, "joined", "split2_fold_joined"), (8, False, "joined", "split4_joined"),
-               ("walk_keep", True, "joined", "split1_walk_keep_fold_joined"),
-               (16, True, "joined+atomic", "split2_fold_joined_atomic"), (8, False, "joined+atomic", "split4_joined_atomic"),
-               ("walk_keep", True, "joined+atomic", "split1_walk_keep_fold_joined_atomic")]  # fmt: skip
+               ("walk_keep", True, "joined", "split1_walk_keep_fold_joined")]  # fmt: skip
 SWEEP_CASES = [(*c, sp, fold, form, f"{c[0]}-{sid}") for c in ADJ_CASES if c[1] == 2 for sp, fold, form, sid in SWEEP_KINDS
                if not fold or c[0] in ("matched", "matched_clip", "default", "default_clip")]  # fmt: skip
 
@@ -497,13 +495,11 @@ def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, 
     entering the group and the one leaving every chunk (fp32, ≤ 1e-6). ``fold``: both also take (random) read
     cotangents of the key pass (``add_cot``, the kernels' ``FOLD``). ``form``: the split kernel's
     ``LAUNCH["sweep_form"]`` (phase 2 joined to phase 1, one barrier a chunk, or the three phases; "auto" picks by the
-    clip), the joined form's shares summed tile by tile or ("+atomic", ``LAUNCH["sweep_sum"]``) by atomics."""
+    clip)."""
     from mnemotorch.ops.memory import fused_triton
     from mnemotorch.ops.memory.fused_backward import sweep_block
 
-    form, _, summed = form.partition("+")
     monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", form)
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_sum", summed or "tiles")
     if isinstance(split, str):  # the split kernel, one program per head, PHASE 0
         monkeypatch.setattr(fused_triton, "_sweep_programs", lambda *a: 1)
         monkeypatch.setattr(fused_triton, "_sweep_split_on", lambda ns: True)

@@ -100,9 +100,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: "joined" (phase 2's product joined to phase 1, one barrier: ``JOIN``), "auto" = joined without the clip, three phases
 #: with it. H100, 16K, the sweep's phase of the backward (nineteenth session): matched 10.17 → 7.49 ms joined; the
 #: clipped default config 10.52 → 31.6 ms joined, 25.3 ms with its clip product computed beforehand (its tiles spill),
-#: so it keeps three phases. ``sweep_sum``: how the joined form's phase 3 gets the programs' shares: "tiles" (each
-#: program's own tile, all summed by every program: deterministic) or "atomic" (fp32 atomics into one tile; not while
-#: ``torch.are_deterministic_algorithms_enabled()``). Prefetching the chunks' inputs into L2
+#: so it keeps three phases. Prefetching the chunks' inputs into L2
 #: (``prefetch.global.L2`` ahead of the loads) was measured slower in the sweep and no faster in the walk (H100,
 #: nineteenth session, docs/results/neural_memory.md) and removed.
 #: ``exact_keys``: with bf16 inputs and "bf16x3", the walk's and the sweep's products with the keys (exact in bf16: no low
@@ -115,7 +113,7 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "sweep_sum": "tiles", "exact_keys": True, "profile": None}
+                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "profile": None}
 
 
 @triton.jit
@@ -1007,12 +1005,11 @@ def _lmm_split_sweep_kernel(
     SC, CS, KN, HN, D2N,
     AW1, AS1, AW2, AS2, SD1, SX,
     RD1, RD2, RX1, RSC,
-    XA2, XB2, XG, XN, XD2, XD2C, XAT, CNT, PROF,
+    XA2, XB2, XG, XN, XD2, XD2C, CNT, PROF,
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
     KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
-    AT: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1036,11 +1033,7 @@ def _lmm_split_sweep_kernel(
     factor commutes with the product: ``((base + kn2 ∘ Δ_1) ∘ σ') W_2 = (base ∘ σ') W_2 + kn2 ∘ ((Δ_1 ∘ σ') W_2)``.
     The second product does not depend on the adjoint: with the clip the host computes it for every chunk beforehand
     (``XD2C [n, BH, C, DV]``, one batched product), phase 1 writes the first, and phase 3 sums it after the one
-    barrier (``PHASE`` 2 then does nothing).
-    ``AT`` (with ``JOIN``): the programs add their tiles (and the clip's row sums) into one accumulator with fp32 atomics
-    (``XAT [BH, 3, C·DV + 2C]``, zeros from the host, by chunk modulo 3: each program zeroes its rows of the next chunk's
-    while the head's programs may still read the last one's), so phase 3 loads one tile instead of summing ``NS``;
-    the sums' order then varies from run to run. Δ_2's cotangent is linear in the slices' products, so each slice also folds its
+    barrier (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
     ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
     ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (on the H100 those sums took 5.7 µs of a 34 µs chunk)."""
     pid = tl.program_id(0)
@@ -1070,15 +1063,6 @@ def _lmm_split_sweep_kernel(
             tl.store(pr, _now(pid))
         k, d2, gl, nl, gt, nt = _sweep_chunk_inputs(K, D2, GL, NL, SC, ci, rows, ck, cv, C, DK, DV, CLIP)
         xoff = (xo + j) * C * DV + rows[:, None] * DV + cv[None, :]
-        AW: tl.constexpr = C * DV + 2 * C  # (AT) one accumulator
-        at = (bh * 3 + step % 3) * AW
-        if (PHASE == 0 or PHASE == 1) and AT:  # this program's rows of the next chunk's accumulator, zeroed
-            RB: tl.constexpr = C // NS
-            sub = j * RB + tl.arange(0, RB)
-            nx = (bh * 3 + (step + 1) % 3) * AW
-            tl.store(XAT + nx + sub[:, None] * DV + cv[None, :], tl.zeros([RB, DV], dtype=tl.float32))
-            tl.store(XAT + nx + C * DV + sub, tl.zeros([RB], dtype=tl.float32))
-            tl.store(XAT + nx + C * DV + C + sub, tl.zeros([RB], dtype=tl.float32))
         if PHASE == 0 or PHASE == 1:
             if JOIN:  # phase 2's operands, issued with the phase's first loads (none waits on the chain)
                 sg1 = tl.load(S1 + ci * C * HID + hs)
@@ -1109,18 +1093,11 @@ def _lmm_split_sweep_kernel(
                 if CLIP:
                     g1p -= tl.sum(xa2 * d2, 1)
                     n1p -= tl.sum(xb2 * d2, 1)
-                share = pacc - (gt[:, None] * xa2 + nt[:, None] * xb2)
-                if AT:
-                    tl.atomic_add(XAT + at + rows[:, None] * DV + cv[None, :], share, sem="relaxed")
-                else:
-                    tl.store(XA2 + xoff, share)
+                tl.store(XA2 + xoff, pacc - (gt[:, None] * xa2 + nt[:, None] * xb2))
             else:
                 tl.store(XA2 + xoff, xa2)
                 tl.store(XB2 + xoff, xb2)
-            if CLIP and AT:
-                tl.atomic_add(XAT + at + C * DV + rows, g1p, sem="relaxed")
-                tl.atomic_add(XAT + at + C * DV + C + rows, n1p, sem="relaxed")
-            elif CLIP:
+            if CLIP:
                 tl.store(XG + (xo + j) * C + rows, g1p)
                 tl.store(XN + (xo + j) * C + rows, n1p)
             tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
@@ -1149,18 +1126,10 @@ def _lmm_split_sweep_kernel(
             tl.store(pr + 4, _now(pid))
         if (PHASE == 0 or PHASE == 3) and JOIN:
             offs = rows[:, None] * DV + cv[None, :]
-            if AT:
-                dd2 = tl.load(XAT + at + offs, cache_modifier=".cg")
-            else:
-                dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
+            dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
             if CLIP:
-                if AT:
-                    g1 = tl.load(XAT + at + C * DV + rows, cache_modifier=".cg")
-                    n1 = tl.load(XAT + at + C * DV + C + rows, cache_modifier=".cg")
-                else:
-                    g1 = _sum_parts(XG + xo * C, C, rows, NS)
-                    n1 = _sum_parts(XN + xo * C, C, rows, NS)
-                dd2, kn2, d2n2 = _clip_terms(dd2, g1, n1, d2, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
+                dd2, kn2, d2n2 = _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl,
+                                             CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
                 dd2 += kn2[:, None] * tl.load(XD2C + ci * C * DV + offs)
             else:
                 kn2 = gl  # not read
@@ -1487,8 +1456,6 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
         xa2 = torch.empty((nbh, 2, ns, c, dv), **f32)
-        if LAUNCH["sweep_sum"] not in ("tiles", "atomic"):
-            raise ValueError(f"LAUNCH['sweep_sum'] must be 'tiles' or 'atomic', got {LAUNCH['sweep_sum']!r}")
         form = LAUNCH["sweep_form"]
         if form not in _SWEEP_FORMS:
             raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
@@ -1502,11 +1469,8 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = LAUNCH.get("profile")
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
-        # (fp32 atomics sum in a varying order: not where PyTorch is asked for deterministic algorithms)
-        atomic = join and LAUNCH["sweep_sum"] == "atomic" and not torch.are_deterministic_algorithms_enabled()
-        xat = torch.zeros((nbh, 3, c * dv + 2 * c), **f32) if atomic else cnt
-        xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, xat, cnt, stamps)
-        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join, AT=atomic)
+        xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps)
+        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join)
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
         if not one_launch:
