@@ -209,7 +209,7 @@ def test_update_vjp_kernel_vs_pytorch_form(monkeypatch, config: str, t: int) -> 
 def test_sweep_joined_against_three_phase(monkeypatch, config: str, t: int) -> None:
     """The split sweep's joined form (``LAUNCH["sweep_form"] = "joined"``: phase 2 joined to phase 1, one grid barrier
     a chunk, the slices' shares of Δ_2's cotangent summed as one tile) against its three phases at the layer's 16 heads,
-    with the clip (its own partial product) at 16K tokens: run twice, it gives bit-identical gradients (a race between
+    with the clip (its product computed before the launch) at 16K tokens: run twice, it gives bit-identical gradients (a race between
     the head's programs over the exchange buffers would show as a difference between runs), and against the fp32
     chunked path every gradient is within the bf16 bound and no further than the three-phase form's by a tenth of it
     (the forms sum in different orders: on the H100 their bf16 gradients differ by up to 1.1e-3, each 2.0–2.8e-3 from

@@ -1035,7 +1035,7 @@ def _lmm_split_sweep_kernel(
     (``XD2C [n, BH, C, DV]``, one batched product), phase 1 writes the first, and phase 3 sums it after the one
     barrier (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
     ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
-    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (on the H100 those sums took 5.7 µs of a 34 µs chunk)."""
+    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (H100, 16K, matched: the sweep 8.8 → 7.4 ms; three phases took 9.9)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
