@@ -983,16 +983,19 @@ def _clip_terms(dd2, g1, n1, d2, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, C: tl.c
 
 
 @triton.jit
-def _sweep_shares(XA2, XG, XN, xo, rows, cv, d2, gl, nl, CS, KN, HN, D2N, RSC, ci,
-                  C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr, CLIP: tl.constexpr, FOLD: tl.constexpr):
-    """:func:`_dd2_terms` of the split kernel: Δ_2's cotangent from the sum of the head's NS programs' shares (each one
-    tile, ``−(g̃ ∘ X_1 A^W_2 + ñ ∘ X_1 A^S_2)`` of its slice, and with the clip its row sums of ``g̃, ñ``'s cotangents)."""
-    dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
+def _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci,
+               C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr, CLIP: tl.constexpr, FOLD: tl.constexpr):
+    """:func:`_dd2_terms` of the split kernel, the products and layer 1's clip shares summed over the head's NS programs."""
+    offs = rows[:, None] * DV + cv[None, :]
+    xa2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
+    xb2 = _sum_parts(XB2 + xo * C * DV, C * DV, offs, NS)
     if CLIP:
-        return _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl, CS, KN, HN, D2N,
-                           RSC, ci, rows, C, FOLD)
+        dgt1 = _sum_parts(XG + xo * C, C, rows, NS)
+        dnt1 = _sum_parts(XN + xo * C, C, rows, NS)
     else:
-        return dd2, gl, gl  # (the last two not read)
+        dgt1 = gl  # not read
+        dnt1 = nl
+    return _dd2_terms(xa2, xb2, dgt1, dnt1, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, cv, C, DV, CLIP, FOLD)
 
 
 @triton.jit
@@ -1002,7 +1005,7 @@ def _lmm_split_sweep_kernel(
     SC, CS, KN, HN, D2N,
     AW1, AS1, AW2, AS2, SD1, SX,
     RD1, RD2, RX1, RSC,
-    XA2, XG, XN, XD2, XD2C, CNT, PROF,
+    XA2, XB2, XG, XN, XD2, XD2C, CNT, PROF,
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
@@ -1020,7 +1023,7 @@ def _lmm_split_sweep_kernel(
     phase 3, the rest repeated). ``KEEP`` (``PHASE == 0``): phase 3 takes Δ_2's cotangent, the clip's terms,
     Δ_1's cotangent, σ'(Z_1) and W_2's slice from phase 2's registers instead of recomputing / reloading them.
     ``FOLD``: the read's key-pass cotangents ``RD1 … RSC`` as :func:`_lmm_sweep_kernel`'s, each added where the
-    kernel loads what it is added to (phase 2 reloads Δ_1's scratch with ``RD1``; :func:`_sweep_shares` adds ``RSC``
+    kernel loads what it is added to (phase 2 reloads Δ_1's scratch with ``RD1``; :func:`_sweep_dd2` adds ``RSC``
     to the clip's; phase 3 adds ``RD2`` with the summed partials and ``RX1`` with σ(Z_1)'s scratch): the fold adds
     no load of its own to the chain, and holds no tile across a phase. On an H100 (matched config) the sweep still
     runs 45 → 61.5 µs a chunk with ``FOLD``, every phase slower, as it did with the cotangents added in phase 1
@@ -1030,9 +1033,9 @@ def _lmm_split_sweep_kernel(
     factor commutes with the product: ``((base + kn2 ∘ Δ_1) ∘ σ') W_2 = (base ∘ σ') W_2 + kn2 ∘ ((Δ_1 ∘ σ') W_2)``.
     The second product does not depend on the adjoint: with the clip the host computes it for every chunk beforehand
     (``XD2C [n, BH, C, DV]``, one batched product), phase 1 writes the first, and phase 3 sums it after the one
-    barrier (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice folds its
-    ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares (and with ``JOIN`` the first product) into one tile (``XA2``; the clip's row
-    sums into ``XG``, ``XN``, in both forms): the next phase sums ``NS`` tiles instead of ``2 NS`` (``3 NS``) (H100, 16K, matched: the sweep 8.8 → 7.4 ms; three phases took 9.9)."""
+    barrier (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
+    ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
+    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (H100, 16K, matched: the sweep 8.8 → 7.4 ms; three phases took 9.9)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1086,17 +1089,18 @@ def _lmm_split_sweep_kernel(
             h = tl.load(HH + ci * C * HID + hs)
             xa2 = _mmp(h, aw2, PREC)
             xb2 = _mmp(h, as2, PREC)
-            # the slice's share of Δ_2's cotangent as one tile (the next phase sums NS tiles, not 2 NS or 3 NS)
-            if JOIN:
+            if JOIN:  # the slice's share of Δ_2's cotangent as one tile (phase 3 sums NS tiles, not 3 NS)
+                if CLIP:
+                    g1p -= tl.sum(xa2 * d2, 1)
+                    n1p -= tl.sum(xb2 * d2, 1)
                 tl.store(XA2 + xoff, pacc - (gt[:, None] * xa2 + nt[:, None] * xb2))
             else:
-                tl.store(XA2 + xoff, -(gt[:, None] * xa2 + nt[:, None] * xb2))
-            da = _mmp(d2, tl.trans(aw2), PREC)  # [C, BH]
-            db = _mmp(d2, tl.trans(as2), PREC)
-            tl.store(sx, -(gt[:, None] * da + nt[:, None] * db))
-            if CLIP:  # layer 2's share of g̃, ñ's cotangents: rowsum((H A_W2) ∘ Δ_2) = rowsum(H ∘ (Δ_2 A_W2ᵀ)), the slice's
-                tl.store(XG + (xo + j) * C + rows, g1p - tl.sum(h * da, 1))
-                tl.store(XN + (xo + j) * C + rows, n1p - tl.sum(h * db, 1))
+                tl.store(XA2 + xoff, xa2)
+                tl.store(XB2 + xoff, xb2)
+            if CLIP:
+                tl.store(XG + (xo + j) * C + rows, g1p)
+                tl.store(XN + (xo + j) * C + rows, n1p)
+            tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
         if PROFILE:
             tl.store(pr + 1, _now(pid))
         if PHASE == 0:
@@ -1104,7 +1108,7 @@ def _lmm_split_sweep_kernel(
         if PROFILE:
             tl.store(pr + 2, _now(pid))
         if (PHASE == 0 or PHASE == 2) and not JOIN:
-            dd2, kn2, d2n2 = _sweep_shares(XA2, XG, XN, xo, rows, cv, d2, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
+            dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
             dd1 = tl.load(sd1, cache_modifier=".cg")
             if FOLD:
                 dd1 += tl.load(RD1 + ci * C * HID + hs)
@@ -1122,9 +1126,14 @@ def _lmm_split_sweep_kernel(
             tl.store(pr + 4, _now(pid))
         if (PHASE == 0 or PHASE == 3) and JOIN:
             offs = rows[:, None] * DV + cv[None, :]
-            dd2, kn2, d2n2 = _sweep_shares(XA2, XG, XN, xo, rows, cv, d2, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
+            dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
             if CLIP:
+                dd2, kn2, d2n2 = _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl,
+                                             CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
                 dd2 += kn2[:, None] * tl.load(XD2C + ci * C * DV + offs)
+            else:
+                kn2 = gl  # not read
+                d2n2 = gl
             if FOLD:
                 dd2 += tl.load(RD2 + ci * C * DV + offs)
             if PROFILE:  # (JOIN leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
@@ -1152,7 +1161,7 @@ def _lmm_split_sweep_kernel(
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  dd1, sg1, w2, True, RD1, RX1, FOLD, KB)  # fmt: skip
             else:
-                dd2, kn2, d2n2 = _sweep_shares(XA2, XG, XN, xo, rows, cv, d2, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
+                dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
                 dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
@@ -1451,7 +1460,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         if form not in _SWEEP_FORMS:
             raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
         join = form == "joined" or (form == "auto" and max_grad_norm is None)
-        xd2 = torch.empty_like(xa2)
+        xb2, xd2 = torch.empty_like(xa2), torch.empty_like(xa2)
         # with the clip, Δ_2's cotangent takes kn2 ∘ ((Δ_1 ∘ σ'(Z_1)) W_2) per chunk: no adjoint in it, one product here
         xd2c = _matmul_fp32(d1 * s1, ws[1]) if join and max_grad_norm is not None else xd2
         xg = torch.zeros((nbh, 2, ns, c), **f32)
@@ -1460,7 +1469,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = LAUNCH.get("profile")
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
-        xargs = (*args, xa2, xg, xn, xd2, xd2c, cnt, stamps)
+        xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps)
         smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join)
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
