@@ -87,10 +87,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: but used half the output bound and broke the silu + LayerNorm config on the GPU (removed).
 #: ``split_slice``: depth 2 splits the hidden dimension into slices of this width, one program each
 #: (:func:`_lmm_split_fwd_kernel`), when, on a GPU, the ``B · H · slices`` programs fit on the SMs at once
-#: (and, with the inline read, the chunk has ≥ 16 rows per slice); 0 = one program per head (the kernel above);
-#: "auto" (:func:`_split_programs`): 32 columns where they fit, without the clip, else 64. H100, 16K, 16 heads (nineteenth
-#: session): the matched config's walk 5.21 → 3.58 ms at 32 columns (8 programs a head, 128 on the 132 SMs), the op's
-#: forward + backward 25.7 → 23.8 ms; with the clip 32 columns spilled and the walk took 6.10 → 11.04 ms.
+#: (and, with the inline read, the chunk has ≥ 16 rows per slice); 0 = one program per head (the kernel above).
 #: ``split_read``: "batched" (the walk carries the recurrence alone; :func:`_lmm_chunk_read_kernel` then reads
 #: every chunk in parallel, ``read_slice`` hidden columns per step, ``read_warps`` / ``read_stages``, chunks in
 #: groups whose buffers stay under ``read_group_bytes``) or "inline" (the read inside the walk). On the H100 at
@@ -113,7 +110,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``profile``: a dict to receive the walk's / sweep's per-phase timer stamps (diagnostics; None = off).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": os.environ.get("MNEMO_MEMORY_PRECISION", "bf16x3"),
                 "half_read_precision": os.environ.get("MNEMO_MEMORY_READ_PRECISION", "tf32"),
-                "split_slice": "auto", "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
+                "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
                 "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "profile": None}
@@ -1199,7 +1196,7 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     y = _alloc(q, (bsz, n * c, heads, dv), q.dtype)
     bh = min(hid, LAUNCH["hidden_slice"])
-    ns = _split_programs(depth, hid, c, bsz * heads, q, max_grad_norm is not None)
+    ns = _split_programs(depth, hid, c, bsz * heads, q)
     if keep_key_pass and not (ns and _split_read_batched()):
         raise ValueError("keep_key_pass needs the split kernel with the batched read (see keeps_key_pass)")
     if ns:
@@ -1226,34 +1223,24 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
     return [y, *w, *s]
 
 
-def _split_programs(depth: int, hid: int, c: int, nbh: int, q: Tensor, clip: bool = False) -> int:
+def _split_programs(depth: int, hid: int, c: int, nbh: int, q: Tensor) -> int:
     """Programs per head of the split forward kernel (``LAUNCH["split_slice"]`` hidden columns each), or 0 for
     the one-program kernel: depth 2, more than one slice, on a GPU a grid that fits the SMs (the grid barrier
-    needs every program resident), and with the inline read ≥ 16 chunk rows per program (it splits them).
-    ``"auto"``: the most programs whose grid fits, slices of 32 or 64 columns without the clip (``clip``), of 64 with it
-    (on the interpreter 64)."""
-    split = LAUNCH["split_slice"]
+    needs every program resident), and with the inline read ≥ 16 chunk rows per program (it splits them)."""
+    ns = hid // LAUNCH["split_slice"] if depth == 2 and LAUNCH["split_slice"] else 1
     rows = 1 if _split_read_batched() else 16
-
-    def fits(ns: int) -> bool:
-        return ns > 1 and c // ns >= rows and (not q.is_cuda or nbh * ns <= _sm_count(q.device))
-
-    if depth != 2 or not split:
-        return 0
-    if split == "auto":
-        widths = (64,) if clip or _interpreted(q) else (32, 64)
-        return next((hid // w for w in widths if hid % w == 0 and fits(hid // w)), 0)
-    ns = hid // split
-    return ns if fits(ns) else 0
+    if ns > 1 and c // ns >= rows and (not q.is_cuda or nbh * ns <= _sm_count(q.device)):
+        return ns
+    return 0
 
 
-def keeps_key_pass(q: Tensor, weights: Sequence[Tensor], c: int, clip: bool = False) -> bool:
+def keeps_key_pass(q: Tensor, weights: Sequence[Tensor], c: int) -> bool:
     """Whether the forward on these arguments can keep the key pass for the backward: the split kernel
     with the batched read (``LAUNCH["split_read"] == "batched"``) walks the chunks, and
     ``BACKWARD["key_pass_from_forward"]``."""
     if not BACKWARD["key_pass_from_forward"] or len(weights) != 2 or not _split_read_batched():
         return False
-    return _split_programs(2, weights[0].shape[-1], c, q.shape[0] * q.shape[2], q, clip) > 0
+    return _split_programs(2, weights[0].shape[-1], c, q.shape[0] * q.shape[2], q) > 0
 
 
 def _sm_count(device: torch.device) -> int:
@@ -1914,7 +1901,7 @@ class _FusedMemory(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, q, k, v, g, nmat, beta, m, f, *state):
         depth = len(state) // 2
-        keep = keeps_key_pass(q, state[:depth], beta.shape[-1], cfg[4] is not None)
+        keep = keeps_key_pass(q, state[:depth], beta.shape[-1])
         res = lmm_fused_fwd(q, k, v, g, nmat, beta, m, f, list(state[:depth]), list(state[depth:]), *cfg, True, keep)
         slots = res[1 : 1 + 2 * depth]
         ctx.save_for_backward(q, k, v, g, nmat, beta, m, f, *slots, *res[1 + 2 * depth :])  # + Z_1, P, Δ_2, Z_2 when kept
