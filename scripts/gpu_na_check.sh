@@ -16,6 +16,8 @@
 #  10. inputs: the titans layer with its compiled glue (input path, output gate, gate coefficients) eager / compiled
 #      (scripts/diag_titans_inputs.py). PROFILE_ARGS="--by-stack 1 --gaps" groups the profile by op and shows GPU idle time.
 #  11. ws: Triton's warp specialisation on the NA-1D / sliding-window kernels, one process per variant (scripts/diag_ws.py).
+#  12. walksplit: the Titans walk at 64 / 32 hidden columns, one launch against host-ordered phases, against fp32
+#      (scripts/diag_walk_split.py; WALK_ARGS, e.g. "--phase3 registers,recompute --carry 0,1").
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
 # pytest arguments, split on spaces (e.g. "-x"); NA_TEST_K a -k expression, spaces kept (e.g. "compiled_inputs or env_switch"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
@@ -97,6 +99,10 @@ for line in sys.stdin:
       echo "== kernel resources =="
       timeout -s KILL "${RES_TIMEOUT:-200}" python3 scripts/diag_kernel_resources.py > "$L/diag_kernel_resources.out" 2>&1
       grep -v -i warn "$L/diag_kernel_resources.out" | cut -c1-300 | tail -16 ;;
+    walksplit)
+      echo "== titans walk split =="
+      timeout -s KILL "${WALK_TIMEOUT:-400}" python3 scripts/diag_walk_split.py ${WALK_ARGS:-} --out "$OUT/diag_walk_split.json" > "$L/diag_walk_split.out" 2>&1
+      grep '^{' "$L/diag_walk_split.out" | cut -c1-300 ;;
     ws)
       # Triton's warp specialisation on the list-free attention kernels, one process per variant (scripts/diag_ws.py;
       # WS_ARGS e.g. "--swa --bwd --variants table,..."; $OUT/diag_ws.json)

@@ -94,7 +94,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: 16K the batched read took the forward from 19.6 / 17.5 ms to 15.6 / 12.6 (matched / default), the read
 #: kernel itself ~1.1 ms. ``split_phase3``: where the walk's update phase gets σ(Z_1), Δ_1, Δ_2 ("recompute",
 #: "scratch", "registers"; "auto" = registers on a GPU: 34 µs a chunk against 42 / 48, matched config).
-#: ``split_carry``: the state slices carried in registers between chunks (not faster: off). ``sweep_keep``:
+#: ``split_carry``: the state slices carried in registers between chunks (not faster: off). ``split_host_phases``
+#: (diagnostic): on a GPU too, the split walk as one launch per phase and chunk, the host ordering them as the
+#: interpreter does, with no grid barrier (``scripts/diag_walk_split.py`` compares it with the one-launch walk). ``sweep_keep``:
 #: the split sweep's phase 3 takes phase 2's values from registers (the default config's sweep 23 → 16 ms).
 #: ``sweep_form``: the split sweep's phases (:func:`_lmm_split_sweep_kernel`): "three_phase" (two grid barriers a chunk),
 #: "joined" (phase 2's product joined to phase 1, one barrier: ``JOIN``), "auto" = joined without the clip, three phases
@@ -113,7 +115,7 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "profile": None}
+                "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "profile": None}
 
 
 @triton.jit
@@ -1284,9 +1286,11 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
                 CLIP=clip, PREC=LAUNCH["half_precision"] if half else "ieee", PREC_R=LAUNCH["half_read_precision"] if half else "ieee",
                 num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched, KB=_keys_bf16(k))  # fmt: skip
-    # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head
-    meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and (ns == 1 or not _interpreted(q))
-    meta["P3"] = _phase3_mode(activation, layer_norm, phase0=ns == 1 or not _interpreted(q))
+    # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head;
+    # LAUNCH["split_host_phases"] (a diagnostic) has the GPU launch phase by phase too, as the interpreter does
+    by_phase = ns > 1 and (_interpreted(q) or bool(LAUNCH["split_host_phases"]))
+    meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and not by_phase
+    meta["P3"] = _phase3_mode(activation, layer_norm, phase0=not by_phase)
     if batched and meta["P3"] == _P3_MODES["scratch"]:  # σ(Z_1), Δ_1 (slices private to a program), each program's Δ_2
         hs = torch.empty((nbh, c, hid), **f32)
         ds = torch.empty_like(hs)
@@ -1303,7 +1307,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
         stamps = torch.zeros((nbh * ns, hi - lo, 8), device=dev, dtype=torch.int64) if prof is not None else cnt
         args = (q, k, v, y, *strides, g, nmat, beta, m, f, wb[0], sb[0], wb[1], sb[1], z1, d1, *slot_strides,
                 xz2, xhn, xdn, xacc, xp, cnt, d2o, z2o, sco, hs, ds, d2s, slot0, lo, zs, stamps)  # fmt: skip
-        if _interpreted(q) and ns > 1:  # programs run one after another there: one launch per phase and chunk
+        if by_phase:  # (the interpreter runs programs one after another: one launch per phase and chunk)
             for i in range(lo, hi):
                 for phase in phases:
                     _lmm_split_fwd_kernel[(nbh * ns,)](*args, i, 1, *scalars, PHASE=phase, **meta)
