@@ -138,7 +138,6 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
     saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements")}
-    saved_launch = fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["exact_keys"]
     from mnemotorch.ops.memory import fused_update_vjp
 
     saved_update_launch = dict(fused_update_vjp.LAUNCH_UPDATE_VJP)
@@ -173,10 +172,10 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         gexp = [int(o[1:]) for o in opts if o.startswith("g") and o[1:].isdigit()]
         fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved["group_elements"]
         precs = [o[1:] for o in opts if o in ("ptf32x3", "pbf16x3", "ptf32")]
-        fused_triton.LAUNCH["half_precision"] = precs[0] if precs else saved_launch[0]
+        fused_triton.LAUNCH["half_precision"] = precs[0] if precs else saved_all_launch["half_precision"]
         precs = [o[1:] for o in opts if o in ("rtf32x3", "rbf16x3", "rtf32")]
-        fused_triton.LAUNCH["half_read_precision"] = precs[0] if precs else saved_launch[1]
-        fused_triton.LAUNCH["exact_keys"] = "nok" not in opts and saved_launch[2]
+        fused_triton.LAUNCH["half_read_precision"] = precs[0] if precs else saved_all_launch["half_read_precision"]
+        fused_triton.LAUNCH["exact_keys"] = "nok" not in opts and saved_all_launch["exact_keys"]
         ulaunch = [re.fullmatch(r"u(\d+)w(\d+)(?:s(\d+))?", o) for o in opts]  # ":u32w8[s2]": the update-VJP kernel's slice, warps, stages
         ulaunch = [m for m in ulaunch if m]
         fused_update_vjp.LAUNCH_UPDATE_VJP.update(saved_update_launch)
@@ -250,7 +249,6 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             fused_triton.BACKWARD["compile_sweep"] = fused_triton.BACKWARD["compile_batched"] = None
             fused_triton.BACKWARD["sweep_block"] = 8
             fused_triton.BACKWARD.update(saved)
-            fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["exact_keys"] = saved_launch
             fused_triton.LAUNCH.update(saved_all_launch)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -1464,7 +1464,8 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         if form not in _SWEEP_FORMS:
             raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
         join = form == "joined" or (form == "auto" and max_grad_norm is None)
-        xb2, xd2 = torch.empty_like(xa2), torch.empty_like(xa2)
+        # (the joined form reads neither XB2 nor XD2: its one tile a program goes to XA2)
+        xb2, xd2 = (xa2, xa2) if join else (torch.empty_like(xa2), torch.empty_like(xa2))
         # with the clip, Δ_2's cotangent takes kn2 ∘ ((Δ_1 ∘ σ'(Z_1)) W_2) per chunk: no adjoint in it, one product here
         xd2c = _matmul_fp32(d1 * s1, ws[1]) if join and max_grad_norm is not None else xd2
         xg = torch.zeros((nbh, 2, ns, c), **f32)
@@ -1758,24 +1759,21 @@ def _batched_compiled(fn, device: torch.device):
 def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` with fp32 products whatever ``allow_tf32`` says (the backward runs its batched products under
     :class:`_HalfTF32`; this one stands in for the sweep kernel's own, which are never coarser than bf16x3)."""
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with _HalfTF32(False, force=True):
         return torch.matmul(a, b)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 class _HalfTF32:
-    """TF32 matmuls inside (for the backward's batched products with half inputs), the setting restored after."""
+    """TF32 matmuls inside (for the backward's batched products with half inputs), the setting restored after;
+    ``force``: ``allow_tf32`` set to ``on`` either way (off: fp32 products whatever the caller allowed)."""
 
-    def __init__(self, on: bool):
-        self.on = on
+    def __init__(self, on: bool, force: bool = False):
+        self.on, self.force = on, force
 
     def __enter__(self):
         self.prev = torch.backends.cuda.matmul.allow_tf32
-        if self.on:
-            torch.backends.cuda.matmul.allow_tf32 = True
+        if self.on or self.force:
+            torch.backends.cuda.matmul.allow_tf32 = self.on
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32 = self.prev
