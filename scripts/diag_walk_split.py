@@ -12,6 +12,10 @@ compares the fused forward's bf16 output with the fp32 chunked path's on the sam
 If only ``one_launch`` fails at 32 columns, the exchange between the head's programs is at fault (a race, or the barrier);
 if both fail, the code Triton generates for the 32-column tiles is.
 
+Result (H100, twentieth session): only ``one_launch`` failed at 32 columns, with Triton 3.6's bundled ptxas (12.8);
+built with CUDA 13.0's ptxas (``TRITON_PTXAS_PATH``) it passed, so the fault is in the bundled ptxas's code for the
+one-launch kernel (``fused_triton._split_slice``). ``--exact-keys 0`` runs the walk's key products as three bf16 products.
+
     PYTHONPATH=src python scripts/diag_walk_split.py [--slices 64,32] [--configs matched,silu_ln] [--t 512]
 """
 
@@ -29,7 +33,7 @@ CONFIGS = {"matched": dict(activation="gelu", residual=True, layer_norm=True, ma
            "default": dict(activation="silu", residual=True, layer_norm=False, max_grad_norm=1.0)}
 
 
-def one(slice_: int, mode: str, config: str, t: int, phase3: str, carry: bool) -> dict:
+def one(slice_: int, mode: str, config: str, t: int, phase3: str, carry: bool, keys: bool = True) -> dict:
     """One variant in this process: the relative error of the fused forward's output and state against fp32."""
     import torch
 
@@ -41,7 +45,8 @@ def one(slice_: int, mode: str, config: str, t: int, phase3: str, carry: bool) -
     from mnemotorch.ops.memory.fused_triton import neural_memory_fused_forward
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    fused_triton.LAUNCH.update(split_slice=slice_, split_host_phases=mode == "host_phases", split_phase3=phase3, split_carry=carry)
+    fused_triton.LAUNCH.update(split_slice=slice_, split_host_phases=mode == "host_phases", split_phase3=phase3, split_carry=carry,
+                              exact_keys=keys)
     cfg = CONFIGS[config]
     (q, k, v), gates, st = make(t, torch.bfloat16)
     with torch.no_grad():
@@ -60,24 +65,25 @@ def main() -> int:
     ap.add_argument("--configs", default="matched,silu_ln")
     ap.add_argument("--phase3", default="auto", help="LAUNCH['split_phase3'] values (auto, registers, scratch, recompute)")
     ap.add_argument("--carry", default="0", help="LAUNCH['split_carry'] values (0, 1)")
+    ap.add_argument("--exact-keys", default="1", help="LAUNCH['exact_keys'] values (1, 0)")
     ap.add_argument("--t", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per variant")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "diag_walk_split.json"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # (internal: run one variant, print its JSON)
     args = ap.parse_args()
     if args.one:
-        sl, mode, config, t, p3, carry = args.one.split(":")
-        print(json.dumps(one(int(sl), mode, config, int(t), p3, carry == "1")), flush=True)
+        sl, mode, config, t, p3, carry, keys = args.one.split(":")
+        print(json.dumps(one(int(sl), mode, config, int(t), p3, carry == "1", keys == "1")), flush=True)
         return 0
     rows = []
     grid = itertools.product(args.slices.split(","), args.modes.split(","), args.configs.split(","), args.phase3.split(","),
-                             args.carry.split(","))
-    for sl, mode, config, p3, carry in grid:
+                             args.carry.split(","), args.exact_keys.split(","))
+    for sl, mode, config, p3, carry, keys in grid:
         if mode == "host_phases" and carry == "1":
             continue  # (the state carried in registers needs the one-launch walk)
-        row = {"slice": int(sl), "mode": mode, "config": config, "t": args.t, "phase3": p3, "carry": carry == "1"}
+        row = {"slice": int(sl), "mode": mode, "config": config, "t": args.t, "phase3": p3, "carry": carry == "1", "exact_keys": keys == "1"}
         try:
-            out = subprocess.run([sys.executable, __file__, "--one", f"{sl}:{mode}:{config}:{args.t}:{p3}:{carry}"], capture_output=True,
+            out = subprocess.run([sys.executable, __file__, "--one", f"{sl}:{mode}:{config}:{args.t}:{p3}:{carry}:{keys}"], capture_output=True,
                                  text=True, timeout=args.timeout)
             last = [line for line in out.stdout.splitlines() if line.startswith("{")]
             row.update(json.loads(last[-1]) if last else {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]})

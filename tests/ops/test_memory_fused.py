@@ -283,6 +283,48 @@ def test_split_kernel_matches_chunked_fp32(monkeypatch, name, cfg, clip, d, hidd
     assert_state(s, s_ref, 1e-5)
 
 
+def test_split_count_widens_slices_until_the_grid_fits(monkeypatch):
+    """The split walk needs all of a head's programs resident: the slice width doubles (up to 64 columns) until
+    ``B · H · programs`` fits the SMs (and, with the inline read, each program keeps ≥ 16 chunk rows); 0 when no split
+    fits."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_read", "batched")
+    count = fused_triton._split_count
+    assert count(256, 64, 16, 32, 132) == 8  # 128 programs
+    assert count(256, 64, 32, 32, 132) == 4  # 256 would not fit: 64 columns
+    assert count(256, 64, 64, 32, 132) == 0  # 128 columns (2 programs) would fit, but no wider than 64 columns is run
+    assert count(256, 64, 64, 128, 132) == 2  # unless asked for
+    assert count(256, 64, 200, 32, 132) == 0
+    assert count(256, 64, 200, 32, None) == 8  # the interpreter: no residency limit
+    assert count(64, 64, 1, 64, 132) == 0  # one slice is the one-program kernel
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_read", "inline")
+    assert count(256, 64, 16, 32, None) == 4  # 8 rows a program would be too few for the inline read
+
+
+def test_split_slice_auto_follows_ptxas_and_clip(monkeypatch):
+    """``split_slice="auto"``: 32 columns only without the clip and with a ptxas of CUDA 13.0 or newer (the one
+    bundled with Triton 3.6 builds the 32-column walk wrong); under the interpreter 64; an int is taken as given.
+    The walk's two-product key products stay on from 64 columns on a GPU, always under the interpreter."""
+    from mnemotorch.ops.memory import fused_triton
+
+    q = torch.zeros(1)
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", "auto")
+    assert fused_triton._split_slice(q) == 64 and fused_triton._split_slice(q, clip=True) == 64
+    monkeypatch.setattr(fused_triton, "_interpreted", lambda x: False)
+    for release, width in [((12, 8), 64), ((12, 9), 64), ((13, 0), 32), ((13, 4), 32), (None, 64)]:
+        monkeypatch.setattr(fused_triton, "_ptxas_for", lambda x, r=release: r)
+        assert fused_triton._split_slice(q) == width, release
+        assert fused_triton._split_slice(q, clip=True) == 64
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    assert fused_triton._split_slice(q, clip=True) == 16
+    kb = torch.zeros(1, dtype=torch.bfloat16)
+    assert not fused_triton._walk_exact_keys(kb, 32) and fused_triton._walk_exact_keys(kb, 64)
+    assert not fused_triton._walk_exact_keys(kb.float(), 64)
+    monkeypatch.setattr(fused_triton, "_interpreted", lambda x: True)
+    assert fused_triton._walk_exact_keys(kb, 16)
+
+
 def test_split_batched_read_in_groups(monkeypatch):
     """Without stored checkpoints the batched read walks the chunks in groups with their own slots
     (``LAUNCH["read_group_bytes"]``): one chunk per group here, the same result as one group."""

@@ -68,6 +68,14 @@ def device_info() -> dict:
             ).stdout.strip().splitlines()[0]
         except Exception:  # pragma: no cover - informational only
             info["driver"] = None
+        try:  # the ptxas Triton builds with (TRITON_PTXAS_PATH or its own): it decides some launches (Titans walk)
+            from ..ops.memory.fused_triton import _ptxas_release
+
+            release = _ptxas_release(torch.cuda.get_device_capability())
+            info["ptxas"] = ".".join(map(str, release)) if release else None
+            info["ptxas_path"] = os.environ.get("TRITON_PTXAS_PATH") or "bundled"
+        except Exception:  # pragma: no cover - informational only
+            info["ptxas"] = None
     return info
 
 

@@ -42,7 +42,10 @@ with the state carried, so any call is accepted.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -87,7 +90,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: but used half the output bound and broke the silu + LayerNorm config on the GPU (removed).
 #: ``split_slice``: depth 2 splits the hidden dimension into slices of this width, one program each
 #: (:func:`_lmm_split_fwd_kernel`), when, on a GPU, the ``B · H · slices`` programs fit on the SMs at once
-#: (and, with the inline read, the chunk has ≥ 16 rows per slice); 0 = one program per head (the kernel above).
+#: (and, with the inline read, the chunk has ≥ 16 rows per slice), else twice the width, and so on; 0 = one
+#: program per head (the kernel above). "auto": 32 without the clip where Triton's ptxas is CUDA 13.0 or newer, else
+#: 64 (:func:`_split_slice`: older ones build the 32-column walk wrong; with the clip it is slower).
 #: ``split_read``: "batched" (the walk carries the recurrence alone; :func:`_lmm_chunk_read_kernel` then reads
 #: every chunk in parallel, ``read_slice`` hidden columns per step, ``read_warps`` / ``read_stages``, chunks in
 #: groups whose buffers stay under ``read_group_bytes``) or "inline" (the read inside the walk). On the H100 at
@@ -112,10 +117,10 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``profile``: a dict to receive the walk's / sweep's per-phase timer stamps (diagnostics; None = off).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": os.environ.get("MNEMO_MEMORY_PRECISION", "bf16x3"),
                 "half_read_precision": os.environ.get("MNEMO_MEMORY_READ_PRECISION", "tf32"),
-                "split_slice": 64, "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
+                "split_slice": "auto", "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "profile": None}
+                "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "walk_exact_keys_min_cols": 64, "profile": None}
 
 
 @triton.jit
@@ -1198,7 +1203,7 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     y = _alloc(q, (bsz, n * c, heads, dv), q.dtype)
     bh = min(hid, LAUNCH["hidden_slice"])
-    ns = _split_programs(depth, hid, c, bsz * heads, q)
+    ns = _split_programs(depth, hid, c, bsz * heads, q, max_grad_norm is not None)
     if keep_key_pass and not (ns and _split_read_batched()):
         raise ValueError("keep_key_pass needs the split kernel with the batched read (see keeps_key_pass)")
     if ns:
@@ -1225,24 +1230,85 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
     return [y, *w, *s]
 
 
-def _split_programs(depth: int, hid: int, c: int, nbh: int, q: Tensor) -> int:
-    """Programs per head of the split forward kernel (``LAUNCH["split_slice"]`` hidden columns each), or 0 for
-    the one-program kernel: depth 2, more than one slice, on a GPU a grid that fits the SMs (the grid barrier
-    needs every program resident), and with the inline read ≥ 16 chunk rows per program (it splits them)."""
-    ns = hid // LAUNCH["split_slice"] if depth == 2 and LAUNCH["split_slice"] else 1
+def _split_programs(depth: int, hid: int, c: int, nbh: int, q: Tensor, clip: bool = False) -> int:
+    """Programs per head of the split forward kernel, or 0 for the one-program kernel (see :func:`_split_count`;
+    ``clip``: with the gradient clip, which may set another width, :func:`_split_slice`)."""
+    width = _split_slice(q, clip)
+    if depth != 2 or not width:
+        return 0
+    return _split_count(hid, c, nbh, width, _sm_count(q.device) if q.is_cuda else None)
+
+
+#: The oldest ptxas release seen to build the 32-column split walk correctly (CUDA 13.0; 37 of 37 GPU tests).
+_NARROW_WALK_PTXAS = (13, 0)
+
+
+def _split_slice(q: Tensor, clip: bool = False) -> int:
+    """``LAUNCH["split_slice"]``; "auto" = 32 columns without the clip where the ptxas Triton uses for this GPU is at
+    least ``_NARROW_WALK_PTXAS``, else 64 (and 64 under the interpreter, whose tests pick narrower slices themselves).
+
+    On an H100 at 16K with CUDA 13.0's ptxas the 32-column walk took 5.0–5.2 → 3.6 ms without the clip, but
+    6.0 → 10.9 ms with it (two grid barriers a chunk among eight programs instead of four). The ptxas bundled with
+    Triton 3.6 (torch 2.11; release 12.8) builds the 32-column walk wrong: 27 of the 37 GPU tests failed (wrong bf16
+    outputs, illegal memory accesses), and compute-sanitizer showed a ``wgmma`` of the layer-1 update reading shared
+    memory out of bounds. CUDA 13.0's ptxas (``TRITON_PTXAS_PATH=/usr/local/cuda/bin/ptxas``) builds the same Triton
+    output right: all 37 passed (docs/results/neural_memory.md, twentieth session)."""
+    width = LAUNCH["split_slice"]
+    if width != "auto":
+        return int(width)
+    if clip or _interpreted(q):
+        return 64
+    release = _ptxas_for(q)
+    return 32 if release is not None and release >= _NARROW_WALK_PTXAS else 64
+
+
+def _ptxas_for(q: Tensor) -> tuple[int, int] | None:
+    """:func:`_ptxas_release` for ``q``'s GPU."""
+    return _ptxas_release(torch.cuda.get_device_capability(q.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _ptxas_release(capability: tuple[int, int]) -> tuple[int, int] | None:
+    """``(major, minor)`` of the ptxas Triton compiles for this compute capability with (``TRITON_PTXAS_PATH`` or
+    its bundled one), or None where it cannot be read."""
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        arch = capability[0] * 10 + capability[1]
+        text = nv.get_ptxas_version(arch) if "arch" in inspect.signature(nv.get_ptxas_version).parameters else nv.get_ptxas_version()
+        found = re.search(r"release (\d+)\.(\d+)", text)
+        return (int(found.group(1)), int(found.group(2))) if found else None
+    except Exception:  # (another Triton layout, no ptxas): keep the safe width
+        return None
+
+
+#: The widest slice the split walk widens to (the widest run on a GPU; wider tiles would spill heavily).
+_SPLIT_WIDEST = 64
+
+
+def _split_count(hid: int, c: int, nbh: int, slice_: int, sms: int | None) -> int:
+    """Programs per head of the split walk: ``hid / w`` for the narrowest slice width ``w`` (``slice_``, doubled up to
+    ``_SPLIT_WIDEST`` as needed) whose grid fits the SMs (``sms``; None under the interpreter), since the grid barrier
+    needs every program resident; more than one program a head; with the inline read ≥ 16 chunk rows per program (it
+    splits them). 0 when none fits. (At hidden 256 on 132 SMs, 32 columns give 128 programs at B · H = 16; at
+    B · H = 32 the walk takes 64 columns, 128 programs, rather than one program a head.)"""
     rows = 1 if _split_read_batched() else 16
-    if ns > 1 and c // ns >= rows and (not q.is_cuda or nbh * ns <= _sm_count(q.device)):
-        return ns
+    width = slice_
+    while width < hid and (width <= _SPLIT_WIDEST or width == slice_):
+        ns = hid // width
+        if c // ns >= rows and (sms is None or nbh * ns <= sms):
+            return ns
+        width *= 2
     return 0
 
 
-def keeps_key_pass(q: Tensor, weights: Sequence[Tensor], c: int) -> bool:
-    """Whether the forward on these arguments can keep the key pass for the backward: the split kernel
-    with the batched read (``LAUNCH["split_read"] == "batched"``) walks the chunks, and
+def keeps_key_pass(q: Tensor, weights: Sequence[Tensor], c: int, clip: bool = False) -> bool:
+    """Whether the forward on these arguments (``clip``: with the gradient clip) can keep the key pass for the
+    backward: the split kernel with the batched read (``LAUNCH["split_read"] == "batched"``) walks the chunks, and
     ``BACKWARD["key_pass_from_forward"]``."""
     if not BACKWARD["key_pass_from_forward"] or len(weights) != 2 or not _split_read_batched():
         return False
-    return _split_programs(2, weights[0].shape[-1], c, q.shape[0] * q.shape[2], q) > 0
+    return _split_programs(2, weights[0].shape[-1], c, q.shape[0] * q.shape[2], q, clip) > 0
 
 
 def _sm_count(device: torch.device) -> int:
@@ -1285,7 +1351,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
                v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1), y.stride(2))  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, BH=hid // ns, NS=ns, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm,
                 CLIP=clip, PREC=LAUNCH["half_precision"] if half else "ieee", PREC_R=LAUNCH["half_read_precision"] if half else "ieee",
-                num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched, KB=_keys_bf16(k))  # fmt: skip
+                num_warps=LAUNCH["split_warps"], num_stages=1, READ=not batched, KB=_walk_exact_keys(k, hid // ns))  # fmt: skip
     # the state carried in registers needs the walk in one launch (PHASE 0): on a GPU, or one program per head;
     # LAUNCH["split_host_phases"] (a diagnostic) has the GPU launch phase by phase too, as the interpreter does
     by_phase = ns > 1 and (_interpreted(q) or bool(LAUNCH["split_host_phases"]))
@@ -1509,6 +1575,14 @@ _SWEEP_FORMS = ("auto", "three_phase", "joined")
 def _keys_bf16(k: Tensor) -> bool:
     """``LAUNCH["exact_keys"]`` and bf16 keys: the products with ``k`` take two bf16 products instead of three."""
     return bool(LAUNCH["exact_keys"]) and k.dtype == torch.bfloat16
+
+
+def _walk_exact_keys(k: Tensor, cols: int) -> bool:
+    """:func:`_keys_bf16` for the split walk with ``cols`` hidden columns a program: on a GPU only from
+    ``LAUNCH["walk_exact_keys_min_cols"]`` columns. The 32-column walk passed the GPU test file with three bf16
+    products for the key products (and CUDA 13.0's ptxas, :func:`_split_slice`); the two-product form there was
+    checked on one case only, so narrower slices keep three (docs/results/neural_memory.md, twentieth session)."""
+    return _keys_bf16(k) and (_interpreted(k) or cols >= LAUNCH["walk_exact_keys_min_cols"])
 
 
 def _sweep_split_on(ns: int) -> bool:
@@ -1903,7 +1977,7 @@ class _FusedMemory(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, q, k, v, g, nmat, beta, m, f, *state):
         depth = len(state) // 2
-        keep = keeps_key_pass(q, state[:depth], beta.shape[-1])
+        keep = keeps_key_pass(q, state[:depth], beta.shape[-1], cfg[4] is not None)
         res = lmm_fused_fwd(q, k, v, g, nmat, beta, m, f, list(state[:depth]), list(state[depth:]), *cfg, True, keep)
         slots = res[1 : 1 + 2 * depth]
         ctx.save_for_backward(q, k, v, g, nmat, beta, m, f, *slots, *res[1 + 2 * depth :])  # + Z_1, P, Δ_2, Z_2 when kept
