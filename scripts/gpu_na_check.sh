@@ -21,10 +21,16 @@
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
 # pytest arguments, split on spaces (e.g. "-x"); NA_TEST_K a -k expression, spaces kept (e.g. "compiled_inputs or env_switch"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
+# PTXAS=system builds every kernel with the machine's ptxas (CUDA 13.0 on the lent H100s) instead of Triton's bundled
+# one (12.8 in Triton 3.6), through TRITON_PTXAS_PATH; it changes the Titans walk's default width (fused_triton._split_slice).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source "$ROOT/scripts/gpu_env.sh"
+if [ "${PTXAS:-bundled}" = system ]; then
+  export TRITON_PTXAS_PATH="${SYSTEM_PTXAS:-/usr/local/cuda/bin/ptxas}"
+  echo "ptxas: $("$TRITON_PTXAS_PATH" --version | tail -1)"
+fi
 L=/tmp/na_logs; rm -rf "$L"; mkdir -p "$L"
 for step in ${STEPS:-tests na2d na1d}; do
   case "$step" in
