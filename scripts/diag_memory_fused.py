@@ -145,12 +145,12 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     for name, comp, vjp in itertools.product(configs, compile_modes, vjps):
         rvjp, uvjp, *opts = vjp.split(":")
         fused_triton.LAUNCH.update(saved_all_launch)
-        for o in opts:  # ":Lkey=value" sets LAUNCH[key] (ints and 0/1 flags as ints)
-            if o.startswith("L") and "=" in o:
-                key, val = o[1:].split("=", 1)
-                if key not in fused_triton.LAUNCH:
-                    raise SystemExit(f"--vjps: unknown LAUNCH key {key!r}")
-                fused_triton.LAUNCH[key] = int(val) if val.lstrip("-").isdigit() else val
+        launch_set = [o[1:] for o in opts if o.startswith("L") and "=" in o]
+        for item in launch_set:  # ":Lkey=value" sets LAUNCH[key] (ints and 0/1 flags as ints)
+            key, val = item.split("=", 1)
+            if key not in fused_triton.LAUNCH:
+                raise SystemExit(f"--vjps: unknown LAUNCH key {key!r}")
+            fused_triton.LAUNCH[key] = int(val) if val.lstrip("-").isdigit() else val
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
         xs = [x.detach().requires_grad_() for x in (q, k, v, *gates, *st.weights, *st.momentum)]
         state = MemoryState(tuple(xs[6:8]), tuple(xs[8:10]), tuple(xs[6:8]), 0)
@@ -172,10 +172,13 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         gexp = [int(o[1:]) for o in opts if o.startswith("g") and o[1:].isdigit()]
         fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved["group_elements"]
         precs = [o[1:] for o in opts if o in ("ptf32x3", "pbf16x3", "ptf32")]
-        fused_triton.LAUNCH["half_precision"] = precs[0] if precs else saved_all_launch["half_precision"]
+        if precs:  # (LAUNCH was restored above: only the options given change it)
+            fused_triton.LAUNCH["half_precision"] = precs[0]
         precs = [o[1:] for o in opts if o in ("rtf32x3", "rbf16x3", "rtf32")]
-        fused_triton.LAUNCH["half_read_precision"] = precs[0] if precs else saved_all_launch["half_read_precision"]
-        fused_triton.LAUNCH["exact_keys"] = "nok" not in opts and saved_all_launch["exact_keys"]
+        if precs:
+            fused_triton.LAUNCH["half_read_precision"] = precs[0]
+        if "nok" in opts:
+            fused_triton.LAUNCH["exact_keys"] = False
         ulaunch = [re.fullmatch(r"u(\d+)w(\d+)(?:s(\d+))?", o) for o in opts]  # ":u32w8[s2]": the update-VJP kernel's slice, warps, stages
         ulaunch = [m for m in ulaunch if m]
         fused_update_vjp.LAUNCH_UPDATE_VJP.update(saved_update_launch)
@@ -185,7 +188,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
                "half_precision": fused_triton.LAUNCH["half_precision"], "half_read_precision": fused_triton.LAUNCH["half_read_precision"],
                "exact_keys": fused_triton.LAUNCH["exact_keys"], "update_vjp_launch": dict(fused_update_vjp.LAUNCH_UPDATE_VJP),
-               "launch_set": [o[1:] for o in opts if o.startswith("L") and "=" in o],
+               "launch_set": launch_set,
                **{key: fused_triton.BACKWARD[key] for key in ("fold_read", "update_tf32", "overlap", "group_elements")}}
         try:
             torch.cuda.synchronize()

@@ -69,9 +69,9 @@ def device_info() -> dict:
         except Exception:  # pragma: no cover - informational only
             info["driver"] = None
         try:  # the ptxas Triton builds with (TRITON_PTXAS_PATH or its own): it decides some launches (Titans walk)
-            from ..ops.memory.fused_triton import _ptxas_release
+            from ..ops.triton_launch import ptxas_release
 
-            release = _ptxas_release(torch.cuda.get_device_capability())
+            release = ptxas_release(torch.cuda.get_device_capability())
             info["ptxas"] = ".".join(map(str, release)) if release else None
             info["ptxas_path"] = os.environ.get("TRITON_PTXAS_PATH") or "bundled"
         except Exception:  # pragma: no cover - informational only

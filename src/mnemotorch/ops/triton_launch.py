@@ -19,7 +19,10 @@ turns the cache off.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import re
 from collections import OrderedDict
 
 import torch
@@ -141,3 +144,19 @@ class CachedLaunch:
 
 
 __all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "enabled"]
+
+
+@functools.lru_cache(maxsize=None)
+def ptxas_release(capability: tuple[int, int]) -> tuple[int, int] | None:
+    """``(major, minor)`` of the ptxas Triton compiles with for a GPU of this compute capability
+    (``TRITON_PTXAS_PATH`` or Triton's bundled one), or None where it cannot be read. Some launches depend
+    on it (the Titans walk's width, ``ops.memory.fused_triton._split_slice``), and benchmarks record it."""
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        arch = capability[0] * 10 + capability[1]
+        takes_arch = "arch" in inspect.signature(nv.get_ptxas_version).parameters  # (Triton 3.6 and 3.9 differ)
+        found = re.search(r"release (\d+)\.(\d+)", nv.get_ptxas_version(arch) if takes_arch else nv.get_ptxas_version())
+        return (int(found.group(1)), int(found.group(2))) if found else None
+    except Exception:  # another Triton layout, no ptxas
+        return None

@@ -42,10 +42,7 @@ with the state carried, so any call is accepted.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import os
-import re
 from typing import Optional, Sequence
 
 import torch
@@ -57,6 +54,7 @@ from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from ..compiled import compile_allowed, compiled_over_length
 from ..triton_dots import dot_split, dot_split_right
+from ..triton_launch import ptxas_release
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, gate_coefficients, neural_memory_chunked
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
@@ -1233,10 +1231,10 @@ def _launch(q, k, v, coefs, weights, momentum, activation, residual, layer_norm,
 def _split_programs(depth: int, hid: int, c: int, nbh: int, q: Tensor, clip: bool = False) -> int:
     """Programs per head of the split forward kernel, or 0 for the one-program kernel (see :func:`_split_count`;
     ``clip``: with the gradient clip, which may set another width, :func:`_split_slice`)."""
-    width = _split_slice(q, clip)
-    if depth != 2 or not width:
+    if depth != 2:
         return 0
-    return _split_count(hid, c, nbh, width, _sm_count(q.device) if q.is_cuda else None)
+    width = _split_slice(q, clip)
+    return _split_count(hid, c, nbh, width, _sm_count(q.device) if q.is_cuda else None) if width else 0
 
 
 #: The oldest ptxas release seen to build the 32-column split walk correctly (CUDA 13.0; 37 of 37 GPU tests).
@@ -1263,23 +1261,8 @@ def _split_slice(q: Tensor, clip: bool = False) -> int:
 
 
 def _ptxas_for(q: Tensor) -> tuple[int, int] | None:
-    """:func:`_ptxas_release` for ``q``'s GPU."""
-    return _ptxas_release(torch.cuda.get_device_capability(q.device))
-
-
-@functools.lru_cache(maxsize=None)
-def _ptxas_release(capability: tuple[int, int]) -> tuple[int, int] | None:
-    """``(major, minor)`` of the ptxas Triton compiles for this compute capability with (``TRITON_PTXAS_PATH`` or
-    its bundled one), or None where it cannot be read."""
-    try:
-        from triton.backends.nvidia import compiler as nv
-
-        arch = capability[0] * 10 + capability[1]
-        text = nv.get_ptxas_version(arch) if "arch" in inspect.signature(nv.get_ptxas_version).parameters else nv.get_ptxas_version()
-        found = re.search(r"release (\d+)\.(\d+)", text)
-        return (int(found.group(1)), int(found.group(2))) if found else None
-    except Exception:  # (another Triton layout, no ptxas): keep the safe width
-        return None
+    """:func:`~mnemotorch.ops.triton_launch.ptxas_release` for ``q``'s GPU."""
+    return ptxas_release(torch.cuda.get_device_capability(q.device))
 
 
 #: The widest slice the split walk widens to (the widest run on a GPU; wider tiles would spill heavily).
@@ -1293,8 +1276,8 @@ def _split_count(hid: int, c: int, nbh: int, slice_: int, sms: int | None) -> in
     splits them). 0 when none fits. (At hidden 256 on 132 SMs, 32 columns give 128 programs at B · H = 16; at
     B · H = 32 the walk takes 64 columns, 128 programs, rather than one program a head.)"""
     rows = 1 if _split_read_batched() else 16
-    width = slice_
-    while width < hid and (width <= _SPLIT_WIDEST or width == slice_):
+    width, widest = slice_, max(slice_, _SPLIT_WIDEST)
+    while width < hid and width <= widest:
         ns = hid // width
         if c // ns >= rows and (sms is None or nbh * ns <= sms):
             return ns
