@@ -18,6 +18,7 @@
 #  11. ws: Triton's warp specialisation on the NA-1D / sliding-window kernels, one process per variant (scripts/diag_ws.py).
 #  12. walksplit: the Titans walk at 64 / 32 hidden columns, one launch against host-ordered phases, against fp32
 #      (scripts/diag_walk_split.py; WALK_ARGS, e.g. "--phase3 registers,recompute --carry 0,1").
+#  13. ncu: Nsight Compute's counters of the NA-1D / sliding-window / Titans-memory kernels (scripts/ncu_kernels.py; NCU_CASES).
 # STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
 # pytest arguments, split on spaces (e.g. "-x"); NA_TEST_K a -k expression, spaces kept (e.g. "compiled_inputs or env_switch"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
@@ -119,6 +120,21 @@ import json, sys
 for line in sys.stdin:
     r = json.loads(line); keep = {k: v for k, v in r.items() if k.endswith('_ms') or k.endswith('tflops') or k in ('variant', 'rc', 'error') or 'err' in k}
     print(json.dumps(keep)[:700])" ;;
+    ncu)
+      # Nsight Compute's full set on warm kernels (scripts/ncu_kernels.py; NCU_CASES "na1d swa titans", NCU_KERNELS a name
+      # regex, NCU_COUNT the launches profiled; NCU_ARGS e.g. "--config default"): the details page, every raw metric (csv) and the per-instruction SASS
+      # samples come back under $OUT
+      echo "== ncu =="
+      NCU="${NCU_BIN:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)}"
+      for c in ${NCU_CASES:-na1d swa}; do
+        timeout -s KILL "${NCU_TIMEOUT:-240}" "$NCU" --profile-from-start off --clock-control none --set full --import-source yes \
+            --kernel-name "regex:${NCU_KERNELS:-_swa_|_na|_lmm_}" ${NCU_COUNT:+--launch-count "$NCU_COUNT"} -f -o "/tmp/ncu_$c" python3 scripts/ncu_kernels.py --case "$c" ${NCU_ARGS:-} > "$L/ncu_$c.log" 2>&1
+        tail -2 "$L/ncu_$c.log" | cut -c1-300
+        "$NCU" -i "/tmp/ncu_$c.ncu-rep" --page details > "$OUT/ncu_${c}_details.txt" 2>&1
+        "$NCU" -i "/tmp/ncu_$c.ncu-rep" --page raw --csv > "$OUT/ncu_${c}_raw.csv" 2>&1
+        "$NCU" -i "/tmp/ncu_$c.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip -c > "$OUT/ncu_${c}_sass.csv.gz"
+        grep -E "^  _[a-z_0-9]+|Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$OUT/ncu_${c}_details.txt" | head -40
+      done ;;
     bench)
       echo "== mnemo bench kernels =="
       timeout "${BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \
