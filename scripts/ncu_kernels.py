@@ -25,7 +25,16 @@ import os
 import torch
 
 
-def _attention(case: str, backward: bool):
+def _launch(text: str) -> dict:
+    """``"BM=128,BN=64,warps=8,stages=2,tma=1"`` as a launch-override dict (ints; 0/1 for the flags)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        out[key] = bool(int(value)) if key in ("tma", "ws", "one_loop", "fused_dq", "delta") else int(value)
+    return out
+
+
+def _attention(case: str, backward: bool, fwd: dict):
     from mnemotorch.ops.block_sparse import swa_triton
 
     if case == "na1d":
@@ -38,10 +47,11 @@ def _attention(case: str, backward: bool):
     do = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        o = fn(q, k, v)
-        if backward:
-            o.backward(do)
-            q.grad = k.grad = v.grad = None
+        with swa_triton.override_launch(fwd=fwd or None):
+            o = fn(q, k, v)
+            if backward:
+                o.backward(do)
+                q.grad = k.grad = v.grad = None
 
     return step
 
@@ -69,12 +79,13 @@ def main() -> None:
     ap.add_argument("--backward", type=int, default=None, help="attention: also the backward (default: 1 for swa, 0 for na1d)")
     ap.add_argument("--length", type=int, default=16384, help="titans: tokens")
     ap.add_argument("--config", default="matched", choices=("matched", "default"), help="titans: the layer's config")
+    ap.add_argument("--fwd", default="", help='attention: forward launch overrides, e.g. "BM=128,BN=64,warps=8,stages=2"')
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.case == "titans":
         step = _titans(args.length, args.config)
     else:
-        step = _attention(args.case, bool(args.backward if args.backward is not None else args.case == "swa"))
+        step = _attention(args.case, bool(args.backward if args.backward is not None else args.case == "swa"), _launch(args.fwd))
     for _ in range(3):
         step()
     torch.cuda.synchronize()
