@@ -121,9 +121,9 @@ for line in sys.stdin:
     r = json.loads(line); keep = {k: v for k, v in r.items() if k.endswith('_ms') or k.endswith('tflops') or k in ('variant', 'rc', 'error') or 'err' in k}
     print(json.dumps(keep)[:700])" ;;
     ncu)
-      # Nsight Compute's full set on warm kernels (scripts/ncu_kernels.py; NCU_CASES "na1d swa titans", NCU_KERNELS a name
-      # regex, NCU_COUNT the launches profiled; NCU_ARGS e.g. "--config default"): the details page, every raw metric (csv) and the per-instruction SASS
-      # samples come back under $OUT
+      # Nsight Compute's full set on warm kernels (scripts/ncu_kernels.py; NCU_CASES "na1d swa titans", NCU_KERNELS a
+      # name regex, NCU_COUNT the launches profiled, NCU_ARGS e.g. "--config default" or "--fwd BM=128,warps=8"): the
+      # details page, every raw metric (csv) and the per-instruction SASS samples (gzipped) come back under $OUT
       echo "== ncu =="
       NCU="${NCU_BIN:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)}"
       for c in ${NCU_CASES:-na1d swa}; do

@@ -26,11 +26,15 @@ import torch
 
 
 def _launch(text: str) -> dict:
-    """``"BM=128,BN=64,warps=8,stages=2,tma=1"`` as a launch-override dict (ints; 0/1 for the flags)."""
-    out = {}
+    """``"BM=128,BN=64,warps=8,stages=2,tma=1"`` as a launch-override dict (0/1 for the flags, a float for ``lazy``,
+    ints for the rest)."""
+    out: dict = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
-        out[key] = bool(int(value)) if key in ("tma", "ws", "one_loop", "fused_dq", "delta") else int(value)
+        if key in ("tma", "ws", "one_loop", "fused_dq", "delta"):
+            out[key] = bool(int(value))
+        else:
+            out[key] = float(value) if key == "lazy" else int(value)
     return out
 
 

@@ -37,3 +37,12 @@ def test_sass_page_top_instruction(capsys):
     assert block["top"][0]["pct"] == pytest.approx(19.4, abs=0.5)
     assert mod.main(["--sass", str(NCU / "ncu_2026-11-27-s21_h100_na1d_sass.csv.gz"), "--top", "1"]) == 0
     assert "WARPGROUP.DEPBAR" in capsys.readouterr().out
+
+
+def test_ncu_kernels_launch_overrides():
+    spec = importlib.util.spec_from_file_location("ncu_kernels", ROOT / "scripts" / "ncu_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod._launch("") == {}
+    assert mod._launch("BM=128,BN=64,warps=8,stages=2,tma=1,one_loop=0,lazy=8") == {
+        "BM": 128, "BN": 64, "warps": 8, "stages": 2, "tma": True, "one_loop": False, "lazy": 8.0}
