@@ -75,7 +75,7 @@ def device_info() -> dict:
             info["ptxas"] = ".".join(map(str, release)) if release else None
             info["ptxas_path"] = os.environ.get("TRITON_PTXAS_PATH") or "bundled"
         except Exception:  # pragma: no cover - informational only
-            info["ptxas"] = None
+            info["ptxas"] = info["ptxas_path"] = None
     return info
 
 

@@ -143,9 +143,6 @@ class CachedLaunch:
             self.entries.popitem(last=False)
 
 
-__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "enabled"]
-
-
 @functools.lru_cache(maxsize=None)
 def ptxas_release(capability: tuple[int, int]) -> tuple[int, int] | None:
     """``(major, minor)`` of the ptxas Triton compiles with for a GPU of this compute capability
@@ -160,3 +157,7 @@ def ptxas_release(capability: tuple[int, int]) -> tuple[int, int] | None:
         return (int(found.group(1)), int(found.group(2))) if found else None
     except Exception:  # another Triton layout, no ptxas
         return None
+
+
+__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "enabled", "ptxas_release"]
+
