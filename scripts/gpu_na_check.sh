@@ -19,7 +19,7 @@
 #  12. walksplit: the Titans walk at 64 / 32 hidden columns, one launch against host-ordered phases, against fp32
 #      (scripts/diag_walk_split.py; WALK_ARGS, e.g. "--phase3 registers,recompute --carry 0,1").
 #  13. ncu: Nsight Compute's counters of the NA-1D / sliding-window / Titans-memory kernels (scripts/ncu_kernels.py; NCU_CASES).
-# STEPS (default "tests na2d na1d"; add "bench", "memory") picks the parts. Every part has its own time limit.
+# STEPS (default "tests na2d na1d"; add "bench", "memory", "gluon", ...) picks the parts. Every part has its own time limit.
 # Tests of another family run the same way, e.g. NA_TESTS="tests/gpu/test_memory_fused_gpu.py|1"; NA_TEST_ARGS adds
 # pytest arguments, split on spaces (e.g. "-x"); NA_TEST_K a -k expression, spaces kept (e.g. "compiled_inputs or env_switch"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
 # PTXAS=system builds every kernel with the machine's ptxas (CUDA 13.0 on the lent H100s) instead of Triton's bundled
@@ -135,6 +135,12 @@ for line in sys.stdin:
         "$NCU" -i "/tmp/ncu_$c.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip -c > "$OUT/ncu_${c}_sass.csv.gz"
         grep -E "^  _[a-z_0-9]+|Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$OUT/ncu_${c}_details.txt" | head -40
       done ;;
+    gluon)
+      # the Gluon Hopper forward against the Triton forward (scripts/diag_swa_gluon.py; GLUON_ARGS e.g. "--cases na1d
+      # --repeat 3" or '--configs [{"BN":64,"stages":4}]'; $OUT/gluon_sweep.json)
+      echo "== gluon forward sweep =="
+      timeout -s KILL "${GLUON_TIMEOUT:-300}" python3 scripts/diag_swa_gluon.py --out "$OUT/gluon_sweep.json" ${GLUON_ARGS:-} > "$L/diag_gluon.out" 2>&1
+      grep -v -i warn "$L/diag_gluon.out" | tail -${GLUON_TAIL:-30} | cut -c1-400 ;;
     bench)
       echo "== mnemo bench kernels =="
       timeout "${BENCH_TIMEOUT:-200}" python3 -m mnemotorch.cli bench kernels -- --out "$OUT/bench_kernels.json" --skip-correctness \

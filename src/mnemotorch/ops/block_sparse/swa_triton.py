@@ -59,6 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..triton_launch import CachedLaunch
+from . import swa_gluon
 from .launch import launch_overrides
 from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _dq_delta, _eager_ok, _ld_full, _ld_rows, _mm, _pow2, _st_rows
 
@@ -736,18 +737,18 @@ def _swa_bwd_dq_kernel(
 #:   ``delta``: 3.796 ms fwd+bwd (generic kernel 4.111, Flex 4.292).
 #: * fp32 rows and D = 256: starting points (fp32 tiles halved for shared memory), not measured.
 LAUNCH: dict[tuple[str, int, str], dict] = {
-    ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0, one_loop=False),
-    ("fwd", 128, "16"): dict(BM=64, BN=64, warps=4, stages=3, tma=True, ws=False, lazy=0.0, one_loop=True),  # 2nd sweep
-    ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False),
+    ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
+    ("fwd", 128, "16"): dict(BM=64, BN=64, warps=4, stages=3, tma=True, ws=False, lazy=0.0, one_loop=True, gluon=False),  # 2nd sweep
+    ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
     ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dkdv", 128, "16"): dict(BM=32, BN=64, warps=4, stages=3, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dq", 64, "16"): dict(BM=128, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=True, delta=True),  # 2nd sweep
     ("dq", 128, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=True),  # 2nd sweep
     ("dq", 256, "16"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
-    ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False),
-    ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False),
-    ("fwd", 256, "32"): dict(BM=32, BN=32, warps=4, stages=1, tma=False, ws=False, lazy=0.0, one_loop=False),
+    ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
+    ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
+    ("fwd", 256, "32"): dict(BM=32, BN=32, warps=4, stages=1, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
     ("dkdv", 64, "32"): dict(BM=32, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dkdv", 128, "32"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dkdv", 256, "32"): dict(BM=16, BN=32, warps=4, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
@@ -755,7 +756,7 @@ LAUNCH: dict[tuple[str, int, str], dict] = {
     ("dq", 128, "32"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
     ("dq", 256, "32"): dict(BM=32, BN=16, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
 }
-_KERNEL_KEYS = {"fwd": ("BM", "BN", "warps", "stages", "tma", "ws", "lazy", "one_loop"),
+_KERNEL_KEYS = {"fwd": ("BM", "BN", "warps", "stages", "tma", "ws", "lazy", "one_loop", "gluon"),
                 "dkdv": ("BM", "BN", "warps", "stages", "fused_dq", "tma", "ws", "one_loop"),
                 "dq": ("BM", "BN", "warps", "stages", "tma", "ws", "one_loop", "delta")}
 #: per-kernel overrides (``override_launch``), applied over the table for every head dim / dtype
@@ -769,7 +770,13 @@ def _dclass(d: int) -> int:
 #: NA-1D's changes to the table's rows (same keys; applied before ``override_launch``). dK/dV at
 #: D = 128, 16-bit: TMA loads in one pipelined loop, 0.385 vs 0.408 ms forward + backward at L = 32K,
 #: K = 2048, H = 1 on an H100 (scripts/diag_swa.py --na1d; the sliding window's row stays as swept).
+#: Forward at D = 128, 16-bit: the Gluon kernel (``swa_gluon``; two warp groups share 64-key tiles in a
+#: four-slot ring). At L = 32K, K = 2048, H = 1 on two H100s (``scripts/diag_swa_gluon.py``, twenty-second
+#: session) it took 0.0773-0.0805 ms (mean 0.0783) against the Triton forward's 0.0776-0.0825 (mean 0.0799):
+#: level within the run-to-run spread, ahead on the mean; its output is bit-identical to the Triton forward's.
+#: The sliding window keeps its Triton forward, which the Gluon one did not beat (1.250 vs 1.224 ms at 64K).
 LAUNCH_NA1D: dict[tuple[str, int, str], dict] = {
+    ("fwd", 128, "16"): dict(gluon=dict(BN=64, stages=4)),
     ("dkdv", 128, "16"): dict(tma=True, one_loop=True),
 }
 
@@ -799,6 +806,12 @@ def _check_tile(kind: str, cfg: dict) -> None:
     if kind == "fwd" and cfg.get("one_loop") and cfg.get("lazy", 0.0) > 0:
         raise ValueError("swa launch fwd: lazy rescaling is not implemented in the one-loop forward (one_loop=True); "
                          "set lazy=0.0 or one_loop=False")
+    if kind == "fwd" and cfg.get("gluon"):
+        g = cfg["gluon"]
+        if not isinstance(g, dict) or set(g) - {"BN", "stages", "regs"}:
+            raise ValueError(f"swa launch fwd: gluon must be False or a dict with keys BN, stages, regs; got {g!r}")
+        if g.get("BN", 64) not in (64, 128) or not 2 <= g.get("stages", 4) <= 6:
+            raise ValueError(f"swa launch fwd: gluon BN must be 64 or 128 and stages 2..6, got {g!r}")
     if kind == "dkdv" and cfg.get("fused_dq") not in (False, True, "tma"):
         raise ValueError(f"swa launch dkdv: fused_dq must be False, True (pointer atomics) or 'tma' (TMA reductions), "
                          f"got {cfg.get('fused_dq')!r}")
@@ -898,6 +911,9 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, need_l
     lse = _alloc(q, (b, h, lq), torch.float32)
     store_lo = need_lo and q.dtype != torch.float32
     o_lo = _alloc(q) if store_lo else None
+    if swa_gluon.supported(q, k, v, scale, cfg):  # the Hopper forward: two warp groups share K/V tiles
+        swa_gluon.forward(q, k, v, o, lse, o_lo, window, scale * LOG2E, na1d, cfg["gluon"])
+        return o, lse, o_lo
     bd = _pow2(d)
     tma, (kd, vd) = _tma_setup(cfg["tma"], (k, v), cfg["BN"], bd)
     _FWD[(_cdiv(lq, cfg["BM"]), b * h)](

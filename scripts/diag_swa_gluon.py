@@ -1,0 +1,112 @@
+"""Sweep the Gluon Hopper forward (ops/block_sparse/swa_gluon.py) against the Triton forward on the GPU.
+
+For the issue's main cases (NA-1D L = 32K, kernel 2048, D = 128, H = 1; sliding window L = 64K / 16K,
+W = 1024, D = 128, H = 16; bf16, B = 1) it times, as medians of CUDA-graph replays of one forward call
+(``bench.block_sparse.graph_ms``): the table's Triton forward, each Gluon launch (ring slots ``stages``,
+keys per tile ``BN``, consumer registers ``regs``), and dense SDPA (non-causal for NA-1D, causal for
+the window: the issue's ratios). Every Gluon launch's output is compared with the Triton forward's on
+the same inputs first, so a wrong launch is reported, not timed. Writes JSON (``--out``) and prints a
+table; the rows to put in ``swa_triton.LAUNCH`` are the fastest correct ones.
+
+    python scripts/diag_swa_gluon.py --out $OUT/gluon_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mnemotorch.bench.block_sparse import device_info, graph_ms
+from mnemotorch.ops.block_sparse import swa_triton
+
+CASES = {
+    "na1d": dict(L=32768, W=2048, H=1, na1d=True),
+    "swa64k": dict(L=65536, W=1024, H=16, na1d=False),
+    "swa16k": dict(L=16384, W=1024, H=16, na1d=False),
+}
+GLUON = [dict(BN=64, stages=s) for s in (2, 3, 4, 5)] + [dict(BN=128, stages=2)] + \
+        [dict(BN=64, stages=4, regs=r) for r in (232, 224)]
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
+    L, W, H, na1d = c["L"], c["W"], c["H"], c["na1d"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, L, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    scale = D**-0.5
+
+    def fwd():
+        with torch.no_grad():
+            return swa_triton._fwd_impl(q, k, v, W, scale, need_lo=False, na1d=na1d)[0]
+
+    row = {"case": name, **c, "D": D, "B": 1}
+    with swa_triton.override_launch(fwd=None):
+        o_ref = fwd().clone()
+        row["triton_ms"] = graph_ms(fwd, rep=rep)
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    with torch.no_grad():
+        row["sdpa_ms"] = graph_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=not na1d), rep=rep)
+    row["gluon"] = []
+    for cfg in configs:
+        r = {"cfg": cfg}
+        try:
+            with swa_triton.override_launch(fwd=dict(gluon=cfg)):
+                o = fwd()
+                torch.cuda.synchronize()
+                r["rel_vs_triton"] = _rel(o, o_ref)
+                if not (r["rel_vs_triton"] < 5e-3):
+                    r["error"] = "output differs from the Triton forward's"
+                else:
+                    r["ms"] = graph_ms(fwd, rep=rep)
+        except Exception as e:  # report and go on: one launch must not stop the sweep
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["gluon"].append(r)
+        print(name, cfg, {k: v for k, v in r.items() if k != "cfg"}, flush=True)
+    ok = [r for r in row["gluon"] if "ms" in r]
+    if ok:
+        best = min(ok, key=lambda r: r["ms"])
+        row["best_gluon"] = best
+        row["best_vs_triton"] = row["triton_ms"] / best["ms"]
+        row["best_vs_sdpa"] = row["sdpa_ms"] / best["ms"]
+    row["triton_vs_sdpa"] = row["sdpa_ms"] / row["triton_ms"]
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="na1d,swa64k,swa16k")
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--rep", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=1, help="run the whole sweep this many times (spread)")
+    ap.add_argument("--configs", default=None, help="JSON list of gluon dicts (default: the built-in sweep)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    configs = json.loads(args.configs) if args.configs else GLUON
+    res = {"device": device_info(), "timing": "median of CUDA-graph replays of one forward call", "rows": []}
+    t0 = time.time()
+    for it in range(args.repeat):
+        for name in args.cases.split(","):
+            row = run_case(name, CASES[name], args.D, args.rep, configs)
+            row["repeat"] = it
+            res["rows"].append(row)
+            best = row.get("best_gluon", {})
+            print(f"[{it}] {name}: triton {row['triton_ms']:.4f} ms, sdpa {row['sdpa_ms']:.4f} ms "
+                  f"({row['triton_vs_sdpa']:.2f}x); best gluon {best.get('cfg')} {best.get('ms', float('nan')):.4f} ms "
+                  f"({row.get('best_vs_triton', float('nan')):.3f}x triton, {row.get('best_vs_sdpa', float('nan')):.2f}x sdpa)",
+                  flush=True)
+    res["seconds"] = time.time() - t0
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,354 @@
+"""A Hopper forward for the sliding window and 1-D neighborhood attention, written in Gluon.
+
+Why a second forward beside ``swa_triton``'s: Nsight Compute (docs/results/block_sparse.md, twenty-first
+session) showed the Triton forward bound by L2 throughput (71% NA-1D, 85% sliding window) and wgmma latency.
+Its 64-query programs read every key/value tile from L2 once per program; 128-query programs halve those
+reads but, as one 8-warp program, their two warp groups wait on each other and the softmax of one no
+longer overlaps the products of the other. ``triton.language`` cannot say "two independent consumers of
+one stream of tiles"; Gluon can (FlashAttention-3's layout: Shah et al., 2024, arXiv:2407.08608):
+
+* one program owns ``2 * BM`` queries (``BM = 64``) and runs three partitions
+  (``gl.warp_specialize``): two *consumer* warp groups of 4 warps, each with its own ``BM`` queries,
+  its own softmax state and its own output, and one *loader* warp that streams the key / value tiles
+  both consumers need through a ring of ``STAGES`` shared-memory slots with TMA;
+* a slot is released (``empty`` mbarrier, count 2) when both consumers have finished with it, so each
+  tile is read from L2 once per ``2 * BM`` queries, and the two consumers are free to drift apart:
+  one's exponentials run under the other's wgmma;
+* inside a consumer, the product ``S = Q Kᵀ`` of tile ``n`` is issued before the product ``P V`` of tile
+  ``n - 1`` and its softmax runs while that ``P V`` is in flight (FlashAttention-3's intra-warpgroup
+  overlap); ``P`` goes to the second wgmma from registers.
+
+Semantics are ``swa_triton``'s, per key position ``p = i + Lk - Lq`` of query ``i``: a row sees keys
+``[lo(p), hi(p))`` with, for the causal window ``W``, ``lo = max(p - W + 1, 0)``, ``hi = p + 1``, and for
+NA-1D (kernel ``K``, dilation 1, ``Lq = Lk``) ``lo = clamp(p - K // 2, 0, Lk - K)``, ``hi = lo + K``. Both
+are nondecreasing in ``p``, which is all the tiling uses: a program's tiles of ``BN`` keys are anchored at
+its first row's window (sliding window: aligned with its diagonal), a consumer takes the tiles its own
+rows touch, and a tile needs the element mask only where it crosses its first row's ``hi`` or its last
+row's ``lo``. Scores are in base 2 (``lse2 = m + log2 l``), as the backward expects.
+
+Only the forward: the backward stays ``swa_triton``'s (it reads ``o``, ``lse`` and, when kept, the
+rounding residual ``o_lo``, all written here exactly as there). Used by ``swa_triton._fwd_impl`` when the
+launch table's forward row says ``gluon=True`` and :func:`supported` holds (CUDA sm_90, 16-bit inputs,
+``D`` 64 or 128, positive scale, TMA-able ``[B, T, H, D]`` tensors); elsewhere the Triton forward runs.
+Tests: ``tests/gpu/test_swa_gluon_gpu.py`` (GPU, against the float64 reference and the Triton forward)
+and ``tests/ops/test_swa_gluon_compile.py`` (CPU: the kernel compiles to sm_90 SASS with the installed
+Triton, which guards the Gluon API between Triton releases).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from ..triton_launch import CachedLaunch
+
+try:  # Gluon is experimental: its module layout and names move between Triton releases
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+
+    # Triton 3.6 names the TMA load ``async_copy_global_to_shared``; later releases ``async_load``
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - Triton without Gluon's Hopper API
+    HAVE_GLUON = False
+
+#: queries per consumer warp group (the wgmma M of a 4-warp group)
+BM = 64
+
+
+if HAVE_GLUON:
+    _BM = gl.constexpr(BM)
+
+    @gluon.jit
+    def _window(p, W, Lk, NA1D: gl.constexpr):
+        """``(lo, hi)``: the keys ``[lo, hi)`` that key position ``p`` (scalar or tensor) sees."""
+        if NA1D:
+            lo = gl.minimum(gl.maximum(p - W // 2, 0), Lk - W)
+            hi = lo + W
+        else:
+            lo = gl.maximum(p - W + 1, 0)
+            hi = p + 1
+        return lo, hi
+
+    @gluon.jit
+    def _program_tiles(W, Lq, Lk, BN: gl.constexpr, NA1D: gl.constexpr):
+        """``(q0, anchor, n_tiles)`` of this program: its first query, the key position of its tile 0 and
+        the number of key tiles any of its rows touches (the same in every partition)."""
+        q0 = gl.program_id(0) * (2 * _BM)
+        offset = Lk - Lq
+        lo0, hi0 = _window(q0 + offset, W, Lk, NA1D)
+        if NA1D:
+            anchor = lo0
+        else:  # tiles aligned with the program's diagonal, so the diagonal crosses as few tiles as it can
+            anchor = (q0 + offset) - ((q0 + offset - lo0 + BN - 1) // BN) * BN
+        last = gl.minimum(q0 + 2 * _BM, Lq) - 1
+        lo_l, hi_l = _window(last + offset, W, Lk, NA1D)
+        n_tiles = (hi_l - anchor + BN - 1) // BN
+        return q0, anchor, n_tiles
+
+    @gluon.jit
+    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk,
+                H: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                NA1D: gl.constexpr, WG: gl.constexpr):
+        """One warp: both consumers' queries, then every key / value tile of the program through the ring."""
+        q_bar, k_ready, v_ready, empty = bars
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        q0, anchor, n_tiles = _program_tiles(W, Lq, Lk, BN, NA1D)
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        _tma_load(q_desc, [b * Lq + q0, h * D], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [b * Lq + q0 + _BM, h * D], q_bar, q_smem.index(1))
+        row0 = b * Lk + anchor
+        for n in range(n_tiles):
+            st = n % STAGES
+            ph = (n // STAGES) & 1
+            # slots start free: an mbarrier starts with its phase "1" complete
+            mbarrier.wait(empty.index(st), ph ^ 1)
+            mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [row0 + n * BN, hk * D], k_ready.index(st), k_smem.index(st))
+            mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [row0 + n * BN, hk * D], v_ready.index(st), v_smem.index(st))
+
+    @gluon.jit
+    def _pass_tile(n, k_ready, v_ready, empty, STAGES: gl.constexpr):
+        """A tile this consumer's rows do not touch: wait for it (so its slot's two arrivals stay in
+        one phase), then release it."""
+        st = n % STAGES
+        ph = (n // STAGES) & 1
+        mbarrier.wait(k_ready.index(st), ph)
+        mbarrier.wait(v_ready.index(st), ph)
+        mbarrier.arrive(empty.index(st), count=1)
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, l_i, a, lo_r, hi_r, lo_last, hi_first, qk_scale,
+                      BN: gl.constexpr, s_layout: gl.constexpr):
+        """Online softmax of one ``[_BM, BN]`` logit tile whose first key is ``a``: ``(p, alpha, m, l)``.
+        The element mask applies only where the tile crosses a row's window edge."""
+        if (a < lo_last) | (a + BN > hi_first):
+            cols = a + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+            cols2 = gl.expand_dims(cols, 0)
+            ok = (cols2 >= gl.expand_dims(lo_r, 1)) & (cols2 < gl.expand_dims(hi_r, 1))
+            s = gl.where(ok, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk,
+                  O, LSE, OLO, sob, sot, soh, qk_scale,
+                  H: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                  NA1D: gl.constexpr, STORE_LO: gl.constexpr, WG: gl.constexpr):
+        """One warp group: queries ``[q0 + WG * _BM, + _BM)`` against the tiles its rows touch."""
+        q_bar, k_ready, v_ready, empty = bars
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offset = Lk - Lq
+        q0, anchor, n_tiles = _program_tiles(W, Lq, Lk, BN, NA1D)
+        r0 = q0 + WG * _BM
+        rl = gl.minimum(r0 + _BM, Lq) - 1
+        lo_first, hi_first = _window(r0 + offset, W, Lk, NA1D)
+        lo_last, hi_last = _window(rl + offset, W, Lk, NA1D)
+        # this group's tiles [t0, t1): empty when all its rows lie past Lq (the last program's second group)
+        t0 = (lo_first - anchor) // BN
+        t1 = gl.where(r0 < Lq, (hi_last - anchor + BN - 1) // BN, t0)
+        t1 = gl.maximum(t1, t0)
+        rows = r0 + offset + gl.arange(0, _BM, layout=row_s)
+        lo_r, hi_r = _window(rows, W, Lk, NA1D)
+
+        for n in range(0, t0):
+            _pass_tile(n, k_ready, v_ready, empty, STAGES)
+
+        m_i = gl.full([_BM], -1.0e30, gl.float32, layout=row_s)  # finite: a fully masked tile gives alpha = 1
+        l_i = gl.zeros([_BM], gl.float32, layout=row_s)
+        acc = gl.zeros([_BM, D], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([_BM, BN], gl.float32, layout=s_layout)
+        q = q_smem.index(WG)
+        mbarrier.wait(q_bar, 0)
+        if t1 > t0:
+            # first tile: logits only; its P V is issued in the next step
+            st = t0 % STAGES
+            mbarrier.wait(k_ready.index(st), (t0 // STAGES) & 1)
+            s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, anchor + t0 * BN, lo_r, hi_r, lo_last, hi_first, qk_scale,
+                                               BN, s_layout)
+            p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+            for n in range(t0 + 1, t1):
+                st = n % STAGES
+                sp = (n - 1) % STAGES
+                mbarrier.wait(k_ready.index(st), (n // STAGES) & 1)
+                s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(sp), ((n - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
+                # logits of tile n done (the older group); tile n - 1's P V may still run under the softmax
+                s = warpgroup_mma_wait(1, deps=(s,))
+                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, anchor + n * BN, lo_r, hi_r, lo_last, hi_first,
+                                                   qk_scale, BN, s_layout)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(empty.index(sp), count=1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+            sp = (t1 - 1) % STAGES
+            mbarrier.wait(v_ready.index(sp), ((t1 - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index(sp), count=1)
+
+        for n in range(t1, n_tiles):
+            _pass_tile(n, k_ready, v_ready, empty, STAGES)
+
+        # every stored row has seen its own window (l > 0); rows past Lq are not stored
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        lse = m_i + gl.log2(l_safe)
+        out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 1)
+        rows_o = r0 + gl.arange(0, _BM, layout=row_o)
+        cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        row_ok = gl.expand_dims(rows_o < Lq, 1) & gl.expand_dims(cols_o < D, 0)
+        o_off = (b.to(gl.int64) * sob + h * soh + gl.expand_dims(rows_o.to(gl.int64) * sot, 1)
+                 + gl.expand_dims(cols_o, 0))
+        o_lp = out.to(O.dtype.element_ty)
+        gl.store(O + o_off, o_lp, mask=row_ok)
+        if STORE_LO:
+            gl.store(OLO + o_off, (out - o_lp.to(gl.float32)).to(OLO.dtype.element_ty), mask=row_ok)
+        rows_s = r0 + gl.arange(0, _BM, layout=row_s)
+        gl.store(LSE + bh.to(gl.int64) * Lq + rows_s, lse, mask=rows_s < Lq)
+
+    @gluon.jit
+    def _swa_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, OLO, sob, sot, soh, qk_scale, W, Lq, Lk,
+                              H: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
+                              STAGES: gl.constexpr, NA1D: gl.constexpr, STORE_LO: gl.constexpr,
+                              CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, _BM, D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
+        fence_async_shared()
+        bars = (q_bar, k_ready, v_ready, empty)
+        # the argument tuples are written out in the call: a tuple bound to a local name turns its
+        # constexprs into tensors (Triton 3.6)
+        gl.warp_specialize([
+            (_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, O, LSE, OLO, sob, sot, soh,
+                         qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, 0)),
+            (_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, O, LSE, OLO, sob, sot, soh,
+                         qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, 1)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, H, GROUP, D, BN, STAGES, NA1D,
+                       2)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def supported(q: Tensor, k: Tensor, v: Tensor, scale: float, cfg: dict) -> bool:
+    """Whether the Gluon forward can run this call (else the Triton forward runs)."""
+    if not (HAVE_GLUON and cfg.get("gluon") and q.is_cuda and scale > 0 and os.environ.get("MNEMO_SWA_GLUON", "1") != "0"):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    d = q.shape[-1]
+    if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return all(_viewable(t) for t in (q, k, v))
+
+
+def _viewable(t: Tensor) -> bool:
+    """``t [B, T, H, D]`` seen as ``[B * T, H * D]`` with 16-byte aligned rows (the TMA view)."""
+    b, n, h, d = t.shape
+    es = t.element_size()
+    return (t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == n * t.stride(1))
+            and t.data_ptr() % 16 == 0 and (t.stride(1) * es) % 16 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(rows: int, d: int, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def _desc(t: Tensor, rows: int):
+    """A host TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]``, ``rows`` x ``D`` tiles."""
+    b, n, h, d = t.shape
+    return GluonTensorDescriptor(t, shape=[b * n, h * d], strides=[t.stride(1), 1], block_shape=[rows, d],
+                                 layout=_smem_layout(rows, d, t.dtype))
+
+
+# eager calls skip Triton's per-call argument binding (ops/triton_launch.py); host descriptors are in its key
+_FWD = CachedLaunch(_swa_fwd_gluon_kernel) if HAVE_GLUON else None
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tensor | None, window: int, qk_scale: float,
+            na1d: bool, cfg: dict) -> None:
+    """Fill ``o [B, Lq, H, D]``, ``lse [B, H, Lq]`` (base 2) and, when given, ``o_lo`` (the output's rounding
+    residual). ``cfg``: the forward row's ``gluon`` dict (``BN`` keys per tile, ``stages`` ring slots,
+    ``regs`` registers per consumer thread)."""
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    bn = int(cfg.get("BN", 64))
+    stages = int(cfg.get("stages", 4))
+    regs = int(cfg.get("regs", 240))
+    smem = (2 * BM + 2 * stages * bn) * d * q.element_size()
+    if smem > 220 * 1024:
+        raise ValueError(f"swa_gluon: {stages} slots of {bn} keys at D = {d} need {smem // 1024} KiB of shared memory "
+                         "(at most 220 on sm_90); use fewer stages or BN = 64")
+    store_lo = o_lo is not None
+    grid = ((lq + 2 * BM - 1) // (2 * BM), b * h)
+    _FWD[grid](
+        _desc(q, BM), _desc(k, bn), _desc(v, bn), o, lse, o_lo if store_lo else o,
+        o.stride(0), o.stride(1), o.stride(2), qk_scale, window, lq, lk,
+        H=h, GROUP=h // hkv, D=d, BN=bn, STAGES=stages, NA1D=bool(na1d), STORE_LO=store_lo,
+        CONSUMER_REGS=regs, LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
+    )
+
+
+def compile_sm90(d: int = 128, bn: int = 64, stages: int = 4, na1d: bool = False, store_lo: bool = False,
+                 dtype: str = "bf16", regs: int = 240, maxnreg: int = 168):
+    """Compile the kernel for sm_90 without a GPU (``triton.compile`` on a Gluon source) and return Triton's
+    compiled kernel (``.asm["ptx"]``, ``.metadata``): the CPU test of the Gluon API across Triton releases."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+
+    def desc(rows: int) -> str:
+        return f"tensordesc<{dtype}[{rows}, {d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gdt)!r}>"
+
+    fn = _swa_fwd_gluon_kernel
+    names = list(fn.arg_names)
+    sig = dict(q_desc=desc(BM), k_desc=desc(bn), v_desc=desc(bn), O=f"*{dtype}", LSE="*fp32", OLO=f"*{dtype}",
+               sob="i64", sot="i64", soh="i64", qk_scale="fp32", W="i32", Lq="i32", Lk="i32")
+    const = dict(H=4, GROUP=2, D=d, BN=bn, STAGES=stages, NA1D=na1d, STORE_LO=store_lo, CONSUMER_REGS=regs, LOADER_REGS=24)
+    sig.update({k: "constexpr" for k in const})
+    src = GluonASTSource(fn, {n: sig[n] for n in names}, {(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+
+
+__all__ = ["BM", "HAVE_GLUON", "compile_sm90", "forward", "supported"]
