@@ -28,8 +28,8 @@ CASES = {
     "swa64k": dict(L=65536, W=1024, H=16, na1d=False),
     "swa16k": dict(L=16384, W=1024, H=16, na1d=False),
 }
-GLUON = [dict(BN=64, stages=s) for s in (2, 3, 4, 5)] + [dict(BN=128, stages=2)] + \
-        [dict(BN=64, stages=4, regs=r) for r in (232, 224)]
+GLUON = [dict(BN=64, stages=4), dict(BN=64, stages=4, persistent=False), dict(BN=64, stages=3), dict(BN=128, stages=2),
+         dict(BN=128, stages=2, persistent=False), dict(BN=64, stages=4, regs=224)]
 
 
 def _rel(a, b) -> float:

@@ -25,7 +25,8 @@ if os.environ.get("MNEMO_GPU_TESTS") != "1" or not torch.cuda.is_available():  #
 if torch.cuda.get_device_capability()[0] != 9 or not swa_gluon.HAVE_GLUON:  # pragma: no cover
     pytest.skip("the Gluon forward is for sm_90 with Triton's Gluon", allow_module_level=True)
 
-CONFIGS = [dict(BN=64, stages=4), dict(BN=128, stages=2), dict(BN=64, stages=2)]
+# persistent (default): one program per SM walking the work items; False: one program per item
+CONFIGS = [dict(BN=64, stages=4), dict(BN=128, stages=2), dict(BN=64, stages=2, persistent=False)]
 TOL = 5e-3  # relative RMS error of a 16-bit output against float64 (ARCHITECTURE.md)
 
 
@@ -101,6 +102,9 @@ CASES = [
     (1, 130, 130, 2, 2, 128, 7, True),
     (1, 515, 515, 1, 1, 128, 515, True),  # the whole sequence
     (1, 190, 190, 1, 1, 128, 64, True),
+    # more work items than SMs: programs of the persistent grid walk several, of unequal tile counts
+    (2, 4096, 4096, 4, 2, 128, 1024, False),
+    (1, 6144, 6144, 4, 4, 64, 515, True),
 ]
 
 

@@ -82,52 +82,61 @@ if HAVE_GLUON:
         return lo, hi
 
     @gluon.jit
-    def _program_tiles(W, Lq, Lk, BN: gl.constexpr, NA1D: gl.constexpr):
-        """``(q0, anchor, n_tiles)`` of this program: its first query, the key position of its tile 0 and
-        the number of key tiles any of its rows touches (the same in every partition)."""
-        q0 = gl.program_id(0) * (2 * _BM)
+    def _item_tiles(item, n_qblocks, W, Lq, Lk, BN: gl.constexpr, NA1D: gl.constexpr):
+        """``(bh, q0, anchor, n_tiles)`` of work item ``item`` (query block ``item % n_qblocks`` of batch-head
+        ``item // n_qblocks``): its first query, the key position of its tile 0 and the number of key tiles
+        any of its rows touches (the same in every partition)."""
+        bh = item // n_qblocks
+        q0 = (item % n_qblocks) * (2 * _BM)
         offset = Lk - Lq
         lo0, hi0 = _window(q0 + offset, W, Lk, NA1D)
         if NA1D:
             anchor = lo0
-        else:  # tiles aligned with the program's diagonal, so the diagonal crosses as few tiles as it can
+        else:  # tiles aligned with the block's diagonal, so the diagonal crosses as few tiles as it can
             anchor = (q0 + offset) - ((q0 + offset - lo0 + BN - 1) // BN) * BN
         last = gl.minimum(q0 + 2 * _BM, Lq) - 1
         lo_l, hi_l = _window(last + offset, W, Lk, NA1D)
         n_tiles = (hi_l - anchor + BN - 1) // BN
-        return q0, anchor, n_tiles
+        return bh, q0, anchor, n_tiles
 
     @gluon.jit
-    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk,
+    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items,
                 H: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                 NA1D: gl.constexpr, WG: gl.constexpr):
-        """One warp: both consumers' queries, then every key / value tile of the program through the ring."""
-        q_bar, k_ready, v_ready, empty = bars
-        bh = gl.program_id(1)
-        b = bh // H
-        h = bh % H
-        hk = h // GROUP
-        q0, anchor, n_tiles = _program_tiles(W, Lq, Lk, BN, NA1D)
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        _tma_load(q_desc, [b * Lq + q0, h * D], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [b * Lq + q0 + _BM, h * D], q_bar, q_smem.index(1))
-        row0 = b * Lk + anchor
-        for n in range(n_tiles):
-            st = n % STAGES
-            ph = (n // STAGES) & 1
+        """One warp: for each work item of this program, both consumers' queries (two query slots, so the
+        next item's arrive while the last one's are still read), then every key / value tile the item
+        touches through the ring (which runs on across items)."""
+        q_ready, q_empty, k_ready, v_ready, empty = bars
+        tile = 0
+        j = 0
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            bh, q0, anchor, n_tiles = _item_tiles(item, n_qblocks, W, Lq, Lk, BN, NA1D)
+            b = bh // H
+            h = bh % H
+            hk = h // GROUP
+            qs = j % 2
             # slots start free: an mbarrier starts with its phase "1" complete
-            mbarrier.wait(empty.index(st), ph ^ 1)
-            mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [row0 + n * BN, hk * D], k_ready.index(st), k_smem.index(st))
-            mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [row0 + n * BN, hk * D], v_ready.index(st), v_smem.index(st))
+            mbarrier.wait(q_empty.index(qs), ((j // 2) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qs), 2 * q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b * Lq + q0, h * D], q_ready.index(qs), q_smem.index(2 * qs))
+            _tma_load(q_desc, [b * Lq + q0 + _BM, h * D], q_ready.index(qs), q_smem.index(2 * qs + 1))
+            row0 = b * Lk + anchor
+            for n in range(n_tiles):
+                st = tile % STAGES
+                mbarrier.wait(empty.index(st), ((tile // STAGES) & 1) ^ 1)
+                mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+                _tma_load(k_desc, [row0 + n * BN, hk * D], k_ready.index(st), k_smem.index(st))
+                mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+                _tma_load(v_desc, [row0 + n * BN, hk * D], v_ready.index(st), v_smem.index(st))
+                tile += 1
+            j += 1
 
     @gluon.jit
-    def _pass_tile(n, k_ready, v_ready, empty, STAGES: gl.constexpr):
-        """A tile this consumer's rows do not touch: wait for it (so its slot's two arrivals stay in
-        one phase), then release it."""
-        st = n % STAGES
-        ph = (n // STAGES) & 1
+    def _pass_tile(t, k_ready, v_ready, empty, STAGES: gl.constexpr):
+        """Ring tile ``t`` holds keys this consumer's rows do not touch: wait for it (so its slot's two
+        arrivals stay in one phase), then release it."""
+        st = t % STAGES
+        ph = (t // STAGES) & 1
         mbarrier.wait(k_ready.index(st), ph)
         mbarrier.wait(v_ready.index(st), ph)
         mbarrier.arrive(empty.index(st), count=1)
@@ -135,7 +144,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _softmax_tile(s, m_i, l_i, a, lo_r, hi_r, lo_last, hi_first, qk_scale,
                       BN: gl.constexpr, s_layout: gl.constexpr):
-        """Online softmax of one ``[_BM, BN]`` logit tile whose first key is ``a``: ``(p, alpha, m, l)``.
+        """Online softmax of one ``[BM, BN]`` logit tile whose first key is ``a``: ``(p, alpha, m, l)``.
         The element mask applies only where the tile crosses a row's window edge."""
         if (a < lo_last) | (a + BN > hi_first):
             cols = a + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -149,120 +158,135 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i
 
     @gluon.jit
-    def _consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk,
+    def _consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items,
                   O, LSE, OLO, sob, sot, soh, qk_scale,
                   H: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                   NA1D: gl.constexpr, STORE_LO: gl.constexpr, WG: gl.constexpr):
-        """One warp group: queries ``[q0 + WG * _BM, + _BM)`` against the tiles its rows touch."""
-        q_bar, k_ready, v_ready, empty = bars
+        """One warp group: for each work item of this program, queries ``[q0 + WG * BM, + BM)`` against the
+        tiles its rows touch; ``tile`` counts the ring's tiles over all items (slot and phase)."""
+        q_ready, q_empty, k_ready, v_ready, empty = bars
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-        bh = gl.program_id(1)
-        b = bh // H
-        h = bh % H
         offset = Lk - Lq
-        q0, anchor, n_tiles = _program_tiles(W, Lq, Lk, BN, NA1D)
-        r0 = q0 + WG * _BM
-        rl = gl.minimum(r0 + _BM, Lq) - 1
-        lo_first, hi_first = _window(r0 + offset, W, Lk, NA1D)
-        lo_last, hi_last = _window(rl + offset, W, Lk, NA1D)
-        # this group's tiles [t0, t1): empty when all its rows lie past Lq (the last program's second group)
-        t0 = (lo_first - anchor) // BN
-        t1 = gl.where(r0 < Lq, (hi_last - anchor + BN - 1) // BN, t0)
-        t1 = gl.maximum(t1, t0)
-        rows = r0 + offset + gl.arange(0, _BM, layout=row_s)
-        lo_r, hi_r = _window(rows, W, Lk, NA1D)
+        tile = 0
+        j = 0
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            bh, q0, anchor, n_tiles = _item_tiles(item, n_qblocks, W, Lq, Lk, BN, NA1D)
+            b = bh // H
+            h = bh % H
+            r0 = q0 + WG * _BM
+            rl = gl.minimum(r0 + _BM, Lq) - 1
+            lo_first, hi_first = _window(r0 + offset, W, Lk, NA1D)
+            lo_last, hi_last = _window(rl + offset, W, Lk, NA1D)
+            # this group's tiles [t0, t1): none when all its rows lie past Lq (the last block's second group)
+            t0 = (lo_first - anchor) // BN
+            t1 = gl.where(r0 < Lq, (hi_last - anchor + BN - 1) // BN, t0)
+            t1 = gl.maximum(t1, t0)
+            rows = r0 + offset + gl.arange(0, _BM, layout=row_s)
+            lo_r, hi_r = _window(rows, W, Lk, NA1D)
 
-        for n in range(0, t0):
-            _pass_tile(n, k_ready, v_ready, empty, STAGES)
+            for n in range(0, t0):
+                _pass_tile(tile + n, k_ready, v_ready, empty, STAGES)
 
-        m_i = gl.full([_BM], -1.0e30, gl.float32, layout=row_s)  # finite: a fully masked tile gives alpha = 1
-        l_i = gl.zeros([_BM], gl.float32, layout=row_s)
-        acc = gl.zeros([_BM, D], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([_BM, BN], gl.float32, layout=s_layout)
-        q = q_smem.index(WG)
-        mbarrier.wait(q_bar, 0)
-        if t1 > t0:
-            # first tile: logits only; its P V is issued in the next step
-            st = t0 % STAGES
-            mbarrier.wait(k_ready.index(st), (t0 // STAGES) & 1)
-            s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, anchor + t0 * BN, lo_r, hi_r, lo_last, hi_first, qk_scale,
-                                               BN, s_layout)
-            p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
-            for n in range(t0 + 1, t1):
-                st = n % STAGES
-                sp = (n - 1) % STAGES
-                mbarrier.wait(k_ready.index(st), (n // STAGES) & 1)
+            m_i = gl.full([_BM], -1.0e30, gl.float32, layout=row_s)  # finite: a fully masked tile gives alpha = 1
+            l_i = gl.zeros([_BM], gl.float32, layout=row_s)
+            acc = gl.zeros([_BM, D], gl.float32, layout=o_layout)
+            s_zero = gl.zeros([_BM, BN], gl.float32, layout=s_layout)
+            qs = j % 2
+            q = q_smem.index(2 * qs + WG)
+            mbarrier.wait(q_ready.index(qs), (j // 2) & 1)
+            if t1 > t0:
+                # first tile: logits only; its P V is issued in the next step
+                t = tile + t0
+                st = t % STAGES
+                mbarrier.wait(k_ready.index(st), (t // STAGES) & 1)
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(sp), ((n - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
-                # logits of tile n done (the older group); tile n - 1's P V may still run under the softmax
-                s = warpgroup_mma_wait(1, deps=(s,))
-                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, anchor + n * BN, lo_r, hi_r, lo_last, hi_first,
+                s = warpgroup_mma_wait(0, deps=(s,))
+                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, anchor + t0 * BN, lo_r, hi_r, lo_last, hi_first,
                                                    qk_scale, BN, s_layout)
+                p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+                for n in range(t0 + 1, t1):
+                    t = tile + n
+                    st = t % STAGES
+                    sp = (t - 1) % STAGES
+                    mbarrier.wait(k_ready.index(st), (t // STAGES) & 1)
+                    s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    mbarrier.wait(v_ready.index(sp), ((t - 1) // STAGES) & 1)
+                    acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
+                    # logits of tile n done (the older group); tile n - 1's P V may still run under the softmax
+                    s = warpgroup_mma_wait(1, deps=(s,))
+                    p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, anchor + n * BN, lo_r, hi_r, lo_last, hi_first,
+                                                       qk_scale, BN, s_layout)
+                    acc = warpgroup_mma_wait(0, deps=(acc,))
+                    mbarrier.arrive(empty.index(sp), count=1)
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                    p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+                t = tile + t1 - 1
+                sp = t % STAGES
+                mbarrier.wait(v_ready.index(sp), (t // STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(empty.index(sp), count=1)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-                p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
-            sp = (t1 - 1) % STAGES
-            mbarrier.wait(v_ready.index(sp), ((t1 - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(empty.index(sp), count=1)
+            # every product that read this item's queries has completed: the slot may be refilled
+            mbarrier.arrive(q_empty.index(qs), count=1)
 
-        for n in range(t1, n_tiles):
-            _pass_tile(n, k_ready, v_ready, empty, STAGES)
+            for n in range(t1, n_tiles):
+                _pass_tile(tile + n, k_ready, v_ready, empty, STAGES)
 
-        # every stored row has seen its own window (l > 0); rows past Lq are not stored
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        lse = m_i + gl.log2(l_safe)
-        out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 1)
-        rows_o = r0 + gl.arange(0, _BM, layout=row_o)
-        cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        row_ok = gl.expand_dims(rows_o < Lq, 1) & gl.expand_dims(cols_o < D, 0)
-        o_off = (b.to(gl.int64) * sob + h * soh + gl.expand_dims(rows_o.to(gl.int64) * sot, 1)
-                 + gl.expand_dims(cols_o, 0))
-        o_lp = out.to(O.dtype.element_ty)
-        gl.store(O + o_off, o_lp, mask=row_ok)
-        if STORE_LO:
-            gl.store(OLO + o_off, (out - o_lp.to(gl.float32)).to(OLO.dtype.element_ty), mask=row_ok)
-        rows_s = r0 + gl.arange(0, _BM, layout=row_s)
-        gl.store(LSE + bh.to(gl.int64) * Lq + rows_s, lse, mask=rows_s < Lq)
+            # every stored row has seen its own window (l > 0); rows past Lq are not stored
+            l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+            lse = m_i + gl.log2(l_safe)
+            out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, row_o), 1)
+            rows_o = r0 + gl.arange(0, _BM, layout=row_o)
+            cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+            row_ok = gl.expand_dims(rows_o < Lq, 1) & gl.expand_dims(cols_o < D, 0)
+            o_off = (b.to(gl.int64) * sob + h * soh + gl.expand_dims(rows_o.to(gl.int64) * sot, 1)
+                     + gl.expand_dims(cols_o, 0))
+            o_lp = out.to(O.dtype.element_ty)
+            gl.store(O + o_off, o_lp, mask=row_ok)
+            if STORE_LO:
+                gl.store(OLO + o_off, (out - o_lp.to(gl.float32)).to(OLO.dtype.element_ty), mask=row_ok)
+            rows_s = r0 + gl.arange(0, _BM, layout=row_s)
+            gl.store(LSE + bh.to(gl.int64) * Lq + rows_s, lse, mask=rows_s < Lq)
+            tile += n_tiles
+            j += 1
 
     @gluon.jit
-    def _swa_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, OLO, sob, sot, soh, qk_scale, W, Lq, Lk,
-                              H: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
+    def _swa_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, OLO, sob, sot, soh, qk_scale, W, Lq, Lk, n_qblocks,
+                              n_items, H: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
                               STAGES: gl.constexpr, NA1D: gl.constexpr, STORE_LO: gl.constexpr,
                               CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, _BM, D], q_desc.layout)
+        """Programs walk the work items ``pid, pid + grid, ...`` (a grid of one program per item, or a
+        persistent grid of one per SM: then a program's next item loads while its last one finishes)."""
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [4, _BM, D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)  # both consumers release a query slot
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
+            mbarrier.init(empty.index(i), count=2)  # both consumers release a ring slot
         fence_async_shared()
-        bars = (q_bar, k_ready, v_ready, empty)
+        bars = (q_ready, q_empty, k_ready, v_ready, empty)
         # the argument tuples are written out in the call: a tuple bound to a local name turns its
         # constexprs into tensors (Triton 3.6)
         gl.warp_specialize([
-            (_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, O, LSE, OLO, sob, sot, soh,
-                         qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, 0)),
-            (_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, O, LSE, OLO, sob, sot, soh,
-                         qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, 1)),
-            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, H, GROUP, D, BN, STAGES, NA1D,
-                       2)),
+            (_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items, O, LSE,
+                         OLO, sob, sot, soh, qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, 0)),
+            (_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items, O, LSE,
+                         OLO, sob, sot, soh, qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, 1)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items, H, GROUP,
+                       D, BN, STAGES, NA1D, 2)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -300,6 +324,11 @@ def _desc(t: Tensor, rows: int):
                                  layout=_smem_layout(rows, d, t.dtype))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 # eager calls skip Triton's per-call argument binding (ops/triton_launch.py); host descriptors are in its key
 _FWD = CachedLaunch(_swa_fwd_gluon_kernel) if HAVE_GLUON else None
 
@@ -308,21 +337,24 @@ def forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tenso
             na1d: bool, cfg: dict) -> None:
     """Fill ``o [B, Lq, H, D]``, ``lse [B, H, Lq]`` (base 2) and, when given, ``o_lo`` (the output's rounding
     residual). ``cfg``: the forward row's ``gluon`` dict (``BN`` keys per tile, ``stages`` ring slots,
-    ``regs`` registers per consumer thread)."""
+    ``regs`` registers per consumer thread, ``persistent``: one program per SM walking the work items,
+    default, or one program per item)."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     bn = int(cfg.get("BN", 64))
     stages = int(cfg.get("stages", 4))
     regs = int(cfg.get("regs", 240))
-    smem = (2 * BM + 2 * stages * bn) * d * q.element_size()
+    smem = (4 * BM + 2 * stages * bn) * d * q.element_size()
     if smem > 220 * 1024:
         raise ValueError(f"swa_gluon: {stages} slots of {bn} keys at D = {d} need {smem // 1024} KiB of shared memory "
                          "(at most 220 on sm_90); use fewer stages or BN = 64")
     store_lo = o_lo is not None
-    grid = ((lq + 2 * BM - 1) // (2 * BM), b * h)
+    n_qblocks = (lq + 2 * BM - 1) // (2 * BM)
+    n_items = n_qblocks * b * h
+    grid = (min(n_items, _sm_count(q.device)) if cfg.get("persistent", True) else n_items,)
     _FWD[grid](
         _desc(q, BM), _desc(k, bn), _desc(v, bn), o, lse, o_lo if store_lo else o,
-        o.stride(0), o.stride(1), o.stride(2), qk_scale, window, lq, lk,
+        o.stride(0), o.stride(1), o.stride(2), qk_scale, window, lq, lk, n_qblocks, n_items,
         H=h, GROUP=h // hkv, D=d, BN=bn, STAGES=stages, NA1D=bool(na1d), STORE_LO=store_lo,
         CONSUMER_REGS=regs, LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
     )
@@ -344,7 +376,8 @@ def compile_sm90(d: int = 128, bn: int = 64, stages: int = 4, na1d: bool = False
     fn = _swa_fwd_gluon_kernel
     names = list(fn.arg_names)
     sig = dict(q_desc=desc(BM), k_desc=desc(bn), v_desc=desc(bn), O=f"*{dtype}", LSE="*fp32", OLO=f"*{dtype}",
-               sob="i64", sot="i64", soh="i64", qk_scale="fp32", W="i32", Lq="i32", Lk="i32")
+               sob="i64", sot="i64", soh="i64", qk_scale="fp32", W="i32", Lq="i32", Lk="i32", n_qblocks="i32",
+               n_items="i32")
     const = dict(H=4, GROUP=2, D=d, BN=bn, STAGES=stages, NA1D=na1d, STORE_LO=store_lo, CONSUMER_REGS=regs, LOADER_REGS=24)
     sig.update({k: "constexpr" for k in const})
     src = GluonASTSource(fn, {n: sig[n] for n in names}, {(names.index(k),): v for k, v in const.items()})
