@@ -47,7 +47,8 @@ def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
             return swa_triton._fwd_impl(q, k, v, W, scale, need_lo=False, na1d=na1d)[0]
 
     row = {"case": name, **c, "D": D, "B": 1}
-    with swa_triton.override_launch(fwd=None):
+    # gluon=False: the Triton forward, also where the table's row names the Gluon one
+    with swa_triton.override_launch(fwd=dict(gluon=False)):
         o_ref = fwd().clone()
         row["triton_ms"] = graph_ms(fwd, rep=rep)
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))

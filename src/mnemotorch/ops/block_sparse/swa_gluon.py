@@ -82,10 +82,10 @@ if HAVE_GLUON:
         return lo, hi
 
     @gluon.jit
-    def _item_tiles(item, n_qblocks, W, Lq, Lk, BN: gl.constexpr, NA1D: gl.constexpr):
-        """``(bh, q0, anchor, n_tiles)`` of work item ``item`` (query block ``item % n_qblocks`` of batch-head
-        ``item // n_qblocks``): its first query, the key position of its tile 0 and the number of key tiles
-        any of its rows touches (the same in every partition)."""
+    def _item_tiles(item, n_qblocks, W, Lq, Lk, H: gl.constexpr, BN: gl.constexpr, NA1D: gl.constexpr):
+        """``(b, h, q0, anchor, n_tiles)`` of work item ``item`` (query block ``item % n_qblocks`` of batch-head
+        ``item // n_qblocks``): its batch and head, its first query, the key position of its tile 0 and the
+        number of key tiles any of its rows touches (the same in every partition)."""
         bh = item // n_qblocks
         q0 = (item % n_qblocks) * (2 * _BM)
         offset = Lk - Lq
@@ -97,7 +97,7 @@ if HAVE_GLUON:
         last = gl.minimum(q0 + 2 * _BM, Lq) - 1
         lo_l, hi_l = _window(last + offset, W, Lk, NA1D)
         n_tiles = (hi_l - anchor + BN - 1) // BN
-        return bh, q0, anchor, n_tiles
+        return bh // H, bh % H, q0, anchor, n_tiles
 
     @gluon.jit
     def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items,
@@ -110,9 +110,7 @@ if HAVE_GLUON:
         tile = 0
         j = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            bh, q0, anchor, n_tiles = _item_tiles(item, n_qblocks, W, Lq, Lk, BN, NA1D)
-            b = bh // H
-            h = bh % H
+            b, h, q0, anchor, n_tiles = _item_tiles(item, n_qblocks, W, Lq, Lk, H, BN, NA1D)
             hk = h // GROUP
             qs = j % 2
             # slots start free: an mbarrier starts with its phase "1" complete
@@ -174,9 +172,7 @@ if HAVE_GLUON:
         tile = 0
         j = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            bh, q0, anchor, n_tiles = _item_tiles(item, n_qblocks, W, Lq, Lk, BN, NA1D)
-            b = bh // H
-            h = bh % H
+            b, h, q0, anchor, n_tiles = _item_tiles(item, n_qblocks, W, Lq, Lk, H, BN, NA1D)
             r0 = q0 + WG * _BM
             rl = gl.minimum(r0 + _BM, Lq) - 1
             lo_first, hi_first = _window(r0 + offset, W, Lk, NA1D)
@@ -250,7 +246,7 @@ if HAVE_GLUON:
             if STORE_LO:
                 gl.store(OLO + o_off, (out - o_lp.to(gl.float32)).to(OLO.dtype.element_ty), mask=row_ok)
             rows_s = r0 + gl.arange(0, _BM, layout=row_s)
-            gl.store(LSE + bh.to(gl.int64) * Lq + rows_s, lse, mask=rows_s < Lq)
+            gl.store(LSE + (b * H + h).to(gl.int64) * Lq + rows_s, lse, mask=rows_s < Lq)
             tile += n_tiles
             j += 1
 

@@ -736,6 +736,10 @@ def _swa_bwd_dq_kernel(
 #:   with ``delta`` (no preprocess pass): fwd+bwd 6.134 ms (Flex 6.837). D = 64 dQ ``one_loop`` +
 #:   ``delta``: 3.796 ms fwd+bwd (generic kernel 4.111, Flex 4.292).
 #: * fp32 rows and D = 256: starting points (fp32 tiles halved for shared memory), not measured.
+#: * ``gluon`` (forward rows): the Gluon Hopper forward (``swa_gluon``) to run instead where it applies, or False.
+#:   D = 128, 16-bit, twenty-second session (H100, CUDA-graph replays): 64-key tiles, 4 ring slots, persistent grid:
+#:   sliding window 1.144 ms at L = 65536, W = 1024 (Triton row 1.253 in that run; 1.154 against Flex's 1.850 in
+#:   ``mnemo bench``), NA-1D 0.0755 ms at L = 32768, K = 2048, H = 1 (0.0790 against SDPA's 0.805 in the bench).
 LAUNCH: dict[tuple[str, int, str], dict] = {
     ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
     ("fwd", 128, "16"): dict(BM=64, BN=64, warps=4, stages=3, tma=True, ws=False, lazy=0.0, one_loop=True,  # 2nd sweep
