@@ -59,6 +59,9 @@ def test_tiny_cpu_run_end_to_end(tmp_path, restore_autotune) -> None:
         assert row["results"]["ours"]["fwd_ms"] > 0 and row["results"]["ours"]["fwd_bwd_ms"] > 0
         assert row["rel_diff_vs_flex"] < 1e-5  # the kernel (interpreted, fp32) agrees with FlexAttention
     assert na1d["results"]["sdpa_dense"]["fwd_bwd_ms"] > 0
+    # the record of what ran: no Gluon forward off sm_90; the launch rows of the three kernels
+    kernels = na1d["results"]["ours"]["kernels"]
+    assert kernels["forward"] == "triton" and set(kernels["launch"]) == {"fwd", "dkdv", "dq"}
     assert bias["results"]["flex_score_mod"]["fwd_bwd_ms"] is None  # no FlexAttention backward on the CPU
     for c in rep["correctness"]:
         assert not c["nan"] and max(c["out"], c["dq"], c["dk"], c["dv"], c.get("dtable", 0.0)) <= 1e-5, c

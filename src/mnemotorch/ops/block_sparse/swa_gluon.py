@@ -16,7 +16,11 @@ one stream of tiles"; Gluon can (FlashAttention-3's layout: Shah et al., 2024, a
   one's exponentials run under the other's wgmma;
 * inside a consumer, the product ``S = Q Kᵀ`` of tile ``n`` is issued before the product ``P V`` of tile
   ``n - 1`` and its softmax runs while that ``P V`` is in flight (FlashAttention-3's intra-warpgroup
-  overlap); ``P`` goes to the second wgmma from registers.
+  overlap); ``P`` goes to the second wgmma from registers;
+* the grid is persistent: one program per SM walks the work items (query block x batch-head)
+  ``pid, pid + grid, ...``; the ring and two query slots carry across items, so the next item's queries
+  and first tiles load while the last item finishes and stores its output (what made the kernel faster
+  than the Triton forward, whose two programs per SM hide each other's start and end).
 
 Semantics are ``swa_triton``'s, per key position ``p = i + Lk - Lq`` of query ``i``: a row sees keys
 ``[lo(p), hi(p))`` with, for the causal window ``W``, ``lo = max(p - W + 1, 0)``, ``hi = p + 1``, and for
@@ -28,11 +32,12 @@ row's ``lo``. Scores are in base 2 (``lse2 = m + log2 l``), as the backward expe
 
 Only the forward: the backward stays ``swa_triton``'s (it reads ``o``, ``lse`` and, when kept, the
 rounding residual ``o_lo``, all written here exactly as there). Used by ``swa_triton._fwd_impl`` when the
-launch table's forward row says ``gluon=True`` and :func:`supported` holds (CUDA sm_90, 16-bit inputs,
-``D`` 64 or 128, positive scale, TMA-able ``[B, T, H, D]`` tensors); elsewhere the Triton forward runs.
-Tests: ``tests/gpu/test_swa_gluon_gpu.py`` (GPU, against the float64 reference and the Triton forward)
-and ``tests/ops/test_swa_gluon_compile.py`` (CPU: the kernel compiles to sm_90 SASS with the installed
-Triton, which guards the Gluon API between Triton releases).
+launch table's forward row has a ``gluon`` dict and :func:`supported` holds (CUDA sm_90, 16-bit inputs,
+``D`` 64 or 128, positive scale, TMA-able ``[B, T, H, D]`` tensors, ``MNEMO_SWA_GLUON`` not ``0``);
+elsewhere the Triton forward runs. Gluon kernels do not run in Triton's interpreter. Tests:
+``tests/gpu/test_swa_gluon_gpu.py`` (GPU, against the float64 reference and the Triton forward) and
+``tests/ops/test_swa_gluon_compile.py`` (CPU: the kernel compiles for sm_90 with the installed Triton,
+which guards the Gluon API between Triton releases). Measurements: docs/results/block_sparse.md.
 """
 
 from __future__ import annotations
@@ -295,9 +300,14 @@ def supported(q: Tensor, k: Tensor, v: Tensor, scale: float, cfg: dict) -> bool:
     d = q.shape[-1]
     if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d:
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if _sm_major(q.device) != 9:
         return False
     return all(_viewable(t) for t in (q, k, v))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def _viewable(t: Tensor) -> bool:

@@ -802,6 +802,14 @@ def override_launch(**kinds: dict | None):
     return launch_overrides(_OVERRIDES, _KERNEL_KEYS, kinds)
 
 
+def kernels_used(q: Tensor, k: Tensor, v: Tensor, scale: float, na1d: bool = False) -> dict:
+    """What a call on these tensors would launch (benchmarks record it): ``{"forward": "gluon" | "triton",
+    "launch": {kind: row}}`` with the launch rows of the forward, dK/dV and dQ kernels."""
+    d = q.shape[-1]
+    rows = {kind: launch_config(kind, d, q.dtype, na1d) for kind in ("fwd", "dkdv", "dq")}
+    return {"forward": "gluon" if swa_gluon.supported(q, k, v, scale, rows["fwd"]) else "triton", "launch": rows}
+
+
 def _check_tile(kind: str, cfg: dict) -> None:
     for name in ("BM", "BN"):
         x = cfg[name]
@@ -1169,5 +1177,5 @@ def na1d_attention_triton(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, sca
     return _call(q, k, v, kernel_size, float(scale), True, na1d_attn_fwd)
 
 
-__all__ = ["LAUNCH", "PRECISE_DELTA", "keep_residual", "launch_config", "na1d_attention_triton", "na1d_attn_bwd", "na1d_attn_fwd", "override_launch",
+__all__ = ["LAUNCH", "PRECISE_DELTA", "keep_residual", "kernels_used", "launch_config", "na1d_attention_triton", "na1d_attn_bwd", "na1d_attn_fwd", "override_launch",
            "swa_attention_triton", "swa_attn_fwd", "swa_attn_bwd"]
