@@ -237,6 +237,26 @@ def test_cuda_graph_ratios_when_every_capture_works(monkeypatch) -> None:
     assert f"graphed {FWD_BWD_MS:.3f} ms x1.00 (ours graphed vs its eager x{e['fwd_bwd_ms'] / FWD_BWD_MS:.2f})" in lines[0]
 
 
+def test_graph_rounds_record_the_spread(monkeypatch, capsys) -> None:
+    """--graph-rounds 3: every graphed implementation timed three times, interleaved, with the ratio of each
+    round and its min / median / max per peer (the stand-in timer makes every ratio 1)."""
+    calls: list = []
+    monkeypatch.setattr(bench, "graph_ms", _fake_graph_ms(calls))
+    run = bench.Run("cpu", ("sdpa",), flex_compile=False, dtype=torch.float32, cuda_graph=True, graph_rounds=3)
+    c = bench.TINY["na1d"]
+    row = bench.neighborhood_case(c["shape"], c["kernel"], c["D"], c["H"], run=run)
+    res = row["results"]
+    for name in ("ours_graphed", "sdpa_dense_graphed"):
+        assert res[name]["fwd_ms_rounds"] == [FWD_MS] * 3 and res[name]["fwd_bwd_ms_rounds"] == [FWD_BWD_MS] * 3
+    assert len(calls) == 2 * 2 * 3  # (fwd, fwd+bwd) x (ours, SDPA) x 3 rounds
+    g = row["graph_rounds"]
+    assert g["rounds"] == 3 and set(g) == {"rounds", "ratios", "sdpa_dense"}
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        assert g["sdpa_dense"][metric] == {"per_round": [1.0] * 3, "min": 1.0, "median": 1.0, "max": 1.0}
+    assert "sdpa_dense / ours, fwd, 3 graphed rounds: min x1.00, median x1.00, max x1.00" in capsys.readouterr().out
+    assert bench.build_parser().parse_args(["--graph-rounds", "4"]).graph_rounds == 4
+
+
 def test_measure_graphed_options() -> None:
     """The shared helper (also used by mnemo bench routed): slow calls get fewer replays; no backward asked,
     none tried; a forward that does not capture stops there."""

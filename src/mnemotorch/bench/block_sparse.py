@@ -28,7 +28,11 @@ forward+backward, as CUDA-graph replays of one captured call (:func:`graph_ms` v
 replays leave out the host's Python and launch overhead, which the eager timings charge, so the fair
 comparison of the device work is ``speedup_*_graphed_vs_<peer>_graphed`` (graphed ours vs graphed
 peer); ``speedup_*_graphed_vs_<peer>`` sets graphed ours against the peer's eager time, and
-``cuda_graph_summary`` (also printed) has all of them per case.
+``cuda_graph_summary`` (also printed) has all of them per case. ``--graph-rounds N`` takes those graphed
+timings N times per case, ours and the peers interleaved round by round, and records each round's ratio
+and their min / median / max (``graph_rounds`` in the row): the spread of a ratio within one process.
+Every row of the list-free kernels' cases also records which forward ran (Gluon or Triton) and the launch
+rows (``results["ours"]["kernels"]``).
 
 ``--tiny`` runs every selected case at tiny sizes, also on the CPU (kernels under Triton's
 interpreter, wall-clock timings, FlexAttention forward-only and uncompiled there, since it has no
@@ -430,7 +434,7 @@ class Run:
     """Settings shared by the cases: device, peers, Flex compilation, budget, SDPA results cache."""
 
     def __init__(self, device: str, peers=("sdpa", "flex"), flex_compile: bool = True, budget: float | None = None,
-                 alternatives: bool = False, dtype=torch.bfloat16, cuda_graph: bool = False):
+                 alternatives: bool = False, dtype=torch.bfloat16, cuda_graph: bool = False, graph_rounds: int = 1):
         self.device = device
         self.peers = tuple(peers)
         self.flex_compile = flex_compile
@@ -448,6 +452,9 @@ class Run:
         self.graph_jobs: list[_GraphJob] = []
         self.graph_failures: dict[tuple[str, str, str], str] = {}
         self.graph_cache: dict = {}
+        #: ``--graph-rounds``: the graphed timings of a case taken this many times, interleaved (ours, then
+        #: each peer, per round), so that one process gives the spread of the ratios (``graph_rounds`` in a row)
+        self.graph_rounds = max(1, int(graph_rounds))
 
     def pattern(self, key: tuple, build: Callable):
         """A pattern built once per run (e.g. one sliding window for both head dims): ``(pattern, build seconds)``."""
@@ -602,7 +609,50 @@ def _graph_phase(run: Run, row: dict, res: dict) -> None:
             if job.cache_key is not None:
                 run.graph_cache[job.cache_key] = res[key]
         print(f"  {key}: {_fmt_graphed(res[key])}", flush=True)
+    if run.graph_rounds > 1:
+        _graph_rounds(run, row, res, sorted(jobs, key=rank))
     row["cuda_graph_summary"] = _graph_summary(res)
+
+
+def _graph_rounds(run: Run, row: dict, res: dict, jobs: list[_GraphJob]) -> None:
+    """``--graph-rounds N``: time every graphed implementation of the case N - 1 more times, round by round
+    (ours, then the peers, in each round), keep each one's times under ``<metric>_rounds`` and, per peer,
+    the ratios ``peer / ours`` of each round with their min / median / max in ``row["graph_rounds"]``.
+    Implementations whose graphed result was reused from an earlier case or did not capture are left out."""
+    keep = [j for j in jobs if not res.get(f"{j.name}_graphed", {}).get("reused") and j.call is not None]
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        for job in keep:
+            r = res[f"{job.name}_graphed"]
+            if r.get(metric) is not None:
+                r[f"{metric}_rounds"] = [r[metric]]
+    for _ in range(run.graph_rounds - 1):
+        for job in keep:
+            r = res[f"{job.name}_graphed"]
+            again = _graph_one(run, row, res, job)
+            for metric in ("fwd_ms", "fwd_bwd_ms"):
+                if f"{metric}_rounds" in r:
+                    r[f"{metric}_rounds"].append(again.get(metric))
+    ours = res.get("ours_graphed", {})
+    summary: dict = {"rounds": run.graph_rounds, "ratios": "peer / ours per round (> 1: ours is faster)"}
+    for job in keep:
+        if job.name.startswith("ours"):
+            continue
+        peer = res[f"{job.name}_graphed"]
+        d: dict = {}
+        for metric in ("fwd_ms", "fwd_bwd_ms"):
+            a, b = ours.get(f"{metric}_rounds"), peer.get(f"{metric}_rounds")
+            if not a or not b:
+                continue
+            ratios = [p / o for o, p in zip(a, b) if o and p]
+            if ratios:
+                srt = sorted(ratios)
+                d[metric] = {"per_round": ratios, "min": srt[0], "median": srt[len(srt) // 2], "max": srt[-1]}
+        if d:
+            summary[job.name] = d
+            for metric, m in d.items():
+                print(f"  {job.name} / ours, {metric[:-3]}, {len(m['per_round'])} graphed rounds: min x{m['min']:.2f}, "
+                      f"median x{m['median']:.2f}, max x{m['max']:.2f}", flush=True)
+    row["graph_rounds"] = summary
 
 
 def peer_graph_summary(res: dict, peer: str, extras: bool = False) -> dict:
@@ -1137,6 +1187,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--autotune", default="small", choices=("full", "small", "off"),
                     help="kernel launch-parameter search on the GPU: full (6 configs per kernel), small (2), off (fixed)")
     ap.add_argument("--time-budget", type=float, default=None, help="start no new case (or check) after this many seconds")
+    ap.add_argument("--graph-rounds", type=int, default=1,
+                    help="with --cuda-graph: take each case's graphed timings this many times, interleaved, and record the "
+                    "spread of the ratios to each peer (graph_rounds in the row)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="CUDA only: also time every implementation that ran, fwd and fwd+bwd, as CUDA-graph replays of one "
                     "captured call (<name>_graphed: no host launch overhead; 'not_capturable' with the reason if its capture "
@@ -1169,7 +1222,8 @@ def main(argv: list[str] | None = None) -> int:
     # bf16 on the GPU; fp32 on the CPU (the interpreter's bf16 is unreliable and the CPU is slow at it)
     cuda_graph = args.cuda_graph and device == "cuda"
     run = Run(device, tuple(p for p in args.peers.split(",") if p), flex_compile, args.time_budget, args.alternatives,
-              dtype=torch.bfloat16 if device == "cuda" else torch.float32, cuda_graph=cuda_graph)
+              dtype=torch.bfloat16 if device == "cuda" else torch.float32, cuda_graph=cuda_graph,
+              graph_rounds=args.graph_rounds)
     report = {"env": device_info(), "argv": list(argv or []), "device": device, "autotune": args.autotune,
               "flex_compiled": flex_compile, "time_budget_s": args.time_budget, "cuda_graph": cuda_graph,
               "correctness": [], "speed": [], "skipped": []}
