@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mnemotorch.bench.block_sparse import device_info, graph_ms
+from mnemotorch.bench.block_sparse import _rel_diff, device_info, graph_ms
 from mnemotorch.ops.block_sparse import swa_triton
 
 CASES = {
@@ -30,10 +30,6 @@ CASES = {
 }
 GLUON = [dict(BN=64, stages=4), dict(BN=64, stages=4, persistent=False), dict(BN=64, stages=3), dict(BN=128, stages=2),
          dict(BN=128, stages=2, persistent=False), dict(BN=64, stages=4, regs=224)]
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
@@ -61,7 +57,7 @@ def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
             with swa_triton.override_launch(fwd=dict(gluon=cfg)):
                 o = fwd()
                 torch.cuda.synchronize()
-                r["rel_vs_triton"] = _rel(o, o_ref)
+                r["rel_vs_triton"] = _rel_diff(o, o_ref)
                 if not (r["rel_vs_triton"] < 5e-3):
                     r["error"] = "output differs from the Triton forward's"
                 else:

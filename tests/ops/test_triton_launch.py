@@ -125,3 +125,17 @@ def test_entries_are_bounded(fake_triton):
 def test_interpreter_never_caches(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not tl_launch.enabled()
+
+
+def test_tma_row_view() -> None:
+    """``[B, T, H, D]`` as ``[B * T, H * D]`` rows for a 2-D TMA descriptor, only where strides and alignment allow."""
+    from mnemotorch.ops.triton_launch import tma_row_view
+
+    t = torch.zeros(2, 8, 4, 16, dtype=torch.bfloat16)
+    assert tma_row_view(t) == ([16, 64], [64, 1])
+    assert tma_row_view(t.transpose(1, 2).contiguous().transpose(1, 2)) is None  # heads outer: rows not contiguous
+    assert tma_row_view(t[..., :8]) is None  # a head-dim slice: stride(2) != D
+    assert tma_row_view(torch.zeros(1, 8, 1, 4, dtype=torch.bfloat16)) is None  # 8-byte rows
+    assert tma_row_view(t[:1, 1:]) == ([7, 64], [64, 1])  # offset by one row of 128 bytes: still aligned
+    flat = torch.zeros(4 + 8 * 4 * 16, dtype=torch.bfloat16)
+    assert tma_row_view(flat[4:].view(1, 8, 4, 16)) is None  # base 8 bytes off a 16-byte boundary

@@ -825,19 +825,10 @@ def _dtype_name(dtype) -> str:
 # cases
 
 
-def _list_free_kernels(q, k, v, D: int, na1d: bool) -> dict:
-    """The list-free kernels' forward (Gluon or Triton) and launch rows for these inputs, as the results record them
-    (on CUDA the block-sparse dispatch takes the list-free path for these patterns; elsewhere the record says what
-    that path would run)."""
-    from mnemotorch.ops.block_sparse import swa_triton
-
-    return swa_triton.kernels_used(q, k, v, D**-0.5, na1d=na1d)
-
-
 def sliding_window_case(L: int, W: int, D: int, H: int = 16, B: int = 1, dtype=torch.bfloat16, peers=("sdpa", "flex"),
                         blocks: tuple[tuple[int, int], ...] = ((128, 64),), run: Run | None = None) -> dict:
     """Causal sliding window ``i - W < j <= i``: ours vs Flex (compiled mask build) vs dense causal SDPA."""
-    from mnemotorch.ops.block_sparse import block_sparse_attention, sliding_window_pattern
+    from mnemotorch.ops.block_sparse import block_sparse_attention, sliding_window_pattern, swa_triton
 
     run = run or Run("cuda", peers, dtype=dtype)
     q, k, v, g = _inputs(run, B, L, H, D)
@@ -849,7 +840,7 @@ def sliding_window_case(L: int, W: int, D: int, H: int = 16, B: int = 1, dtype=t
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
     _measured(run, res, "ours", lambda: block_sparse_attention(qs, ks, vs, pattern, backend="triton"), g, [qs, ks, vs])
     res["ours"]["blocks"] = list(blocks[0])
-    res["ours"]["kernels"] = _list_free_kernels(q, k, v, D, na1d=False)
+    res["ours"]["kernels"] = swa_triton.kernels_used(q, k, v, D**-0.5)  # what the list-free path runs for these inputs
     for qb_, kb_ in blocks[1:]:  # other pattern tile sizes, ours only
         alt, _ = run.pattern(("swa", L, W, qb_, kb_), lambda: sliding_window_pattern(L, W, q_block=qb_, k_block=kb_, device=run.device))
         name = f"ours_{qb_}x{kb_}"
@@ -882,7 +873,7 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
     row-major tokens with the same mask; SDPA is dense (non-causal) attention over all tokens.
     ``alternatives``: other ``(tile_shape, q_block, k_block)`` timed for ours only.
     """
-    from mnemotorch.ops.block_sparse import block_sparse_attention, neighborhood_pattern
+    from mnemotorch.ops.block_sparse import block_sparse_attention, neighborhood_pattern, swa_triton
 
     run = run or Run("cuda", peers, dtype=dtype)
     L = 1
@@ -908,7 +899,7 @@ def neighborhood_case(shape: tuple[int, ...], kernel_size: int, D: int, H: int, 
     _measured(run, res, "ours", ours, g, [qs, ks, vs])
     res["ours"]["blocks"] = [pat.q_block, pat.k_block]
     if len(shape) == 1:
-        res["ours"]["kernels"] = _list_free_kernels(q, k, v, D, na1d=True)
+        res["ours"]["kernels"] = swa_triton.kernels_used(q, k, v, D**-0.5, na1d=True)
     for alt_tile, alt_q, alt_k in alternatives:
         alt = neighborhood_pattern(tuple(shape), kernel_size, tile_shape=alt_tile, q_block=alt_q, k_block=alt_k, device=run.device)
         alt = type(alt)(alt.pattern, alt.perm.to(run.device), alt.inv_perm.to(run.device))

@@ -1,4 +1,6 @@
-"""Cached launches of ``@triton.jit`` kernels for eager hot paths.
+"""Cached launches of ``@triton.jit`` kernels for eager hot paths, and the launch-time facts the kernel modules
+share: the ptxas release, a device's compute capability and SM count (read once per device), and the
+``[B, T, H, D]`` -> ``[B * T, H * D]`` view that their 2-D TMA descriptors take (:func:`tma_row_view`).
 
 ``kernel[grid](*args, **constexprs)`` goes through ``JITFunction.run`` on every call: it binds and
 specialises every argument (a native call per argument), builds the cache key and looks the compiled
@@ -159,5 +161,40 @@ def ptxas_release(capability: tuple[int, int]) -> tuple[int, int] | None:
         return None
 
 
-__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "enabled", "ptxas_release"]
+def _index(device) -> int:
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
 
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def capability(device) -> tuple[int, int]:
+    """The compute capability of a CUDA ``device``, read once per device (launch decisions ask on every call)."""
+    return _capability(_index(device))
+
+
+def sm_count(device) -> int:
+    """The SM count of a CUDA ``device``, read once per device (persistent grids, program-count limits)."""
+    return _sm_count(_index(device))
+
+
+def tma_row_view(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """``t [B, T, H, D]`` seen as ``[B * T, H * D]`` (row ``b * T + t``, column ``h * D``) for a 2-D TMA descriptor:
+    ``(shape, strides)``, or ``None`` when its strides or 16-byte alignment do not allow that view."""
+    b, n, h, d = t.shape
+    if t.stride(3) != 1 or t.stride(2) != d or (b > 1 and t.stride(0) != n * t.stride(1)):
+        return None
+    if t.data_ptr() % 16 or (t.stride(1) * t.element_size()) % 16:
+        return None
+    return [b * n, h * d], [t.stride(1), 1]
+
+
+__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "capability", "enabled", "ptxas_release", "sm_count", "tma_row_view"]

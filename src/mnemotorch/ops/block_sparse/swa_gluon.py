@@ -48,7 +48,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..triton_launch import CachedLaunch
+from ..triton_launch import CachedLaunch, capability, sm_count, tma_row_view
 
 try:  # Gluon is experimental: its module layout and names move between Triton releases
     from triton.experimental import gluon
@@ -300,22 +300,9 @@ def supported(q: Tensor, k: Tensor, v: Tensor, scale: float, cfg: dict) -> bool:
     d = q.shape[-1]
     if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d:
         return False
-    if _sm_major(q.device) != 9:
+    if capability(q.device)[0] != 9:
         return False
-    return all(_viewable(t) for t in (q, k, v))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
-
-
-def _viewable(t: Tensor) -> bool:
-    """``t [B, T, H, D]`` seen as ``[B * T, H * D]`` with 16-byte aligned rows (the TMA view)."""
-    b, n, h, d = t.shape
-    es = t.element_size()
-    return (t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == n * t.stride(1))
-            and t.data_ptr() % 16 == 0 and (t.stride(1) * es) % 16 == 0)
+    return all(tma_row_view(t) is not None for t in (q, k, v))
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,14 +312,9 @@ def _smem_layout(rows: int, d: int, dtype: torch.dtype):
 
 def _desc(t: Tensor, rows: int):
     """A host TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]``, ``rows`` x ``D`` tiles."""
-    b, n, h, d = t.shape
-    return GluonTensorDescriptor(t, shape=[b * n, h * d], strides=[t.stride(1), 1], block_shape=[rows, d],
-                                 layout=_smem_layout(rows, d, t.dtype))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    shape, strides = tma_row_view(t)
+    return GluonTensorDescriptor(t, shape=shape, strides=strides, block_shape=[rows, t.shape[3]],
+                                 layout=_smem_layout(rows, t.shape[3], t.dtype))
 
 
 # eager calls skip Triton's per-call argument binding (ops/triton_launch.py); host descriptors are in its key
@@ -357,7 +339,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tenso
     store_lo = o_lo is not None
     n_qblocks = (lq + 2 * BM - 1) // (2 * BM)
     n_items = n_qblocks * b * h
-    grid = (min(n_items, _sm_count(q.device)) if cfg.get("persistent", True) else n_items,)
+    grid = (min(n_items, sm_count(q.device)) if cfg.get("persistent", True) else n_items,)
     _FWD[grid](
         _desc(q, BM), _desc(k, bn), _desc(v, bn), o, lse, o_lo if store_lo else o,
         o.stride(0), o.stride(1), o.stride(2), qk_scale, window, lq, lk, n_qblocks, n_items,

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..triton_launch import CachedLaunch
+from ..triton_launch import CachedLaunch, capability, tma_row_view
 from . import swa_gluon
 from .launch import launch_overrides
 from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _dq_delta, _eager_ok, _ld_full, _ld_rows, _mm, _pow2, _st_rows
@@ -830,31 +830,21 @@ def _check_tile(kind: str, cfg: dict) -> None:
                          f"got {cfg.get('fused_dq')!r}")
 
 
-_TMA_CAP: dict = {}
-
-
 def _tma_capable(t: Tensor) -> bool:
     """TMA on ``t``'s device: sm_90+ on CUDA; the CPU interpreter runs descriptors too (tests)."""
     if TensorDescriptor is None:
         return False
-    if t.device.type != "cuda":
-        return True
-    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if idx not in _TMA_CAP:
-        _TMA_CAP[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return _TMA_CAP[idx]
+    return t.device.type != "cuda" or capability(t.device)[0] >= 9
 
 
 def _tma_desc(t: Tensor, block_rows: int, block_d: int):
     """A host TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]`` (row ``b * T + t``,
     column ``h * D``), or ``None`` when the strides do not allow that view or TMA is unavailable."""
-    b, n, h, d = t.shape
-    if block_d != d or t.stride(3) != 1 or t.stride(2) != d or (b > 1 and t.stride(0) != n * t.stride(1)):
+    d = t.shape[3]
+    view = tma_row_view(t) if block_d == d and d * t.element_size() >= 16 else None
+    if view is None or not _tma_capable(t):
         return None
-    es = t.element_size()
-    if t.data_ptr() % 16 or (t.stride(1) * es) % 16 or (d * es) < 16 or not _tma_capable(t):
-        return None
-    return TensorDescriptor(t, shape=[b * n, h * d], strides=[t.stride(1), 1], block_shape=[block_rows, block_d])
+    return TensorDescriptor(t, shape=view[0], strides=view[1], block_shape=[block_rows, block_d])
 
 
 def _device_tma_ok(t: Tensor) -> bool:

@@ -54,7 +54,7 @@ from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from ..compiled import compile_allowed, compiled_over_length
 from ..triton_dots import dot_split, dot_split_right
-from ..triton_launch import ptxas_release
+from ..triton_launch import capability, ptxas_release, sm_count
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, gate_coefficients, neural_memory_chunked
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
@@ -1234,7 +1234,7 @@ def _split_programs(depth: int, hid: int, c: int, nbh: int, q: Tensor, clip: boo
     if depth != 2:
         return 0
     width = _split_slice(q, clip)
-    return _split_count(hid, c, nbh, width, _sm_count(q.device) if q.is_cuda else None) if width else 0
+    return _split_count(hid, c, nbh, width, sm_count(q.device) if q.is_cuda else None) if width else 0
 
 
 #: The oldest ptxas release seen to build the 32-column split walk correctly (CUDA 13.0; 37 of 37 GPU tests).
@@ -1262,7 +1262,7 @@ def _split_slice(q: Tensor, clip: bool = False) -> int:
 
 def _ptxas_for(q: Tensor) -> tuple[int, int] | None:
     """:func:`~mnemotorch.ops.triton_launch.ptxas_release` for ``q``'s GPU."""
-    return ptxas_release(torch.cuda.get_device_capability(q.device))
+    return ptxas_release(capability(q.device))
 
 
 #: The widest slice the split walk widens to (the widest run on a GPU; wider tiles would spill heavily).
@@ -1292,10 +1292,6 @@ def keeps_key_pass(q: Tensor, weights: Sequence[Tensor], c: int, clip: bool = Fa
     if not BACKWARD["key_pass_from_forward"] or len(weights) != 2 or not _split_read_batched():
         return False
     return _split_programs(2, weights[0].shape[-1], c, q.shape[0] * q.shape[2], q, clip) > 0
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, layer_norm, ln_eps, max_grad_norm, keep_key_pass=False):
@@ -1581,7 +1577,7 @@ def _sweep_programs(hid: int, nbh: int, x: Tensor) -> int:
     split = LAUNCH["sweep_split"]
 
     def fits(ns: int) -> bool:
-        return ns > 1 and hid % ns == 0 and (not x.is_cuda or nbh * ns <= _sm_count(x.device))
+        return ns > 1 and hid % ns == 0 and (not x.is_cuda or nbh * ns <= sm_count(x.device))
 
     if split == "auto":
         for cols in ((64,) if _interpreted(x) else (32, 64)):
