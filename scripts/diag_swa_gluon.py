@@ -9,6 +9,11 @@ the same inputs first, so a wrong launch is reported, not timed. Writes JSON (``
 table; the rows to put in ``swa_triton.LAUNCH`` are the fastest correct ones.
 
     python scripts/diag_swa_gluon.py --out $OUT/gluon_sweep.json
+
+``--backward`` does the same for the Gluon backward (ops/block_sparse/swa_gluon_bwd.py): CUDA-graph replays of
+``swa_triton._bwd_impl`` alone (Δ pass, kernels and dQ cast) on one forward's outputs, the Triton dK/dV + dQ
+kernels against each Gluon launch (``stages``, ``regs``, ``persistent``), each launch's dQ, dK, dV first compared
+with the Triton kernels' (relative error < 1e-2, else reported and not timed).
 """
 
 from __future__ import annotations
@@ -76,6 +81,48 @@ def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     return row
 
 
+BWD_GLUON = [dict(stages=2), dict(stages=1), dict(stages=2, persistent=False), dict(stages=2, regs=232)]
+
+
+def run_bwd_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
+    L, W, H, na1d = c["L"], c["W"], c["H"], c["na1d"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(1, L, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(4))
+    scale = D**-0.5
+    o, lse, o_lo = swa_triton._fwd_impl(q, k, v, W, scale, need_lo=True, na1d=na1d)
+
+    def bwd():
+        return swa_triton._bwd_impl(do, q, k, v, o, lse, o_lo, W, scale, na1d=na1d)
+
+    row = {"case": name, **c, "D": D, "B": 1, "timing": "backward alone (Δ, kernels, dQ cast)"}
+    row["fwd_ms"] = graph_ms(lambda: swa_triton._fwd_impl(q, k, v, W, scale, need_lo=True, na1d=na1d), rep=rep)
+    with swa_triton.override_launch(dkdv=dict(gluon=False)):
+        ref = [t.clone() for t in bwd()]
+        row["triton_ms"] = graph_ms(bwd, rep=rep)
+    row["gluon"] = []
+    for cfg in configs:
+        r = {"cfg": cfg}
+        try:
+            with swa_triton.override_launch(dkdv=dict(gluon=cfg)):
+                out = bwd()
+                torch.cuda.synchronize()
+                r["rel_vs_triton"] = {n: _rel_diff(a, b) for n, a, b in zip(("dq", "dk", "dv"), out, ref)}
+                if not all(e < 1e-2 for e in r["rel_vs_triton"].values()):
+                    r["error"] = "gradients differ from the Triton kernels'"
+                else:
+                    r["ms"] = graph_ms(bwd, rep=rep)
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["gluon"].append(r)
+        print(name, "bwd", cfg, {k: v for k, v in r.items() if k != "cfg"}, flush=True)
+    ok = [r for r in row["gluon"] if "ms" in r]
+    if ok:
+        best = min(ok, key=lambda r: r["ms"])
+        row["best_gluon"] = best
+        row["best_vs_triton"] = row["triton_ms"] / best["ms"]
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="na1d,swa64k,swa16k")
@@ -84,8 +131,24 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="run the whole sweep this many times (spread)")
     ap.add_argument("--configs", default=None, help="JSON list of gluon dicts (default: the built-in sweep)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--backward", action="store_true", help="sweep the Gluon backward instead of the forward")
     args = ap.parse_args()
-    configs = json.loads(args.configs) if args.configs else GLUON
+    configs = json.loads(args.configs) if args.configs else (BWD_GLUON if args.backward else GLUON)
+    if args.backward:
+        res = {"device": device_info(), "timing": "median of CUDA-graph replays of one backward call", "rows": []}
+        for it in range(args.repeat):
+            for name in args.cases.split(","):
+                row = run_bwd_case(name, CASES[name], args.D, args.rep, configs)
+                row["repeat"] = it
+                res["rows"].append(row)
+                best = row.get("best_gluon", {})
+                print(f"[{it}] {name}: forward {row['fwd_ms']:.4f} ms; backward triton {row['triton_ms']:.4f} ms, "
+                      f"best gluon {best.get('cfg')} {best.get('ms', float('nan')):.4f} ms "
+                      f"({row.get('best_vs_triton', float('nan')):.3f}x)", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     res = {"device": device_info(), "timing": "median of CUDA-graph replays of one forward call", "rows": []}
     t0 = time.time()
     for it in range(args.repeat):

@@ -2,8 +2,9 @@
 GPU: output, base-2 log-sum-exp and the output's rounding residual against a float64 dense reference
 under each mechanism's exact mask, and against the Triton forward on the same inputs; every launch
 shape the table may choose; batch > 1, GQA, ragged lengths (a program's second warp group past the end),
-``Lq < Lk``, windows of one key and of the whole sequence, NATTEN's clamped borders; and gradients
-through the public ops with the Gluon forward in front of the Triton backward.
+``Lq < Lk``, windows of one key and of the whole sequence, NATTEN's clamped borders; gradients through
+the public ops. The Gluon backward (ops/block_sparse/swa_gluon_bwd.py) on the same cases: dQ, dK, dV
+against float64 and against the Triton backward, both dtypes, repeat runs and CUDA-graph capture.
 
 Run on the GPU machine (sm_90):
     MNEMO_GPU_TESTS=1 python -m pytest -q -p no:cacheprovider tests/gpu/test_swa_gluon_gpu.py
@@ -17,7 +18,7 @@ import os
 import pytest
 import torch
 
-from mnemotorch.ops.block_sparse import swa_gluon, swa_triton
+from mnemotorch.ops.block_sparse import swa_gluon, swa_gluon_bwd, swa_triton
 
 pytestmark = pytest.mark.gpu
 if os.environ.get("MNEMO_GPU_TESTS") != "1" or not torch.cuda.is_available():  # pragma: no cover
@@ -155,3 +156,99 @@ def test_gradients_through_the_gluon_forward(na1d) -> None:
     assert _rel(out, ref_o) < TOL
     for g, r in zip(grads, ref_g):
         assert _rel(g, r) < 1e-2, _rel(g, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Gluon backward (ops/block_sparse/swa_gluon_bwd.py): dK, dV and dQ in one kernel
+
+BWD_CONFIGS = [dict(stages=2), dict(stages=1), dict(stages=2, persistent=False)]
+
+
+@pytest.fixture
+def bwd_calls(monkeypatch):
+    count = [0]
+    real = swa_gluon_bwd.backward
+
+    def counting(*a, **kw):
+        count[0] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(swa_gluon_bwd, "backward", counting)
+    return count
+
+
+def _reference_grads(q, k, v, go, w, scale, na1d):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o, _ = _reference(*leaves, w, scale, na1d)
+    return torch.autograd.grad(o, leaves, go.double())
+
+
+def _backward(q, k, v, go, w, na1d, gluon, calls):
+    """``(dq, dk, dv)`` from ``swa_triton._bwd_impl`` with the Gluon backward (``gluon`` a row) or the Triton
+    kernels (``gluon`` False), after the table's forward."""
+    scale = q.shape[-1] ** -0.5
+    o, lse, o_lo = swa_triton._fwd_impl(q, k, v, w, scale, need_lo=True, na1d=na1d)
+    with swa_triton.override_launch(dkdv=dict(gluon=gluon)):
+        before = calls[0]
+        grads = swa_triton._bwd_impl(go, q, k, v, o, lse, o_lo, w, scale, na1d=na1d)
+        assert (calls[0] > before) == bool(gluon), "the Gluon backward ran where it should not, or did not run"
+    return grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("cfg", BWD_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_gluon_backward_matches_reference_and_triton(case, cfg, bwd_calls) -> None:
+    b, lq, lk, h, hkv, d, w, na1d = case
+    q, k, v = _inputs(b, lq, lk, h, hkv, d, torch.bfloat16, seed=1)
+    go = torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)).to(q.dtype)
+    grads = _backward(q, k, v, go, w, na1d, cfg, bwd_calls)
+    tri = _backward(q, k, v, go, w, na1d, False, bwd_calls)
+    ref = _reference_grads(q, k, v, go, w, d**-0.5, na1d)
+    for name, g, t, r in zip("qkv", grads, tri, ref):
+        assert g.shape == r.shape and g.dtype == q.dtype
+        assert torch.isfinite(g).all(), name
+        assert _rel(g, r) < 1e-2, (name, _rel(g, r))
+        # as close to float64 as the Triton kernels are (both round the same fp32 sums to 16 bits)
+        assert _rel(g, r) < 1.5 * _rel(t, r) + 1e-3, (name, _rel(g, r), _rel(t, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("na1d", [False, True])
+def test_gluon_backward_through_public_ops(dtype, na1d, calls, bwd_calls) -> None:
+    """The table's rows as they ship (Gluon forward and backward at D = 128): every gradient against float64."""
+    b, lq, h, d, w = 2, 1500, 4, 128, 333
+    q, k, v = (t.requires_grad_() for t in _inputs(b, lq, lq, h, h, d, dtype, seed=5))
+    go = torch.randn_like(q)
+    if na1d:
+        out = swa_triton.na1d_attention_triton(q, k, v, w, d**-0.5)
+    else:
+        out = swa_triton.swa_attention_triton(q, k, v, w, d**-0.5)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    assert calls[0] == 1 and bwd_calls[0] == 1
+    ref = _reference_grads(q, k, v, go, w, d**-0.5, na1d)
+    for g, r in zip(grads, ref):
+        assert _rel(g, r) < 1e-2, _rel(g, r)
+
+
+def test_gluon_backward_is_deterministic_enough_and_graph_capturable(bwd_calls) -> None:
+    """dQ is summed by atomics (order varies between runs, so bits may differ); two runs agree to fp32
+    rounding, and the backward replays under a CUDA graph."""
+    q, k, v = _inputs(1, 4096, 4096, 4, 4, 128, torch.bfloat16, seed=7)
+    go = torch.randn_like(q)
+    a = _backward(q, k, v, go, 1024, False, BWD_CONFIGS[0], bwd_calls)
+    b = _backward(q, k, v, go, 1024, False, BWD_CONFIGS[0], bwd_calls)
+    for x, y in zip(a, b):
+        assert _rel(x, y) < 1e-3
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])  # dK, dV: no atomics
+    scale = 128**-0.5
+    o, lse, o_lo = swa_triton._fwd_impl(q, k, v, 1024, scale, need_lo=True)
+    with swa_triton.override_launch(dkdv=dict(gluon=BWD_CONFIGS[0])):
+        swa_triton._bwd_impl(go, q, k, v, o, lse, o_lo, 1024, scale)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = swa_triton._bwd_impl(go, q, k, v, o, lse, o_lo, 1024, scale)
+        graph.replay()
+        torch.cuda.synchronize()
+    for x, y in zip(out, a):
+        assert _rel(x, y) < 1e-3

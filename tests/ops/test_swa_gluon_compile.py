@@ -1,5 +1,5 @@
-"""The Gluon Hopper forward (ops/block_sparse/swa_gluon.py) on a CPU machine: it compiles to sm_90 with the
-installed Triton (Gluon is experimental and its API moves between releases; the GPU checks are
+"""The Gluon Hopper forward and backward (ops/block_sparse/swa_gluon.py, swa_gluon_bwd.py) on a CPU machine: they
+compile to sm_90 with the installed Triton (Gluon is experimental and its API moves between releases; the GPU checks are
 ``tests/gpu/test_swa_gluon_gpu.py``), and the dispatch keeps it to the calls it supports."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from mnemotorch.ops.block_sparse import swa_gluon, swa_triton
+from mnemotorch.ops.block_sparse import swa_gluon, swa_gluon_bwd, swa_triton
 
 needs_gluon = pytest.mark.skipif(not swa_gluon.HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
 
@@ -30,6 +30,20 @@ print("RESULT " + json.dumps(out))
 """
 CASES = [(128, 64, 4, False, True), (64, 128, 3, True, False)]
 
+_COMPILE_BWD = """
+import json, sys
+from mnemotorch.ops.block_sparse import swa_gluon_bwd
+out = []
+for d, stages, na1d in json.loads(sys.argv[1]):
+    k = swa_gluon_bwd.compile_sm90(d=d, stages=stages, na1d=na1d)
+    ptx = k.asm["ptx"]
+    out.append(dict(warps=k.metadata.num_warps, shared=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                    atomics="atom.global" in ptx or "red.global" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                    named_barriers=sorted(set(ln.split()[1] for ln in ptx.splitlines() if ln.strip().startswith("bar.sync")))))
+print("RESULT " + json.dumps(out))
+"""
+BWD_CASES = [(128, 2, False), (64, 3, True)]
+
 
 @needs_gluon
 def test_kernel_compiles_for_sm90() -> None:
@@ -44,6 +58,37 @@ def test_kernel_compiles_for_sm90() -> None:
         # two consumer warp groups + a loader warp (padded to a warp group), registers moved to the consumers
         assert k["warps"] == 12 and k["wgmma"] and k["setmaxnreg"] and k["tma"], k
         assert k["shared"] >= (4 * swa_gluon.BM + 2 * stages * bn) * d * 2  # two query slots per group
+
+
+@needs_gluon
+def test_backward_compiles_for_sm90() -> None:
+    """The backward: two consumer groups and a loader warp, wgmma products, TMA loads, dQ by atomics, and the
+    groups' own barriers named (a CTA-wide ``bar.sync 0`` inside one partition would hang the others)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_BWD, json.dumps(BWD_CASES)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stderr[-3000:]
+    for (d, stages, _), k in zip(BWD_CASES, json.loads(lines[-1][7:])):
+        assert k["warps"] == 12 and k["wgmma"] >= 2 * 7 and k["atomics"] and k["tma"], k
+        assert k["shared"] >= swa_gluon_bwd.smem_bytes(d, stages), k
+        assert len(k["named_barriers"]) >= 2, k  # one per consumer group
+
+
+def test_backward_dispatch_rows() -> None:
+    q = torch.randn(1, 16, 2, 128, dtype=torch.bfloat16)
+    row = swa_triton.launch_config("dkdv", 128, torch.bfloat16)
+    assert row["gluon"]  # the table's D = 128 16-bit row
+    assert not swa_gluon_bwd.supported(q, q, q, q, 0.1, row)  # CPU tensors
+    assert not swa_triton.launch_config("dkdv", 128, torch.float32).get("gluon")
+    assert not swa_triton.launch_config("dkdv", 64, torch.bfloat16).get("gluon")
+    with swa_triton.override_launch(dkdv=dict(fused_dq=True)):  # a Triton dK/dV override runs that kernel
+        assert swa_triton.launch_config("dkdv", 128, torch.bfloat16)["gluon"] is False
+    for bad in (dict(stages=0), dict(BN=128), "yes"):
+        with pytest.raises(ValueError, match="gluon"):
+            swa_triton._check_tile("dkdv", dict(row, gluon=bad))
+    with pytest.raises(ValueError, match="shared memory"):
+        swa_gluon_bwd.backward(q, q, q, q, None, None, 8, 0.1, 0.1, False, dict(stages=3))
 
 
 def test_dispatch_stays_off_where_unsupported(monkeypatch) -> None:

@@ -59,7 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..triton_launch import CachedLaunch, capability, tma_row_view
-from . import swa_gluon
+from . import swa_gluon, swa_gluon_bwd
 from .launch import launch_overrides
 from .triton import LOG2E, _alloc, _bwd_preprocess, _cdiv, _dq_delta, _eager_ok, _ld_full, _ld_rows, _mm, _pow2, _st_rows
 
@@ -736,6 +736,8 @@ def _swa_bwd_dq_kernel(
 #:   with ``delta`` (no preprocess pass): fwd+bwd 6.134 ms (Flex 6.837). D = 64 dQ ``one_loop`` +
 #:   ``delta``: 3.796 ms fwd+bwd (generic kernel 4.111, Flex 4.292).
 #: * fp32 rows and D = 256: starting points (fp32 tiles halved for shared memory), not measured.
+#: * ``gluon`` (dK/dV rows): the Gluon Hopper backward (``swa_gluon_bwd``: dK, dV and dQ in one kernel) to run
+#:   instead of the dK/dV and dQ kernels where it applies, or False. Measured: docs/results/block_sparse.md.
 #: * ``gluon`` (forward rows): the Gluon Hopper forward (``swa_gluon``) to run instead where it applies, or False.
 #:   D = 128, 16-bit, twenty-second session (H100, CUDA-graph replays): 64-key tiles, 4 ring slots, persistent grid:
 #:   sliding window 1.144 ms at L = 65536, W = 1024 (Triton row 1.253 in that run; 1.154 against Flex's 1.850 in
@@ -746,7 +748,8 @@ LAUNCH: dict[tuple[str, int, str], dict] = {
                              gluon=dict(BN=64, stages=4)),  # 22nd session: swa_gluon, persistent (the Triton row: its fallback)
     ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
     ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False),
-    ("dkdv", 128, "16"): dict(BM=32, BN=64, warps=4, stages=3, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dkdv", 128, "16"): dict(BM=32, BN=64, warps=4, stages=3, fused_dq=False, tma=False, ws=False, one_loop=False,
+                              gluon=dict(stages=2)),  # 23rd session: swa_gluon_bwd (the Triton rows: its fallback)
     ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dq", 64, "16"): dict(BM=128, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=True, delta=True),  # 2nd sweep
     ("dq", 128, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=True),  # 2nd sweep
@@ -762,7 +765,7 @@ LAUNCH: dict[tuple[str, int, str], dict] = {
     ("dq", 256, "32"): dict(BM=32, BN=16, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
 }
 _KERNEL_KEYS = {"fwd": ("BM", "BN", "warps", "stages", "tma", "ws", "lazy", "one_loop", "gluon"),
-                "dkdv": ("BM", "BN", "warps", "stages", "fused_dq", "tma", "ws", "one_loop"),
+                "dkdv": ("BM", "BN", "warps", "stages", "fused_dq", "tma", "ws", "one_loop", "gluon"),
                 "dq": ("BM", "BN", "warps", "stages", "tma", "ws", "one_loop", "delta")}
 #: per-kernel overrides (``override_launch``), applied over the table for every head dim / dtype
 _OVERRIDES: dict[str, dict] = {}
@@ -790,8 +793,8 @@ def launch_config(kind: str, d: int, dtype: torch.dtype, na1d: bool = False) -> 
         cfg.update(LAUNCH_NA1D.get(key, {}))
     over = _OVERRIDES.get(kind, {})
     cfg.update(over)
-    if kind == "fwd" and over and "gluon" not in over:
-        cfg["gluon"] = False  # an override of the Triton forward's parameters asks for that kernel
+    if kind in ("fwd", "dkdv") and over and "gluon" not in over:
+        cfg["gluon"] = False  # an override of a Triton kernel's parameters asks for that kernel
     return cfg
 
 
@@ -804,10 +807,13 @@ def override_launch(**kinds: dict | None):
 
 def kernels_used(q: Tensor, k: Tensor, v: Tensor, scale: float, na1d: bool = False) -> dict:
     """What a call on these tensors would launch (benchmarks record it): ``{"forward": "gluon" | "triton",
-    "launch": {kind: row}}`` with the launch rows of the forward, dK/dV and dQ kernels."""
+    "backward": "gluon" | "triton", "launch": {kind: row}}`` with the launch rows of the forward, dK/dV and dQ
+    kernels (a Gluon backward replaces the last two)."""
     d = q.shape[-1]
     rows = {kind: launch_config(kind, d, q.dtype, na1d) for kind in ("fwd", "dkdv", "dq")}
-    return {"forward": "gluon" if swa_gluon.supported(q, k, v, scale, rows["fwd"]) else "triton", "launch": rows}
+    bwd = bool(rows["dkdv"].get("gluon")) and swa_gluon_bwd.supported(q, k, v, q, scale, rows["dkdv"])
+    return {"forward": "gluon" if swa_gluon.supported(q, k, v, scale, rows["fwd"]) else "triton",
+            "backward": "gluon" if bwd else "triton", "launch": rows}
 
 
 def _check_tile(kind: str, cfg: dict) -> None:
@@ -818,6 +824,12 @@ def _check_tile(kind: str, cfg: dict) -> None:
     if kind == "fwd" and cfg.get("one_loop") and cfg.get("lazy", 0.0) > 0:
         raise ValueError("swa launch fwd: lazy rescaling is not implemented in the one-loop forward (one_loop=True); "
                          "set lazy=0.0 or one_loop=False")
+    if kind == "dkdv" and cfg.get("gluon"):
+        g = cfg["gluon"]
+        if not isinstance(g, dict) or set(g) - {"stages", "regs", "persistent"}:
+            raise ValueError(f"swa launch dkdv: gluon must be False or a dict with keys stages, regs, persistent; got {g!r}")
+        if not 1 <= g.get("stages", 2) <= 3:
+            raise ValueError(f"swa launch dkdv: gluon stages must be 1..3, got {g!r}")
     if kind == "fwd" and cfg.get("gluon"):
         g = cfg["gluon"]
         if not isinstance(g, dict) or set(g) - {"BN", "stages", "regs", "persistent"}:
@@ -949,6 +961,11 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     cq = launch_config("dq", q.shape[-1], q.dtype, na1d)
     _check_tile("dq", cq)
     delta = _alloc(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)
+    if cfg.get("gluon") and swa_gluon_bwd.supported(q, k, v, do, scale, cfg):
+        # the Hopper backward: dK, dV and dQ (by atomics) in one kernel, 5 products per pair instead of 7
+        _delta_launch(do, o, lo, has_lo, delta)
+        dqa, dk, dv = swa_gluon_bwd.backward(do, q, k, v, lse, delta, window, scale, scale * LOG2E, na1d, cfg["gluon"])
+        return _dq_finish(dqa, q.dtype, scale), dk, dv
     if cq.get("delta") and not cfg["fused_dq"]:
         dq = _dq_launch(cq, do, q, k, v, o, lo, has_lo, lse, delta, scale, window, True, na1d)
         dk, dv, _ = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window, na1d)

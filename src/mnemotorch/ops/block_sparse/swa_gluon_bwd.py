@@ -1,0 +1,347 @@
+"""A Hopper backward for the sliding window and 1-D neighborhood attention, written in Gluon.
+
+Why: ``swa_triton``'s backward is two kernels, dK/dV (4 matrix products per computed pair) and dQ (3),
+at ~430 TFLOP/s on an H100; at the issue's main case that is 4.6-4.9 ms, against the ~3.1 ms that 1.5x
+FlexAttention's forward + backward leaves (docs/results/block_sparse.md). A backward that computes each
+pair's scores once does 5 products (FlashAttention-2's algorithm with dQ accumulated across key blocks,
+Dao 2023; FlashAttention-3's Hopper layout, Shah et al. 2024, arXiv:2407.08608). ``triton.language``
+lost that race (``fused_dq``: element or TMA atomics in one 8-warp program, 326 TFLOP/s); this kernel
+gives the work to independent warp groups instead:
+
+* a work item is ``2 * BN`` keys (``BN = 64``) of one batch and KV head; its program runs three
+  partitions (``gl.warp_specialize``): two *consumer* warp groups, each owning ``BN`` keys and their
+  fp32 ``dK``, ``dV`` in registers, and one *loader* warp that brings the item's K and V once, then
+  streams the query tiles (``Q``, ``dO``: ``BM = 64`` rows) of every query head of the group through a
+  ring of ``STAGES`` slots with TMA; a slot is released when both consumers are done with it;
+* per query tile a consumer computes, for its keys (``T`` = transposed, keys as rows, so ``Pᵀ`` and
+  ``dSᵀ`` feed the next products from registers):
+  ``Sᵀ = K Qᵀ``, ``dPᵀ = V dOᵀ``, ``Pᵀ = exp2(Sᵀ c - lse)``, ``dV += Pᵀ dO``,
+  ``dSᵀ = Pᵀ ∘ (dPᵀ - Δ)``, ``dK += dSᵀ Q``;
+* ``dQ = dS K`` needs both groups' ``dSᵀ``: each writes its ``dSᵀ`` to shared memory (two buffers, so
+  tile ``n + 1`` can start while tile ``n``'s are read), and group ``w`` computes the columns
+  ``[w D/2, (w + 1) D/2)`` of the tile's ``dQ`` from both halves and adds them to an fp32 accumulator
+  with element atomics (Triton 3.6's Gluon has no TMA reduction);
+* the grid is persistent (one program per SM over the items ``pid, pid + grid, ...``, key blocks of a
+  head adjacent, so the queries they share and their dQ rows stay in L2).
+
+Semantics are ``swa_triton``'s: per key position ``p = i + Lk - Lq`` of query ``i`` a row sees keys
+``[lo(p), hi(p))`` (``swa_gluon._window``); ``lse`` is base 2, ``Δ = rowsum(dO ∘ O)`` comes from the
+preprocess pass (with the output's rounding residual when kept), ``dK`` is scaled by ``scale`` here and
+``dQ`` by the host's cast of the accumulator. Used by ``swa_triton._bwd_impl`` when the dK/dV launch row
+has a ``gluon`` dict and :func:`supported` holds (CUDA sm_90, 16-bit, D 64 or 128, TMA-viewable
+tensors, ``MNEMO_SWA_GLUON`` not ``0``). Tests: ``tests/gpu/test_swa_gluon_gpu.py`` (GPU) and
+``tests/ops/test_swa_gluon_compile.py`` (CPU compile for sm_90). Measurements: docs/results/block_sparse.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..triton_launch import CachedLaunch, sm_count, tma_row_view
+from . import swa_gluon
+
+HAVE_GLUON = swa_gluon.HAVE_GLUON
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    from .swa_gluon import _tma_load, _window
+
+    # a barrier of the calling partition's warps (a named barrier inside ``warp_specialize``): Triton 3.6 calls
+    # it ``thread_barrier``, 3.9 ``barrier``
+    _group_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+#: keys per consumer warp group (the wgmma M of a 4-warp group) and query rows per tile
+BN = 64
+BM = 64
+
+
+if HAVE_GLUON:
+    _BN = gl.constexpr(BN)
+    _BM = gl.constexpr(BM)
+
+    @gluon.jit
+    def _queries_of(n0, W, Lq, Lk, NA1D: gl.constexpr):
+        """``(i_first, i_last)``: the first and last query index whose window holds a key of
+        ``[n0, n0 + 2 BN)`` (``i_last < i_first`` when none does)."""
+        offset = Lk - Lq
+        n_last = gl.minimum(n0 + 2 * _BN, Lk) - 1
+        if NA1D:  # Lq = Lk; the inverse of the clamped window (swa_triton._na_first_query / _na_last_query)
+            first = gl.where(n0 - W + 1 <= 0, 0, n0 - W + 1 + W // 2)
+            last = gl.where(n_last >= Lk - W, Lk - 1, n_last + W // 2)
+        else:
+            first = gl.maximum(n0, offset) - offset
+            last = gl.minimum(n_last + W - 1, Lk - 1) - offset
+        return first, last
+
+    @gluon.jit
+    def _item(item, n_kblocks, W, Lq, Lk, HKV: gl.constexpr, NA1D: gl.constexpr):
+        """``(b, hk, n0, i0, n_tiles)`` of work item ``item``: batch, KV head, first key, first query
+        row of tile 0 and the number of ``BM``-row query tiles (per query head of the group)."""
+        bhk = item // n_kblocks
+        n0 = (item % n_kblocks) * (2 * _BN)
+        first, last = _queries_of(n0, W, Lq, Lk, NA1D)
+        n_tiles = gl.where(last >= first, (last - first) // _BM + 1, 0)
+        return bhk // HKV, bhk % HKV, n0, first, n_tiles
+
+    @gluon.jit
+    def _loader(k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
+                W, Lq, Lk, n_kblocks, n_items, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
+                STAGES: gl.constexpr, NA1D: gl.constexpr, WG: gl.constexpr):
+        """One warp: per item, its K and V (each group's half, and K again in ``D / 2``-column halves for
+        dQ) once both consumers have finished the last item; then the query tiles of every query head of
+        the group through the ring."""
+        kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free = bars
+        step = 0
+        j = 0
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            b, hk, n0, i0, n_tiles = _item(item, n_kblocks, W, Lq, Lk, HKV, NA1D)
+            mbarrier.wait(kv_empty, (j & 1) ^ 1)
+            mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
+                            + 4 * kd_desc.block_type.nbytes)
+            for w in gl.static_range(2):
+                _tma_load(k_desc, [b * Lk + n0 + w * _BN, hk * D], kv_ready, k_smem.index(w))
+                _tma_load(v_desc, [b * Lk + n0 + w * _BN, hk * D], kv_ready, v_smem.index(w))
+                for c in gl.static_range(2):
+                    _tma_load(kd_desc, [b * Lk + n0 + w * _BN, hk * D + c * (D // 2)], kv_ready,
+                              kd_smem.index(2 * w + c))
+            for g in range(GROUP):
+                h = hk * GROUP + g
+                for t in range(n_tiles):
+                    st = step % STAGES
+                    mbarrier.wait(qdo_empty.index(st), ((step // STAGES) & 1) ^ 1)
+                    row = b * Lq + i0 + t * _BM
+                    mbarrier.expect(q_ready.index(st), q_desc.block_type.nbytes)
+                    _tma_load(q_desc, [row, h * D], q_ready.index(st), q_smem.index(st))
+                    mbarrier.expect(do_ready.index(st), do_desc.block_type.nbytes)
+                    _tma_load(do_desc, [row, h * D], do_ready.index(st), do_smem.index(st))
+                    step += 1
+            j += 1
+
+    @gluon.jit
+    def _consumer(k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem, ds_smem,
+                  bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+                  qk_scale, sm_scale,
+                  H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                  NA1D: gl.constexpr, WG: gl.constexpr):
+        """Warp group ``WG``: keys ``[n0 + WG BN, + BN)`` of each item against every query tile; dQ columns
+        ``[WG D/2, (WG + 1) D/2)`` of every tile."""
+        kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free = bars
+        # S = Q Kᵀ is [BM queries, BN keys]: the per-query lse and Δ are two registers a thread (keys as rows
+        # would take 16 each); P and dS go to shared memory, where the next products read them transposed
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 16])
+        a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D // 2, 16])
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)  # per query
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)  # per key
+        offset = Lk - Lq
+        dtype: gl.constexpr = q_desc.dtype
+        s_zero = gl.zeros([_BM, _BN], gl.float32, layout=s_layout)
+        q_zero = gl.zeros([_BM, D // 2], gl.float32, layout=q_layout)
+        p_w = p_smem.index(WG)
+        step = 0
+        j = 0
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            b, hk, n0, i0, n_tiles = _item(item, n_kblocks, W, Lq, Lk, HKV, NA1D)
+            k0 = n0 + WG * _BN
+            dk = gl.zeros([_BN, D], gl.float32, layout=a_layout)
+            dv = gl.zeros([_BN, D], gl.float32, layout=a_layout)
+            mbarrier.wait(kv_ready, j & 1)
+            k_w = k_smem.index(WG)
+            v_w = v_smem.index(WG)
+            for g in range(GROUP):
+                h = hk * GROUP + g
+                stat = (b * H + h).to(gl.int64) * Lq
+                for t in range(n_tiles):
+                    st = step % STAGES
+                    ph = (step // STAGES) & 1
+                    r0 = i0 + t * _BM  # first query row of the tile
+                    rows = r0 + gl.arange(0, _BM, layout=row_s)
+                    row_ok = rows < Lq
+                    lse = gl.load(LSE + stat + rows, mask=row_ok, other=0.0)
+                    delta = gl.load(DELTA + stat + rows, mask=row_ok, other=0.0)
+                    mbarrier.wait(q_ready.index(st), ph)
+                    s = warpgroup_mma(q_smem.index(st), k_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    mbarrier.wait(do_ready.index(st), ph)
+                    dp = warpgroup_mma(do_smem.index(st), v_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    s = warpgroup_mma_wait(1, deps=(s,))
+                    # the element mask only where the tile is not wholly inside every row's window
+                    p0 = r0 + offset
+                    lo_l, hi_l = _window(p0 + _BM - 1, W, Lk, NA1D)
+                    lo_f, hi_f = _window(p0, W, Lk, NA1D)
+                    full = (r0 + _BM <= Lq) & (lo_l <= k0) & (hi_f >= k0 + _BN)
+                    if full:
+                        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+                    else:
+                        lo_r, hi_r = _window(rows + offset, W, Lk, NA1D)
+                        keys = gl.expand_dims(k0 + gl.arange(0, _BN, layout=col_s), 0)
+                        ok = (keys >= gl.expand_dims(lo_r, 1)) & (keys < gl.expand_dims(hi_r, 1)) & gl.expand_dims(row_ok, 1)
+                        p = gl.where(ok, gl.exp2(s * qk_scale - gl.expand_dims(lse, 1)), 0.0)
+                    # P to this group's buffer (its last reader, tile n - 1's dV product, has completed)
+                    p_w.store(p.to(dtype))
+                    fence_async_shared()
+                    _group_barrier()  # this group's four warps
+                    dv = warpgroup_mma(p_w.permute((1, 0)), do_smem.index(st), dv, is_async=True)
+                    dp = warpgroup_mma_wait(1, deps=(dp,))
+                    ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
+                    # dS to shared memory for dK and both groups' dQ; buffer (step % 2) was read two tiles ago
+                    buf = step % 2
+                    uses = step // 2
+                    ds_w = ds_smem.index(2 * buf + WG)
+                    mbarrier.wait(ds_free.index(buf), (uses & 1) ^ 1)
+                    ds_w.store(ds)
+                    fence_async_shared()
+                    _group_barrier()
+                    mbarrier.arrive(ds_ready.index(buf), count=1)
+                    dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
+                    mbarrier.wait(ds_ready.index(buf), uses & 1)
+                    # dQ[:, WG D/2 : (WG + 1) D/2] = dS_0 K_0[:, half] + dS_1 K_1[:, half]
+                    dq = warpgroup_mma(ds_smem.index(2 * buf), kd_smem.index(WG), q_zero, use_acc=False, is_async=True)
+                    dq = warpgroup_mma(ds_smem.index(2 * buf + 1), kd_smem.index(2 + WG), dq, is_async=True)
+                    dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+                    mbarrier.arrive(qdo_empty.index(st), count=1)
+                    mbarrier.arrive(ds_free.index(buf), count=1)
+                    # int32 offsets from a scalar base: 64-bit addresses per element would cost 64 registers
+                    qrows = gl.arange(0, _BM, layout=gl.SliceLayout(1, q_layout))
+                    qcols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, q_layout))
+                    q_base = DQA + ((b.to(gl.int64) * Lq + r0) * H + h) * D + WG * (D // 2)
+                    q_off = gl.expand_dims(qrows * (H * D), 1) + gl.expand_dims(qcols, 0)
+                    gl.atomic_add(q_base + q_off, dq, mask=gl.expand_dims(qrows < Lq - r0, 1), sem="relaxed")
+                    step += 1
+            # every product that read this item's K and V has completed
+            mbarrier.arrive(kv_empty, count=1)
+            krows = gl.arange(0, _BN, layout=gl.SliceLayout(1, a_layout))
+            dcols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, a_layout)), 0)
+            k_ok = gl.expand_dims(krows < Lk - k0, 1)
+            dk_base = DK + b.to(gl.int64) * sdkb + hk * sdkh + k0.to(gl.int64) * sdkt
+            gl.store(dk_base + gl.expand_dims(krows * sdkt, 1) + dcols, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok)
+            dv_base = DV + b.to(gl.int64) * sdvb + hk * sdvh + k0.to(gl.int64) * sdvt
+            gl.store(dv_base + gl.expand_dims(krows * sdvt, 1) + dcols, dv.to(DV.dtype.element_ty), mask=k_ok)
+            j += 1
+
+    @gluon.jit
+    def _swa_bwd_gluon_kernel(k_desc, v_desc, kd_desc, q_desc, do_desc, LSE, DELTA, DQA, DK, DV,
+                              sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, qk_scale, sm_scale, W, Lq, Lk, n_kblocks, n_items,
+                              H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
+                              STAGES: gl.constexpr, NA1D: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                              LOADER_REGS: gl.constexpr):
+        dtype: gl.constexpr = q_desc.dtype
+        k_smem = gl.allocate_shared_memory(dtype, [2, _BN, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, _BN, D], v_desc.layout)
+        kd_smem = gl.allocate_shared_memory(dtype, [4, _BN, D // 2], kd_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, _BM, D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, _BM, D], do_desc.layout)
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BM, _BN], dtype)
+        p_smem = gl.allocate_shared_memory(dtype, [2, _BM, _BN], p_layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [4, _BM, _BN], p_layout)
+        kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_ready, count=1)
+        mbarrier.init(kv_empty, count=2)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(qdo_empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(ds_ready.index(i), count=2)
+            mbarrier.init(ds_free.index(i), count=2)
+        fence_async_shared()
+        bars = (kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free)
+        gl.warp_specialize([
+            (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
+                         ds_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt,
+                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, 0)),
+            (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
+                         ds_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt,
+                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, 1)),
+            (_loader, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
+                       W, Lq, Lk, n_kblocks, n_items, HKV, GROUP, D, STAGES, NA1D, 2)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def supported(q: Tensor, k: Tensor, v: Tensor, do: Tensor, scale: float, cfg: dict) -> bool:
+    """Whether the Gluon backward can run this call (else ``swa_triton``'s two kernels run)."""
+    return swa_gluon.supported(q, k, v, scale, cfg) and do.dtype == q.dtype and tma_row_view(do) is not None
+
+
+def _desc(t: Tensor, rows: int, cols: int):
+    """A host TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]``, ``rows`` x ``cols`` tiles."""
+    shape, strides = tma_row_view(t)
+    return swa_gluon.GluonTensorDescriptor(t, shape=shape, strides=strides, block_shape=[rows, cols],
+                                           layout=swa_gluon._smem_layout(rows, cols, t.dtype))
+
+
+_BWD = CachedLaunch(_swa_bwd_gluon_kernel) if HAVE_GLUON else None
+
+
+def smem_bytes(d: int, stages: int, elem: int = 2) -> int:
+    """Shared memory of one program: K, V, K in column halves, the Q / dO ring, two P and four dS tiles."""
+    return (3 * 2 * BN * d + 2 * stages * BM * d + 6 * BN * BM) * elem
+
+
+def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, window: int, scale: float,
+             qk_scale: float, na1d: bool, cfg: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dqa, dk, dv)``: dK and dV (``k``'s and ``v``'s dtype, scaled) and ``dqa`` the fp32 dQ accumulator
+    ``[B, Lq, H, D]`` still to be multiplied by ``scale``. ``lse`` (base 2) and ``delta`` are ``[B, H, Lq]``.
+    ``cfg``: the dK/dV row's ``gluon`` dict (``stages`` ring slots, ``regs`` registers per consumer thread,
+    ``persistent``)."""
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    stages = int(cfg.get("stages", 2))
+    if smem_bytes(d, stages) > 220 * 1024:
+        raise ValueError(f"swa_gluon_bwd: {stages} ring slots at D = {d} need {smem_bytes(d, stages) // 1024} KiB of "
+                         "shared memory (at most 220 on sm_90)")
+    dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    n_kblocks = (lk + 2 * BN - 1) // (2 * BN)
+    n_items = n_kblocks * b * hkv
+    grid = (min(n_items, sm_count(q.device)) if cfg.get("persistent", True) else n_items,)
+    _BWD[grid](
+        _desc(k, BN, d), _desc(v, BN, d), _desc(k, BN, d // 2), _desc(q, BM, d), _desc(do, BM, d),
+        lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        qk_scale, scale, window, lq, lk, n_kblocks, n_items,
+        H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d),
+        CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
+    )
+    return dqa, dk, dv
+
+
+def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str = "bf16", regs: int = 240,
+                 maxnreg: int = 168, loader_regs: int = 24):
+    """Compile the kernel for sm_90 without a GPU (see ``swa_gluon.compile_sm90``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+
+    def desc(rows: int, cols: int) -> str:
+        return f"tensordesc<{dtype}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
+
+    fn = _swa_bwd_gluon_kernel
+    names = list(fn.arg_names)
+    sig = dict(k_desc=desc(BN, d), v_desc=desc(BN, d), kd_desc=desc(BN, d // 2), q_desc=desc(BM, d),
+               do_desc=desc(BM, d), LSE="*fp32", DELTA="*fp32", DQA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}",
+               sdkb="i64", sdkt="i64", sdkh="i64", sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32",
+               sm_scale="fp32", W="i32", Lq="i32", Lk="i32", n_kblocks="i32", n_items="i32")
+    const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
+    sig.update({k: "constexpr" for k in const})
+    src = GluonASTSource(fn, {n: sig[n] for n in names}, {(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+
+
+__all__ = ["BM", "BN", "HAVE_GLUON", "backward", "compile_sm90", "smem_bytes", "supported"]
