@@ -177,6 +177,13 @@ def bwd_calls(monkeypatch):
     return count
 
 
+def _err(g, r) -> float:
+    """Relative error, against at least 1e-3 per element: with a window of one key dQ is zero in exact
+    arithmetic (dP = Δ), and both kernels return rounding noise of ~1e-7 there."""
+    floor = 1e-3 * r.numel() ** 0.5
+    return ((g.double() - r.double()).norm() / r.double().norm().clamp_min(floor)).item()
+
+
 def _reference_grads(q, k, v, go, w, scale, na1d):
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     o, _ = _reference(*leaves, w, scale, na1d)
@@ -207,9 +214,9 @@ def test_gluon_backward_matches_reference_and_triton(case, cfg, bwd_calls) -> No
     for name, g, t, r in zip("qkv", grads, tri, ref):
         assert g.shape == r.shape and g.dtype == q.dtype
         assert torch.isfinite(g).all(), name
-        assert _rel(g, r) < 1e-2, (name, _rel(g, r))
+        assert _err(g, r) < 1e-2, (name, _err(g, r))
         # as close to float64 as the Triton kernels are (both round the same fp32 sums to 16 bits)
-        assert _rel(g, r) < 1.5 * _rel(t, r) + 1e-3, (name, _rel(g, r), _rel(t, r))
+        assert _err(g, r) < 1.5 * _err(t, r) + 1e-3, (name, _err(g, r), _err(t, r))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

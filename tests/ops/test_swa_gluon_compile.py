@@ -38,7 +38,7 @@ for d, stages, na1d in json.loads(sys.argv[1]):
     k = swa_gluon_bwd.compile_sm90(d=d, stages=stages, na1d=na1d)
     ptx = k.asm["ptx"]
     out.append(dict(warps=k.metadata.num_warps, shared=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
-                    atomics="atom.global" in ptx or "red.global" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                    atomics="red.relaxed.gpu.global.add.v2.f32" in ptx, tma="cp.async.bulk.tensor" in ptx,
                     named_barriers=sorted(set(ln.split()[1] for ln in ptx.splitlines() if ln.strip().startswith("bar.sync")))))
 print("RESULT " + json.dumps(out))
 """
@@ -62,7 +62,7 @@ def test_kernel_compiles_for_sm90() -> None:
 
 @needs_gluon
 def test_backward_compiles_for_sm90() -> None:
-    """The backward: two consumer groups and a loader warp, wgmma products, TMA loads, dQ by atomics, and the
+    """The backward: two consumer groups and a loader warp, wgmma products, TMA loads, dQ by 8-byte atomics, and the
     groups' own barriers named (a CTA-wide ``bar.sync 0`` inside one partition would hang the others)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_BWD, json.dumps(BWD_CASES)], env=env, capture_output=True,

@@ -92,6 +92,25 @@ if HAVE_GLUON:
         return bhk // HKV, bhk % HKV, n0, first, n_tiles
 
     @gluon.jit
+    def _red_add_v2(ptrs, x, ok):
+        """``*ptrs += x`` where ``ok``, relaxed, at GPU scope: one 8-byte ``red.v2.f32`` (sm_90) per pair of adjacent
+        columns a thread holds in the wgmma accumulator layout, half the instructions and L2 requests of
+        ``gl.atomic_add``'s scalar ones (Triton 3.6 does not vectorise float atomics). The pair's first address
+        is used for both: the pairs are columns ``2i, 2i + 1`` (GPU-tested against the Triton backward)."""
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.relaxed.gpu.global.add.v2.f32 [$2], {$4, $5}; "
+            "mov.b32 $0, 0; mov.b32 $1, 0; }",
+            "=r,=r,l,l,f,f,r,r", [ptrs.to(gl.int64), x, ok.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=2)
+
+    @gluon.jit
+    def _stats(LSE, DELTA, b, h, r0, Lq, H: gl.constexpr, layout: gl.constexpr, pred):
+        """lse and Δ of query rows ``[r0, r0 + BM)`` of head ``h`` (zero past ``Lq`` or without ``pred``)."""
+        rows = r0 + gl.arange(0, _BM, layout=layout)
+        ok = (rows < Lq) & pred
+        base = (b * H + h).to(gl.int64) * Lq
+        return gl.load(LSE + base + rows, mask=ok, other=0.0), gl.load(DELTA + base + rows, mask=ok, other=0.0)
+
+    @gluon.jit
     def _loader(k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
                 W, Lq, Lk, n_kblocks, n_items, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                 STAGES: gl.constexpr, NA1D: gl.constexpr, WG: gl.constexpr):
@@ -157,65 +176,72 @@ if HAVE_GLUON:
             mbarrier.wait(kv_ready, j & 1)
             k_w = k_smem.index(WG)
             v_w = v_smem.index(WG)
-            for g in range(GROUP):
+            # the query tiles of every query head of the group, one loop; lse and Δ of tile u + 1 are loaded
+            # during tile u (from L2 their latency would sit on each tile's critical path)
+            n_steps = GROUP * n_tiles
+            lse_n, delta_n = _stats(LSE, DELTA, b, hk * GROUP, i0, Lq, H, row_s, n_steps > 0)
+            for u in range(n_steps):
+                g = u // n_tiles
                 h = hk * GROUP + g
-                stat = (b * H + h).to(gl.int64) * Lq
-                for t in range(n_tiles):
-                    st = step % STAGES
-                    ph = (step // STAGES) & 1
-                    r0 = i0 + t * _BM  # first query row of the tile
-                    rows = r0 + gl.arange(0, _BM, layout=row_s)
-                    row_ok = rows < Lq
-                    lse = gl.load(LSE + stat + rows, mask=row_ok, other=0.0)
-                    delta = gl.load(DELTA + stat + rows, mask=row_ok, other=0.0)
-                    mbarrier.wait(q_ready.index(st), ph)
-                    s = warpgroup_mma(q_smem.index(st), k_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                    mbarrier.wait(do_ready.index(st), ph)
-                    dp = warpgroup_mma(do_smem.index(st), v_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                    s = warpgroup_mma_wait(1, deps=(s,))
-                    # the element mask only where the tile is not wholly inside every row's window
-                    p0 = r0 + offset
-                    lo_l, hi_l = _window(p0 + _BM - 1, W, Lk, NA1D)
-                    lo_f, hi_f = _window(p0, W, Lk, NA1D)
-                    full = (r0 + _BM <= Lq) & (lo_l <= k0) & (hi_f >= k0 + _BN)
-                    if full:
-                        p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
-                    else:
-                        lo_r, hi_r = _window(rows + offset, W, Lk, NA1D)
-                        keys = gl.expand_dims(k0 + gl.arange(0, _BN, layout=col_s), 0)
-                        ok = (keys >= gl.expand_dims(lo_r, 1)) & (keys < gl.expand_dims(hi_r, 1)) & gl.expand_dims(row_ok, 1)
-                        p = gl.where(ok, gl.exp2(s * qk_scale - gl.expand_dims(lse, 1)), 0.0)
-                    # P to this group's buffer (its last reader, tile n - 1's dV product, has completed)
-                    p_w.store(p.to(dtype))
-                    fence_async_shared()
-                    _group_barrier()  # this group's four warps
-                    dv = warpgroup_mma(p_w.permute((1, 0)), do_smem.index(st), dv, is_async=True)
-                    dp = warpgroup_mma_wait(1, deps=(dp,))
-                    ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
-                    # dS to shared memory for dK and both groups' dQ; buffer (step % 2) was read two tiles ago
-                    buf = step % 2
-                    uses = step // 2
-                    ds_w = ds_smem.index(2 * buf + WG)
-                    mbarrier.wait(ds_free.index(buf), (uses & 1) ^ 1)
-                    ds_w.store(ds)
-                    fence_async_shared()
-                    _group_barrier()
-                    mbarrier.arrive(ds_ready.index(buf), count=1)
-                    dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
-                    mbarrier.wait(ds_ready.index(buf), uses & 1)
-                    # dQ[:, WG D/2 : (WG + 1) D/2] = dS_0 K_0[:, half] + dS_1 K_1[:, half]
-                    dq = warpgroup_mma(ds_smem.index(2 * buf), kd_smem.index(WG), q_zero, use_acc=False, is_async=True)
-                    dq = warpgroup_mma(ds_smem.index(2 * buf + 1), kd_smem.index(2 + WG), dq, is_async=True)
-                    dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
-                    mbarrier.arrive(qdo_empty.index(st), count=1)
-                    mbarrier.arrive(ds_free.index(buf), count=1)
-                    # int32 offsets from a scalar base: 64-bit addresses per element would cost 64 registers
-                    qrows = gl.arange(0, _BM, layout=gl.SliceLayout(1, q_layout))
-                    qcols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, q_layout))
-                    q_base = DQA + ((b.to(gl.int64) * Lq + r0) * H + h) * D + WG * (D // 2)
-                    q_off = gl.expand_dims(qrows * (H * D), 1) + gl.expand_dims(qcols, 0)
-                    gl.atomic_add(q_base + q_off, dq, mask=gl.expand_dims(qrows < Lq - r0, 1), sem="relaxed")
-                    step += 1
+                r0 = i0 + (u - g * n_tiles) * _BM  # first query row of the tile
+                rows = r0 + gl.arange(0, _BM, layout=row_s)
+                row_ok = rows < Lq
+                lse = lse_n
+                delta = delta_n
+                g1 = (u + 1) // n_tiles
+                lse_n, delta_n = _stats(LSE, DELTA, b, hk * GROUP + g1, i0 + (u + 1 - g1 * n_tiles) * _BM, Lq, H,
+                                        row_s, u + 1 < n_steps)
+                st = step % STAGES
+                ph = (step // STAGES) & 1
+                mbarrier.wait(q_ready.index(st), ph)
+                s = warpgroup_mma(q_smem.index(st), k_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(do_ready.index(st), ph)
+                dp = warpgroup_mma(do_smem.index(st), v_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s,))
+                # the element mask only where the tile is not wholly inside every row's window
+                p0 = r0 + offset
+                lo_l, hi_l = _window(p0 + _BM - 1, W, Lk, NA1D)
+                lo_f, hi_f = _window(p0, W, Lk, NA1D)
+                full = (r0 + _BM <= Lq) & (lo_l <= k0) & (hi_f >= k0 + _BN)
+                if full:
+                    p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+                else:
+                    lo_r, hi_r = _window(rows + offset, W, Lk, NA1D)
+                    keys = gl.expand_dims(k0 + gl.arange(0, _BN, layout=col_s), 0)
+                    ok = (keys >= gl.expand_dims(lo_r, 1)) & (keys < gl.expand_dims(hi_r, 1)) & gl.expand_dims(row_ok, 1)
+                    p = gl.where(ok, gl.exp2(s * qk_scale - gl.expand_dims(lse, 1)), 0.0)
+                # P to this group's buffer (its last reader, tile n - 1's dV product, has completed)
+                p_w.store(p.to(dtype))
+                fence_async_shared()
+                _group_barrier()  # this group's four warps
+                dv = warpgroup_mma(p_w.permute((1, 0)), do_smem.index(st), dv, is_async=True)
+                dp = warpgroup_mma_wait(1, deps=(dp,))
+                ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
+                # dS to shared memory for dK and both groups' dQ; buffer (step % 2) was read two tiles ago
+                buf = step % 2
+                uses = step // 2
+                ds_w = ds_smem.index(2 * buf + WG)
+                mbarrier.wait(ds_free.index(buf), (uses & 1) ^ 1)
+                ds_w.store(ds)
+                fence_async_shared()
+                _group_barrier()
+                mbarrier.arrive(ds_ready.index(buf), count=1)
+                dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
+                mbarrier.wait(ds_ready.index(buf), uses & 1)
+                # dQ[:, WG D/2 : (WG + 1) D/2] = dS_0 K_0[:, half] + dS_1 K_1[:, half]
+                dq = warpgroup_mma(ds_smem.index(2 * buf), kd_smem.index(WG), q_zero, use_acc=False, is_async=True)
+                dq = warpgroup_mma(ds_smem.index(2 * buf + 1), kd_smem.index(2 + WG), dq, is_async=True)
+                dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+                mbarrier.arrive(qdo_empty.index(st), count=1)
+                mbarrier.arrive(ds_free.index(buf), count=1)
+                # int32 offsets from a scalar base: 64-bit addresses per element would cost 64 registers
+                qrows = gl.arange(0, _BM, layout=gl.SliceLayout(1, q_layout))
+                qcols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, q_layout))
+                q_base = DQA + ((b.to(gl.int64) * Lq + r0) * H + h) * D + WG * (D // 2)
+                q_off = gl.expand_dims(qrows * (H * D), 1) + gl.expand_dims(qcols, 0)
+                q_ok = gl.expand_dims(qrows < Lq - r0, 1) & gl.expand_dims(qcols >= 0, 0)
+                _red_add_v2(q_base + q_off, dq, q_ok)
+                step += 1
             # every product that read this item's K and V has completed
             mbarrier.arrive(kv_empty, count=1)
             krows = gl.arange(0, _BN, layout=gl.SliceLayout(1, a_layout))
