@@ -12,7 +12,7 @@ table; the rows to put in ``swa_triton.LAUNCH`` are the fastest correct ones.
 
 ``--backward`` does the same for the Gluon backward (ops/block_sparse/swa_gluon_bwd.py): CUDA-graph replays of
 ``swa_triton._bwd_impl`` alone (Δ pass, kernels and dQ cast) on one forward's outputs, the Triton dK/dV + dQ
-kernels against each Gluon launch (``stages``, ``regs``, ``persistent``), each launch's dQ, dK, dV first compared
+kernels against each Gluon launch (``stages``, ``regs``, ``persistent``, ``dq``), each launch's dQ, dK, dV first compared
 with the Triton kernels' (relative error < 1e-2, else reported and not timed).
 """
 
@@ -81,7 +81,7 @@ def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     return row
 
 
-BWD_GLUON = [dict(stages=2), dict(stages=1), dict(stages=2, persistent=False), dict(stages=2, regs=232)]
+BWD_GLUON = [dict(stages=2), dict(stages=2, dq="shared"), dict(stages=2, regs=232), dict(stages=2, dq="shared", regs=232)]
 
 
 def run_bwd_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:

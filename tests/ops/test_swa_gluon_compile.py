@@ -34,15 +34,15 @@ _COMPILE_BWD = """
 import json, sys
 from mnemotorch.ops.block_sparse import swa_gluon_bwd
 out = []
-for d, stages, na1d in json.loads(sys.argv[1]):
-    k = swa_gluon_bwd.compile_sm90(d=d, stages=stages, na1d=na1d)
+for d, stages, na1d, shared in json.loads(sys.argv[1]):
+    k = swa_gluon_bwd.compile_sm90(d=d, stages=stages, na1d=na1d, shared_dq=shared)
     ptx = k.asm["ptx"]
     out.append(dict(warps=k.metadata.num_warps, shared=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
                     atomics="red.relaxed.gpu.global.add.v2.f32" in ptx, tma="cp.async.bulk.tensor" in ptx,
                     named_barriers=sorted(set(ln.split()[1] for ln in ptx.splitlines() if ln.strip().startswith("bar.sync")))))
 print("RESULT " + json.dumps(out))
 """
-BWD_CASES = [(128, 2, False), (64, 3, True)]
+BWD_CASES = [(128, 2, False, False), (64, 3, True, True)]
 
 
 @needs_gluon
@@ -69,7 +69,7 @@ def test_backward_compiles_for_sm90() -> None:
                        text=True, timeout=600)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, r.stderr[-3000:]
-    for (d, stages, _), k in zip(BWD_CASES, json.loads(lines[-1][7:])):
+    for (d, stages, _, _), k in zip(BWD_CASES, json.loads(lines[-1][7:])):
         assert k["warps"] == 12 and k["wgmma"] >= 2 * 7 and k["atomics"] and k["tma"], k
         assert k["shared"] >= swa_gluon_bwd.smem_bytes(d, stages), k
         assert len(k["named_barriers"]) >= 2, k  # one per consumer group
@@ -84,7 +84,7 @@ def test_backward_dispatch_rows() -> None:
     assert not swa_triton.launch_config("dkdv", 64, torch.bfloat16).get("gluon")
     with swa_triton.override_launch(dkdv=dict(fused_dq=True)):  # a Triton dK/dV override runs that kernel
         assert swa_triton.launch_config("dkdv", 128, torch.bfloat16)["gluon"] is False
-    for bad in (dict(stages=0), dict(BN=128), "yes"):
+    for bad in (dict(stages=0), dict(BN=128), dict(dq="both"), "yes"):
         with pytest.raises(ValueError, match="gluon"):
             swa_triton._check_tile("dkdv", dict(row, gluon=bad))
     with pytest.raises(ValueError, match="shared memory"):

@@ -92,23 +92,27 @@ if HAVE_GLUON:
         return bhk // HKV, bhk % HKV, n0, first, n_tiles
 
     @gluon.jit
-    def _red_add_v2(ptrs, x, ok):
-        """``*ptrs += x`` where ``ok``, relaxed, at GPU scope: one 8-byte ``red.v2.f32`` (sm_90) per pair of adjacent
-        columns a thread holds in the wgmma accumulator layout, half the instructions and L2 requests of
-        ``gl.atomic_add``'s scalar ones (Triton 3.6 does not vectorise float atomics). The pair's first address
-        is used for both: the pairs are columns ``2i, 2i + 1`` (GPU-tested against the Triton backward)."""
+    def _red_add_v2(base, offs, x, ok):
+        """``base[offs] += x`` where ``ok`` (fp32, relaxed, GPU scope), as one 8-byte ``red.v2.f32`` (sm_90) per pair
+        of adjacent columns a thread holds in the wgmma accumulator layout: half the instructions and L2 requests
+        of ``gl.atomic_add``'s scalar ones (Triton 3.6 does not vectorise float atomics). The pair's first offset
+        addresses both (the pairs are columns ``2i, 2i + 1``; GPU-tested against the Triton backward). ``base`` is
+        a scalar pointer and ``offs`` int32, so the addresses are formed in the instruction (64-bit addresses
+        per element would take 64 registers)."""
+        addr = gl.full(offs.shape, 0, gl.int64, layout=offs.type.layout) + base.to(gl.int64)
         gl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.relaxed.gpu.global.add.v2.f32 [$2], {$4, $5}; "
-            "mov.b32 $0, 0; mov.b32 $1, 0; }",
-            "=r,=r,l,l,f,f,r,r", [ptrs.to(gl.int64), x, ok.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=2)
+            "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $6, 0; mad.wide.s32 a, $2, 4, $8; "
+            "@p red.relaxed.gpu.global.add.v2.f32 [a], {$4, $5}; mov.b32 $0, 0; mov.b32 $1, 0; }",
+            "=r,=r,r,r,f,f,r,r,l,l", [offs, x, ok.to(gl.int32), addr], dtype=gl.int32, is_pure=False, pack=2)
 
     @gluon.jit
     def _stats(LSE, DELTA, b, h, r0, Lq, H: gl.constexpr, layout: gl.constexpr, pred):
-        """lse and Δ of query rows ``[r0, r0 + BM)`` of head ``h`` (zero past ``Lq`` or without ``pred``)."""
+        """lse and Δ of query rows ``[r0, r0 + BM)`` of head ``h`` (+inf and 0 past ``Lq`` or without ``pred``)."""
         rows = r0 + gl.arange(0, _BM, layout=layout)
         ok = (rows < Lq) & pred
         base = (b * H + h).to(gl.int64) * Lq
-        return gl.load(LSE + base + rows, mask=ok, other=0.0), gl.load(DELTA + base + rows, mask=ok, other=0.0)
+        # lse = +inf past the end: exp2(s - lse) = 0 zeroes those rows of P (and of dS) without a mask
+        return gl.load(LSE + base + rows, mask=ok, other=float("inf")), gl.load(DELTA + base + rows, mask=ok, other=0.0)
 
     @gluon.jit
     def _loader(k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
@@ -149,7 +153,7 @@ if HAVE_GLUON:
                   bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
                   qk_scale, sm_scale,
                   H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                  NA1D: gl.constexpr, WG: gl.constexpr):
+                  NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, WG: gl.constexpr):
         """Warp group ``WG``: keys ``[n0 + WG BN, + BN)`` of each item against every query tile; dQ columns
         ``[WG D/2, (WG + 1) D/2)`` of every tile."""
         kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free = bars
@@ -180,17 +184,16 @@ if HAVE_GLUON:
             # during tile u (from L2 their latency would sit on each tile's critical path)
             n_steps = GROUP * n_tiles
             lse_n, delta_n = _stats(LSE, DELTA, b, hk * GROUP, i0, Lq, H, row_s, n_steps > 0)
+            h = hk * GROUP  # the tile's query head and first row, stepped without a division
+            r0 = i0
             for u in range(n_steps):
-                g = u // n_tiles
-                h = hk * GROUP + g
-                r0 = i0 + (u - g * n_tiles) * _BM  # first query row of the tile
                 rows = r0 + gl.arange(0, _BM, layout=row_s)
-                row_ok = rows < Lq
                 lse = lse_n
                 delta = delta_n
-                g1 = (u + 1) // n_tiles
-                lse_n, delta_n = _stats(LSE, DELTA, b, hk * GROUP + g1, i0 + (u + 1 - g1 * n_tiles) * _BM, Lq, H,
-                                        row_s, u + 1 < n_steps)
+                wrap = r0 + _BM >= i0 + n_tiles * _BM  # the next tile is the next head's first
+                h_n = gl.where(wrap, h + 1, h)
+                r0_n = gl.where(wrap, i0, r0 + _BM)
+                lse_n, delta_n = _stats(LSE, DELTA, b, h_n, r0_n, Lq, H, row_s, u + 1 < n_steps)
                 st = step % STAGES
                 ph = (step // STAGES) & 1
                 mbarrier.wait(q_ready.index(st), ph)
@@ -207,9 +210,10 @@ if HAVE_GLUON:
                     p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
                 else:
                     lo_r, hi_r = _window(rows + offset, W, Lk, NA1D)
-                    keys = gl.expand_dims(k0 + gl.arange(0, _BN, layout=col_s), 0)
-                    ok = (keys >= gl.expand_dims(lo_r, 1)) & (keys < gl.expand_dims(hi_r, 1)) & gl.expand_dims(row_ok, 1)
-                    p = gl.where(ok, gl.exp2(s * qk_scale - gl.expand_dims(lse, 1)), 0.0)
+                    # keys relative to k0 (fewer live vectors); rows past Lq have lse = +inf, so P = 0 there
+                    kr = gl.expand_dims(gl.arange(0, _BN, layout=col_s), 0)
+                    ok = (kr >= gl.expand_dims(lo_r - k0, 1)) & (kr < gl.expand_dims(hi_r - k0, 1))
+                    p = gl.exp2(gl.where(ok, s, float("-inf")) * qk_scale - gl.expand_dims(lse, 1))
                 # P to this group's buffer (its last reader, tile n - 1's dV product, has completed)
                 p_w.store(p.to(dtype))
                 fence_async_shared()
@@ -217,31 +221,48 @@ if HAVE_GLUON:
                 dv = warpgroup_mma(p_w.permute((1, 0)), do_smem.index(st), dv, is_async=True)
                 dp = warpgroup_mma_wait(1, deps=(dp,))
                 ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
-                # dS to shared memory for dK and both groups' dQ; buffer (step % 2) was read two tiles ago
-                buf = step % 2
-                uses = step // 2
-                ds_w = ds_smem.index(2 * buf + WG)
-                mbarrier.wait(ds_free.index(buf), (uses & 1) ^ 1)
-                ds_w.store(ds)
-                fence_async_shared()
-                _group_barrier()
-                mbarrier.arrive(ds_ready.index(buf), count=1)
-                dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
-                mbarrier.wait(ds_ready.index(buf), uses & 1)
-                # dQ[:, WG D/2 : (WG + 1) D/2] = dS_0 K_0[:, half] + dS_1 K_1[:, half]
-                dq = warpgroup_mma(ds_smem.index(2 * buf), kd_smem.index(WG), q_zero, use_acc=False, is_async=True)
-                dq = warpgroup_mma(ds_smem.index(2 * buf + 1), kd_smem.index(2 + WG), dq, is_async=True)
-                dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
-                mbarrier.arrive(qdo_empty.index(st), count=1)
-                mbarrier.arrive(ds_free.index(buf), count=1)
-                # int32 offsets from a scalar base: 64-bit addresses per element would cost 64 registers
                 qrows = gl.arange(0, _BM, layout=gl.SliceLayout(1, q_layout))
                 qcols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, q_layout))
-                q_base = DQA + ((b.to(gl.int64) * Lq + r0) * H + h) * D + WG * (D // 2)
                 q_off = gl.expand_dims(qrows * (H * D), 1) + gl.expand_dims(qcols, 0)
                 q_ok = gl.expand_dims(qrows < Lq - r0, 1) & gl.expand_dims(qcols >= 0, 0)
-                _red_add_v2(q_base + q_off, dq, q_ok)
+                q_row = DQA + ((b.to(gl.int64) * Lq + r0) * H + h) * D
+                if SHARED_DQ:
+                    # dS to shared memory for dK and both groups' dQ; buffer (step % 2) was read two tiles ago
+                    buf = step % 2
+                    uses = step // 2
+                    ds_w = ds_smem.index(2 * buf + WG)
+                    mbarrier.wait(ds_free.index(buf), (uses & 1) ^ 1)
+                    ds_w.store(ds)
+                    fence_async_shared()
+                    _group_barrier()
+                    mbarrier.arrive(ds_ready.index(buf), count=1)
+                    dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
+                    mbarrier.wait(ds_ready.index(buf), uses & 1)
+                    # dQ[:, WG D/2 : (WG + 1) D/2] = dS_0 K_0[:, half] + dS_1 K_1[:, half]
+                    dq = warpgroup_mma(ds_smem.index(2 * buf), kd_smem.index(WG), q_zero, use_acc=False, is_async=True)
+                    dq = warpgroup_mma(ds_smem.index(2 * buf + 1), kd_smem.index(2 + WG), dq, is_async=True)
+                    dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+                    mbarrier.arrive(qdo_empty.index(st), count=1)
+                    mbarrier.arrive(ds_free.index(buf), count=1)
+                    _red_add_v2(q_row + WG * (D // 2), q_off, dq, q_ok)
+                else:
+                    # this group's own share of dQ, dS_WG K_WG, in two column halves: the groups never wait on
+                    # each other (one's softmax runs under the other's products), at twice the reductions
+                    ds_w = ds_smem.index(WG)  # its last readers (tile n - 1's dK and dQ) have completed
+                    ds_w.store(ds)
+                    fence_async_shared()
+                    _group_barrier()
+                    dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
+                    dq = warpgroup_mma(ds_w, kd_smem.index(2 * WG), q_zero, use_acc=False, is_async=True)
+                    dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+                    mbarrier.arrive(qdo_empty.index(st), count=1)
+                    dq1 = warpgroup_mma(ds_w, kd_smem.index(2 * WG + 1), q_zero, use_acc=False, is_async=True)
+                    _red_add_v2(q_row, q_off, dq, q_ok)
+                    dq1 = warpgroup_mma_wait(0, deps=(dq1,))
+                    _red_add_v2(q_row + D // 2, q_off, dq1, q_ok)
                 step += 1
+                h = h_n
+                r0 = r0_n
             # every product that read this item's K and V has completed
             mbarrier.arrive(kv_empty, count=1)
             krows = gl.arange(0, _BN, layout=gl.SliceLayout(1, a_layout))
@@ -257,7 +278,7 @@ if HAVE_GLUON:
     def _swa_bwd_gluon_kernel(k_desc, v_desc, kd_desc, q_desc, do_desc, LSE, DELTA, DQA, DK, DV,
                               sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, qk_scale, sm_scale, W, Lq, Lk, n_kblocks, n_items,
                               H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                              STAGES: gl.constexpr, NA1D: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                              STAGES: gl.constexpr, NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                               LOADER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         k_smem = gl.allocate_shared_memory(dtype, [2, _BN, D], k_desc.layout)
@@ -289,10 +310,10 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
                          ds_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt,
-                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, 0)),
+                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, 0)),
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
                          ds_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt,
-                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, 1)),
+                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, 1)),
             (_loader, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
                        W, Lq, Lk, n_kblocks, n_items, HKV, GROUP, D, STAGES, NA1D, 2)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -323,7 +344,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     """``(dqa, dk, dv)``: dK and dV (``k``'s and ``v``'s dtype, scaled) and ``dqa`` the fp32 dQ accumulator
     ``[B, Lq, H, D]`` still to be multiplied by ``scale``. ``lse`` (base 2) and ``delta`` are ``[B, H, Lq]``.
     ``cfg``: the dK/dV row's ``gluon`` dict (``stages`` ring slots, ``regs`` registers per consumer thread,
-    ``persistent``)."""
+    ``persistent``, ``dq``: ``"own"``, each group reduces its own ``dS K`` share, or ``"shared"``, the groups
+    exchange ``dS`` and each reduces half of the columns of the sum)."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     stages = int(cfg.get("stages", 2))
@@ -340,14 +362,14 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
         _desc(k, BN, d), _desc(v, BN, d), _desc(k, BN, d // 2), _desc(q, BM, d), _desc(do, BM, d),
         lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         qk_scale, scale, window, lq, lk, n_kblocks, n_items,
-        H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d),
+        H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=cfg.get("dq", "own") == "shared",
         CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
     )
     return dqa, dk, dv
 
 
 def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str = "bf16", regs: int = 240,
-                 maxnreg: int = 168, loader_regs: int = 24):
+                 maxnreg: int = 168, loader_regs: int = 24, shared_dq: bool = False):
     """Compile the kernel for sm_90 without a GPU (see ``swa_gluon.compile_sm90``)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -364,7 +386,8 @@ def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str =
                do_desc=desc(BM, d), LSE="*fp32", DELTA="*fp32", DQA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}",
                sdkb="i64", sdkt="i64", sdkh="i64", sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32",
                sm_scale="fp32", W="i32", Lq="i32", Lk="i32", n_kblocks="i32", n_items="i32")
-    const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
+    const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, SHARED_DQ=shared_dq, CONSUMER_REGS=regs,
+                 LOADER_REGS=loader_regs)
     sig.update({k: "constexpr" for k in const})
     src = GluonASTSource(fn, {n: sig[n] for n in names}, {(names.index(k),): v for k, v in const.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
