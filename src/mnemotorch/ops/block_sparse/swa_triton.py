@@ -743,13 +743,14 @@ def _swa_bwd_dq_kernel(
 #:   sliding window 1.144 ms at L = 65536, W = 1024 (Triton row 1.253 in that run; 1.154 against Flex's 1.850 in
 #:   ``mnemo bench``), NA-1D 0.0755 ms at L = 32768, K = 2048, H = 1 (0.0790 against SDPA's 0.805 in the bench).
 LAUNCH: dict[tuple[str, int, str], dict] = {
-    ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
+    ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0, one_loop=False,
+                            gluon=dict(BN=64, stages=4)),
     ("fwd", 128, "16"): dict(BM=64, BN=64, warps=4, stages=3, tma=True, ws=False, lazy=0.0, one_loop=True,  # 2nd sweep
                              gluon=dict(BN=64, stages=4)),  # 22nd session: swa_gluon, persistent (the Triton row: its fallback)
     ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
     ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dkdv", 128, "16"): dict(BM=32, BN=64, warps=4, stages=3, fused_dq=False, tma=False, ws=False, one_loop=False,
-                              gluon=dict(stages=2)),  # 23rd session: swa_gluon_bwd (the Triton rows: its fallback)
+                              gluon=False),  # swa_gluon_bwd: correct, slower (5.41 vs 4.52 ms; block_sparse.md)
     ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
     ("dq", 64, "16"): dict(BM=128, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=True, delta=True),  # 2nd sweep
     ("dq", 128, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=True),  # 2nd sweep
