@@ -161,7 +161,7 @@ def test_gradients_through_the_gluon_forward(na1d) -> None:
 # ---------------------------------------------------------------------------------------------
 # the Gluon backward (ops/block_sparse/swa_gluon_bwd.py): dK, dV and dQ in one kernel
 
-BWD_CONFIGS = [dict(stages=2), dict(stages=2, dq="shared"), dict(stages=1, persistent=False)]
+BWD_CONFIGS = [dict(stages=2), dict(stages=2, dq="own"), dict(stages=1, persistent=False)]
 
 
 @pytest.fixture

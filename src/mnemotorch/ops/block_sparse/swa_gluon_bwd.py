@@ -30,7 +30,14 @@ preprocess pass (with the output's rounding residual when kept), ``dK`` is scale
 ``dQ`` by the host's cast of the accumulator. Used by ``swa_triton._bwd_impl`` when the dK/dV launch row
 has a ``gluon`` dict and :func:`supported` holds (CUDA sm_90, 16-bit, D 64 or 128, TMA-viewable
 tensors, ``MNEMO_SWA_GLUON`` not ``0``). Tests: ``tests/gpu/test_swa_gluon_gpu.py`` (GPU) and
-``tests/ops/test_swa_gluon_compile.py`` (CPU compile for sm_90). Measurements: docs/results/block_sparse.md.
+``tests/ops/test_swa_gluon_compile.py`` (CPU compile for sm_90).
+
+**Off by default.** On an H100 (twenty-third session) it is correct (dK, dV bit-identical to the Triton
+kernels', dQ within 1e-4) but slower: 5.41 ms against their 4.52 at L = 64K, W = 1024, D = 128, H = 16
+(0.369 against 0.310 ms for NA-1D). The dQ reductions bound it: 8192 fp32 element reductions per tile pair,
+5 GB per backward, and doubling them (``dq="own"``) costs 2.5 ms more. FlashAttention-3 sums dQ with TMA
+bulk reductions; Triton 3.6's Gluon has none (3.9's has ``tma.async_atomic_add``). Opt in with
+``swa_triton.override_launch(dkdv=dict(gluon=dict(stages=2)))``. Measurements: docs/results/block_sparse.md.
 """
 
 from __future__ import annotations
@@ -344,8 +351,9 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     """``(dqa, dk, dv)``: dK and dV (``k``'s and ``v``'s dtype, scaled) and ``dqa`` the fp32 dQ accumulator
     ``[B, Lq, H, D]`` still to be multiplied by ``scale``. ``lse`` (base 2) and ``delta`` are ``[B, H, Lq]``.
     ``cfg``: the dK/dV row's ``gluon`` dict (``stages`` ring slots, ``regs`` registers per consumer thread,
-    ``persistent``, ``dq``: ``"own"``, each group reduces its own ``dS K`` share, or ``"shared"``, the groups
-    exchange ``dS`` and each reduces half of the columns of the sum)."""
+    ``persistent``, ``dq``: ``"shared"``, the groups exchange ``dS`` and each reduces half of the columns of
+    the sum, default, or ``"own"``, each group reduces its own ``dS K`` share: no waiting on the other group,
+    twice the reductions, 1.5x slower on the H100)."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     stages = int(cfg.get("stages", 2))
@@ -362,7 +370,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
         _desc(k, BN, d), _desc(v, BN, d), _desc(k, BN, d // 2), _desc(q, BM, d), _desc(do, BM, d),
         lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         qk_scale, scale, window, lq, lk, n_kblocks, n_items,
-        H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=cfg.get("dq", "own") == "shared",
+        H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=cfg.get("dq", "shared") == "shared",
         CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
     )
     return dqa, dk, dv

@@ -737,11 +737,14 @@ def _swa_bwd_dq_kernel(
 #:   ``delta``: 3.796 ms fwd+bwd (generic kernel 4.111, Flex 4.292).
 #: * fp32 rows and D = 256: starting points (fp32 tiles halved for shared memory), not measured.
 #: * ``gluon`` (dK/dV rows): the Gluon Hopper backward (``swa_gluon_bwd``: dK, dV and dQ in one kernel) to run
-#:   instead of the dK/dV and dQ kernels where it applies, or False. Measured: docs/results/block_sparse.md.
+#:   instead of the dK/dV and dQ kernels where it applies, or False. Off in every row: on the H100 it took 5.41 ms
+#:   against these kernels' 4.52 at L = 65536, W = 1024, D = 128 (docs/results/block_sparse.md).
 #: * ``gluon`` (forward rows): the Gluon Hopper forward (``swa_gluon``) to run instead where it applies, or False.
 #:   D = 128, 16-bit, twenty-second session (H100, CUDA-graph replays): 64-key tiles, 4 ring slots, persistent grid:
 #:   sliding window 1.144 ms at L = 65536, W = 1024 (Triton row 1.253 in that run; 1.154 against Flex's 1.850 in
 #:   ``mnemo bench``), NA-1D 0.0755 ms at L = 32768, K = 2048, H = 1 (0.0790 against SDPA's 0.805 in the bench).
+#:   D = 64, 16-bit, twenty-third session: 128-key tiles, 3 ring slots: 0.774 ms at L = 65536, W = 1024 against the
+#:   Triton row's 0.956 (0.213 vs 0.246 at 16K; docs/results/swa_gluon_fwd_d64_sweep_2026-11-28_h100.json).
 LAUNCH: dict[tuple[str, int, str], dict] = {
     ("fwd", 64, "16"): dict(BM=128, BN=64, warps=4, stages=3, tma=False, ws=False, lazy=0.0, one_loop=False,
                             gluon=dict(BN=128, stages=3)),  # 23rd session: 0.774 vs the Triton row's 0.956 ms at 64K
@@ -830,7 +833,7 @@ def _check_tile(kind: str, cfg: dict) -> None:
         if not isinstance(g, dict) or set(g) - {"stages", "regs", "persistent", "dq"}:
             raise ValueError(f"swa launch dkdv: gluon must be False or a dict with keys stages, regs, persistent, dq; "
                              f"got {g!r}")
-        if not 1 <= g.get("stages", 2) <= 3 or g.get("dq", "own") not in ("own", "shared"):
+        if not 1 <= g.get("stages", 2) <= 3 or g.get("dq", "shared") not in ("own", "shared"):
             raise ValueError(f"swa launch dkdv: gluon stages must be 1..3 and dq 'own' or 'shared', got {g!r}")
     if kind == "fwd" and cfg.get("gluon"):
         g = cfg["gluon"]
