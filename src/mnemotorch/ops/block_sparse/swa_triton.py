@@ -751,19 +751,19 @@ LAUNCH: dict[tuple[str, int, str], dict] = {
     ("fwd", 128, "16"): dict(BM=64, BN=64, warps=4, stages=3, tma=True, ws=False, lazy=0.0, one_loop=True,  # 2nd sweep
                              gluon=dict(BN=64, stages=4)),  # 22nd session: swa_gluon, persistent (the Triton row: its fallback)
     ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
-    ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False, gluon=False),
     ("dkdv", 128, "16"): dict(BM=32, BN=64, warps=4, stages=3, fused_dq=False, tma=False, ws=False, one_loop=False,
                               gluon=False),  # swa_gluon_bwd: correct, slower (5.41 vs 4.52 ms; block_sparse.md)
-    ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False, gluon=False),
     ("dq", 64, "16"): dict(BM=128, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=True, delta=True),  # 2nd sweep
     ("dq", 128, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=True),  # 2nd sweep
     ("dq", 256, "16"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
     ("fwd", 64, "32"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
     ("fwd", 128, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
     ("fwd", 256, "32"): dict(BM=32, BN=32, warps=4, stages=1, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
-    ("dkdv", 64, "32"): dict(BM=32, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False),
-    ("dkdv", 128, "32"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
-    ("dkdv", 256, "32"): dict(BM=16, BN=32, warps=4, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False),
+    ("dkdv", 64, "32"): dict(BM=32, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False, gluon=False),
+    ("dkdv", 128, "32"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False, gluon=False),
+    ("dkdv", 256, "32"): dict(BM=16, BN=32, warps=4, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False, gluon=False),
     ("dq", 64, "32"): dict(BM=64, BN=32, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=False),
     ("dq", 128, "32"): dict(BM=64, BN=32, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
     ("dq", 256, "32"): dict(BM=32, BN=16, warps=4, stages=1, tma=False, ws=False, one_loop=False, delta=False),
