@@ -37,6 +37,32 @@ GLUON = [dict(BN=64, stages=4), dict(BN=64, stages=4, persistent=False), dict(BN
          dict(BN=128, stages=2, persistent=False), dict(BN=64, stages=4, regs=224)]
 
 
+def _sweep(row: dict, name: str, kind: str, configs: list, run, errors, tol: float, rep: int) -> None:
+    """Each Gluon launch ``cfg`` of kernel row ``kind`` ("fwd" or "dkdv"): ``run()`` under it, its errors against the
+    Triton kernels' (``errors(out)``, a dict), timed only when every error is below ``tol``; the fastest correct
+    launch as ``row["best_gluon"]`` and its speed-up over ``row["triton_ms"]``."""
+    row["gluon"] = []
+    for cfg in configs:
+        r = {"cfg": cfg}
+        try:
+            with swa_triton.override_launch(**{kind: dict(gluon=cfg)}):
+                out = run()
+                torch.cuda.synchronize()
+                r["rel_vs_triton"] = errors(out)
+                if not all(e < tol for e in r["rel_vs_triton"].values()):
+                    r["error"] = "differs from the Triton kernels' result"
+                else:
+                    r["ms"] = graph_ms(run, rep=rep)
+        except Exception as e:  # report and go on: one launch must not stop the sweep
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["gluon"].append(r)
+        print(name, kind, cfg, {k: v for k, v in r.items() if k != "cfg"}, flush=True)
+    ok = [r for r in row["gluon"] if "ms" in r]
+    if ok:
+        row["best_gluon"] = min(ok, key=lambda r: r["ms"])
+        row["best_vs_triton"] = row["triton_ms"] / row["best_gluon"]["ms"]
+
+
 def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     L, W, H, na1d = c["L"], c["W"], c["H"], c["na1d"]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -55,28 +81,9 @@ def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     with torch.no_grad():
         row["sdpa_ms"] = graph_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=not na1d), rep=rep)
-    row["gluon"] = []
-    for cfg in configs:
-        r = {"cfg": cfg}
-        try:
-            with swa_triton.override_launch(fwd=dict(gluon=cfg)):
-                o = fwd()
-                torch.cuda.synchronize()
-                r["rel_vs_triton"] = _rel_diff(o, o_ref)
-                if not (r["rel_vs_triton"] < 5e-3):
-                    r["error"] = "output differs from the Triton forward's"
-                else:
-                    r["ms"] = graph_ms(fwd, rep=rep)
-        except Exception as e:  # report and go on: one launch must not stop the sweep
-            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        row["gluon"].append(r)
-        print(name, cfg, {k: v for k, v in r.items() if k != "cfg"}, flush=True)
-    ok = [r for r in row["gluon"] if "ms" in r]
-    if ok:
-        best = min(ok, key=lambda r: r["ms"])
-        row["best_gluon"] = best
-        row["best_vs_triton"] = row["triton_ms"] / best["ms"]
-        row["best_vs_sdpa"] = row["sdpa_ms"] / best["ms"]
+    _sweep(row, name, "fwd", configs, fwd, lambda o: {"out": _rel_diff(o, o_ref)}, 5e-3, rep)
+    if "best_gluon" in row:
+        row["best_vs_sdpa"] = row["sdpa_ms"] / row["best_gluon"]["ms"]
     row["triton_vs_sdpa"] = row["sdpa_ms"] / row["triton_ms"]
     return row
 
@@ -99,27 +106,8 @@ def run_bwd_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     with swa_triton.override_launch(dkdv=dict(gluon=False)):
         ref = [t.clone() for t in bwd()]
         row["triton_ms"] = graph_ms(bwd, rep=rep)
-    row["gluon"] = []
-    for cfg in configs:
-        r = {"cfg": cfg}
-        try:
-            with swa_triton.override_launch(dkdv=dict(gluon=cfg)):
-                out = bwd()
-                torch.cuda.synchronize()
-                r["rel_vs_triton"] = {n: _rel_diff(a, b) for n, a, b in zip(("dq", "dk", "dv"), out, ref)}
-                if not all(e < 1e-2 for e in r["rel_vs_triton"].values()):
-                    r["error"] = "gradients differ from the Triton kernels'"
-                else:
-                    r["ms"] = graph_ms(bwd, rep=rep)
-        except Exception as e:
-            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        row["gluon"].append(r)
-        print(name, "bwd", cfg, {k: v for k, v in r.items() if k != "cfg"}, flush=True)
-    ok = [r for r in row["gluon"] if "ms" in r]
-    if ok:
-        best = min(ok, key=lambda r: r["ms"])
-        row["best_gluon"] = best
-        row["best_vs_triton"] = row["triton_ms"] / best["ms"]
+    _sweep(row, name, "dkdv", configs, bwd,
+           lambda out: {n: _rel_diff(a, b) for n, a, b in zip(("dq", "dk", "dv"), out, ref)}, 1e-2, rep)
     return row
 
 
@@ -134,38 +122,36 @@ def main() -> int:
     ap.add_argument("--backward", action="store_true", help="sweep the Gluon backward instead of the forward")
     args = ap.parse_args()
     configs = json.loads(args.configs) if args.configs else (BWD_GLUON if args.backward else GLUON)
-    if args.backward:
-        res = {"device": device_info(), "timing": "median of CUDA-graph replays of one backward call", "rows": []}
-        for it in range(args.repeat):
-            for name in args.cases.split(","):
-                row = run_bwd_case(name, CASES[name], args.D, args.rep, configs)
-                row["repeat"] = it
-                res["rows"].append(row)
-                best = row.get("best_gluon", {})
-                print(f"[{it}] {name}: forward {row['fwd_ms']:.4f} ms; backward triton {row['triton_ms']:.4f} ms, "
-                      f"best gluon {best.get('cfg')} {best.get('ms', float('nan')):.4f} ms "
-                      f"({row.get('best_vs_triton', float('nan')):.3f}x)", flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
-        return 0
-    res = {"device": device_info(), "timing": "median of CUDA-graph replays of one forward call", "rows": []}
+    run, line = (run_bwd_case, _bwd_line) if args.backward else (run_case, _fwd_line)
+    what = "backward" if args.backward else "forward"
+    res = {"device": device_info(), "timing": f"median of CUDA-graph replays of one {what} call", "rows": []}
     t0 = time.time()
     for it in range(args.repeat):
         for name in args.cases.split(","):
-            row = run_case(name, CASES[name], args.D, args.rep, configs)
+            row = run(name, CASES[name], args.D, args.rep, configs)
             row["repeat"] = it
             res["rows"].append(row)
-            best = row.get("best_gluon", {})
-            print(f"[{it}] {name}: triton {row['triton_ms']:.4f} ms, sdpa {row['sdpa_ms']:.4f} ms "
-                  f"({row['triton_vs_sdpa']:.2f}x); best gluon {best.get('cfg')} {best.get('ms', float('nan')):.4f} ms "
-                  f"({row.get('best_vs_triton', float('nan')):.3f}x triton, {row.get('best_vs_sdpa', float('nan')):.2f}x sdpa)",
-                  flush=True)
+            print(f"[{it}] {name}: {line(row)}", flush=True)
     res["seconds"] = time.time() - t0
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     return 0
+
+
+def _best(row: dict) -> str:
+    best = row.get("best_gluon", {})
+    return (f"best gluon {best.get('cfg')} {best.get('ms', float('nan')):.4f} ms "
+            f"({row.get('best_vs_triton', float('nan')):.3f}x triton")
+
+
+def _fwd_line(row: dict) -> str:
+    return (f"triton {row['triton_ms']:.4f} ms, sdpa {row['sdpa_ms']:.4f} ms ({row['triton_vs_sdpa']:.2f}x); "
+            f"{_best(row)}, {row.get('best_vs_sdpa', float('nan')):.2f}x sdpa)")
+
+
+def _bwd_line(row: dict) -> str:
+    return f"forward {row['fwd_ms']:.4f} ms; backward triton {row['triton_ms']:.4f} ms, {_best(row)})"
 
 
 if __name__ == "__main__":

@@ -78,17 +78,22 @@ def _forward(q, k, v, w, na1d, gluon, calls):
     return o, lse, o_lo
 
 
-@pytest.fixture
-def calls(monkeypatch):
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """``[n]``: how many times ``module.name`` has been called since (it still runs)."""
     count = [0]
-    real = swa_gluon.forward
+    real = getattr(module, name)
 
     def counting(*a, **kw):
         count[0] += 1
         return real(*a, **kw)
 
-    monkeypatch.setattr(swa_gluon, "forward", counting)
+    monkeypatch.setattr(module, name, counting)
     return count
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    return _count_calls(monkeypatch, swa_gluon, "forward")
 
 
 CASES = [
@@ -166,15 +171,7 @@ BWD_CONFIGS = [dict(stages=2), dict(stages=2, dq="own"), dict(stages=1, persiste
 
 @pytest.fixture
 def bwd_calls(monkeypatch):
-    count = [0]
-    real = swa_gluon_bwd.backward
-
-    def counting(*a, **kw):
-        count[0] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(swa_gluon_bwd, "backward", counting)
-    return count
+    return _count_calls(monkeypatch, swa_gluon_bwd, "backward")
 
 
 def _err(g, r) -> float:
