@@ -34,15 +34,16 @@ _COMPILE_BWD = """
 import json, sys
 from mnemotorch.ops.block_sparse import swa_gluon_bwd
 out = []
-for d, stages, na1d, shared in json.loads(sys.argv[1]):
-    k = swa_gluon_bwd.compile_sm90(d=d, stages=stages, na1d=na1d, shared_dq=shared)
+for d, stages, na1d, dq in json.loads(sys.argv[1]):
+    k = swa_gluon_bwd.compile_sm90(d=d, stages=stages, na1d=na1d, dq=dq)
     ptx = k.asm["ptx"]
     out.append(dict(warps=k.metadata.num_warps, shared=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
                     atomics="red.relaxed.gpu.global.add.v2.f32" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                    bulk_reduce="cp.reduce.async.bulk.tensor" in ptx,
                     named_barriers=sorted(set(ln.split()[1] for ln in ptx.splitlines() if ln.strip().startswith("bar.sync")))))
 print("RESULT " + json.dumps(out))
 """
-BWD_CASES = [(128, 2, False, False), (64, 3, True, True)]
+BWD_CASES = [(128, 2, False, "shared"), (64, 3, True, "own"), (128, 1, False, "tma")]
 
 
 @needs_gluon
@@ -62,16 +63,19 @@ def test_kernel_compiles_for_sm90() -> None:
 
 @needs_gluon
 def test_backward_compiles_for_sm90() -> None:
-    """The backward: two consumer groups and a loader warp, wgmma products, TMA loads, dQ by 8-byte atomics, and the
-    groups' own barriers named (a CTA-wide ``bar.sync 0`` inside one partition would hang the others)."""
+    """The backward: two consumer groups and a loader warp, wgmma products, TMA loads, dQ by 8-byte atomics (or TMA
+    bulk reductions), and the groups' own barriers named (a CTA-wide ``bar.sync 0`` inside one partition would hang
+    the others)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_BWD, json.dumps(BWD_CASES)], env=env, capture_output=True,
                        text=True, timeout=600)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, r.stderr[-3000:]
-    for (d, stages, _, _), k in zip(BWD_CASES, json.loads(lines[-1][7:])):
-        assert k["warps"] == 12 and k["wgmma"] >= 2 * 7 and k["atomics"] and k["tma"], k
-        assert k["shared"] >= swa_gluon_bwd.smem_bytes(d, stages), k
+    for (d, stages, _, dq), k in zip(BWD_CASES, json.loads(lines[-1][7:])):
+        assert k["warps"] == 12 and k["wgmma"] >= 2 * 7 and k["tma"], k
+        # dQ by 8-byte element atomics, or (dq="tma") by TMA bulk reductions of each group's tile
+        assert (k["atomics"], k["bulk_reduce"]) == ((False, True) if dq == "tma" else (True, False)), k
+        assert k["shared"] >= swa_gluon_bwd.smem_bytes(d, stages, dq_tma=dq == "tma"), k
         assert len(k["named_barriers"]) >= 2, k  # one per consumer group
 
 

@@ -307,7 +307,8 @@ def supported(q: Tensor, k: Tensor, v: Tensor, scale: float, cfg: dict) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _smem_layout(rows: int, d: int, dtype: torch.dtype):
-    return gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
 
 
 def _desc(t: Tensor, rows: int):

@@ -36,8 +36,12 @@ tensors, ``MNEMO_SWA_GLUON`` not ``0``). Tests: ``tests/gpu/test_swa_gluon_gpu.p
 kernels', dQ within 1e-4) but slower: 5.41 ms against their 4.52 at L = 64K, W = 1024, D = 128, H = 16
 (0.369 against 0.310 ms for NA-1D). The dQ reductions bound it: 8192 fp32 element reductions per tile pair,
 5 GB per backward, and doubling them (``dq="own"``) costs 2.5 ms more. FlashAttention-3 sums dQ with TMA
-bulk reductions; Triton 3.6's Gluon has none (3.9's has ``tma.async_atomic_add``). Opt in with
-``swa_triton.override_launch(dkdv=dict(gluon=dict(stages=2)))``. Measurements: docs/results/block_sparse.md.
+bulk reductions instead. Gluon 3.6 has no public call for them (3.9 has ``tma.async_atomic_add``), but Triton's
+``tt.descriptor_reduce`` (the builder call behind ``triton.language``'s descriptor ``atomic_add``) lowers to one in
+a Gluon kernel too: ``dq="tma"`` (:func:`_tma_reduce_add`) uses it. It compiles for sm_90 under 3.6 and 3.9; it has
+**not yet run on a GPU** (found after this session's device time was spent). Opt in with
+``swa_triton.override_launch(dkdv=dict(gluon=dict(stages=2)))`` (``stages=1, dq="tma"`` for the bulk reductions).
+Measurements: docs/results/block_sparse.md.
 """
 
 from __future__ import annotations
@@ -60,6 +64,18 @@ if HAVE_GLUON:
     )
 
     from .swa_gluon import _tma_load, _window
+
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
+
+    @_builtin
+    def _tma_reduce_add(desc, coord, value, _semantic=None):
+        """``desc[coord] += value`` (a register tile) by one TMA bulk reduction (``cp.reduce.async.bulk.tensor``):
+        Triton's ``tt.descriptor_reduce``, which both 3.6 and 3.9 lower to a shared-memory copy of the tile, the
+        bulk reduction and a wait until the copy has been read. Gluon 3.6 has no public call for it (3.9 has
+        ``tma.async_atomic_add`` from shared memory); the builder method is the one ``triton.language`` uses."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_descriptor_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, value.handle, coord)
 
     # a barrier of the calling partition's warps (a named barrier inside ``warp_specialize``): Triton 3.6 calls
     # it ``thread_barrier``, 3.9 ``barrier``
@@ -156,11 +172,12 @@ if HAVE_GLUON:
             j += 1
 
     @gluon.jit
-    def _consumer(k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem, ds_smem,
+    def _consumer(k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem, ds_smem,
                   bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
                   qk_scale, sm_scale,
                   H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                  NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, WG: gl.constexpr):
+                  NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr,
+                  WG: gl.constexpr):
         """Warp group ``WG``: keys ``[n0 + WG BN, + BN)`` of each item against every query tile; dQ columns
         ``[WG D/2, (WG + 1) D/2)`` of every tile."""
         kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free = bars
@@ -251,7 +268,11 @@ if HAVE_GLUON:
                     dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
                     mbarrier.arrive(qdo_empty.index(st), count=1)
                     mbarrier.arrive(ds_free.index(buf), count=1)
-                    _red_add_v2(q_row + WG * (D // 2), q_off, dq, q_ok)
+                    if DQ_TMA:
+                        # rows past Lq (the next batch's, in the [B * Lq, H * D] view) add exact zeros: P = 0 there
+                        _tma_reduce_add(dqa_desc, [b * Lq + r0, h * D + WG * (D // 2)], dq)
+                    else:
+                        _red_add_v2(q_row + WG * (D // 2), q_off, dq, q_ok)
                 else:
                     # this group's own share of dQ, dS_WG K_WG, in two column halves: the groups never wait on
                     # each other (one's softmax runs under the other's products), at twice the reductions
@@ -282,10 +303,11 @@ if HAVE_GLUON:
             j += 1
 
     @gluon.jit
-    def _swa_bwd_gluon_kernel(k_desc, v_desc, kd_desc, q_desc, do_desc, LSE, DELTA, DQA, DK, DV,
+    def _swa_bwd_gluon_kernel(k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, LSE, DELTA, DQA, DK, DV,
                               sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, qk_scale, sm_scale, W, Lq, Lk, n_kblocks, n_items,
                               H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                              STAGES: gl.constexpr, NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                              STAGES: gl.constexpr, NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr,
+                              CONSUMER_REGS: gl.constexpr,
                               LOADER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         k_smem = gl.allocate_shared_memory(dtype, [2, _BN, D], k_desc.layout)
@@ -315,12 +337,12 @@ if HAVE_GLUON:
         fence_async_shared()
         bars = (kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free)
         gl.warp_specialize([
-            (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
+            (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
                          ds_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt,
-                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, 0)),
-            (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
+                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, 0)),
+            (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
                          ds_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt,
-                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, 1)),
+                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, 1)),
             (_loader, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
                        W, Lq, Lk, n_kblocks, n_items, HKV, GROUP, D, STAGES, NA1D, 2)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -341,9 +363,10 @@ def _desc(t: Tensor, rows: int, cols: int):
 _BWD = CachedLaunch(_swa_bwd_gluon_kernel) if HAVE_GLUON else None
 
 
-def smem_bytes(d: int, stages: int, elem: int = 2) -> int:
-    """Shared memory of one program: K, V, K in column halves, the Q / dO ring, two P and four dS tiles."""
-    return (3 * 2 * BN * d + 2 * stages * BM * d + 6 * BN * BM) * elem
+def smem_bytes(d: int, stages: int, elem: int = 2, dq_tma: bool = False) -> int:
+    """Shared memory of one program: K, V, K in column halves, the Q / dO ring, two P and four dS tiles (and, with
+    ``dq_tma``, each group's fp32 dQ tile staged for the bulk reduction)."""
+    return (3 * 2 * BN * d + 2 * stages * BM * d + 6 * BN * BM) * elem + (2 * BM * (d // 2) * 4 if dq_tma else 0)
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, window: int, scale: float,
@@ -352,13 +375,17 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     ``[B, Lq, H, D]`` still to be multiplied by ``scale``. ``lse`` (base 2) and ``delta`` are ``[B, H, Lq]``.
     ``cfg``: the dK/dV row's ``gluon`` dict (``stages`` ring slots, ``regs`` registers per consumer thread,
     ``persistent``, ``dq``: ``"shared"``, the groups exchange ``dS`` and each reduces half of the columns of
-    the sum, default, or ``"own"``, each group reduces its own ``dS K`` share: no waiting on the other group,
-    twice the reductions, 1.5x slower on the H100)."""
+    the sum with 8-byte element atomics, default; ``"tma"``, the same with one TMA bulk reduction per tile
+    (FlashAttention-3's way; compiled, **not yet run on a GPU**; at D = 128 it needs ``stages=1``); or ``"own"``,
+    each group reduces its own ``dS K`` share: no waiting on the other group, twice the reductions, 1.5x slower
+    on the H100)."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     stages = int(cfg.get("stages", 2))
-    if smem_bytes(d, stages) > 220 * 1024:
-        raise ValueError(f"swa_gluon_bwd: {stages} ring slots at D = {d} need {smem_bytes(d, stages) // 1024} KiB of "
+    mode = cfg.get("dq", "shared")
+    need = smem_bytes(d, stages, dq_tma=mode == "tma")
+    if need > 220 * 1024:
+        raise ValueError(f"swa_gluon_bwd: {stages} ring slots at D = {d} with dq={mode!r} need {need // 1024} KiB of "
                          "shared memory (at most 220 on sm_90)")
     dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
@@ -367,17 +394,17 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     n_items = n_kblocks * b * hkv
     grid = (min(n_items, sm_count(q.device)) if cfg.get("persistent", True) else n_items,)
     _BWD[grid](
-        _desc(k, BN, d), _desc(v, BN, d), _desc(k, BN, d // 2), _desc(q, BM, d), _desc(do, BM, d),
+        _desc(k, BN, d), _desc(v, BN, d), _desc(k, BN, d // 2), _desc(q, BM, d), _desc(do, BM, d), _desc(dqa, BM, d // 2),
         lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         qk_scale, scale, window, lq, lk, n_kblocks, n_items,
-        H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=cfg.get("dq", "shared") == "shared",
+        H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=mode != "own", DQ_TMA=mode == "tma",
         CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
     )
     return dqa, dk, dv
 
 
 def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str = "bf16", regs: int = 240,
-                 maxnreg: int = 168, loader_regs: int = 24, shared_dq: bool = False):
+                 maxnreg: int = 168, loader_regs: int = 24, dq: str = "shared"):
     """Compile the kernel for sm_90 without a GPU (see ``swa_gluon.compile_sm90``)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -385,16 +412,17 @@ def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str =
 
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
-    def desc(rows: int, cols: int) -> str:
-        return f"tensordesc<{dtype}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
+    def desc(rows: int, cols: int, ty: str = dtype, gty=gdt) -> str:
+        return f"tensordesc<{ty}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gty)!r}>"
 
     fn = _swa_bwd_gluon_kernel
     names = list(fn.arg_names)
     sig = dict(k_desc=desc(BN, d), v_desc=desc(BN, d), kd_desc=desc(BN, d // 2), q_desc=desc(BM, d),
-               do_desc=desc(BM, d), LSE="*fp32", DELTA="*fp32", DQA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}",
+               do_desc=desc(BM, d), dqa_desc=desc(BM, d // 2, "fp32", gl.float32), LSE="*fp32", DELTA="*fp32", DQA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}",
                sdkb="i64", sdkt="i64", sdkh="i64", sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32",
                sm_scale="fp32", W="i32", Lq="i32", Lk="i32", n_kblocks="i32", n_items="i32")
-    const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, SHARED_DQ=shared_dq, CONSUMER_REGS=regs,
+    const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, SHARED_DQ=dq != "own", DQ_TMA=dq == "tma",
+                 CONSUMER_REGS=regs,
                  LOADER_REGS=loader_regs)
     sig.update({k: "constexpr" for k in const})
     src = GluonASTSource(fn, {n: sig[n] for n in names}, {(names.index(k),): v for k, v in const.items()})

@@ -833,8 +833,8 @@ def _check_tile(kind: str, cfg: dict) -> None:
         if not isinstance(g, dict) or set(g) - {"stages", "regs", "persistent", "dq"}:
             raise ValueError(f"swa launch dkdv: gluon must be False or a dict with keys stages, regs, persistent, dq; "
                              f"got {g!r}")
-        if not 1 <= g.get("stages", 2) <= 3 or g.get("dq", "shared") not in ("own", "shared"):
-            raise ValueError(f"swa launch dkdv: gluon stages must be 1..3 and dq 'own' or 'shared', got {g!r}")
+        if not 1 <= g.get("stages", 2) <= 3 or g.get("dq", "shared") not in ("own", "shared", "tma"):
+            raise ValueError(f"swa launch dkdv: gluon stages must be 1..3 and dq 'own', 'shared' or 'tma', got {g!r}")
     if kind == "fwd" and cfg.get("gluon"):
         g = cfg["gluon"]
         if not isinstance(g, dict) or set(g) - {"BN", "stages", "regs", "persistent"}:
