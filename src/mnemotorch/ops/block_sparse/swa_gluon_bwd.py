@@ -13,14 +13,14 @@ gives the work to independent warp groups instead:
   fp32 ``dK``, ``dV`` in registers, and one *loader* warp that brings the item's K and V once, then
   streams the query tiles (``Q``, ``dO``: ``BM = 64`` rows) of every query head of the group through a
   ring of ``STAGES`` slots with TMA; a slot is released when both consumers are done with it;
-* per query tile a consumer computes, for its keys (``T`` = transposed, keys as rows, so ``Pᵀ`` and
-  ``dSᵀ`` feed the next products from registers):
-  ``Sᵀ = K Qᵀ``, ``dPᵀ = V dOᵀ``, ``Pᵀ = exp2(Sᵀ c - lse)``, ``dV += Pᵀ dO``,
-  ``dSᵀ = Pᵀ ∘ (dPᵀ - Δ)``, ``dK += dSᵀ Q``;
-* ``dQ = dS K`` needs both groups' ``dSᵀ``: each writes its ``dSᵀ`` to shared memory (two buffers, so
-  tile ``n + 1`` can start while tile ``n``'s are read), and group ``w`` computes the columns
-  ``[w D/2, (w + 1) D/2)`` of the tile's ``dQ`` from both halves and adds them to an fp32 accumulator
-  with element atomics (Triton 3.6's Gluon has no TMA reduction);
+* per query tile a consumer computes, for its keys (queries as rows, so the per-query ``lse`` and ``Δ`` take
+  two registers a thread): ``S = Q Kᵀ``, ``dP = dO Vᵀ``, ``P = exp2(S c - lse)``, ``dS = P ∘ (dP - Δ)``;
+  ``P`` and ``dS`` go to shared memory, where ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` read them transposed;
+* ``dQ = dS K`` (``dq="shared"``, the default) needs both groups' ``dS``: each writes its own to one of two
+  buffers (tile ``n + 1`` may start while tile ``n``'s are read), and group ``w`` computes the columns
+  ``[w D/2, (w + 1) D/2)`` of the tile's ``dQ`` from both halves and adds them to an fp32 accumulator, by
+  8-byte element atomics or (``dq="tma"``) one TMA bulk reduction; ``dq="own"``: each group reduces its own
+  ``dS_w K_w`` (no waiting on the other, twice the reductions);
 * the grid is persistent (one program per SM over the items ``pid, pid + grid, ...``, key blocks of a
   head adjacent, so the queries they share and their dQ rows stay in L2).
 
@@ -53,6 +53,7 @@ from ..triton_launch import CachedLaunch, sm_count, tma_row_view
 from . import swa_gluon
 
 HAVE_GLUON = swa_gluon.HAVE_GLUON
+HAVE_TMA_REDUCE = False
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -65,17 +66,24 @@ if HAVE_GLUON:
 
     from .swa_gluon import _tma_load, _window
 
-    from triton._C.libtriton import ir as _ir
-    from triton.experimental.gluon.language._core import builtin as _builtin
+    try:  # private names (Triton 3.6 and 3.9 have them): only dq="tma" needs them
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
 
-    @_builtin
-    def _tma_reduce_add(desc, coord, value, _semantic=None):
-        """``desc[coord] += value`` (a register tile) by one TMA bulk reduction (``cp.reduce.async.bulk.tensor``):
-        Triton's ``tt.descriptor_reduce``, which both 3.6 and 3.9 lower to a shared-memory copy of the tile, the
-        bulk reduction and a wait until the copy has been read. Gluon 3.6 has no public call for it (3.9 has
-        ``tma.async_atomic_add`` from shared memory); the builder method is the one ``triton.language`` uses."""
-        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-        _semantic.builder.create_descriptor_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, value.handle, coord)
+        @_builtin
+        def _tma_reduce_add(desc, coord, value, _semantic=None):
+            """``desc[coord] += value`` (a register tile) by one TMA bulk reduction (``cp.reduce.async.bulk.tensor``):
+            Triton's ``tt.descriptor_reduce``, which both 3.6 and 3.9 lower to a shared-memory copy of the tile,
+            the bulk reduction and a wait until the copy has been read. Gluon 3.6 has no public call for it (3.9
+            has ``tma.async_atomic_add`` from shared memory); the builder method is the one ``triton.language``
+            uses."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_descriptor_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, value.handle,
+                                                       coord)
+
+        HAVE_TMA_REDUCE = hasattr(_ir, "DESCRIPTOR_REDUCE_KIND")
+    except Exception:  # pragma: no cover - another Triton layout: dq="tma" is refused
+        HAVE_TMA_REDUCE = False
 
     # a barrier of the calling partition's warps (a named barrier inside ``warp_specialize``): Triton 3.6 calls
     # it ``thread_barrier``, 3.9 ``barrier``
@@ -383,6 +391,9 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     lk, hkv = k.shape[1], k.shape[2]
     stages = int(cfg.get("stages", 2))
     mode = cfg.get("dq", "shared")
+    if mode == "tma" and not HAVE_TMA_REDUCE:
+        raise ValueError("swa_gluon_bwd: dq='tma' needs Triton's descriptor reduction (tt.descriptor_reduce), "
+                         "which this Triton does not expose; use dq='shared'")
     need = smem_bytes(d, stages, dq_tma=mode == "tma")
     if need > 220 * 1024:
         raise ValueError(f"swa_gluon_bwd: {stages} ring slots at D = {d} with dq={mode!r} need {need // 1024} KiB of "
@@ -429,4 +440,4 @@ def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str =
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
 
-__all__ = ["BM", "BN", "HAVE_GLUON", "backward", "compile_sm90", "smem_bytes", "supported"]
+__all__ = ["BM", "BN", "HAVE_GLUON", "HAVE_TMA_REDUCE", "backward", "compile_sm90", "smem_bytes", "supported"]
