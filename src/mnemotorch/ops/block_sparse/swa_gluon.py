@@ -311,11 +311,41 @@ def _smem_layout(rows: int, d: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
 
 
-def _desc(t: Tensor, rows: int):
-    """A host TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]``, ``rows`` x ``D`` tiles."""
+#: shared memory one program may take on sm_90 (227 KiB, less a margin for barriers and the compiler's scratch)
+SMEM_LIMIT = 220 * 1024
+
+
+def _desc(t: Tensor, rows: int, cols: int | None = None):
+    """A host TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]``, ``rows`` x ``cols`` tiles
+    (``cols`` default ``D``)."""
     shape, strides = tma_row_view(t)
-    return GluonTensorDescriptor(t, shape=shape, strides=strides, block_shape=[rows, t.shape[3]],
-                                 layout=_smem_layout(rows, t.shape[3], t.dtype))
+    cols = t.shape[3] if cols is None else cols
+    return GluonTensorDescriptor(t, shape=shape, strides=strides, block_shape=[rows, cols],
+                                 layout=_smem_layout(rows, cols, t.dtype))
+
+
+def _grid(n_items: int, device: torch.device, cfg: dict) -> tuple[int]:
+    """One program per SM walking the work items (``persistent``, default), or one program per item."""
+    return (min(n_items, sm_count(device)) if cfg.get("persistent", True) else n_items,)
+
+
+def _compile_sm90(fn, sig: dict, const: dict, maxnreg: int):
+    """``triton.compile`` of Gluon kernel ``fn`` for sm_90 on a machine without a GPU: ``sig`` the runtime
+    arguments' types, ``const`` the constexprs' values."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = list(fn.arg_names)
+    sig = dict(sig, **{k: "constexpr" for k in const})
+    src = GluonASTSource(fn, {n: sig[n] for n in names}, {(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+
+
+def _desc_type(dtype: str, rows: int, cols: int) -> str:
+    """The signature string of a host descriptor argument (``dtype`` "bf16", "fp16" or "fp32")."""
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16, "fp32": gl.float32}[dtype]
+    return f"tensordesc<{dtype}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gdt)!r}>"
 
 
 # eager calls skip Triton's per-call argument binding (ops/triton_launch.py); host descriptors are in its key
@@ -334,14 +364,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tenso
     stages = int(cfg.get("stages", 4))
     regs = int(cfg.get("regs", 240))
     smem = (4 * BM + 2 * stages * bn) * d * q.element_size()
-    if smem > 220 * 1024:
+    if smem > SMEM_LIMIT:
         raise ValueError(f"swa_gluon: {stages} slots of {bn} keys at D = {d} need {smem // 1024} KiB of shared memory "
                          "(at most 220 on sm_90); use fewer stages or BN = 64")
     store_lo = o_lo is not None
     n_qblocks = (lq + 2 * BM - 1) // (2 * BM)
     n_items = n_qblocks * b * h
-    grid = (min(n_items, sm_count(q.device)) if cfg.get("persistent", True) else n_items,)
-    _FWD[grid](
+    _FWD[_grid(n_items, q.device, cfg)](
         _desc(q, BM), _desc(k, bn), _desc(v, bn), o, lse, o_lo if store_lo else o,
         o.stride(0), o.stride(1), o.stride(2), qk_scale, window, lq, lk, n_qblocks, n_items,
         H=h, GROUP=h // hkv, D=d, BN=bn, STAGES=stages, NA1D=bool(na1d), STORE_LO=store_lo,
@@ -353,24 +382,11 @@ def compile_sm90(d: int = 128, bn: int = 64, stages: int = 4, na1d: bool = False
                  dtype: str = "bf16", regs: int = 240, maxnreg: int = 168):
     """Compile the kernel for sm_90 without a GPU (``triton.compile`` on a Gluon source) and return Triton's
     compiled kernel (``.asm["ptx"]``, ``.metadata``): the CPU test of the Gluon API across Triton releases."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-
-    def desc(rows: int) -> str:
-        return f"tensordesc<{dtype}[{rows}, {d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gdt)!r}>"
-
-    fn = _swa_fwd_gluon_kernel
-    names = list(fn.arg_names)
-    sig = dict(q_desc=desc(BM), k_desc=desc(bn), v_desc=desc(bn), O=f"*{dtype}", LSE="*fp32", OLO=f"*{dtype}",
-               sob="i64", sot="i64", soh="i64", qk_scale="fp32", W="i32", Lq="i32", Lk="i32", n_qblocks="i32",
-               n_items="i32")
+    sig = dict(q_desc=_desc_type(dtype, BM, d), k_desc=_desc_type(dtype, bn, d), v_desc=_desc_type(dtype, bn, d),
+               O=f"*{dtype}", LSE="*fp32", OLO=f"*{dtype}", sob="i64", sot="i64", soh="i64", qk_scale="fp32", W="i32",
+               Lq="i32", Lk="i32", n_qblocks="i32", n_items="i32")
     const = dict(H=4, GROUP=2, D=d, BN=bn, STAGES=stages, NA1D=na1d, STORE_LO=store_lo, CONSUMER_REGS=regs, LOADER_REGS=24)
-    sig.update({k: "constexpr" for k in const})
-    src = GluonASTSource(fn, {n: sig[n] for n in names}, {(names.index(k),): v for k, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+    return _compile_sm90(_swa_fwd_gluon_kernel, sig, const, maxnreg)
 
 
 __all__ = ["BM", "HAVE_GLUON", "compile_sm90", "forward", "supported"]

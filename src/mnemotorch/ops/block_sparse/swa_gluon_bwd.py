@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..triton_launch import CachedLaunch, sm_count, tma_row_view
+from ..triton_launch import CachedLaunch, tma_row_view
 from . import swa_gluon
 
 HAVE_GLUON = swa_gluon.HAVE_GLUON
@@ -361,13 +361,6 @@ def supported(q: Tensor, k: Tensor, v: Tensor, do: Tensor, scale: float, cfg: di
     return swa_gluon.supported(q, k, v, scale, cfg) and do.dtype == q.dtype and tma_row_view(do) is not None
 
 
-def _desc(t: Tensor, rows: int, cols: int):
-    """A host TMA descriptor over ``t [B, T, H, D]`` seen as ``[B * T, H * D]``, ``rows`` x ``cols`` tiles."""
-    shape, strides = tma_row_view(t)
-    return swa_gluon.GluonTensorDescriptor(t, shape=shape, strides=strides, block_shape=[rows, cols],
-                                           layout=swa_gluon._smem_layout(rows, cols, t.dtype))
-
-
 _BWD = CachedLaunch(_swa_bwd_gluon_kernel) if HAVE_GLUON else None
 
 
@@ -395,7 +388,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
         raise ValueError("swa_gluon_bwd: dq='tma' needs Triton's descriptor reduction (tt.descriptor_reduce), "
                          "which this Triton does not expose; use dq='shared'")
     need = smem_bytes(d, stages, dq_tma=mode == "tma")
-    if need > 220 * 1024:
+    if need > swa_gluon.SMEM_LIMIT:
         raise ValueError(f"swa_gluon_bwd: {stages} ring slots at D = {d} with dq={mode!r} need {need // 1024} KiB of "
                          "shared memory (at most 220 on sm_90)")
     dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32)
@@ -403,9 +396,9 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     dv = torch.empty_like(v)
     n_kblocks = (lk + 2 * BN - 1) // (2 * BN)
     n_items = n_kblocks * b * hkv
-    grid = (min(n_items, sm_count(q.device)) if cfg.get("persistent", True) else n_items,)
-    _BWD[grid](
-        _desc(k, BN, d), _desc(v, BN, d), _desc(k, BN, d // 2), _desc(q, BM, d), _desc(do, BM, d), _desc(dqa, BM, d // 2),
+    desc = swa_gluon._desc
+    _BWD[swa_gluon._grid(n_items, q.device, cfg)](
+        desc(k, BN), desc(v, BN), desc(k, BN, d // 2), desc(q, BM), desc(do, BM), desc(dqa, BM, d // 2),
         lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         qk_scale, scale, window, lq, lk, n_kblocks, n_items,
         H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=mode != "own", DQ_TMA=mode == "tma",
@@ -417,27 +410,15 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
 def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str = "bf16", regs: int = 240,
                  maxnreg: int = 168, loader_regs: int = 24, dq: str = "shared"):
     """Compile the kernel for sm_90 without a GPU (see ``swa_gluon.compile_sm90``)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-
-    def desc(rows: int, cols: int, ty: str = dtype, gty=gdt) -> str:
-        return f"tensordesc<{ty}[{rows}, {cols}],{gl.NVMMASharedLayout.get_default_for([rows, cols], gty)!r}>"
-
-    fn = _swa_bwd_gluon_kernel
-    names = list(fn.arg_names)
-    sig = dict(k_desc=desc(BN, d), v_desc=desc(BN, d), kd_desc=desc(BN, d // 2), q_desc=desc(BM, d),
-               do_desc=desc(BM, d), dqa_desc=desc(BM, d // 2, "fp32", gl.float32), LSE="*fp32", DELTA="*fp32", DQA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}",
-               sdkb="i64", sdkt="i64", sdkh="i64", sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32",
-               sm_scale="fp32", W="i32", Lq="i32", Lk="i32", n_kblocks="i32", n_items="i32")
+    desc = swa_gluon._desc_type
+    sig = dict(k_desc=desc(dtype, BN, d), v_desc=desc(dtype, BN, d), kd_desc=desc(dtype, BN, d // 2),
+               q_desc=desc(dtype, BM, d), do_desc=desc(dtype, BM, d), dqa_desc=desc("fp32", BM, d // 2), LSE="*fp32",
+               DELTA="*fp32", DQA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}", sdkb="i64", sdkt="i64", sdkh="i64",
+               sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32", sm_scale="fp32", W="i32", Lq="i32", Lk="i32",
+               n_kblocks="i32", n_items="i32")
     const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, SHARED_DQ=dq != "own", DQ_TMA=dq == "tma",
-                 CONSUMER_REGS=regs,
-                 LOADER_REGS=loader_regs)
-    sig.update({k: "constexpr" for k in const})
-    src = GluonASTSource(fn, {n: sig[n] for n in names}, {(names.index(k),): v for k, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+                 CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
+    return swa_gluon._compile_sm90(_swa_bwd_gluon_kernel, sig, const, maxnreg)
 
 
 __all__ = ["BM", "BN", "HAVE_GLUON", "HAVE_TMA_REDUCE", "backward", "compile_sm90", "smem_bytes", "supported"]
