@@ -167,7 +167,8 @@ def test_gradients_through_the_gluon_forward(na1d) -> None:
 # the Gluon backward (ops/block_sparse/swa_gluon_bwd.py): dK, dV and dQ in one kernel
 
 # dq="tma" (TMA bulk reductions of dQ) was added after the twenty-third session's GPU runs: not yet run on a GPU
-BWD_CONFIGS = [dict(stages=2), dict(stages=2, dq="own"), dict(stages=1, persistent=False), dict(stages=1, dq="tma")]
+BWD_CONFIGS = [dict(stages=2), dict(stages=2, dq="own"), dict(stages=1, persistent=False), dict(stages=2, dq="tma"),
+               dict(stages=3), dict(stages=3, dq="tma")]
 
 
 @pytest.fixture
@@ -204,6 +205,8 @@ def _backward(q, k, v, go, w, na1d, gluon, calls):
 @pytest.mark.parametrize("cfg", BWD_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_gluon_backward_matches_reference_and_triton(case, cfg, bwd_calls) -> None:
     b, lq, lk, h, hkv, d, w, na1d = case
+    if swa_gluon_bwd.smem_bytes(d, cfg["stages"], dq_tma=cfg.get("dq") == "tma") > swa_gluon.SMEM_LIMIT:
+        pytest.skip(f"{cfg} does not fit in shared memory at D = {d} (refused by the host)")
     q, k, v = _inputs(b, lq, lk, h, hkv, d, torch.bfloat16, seed=1)
     go = torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)).to(q.dtype)
     grads = _backward(q, k, v, go, w, na1d, cfg, bwd_calls)
@@ -219,17 +222,26 @@ def test_gluon_backward_matches_reference_and_triton(case, cfg, bwd_calls) -> No
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("na1d", [False, True])
-def test_gluon_backward_through_public_ops(dtype, na1d, calls, bwd_calls) -> None:
-    """The table's rows as they ship (Gluon forward and backward at D = 128): every gradient against float64."""
-    b, lq, h, d, w = 2, 1500, 4, 128, 333
+@pytest.mark.parametrize("gluon_bwd", ["table", "opt-in"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gluon_backward_through_public_ops(dtype, na1d, gluon_bwd, d, calls, bwd_calls) -> None:
+    """The public ops with the table's rows as they ship (Gluon forward; the backward the row names: dQ by TMA
+    bulk reductions) and with the element-atomic form opted in: every gradient against float64, and the kernels
+    that ran are the ones the rows name."""
+    b, lq, h, w = 2, 1500, 4, 333
     q, k, v = (t.requires_grad_() for t in _inputs(b, lq, lq, h, h, d, dtype, seed=5))
     go = torch.randn_like(q)
-    if na1d:
-        out = swa_triton.na1d_attention_triton(q, k, v, w, d**-0.5)
-    else:
-        out = swa_triton.swa_attention_triton(q, k, v, w, d**-0.5)
-    grads = torch.autograd.grad(out, (q, k, v), go)
-    assert calls[0] == 1 and bwd_calls[0] == 1
+    over = dict(dkdv=dict(gluon=BWD_CONFIGS[0])) if gluon_bwd == "opt-in" else {}
+    with swa_triton.override_launch(**over):
+        expect_bwd = int(swa_triton.kernels_used(q, k, v, d**-0.5, na1d)["backward"] == "gluon")
+        if na1d:
+            out = swa_triton.na1d_attention_triton(q, k, v, w, d**-0.5)
+        else:
+            out = swa_triton.swa_attention_triton(q, k, v, w, d**-0.5)
+        grads = torch.autograd.grad(out, (q, k, v), go)
+    if gluon_bwd == "opt-in":
+        assert expect_bwd == 1, "the opted-in Gluon backward is not supported on these inputs"
+    assert calls[0] == 1 and bwd_calls[0] == expect_bwd
     ref = _reference_grads(q, k, v, go, w, d**-0.5, na1d)
     for g, r in zip(grads, ref):
         assert _rel(g, r) < 1e-2, _rel(g, r)

@@ -39,11 +39,11 @@ for d, stages, na1d, dq in json.loads(sys.argv[1]):
     ptx = k.asm["ptx"]
     out.append(dict(warps=k.metadata.num_warps, shared=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
                     atomics="red.relaxed.gpu.global.add.v2.f32" in ptx, tma="cp.async.bulk.tensor" in ptx,
-                    bulk_reduce="cp.reduce.async.bulk.tensor" in ptx,
+                    bulk_reduce="cp.reduce.async.bulk.tensor" in ptx, bulk_wait="cp.async.bulk.wait_group.read" in ptx,
                     named_barriers=sorted(set(ln.split()[1] for ln in ptx.splitlines() if ln.strip().startswith("bar.sync")))))
 print("RESULT " + json.dumps(out))
 """
-BWD_CASES = [(128, 2, False, "shared"), (64, 3, True, "own"), (128, 1, False, "tma")]
+BWD_CASES = [(128, 2, False, "shared"), (64, 3, True, "own"), (128, 2, False, "tma"), (64, 2, True, "tma")]
 
 
 @needs_gluon
@@ -75,28 +75,34 @@ def test_backward_compiles_for_sm90() -> None:
         assert k["warps"] == 12 and k["wgmma"] >= 2 * 7 and k["tma"], k
         # dQ by 8-byte element atomics, or (dq="tma") by TMA bulk reductions of each group's tile
         assert (k["atomics"], k["bulk_reduce"]) == ((False, True) if dq == "tma" else (True, False)), k
+        assert k["bulk_wait"] == (dq == "tma"), k  # a staged tile is rewritten only after its reduction read it
         assert k["shared"] >= swa_gluon_bwd.smem_bytes(d, stages, dq_tma=dq == "tma"), k
         assert len(k["named_barriers"]) >= 2, k  # one per consumer group
 
 
 def test_backward_dispatch_rows() -> None:
     q = torch.randn(1, 16, 2, 128, dtype=torch.bfloat16)
-    # off in the table (slower than the Triton kernels on the H100: docs/results/block_sparse.md); asked for, it
-    # still needs a CUDA sm_90 device
-    assert swa_triton.launch_config("dkdv", 128, torch.bfloat16)["gluon"] is False
+    # on in the D = 128 16-bit row (dQ by TMA bulk reductions: faster than the Triton kernels on the H100,
+    # docs/results/block_sparse.md); it still needs a CUDA sm_90 device
+    assert swa_triton.launch_config("dkdv", 128, torch.bfloat16)["gluon"] == dict(stages=2, dq="tma")
+    assert swa_triton.launch_config("dkdv", 128, torch.float16, na1d=True)["gluon"] == dict(stages=2, dq="tma")
     with swa_triton.override_launch(dkdv=dict(gluon=dict(stages=2))):
         row = swa_triton.launch_config("dkdv", 128, torch.bfloat16)
     assert row["gluon"] == dict(stages=2)
     assert not swa_gluon_bwd.supported(q, q, q, q, 0.1, row)  # CPU tensors
     assert not swa_triton.launch_config("dkdv", 128, torch.float32).get("gluon")
-    assert not swa_triton.launch_config("dkdv", 64, torch.bfloat16).get("gluon")
+    assert swa_triton.launch_config("dkdv", 64, torch.bfloat16)["gluon"] == dict(stages=3, dq="tma")
     with swa_triton.override_launch(dkdv=dict(fused_dq=True)):  # a Triton dK/dV override runs that kernel
         assert swa_triton.launch_config("dkdv", 128, torch.bfloat16)["gluon"] is False
     for bad in (dict(stages=0), dict(BN=128), dict(dq="both"), "yes"):
         with pytest.raises(ValueError, match="gluon"):
             swa_triton._check_tile("dkdv", dict(row, gluon=bad))
-    with pytest.raises(ValueError, match="shared memory"):
-        swa_gluon_bwd.backward(q, q, q, q, None, None, 8, 0.1, 0.1, False, dict(stages=3))
+    # at D = 128: 3 ring slots fit with element atomics, 2 with the staged dQ tiles of dq="tma"
+    assert swa_gluon_bwd.smem_bytes(128, 3) <= swa_gluon.SMEM_LIMIT
+    assert swa_gluon_bwd.smem_bytes(128, 2, dq_tma=True) <= swa_gluon.SMEM_LIMIT
+    for bad in (dict(stages=4), dict(stages=3, dq="tma")):
+        with pytest.raises(ValueError, match="shared memory"):
+            swa_gluon_bwd.backward(q, q, q, q, None, None, 8, 0.1, 0.1, False, bad)
 
 
 def test_dispatch_stays_off_where_unsupported(monkeypatch) -> None:

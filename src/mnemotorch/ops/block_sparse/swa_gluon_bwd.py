@@ -16,11 +16,14 @@ gives the work to independent warp groups instead:
 * per query tile a consumer computes, for its keys (queries as rows, so the per-query ``lse`` and ``Δ`` take
   two registers a thread): ``S = Q Kᵀ``, ``dP = dO Vᵀ``, ``P = exp2(S c - lse)``, ``dS = P ∘ (dP - Δ)``;
   ``P`` and ``dS`` go to shared memory, where ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` read them transposed;
-* ``dQ = dS K`` (``dq="shared"``, the default) needs both groups' ``dS``: each writes its own to one of two
-  buffers (tile ``n + 1`` may start while tile ``n``'s are read), and group ``w`` computes the columns
-  ``[w D/2, (w + 1) D/2)`` of the tile's ``dQ`` from both halves and adds them to an fp32 accumulator, by
-  8-byte element atomics or (``dq="tma"``) one TMA bulk reduction; ``dq="own"``: each group reduces its own
-  ``dS_w K_w`` (no waiting on the other, twice the reductions);
+* ``dQ = dS K`` needs both groups' ``dS``: each writes its own to one of two buffers (tile ``n + 1`` may start
+  while tile ``n``'s are read), and group ``w`` computes the columns ``[w D/2, (w + 1) D/2)`` of the tile's ``dQ``
+  from both halves (at D = 128 the K operand is a view of the K tiles; at D = 64 the loader brings K again in
+  column halves) and adds them to an fp32 accumulator. ``dq="tma"`` (the table's rows): the group stages its
+  ``dQ`` tile in shared memory and issues one TMA bulk reduction (``cp.reduce.async.bulk.tensor``, FlashAttention-3's
+  way); it waits for the reduction to have read the tile only before staging the next one, a whole tile later.
+  ``dq="shared"``: 8-byte element atomics from registers instead; ``dq="own"``: each group reduces its own
+  ``dS_w K_w`` with element atomics (no waiting on the other, twice the reductions);
 * the grid is persistent (one program per SM over the items ``pid, pid + grid, ...``, key blocks of a
   head adjacent, so the queries they share and their dQ rows stay in L2).
 
@@ -32,16 +35,12 @@ has a ``gluon`` dict and :func:`supported` holds (CUDA sm_90, 16-bit, D 64 or 12
 tensors, ``MNEMO_SWA_GLUON`` not ``0``). Tests: ``tests/gpu/test_swa_gluon_gpu.py`` (GPU) and
 ``tests/ops/test_swa_gluon_compile.py`` (CPU compile for sm_90).
 
-**Off by default.** On an H100 (twenty-third session) it is correct (dK, dV bit-identical to the Triton
-kernels', dQ within 1e-4) but slower: 5.41 ms against their 4.52 at L = 64K, W = 1024, D = 128, H = 16
-(0.369 against 0.310 ms for NA-1D). The dQ reductions bound it: 8192 fp32 element reductions per tile pair,
-5 GB per backward, and doubling them (``dq="own"``) costs 2.5 ms more. FlashAttention-3 sums dQ with TMA
-bulk reductions instead. Gluon 3.6 has no public call for them (3.9 has ``tma.async_atomic_add``), but Triton's
-``tt.descriptor_reduce`` (the builder call behind ``triton.language``'s descriptor ``atomic_add``) lowers to one in
-a Gluon kernel too: ``dq="tma"`` (:func:`_tma_reduce_add`) uses it. It compiles for sm_90 under 3.6 and 3.9; it has
-**not yet run on a GPU** (found after this session's device time was spent). Opt in with
-``swa_triton.override_launch(dkdv=dict(gluon=dict(stages=2)))`` (``stages=1, dq="tma"`` for the bulk reductions).
-Measurements: docs/results/block_sparse.md.
+**Measured** (H100, twenty-third and twenty-fourth sessions; CUDA-graph replays of the whole backward, Δ pass and
+dQ cast included; docs/results/block_sparse.md): at L = 64K, W = 1024, D = 128, H = 16 the Triton pair takes
+4.46 ms; this kernel 5.44 ms with element atomics (``"shared"``), 7.93 with ``"own"``, 5.64-5.87 ms with a bulk
+reduction that waited for each tile's read at once (one ring slot), and **4.12 ms** with ``"tma"`` as it is (two ring
+slots). NA-1D (32K, K 2048, H 1): 0.268 against 0.308 ms. D = 64 (three slots): 2.29 against 2.88 ms. So the dK/dV
+rows at D 64 and 128 (16-bit) run it; ``MNEMO_SWA_GLUON=0`` turns both Gluon kernels off.
 """
 
 from __future__ import annotations
@@ -66,20 +65,21 @@ if HAVE_GLUON:
 
     from .swa_gluon import _tma_load, _window
 
+    from triton.experimental.gluon.language.nvidia.hopper import tma as _tma
+
     try:  # private names (Triton 3.6 and 3.9 have them): only dq="tma" needs them
         from triton._C.libtriton import ir as _ir
         from triton.experimental.gluon.language._core import builtin as _builtin
 
         @_builtin
-        def _tma_reduce_add(desc, coord, value, _semantic=None):
-            """``desc[coord] += value`` (a register tile) by one TMA bulk reduction (``cp.reduce.async.bulk.tensor``):
-            Triton's ``tt.descriptor_reduce``, which both 3.6 and 3.9 lower to a shared-memory copy of the tile,
-            the bulk reduction and a wait until the copy has been read. Gluon 3.6 has no public call for it (3.9
-            has ``tma.async_atomic_add`` from shared memory); the builder method is the one ``triton.language``
-            uses."""
+        def _tma_reduce_add(desc, coord, src, _semantic=None):
+            """``desc[coord] += src`` (a shared-memory tile) by one asynchronous TMA bulk reduction
+            (``cp.reduce.async.bulk.tensor ... add``), committed to the issuing thread's bulk group: Triton's
+            ``ttng.async_tma_reduce``, which Gluon 3.9 calls ``tma.async_atomic_add`` and 3.6 builds but does not
+            name. Before the tile is written again, ``_tma.store_wait(0)`` (then a group barrier) waits until the
+            reduction has read it."""
             coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-            _semantic.builder.create_descriptor_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, value.handle,
-                                                       coord)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)
 
         HAVE_TMA_REDUCE = hasattr(_ir, "DESCRIPTOR_REDUCE_KIND")
     except Exception:  # pragma: no cover - another Triton layout: dq="tma" is refused
@@ -146,9 +146,19 @@ if HAVE_GLUON:
         return gl.load(LSE + base + rows, mask=ok, other=float("inf")), gl.load(DELTA + base + rows, mask=ok, other=0.0)
 
     @gluon.jit
+    def _k_half(k_smem, kd_smem, w: gl.constexpr, c: gl.constexpr, D: gl.constexpr, K_COPY: gl.constexpr):
+        """Columns ``[c D/2, (c + 1) D/2)`` of group ``w``'s K tile, the B operand of dQ = dS K: at D = 128 a
+        view of the K tile (its 128-byte swizzle atoms are 64 columns wide, so each half is whole atoms); at D = 64
+        the loader's separate copy in column halves (a half is inside one atom)."""
+        if K_COPY:
+            return kd_smem.index(2 * w + c)
+        else:
+            return k_smem.index(w).slice(c * (D // 2), D // 2, dim=1)
+
+    @gluon.jit
     def _loader(k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
                 W, Lq, Lk, n_kblocks, n_items, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
-                STAGES: gl.constexpr, NA1D: gl.constexpr, WG: gl.constexpr):
+                STAGES: gl.constexpr, NA1D: gl.constexpr, K_COPY: gl.constexpr, WG: gl.constexpr):
         """One warp: per item, its K and V (each group's half, and K again in ``D / 2``-column halves for
         dQ) once both consumers have finished the last item; then the query tiles of every query head of
         the group through the ring."""
@@ -159,13 +169,14 @@ if HAVE_GLUON:
             b, hk, n0, i0, n_tiles = _item(item, n_kblocks, W, Lq, Lk, HKV, NA1D)
             mbarrier.wait(kv_empty, (j & 1) ^ 1)
             mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
-                            + 4 * kd_desc.block_type.nbytes)
+                            + (4 * kd_desc.block_type.nbytes if K_COPY else 0))
             for w in gl.static_range(2):
                 _tma_load(k_desc, [b * Lk + n0 + w * _BN, hk * D], kv_ready, k_smem.index(w))
                 _tma_load(v_desc, [b * Lk + n0 + w * _BN, hk * D], kv_ready, v_smem.index(w))
-                for c in gl.static_range(2):
-                    _tma_load(kd_desc, [b * Lk + n0 + w * _BN, hk * D + c * (D // 2)], kv_ready,
-                              kd_smem.index(2 * w + c))
+                if K_COPY:
+                    for c in gl.static_range(2):
+                        _tma_load(kd_desc, [b * Lk + n0 + w * _BN, hk * D + c * (D // 2)], kv_ready,
+                                  kd_smem.index(2 * w + c))
             for g in range(GROUP):
                 h = hk * GROUP + g
                 for t in range(n_tiles):
@@ -181,10 +192,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem, ds_smem,
-                  bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+                  dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
                   qk_scale, sm_scale,
                   H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                  NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr,
+                  NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, K_COPY: gl.constexpr,
                   WG: gl.constexpr):
         """Warp group ``WG``: keys ``[n0 + WG BN, + BN)`` of each item against every query tile; dQ columns
         ``[WG D/2, (WG + 1) D/2)`` of every tile."""
@@ -271,14 +282,23 @@ if HAVE_GLUON:
                     dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
                     mbarrier.wait(ds_ready.index(buf), uses & 1)
                     # dQ[:, WG D/2 : (WG + 1) D/2] = dS_0 K_0[:, half] + dS_1 K_1[:, half]
-                    dq = warpgroup_mma(ds_smem.index(2 * buf), kd_smem.index(WG), q_zero, use_acc=False, is_async=True)
-                    dq = warpgroup_mma(ds_smem.index(2 * buf + 1), kd_smem.index(2 + WG), dq, is_async=True)
+                    dq = warpgroup_mma(ds_smem.index(2 * buf), _k_half(k_smem, kd_smem, 0, WG, D, K_COPY), q_zero,
+                                       use_acc=False, is_async=True)
+                    dq = warpgroup_mma(ds_smem.index(2 * buf + 1), _k_half(k_smem, kd_smem, 1, WG, D, K_COPY), dq,
+                                       is_async=True)
                     dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
                     mbarrier.arrive(qdo_empty.index(st), count=1)
                     mbarrier.arrive(ds_free.index(buf), count=1)
                     if DQ_TMA:
-                        # rows past Lq (the next batch's, in the [B * Lq, H * D] view) add exact zeros: P = 0 there
-                        _tma_reduce_add(dqa_desc, [b * Lq + r0, h * D + WG * (D // 2)], dq)
+                        # the group's staging tile: the last tile's reduction has had a whole tile to read it; rows
+                        # past Lq (the next batch's, in the [B * Lq, H * D] view) add exact zeros (P = 0 there)
+                        dq_w = dq_smem.index(WG)
+                        _tma.store_wait(0)
+                        _group_barrier()
+                        dq_w.store(dq)
+                        fence_async_shared()
+                        _group_barrier()
+                        _tma_reduce_add(dqa_desc, [b * Lq + r0, h * D + WG * (D // 2)], dq_w)
                     else:
                         _red_add_v2(q_row + WG * (D // 2), q_off, dq, q_ok)
                 else:
@@ -289,10 +309,12 @@ if HAVE_GLUON:
                     fence_async_shared()
                     _group_barrier()
                     dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
-                    dq = warpgroup_mma(ds_w, kd_smem.index(2 * WG), q_zero, use_acc=False, is_async=True)
+                    dq = warpgroup_mma(ds_w, _k_half(k_smem, kd_smem, WG, 0, D, K_COPY), q_zero, use_acc=False,
+                                       is_async=True)
                     dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
                     mbarrier.arrive(qdo_empty.index(st), count=1)
-                    dq1 = warpgroup_mma(ds_w, kd_smem.index(2 * WG + 1), q_zero, use_acc=False, is_async=True)
+                    dq1 = warpgroup_mma(ds_w, _k_half(k_smem, kd_smem, WG, 1, D, K_COPY), q_zero, use_acc=False,
+                                        is_async=True)
                     _red_add_v2(q_row, q_off, dq, q_ok)
                     dq1 = warpgroup_mma_wait(0, deps=(dq1,))
                     _red_add_v2(q_row + D // 2, q_off, dq1, q_ok)
@@ -309,23 +331,32 @@ if HAVE_GLUON:
             dv_base = DV + b.to(gl.int64) * sdvb + hk * sdvh + k0.to(gl.int64) * sdvt
             gl.store(dv_base + gl.expand_dims(krows * sdvt, 1) + dcols, dv.to(DV.dtype.element_ty), mask=k_ok)
             j += 1
+        if DQ_TMA:
+            _tma.store_wait(0)  # the last reduction has read its tile before the program's shared memory goes
 
     @gluon.jit
     def _swa_bwd_gluon_kernel(k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, LSE, DELTA, DQA, DK, DV,
                               sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, qk_scale, sm_scale, W, Lq, Lk, n_kblocks, n_items,
                               H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                               STAGES: gl.constexpr, NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr,
-                              CONSUMER_REGS: gl.constexpr,
+                              K_COPY: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                               LOADER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         k_smem = gl.allocate_shared_memory(dtype, [2, _BN, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, _BN, D], v_desc.layout)
-        kd_smem = gl.allocate_shared_memory(dtype, [4, _BN, D // 2], kd_desc.layout)
+        if K_COPY:
+            kd_smem = gl.allocate_shared_memory(dtype, [4, _BN, D // 2], kd_desc.layout)
+        else:
+            kd_smem = k_smem  # unused: the dQ products read views of the K tiles (_k_half)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, _BM, D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, _BM, D], do_desc.layout)
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BM, _BN], dtype)
         p_smem = gl.allocate_shared_memory(dtype, [2, _BM, _BN], p_layout)
         ds_smem = gl.allocate_shared_memory(dtype, [4, _BM, _BN], p_layout)
+        if DQ_TMA:  # each group's dQ columns of one tile, staged for the bulk reduction
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2, _BM, D // 2], dqa_desc.layout)
+        else:
+            dq_smem = p_smem  # unused
         kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -346,13 +377,13 @@ if HAVE_GLUON:
         bars = (kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free)
         gl.warp_specialize([
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
-                         ds_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt,
-                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, 0)),
+                         ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
+                         sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY, 0)),
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
-                         ds_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt,
-                         sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, 1)),
+                         ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
+                         sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY, 1)),
             (_loader, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
-                       W, Lq, Lk, n_kblocks, n_items, HKV, GROUP, D, STAGES, NA1D, 2)),
+                       W, Lq, Lk, n_kblocks, n_items, HKV, GROUP, D, STAGES, NA1D, K_COPY, 2)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -364,10 +395,17 @@ def supported(q: Tensor, k: Tensor, v: Tensor, do: Tensor, scale: float, cfg: di
 _BWD = CachedLaunch(_swa_bwd_gluon_kernel) if HAVE_GLUON else None
 
 
+def _k_copy(d: int) -> bool:
+    """Whether the loader also brings K in column halves for dQ (D = 64: a half is inside one 128-byte swizzle
+    atom); at D = 128 the dQ products read views of the K tiles."""
+    return d < 128
+
+
 def smem_bytes(d: int, stages: int, elem: int = 2, dq_tma: bool = False) -> int:
-    """Shared memory of one program: K, V, K in column halves, the Q / dO ring, two P and four dS tiles (and, with
-    ``dq_tma``, each group's fp32 dQ tile staged for the bulk reduction)."""
-    return (3 * 2 * BN * d + 2 * stages * BM * d + 6 * BN * BM) * elem + (2 * BM * (d // 2) * 4 if dq_tma else 0)
+    """Shared memory of one program: K, V (and K in column halves at D = 64), the Q / dO ring, two P and four dS
+    tiles (and, with ``dq_tma``, each group's fp32 dQ tile staged for the bulk reduction)."""
+    kv = (3 if _k_copy(d) else 2) * 2 * BN * d
+    return (kv + 2 * stages * BM * d + 6 * BN * BM) * elem + (2 * BM * (d // 2) * 4 if dq_tma else 0)
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, window: int, scale: float,
@@ -376,10 +414,10 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     ``[B, Lq, H, D]`` still to be multiplied by ``scale``. ``lse`` (base 2) and ``delta`` are ``[B, H, Lq]``.
     ``cfg``: the dK/dV row's ``gluon`` dict (``stages`` ring slots, ``regs`` registers per consumer thread,
     ``persistent``, ``dq``: ``"shared"``, the groups exchange ``dS`` and each reduces half of the columns of
-    the sum with 8-byte element atomics, default; ``"tma"``, the same with one TMA bulk reduction per tile
-    (FlashAttention-3's way; compiled, **not yet run on a GPU**; at D = 128 it needs ``stages=1``); or ``"own"``,
-    each group reduces its own ``dS K`` share: no waiting on the other group, twice the reductions, 1.5x slower
-    on the H100)."""
+    the sum with 8-byte element atomics, default; ``"tma"``, the same with one TMA bulk reduction per tile from
+    a staged shared-memory tile (FlashAttention-3's way; the table's rows; at D = 128 it allows 2 ring slots); or
+    ``"own"``, each group reduces its own ``dS K`` share: no waiting on the other group, twice the reductions, 1.5x
+    slower on the H100)."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     stages = int(cfg.get("stages", 2))
@@ -402,7 +440,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
         lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         qk_scale, scale, window, lq, lk, n_kblocks, n_items,
         H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=mode != "own", DQ_TMA=mode == "tma",
-        CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
+        K_COPY=_k_copy(d), CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
     )
     return dqa, dk, dv
 
@@ -417,7 +455,7 @@ def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str =
                sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32", sm_scale="fp32", W="i32", Lq="i32", Lk="i32",
                n_kblocks="i32", n_items="i32")
     const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, SHARED_DQ=dq != "own", DQ_TMA=dq == "tma",
-                 CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
+                 K_COPY=_k_copy(d), CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
     return swa_gluon._compile_sm90(_swa_bwd_gluon_kernel, sig, const, maxnreg)
 
 

@@ -737,8 +737,12 @@ def _swa_bwd_dq_kernel(
 #:   ``delta``: 3.796 ms fwd+bwd (generic kernel 4.111, Flex 4.292).
 #: * fp32 rows and D = 256: starting points (fp32 tiles halved for shared memory), not measured.
 #: * ``gluon`` (dK/dV rows): the Gluon Hopper backward (``swa_gluon_bwd``: dK, dV and dQ in one kernel) to run
-#:   instead of the dK/dV and dQ kernels where it applies, or False. Off in every row: on the H100 it took 5.41 ms
-#:   against these kernels' 4.52 at L = 65536, W = 1024, D = 128 (docs/results/block_sparse.md).
+#:   instead of the dK/dV and dQ kernels where it applies, or False. D = 128, 16-bit, twenty-fourth session (H100,
+#:   CUDA-graph replays of the backward alone): 2 ring slots, dQ by TMA bulk reductions from staged tiles
+#:   (``dq="tma"``): 4.12 ms at L = 65536, W = 1024 against these kernels' 4.46 (1.10 vs 1.12 at 16K; NA-1D 0.268
+#:   vs 0.308 at L = 32768, K = 2048, H = 1; docs/results/swa_gluon_bwd_sweep_2026-11-28-s24_h100.json). With
+#:   element atomics (``dq="shared"``) it was slower, 5.44 ms. D = 64: 3 ring slots, ``dq="tma"``: 2.29 ms against
+#:   2.88 at L = 65536, W = 1024 (0.627 vs 0.737 at 16K; swa_gluon_bwd_sweep_2026-11-28-s24_h100_d64.json).
 #: * ``gluon`` (forward rows): the Gluon Hopper forward (``swa_gluon``) to run instead where it applies, or False.
 #:   D = 128, 16-bit, twenty-second session (H100, CUDA-graph replays): 64-key tiles, 4 ring slots, persistent grid:
 #:   sliding window 1.144 ms at L = 65536, W = 1024 (Triton row 1.253 in that run; 1.154 against Flex's 1.850 in
@@ -751,9 +755,10 @@ LAUNCH: dict[tuple[str, int, str], dict] = {
     ("fwd", 128, "16"): dict(BM=64, BN=64, warps=4, stages=3, tma=True, ws=False, lazy=0.0, one_loop=True,  # 2nd sweep
                              gluon=dict(BN=64, stages=4)),  # 22nd session: swa_gluon, persistent (the Triton row: its fallback)
     ("fwd", 256, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, lazy=0.0, one_loop=False, gluon=False),
-    ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False, gluon=False),
+    ("dkdv", 64, "16"): dict(BM=64, BN=64, warps=4, stages=2, fused_dq=False, tma=False, ws=False, one_loop=False,
+                             gluon=dict(stages=3, dq="tma")),  # 24th session: 2.29 vs 2.88 ms at 64K
     ("dkdv", 128, "16"): dict(BM=32, BN=64, warps=4, stages=3, fused_dq=False, tma=False, ws=False, one_loop=False,
-                              gluon=False),  # swa_gluon_bwd: correct, slower (5.41 vs 4.52 ms; block_sparse.md)
+                              gluon=dict(stages=2, dq="tma")),  # 24th session: 4.12 vs 4.46 ms (the Triton pair: its fallback)
     ("dkdv", 256, "16"): dict(BM=32, BN=64, warps=8, stages=1, fused_dq=False, tma=False, ws=False, one_loop=False, gluon=False),
     ("dq", 64, "16"): dict(BM=128, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=True, delta=True),  # 2nd sweep
     ("dq", 128, "16"): dict(BM=64, BN=64, warps=4, stages=2, tma=False, ws=False, one_loop=False, delta=True),  # 2nd sweep
