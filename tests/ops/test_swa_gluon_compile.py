@@ -124,6 +124,19 @@ def test_dispatch_stays_off_where_unsupported(monkeypatch) -> None:
         assert swa_triton.launch_config("fwd", 128, torch.bfloat16)["gluon"] is False
 
 
+def test_env_switch_fwd_keeps_only_the_gluon_forward(monkeypatch) -> None:
+    """``MNEMO_SWA_GLUON=fwd``: the Gluon backward (and its fp32 dQ accumulator) does not run where it otherwise
+    would. (``swa_gluon.supported`` is stubbed to stand for a CUDA sm_90 call; the forward's own check only
+    refuses ``0``.)"""
+    q = torch.randn(1, 16, 2, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(swa_gluon, "supported", lambda *a: True)
+    monkeypatch.setattr(swa_gluon_bwd, "tma_row_view", lambda t: t)
+    row = swa_triton.launch_config("dkdv", 128, torch.bfloat16)
+    for env, want in (("1", True), ("fwd", False)):
+        monkeypatch.setenv("MNEMO_SWA_GLUON", env)
+        assert swa_gluon_bwd.supported(q, q, q, q, 0.1, row) is want, env
+
+
 @pytest.mark.parametrize("bad", [dict(BN=32), dict(stages=1), dict(BM=64), dict(persist=True), "yes"])
 def test_bad_gluon_rows_raise(bad) -> None:
     cfg = dict(swa_triton.launch_config("fwd", 128, torch.bfloat16), gluon=bad)

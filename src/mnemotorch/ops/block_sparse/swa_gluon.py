@@ -33,7 +33,8 @@ row's ``lo``. Scores are in base 2 (``lse2 = m + log2 l``), as the backward expe
 Only the forward: the backward stays ``swa_triton``'s (it reads ``o``, ``lse`` and, when kept, the
 rounding residual ``o_lo``, all written here exactly as there). Used by ``swa_triton._fwd_impl`` when the
 launch table's forward row has a ``gluon`` dict and :func:`supported` holds (CUDA sm_90, 16-bit inputs,
-``D`` 64 or 128, positive scale, TMA-able ``[B, T, H, D]`` tensors, ``MNEMO_SWA_GLUON`` not ``0``);
+``D`` 64 or 128, positive scale, TMA-able ``[B, T, H, D]`` tensors, ``MNEMO_SWA_GLUON`` not ``0``; ``fwd``
+keeps this kernel and turns only the Gluon backward off);
 elsewhere the Triton forward runs. Gluon kernels do not run in Triton's interpreter. Tests:
 ``tests/gpu/test_swa_gluon_gpu.py`` (GPU, against the float64 reference and the Triton forward) and
 ``tests/ops/test_swa_gluon_compile.py`` (CPU: the kernel compiles for sm_90 with the installed Triton,

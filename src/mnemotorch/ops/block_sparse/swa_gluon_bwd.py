@@ -40,10 +40,17 @@ dQ cast included; docs/results/block_sparse.md): at L = 64K, W = 1024, D = 128, 
 4.46 ms; this kernel 5.44 ms with element atomics (``"shared"``), 7.93 with ``"own"``, 5.64-5.87 ms with a bulk
 reduction that waited for each tile's read at once (one ring slot), and **4.12 ms** with ``"tma"`` as it is (two ring
 slots). NA-1D (32K, K 2048, H 1): 0.268 against 0.308 ms. D = 64 (three slots): 2.29 against 2.88 ms. So the dK/dV
-rows at D 64 and 128 (16-bit) run it; ``MNEMO_SWA_GLUON=0`` turns both Gluon kernels off.
+rows at D 64 and 128 (16-bit) run it; ``MNEMO_SWA_GLUON=0`` turns both Gluon kernels off, ``MNEMO_SWA_GLUON=fwd``
+this one only. **Memory:** the fp32 dQ accumulator adds ``4 B Lq H D`` bytes to the backward's peak (plus the
+cast's output while it is alive), 0.5 GiB at the main case: ``mnemo bench`` measured 1.508 GiB of extra peak
+for one forward + backward against FlexAttention's 1.008 (and the Triton kernels'). FlashAttention-3 keeps the
+same accumulator. A bounded accumulator (the key blocks in segments, the finished rows cast per segment) would
+remove most of it; not written yet.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -388,7 +395,12 @@ if HAVE_GLUON:
 
 
 def supported(q: Tensor, k: Tensor, v: Tensor, do: Tensor, scale: float, cfg: dict) -> bool:
-    """Whether the Gluon backward can run this call (else ``swa_triton``'s two kernels run)."""
+    """Whether the Gluon backward can run this call (else ``swa_triton``'s two kernels run). ``MNEMO_SWA_GLUON=fwd``
+    keeps the forward in Gluon and the backward in Triton: this kernel's fp32 dQ accumulator, ``[B, Lq, H, D]``,
+    raises the backward's peak memory by twice the size of dQ (0.5 GiB at L = 64K, H = 16, D = 128), which the
+    Triton kernels do not need."""
+    if os.environ.get("MNEMO_SWA_GLUON", "1") == "fwd":
+        return False
     return swa_gluon.supported(q, k, v, scale, cfg) and do.dtype == q.dtype and tma_row_view(do) is not None
 
 
