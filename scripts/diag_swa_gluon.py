@@ -37,6 +37,17 @@ GLUON = [dict(BN=64, stages=4), dict(BN=64, stages=4, persistent=False), dict(BN
          dict(BN=128, stages=2, persistent=False), dict(BN=64, stages=4, regs=224)]
 
 
+def _peak_mib(run) -> float:
+    """The memory one ``run()`` allocates on top of what is live before it (its outputs included), MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = run()
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def _sweep(row: dict, name: str, kind: str, configs: list, run, errors, tol: float, rep: int) -> None:
     """Each Gluon launch ``cfg`` of kernel row ``kind`` ("fwd" or "dkdv"): ``run()`` under it, its errors against the
     Triton kernels' (``errors(out)``, a dict), timed only when every error is below ``tol``; the fastest correct
@@ -49,6 +60,8 @@ def _sweep(row: dict, name: str, kind: str, configs: list, run, errors, tol: flo
                 out = run()
                 torch.cuda.synchronize()
                 r["rel_vs_triton"] = errors(out)
+                del out
+                r["peak_extra_mib"] = _peak_mib(run)
                 if not all(e < tol for e in r["rel_vs_triton"].values()):
                     r["error"] = "differs from the Triton kernels' result"
                 else:
@@ -88,7 +101,8 @@ def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     return row
 
 
-BWD_GLUON = [dict(stages=2), dict(stages=3), dict(stages=2, dq="tma"), dict(stages=2, dq="tma", regs=232)]
+BWD_GLUON = [dict(stages=2, dq="tma"), dict(stages=2, dq="tma", segment=4096), dict(stages=2, dq="tma", segment=8192),
+             dict(stages=2)]
 
 
 def run_bwd_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
@@ -106,6 +120,7 @@ def run_bwd_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     with swa_triton.override_launch(dkdv=dict(gluon=False)):
         ref = [t.clone() for t in bwd()]
         row["triton_ms"] = graph_ms(bwd, rep=rep)
+        row["triton_peak_extra_mib"] = _peak_mib(bwd)
     _sweep(row, name, "dkdv", configs, bwd,
            lambda out: {n: _rel_diff(a, b) for n, a, b in zip(("dq", "dk", "dv"), out, ref)}, 1e-2, rep)
     return row
