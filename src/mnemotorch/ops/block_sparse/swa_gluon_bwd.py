@@ -44,8 +44,10 @@ rows at D 64 and 128 (16-bit) run it; ``MNEMO_SWA_GLUON=0`` turns both Gluon ker
 this one only. **Memory:** the fp32 dQ accumulator adds ``4 B Lq H D`` bytes to the backward's peak (plus the
 cast's output while it is alive), 0.5 GiB at the main case: ``mnemo bench`` measured 1.508 GiB of extra peak
 for one forward + backward against FlexAttention's 1.008 (and the Triton kernels'). FlashAttention-3 keeps the
-same accumulator. A bounded accumulator (the key blocks in segments, the finished rows cast per segment) would
-remove most of it; not written yet.
+same accumulator. Launching the key blocks in segments, with an accumulator of about ``segment + W`` rows whose
+finished rows are cast after each launch, was tried (commit ae9bbe9): 813 MiB of extra peak against 1284 (Triton
+kernels 772) but 4.77 ms against 4.15 (4.60 at 8192-key segments; Triton kernels 4.64), no better than the Triton
+kernels on either count, so it was removed.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..triton_launch import CachedLaunch, sm_count, tma_row_view
+from ..triton_launch import CachedLaunch, tma_row_view
 from . import swa_gluon
 
 HAVE_GLUON = swa_gluon.HAVE_GLUON
@@ -120,11 +122,11 @@ if HAVE_GLUON:
         return first, last
 
     @gluon.jit
-    def _item(item, n_kblocks, kb0, W, Lq, Lk, HKV: gl.constexpr, NA1D: gl.constexpr):
+    def _item(item, n_kblocks, W, Lq, Lk, HKV: gl.constexpr, NA1D: gl.constexpr):
         """``(b, hk, n0, i0, n_tiles)`` of work item ``item``: batch, KV head, first key, first query
         row of tile 0 and the number of ``BM``-row query tiles (per query head of the group)."""
         bhk = item // n_kblocks
-        n0 = (kb0 + item % n_kblocks) * (2 * _BN)
+        n0 = (item % n_kblocks) * (2 * _BN)
         first, last = _queries_of(n0, W, Lq, Lk, NA1D)
         n_tiles = gl.where(last >= first, (last - first) // _BM + 1, 0)
         return bhk // HKV, bhk % HKV, n0, first, n_tiles
@@ -164,7 +166,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _loader(k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
-                W, Lq, Lk, n_kblocks, n_items, kb0, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
+                W, Lq, Lk, n_kblocks, n_items, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                 STAGES: gl.constexpr, NA1D: gl.constexpr, K_COPY: gl.constexpr, WG: gl.constexpr):
         """One warp: per item, its K and V (each group's half, and K again in ``D / 2``-column halves for
         dQ) once both consumers have finished the last item; then the query tiles of every query head of
@@ -173,7 +175,7 @@ if HAVE_GLUON:
         step = 0
         j = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            b, hk, n0, i0, n_tiles = _item(item, n_kblocks, kb0, W, Lq, Lk, HKV, NA1D)
+            b, hk, n0, i0, n_tiles = _item(item, n_kblocks, W, Lq, Lk, HKV, NA1D)
             mbarrier.wait(kv_empty, (j & 1) ^ 1)
             mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes
                             + (4 * kd_desc.block_type.nbytes if K_COPY else 0))
@@ -199,8 +201,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem, ds_smem,
-                  dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, kb0, row0, R, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh,
-                  sdvb, sdvt, sdvh,
+                  dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
                   qk_scale, sm_scale,
                   H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                   NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, K_COPY: gl.constexpr,
@@ -224,7 +225,7 @@ if HAVE_GLUON:
         step = 0
         j = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            b, hk, n0, i0, n_tiles = _item(item, n_kblocks, kb0, W, Lq, Lk, HKV, NA1D)
+            b, hk, n0, i0, n_tiles = _item(item, n_kblocks, W, Lq, Lk, HKV, NA1D)
             k0 = n0 + WG * _BN
             dk = gl.zeros([_BN, D], gl.float32, layout=a_layout)
             dv = gl.zeros([_BN, D], gl.float32, layout=a_layout)
@@ -275,10 +276,8 @@ if HAVE_GLUON:
                 qrows = gl.arange(0, _BM, layout=gl.SliceLayout(1, q_layout))
                 qcols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, q_layout))
                 q_off = gl.expand_dims(qrows * (H * D), 1) + gl.expand_dims(qcols, 0)
-                # the accumulator holds rows [row0, row0 + R) of each batch (all of them unless the host launches
-                # the key blocks in segments); rows past Lq or past the window add zeros, masked here
-                q_ok = gl.expand_dims((qrows < Lq - r0) & (qrows < R - (r0 - row0)), 1) & gl.expand_dims(qcols >= 0, 0)
-                q_row = DQA + ((b.to(gl.int64) * R + (r0 - row0)) * H + h) * D
+                q_ok = gl.expand_dims(qrows < Lq - r0, 1) & gl.expand_dims(qcols >= 0, 0)
+                q_row = DQA + ((b.to(gl.int64) * Lq + r0) * H + h) * D
                 if SHARED_DQ:
                     # dS to shared memory for dK and both groups' dQ; buffer (step % 2) was read two tiles ago
                     buf = step % 2
@@ -301,14 +300,14 @@ if HAVE_GLUON:
                     mbarrier.arrive(ds_free.index(buf), count=1)
                     if DQ_TMA:
                         # the group's staging tile: the last tile's reduction has had a whole tile to read it; rows
-                        # past Lq or past the window (the next batch's, in the [B * R, H * D] view) add exact zeros
+                        # past Lq (the next batch's, in the [B * Lq, H * D] view) add exact zeros (P = 0 there)
                         dq_w = dq_smem.index(WG)
                         _tma.store_wait(0)
                         _group_barrier()
                         dq_w.store(dq)
                         fence_async_shared()
                         _group_barrier()
-                        _tma_reduce_add(dqa_desc, [b * R + (r0 - row0), h * D + WG * (D // 2)], dq_w)
+                        _tma_reduce_add(dqa_desc, [b * Lq + r0, h * D + WG * (D // 2)], dq_w)
                     else:
                         _red_add_v2(q_row + WG * (D // 2), q_off, dq, q_ok)
                 else:
@@ -346,8 +345,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _swa_bwd_gluon_kernel(k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, LSE, DELTA, DQA, DK, DV,
-                              sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, qk_scale, sm_scale, W, Lq, Lk, n_kblocks, n_items, kb0,
-                              row0, R,
+                              sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, qk_scale, sm_scale, W, Lq, Lk, n_kblocks, n_items,
                               H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                               STAGES: gl.constexpr, NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr,
                               K_COPY: gl.constexpr, CONSUMER_REGS: gl.constexpr,
@@ -388,13 +386,13 @@ if HAVE_GLUON:
         bars = (kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free)
         gl.warp_specialize([
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
-                         ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, kb0, row0, R, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
+                         ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
                          sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY, 0)),
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
-                         ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, kb0, row0, R, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
+                         ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
                          sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY, 1)),
             (_loader, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
-                       W, Lq, Lk, n_kblocks, n_items, kb0, HKV, GROUP, D, STAGES, NA1D, K_COPY, 2)),
+                       W, Lq, Lk, n_kblocks, n_items, HKV, GROUP, D, STAGES, NA1D, K_COPY, 2)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -424,115 +422,41 @@ def smem_bytes(d: int, stages: int, elem: int = 2, dq_tma: bool = False) -> int:
     return (kv + 2 * stages * BM * d + 6 * BN * BM) * elem + (2 * BM * (d // 2) * 4 if dq_tma else 0)
 
 
-def _rows_of_keys(a: int, b: int, w: int, lq: int, lk: int, na1d: bool) -> tuple[int, int]:
-    """``(first, last)``: the first and last query whose window holds a key of ``[a, b)`` (the host twin of
-    ``_queries_of``; ``last < first`` when none does)."""
-    if na1d:
-        first = 0 if a - w + 1 <= 0 else a - w + 1 + w // 2
-        last = lk - 1 if b - 1 >= lk - w else b - 1 + w // 2
-        return first, last
-    off = lk - lq
-    return max(a, off) - off, min(b - 1 + w - 1, lk - 1) - off
-
-
-def _rows_done(b: int, w: int, lq: int, lk: int, na1d: bool) -> int:
-    """How many leading queries have every key of their window below ``b`` (windows' ends are nondecreasing)."""
-    if b >= lk:
-        return lq
-    if na1d:  # hi(i) = clamp(i - w // 2, 0, lk - w) + w <= b
-        return 0 if b - w < 0 else min(b - w + w // 2 + 1, lq)
-    return min(max(b - (lk - lq), 0), lq)  # hi(i) = i + lk - lq + 1 <= b
-
-
-def segment_plan(lq: int, lk: int, w: int, na1d: bool, seg_keys: int | None) -> tuple[list[tuple[int, ...]], int]:
-    """How the backward walks the keys: ``([(kb0, n_blocks, row0, done, last), ...], R)``.
-
-    One launch per segment of ``seg_keys`` keys (a multiple of ``2 BN``; ``None``: one launch over all of them).
-    The fp32 dQ accumulator holds rows ``[row0, row0 + R)`` of each batch: after a segment's launch the rows below
-    ``done`` have all their keys summed and are cast to dQ, and the rows ``[done, last]`` it reached are carried to the
-    front for the next segment. ``R`` is the largest span a segment reaches, about ``seg_keys + W`` rows instead of
-    ``Lq`` (FlashAttention-3's accumulator is all ``Lq`` rows)."""
-    step = 2 * BN
-    n_blocks = (lk + step - 1) // step
-    per = n_blocks if not seg_keys else max(1, seg_keys // step)
-    plan, row0, span = [], 0, 1
-    for kb0 in range(0, n_blocks, per):
-        nb = min(per, n_blocks - kb0)
-        a, b = kb0 * step, min((kb0 + nb) * step, lk)
-        first, last = _rows_of_keys(a, b, w, lq, lk, na1d)
-        done = _rows_done(b, w, lq, lk, na1d)
-        if last >= first:
-            assert first >= row0, (first, row0)  # rows already cast get nothing more
-            span = max(span, last + 1 - row0)
-        span = max(span, done - row0)
-        plan.append((kb0, nb, row0, done, max(last, done - 1)))
-        row0 = done
-    return plan, span
-
-
-def _segment_keys(cfg: dict, units: int, lk: int, device) -> int | None:
-    """Keys per launch: ``cfg["segment"]`` (None / 0: one launch), raised so that each launch has at least
-    ``cfg["waves"]`` (default 4) work items per SM; None when that covers every key."""
-    seg = cfg.get("segment")
-    if not seg:
-        return None
-    step = 2 * BN
-    waves = int(cfg.get("waves", 4))
-    need = -(-waves * sm_count(device) // max(units, 1)) * step if waves > 0 else step
-    seg = max(-(-int(seg) // step) * step, need)
-    return None if seg >= lk else seg
-
-
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, window: int, scale: float,
              qk_scale: float, na1d: bool, cfg: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` in the inputs' dtype. ``lse`` (base 2) and ``delta`` are ``[B, H, Lq]``.
+    """``(dqa, dk, dv)``: dK and dV (``k``'s and ``v``'s dtype, scaled) and ``dqa`` the fp32 dQ accumulator
+    ``[B, Lq, H, D]`` still to be multiplied by ``scale``. ``lse`` (base 2) and ``delta`` are ``[B, H, Lq]``.
     ``cfg``: the dK/dV row's ``gluon`` dict (``stages`` ring slots, ``regs`` registers per consumer thread,
     ``persistent``, ``dq``: ``"shared"``, the groups exchange ``dS`` and each reduces half of the columns of
     the sum with 8-byte element atomics, default; ``"tma"``, the same with one TMA bulk reduction per tile from
     a staged shared-memory tile (FlashAttention-3's way; the table's rows; at D = 128 it allows 2 ring slots); or
     ``"own"``, each group reduces its own ``dS K`` share: no waiting on the other group, twice the reductions, 1.5x
-    slower on the H100; ``segment``: keys per launch, so that the fp32 accumulator holds about ``segment + W`` rows
-    instead of ``Lq`` (:func:`segment_plan`; None: one launch))."""
+    slower on the H100)."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     stages = int(cfg.get("stages", 2))
     mode = cfg.get("dq", "shared")
     if mode == "tma" and not HAVE_TMA_REDUCE:
-        raise ValueError("swa_gluon_bwd: dq='tma' needs Triton's asynchronous TMA reduction (ttng.async_tma_reduce), "
+        raise ValueError("swa_gluon_bwd: dq='tma' needs Triton's descriptor reduction (tt.descriptor_reduce), "
                          "which this Triton does not expose; use dq='shared'")
     need = smem_bytes(d, stages, dq_tma=mode == "tma")
     if need > swa_gluon.SMEM_LIMIT:
         raise ValueError(f"swa_gluon_bwd: {stages} ring slots at D = {d} with dq={mode!r} need {need // 1024} KiB of "
                          "shared memory (at most 220 on sm_90)")
-    plan, span = segment_plan(lq, lk, window, na1d, _segment_keys(cfg, b * hkv, lk, q.device))
-    one = len(plan) == 1
-    dqa = torch.zeros((b, lq if one else span, h, d), device=q.device, dtype=torch.float32)
-    dq = dqa if one else torch.empty_like(q)
+    dqa = torch.zeros((b, lq, h, d), device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    n_kblocks = (lk + 2 * BN - 1) // (2 * BN)
+    n_items = n_kblocks * b * hkv
     desc = swa_gluon._desc
-    kd = desc(k, BN), desc(v, BN), desc(k, BN, d // 2), desc(q, BM), desc(do, BM), desc(dqa, BM, d // 2)
-    for kb0, nb, row0, done, last in plan:
-        n_items = nb * b * hkv
-        _BWD[swa_gluon._grid(n_items, q.device, cfg)](
-            *kd, lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            qk_scale, scale, window, lq, lk, nb, n_items, kb0, 0 if one else row0, dqa.shape[1],
-            H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=mode != "own",
-            DQ_TMA=mode == "tma", K_COPY=_k_copy(d), CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24,
-            num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
-        )
-        if one:
-            break
-        n, m = done - row0, max(last + 1 - done, 0)
-        if n > 0:  # finished rows: scaled and cast, one pass
-            torch.mul(dqa[:, :n], scale, out=dq[:, row0:done])
-        if m > 0:  # rows still waiting for the next segment's keys move to the front
-            dqa[:, :m].copy_(dqa[:, n:n + m].clone() if n < m else dqa[:, n:n + m])
-        dqa[:, m:].zero_()
-    if one:
-        dq = torch.empty(dqa.shape, device=q.device, dtype=q.dtype)
-        torch.mul(dqa, scale, out=dq)
-    return dq, dk, dv
+    _BWD[swa_gluon._grid(n_items, q.device, cfg)](
+        desc(k, BN), desc(v, BN), desc(k, BN, d // 2), desc(q, BM), desc(do, BM), desc(dqa, BM, d // 2),
+        lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        qk_scale, scale, window, lq, lk, n_kblocks, n_items,
+        H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=mode != "own", DQ_TMA=mode == "tma",
+        K_COPY=_k_copy(d), CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
+    )
+    return dqa, dk, dv
 
 
 def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str = "bf16", regs: int = 240,
@@ -543,11 +467,10 @@ def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str =
                q_desc=desc(dtype, BM, d), do_desc=desc(dtype, BM, d), dqa_desc=desc("fp32", BM, d // 2), LSE="*fp32",
                DELTA="*fp32", DQA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}", sdkb="i64", sdkt="i64", sdkh="i64",
                sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32", sm_scale="fp32", W="i32", Lq="i32", Lk="i32",
-               n_kblocks="i32", n_items="i32", kb0="i32", row0="i32", R="i32")
+               n_kblocks="i32", n_items="i32")
     const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, SHARED_DQ=dq != "own", DQ_TMA=dq == "tma",
                  K_COPY=_k_copy(d), CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
     return swa_gluon._compile_sm90(_swa_bwd_gluon_kernel, sig, const, maxnreg)
 
 
-__all__ = ["BM", "BN", "HAVE_GLUON", "HAVE_TMA_REDUCE", "backward", "compile_sm90", "segment_plan", "smem_bytes",
-           "supported"]
+__all__ = ["BM", "BN", "HAVE_GLUON", "HAVE_TMA_REDUCE", "backward", "compile_sm90", "smem_bytes", "supported"]

@@ -835,15 +835,11 @@ def _check_tile(kind: str, cfg: dict) -> None:
                          "set lazy=0.0 or one_loop=False")
     if kind == "dkdv" and cfg.get("gluon"):
         g = cfg["gluon"]
-        if not isinstance(g, dict) or set(g) - {"stages", "regs", "persistent", "dq", "segment", "waves"}:
-            raise ValueError(f"swa launch dkdv: gluon must be False or a dict with keys stages, regs, persistent, dq, "
-                             f"segment, waves; got {g!r}")
+        if not isinstance(g, dict) or set(g) - {"stages", "regs", "persistent", "dq"}:
+            raise ValueError(f"swa launch dkdv: gluon must be False or a dict with keys stages, regs, persistent, dq; "
+                             f"got {g!r}")
         if not 1 <= g.get("stages", 2) <= 3 or g.get("dq", "shared") not in ("own", "shared", "tma"):
             raise ValueError(f"swa launch dkdv: gluon stages must be 1..3 and dq 'own', 'shared' or 'tma', got {g!r}")
-        seg = g.get("segment")
-        if seg is not None and not (isinstance(seg, int) and seg > 0 and seg % (2 * swa_gluon_bwd.BN) == 0):
-            raise ValueError(f"swa launch dkdv: gluon segment must be None or a positive multiple of "
-                             f"{2 * swa_gluon_bwd.BN} keys, got {seg!r}")
     if kind == "fwd" and cfg.get("gluon"):
         g = cfg["gluon"]
         if not isinstance(g, dict) or set(g) - {"BN", "stages", "regs", "persistent"}:
@@ -978,7 +974,8 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     if cfg.get("gluon") and swa_gluon_bwd.supported(q, k, v, do, scale, cfg):
         # the Hopper backward: dK, dV and dQ (by atomics) in one kernel, 5 products per pair instead of 7
         _delta_launch(do, o, lo, has_lo, delta)
-        return swa_gluon_bwd.backward(do, q, k, v, lse, delta, window, scale, scale * LOG2E, na1d, cfg["gluon"])
+        dqa, dk, dv = swa_gluon_bwd.backward(do, q, k, v, lse, delta, window, scale, scale * LOG2E, na1d, cfg["gluon"])
+        return _dq_finish(dqa, q.dtype, scale), dk, dv
     if cq.get("delta") and not cfg["fused_dq"]:
         dq = _dq_launch(cq, do, q, k, v, o, lo, has_lo, lse, delta, scale, window, True, na1d)
         dk, dv, _ = _dkdv_launch(cfg, do, q, k, v, lse, delta, scale, window, na1d)
