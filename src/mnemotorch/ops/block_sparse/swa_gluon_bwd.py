@@ -168,8 +168,8 @@ if HAVE_GLUON:
     def _loader(k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
                 W, Lq, Lk, n_kblocks, n_items, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                 STAGES: gl.constexpr, NA1D: gl.constexpr, K_COPY: gl.constexpr, WG: gl.constexpr):
-        """One warp: per item, its K and V (each group's half, and K again in ``D / 2``-column halves for
-        dQ) once both consumers have finished the last item; then the query tiles of every query head of
+        """One warp: per item, its K and V (each group's half, and at D = 64 K again in ``D / 2``-column halves
+        for dQ) once both consumers have finished the last item; then the query tiles of every query head of
         the group through the ring."""
         kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free = bars
         step = 0
@@ -454,7 +454,8 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
         lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         qk_scale, scale, window, lq, lk, n_kblocks, n_items,
         H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=mode != "own", DQ_TMA=mode == "tma",
-        K_COPY=_k_copy(d), CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
+        K_COPY=_k_copy(d), CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4,
+        maxnreg=int(cfg.get("maxnreg", 168)),
     )
     return dqa, dk, dv
 
