@@ -168,7 +168,8 @@ def test_gradients_through_the_gluon_forward(na1d) -> None:
 
 # dq="tma" (TMA bulk reductions of dQ) was added after the twenty-third session's GPU runs: not yet run on a GPU
 BWD_CONFIGS = [dict(stages=2), dict(stages=2, dq="own"), dict(stages=1, persistent=False), dict(stages=2, dq="tma"),
-               dict(stages=3), dict(stages=3, dq="tma")]
+               dict(stages=3), dict(stages=3, dq="tma"), dict(stages=2, dq="tma", pre_s=True),
+               dict(stages=3, dq="tma", pre_s=True)]
 
 
 @pytest.fixture
