@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mnemotorch.bench.block_sparse import _rel_diff, device_info, graph_ms
+from mnemotorch.bench.block_sparse import _rel_diff, device_info, graph_ms, peak_extra_bytes
 from mnemotorch.ops.block_sparse import swa_triton
 
 CASES = {
@@ -35,17 +35,6 @@ CASES = {
 }
 GLUON = [dict(BN=64, stages=4), dict(BN=64, stages=4, persistent=False), dict(BN=64, stages=3), dict(BN=128, stages=2),
          dict(BN=128, stages=2, persistent=False), dict(BN=64, stages=4, regs=224)]
-
-
-def _peak_mib(run) -> float:
-    """The memory one ``run()`` allocates on top of what is live before it (its outputs included), MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = run()
-    torch.cuda.synchronize()
-    del out
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _sweep(row: dict, name: str, kind: str, configs: list, run, errors, tol: float, rep: int) -> None:
@@ -61,7 +50,7 @@ def _sweep(row: dict, name: str, kind: str, configs: list, run, errors, tol: flo
                 torch.cuda.synchronize()
                 r["rel_vs_triton"] = errors(out)
                 del out
-                r["peak_extra_mib"] = _peak_mib(run)
+                r["peak_extra_mib"] = peak_extra_bytes(run) / 2**20
                 if not all(e < tol for e in r["rel_vs_triton"].values()):
                     r["error"] = "differs from the Triton kernels' result"
                 else:
@@ -120,7 +109,7 @@ def run_bwd_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     with swa_triton.override_launch(dkdv=dict(gluon=False)):
         ref = [t.clone() for t in bwd()]
         row["triton_ms"] = graph_ms(bwd, rep=rep)
-        row["triton_peak_extra_mib"] = _peak_mib(bwd)
+        row["triton_peak_extra_mib"] = peak_extra_bytes(bwd) / 2**20
     _sweep(row, name, "dkdv", configs, bwd,
            lambda out: {n: _rel_diff(a, b) for n, a, b in zip(("dq", "dk", "dv"), out, ref)}, 1e-2, rep)
     return row

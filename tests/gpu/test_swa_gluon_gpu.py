@@ -166,7 +166,7 @@ def test_gradients_through_the_gluon_forward(na1d) -> None:
 # ---------------------------------------------------------------------------------------------
 # the Gluon backward (ops/block_sparse/swa_gluon_bwd.py): dK, dV and dQ in one kernel
 
-# dq="tma" (TMA bulk reductions of dQ) was added after the twenty-third session's GPU runs: not yet run on a GPU
+# dq="tma" (TMA bulk reductions of dQ) is the table's form; pre_s was added after the twenty-fourth session's GPU runs
 BWD_CONFIGS = [dict(stages=2), dict(stages=2, dq="own"), dict(stages=1, persistent=False), dict(stages=2, dq="tma"),
                dict(stages=3), dict(stages=3, dq="tma"), dict(stages=2, dq="tma", pre_s=True),
                dict(stages=3, dq="tma", pre_s=True)]

@@ -380,6 +380,17 @@ def measure_graphed(call: Callable[[], torch.Tensor], grad_out: torch.Tensor, pa
 CPU_REPS = (0, 1)
 
 
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """The CUDA memory one ``fn()`` allocates on top of what is live before it, its result included (freed after)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return torch.cuda.max_memory_allocated() - base
+
+
 def measure(fwd: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: list[torch.Tensor], backward: bool = True) -> dict:
     """Forward and forward+backward medians (ms) and the extra peak memory of one forward+backward.
 
@@ -414,14 +425,7 @@ def measure(fwd: Callable[[], torch.Tensor], grad_out: torch.Tensor, params: lis
     fwd_bwd()  # warm-up: compilation/autotuning buffers stay out of the peak reading
     sync()
     res["first_fwd_bwd_s"] = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        res["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-    else:
-        res["peak_extra_gib"] = None
+    res["peak_extra_gib"] = peak_extra_bytes(fwd_bwd) / 2**30 if cuda else None
     res["fwd_bwd_ms"] = timed(fwd_bwd)
     return res
 

@@ -74,10 +74,9 @@ if HAVE_GLUON:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.language.nvidia.hopper import tma as _tma
 
     from .swa_gluon import _tma_load, _window
-
-    from triton.experimental.gluon.language.nvidia.hopper import tma as _tma
 
     try:  # private names (Triton 3.6 and 3.9 have them): only dq="tma" needs them
         from triton._C.libtriton import ir as _ir
@@ -465,7 +464,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     stages = int(cfg.get("stages", 2))
     mode = cfg.get("dq", "shared")
     if mode == "tma" and not HAVE_TMA_REDUCE:
-        raise ValueError("swa_gluon_bwd: dq='tma' needs Triton's descriptor reduction (tt.descriptor_reduce), "
+        raise ValueError("swa_gluon_bwd: dq='tma' needs Triton's asynchronous TMA reduction (ttng.async_tma_reduce), "
                          "which this Triton does not expose; use dq='shared'")
     pre_s = bool(cfg.get("pre_s", False))
     if pre_s and (stages < 2 or mode == "own"):
