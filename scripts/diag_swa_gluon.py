@@ -90,8 +90,7 @@ def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     return row
 
 
-BWD_GLUON = [dict(stages=2, dq="tma"), dict(stages=2, dq="tma", pre_s=True), dict(stages=2),
-             dict(stages=2, dq="tma", regs=232)]
+BWD_GLUON = [dict(stages=2, dq="tma"), dict(stages=2), dict(stages=2, dq="tma", regs=232)]
 
 
 def run_bwd_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:

@@ -24,9 +24,6 @@ gives the work to independent warp groups instead:
   way); it waits for the reduction to have read the tile only before staging the next one, a whole tile later.
   ``dq="shared"``: 8-byte element atomics from registers instead; ``dq="own"``: each group reduces its own
   ``dS_w K_w`` with element atomics (no waiting on the other, twice the reductions);
-* ``pre_s`` (opt-in, not yet GPU-run): a group issues the next tile's ``S`` before staging and reducing this tile's
-  dQ, so the tensor cores work under that step; the product completes before the loop's back edge, because an
-  accumulator in flight there makes ptxas serialize every wgmma of the kernel (seen offline);
 * the grid is persistent (one program per SM over the items ``pid, pid + grid, ...``, key blocks of a
   head adjacent, so the queries they share and their dQ rows stay in L2).
 
@@ -207,7 +204,7 @@ if HAVE_GLUON:
                   qk_scale, sm_scale,
                   H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                   NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, K_COPY: gl.constexpr,
-                  PRE_S: gl.constexpr, WG: gl.constexpr):
+                  WG: gl.constexpr):
         """Warp group ``WG``: keys ``[n0 + WG BN, + BN)`` of each item against every query tile; dQ columns
         ``[WG D/2, (WG + 1) D/2)`` of every tile."""
         kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free = bars
@@ -240,14 +237,6 @@ if HAVE_GLUON:
             lse_n, delta_n = _stats(LSE, DELTA, b, hk * GROUP, i0, Lq, H, row_s, n_steps > 0)
             h = hk * GROUP  # the tile's query head and first row, stepped without a division
             r0 = i0
-            if PRE_S:
-                # tile 0's S = Q Kᵀ here; each later tile's is computed at the end of the tile before, while that
-                # tile's dQ is staged and reduced (an accumulator still in flight at the loop's back edge would make
-                # ptxas serialize every wgmma of the kernel)
-                mbarrier.wait(q_ready.index(step % STAGES), (step // STAGES) & 1, pred=n_steps > 0)
-                s = warpgroup_mma(q_smem.index(step % STAGES), k_w.permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)
-                s = warpgroup_mma_wait(0, deps=(s,))
             for u in range(n_steps):
                 rows = r0 + gl.arange(0, _BM, layout=row_s)
                 lse = lse_n
@@ -258,9 +247,8 @@ if HAVE_GLUON:
                 lse_n, delta_n = _stats(LSE, DELTA, b, h_n, r0_n, Lq, H, row_s, u + 1 < n_steps)
                 st = step % STAGES
                 ph = (step // STAGES) & 1
-                if not PRE_S:
-                    mbarrier.wait(q_ready.index(st), ph)
-                    s = warpgroup_mma(q_smem.index(st), k_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(q_ready.index(st), ph)
+                s = warpgroup_mma(q_smem.index(st), k_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 mbarrier.wait(do_ready.index(st), ph)
                 dp = warpgroup_mma(do_smem.index(st), v_w.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
@@ -306,17 +294,7 @@ if HAVE_GLUON:
                                        use_acc=False, is_async=True)
                     dq = warpgroup_mma(ds_smem.index(2 * buf + 1), _k_half(k_smem, kd_smem, 1, WG, D, K_COPY), dq,
                                        is_async=True)
-                    if PRE_S:
-                        # the next tile's S on the tensor cores while this tile's dQ is staged and reduced (on an
-                        # item's last tile the wait is skipped and the product, of a slot no one writes then, is
-                        # dropped; the slot differs from this tile's, so stages >= 2)
-                        st_n = (step + 1) % STAGES
-                        mbarrier.wait(q_ready.index(st_n), ((step + 1) // STAGES) & 1, pred=u + 1 < n_steps)
-                        s_n = warpgroup_mma(q_smem.index(st_n), k_w.permute((1, 0)), s_zero, use_acc=False,
-                                            is_async=True)
-                        dq, dv, dk = warpgroup_mma_wait(1, deps=(dq, dv, dk))
-                    else:
-                        dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+                    dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
                     mbarrier.arrive(qdo_empty.index(st), count=1)
                     mbarrier.arrive(ds_free.index(buf), count=1)
                     if DQ_TMA:
@@ -331,8 +309,6 @@ if HAVE_GLUON:
                         _tma_reduce_add(dqa_desc, [b * Lq + r0, h * D + WG * (D // 2)], dq_w)
                     else:
                         _red_add_v2(q_row + WG * (D // 2), q_off, dq, q_ok)
-                    if PRE_S:
-                        s = warpgroup_mma_wait(0, deps=(s_n,))
                 else:
                     # this group's own share of dQ, dS_WG K_WG, in two column halves: the groups never wait on
                     # each other (one's softmax runs under the other's products), at twice the reductions
@@ -371,7 +347,7 @@ if HAVE_GLUON:
                               sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, qk_scale, sm_scale, W, Lq, Lk, n_kblocks, n_items,
                               H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                               STAGES: gl.constexpr, NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr,
-                              K_COPY: gl.constexpr, PRE_S: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                              K_COPY: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                               LOADER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         k_smem = gl.allocate_shared_memory(dtype, [2, _BN, D], k_desc.layout)
@@ -410,11 +386,11 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
                          ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
-                         sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY, PRE_S,
+                         sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY,
                          0)),
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
                          ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
-                         sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY, PRE_S,
+                         sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY,
                          1)),
             (_loader, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
                        W, Lq, Lk, n_kblocks, n_items, HKV, GROUP, D, STAGES, NA1D, K_COPY, 2)),
@@ -456,9 +432,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     the sum with 8-byte element atomics, default; ``"tma"``, the same with one TMA bulk reduction per tile from
     a staged shared-memory tile (FlashAttention-3's way; the table's rows; at D = 128 it allows 2 ring slots); or
     ``"own"``, each group reduces its own ``dS K`` share: no waiting on the other group, twice the reductions, 1.5x
-    slower on the H100); ``pre_s``: issue the next tile's ``S = Q Kᵀ`` before this tile's dQ is staged and reduced,
-    and wait for it after (stages >= 2, not with ``"own"``; compiled for sm_90 under Triton 3.6 and 3.9 without
-    wgmma serialization, **not yet run on a GPU**)."""
+    slower on the H100)."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     stages = int(cfg.get("stages", 2))
@@ -466,10 +440,6 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     if mode == "tma" and not HAVE_TMA_REDUCE:
         raise ValueError("swa_gluon_bwd: dq='tma' needs Triton's asynchronous TMA reduction (ttng.async_tma_reduce), "
                          "which this Triton does not expose; use dq='shared'")
-    pre_s = bool(cfg.get("pre_s", False))
-    if pre_s and (stages < 2 or mode == "own"):
-        raise ValueError("swa_gluon_bwd: pre_s (the next tile's S issued under this tile's dQ) needs stages >= 2 and "
-                         f"dq 'shared' or 'tma', got stages={stages}, dq={mode!r}")
     need = smem_bytes(d, stages, dq_tma=mode == "tma")
     if need > swa_gluon.SMEM_LIMIT:
         raise ValueError(f"swa_gluon_bwd: {stages} ring slots at D = {d} with dq={mode!r} need {need // 1024} KiB of "
@@ -485,14 +455,14 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
         lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         qk_scale, scale, window, lq, lk, n_kblocks, n_items,
         H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=mode != "own", DQ_TMA=mode == "tma",
-        K_COPY=_k_copy(d), PRE_S=pre_s, CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4,
+        K_COPY=_k_copy(d), CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4,
         maxnreg=int(cfg.get("maxnreg", 168)),
     )
     return dqa, dk, dv
 
 
 def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str = "bf16", regs: int = 240,
-                 maxnreg: int = 168, loader_regs: int = 24, dq: str = "shared", pre_s: bool = False):
+                 maxnreg: int = 168, loader_regs: int = 24, dq: str = "shared"):
     """Compile the kernel for sm_90 without a GPU (see ``swa_gluon.compile_sm90``)."""
     desc = swa_gluon._desc_type
     sig = dict(k_desc=desc(dtype, BN, d), v_desc=desc(dtype, BN, d), kd_desc=desc(dtype, BN, d // 2),
@@ -501,7 +471,7 @@ def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str =
                sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32", sm_scale="fp32", W="i32", Lq="i32", Lk="i32",
                n_kblocks="i32", n_items="i32")
     const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, SHARED_DQ=dq != "own", DQ_TMA=dq == "tma",
-                 K_COPY=_k_copy(d), PRE_S=pre_s, CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
+                 K_COPY=_k_copy(d), CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
     return swa_gluon._compile_sm90(_swa_bwd_gluon_kernel, sig, const, maxnreg)
 
 
