@@ -33,8 +33,8 @@ CASES = {
     "swa64k": dict(L=65536, W=1024, H=16, na1d=False),
     "swa16k": dict(L=16384, W=1024, H=16, na1d=False),
 }
-GLUON = [dict(BN=64, stages=4), dict(BN=64, stages=4, pingpong=True), dict(BN=64, stages=3, pingpong=True),
-         dict(BN=128, stages=2), dict(BN=128, stages=2, pingpong=True)]
+GLUON = [dict(BN=64, stages=4), dict(BN=64, stages=4, persistent=False), dict(BN=64, stages=3), dict(BN=128, stages=2),
+         dict(BN=128, stages=2, persistent=False), dict(BN=64, stages=4, regs=224)]
 
 
 def _sweep(row: dict, name: str, kind: str, configs: list, run, errors, tol: float, rep: int) -> None:

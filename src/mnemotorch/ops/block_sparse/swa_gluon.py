@@ -146,36 +146,6 @@ if HAVE_GLUON:
         mbarrier.arrive(empty.index(st), count=1)
 
     @gluon.jit
-    def _turn_wait(x, WG: gl.constexpr):
-        """``pingpong``: wait until the other consumer has issued its products (named barrier ``8 + WG``, which
-        the 256 threads of both consumer groups meet at; ids 0-2 are Triton's own). ``x``: any i32 scalar (the
-        inline assembly needs an operand)."""
-        if WG == 0:
-            gl.inline_asm_elementwise("bar.sync 8, 256; mov.b32 $0, 0;", "=r,r", [x], dtype=gl.int32, is_pure=False,
-                                      pack=1)
-        else:
-            gl.inline_asm_elementwise("bar.sync 9, 256; mov.b32 $0, 0;", "=r,r", [x], dtype=gl.int32, is_pure=False,
-                                      pack=1)
-
-    @gluon.jit
-    def _turn_pass(x, WG: gl.constexpr):
-        """``pingpong``: hand the turn to the other consumer (arrive, without waiting, at its barrier)."""
-        if WG == 0:
-            gl.inline_asm_elementwise("bar.arrive 9, 256; mov.b32 $0, 0;", "=r,r", [x], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-        else:
-            gl.inline_asm_elementwise("bar.arrive 8, 256; mov.b32 $0, 0;", "=r,r", [x], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-
-    @gluon.jit
-    def _turn(x, PINGPONG: gl.constexpr, WG: gl.constexpr):
-        """A turn with no products (a tile this group passes, or its empty item): keeps both groups' turn counts
-        per item equal."""
-        if PINGPONG:
-            _turn_wait(x, WG)
-            _turn_pass(x, WG)
-
-    @gluon.jit
     def _softmax_tile(s, m_i, l_i, a, lo_r, hi_r, lo_last, hi_first, qk_scale,
                       BN: gl.constexpr, s_layout: gl.constexpr):
         """Online softmax of one ``[BM, BN]`` logit tile whose first key is ``a``: ``(p, alpha, m, l)``.
@@ -195,15 +165,9 @@ if HAVE_GLUON:
     def _consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items,
                   O, LSE, OLO, sob, sot, soh, qk_scale,
                   H: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                  NA1D: gl.constexpr, STORE_LO: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
+                  NA1D: gl.constexpr, STORE_LO: gl.constexpr, WG: gl.constexpr):
         """One warp group: for each work item of this program, queries ``[q0 + WG * BM, + BM)`` against the
-        tiles its rows touch; ``tile`` counts the ring's tiles over all items (slot and phase).
-
-        ``PINGPONG`` (FlashAttention-3's inter-warpgroup schedule): the two groups take turns to issue their
-        products, so one's softmax runs while the other's products use the tensor cores. Every item gives each
-        group ``n_tiles + 1`` turns (one per tile it passes, one per product step, one more for its last ``P V``
-        or its empty item), so the turns pair up across items; group 1 hands group 0 the first turn and group 0
-        takes group 1's last one at the end."""
+        tiles its rows touch; ``tile`` counts the ring's tiles over all items (slot and phase)."""
         q_ready, q_empty, k_ready, v_ready, empty = bars
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
@@ -213,9 +177,6 @@ if HAVE_GLUON:
         offset = Lk - Lq
         tile = 0
         j = 0
-        if PINGPONG:
-            if WG == 1:
-                _turn_pass(tile, WG)  # group 0 goes first
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
             b, h, q0, anchor, n_tiles = _item_tiles(item, n_qblocks, W, Lq, Lk, H, BN, NA1D)
             r0 = q0 + WG * _BM
@@ -230,7 +191,6 @@ if HAVE_GLUON:
             lo_r, hi_r = _window(rows, W, Lk, NA1D)
 
             for n in range(0, t0):
-                _turn(n, PINGPONG, WG)
                 _pass_tile(tile + n, k_ready, v_ready, empty, STAGES)
 
             m_i = gl.full([_BM], -1.0e30, gl.float32, layout=row_s)  # finite: a fully masked tile gives alpha = 1
@@ -245,11 +205,7 @@ if HAVE_GLUON:
                 t = tile + t0
                 st = t % STAGES
                 mbarrier.wait(k_ready.index(st), (t // STAGES) & 1)
-                if PINGPONG:
-                    _turn_wait(t, WG)
                 s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                if PINGPONG:
-                    _turn_pass(t, WG)
                 s = warpgroup_mma_wait(0, deps=(s,))
                 p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, anchor + t0 * BN, lo_r, hi_r, lo_last, hi_first,
                                                    qk_scale, BN, s_layout)
@@ -259,13 +215,9 @@ if HAVE_GLUON:
                     st = t % STAGES
                     sp = (t - 1) % STAGES
                     mbarrier.wait(k_ready.index(st), (t // STAGES) & 1)
-                    mbarrier.wait(v_ready.index(sp), ((t - 1) // STAGES) & 1)
-                    if PINGPONG:
-                        _turn_wait(t, WG)
                     s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    mbarrier.wait(v_ready.index(sp), ((t - 1) // STAGES) & 1)
                     acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
-                    if PINGPONG:
-                        _turn_pass(t, WG)
                     # logits of tile n done (the older group); tile n - 1's P V may still run under the softmax
                     s = warpgroup_mma_wait(1, deps=(s,))
                     p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, anchor + n * BN, lo_r, hi_r, lo_last, hi_first,
@@ -277,20 +229,13 @@ if HAVE_GLUON:
                 t = tile + t1 - 1
                 sp = t % STAGES
                 mbarrier.wait(v_ready.index(sp), (t // STAGES) & 1)
-                if PINGPONG:
-                    _turn_wait(t, WG)
                 acc = warpgroup_mma(p_op, v_smem.index(sp), acc, is_async=True)
-                if PINGPONG:
-                    _turn_pass(t, WG)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(empty.index(sp), count=1)
-            else:
-                _turn(tile, PINGPONG, WG)
             # every product that read this item's queries has completed: the slot may be refilled
             mbarrier.arrive(q_empty.index(qs), count=1)
 
             for n in range(t1, n_tiles):
-                _turn(n, PINGPONG, WG)
                 _pass_tile(tile + n, k_ready, v_ready, empty, STAGES)
 
             # every stored row has seen its own window (l > 0); rows past Lq are not stored
@@ -310,15 +255,12 @@ if HAVE_GLUON:
             gl.store(LSE + (b * H + h).to(gl.int64) * Lq + rows_s, lse, mask=rows_s < Lq)
             tile += n_tiles
             j += 1
-        if PINGPONG:
-            if WG == 0:
-                _turn_wait(tile, WG)  # group 1's last hand-over: no arrival is left pending at exit
 
     @gluon.jit
     def _swa_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, OLO, sob, sot, soh, qk_scale, W, Lq, Lk, n_qblocks,
                               n_items, H: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
                               STAGES: gl.constexpr, NA1D: gl.constexpr, STORE_LO: gl.constexpr,
-                              PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                              CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
         """Programs walk the work items ``pid, pid + grid, ...`` (a grid of one program per item, or a
         persistent grid of one per SM: then a program's next item loads while its last one finishes)."""
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [4, _BM, D], q_desc.layout)
@@ -342,9 +284,9 @@ if HAVE_GLUON:
         # constexprs into tensors (Triton 3.6)
         gl.warp_specialize([
             (_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items, O, LSE,
-                         OLO, sob, sot, soh, qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, PINGPONG, 0)),
+                         OLO, sob, sot, soh, qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, 0)),
             (_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items, O, LSE,
-                         OLO, sob, sot, soh, qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, PINGPONG, 1)),
+                         OLO, sob, sot, soh, qk_scale, H, GROUP, D, BN, STAGES, NA1D, STORE_LO, 1)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, W, Lq, Lk, n_qblocks, n_items, H, GROUP,
                        D, BN, STAGES, NA1D, 2)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -416,7 +358,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tenso
     """Fill ``o [B, Lq, H, D]``, ``lse [B, H, Lq]`` (base 2) and, when given, ``o_lo`` (the output's rounding
     residual). ``cfg``: the forward row's ``gluon`` dict (``BN`` keys per tile, ``stages`` ring slots,
     ``regs`` registers per consumer thread, ``persistent``: one program per SM walking the work items,
-    default, or one program per item; ``pingpong``: the consumers take turns to issue their products)."""
+    default, or one program per item)."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     bn = int(cfg.get("BN", 64))
@@ -433,19 +375,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lo: Tenso
         _desc(q, BM), _desc(k, bn), _desc(v, bn), o, lse, o_lo if store_lo else o,
         o.stride(0), o.stride(1), o.stride(2), qk_scale, window, lq, lk, n_qblocks, n_items,
         H=h, GROUP=h // hkv, D=d, BN=bn, STAGES=stages, NA1D=bool(na1d), STORE_LO=store_lo,
-        PINGPONG=bool(cfg.get("pingpong", False)), CONSUMER_REGS=regs, LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
+        CONSUMER_REGS=regs, LOADER_REGS=24, num_warps=4, maxnreg=int(cfg.get("maxnreg", 168)),
     )
 
 
 def compile_sm90(d: int = 128, bn: int = 64, stages: int = 4, na1d: bool = False, store_lo: bool = False,
-                 dtype: str = "bf16", regs: int = 240, maxnreg: int = 168, pingpong: bool = False):
+                 dtype: str = "bf16", regs: int = 240, maxnreg: int = 168):
     """Compile the kernel for sm_90 without a GPU (``triton.compile`` on a Gluon source) and return Triton's
     compiled kernel (``.asm["ptx"]``, ``.metadata``): the CPU test of the Gluon API across Triton releases."""
     sig = dict(q_desc=_desc_type(dtype, BM, d), k_desc=_desc_type(dtype, bn, d), v_desc=_desc_type(dtype, bn, d),
                O=f"*{dtype}", LSE="*fp32", OLO=f"*{dtype}", sob="i64", sot="i64", soh="i64", qk_scale="fp32", W="i32",
                Lq="i32", Lk="i32", n_qblocks="i32", n_items="i32")
-    const = dict(H=4, GROUP=2, D=d, BN=bn, STAGES=stages, NA1D=na1d, STORE_LO=store_lo, PINGPONG=pingpong,
-                 CONSUMER_REGS=regs, LOADER_REGS=24)
+    const = dict(H=4, GROUP=2, D=d, BN=bn, STAGES=stages, NA1D=na1d, STORE_LO=store_lo, CONSUMER_REGS=regs, LOADER_REGS=24)
     return _compile_sm90(_swa_fwd_gluon_kernel, sig, const, maxnreg)
 
 

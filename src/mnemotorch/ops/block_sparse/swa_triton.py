@@ -842,9 +842,9 @@ def _check_tile(kind: str, cfg: dict) -> None:
             raise ValueError(f"swa launch dkdv: gluon stages must be 1..3 and dq 'own', 'shared' or 'tma', got {g!r}")
     if kind == "fwd" and cfg.get("gluon"):
         g = cfg["gluon"]
-        if not isinstance(g, dict) or set(g) - {"BN", "stages", "regs", "persistent", "pingpong"}:
-            raise ValueError(f"swa launch fwd: gluon must be False or a dict with keys BN, stages, regs, persistent, "
-                             f"pingpong; got {g!r}")
+        if not isinstance(g, dict) or set(g) - {"BN", "stages", "regs", "persistent"}:
+            raise ValueError(f"swa launch fwd: gluon must be False or a dict with keys BN, stages, regs, persistent; "
+                             f"got {g!r}")
         if g.get("BN", 64) not in (64, 128) or not 2 <= g.get("stages", 4) <= 6:
             raise ValueError(f"swa launch fwd: gluon BN must be 64 or 128 and stages 2..6, got {g!r}")
     if kind == "dkdv" and cfg.get("fused_dq") not in (False, True, "tma"):
