@@ -90,7 +90,7 @@ def run_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:
     return row
 
 
-BWD_GLUON = [dict(stages=2, dq="tma"), dict(stages=2, dq="tma", late_dk=True), dict(stages=2)]
+BWD_GLUON = [dict(stages=2, dq="tma"), dict(stages=2), dict(stages=2, dq="tma", regs=232)]
 
 
 def run_bwd_case(name: str, c: dict, D: int, rep: int, configs: list) -> dict:

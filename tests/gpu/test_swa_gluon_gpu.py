@@ -168,8 +168,7 @@ def test_gradients_through_the_gluon_forward(na1d) -> None:
 
 # dq="tma" (TMA bulk reductions of dQ) is the table's form
 BWD_CONFIGS = [dict(stages=2), dict(stages=2, dq="own"), dict(stages=1, persistent=False), dict(stages=2, dq="tma"),
-               dict(stages=3), dict(stages=3, dq="tma"), dict(stages=2, dq="tma", late_dk=True),
-               dict(stages=3, dq="tma", late_dk=True), dict(stages=2, late_dk=True)]
+               dict(stages=3), dict(stages=3, dq="tma")]
 
 
 @pytest.fixture

@@ -205,7 +205,7 @@ if HAVE_GLUON:
                   qk_scale, sm_scale,
                   H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                   NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, K_COPY: gl.constexpr,
-                  LATE_DK: gl.constexpr, WG: gl.constexpr):
+                  WG: gl.constexpr):
         """Warp group ``WG``: keys ``[n0 + WG BN, + BN)`` of each item against every query tile; dQ columns
         ``[WG D/2, (WG + 1) D/2)`` of every tile."""
         kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_ready, ds_free = bars
@@ -288,23 +288,16 @@ if HAVE_GLUON:
                     fence_async_shared()
                     _group_barrier()
                     mbarrier.arrive(ds_ready.index(buf), count=1)
-                    if not LATE_DK:
-                        dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
+                    dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
                     mbarrier.wait(ds_ready.index(buf), uses & 1)
                     # dQ[:, WG D/2 : (WG + 1) D/2] = dS_0 K_0[:, half] + dS_1 K_1[:, half]
                     dq = warpgroup_mma(ds_smem.index(2 * buf), _k_half(k_smem, kd_smem, 0, WG, D, K_COPY), q_zero,
                                        use_acc=False, is_async=True)
                     dq = warpgroup_mma(ds_smem.index(2 * buf + 1), _k_half(k_smem, kd_smem, 1, WG, D, K_COPY), dq,
                                        is_async=True)
-                    if LATE_DK:
-                        # dK after dQ: it runs while this tile's dQ is staged and reduced (wgmma groups complete in
-                        # order, so waiting for dQ leaves only dK in flight); it completes before the back edge
-                        dk = warpgroup_mma(ds_w.permute((1, 0)), q_smem.index(st), dk, is_async=True)
-                        dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))
-                    else:
-                        dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
-                        mbarrier.arrive(qdo_empty.index(st), count=1)
-                        mbarrier.arrive(ds_free.index(buf), count=1)
+                    dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+                    mbarrier.arrive(qdo_empty.index(st), count=1)
+                    mbarrier.arrive(ds_free.index(buf), count=1)
                     if DQ_TMA:
                         # the group's staging tile: the last tile's reduction has had a whole tile to read it; rows
                         # past Lq (the next batch's, in the [B * Lq, H * D] view) add exact zeros (P = 0 there)
@@ -317,10 +310,6 @@ if HAVE_GLUON:
                         _tma_reduce_add(dqa_desc, [b * Lq + r0, h * D + WG * (D // 2)], dq_w)
                     else:
                         _red_add_v2(q_row + WG * (D // 2), q_off, dq, q_ok)
-                    if LATE_DK:  # dK read Q's slot and this group's dS: both may be reused now
-                        dk = warpgroup_mma_wait(0, deps=(dk,))
-                        mbarrier.arrive(qdo_empty.index(st), count=1)
-                        mbarrier.arrive(ds_free.index(buf), count=1)
                 else:
                     # this group's own share of dQ, dS_WG K_WG, in two column halves: the groups never wait on
                     # each other (one's softmax runs under the other's products), at twice the reductions
@@ -359,7 +348,7 @@ if HAVE_GLUON:
                               sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, qk_scale, sm_scale, W, Lq, Lk, n_kblocks, n_items,
                               H: gl.constexpr, HKV: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr,
                               STAGES: gl.constexpr, NA1D: gl.constexpr, SHARED_DQ: gl.constexpr, DQ_TMA: gl.constexpr,
-                              K_COPY: gl.constexpr, LATE_DK: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                              K_COPY: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                               LOADER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         k_smem = gl.allocate_shared_memory(dtype, [2, _BN, D], k_desc.layout)
@@ -399,11 +388,11 @@ if HAVE_GLUON:
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
                          ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
                          sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY,
-                         LATE_DK, 0)),
+                         0)),
             (_consumer, (k_desc, v_desc, kd_desc, q_desc, do_desc, dqa_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, p_smem,
                          ds_smem, dq_smem, bars, W, Lq, Lk, n_kblocks, n_items, LSE, DELTA, DQA, DK, DV, sdkb, sdkt, sdkh, sdvb,
                          sdvt, sdvh, qk_scale, sm_scale, H, HKV, GROUP, D, STAGES, NA1D, SHARED_DQ, DQ_TMA, K_COPY,
-                         LATE_DK, 1)),
+                         1)),
             (_loader, (k_desc, v_desc, kd_desc, q_desc, do_desc, k_smem, v_smem, kd_smem, q_smem, do_smem, bars,
                        W, Lq, Lk, n_kblocks, n_items, HKV, GROUP, D, STAGES, NA1D, K_COPY, 2)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -444,8 +433,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     the sum with 8-byte element atomics, default; ``"tma"``, the same with one TMA bulk reduction per tile from
     a staged shared-memory tile (FlashAttention-3's way; the table's rows; at D = 128 it allows 2 ring slots); or
     ``"own"``, each group reduces its own ``dS K`` share: no waiting on the other group, twice the reductions, 1.5x
-    slower on the H100); ``late_dk``: issue a tile's ``dK`` product after its ``dQ`` products, so that it runs
-    while dQ is staged and reduced (with ``"shared"`` or ``"tma"``)."""
+    slower on the H100)."""
     b, lq, h, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     stages = int(cfg.get("stages", 2))
@@ -468,15 +456,14 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
         lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         qk_scale, scale, window, lq, lk, n_kblocks, n_items,
         H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=mode != "own", DQ_TMA=mode == "tma",
-        K_COPY=_k_copy(d), LATE_DK=bool(cfg.get("late_dk", False)), CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4,
+        K_COPY=_k_copy(d), CONSUMER_REGS=int(cfg.get("regs", 240)), LOADER_REGS=24, num_warps=4,
         maxnreg=int(cfg.get("maxnreg", 168)),
     )
     return dqa, dk, dv
 
 
 def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str = "bf16", regs: int = 240,
-                 maxnreg: int = 168, loader_regs: int = 24, dq: str = "shared",
-                 late_dk: bool = False):
+                 maxnreg: int = 168, loader_regs: int = 24, dq: str = "shared"):
     """Compile the kernel for sm_90 without a GPU (see ``swa_gluon.compile_sm90``)."""
     desc = swa_gluon._desc_type
     sig = dict(k_desc=desc(dtype, BN, d), v_desc=desc(dtype, BN, d), kd_desc=desc(dtype, BN, d // 2),
@@ -485,7 +472,7 @@ def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str =
                sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32", sm_scale="fp32", W="i32", Lq="i32", Lk="i32",
                n_kblocks="i32", n_items="i32")
     const = dict(H=4, HKV=2, GROUP=2, D=d, STAGES=stages, NA1D=na1d, SHARED_DQ=dq != "own", DQ_TMA=dq == "tma",
-                 K_COPY=_k_copy(d), LATE_DK=late_dk, CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
+                 K_COPY=_k_copy(d), CONSUMER_REGS=regs, LOADER_REGS=loader_regs)
     return swa_gluon._compile_sm90(_swa_bwd_gluon_kernel, sig, const, maxnreg)
 
 

@@ -835,9 +835,9 @@ def _check_tile(kind: str, cfg: dict) -> None:
                          "set lazy=0.0 or one_loop=False")
     if kind == "dkdv" and cfg.get("gluon"):
         g = cfg["gluon"]
-        if not isinstance(g, dict) or set(g) - {"stages", "regs", "persistent", "dq", "late_dk"}:
-            raise ValueError(f"swa launch dkdv: gluon must be False or a dict with keys stages, regs, persistent, dq, "
-                             f"late_dk; got {g!r}")
+        if not isinstance(g, dict) or set(g) - {"stages", "regs", "persistent", "dq"}:
+            raise ValueError(f"swa launch dkdv: gluon must be False or a dict with keys stages, regs, persistent, dq; "
+                             f"got {g!r}")
         if not 1 <= g.get("stages", 2) <= 3 or g.get("dq", "shared") not in ("own", "shared", "tma"):
             raise ValueError(f"swa launch dkdv: gluon stages must be 1..3 and dq 'own', 'shared' or 'tma', got {g!r}")
     if kind == "fwd" and cfg.get("gluon"):
