@@ -48,7 +48,8 @@ same accumulator. Launching the key blocks in segments, with an accumulator of a
 finished rows are cast after each launch, was tried (commit ae9bbe9): 813 MiB of extra peak against 1284 (Triton
 kernels 772) but 4.77 ms against 4.15 (4.60 at 8192-key segments; Triton kernels 4.64), no better than the Triton
 kernels on either count, so it was removed. So was issuing the next tile's ``S = Q Kᵀ`` before a tile's dQ is staged
-(``pre_s``): correct, 18-20% slower (its registers spill more).
+(``pre_s``): correct, 18-20% slower (its registers spill more); and issuing dK after the dQ products, to run under
+the dQ staging (``late_dk``): correct, 4-6% slower (dK no longer covers the wait for the other group's dS).
 """
 
 from __future__ import annotations
