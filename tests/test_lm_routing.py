@@ -5,13 +5,13 @@ the quick arms build and take a training step (routing's commitment loss and cen
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_module import load_script
 
 from mnemotorch.layers.routing import routing_aux_loss, routing_layers, update_routing_centroids
 from mnemotorch.models import MnemoConfig, MnemoForCausalLM
@@ -25,10 +25,7 @@ SCRIPT = REPO / "scripts" / "lm_compare.py"
 def lm_compare(monkeypatch, tmp_path):
     # "{shared}" in the config resolves to the shared data folder; the config check needs no files.
     monkeypatch.setenv("MNEMO_DATA_DIR", str(tmp_path))
-    spec = importlib.util.spec_from_file_location("lm_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("lm_compare")
 
 
 def layer_spec(plan):

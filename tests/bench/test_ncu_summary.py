@@ -1,20 +1,17 @@
 """``scripts/ncu_summary.py`` reads the Nsight Compute exports committed under ``docs/results/ncu`` (the numbers the
 results pages quote from them)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from script_module import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 NCU = ROOT / "docs" / "results" / "ncu"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("ncu_summary", ROOT / "scripts" / "ncu_summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("ncu_summary")
 
 
 def test_raw_page_per_kernel_sums():
@@ -40,9 +37,7 @@ def test_sass_page_top_instruction(capsys):
 
 
 def test_ncu_kernels_launch_overrides():
-    spec = importlib.util.spec_from_file_location("ncu_kernels", ROOT / "scripts" / "ncu_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("ncu_kernels")
     assert mod._launch("") == {}
     assert mod._launch("BM=128,BN=64,warps=8,stages=2,tma=1,one_loop=0,lazy=8") == {
         "BM": 128, "BN": 64, "warps": 8, "stages": 2, "tma": True, "one_loop": False, "lazy": 8.0}

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from script_module import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("swa_targets_floor", ROOT / "scripts" / "swa_targets_floor.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("swa_targets_floor")
 
 
 def _cell(L, W, D, H, pairs, ours, flex, sdpa):
@@ -51,7 +48,8 @@ def test_floors_and_needed_rates(tmp_path) -> None:
 
 def test_committed_main_case() -> None:
     """The results page's main-case numbers come from the committed run."""
-    rs = {r["cell"]: r for r in _mod().rows(str(ROOT / _mod().DEFAULT))}
+    mod = _mod()
+    rs = {r["cell"]: r for r in mod.rows(str(ROOT / mod.DEFAULT))}
     main = rs["64K / W 1024 / D 128"]
     assert main["bwd"]["need"] == pytest.approx(3.059, abs=1e-3)
     assert main["fwd"]["ours"] == pytest.approx(1.153, abs=1e-3)

@@ -452,8 +452,11 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Te
     n_kblocks = (lk + 2 * BN - 1) // (2 * BN)
     n_items = n_kblocks * b * hkv
     desc = swa_gluon._desc
+    k_desc = desc(k, BN)
+    # K in column halves only where the loader brings that copy (D = 64); elsewhere the argument is unused
+    kd_desc = desc(k, BN, d // 2) if _k_copy(d) else k_desc
     _BWD[swa_gluon._grid(n_items, q.device, cfg)](
-        desc(k, BN), desc(v, BN), desc(k, BN, d // 2), desc(q, BM), desc(do, BM), desc(dqa, BM, d // 2),
+        k_desc, desc(v, BN), kd_desc, desc(q, BM), desc(do, BM), desc(dqa, BM, d // 2),
         lse, delta, dqa, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         qk_scale, scale, window, lq, lk, n_kblocks, n_items,
         H=h, HKV=hkv, GROUP=h // hkv, D=d, STAGES=stages, NA1D=bool(na1d), SHARED_DQ=mode != "own", DQ_TMA=mode == "tma",
@@ -467,7 +470,7 @@ def compile_sm90(d: int = 128, stages: int = 2, na1d: bool = False, dtype: str =
                  maxnreg: int = 168, loader_regs: int = 24, dq: str = "shared"):
     """Compile the kernel for sm_90 without a GPU (see ``swa_gluon.compile_sm90``)."""
     desc = swa_gluon._desc_type
-    sig = dict(k_desc=desc(dtype, BN, d), v_desc=desc(dtype, BN, d), kd_desc=desc(dtype, BN, d // 2),
+    sig = dict(k_desc=desc(dtype, BN, d), v_desc=desc(dtype, BN, d), kd_desc=desc(dtype, BN, d // 2 if _k_copy(d) else d),
                q_desc=desc(dtype, BM, d), do_desc=desc(dtype, BM, d), dqa_desc=desc("fp32", BM, d // 2), LSE="*fp32",
                DELTA="*fp32", DQA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}", sdkb="i64", sdkt="i64", sdkh="i64",
                sdvb="i64", sdvt="i64", sdvh="i64", qk_scale="fp32", sm_scale="fp32", W="i32", Lq="i32", Lk="i32",
