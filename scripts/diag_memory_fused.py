@@ -133,11 +133,11 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
     "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8). ``vjps``:
     "READ:UPDATE" pairs of ``BACKWARD["read_vjp"]`` ("triton", "adjoint", "autograd") / ``["update_vjp"]`` ("triton", "adjoint",
-    "autograd"; ":u32w8[s2]" sets the update kernel's slice, warps and stages), a suffix ":fold" sets ``BACKWARD["fold_read"]`` (":nosweepupd" clears ``BACKWARD["update_in_sweep"]``; the read's key-pass cotangents go into the sweep and the
+    "autograd"; ":u32w8[s2]" sets the update kernel's slice, warps and stages), a suffix ":fold" sets ``BACKWARD["fold_read"]`` (the read's key-pass cotangents go into the sweep and the
     update's pass instead of their own key-pass VJP). ``read_vjp_launches``: "slice:warps[:a_slice:a_warps[:stages]]" launches of the read-VJP kernels, timed in the "triton" rows."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
-    saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements", "update_in_sweep")}
+    saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements")}
     from mnemotorch.ops.memory import fused_update_vjp
 
     saved_update_launch = dict(fused_update_vjp.LAUNCH_UPDATE_VJP)
@@ -169,7 +169,6 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         fused_triton.BACKWARD["fold_read"] = "fold" in opts
         fused_triton.BACKWARD["update_tf32"] = "f32" not in opts
         fused_triton.BACKWARD["overlap"] = False if "serial" in opts else True if "overlap" in opts else saved["overlap"]
-        fused_triton.BACKWARD["update_in_sweep"] = "nosweepupd" not in opts  # (":nosweepupd": the update's VJP as its own pass)
         gexp = [int(o[1:]) for o in opts if o.startswith("g") and o[1:].isdigit()]
         fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved["group_elements"]
         precs = [o[1:] for o in opts if o in ("ptf32x3", "pbf16x3", "ptf32")]
@@ -190,7 +189,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
                "half_precision": fused_triton.LAUNCH["half_precision"], "half_read_precision": fused_triton.LAUNCH["half_read_precision"],
                "exact_keys": fused_triton.LAUNCH["exact_keys"], "update_vjp_launch": dict(fused_update_vjp.LAUNCH_UPDATE_VJP),
                "launch_set": launch_set,
-               **{key: fused_triton.BACKWARD[key] for key in ("fold_read", "update_tf32", "overlap", "group_elements", "update_in_sweep")}}
+               **{key: fused_triton.BACKWARD[key] for key in ("fold_read", "update_tf32", "overlap", "group_elements")}}
         try:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
