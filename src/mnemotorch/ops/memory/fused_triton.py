@@ -1060,8 +1060,7 @@ def _lmm_split_sweep_kernel(
     barrier (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
     ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
     ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (H100, 16K, matched: the sweep 8.8 → 7.4 ms; three phases took 9.9).
-    ``UPD`` (with ``JOIN``, without the clip; the adjoint's slots then a ring of two, ``i % 2``): the update's share of
-    the input gradients as well
+    ``UPD`` (with ``JOIN``, without the clip): the update's share of the input gradients as well
     (:func:`~.fused_backward.state_adjoint` with ``inputs``; what :mod:`.fused_update_vjp` computes in a pass of its own
     from the adjoints this kernel writes), from the tiles the sweep holds anyway plus the entering state's ``W_1, S_1, S_2``
     slices (``W1E, S1E, S2E``, laid out as ``BW1 … BS2``). Per program, sums over its hidden slice that the host adds over
@@ -1089,16 +1088,8 @@ def _lmm_split_sweep_kernel(
         step = n_total - 1 - i  # barrier generations count from the group's last chunk
         xo = (bh * 2 + i % 2) * NS
         ci = i * nbh + bh
-        if UPD:  # a ring of two slots: nothing reads the adjoint leaving a chunk after the next chunk has
-            slot_r = (i + 1) % 2
-            slot_w = i % 2
-        else:  # every chunk's slot kept, for the update's VJP
-            slot_r = i + 1
-            slot_w = i
-        rd1 = slot_r * s1w + bh * DK * HID + o1
-        rd2 = slot_r * s2w + bh * HID * DV + o2
-        sw1 = (slot_r - slot_w) * s1w  # (the new adjoint goes sw1 / sw2 below the one read)
-        sw2 = (slot_r - slot_w) * s2w
+        rd1 = (i + 1) * s1w + bh * DK * HID + o1
+        rd2 = (i + 1) * s2w + bh * HID * DV + o2
         pr = PROF + (pid * n_chunks + ii) * 8
         if PROFILE:
             tl.store(pr, _now(pid))
@@ -1191,12 +1182,12 @@ def _lmm_split_sweep_kernel(
             if KEEP:
                 if CLIP:  # (Δ_1 reloaded: kept across the barrier, it spilled)
                     dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
-                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, sw1, sw2, ci, k, d2, dz2, kn2, d2n2,
+                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  dd1, sg1, w2, True, RD1, RX1, FOLD, KB,
                                  UPD, gt, nt, W1E, S1E, S2E, DKP + (ci * NS + j) * C * DK, DOTP + (ci * NS + j) * 3, ck, PREC_U)  # fmt: skip
             else:
-                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, sw1, sw2, ci, k, d2, dz2, kn2, d2n2,
+                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB,
                                  UPD=UPD, gt=gt, nt=nt, W1E=W1E, S1E=S1E, S2E=S2E, P_DK=DKP + (ci * NS + j) * C * DK,
@@ -1207,7 +1198,7 @@ def _lmm_split_sweep_kernel(
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
-                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, sw1, sw2, ci, k, d2, dz2, kn2, d2n2,
+                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  dd1, sg1, w2, True, RD1, RX1, FOLD, KB)  # fmt: skip
             else:
@@ -1216,7 +1207,7 @@ def _lmm_split_sweep_kernel(
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
-                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, sw1, sw2, ci, k, d2, dz2, kn2, d2n2,
+                _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB)
         if PHASE == 0:
@@ -1526,19 +1517,10 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     s1, s2 = kp.d1[0].contiguous(), kp.d2[0].contiguous()
     nbh = k.shape[1] * k.shape[2]
     c, dk, hid, dv = k.shape[-2], k.shape[-1], hh.shape[-1], d2.shape[-1]
-    ns = _sweep_programs(hid, nbh, k)
-    form = LAUNCH["sweep_form"]
-    if form not in _SWEEP_FORMS:
-        raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
-    join = form == "joined" or (form == "auto" and max_grad_norm is None)
-    upd_on = upd is not None and _sweep_split_on(ns) and join and max_grad_norm is None
-    # the adjoint leaving every chunk (the update's VJP reads them), or with UPD a ring of two slots (chunk i reads slot
-    # (i + 1) % 2 and writes i % 2): what stays in L2 instead of G fp32 copies of the state written to memory
-    n_slots = 2 if upd_on else g_n + 1
     slots = []
     for a in (*adj_w, *adj_s):
-        buf = a.new_empty((n_slots, *a.shape), dtype=torch.float32)
-        buf[g_n % n_slots].copy_(a)
+        buf = a.new_empty((g_n + 1, *a.shape), dtype=torch.float32)
+        buf[g_n].copy_(a)
         slots.append(buf)
     dummy = g_last  # pointers of inputs the configuration does not read
     if layer_norm:
@@ -1561,9 +1543,14 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
             sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1], *fold)  # fmt: skip
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
                 FOLD=add_cot is not None, KB=bool(keys_bf16), num_stages=1)  # fmt: skip
+    ns = _sweep_programs(hid, nbh, k)
     if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
         xa2 = torch.empty((nbh, 2, ns, c, dv), **f32)
+        form = LAUNCH["sweep_form"]
+        if form not in _SWEEP_FORMS:
+            raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
+        join = form == "joined" or (form == "auto" and max_grad_norm is None)
         # (the joined form reads neither XB2 nor XD2: its one tile a program goes to XA2)
         xb2, xd2 = (xa2, xa2) if join else (torch.empty_like(xa2), torch.empty_like(xa2))
         # with the clip, Δ_2's cotangent takes kn2 ∘ ((Δ_1 ∘ σ'(Z_1)) W_2) per chunk: no adjoint in it, one product here
@@ -1574,6 +1561,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = LAUNCH.get("profile")
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
+        upd_on = upd is not None and join and max_grad_norm is None
         if upd_on:  # the update's input gradients: per-slice sums, added over the slices below
             uparts = (torch.empty((g_n * nbh, ns, c, dk), **f32), torch.empty((g_n * nbh, c, dv), **f32), torch.empty((g_n * nbh, ns, c), **f32),
                       torch.empty((g_n * nbh, ns, c), **f32), torch.empty((g_n * nbh, ns, 3), **f32))  # fmt: skip
@@ -1597,9 +1585,9 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
                 prof.setdefault("sweep_us_per_chunk", []).extend(sub["walk_us_per_chunk"])
                 prof.setdefault("sweep_chunk_us", []).extend(sub["chunk_us"])
     else:
+        upd_on = False
         _lmm_sweep_kernel[(nbh,)](*args, g_n, BH=min(hid, LAUNCH["sweep_slice"]), num_warps=LAUNCH["sweep_warps"], **meta)
-    # (with UPD the leaving adjoints are not kept: None)
-    out = ([slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], None if upd_on else [x[1:] for x in slots])
+    out = ([slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots])
     if upd is None:
         return out
     if not upd_on:
@@ -1774,10 +1762,6 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: 52.7 / 40.9 ms) (docs/results/neural_memory.md, fourteenth session). With the faster bf16x3 walks the overlap stopped
 #: paying: in two calls the one-stream order was 0.3–0.8 ms faster (31.7 / 33.4 ms against 32.3 / 34.2; the kernels of
 #: both streams slow down side by side), so it is off by default (fifteenth session). Results are bit-identical either way.
-#: ``update_in_sweep``: where the split sweep runs its joined form without the clip (the matched config), it also gives the
-#: update's share of the input gradients (:func:`_lmm_split_sweep_kernel`'s ``UPD``), so the update's VJP needs no pass
-#: of its own and the adjoints leaving each chunk stay in a ring of two slots instead of being written out
-#: (``MNEMO_MEMORY_UPDATE_IN_SWEEP=0``: the separate pass, as before).
 BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEMENTS", 1 << 24)), "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": os.environ.get("MNEMO_MEMORY_UPDATE_VJP", "triton"),
@@ -2220,7 +2204,7 @@ class _FusedMemory(torch.autograd.Function):
             streams.main_waits(ready)
             adj_w, adj_s, nxt = sweep(p, adj_w, adj_s)
             swept = streams.record_main()
-            streams.used_on_side(nxt or ())  # (allocated on this stream, read on the other: not reused before it has)
+            streams.used_on_side(nxt)  # (allocated on this stream, read on the other: not reused before it has)
             with streams.side():
                 if idx + 1 < len(starts):
                     nxt_prep = prep(starts[idx + 1])  # overlaps this group's sweep
