@@ -535,83 +535,6 @@ def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, 
         assert rel(a, b_) <= 1e-6, (i, rel(a, b_))
 
 
-UPD_CASES = [(name, cfg, split, fold) for name, depth, cfg, clip in ADJ_CASES if depth == 2 and clip is None
-             for split, fold in ((16, True), (8, False), ("walk_keep", True), ("walk", False))]  # fmt: skip
-
-
-@pytest.mark.parametrize("name,cfg,split,fold", UPD_CASES, ids=[f"{c[0]}-{c[2]}-{'fold' if c[3] else 'plain'}" for c in UPD_CASES])
-def test_sweep_update_grads_equal_state_adjoint(monkeypatch, name, cfg, split, fold):
-    """The split sweep's ``UPD`` (``_sweep_triton(..., upd=...)``: the update's input gradients from inside the sweep,
-    the joined form without the clip) equals :func:`state_adjoint` with ``inputs`` at the adjoint leaving each chunk
-    (fp32, ≤ 1e-6), once the caller has added the read's cotangent of ``k`` and the residual's ``−dv`` to ``dk``: as
-    2 or 4 programs a head (one launch per phase and chunk under the interpreter) or one program walking every chunk in
-    one launch (PHASE 0, as on the GPU), with phase 3's values kept in registers or reloaded."""
-    from mnemotorch.ops.memory import fused_triton
-    from mnemotorch.ops.memory.fused_backward import sweep_block
-
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", "auto")
-    if isinstance(split, str):  # one program a head walking every chunk (PHASE 0)
-        monkeypatch.setattr(fused_triton, "_sweep_programs", lambda *a: 1)
-        monkeypatch.setattr(fused_triton, "_sweep_split_on", lambda ns: True)
-        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_keep", split == "walk_keep")
-    else:
-        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", split)
-    torch.manual_seed(1)
-    g_n, b, h, c, d, hid = 3, 1, 2, 16, 16, 32
-    k = torch.nn.functional.normalize(torch.randn(g_n, b, h, c, d), dim=-1)
-    v = torch.randn(g_n, b, h, c, d)
-    ws = [torch.randn(g_n, b, h, d, hid) / 4, torch.randn(g_n, b, h, hid, d) / 6]
-    ss = [torch.randn(g_n, b, h, d, hid) / 5, torch.randn(g_n, b, h, hid, d) / 7]
-    kp = key_pass_saved(k, v, ws, cfg["activation"], cfg["residual"], cfg["layer_norm"], 1e-5)
-    g_last, n_last = torch.rand(g_n, b, h, c), torch.rand(g_n, b, h, c)
-    ends = [0.5 + 0.5 * torch.rand(g_n, b, h) for _ in range(3)]
-    rnd = lambda *lead: [torch.randn(*lead, b, h, d, hid), torch.randn(*lead, b, h, hid, d)]  # noqa: E731
-    adj_w, adj_s, b_w, b_s = rnd(), rnd(), rnd(g_n), rnd(g_n)
-    cot = None
-    if fold:
-        per_token = lambda *dims: torch.randn(g_n, b, h, c, *dims)  # noqa: E731
-        cot = ReadCotangents([per_token(hid), per_token(d)], [per_token(d), per_token(hid)], None)
-    # the reference in float64, from the same (fp32-representable) inputs
-    f64 = lambda x: None if x is None else ([f64(y) for y in x] if isinstance(x, list) else x.double())  # noqa: E731
-    kp64 = key_pass_saved(k.double(), v.double(), f64(ws), cfg["activation"], cfg["residual"], cfg["layer_norm"], 1e-5)
-    cot64 = None if cot is None else ReadCotangents(f64(cot.d_delta), f64(cot.d_x), None)
-    a_w, a_s, leaving = sweep_block(kp64, g_last.double(), n_last.double(), *f64(ends), f64(ws), f64(adj_w), f64(adj_s), f64(b_w), f64(b_s),
-                                    cfg["layer_norm"], None, cot64)  # fmt: skip
-    *_, want = state_adjoint(kp64, g_last.double(), n_last.double(), *f64(ends), f64(ws), leaving[:2], leaving[2:], cfg["layer_norm"], None,
-                             inputs=True, s=f64(ss), residual=cfg["residual"], add_cot=cot64)  # fmt: skip
-    got = fused_triton._sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, cfg["layer_norm"], None, False, cot,
-                                     upd=dict(ss=ss, prec="ieee"))  # fmt: skip
-    assert len(got) == 4 and got[3] is not None
-    dk, dv, *rest = got[3]
-    if fold:
-        dk = dk + cot.d_x[0]
-    if cfg["residual"]:
-        dk = dk - dv
-    for i, (a, b_) in enumerate(zip((dk, dv, *rest), want)):
-        assert a.shape == b_.shape and rel(a.double(), b_) <= 1e-5, (i, rel(a.double(), b_))
-    for i, (a, b_) in enumerate(zip([*got[0], *got[1], *got[2]], [*a_w, *a_s, *leaving])):  # (the sweep's own results unchanged)
-        assert rel(a.double(), b_) <= 1e-5, (i, rel(a.double(), b_))
-
-
-def test_sweep_update_grads_none_with_clip(monkeypatch):
-    """With the clip (three phases under "auto") the split sweep does not give the update's gradients: ``None``, so
-    that the caller runs the update's own kernel."""
-    from mnemotorch.ops.memory import fused_triton
-
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", 16)
-    torch.manual_seed(2)
-    g_n, b, h, c, d, hid = 2, 1, 1, 16, 16, 32
-    k = torch.nn.functional.normalize(torch.randn(g_n, b, h, c, d), dim=-1)
-    ws = [torch.randn(g_n, b, h, d, hid) / 4, torch.randn(g_n, b, h, hid, d) / 6]
-    kp = key_pass_saved(k, torch.randn(g_n, b, h, c, d), ws, "silu", True, False, 1e-5)
-    rnd = lambda *lead: [torch.randn(*lead, b, h, d, hid), torch.randn(*lead, b, h, hid, d)]  # noqa: E731
-    b_w, b_s, ss = rnd(g_n), rnd(g_n), rnd(g_n)
-    ends = [torch.rand(g_n, b, h) for _ in range(3)]
-    got = fused_triton._sweep_triton(kp, ws, b_w, b_s, torch.rand(g_n, b, h, c), torch.rand(g_n, b, h, c), ends, rnd(), rnd(), False, 0.3,
-                                     False, upd=dict(ss=ss, prec="ieee"))  # fmt: skip
-    assert len(got) == 4 and got[3] is None
-
-
 class _Recording:
     """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name."""
 
@@ -696,8 +619,6 @@ def test_fused_training_fold_read(monkeypatch, read, sweep, case):
     want = {"one_program": {"_lmm_sweep_kernel"}, "split": {"_lmm_split_sweep_kernel"}, "pytorch": set()}[sweep]
     assert set(launched) == want
     updates = {"_update_vjp_triton"} if update == "triton" else {"_update_vjp_adjoint", "state_adjoint+"}
-    if update == "triton" and sweep == "split" and clip is None:  # the split sweep's joined form gives them (UPD)
-        updates = set()
     assert {f for f, on in folded if on} == updates | {"state_adjoint" if sweep == "pytorch" else "_sweep_triton"}
     assert all(on for _, on in folded)
     assert rel(y.double(), y_ref) <= 1e-5

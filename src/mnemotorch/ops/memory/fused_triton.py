@@ -813,17 +813,14 @@ def _sweep_slice_out(
     HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
     dd1_kept=None, sg1_kept=None, w2_kept=None, KEPT: tl.constexpr = False, RD1=None, RX1=None, FOLD: tl.constexpr = False,
-    KB: tl.constexpr = False, UPD: tl.constexpr = False, gt=None, nt=None, W1E=None, S1E=None, S2E=None, P_DK=None, P_DOT=None,
-    ck=None, PREC_U: tl.constexpr = "ieee",
+    KB: tl.constexpr = False,
 ):
     """One hidden slice's last step of the sweep: the weights' cotangents and the new adjoint. The adjoint
     leaving the chunk is read at offsets ``r1`` (layer 1, ``[DK, BH]``) / ``r2`` (layer 2, ``[BH, DV]``) of
     its slot, the new one written one slot lower; ``p_dd1``/``p_dx2`` point at the slice's scratch.
     ``KEPT``: Δ_1's cotangent (clip term and folded read included), σ'(Z_1) and the slice of W_2 come in
     registers from phase 2. ``FOLD``: the read's cotangents of σ(Z_1) (``RX1``) and, unless kept, of Δ_1 (``RD1``)
-    are added to the scratch's as they are loaded (both loads in flight together: no latency of their own).
-    ``UPD``: also the slice's shares of the update's input gradients (:func:`_lmm_split_sweep_kernel`'s ``UPD``) at
-    ``P_DK [C, DK]`` and ``P_DOT [3]``, from the entering state's slices ``W1E, S1E, S2E`` and the token weights ``gt, nt``."""
+    are added to the scratch's as they are loaded (both loads in flight together: no latency of their own)."""
     h = tl.load(HH + ci * C * HID + hs)
     dx2 = tl.load(p_dx2, cache_modifier=".cg")
     if FOLD:
@@ -856,20 +853,6 @@ def _sweep_slice_out(
     as2 = tl.load(AS2 + r2, cache_modifier=".cg")
     b1 = ci * DK * HID + o1
     b2 = ci * HID * DV + o2
-    if UPD:
-        # dk's share: dZ_1 W_1ᵀ (the key pass's VJP at k) − (g̃ ∘ Δ_1 A^Wᵀ_1 + ñ ∘ Δ_1 A^Sᵀ_1) (k as the update's input);
-        # and ⟨A^W, W⟩, ⟨A^S, S⟩, ⟨A^W, S⟩ of β_c, m_c, f_c, with the adjoint leaving the chunk and the state entering it
-        w1e = tl.load(W1E + b1)
-        d1 = tl.load(D1 + ci * C * HID + hs)
-        dkp = tl.dot(dz1, tl.trans(w1e), input_precision=PREC_U)
-        dkp -= gt[:, None] * tl.dot(d1, tl.trans(aw1), input_precision=PREC_U)
-        dkp -= nt[:, None] * tl.dot(d1, tl.trans(as1), input_precision=PREC_U)
-        tl.store(P_DK + tl.arange(0, C)[:, None] * DK + ck[None, :], dkp)
-        s1e = tl.load(S1E + b1)
-        s2e = tl.load(S2E + b2)
-        tl.store(P_DOT, tl.sum(tl.sum(aw1 * w1e, 1), 0) + tl.sum(tl.sum(aw2 * w2, 1), 0))
-        tl.store(P_DOT + 1, tl.sum(tl.sum(as1 * s1e, 1), 0) + tl.sum(tl.sum(as2 * s2e, 1), 0))
-        tl.store(P_DOT + 2, tl.sum(tl.sum(aw1 * s1e, 1), 0) + tl.sum(tl.sum(aw2 * s2e, 1), 0))
     tl.store(AW1 + r1 - s1w, tl.load(BW1 + b1) + bc * aw1 + dw1)
     tl.store(AS1 + r1 - s1w, tl.load(BS1 + b1) + fc * aw1 + mc * as1)
     tl.store(AW2 + r2 - s2w, tl.load(BW2 + b2) + bc * aw2 + dw2)
@@ -1028,12 +1011,10 @@ def _lmm_split_sweep_kernel(
     AW1, AS1, AW2, AS2, SD1, SX,
     RD1, RD2, RX1, RSC,
     XA2, XB2, XG, XN, XD2, XD2C, CNT, PROF,
-    W1E, S1E, S2E, DKP, DVO, DGP, DNP, DOTP,
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
     KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
-    UPD: tl.constexpr = False, PREC_U: tl.constexpr = "ieee",
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1059,15 +1040,7 @@ def _lmm_split_sweep_kernel(
     (``XD2C [n, BH, C, DV]``, one batched product), phase 1 writes the first, and phase 3 sums it after the one
     barrier (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
     ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
-    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (H100, 16K, matched: the sweep 8.8 → 7.4 ms; three phases took 9.9).
-    ``UPD`` (with ``JOIN``, without the clip): the update's share of the input gradients as well
-    (:func:`~.fused_backward.state_adjoint` with ``inputs``; what :mod:`.fused_update_vjp` computes in a pass of its own
-    from the adjoints this kernel writes), from the tiles the sweep holds anyway plus the entering state's ``W_1, S_1, S_2``
-    slices (``W1E, S1E, S2E``, laid out as ``BW1 … BS2``). Per program, sums over its hidden slice that the host adds over
-    the ``NS`` slices: ``DKP [G·B·H, NS, C, DK]`` of ``dk`` (``−(g̃ ∘ Δ_1 A^Wᵀ_1 + ñ ∘ Δ_1 A^Sᵀ_1) + dZ_1 W_1ᵀ``),
-    ``DGP, DNP [G·B·H, NS, C]`` of the cotangents of ``g̃, ñ`` and ``DOTP [G·B·H, NS, 3]`` of ``⟨A^W, W⟩, ⟨A^S, S⟩,
-    ⟨A^W, S⟩``; program 0 of a head writes ``dv = −2 J u`` (``DVO [G·B·H, C, DV]``). ``PREC_U``: those products'
-    precision (they feed no later chunk)."""
+    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (H100, 16K, matched: the sweep 8.8 → 7.4 ms; three phases took 9.9)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1107,7 +1080,7 @@ def _lmm_split_sweep_kernel(
             xb1 = _mmk(k, as1, PREC, KB)
             base = -(gt[:, None] * xa1 + nt[:, None] * xb1)
             tl.store(sd1, base)
-            if CLIP or UPD:
+            if CLIP:
                 d1 = tl.load(D1 + ci * C * HID + hs)
                 g1p = -tl.sum(xa1 * d1, 1)
                 n1p = -tl.sum(xb1 * d1, 1)
@@ -1122,12 +1095,9 @@ def _lmm_split_sweep_kernel(
             xa2 = _mmp(h, aw2, PREC)
             xb2 = _mmp(h, as2, PREC)
             if JOIN:  # the slice's share of Δ_2's cotangent as one tile (phase 3 sums NS tiles, not 3 NS)
-                if CLIP or UPD:
+                if CLIP:
                     g1p -= tl.sum(xa2 * d2, 1)
                     n1p -= tl.sum(xb2 * d2, 1)
-                if UPD:  # the slice's share of the cotangents of g̃, ñ: outputs of their own (UPD has no clip)
-                    tl.store(DGP + (ci * NS + j) * C + rows, g1p)
-                    tl.store(DNP + (ci * NS + j) * C + rows, n1p)
                 tl.store(XA2 + xoff, pacc - (gt[:, None] * xa2 + nt[:, None] * xb2))
             else:
                 tl.store(XA2 + xoff, xa2)
@@ -1173,10 +1143,7 @@ def _lmm_split_sweep_kernel(
                 dd2 += tl.load(RD2 + ci * C * DV + offs)
             if PROFILE:  # (JOIN leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
                 tl.store(pr + 3, _now((tl.sum(dd2) != 0.0).to(tl.int32)))
-            dz2, ju = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
-            if UPD:
-                if j == 0:
-                    tl.store(DVO + ci * C * DV + offs, -2.0 * ju)
+            dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
             if PROFILE:
                 tl.store(pr + 4, _now((tl.sum(dz2) != 0.0).to(tl.int32)))
             if KEEP:
@@ -1184,14 +1151,11 @@ def _lmm_split_sweep_kernel(
                     dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
-                                 dd1, sg1, w2, True, RD1, RX1, FOLD, KB,
-                                 UPD, gt, nt, W1E, S1E, S2E, DKP + (ci * NS + j) * C * DK, DOTP + (ci * NS + j) * 3, ck, PREC_U)  # fmt: skip
+                                 dd1, sg1, w2, True, RD1, RX1, FOLD, KB)  # fmt: skip
             else:
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
-                                 RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB,
-                                 UPD=UPD, gt=gt, nt=nt, W1E=W1E, S1E=S1E, S2E=S2E, P_DK=DKP + (ci * NS + j) * C * DK,
-                                 P_DOT=DOTP + (ci * NS + j) * 3, ck=ck, PREC_U=PREC_U)  # fmt: skip
+                                 RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB)
         if (PHASE == 0 or PHASE == 3) and not JOIN:
             if KEEP:
                 dd2 = dd2 + _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
@@ -1498,19 +1462,13 @@ def _split_read_batched() -> bool:
 
 
 def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half, add_cot=None, stats=None,
-                  keys_bf16=False, upd=None):
+                  keys_bf16=False):
     """The depth-2 adjoint sweep over one group of chunks in one launch (:func:`_lmm_sweep_kernel`).
 
     Arguments batched ``[G, B, H, …]`` as :func:`~.fused_backward.sweep_block`'s (``add_cot`` too: the read's
     key-pass cotangents, the kernels' ``FOLD``), ``adj_w / adj_s`` the adjoint leaving the group; ``stats``: the clip's
     :func:`~.fused_backward._clip_stats` of ``kp`` where the caller has them; ``keys_bf16``: the keys' products in two
-    bf16 products (:func:`_keys_bf16`). Returns ``(adj_w, adj_s, leaving)`` as it does.
-
-    ``upd``: ``dict(ss=[S_1, S_2], prec=...)``, the momentum entering each chunk and a ``tl.dot`` precision: the split
-    kernel's joined form without the clip then also gives the update's share of the input gradients (its ``UPD``), and
-    the result gains a fourth element, ``(dk, dv, dg_last, dn_last, dβ_c, dm_c, df_c)`` as :func:`.fused_update_vjp.launch`'s
-    without the read's cotangent of ``k`` and the residual's ``−dv`` in ``dk`` (the caller adds those), or None where this
-    launch cannot (the one-program kernel, three phases, the clip): the caller then runs the update's VJP itself."""
+    bf16 products (:func:`_keys_bf16`). Returns ``(adj_w, adj_s, leaving)`` as it does."""
     g_n = g_last.shape[0]
     k, hh = (x.contiguous() for x in kp.xs)
     d1, d2 = (x.contiguous() for x in kp.deltas)
@@ -1561,16 +1519,8 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = LAUNCH.get("profile")
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
-        upd_on = upd is not None and join and max_grad_norm is None
-        if upd_on:  # the update's input gradients: per-slice sums, added over the slices below
-            uparts = (torch.empty((g_n * nbh, ns, c, dk), **f32), torch.empty((g_n * nbh, c, dv), **f32), torch.empty((g_n * nbh, ns, c), **f32),
-                      torch.empty((g_n * nbh, ns, c), **f32), torch.empty((g_n * nbh, ns, 3), **f32))  # fmt: skip
-            uargs = (ws[0].contiguous(), upd["ss"][0].contiguous(), upd["ss"][1].contiguous(), *uparts)
-        else:
-            uargs = (dummy,) * 8
-        xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps, *uargs)
-        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join, UPD=upd_on,
-                     PREC_U=upd["prec"] if upd_on else "ieee")  # fmt: skip
+        xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps)
+        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join)
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
         if not one_launch:
@@ -1585,19 +1535,8 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
                 prof.setdefault("sweep_us_per_chunk", []).extend(sub["walk_us_per_chunk"])
                 prof.setdefault("sweep_chunk_us", []).extend(sub["chunk_us"])
     else:
-        upd_on = False
         _lmm_sweep_kernel[(nbh,)](*args, g_n, BH=min(hid, LAUNCH["sweep_slice"]), num_warps=LAUNCH["sweep_warps"], **meta)
-    out = ([slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots])
-    if upd is None:
-        return out
-    if not upd_on:
-        return (*out, None)
-    lead = g_last.shape[:-1]  # [G, B, H]
-    dkp, dvo, dgp, dnp, dotp = uparts
-    dots = dotp.sum(1).view(*lead, 3)
-    grads = (dkp.sum(1).view(*lead, c, dk), dvo.view(*lead, c, dv), dgp.sum(1).view(*lead, c), dnp.sum(1).view(*lead, c),
-             dots[..., 0], dots[..., 1], dots[..., 2])  # fmt: skip
-    return (*out, grads)
+    return [slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots]
 
 
 def launch_from_env(name: str, value: str, keys: Sequence[str]) -> dict:
@@ -1768,8 +1707,7 @@ BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEME
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
                   "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0",
                   "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0",
-                  "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "0") == "1",
-                  "update_in_sweep": os.environ.get("MNEMO_MEMORY_UPDATE_IN_SWEEP", "1") != "0"}
+                  "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "0") == "1"}
 _COMPILED_SWEEP: list = []
 
 
@@ -2060,7 +1998,6 @@ class _FusedMemory(torch.autograd.Function):
         ublock = max(1, int(BACKWARD["sweep_block"]))
         tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
         streams = _Streams(q.device, bool(BACKWARD["overlap"]))
-        update_prec = ("tf32" if tf32.on else "ieee") if BACKWARD["update_tf32"] else "ieee"  # (the update VJP's products)
         timer = _PhaseTimer(q.device, off=streams.on)  # (phases overlap on two streams: not timed apart)
 
         def prep(lo: int) -> dict:
@@ -2131,14 +2068,8 @@ class _FusedMemory(torch.autograd.Function):
             with torch.no_grad():
                 timer.mark("sweep")
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
-                    # the update's VJP inside the sweep where its kernel can (BACKWARD["update_in_sweep"]): no pass of its own
-                    in_sweep = BACKWARD["update_vjp"] == "triton" and BACKWARD["update_in_sweep"] and fused_update_vjp.supported(kc, ws)
-                    upd = dict(ss=p["ss"], prec=update_prec) if in_sweep else None
-                    res = _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
-                                        q.dtype != torch.float32, cot, stats=p["stats"], keys_bf16=_keys_bf16(k), upd=upd)  # fmt: skip
-                    if upd is not None:
-                        *res, p["swept_grads"] = res
-                    return res
+                    return _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
+                                         q.dtype != torch.float32, cot, stats=p["stats"], keys_bf16=_keys_bf16(k))  # fmt: skip
                 nxt = [torch.empty_like(x) for x in (*ws, *p["ss"])]
                 j = sl.stop - sl.start
                 while j > 0:
@@ -2163,18 +2094,11 @@ class _FusedMemory(torch.autograd.Function):
             """3) the update, batched: its share of the gradients of k, v and the coefficients (accumulated here)."""
             sl, ws, ss, kp, cot = p["sl"], p["ws"], p["ss"], p["kp"], p["cot"]
             timer.mark("update_vjp")
-            if p.get("swept_grads") is not None:  # the sweep gave them: only the read's cotangent of k and the residual left
+            if BACKWARD["update_vjp"] == "triton" and fused_update_vjp.supported(kc, ws):  # per chunk and head, one launch
                 with torch.no_grad():
-                    dk_u, dv_u, *rest_u = p["swept_grads"]
-                    if cot is not None and cot.d_x[0] is not None:
-                        dk_u += cot.d_x[0]
-                    if residual:
-                        dk_u -= dv_u
-                    grads2 = _update_grads_padded((dk_u, dv_u, *rest_u), g[sl].shape)
-            elif BACKWARD["update_vjp"] == "triton" and fused_update_vjp.supported(kc, ws):  # per chunk and head, one launch
-                with torch.no_grad():
+                    prec = ("tf32" if tf32.on else "ieee") if BACKWARD["update_tf32"] else "ieee"
                     grads2 = _update_vjp_triton(kc[sl], kp, p["g_last"], p["n_last"], ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
-                                                max_grad_norm, g[sl].shape, cot, p["stats"], update_prec)  # fmt: skip
+                                                max_grad_norm, g[sl].shape, cot, p["stats"], prec)  # fmt: skip
             elif BACKWARD["update_vjp"] != "autograd":  # "adjoint": from the key pass and ā_{i+1}, no autograd pass
                 # half_tf32: TF32 products like the read's and the autograd update's (without it, the thirteenth
                 # session's profile found this pass's 24 fp32 GEMMs on the FP32 cores: 3.4 ms at 16K)
