@@ -551,7 +551,8 @@ def _lmm_split_fwd_kernel(
             h1 = _act(z1, ACT)
             if not READ and P3 == 1:
                 tl.store(hsp, h1)
-            tl.store(XHN + (xo + j) * C + rows, tl.sum(h1 * h1, 1))
+            if CLIP:  # (the norms feed the clip's scale only: without it, no row sums on the chain)
+                tl.store(XHN + (xo + j) * C + rows, tl.sum(h1 * h1, 1))
             if CARRY:
                 w2 = cw2
             else:
@@ -585,7 +586,8 @@ def _lmm_split_fwd_kernel(
                 if j == 0:
                     tl.store(D2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], d2)
                     tl.store(Z2O + ((i - zrow0) * nbh + bh) * C * DV + rows[:, None] * DV + cv[None, :], z2)
-            tl.store(XDN + (xo + j) * C + rows, tl.sum(d1 * d1, 1))
+            if CLIP:
+                tl.store(XDN + (xo + j) * C + rows, tl.sum(d1 * d1, 1))
         if PROFILE:
             tl.store(pr + 3, _now(pid))
         if PHASE == 0 and CLIP:
@@ -1793,13 +1795,15 @@ def _update_grads_padded(grads: tuple, g_shape: torch.Size) -> tuple:
     return dk, dv, pad(dg), pad(dn), last(db), last(dm), last(df)
 
 
-def _update_vjp_triton(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape, add_cot, stats, prec):
+def _update_vjp_triton(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape, add_cot, stats, prec,
+                       padded=True):  # fmt: skip
     """:func:`_update_vjp_adjoint`'s gradients by the Triton kernel (:mod:`.fused_update_vjp`; depth 2), from the
-    keys ``k`` of the same chunks, the products' precision ``prec`` (a ``tl.dot`` input precision)."""
+    keys ``k`` of the same chunks, the products' precision ``prec`` (a ``tl.dot`` input precision). ``padded=False``:
+    those of ``G, N, β, m, f`` as their last rows / elements only (``(dk, dv, dg_last, dn_last, dβ_c, dm_c, df_c)``)."""
     from . import fused_update_vjp
 
-    return _update_grads_padded(fused_update_vjp.launch(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm,
-                                                        stats, add_cot, prec), g_shape)  # fmt: skip
+    grads = fused_update_vjp.launch(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, stats, add_cot, prec)
+    return _update_grads_padded(grads, g_shape) if padded else grads
 
 
 def _batched_compiled(fn, device: torch.device):
@@ -1937,6 +1941,17 @@ class _GroupGrads:
         else:
             self.bufs[i][sl].copy_(x)
             self.written[i].add(key)
+
+    def add_last(self, i: int, sl: slice, x: Tensor | None, axis: int) -> None:
+        """Adds ``x`` to the last index of ``axis`` of the slice (the update's gradients of ``G, N`` are their last rows,
+        of ``β, m, f`` their last elements: added there rather than padded with zeros to the full shape and added whole)."""
+        if x is None:
+            return
+        key = (sl.start, sl.stop)
+        if key not in self.written[i]:
+            self.bufs[i][sl].zero_()
+            self.written[i].add(key)
+        self.bufs[i][sl].select(axis, -1).add_(x)
 
     def finish(self) -> list[Tensor]:
         for buf, written in zip(self.bufs, self.written):
@@ -2098,7 +2113,13 @@ class _FusedMemory(torch.autograd.Function):
                 with torch.no_grad():
                     prec = ("tf32" if tf32.on else "ieee") if BACKWARD["update_tf32"] else "ieee"
                     grads2 = _update_vjp_triton(kc[sl], kp, p["g_last"], p["n_last"], ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
-                                                max_grad_norm, g[sl].shape, cot, p["stats"], prec)  # fmt: skip
+                                                max_grad_norm, g[sl].shape, cot, p["stats"], prec, padded=False)  # fmt: skip
+                    dk_u, dv_u, *last = grads2
+                    sums.add(1, sl, dk_u)
+                    sums.add(2, sl, dv_u)
+                    for i, x, axis in zip(range(3, 8), last, (-2, -2, -1, -1, -1)):  # G, N: last rows; β, m, f: last elements
+                        sums.add_last(i, sl, x, axis)
+                return
             elif BACKWARD["update_vjp"] != "autograd":  # "adjoint": from the key pass and ā_{i+1}, no autograd pass
                 # half_tf32: TF32 products like the read's and the autograd update's (without it, the thirteenth
                 # session's profile found this pass's 24 fp32 GEMMs on the FP32 cores: 3.4 ms at 16K)
