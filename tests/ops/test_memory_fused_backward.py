@@ -535,6 +535,31 @@ def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, 
         assert rel(a, b_) <= 1e-6, (i, rel(a, b_))
 
 
+@pytest.mark.parametrize("form,clip", [("joined", None), ("three_phase", 0.3)])
+def test_sweep_pre_adjoint_bit_identical(monkeypatch, form, clip):
+    """``LAUNCH["sweep_pre_adjoint"]`` (the new adjoint's parts without ``dW`` written in the split sweep's phase 1) gives
+    the same adjoints, bit for bit, as writing the whole of it in phase 3: the same sums in the same order."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", form)
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", 16)
+    torch.manual_seed(3)
+    g_n, b, h, c, d, hid = 2, 1, 2, 16, 16, 32
+    k = torch.nn.functional.normalize(torch.randn(g_n, b, h, c, d), dim=-1)
+    ws = [torch.randn(g_n, b, h, d, hid) / 4, torch.randn(g_n, b, h, hid, d) / 6]
+    kp = key_pass_saved(k, torch.randn(g_n, b, h, c, d), ws, "gelu", True, True, 1e-5)
+    rnd = lambda *lead: [torch.randn(*lead, b, h, d, hid), torch.randn(*lead, b, h, hid, d)]  # noqa: E731
+    args = (kp, ws, rnd(g_n), rnd(g_n), torch.rand(g_n, b, h, c), torch.rand(g_n, b, h, c), [0.5 + 0.5 * torch.rand(g_n, b, h) for _ in range(3)],
+            rnd(), rnd(), True, clip, False)  # fmt: skip
+    runs = []
+    for pre in (False, True):
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_pre_adjoint", pre)
+        a_w, a_s, leaving = fused_triton._sweep_triton(*args)
+        runs.append([*a_w, *a_s, *leaving])
+    for i, (x, y) in enumerate(zip(*runs)):
+        assert torch.isfinite(x).all() and torch.equal(x, y), i
+
+
 class _Recording:
     """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name."""
 

@@ -118,7 +118,8 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_slice": "auto", "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
-                "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "walk_exact_keys_min_cols": 64, "profile": None}
+                "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "walk_exact_keys_min_cols": 64, "profile": None,
+                "sweep_pre_adjoint": os.environ.get("MNEMO_MEMORY_SWEEP_PRE", "1") != "0"}
 
 
 @triton.jit
@@ -815,14 +816,16 @@ def _sweep_slice_out(
     HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
     dd1_kept=None, sg1_kept=None, w2_kept=None, KEPT: tl.constexpr = False, RD1=None, RX1=None, FOLD: tl.constexpr = False,
-    KB: tl.constexpr = False,
+    KB: tl.constexpr = False, PRE: tl.constexpr = False,
 ):
     """One hidden slice's last step of the sweep: the weights' cotangents and the new adjoint. The adjoint
     leaving the chunk is read at offsets ``r1`` (layer 1, ``[DK, BH]``) / ``r2`` (layer 2, ``[BH, DV]``) of
     its slot, the new one written one slot lower; ``p_dd1``/``p_dx2`` point at the slice's scratch.
     ``KEPT``: Δ_1's cotangent (clip term and folded read included), σ'(Z_1) and the slice of W_2 come in
     registers from phase 2. ``FOLD``: the read's cotangents of σ(Z_1) (``RX1``) and, unless kept, of Δ_1 (``RD1``)
-    are added to the scratch's as they are loaded (both loads in flight together: no latency of their own)."""
+    are added to the scratch's as they are loaded (both loads in flight together: no latency of their own).
+    ``PRE``: the new adjoint's parts without ``dW`` are in its slots already (:func:`_lmm_split_sweep_kernel`'s phase 1):
+    only ``dW`` is added to the new ``A^W``."""
     h = tl.load(HH + ci * C * HID + hs)
     dx2 = tl.load(p_dx2, cache_modifier=".cg")
     if FOLD:
@@ -846,19 +849,23 @@ def _sweep_slice_out(
     dz1 = dd1 * tl.load(S2 + ci * C * HID + hs) + dx2 * sg1
     dw2 = _mmap(tl.trans(h), dz2, _mmp(tl.trans(dp), d2, PREC), PREC)  # [BH, DV]
     dw1 = _mmk(tl.trans(k), dz1, PREC, KB)  # [DK, BH]
-    bc = tl.load(BC + ci)
-    mc = tl.load(MC + ci)
-    fc = tl.load(FC + ci)
-    aw1 = tl.load(AW1 + r1, cache_modifier=".cg")
-    as1 = tl.load(AS1 + r1, cache_modifier=".cg")
-    aw2 = tl.load(AW2 + r2, cache_modifier=".cg")
-    as2 = tl.load(AS2 + r2, cache_modifier=".cg")
-    b1 = ci * DK * HID + o1
-    b2 = ci * HID * DV + o2
-    tl.store(AW1 + r1 - s1w, tl.load(BW1 + b1) + bc * aw1 + dw1)
-    tl.store(AS1 + r1 - s1w, tl.load(BS1 + b1) + fc * aw1 + mc * as1)
-    tl.store(AW2 + r2 - s2w, tl.load(BW2 + b2) + bc * aw2 + dw2)
-    tl.store(AS2 + r2 - s2w, tl.load(BS2 + b2) + fc * aw2 + mc * as2)
+    if PRE:
+        tl.store(AW1 + r1 - s1w, tl.load(AW1 + r1 - s1w, cache_modifier=".cg") + dw1)
+        tl.store(AW2 + r2 - s2w, tl.load(AW2 + r2 - s2w, cache_modifier=".cg") + dw2)
+    else:
+        bc = tl.load(BC + ci)
+        mc = tl.load(MC + ci)
+        fc = tl.load(FC + ci)
+        aw1 = tl.load(AW1 + r1, cache_modifier=".cg")
+        as1 = tl.load(AS1 + r1, cache_modifier=".cg")
+        aw2 = tl.load(AW2 + r2, cache_modifier=".cg")
+        as2 = tl.load(AS2 + r2, cache_modifier=".cg")
+        b1 = ci * DK * HID + o1
+        b2 = ci * HID * DV + o2
+        tl.store(AW1 + r1 - s1w, tl.load(BW1 + b1) + bc * aw1 + dw1)
+        tl.store(AS1 + r1 - s1w, tl.load(BS1 + b1) + fc * aw1 + mc * as1)
+        tl.store(AW2 + r2 - s2w, tl.load(BW2 + b2) + bc * aw2 + dw2)
+        tl.store(AS2 + r2 - s2w, tl.load(BS2 + b2) + fc * aw2 + mc * as2)
 
 
 @triton.jit
@@ -1017,6 +1024,7 @@ def _lmm_split_sweep_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
     KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
+    PRE: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1042,7 +1050,11 @@ def _lmm_split_sweep_kernel(
     (``XD2C [n, BH, C, DV]``, one batched product), phase 1 writes the first, and phase 3 sums it after the one
     barrier (``PHASE`` 2 then does nothing). Δ_2's cotangent is linear in the slices' products, so each slice also folds its
     ``σ(Z_1) A_W2``, ``σ(Z_1) A_S2`` shares and the first product into one tile (``XA2``; the clip's row sums into
-    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (H100, 16K, matched: the sweep 8.8 → 7.4 ms; three phases took 9.9)."""
+    ``XG``, ``XN``): phase 3 sums ``NS`` tiles instead of ``3 NS`` (H100, 16K, matched: the sweep 8.8 → 7.4 ms; three phases took 9.9).
+    ``PRE``: the parts of the new adjoint that need only the leaving one, ``b_S + f_c A^W + m_c A^S`` (all of the new
+    ``A^S``) and ``b_W + β_c A^W``, are written in phase 1, where ``A^W, A^S`` are loaded anyway and the read's shares
+    ``b_W, b_S`` can load under the phase's products; phase 3 then only adds ``dW`` to the new ``A^W`` (two tiles
+    loaded after the chain instead of eight)."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1078,8 +1090,18 @@ def _lmm_split_sweep_kernel(
                     rdd1 = tl.load(RD1 + ci * C * HID + hs)
             aw1 = tl.load(AW1 + rd1, cache_modifier=".cg")
             as1 = tl.load(AS1 + rd1, cache_modifier=".cg")
+            if PRE:  # (issued with the adjoint's loads: they wait under the products below)
+                b1 = ci * DK * HID + o1
+                bw1 = tl.load(BW1 + b1)
+                bs1 = tl.load(BS1 + b1)
+                bc = tl.load(BC + ci)
+                mc = tl.load(MC + ci)
+                fc = tl.load(FC + ci)
             xa1 = _mmk(k, aw1, PREC, KB)
             xb1 = _mmk(k, as1, PREC, KB)
+            if PRE:
+                tl.store(AS1 + rd1 - s1w, bs1 + fc * aw1 + mc * as1)
+                tl.store(AW1 + rd1 - s1w, bw1 + bc * aw1)
             base = -(gt[:, None] * xa1 + nt[:, None] * xb1)
             tl.store(sd1, base)
             if CLIP:
@@ -1093,9 +1115,16 @@ def _lmm_split_sweep_kernel(
                 pacc = _mmp(dd1 * sg1, w2, PREC)
             aw2 = tl.load(AW2 + rd2, cache_modifier=".cg")
             as2 = tl.load(AS2 + rd2, cache_modifier=".cg")
+            if PRE:
+                b2 = ci * HID * DV + o2
+                bw2 = tl.load(BW2 + b2)
+                bs2 = tl.load(BS2 + b2)
             h = tl.load(HH + ci * C * HID + hs)
             xa2 = _mmp(h, aw2, PREC)
             xb2 = _mmp(h, as2, PREC)
+            if PRE:
+                tl.store(AS2 + rd2 - s2w, bs2 + fc * aw2 + mc * as2)
+                tl.store(AW2 + rd2 - s2w, bw2 + bc * aw2)
             if JOIN:  # the slice's share of Δ_2's cotangent as one tile (phase 3 sums NS tiles, not 3 NS)
                 if CLIP:
                     g1p -= tl.sum(xa2 * d2, 1)
@@ -1153,11 +1182,11 @@ def _lmm_split_sweep_kernel(
                     dd1 += kn2[:, None] * tl.load(D1 + ci * C * HID + hs)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
-                                 dd1, sg1, w2, True, RD1, RX1, FOLD, KB)  # fmt: skip
+                                 dd1, sg1, w2, True, RD1, RX1, FOLD, KB, PRE)  # fmt: skip
             else:
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
-                                 RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB)
+                                 RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB, PRE=PRE)
         if (PHASE == 0 or PHASE == 3) and not JOIN:
             if KEEP:
                 dd2 = dd2 + _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
@@ -1166,7 +1195,7 @@ def _lmm_split_sweep_kernel(
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
-                                 dd1, sg1, w2, True, RD1, RX1, FOLD, KB)  # fmt: skip
+                                 dd1, sg1, w2, True, RD1, RX1, FOLD, KB, PRE)  # fmt: skip
             else:
                 dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
                 dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
@@ -1175,7 +1204,7 @@ def _lmm_split_sweep_kernel(
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
-                                 RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB)
+                                 RD1=RD1, RX1=RX1, FOLD=FOLD, KB=KB, PRE=PRE)
         if PHASE == 0:
             tl.debug_barrier()  # own slots and scratch, read back by other threads of this program next chunk
         if PROFILE:
@@ -1522,7 +1551,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
         xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps)
-        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join)
+        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join, PRE=bool(LAUNCH["sweep_pre_adjoint"]))
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
         if not one_launch:
