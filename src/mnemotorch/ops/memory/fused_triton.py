@@ -113,6 +113,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: walk's layer-1 update scales Δ_1 by the token weights, not the keys, so that it is one of them (H100, 16K: the walk
 #: 5.13 -> 4.82 ms, eighteenth session).
 #: ``profile``: a dict to receive the walk's / sweep's per-phase timer stamps (diagnostics; None = off).
+#: ``sweep_pre_adjoint``: the split sweep writes the new adjoint's parts that need only the leaving one in phase 1 and
+#: phase 3 adds ``dW`` alone (bit-identical; H200, 16K, matched: 31.45 -> 30.44 µs a chunk, twenty-sixth session;
+#: ``MNEMO_MEMORY_SWEEP_PRE=0`` off).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": os.environ.get("MNEMO_MEMORY_PRECISION", "bf16x3"),
                 "half_read_precision": os.environ.get("MNEMO_MEMORY_READ_PRECISION", "tf32"),
                 "split_slice": "auto", "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
