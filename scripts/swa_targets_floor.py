@@ -80,5 +80,6 @@ def main() -> None:
             print(f"| {r['cell']} | " + " | ".join(fmt.format(r[part][key]) for _, key, fmt in cols) + " |")
         print()
 
+
 if __name__ == "__main__":
     main()

@@ -1805,37 +1805,27 @@ def _kept_key_pass(device: torch.device, k, v, kept, activation, residual, layer
     return KeyPass([k, h1], [d1, kept[2]], [s1], [curv], out, rstd, dmean)
 
 
-def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape, add_cot=None,
+def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, add_cot=None,
                         stats=None):  # fmt: skip
     """The update's share of the gradients of ``(k, v, G, N, β, m, f)`` for a batch of chunks, from their key
     pass and the adjoint of the state leaving each (:func:`~.fused_backward.state_adjoint` with ``inputs``;
-    compiled, the state adjoint it also forms is dead code). The update reads only the last row of ``G, N``
-    and the last element of ``β, m, f``: the rest of their gradients is zero. ``add_cot``: the read's key-pass
+    compiled, the state adjoint it also forms is dead code): ``(dk, dv, dg_last, dn_last, dβ_c, dm_c, df_c)``. The update
+    reads only the last row of ``G, N`` and the last element of ``β, m, f``: the rest of their gradients is zero, and
+    the caller adds these where they belong (:meth:`_GroupGrads.add_last`). ``add_cot``: the read's key-pass
     cotangents of the same chunks (``BACKWARD["fold_read"]``): ``dk, dv`` then hold the read's share too. ``stats``: the
     clip's, as :func:`~.fused_backward.state_adjoint` takes them."""
     *_, grads = state_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, adj_w, adj_s, layer_norm, max_grad_norm,
                               inputs=True, s=s, residual=residual, add_cot=add_cot, stats=stats)  # fmt: skip
-    return _update_grads_padded(grads, g_shape)
+    return grads
 
 
-def _update_grads_padded(grads: tuple, g_shape: torch.Size) -> tuple:
-    """The update's ``(dk, dv, dg_last, dn_last, dβ_c, dm_c, df_c)`` as gradients of the whole ``G, N [.., C, C]`` and
-    ``β, m, f [.., C]``: the update reads only the last row of ``G, N`` and the last element of ``β, m, f``."""
-    dk, dv, dg, dn, db, dm, df = grads
-    pad = lambda x: torch.nn.functional.pad(x.unsqueeze(-2), (0, 0, g_shape[-2] - 1, 0))  # noqa: E731  [.., C] -> [.., C, C], last row
-    last = lambda x: torch.nn.functional.pad(x.unsqueeze(-1), (g_shape[-1] - 1, 0))  # noqa: E731  [..] -> [.., C], last element
-    return dk, dv, pad(dg), pad(dn), last(db), last(dm), last(df)
-
-
-def _update_vjp_triton(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, g_shape, add_cot, stats, prec,
-                       padded=True):  # fmt: skip
-    """:func:`_update_vjp_adjoint`'s gradients by the Triton kernel (:mod:`.fused_update_vjp`; depth 2), from the
-    keys ``k`` of the same chunks, the products' precision ``prec`` (a ``tl.dot`` input precision). ``padded=False``:
-    those of ``G, N, β, m, f`` as their last rows / elements only (``(dk, dv, dg_last, dn_last, dβ_c, dm_c, df_c)``)."""
+def _update_vjp_triton(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, add_cot, stats, prec):
+    """:func:`_update_vjp_adjoint`'s gradients (the same seven, last rows / elements) by the Triton kernel
+    (:mod:`.fused_update_vjp`; depth 2), from the keys ``k`` of the same chunks, the products' precision ``prec`` (a
+    ``tl.dot`` input precision)."""
     from . import fused_update_vjp
 
-    grads = fused_update_vjp.launch(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, stats, add_cot, prec)
-    return _update_grads_padded(grads, g_shape) if padded else grads
+    return fused_update_vjp.launch(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, stats, add_cot, prec)
 
 
 def _batched_compiled(fn, device: torch.device):
@@ -2145,27 +2135,27 @@ class _FusedMemory(torch.autograd.Function):
                 with torch.no_grad():
                     prec = ("tf32" if tf32.on else "ieee") if BACKWARD["update_tf32"] else "ieee"
                     grads2 = _update_vjp_triton(kc[sl], kp, p["g_last"], p["n_last"], ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
-                                                max_grad_norm, g[sl].shape, cot, p["stats"], prec, padded=False)  # fmt: skip
-                    dk_u, dv_u, *last = grads2
-                    sums.add(1, sl, dk_u)
-                    sums.add(2, sl, dv_u)
-                    for i, x, axis in zip(range(3, 8), last, (-2, -2, -1, -1, -1)):  # G, N: last rows; β, m, f: last elements
-                        sums.add_last(i, sl, x, axis)
-                return
+                                                max_grad_norm, cot, p["stats"], prec)  # fmt: skip
             elif BACKWARD["update_vjp"] != "autograd":  # "adjoint": from the key pass and ā_{i+1}, no autograd pass
                 # half_tf32: TF32 products like the read's and the autograd update's (without it, the thirteenth
                 # session's profile found this pass's 24 fp32 GEMMs on the FP32 cores: 3.4 ms at 16K)
                 with torch.no_grad(), (tf32 if BACKWARD["update_tf32"] else contextlib.nullcontext()):
                     grads2 = _batched_compiled(_update_vjp_adjoint, q.device)(kp, p["g_last"], p["n_last"], *p["ends"], ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
-                                                      max_grad_norm, g[sl].shape, cot, stats=p["stats"])  # fmt: skip
+                                                      max_grad_norm, cot, stats=p["stats"])  # fmt: skip
             else:
                 with torch.enable_grad(), tf32:
                     leaves2 = [x.detach().requires_grad_() for x in (kc[sl], vc[sl], *(x[sl] for x in (g, nmat, beta, m, f)))]
                     new_state = _batched_compiled(_batched_update, q.device)(*leaves2, ws, ss, *ctx.cfg)
                     grads2 = torch.autograd.grad(new_state, leaves2, nxt, allow_unused=True)
-            with torch.no_grad():
-                for i, x in enumerate(grads2, start=1):  # (dk, dv, then the coefficients')
-                    sums.add(i, sl, x)
+                with torch.no_grad():
+                    for i, x in enumerate(grads2, start=1):  # (dk, dv, then the coefficients', whole)
+                        sums.add(i, sl, x)
+                return
+            with torch.no_grad():  # the written-out forms: dk, dv, then the last rows of G, N and last elements of β, m, f
+                sums.add(1, sl, grads2[0])
+                sums.add(2, sl, grads2[1])
+                for i, x, axis in zip(range(3, 8), grads2[2:], (-2, -2, -1, -1, -1)):
+                    sums.add_last(i, sl, x, axis)
 
         # Groups in reverse. The sweep (sequential, latency-bound: one 4-warp program per SM) runs on the current
         # stream; with ``BACKWARD["overlap"]`` on CUDA the batched passes run on a second stream beside it: the next
