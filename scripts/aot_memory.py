@@ -25,7 +25,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(__file__))
 from aot_linear import compile_sm90  # noqa: E402
 
-from mnemotorch.ops.memory import fused_read_vjp, fused_triton, fused_update_vjp  # noqa: E402
+from mnemotorch.ops.memory import fused_coefficients, fused_read_vjp, fused_triton, fused_update_vjp  # noqa: E402
 
 C, D, HID = 64, 64, 256
 
@@ -85,9 +85,16 @@ def update(slice_: int, warps: int) -> dict:
     return build(kern, _sig(kern, {"tau2": "fp32"}), cx, warps, stages=2)
 
 
+def coef(slice_: int, warps: int, backward: bool = False) -> dict:
+    """The gate coefficients' kernels (``fused_coefficients``; ``slice_`` unused: one chunk a program)."""
+    kern = fused_coefficients._coef_bwd_kernel if backward else fused_coefficients._coef_fwd_kernel
+    names = {p.name for p in kern.params}
+    return build(kern, _sig(kern, {n: "i32" for n in ("B", "H", "sab", "sat", "sah", "seb", "set_", "seh", "stb", "stt", "sth") if n in names}), dict(C=C, PREC=fused_coefficients.PRECISION), warps)
+
+
 #: name -> (builder, default slice:warps)
 KERNELS = {"read_a": (read_a, "32:4"), "read_b": (read_b, "64:4"), "update": (update, "32:4"), "walk": (walk, "64:4"),
-           "sweep": (sweep, "32:4")}
+           "sweep": (sweep, "32:4"), "coef_fwd": (coef, "64:4"), "coef_bwd": (lambda s, w: coef(s, w, True), "64:4")}
 
 
 def main() -> int:

@@ -385,8 +385,42 @@ def test_fused_forward_row_through_the_interpreter(monkeypatch) -> None:
     monkeypatch.setattr(fused_triton, "neural_memory_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("MNEMO_MEMORY_FUSED", "keep")
     x = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(0))
-    r = nm.fused_forward("matched", 64, 4, 16, x, torch.device("cpu"), torch.float32, 0, 1)
+    job: list = []
+    r = nm.fused_forward("matched", 64, 4, 16, x, torch.device("cpu"), torch.float32, 0, 1, graph=job)
     assert calls and not r["inference"] and r["fwd_ms"] > 0 and r["first_call_s"] > 0 and r["fwd_bwd_ms"] > 0
     assert r["rel_rms_vs_chunked"] <= 1e-5 and r["rel_grad_x_vs_chunked"] <= 1e-5 and r["config"]["layer_norm"] is True
     assert r["backward_settings"]["group_elements"] > 0
     assert os.environ["MNEMO_MEMORY_FUSED"] == "keep"  # restored
+    # the CUDA-graph job: the same layer, fused by its own flag (not the environment), every input reached
+    call, names, inputs, used = job
+    assert names[0] == "x" and len(names) == len(inputs) == len(used) and all(used)
+    monkeypatch.setattr(TitansLMM, "_use_fused_memory", lambda self, q, m: self.fused_memory)
+    n = len(calls)
+    y = call()
+    assert len(calls) == n + 1 and y.shape == x.shape
+
+
+def test_fused_row_gets_a_cuda_graph_timing(monkeypatch) -> None:
+    """``--fused --cuda-graph``: ``ours_<config>_fused_graphed`` from the fused layer's own captured call (here the
+    stand-in timer over Triton's interpreter), with every input reached and no capture failure; the summary lists it
+    beside the eager fused time."""
+    import os
+
+    from mnemotorch.layers.titans import TitansLMM
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    monkeypatch.setattr(TitansLMM, "_use_fused_memory", lambda self, q, m: self._fused_requested())
+    calls: list = []
+    monkeypatch.setattr(nm, "graph_ms", _fake_graph_ms(calls))
+    row = nm.lmm_case(32, 64, 4, 16, ["matched"], (), torch.device("cpu"), torch.float32, warmup=0, rep=1, eager=False,
+                      cuda_graph=True, fused=True)
+    res = row["results"]
+    assert set(res) == {"ours_matched_fused", "ours_matched_fused_graphed"}
+    g = res["ours_matched_fused_graphed"]
+    assert (g["fwd_ms"], g["fwd_bwd_ms"], g["timing"]) == (FWD_MS, FWD_BWD_MS, "cuda_graph") and "not_capturable" not in g
+    n_params = len(list(nm.build_ours(64, 4, 16, "matched", torch.device("cpu"), torch.float32).parameters()))
+    assert g["grad_inputs"] == 1 + n_params and len(calls) == 2
+    e = res["ours_matched_fused"]["fwd_bwd_ms"]
+    assert row["cuda_graph_summary"]["fwd_bwd_ms"]["ours_matched_fused"]["graphed"] == FWD_BWD_MS
+    assert row["cuda_graph_summary"]["fwd_bwd_ms"]["ours_matched_fused"]["host_ms"] == pytest.approx(e - FWD_BWD_MS)

@@ -329,3 +329,28 @@ def test_layer_compiled_inputs(monkeypatch, config: str, lengths: tuple) -> None
             _, st = layer(x[:, :64])
             outs[mode] = layer(x[:, 64:], st)[0]
         assert rel(outs["1"], outs["0"]) <= 1e-2
+
+
+@pytest.mark.parametrize("t,c", [(16384, 64), (4096 + 64, 32)])
+def test_coefficient_kernels_vs_float64(t: int, c: int) -> None:
+    """The gate coefficients' Triton kernels (``ops/memory/fused_coefficients.py``, what the fused op takes) on the GPU at
+    the bench's shape: values and the three gate gradients against the float64 PyTorch form (autograd), for
+    cotangents shaped as the fused backward's (``N``, ``m``: last row / element only)."""
+    from mnemotorch.ops.memory.chunked import gate_coefficients
+    from mnemotorch.ops.memory.fused_coefficients import gate_coefficients_triton
+
+    _, gates, _ = make(t, torch.float32)
+    ref = [x.double().requires_grad_() for x in gates]
+    want = gate_coefficients(*ref, c, torch.float64)
+    leaves = [x.clone().requires_grad_() for x in gates]
+    got = gate_coefficients_triton(*leaves, c)
+    for name, x, y in zip("G N beta m f".split(), got, want):
+        assert x.dtype == torch.float32 and rel(x, y.detach()) <= 2e-6, (name, rel(x, y.detach()))
+    g = torch.Generator(device="cuda").manual_seed(3)
+    cts = [torch.randn(x.shape, device="cuda", generator=g, dtype=torch.float64) for x in want]
+    cts[1] = torch.zeros_like(cts[1]).index_copy_(-2, torch.tensor([c - 1], device="cuda"), cts[1][..., -1:, :])
+    cts[3] = torch.zeros_like(cts[3]).index_copy_(-1, torch.tensor([c - 1], device="cuda"), cts[3][..., -1:])
+    dw = torch.autograd.grad(want, ref, cts)
+    dg = torch.autograd.grad(got, leaves, [x.float() for x in cts])
+    for name, x, y in zip(("theta", "eta", "alpha"), dg, dw):
+        assert rel(x, y) <= 1e-5, (name, rel(x, y))

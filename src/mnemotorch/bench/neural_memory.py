@@ -27,7 +27,7 @@ the first row of a configuration (``compiled_in_this_row``) pays the compilation
     mnemo bench memory -- --cases lmm --configs matched --lengths 4096,16384 --compile --warmup 2 --rep 5
 
 ``--cuda-graph`` (lmm case, CUDA only; a no-op with a note on the CPU): after the eager timings of a
-length, each of ours that ran (eager and ``--compile``'d) and titans-pytorch are timed again, forward
+length, each of ours that ran (eager, ``--compile``'d and, with ``--fused``, the fused kernel's layer) and titans-pytorch are timed again, forward
 and forward + backward, as CUDA-graph replays of one captured call (``bench.block_sparse.graph_ms``
 via ``measure_graphed``: warm-up on a side stream, capture in a private pool, the gradients of the
 inputs the backward reaches returned by ``torch.autograd.grad``), under ``<name>_graphed``, or
@@ -489,8 +489,12 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
             graph_job(name, lambda layer=layer, x=x: layer(x)[0], ["x", *(n for n, _ in layer.named_parameters())], inputs, used)
             del layer, x, inputs
         if fused:
-            res[f"ours_{config}_fused"] = _guard(lambda config=config: fused_forward(config, dim, heads, chunk_size, x0, device, dtype,
-                                                                                     warmup, rep), device)
+            fjob: list = []  # (call, names, inputs, used) of the fused layer's CUDA-graph timing, filled by fused_forward
+            res[f"ours_{config}_fused"] = _guard(lambda config=config, fjob=fjob: fused_forward(config, dim, heads, chunk_size, x0, device, dtype,
+                                                                                                 warmup, rep, graph=fjob if cuda_graph else None),
+                                                 device)  # fmt: skip
+            if fjob:
+                graph_job(f"ours_{config}_fused", *fjob)
         e, c = res.get(f"ours_{config}", {}), res.get(f"ours_{config}_compiled", {})
         if "fwd_ms" in e and "fwd_ms" in c:
             c["speedup_fwd_vs_eager"] = e["fwd_ms"] / c["fwd_ms"]
@@ -535,14 +539,17 @@ def lmm_case(L: int, dim: int, heads: int, chunk_size: int, configs: list[str], 
 
 
 def fused_forward(config: str, dim: int, heads: int, chunk_size: int, x: torch.Tensor, device: torch.device, dtype: torch.dtype,
-                  warmup: int, rep: int, train: bool = True) -> dict:
+                  warmup: int, rep: int, train: bool = True, graph: list | None = None) -> dict:
     """The layer with ``MNEMO_MEMORY_FUSED=1`` (the fused kernel) against the same layer without it.
 
     Inference (no grad): ``fwd_ms``, ``first_call_s`` (the kernel's compilation), ``rel_rms_vs_chunked``.
     ``train``: ``fwd_bwd_ms`` and ``peak_extra_gib`` (:func:`measure_layer`, gradients of ``x`` and the
     parameters), ``first_fwd_bwd_s`` (the sweep step's ``torch.compile`` included), ``bwd_phases_ms`` (one
     backward's CUDA-event phases, ``fused_triton.BACKWARD["timing"]``) and ``rel_grad_x_vs_chunked`` (the
-    input gradient against the chunked path's, same output gradient)."""
+    input gradient against the chunked path's, same output gradient).
+    ``graph`` (a list, with ``train``): filled with ``(call, names, inputs, used)`` for the row's CUDA-graph
+    timing (``--cuda-graph``): the warmed-up layer with ``fused_memory`` set, so the capture does not depend on
+    the environment variable."""
     from mnemotorch.ops.memory import fused_triton
 
     torch.manual_seed(0)
@@ -583,10 +590,14 @@ def fused_forward(config: str, dim: int, heads: int, chunk_size: int, x: torch.T
             finally:
                 fused_triton.BACKWARD["timing"] = None
             out["bwd_phases_ms"] = phases
-            timed = measure_layer(lambda: layer(xg)[0], inputs, go, device, warmup, rep)
+            used: list[bool] = []
+            timed = measure_layer(lambda: layer(xg)[0], inputs, go, device, warmup, rep, used)
             out["fwd_bwd_ms"], out["peak_extra_gib"] = timed["fwd_bwd_ms"], timed["peak_extra_gib"]
             out["inference"] = False
             out["backward_settings"] = {k: (v if k != "timing" else None) for k, v in fused_triton.BACKWARD.items()}
+            if graph is not None:
+                layer.fused_memory = True
+                graph[:] = [lambda: layer(xg)[0], ["x", *(n for n, _ in layer.named_parameters())], inputs, used]
     finally:
         if prev is None:
             os.environ.pop("MNEMO_MEMORY_FUSED", None)

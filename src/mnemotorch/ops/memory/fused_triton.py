@@ -2195,12 +2195,20 @@ class _FusedMemory(torch.autograd.Function):
 #: as many backward (masks, cumulative sums and their flips, casts); compiled, a 16K-token Titans layer's forward +
 #: backward took 0.3-1.7 ms less on an H100 (seventeenth session, docs/results/neural_memory.md).
 COMPILE_COEFFICIENTS = False if os.environ.get("MNEMO_MEMORY_COMPILE_COEFFICIENTS") == "0" else None
+#: Whether :func:`fused_coefficients` takes the Triton kernels of :mod:`.fused_coefficients` (one program per chunk and
+#: head, forward and backward) where they apply: fp32 coefficients, on CUDA or in Triton's interpreter. Off (env
+#: ``MNEMO_MEMORY_COEFFICIENT_KERNEL=0``): the PyTorch form, compiled per ``COMPILE_COEFFICIENTS``.
+COEFFICIENT_KERNEL = os.environ.get("MNEMO_MEMORY_COEFFICIENT_KERNEL", "1") != "0"
 
 
 def fused_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int, acc: torch.dtype) -> tuple[Tensor, ...]:
-    """:func:`gate_coefficients`, compiled per ``COMPILE_COEFFICIENTS`` with only the length symbolic (one graph for
-    every number of chunks > 1). Inductor fuses the masks, sums and exponentials; the values differ from eager by
-    float rounding (the order of the cumulative sums)."""
+    """:func:`gate_coefficients` of gates ``[B, n·C, H]``: by the Triton kernels (``COEFFICIENT_KERNEL``), else compiled
+    per ``COMPILE_COEFFICIENTS`` with only the length symbolic (one graph for every number of chunks > 1; inductor fuses
+    the masks, sums and exponentials). The values differ from eager PyTorch by fp32 rounding (the order of the sums)."""
+    if COEFFICIENT_KERNEL and acc == torch.float32 and (theta.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from .fused_coefficients import gate_coefficients_triton
+
+        return gate_coefficients_triton(theta, eta, alpha, chunk_size)
     backend = COMPILE_COEFFICIENTS
     if backend is None:
         backend = "inductor" if compile_allowed(theta) else False
