@@ -10,8 +10,8 @@
 In PyTorch (compiled by inductor) that is six elementwise / reduction kernels over ``[n, B, H, C, C]`` and a batched
 fp32 GEMM each way: ~1.2 ms of a 16K-token Titans layer's forward + backward on an H200 (twenty-sixth session's
 profile, docs/results/neural_memory.md). Here one program holds its chunk's ``[C, C]`` tiles in registers: the forward
-writes ``G, N, β, m, f`` once, and the backward recomputes ``A, N`` from the ``C`` gates and writes the three gate
-gradients, reading only the coefficients' cotangents.
+writes ``G, N, β, m, f`` once, and the backward recomputes ``A`` and ``exp(S^e)`` from the ``C`` gates, reads ``N`` and the
+coefficients' cotangents, and writes the three gate gradients.
 
 The backward, for cotangents ``Ḡ, N̄, β̄, m̄, f̄``:
 
@@ -21,8 +21,9 @@ The backward, for cotangents ``Ḡ, N̄, β̄, m̄, f̄``:
   row summed left of the diagonal); a prefix sum's: ``x̄_r = Σ_{t ≥ r} ȳ_t``, with ``ȳ = β̄ ∘ β`` for ``a`` and
   ``m̄' ∘ m`` for ``e``.
 
-Both run in fp32 with fp32 products (``input_precision=PREC``), like the PyTorch form they replace; the sums run in
-another order, so the values differ from it by fp32 rounding. The log gates go in as ``[B, n·C, H]`` (any strides);
+Both run in fp32, the two ``[C, C]`` products as three TF32 products each (``PRECISION``); the sums run in another order
+than the PyTorch form's fp32 ones, so the values differ from it by about fp32 rounding (≤ 2e-6 relative, the gradients
+≤ 1e-5, in the tests). The log gates go in as ``[B, n·C, H]`` (any strides);
 the coefficients come out chunk-major, ``G, N [n, B, H, C, C]``, ``β, m, f [n, B, H, C]``, as the fused kernels read
 them. Tests: ``tests/ops/test_memory_coefficients_triton.py`` (against float64 PyTorch, through Triton's interpreter on
 the CPU) and ``tests/gpu/test_memory_fused_gpu.py``.
