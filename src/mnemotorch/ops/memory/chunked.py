@@ -301,12 +301,18 @@ def _chunk_major(x: Tensor, n: int, c: int, dtype: torch.dtype | None = None) ->
     return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
+def log_gates(eta: Tensor, alpha: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(log(1 − α), log η)`` in ``acc`` (``log1p`` keeps the retention's log exact for small ``α``)."""
+    return torch.log1p(-alpha.to(acc)), torch.log(eta.to(acc))
+
+
 def gate_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int, acc: torch.dtype) -> tuple[Tensor, ...]:
     """:func:`chunk_coefficients` of whole chunks, chunk-major: gates ``[B, n·C, H]`` ->
     ``(G, N [n, B, H, C, C], β, m, f [n, B, H, C])`` in ``acc``."""
     n = theta.shape[1] // chunk_size
     cm = lambda x: _chunk_major(x, n, chunk_size, acc)  # noqa: E731
-    return chunk_coefficients(cm(theta), cm(torch.log1p(-alpha.to(acc))), cm(torch.log(eta.to(acc))))
+    la, le = log_gates(eta, alpha, acc)
+    return chunk_coefficients(cm(theta), cm(la), cm(le))
 
 
 def neural_memory_chunked(
@@ -362,8 +368,7 @@ def neural_memory_chunked(
     w0 = [t.to(acc) for t in state.chunk_start] if pos else w
     cfg = (activation, residual, layer_norm, ln_eps, max_grad_norm)
     th = theta.to(acc)  # [B, T, H]
-    la = torch.log1p(-alpha.to(acc))
-    le = torch.log(eta.to(acc))
+    la, le = log_gates(eta, alpha, acc)
 
     def bhtd(x: Tensor, lo: int, hi: int) -> Tensor:  # [B, T, H, ...] -> [B, H, hi-lo, ...]
         return x[:, lo:hi].to(acc).transpose(1, 2)

@@ -43,11 +43,15 @@ PRECISION = "tf32x3"
 
 
 @triton.jit
+def _program_chunk(pid, B, H):
+    """``(b, i, h)``: the batch row, chunk and head of program ``pid = (i · B + b) · H + h`` (chunk-major order)."""
+    return (pid // H) % B, pid // (H * B), pid % H
+
+
+@triton.jit
 def _gate_rows(P, pid, B, H, sb, st, sh, C: tl.constexpr):
-    """Program ``pid``'s chunk of a ``[B, n·C, H]`` gate in fp32 (``pid = (i · B + b) · H + h``): ``[C]``."""
-    h = pid % H
-    b = (pid // H) % B
-    i = pid // (H * B)
+    """Program ``pid``'s chunk of a ``[B, n·C, H]`` gate in fp32: ``[C]``."""
+    b, i, h = _program_chunk(pid, B, H)
     t = i * C + tl.arange(0, C)
     return tl.load(P + b * sb + t * st + h * sh).to(tl.float32)
 
@@ -112,9 +116,7 @@ def _coef_bwd_kernel(LA, LE, N, DG, DN, DBETA, DM, DF, DLA, DLE, DTH, B, H, sab,
     dle += tl.cumsum(dm * m, 0, reverse=True)
     e = tl.where(causal, tl.exp(_segment_sums(le, C)), 0.0)
     dth = tl.sum(dn * e, 0)
-    h = pid % H
-    b = (pid // H) % B
-    i = pid // (H * B)
+    b, i, h = _program_chunk(pid, B, H)
     out = (b * (tl.num_programs(0) // (H * B)) * C + i * C + r) * H + h  # [B, n·C, H] contiguous
     tl.store(DLA + out, dla)
     tl.store(DLE + out, dle)
@@ -174,14 +176,15 @@ def _(log_retain, log_eta, theta, nmat, dg, dn, dbeta, dm, df, chunk_size):
 
 def _setup_context(ctx, inputs, output) -> None:
     log_retain, log_eta, theta, chunk_size = inputs
-    ctx.save_for_backward(log_retain, log_eta, theta, output[1], output[2])
+    ctx.save_for_backward(log_retain, log_eta, theta, output[1])
     ctx.chunk_size = chunk_size
 
 
 def _backward(ctx, dg, dn, dbeta, dm, df):
-    log_retain, log_eta, theta, nmat, vec = ctx.saved_tensors
-    f32 = lambda x, like: torch.zeros_like(like) if x is None else x.to(torch.float32).contiguous()  # noqa: E731
-    dla, dle, dth = memory_coefficients_bwd(log_retain, log_eta, theta, nmat, f32(dg, nmat), f32(dn, nmat), f32(dbeta, vec),
+    log_retain, log_eta, theta, nmat = ctx.saved_tensors
+    f32 = lambda x, shape: nmat.new_zeros(shape) if x is None else x.to(torch.float32).contiguous()  # noqa: E731
+    mat, vec = nmat.shape, nmat.shape[:-1]  # [n, B, H, C, C], [n, B, H, C]
+    dla, dle, dth = memory_coefficients_bwd(log_retain, log_eta, theta, nmat, f32(dg, mat), f32(dn, mat), f32(dbeta, vec),
                                             f32(dm, vec), f32(df, vec), ctx.chunk_size)  # fmt: skip
     return dla.to(log_retain.dtype), dle.to(log_eta.dtype), dth.to(theta.dtype), None
 
@@ -191,9 +194,10 @@ memory_coefficients.register_autograd(_backward, setup_context=_setup_context)
 
 def gate_coefficients_triton(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
     """:func:`~.chunked.gate_coefficients` (fp32) through :func:`memory_coefficients`: gates ``[B, n·C, H]`` ->
-    ``(G, N [n, B, H, C, C], β, m, f [n, B, H, C])``. The logs stay in PyTorch (``log1p`` keeps ``log(1 − α)`` exact
-    for small ``α``)."""
-    return memory_coefficients(torch.log1p(-alpha.float()), torch.log(eta.float()), theta.float(), chunk_size)
+    ``(G, N [n, B, H, C, C], β, m, f [n, B, H, C])``. The logs stay in PyTorch (:func:`~.chunked.log_gates`)."""
+    from .chunked import log_gates
+
+    return memory_coefficients(*log_gates(eta, alpha, torch.float32), theta.float(), chunk_size)
 
 
 __all__ = ["gate_coefficients_triton", "memory_coefficients", "memory_coefficients_bwd"]
