@@ -32,6 +32,8 @@ TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def _ptxas() -> str:
+    if os.environ.get("TRITON_PTXAS_PATH"):  # (a chosen one, as Triton takes it)
+        return os.environ["TRITON_PTXAS_PATH"]
     d = os.path.join(os.path.dirname(nv.__file__), "bin")
     for name in ("ptxas-blackwell", "ptxas"):  # Triton 3.6+ ships a newer ptxas under the first name
         if os.path.exists(os.path.join(d, name)):

@@ -65,7 +65,7 @@ def walk(slice_: int, warps: int) -> dict:
     kinds = {n: "i32" for n in ints}
     kinds.update({n: "*bf16" for n in ("Q", "K", "V", "Y")}, CNT="*i32", PROF="*i64", ln_eps="fp32", max_norm="fp32")
     cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, NS=HID // slice_, ACT=1, RESIDUAL=True, LN=True, CLIP=False, PREC="bf16x3",
-              PREC_R="tf32", PHASE=0, READ=False, PROFILE=False, CARRY=False, P3=2, KB=True)
+              PREC_R="tf32", PHASE=0, READ=False, PROFILE=False, CARRY=False, P3=2, KB=True, PTXAS="")
     return build(kern, _sig(kern, kinds), cx, warps)
 
 

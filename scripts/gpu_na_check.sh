@@ -24,12 +24,16 @@
 # pytest arguments, split on spaces (e.g. "-x"); NA_TEST_K a -k expression, spaces kept (e.g. "compiled_inputs or env_switch"). MEM_DIAG=0 skips the memory step's forward sweep (the layer bench alone).
 # PTXAS=system builds every kernel with the machine's ptxas (CUDA 13.0 on the lent H100s) instead of Triton's bundled
 # one (12.8 in Triton 3.6), through TRITON_PTXAS_PATH; it changes the Titans walk's default width (fused_triton._split_slice).
+# PTXAS=blackwell does the same with the ptxas-blackwell Triton bundles beside it (12.9 in Triton 3.6).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source "$ROOT/scripts/gpu_env.sh"
 if [ "${PTXAS:-bundled}" = system ]; then
   export TRITON_PTXAS_PATH="${SYSTEM_PTXAS:-/usr/local/cuda/bin/ptxas}"
+  echo "ptxas: $("$TRITON_PTXAS_PATH" --version | tail -1)"
+elif [ "${PTXAS:-bundled}" = blackwell ]; then  # the newer ptxas Triton bundles for sm_100 (12.9 in Triton 3.6), for every arch
+  export TRITON_PTXAS_PATH="$(python3 -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell"))')"
   echo "ptxas: $("$TRITON_PTXAS_PATH" --version | tail -1)"
 fi
 L=/tmp/na_logs; rm -rf "$L"; mkdir -p "$L"

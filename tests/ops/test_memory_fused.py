@@ -303,8 +303,9 @@ def test_split_count_widens_slices_until_the_grid_fits(monkeypatch):
 
 
 def test_split_slice_auto_follows_ptxas_and_clip(monkeypatch):
-    """``split_slice="auto"``: 32 columns only without the clip and with a ptxas of CUDA 13.0 or newer (the one
-    bundled with Triton 3.6 builds the 32-column walk wrong); under the interpreter 64; an int is taken as given.
+    """``split_slice="auto"``: 32 columns only without the clip and where the walk is built with a ptxas of CUDA 12.9
+    or newer (the 12.8 one Triton 3.6 builds Hopper kernels with builds the 32-column walk wrong; its newer bundled one,
+    where there is one, is taken instead); under the interpreter 64; an int is taken as given.
     The walk's two-product key products stay on from 64 columns on a GPU, always under the interpreter."""
     from mnemotorch.ops.memory import fused_triton
 
@@ -312,10 +313,16 @@ def test_split_slice_auto_follows_ptxas_and_clip(monkeypatch):
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", "auto")
     assert fused_triton._split_slice(q) == 64 and fused_triton._split_slice(q, clip=True) == 64
     monkeypatch.setattr(fused_triton, "_interpreted", lambda x: False)
-    for release, width in [((12, 8), 64), ((12, 9), 64), ((13, 0), 32), ((13, 4), 32), (None, 64)]:
+    monkeypatch.setattr(fused_triton, "_newer_ptxas_for", lambda x: None)
+    for release, width in [((12, 8), 64), ((12, 9), 32), ((13, 0), 32), ((13, 4), 32), (None, 64)]:
         monkeypatch.setattr(fused_triton, "_ptxas_for", lambda x, r=release: r)
         assert fused_triton._split_slice(q) == width, release
         assert fused_triton._split_slice(q, clip=True) == 64
+    # Triton 3.6: builds Hopper with 12.8, bundles 12.9 (ptxas-blackwell), which the walk then takes
+    monkeypatch.setattr(fused_triton, "_ptxas_for", lambda x: (12, 8))
+    monkeypatch.setattr(fused_triton, "_newer_ptxas_for", lambda x: ("/t/ptxas-blackwell", (12, 9)))
+    assert fused_triton._walk_ptxas(q) == ("/t/ptxas-blackwell", (12, 9))
+    assert fused_triton._split_slice(q) == 32 and fused_triton._split_slice(q, clip=True) == 64
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
     assert fused_triton._split_slice(q, clip=True) == 16
     kb = torch.zeros(1, dtype=torch.bfloat16)

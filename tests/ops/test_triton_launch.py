@@ -3,10 +3,12 @@ returned, with every parameter in order; any change Triton could specialise on i
 
 The compiled path needs a GPU; here a fake JIT kernel stands in for Triton's, so the cache's logic
 (keys, argument order, fallbacks) is checked on the CPU. The GPU tests of the NA-2D / NA-1D /
-sliding-window kernels run through it for real."""
+sliding-window kernels run through it for real. Also the choice of Triton's newer bundled ptxas
+(:func:`newer_bundled_ptxas`, :func:`built_with_ptxas`)."""
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -139,3 +141,44 @@ def test_tma_row_view() -> None:
     assert tma_row_view(t[:1, 1:]) == ([7, 64], [64, 1])  # offset by one row of 128 bytes: still aligned
     flat = torch.zeros(4 + 8 * 4 * 16, dtype=torch.bfloat16)
     assert tma_row_view(flat[4:].view(1, 8, 4, 16)) is None  # base 8 bytes off a 16-byte boundary
+
+
+@pytest.mark.parametrize(
+    "cap, used, newer, env, want",
+    [
+        ((9, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {}, ("/t/ptxas-blackwell", (12, 9))),  # Triton 3.6
+        ((9, 0), ("/t/ptxas-blackwell", "13.4"), ("/t/ptxas-blackwell", "13.4"), {}, None),  # Triton 3.9: already the newest
+        ((9, 0), ("/t/ptxas", "12.9"), ("/t/ptxas-blackwell", "12.8"), {}, None),  # not newer
+        ((9, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {"TRITON_PTXAS_PATH": "/x/ptxas"}, None),  # the user's choice
+        ((9, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {"MNEMO_BUNDLED_PTXAS": "0"}, None),  # switched off
+        ((8, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {}, None),  # Hopper only
+        ((10, 0), ("/t/ptxas-blackwell", "12.9"), ("/t/ptxas-blackwell", "12.9"), {}, None),
+    ],
+)
+def test_newer_bundled_ptxas(monkeypatch, cap, used, newer, env, want):
+    """The newer ptxas Triton bundles is offered for Hopper where Triton builds it with an older one, and only then."""
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+    monkeypatch.delenv("MNEMO_BUNDLED_PTXAS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(tl_launch, "_bundled_ptxas_tools", lambda arch: (used, newer))
+    tl_launch.newer_bundled_ptxas.cache_clear()
+    try:
+        assert tl_launch.newer_bundled_ptxas(cap) == want
+    finally:
+        tl_launch.newer_bundled_ptxas.cache_clear()
+
+
+def test_built_with_ptxas_switches_triton_and_restores(monkeypatch):
+    """Inside the block Triton's ptxas knob (and ``TRITON_PTXAS_PATH``) name the given binary; after it, what was
+    there before; None changes nothing."""
+    knobs = pytest.importorskip("triton.knobs")
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+    monkeypatch.setattr(tl_launch, "ptxas_release", lambda cap: None)
+    path = knobs.nvidia.ptxas_blackwell.path  # a ptxas every Triton with Hopper support ships
+    before = knobs.nvidia.ptxas.path
+    with tl_launch.built_with_ptxas(None, (9, 0)):
+        assert knobs.nvidia.ptxas.path == before and "TRITON_PTXAS_PATH" not in os.environ
+    with tl_launch.built_with_ptxas(path, (9, 0)):
+        assert knobs.nvidia.ptxas.path == path and os.environ["TRITON_PTXAS_PATH"] == path
+    assert knobs.nvidia.ptxas.path == before and "TRITON_PTXAS_PATH" not in os.environ

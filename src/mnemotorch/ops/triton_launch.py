@@ -21,6 +21,7 @@ turns the cache off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -155,10 +156,67 @@ def ptxas_release(capability: tuple[int, int]) -> tuple[int, int] | None:
 
         arch = capability[0] * 10 + capability[1]
         takes_arch = "arch" in inspect.signature(nv.get_ptxas_version).parameters  # (Triton 3.6 and 3.9 differ)
-        found = re.search(r"release (\d+)\.(\d+)", nv.get_ptxas_version(arch) if takes_arch else nv.get_ptxas_version())
-        return (int(found.group(1)), int(found.group(2))) if found else None
+        found = re.search(r"release (\d+\.\d+)", nv.get_ptxas_version(arch) if takes_arch else nv.get_ptxas_version())
+        return _release(found.group(1)) if found else None
     except Exception:  # another Triton layout, no ptxas
         return None
+
+
+def _release(text: str) -> tuple[int, int] | None:
+    found = re.search(r"(\d+)\.(\d+)", text or "")
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+@functools.lru_cache(maxsize=None)
+def newer_bundled_ptxas(capability: tuple[int, int]) -> tuple[str, tuple[int, int]] | None:
+    """``(path, release)`` of a ptxas newer than the one Triton builds this GPU's kernels with, bundled with
+    Triton itself, or None.
+
+    Triton 3.6 (torch 2.11) builds Hopper (sm_90) kernels with its ptxas of CUDA 12.8, and also ships
+    ``ptxas-blackwell`` (CUDA 12.9), which it uses for sm_100 alone. Triton 3.9 builds sm_90 with
+    ``ptxas-blackwell`` too. The 12.8 release builds the Titans walk at 32 hidden columns wrong, and 12.9 builds
+    it right (docs/results/neural_memory.md, twentieth and twenty-eighth sessions), so kernels that need it are
+    built with this one (:func:`built_with_ptxas`). None off Hopper, where Triton already uses the newest one
+    it has, where ``TRITON_PTXAS_PATH`` is set (that choice stands), with ``MNEMO_BUNDLED_PTXAS=0``, or where
+    Triton's layout is another."""
+    if capability[0] != 9 or os.environ.get("TRITON_PTXAS_PATH") or os.environ.get("MNEMO_BUNDLED_PTXAS") == "0":
+        return None
+    try:
+        used, newer = _bundled_ptxas_tools(capability[0] * 10 + capability[1])
+        if os.path.realpath(used[0]) == os.path.realpath(newer[0]):
+            return None
+        mine, theirs = _release(used[1]), _release(newer[1])
+        return (newer[0], theirs) if mine and theirs and theirs > mine else None
+    except Exception:  # another Triton layout, no ptxas
+        return None
+
+
+def _bundled_ptxas_tools(arch: int) -> tuple[tuple[str, str], tuple[str, str]]:
+    """``(path, version)`` of the ptxas Triton builds ``arch`` with, and of its ``ptxas-blackwell``."""
+    from triton import knobs
+    from triton.backends.nvidia import compiler as nv
+
+    used, newer = nv.get_ptxas(arch), knobs.nvidia.ptxas_blackwell
+    return (used.path, used.version), (newer.path, newer.version)
+
+
+@contextlib.contextmanager
+def built_with_ptxas(path: str | None, capability: tuple[int, int]):
+    """Within: Triton builds kernels (compiled at their first launch) for a GPU of this compute capability with the
+    ptxas at ``path`` (``triton.knobs.nvidia.ptxas``, restored on exit, ``TRITON_PTXAS_PATH`` with it); None
+    changes nothing. Kernels already compiled are not rebuilt: a kernel built this way must carry the choice in its
+    specialisation (a constexpr), so that Triton's caches keep the two builds apart (their cache key names the
+    ptxas release Triton read first in the process, which is read here before the switch)."""
+    if path is None:
+        yield
+        return
+    from triton import knobs
+
+    ptxas_release(capability)  # (Triton caches the release it reads first: the one it uses outside this block)
+
+    with knobs.nvidia.scope():
+        knobs.nvidia.ptxas = path
+        yield
 
 
 def _index(device) -> int:
@@ -197,4 +255,5 @@ def tma_row_view(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
     return [b * n, h * d], [t.stride(1), 1]
 
 
-__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "capability", "enabled", "ptxas_release", "sm_count", "tma_row_view"]
+__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "built_with_ptxas", "capability", "enabled", "newer_bundled_ptxas", "ptxas_release", "sm_count",
+           "tma_row_view"]

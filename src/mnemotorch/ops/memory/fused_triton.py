@@ -54,7 +54,7 @@ from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from ..compiled import compile_allowed, compiled_over_length
 from ..triton_dots import dot_split, dot_split_right
-from ..triton_launch import capability, ptxas_release, sm_count
+from ..triton_launch import built_with_ptxas, capability, newer_bundled_ptxas, ptxas_release, sm_count
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, gate_coefficients, neural_memory_chunked
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
@@ -91,6 +91,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: (and, with the inline read, the chunk has ≥ 16 rows per slice), else twice the width, and so on; 0 = one
 #: program per head (the kernel above). "auto": 32 without the clip where Triton's ptxas is CUDA 13.0 or newer, else
 #: 64 (:func:`_split_slice`: older ones build the 32-column walk wrong; with the clip it is slower).
+#: ``MNEMO_MEMORY_SPLIT_SLICE`` sets it (e.g. 32, for a GPU test run at 32 columns everywhere).
 #: ``split_read``: "batched" (the walk carries the recurrence alone; :func:`_lmm_chunk_read_kernel` then reads
 #: every chunk in parallel, ``read_slice`` hidden columns per step, ``read_warps`` / ``read_stages``, chunks in
 #: groups whose buffers stay under ``read_group_bytes``) or "inline" (the read inside the walk). On the H100 at
@@ -118,7 +119,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``MNEMO_MEMORY_SWEEP_PRE=0`` off).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": os.environ.get("MNEMO_MEMORY_PRECISION", "bf16x3"),
                 "half_read_precision": os.environ.get("MNEMO_MEMORY_READ_PRECISION", "tf32"),
-                "split_slice": "auto", "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
+                "split_slice": os.environ.get("MNEMO_MEMORY_SPLIT_SLICE", "auto"), "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
                 "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "walk_exact_keys_min_cols": 64, "profile": None,
@@ -464,7 +465,7 @@ def _lmm_split_fwd_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr,
     PREC: tl.constexpr, PREC_R: tl.constexpr, PHASE: tl.constexpr, READ: tl.constexpr, PROFILE: tl.constexpr = False,
-    CARRY: tl.constexpr = False, P3: tl.constexpr = 1, KB: tl.constexpr = False,
+    CARRY: tl.constexpr = False, P3: tl.constexpr = 1, KB: tl.constexpr = False, PTXAS: tl.constexpr = "",
 ):
     # Where phase 3 (READ == False) gets σ(Z_1), Δ_1 and Δ_2, which phases 1 and 2 computed: P3 = 0 recomputes
     # them (activations, LayerNorm backward: latency-bound elementwise passes at one 4-warp program per SM),
@@ -498,7 +499,10 @@ def _lmm_split_fwd_kernel(
     ``PROFILE`` (diagnostics, GPU only): each program writes the global timer (ns) at 8 points of every chunk
     to ``PROF [programs, n_chunks, 8]``: chunk start, end of phase 1, after its barrier, end of phase 2,
     after its barrier, end of phase 3, after its barrier, end of phase 4 (points a configuration skips repeat
-    the previous time)."""
+    the previous time).
+
+    ``PTXAS`` is not read: it names the release of the ptxas the kernel is built with where that is not the one
+    Triton would take (:func:`_launch_split`), so that Triton's caches keep the two builds apart."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1271,32 +1275,47 @@ def _split_programs(depth: int, hid: int, c: int, nbh: int, q: Tensor, clip: boo
     return _split_count(hid, c, nbh, width, sm_count(q.device) if q.is_cuda else None) if width else 0
 
 
-#: The oldest ptxas release seen to build the 32-column split walk correctly (CUDA 13.0; 37 of 37 GPU tests).
-_NARROW_WALK_PTXAS = (13, 0)
+#: The oldest ptxas release seen to build the 32-column split walk correctly (CUDA 13.0: 37 of 37 GPU tests, twentieth
+#: session; Triton 3.6's bundled 12.9: 39 of 39, twenty-eighth session).
+_NARROW_WALK_PTXAS = (12, 9)
 
 
 def _split_slice(q: Tensor, clip: bool = False) -> int:
-    """``LAUNCH["split_slice"]``; "auto" = 32 columns without the clip where the ptxas Triton uses for this GPU is at
-    least ``_NARROW_WALK_PTXAS``, else 64 (and 64 under the interpreter, whose tests pick narrower slices themselves).
+    """``LAUNCH["split_slice"]``; "auto" = 32 columns without the clip where the ptxas the walk is built with
+    (:func:`_walk_ptxas`) is at least ``_NARROW_WALK_PTXAS``, else 64 (and 64 under the interpreter, whose tests
+    pick narrower slices themselves).
 
     On an H100 at 16K with CUDA 13.0's ptxas the 32-column walk took 5.0–5.2 → 3.6 ms without the clip, but
-    6.0 → 10.9 ms with it (two grid barriers a chunk among eight programs instead of four). The ptxas bundled with
-    Triton 3.6 (torch 2.11; release 12.8) builds the 32-column walk wrong: 27 of the 37 GPU tests failed (wrong bf16
-    outputs, illegal memory accesses), and compute-sanitizer showed a ``wgmma`` of the layer-1 update reading shared
-    memory out of bounds. CUDA 13.0's ptxas (``TRITON_PTXAS_PATH=/usr/local/cuda/bin/ptxas``) builds the same Triton
-    output right: all 37 passed (docs/results/neural_memory.md, twentieth session)."""
+    6.0 → 10.9 ms with it (two grid barriers a chunk among eight programs instead of four). The ptxas Triton 3.6
+    (torch 2.11) builds Hopper kernels with (release 12.8) builds the 32-column walk wrong: 27 of the 37 GPU tests
+    failed (wrong bf16 outputs, illegal memory accesses), and compute-sanitizer showed a ``wgmma`` of the layer-1
+    update reading shared memory out of bounds. CUDA 13.0's ptxas builds the same Triton output right: all 37
+    passed (docs/results/neural_memory.md, twentieth session); so does the 12.9 that Triton 3.6 bundles for
+    Blackwell, which the walk is then built with (twenty-eighth session)."""
     width = LAUNCH["split_slice"]
     if width != "auto":
         return int(width)
     if clip or _interpreted(q):
         return 64
-    release = _ptxas_for(q)
+    release = _walk_ptxas(q)[1]
     return 32 if release is not None and release >= _NARROW_WALK_PTXAS else 64
 
 
 def _ptxas_for(q: Tensor) -> tuple[int, int] | None:
     """:func:`~mnemotorch.ops.triton_launch.ptxas_release` for ``q``'s GPU."""
     return ptxas_release(capability(q.device))
+
+
+def _newer_ptxas_for(q: Tensor) -> tuple[str, tuple[int, int]] | None:
+    """:func:`~mnemotorch.ops.triton_launch.newer_bundled_ptxas` for ``q``'s GPU."""
+    return newer_bundled_ptxas(capability(q.device))
+
+
+def _walk_ptxas(q: Tensor) -> tuple[str | None, tuple[int, int] | None]:
+    """``(path, release)`` of the ptxas the split walk is built with at fewer than 64 columns: Triton's newer
+    bundled one where it has one for this GPU (path None: the one Triton uses anyway)."""
+    newer = _newer_ptxas_for(q)
+    return newer if newer is not None else (None, _ptxas_for(q))
 
 
 #: The widest slice the split walk widens to (the widest run on a GPU; wider tiles would spill heavily).
@@ -1369,6 +1388,11 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     # LAUNCH["split_host_phases"] (a diagnostic) has the GPU launch phase by phase too, as the interpreter does
     by_phase = ns > 1 and (_interpreted(q) or bool(LAUNCH["split_host_phases"]))
     meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and not by_phase
+    # below 64 columns on a GPU, the walk is built with Triton's newer bundled ptxas where it has one (the one Triton 3.6
+    # builds Hopper kernels with builds it wrong: _split_slice); the release is part of the specialisation
+    ptxas = _walk_ptxas(q)[0] if hid // ns < 64 and not _interpreted(q) else None
+    if ptxas is not None:
+        meta["PTXAS"] = "%d.%d" % _newer_ptxas_for(q)[1]
     meta["P3"] = _phase3_mode(activation, layer_norm, phase0=not by_phase)
     if batched and meta["P3"] == _P3_MODES["scratch"]:  # σ(Z_1), Δ_1 (slices private to a program), each program's Δ_2
         hs = torch.empty((nbh, c, hid), **f32)
@@ -1386,13 +1410,14 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
         stamps = torch.zeros((nbh * ns, hi - lo, 8), device=dev, dtype=torch.int64) if prof is not None else cnt
         args = (q, k, v, y, *strides, g, nmat, beta, m, f, wb[0], sb[0], wb[1], sb[1], z1, d1, *slot_strides,
                 xz2, xhn, xdn, xacc, xp, cnt, d2o, z2o, sco, hs, ds, d2s, slot0, lo, zs, stamps)  # fmt: skip
-        if by_phase:  # (the interpreter runs programs one after another: one launch per phase and chunk)
-            for i in range(lo, hi):
-                for phase in phases:
-                    _lmm_split_fwd_kernel[(nbh * ns,)](*args, i, 1, *scalars, PHASE=phase, **meta)
-            return
-        ev = _profile_events(prof, "walk_ms")
-        _lmm_split_fwd_kernel[(nbh * ns,)](*args, lo, hi - lo, *scalars, PHASE=0, PROFILE=prof is not None, **meta)
+        with built_with_ptxas(ptxas, capability(dev) if ptxas is not None else (0, 0)):
+            if by_phase:  # (the interpreter runs programs one after another: one launch per phase and chunk)
+                for i in range(lo, hi):
+                    for phase in phases:
+                        _lmm_split_fwd_kernel[(nbh * ns,)](*args, i, 1, *scalars, PHASE=phase, **meta)
+                return
+            ev = _profile_events(prof, "walk_ms")
+            _lmm_split_fwd_kernel[(nbh * ns,)](*args, lo, hi - lo, *scalars, PHASE=0, PROFILE=prof is not None, **meta)
         if prof is not None:
             ev()
             _profile_stamps(prof, stamps)
