@@ -313,15 +313,12 @@ def test_split_slice_auto_follows_ptxas_and_clip(monkeypatch):
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", "auto")
     assert fused_triton._split_slice(q) == 64 and fused_triton._split_slice(q, clip=True) == 64
     monkeypatch.setattr(fused_triton, "_interpreted", lambda x: False)
-    monkeypatch.setattr(fused_triton, "_newer_ptxas_for", lambda x: None)
     for release, width in [((12, 8), 64), ((12, 9), 32), ((13, 0), 32), ((13, 4), 32), (None, 64)]:
-        monkeypatch.setattr(fused_triton, "_ptxas_for", lambda x, r=release: r)
+        monkeypatch.setattr(fused_triton, "_walk_ptxas", lambda x, r=release: (None, r))
         assert fused_triton._split_slice(q) == width, release
         assert fused_triton._split_slice(q, clip=True) == 64
     # Triton 3.6: builds Hopper with 12.8, bundles 12.9 (ptxas-blackwell), which the walk then takes
-    monkeypatch.setattr(fused_triton, "_ptxas_for", lambda x: (12, 8))
-    monkeypatch.setattr(fused_triton, "_newer_ptxas_for", lambda x: ("/t/ptxas-blackwell", (12, 9)))
-    assert fused_triton._walk_ptxas(q) == ("/t/ptxas-blackwell", (12, 9))
+    monkeypatch.setattr(fused_triton, "_walk_ptxas", lambda x: ("/t/ptxas-blackwell", (12, 9)))
     assert fused_triton._split_slice(q) == 32 and fused_triton._split_slice(q, clip=True) == 64
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
     assert fused_triton._split_slice(q, clip=True) == 16

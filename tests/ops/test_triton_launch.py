@@ -4,7 +4,7 @@ returned, with every parameter in order; any change Triton could specialise on i
 The compiled path needs a GPU; here a fake JIT kernel stands in for Triton's, so the cache's logic
 (keys, argument order, fallbacks) is checked on the CPU. The GPU tests of the NA-2D / NA-1D /
 sliding-window kernels run through it for real. Also the choice of Triton's newer bundled ptxas
-(:func:`newer_bundled_ptxas`, :func:`built_with_ptxas`)."""
+(:func:`ptxas_for_build`, :func:`built_with_ptxas`)."""
 
 from __future__ import annotations
 
@@ -147,26 +147,22 @@ def test_tma_row_view() -> None:
     "cap, used, newer, env, want",
     [
         ((9, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {}, ("/t/ptxas-blackwell", (12, 9))),  # Triton 3.6
-        ((9, 0), ("/t/ptxas-blackwell", "13.4"), ("/t/ptxas-blackwell", "13.4"), {}, None),  # Triton 3.9: already the newest
-        ((9, 0), ("/t/ptxas", "12.9"), ("/t/ptxas-blackwell", "12.8"), {}, None),  # not newer
-        ((9, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {"TRITON_PTXAS_PATH": "/x/ptxas"}, None),  # the user's choice
-        ((9, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {"MNEMO_BUNDLED_PTXAS": "0"}, None),  # switched off
-        ((8, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {}, None),  # Hopper only
-        ((10, 0), ("/t/ptxas-blackwell", "12.9"), ("/t/ptxas-blackwell", "12.9"), {}, None),
+        ((9, 0), ("/t/ptxas-blackwell", "13.4"), ("/t/ptxas-blackwell", "13.4"), {}, (None, (13, 4))),  # Triton 3.9
+        ((9, 0), ("/torch/bin/ptxas", "13.0"), ("/t/ptxas-blackwell", "12.9"), {}, (None, (13, 0))),  # set by inductor
+        ((9, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.8"), {}, (None, (12, 8))),  # nothing new enough
+        ((9, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {"MNEMO_BUNDLED_PTXAS": "0"}, (None, (12, 8))),  # switched off
+        ((8, 0), ("/t/ptxas", "12.8"), ("/t/ptxas-blackwell", "12.9"), {}, (None, (12, 8))),  # offered on Hopper only
+        ((10, 0), ("/t/ptxas-blackwell", "12.9"), ("/t/ptxas-blackwell", "12.9"), {}, (None, (12, 9))),
     ],
 )
-def test_newer_bundled_ptxas(monkeypatch, cap, used, newer, env, want):
-    """The newer ptxas Triton bundles is offered for Hopper where Triton builds it with an older one, and only then."""
-    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+def test_ptxas_for_build(monkeypatch, cap, used, newer, env, want):
+    """A kernel that needs ptxas 12.9 is built with the one Triton takes where that is new enough, else on Hopper with
+    the newer one Triton bundles; the release it is built with comes back either way."""
     monkeypatch.delenv("MNEMO_BUNDLED_PTXAS", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(tl_launch, "_bundled_ptxas_tools", lambda arch: (used, newer))
-    tl_launch.newer_bundled_ptxas.cache_clear()
-    try:
-        assert tl_launch.newer_bundled_ptxas(cap) == want
-    finally:
-        tl_launch.newer_bundled_ptxas.cache_clear()
+    assert tl_launch.ptxas_for_build(cap, (12, 9)) == want
 
 
 def test_built_with_ptxas_switches_triton_and_restores(monkeypatch):

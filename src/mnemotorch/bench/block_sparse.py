@@ -73,13 +73,18 @@ def device_info() -> dict:
         except Exception:  # pragma: no cover - informational only
             info["driver"] = None
         try:  # the ptxas Triton builds with (TRITON_PTXAS_PATH or its own): it decides some launches (Titans walk)
-            from ..ops.triton_launch import ptxas_release
+            from ..ops.memory.fused_triton import _NARROW_WALK_PTXAS
+            from ..ops.triton_launch import ptxas_for_build, ptxas_release
 
-            release = ptxas_release(torch.cuda.get_device_capability())
+            cap = torch.cuda.get_device_capability()
+            release = ptxas_release(cap)
             info["ptxas"] = ".".join(map(str, release)) if release else None
             info["ptxas_path"] = os.environ.get("TRITON_PTXAS_PATH") or "bundled"
+            # the one the Titans walk is built with at 32 columns, where Triton's own is too old for it
+            path, walk = ptxas_for_build(cap, _NARROW_WALK_PTXAS)
+            info["ptxas_titans_walk"] = (".".join(map(str, walk)) + (f" ({path})" if path else "")) if walk else None
         except Exception:  # pragma: no cover - informational only
-            info["ptxas"] = info["ptxas_path"] = None
+            info["ptxas"] = info["ptxas_path"] = info["ptxas_titans_walk"] = None
     return info
 
 

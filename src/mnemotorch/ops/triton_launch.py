@@ -149,8 +149,9 @@ class CachedLaunch:
 @functools.lru_cache(maxsize=None)
 def ptxas_release(capability: tuple[int, int]) -> tuple[int, int] | None:
     """``(major, minor)`` of the ptxas Triton compiles with for a GPU of this compute capability
-    (``TRITON_PTXAS_PATH`` or Triton's bundled one), or None where it cannot be read. Some launches depend
-    on it (the Titans walk's width, ``ops.memory.fused_triton._split_slice``), and benchmarks record it."""
+    (``TRITON_PTXAS_PATH`` or Triton's bundled one), or None where it cannot be read, as Triton first read it in
+    this process (Triton caches it, and its compile caches' keys name it). Benchmarks record it; launches that
+    depend on the ptxas read it live (:func:`ptxas_for_build`)."""
     try:
         from triton.backends.nvidia import compiler as nv
 
@@ -167,32 +168,32 @@ def _release(text: str) -> tuple[int, int] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
-@functools.lru_cache(maxsize=None)
-def newer_bundled_ptxas(capability: tuple[int, int]) -> tuple[str, tuple[int, int]] | None:
-    """``(path, release)`` of a ptxas newer than the one Triton builds this GPU's kernels with, bundled with
-    Triton itself, or None.
+def ptxas_for_build(capability: tuple[int, int], needs: tuple[int, int]) -> tuple[str | None, tuple[int, int] | None]:
+    """The ptxas to build a kernel for a GPU of this compute capability with, when the kernel needs release ``needs``
+    or newer: ``(path, release)``; path None = the one Triton takes now, because it is new enough or nothing newer is
+    at hand (release None where it cannot be read).
 
-    Triton 3.6 (torch 2.11) builds Hopper (sm_90) kernels with its ptxas of CUDA 12.8, and also ships
-    ``ptxas-blackwell`` (CUDA 12.9), which it uses for sm_100 alone. Triton 3.9 builds sm_90 with
-    ``ptxas-blackwell`` too. The 12.8 release builds the Titans walk at 32 hidden columns wrong, and 12.9 builds
-    it right (docs/results/neural_memory.md, twentieth and twenty-eighth sessions), so kernels that need it are
-    built with this one (:func:`built_with_ptxas`). None off Hopper, where Triton already uses the newest one
-    it has, where ``TRITON_PTXAS_PATH`` is set (that choice stands), with ``MNEMO_BUNDLED_PTXAS=0``, or where
-    Triton's layout is another."""
-    if capability[0] != 9 or os.environ.get("TRITON_PTXAS_PATH") or os.environ.get("MNEMO_BUNDLED_PTXAS") == "0":
-        return None
+    Read live, since the one Triton takes can change in a process: torch's inductor points ``TRITON_PTXAS_PATH`` at
+    torch's own ptxas the first time it compiles a Triton kernel. Otherwise Triton 3.6 (torch 2.11) builds Hopper
+    (sm_90) kernels with its ptxas of CUDA 12.8, and also ships ``ptxas-blackwell`` (12.9), which it takes for sm_100
+    alone (Triton 3.9 takes it for sm_90 too). The 12.8 release builds the Titans walk at 32 hidden columns wrong and
+    12.9 builds it right (docs/results/neural_memory.md, twentieth and twenty-eighth sessions), so on Hopper that one
+    is offered (:func:`built_with_ptxas`) unless ``MNEMO_BUNDLED_PTXAS=0``."""
+    arch = capability[0] * 10 + capability[1]
     try:
-        used, newer = _bundled_ptxas_tools(capability[0] * 10 + capability[1])
-        if os.path.realpath(used[0]) == os.path.realpath(newer[0]):
-            return None
-        mine, theirs = _release(used[1]), _release(newer[1])
-        return (newer[0], theirs) if mine and theirs and theirs > mine else None
+        used, newer = _bundled_ptxas_tools(arch)
     except Exception:  # another Triton layout, no ptxas
-        return None
+        return None, None
+    mine, theirs = _release(used[1]), _release(newer[1])
+    if (mine is not None and mine >= needs) or capability[0] != 9 or os.environ.get("MNEMO_BUNDLED_PTXAS") == "0":
+        return None, mine
+    if theirs is not None and theirs >= needs:
+        return newer[0], theirs
+    return None, mine
 
 
 def _bundled_ptxas_tools(arch: int) -> tuple[tuple[str, str], tuple[str, str]]:
-    """``(path, version)`` of the ptxas Triton builds ``arch`` with, and of its ``ptxas-blackwell``."""
+    """``(path, version)`` of the ptxas Triton builds ``arch`` with now, and of its bundled ``ptxas-blackwell``."""
     from triton import knobs
     from triton.backends.nvidia import compiler as nv
 
@@ -255,5 +256,5 @@ def tma_row_view(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
     return [b * n, h * d], [t.stride(1), 1]
 
 
-__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "built_with_ptxas", "capability", "enabled", "newer_bundled_ptxas", "ptxas_release", "sm_count",
+__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "built_with_ptxas", "capability", "enabled", "ptxas_for_build", "ptxas_release", "sm_count",
            "tma_row_view"]

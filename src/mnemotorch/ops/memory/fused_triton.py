@@ -54,7 +54,7 @@ from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from ..compiled import compile_allowed, compiled_over_length
 from ..triton_dots import dot_split, dot_split_right
-from ..triton_launch import built_with_ptxas, capability, newer_bundled_ptxas, ptxas_release, sm_count
+from ..triton_launch import built_with_ptxas, capability, ptxas_for_build, sm_count
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, gate_coefficients, neural_memory_chunked
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
@@ -1301,21 +1301,10 @@ def _split_slice(q: Tensor, clip: bool = False) -> int:
     return 32 if release is not None and release >= _NARROW_WALK_PTXAS else 64
 
 
-def _ptxas_for(q: Tensor) -> tuple[int, int] | None:
-    """:func:`~mnemotorch.ops.triton_launch.ptxas_release` for ``q``'s GPU."""
-    return ptxas_release(capability(q.device))
-
-
-def _newer_ptxas_for(q: Tensor) -> tuple[str, tuple[int, int]] | None:
-    """:func:`~mnemotorch.ops.triton_launch.newer_bundled_ptxas` for ``q``'s GPU."""
-    return newer_bundled_ptxas(capability(q.device))
-
-
 def _walk_ptxas(q: Tensor) -> tuple[str | None, tuple[int, int] | None]:
-    """``(path, release)`` of the ptxas the split walk is built with at fewer than 64 columns: Triton's newer
-    bundled one where it has one for this GPU (path None: the one Triton uses anyway)."""
-    newer = _newer_ptxas_for(q)
-    return newer if newer is not None else (None, _ptxas_for(q))
+    """``(path, release)`` of the ptxas the split walk is built with at fewer than 64 columns
+    (:func:`~mnemotorch.ops.triton_launch.ptxas_for_build`; path None: the one Triton takes anyway)."""
+    return ptxas_for_build(capability(q.device), _NARROW_WALK_PTXAS)
 
 
 #: The widest slice the split walk widens to (the widest run on a GPU; wider tiles would spill heavily).
@@ -1390,9 +1379,9 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     meta["CARRY"] = bool(LAUNCH["split_carry"]) and batched and not by_phase
     # below 64 columns on a GPU, the walk is built with Triton's newer bundled ptxas where it has one (the one Triton 3.6
     # builds Hopper kernels with builds it wrong: _split_slice); the release is part of the specialisation
-    ptxas = _walk_ptxas(q)[0] if hid // ns < 64 and not _interpreted(q) else None
+    ptxas, release = _walk_ptxas(q) if hid // ns < 64 and not _interpreted(q) else (None, None)
     if ptxas is not None:
-        meta["PTXAS"] = "%d.%d" % _newer_ptxas_for(q)[1]
+        meta["PTXAS"] = "%d.%d" % release
     meta["P3"] = _phase3_mode(activation, layer_norm, phase0=not by_phase)
     if batched and meta["P3"] == _P3_MODES["scratch"]:  # σ(Z_1), Δ_1 (slices private to a program), each program's Δ_2
         hs = torch.empty((nbh, c, hid), **f32)
