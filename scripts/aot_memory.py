@@ -75,7 +75,7 @@ def sweep(slice_: int, warps: int) -> dict:
     kinds.update(K="*bf16", CNT="*i32", PROF="*i64")
     cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, NS=HID // slice_, LN=True, CLIP=False, PREC="bf16x3", PHASE=0, PROFILE=False,
               KEEP=True, FOLD=True, KB=True, JOIN=fused_triton.LAUNCH["sweep_form"] != "three_phase",
-              PRE=bool(fused_triton.LAUNCH["sweep_pre_adjoint"]), PAIR=bool(fused_triton.LAUNCH["sweep_pairs"]))
+              PRE=bool(fused_triton.LAUNCH["sweep_pre_adjoint"]))
     return build(kern, _sig(kern, kinds), cx, warps)
 
 

@@ -535,19 +535,6 @@ def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, 
         assert rel(a, b_) <= 1e-6, (i, rel(a, b_))
 
 
-PAIR_CASES = [c for c in SWEEP_CASES if c[-1] in ("matched-split2_fold_joined", "matched_clip-split2_fold_three_phase", "matched-split1_walk_keep_fold_joined")]
-
-
-@pytest.mark.parametrize("name,depth,cfg,clip,split,fold,form", [c[:-1] for c in PAIR_CASES], ids=[c[-1] for c in PAIR_CASES])
-def test_sweep_pairs_equal_pytorch_sweep(monkeypatch, name, depth, cfg, clip, split, fold, form):
-    """``LAUNCH["sweep_pairs"]`` (each pair of the split sweep's phase-1 products that shares its left operand as one
-    product of twice the columns) gives the PyTorch sweep's adjoints as the unpaired kernel does (fp32, ≤ 1e-6)."""
-    from mnemotorch.ops.memory import fused_triton
-
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_pairs", True)
-    test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, split, fold, form)
-
-
 @pytest.mark.parametrize("form,clip", [("joined", None), ("three_phase", 0.3)])
 def test_sweep_pre_adjoint_bit_identical(monkeypatch, form, clip):
     """``LAUNCH["sweep_pre_adjoint"]`` (the new adjoint's parts without ``dW`` written in the split sweep's phase 1) gives

@@ -123,8 +123,7 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
                 "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "walk_exact_keys_min_cols": 64, "profile": None,
-                "sweep_pre_adjoint": os.environ.get("MNEMO_MEMORY_SWEEP_PRE", "1") != "0",
-                "sweep_pairs": os.environ.get("MNEMO_MEMORY_SWEEP_PAIRS", "0") == "1"}
+                "sweep_pre_adjoint": os.environ.get("MNEMO_MEMORY_SWEEP_PRE", "1") != "0"}
 
 
 @triton.jit
@@ -156,18 +155,6 @@ def _mmk(k, b, PREC: tl.constexpr, KB: tl.constexpr):
         return dot_split_right(k.to(tl.bfloat16), b)
     else:
         return _mmp(k, b, PREC)
-
-
-@triton.jit
-def _mm_pair(a, b1, b2, PREC: tl.constexpr, KB: tl.constexpr = False):
-    """``(a @ b1, a @ b2)`` as one product of twice the columns: ``b1, b2`` interleaved by column (``tl.join``), the
-    result split back (``tl.split``). Each element is the same dot product over the same ``K`` as in two products
-    (``KB``: as :func:`_mmk`)."""
-    R: tl.constexpr = a.shape[0]
-    KD: tl.constexpr = b1.shape[0]
-    N: tl.constexpr = b1.shape[1]
-    r = _mmk(a, tl.reshape(tl.join(b1, b2), [KD, 2 * N]), PREC, KB)
-    return tl.split(tl.reshape(r, [R, N, 2]))
 
 
 @triton.jit
@@ -1044,7 +1031,7 @@ def _lmm_split_sweep_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
     KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
-    PRE: tl.constexpr = False, PAIR: tl.constexpr = False,
+    PRE: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1117,11 +1104,8 @@ def _lmm_split_sweep_kernel(
                 bc = tl.load(BC + ci)
                 mc = tl.load(MC + ci)
                 fc = tl.load(FC + ci)
-            if PAIR:
-                xa1, xb1 = _mm_pair(k, aw1, as1, PREC, KB)
-            else:
-                xa1 = _mmk(k, aw1, PREC, KB)
-                xb1 = _mmk(k, as1, PREC, KB)
+            xa1 = _mmk(k, aw1, PREC, KB)
+            xb1 = _mmk(k, as1, PREC, KB)
             if PRE:
                 tl.store(AS1 + rd1 - s1w, bs1 + fc * aw1 + mc * as1)
                 tl.store(AW1 + rd1 - s1w, bw1 + bc * aw1)
@@ -1143,11 +1127,8 @@ def _lmm_split_sweep_kernel(
                 bw2 = tl.load(BW2 + b2)
                 bs2 = tl.load(BS2 + b2)
             h = tl.load(HH + ci * C * HID + hs)
-            if PAIR:
-                xa2, xb2 = _mm_pair(h, aw2, as2, PREC)
-            else:
-                xa2 = _mmp(h, aw2, PREC)
-                xb2 = _mmp(h, as2, PREC)
+            xa2 = _mmp(h, aw2, PREC)
+            xb2 = _mmp(h, as2, PREC)
             if PRE:
                 tl.store(AS2 + rd2 - s2w, bs2 + fc * aw2 + mc * as2)
                 tl.store(AW2 + rd2 - s2w, bw2 + bc * aw2)
@@ -1162,11 +1143,7 @@ def _lmm_split_sweep_kernel(
             if CLIP:
                 tl.store(XG + (xo + j) * C + rows, g1p)
                 tl.store(XN + (xo + j) * C + rows, n1p)
-            if PAIR:
-                za2, zb2 = _mm_pair(d2, tl.trans(aw2), tl.trans(as2), PREC)
-                tl.store(sx, -(gt[:, None] * za2 + nt[:, None] * zb2))
-            else:
-                tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
+            tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
         if PROFILE:
             tl.store(pr + 1, _now(pid))
         if PHASE == 0:
@@ -1591,8 +1568,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
         xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps)
-        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join, PRE=bool(LAUNCH["sweep_pre_adjoint"]),
-                     PAIR=bool(LAUNCH["sweep_pairs"]))
+        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join, PRE=bool(LAUNCH["sweep_pre_adjoint"]))
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
         if not one_launch:
