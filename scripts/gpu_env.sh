@@ -28,10 +28,19 @@ save_compile_cache() {
     # At most 8 files of 16 MiB come back from a call: the archive travels in 15 MB parts (3 at most;
     # Triton kernels only when the whole cache needs more). Back here:
     #   rm -f .gpucache/compile_cache.tgz*; cp FILES_AT/compile_cache.tgz.* .gpucache/
+    # Still too large: the newest Triton kernels (by their compile time, which the archive keeps) that fit
+    # COMPILE_CACHE_KEEP_KB uncompressed (~7:1 in the archive); older ones are compiled again when needed.
     local tgz=/tmp/compile_cache.tgz
     tar czf "$tgz" -C "$MNEMO_COMPILE_CACHE" . 2>/dev/null
     if [ "$(stat -c %s "$tgz")" -gt 45000000 ]; then
         tar czf "$tgz" -C "$MNEMO_COMPILE_CACHE" triton 2>/dev/null
+    fi
+    if [ "$(stat -c %s "$tgz")" -gt 45000000 ]; then
+        (cd "$MNEMO_COMPILE_CACHE" && find triton -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' | sort -rn | cut -d' ' -f2- \
+            | while read -r d; do echo "$(du -sk "$d" | cut -f1) $d"; done \
+            | awk -v keep="${COMPILE_CACHE_KEEP_KB:-260000}" '{ total += $1; if (total <= keep) print $2 }' > /tmp/compile_cache_keep.txt
+         tar czf "$tgz" -T /tmp/compile_cache_keep.txt 2>/dev/null)
+        echo "compile cache: the newest $(wc -l < /tmp/compile_cache_keep.txt) Triton kernels kept"
     fi
     local size=$(stat -c %s "$tgz")
     [ "$size" -gt 45000000 ] && { echo "compile cache too large to bring back ($size bytes)"; return 0; }
