@@ -89,8 +89,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``split_slice``: depth 2 splits the hidden dimension into slices of this width, one program each
 #: (:func:`_lmm_split_fwd_kernel`), when, on a GPU, the ``B · H · slices`` programs fit on the SMs at once
 #: (and, with the inline read, the chunk has ≥ 16 rows per slice), else twice the width, and so on; 0 = one
-#: program per head (the kernel above). "auto": 32 without the clip where Triton's ptxas is CUDA 13.0 or newer, else
-#: 64 (:func:`_split_slice`: older ones build the 32-column walk wrong; with the clip it is slower).
+#: program per head (the kernel above). "auto": 32 without the clip where the walk can be built with a ptxas of CUDA
+#: 12.9 or newer (Triton's own, or on Hopper the newer one Triton bundles: :func:`_walk_ptxas`), else 64
+#: (:func:`_split_slice`: older ones build the 32-column walk wrong; with the clip it is slower).
 #: ``MNEMO_MEMORY_SPLIT_SLICE`` sets it (e.g. 32, for a GPU test run at 32 columns everywhere).
 #: ``split_read``: "batched" (the walk carries the recurrence alone; :func:`_lmm_chunk_read_kernel` then reads
 #: every chunk in parallel, ``read_slice`` hidden columns per step, ``read_warps`` / ``read_stages``, chunks in
