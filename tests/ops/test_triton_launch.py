@@ -170,11 +170,10 @@ def test_built_with_ptxas_switches_triton_and_restores(monkeypatch):
     there before; None changes nothing."""
     knobs = pytest.importorskip("triton.knobs")
     monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
-    monkeypatch.setattr(tl_launch, "ptxas_release", lambda cap: None)
     path = knobs.nvidia.ptxas_blackwell.path  # a ptxas every Triton with Hopper support ships
     before = knobs.nvidia.ptxas.path
-    with tl_launch.built_with_ptxas(None, (9, 0)):
+    with tl_launch.built_with_ptxas(None):
         assert knobs.nvidia.ptxas.path == before and "TRITON_PTXAS_PATH" not in os.environ
-    with tl_launch.built_with_ptxas(path, (9, 0)):
+    with tl_launch.built_with_ptxas(path):
         assert knobs.nvidia.ptxas.path == path and os.environ["TRITON_PTXAS_PATH"] == path
     assert knobs.nvidia.ptxas.path == before and "TRITON_PTXAS_PATH" not in os.environ

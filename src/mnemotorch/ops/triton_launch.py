@@ -188,6 +188,7 @@ def ptxas_for_build(capability: tuple[int, int], needs: tuple[int, int]) -> tupl
     if (mine is not None and mine >= needs) or capability[0] != 9 or os.environ.get("MNEMO_BUNDLED_PTXAS") == "0":
         return None, mine
     if theirs is not None and theirs >= needs:
+        ptxas_release(capability)  # (Triton caches the release it reads first, and names it in its cache keys: its own)
         return newer[0], theirs
     return None, mine
 
@@ -202,18 +203,16 @@ def _bundled_ptxas_tools(arch: int) -> tuple[tuple[str, str], tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def built_with_ptxas(path: str | None, capability: tuple[int, int]):
-    """Within: Triton builds kernels (compiled at their first launch) for a GPU of this compute capability with the
-    ptxas at ``path`` (``triton.knobs.nvidia.ptxas``, restored on exit, ``TRITON_PTXAS_PATH`` with it); None
+def built_with_ptxas(path: str | None):
+    """Within: Triton builds kernels (compiled at their first launch) with the ptxas at ``path`` (a path
+    :func:`ptxas_for_build` gave; ``triton.knobs.nvidia.ptxas``, restored on exit, ``TRITON_PTXAS_PATH`` with it); None
     changes nothing. Kernels already compiled are not rebuilt: a kernel built this way must carry the choice in its
     specialisation (a constexpr), so that Triton's caches keep the two builds apart (their cache key names the
-    ptxas release Triton read first in the process, which is read here before the switch)."""
+    ptxas release Triton read first in the process)."""
     if path is None:
         yield
         return
     from triton import knobs
-
-    ptxas_release(capability)  # (Triton caches the release it reads first: the one it uses outside this block)
 
     with knobs.nvidia.scope():
         knobs.nvidia.ptxas = path

@@ -1400,7 +1400,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
         stamps = torch.zeros((nbh * ns, hi - lo, 8), device=dev, dtype=torch.int64) if prof is not None else cnt
         args = (q, k, v, y, *strides, g, nmat, beta, m, f, wb[0], sb[0], wb[1], sb[1], z1, d1, *slot_strides,
                 xz2, xhn, xdn, xacc, xp, cnt, d2o, z2o, sco, hs, ds, d2s, slot0, lo, zs, stamps)  # fmt: skip
-        with built_with_ptxas(ptxas, capability(dev) if ptxas is not None else (0, 0)):
+        with built_with_ptxas(ptxas):
             if by_phase:  # (the interpreter runs programs one after another: one launch per phase and chunk)
                 for i in range(lo, hi):
                     for phase in phases:
@@ -1969,25 +1969,29 @@ class _GroupGrads:
         self.bufs = [torch.empty_like(x) for x in like]
         self.written: list[set] = [set() for _ in like]
 
+    def _first(self, i: int, sl: slice) -> bool:
+        """Whether this is the slice's first contribution to gradient ``i`` (and marks it written)."""
+        key = (sl.start, sl.stop)
+        if key in self.written[i]:
+            return False
+        self.written[i].add(key)
+        return True
+
     def add(self, i: int, sl: slice, x: Tensor | None) -> None:
         if x is None:
             return
-        key = (sl.start, sl.stop)
-        if key in self.written[i]:
-            self.bufs[i][sl] += x
-        else:
+        if self._first(i, sl):
             self.bufs[i][sl].copy_(x)
-            self.written[i].add(key)
+        else:
+            self.bufs[i][sl] += x
 
     def add_last(self, i: int, sl: slice, x: Tensor | None, axis: int) -> None:
         """Adds ``x`` to the last index of ``axis`` of the slice (the update's gradients of ``G, N`` are their last rows,
         of ``β, m, f`` their last elements: added there rather than padded with zeros to the full shape and added whole)."""
         if x is None:
             return
-        key = (sl.start, sl.stop)
-        if key not in self.written[i]:
+        if self._first(i, sl):
             self.bufs[i][sl].zero_()
-            self.written[i].add(key)
         self.bufs[i][sl].select(axis, -1).add_(x)
 
     def finish(self) -> list[Tensor]:
