@@ -56,16 +56,18 @@ def training_errors(case, refs: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--precisions", default="tf32x3/tf32,bf16x3/tf32", help="state/read precision pairs")
+    ap.add_argument("--precisions", default="tf32x3/tf32,bf16x3/tf32",
+                    help="state/read[/sweep] precisions (the sweep's: LAUNCH['sweep_precision'], default the state's)")
     ap.add_argument("--out", default="diag_memory_precision.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    saved = fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"]
+    saved = fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["sweep_precision"]
     refs: dict = {}
     rows = []
     for pair in args.precisions.split(","):
-        state_prec, read_prec = pair.split("/")
+        state_prec, read_prec, *sweep_prec = pair.split("/")
         fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"] = state_prec, read_prec
+        fused_triton.LAUNCH["sweep_precision"] = sweep_prec[0] if sweep_prec else None
         for kind, fn in (("forward", forward_errors), ("training", training_errors)):
             for case in CASES:
                 t0 = time.perf_counter()
@@ -76,7 +78,7 @@ def main() -> None:
                        "worst_fraction_of_bound": worst[0], "worst": worst[1], "s": time.perf_counter() - t0}  # fmt: skip
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"] = saved
+    fused_triton.LAUNCH["half_precision"], fused_triton.LAUNCH["half_read_precision"], fused_triton.LAUNCH["sweep_precision"] = saved
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__}
     with open(args.out, "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)

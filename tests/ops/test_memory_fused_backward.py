@@ -801,6 +801,31 @@ def test_exact_keys_bit_identical(monkeypatch):
         assert torch.isfinite(a.float()).all() and torch.equal(a, b), i
 
 
+@pytest.mark.parametrize("sweep_prec", [None, "tf32"])
+def test_sweep_precision_reaches_the_sweep_only(monkeypatch, sweep_prec):
+    """``LAUNCH["sweep_precision"]`` (a diagnostic: TF32 there left the clipped config's bf16 gradients 1.3e-2 / 5.8e-2
+    from the fp32 path at 4K / 16K on an H200, over the 1e-2 bound) sets the adjoint sweep's products alone; the walk
+    keeps ``LAUNCH["half_precision"]``, and None gives the sweep that one too."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "half_precision", "bf16x3")
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_precision", sweep_prec)
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", 16)
+    walk: list = []
+    sweep: list = []
+    monkeypatch.setattr(fused_triton, "_lmm_split_fwd_kernel", _RecordingKw(fused_triton._lmm_split_fwd_kernel, "PREC", walk))
+    monkeypatch.setattr(fused_triton, "_lmm_split_sweep_kernel", _RecordingKw(fused_triton._lmm_split_sweep_kernel, "PREC", sweep))
+    q, k, v, th, et, al = make_inputs(b=1, t=2 * 32, h=2, dk=16, dv=16, seed=5, theta_max=0.5)
+    st = make_state(1, 2, 16, 16, 2, hidden=32)
+    xs = [x.bfloat16().requires_grad_() for x in (q, k, v)] + [x.float().requires_grad_() for x in (th, et, al)]
+    ws = [x.float().requires_grad_() for x in (*st.weights, *st.momentum)]
+    y, _ = fused_triton.neural_memory_fused(*xs, MemoryState(tuple(ws[:2]), tuple(ws[2:]), tuple(ws[:2]), 0), 32, **MATCHED)
+    grads = torch.autograd.grad(y.float().sum(), xs + ws)
+    assert set(walk) == {"bf16x3"} and set(sweep) == {sweep_prec or "bf16x3"}
+    assert all(torch.isfinite(g.float()).all() for g in grads)
+
+
 def test_update_vjp_launch_from_env():
     """``MNEMO_MEMORY_UPDATE_VJP_LAUNCH`` parses "slice:warps:stages" and names itself when malformed."""
     from mnemotorch.ops.memory.fused_update_vjp import _launch_from_env

@@ -118,13 +118,19 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: ``sweep_pre_adjoint``: the split sweep writes the new adjoint's parts that need only the leaving one in phase 1 and
 #: phase 3 adds ``dW`` alone (bit-identical; H200, 16K, matched: 31.45 -> 30.44 µs a chunk, twenty-sixth session;
 #: ``MNEMO_MEMORY_SWEEP_PRE=0`` off).
+#: ``sweep_precision`` (a diagnostic; env ``MNEMO_MEMORY_SWEEP_PRECISION``): the adjoint sweep's products alone, None = the
+#: walk's ``half_precision``. "tf32" (one TF32 product instead of three bf16 ones) cut the sweep's chunk by a quarter on an
+#: H200 (matched 30.4 -> 22.4 µs, op forward + backward 21.1 -> 19.8 ms; clipped default 35.1 -> 30.3 µs), but the adjoint
+#: carries its rounding across chunks: the clipped config's bf16 gradients of k, v, θ went 2.7e-3 -> 1.3e-2 from the fp32
+#: path at 4K and 5.8e-2 at 16K, over the 1e-2 bound (twenty-ninth session, docs/results/neural_memory.md).
 LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_precision": os.environ.get("MNEMO_MEMORY_PRECISION", "bf16x3"),
                 "half_read_precision": os.environ.get("MNEMO_MEMORY_READ_PRECISION", "tf32"),
                 "split_slice": os.environ.get("MNEMO_MEMORY_SPLIT_SLICE", "auto"), "split_warps": 4, "sweep_slice": 64, "sweep_warps": 8,
                 "sweep_split": "auto", "sweep_split_warps": 4,
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
                 "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "walk_exact_keys_min_cols": 64, "profile": None,
-                "sweep_pre_adjoint": os.environ.get("MNEMO_MEMORY_SWEEP_PRE", "1") != "0"}
+                "sweep_pre_adjoint": os.environ.get("MNEMO_MEMORY_SWEEP_PRE", "1") != "0",
+                "sweep_precision": os.environ.get("MNEMO_MEMORY_SWEEP_PRECISION") or None}
 
 
 @triton.jit
@@ -155,7 +161,7 @@ def _mmk(k, b, PREC: tl.constexpr, KB: tl.constexpr):
     if KB and PREC == "bf16x3":
         return dot_split_right(k.to(tl.bfloat16), b)
     else:
-        return _mmp(k, b, PREC)
+        return _mmp(k.to(tl.float32), b, PREC)
 
 
 @triton.jit
@@ -1548,7 +1554,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     args = (k, hh, d1, d2, s1, s2, o, r, dm, ws[1].contiguous(),
             *(x.contiguous() for x in (b_w[0], b_s[0], b_w[1], b_s[1])), g_last.contiguous(), n_last.contiguous(), *(e.contiguous() for e in ends),
             sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1], *fold)  # fmt: skip
-    meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=LAUNCH["half_precision"] if half else "ieee",
+    meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=(LAUNCH["sweep_precision"] or LAUNCH["half_precision"]) if half else "ieee",
                 FOLD=add_cot is not None, KB=bool(keys_bf16), num_stages=1)  # fmt: skip
     ns = _sweep_programs(hid, nbh, k)
     if _sweep_split_on(ns):
