@@ -824,6 +824,10 @@ def test_sweep_precision_reaches_the_sweep_only(monkeypatch, sweep_prec):
     grads = torch.autograd.grad(y.float().sum(), xs + ws)
     assert set(walk) == {"bf16x3"} and set(sweep) == {sweep_prec or "bf16x3"}
     assert all(torch.isfinite(g.float()).all() for g in grads)
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_precision", "tf16")
+    y, _ = fused_triton.neural_memory_fused(*xs, MemoryState(tuple(ws[:2]), tuple(ws[2:]), tuple(ws[:2]), 0), 32, **MATCHED)
+    with pytest.raises(ValueError, match="MNEMO_MEMORY_SWEEP_PRECISION"):
+        y.float().sum().backward()
 
 
 def test_update_vjp_launch_from_env():

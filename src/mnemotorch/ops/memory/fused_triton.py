@@ -1554,7 +1554,10 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     args = (k, hh, d1, d2, s1, s2, o, r, dm, ws[1].contiguous(),
             *(x.contiguous() for x in (b_w[0], b_s[0], b_w[1], b_s[1])), g_last.contiguous(), n_last.contiguous(), *(e.contiguous() for e in ends),
             sc, cs, kn, hn, d2n, slots[0], slots[2], slots[1], slots[3], scratch[0], scratch[1], *fold)  # fmt: skip
-    meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=(LAUNCH["sweep_precision"] or LAUNCH["half_precision"]) if half else "ieee",
+    sweep_prec = LAUNCH["sweep_precision"]
+    if sweep_prec not in _SWEEP_PRECISIONS:
+        raise ValueError(f"LAUNCH['sweep_precision'] (env MNEMO_MEMORY_SWEEP_PRECISION) must be one of {_SWEEP_PRECISIONS}, got {sweep_prec!r}")
+    meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=(sweep_prec or LAUNCH["half_precision"]) if half else "ieee",
                 FOLD=add_cot is not None, KB=bool(keys_bf16), num_stages=1)  # fmt: skip
     ns = _sweep_programs(hid, nbh, k)
     if _sweep_split_on(ns):
@@ -1604,6 +1607,7 @@ def launch_from_env(name: str, value: str, keys: Sequence[str]) -> dict:
 
 
 _SWEEP_FORMS = ("auto", "three_phase", "joined")
+_SWEEP_PRECISIONS = (None, "bf16x3", "tf32x3", "tf32", "ieee")
 
 
 def _keys_bf16(k: Tensor) -> bool:
