@@ -33,7 +33,10 @@ C, D, HID = 64, 64, 256
 def build(kernel, sig: dict, constexprs: dict, warps: int, stages: int = 1) -> dict:
     """Compile ``kernel`` for sm_90a with ``sig`` (non-constexpr arguments, in order) and ``constexprs``; pointers
     get the divisibility-by-16 hint the JIT gives them. Returns shared memory, registers, spill bytes, wgmma count."""
-    sig = dict(sig)
+    sig, constexprs = dict(sig), dict(constexprs)
+    for p in kernel.params:  # constexprs left out take their defaults
+        if p.is_constexpr and p.name not in constexprs:
+            constexprs[p.name] = p.default
     sig.update({name: "constexpr" for name in constexprs})
     order = [p.name for p in kernel.params]
     sig = {name: sig[name] for name in order}
@@ -51,6 +54,22 @@ def _sig(kernel, kinds: dict, default: str = "*fp32") -> dict:
 def read_a(slice_: int, warps: int) -> dict:
     cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, ACT=1, LN=True, PREC="tf32")
     return build(fused_read_vjp._lmm_read_vjp_a_kernel, _sig(fused_read_vjp._lmm_read_vjp_a_kernel, {"ln_eps": "fp32"}), cx, warps)
+
+
+def read_a_sums(slice_: int, warps: int) -> dict:
+    """Pass A with the forward's kept sums (``SUMS``: no loop over the hidden slices)."""
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, ACT=1, LN=True, PREC="tf32", SUMS=True)
+    return build(fused_read_vjp._lmm_read_vjp_a_kernel, _sig(fused_read_vjp._lmm_read_vjp_a_kernel, {"ln_eps": "fp32"}), cx, warps)
+
+
+def chunk_read(slice_: int, warps: int, save: bool = False) -> dict:
+    """The forward's batched read (``save``: keeping layer 2's three sums for the read's VJP)."""
+    kern = fused_triton._lmm_chunk_read_kernel
+    ints = ("sqb", "sqt", "sqh", "skb", "skt", "skh", "syb", "syt", "syh", "SLOT1", "SLOT2", "chunk0", "slot0", "H")
+    kinds = {n: "i32" for n in ints}
+    kinds.update({n: "*bf16" for n in ("Q", "K", "Y")}, ln_eps="fp32")
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, ACT=1, RESIDUAL=True, LN=True, CLIP=False, PREC_R="tf32", SAVE=save)
+    return build(kern, _sig(kern, kinds), cx, warps)
 
 
 def read_b(slice_: int, warps: int) -> dict:
@@ -93,7 +112,8 @@ def coef(slice_: int, warps: int, backward: bool = False) -> dict:
 
 
 #: name -> (builder, default slice:warps)
-KERNELS = {"read_a": (read_a, "32:4"), "read_b": (read_b, "64:4"), "update": (update, "32:4"), "walk": (walk, "64:4"),
+KERNELS = {"read_a": (read_a, "32:4"), "read_a_sums": (read_a_sums, "32:4"), "chunk_read": (chunk_read, "32:4"),
+           "chunk_read_save": (lambda s, w: chunk_read(s, w, True), "32:4"), "read_b": (read_b, "64:4"), "update": (update, "32:4"), "walk": (walk, "64:4"),
            "sweep": (sweep, "32:4"), "coef_fwd": (coef, "64:4"), "coef_bwd": (lambda s, w: coef(s, w, True), "64:4")}
 
 

@@ -142,6 +142,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
 
     saved_update_launch = dict(fused_update_vjp.LAUNCH_UPDATE_VJP)
     saved_all_launch = dict(fused_triton.LAUNCH)
+    saved_backward = dict(fused_triton.BACKWARD)
     for name, comp, vjp in itertools.product(configs, compile_modes, vjps):
         rvjp, uvjp, *opts = vjp.split(":")
         fused_triton.LAUNCH.update(saved_all_launch)
@@ -151,6 +152,12 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             if key not in fused_triton.LAUNCH:
                 raise SystemExit(f"--vjps: unknown LAUNCH key {key!r}")
             fused_triton.LAUNCH[key] = int(val) if val.lstrip("-").isdigit() else val
+        fused_triton.BACKWARD.update(saved_backward)
+        for item in (o[1:] for o in opts if o.startswith("B") and "=" in o):  # ":Bkey=value" sets BACKWARD[key]
+            key, val = item.split("=", 1)
+            if key not in fused_triton.BACKWARD:
+                raise SystemExit(f"--vjps: unknown BACKWARD key {key!r}")
+            fused_triton.BACKWARD[key] = int(val) if val.lstrip("-").isdigit() else val
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
         xs = [x.detach().requires_grad_() for x in (q, k, v, *gates, *st.weights, *st.momentum)]
         state = MemoryState(tuple(xs[6:8]), tuple(xs[8:10]), tuple(xs[6:8]), 0)
@@ -188,7 +195,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
                "half_precision": fused_triton.LAUNCH["half_precision"], "half_read_precision": fused_triton.LAUNCH["half_read_precision"],
                "exact_keys": fused_triton.LAUNCH["exact_keys"], "update_vjp_launch": dict(fused_update_vjp.LAUNCH_UPDATE_VJP),
-               "launch_set": launch_set,
+               "launch_set": launch_set, "backward_set": [o[1:] for o in opts if o.startswith("B") and "=" in o],
                **{key: fused_triton.BACKWARD[key] for key in ("fold_read", "update_tf32", "overlap", "group_elements")}}
         try:
             torch.cuda.synchronize()
@@ -252,6 +259,8 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             fused_triton.BACKWARD["compile_sweep"] = fused_triton.BACKWARD["compile_batched"] = None
             fused_triton.BACKWARD["sweep_block"] = 8
             fused_triton.BACKWARD.update(saved)
+            for key in {o[1:].split("=", 1)[0] for o in opts if o.startswith("B") and "=" in o}:  # (the variant's own settings)
+                fused_triton.BACKWARD[key] = saved_backward[key]
             fused_triton.LAUNCH.update(saved_all_launch)
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -309,7 +318,8 @@ def main() -> None:
                     "['update_vjp'] (triton, adjoint, autograd; ':u32w8[s2]' the update kernel's slice / warps / stages); ':fold' sets BACKWARD['fold_read'], ':f32' clears BACKWARD['update_tf32'], "
                     "':serial' / ':overlap' clear / set BACKWARD['overlap'], ':gNN' sets BACKWARD['group_elements'] = 2**NN, ':pPREC' sets LAUNCH['half_precision'] "
                     "(ptf32x3, pbf16x3, ptf32), ':rPREC' LAUNCH['half_read_precision'] (rtf32, rbf16x3, rtf32x3), ':nok' clears LAUNCH['exact_keys'], "
-                    "':Lkey=value' sets LAUNCH[key] (e.g. ':Lsweep_form=three_phase')")
+                    "':Lkey=value' sets LAUNCH[key] (e.g. ':Lsweep_form=three_phase'), ':Bkey=value' BACKWARD[key] "
+                    "(e.g. ':Bread_sums_from_forward=0')")
     ap.add_argument("--read-vjp-launches", default="", help="--train: slice:warps[:a_slice:a_warps[:stages]] launches of the read-VJP kernels to time, e.g. 64:4,32:4:32:8:2")
     ap.add_argument("--train-configs", default="matched,default", help="--train's configs")
     ap.add_argument("--train-compile", default="1,0", help="--train's compile modes: 0 (eager), 1 (compiled), s (only the sweep compiled)")

@@ -212,7 +212,7 @@ def test_custom_op_keeps_key_pass(monkeypatch):
     """With ``keep_key_pass`` (split kernel, batched read) the op also returns every chunk's ``Z_1, P, Δ_2, Z_2``:
     shapes as its fake says, and values equal to the chunked path's key pass at the stored entering states."""
     from mnemotorch.ops.memory import fused_triton
-    from mnemotorch.ops.memory.chunked import _chunk_major, _key_forward, chunk_coefficients
+    from mnemotorch.ops.memory.chunked import _chunk_major, _key_forward, _key_pass, chunk_coefficients
 
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
     (q, k, v), gates, st = inputs(2, 16, 32, 2 * 16, dtype=torch.float32)
@@ -224,13 +224,26 @@ def test_custom_op_keeps_key_pass(monkeypatch):
     args = (q, k, v, *coefs, ws, ms, "gelu", True, True, 1e-5, None, True, True)
     torch.library.opcheck(lmm_fused_fwd, args, test_utils=("test_schema", "test_faketensor"))
     res = lmm_fused_fwd(*args)
-    z1, p, d2, z2 = res[5:]
+    z1, p, d2, z2, sum_w, sum_s, sum_x = res[5:]
     assert z1.shape == (2, 2, 2, 16, 32) and d2.shape == z2.shape == (2, 2, 2, 16, 16)
-    w_in = [x[:-1] for x in res[1:3]]  # the state entering each chunk
+    assert sum_w.shape == sum_s.shape == sum_x.shape == (2, 2, 2, 16, 16)  # ([n, B, H, C, Dv], [n, B, H, C, C]: Dv = C here)
+    w_in = [x[:-1].double() for x in res[1:3]]  # the state entering each chunk
+    s_in = [x[:-1].double() for x in res[3:5]]
     kc, vc = (cm(x.double()) for x in (k, v))
-    xs, zs, d_ref = _key_forward(kc, vc, [x.double() for x in w_in], "gelu", True, True, 1e-5)[:3]
+    xs, zs, d_ref = _key_forward(kc, vc, w_in, "gelu", True, True, 1e-5)[:3]
     assert rel(z1.double(), zs[0]) <= 1e-6 and rel(z2.double(), zs[1]) <= 1e-6 and rel(d2.double(), d_ref) <= 1e-6
-    assert rel(p.double(), d_ref @ w_in[1].double().transpose(-1, -2)) <= 1e-6
+    assert rel(p.double(), d_ref @ w_in[1].transpose(-1, -2)) <= 1e-6
+    # the read's sums over the hidden dimension, Ĥ W_2, Ĥ S_2, Ĥ σ(Z_1)ᵀ, from the dual-form read in float64
+    xs_k, deltas = _key_pass(kc, vc, w_in, "gelu", True, True, 1e-5)
+    g_mat, _, beta, _, f = (x.double() for x in coefs)
+    qc = cm(q.double())
+    z_read = beta.unsqueeze(-1) * (qc @ w_in[0]) + f.unsqueeze(-1) * (qc @ s_in[0]) - (g_mat * (qc @ kc.transpose(-1, -2))) @ deltas[0]
+    h_read = torch.nn.functional.gelu(z_read)
+    assert rel(sum_w.double(), h_read @ w_in[1]) <= 1e-6 and rel(sum_s.double(), h_read @ s_in[1]) <= 1e-6
+    assert rel(sum_x.double(), h_read @ xs_k[1].transpose(-1, -2)) <= 1e-6
+    monkeypatch.setitem(fused_triton.BACKWARD, "read_sums_from_forward", False)  # only the key pass then
+    torch.library.opcheck(lmm_fused_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    assert len(lmm_fused_fwd(*args)) == 9
     with pytest.raises(ValueError, match="keep_key_pass"):
         monkeypatch.setitem(fused_triton.LAUNCH, "split_read", "inline")
         lmm_fused_fwd(*args)

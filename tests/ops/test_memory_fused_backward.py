@@ -381,6 +381,29 @@ def test_fused_training_key_pass_kept_or_recomputed(monkeypatch):
         assert rel(a.double(), b.double()) <= 1e-6
 
 
+@pytest.mark.parametrize("name,cfg,clip", [("matched", MATCHED, None), ("silu_ln_clip", dict(activation="silu", residual=False, layer_norm=True), 0.3)])
+def test_fused_training_read_sums_kept_or_recomputed(monkeypatch, name, cfg, clip):
+    """The read VJP's pass A with the forward's kept sums ``Ĥ W_2, Ĥ S_2, Ĥ X_1ᵀ``
+    (``BACKWARD["read_sums_from_forward"]``, the default) and with the read recomputed over the hidden slices gives
+    the same output and gradients; the kept sums do reach the read's custom op."""
+    from mnemotorch.ops.memory import fused_read_vjp, fused_triton
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    q, k, v, th, et, al = make_inputs(b=1, t=2 * 32, h=2, dk=16, dv=16, seed=7, theta_max=0.5)
+    st = make_state(1, 2, 16, 16, 2, hidden=32)
+    seen = []
+    real = fused_read_vjp.lmm_read_vjp
+    monkeypatch.setattr(fused_read_vjp, "lmm_read_vjp", lambda *a: seen.append(len(a)) or real(*a))
+    y1, g1 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, cfg, clip)
+    assert seen and all(x == 20 for x in seen)  # (13 tensors, 4 settings, the 3 sums)
+    monkeypatch.setitem(fused_triton.BACKWARD, "read_sums_from_forward", False)
+    seen.clear()
+    y2, g2 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, cfg, clip)
+    assert seen and all(x == 17 for x in seen)
+    for a, b in zip([y1, *g1], [y2, *g2]):
+        assert rel(a.double(), b.double()) <= 1e-6
+
+
 @pytest.mark.parametrize("read,update", [("autograd", "autograd"), ("autograd", "adjoint"), ("adjoint", "autograd"), ("adjoint", "adjoint"),
                                          ("triton", "autograd"), ("triton", "adjoint"), ("autograd", "triton"), ("triton", "triton")])
 @pytest.mark.parametrize("name,depth,cfg,clip,d,hidden,chunk,t,pos", [c for c in TRAIN_CASES if c[0] in ("matched", "default_clip", "depth1_ln_clip")],
@@ -732,6 +755,10 @@ def test_read_vjp_custom_op_passes_opcheck(monkeypatch):
     out = fused_read_vjp.lmm_read_vjp(*args)
     assert out[3].shape == (2, n, b, h, c, d)  # per-slice partials of dq
     torch.library.opcheck(fused_read_vjp.lmm_read_vjp, args)
+    sums = (rnd(n, b, h, c, d), rnd(n, b, h, c, d), rnd(n, b, h, c, c))  # the forward's kept sums (any values, for the schema)
+    torch.library.opcheck(fused_read_vjp.lmm_read_vjp, (*args, *sums))
+    with pytest.raises(ValueError, match="come together"):
+        fused_read_vjp.lmm_read_vjp(*args, *sums[:2])
 
 
 

@@ -25,7 +25,7 @@ kernel at 16K, 16 heads, against ~10.3 ms for the whole PyTorch form).
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -48,38 +48,45 @@ if os.environ.get("MNEMO_MEMORY_READ_VJP_LAUNCH"):
 @triton.jit
 def _lmm_read_vjp_a_kernel(
     Q, K, GT, BETA, FV, W1, S1, W2, S2, X1, D1, D2, DY,
-    DZ2, DAG2, DD2, DGT, DBETA, DF,
+    DZ2, DAG2, DD2, DGT, DBETA, DF, RAW, RAS, RAP,
     ln_eps,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
-    ACT: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr,
+    ACT: tl.constexpr, LN: tl.constexpr, PREC: tl.constexpr, SUMS: tl.constexpr = False,
 ):  # fmt: skip
     """Pass A and layer 2's transpose, one program per (chunk ``program_id(0)``, head ``program_id(1)``); every
     tensor ``[G, B·H, …]`` contiguous, fp32: ``Q, K [C, DK]``, ``GT [C, C]`` (clipped), ``BETA, FV [C]``, the
     entering state ``W1, S1 [DK, HID]``, ``W2, S2 [HID, DV]``, the key pass ``X1, D1 [C, HID]`` (``σ(Z_1)``,
     ``Δ_1``), ``D2 [C, DV]`` (``Δ_2``), ``DY [C, DV]``. Writes ``dẐ_2`` (``DZ2``), the cotangent of ``Ĥ X_1ᵀ``
-    (``DAG2 [C, C]``), of ``Δ_2`` (``DD2``), layer 2's shares of ``G̃``'s (``DGT``) and of ``β, f``'s."""
+    (``DAG2 [C, C]``), of ``Δ_2`` (``DD2``), layer 2's shares of ``G̃``'s (``DGT``) and of ``β, f``'s. ``SUMS``: the
+    three sums over the hidden slices, ``Ĥ W_2, Ĥ S_2 [C, DV]`` and ``Ĥ X_1ᵀ [C, C]``, are loaded from ``RAW, RAS, RAP``
+    (the forward's batched read kept them) instead of recomputed: no loop, and ``Q, K, W_1 … X_1`` unread."""
     row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     rows = tl.arange(0, C)
     ck = tl.arange(0, DK)
     cv = tl.arange(0, DV)
     ch = tl.arange(0, BH)
-    q = tl.load(Q + row * C * DK + rows[:, None] * DK + ck[None, :])
     go = GT + row * C * C + rows[:, None] * C + rows[None, :]
     beta = tl.load(BETA + row * C + rows)
     f = tl.load(FV + row * C + rows)
-    # G̃ ∘ Q Kᵀ; G̃ itself is loaded again after the loop rather than kept through it (registers: see pass B)
-    ga1 = tl.load(go) * _mmp(q, tl.trans(tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])), PREC)
-    aw = tl.zeros([C, DV], dtype=tl.float32)
-    asm = tl.zeros([C, DV], dtype=tl.float32)
-    ar2 = tl.zeros([C, C], dtype=tl.float32)
-    for j in range(0, HID, BH):
-        cols = j + ch
-        zh = beta[:, None] * _mmp(q, tl.load(W1 + row * DK * HID + ck[:, None] * HID + cols[None, :]), PREC)
-        zh += f[:, None] * _mmp(q, tl.load(S1 + row * DK * HID + ck[:, None] * HID + cols[None, :]), PREC)
-        hh = _act(zh - _mmp(ga1, tl.load(D1 + row * C * HID + rows[:, None] * HID + cols[None, :]), PREC), ACT)
-        aw += _mmp(hh, tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), PREC)
-        asm += _mmp(hh, tl.load(S2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), PREC)
-        ar2 += _mmp(hh, tl.trans(tl.load(X1 + row * C * HID + rows[:, None] * HID + cols[None, :])), PREC)
+    if SUMS:
+        aw = tl.load(RAW + row * C * DV + rows[:, None] * DV + cv[None, :])
+        asm = tl.load(RAS + row * C * DV + rows[:, None] * DV + cv[None, :])
+        ar2 = tl.load(RAP + row * C * C + rows[:, None] * C + rows[None, :])
+    else:
+        q = tl.load(Q + row * C * DK + rows[:, None] * DK + ck[None, :])
+        # G̃ ∘ Q Kᵀ; G̃ itself is loaded again after the loop rather than kept through it (registers: see pass B)
+        ga1 = tl.load(go) * _mmp(q, tl.trans(tl.load(K + row * C * DK + rows[:, None] * DK + ck[None, :])), PREC)
+        aw = tl.zeros([C, DV], dtype=tl.float32)
+        asm = tl.zeros([C, DV], dtype=tl.float32)
+        ar2 = tl.zeros([C, C], dtype=tl.float32)
+        for j in range(0, HID, BH):
+            cols = j + ch
+            zh = beta[:, None] * _mmp(q, tl.load(W1 + row * DK * HID + ck[:, None] * HID + cols[None, :]), PREC)
+            zh += f[:, None] * _mmp(q, tl.load(S1 + row * DK * HID + ck[:, None] * HID + cols[None, :]), PREC)
+            hh = _act(zh - _mmp(ga1, tl.load(D1 + row * C * HID + rows[:, None] * HID + cols[None, :]), PREC), ACT)
+            aw += _mmp(hh, tl.load(W2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), PREC)
+            asm += _mmp(hh, tl.load(S2 + row * HID * DV + cols[:, None] * DV + cv[None, :]), PREC)
+            ar2 += _mmp(hh, tl.trans(tl.load(X1 + row * C * HID + rows[:, None] * HID + cols[None, :])), PREC)
     d2 = tl.load(D2 + row * C * DV + rows[:, None] * DV + cv[None, :])
     ga2 = tl.load(go) * ar2
     dy = tl.load(DY + row * C * DV + rows[:, None] * DV + cv[None, :])
@@ -195,11 +202,14 @@ def _outputs(q: Tensor, gt: Tensor, beta: Tensor, f: Tensor, w1: Tensor, s1: Ten
 def lmm_read_vjp(
     q: Tensor, k: Tensor, gt: Tensor, beta: Tensor, f: Tensor, w1: Tensor, s1: Tensor, w2: Tensor, s2: Tensor,
     x1: Tensor, d1: Tensor, d2: Tensor, dy: Tensor, activation: str, layer_norm: bool, ln_eps: float, prec: str,
+    sum_w: Optional[Tensor] = None, sum_s: Optional[Tensor] = None, sum_x: Optional[Tensor] = None,
 ) -> list[Tensor]:  # fmt: skip
     """Both kernels on ``[G, B, H, …]`` fp32 contiguous tensors (chunk-major, as the backward holds them):
     ``[dgt2, db2, df2, pdq, pda1, pdb, pdf, bw1, bw2, bs1, bs2, dd1, dd2, dx1]`` (layer 2's shares of the
     cotangents of ``G̃, β, f``; the per-slice partials ``[NS, G, B, H, …]``; the direct state shares; the key
-    pass's cotangents of ``Δ_1, Δ_2, X_1``), what :func:`after_kernels` takes."""
+    pass's cotangents of ``Δ_1, Δ_2, X_1``), what :func:`after_kernels` takes. ``sum_w, sum_s, sum_x``: the read's
+    ``Ĥ W_2, Ĥ S_2 [G, B, H, C, Dv]`` and ``Ĥ X_1ᵀ [G, B, H, C, C]`` as the forward kept them (all three or none),
+    which pass A then loads instead of recomputing the read."""
     from .fused_triton import _ACT_CODES  # (the activation codes the forward kernels use)
 
     c, dk = q.shape[-2:]
@@ -209,9 +219,13 @@ def lmm_read_vjp(
     out = _outputs(q, gt, beta, f, w1, s1, w2, s2, x1, d2)
     dgt2, db2, df2, pdq, pda1, pdb, pdf, bw1, bw2, bs1, bs2, dd1, dd2, dx1 = out
     dz2, dag2 = torch.empty_like(dy), torch.empty_like(gt)  # (pass A's, for pass B)
+    sums = (sum_w, sum_s, sum_x)
+    have = sum(x is not None for x in sums)
+    if have not in (0, 3):
+        raise ValueError(f"lmm_read_vjp: sum_w, sum_s and sum_x come together, got {have} of the 3")
     _lmm_read_vjp_a_kernel[(q.shape[0], nbh)](
-        q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, dz2, dag2, dd2, dgt2, db2, df2, ln_eps,
-        C=c, DK=dk, DV=dv, HID=hid, BH=min(int(LAUNCH_READ_VJP["a_slice"]), hid), ACT=act, LN=layer_norm, PREC=prec,
+        q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, dz2, dag2, dd2, dgt2, db2, df2, *(sums if have else (dy, dy, gt)), ln_eps,
+        C=c, DK=dk, DV=dv, HID=hid, BH=min(int(LAUNCH_READ_VJP["a_slice"]), hid), ACT=act, LN=layer_norm, PREC=prec, SUMS=bool(have),
         num_warps=int(LAUNCH_READ_VJP["a_warps"]), num_stages=1,
     )  # fmt: skip
     bh, ns = _slices(hid)
@@ -224,7 +238,7 @@ def lmm_read_vjp(
 
 
 @lmm_read_vjp.register_fake
-def _(q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, activation, layer_norm, ln_eps, prec):
+def _(q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, activation, layer_norm, ln_eps, prec, sum_w=None, sum_s=None, sum_x=None):
     return _outputs(q, gt, beta, f, w1, s1, w2, s2, x1, d2)
 
 
@@ -246,11 +260,14 @@ class KernelParts(NamedTuple):
     dx1: Tensor
 
 
-def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm: bool, ln_eps: float, prec: str) -> KernelParts:
-    """:func:`lmm_read_vjp` on the backward's tensors (cast to fp32 and made contiguous where they are not)."""
+def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm: bool, ln_eps: float, prec: str,
+           sums: Sequence[Tensor] | None = None) -> KernelParts:  # fmt: skip
+    """:func:`lmm_read_vjp` on the backward's tensors (cast to fp32 and made contiguous where they are not);
+    ``sums``: the forward's ``Ĥ W_2, Ĥ S_2, Ĥ X_1ᵀ`` of the same chunks, or None."""
     cont = lambda x: x if x.is_contiguous() else x.contiguous()  # noqa: E731
     ins = [cont(x.float()) for x in (q, k, gt, beta, f, w[0], s[0], w[1], s[1], x1, d1, d2, dy)]
-    out = lmm_read_vjp(*ins, activation, layer_norm, ln_eps, prec)
+    extra = [cont(x.float()) for x in sums] if sums else []
+    out = lmm_read_vjp(*ins, activation, layer_norm, ln_eps, prec, *extra)
     return KernelParts(*out[:7], out[7:9], out[9:11], out[11:13], out[13])
 
 

@@ -720,10 +720,11 @@ def _lmm_chunk_read_kernel(
     Q, K, Y,
     sqb, sqt, sqh, skb, skt, skh, syb, syt, syh,
     G, BETA, FV,
-    W1, S1, W2, S2, SLOT1, SLOT2, Z1, PD, D2O, SCO,
+    W1, S1, W2, S2, SLOT1, SLOT2, Z1, PD, D2O, SCO, RAW, RAS, RAP,
     chunk0, slot0, H, ln_eps,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr, PREC_R: tl.constexpr,
+    SAVE: tl.constexpr = False,
 ):
     """The dual-form read of depth 2, one program per (head ``bh``, chunk ``chunk0 + program_id(1)``), after
     :func:`_lmm_split_fwd_kernel` (``READ=False``) walked the chunks: it reads the state entering the chunk
@@ -733,7 +734,11 @@ def _lmm_chunk_read_kernel(
         Ẑ_1 = β ∘ (Q W_1) + f ∘ (Q S_1) − (G̃ ∘ Q Kᵀ) Δ_1,   Ĥ = σ(Ẑ_1)
         Ẑ_2 = β ∘ (Ĥ W_2) + f ∘ (Ĥ S_2) − (G̃ ∘ Ĥ Hᵀ) Δ_2,   y = [q +] [LN](Ẑ_2)
 
-    (``G̃``: ``G`` with column s scaled by the clip's factor of token s), summed over hidden slices of ``BH``."""
+    (``G̃``: ``G`` with column s scaled by the clip's factor of token s), summed over hidden slices of ``BH``.
+    ``SAVE``: layer 2's three sums over the hidden dimension, ``Ĥ W_2``, ``Ĥ S_2`` and ``Ĥ Hᵀ``, are also written
+    (``RAW, RAS [G, B·H, C, DV]``, ``RAP [G, B·H, C, C]``, row ``program_id(1)`` as ``Z1 … SCO``) for the read's VJP, whose
+    pass A then takes them instead of recomputing the read over every hidden slice (``β ∘ (Ĥ W_2)`` and
+    ``f ∘ (Ĥ S_2)`` are then summed apart and scaled after the loop, not added into one accumulator)."""
     bh = tl.program_id(0)
     li = tl.program_id(1)
     nbh = tl.num_programs(0)
@@ -762,6 +767,8 @@ def _lmm_chunk_read_kernel(
     prow = PD + row * C * HID + rows[:, None] * HID
     acc2 = tl.zeros([C, DV], dtype=tl.float32)
     p = tl.zeros([C, C], dtype=tl.float32)
+    if SAVE:
+        acc_s = tl.zeros([C, DV], dtype=tl.float32)
     for j in range(0, HID, BH):
         cols = j + ch
         w1 = tl.load(W1 + r1 + ck[:, None] * HID + cols[None, :])
@@ -770,7 +777,20 @@ def _lmm_chunk_read_kernel(
         d1 = tl.load(prow + cols[None, :]) * _act_grad(z1, ACT)
         w2 = tl.load(W2 + r2 + cols[:, None] * DV + cv[None, :])
         s2 = tl.load(S2 + r2 + cols[:, None] * DV + cv[None, :])
-        acc2, p = _read_slice(q, ga, beta, f, w1, s1, d1, _act(z1, ACT), w2, s2, acc2, p, ACT, PREC_R)
+        if SAVE:  # Ĥ W_2 and Ĥ S_2 apart (acc2, acc_s)
+            zh1 = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
+            hh = _act(zh1, ACT)
+            acc2 = _mmap(hh, w2, acc2, PREC_R)
+            acc_s = _mmap(hh, s2, acc_s, PREC_R)
+            p = _mmap(hh, tl.trans(_act(z1, ACT)), p, PREC_R)
+        else:
+            acc2, p = _read_slice(q, ga, beta, f, w1, s1, d1, _act(z1, ACT), w2, s2, acc2, p, ACT, PREC_R)
+    if SAVE:
+        parts = row * C
+        tl.store(RAW + parts * DV + rows[:, None] * DV + cv[None, :], acc2)
+        tl.store(RAS + parts * DV + rows[:, None] * DV + cv[None, :], acc_s)
+        tl.store(RAP + parts * C + rows[:, None] * C + rows[None, :], p)
+        acc2 = beta[:, None] * acc2 + f[:, None] * acc_s
     d2 = tl.load(D2O + row * C * DV + rows[:, None] * DV + cv[None, :])
     zh = acc2 - _mmp(gm * p, d2, PREC_R)
     y = _read_out(zh, q, DV, ln_eps, RESIDUAL, LN)
@@ -1355,7 +1375,9 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     ``"inline"``: the read inside the walk (two more phases and one more grid barrier per chunk).
 
     ``keep_key_pass`` (batched read only): also return every chunk's ``Z_1, P, Δ_2, Z_2`` (``[n, B, H, C, ·]``
-    fp32), from which the backward takes the key pass instead of recomputing it."""
+    fp32), from which the backward takes the key pass instead of recomputing it, and the read's sums over the
+    hidden dimension ``Ĥ W_2, Ĥ S_2, Ĥ Hᵀ`` (:func:`_lmm_chunk_read_kernel`'s ``SAVE``; with
+    ``BACKWARD["read_sums_from_forward"]``), which the read's VJP takes."""
     g, nmat, beta, m, f = coefs
     n, bsz, heads, c = beta.shape
     dk, dv = k.shape[-1], v.shape[-1]
@@ -1426,8 +1448,10 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     per_chunk = nbh * 4 * (2 * c * hid + c * dv + c) + (0 if stored else 4 * sum(x.numel() for x in (*w, *s)))
     group = max(1, min(n, int(LAUNCH["read_group_bytes"]) // per_chunk))
     bh_read = min(hid, LAUNCH["read_slice"])
-    if keep_key_pass:  # every chunk's buffers, kept for the backward (it reads the key pass from them)
+    save_read = keep_key_pass and bool(BACKWARD["read_sums_from_forward"])
+    if keep_key_pass:  # every chunk's buffers, kept for the backward (it reads the key pass from them, and the read's sums)
         kept = [torch.empty((n, nbh, c, x), **f32) for x in (hid, hid, dv, dv)]
+        read_parts = [torch.empty((n, nbh, c, x), **f32) for x in (dv, dv, c)] if save_read else []
     for lo in range(0, n, group):
         hi = min(n, lo + group)
         gn = hi - lo
@@ -1439,6 +1463,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
             d2o = torch.empty((gn, nbh, c, dv), **f32)
             z2o = torch.empty_like(d2o)
         sco = torch.empty((gn, nbh, c), **f32) if clip else d2o
+        parts = [x[lo:hi] for x in read_parts] if save_read else (d2o, d2o, d2o)
         if stored:
             wb, sb, sl, slot0 = w, s, slots, 0
         else:  # this group's own slots: slot 0 = the state entering chunk lo
@@ -1451,16 +1476,16 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
         ev = _profile_events(prof, "read_ms")
         _lmm_chunk_read_kernel[(nbh, gn)](
             q, k, y, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), y.stride(0), y.stride(1), y.stride(2),
-            g, beta, f, wb[0], sb[0], wb[1], sb[1], *sl, z1, pd, d2o, sco, lo, slot0, heads, float(ln_eps),
+            g, beta, f, wb[0], sb[0], wb[1], sb[1], *sl, z1, pd, d2o, sco, *parts, lo, slot0, heads, float(ln_eps),
             C=c, DK=dk, DV=dv, HID=hid, BH=bh_read, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm, CLIP=clip,
-            PREC_R=meta["PREC_R"], num_warps=LAUNCH["read_warps"], num_stages=LAUNCH["read_stages"],
+            PREC_R=meta["PREC_R"], SAVE=save_read, num_warps=LAUNCH["read_warps"], num_stages=LAUNCH["read_stages"],
         )  # fmt: skip
         ev()
         if not stored:
             for x, buf in zip((*w, *s), (*wb, *sb)):
                 x.copy_(buf[gn])
     if keep_key_pass:
-        return [y, *w, *s, *(x.view(n, bsz, heads, c, x.shape[-1]) for x in kept)]
+        return [y, *w, *s, *(x.view(n, bsz, heads, c, x.shape[-1]) for x in (*kept, *read_parts))]
     return [y, *w, *s]
 
 
@@ -1669,7 +1694,8 @@ def lmm_fused_fwd(
 ) -> list[Tensor]:  # fmt: skip
     """The fused forward over full chunks (no autograd): ``[y, *weights', *momentum']``; with
     ``store_states`` each state tensor is ``[n + 1, B, H, d_in, d_out]`` (entering every chunk, then final);
-    with ``keep_key_pass`` (only where :func:`keeps_key_pass`) four more: ``Z_1, P, Δ_2, Z_2 [n, B, H, C, ·]``."""
+    with ``keep_key_pass`` (only where :func:`keeps_key_pass`) four more, ``Z_1, P, Δ_2, Z_2``, and with
+    ``BACKWARD["read_sums_from_forward"]`` three after them, the read's ``Ĥ W_2, Ĥ S_2, Ĥ Hᵀ``; each ``[n, B, H, C, ·]``."""
     return _launch(q, k, v, (g, n, beta, m, f), weights, momentum, activation, residual, layer_norm, ln_eps, max_grad_norm, store_states,
                    keep_key_pass)  # fmt: skip
 
@@ -1681,7 +1707,9 @@ def _(q, k, v, g, n, beta, m, f, weights, momentum, activation, residual, layer_
     out = [y, *(x.new_empty((*lead, *x.shape), dtype=torch.float32) for x in (*weights, *momentum))]
     if keep_key_pass:
         nb = (beta.shape[0], *q.shape[:1], q.shape[2], beta.shape[-1])
-        out += [q.new_empty((*nb, d), dtype=torch.float32) for d in (weights[0].shape[-1], weights[0].shape[-1], v.shape[-1], v.shape[-1])]
+        hid, dv = weights[0].shape[-1], v.shape[-1]
+        dims = (hid, hid, dv, dv) + ((dv, dv, beta.shape[-1]) if BACKWARD["read_sums_from_forward"] else ())
+        out += [q.new_empty((*nb, d), dtype=torch.float32) for d in dims]
     return out
 
 
@@ -1760,13 +1788,18 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: 52.7 / 40.9 ms) (docs/results/neural_memory.md, fourteenth session). With the faster bf16x3 walks the overlap stopped
 #: paying: in two calls the one-stream order was 0.3–0.8 ms faster (31.7 / 33.4 ms against 32.3 / 34.2; the kernels of
 #: both streams slow down side by side), so it is off by default (fifteenth session). Results are bit-identical either way.
+#: ``read_sums_from_forward`` (default True; env ``MNEMO_MEMORY_READ_SUMS=0`` sets it False): where the forward keeps the
+#: key pass, its batched read also keeps layer 2's sums over the hidden dimension, ``Ĥ W_2, Ĥ S_2, Ĥ Hᵀ`` (``[n, B, H, C, ·]``
+#: fp32, three more tensors of a chunk's width: 0.2 GiB at 16K tokens, 16 heads, d 64), and the Triton read VJP's pass A
+#: takes them instead of recomputing the read over every hidden slice (:func:`~.fused_read_vjp.lmm_read_vjp`).
 BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEMENTS", 1 << 24)), "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": os.environ.get("MNEMO_MEMORY_UPDATE_VJP", "triton"),
                   "read_vjp": os.environ.get("MNEMO_MEMORY_READ_VJP", "triton"),
                   "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0",
                   "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0",
-                  "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "0") == "1"}
+                  "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "0") == "1",
+                  "read_sums_from_forward": os.environ.get("MNEMO_MEMORY_READ_SUMS", "1") != "0"}
 _COMPILED_SWEEP: list = []
 
 
@@ -2047,6 +2080,7 @@ class _FusedMemory(torch.autograd.Function):
         activation, residual, layer_norm, ln_eps, max_grad_norm = ctx.cfg
         depth = ctx.depth
         slots, kept = rest[: 2 * depth], rest[2 * depth :]
+        kept, read_parts = kept[:4], kept[4:]  # (Z_1, P, Δ_2, Z_2; the read's Ĥ W_2, Ĥ S_2, Ĥ Hᵀ: empty unless kept)
         n, bsz, heads, c = beta.shape
         f32 = torch.float32
         cm = lambda x: _chunk_major(x, n, c, f32)  # noqa: E731  [B, n·C, H, D] -> [n, B, H, C, D]
@@ -2098,8 +2132,10 @@ class _FusedMemory(torch.autograd.Function):
                 if BACKWARD["read_vjp"] == "triton" and fused_read_vjp.supported(qc, ws):  # the transpose in two launches
                     with torch.no_grad():
                         gt = coefs[0] if stats is None else coefs[0] * stats[3].unsqueeze(-2)
+                        sums_r = [x[sl] for x in read_parts] if read_parts else None
                         parts = fused_read_vjp.launch(qc[sl], kc[sl], gt, coefs[2], coefs[4], ws, ss, kp.xs[1], kp.deltas[0], kp.deltas[1], dyc[sl],
-                                                      activation, layer_norm, ln_eps, LAUNCH["half_read_precision"] if tf32.on else "ieee")  # fmt: skip
+                                                      activation, layer_norm, ln_eps, LAUNCH["half_read_precision"] if tf32.on else "ieee",
+                                                      sums_r)  # fmt: skip
                         timer.mark("read_vjp_tail")
                         with tf32:
                             out = _batched_compiled(fused_read_vjp.after_kernels, q.device)(
