@@ -63,17 +63,17 @@ def read_a_sums(slice_: int, warps: int) -> dict:
 
 
 def chunk_read(slice_: int, warps: int, save: bool = False) -> dict:
-    """The forward's batched read (``save``: keeping layer 2's three sums for the read's VJP)."""
+    """The forward's batched read (``save``: keeping layer 2's three sums and ``Ẑ_1`` for the read's VJP)."""
     kern = fused_triton._lmm_chunk_read_kernel
     ints = ("sqb", "sqt", "sqh", "skb", "skt", "skh", "syb", "syt", "syh", "SLOT1", "SLOT2", "chunk0", "slot0", "H")
     kinds = {n: "i32" for n in ints}
     kinds.update({n: "*bf16" for n in ("Q", "K", "Y")}, ln_eps="fp32")
-    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, ACT=1, RESIDUAL=True, LN=True, CLIP=False, PREC_R="tf32", SAVE=save)
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, ACT=1, RESIDUAL=True, LN=True, CLIP=False, PREC_R="tf32", SAVE=save, SAVE_Z=save)
     return build(kern, _sig(kern, kinds), cx, warps)
 
 
-def read_b(slice_: int, warps: int) -> dict:
-    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, ACT=1, PREC="tf32")
+def read_b(slice_: int, warps: int, zh: bool = False) -> dict:
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, ACT=1, PREC="tf32", ZH=zh)
     return build(fused_read_vjp._lmm_read_vjp_b_kernel, _sig(fused_read_vjp._lmm_read_vjp_b_kernel, {}), cx, warps)
 
 
@@ -113,7 +113,7 @@ def coef(slice_: int, warps: int, backward: bool = False) -> dict:
 
 #: name -> (builder, default slice:warps)
 KERNELS = {"read_a": (read_a, "32:4"), "read_a_sums": (read_a_sums, "32:4"), "chunk_read": (chunk_read, "32:4"),
-           "chunk_read_save": (lambda s, w: chunk_read(s, w, True), "32:4"), "read_b": (read_b, "64:4"), "update": (update, "32:4"), "walk": (walk, "64:4"),
+           "chunk_read_save": (lambda s, w: chunk_read(s, w, True), "32:4"), "read_b": (read_b, "64:4"), "read_b_z": (lambda s, w: read_b(s, w, True), "64:4"), "update": (update, "32:4"), "walk": (walk, "64:4"),
            "sweep": (sweep, "32:4"), "coef_fwd": (coef, "64:4"), "coef_bwd": (lambda s, w: coef(s, w, True), "64:4")}
 
 

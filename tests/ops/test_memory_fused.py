@@ -224,7 +224,7 @@ def test_custom_op_keeps_key_pass(monkeypatch):
     args = (q, k, v, *coefs, ws, ms, "gelu", True, True, 1e-5, None, True, True)
     torch.library.opcheck(lmm_fused_fwd, args, test_utils=("test_schema", "test_faketensor"))
     res = lmm_fused_fwd(*args)
-    z1, p, d2, z2, sum_w, sum_s, sum_x = res[5:]
+    z1, p, d2, z2, sum_w, sum_s, sum_x, z_read = res[5:]
     assert z1.shape == (2, 2, 2, 16, 32) and d2.shape == z2.shape == (2, 2, 2, 16, 16)
     assert sum_w.shape == sum_s.shape == sum_x.shape == (2, 2, 2, 16, 16)  # ([n, B, H, C, Dv], [n, B, H, C, C]: Dv = C here)
     w_in = [x[:-1].double() for x in res[1:3]]  # the state entering each chunk
@@ -237,10 +237,14 @@ def test_custom_op_keeps_key_pass(monkeypatch):
     xs_k, deltas = _key_pass(kc, vc, w_in, "gelu", True, True, 1e-5)
     g_mat, _, beta, _, f = (x.double() for x in coefs)
     qc = cm(q.double())
-    z_read = beta.unsqueeze(-1) * (qc @ w_in[0]) + f.unsqueeze(-1) * (qc @ s_in[0]) - (g_mat * (qc @ kc.transpose(-1, -2))) @ deltas[0]
-    h_read = torch.nn.functional.gelu(z_read)
+    z_ref = beta.unsqueeze(-1) * (qc @ w_in[0]) + f.unsqueeze(-1) * (qc @ s_in[0]) - (g_mat * (qc @ kc.transpose(-1, -2))) @ deltas[0]
+    h_read = torch.nn.functional.gelu(z_ref)
+    assert rel(z_read.double(), z_ref) <= 1e-6 and z_read.shape == z1.shape
     assert rel(sum_w.double(), h_read @ w_in[1]) <= 1e-6 and rel(sum_s.double(), h_read @ s_in[1]) <= 1e-6
     assert rel(sum_x.double(), h_read @ xs_k[1].transpose(-1, -2)) <= 1e-6
+    monkeypatch.setitem(fused_triton.BACKWARD, "read_z_from_forward", False)  # the three sums without Ẑ_1
+    torch.library.opcheck(lmm_fused_fwd, args, test_utils=("test_schema", "test_faketensor"))
+    assert len(lmm_fused_fwd(*args)) == 12
     monkeypatch.setitem(fused_triton.BACKWARD, "read_sums_from_forward", False)  # only the key pass then
     torch.library.opcheck(lmm_fused_fwd, args, test_utils=("test_schema", "test_faketensor"))
     assert len(lmm_fused_fwd(*args)) == 9

@@ -383,9 +383,9 @@ def test_fused_training_key_pass_kept_or_recomputed(monkeypatch):
 
 @pytest.mark.parametrize("name,cfg,clip", [("matched", MATCHED, None), ("silu_ln_clip", dict(activation="silu", residual=False, layer_norm=True), 0.3)])
 def test_fused_training_read_sums_kept_or_recomputed(monkeypatch, name, cfg, clip):
-    """The read VJP's pass A with the forward's kept sums ``Ĥ W_2, Ĥ S_2, Ĥ X_1ᵀ``
-    (``BACKWARD["read_sums_from_forward"]``, the default) and with the read recomputed over the hidden slices gives
-    the same output and gradients; the kept sums do reach the read's custom op."""
+    """The read VJP's passes with the forward's kept sums ``Ĥ W_2, Ĥ S_2, Ĥ X_1ᵀ`` and ``Ẑ_1``
+    (``BACKWARD["read_sums_from_forward"]``, ``["read_z_from_forward"]``, the defaults), with the sums alone and with
+    the read recomputed give the same output and gradients; what is kept does reach the read's custom op."""
     from mnemotorch.ops.memory import fused_read_vjp, fused_triton
 
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
@@ -395,13 +395,14 @@ def test_fused_training_read_sums_kept_or_recomputed(monkeypatch, name, cfg, cli
     real = fused_read_vjp.lmm_read_vjp
     monkeypatch.setattr(fused_read_vjp, "lmm_read_vjp", lambda *a: seen.append(len(a)) or real(*a))
     y1, g1 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, cfg, clip)
-    assert seen and all(x == 20 for x in seen)  # (13 tensors, 4 settings, the 3 sums)
-    monkeypatch.setitem(fused_triton.BACKWARD, "read_sums_from_forward", False)
-    seen.clear()
-    y2, g2 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, cfg, clip)
-    assert seen and all(x == 17 for x in seen)
-    for a, b in zip([y1, *g1], [y2, *g2]):
-        assert rel(a.double(), b.double()) <= 1e-6
+    assert seen and all(x == 21 for x in seen)  # (13 tensors, 4 settings, the 3 sums, Ẑ_1)
+    for key, n_args in (("read_z_from_forward", 20), ("read_sums_from_forward", 17)):
+        monkeypatch.setitem(fused_triton.BACKWARD, key, False)
+        seen.clear()
+        y2, g2 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, cfg, clip)
+        assert seen and all(x == n_args for x in seen)
+        for a, b in zip([y1, *g1], [y2, *g2]):
+            assert rel(a.double(), b.double()) <= 1e-6
 
 
 @pytest.mark.parametrize("read,update", [("autograd", "autograd"), ("autograd", "adjoint"), ("adjoint", "autograd"), ("adjoint", "adjoint"),
@@ -757,6 +758,7 @@ def test_read_vjp_custom_op_passes_opcheck(monkeypatch):
     torch.library.opcheck(fused_read_vjp.lmm_read_vjp, args)
     sums = (rnd(n, b, h, c, d), rnd(n, b, h, c, d), rnd(n, b, h, c, c))  # the forward's kept sums (any values, for the schema)
     torch.library.opcheck(fused_read_vjp.lmm_read_vjp, (*args, *sums))
+    torch.library.opcheck(fused_read_vjp.lmm_read_vjp, (*args, *sums, rnd(n, b, h, c, hid)))  # and the read's Ẑ_1
     with pytest.raises(ValueError, match="come together"):
         fused_read_vjp.lmm_read_vjp(*args, *sums[:2])
 

@@ -108,9 +108,9 @@ def _lmm_read_vjp_a_kernel(
 @triton.jit
 def _lmm_read_vjp_b_kernel(
     Q, K, GT, BETA, FV, W1, S1, W2, S2, X1, D1, DZ2, DAG2,
-    BW1, BS1, BW2, BS2, DD1, DX1, PDQ, PDA1, PDB, PDF,
+    BW1, BS1, BW2, BS2, DD1, DX1, PDQ, PDA1, PDB, PDF, RZ1,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
-    ACT: tl.constexpr, PREC: tl.constexpr,
+    ACT: tl.constexpr, PREC: tl.constexpr, ZH: tl.constexpr = False,
 ):  # fmt: skip
     """Pass B, one program per (hidden slice ``j`` of ``BH`` columns, chunk ``ci``, head ``program_id(1)``), with
     ``program_id(0) = ci · NS + j``: ``Ĥ`` on the slice again, then layer 2's direct shares ``Ĥᵀ (β ∘ dẐ_2)``,
@@ -119,7 +119,8 @@ def _lmm_read_vjp_b_kernel(
     of ``G̃ ∘ Q Kᵀ``'s cotangent and of ``β, f``'s, go to per-slice partials ``PDQ [NS, G, B·H, C, DK]``,
     ``PDA1 [NS, …, C, C]``, ``PDB, PDF [NS, …, C]``: no slice waits for another. The slice is the grid's fastest
     index so that the NS programs of one (chunk, head), which load the same ``Q, K, G̃, dẐ_2`` and ``Ĥ X_1ᵀ``'s
-    cotangent, run side by side and find them in L2."""
+    cotangent, run side by side and find them in L2. ``ZH``: ``Ẑ_1`` on the slice is loaded from ``RZ1 [G, B·H, C, HID]``
+    (the forward's batched read kept it) instead of recomputed by step 1's four products."""
     NS: tl.constexpr = HID // BH
     j = tl.program_id(0) % NS
     row = (tl.program_id(0) // NS) * tl.num_programs(1) + tl.program_id(1)
@@ -141,9 +142,12 @@ def _lmm_read_vjp_b_kernel(
     beta = tl.load(BETA + row * C + rows)
     f = tl.load(FV + row * C + rows)
     # 1) the slice's read: Ĥ and σ'(Ẑ_1) are all that step 2 needs of it
-    q = tl.load(qo)
-    ga1 = tl.load(go) * _mmp(q, tl.trans(tl.load(ko)), PREC)  # G̃ ∘ Q Kᵀ
-    zh = beta[:, None] * _mmp(q, tl.load(w1o), PREC) + f[:, None] * _mmp(q, tl.load(s1o), PREC) - _mmp(ga1, tl.load(d1o), PREC)
+    if ZH:
+        zh = tl.load(RZ1 + row * C * HID + rows[:, None] * HID + cols[None, :])
+    else:
+        q = tl.load(qo)
+        ga1 = tl.load(go) * _mmp(q, tl.trans(tl.load(ko)), PREC)  # G̃ ∘ Q Kᵀ
+        zh = beta[:, None] * _mmp(q, tl.load(w1o), PREC) + f[:, None] * _mmp(q, tl.load(s1o), PREC) - _mmp(ga1, tl.load(d1o), PREC)
     hh = _act(zh, ACT)
     sg = _act_grad(zh, ACT)
     # 2) layer 2's direct shares, X_1's cotangent, then dẐ_1
@@ -202,14 +206,15 @@ def _outputs(q: Tensor, gt: Tensor, beta: Tensor, f: Tensor, w1: Tensor, s1: Ten
 def lmm_read_vjp(
     q: Tensor, k: Tensor, gt: Tensor, beta: Tensor, f: Tensor, w1: Tensor, s1: Tensor, w2: Tensor, s2: Tensor,
     x1: Tensor, d1: Tensor, d2: Tensor, dy: Tensor, activation: str, layer_norm: bool, ln_eps: float, prec: str,
-    sum_w: Optional[Tensor] = None, sum_s: Optional[Tensor] = None, sum_x: Optional[Tensor] = None,
+    sum_w: Optional[Tensor] = None, sum_s: Optional[Tensor] = None, sum_x: Optional[Tensor] = None, z_read: Optional[Tensor] = None,
 ) -> list[Tensor]:  # fmt: skip
     """Both kernels on ``[G, B, H, …]`` fp32 contiguous tensors (chunk-major, as the backward holds them):
     ``[dgt2, db2, df2, pdq, pda1, pdb, pdf, bw1, bw2, bs1, bs2, dd1, dd2, dx1]`` (layer 2's shares of the
     cotangents of ``G̃, β, f``; the per-slice partials ``[NS, G, B, H, …]``; the direct state shares; the key
     pass's cotangents of ``Δ_1, Δ_2, X_1``), what :func:`after_kernels` takes. ``sum_w, sum_s, sum_x``: the read's
     ``Ĥ W_2, Ĥ S_2 [G, B, H, C, Dv]`` and ``Ĥ X_1ᵀ [G, B, H, C, C]`` as the forward kept them (all three or none),
-    which pass A then loads instead of recomputing the read."""
+    which pass A then loads instead of recomputing the read; ``z_read``: the read's ``Ẑ_1 [G, B, H, C, hidden]`` as the
+    forward kept it, which pass B then loads instead of recomputing."""
     from .fused_triton import _ACT_CODES  # (the activation codes the forward kernels use)
 
     c, dk = q.shape[-2:]
@@ -231,14 +236,15 @@ def lmm_read_vjp(
     bh, ns = _slices(hid)
     _lmm_read_vjp_b_kernel[(ns * q.shape[0], nbh)](
         q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, dz2, dag2, bw1, bs1, bw2, bs2, dd1, dx1, pdq, pda1, pdb, pdf,
-        C=c, DK=dk, DV=dv, HID=hid, BH=bh, ACT=act, PREC=prec,
+        x1 if z_read is None else z_read, C=c, DK=dk, DV=dv, HID=hid, BH=bh, ACT=act, PREC=prec, ZH=z_read is not None,
         num_warps=int(LAUNCH_READ_VJP["warps"]), num_stages=int(LAUNCH_READ_VJP["stages"]),
     )  # fmt: skip
     return out
 
 
 @lmm_read_vjp.register_fake
-def _(q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, activation, layer_norm, ln_eps, prec, sum_w=None, sum_s=None, sum_x=None):
+def _(q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, activation, layer_norm, ln_eps, prec, sum_w=None, sum_s=None, sum_x=None,
+      z_read=None):  # fmt: skip
     return _outputs(q, gt, beta, f, w1, s1, w2, s2, x1, d2)
 
 
@@ -263,7 +269,7 @@ class KernelParts(NamedTuple):
 def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm: bool, ln_eps: float, prec: str,
            sums: Sequence[Tensor] | None = None) -> KernelParts:  # fmt: skip
     """:func:`lmm_read_vjp` on the backward's tensors (cast to fp32 and made contiguous where they are not);
-    ``sums``: the forward's ``Ĥ W_2, Ĥ S_2, Ĥ X_1ᵀ`` of the same chunks, or None."""
+    ``sums``: the forward's ``Ĥ W_2, Ĥ S_2, Ĥ X_1ᵀ`` [and ``Ẑ_1``] of the same chunks, or None."""
     cont = lambda x: x if x.is_contiguous() else x.contiguous()  # noqa: E731
     ins = [cont(x.float()) for x in (q, k, gt, beta, f, w[0], s[0], w[1], s[1], x1, d1, d2, dy)]
     extra = [cont(x.float()) for x in sums] if sums else []

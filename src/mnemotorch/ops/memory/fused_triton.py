@@ -720,11 +720,11 @@ def _lmm_chunk_read_kernel(
     Q, K, Y,
     sqb, sqt, sqh, skb, skt, skh, syb, syt, syh,
     G, BETA, FV,
-    W1, S1, W2, S2, SLOT1, SLOT2, Z1, PD, D2O, SCO, RAW, RAS, RAP,
+    W1, S1, W2, S2, SLOT1, SLOT2, Z1, PD, D2O, SCO, RAW, RAS, RAP, RZ1,
     chunk0, slot0, H, ln_eps,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, LN: tl.constexpr, CLIP: tl.constexpr, PREC_R: tl.constexpr,
-    SAVE: tl.constexpr = False,
+    SAVE: tl.constexpr = False, SAVE_Z: tl.constexpr = False,
 ):
     """The dual-form read of depth 2, one program per (head ``bh``, chunk ``chunk0 + program_id(1)``), after
     :func:`_lmm_split_fwd_kernel` (``READ=False``) walked the chunks: it reads the state entering the chunk
@@ -738,7 +738,8 @@ def _lmm_chunk_read_kernel(
     ``SAVE``: layer 2's three sums over the hidden dimension, ``Ĥ W_2``, ``Ĥ S_2`` and ``Ĥ Hᵀ``, are also written
     (``RAW, RAS [G, B·H, C, DV]``, ``RAP [G, B·H, C, C]``, row ``program_id(1)`` as ``Z1 … SCO``) for the read's VJP, whose
     pass A then takes them instead of recomputing the read over every hidden slice (``β ∘ (Ĥ W_2)`` and
-    ``f ∘ (Ĥ S_2)`` are then summed apart and scaled after the loop, not added into one accumulator)."""
+    ``f ∘ (Ĥ S_2)`` are then summed apart and scaled after the loop, not added into one accumulator). ``SAVE_Z``
+    (with ``SAVE``): the read's pre-activation ``Ẑ_1`` too (``RZ1 [G, B·H, C, HID]``), for pass B."""
     bh = tl.program_id(0)
     li = tl.program_id(1)
     nbh = tl.num_programs(0)
@@ -779,6 +780,8 @@ def _lmm_chunk_read_kernel(
         s2 = tl.load(S2 + r2 + cols[:, None] * DV + cv[None, :])
         if SAVE:  # Ĥ W_2 and Ĥ S_2 apart (acc2, acc_s)
             zh1 = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
+            if SAVE_Z:
+                tl.store(RZ1 + row * C * HID + rows[:, None] * HID + cols[None, :], zh1)
             hh = _act(zh1, ACT)
             acc2 = _mmap(hh, w2, acc2, PREC_R)
             acc_s = _mmap(hh, s2, acc_s, PREC_R)
@@ -1452,6 +1455,8 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     if keep_key_pass:  # every chunk's buffers, kept for the backward (it reads the key pass from them, and the read's sums)
         kept = [torch.empty((n, nbh, c, x), **f32) for x in (hid, hid, dv, dv)]
         read_parts = [torch.empty((n, nbh, c, x), **f32) for x in (dv, dv, c)] if save_read else []
+        if save_read and BACKWARD["read_z_from_forward"]:
+            read_parts.append(torch.empty((n, nbh, c, hid), **f32))
     for lo in range(0, n, group):
         hi = min(n, lo + group)
         gn = hi - lo
@@ -1463,7 +1468,8 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
             d2o = torch.empty((gn, nbh, c, dv), **f32)
             z2o = torch.empty_like(d2o)
         sco = torch.empty((gn, nbh, c), **f32) if clip else d2o
-        parts = [x[lo:hi] for x in read_parts] if save_read else (d2o, d2o, d2o)
+        parts = [x[lo:hi] for x in read_parts] if save_read else []
+        parts += [d2o] * (4 - len(parts))
         if stored:
             wb, sb, sl, slot0 = w, s, slots, 0
         else:  # this group's own slots: slot 0 = the state entering chunk lo
@@ -1478,7 +1484,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
             q, k, y, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), y.stride(0), y.stride(1), y.stride(2),
             g, beta, f, wb[0], sb[0], wb[1], sb[1], *sl, z1, pd, d2o, sco, *parts, lo, slot0, heads, float(ln_eps),
             C=c, DK=dk, DV=dv, HID=hid, BH=bh_read, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm, CLIP=clip,
-            PREC_R=meta["PREC_R"], SAVE=save_read, num_warps=LAUNCH["read_warps"], num_stages=LAUNCH["read_stages"],
+            PREC_R=meta["PREC_R"], SAVE=save_read, SAVE_Z=len(read_parts) == 4 if save_read else False, num_warps=LAUNCH["read_warps"], num_stages=LAUNCH["read_stages"],
         )  # fmt: skip
         ev()
         if not stored:
@@ -1709,6 +1715,7 @@ def _(q, k, v, g, n, beta, m, f, weights, momentum, activation, residual, layer_
         nb = (beta.shape[0], *q.shape[:1], q.shape[2], beta.shape[-1])
         hid, dv = weights[0].shape[-1], v.shape[-1]
         dims = (hid, hid, dv, dv) + ((dv, dv, beta.shape[-1]) if BACKWARD["read_sums_from_forward"] else ())
+        dims += (hid,) if BACKWARD["read_sums_from_forward"] and BACKWARD["read_z_from_forward"] else ()
         out += [q.new_empty((*nb, d), dtype=torch.float32) for d in dims]
     return out
 
@@ -1792,6 +1799,8 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: key pass, its batched read also keeps layer 2's sums over the hidden dimension, ``Ĥ W_2, Ĥ S_2, Ĥ Hᵀ`` (``[n, B, H, C, ·]``
 #: fp32, three more tensors of a chunk's width: 0.2 GiB at 16K tokens, 16 heads, d 64), and the Triton read VJP's pass A
 #: takes them instead of recomputing the read over every hidden slice (:func:`~.fused_read_vjp.lmm_read_vjp`).
+#: ``read_z_from_forward`` (with it; env ``MNEMO_MEMORY_READ_Z=0`` off): the read's pre-activation ``Ẑ_1``
+#: (``[n, B, H, C, hidden]`` fp32, 0.27 GiB more at 16K) is kept too, and pass B takes it instead of four products.
 BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEMENTS", 1 << 24)), "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": os.environ.get("MNEMO_MEMORY_UPDATE_VJP", "triton"),
@@ -1799,7 +1808,8 @@ BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEME
                   "fold_read": os.environ.get("MNEMO_MEMORY_FOLD_READ", "1") != "0",
                   "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0",
                   "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "0") == "1",
-                  "read_sums_from_forward": os.environ.get("MNEMO_MEMORY_READ_SUMS", "1") != "0"}
+                  "read_sums_from_forward": os.environ.get("MNEMO_MEMORY_READ_SUMS", "1") != "0",
+                  "read_z_from_forward": os.environ.get("MNEMO_MEMORY_READ_Z", "1") != "0"}
 _COMPILED_SWEEP: list = []
 
 
