@@ -2068,7 +2068,7 @@ class _FusedMemory(torch.autograd.Function):
         keep = keeps_key_pass(q, state[:depth], beta.shape[-1], cfg[4] is not None)
         res = lmm_fused_fwd(q, k, v, g, nmat, beta, m, f, list(state[:depth]), list(state[depth:]), *cfg, True, keep)
         slots = res[1 : 1 + 2 * depth]
-        ctx.save_for_backward(q, k, v, g, nmat, beta, m, f, *slots, *res[1 + 2 * depth :])  # + Z_1, P, Δ_2, Z_2 when kept
+        ctx.save_for_backward(q, k, v, g, nmat, beta, m, f, *slots, *res[1 + 2 * depth :])  # + Z_1, P, Δ_2, Z_2 [+ the read's sums, Ẑ_1] when kept
         ctx.cfg, ctx.depth = cfg, depth
         ctx.state_dtypes = [x.dtype for x in state]
         return (res[0], *(x[-1].clone() for x in slots))
