@@ -226,11 +226,17 @@ def _read_out(zh, q, D: tl.constexpr, eps, RESIDUAL: tl.constexpr, LN: tl.conste
 
 
 @triton.jit
+def _read_z1(q, ga, beta, f, w1, s1, d1, PREC_R: tl.constexpr):
+    """The dual-form read's ``Ẑ_1 = β ∘ (Q W_1) + f ∘ (Q S_1) − (G̃ ∘ Q Kᵀ) Δ_1`` on a hidden slice's columns
+    (``ga = G̃ ∘ Q Kᵀ``)."""
+    return beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
+
+
+@triton.jit
 def _read_slice(q, ga, beta, f, w1, s1, d1, h1, w2, s2, acc2, p, ACT: tl.constexpr, PREC_R: tl.constexpr):
-    """One hidden slice of the dual-form read: ``Ĥ = σ(β ∘ (Q W_1) + f ∘ (Q S_1) − (G̃ ∘ Q Kᵀ) Δ_1)`` on the slice's
-    columns (``ga = G̃ ∘ Q Kᵀ``), added into layer 2's ``β ∘ (Ĥ W_2) + f ∘ (Ĥ S_2)`` (``acc2``) and ``Ĥ Hᵀ`` (``p``)."""
-    zh = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
-    hh = _act(zh, ACT)
+    """One hidden slice of the dual-form read: ``Ĥ = σ(Ẑ_1)`` on the slice's columns (:func:`_read_z1`), added into
+    layer 2's ``β ∘ (Ĥ W_2) + f ∘ (Ĥ S_2)`` (``acc2``) and ``Ĥ Hᵀ`` (``p``)."""
+    hh = _act(_read_z1(q, ga, beta, f, w1, s1, d1, PREC_R), ACT)
     acc2 = _mmap(beta[:, None] * hh, w2, acc2, PREC_R)
     acc2 = _mmap(f[:, None] * hh, s2, acc2, PREC_R)
     p = _mmap(hh, tl.trans(h1), p, PREC_R)
@@ -779,7 +785,7 @@ def _lmm_chunk_read_kernel(
         w2 = tl.load(W2 + r2 + cols[:, None] * DV + cv[None, :])
         s2 = tl.load(S2 + r2 + cols[:, None] * DV + cv[None, :])
         if SAVE:  # Ĥ W_2 and Ĥ S_2 apart (acc2, acc_s)
-            zh1 = beta[:, None] * _mmp(q, w1, PREC_R) + f[:, None] * _mmp(q, s1, PREC_R) - _mmp(ga, d1, PREC_R)
+            zh1 = _read_z1(q, ga, beta, f, w1, s1, d1, PREC_R)
             if SAVE_Z:
                 tl.store(RZ1 + row * C * HID + rows[:, None] * HID + cols[None, :], zh1)
             hh = _act(zh1, ACT)
@@ -1451,12 +1457,11 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     per_chunk = nbh * 4 * (2 * c * hid + c * dv + c) + (0 if stored else 4 * sum(x.numel() for x in (*w, *s)))
     group = max(1, min(n, int(LAUNCH["read_group_bytes"]) // per_chunk))
     bh_read = min(hid, LAUNCH["read_slice"])
-    save_read = keep_key_pass and bool(BACKWARD["read_sums_from_forward"])
     if keep_key_pass:  # every chunk's buffers, kept for the backward (it reads the key pass from them, and the read's sums)
         kept = [torch.empty((n, nbh, c, x), **f32) for x in (hid, hid, dv, dv)]
-        read_parts = [torch.empty((n, nbh, c, x), **f32) for x in (dv, dv, c)] if save_read else []
-        if save_read and BACKWARD["read_z_from_forward"]:
-            read_parts.append(torch.empty((n, nbh, c, hid), **f32))
+        read_parts = [torch.empty((n, nbh, c, x), **f32) for x in _kept_read_widths(hid, dv, c)]
+    else:
+        read_parts = []
     for lo in range(0, n, group):
         hi = min(n, lo + group)
         gn = hi - lo
@@ -1468,8 +1473,8 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
             d2o = torch.empty((gn, nbh, c, dv), **f32)
             z2o = torch.empty_like(d2o)
         sco = torch.empty((gn, nbh, c), **f32) if clip else d2o
-        parts = [x[lo:hi] for x in read_parts] if save_read else []
-        parts += [d2o] * (4 - len(parts))
+        parts = [x[lo:hi] for x in read_parts]
+        parts += [d2o] * (4 - len(parts))  # (pointers the kernel does not use)
         if stored:
             wb, sb, sl, slot0 = w, s, slots, 0
         else:  # this group's own slots: slot 0 = the state entering chunk lo
@@ -1484,7 +1489,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
             q, k, y, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), y.stride(0), y.stride(1), y.stride(2),
             g, beta, f, wb[0], sb[0], wb[1], sb[1], *sl, z1, pd, d2o, sco, *parts, lo, slot0, heads, float(ln_eps),
             C=c, DK=dk, DV=dv, HID=hid, BH=bh_read, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm, CLIP=clip,
-            PREC_R=meta["PREC_R"], SAVE=save_read, SAVE_Z=len(read_parts) == 4 if save_read else False, num_warps=LAUNCH["read_warps"], num_stages=LAUNCH["read_stages"],
+            PREC_R=meta["PREC_R"], SAVE=bool(read_parts), SAVE_Z=len(read_parts) == 4, num_warps=LAUNCH["read_warps"], num_stages=LAUNCH["read_stages"],
         )  # fmt: skip
         ev()
         if not stored:
@@ -1493,6 +1498,14 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     if keep_key_pass:
         return [y, *w, *s, *(x.view(n, bsz, heads, c, x.shape[-1]) for x in (*kept, *read_parts))]
     return [y, *w, *s]
+
+
+def _kept_read_widths(hid: int, dv: int, c: int) -> tuple[int, ...]:
+    """The last dimensions of what the forward keeps of its read beside the key pass, per ``BACKWARD``: ``Ĥ W_2, Ĥ S_2``
+    (``dv``), ``Ĥ Hᵀ`` (``c``) with ``read_sums_from_forward``, then ``Ẑ_1`` (``hid``) with ``read_z_from_forward``."""
+    if not BACKWARD["read_sums_from_forward"]:
+        return ()
+    return (dv, dv, c, hid) if BACKWARD["read_z_from_forward"] else (dv, dv, c)
 
 
 def _profile_events(prof: dict | None, key: str):
@@ -1714,9 +1727,7 @@ def _(q, k, v, g, n, beta, m, f, weights, momentum, activation, residual, layer_
     if keep_key_pass:
         nb = (beta.shape[0], *q.shape[:1], q.shape[2], beta.shape[-1])
         hid, dv = weights[0].shape[-1], v.shape[-1]
-        dims = (hid, hid, dv, dv) + ((dv, dv, beta.shape[-1]) if BACKWARD["read_sums_from_forward"] else ())
-        dims += (hid,) if BACKWARD["read_sums_from_forward"] and BACKWARD["read_z_from_forward"] else ()
-        out += [q.new_empty((*nb, d), dtype=torch.float32) for d in dims]
+        out += [q.new_empty((*nb, d), dtype=torch.float32) for d in (hid, hid, dv, dv, *_kept_read_widths(hid, dv, beta.shape[-1]))]
     return out
 
 
