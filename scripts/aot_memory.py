@@ -88,19 +88,19 @@ def walk(slice_: int, warps: int) -> dict:
     return build(kern, _sig(kern, kinds), cx, warps)
 
 
-def sweep(slice_: int, warps: int) -> dict:
+def sweep(slice_: int, warps: int, save_u: bool = False) -> dict:
     kern = fused_triton._lmm_split_sweep_kernel
     kinds = {n: "i32" for n in ("chunk0", "n_chunks", "n_total")}
     kinds.update(K="*bf16", CNT="*i32", PROF="*i64")
     cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, NS=HID // slice_, LN=True, CLIP=False, PREC="bf16x3", PHASE=0, PROFILE=False,
               KEEP=True, FOLD=True, KB=True, JOIN=fused_triton.LAUNCH["sweep_form"] != "three_phase",
-              PRE=bool(fused_triton.LAUNCH["sweep_pre_adjoint"]))
+              PRE=bool(fused_triton.LAUNCH["sweep_pre_adjoint"]), SAVE_U=save_u)
     return build(kern, _sig(kern, kinds), cx, warps)
 
 
-def update(slice_: int, warps: int) -> dict:
+def update(slice_: int, warps: int, has_u: bool = False) -> dict:
     kern = fused_update_vjp._lmm_update_vjp_kernel
-    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, LN=True, RES=True, CLIP=False, COT=True, PREC="tf32")
+    cx = dict(C=C, DK=D, DV=D, HID=HID, BH=slice_, LN=True, RES=True, CLIP=False, COT=True, PREC="tf32", HAS_U=has_u, HAS_G=False)
     return build(kern, _sig(kern, {"tau2": "fp32"}), cx, warps, stages=2)
 
 
@@ -113,8 +113,9 @@ def coef(slice_: int, warps: int, backward: bool = False) -> dict:
 
 #: name -> (builder, default slice:warps)
 KERNELS = {"read_a": (read_a, "32:4"), "read_a_sums": (read_a_sums, "32:4"), "chunk_read": (chunk_read, "32:4"),
-           "chunk_read_save": (lambda s, w: chunk_read(s, w, True), "32:4"), "read_b": (read_b, "64:4"), "read_b_z": (lambda s, w: read_b(s, w, True), "64:4"), "update": (update, "32:4"), "walk": (walk, "64:4"),
-           "sweep": (sweep, "32:4"), "coef_fwd": (coef, "64:4"), "coef_bwd": (lambda s, w: coef(s, w, True), "64:4")}
+           "chunk_read_save": (lambda s, w: chunk_read(s, w, True), "32:4"), "read_b": (read_b, "64:4"), "read_b_z": (lambda s, w: read_b(s, w, True), "64:4"), "update": (update, "32:4"),
+           "update_u": (lambda s, w: update(s, w, True), "32:4"), "walk": (walk, "64:4"), "sweep": (sweep, "32:4"),
+           "sweep_u": (lambda s, w: sweep(s, w, True), "32:4"), "coef_fwd": (coef, "64:4"), "coef_bwd": (lambda s, w: coef(s, w, True), "64:4")}
 
 
 def main() -> int:

@@ -205,6 +205,34 @@ def test_update_vjp_kernel_vs_pytorch_form(monkeypatch, config: str, t: int) -> 
         assert e_tr <= e_pt + 1e-3, f"{name}: kernel {e_tr:.3e}, PyTorch form {e_pt:.3e}"
 
 
+@pytest.mark.parametrize("config,t", [("default", 4096), ("matched", 4096)])
+def test_update_u_from_sweep_gpu(monkeypatch, config: str, t: int) -> None:
+    """``BACKWARD["update_u_from_sweep"]`` (the sweep stores Δ_2's cotangent, with the clip also ``g̃, ñ``'s, and the
+    update-VJP kernel loads them) against the kernel recomputing them, bf16 at the benchmark's head shape: both within
+    the bf16 bound of the fp32 chunked path, and the handed-on form no further from it than the other by a tenth of
+    that bound (they sum the same terms in different orders). Prints the errors (``-s``)."""
+    from mnemotorch.ops.memory import fused_triton, fused_update_vjp
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = CONFIGS[config]
+    (q, k, v), gates, st = make(t, torch.bfloat16)
+    y_ref, g_ref = train_grads(neural_memory_chunked, (q.float(), k.float(), v.float()), gates, st, cfg)
+    handed = []
+    real = fused_update_vjp.lmm_update_vjp
+    monkeypatch.setattr(fused_update_vjp, "lmm_update_vjp", lambda *a: handed.append(a[-2] is not None) or real(*a))
+    errs = {}
+    for on in (False, True):
+        monkeypatch.setitem(fused_triton.BACKWARD, "update_u_from_sweep", on)
+        handed.clear()
+        _, g = train_grads(neural_memory_fused, (q, k, v), gates, st, cfg)
+        assert handed and all(x == on for x in handed)
+        errs[on] = [rel(a, b) for a, b in zip(g, g_ref)]
+    print(config, t, {n: (f"{a:.2e}", f"{b:.2e}") for n, a, b in zip(GRAD_NAMES, errs[False], errs[True])})
+    for name, e_off, e_on in zip(GRAD_NAMES, errs[False], errs[True]):
+        assert e_on <= 1e-2 and e_off <= 1e-2, f"{name}: handed on {e_on:.3e}, recomputed {e_off:.3e}"
+        assert e_on <= e_off + 1e-3, f"{name}: handed on {e_on:.3e}, recomputed {e_off:.3e}"
+
+
 @pytest.mark.parametrize("config,t", [("default", 16384), ("matched", 512)])
 def test_sweep_joined_against_three_phase(monkeypatch, config: str, t: int) -> None:
     """The split sweep's joined form (``LAUNCH["sweep_form"] = "joined"``: phase 2 joined to phase 1, one grid barrier

@@ -584,6 +584,93 @@ def test_sweep_pre_adjoint_bit_identical(monkeypatch, form, clip):
         assert torch.isfinite(x).all() and torch.equal(x, y), i
 
 
+# (split, form, id): the sweep kernels' code paths that store Δ_2's cotangent for the update's VJP
+U_KINDS = [(0, "auto", "one_program"), (16, "joined", "split2_joined"), (16, "three_phase", "split2_three_phase"),
+           ("walk_keep", "joined", "split1_walk_keep_joined"), ("walk_keep", "three_phase", "split1_walk_keep_three_phase"),
+           ("walk", "three_phase", "split1_walk_three_phase")]  # fmt: skip
+U_CASES = [(*c, *kind) for c in ADJ_CASES if c[0] in ("matched", "default_clip", "silu_ln_noresidual_clip") for kind in U_KINDS]
+
+
+@pytest.mark.parametrize("name,depth,cfg,clip,split,form,kind", U_CASES, ids=[f"{c[0]}-{c[-1]}" for c in U_CASES])
+def test_sweep_u_feeds_update_vjp(monkeypatch, name, depth, cfg, clip, split, form, kind):
+    """``BACKWARD["update_u_from_sweep"]``: the cotangent of Δ_2 (and with the clip those of ``g̃, ñ``) that the sweep
+    kernels store (``SAVE_U``: every row once, whichever program holds it) give the update-VJP kernel the same
+    gradients as its own recomputation (fp32, ≤ 1e-6), with the read's folded cotangents in both; and the stores
+    change nothing in the adjoints (bit for bit)."""
+    from mnemotorch.ops.memory import fused_triton, fused_update_vjp
+    from mnemotorch.ops.memory.fused_backward import _clip_stats
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", form)
+    if isinstance(split, str):  # the split kernel, one program per head, PHASE 0
+        monkeypatch.setattr(fused_triton, "_sweep_programs", lambda *a: 1)
+        monkeypatch.setattr(fused_triton, "_sweep_split_on", lambda ns: True)
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_keep", split == "walk_keep")
+    else:
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", split)
+    monkeypatch.setitem(fused_update_vjp.LAUNCH_UPDATE_VJP, "slice", 16)  # two slices
+    torch.manual_seed(5)
+    g_n, b, h, c, d, hid = 2, 1, 2, 16, 16, 32
+    k = torch.nn.functional.normalize(torch.randn(g_n, b, h, c, d), dim=-1)
+    v = torch.randn(g_n, b, h, c, d)
+    ws = [torch.randn(g_n, b, h, d, hid) / 4, torch.randn(g_n, b, h, hid, d) / 6]
+    ss = [torch.randn(g_n, b, h, d, hid) / 10, torch.randn(g_n, b, h, hid, d) / 10]
+    kp = key_pass_saved(k, v, ws, cfg["activation"], cfg["residual"], cfg["layer_norm"], 1e-5)
+    stats = None
+    if clip is not None:  # τ at the median gradient norm: the clip acts on about half the tokens
+        sq = sum(x.pow(2).sum(-1) * dl.pow(2).sum(-1) for x, dl in zip(kp.xs, kp.deltas))
+        clip = float(sq.sqrt().median()) * 1.0001
+        stats = _clip_stats(kp, clip)
+    g_last, n_last = torch.rand(g_n, b, h, c), torch.rand(g_n, b, h, c)
+    ends = [0.5 + 0.5 * torch.rand(g_n, b, h) for _ in range(3)]
+    rnd = lambda *lead: [torch.randn(*lead, b, h, d, hid), torch.randn(*lead, b, h, hid, d)]  # noqa: E731
+    adj_w, adj_s, b_w, b_s = rnd(), rnd(), rnd(g_n), rnd(g_n)
+    per_token = lambda *dims: torch.randn(g_n, b, h, c, *dims)  # noqa: E731
+    cot = ReadCotangents([per_token(hid), per_token(d)], [per_token(d), per_token(hid)], None if clip is None else per_token())
+    args = (kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, cfg["layer_norm"], clip, False, cot)
+    u = torch.full((g_n, b, h, c, d), float("nan"))
+    gsum = None if clip is None else torch.full((g_n, b, h, 2, c), float("nan"))
+    plain = fused_triton._sweep_triton(*args, stats=stats)
+    saved = fused_triton._sweep_triton(*args, stats=stats, u_out=u, g_out=gsum)
+    for x, y in zip([*plain[0], *plain[1], *plain[2]], [*saved[0], *saved[1], *saved[2]]):
+        assert torch.equal(x, y)
+    assert torch.isfinite(u).all() and (gsum is None or torch.isfinite(gsum).all())  # every row written
+    leaving = saved[2]
+    upd = (k, kp, g_last, n_last, ws, ss, leaving[:2], leaving[2:], cfg["residual"], cfg["layer_norm"], clip, stats, cot, "ieee")
+    want = fused_update_vjp.launch(*upd)
+    got = fused_update_vjp.launch(*upd, u, gsum)
+    for nm, x, y in zip(["dk", "dv", "dg_last", "dn_last", "dbeta_c", "dm_c", "df_c"], got, want):
+        assert rel(x.double(), y.double()) <= 1e-6, (nm, rel(x.double(), y.double()))
+    if clip is not None:  # u alone (gsum recomputed) as well
+        got = fused_update_vjp.launch(*upd, u)
+        for nm, x, y in zip(["dk", "dv", "dg_last", "dn_last"], got, want):
+            assert rel(x.double(), y.double()) <= 1e-6, (nm, rel(x.double(), y.double()))
+
+
+def test_fused_training_update_u_from_sweep(monkeypatch):
+    """Training with the sweep's Δ_2 cotangent handed to the update's VJP (the default) and with it recomputed there give
+    the same outputs and gradients (≤ 1e-6), for the matched and the silu + LayerNorm + clip configs; what is handed on
+    reaches the custom op."""
+    from mnemotorch.ops.memory import fused_triton, fused_update_vjp
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
+    q, k, v, th, et, al = make_inputs(b=1, t=2 * 16, h=2, dk=16, dv=16, seed=9, theta_max=0.5)
+    st = make_state(1, 2, 16, 16, 2, hidden=32)
+    seen = []
+    real = fused_update_vjp.lmm_update_vjp
+    monkeypatch.setattr(fused_update_vjp, "lmm_update_vjp", lambda *a: seen.append((a[-2] is not None, a[-1] is not None)) or real(*a))
+    for cfg, clip in ((MATCHED, None), (dict(activation="silu", residual=False, layer_norm=True), 0.3)):
+        monkeypatch.setitem(fused_triton.BACKWARD, "update_u_from_sweep", True)
+        seen.clear()
+        y1, g1 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 16, cfg, clip)
+        assert seen and all(x == (True, clip is not None) for x in seen)
+        monkeypatch.setitem(fused_triton.BACKWARD, "update_u_from_sweep", False)
+        seen.clear()
+        y2, g2 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 16, cfg, clip)
+        assert seen and all(x == (False, False) for x in seen)
+        for a, b in zip([y1, *g1], [y2, *g2]):
+            assert rel(a.double(), b.double()) <= 1e-6
+
+
 class _Recording:
     """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name."""
 
@@ -653,7 +740,7 @@ def test_fused_training_fold_read(monkeypatch, read, sweep, case):
 
     spy("_sweep_triton", lambda a, kw: a[-1])
     spy("_update_vjp_adjoint", lambda a, kw: a[-1])
-    spy("_update_vjp_triton", lambda a, kw: a[-3])
+    spy("_update_vjp_triton", lambda a, kw: a[11])
     spy("state_adjoint", lambda a, kw: kw.get("add_cot"))  # (the PyTorch sweep's step; called by the update's VJP too)
     # one head (interpreter time): the kernels' head offsets with FOLD are test_triton_sweep_equals_pytorch_sweep's (2 heads)
     q, k, v, th, et, al = make_inputs(b=1, t=3 * 16, h=1, dk=16, dv=16, seed=2, theta_max=0.5)
@@ -783,6 +870,11 @@ def test_update_vjp_custom_op_passes_opcheck(monkeypatch, clip):
     out = fused_update_vjp.lmm_update_vjp(*args)
     assert [tuple(x.shape) for x in out] == [cd, cd, row, row, (n, b, h, 3)]
     torch.library.opcheck(fused_update_vjp.lmm_update_vjp, args)
+    # the sweep's cotangent of Δ_2 (and with the clip g̃, ñ's): any values, for the schema and the fake
+    torch.library.opcheck(fused_update_vjp.lmm_update_vjp, (*args, rnd(*cd), rnd(n, b, h, 2, c) if clip else None))
+    if not clip:
+        with pytest.raises(ValueError, match="gsum"):
+            fused_update_vjp.lmm_update_vjp(*args, rnd(*cd), rnd(n, b, h, 2, c))
 
 class _RecordingKw:
     """A Triton kernel whose launches record one keyword argument's value."""

@@ -912,15 +912,36 @@ def _sweep_slice_out(
 
 
 @triton.jit
+def _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr, CLIP: tl.constexpr):
+    """The sweep's share for the update's VJP (``SAVE_U``): chunk ``ci``'s complete cotangent of Δ_2 ``dd2 [C, DV]``
+    (which the VJP's first pass would otherwise recompute over every hidden slice) to ``UO``, and with the clip the
+    summed cotangents of ``g̃, ñ`` ``g1, n1 [C]`` to ``GSO [.., 2, C]``. Program ``j`` of the head's ``NS`` (all hold the
+    same summed values) stores the rows ``≡ j (mod NS)``: a share of the stores each, every row once."""
+    if NS <= C:  # the program's rows picked out of the tile first: a masked store of the whole tile spilled (offline sm_90a)
+        RB: tl.constexpr = C // NS
+        part = tl.arange(0, NS)
+        mine = tl.sum(tl.where((part == j)[None, :, None], tl.reshape(dd2, [RB, NS, DV]), 0.0), 1)  # rows r ≡ j (mod NS)
+        rb = tl.arange(0, RB)
+        tl.store(UO + ci * C * DV + (rb * NS + j)[:, None] * DV + cv[None, :], mine)
+    else:
+        tl.store(UO + ci * C * DV + rows[:, None] * DV + cv[None, :], dd2, mask=((rows % NS) == j)[:, None])
+    if CLIP:
+        sel = (rows % NS) == j
+        tl.store(GSO + ci * 2 * C + rows, g1, mask=sel)
+        tl.store(GSO + ci * 2 * C + C + rows, n1, mask=sel)
+
+
+@triton.jit
 def _lmm_sweep_kernel(
     K, HH, D1, D2, S1, S2, O, R, DM, W2,
     BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC,
     SC, CS, KN, HN, D2N,
     AW1, AS1, AW2, AS2, SD1, SX,
-    RD1, RD2, RX1, RSC,
+    RD1, RD2, RX1, RSC, UO, GSO,
     n_chunks,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False, KB: tl.constexpr = False,
+    SAVE_U: tl.constexpr = False,
 ):
     """The state's adjoint of a depth-2 memory over ``n_chunks`` chunks in reverse, one program per
     (batch row, head): :func:`~.fused_backward.state_adjoint` (plus the read's share ``B*``) written out.
@@ -935,7 +956,9 @@ def _lmm_sweep_kernel(
     ``FOLD``: the read's cotangents of the key pass (:class:`~.fused_backward.ReadCotangents`) are added to the
     update's before the key pass's VJP: ``RD1 [n, BH, C, HID]`` (of Δ_1), ``RD2 [n, BH, C, DV]`` (of Δ_2),
     ``RX1 [n, BH, C, HID]`` (of σ(Z_1)) and, with the clip, ``RSC [n, BH, C]`` (of its scale, before its backward,
-    which then acts on both through ``dsq``)."""
+    which then acts on both through ``dsq``). ``SAVE_U``: the complete cotangent of Δ_2 (before the loss's second
+    derivative) goes to ``UO [n, BH, C, DV]`` and, with the clip, ``g̃, ñ``'s cotangents to ``GSO [n, BH, 2, C]``, for the
+    update's VJP (:func:`_save_u`)."""
     pid = tl.program_id(0)
     nbh = tl.num_programs(0)
     rows = tl.arange(0, C)
@@ -979,7 +1002,7 @@ def _lmm_sweep_kernel(
             xb2 = _mmap(h, as2, xb2, PREC)
             dx2 = -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC))
             tl.store(sx + rows[:, None] * HID + cols[None, :], dx2)
-        dd2, kn2, d2n2 = _dd2_terms(xa2, xb2, dgt, dnt, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, cv, C, DV, CLIP, FOLD)
+        dd2, kn2, d2n2, g1, n1 = _dd2_terms(xa2, xb2, dgt, dnt, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, cv, C, DV, CLIP, FOLD)
         tl.debug_barrier()
         # (2) Δ_2's cotangent gains Δ_1's (through P = Δ_2 W_2ᵀ); then the loss's second derivative at layer 2
         for j in range(0, HID, BH):
@@ -994,6 +1017,8 @@ def _lmm_sweep_kernel(
             dd2 = _mmap(dp, w2, dd2, PREC)
         if FOLD:
             dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
+        if SAVE_U:
+            _save_u(UO, GSO, ci, rows, cv, 0, dd2, g1, n1, C, DV, 1, CLIP)
         dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
         # (3) per hidden slice: the weights' cotangents and the new adjoint (slot i)
         for j in range(0, HID, BH):
@@ -1012,15 +1037,19 @@ def _dd2_terms(xa2, xb2, dgt1, dnt1, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, c
                C: tl.constexpr, DV: tl.constexpr, CLIP: tl.constexpr, FOLD: tl.constexpr):
     """Δ_2's cotangent from layer 2's products with the leaving adjoint (``xa2, xb2 [C, DV]``: ``σ(Z_1) A_W2``,
     ``σ(Z_1) A_S2``) and, with the clip, its per-token terms from ``g̃, ñ``'s cotangents (layer 1's shares
-    ``dgt1, dnt1 [C]`` given): ``(dd2, 2·dsq·‖k‖², 2·dsq·‖Δ_2‖²)`` (the last two unused without the clip).
+    ``dgt1, dnt1 [C]`` given): ``(dd2, 2·dsq·‖k‖², 2·dsq·‖Δ_2‖², g1, n1)`` (the last four unused without the clip;
+    ``g1, n1``: the cotangents of ``g̃, ñ`` summed over both layers, before the coefficients' last rows).
     ``FOLD``: the read's cotangent of the clip's scale (``RSC``) is added before ``dsq``, so that the clip's backward
     acts on the read's share as on the update's (the read's cotangent of Δ_2 is added later, by the caller, beside
     loads it waits on anyway)."""
     dd2 = -(gt[:, None] * xa2 + nt[:, None] * xb2)
     if CLIP:
-        return _clip_terms(dd2, dgt1 - tl.sum(xa2 * d2, 1), dnt1 - tl.sum(xb2 * d2, 1), d2, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
+        g1 = dgt1 - tl.sum(xa2 * d2, 1)
+        n1 = dnt1 - tl.sum(xb2 * d2, 1)
+        dd2, kn2, d2n2 = _clip_terms(dd2, g1, n1, d2, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
+        return dd2, kn2, d2n2, g1, n1
     else:
-        return dd2, gl, gl  # (the last two not read)
+        return dd2, gl, gl, gl, gl  # (the last four not read)
 
 
 @triton.jit
@@ -1061,13 +1090,13 @@ def _lmm_split_sweep_kernel(
     BW1, BS1, BW2, BS2, GL, NL, BC, MC, FC,
     SC, CS, KN, HN, D2N,
     AW1, AS1, AW2, AS2, SD1, SX,
-    RD1, RD2, RX1, RSC,
+    RD1, RD2, RX1, RSC, UO, GSO,
     XA2, XB2, XG, XN, XD2, XD2C, CNT, PROF,
     chunk0, n_chunks, n_total,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
     KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
-    PRE: tl.constexpr = False,
+    PRE: tl.constexpr = False, SAVE_U: tl.constexpr = False,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1097,7 +1126,9 @@ def _lmm_split_sweep_kernel(
     ``PRE``: the parts of the new adjoint that need only the leaving one, ``b_S + f_c A^W + m_c A^S`` (all of the new
     ``A^S``) and ``b_W + β_c A^W``, are written in phase 1, where ``A^W, A^S`` are loaded anyway and the read's shares
     ``b_W, b_S`` can load under the phase's products; phase 3 then only adds ``dW`` to the new ``A^W`` (two tiles
-    loaded after the chain instead of eight)."""
+    loaded after the chain instead of eight).
+    ``SAVE_U``: as :func:`_lmm_sweep_kernel`'s; every program holds the whole summed tile, and stores the rows
+    ``r ≡ j (mod NS)`` of it."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1187,7 +1218,7 @@ def _lmm_split_sweep_kernel(
         if PROFILE:
             tl.store(pr + 2, _now(pid))
         if (PHASE == 0 or PHASE == 2) and not JOIN:
-            dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
+            dd2, kn2, d2n2, g1, n1 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
             dd1 = tl.load(sd1, cache_modifier=".cg")
             if FOLD:
                 dd1 += tl.load(RD1 + ci * C * HID + hs)
@@ -1207,14 +1238,19 @@ def _lmm_split_sweep_kernel(
             offs = rows[:, None] * DV + cv[None, :]
             dd2 = _sum_parts(XA2 + xo * C * DV, C * DV, offs, NS)
             if CLIP:
-                dd2, kn2, d2n2 = _clip_terms(dd2, _sum_parts(XG + xo * C, C, rows, NS), _sum_parts(XN + xo * C, C, rows, NS), d2, gl, nl,
-                                             CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
+                g1 = _sum_parts(XG + xo * C, C, rows, NS)
+                n1 = _sum_parts(XN + xo * C, C, rows, NS)
+                dd2, kn2, d2n2 = _clip_terms(dd2, g1, n1, d2, gl, nl, CS, KN, HN, D2N, RSC, ci, rows, C, FOLD)
                 dd2 += kn2[:, None] * tl.load(XD2C + ci * C * DV + offs)
             else:
                 kn2 = gl  # not read
                 d2n2 = gl
+                g1 = gl
+                n1 = gl
             if FOLD:
                 dd2 += tl.load(RD2 + ci * C * DV + offs)
+            if SAVE_U:
+                _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP)
             if PROFILE:  # (JOIN leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
                 tl.store(pr + 3, _now((tl.sum(dd2) != 0.0).to(tl.int32)))
             dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
@@ -1235,15 +1271,19 @@ def _lmm_split_sweep_kernel(
                 dd2 = dd2 + _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
+                if SAVE_U:
+                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP)
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
                                  dd1, sg1, w2, True, RD1, RX1, FOLD, KB, PRE)  # fmt: skip
             else:
-                dd2, kn2, d2n2 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
+                dd2, kn2, d2n2, g1, n1 = _sweep_dd2(XA2, XB2, XG, XN, xo, rows, cv, d2, gt, nt, gl, nl, CS, KN, HN, D2N, RSC, ci, C, DV, NS, CLIP, FOLD)
                 dd2 += _sum_parts(XD2 + xo * C * DV, C * DV, rows[:, None] * DV + cv[None, :], NS)
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
+                if SAVE_U:
+                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP)
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
@@ -1561,13 +1601,15 @@ def _split_read_batched() -> bool:
 
 
 def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm, half, add_cot=None, stats=None,
-                  keys_bf16=False):
+                  keys_bf16=False, u_out=None, g_out=None):
     """The depth-2 adjoint sweep over one group of chunks in one launch (:func:`_lmm_sweep_kernel`).
 
     Arguments batched ``[G, B, H, …]`` as :func:`~.fused_backward.sweep_block`'s (``add_cot`` too: the read's
     key-pass cotangents, the kernels' ``FOLD``), ``adj_w / adj_s`` the adjoint leaving the group; ``stats``: the clip's
     :func:`~.fused_backward._clip_stats` of ``kp`` where the caller has them; ``keys_bf16``: the keys' products in two
-    bf16 products (:func:`_keys_bf16`). Returns ``(adj_w, adj_s, leaving)`` as it does."""
+    bf16 products (:func:`_keys_bf16`). ``u_out [G, B, H, C, d_v]`` (and with the clip ``g_out [G, B, H, 2, C]``), fp32
+    contiguous: filled with every chunk's cotangent of Δ_2 (and of ``g̃, ñ``) for the update's VJP (the kernels'
+    ``SAVE_U``). Returns ``(adj_w, adj_s, leaving)`` as it does."""
     g_n = g_last.shape[0]
     k, hh = (x.contiguous() for x in kp.xs)
     d1, d2 = (x.contiguous() for x in kp.deltas)
@@ -1594,6 +1636,9 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         fold.append(dummy if max_grad_norm is None else add_cot.dsc.float().contiguous())
     else:
         fold = [dummy] * 4
+    if u_out is not None and max_grad_norm is not None and g_out is None:
+        raise ValueError("_sweep_triton: with the clip, u_out comes with g_out")
+    fold += [dummy if u_out is None else u_out, dummy if g_out is None else g_out]
     scratch = torch.empty((2, nbh, c, hid), device=k.device, dtype=torch.float32)
     args = (k, hh, d1, d2, s1, s2, o, r, dm, ws[1].contiguous(),
             *(x.contiguous() for x in (b_w[0], b_s[0], b_w[1], b_s[1])), g_last.contiguous(), n_last.contiguous(), *(e.contiguous() for e in ends),
@@ -1602,7 +1647,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     if sweep_prec not in _SWEEP_PRECISIONS:
         raise ValueError(f"LAUNCH['sweep_precision'] (env MNEMO_MEMORY_SWEEP_PRECISION) must be one of {_SWEEP_PRECISIONS}, got {sweep_prec!r}")
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=(sweep_prec or LAUNCH["half_precision"]) if half else "ieee",
-                FOLD=add_cot is not None, KB=bool(keys_bf16), num_stages=1)  # fmt: skip
+                FOLD=add_cot is not None, KB=bool(keys_bf16), SAVE_U=u_out is not None, num_stages=1)  # fmt: skip
     ns = _sweep_programs(hid, nbh, k)
     if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
@@ -1812,6 +1857,10 @@ _SWEEP_MODES = {"compile": None, "eager": False}
 #: takes them instead of recomputing the read over every hidden slice (:func:`~.fused_read_vjp.lmm_read_vjp`).
 #: ``read_z_from_forward`` (with it; env ``MNEMO_MEMORY_READ_Z=0`` off): the read's pre-activation ``Ẑ_1``
 #: (``[n, B, H, C, hidden]`` fp32, 0.27 GiB more at 16K) is kept too, and pass B takes it instead of four products.
+#: ``update_u_from_sweep`` (default True; env ``MNEMO_MEMORY_SWEEP_U=0`` off): where the Triton sweep and the Triton update
+#: VJP both run, the sweep stores each chunk's complete cotangent of Δ_2 (``[G, B, H, C, d_v]`` fp32 a group; with the
+#: clip also ``g̃, ñ``'s, ``[G, B, H, 2, C]``), which it sums after its barrier anyway, and the update's VJP loads them
+#: instead of recomputing them over every hidden slice (:func:`~.fused_update_vjp.lmm_update_vjp`'s ``u``, ``gsum``).
 BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEMENTS", 1 << 24)), "compile_sweep": _SWEEP_MODES.get(os.environ.get("MNEMO_MEMORY_SWEEP", "compile")),
                   "compile_batched": None, "sweep_block": 8, "half_tf32": True, "triton_sweep": None, "timing": None,
                   "key_pass_from_forward": True, "update_vjp": os.environ.get("MNEMO_MEMORY_UPDATE_VJP", "triton"),
@@ -1820,7 +1869,8 @@ BACKWARD: dict = {"group_elements": int(os.environ.get("MNEMO_MEMORY_GROUP_ELEME
                   "update_tf32": os.environ.get("MNEMO_MEMORY_UPDATE_TF32", "1") != "0",
                   "overlap": os.environ.get("MNEMO_MEMORY_OVERLAP", "0") == "1",
                   "read_sums_from_forward": os.environ.get("MNEMO_MEMORY_READ_SUMS", "1") != "0",
-                  "read_z_from_forward": os.environ.get("MNEMO_MEMORY_READ_Z", "1") != "0"}
+                  "read_z_from_forward": os.environ.get("MNEMO_MEMORY_READ_Z", "1") != "0",
+                  "update_u_from_sweep": os.environ.get("MNEMO_MEMORY_SWEEP_U", "1") != "0"}
 _COMPILED_SWEEP: list = []
 
 
@@ -1898,13 +1948,20 @@ def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s
     return grads
 
 
-def _update_vjp_triton(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, add_cot, stats, prec):
-    """:func:`_update_vjp_adjoint`'s gradients (the same seven, last rows / elements) by the Triton kernel
-    (:mod:`.fused_update_vjp`; depth 2), from the keys ``k`` of the same chunks, the products' precision ``prec`` (a
-    ``tl.dot`` input precision)."""
+def _update_kernel_on(k: Tensor, ws: Sequence[Tensor]) -> bool:
+    """Whether the backward's update VJP runs the Triton kernel (``BACKWARD["update_vjp"] == "triton"`` where it applies)."""
     from . import fused_update_vjp
 
-    return fused_update_vjp.launch(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, stats, add_cot, prec)
+    return BACKWARD["update_vjp"] == "triton" and fused_update_vjp.supported(k, ws)
+
+
+def _update_vjp_triton(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, add_cot, stats, prec, u=None, gsum=None):
+    """:func:`_update_vjp_adjoint`'s gradients (the same seven, last rows / elements) by the Triton kernel
+    (:mod:`.fused_update_vjp`; depth 2), from the keys ``k`` of the same chunks, the products' precision ``prec`` (a
+    ``tl.dot`` input precision); ``u``, ``gsum``: the sweep's cotangents of Δ_2 and ``g̃, ñ`` (``BACKWARD["update_u_from_sweep"]``)."""
+    from . import fused_update_vjp
+
+    return fused_update_vjp.launch(k, kp, g_last, n_last, w, s, adj_w, adj_s, residual, layer_norm, max_grad_norm, stats, add_cot, prec, u, gsum)
 
 
 def _batched_compiled(fn, device: torch.device):
@@ -2191,8 +2248,12 @@ class _FusedMemory(torch.autograd.Function):
             with torch.no_grad():
                 timer.mark("sweep")
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
+                    if BACKWARD["update_u_from_sweep"] and _update_kernel_on(kc, ws):  # (for the update's VJP: p["u"], p["gsum"])
+                        p["u"] = kp.deltas[1].new_empty(kp.deltas[1].shape, dtype=f32)
+                        p["gsum"] = None if max_grad_norm is None else g_last.new_empty((*g_last.shape[:-1], 2, c), dtype=f32)
                     return _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
-                                         q.dtype != torch.float32, cot, stats=p["stats"], keys_bf16=_keys_bf16(k))  # fmt: skip
+                                         q.dtype != torch.float32, cot, stats=p["stats"], keys_bf16=_keys_bf16(k), u_out=p.get("u"),
+                                         g_out=p.get("gsum"))  # fmt: skip
                 nxt = [torch.empty_like(x) for x in (*ws, *p["ss"])]
                 j = sl.stop - sl.start
                 while j > 0:
@@ -2217,11 +2278,11 @@ class _FusedMemory(torch.autograd.Function):
             """3) the update, batched: its share of the gradients of k, v and the coefficients (accumulated here)."""
             sl, ws, ss, kp, cot = p["sl"], p["ws"], p["ss"], p["kp"], p["cot"]
             timer.mark("update_vjp")
-            if BACKWARD["update_vjp"] == "triton" and fused_update_vjp.supported(kc, ws):  # per chunk and head, one launch
+            if _update_kernel_on(kc, ws):  # per chunk and head, one launch
                 with torch.no_grad():
                     prec = ("tf32" if tf32.on else "ieee") if BACKWARD["update_tf32"] else "ieee"
                     grads2 = _update_vjp_triton(kc[sl], kp, p["g_last"], p["n_last"], ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
-                                                max_grad_norm, cot, p["stats"], prec)  # fmt: skip
+                                                max_grad_norm, cot, p["stats"], prec, p.get("u"), p.get("gsum"))  # fmt: skip
             elif BACKWARD["update_vjp"] != "autograd":  # "adjoint": from the key pass and ā_{i+1}, no autograd pass
                 # half_tf32: TF32 products like the read's and the autograd update's (without it, the thirteenth
                 # session's profile found this pass's 24 fp32 GEMMs on the FP32 cores: 3.4 ms at 16K)

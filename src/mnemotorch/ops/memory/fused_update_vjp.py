@@ -70,11 +70,12 @@ def _lmm_update_vjp_kernel(
     K, X1, DL1, SP, CURV, DL2, OUT, RSTD, DMEAN,
     W1, W2, S1, S2, AW1, AS1, AW2, AS2,
     GL, NL, SC, XN0, XN1, DN0, DN1, SQ,
-    CD1, CD2, CX0, CX1, CSC,
+    CD1, CD2, CX0, CX1, CSC, U, GS,
     DKO, DVO, DGO, DNO, DOTS,
     tau2,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
     LN: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, COT: tl.constexpr, PREC: tl.constexpr,
+    HAS_U: tl.constexpr = False, HAS_G: tl.constexpr = False,
 ):  # fmt: skip
     """One program per (chunk, batch row, head) ``program_id(0)``; every tensor ``[G·B·H, …]`` contiguous fp32:
     ``K [C, DK]``; the key pass ``X1, DL1, SP, CURV [C, HID]`` (``σ(Z_1)``, ``Δ_1``, ``σ'(Z_1)``,
@@ -82,8 +83,12 @@ def _lmm_update_vjp_kernel(
     entering state ``W1, S1 [DK, HID]``, ``W2, S2 [HID, DV]``; the adjoint of the leaving state ``AW1, AS1, AW2, AS2``
     (same shapes); ``GL, NL [C]``: the unclipped last rows of ``G, N``; with ``CLIP`` the clip's scale ``SC`` and
     norms ``XN0 = ‖k‖², XN1 = ‖X_1‖², DN0 = ‖Δ_1‖², DN1 = ‖Δ_2‖², SQ [C]``; with ``COT`` the read's cotangents of
-    ``Δ_1, Δ_2, k, X_1`` and of the scale (``CD1, CD2, CX0, CX1, CSC``). Writes ``dk, dv`` (``DKO, DVO``), the
-    cotangents of the unclipped ``GL, NL`` (``DGO, DNO``) and ``⟨A^W, W⟩, ⟨A^S, S⟩, ⟨A^W, S⟩`` (``DOTS [3]``)."""
+    ``Δ_1, Δ_2, k, X_1`` and of the scale (``CD1, CD2, CX0, CX1, CSC``). ``HAS_U``: the complete cotangent of Δ_2
+    comes from the adjoint sweep (``U [C, DV]``, which sums the same terms; the sweep's ``SAVE_U``), so pass 1 forms
+    neither ``p9`` nor the clip's ``p9c``; ``HAS_G`` (with ``HAS_U`` and the clip): so do ``g̃, ñ``'s cotangents
+    before the clip's backward (``GS [2, C]``), and pass 1 drops ``X_1 A^W_2, X_1 A^S_2`` and ``a0, b0`` too. Writes ``dk,
+    dv`` (``DKO, DVO``), the cotangents of the unclipped ``GL, NL`` (``DGO, DNO``) and ``⟨A^W, W⟩, ⟨A^S, S⟩, ⟨A^W, S⟩``
+    (``DOTS [3]``)."""
     row = tl.program_id(0)
     rows = tl.arange(0, C)
     ck = tl.arange(0, DK)
@@ -102,16 +107,18 @@ def _lmm_update_vjp_kernel(
         aw1 = _slab(AW1, row, ck, cols, DK, HID)
         as1 = _slab(AS1, row, ck, cols, DK, HID)
         dl1 = _slab(DL1, row, rows, cols, C, HID)
-        xa = _mmp(k, aw1, PREC)
-        xb = _mmp(k, as1, PREC)
-        a0 += tl.sum(xa * dl1, 1)
-        b0 += tl.sum(xb * dl1, 1)
+        if not HAS_G:
+            xa = _mmp(k, aw1, PREC)
+            xb = _mmp(k, as1, PREC)
+            a0 += tl.sum(xa * dl1, 1)
+            b0 += tl.sum(xb * dl1, 1)
         dx0 = _mmap(nt[:, None] * dl1, tl.trans(as1), _mmap(gt[:, None] * dl1, tl.trans(aw1), dx0, PREC), PREC)
-        dd1 = -(gt[:, None] * xa + nt[:, None] * xb)
-        if COT:
-            dd1 += _slab(CD1, row, rows, cols, C, HID)
-        sp = _slab(SP, row, rows, cols, C, HID)
-        p9 = _mmap(dd1 * sp, _slab(W2, row, cols, cv, HID, DV), p9, PREC)
+        if not HAS_U:
+            dd1 = -(gt[:, None] * xa + nt[:, None] * xb)
+            if COT:
+                dd1 += _slab(CD1, row, rows, cols, C, HID)
+            sp = _slab(SP, row, rows, cols, C, HID)
+            p9 = _mmap(dd1 * sp, _slab(W2, row, cols, cv, HID, DV), p9, PREC)
     # dk's first terms stored now (its other terms added at the end), so that dx0 is not live through what follows
     dx0 = -dx0
     if COT:
@@ -125,28 +132,34 @@ def _lmm_update_vjp_kernel(
     df = tl.zeros([BH], dtype=tl.float32)
     for j in range(0, HID, BH):
         cols = j + ch
-        x1 = _slab(X1, row, rows, cols, C, HID)
         aw2 = _slab(AW2, row, cols, cv, HID, DV)
         as2 = _slab(AS2, row, cols, cv, HID, DV)
         w2 = _slab(W2, row, cols, cv, HID, DV)
         s2 = _slab(S2, row, cols, cv, HID, DV)
-        p5 = _mmap(x1, aw2, p5, PREC)
-        p6 = _mmap(x1, as2, p6, PREC)
+        if not HAS_G:
+            x1 = _slab(X1, row, rows, cols, C, HID)
+            p5 = _mmap(x1, aw2, p5, PREC)
+            p6 = _mmap(x1, as2, p6, PREC)
         db += tl.sum(aw2 * w2, 1)
         dm += tl.sum(as2 * s2, 1)
         df += tl.sum(aw2 * s2, 1)
-    if CLIP:  # (a loop of its own: in either loop above its tiles and accumulator spilled)
+    if CLIP and not HAS_U:  # (a loop of its own: in either loop above its tiles and accumulator spilled)
         for j in range(0, HID, BH):
             cols = j + ch
             dl1 = _slab(DL1, row, rows, cols, C, HID)
             sp = _slab(SP, row, rows, cols, C, HID)
             p9c = _mmap(dl1 * sp, _slab(W2, row, cols, cv, HID, DV), p9c, PREC)
     dl2 = _slab(DL2, row, rows, cv, C, DV)
-    dd2 = -(gt[:, None] * p5 + nt[:, None] * p6)
-    dgt = -(a0 + tl.sum(p5 * dl2, 1))
-    dnt = -(b0 + tl.sum(p6 * dl2, 1))
-    if COT:
-        dd2 += _slab(CD2, row, rows, cv, C, DV)
+    if HAS_G:
+        dgt = tl.load(GS + row * 2 * C + rows)
+        dnt = tl.load(GS + row * 2 * C + C + rows)
+    else:
+        dgt = -(a0 + tl.sum(p5 * dl2, 1))
+        dnt = -(b0 + tl.sum(p6 * dl2, 1))
+    if not HAS_U:
+        dd2 = -(gt[:, None] * p5 + nt[:, None] * p6)
+        if COT:
+            dd2 += _slab(CD2, row, rows, cv, C, DV)
     if CLIP:
         # the clip's backward: sc = τ / sqrt(max(sq, τ²)), sq = Σ_l ‖X_l‖² ‖Δ_l‖²
         dsc = gl * dgt + nl * dnt
@@ -158,8 +171,9 @@ def _lmm_update_vjp_kernel(
         c2 = 2.0 * dsq * tl.load(XN1 + row * C + rows)  # of Δ_2
         c3 = 2.0 * dsq * tl.load(DN0 + row * C + rows)  # of k
         c4 = 2.0 * dsq * tl.load(DN1 + row * C + rows)  # of X_1
-        dd2 += c2[:, None] * dl2
-        p9 += c1[:, None] * p9c
+        if not HAS_U:
+            dd2 += c2[:, None] * dl2
+            p9 += c1[:, None] * p9c
         tl.store(DGO + row * C + rows, dgt * sc)
         tl.store(DNO + row * C + rows, dnt * sc)
     else:
@@ -168,7 +182,10 @@ def _lmm_update_vjp_kernel(
         c4 = tl.zeros([C], dtype=tl.float32)
         tl.store(DGO + row * C + rows, dgt)
         tl.store(DNO + row * C + rows, dnt)
-    u = dd2 + p9  # the cotangent of Δ_2, complete
+    if HAS_U:
+        u = tl.load(U + row * C * DV + rows[:, None] * DV + cv[None, :])
+    else:
+        u = dd2 + p9  # the cotangent of Δ_2, complete
     dz2, ju = _loss_second(u, dl2, OUT, RSTD, DMEAN, row, rows, cv, C, DV, LN)  # the sweep's LayerNorm Hessian-vector product
     # dv stored now, so that ju is not live through pass 2 (dk takes −dv back at the end, with the residual)
     dvo = DVO + row * C * DV + rows[:, None] * DV + cv[None, :]
@@ -238,27 +255,30 @@ def lmm_update_vjp(
     gl: Tensor, nl: Tensor, sc: Tensor | None, xn0: Tensor | None, xn1: Tensor | None, dn0: Tensor | None,
     dn1: Tensor | None, sq: Tensor | None,
     cd1: Tensor | None, cd2: Tensor | None, cx0: Tensor | None, cx1: Tensor | None, csc: Tensor | None,
-    residual: bool, max_grad_norm: float, prec: str,
+    residual: bool, max_grad_norm: float, prec: str, u: Tensor | None = None, gsum: Tensor | None = None,
 ) -> list[Tensor]:  # fmt: skip
     """The kernel on ``[G, B, H, …]`` fp32 contiguous tensors (chunk-major, as the backward holds them):
     ``[dk, dv, dg_last, dn_last, dots]`` with ``dots [..., 3] = (⟨A^W, W⟩, ⟨A^S, S⟩, ⟨A^W, S⟩)`` summed over both
     layers. ``out, rstd, dmean`` (all or none): the LayerNorm's; ``sc, xn0, xn1, dn0, dn1, sq`` (all or none): the
     clip's, at ``max_grad_norm``; ``cd1, cd2, cx0, cx1`` (all or none; ``csc`` with the clip): the read's
-    cotangents."""
+    cotangents; ``u [..., C, d_v]``: the cotangent of Δ_2 from the adjoint sweep (the read's share and the clip's
+    included), ``gsum [..., 2, C]`` (only with ``u`` and the clip): those of ``g̃, ñ``, from it too."""
     c, dkk = k.shape[-2:]
     hid, dv = w1.shape[-1], w2.shape[-1]
     rows = k.numel() // (c * dkk)
     res = _outputs(k, dl2, gl)
     ln, clip, cot = out is not None, sc is not None, cd1 is not None
+    if gsum is not None and (u is None or not clip):
+        raise ValueError("lmm_update_vjp: gsum comes with u, and only with the clip")
     any_ = lambda x: k if x is None else x  # noqa: E731  (a pointer the kernel does not read: its constexpr is off)
     bh = min(int(LAUNCH_UPDATE_VJP["slice"]), hid)
     _lmm_update_vjp_kernel[(rows,)](
         k, x1, dl1, sp, curv, dl2, any_(out), any_(rstd), any_(dmean),
         w1, w2, s1, s2, aw1, as1, aw2, as2,
         gl, nl, any_(sc), any_(xn0), any_(xn1), any_(dn0), any_(dn1), any_(sq),
-        any_(cd1), any_(cd2), any_(cx0), any_(cx1), any_(csc),
+        any_(cd1), any_(cd2), any_(cx0), any_(cx1), any_(csc), any_(u), any_(gsum),
         *res, float(max_grad_norm) ** 2,
-        C=c, DK=dkk, DV=dv, HID=hid, BH=bh, LN=ln, RES=residual, CLIP=clip, COT=cot, PREC=prec,
+        C=c, DK=dkk, DV=dv, HID=hid, BH=bh, LN=ln, RES=residual, CLIP=clip, COT=cot, PREC=prec, HAS_U=u is not None, HAS_G=gsum is not None,
         num_warps=int(LAUNCH_UPDATE_VJP["warps"]), num_stages=int(LAUNCH_UPDATE_VJP["stages"]),
     )  # fmt: skip
     return res
@@ -266,17 +286,18 @@ def lmm_update_vjp(
 
 @lmm_update_vjp.register_fake
 def _(k, x1, dl1, sp, curv, dl2, out, rstd, dmean, w1, w2, s1, s2, aw1, as1, aw2, as2, gl, nl, sc, xn0, xn1, dn0, dn1, sq,
-      cd1, cd2, cx0, cx1, csc, residual, max_grad_norm, prec):  # fmt: skip
+      cd1, cd2, cx0, cx1, csc, residual, max_grad_norm, prec, u=None, gsum=None):  # fmt: skip
     return _outputs(k, dl2, gl)
 
 
 def launch(k: Tensor, kp: KeyPass, g_last: Tensor, n_last: Tensor, w: Sequence[Tensor], s: Sequence[Tensor], adj_w: Sequence[Tensor],
            adj_s: Sequence[Tensor], residual: bool, layer_norm: bool, max_grad_norm: float | None, stats: tuple | None,
-           cot: ReadCotangents | None, prec: str) -> tuple:  # fmt: skip
+           cot: ReadCotangents | None, prec: str, u: Tensor | None = None, gsum: Tensor | None = None) -> tuple:  # fmt: skip
     """:func:`~.fused_backward.state_adjoint`'s input gradients (``inputs=True``: ``(dk, dv, dg_last, dn_last, dβ_c,
     dm_c, df_c)``) by the kernel, on the backward's tensors (cast to fp32 and made contiguous where they are not).
     ``k [..., C, d]`` and every tensor batched alike; ``kp``: the key pass at ``w`` (depth 2); ``stats``: the clip's
-    (:func:`~.fused_backward._clip_stats`, needed with ``max_grad_norm``); ``cot``: the read's folded cotangents."""
+    (:func:`~.fused_backward._clip_stats`, needed with ``max_grad_norm``); ``cot``: the read's folded cotangents; ``u``,
+    ``gsum``: the adjoint sweep's (:func:`lmm_update_vjp`; they must include ``cot``'s shares where it is given)."""
     f32 = lambda x: None if x is None else (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous())  # noqa: E731
     vec = lambda x: None if x is None else f32(x.squeeze(-1) if x.dim() == k.dim() else x)  # noqa: E731  ([.., C, 1] -> [.., C])
     ln = (f32(kp.out), vec(kp.rstd), vec(kp.dmean)) if layer_norm else (None, None, None)
@@ -297,7 +318,7 @@ def launch(k: Tensor, kp: KeyPass, g_last: Tensor, n_last: Tensor, w: Sequence[T
     dk, dv, dg, dn, dots = lmm_update_vjp(
         f32(k), f32(kp.xs[1]), f32(kp.deltas[0]), f32(kp.d1[0]), f32(kp.d2[0]), f32(kp.deltas[1]), *ln,
         f32(w[0]), f32(w[1]), f32(s[0]), f32(s[1]), f32(adj_w[0]), f32(adj_s[0]), f32(adj_w[1]), f32(adj_s[1]),
-        f32(g_last), f32(n_last), *clip, *cots, residual, 0.0 if max_grad_norm is None else float(max_grad_norm), prec,
+        f32(g_last), f32(n_last), *clip, *cots, residual, 0.0 if max_grad_norm is None else float(max_grad_norm), prec, f32(u), f32(gsum),
     )  # fmt: skip
     return dk, dv, dg, dn, dots[..., 0], dots[..., 1], dots[..., 2]
 
