@@ -205,7 +205,7 @@ def test_update_vjp_kernel_vs_pytorch_form(monkeypatch, config: str, t: int) -> 
         assert e_tr <= e_pt + 1e-3, f"{name}: kernel {e_tr:.3e}, PyTorch form {e_pt:.3e}"
 
 
-@pytest.mark.parametrize("config,t", [("default", 4096), ("matched", 4096)])
+@pytest.mark.parametrize("config,t", [("default", 4096), ("matched", 512)])  # (the unclipped matched config is chaotic at 4K: the file's note)
 def test_update_u_from_sweep_gpu(monkeypatch, config: str, t: int) -> None:
     """``BACKWARD["update_u_from_sweep"]`` (the sweep stores Δ_2's cotangent, with the clip also ``g̃, ñ``'s, and the
     update-VJP kernel loads them) against the kernel recomputing them, bf16 at the benchmark's head shape: both within

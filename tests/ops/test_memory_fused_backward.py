@@ -588,11 +588,13 @@ def test_sweep_pre_adjoint_bit_identical(monkeypatch, form, clip):
 U_KINDS = [(0, "auto", "one_program"), (16, "joined", "split2_joined"), (16, "three_phase", "split2_three_phase"),
            ("walk_keep", "joined", "split1_walk_keep_joined"), ("walk_keep", "three_phase", "split1_walk_keep_three_phase"),
            ("walk", "three_phase", "split1_walk_three_phase")]  # fmt: skip
-U_CASES = [(*c, *kind) for c in ADJ_CASES if c[0] in ("matched", "default_clip", "silu_ln_noresidual_clip") for kind in U_KINDS]
+U_CASES = [(*c, *kind, "rows") for c in ADJ_CASES if c[0] in ("matched", "default_clip", "silu_ln_noresidual_clip") for kind in U_KINDS]
+U_CASES += [(*c, 16, form, f"split2_{form}_{store}", store) for c in ADJ_CASES if c[0] == "default_clip" for form in ("joined", "three_phase")
+            for store in ("first", "masked")]  # fmt: skip
 
 
-@pytest.mark.parametrize("name,depth,cfg,clip,split,form,kind", U_CASES, ids=[f"{c[0]}-{c[-1]}" for c in U_CASES])
-def test_sweep_u_feeds_update_vjp(monkeypatch, name, depth, cfg, clip, split, form, kind):
+@pytest.mark.parametrize("name,depth,cfg,clip,split,form,kind,store", U_CASES, ids=[f"{c[0]}-{c[-2]}" for c in U_CASES])
+def test_sweep_u_feeds_update_vjp(monkeypatch, name, depth, cfg, clip, split, form, kind, store):
     """``BACKWARD["update_u_from_sweep"]``: the cotangent of Δ_2 (and with the clip those of ``g̃, ñ``) that the sweep
     kernels store (``SAVE_U``: every row once, whichever program holds it) give the update-VJP kernel the same
     gradients as its own recomputation (fp32, ≤ 1e-6), with the read's folded cotangents in both; and the stores
@@ -601,6 +603,7 @@ def test_sweep_u_feeds_update_vjp(monkeypatch, name, depth, cfg, clip, split, fo
     from mnemotorch.ops.memory.fused_backward import _clip_stats
 
     monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", form)
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_u_store", store)
     if isinstance(split, str):  # the split kernel, one program per head, PHASE 0
         monkeypatch.setattr(fused_triton, "_sweep_programs", lambda *a: 1)
         monkeypatch.setattr(fused_triton, "_sweep_split_on", lambda ns: True)

@@ -130,7 +130,10 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
                 "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "walk_exact_keys_min_cols": 64, "profile": None,
                 "sweep_pre_adjoint": os.environ.get("MNEMO_MEMORY_SWEEP_PRE", "1") != "0",
-                "sweep_precision": os.environ.get("MNEMO_MEMORY_SWEEP_PRECISION") or None}
+                "sweep_precision": os.environ.get("MNEMO_MEMORY_SWEEP_PRECISION") or None, "sweep_u_store": "rows"}
+#: ``sweep_u_store``: how the sweep's programs store Δ_2's cotangent for the update's VJP (``BACKWARD["update_u_from_sweep"]``;
+#: :func:`_save_u`): "rows" (each program its rows), "first" (program 0 all), "masked".
+_U_STORES = ("rows", "first", "masked")
 
 
 @triton.jit
@@ -912,12 +915,18 @@ def _sweep_slice_out(
 
 
 @triton.jit
-def _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr, CLIP: tl.constexpr):
+def _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr, CLIP: tl.constexpr,
+            USTORE: tl.constexpr = 0):
     """The sweep's share for the update's VJP (``SAVE_U``): chunk ``ci``'s complete cotangent of Δ_2 ``dd2 [C, DV]``
     (which the VJP's first pass would otherwise recompute over every hidden slice) to ``UO``, and with the clip the
-    summed cotangents of ``g̃, ñ`` ``g1, n1 [C]`` to ``GSO [.., 2, C]``. Program ``j`` of the head's ``NS`` (all hold the
-    same summed values) stores the rows ``≡ j (mod NS)``: a share of the stores each, every row once."""
-    if NS <= C:  # the program's rows picked out of the tile first: a masked store of the whole tile spilled (offline sm_90a)
+    summed cotangents of ``g̃, ñ`` ``g1, n1 [C]`` to ``GSO [.., 2, C]``. Every program of the head's ``NS`` holds the
+    same summed values; ``USTORE`` (``LAUNCH["sweep_u_store"]``) picks who stores what: 0 program ``j`` the rows
+    ``≡ j (mod NS)``, picked out of the tile first; 1 program 0 the whole tile; 2 program ``j`` its rows by a masked
+    store of the whole tile."""
+    if USTORE == 1:
+        if j == 0:
+            tl.store(UO + ci * C * DV + rows[:, None] * DV + cv[None, :], dd2)
+    elif NS <= C and USTORE == 0:
         RB: tl.constexpr = C // NS
         part = tl.arange(0, NS)
         mine = tl.sum(tl.where((part == j)[None, :, None], tl.reshape(dd2, [RB, NS, DV]), 0.0), 1)  # rows r ≡ j (mod NS)
@@ -941,7 +950,7 @@ def _lmm_sweep_kernel(
     n_chunks,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False, KB: tl.constexpr = False,
-    SAVE_U: tl.constexpr = False,
+    SAVE_U: tl.constexpr = False, USTORE: tl.constexpr = 0,
 ):
     """The state's adjoint of a depth-2 memory over ``n_chunks`` chunks in reverse, one program per
     (batch row, head): :func:`~.fused_backward.state_adjoint` (plus the read's share ``B*``) written out.
@@ -1018,7 +1027,7 @@ def _lmm_sweep_kernel(
         if FOLD:
             dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
         if SAVE_U:
-            _save_u(UO, GSO, ci, rows, cv, 0, dd2, g1, n1, C, DV, 1, CLIP)
+            _save_u(UO, GSO, ci, rows, cv, 0, dd2, g1, n1, C, DV, 1, CLIP, USTORE)
         dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
         # (3) per hidden slice: the weights' cotangents and the new adjoint (slot i)
         for j in range(0, HID, BH):
@@ -1096,7 +1105,7 @@ def _lmm_split_sweep_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
     KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
-    PRE: tl.constexpr = False, SAVE_U: tl.constexpr = False,
+    PRE: tl.constexpr = False, SAVE_U: tl.constexpr = False, USTORE: tl.constexpr = 0,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1250,7 +1259,7 @@ def _lmm_split_sweep_kernel(
             if FOLD:
                 dd2 += tl.load(RD2 + ci * C * DV + offs)
             if SAVE_U:
-                _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP)
+                _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP, USTORE)
             if PROFILE:  # (JOIN leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
                 tl.store(pr + 3, _now((tl.sum(dd2) != 0.0).to(tl.int32)))
             dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
@@ -1272,7 +1281,7 @@ def _lmm_split_sweep_kernel(
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
                 if SAVE_U:
-                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP)
+                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP, USTORE)
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
@@ -1283,7 +1292,7 @@ def _lmm_split_sweep_kernel(
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
                 if SAVE_U:
-                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP)
+                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP, USTORE)
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
@@ -1638,6 +1647,8 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         fold = [dummy] * 4
     if u_out is not None and max_grad_norm is not None and g_out is None:
         raise ValueError("_sweep_triton: with the clip, u_out comes with g_out")
+    if LAUNCH["sweep_u_store"] not in _U_STORES:
+        raise ValueError(f"LAUNCH['sweep_u_store'] must be one of {_U_STORES}, got {LAUNCH['sweep_u_store']!r}")
     fold += [dummy if u_out is None else u_out, dummy if g_out is None else g_out]
     scratch = torch.empty((2, nbh, c, hid), device=k.device, dtype=torch.float32)
     args = (k, hh, d1, d2, s1, s2, o, r, dm, ws[1].contiguous(),
@@ -1647,7 +1658,8 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     if sweep_prec not in _SWEEP_PRECISIONS:
         raise ValueError(f"LAUNCH['sweep_precision'] (env MNEMO_MEMORY_SWEEP_PRECISION) must be one of {_SWEEP_PRECISIONS}, got {sweep_prec!r}")
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=(sweep_prec or LAUNCH["half_precision"]) if half else "ieee",
-                FOLD=add_cot is not None, KB=bool(keys_bf16), SAVE_U=u_out is not None, num_stages=1)  # fmt: skip
+                FOLD=add_cot is not None, KB=bool(keys_bf16), SAVE_U=u_out is not None, USTORE=_U_STORES.index(LAUNCH["sweep_u_store"]),
+                num_stages=1)  # fmt: skip
     ns = _sweep_programs(hid, nbh, k)
     if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
