@@ -588,9 +588,9 @@ def test_sweep_pre_adjoint_bit_identical(monkeypatch, form, clip):
 U_KINDS = [(0, "auto", "one_program"), (16, "joined", "split2_joined"), (16, "three_phase", "split2_three_phase"),
            ("walk_keep", "joined", "split1_walk_keep_joined"), ("walk_keep", "three_phase", "split1_walk_keep_three_phase"),
            ("walk", "three_phase", "split1_walk_three_phase")]  # fmt: skip
-U_CASES = [(*c, *kind, "rows") for c in ADJ_CASES if c[0] in ("matched", "default_clip", "silu_ln_noresidual_clip") for kind in U_KINDS]
+U_CASES = [(*c, *kind, "masked") for c in ADJ_CASES if c[0] in ("matched", "default_clip", "silu_ln_noresidual_clip") for kind in U_KINDS]
 U_CASES += [(*c, 16, form, f"split2_{form}_{store}", store) for c in ADJ_CASES if c[0] == "default_clip" for form in ("joined", "three_phase")
-            for store in ("first", "masked")]  # fmt: skip
+            for store in ("rows", "first")]  # (LAUNCH["sweep_u_store"]'s other forms)  # fmt: skip
 
 
 @pytest.mark.parametrize("name,depth,cfg,clip,split,form,kind,store", U_CASES, ids=[f"{c[0]}-{c[-2]}" for c in U_CASES])

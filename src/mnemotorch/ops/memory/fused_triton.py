@@ -130,9 +130,13 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
                 "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "walk_exact_keys_min_cols": 64, "profile": None,
                 "sweep_pre_adjoint": os.environ.get("MNEMO_MEMORY_SWEEP_PRE", "1") != "0",
-                "sweep_precision": os.environ.get("MNEMO_MEMORY_SWEEP_PRECISION") or None, "sweep_u_store": "rows"}
+                "sweep_precision": os.environ.get("MNEMO_MEMORY_SWEEP_PRECISION") or None, "sweep_u_store": "masked"}
 #: ``sweep_u_store``: how the sweep's programs store Δ_2's cotangent for the update's VJP (``BACKWARD["update_u_from_sweep"]``;
-#: :func:`_save_u`): "rows" (each program its rows), "first" (program 0 all), "masked".
+#: :func:`_save_u`): "masked" (each program its rows ``≡ j (mod NS)`` by a masked store of the whole tile), "rows" (those
+#: rows picked out of the tile first, then stored), "first" (program 0 stores the whole tile). H200, 16K, the sweep's phase
+#: matched / clipped default: 6.72 / 9.31 ms masked, 7.35 / 10.07 rows, 8.23 / 13.38 first, 6.90 / 9.52 ms storing nothing
+#: (thirty-first session). The offline Triton 3.9 build had predicted the opposite order (spills 1744 / 1012 / 1084 bytes
+#: a thread against 972).
 _U_STORES = ("rows", "first", "masked")
 
 
@@ -920,9 +924,9 @@ def _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C: tl.constexpr, DV: tl.const
     """The sweep's share for the update's VJP (``SAVE_U``): chunk ``ci``'s complete cotangent of Δ_2 ``dd2 [C, DV]``
     (which the VJP's first pass would otherwise recompute over every hidden slice) to ``UO``, and with the clip the
     summed cotangents of ``g̃, ñ`` ``g1, n1 [C]`` to ``GSO [.., 2, C]``. Every program of the head's ``NS`` holds the
-    same summed values; ``USTORE`` (``LAUNCH["sweep_u_store"]``) picks who stores what: 0 program ``j`` the rows
-    ``≡ j (mod NS)``, picked out of the tile first; 1 program 0 the whole tile; 2 program ``j`` its rows by a masked
-    store of the whole tile."""
+    same summed values; ``USTORE`` (``LAUNCH["sweep_u_store"]``, the index in ``_U_STORES``) picks who stores what:
+    0 program ``j`` the rows ``≡ j (mod NS)``, picked out of the tile first; 1 program 0 the whole tile; 2 program ``j``
+    its rows by a masked store of the whole tile (every row once in 0 and 2)."""
     if USTORE == 1:
         if j == 0:
             tl.store(UO + ci * C * DV + rows[:, None] * DV + cv[None, :], dd2)
