@@ -25,6 +25,76 @@ import time
 import torch
 
 
+def host_issue(step, n: int, rep: dict) -> None:
+    """``n`` steps, each timed as issued by the host and as run on the device, into ``rep``; then one step under
+    ``torch.cuda.set_sync_debug_mode("warn")``, its synchronising operations (the warnings' messages, deduplicated)."""
+    import warnings
+
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host, dev, fwd = [], [], []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a.record()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+        b.record()
+        torch.cuda.synchronize()
+        dev.append(a.elapsed_time(b))
+    rep["host_issue_ms"], rep["device_step_ms"] = host, dev
+    import traceback
+
+    syncs: dict = {}
+
+    def hook(message, category, filename, lineno, file=None, line=None):  # the innermost frames of ours, with the message
+        ours = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-1]
+                if "mnemotorch" in f.filename or "scripts" in f.filename]
+        key = " < ".join(reversed(ours[-4:])) + f" | {str(message)[:120]}"
+        syncs[key] = syncs.get(key, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    rep["syncs"] = [{"where": k, "count": c} for k, c in syncs.items()]
+    print(f"host issue ms {[round(x, 2) for x in host]}; device step ms {[round(x, 2) for x in dev]}; {len(syncs)} synchronising sites", flush=True)
+    for k, c in syncs.items():
+        print(f"  sync x{c}: {k}", flush=True)
+
+
+def host_profile(forward, step, n: int) -> dict:
+    """The host's time in one forward, then in ``n`` whole steps, under cProfile: the top functions by own and by
+    cumulative time (``{"forward": [...], "step": [...]}``, lines as pstats prints them)."""
+    import cProfile
+    import io
+    import pstats
+
+    out = {}
+    for name, fn, reps in (("forward", forward, 1), ("step", step, n)):
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(reps):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        lines = []
+        for key in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(25)
+            lines += [f"[{key}] " + ln for ln in buf.getvalue().splitlines() if ln.strip()]
+        out[name] = lines
+        print(f"== host profile: {name} ({reps}) ==", flush=True)
+        for ln in lines:
+            print(ln[:230], flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=16384)
@@ -38,6 +108,15 @@ def main(argv=None) -> int:
                     "or custom op above it (which part of the layer or op issues the elementwise, copy and fill kernels)")
     ap.add_argument("--gaps", action="store_true", help="also report, from the profiler's trace, how long the GPU ran no "
                     "kernel inside the step and the longest such gaps (host-bound stretches; mnemotorch.bench.streams.idle_gaps)")
+    ap.add_argument("--host", type=int, default=0, metavar="N",
+                    help="N > 0: also time N unprofiled steps, each as the host's time to issue it (until the backward "
+                    "returns, no synchronisation) and the device's (CUDA events), and list the operations that synchronise "
+                    "the host with the device in one step (torch.cuda.set_sync_debug_mode): whether the host or the device "
+                    "bounds the step")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="N > 0: also run the forward of one step and then N whole steps under cProfile and print where the "
+                    "host's time goes (top functions by own time and by cumulative time; what the host does before the "
+                    "forward walk is launched is the device's idle time at the start of a step)")
     ap.add_argument("--overlap", action="store_true", help="also measure, from the profiler's trace, how much kernel time of "
                     "other streams ran inside the adjoint sweep and the forward walk (the backward's second stream; "
                     "mnemotorch.bench.streams)")
@@ -76,6 +155,10 @@ def main(argv=None) -> int:
     ends.record()
     torch.cuda.synchronize()
     rep["fwd_bwd_ms_unprofiled"] = starts.elapsed_time(ends)
+    if args.host:
+        host_issue(step, args.host, rep)
+    if args.cprofile:
+        rep["cprofile"] = host_profile(lambda: layer(x)[0], step, args.cprofile)
     phases: dict = {}
     fused_triton.BACKWARD["timing"] = phases
     try:
