@@ -595,10 +595,10 @@ U_CASES += [(*c, 16, form, f"split2_{form}_{store}", store) for c in ADJ_CASES i
 
 @pytest.mark.parametrize("name,depth,cfg,clip,split,form,kind,store", U_CASES, ids=[f"{c[0]}-{c[-2]}" for c in U_CASES])
 def test_sweep_u_feeds_update_vjp(monkeypatch, name, depth, cfg, clip, split, form, kind, store):
-    """``BACKWARD["update_u_from_sweep"]``: the cotangent of Δ_2 (and those of ``g̃, ñ``: with the clip, and without it
-    from the joined split kernel, ``LAUNCH["sweep_g_unclipped"]``) that the sweep kernels store (``SAVE_U``: every row
-    once, whichever program holds it) give the update-VJP kernel the same gradients as its own recomputation (fp32,
-    ≤ 1e-6), with the read's folded cotangents in both; and the stores change nothing in the adjoints (bit for bit)."""
+    """``BACKWARD["update_u_from_sweep"]``: the cotangent of Δ_2 (and with the clip those of ``g̃, ñ``) that the sweep
+    kernels store (``SAVE_U``: every row once, whichever program holds it) give the update-VJP kernel the same
+    gradients as its own recomputation (fp32, ≤ 1e-6), with the read's folded cotangents in both; and the stores
+    change nothing in the adjoints (bit for bit)."""
     from mnemotorch.ops.memory import fused_triton, fused_update_vjp
     from mnemotorch.ops.memory.fused_backward import _clip_stats
 
@@ -631,10 +631,7 @@ def test_sweep_u_feeds_update_vjp(monkeypatch, name, depth, cfg, clip, split, fo
     cot = ReadCotangents([per_token(hid), per_token(d)], [per_token(d), per_token(hid)], None if clip is None else per_token())
     args = (kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, cfg["layer_norm"], clip, False, cot)
     u = torch.full((g_n, b, h, c, d), float("nan"))
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_g_unclipped", True)
-    gives_g = fused_triton._sweep_gives_g(hid, b * h, k, clip is not None)
-    assert gives_g == (clip is not None or (form != "three_phase" and split != 0))  # (form "auto": joined without the clip)
-    gsum = torch.full((g_n, b, h, 2, c), float("nan")) if gives_g else None
+    gsum = None if clip is None else torch.full((g_n, b, h, 2, c), float("nan"))
     plain = fused_triton._sweep_triton(*args, stats=stats)
     saved = fused_triton._sweep_triton(*args, stats=stats, u_out=u, g_out=gsum)
     for x, y in zip([*plain[0], *plain[1], *plain[2]], [*saved[0], *saved[1], *saved[2]]):
@@ -646,7 +643,7 @@ def test_sweep_u_feeds_update_vjp(monkeypatch, name, depth, cfg, clip, split, fo
     got = fused_update_vjp.launch(*upd, u, gsum)
     for nm, x, y in zip(["dk", "dv", "dg_last", "dn_last", "dbeta_c", "dm_c", "df_c"], got, want):
         assert rel(x.double(), y.double()) <= 1e-6, (nm, rel(x.double(), y.double()))
-    if gsum is not None:  # u alone (gsum recomputed) as well
+    if clip is not None:  # u alone (gsum recomputed) as well
         got = fused_update_vjp.launch(*upd, u)
         for nm, x, y in zip(["dk", "dv", "dg_last", "dn_last"], got, want):
             assert rel(x.double(), y.double()) <= 1e-6, (nm, rel(x.double(), y.double()))
@@ -654,23 +651,21 @@ def test_sweep_u_feeds_update_vjp(monkeypatch, name, depth, cfg, clip, split, fo
 
 def test_fused_training_update_u_from_sweep(monkeypatch):
     """Training with the sweep's Δ_2 cotangent handed to the update's VJP (the default) and with it recomputed there give
-    the same outputs and gradients (≤ 1e-6), for the matched config (``g̃, ñ``'s cotangents handed on too or not,
-    ``LAUNCH["sweep_g_unclipped"]``) and the silu + LayerNorm + clip config; what is handed on reaches the custom op."""
+    the same outputs and gradients (≤ 1e-6), for the matched and the silu + LayerNorm + clip configs; what is handed on
+    reaches the custom op."""
     from mnemotorch.ops.memory import fused_triton, fused_update_vjp
 
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", 16)  # (two sweep programs a head: the split kernel)
     q, k, v, th, et, al = make_inputs(b=1, t=2 * 16, h=2, dk=16, dv=16, seed=9, theta_max=0.5)
     st = make_state(1, 2, 16, 16, 2, hidden=32)
     seen = []
     real = fused_update_vjp.lmm_update_vjp
     monkeypatch.setattr(fused_update_vjp, "lmm_update_vjp", lambda *a: seen.append((a[-2] is not None, a[-1] is not None)) or real(*a))
-    for cfg, clip, g_unclipped in ((MATCHED, None, False), (MATCHED, None, True), (dict(activation="silu", residual=False, layer_norm=True), 0.3, False)):
-        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_g_unclipped", g_unclipped)
+    for cfg, clip in ((MATCHED, None), (dict(activation="silu", residual=False, layer_norm=True), 0.3)):
         monkeypatch.setitem(fused_triton.BACKWARD, "update_u_from_sweep", True)
         seen.clear()
         y1, g1 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 16, cfg, clip)
-        assert seen and all(x == (True, clip is not None or g_unclipped) for x in seen)
+        assert seen and all(x == (True, clip is not None) for x in seen)
         monkeypatch.setitem(fused_triton.BACKWARD, "update_u_from_sweep", False)
         seen.clear()
         y2, g2 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 16, cfg, clip)
@@ -878,12 +873,11 @@ def test_update_vjp_custom_op_passes_opcheck(monkeypatch, clip):
     out = fused_update_vjp.lmm_update_vjp(*args)
     assert [tuple(x.shape) for x in out] == [cd, cd, row, row, (n, b, h, 3)]
     torch.library.opcheck(fused_update_vjp.lmm_update_vjp, args)
-    # the sweep's cotangent of Δ_2, alone and with g̃, ñ's: any values, for the schema and the fake
-    torch.library.opcheck(fused_update_vjp.lmm_update_vjp, (*args, rnd(*cd), None))
-    torch.library.opcheck(fused_update_vjp.lmm_update_vjp, (*args, rnd(*cd), rnd(n, b, h, 2, c)))
-    with pytest.raises(ValueError, match="gsum"):
-        fused_update_vjp.lmm_update_vjp(*args, None, rnd(n, b, h, 2, c))
-
+    # the sweep's cotangent of Δ_2 (and with the clip g̃, ñ's): any values, for the schema and the fake
+    torch.library.opcheck(fused_update_vjp.lmm_update_vjp, (*args, rnd(*cd), rnd(n, b, h, 2, c) if clip else None))
+    if not clip:
+        with pytest.raises(ValueError, match="gsum"):
+            fused_update_vjp.lmm_update_vjp(*args, rnd(*cd), rnd(n, b, h, 2, c))
 
 class _RecordingKw:
     """A Triton kernel whose launches record one keyword argument's value."""

@@ -130,8 +130,7 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
                 "split_read": "batched", "read_slice": 32, "read_warps": 4, "read_stages": 1, "read_group_bytes": 1 << 30,
                 "split_carry": False, "split_host_phases": False, "split_phase3": "auto", "sweep_keep": True, "sweep_form": "auto", "exact_keys": True, "walk_exact_keys_min_cols": 64, "profile": None,
                 "sweep_pre_adjoint": os.environ.get("MNEMO_MEMORY_SWEEP_PRE", "1") != "0",
-                "sweep_precision": os.environ.get("MNEMO_MEMORY_SWEEP_PRECISION") or None, "sweep_u_store": "masked",
-                "sweep_g_unclipped": os.environ.get("MNEMO_MEMORY_SWEEP_G", "0") == "1"}
+                "sweep_precision": os.environ.get("MNEMO_MEMORY_SWEEP_PRECISION") or None, "sweep_u_store": "masked"}
 #: ``sweep_u_store``: how the sweep's programs store Δ_2's cotangent for the update's VJP (``BACKWARD["update_u_from_sweep"]``;
 #: :func:`_save_u`): "masked" (each program its rows ``≡ j (mod NS)`` by a masked store of the whole tile), "rows" (those
 #: rows picked out of the tile first, then stored), "first" (program 0 stores the whole tile). H200, 16K, the sweep's phase
@@ -139,8 +138,6 @@ LAUNCH: dict = {"hidden_slice": 64, "num_warps": 4, "num_stages": 1, "half_preci
 #: (thirty-first session). The offline Triton 3.9 build had predicted the opposite order (spills 1744 / 1012 / 1084 bytes
 #: a thread against 972).
 _U_STORES = ("rows", "first", "masked")
-#: ``sweep_g_unclipped`` (env ``MNEMO_MEMORY_SWEEP_G=1``): with ``update_u_from_sweep``, the joined split sweep also hands the
-#: update's VJP ``g̃, ñ``'s cotangents without the clip (loading Δ_1 in its phase 1 for them), as it does with the clip.
 
 
 @triton.jit
@@ -923,14 +920,13 @@ def _sweep_slice_out(
 
 @triton.jit
 def _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C: tl.constexpr, DV: tl.constexpr, NS: tl.constexpr, CLIP: tl.constexpr,
-            USTORE: tl.constexpr = 0, GSUM: tl.constexpr = False):
+            USTORE: tl.constexpr = 0):
     """The sweep's share for the update's VJP (``SAVE_U``): chunk ``ci``'s complete cotangent of Δ_2 ``dd2 [C, DV]``
     (which the VJP's first pass would otherwise recompute over every hidden slice) to ``UO``, and with the clip the
     summed cotangents of ``g̃, ñ`` ``g1, n1 [C]`` to ``GSO [.., 2, C]``. Every program of the head's ``NS`` holds the
     same summed values; ``USTORE`` (``LAUNCH["sweep_u_store"]``, the index in ``_U_STORES``) picks who stores what:
     0 program ``j`` the rows ``≡ j (mod NS)``, picked out of the tile first; 1 program 0 the whole tile; 2 program ``j``
-    its rows by a masked store of the whole tile (every row once in 0 and 2). ``GSUM``: ``g1, n1`` are stored without the
-    clip too."""
+    its rows by a masked store of the whole tile (every row once in 0 and 2)."""
     if USTORE == 1:
         if j == 0:
             tl.store(UO + ci * C * DV + rows[:, None] * DV + cv[None, :], dd2)
@@ -942,7 +938,7 @@ def _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C: tl.constexpr, DV: tl.const
         tl.store(UO + ci * C * DV + (rb * NS + j)[:, None] * DV + cv[None, :], mine)
     else:
         tl.store(UO + ci * C * DV + rows[:, None] * DV + cv[None, :], dd2, mask=((rows % NS) == j)[:, None])
-    if CLIP or GSUM:
+    if CLIP:
         sel = (rows % NS) == j
         tl.store(GSO + ci * 2 * C + rows, g1, mask=sel)
         tl.store(GSO + ci * 2 * C + C + rows, n1, mask=sel)
@@ -1113,7 +1109,7 @@ def _lmm_split_sweep_kernel(
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, BH: tl.constexpr, NS: tl.constexpr,
     LN: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr = False,
     KEEP: tl.constexpr = False, FOLD: tl.constexpr = False, KB: tl.constexpr = False, JOIN: tl.constexpr = False,
-    PRE: tl.constexpr = False, SAVE_U: tl.constexpr = False, USTORE: tl.constexpr = 0, GSUM: tl.constexpr = False,
+    PRE: tl.constexpr = False, SAVE_U: tl.constexpr = False, USTORE: tl.constexpr = 0,
 ):
     """:func:`_lmm_sweep_kernel` with hidden slice ``j`` of head ``bh`` in program ``bh · NS + j`` (its columns of
     the layer-1 adjoints, rows of the layer-2 ones, its scratch columns); the sums over the hidden dimension
@@ -1145,8 +1141,7 @@ def _lmm_split_sweep_kernel(
     ``b_W, b_S`` can load under the phase's products; phase 3 then only adds ``dW`` to the new ``A^W`` (two tiles
     loaded after the chain instead of eight).
     ``SAVE_U``: as :func:`_lmm_sweep_kernel`'s; every program holds the whole summed tile, and stores the rows
-    ``r ≡ j (mod NS)`` of it. ``GSUM`` (``JOIN`` only): without the clip too, the slices' rowsums of ``g̃, ñ``'s
-    cotangents go through ``XG, XN`` as the clip's do, and are stored with Δ_2's (``LAUNCH["sweep_g_unclipped"]``)."""
+    ``r ≡ j (mod NS)`` of it."""
     pid = tl.program_id(0)
     bh = pid // NS
     j = pid % NS
@@ -1196,7 +1191,7 @@ def _lmm_split_sweep_kernel(
                 tl.store(AW1 + rd1 - s1w, bw1 + bc * aw1)
             base = -(gt[:, None] * xa1 + nt[:, None] * xb1)
             tl.store(sd1, base)
-            if CLIP or GSUM:
+            if CLIP:
                 d1 = tl.load(D1 + ci * C * HID + hs)
                 g1p = -tl.sum(xa1 * d1, 1)
                 n1p = -tl.sum(xb1 * d1, 1)
@@ -1218,14 +1213,14 @@ def _lmm_split_sweep_kernel(
                 tl.store(AS2 + rd2 - s2w, bs2 + fc * aw2 + mc * as2)
                 tl.store(AW2 + rd2 - s2w, bw2 + bc * aw2)
             if JOIN:  # the slice's share of Δ_2's cotangent as one tile (phase 3 sums NS tiles, not 3 NS)
-                if CLIP or GSUM:
+                if CLIP:
                     g1p -= tl.sum(xa2 * d2, 1)
                     n1p -= tl.sum(xb2 * d2, 1)
                 tl.store(XA2 + xoff, pacc - (gt[:, None] * xa2 + nt[:, None] * xb2))
             else:
                 tl.store(XA2 + xoff, xa2)
                 tl.store(XB2 + xoff, xb2)
-            if CLIP or GSUM:
+            if CLIP:
                 tl.store(XG + (xo + j) * C + rows, g1p)
                 tl.store(XN + (xo + j) * C + rows, n1p)
             tl.store(sx, -(gt[:, None] * _mmp(d2, tl.trans(aw2), PREC) + nt[:, None] * _mmp(d2, tl.trans(as2), PREC)))
@@ -1263,16 +1258,12 @@ def _lmm_split_sweep_kernel(
             else:
                 kn2 = gl  # not read
                 d2n2 = gl
-                if GSUM:
-                    g1 = _sum_parts(XG + xo * C, C, rows, NS)
-                    n1 = _sum_parts(XN + xo * C, C, rows, NS)
-                else:
-                    g1 = gl
-                    n1 = gl
+                g1 = gl
+                n1 = gl
             if FOLD:
                 dd2 += tl.load(RD2 + ci * C * DV + offs)
             if SAVE_U:
-                _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP, USTORE, GSUM)
+                _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP, USTORE)
             if PROFILE:  # (JOIN leaves stamps 3 and 4 free: the partial sums, then the loss's second derivative)
                 tl.store(pr + 3, _now((tl.sum(dd2) != 0.0).to(tl.int32)))
             dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
@@ -1294,7 +1285,7 @@ def _lmm_split_sweep_kernel(
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
                 if SAVE_U:
-                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP, USTORE, GSUM)
+                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP, USTORE)
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
@@ -1305,7 +1296,7 @@ def _lmm_split_sweep_kernel(
                 if FOLD:
                     dd2 += tl.load(RD2 + ci * C * DV + rows[:, None] * DV + cv[None, :])
                 if SAVE_U:
-                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP, USTORE, GSUM)
+                    _save_u(UO, GSO, ci, rows, cv, j, dd2, g1, n1, C, DV, NS, CLIP, USTORE)
                 dz2, _ = _loss_second(dd2, d2, O, R, DM, ci, rows, cv, C, DV, LN)
                 _sweep_slice_out(sd1, sx, hs, o1, o2, rd1, rd2, s1w, s2w, ci, k, d2, dz2, kn2, d2n2,
                                  HH, D1, S1, S2, W2, BW1, BS1, BW2, BS2, BC, MC, FC, AW1, AS1, AW2, AS2, C, DK, DV, HID, CLIP, PREC,
@@ -1673,12 +1664,14 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     meta = dict(C=c, DK=dk, DV=dv, HID=hid, LN=layer_norm, CLIP=max_grad_norm is not None, PREC=(sweep_prec or LAUNCH["half_precision"]) if half else "ieee",
                 FOLD=add_cot is not None, KB=bool(keys_bf16), SAVE_U=u_out is not None, USTORE=_U_STORES.index(LAUNCH["sweep_u_store"]),
                 num_stages=1)  # fmt: skip
-    ns, join = _sweep_form(hid, nbh, k, max_grad_norm is not None)
-    if g_out is not None and max_grad_norm is None and not (_sweep_split_on(ns) and join):
-        raise ValueError("_sweep_triton: without the clip, g_out needs the joined split sweep (_sweep_gives_g)")
+    ns = _sweep_programs(hid, nbh, k)
     if _sweep_split_on(ns):
         f32 = dict(device=k.device, dtype=torch.float32)
         xa2 = torch.empty((nbh, 2, ns, c, dv), **f32)
+        form = LAUNCH["sweep_form"]
+        if form not in _SWEEP_FORMS:
+            raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
+        join = form == "joined" or (form == "auto" and max_grad_norm is None)
         # (the joined form reads neither XB2 nor XD2: its one tile a program goes to XA2)
         xb2, xd2 = (xa2, xa2) if join else (torch.empty_like(xa2), torch.empty_like(xa2))
         # with the clip, Δ_2's cotangent takes kn2 ∘ ((Δ_1 ∘ σ'(Z_1)) W_2) per chunk: no adjoint in it, one product here
@@ -1690,8 +1683,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
         prof = prof if isinstance(prof, dict) and not _interpreted(k) else None
         stamps = torch.zeros((nbh * ns, g_n, 8), device=k.device, dtype=torch.int64) if prof is not None else cnt
         xargs = (*args, xa2, xb2, xg, xn, xd2, xd2c, cnt, stamps)
-        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join, PRE=bool(LAUNCH["sweep_pre_adjoint"]),
-                     GSUM=g_out is not None and max_grad_norm is None)  # fmt: skip
+        smeta = dict(meta, BH=hid // ns, NS=ns, num_warps=LAUNCH["sweep_split_warps"], JOIN=join, PRE=bool(LAUNCH["sweep_pre_adjoint"]))
         one_launch = ns == 1 or not _interpreted(k)  # (the interpreter runs programs one after another)
         smeta["KEEP"] = bool(LAUNCH["sweep_keep"]) and one_launch
         if not one_launch:
@@ -1708,24 +1700,6 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
     else:
         _lmm_sweep_kernel[(nbh,)](*args, g_n, BH=min(hid, LAUNCH["sweep_slice"]), num_warps=LAUNCH["sweep_warps"], **meta)
     return [slots[0][0], slots[1][0]], [slots[2][0], slots[3][0]], [x[1:] for x in slots]
-
-
-def _sweep_form(hid: int, nbh: int, x: Tensor, clip: bool) -> tuple[int, bool]:
-    """``(programs per head, joined)`` of the depth-2 sweep (:func:`_sweep_programs`, ``LAUNCH["sweep_form"]``; "auto" =
-    joined without the clip)."""
-    form = LAUNCH["sweep_form"]
-    if form not in _SWEEP_FORMS:
-        raise ValueError(f"LAUNCH['sweep_form'] must be one of {_SWEEP_FORMS}, got {form!r}")
-    return _sweep_programs(hid, nbh, x), form == "joined" or (form == "auto" and not clip)
-
-
-def _sweep_gives_g(hid: int, nbh: int, x: Tensor, clip: bool) -> bool:
-    """Whether the sweep hands the update's VJP ``g̃, ñ``'s cotangents (``g_out``): always with the clip; without it where
-    ``LAUNCH["sweep_g_unclipped"]`` and the joined split kernel runs."""
-    if clip:
-        return True
-    ns, join = _sweep_form(hid, nbh, x, clip)
-    return bool(LAUNCH["sweep_g_unclipped"]) and _sweep_split_on(ns) and join
 
 
 def launch_from_env(name: str, value: str, keys: Sequence[str]) -> dict:
@@ -2292,8 +2266,7 @@ class _FusedMemory(torch.autograd.Function):
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
                     if BACKWARD["update_u_from_sweep"] and _update_kernel_on(kc, ws):  # (for the update's VJP: p["u"], p["gsum"])
                         p["u"] = kp.deltas[1].new_empty(kp.deltas[1].shape, dtype=f32)
-                        gives_g = _sweep_gives_g(w_slots[0].shape[-1], bsz * heads, kc, max_grad_norm is not None)
-                        p["gsum"] = g_last.new_empty((*g_last.shape[:-1], 2, c), dtype=f32) if gives_g else None
+                        p["gsum"] = None if max_grad_norm is None else g_last.new_empty((*g_last.shape[:-1], 2, c), dtype=f32)
                     return _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
                                          q.dtype != torch.float32, cot, stats=p["stats"], keys_bf16=_keys_bf16(k), u_out=p.get("u"),
                                          g_out=p.get("gsum"))  # fmt: skip

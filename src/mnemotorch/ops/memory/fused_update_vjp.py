@@ -85,8 +85,8 @@ def _lmm_update_vjp_kernel(
     norms ``XN0 = ‖k‖², XN1 = ‖X_1‖², DN0 = ‖Δ_1‖², DN1 = ‖Δ_2‖², SQ [C]``; with ``COT`` the read's cotangents of
     ``Δ_1, Δ_2, k, X_1`` and of the scale (``CD1, CD2, CX0, CX1, CSC``). ``HAS_U``: the complete cotangent of Δ_2
     comes from the adjoint sweep (``U [C, DV]``, which sums the same terms; the sweep's ``SAVE_U``), so pass 1 forms
-    neither ``p9`` nor the clip's ``p9c``; ``HAS_G`` (with ``HAS_U``): so do ``g̃, ñ``'s cotangents (before the clip's
-    backward where it acts; ``GS [2, C]``), and pass 1 drops ``X_1 A^W_2, X_1 A^S_2`` and ``a0, b0`` too. Writes ``dk,
+    neither ``p9`` nor the clip's ``p9c``; ``HAS_G`` (with ``HAS_U`` and the clip): so do ``g̃, ñ``'s cotangents
+    before the clip's backward (``GS [2, C]``), and pass 1 drops ``X_1 A^W_2, X_1 A^S_2`` and ``a0, b0`` too. Writes ``dk,
     dv`` (``DKO, DVO``), the cotangents of the unclipped ``GL, NL`` (``DGO, DNO``) and ``⟨A^W, W⟩, ⟨A^S, S⟩, ⟨A^W, S⟩``
     (``DOTS [3]``)."""
     row = tl.program_id(0)
@@ -262,14 +262,14 @@ def lmm_update_vjp(
     layers. ``out, rstd, dmean`` (all or none): the LayerNorm's; ``sc, xn0, xn1, dn0, dn1, sq`` (all or none): the
     clip's, at ``max_grad_norm``; ``cd1, cd2, cx0, cx1`` (all or none; ``csc`` with the clip): the read's
     cotangents; ``u [..., C, d_v]``: the cotangent of Δ_2 from the adjoint sweep (the read's share and the clip's
-    included), ``gsum [..., 2, C]`` (only with ``u``): those of ``g̃, ñ``, from it too."""
+    included), ``gsum [..., 2, C]`` (only with ``u`` and the clip): those of ``g̃, ñ``, from it too."""
     c, dkk = k.shape[-2:]
     hid, dv = w1.shape[-1], w2.shape[-1]
     rows = k.numel() // (c * dkk)
     res = _outputs(k, dl2, gl)
     ln, clip, cot = out is not None, sc is not None, cd1 is not None
-    if gsum is not None and u is None:
-        raise ValueError("lmm_update_vjp: gsum comes with u")
+    if gsum is not None and (u is None or not clip):
+        raise ValueError("lmm_update_vjp: gsum comes with u, and only with the clip")
     any_ = lambda x: k if x is None else x  # noqa: E731  (a pointer the kernel does not read: its constexpr is off)
     bh = min(int(LAUNCH_UPDATE_VJP["slice"]), hid)
     _lmm_update_vjp_kernel[(rows,)](
