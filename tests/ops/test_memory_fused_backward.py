@@ -510,6 +510,22 @@ SWEEP_CASES = [(*c, sp, fold, form, f"{c[0]}-{sid}") for c in ADJ_CASES if c[1] 
                if not fold or c[0] in ("matched", "matched_clip", "default", "default_clip")]  # fmt: skip
 
 
+def _sweep_kind(monkeypatch, split, form: str) -> None:
+    """The sweep kernel a test runs: ``split`` 0 the one-program kernel, an int the split kernel at that many hidden
+    columns a program (one launch per phase and chunk under the interpreter), "walk" / "walk_keep" the split kernel with
+    one program per head walking every chunk in one launch as on the GPU (``LAUNCH["sweep_keep"]`` off / on); ``form``
+    its ``LAUNCH["sweep_form"]``."""
+    from mnemotorch.ops.memory import fused_triton
+
+    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", form)
+    if isinstance(split, str):  # the split kernel, one program per head, PHASE 0
+        monkeypatch.setattr(fused_triton, "_sweep_programs", lambda *a: 1)
+        monkeypatch.setattr(fused_triton, "_sweep_split_on", lambda ns: True)
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_keep", split == "walk_keep")
+    else:
+        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", split)
+
+
 @pytest.mark.parametrize("name,depth,cfg,clip,split,fold,form", [c[:-1] for c in SWEEP_CASES], ids=[c[-1] for c in SWEEP_CASES])
 def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, split, fold, form):
     """The depth-2 sweep kernel (one launch per group of chunks; or the hidden dimension split over 2 or 4
@@ -523,13 +539,7 @@ def test_triton_sweep_equals_pytorch_sweep(monkeypatch, name, depth, cfg, clip, 
     from mnemotorch.ops.memory import fused_triton
     from mnemotorch.ops.memory.fused_backward import sweep_block
 
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", form)
-    if isinstance(split, str):  # the split kernel, one program per head, PHASE 0
-        monkeypatch.setattr(fused_triton, "_sweep_programs", lambda *a: 1)
-        monkeypatch.setattr(fused_triton, "_sweep_split_on", lambda ns: True)
-        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_keep", split == "walk_keep")
-    else:
-        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", split)
+    _sweep_kind(monkeypatch, split, form)
     launched = []
     for name_ in ("_lmm_sweep_kernel", "_lmm_split_sweep_kernel"):
         kern = getattr(fused_triton, name_)
@@ -602,14 +612,8 @@ def test_sweep_u_feeds_update_vjp(monkeypatch, name, depth, cfg, clip, split, fo
     from mnemotorch.ops.memory import fused_triton, fused_update_vjp
     from mnemotorch.ops.memory.fused_backward import _clip_stats
 
-    monkeypatch.setitem(fused_triton.LAUNCH, "sweep_form", form)
+    _sweep_kind(monkeypatch, split, form)
     monkeypatch.setitem(fused_triton.LAUNCH, "sweep_u_store", store)
-    if isinstance(split, str):  # the split kernel, one program per head, PHASE 0
-        monkeypatch.setattr(fused_triton, "_sweep_programs", lambda *a: 1)
-        monkeypatch.setattr(fused_triton, "_sweep_split_on", lambda ns: True)
-        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_keep", split == "walk_keep")
-    else:
-        monkeypatch.setitem(fused_triton.LAUNCH, "sweep_split", split)
     monkeypatch.setitem(fused_update_vjp.LAUNCH_UPDATE_VJP, "slice", 16)  # two slices
     torch.manual_seed(5)
     g_n, b, h, c, d, hid = 2, 1, 2, 16, 16, 32
