@@ -662,14 +662,18 @@ def test_fused_training_update_u_from_sweep(monkeypatch):
     monkeypatch.setitem(fused_triton.LAUNCH, "split_slice", 16)
     q, k, v, th, et, al = make_inputs(b=1, t=2 * 16, h=2, dk=16, dv=16, seed=9, theta_max=0.5)
     st = make_state(1, 2, 16, 16, 2, hidden=32)
-    seen = []
+    seen, side = [], []
     real = fused_update_vjp.lmm_update_vjp
     monkeypatch.setattr(fused_update_vjp, "lmm_update_vjp", lambda *a: seen.append((a[-2] is not None, a[-1] is not None)) or real(*a))
+    real_side = fused_triton._Streams.used_on_side  # (with BACKWARD["overlap"] the update VJP reads them on the second stream)
+    monkeypatch.setattr(fused_triton._Streams, "used_on_side", lambda self, ts: side.append([tuple(t.shape) for t in ts]) or real_side(self, ts))
     for cfg, clip in ((MATCHED, None), (dict(activation="silu", residual=False, layer_norm=True), 0.3)):
         monkeypatch.setitem(fused_triton.BACKWARD, "update_u_from_sweep", True)
-        seen.clear()
+        seen.clear(), side.clear()
         y1, g1 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 16, cfg, clip)
         assert seen and all(x == (True, clip is not None) for x in seen)
+        # the handed-on tensors ([n, B, H, C, d_v], and with the clip [n, B, H, 2, C]) are recorded for the second stream
+        assert side and all((2, 1, 2, 16, 16) in s_ and ((2, 1, 2, 2, 16) in s_) == (clip is not None) for s_ in side)
         monkeypatch.setitem(fused_triton.BACKWARD, "update_u_from_sweep", False)
         seen.clear()
         y2, g2 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 16, cfg, clip)

@@ -2334,7 +2334,8 @@ class _FusedMemory(torch.autograd.Function):
             streams.main_waits(ready)
             adj_w, adj_s, nxt = sweep(p, adj_w, adj_s)
             swept = streams.record_main()
-            streams.used_on_side(nxt)  # (allocated on this stream, read on the other: not reused before it has)
+            # (allocated on this stream, read on the other: not reused before it has; the sweep's Δ_2 cotangent too)
+            streams.used_on_side([*nxt, *(x for x in (p.get("u"), p.get("gsum")) if x is not None)])
             with streams.side():
                 if idx + 1 < len(starts):
                     nxt_prep = prep(starts[idx + 1])  # overlaps this group's sweep
