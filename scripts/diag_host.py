@@ -22,11 +22,8 @@ launch cache (``MNEMO_LAUNCH_CACHE``).
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
 import time
 from collections import defaultdict
 
@@ -116,15 +113,10 @@ def launch_us(step, n=50) -> dict:
 
 def profiled(step, calls: int = 200, n: int = 22) -> str:
     """The top ``n`` functions by own time of ``calls`` calls of ``step`` (cProfile, this thread)."""
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        step()
-    prof.disable()
-    torch.cuda.synchronize()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(n)
-    return "\n".join(line for line in s.getvalue().splitlines() if line.strip())[-4000:]
+    from mnemotorch.bench.streams import cprofile_tables
+
+    text = cprofile_tables(step, calls, ("tottime",), n)["tottime"]
+    return "\n".join(line for line in text.splitlines() if line.strip())[-4000:]
 
 
 def direct_backward(name, q, k, v, go):

@@ -129,6 +129,18 @@ def sweep(dev, t: int, rep: int, slices=(32, 64, 128), warps=(4, 8), precisions=
     return rows
 
 
+def _set_from_options(opts: list, prefix: str, target: dict, name: str) -> list:
+    """``--vjps`` options ``":<prefix>key=value"`` set ``target[key]`` (ints and 0/1 flags as ints; ``name`` for the
+    error on an unknown key). Returns the ``"key=value"`` items applied."""
+    items = [o[1:] for o in opts if o.startswith(prefix) and "=" in o]
+    for item in items:
+        key, val = item.split("=", 1)
+        if key not in target:
+            raise SystemExit(f"--vjps: unknown {name} key {key!r}")
+        target[key] = int(val) if val.lstrip("-").isdigit() else val
+    return items
+
+
 def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "default"), vjps=("triton:adjoint",), read_vjp_launches=()) -> list:
     """``compile_modes``: "0" nothing compiled, "1" the sweep (blocks) and the batched read / update compiled,
     "s" only the sweep compiled; a suffix ":U" sets the sweep's block of chunks (default 8). ``vjps``:
@@ -137,7 +149,6 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     update's pass instead of their own key-pass VJP). ``read_vjp_launches``: "slice:warps[:a_slice:a_warps[:stages]]" launches of the read-VJP kernels, timed in the "triton" rows."""
     h, d, hidden, c = 16, 64, 256, 64
     rows = []
-    saved = {key: fused_triton.BACKWARD[key] for key in ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements")}
     from mnemotorch.ops.memory import fused_update_vjp
 
     saved_update_launch = dict(fused_update_vjp.LAUNCH_UPDATE_VJP)
@@ -146,18 +157,9 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
     for name, comp, vjp in itertools.product(configs, compile_modes, vjps):
         rvjp, uvjp, *opts = vjp.split(":")
         fused_triton.LAUNCH.update(saved_all_launch)
-        launch_set = [o[1:] for o in opts if o.startswith("L") and "=" in o]
-        for item in launch_set:  # ":Lkey=value" sets LAUNCH[key] (ints and 0/1 flags as ints)
-            key, val = item.split("=", 1)
-            if key not in fused_triton.LAUNCH:
-                raise SystemExit(f"--vjps: unknown LAUNCH key {key!r}")
-            fused_triton.LAUNCH[key] = int(val) if val.lstrip("-").isdigit() else val
+        launch_set = _set_from_options(opts, "L", fused_triton.LAUNCH, "LAUNCH")
         fused_triton.BACKWARD.update(saved_backward)
-        for item in (o[1:] for o in opts if o.startswith("B") and "=" in o):  # ":Bkey=value" sets BACKWARD[key]
-            key, val = item.split("=", 1)
-            if key not in fused_triton.BACKWARD:
-                raise SystemExit(f"--vjps: unknown BACKWARD key {key!r}")
-            fused_triton.BACKWARD[key] = int(val) if val.lstrip("-").isdigit() else val
+        backward_set = _set_from_options(opts, "B", fused_triton.BACKWARD, "BACKWARD")
         (q, k, v), gates, st = inputs(t, h, d, hidden, 2, torch.bfloat16, dev)
         xs = [x.detach().requires_grad_() for x in (q, k, v, *gates, *st.weights, *st.momentum)]
         state = MemoryState(tuple(xs[6:8]), tuple(xs[8:10]), tuple(xs[6:8]), 0)
@@ -175,9 +177,9 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         fused_triton.BACKWARD["read_vjp"], fused_triton.BACKWARD["update_vjp"] = rvjp, uvjp
         fused_triton.BACKWARD["fold_read"] = "fold" in opts
         fused_triton.BACKWARD["update_tf32"] = "f32" not in opts
-        fused_triton.BACKWARD["overlap"] = False if "serial" in opts else True if "overlap" in opts else saved["overlap"]
+        fused_triton.BACKWARD["overlap"] = False if "serial" in opts else True if "overlap" in opts else saved_backward["overlap"]
         gexp = [int(o[1:]) for o in opts if o.startswith("g") and o[1:].isdigit()]
-        fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved["group_elements"]
+        fused_triton.BACKWARD["group_elements"] = 1 << gexp[0] if gexp else saved_backward["group_elements"]
         precs = [o[1:] for o in opts if o in ("ptf32x3", "pbf16x3", "ptf32")]
         if precs:  # (LAUNCH was restored above: only the options given change it)
             fused_triton.LAUNCH["half_precision"] = precs[0]
@@ -195,7 +197,7 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
         row = {"config": name, "t": t, "compile": comp, "sweep_block": fused_triton.BACKWARD["sweep_block"], "read_vjp": rvjp, "update_vjp": uvjp,
                "half_precision": fused_triton.LAUNCH["half_precision"], "half_read_precision": fused_triton.LAUNCH["half_read_precision"],
                "exact_keys": fused_triton.LAUNCH["exact_keys"], "update_vjp_launch": dict(fused_update_vjp.LAUNCH_UPDATE_VJP),
-               "launch_set": launch_set, "backward_set": [o[1:] for o in opts if o.startswith("B") and "=" in o],
+               "launch_set": launch_set, "backward_set": backward_set,
                **{key: fused_triton.BACKWARD[key] for key in ("fold_read", "update_tf32", "overlap", "group_elements")}}
         try:
             torch.cuda.synchronize()
@@ -258,9 +260,9 @@ def train(dev, t: int, rep: int, compile_modes=("1", "0"), configs=("matched", "
             fused_triton.BACKWARD["timing"] = None
             fused_triton.BACKWARD["compile_sweep"] = fused_triton.BACKWARD["compile_batched"] = None
             fused_triton.BACKWARD["sweep_block"] = 8
-            fused_triton.BACKWARD.update(saved)
-            for key in {o[1:].split("=", 1)[0] for o in opts if o.startswith("B") and "=" in o}:  # (the variant's own settings)
-                fused_triton.BACKWARD[key] = saved_backward[key]
+            # (the settings the variant's options change, the ":B" ones included)
+            restored = ("read_vjp", "update_vjp", "fold_read", "update_tf32", "overlap", "group_elements", *(x.split("=", 1)[0] for x in backward_set))
+            fused_triton.BACKWARD.update({key: saved_backward[key] for key in restored})
             fused_triton.LAUNCH.update(saved_all_launch)
         print(json.dumps(row), flush=True)
         rows.append(row)

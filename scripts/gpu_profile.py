@@ -165,12 +165,11 @@ def case_routing_graphs(report, L):
 def case_routing_host(report, L):
     """Where the eager layer's host time goes: cProfile (Python functions) and the CPU side of
     torch.profiler (aten ops and launches), over eager forward+backward calls of the bench layer."""
-    import cProfile
-    import io
-    import pstats
     import time
 
     from torch.profiler import ProfilerActivity, profile
+
+    from mnemotorch.bench.streams import cprofile_tables
 
     x, ours = _routing_layer(L)
     params = [x, *[p for p in ours.parameters() if p.requires_grad]]
@@ -196,25 +195,16 @@ def case_routing_host(report, L):
         host = (time.perf_counter() - t) / n * 1e3  # host time per call while the GPU queue is not full
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / n * 1e3
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(n):
-            fn()
-        pr.disable()
-        torch.cuda.synchronize()
-        buf = io.StringIO()
-        st = pstats.Stats(pr, stream=buf)
-        st.sort_stats("tottime").print_stats(40)
-        st.sort_stats("cumulative").print_stats(40)
+        cprofile = "".join(cprofile_tables(fn, n, ("tottime", "cumulative"), 40).values())
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(n):
                 fn()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-        r[name] = {"host_ms_per_call": host, "wall_ms_per_call": wall, "cprofile": buf.getvalue()[-20000:], "cpu_ops": table}
+        r[name] = {"host_ms_per_call": host, "wall_ms_per_call": wall, "cprofile": cprofile[-20000:], "cpu_ops": table}
         print(f"\n### routing host {name} L={L}: host {host:.3f} ms, wall {wall:.3f} ms per call")
         print(table[:6000])
-        print(buf.getvalue()[:8000])
+        print(cprofile[:8000])
     report[f"routing_host_L{L}"] = r
 
 

@@ -70,27 +70,15 @@ def host_issue(step, n: int, rep: dict) -> None:
 def host_profile(forward, step, n: int) -> dict:
     """The host's time in one forward, then in ``n`` whole steps, under cProfile: the top functions by own and by
     cumulative time (``{"forward": [...], "step": [...]}``, lines as pstats prints them)."""
-    import cProfile
-    import io
-    import pstats
+    from mnemotorch.bench.streams import cprofile_tables
 
     out = {}
     for name, fn, reps in (("forward", forward, 1), ("step", step, n)):
         torch.cuda.synchronize()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(reps):
-            fn()
-        prof.disable()
-        torch.cuda.synchronize()
-        lines = []
-        for key in ("tottime", "cumulative"):
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(25)
-            lines += [f"[{key}] " + ln for ln in buf.getvalue().splitlines() if ln.strip()]
-        out[name] = lines
+        tables = cprofile_tables(fn, reps, ("tottime", "cumulative"))
+        out[name] = [f"[{key}] " + ln for key, text in tables.items() for ln in text.splitlines() if ln.strip()]
         print(f"== host profile: {name} ({reps}) ==", flush=True)
-        for ln in lines:
+        for ln in out[name]:
             print(ln[:230], flush=True)
     return out
 

@@ -73,3 +73,18 @@ def test_idle_gaps_between_merged_kernels():
     assert abs(r["span_ms"] - 0.6) < 1e-9 and abs(r["busy_ms"] - 0.34) < 1e-9 and abs(r["idle_ms"] - 0.26) < 1e-9
     assert [(round(g["ms"], 6), g["after"], g["before"]) for g in r["gaps"]] == [(0.25, "b", "c"), (0.01, "c", "d")]
     assert idle_gaps([])["gaps"] == []
+
+
+def test_cprofile_tables_lists_the_profiled_function_per_sort_key():
+    """:func:`cprofile_tables` runs the function the given number of times under cProfile and returns one pstats
+    table per sort key, naming the function with its call count."""
+    from mnemotorch.bench.streams import cprofile_tables
+
+    def busy_little_function():
+        return sum(range(1000))
+
+    tables = cprofile_tables(busy_little_function, 7, ("tottime", "cumulative"), 10)
+    assert list(tables) == ["tottime", "cumulative"]
+    for text in tables.values():
+        line = next(ln for ln in text.splitlines() if "busy_little_function" in ln)
+        assert line.split()[0] == "7"  # ncalls

@@ -5,7 +5,8 @@ The fused Titans memory's backward queues its batched passes on a second CUDA st
 its SMs, is a question about time intervals on a profiler trace: :func:`kernels_from_chrome_trace` reads the kernel
 events (name, stream, start, duration) of a ``torch.profiler`` Chrome trace, :func:`stream_overlap` measures, for
 the intervals of the kernels whose name contains ``key``, how much kernel time of the other streams fell inside them.
-``scripts/profile_titans_layer.py --overlap`` prints and records it.
+``scripts/profile_titans_layer.py --overlap`` prints and records it. :func:`idle_gaps` finds where no kernel ran at all,
+and :func:`cprofile_tables` where the host's own time went (Python functions, cProfile).
 """
 
 from __future__ import annotations
@@ -102,4 +103,29 @@ def idle_gaps(kernels: list[dict], top: int = 12) -> dict:
     return {"span_ms": span / 1e3, "busy_ms": busy_us / 1e3, "idle_ms": (span - busy_us) / 1e3, "gaps": gaps[:top]}
 
 
-__all__ = ["idle_gaps", "kernels_from_chrome_trace", "stream_overlap"]
+def cprofile_tables(fn, calls: int, keys: tuple = ("tottime",), top: int = 25) -> dict:
+    """``fn()`` called ``calls`` times under cProfile (this thread; the CUDA device synchronised after, where there is
+    one, so that the profile covers the host's side of the calls and no later work): per pstats sort key in ``keys``,
+    the table of the ``top`` functions as pstats prints it."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    tables = {}
+    for key in keys:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
+        tables[key] = buf.getvalue()
+    return tables
+
+
+__all__ = ["cprofile_tables", "idle_gaps", "kernels_from_chrome_trace", "stream_overlap"]
