@@ -42,6 +42,20 @@ def host_issue(step, n: int, rep: dict) -> None:
         torch.cuda.synchronize()
         dev.append(a.elapsed_time(b))
     rep["host_issue_ms"], rep["device_step_ms"] = host, dev
+    # the same steps with the host given a head start (a sleep kernel queued first): the device's time a step when it
+    # never waits for the host, the floor of what cutting host work can give
+    lead = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(2 * max(host) * 1e-3 * 2.0e9))  # ≥ twice the host's issue time at up to ~2 GHz
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        lead.append(a.elapsed_time(b))
+    rep["device_step_with_host_lead_ms"] = lead
+    rep["launch_cache"] = launch_cache_counts()
+    print(f"launch cache (hits, misses): {rep['launch_cache']}", flush=True)
     import traceback
 
     syncs: dict = {}
@@ -62,9 +76,17 @@ def host_issue(step, n: int, rep: dict) -> None:
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
     rep["syncs"] = [{"where": k, "count": c} for k, c in syncs.items()]
-    print(f"host issue ms {[round(x, 2) for x in host]}; device step ms {[round(x, 2) for x in dev]}; {len(syncs)} synchronising sites", flush=True)
+    print(f"host issue ms {[round(x, 2) for x in host]}; device step ms {[round(x, 2) for x in dev]}; with the host ahead "
+          f"{[round(x, 2) for x in lead]}; {len(syncs)} synchronising sites", flush=True)
     for k, c in syncs.items():
         print(f"  sync x{c}: {k}", flush=True)
+
+
+def launch_cache_counts() -> dict:
+    """``{kernel: (hits, misses)}`` of the cached launches so far (mnemotorch.ops.triton_launch.launcher)."""
+    from mnemotorch.ops.triton_launch import launchers
+
+    return {getattr(c.kernel, "__name__", repr(c.kernel)): (c.hits, c.misses) for c in launchers()}
 
 
 def host_profile(forward, step, n: int) -> dict:
@@ -81,6 +103,57 @@ def host_profile(forward, step, n: int) -> dict:
         for ln in out[name]:
             print(ln[:230], flush=True)
     return out
+
+
+#: Functions wrapped in ``torch.profiler.record_function`` under ``--gaps`` (module, attribute path): in the profiler's
+#: trace their host time shows up under their names in the gaps' host ops (mnemotorch.bench.streams.host_during_gaps).
+MARKS = (
+    ("mnemotorch.layers.titans", "TitansLMM.forward"),
+    ("mnemotorch.ops.memory.fused_triton", "neural_memory_fused"),
+    ("mnemotorch.ops.memory.fused_triton", "check_memory_args"),
+    ("mnemotorch.ops.memory.fused_triton", "check_fused_args"),
+    ("mnemotorch.ops.memory.fused_triton", "fused_coefficients"),
+    ("mnemotorch.ops.memory.fused_triton", "_FusedMemory.forward"),
+    ("mnemotorch.ops.memory.fused_triton", "_FusedMemory.backward"),
+    ("mnemotorch.ops.memory.fused_triton", "_launch_split"),
+    ("mnemotorch.ops.memory.fused_triton", "_kept_key_pass"),
+    ("mnemotorch.ops.memory.fused_triton", "_sweep_triton"),
+    ("mnemotorch.ops.memory.fused_triton", "_update_vjp_triton"),
+    ("mnemotorch.ops.memory.fused_triton", "_chunk_major"),
+    ("mnemotorch.ops.memory.fused_triton", "_GroupGrads.add"),
+    ("mnemotorch.ops.memory.fused_triton", "_GroupGrads.add_last"),
+    ("mnemotorch.ops.memory.fused_triton", "_GroupGrads.finish"),
+    ("mnemotorch.ops.memory.fused_read_vjp", "launch"),
+    ("mnemotorch.ops.memory.fused_read_vjp", "after_kernels"),
+)
+
+
+def mark_functions(marks=MARKS) -> None:
+    """Wrap each ``(module, "Name" or "Class.name")`` of ``marks`` in ``record_function`` (static methods stay static)."""
+    import functools
+    import importlib
+    import inspect
+
+    from torch.profiler import record_function
+
+    for mod_name, path in marks:
+        owner = importlib.import_module(mod_name)
+        *outer, attr = path.split(".")
+        for part in outer:
+            owner = getattr(owner, part)
+        try:
+            raw = inspect.getattr_static(owner, attr)
+        except AttributeError:  # renamed since: not marked
+            print(f"mark_functions: {mod_name}.{path} not found", flush=True)
+            continue
+        fn = raw.__func__ if isinstance(raw, staticmethod) else raw
+
+        def wrapped(*a, _fn=fn, _label=path, **kw):
+            with record_function(_label):
+                return _fn(*a, **kw)
+
+        wrapped = functools.wraps(fn)(wrapped)
+        setattr(owner, attr, staticmethod(wrapped) if isinstance(raw, staticmethod) else wrapped)
 
 
 def main(argv=None) -> int:
@@ -147,6 +220,9 @@ def main(argv=None) -> int:
         host_issue(step, args.host, rep)
     if args.cprofile:
         rep["cprofile"] = host_profile(lambda: layer(x)[0], step, args.cprofile)
+    if args.gaps:
+        mark_functions()
+        step()  # once through the wrappers before the profiled step
     phases: dict = {}
     fused_triton.BACKWARD["timing"] = phases
     try:
@@ -186,17 +262,23 @@ def main(argv=None) -> int:
     if args.overlap or args.gaps:
         import tempfile
 
-        from mnemotorch.bench.streams import idle_gaps, kernels_from_chrome_trace, stream_overlap
+        from mnemotorch.bench.streams import host_during_gaps, idle_gaps, kernels_from_chrome_trace, stream_overlap
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "trace.json")
-            prof.export_chrome_trace(path)
-            kernels = kernels_from_chrome_trace(path)
+        tmp = tempfile.mkdtemp()
+        trace_path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace_path)
+        kernels = kernels_from_chrome_trace(trace_path)
     if args.gaps:
         rep["gaps"] = idle_gaps(kernels, 16)
         r = rep["gaps"]
         print(f"gaps: span {r['span_ms']:.2f} ms, kernels busy {r['busy_ms']:.2f} ms, idle {r['idle_ms']:.2f} ms; longest: "
               + "; ".join(f"{x['ms']:.3f} after {x['after'][:40]} before {x['before'][:40]}" for x in r["gaps"]), flush=True)
+        rep["gaps_host"] = host_during_gaps(trace_path, 16, 8)
+        print("host time in the device's idle gaps, by innermost op: "
+              + ", ".join(f"{o['op'][:60]} {o['ms']:.3f}" for o in rep["gaps_host"]["by_op"]), flush=True)
+        for x in rep["gaps_host"]["gaps"]:
+            print(f"  gap {x['ms']:.3f} ms before {x['before'][:50]} (host-bound: {x['host_bound']}): "
+                  + ", ".join(f"{o['op'][:50]} {o['ms']:.3f}" for o in x["host_ops"]) + f"; outside ops {x['other_ms']:.3f}", flush=True)
     if args.overlap:  # did the second stream's passes run during the sequential kernels, or wait for their SMs?
         rep["overlap"] = {key: stream_overlap(kernels, key) for key in ("_lmm_split_sweep_kernel", "_lmm_split_fwd_kernel")}
         for key, r in rep["overlap"].items():

@@ -88,3 +88,36 @@ def test_cprofile_tables_lists_the_profiled_function_per_sort_key():
     for text in tables.values():
         line = next(ln for ln in text.splitlines() if "busy_little_function" in ln)
         assert line.split()[0] == "7"  # ncalls
+
+
+def test_host_during_gaps_gives_the_window_between_the_gap_and_the_launch_to_the_innermost_host_ops(tmp_path) -> None:
+    from mnemotorch.bench.streams import host_during_gaps
+
+    ev = [
+        # device: k1 [0, 10), k2 [50, 60) (a 40 µs gap, launched by the host at 45), k3 [61, 70) (launched at 5: not host-bound)
+        {"ph": "X", "cat": "kernel", "name": "k1", "ts": 0, "dur": 10, "args": {"stream": 7, "correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "k2", "ts": 50, "dur": 10, "args": {"stream": 7, "correlation": 2}},
+        {"ph": "X", "cat": "kernel", "name": "k3", "ts": 61, "dur": 9, "args": {"stream": 7, "correlation": 3}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1, "dur": 1, "tid": 5, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 45, "dur": 2, "tid": 5, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 5, "dur": 1, "tid": 5, "args": {"correlation": 3}},
+        # host, thread 5: an outer op [8, 30) with a child [12, 20) (its time not the outer's), then [32, 44); thread 6 ignored
+        {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "ts": 8, "dur": 22, "tid": 5},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 12, "dur": 8, "tid": 5},
+        {"ph": "X", "cat": "user_annotation", "name": "launch_walk", "ts": 32, "dur": 12, "tid": 5},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 20, "dur": 30, "tid": 6},
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    got = host_during_gaps(str(path))
+    rows = got["gaps"]
+    assert [r["before"] for r in rows] == ["k2", "k3"]
+    first = rows[0]
+    assert first["ms"] == pytest.approx(0.04) and first["host_bound"] is True
+    # window [10, 45]: the linear's own time inside it 20 - 8 = 12 µs, its mm 8, launch_walk 12, the rest (35 - 32 = 3 µs)
+    # in no op
+    assert first["host_ops"] == [{"op": "aten::linear", "ms": pytest.approx(0.012)}, {"op": "launch_walk", "ms": pytest.approx(0.012)},
+                                 {"op": "aten::mm", "ms": pytest.approx(0.008)}]
+    assert first["other_ms"] == pytest.approx(0.003)
+    assert rows[1]["host_bound"] is False and rows[1]["host_ops"] == []
+    assert got["by_op"] == first["host_ops"]  # only the host-bound gap counts

@@ -6,7 +6,8 @@ its SMs, is a question about time intervals on a profiler trace: :func:`kernels_
 events (name, stream, start, duration) of a ``torch.profiler`` Chrome trace, :func:`stream_overlap` measures, for
 the intervals of the kernels whose name contains ``key``, how much kernel time of the other streams fell inside them.
 ``scripts/profile_titans_layer.py --overlap`` prints and records it. :func:`idle_gaps` finds where no kernel ran at all,
-and :func:`cprofile_tables` where the host's own time went (Python functions, cProfile).
+:func:`host_during_gaps` what the host was doing meanwhile, and :func:`cprofile_tables` where the host's own time went
+(Python functions, cProfile).
 """
 
 from __future__ import annotations
@@ -103,6 +104,67 @@ def idle_gaps(kernels: list[dict], top: int = 12) -> dict:
     return {"span_ms": span / 1e3, "busy_ms": busy_us / 1e3, "idle_ms": (span - busy_us) / 1e3, "gaps": gaps[:top]}
 
 
+def host_during_gaps(path: str, top: int = 8, ops: int = 6) -> dict:
+    """What the host ran while the device waited for it, from a ``torch.profiler`` Chrome trace (CPU and CUDA activity).
+
+    For each of the ``top`` longest gaps in which no kernel ran (as :func:`idle_gaps` finds them), the kernel that ends
+    the gap was launched at some host time ``L`` (its runtime or driver launch event, matched by correlation id). The
+    device was idle from the gap's start ``a`` until that launch reached it, so the host's work in ``[a, L]`` on the
+    launching thread is what the gap cost: each instant of that window goes to the innermost CPU op or user annotation
+    (``record_function``) running then, and ``host_ops`` lists their names with the time each got (``ops`` of them,
+    longest first; an annotation's own Python shows up as its time outside the ops it contains); ``other_ms`` is the
+    window's time in none of them. ``host_bound`` is False where the launch came before the gap began (the kernel
+    waited for something else: an event of another stream). Returns ``{"gaps": [those rows], "by_op": [{"op", "ms"}]}``,
+    ``by_op`` summed over every host-bound gap (``ops`` · 3 names). Times in ms.
+    """
+    with open(path) as f:
+        trace = json.load(f)
+    events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace) if e.get("ph") == "X"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and (e.get("args") or {}).get("correlation") is not None]
+    launches = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and (e.get("args") or {}).get("correlation") is not None:
+            launches[e["args"]["correlation"]] = e
+    host = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation")), key=lambda e: (e["ts"], -e.get("dur", 0)))
+    kernels.sort(key=lambda e: e["ts"])
+    busy = _merge((float(k["ts"]), float(k["ts"]) + float(k.get("dur", 0))) for k in kernels)
+    out, total = [], {}
+    for (_, a), (b, _) in zip(busy, busy[1:]):
+        nxt = min((k for k in kernels if float(k["ts"]) >= b - 1e-3), key=lambda k: float(k["ts"]))
+        launch = launches.get(nxt["args"]["correlation"])
+        row = {"ms": (b - a) / 1e3, "before": nxt.get("name", ""), "host_bound": None, "host_ops": [], "other_ms": 0.0}
+        spent: dict[str, float] = {}
+        if launch is not None:
+            end = float(launch["ts"])
+            row["host_bound"] = end > a
+            spent = _innermost_time([e for e in host if e.get("tid") == launch.get("tid") and float(e["ts"]) < end
+                                     and float(e["ts"]) + float(e.get("dur", 0)) > a], a, end)
+            row["host_ops"] = [{"op": n, "ms": t} for n, t in sorted(spent.items(), key=lambda x: -x[1])[:ops]]
+            row["other_ms"] = max(0.0, (end - a) / 1e3 - sum(spent.values()))
+        out.append(row)
+        for name, t in (spent.items() if row["host_bound"] else ()):
+            total[name] = total.get(name, 0.0) + t
+    out.sort(key=lambda r: -r["ms"])
+    return {"gaps": out[:top], "by_op": [{"op": n, "ms": t} for n, t in sorted(total.items(), key=lambda x: -x[1])[: 3 * ops]]}
+
+
+def _innermost_time(events: list[dict], a: float, b: float) -> dict[str, float]:
+    """``{name: ms}``: each instant of ``[a, b]`` (µs) given to the innermost of the (properly nested) ``events``
+    covering it, the one that began last."""
+    cuts = sorted({a, b, *(min(max(float(e["ts"]), a), b) for e in events),
+                   *(min(max(float(e["ts"]) + float(e.get("dur", 0)), a), b) for e in events)})
+    spent: dict[str, float] = {}
+    for x, y in zip(cuts, cuts[1:]):
+        mid = (x + y) / 2
+        inner = None
+        for e in events:
+            if float(e["ts"]) <= mid < float(e["ts"]) + float(e.get("dur", 0)) and (inner is None or float(e["ts"]) >= float(inner["ts"])):
+                inner = e
+        if inner is not None:
+            spent[inner.get("name", "")] = spent.get(inner.get("name", ""), 0.0) + (y - x) / 1e3
+    return spent
+
+
 def cprofile_tables(fn, calls: int, keys: tuple = ("tottime",), top: int = 25) -> dict:
     """``fn()`` called ``calls`` times under cProfile (this thread; the CUDA device synchronised after, where there is
     one, so that the profile covers the host's side of the calls and no later work): per pstats sort key in ``keys``,
@@ -128,4 +190,4 @@ def cprofile_tables(fn, calls: int, keys: tuple = ("tottime",), top: int = 25) -
     return tables
 
 
-__all__ = ["cprofile_tables", "idle_gaps", "kernels_from_chrome_trace", "stream_overlap"]
+__all__ = ["cprofile_tables", "host_during_gaps", "idle_gaps", "kernels_from_chrome_trace", "stream_overlap"]
