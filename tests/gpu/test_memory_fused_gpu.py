@@ -218,8 +218,8 @@ def test_update_u_from_sweep_gpu(monkeypatch, config: str, t: int) -> None:
     (q, k, v), gates, st = make(t, torch.bfloat16)
     y_ref, g_ref = train_grads(neural_memory_chunked, (q.float(), k.float(), v.float()), gates, st, cfg)
     handed = []
-    real = fused_update_vjp.lmm_update_vjp
-    monkeypatch.setattr(fused_update_vjp, "lmm_update_vjp", lambda *a: handed.append(a[-2] is not None) or real(*a))
+    real = fused_update_vjp._lmm_update_vjp  # (the op, called without the dispatcher in eager mode: ops/eager.py)
+    monkeypatch.setattr(fused_update_vjp, "_lmm_update_vjp", lambda *a: handed.append(a[-2] is not None) or real(*a))
     errs = {}
     for on in (False, True):
         monkeypatch.setitem(fused_triton.BACKWARD, "update_u_from_sweep", on)

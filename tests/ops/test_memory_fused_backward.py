@@ -392,8 +392,8 @@ def test_fused_training_read_sums_kept_or_recomputed(monkeypatch, name, cfg, cli
     q, k, v, th, et, al = make_inputs(b=1, t=2 * 32, h=2, dk=16, dv=16, seed=7, theta_max=0.5)
     st = make_state(1, 2, 16, 16, 2, hidden=32)
     seen = []
-    real = fused_read_vjp.lmm_read_vjp
-    monkeypatch.setattr(fused_read_vjp, "lmm_read_vjp", lambda *a: seen.append(len(a)) or real(*a))
+    real = fused_read_vjp._lmm_read_vjp  # (the op, called without the dispatcher in eager mode: ops/eager.py)
+    monkeypatch.setattr(fused_read_vjp, "_lmm_read_vjp", lambda *a: seen.append(len(a)) or real(*a))
     y1, g1 = _train_grads(fused_triton.neural_memory_fused, torch.float32, q, k, v, (th, et, al), st, 32, cfg, clip)
     assert seen and all(x == 21 for x in seen)  # (13 tensors, 4 settings, the 3 sums, Ẑ_1)
     for key, n_args in (("read_z_from_forward", 20), ("read_sums_from_forward", 17)):
@@ -663,8 +663,8 @@ def test_fused_training_update_u_from_sweep(monkeypatch):
     q, k, v, th, et, al = make_inputs(b=1, t=2 * 16, h=2, dk=16, dv=16, seed=9, theta_max=0.5)
     st = make_state(1, 2, 16, 16, 2, hidden=32)
     seen, side = [], []
-    real = fused_update_vjp.lmm_update_vjp
-    monkeypatch.setattr(fused_update_vjp, "lmm_update_vjp", lambda *a: seen.append((a[-2] is not None, a[-1] is not None)) or real(*a))
+    real = fused_update_vjp._lmm_update_vjp  # (the op, called without the dispatcher in eager mode: ops/eager.py)
+    monkeypatch.setattr(fused_update_vjp, "_lmm_update_vjp", lambda *a: seen.append((a[-2] is not None, a[-1] is not None)) or real(*a))
     real_side = fused_triton._Streams.used_on_side  # (with BACKWARD["overlap"] the update VJP reads them on the second stream)
     monkeypatch.setattr(fused_triton._Streams, "used_on_side", lambda self, ts: side.append([tuple(t.shape) for t in ts]) or real_side(self, ts))
     for cfg, clip in ((MATCHED, None), (dict(activation="silu", residual=False, layer_norm=True), 0.3)):

@@ -124,6 +124,20 @@ def test_entries_are_bounded(fake_triton):
     assert launch.hits == 1
 
 
+def test_launcher_is_one_per_kernel_object_and_follows_a_swapped_global(fake_triton):
+    """``launcher(kernel)``: the same CachedLaunch for the same kernel (its hits accumulate across call sites); a
+    wrapper a test puts in the kernel's place gets its own, so the wrapper sees the launches."""
+    k, wrapper = FakeKernel(), FakeKernel()
+    assert tl_launch.launcher(k) is tl_launch.launcher(k)
+    x = torch.zeros(8)
+    for _ in range(3):
+        tl_launch.launcher(k)[(1,)](x, 7, 0.5, A=4, B=True)
+    assert (tl_launch.launcher(k).hits, tl_launch.launcher(k).misses) == (2, 1)
+    tl_launch.launcher(wrapper)[(1,)](x, 7, 0.5, A=4, B=True)
+    assert len(wrapper.normal) == 1 and len(k.normal) == 1
+    assert tl_launch.launcher(k) in tl_launch.launchers() and tl_launch.launcher(wrapper) in tl_launch.launchers()
+
+
 def test_interpreter_never_caches(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not tl_launch.enabled()

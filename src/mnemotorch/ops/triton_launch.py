@@ -146,6 +146,25 @@ class CachedLaunch:
             self.entries.popitem(last=False)
 
 
+#: :func:`launcher`'s instances, by the id of their kernel (kept alive with it, so that an id is never reused)
+_LAUNCHERS: dict = {}
+
+
+def launcher(kernel) -> CachedLaunch:
+    """The one :class:`CachedLaunch` of ``kernel``, made on first use. Call sites write ``launcher(_my_kernel)[grid](...)``
+    with the module's global, so a test that swaps the global for a recording wrapper still sees every launch (the
+    wrapper gets its own launcher; under the interpreter the cache is off and every launch goes through it)."""
+    entry = _LAUNCHERS.get(id(kernel))
+    if entry is None:
+        entry = _LAUNCHERS[id(kernel)] = (kernel, CachedLaunch(kernel))
+    return entry[1]
+
+
+def launchers() -> list[CachedLaunch]:
+    """Every :class:`CachedLaunch` :func:`launcher` has made (``.kernel``, ``.hits``, ``.misses``)."""
+    return [c for _, c in _LAUNCHERS.values()]
+
+
 @functools.lru_cache(maxsize=None)
 def ptxas_release(capability: tuple[int, int]) -> tuple[int, int] | None:
     """``(major, minor)`` of the ptxas Triton compiles with for a GPU of this compute capability
@@ -255,5 +274,5 @@ def tma_row_view(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
     return [b * n, h * d], [t.stride(1), 1]
 
 
-__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "built_with_ptxas", "capability", "enabled", "ptxas_for_build", "ptxas_release", "sm_count",
+__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "built_with_ptxas", "capability", "enabled", "launcher", "launchers", "ptxas_for_build", "ptxas_release", "sm_count",
            "tma_row_view"]

@@ -36,6 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..eager import direct
+from ..triton_launch import launcher
+
 #: The ``[C, C]`` products' ``tl.dot`` input precision: "tf32x3" (three TF32 products on the matrix unit, ~2⁻²¹ relative
 #: error a term). "ieee" is exact fp32 but builds as CUDA-core FMAs whose operand tiles spill (offline sm_90a builds,
 #: C = 64, 4 warps: 900 bytes a thread forward, 17 KB backward; ``scripts/aot_memory.py --kernels coef_fwd,coef_bwd``).
@@ -142,7 +145,7 @@ def memory_coefficients(log_retain: Tensor, log_eta: Tensor, theta: Tensor, chun
     g, nm = torch.empty((n, bsz, h, c, c), **f32), torch.empty((n, bsz, h, c, c), **f32)
     beta, m, f = (torch.empty((n, bsz, h, c), **f32) for _ in range(3))
     if n * bsz * h:
-        _coef_fwd_kernel[(n * bsz * h,)](log_retain, log_eta, theta, g, nm, beta, m, f, bsz, h, *log_retain.stride(), *log_eta.stride(),
+        launcher(_coef_fwd_kernel)[(n * bsz * h,)](log_retain, log_eta, theta, g, nm, beta, m, f, bsz, h, *log_retain.stride(), *log_eta.stride(),
                                          *theta.stride(), C=c, PREC=PRECISION, num_warps=4)  # fmt: skip
     return g, nm, beta, m, f
 
@@ -163,7 +166,7 @@ def memory_coefficients_bwd(log_retain: Tensor, log_eta: Tensor, theta: Tensor, 
     bsz, n, h, c = _check(log_retain, log_eta, theta, chunk_size)
     outs = [torch.empty((bsz, n * c, h), device=theta.device, dtype=torch.float32) for _ in range(3)]
     if n * bsz * h:
-        _coef_bwd_kernel[(n * bsz * h,)](log_retain, log_eta, nmat, dg, dn, dbeta, dm, df, *outs, bsz, h, *log_retain.stride(),
+        launcher(_coef_bwd_kernel)[(n * bsz * h,)](log_retain, log_eta, nmat, dg, dn, dbeta, dm, df, *outs, bsz, h, *log_retain.stride(),
                                          *log_eta.stride(), C=c, PREC=PRECISION, num_warps=4)  # fmt: skip
     return tuple(outs)
 
@@ -184,12 +187,15 @@ def _backward(ctx, dg, dn, dbeta, dm, df):
     log_retain, log_eta, theta, nmat = ctx.saved_tensors
     f32 = lambda x, shape: nmat.new_zeros(shape) if x is None else x.to(torch.float32).contiguous()  # noqa: E731
     mat, vec = nmat.shape, nmat.shape[:-1]  # [n, B, H, C, C], [n, B, H, C]
-    dla, dle, dth = memory_coefficients_bwd(log_retain, log_eta, theta, nmat, f32(dg, mat), f32(dn, mat), f32(dbeta, vec),
+    dla, dle, dth = _coefficients_bwd(log_retain, log_eta, theta, nmat, f32(dg, mat), f32(dn, mat), f32(dbeta, vec),
                                             f32(dm, vec), f32(df, vec), ctx.chunk_size)  # fmt: skip
     return dla.to(log_retain.dtype), dle.to(log_eta.dtype), dth.to(theta.dtype), None
 
 
 memory_coefficients.register_autograd(_backward, setup_context=_setup_context)
+# eager calls without the dispatcher's round trip (ops/eager.py); with autograd, through the same three functions
+_coefficients = direct(memory_coefficients, _setup_context, _backward)
+_coefficients_bwd = direct(memory_coefficients_bwd)
 
 
 def gate_coefficients_triton(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
@@ -197,7 +203,7 @@ def gate_coefficients_triton(theta: Tensor, eta: Tensor, alpha: Tensor, chunk_si
     ``(G, N [n, B, H, C, C], β, m, f [n, B, H, C])``. The logs stay in PyTorch (:func:`~.chunked.log_gates`)."""
     from .chunked import log_gates
 
-    return memory_coefficients(*log_gates(eta, alpha, torch.float32), theta.float(), chunk_size)
+    return _coefficients(*log_gates(eta, alpha, torch.float32), theta.float(), chunk_size)
 
 
 __all__ = ["gate_coefficients_triton", "memory_coefficients", "memory_coefficients_bwd"]

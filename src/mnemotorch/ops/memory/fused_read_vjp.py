@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..eager import direct
+from ..triton_launch import launcher
 from .fused_backward import KeyPass, read_vjp_tail
 from .fused_triton import _act, _act_grad, _ln_rows, _mmp, launch_from_env
 
@@ -228,13 +230,13 @@ def lmm_read_vjp(
     have = sum(x is not None for x in sums)
     if have not in (0, 3):
         raise ValueError(f"lmm_read_vjp: sum_w, sum_s and sum_x come together, got {have} of the 3")
-    _lmm_read_vjp_a_kernel[(q.shape[0], nbh)](
+    launcher(_lmm_read_vjp_a_kernel)[(q.shape[0], nbh)](
         q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, dz2, dag2, dd2, dgt2, db2, df2, *(sums if have else (dy, dy, gt)), ln_eps,
         C=c, DK=dk, DV=dv, HID=hid, BH=min(int(LAUNCH_READ_VJP["a_slice"]), hid), ACT=act, LN=layer_norm, PREC=prec, SUMS=bool(have),
         num_warps=int(LAUNCH_READ_VJP["a_warps"]), num_stages=1,
     )  # fmt: skip
     bh, ns = _slices(hid)
-    _lmm_read_vjp_b_kernel[(ns * q.shape[0], nbh)](
+    launcher(_lmm_read_vjp_b_kernel)[(ns * q.shape[0], nbh)](
         q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, dz2, dag2, bw1, bs1, bw2, bs2, dd1, dx1, pdq, pda1, pdb, pdf,
         x1 if z_read is None else z_read, C=c, DK=dk, DV=dv, HID=hid, BH=bh, ACT=act, PREC=prec, ZH=z_read is not None,
         num_warps=int(LAUNCH_READ_VJP["warps"]), num_stages=int(LAUNCH_READ_VJP["stages"]),
@@ -246,6 +248,9 @@ def lmm_read_vjp(
 def _(q, k, gt, beta, f, w1, s1, w2, s2, x1, d1, d2, dy, activation, layer_norm, ln_eps, prec, sum_w=None, sum_s=None, sum_x=None,
       z_read=None):  # fmt: skip
     return _outputs(q, gt, beta, f, w1, s1, w2, s2, x1, d2)
+
+
+_lmm_read_vjp = direct(lmm_read_vjp)  # eager calls without the dispatcher's round trip (ops/eager.py)
 
 
 class KernelParts(NamedTuple):
@@ -273,7 +278,7 @@ def launch(q, k, gt, beta, f, w, s, x1, d1, d2, dy, activation: str, layer_norm:
     cont = lambda x: x if x.is_contiguous() else x.contiguous()  # noqa: E731
     ins = [cont(x.float()) for x in (q, k, gt, beta, f, w[0], s[0], w[1], s[1], x1, d1, d2, dy)]
     extra = [cont(x.float()) for x in sums] if sums else []
-    out = lmm_read_vjp(*ins, activation, layer_norm, ln_eps, prec, *extra)
+    out = _lmm_read_vjp(*ins, activation, layer_norm, ln_eps, prec, *extra)
     return KernelParts(*out[:7], out[7:9], out[9:11], out[11:13], out[13])
 
 

@@ -53,8 +53,9 @@ from torch import Tensor
 from ..block_sparse.swa_triton import _mma
 from ..block_sparse.triton import _alloc, _mm
 from ..compiled import compile_allowed, compiled_over_length
+from ..eager import direct
 from ..triton_dots import dot_split, dot_split_right
-from ..triton_launch import built_with_ptxas, capability, ptxas_for_build, sm_count
+from ..triton_launch import built_with_ptxas, capability, launcher, ptxas_for_build, sm_count
 from .chunked import _chunk_major, _clipped, _key_pass, _read, _update, gate_coefficients, neural_memory_chunked
 from .fused_backward import KeyPass, _clip_stats, key_pass_from_forward, key_pass_saved, read_vjp, state_adjoint, sweep_block
 from .reference import (
@@ -1471,8 +1472,8 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
     # below 64 columns on a GPU, the walk is built with Triton's newer bundled ptxas where it has one (the one Triton 3.6
     # builds Hopper kernels with builds it wrong: _split_slice); the release is part of the specialisation
     ptxas, release = _walk_ptxas(q) if hid // ns < 64 and not _interpreted(q) else (None, None)
-    if ptxas is not None:
-        meta["PTXAS"] = "%d.%d" % release
+    # (passed even when empty, its default: a launch through the cache needs every constexpr by keyword)
+    meta["PTXAS"] = "%d.%d" % release if ptxas is not None else ""
     meta["P3"] = _phase3_mode(activation, layer_norm, phase0=not by_phase)
     if batched and meta["P3"] == _P3_MODES["scratch"]:  # σ(Z_1), Δ_1 (slices private to a program), each program's Δ_2
         hs = torch.empty((nbh, c, hid), **f32)
@@ -1497,7 +1498,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
                         _lmm_split_fwd_kernel[(nbh * ns,)](*args, i, 1, *scalars, PHASE=phase, **meta)
                 return
             ev = _profile_events(prof, "walk_ms")
-            _lmm_split_fwd_kernel[(nbh * ns,)](*args, lo, hi - lo, *scalars, PHASE=0, PROFILE=prof is not None, **meta)
+            launcher(_lmm_split_fwd_kernel)[(nbh * ns,)](*args, lo, hi - lo, *scalars, PHASE=0, PROFILE=prof is not None, **meta)
         if prof is not None:
             ev()
             _profile_stamps(prof, stamps)
@@ -1538,7 +1539,7 @@ def _launch_split(q, k, v, y, coefs, w, s, slots, ns, activation, residual, laye
             sl, slot0 = (w[0].numel(), w[1].numel()), lo
         walk(wb, sb, sl, slot0, z1, pd, nbh * c * hid, d2o, z2o, sco, lo, hi)
         ev = _profile_events(prof, "read_ms")
-        _lmm_chunk_read_kernel[(nbh, gn)](
+        launcher(_lmm_chunk_read_kernel)[(nbh, gn)](
             q, k, y, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), y.stride(0), y.stride(1), y.stride(2),
             g, beta, f, wb[0], sb[0], wb[1], sb[1], *sl, z1, pd, d2o, sco, *parts, lo, slot0, heads, float(ln_eps),
             C=c, DK=dk, DV=dv, HID=hid, BH=bh_read, ACT=_ACT_CODES[activation], RESIDUAL=residual, LN=layer_norm, CLIP=clip,
@@ -1691,7 +1692,7 @@ def _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_no
                 for phase in (1, 3) if join else (1, 2, 3):
                     _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, i, 1, g_n, PHASE=phase, **smeta)
         else:
-            _lmm_split_sweep_kernel[(nbh * ns,)](*xargs, 0, g_n, g_n, PHASE=0, PROFILE=prof is not None, **smeta)
+            launcher(_lmm_split_sweep_kernel)[(nbh * ns,)](*xargs, 0, g_n, g_n, PHASE=0, PROFILE=prof is not None, **smeta)
             if prof is not None:
                 sub: dict = {}
                 _profile_stamps(sub, stamps)
@@ -1790,6 +1791,9 @@ def _(q, k, v, g, n, beta, m, f, weights, momentum, activation, residual, layer_
         hid, dv = weights[0].shape[-1], v.shape[-1]
         out += [q.new_empty((*nb, d), dtype=torch.float32) for d in (hid, hid, dv, dv, *_kept_read_widths(hid, dv, beta.shape[-1]))]
     return out
+
+
+_lmm_fused_fwd = direct(lmm_fused_fwd)  # eager calls without the dispatcher's round trip (ops/eager.py)
 
 
 def _pow2_at_least_16(x: int) -> bool:
@@ -2150,7 +2154,7 @@ class _FusedMemory(torch.autograd.Function):
     def forward(ctx, cfg, q, k, v, g, nmat, beta, m, f, *state):
         depth = len(state) // 2
         keep = keeps_key_pass(q, state[:depth], beta.shape[-1], cfg[4] is not None)
-        res = lmm_fused_fwd(q, k, v, g, nmat, beta, m, f, list(state[:depth]), list(state[depth:]), *cfg, True, keep)
+        res = _lmm_fused_fwd(q, k, v, g, nmat, beta, m, f, list(state[:depth]), list(state[depth:]), *cfg, True, keep)
         slots = res[1 : 1 + 2 * depth]
         ctx.save_for_backward(q, k, v, g, nmat, beta, m, f, *slots, *res[1 + 2 * depth :])  # + Z_1, P, Δ_2, Z_2 [+ the read's sums, Ẑ_1] when kept
         ctx.cfg, ctx.depth = cfg, depth
@@ -2429,7 +2433,7 @@ def neural_memory_fused_forward(
         if train:
             res = _FusedMemory.apply((activation, residual, layer_norm, ln_eps, max_grad_norm), *qkv, *coefs, *state.weights, *state.momentum)
         else:
-            res = lmm_fused_fwd(*qkv, *coefs, list(state.weights), list(state.momentum), activation, residual, layer_norm, ln_eps,
+            res = _lmm_fused_fwd(*qkv, *coefs, list(state.weights), list(state.momentum), activation, residual, layer_norm, ln_eps,
                                 max_grad_norm, False)  # fmt: skip
         depth = len(state.weights)
         w, s = tuple(res[1 : 1 + depth]), tuple(res[1 + depth :])

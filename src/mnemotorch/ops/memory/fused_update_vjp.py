@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..eager import direct
+from ..triton_launch import launcher
 from .fused_backward import KeyPass, ReadCotangents
 from .fused_triton import _loss_second, _mmap, _mmp, _sweep_chunk_inputs, launch_from_env
 
@@ -277,7 +279,7 @@ def lmm_update_vjp(
         raise ValueError("lmm_update_vjp: gsum comes with u, and only with the clip")
     any_ = lambda x: k if x is None else x  # noqa: E731  (a pointer the kernel does not read: its constexpr is off)
     bh = min(int(LAUNCH_UPDATE_VJP["slice"]), hid)
-    _lmm_update_vjp_kernel[(rows,)](
+    launcher(_lmm_update_vjp_kernel)[(rows,)](
         k, x1, dl1, sp, curv, dl2, any_(out), any_(rstd), any_(dmean),
         w1, w2, s1, s2, aw1, as1, aw2, as2,
         gl, nl, any_(sc), any_(xn0), any_(xn1), any_(dn0), any_(dn1), any_(sq),
@@ -293,6 +295,9 @@ def lmm_update_vjp(
 def _(k, x1, dl1, sp, curv, dl2, out, rstd, dmean, w1, w2, s1, s2, aw1, as1, aw2, as2, gl, nl, sc, xn0, xn1, dn0, dn1, sq,
       cd1, cd2, cx0, cx1, csc, residual, max_grad_norm, prec, u=None, gsum=None):  # fmt: skip
     return _outputs(k, dl2, gl)
+
+
+_lmm_update_vjp = direct(lmm_update_vjp)  # eager calls without the dispatcher's round trip (ops/eager.py)
 
 
 def launch(k: Tensor, kp: KeyPass, g_last: Tensor, n_last: Tensor, w: Sequence[Tensor], s: Sequence[Tensor], adj_w: Sequence[Tensor],
@@ -320,7 +325,7 @@ def launch(k: Tensor, kp: KeyPass, g_last: Tensor, n_last: Tensor, w: Sequence[T
         cots = (*parts, dsc)
     else:
         cots = (None,) * 5
-    dk, dv, dg, dn, dots = lmm_update_vjp(
+    dk, dv, dg, dn, dots = _lmm_update_vjp(
         f32(k), f32(kp.xs[1]), f32(kp.deltas[0]), f32(kp.d1[0]), f32(kp.d2[0]), f32(kp.deltas[1]), *ln,
         f32(w[0]), f32(w[1]), f32(s[0]), f32(s[1]), f32(adj_w[0]), f32(adj_s[0]), f32(adj_w[1]), f32(adj_s[1]),
         f32(g_last), f32(n_last), *clip, *cots, residual, 0.0 if max_grad_norm is None else float(max_grad_norm), prec, f32(u), f32(gsum),
