@@ -274,5 +274,5 @@ def tma_row_view(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
     return [b * n, h * d], [t.stride(1), 1]
 
 
-__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "built_with_ptxas", "capability", "enabled", "launcher", "launchers", "ptxas_for_build", "ptxas_release", "sm_count",
-           "tma_row_view"]
+__all__ = ["CachedLaunch", "MAX_ENTRIES", "arg_key", "built_with_ptxas", "capability", "enabled", "launcher", "launchers", "ptxas_for_build",
+           "ptxas_release", "sm_count", "tma_row_view"]

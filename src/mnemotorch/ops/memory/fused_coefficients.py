@@ -145,8 +145,8 @@ def memory_coefficients(log_retain: Tensor, log_eta: Tensor, theta: Tensor, chun
     g, nm = torch.empty((n, bsz, h, c, c), **f32), torch.empty((n, bsz, h, c, c), **f32)
     beta, m, f = (torch.empty((n, bsz, h, c), **f32) for _ in range(3))
     if n * bsz * h:
-        launcher(_coef_fwd_kernel)[(n * bsz * h,)](log_retain, log_eta, theta, g, nm, beta, m, f, bsz, h, *log_retain.stride(), *log_eta.stride(),
-                                         *theta.stride(), C=c, PREC=PRECISION, num_warps=4)  # fmt: skip
+        launcher(_coef_fwd_kernel)[(n * bsz * h,)](log_retain, log_eta, theta, g, nm, beta, m, f, bsz, h, *log_retain.stride(),
+                                                   *log_eta.stride(), *theta.stride(), C=c, PREC=PRECISION, num_warps=4)  # fmt: skip
     return g, nm, beta, m, f
 
 
@@ -167,7 +167,7 @@ def memory_coefficients_bwd(log_retain: Tensor, log_eta: Tensor, theta: Tensor, 
     outs = [torch.empty((bsz, n * c, h), device=theta.device, dtype=torch.float32) for _ in range(3)]
     if n * bsz * h:
         launcher(_coef_bwd_kernel)[(n * bsz * h,)](log_retain, log_eta, nmat, dg, dn, dbeta, dm, df, *outs, bsz, h, *log_retain.stride(),
-                                         *log_eta.stride(), C=c, PREC=PRECISION, num_warps=4)  # fmt: skip
+                                                   *log_eta.stride(), C=c, PREC=PRECISION, num_warps=4)  # fmt: skip
     return tuple(outs)
 
 
@@ -188,7 +188,7 @@ def _backward(ctx, dg, dn, dbeta, dm, df):
     f32 = lambda x, shape: nmat.new_zeros(shape) if x is None else x.to(torch.float32).contiguous()  # noqa: E731
     mat, vec = nmat.shape, nmat.shape[:-1]  # [n, B, H, C, C], [n, B, H, C]
     dla, dle, dth = _coefficients_bwd(log_retain, log_eta, theta, nmat, f32(dg, mat), f32(dn, mat), f32(dbeta, vec),
-                                            f32(dm, vec), f32(df, vec), ctx.chunk_size)  # fmt: skip
+                                      f32(dm, vec), f32(df, vec), ctx.chunk_size)  # fmt: skip
     return dla.to(log_retain.dtype), dle.to(log_eta.dtype), dth.to(theta.dtype), None
 
 

@@ -2434,7 +2434,7 @@ def neural_memory_fused_forward(
             res = _FusedMemory.apply((activation, residual, layer_norm, ln_eps, max_grad_norm), *qkv, *coefs, *state.weights, *state.momentum)
         else:
             res = _lmm_fused_fwd(*qkv, *coefs, list(state.weights), list(state.momentum), activation, residual, layer_norm, ln_eps,
-                                max_grad_norm, False)  # fmt: skip
+                                 max_grad_norm, False)  # fmt: skip
         depth = len(state.weights)
         w, s = tuple(res[1 : 1 + depth]), tuple(res[1 + depth :])
         outs.append(res[0])
