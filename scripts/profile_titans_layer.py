@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -82,6 +83,74 @@ def host_issue(step, n: int, rep: dict) -> None:
         print(f"  sync x{c}: {k}", flush=True)
 
 
+def launch_timeline(step, n: int) -> list[dict]:
+    """Unprofiled: at every launch of the memory's Triton kernels, every call of :data:`TIMELINE_MARKS` and of the
+    layer's linear projections (and at the step's start, the forward's end and the step's end) the host's time since the step began and the device's (a CUDA event recorded just before the launch:
+    the device reaches it when all earlier work is done, or when the host enqueued it if that came later). Where the
+    device's time is within ~0.05 ms of the host's, the device had drained its queue and waited for the host there.
+    The median over ``n`` steps: ``[{"at", "host_ms", "device_ms", "lead_ms"}]`` in launch order, ``lead_ms`` = device −
+    host (how far the host was ahead)."""
+    from mnemotorch.ops.memory import fused_coefficients, fused_read_vjp, fused_triton, fused_update_vjp
+
+    marks: list = []
+    t0 = [0.0]
+
+    def mark(label):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        marks.append((label, time.perf_counter() - t0[0], ev))
+
+    mods = (fused_triton, fused_read_vjp, fused_update_vjp, fused_coefficients)
+    real = {m: m.launcher for m in mods}
+
+    def traced(kernel, _real=fused_triton.launcher):
+        mark(getattr(kernel, "__name__", "kernel").strip("_").replace("_kernel", ""))
+        return _real(kernel)
+
+    def make(fn, label):
+        def wrapped(*a, **kw):
+            mark(label)
+            return fn(*a, **kw)
+
+        return wrapped
+
+    runs: list = []
+    restore = wrap_functions(TIMELINE_MARKS, make)
+    hooks = [mod.register_forward_pre_hook(lambda m, a, _n=name: mark(_n)) for name, mod in step.layer.named_children()
+             if isinstance(mod, torch.nn.Linear)]
+    try:
+        for m in mods:
+            m.launcher = traced
+        for _ in range(n):
+            marks.clear()
+            torch.cuda.synchronize()
+            t0[0] = time.perf_counter()
+            mark("step start")
+            y = step.forward()
+            mark("forward returned")
+            step.backward(y)
+            mark("step end")
+            torch.cuda.synchronize()
+            first = marks[0][2]
+            runs.append([(label, h * 1e3, first.elapsed_time(ev)) for label, h, ev in marks])
+    finally:
+        for m, fn in real.items():
+            m.launcher = fn
+        restore()
+        for h in hooks:
+            h.remove()
+    out = []
+    for i, (label, _, _) in enumerate(runs[0]):
+        hs = sorted(r[i][1] for r in runs if len(r) > i)
+        ds = sorted(r[i][2] for r in runs if len(r) > i)
+        h, d = hs[len(hs) // 2], ds[len(ds) // 2]
+        out.append({"at": label, "host_ms": h, "device_ms": d, "lead_ms": d - h})
+    print("launch timeline (median of %d steps): at | host ms | device ms | device - host" % n, flush=True)
+    for r in out:
+        print(f"  {r['at'][:28]:28s} {r['host_ms']:7.2f} {r['device_ms']:7.2f} {r['lead_ms']:7.2f}", flush=True)
+    return out
+
+
 def launch_cache_counts() -> dict:
     """``{kernel: (hits, misses)}`` of the cached launches so far (mnemotorch.ops.triton_launch.launcher)."""
     from mnemotorch.ops.triton_launch import launchers
@@ -128,14 +197,24 @@ MARKS = (
 )
 
 
-def mark_functions(marks=MARKS) -> None:
-    """Wrap each ``(module, "Name" or "Class.name")`` of ``marks`` in ``record_function`` (static methods stay static)."""
+#: More points for ``--timeline``: the layer's steps before the memory (module pre-hooks on its projections are added
+#: there too) and the op's launch path.
+TIMELINE_MARKS = MARKS + (
+    ("mnemotorch.layers.titans", "compiled_conv_silu_qkv"),
+    ("mnemotorch.layers.titans", "neural_memory"),
+    ("mnemotorch.ops.memory.chunked", "log_gates"),
+    ("mnemotorch.ops.memory.fused_triton", "_launch"),
+)
+
+
+def wrap_functions(marks, make) -> Callable[[], None]:
+    """Replace each ``(module, "Name" or "Class.name")`` of ``marks`` by ``make(fn, label)`` (static methods stay
+    static); returns the function that puts the originals back."""
     import functools
     import importlib
     import inspect
 
-    from torch.profiler import record_function
-
+    undo = []
     for mod_name, path in marks:
         owner = importlib.import_module(mod_name)
         *outer, attr = path.split(".")
@@ -144,16 +223,32 @@ def mark_functions(marks=MARKS) -> None:
         try:
             raw = inspect.getattr_static(owner, attr)
         except AttributeError:  # renamed since: not marked
-            print(f"mark_functions: {mod_name}.{path} not found", flush=True)
+            print(f"wrap_functions: {mod_name}.{path} not found", flush=True)
             continue
         fn = raw.__func__ if isinstance(raw, staticmethod) else raw
-
-        def wrapped(*a, _fn=fn, _label=path, **kw):
-            with record_function(_label):
-                return _fn(*a, **kw)
-
-        wrapped = functools.wraps(fn)(wrapped)
+        wrapped = functools.wraps(fn)(make(fn, path))
         setattr(owner, attr, staticmethod(wrapped) if isinstance(raw, staticmethod) else wrapped)
+        undo.append((owner, attr, raw))
+
+    def restore() -> None:
+        for owner, attr, raw in reversed(undo):
+            setattr(owner, attr, raw)
+
+    return restore
+
+
+def mark_functions(marks=MARKS) -> Callable[[], None]:
+    """Wrap each function of ``marks`` in ``record_function`` under its name (the profiler's trace shows its host time)."""
+    from torch.profiler import record_function
+
+    def make(fn, label):
+        def wrapped(*a, **kw):
+            with record_function(label):
+                return fn(*a, **kw)
+
+        return wrapped
+
+    return wrap_functions(marks, make)
 
 
 def main(argv=None) -> int:
@@ -178,6 +273,9 @@ def main(argv=None) -> int:
                     help="N > 0: also run the forward of one step and then N whole steps under cProfile and print where the "
                     "host's time goes (top functions by own time and by cumulative time; what the host does before the "
                     "forward walk is launched is the device's idle time at the start of a step)")
+    ap.add_argument("--timeline", type=int, default=0, metavar="N",
+                    help="N > 0: also, unprofiled, the host's and the device's time at every launch of the memory's kernels "
+                    "(a CUDA event before each): where the device caught up with the host (median of N steps)")
     ap.add_argument("--overlap", action="store_true", help="also measure, from the profiler's trace, how much kernel time of "
                     "other streams ran inside the adjoint sweep and the forward walk (the backward's second stream; "
                     "mnemotorch.bench.streams)")
@@ -220,6 +318,10 @@ def main(argv=None) -> int:
         host_issue(step, args.host, rep)
     if args.cprofile:
         rep["cprofile"] = host_profile(lambda: layer(x)[0], step, args.cprofile)
+    if args.timeline:
+        step.forward, step.layer = (lambda: layer(x)[0]), layer
+        step.backward = lambda y: torch.autograd.grad(y, params, go, allow_unused=True)
+        rep["timeline"] = launch_timeline(step, args.timeline)
     if args.gaps:
         mark_functions()
         step()  # once through the wrappers before the profiled step
