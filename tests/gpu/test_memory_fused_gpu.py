@@ -382,3 +382,29 @@ def test_coefficient_kernels_vs_float64(t: int, c: int) -> None:
     dg = torch.autograd.grad(got, leaves, [x.float() for x in cts])
     for name, x, y in zip(("theta", "eta", "alpha"), dg, dw):
         assert rel(x, y) <= 1e-5, (name, rel(x, y))
+
+
+@pytest.mark.parametrize("dtype,tol_y,tol_g", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 2e-2)])
+def test_input_path_kernels_gpu(dtype, tol_y: float, tol_g: float) -> None:
+    """``ops/conv_triton.py`` (the input path's conv, SiLU and ℓ2 norms in Triton; opt-in ``MNEMO_MEMORY_INPUT_KERNEL=1``)
+    at the benchmark's shape, 4K tokens × 3·16·64 channels, 4 taps, a carried window: outputs and the gradients of the
+    inputs, taps and window against the PyTorch form in fp32 (bf16: within its rounding). Prints the errors (``-s``)."""
+    from mnemotorch.layers.short_conv import conv_silu_qkv
+    from mnemotorch.ops.conv_triton import conv_silu_qkv_triton
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h, d, k, t = 16, 64, 4, 4096
+    c = 3 * h * d
+    base = [torch.randn(1, t, c, generator=g), torch.randn(c, k, generator=g) / 2, torch.randn(1, k - 1, c, generator=g)]
+    ref = [x.cuda().requires_grad_() for x in base]
+    ours = [x.cuda().to(dtype).requires_grad_() for x in base]
+    want = conv_silu_qkv(*ref, h, d)
+    got = conv_silu_qkv_triton(*ours, h, d)
+    cot = [torch.randn(x.shape, generator=g).cuda() for x in want[:3]]
+    gw = torch.autograd.grad(want[:3], ref, cot)
+    gg = torch.autograd.grad(got[:3], ours, [x.to(dtype) for x in cot])
+    errs = {n: rel(a.float(), b) for n, a, b in zip(("q", "k", "v", "window"), got, want)}
+    errs.update({f"d{n}": rel(a.float(), b) for n, a, b in zip(("qkv", "weight", "past"), gg, gw)})
+    print(dtype, {n: f"{e:.2e}" for n, e in errs.items()})
+    for n, e in errs.items():
+        assert e <= (tol_g if n.startswith("d") else tol_y), (n, e)

@@ -250,7 +250,10 @@ class TitansLMM(Mixer):
         b, t, _ = x.shape
         h, d = self.num_heads, self.head_dim
         compiled = self._compile_inputs(x)
-        inputs = compiled_conv_silu_qkv() if compiled else conv_silu_qkv
+        if self._input_kernel(x):  # (opt-in: the input path's own Triton kernels)
+            from ..ops.conv_triton import conv_silu_qkv_triton as inputs
+        else:
+            inputs = compiled_conv_silu_qkv() if compiled else conv_silu_qkv
         q, k, v, conv = inputs(self.qkv_proj(x), self.conv_weight, state.conv, h, d)
         # Gates in the accumulation dtype: a bf16 sigmoid rounds η or α onto 0 / 1 (log-space -inf).
         gates = self.gate_proj(x).to(accumulation_dtype(x.dtype))
@@ -292,6 +295,16 @@ class TitansLMM(Mixer):
         if os.environ.get("MNEMO_MEMORY_COMPILE_INPUTS", "1") == "0" or not self._fused_requested():
             return False
         return compile_allowed(x)
+
+    def _input_kernel(self, x: Tensor) -> bool:
+        """``MNEMO_MEMORY_INPUT_KERNEL=1`` (opt-in, not yet measured on a GPU): with the fused memory requested and a conv,
+        the input path (conv, SiLU, ℓ2 norms) runs in :mod:`~mnemotorch.ops.conv_triton`'s kernels instead of through
+        ``torch.compile``: the same equations in fp32 inside, without the compiled function's host cost per call. On
+        CUDA, or on the CPU under Triton's interpreter (tests)."""
+        if os.environ.get("MNEMO_MEMORY_INPUT_KERNEL") != "1" or self.conv_weight is None or not self._fused_requested():
+            return False
+        d = self.head_dim
+        return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and d >= 1 and d & (d - 1) == 0
 
     def _fused_requested(self) -> bool:
         """``fused_memory`` or ``MNEMO_MEMORY_FUSED=1``."""
