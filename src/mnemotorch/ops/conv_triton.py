@@ -55,14 +55,21 @@ def _shifted(X, PAST, b, rows, cols, j, T, sxb, sxt, spb, spt, K: tl.constexpr):
 
 
 @triton.jit
+def _conv_tile(X, PAST, W, b, rows, cols, T, sxb, sxt, spb, spt, K: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
+    """``z_t = Σ_j w_j e_{t+j}`` for the tile's rows and channels (fp32)."""
+    z = tl.zeros((BT, D), tl.float32)
+    for j in tl.static_range(K):
+        z += _shifted(X, PAST, b, rows, cols, j, T, sxb, sxt, spb, spt, K) * tl.load(W + cols * K + j).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit
 def _conv_silu_norm_fwd_kernel(X, PAST, W, Y, T, normed, sxb, sxt, spb, spt, syb, syt, eps,
                                K: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):  # fmt: skip
     pt, b, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pt * BT + tl.arange(0, BT)
     cols = g * D + tl.arange(0, D)
-    z = tl.zeros((BT, D), tl.float32)
-    for j in tl.static_range(K):
-        z += _shifted(X, PAST, b, rows, cols, j, T, sxb, sxt, spb, spt, K) * tl.load(W + cols * K + j).to(tl.float32)[None, :]
+    z = _conv_tile(X, PAST, W, b, rows, cols, T, sxb, sxt, spb, spt, K, BT, D)
     a = z * tl.sigmoid(z)
     if g * D < normed:
         a = a / tl.maximum(tl.sqrt(tl.sum(a * a, 1)), eps)[:, None]
@@ -77,9 +84,7 @@ def _conv_silu_norm_dz_kernel(X, PAST, W, DY, DZ, DWP, T, normed, sxb, sxt, spb,
     rows = pt * BT + tl.arange(0, BT)
     cols = g * D + tl.arange(0, D)
     inside = (rows < T)[:, None]
-    z = tl.zeros((BT, D), tl.float32)
-    for j in tl.static_range(K):
-        z += _shifted(X, PAST, b, rows, cols, j, T, sxb, sxt, spb, spt, K) * tl.load(W + cols * K + j).to(tl.float32)[None, :]
+    z = _conv_tile(X, PAST, W, b, rows, cols, T, sxb, sxt, spb, spt, K, BT, D)
     s = tl.sigmoid(z)
     a = z * s
     da = tl.load(DY + b * syb + rows[:, None] * syt + cols[None, :], mask=inside, other=0.0).to(tl.float32)
