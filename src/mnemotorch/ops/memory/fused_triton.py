@@ -1969,7 +1969,8 @@ def _update_vjp_adjoint(kp, g_last, n_last, beta_c, m_c, f_c, w, s, adj_w, adj_s
 
 
 def _update_kernel_on(k: Tensor, ws: Sequence[Tensor]) -> bool:
-    """Whether the backward's update VJP runs the Triton kernel (``BACKWARD["update_vjp"] == "triton"`` where it applies)."""
+    """Whether the backward's update VJP runs the Triton kernel (``BACKWARD["update_vjp"] == "triton"`` where it applies:
+    :func:`~.fused_update_vjp.supported` looks only at the trailing sizes of ``k [..., C, d_k]`` and ``ws``)."""
     from . import fused_update_vjp
 
     return BACKWARD["update_vjp"] == "triton" and fused_update_vjp.supported(k, ws)
@@ -2196,6 +2197,7 @@ class _FusedMemory(torch.autograd.Function):
         ublock = max(1, int(BACKWARD["sweep_block"]))
         tf32 = _HalfTF32(bool(BACKWARD["half_tf32"]) and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda)
         streams = _Streams(q.device, bool(BACKWARD["overlap"]))
+        update_kernel = _update_kernel_on(kc, w_slots)  # (on the trailing sizes only: the same for every group)
         timer = _PhaseTimer(q.device, off=streams.on)  # (phases overlap on two streams: not timed apart)
 
         def prep(lo: int) -> dict:
@@ -2268,7 +2270,7 @@ class _FusedMemory(torch.autograd.Function):
             with torch.no_grad():
                 timer.mark("sweep")
                 if _triton_sweep_on(q, depth, w_slots[0].shape[-1], k.shape[-1], v.shape[-1], c):
-                    if BACKWARD["update_u_from_sweep"] and _update_kernel_on(kc, ws):  # (for the update's VJP: p["u"], p["gsum"])
+                    if BACKWARD["update_u_from_sweep"] and update_kernel:  # (for the update's VJP: p["u"], p["gsum"])
                         p["u"] = kp.deltas[1].new_empty(kp.deltas[1].shape, dtype=f32)
                         p["gsum"] = None if max_grad_norm is None else g_last.new_empty((*g_last.shape[:-1], 2, c), dtype=f32)
                     return _sweep_triton(kp, ws, b_w, b_s, g_last, n_last, ends, adj_w, adj_s, layer_norm, max_grad_norm,
@@ -2298,7 +2300,7 @@ class _FusedMemory(torch.autograd.Function):
             """3) the update, batched: its share of the gradients of k, v and the coefficients (accumulated here)."""
             sl, ws, ss, kp, cot = p["sl"], p["ws"], p["ss"], p["kp"], p["cot"]
             timer.mark("update_vjp")
-            if _update_kernel_on(kc, ws):  # per chunk and head, one launch
+            if update_kernel:  # per chunk and head, one launch
                 with torch.no_grad():
                     prec = ("tf32" if tf32.on else "ieee") if BACKWARD["update_tf32"] else "ieee"
                     grads2 = _update_vjp_triton(kc[sl], kp, p["g_last"], p["n_last"], ws, ss, nxt[:depth], nxt[depth:], residual, layer_norm,
